@@ -1,0 +1,175 @@
+"""The admin API: an aiohttp app factory over the controller. Handlers parse, call, serialize.
+
+Routes and the OpenAPI document come from one table (ROUTES), so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from ..daemon.config import problems_from
+from ..daemon.controller import Controller
+from ..daemon.errors import InvalidRequest
+from . import schemas
+from .auth import check_bearer
+from .errors import error_middleware, read_json
+from .metrics import render_metrics
+from .openapi import build_openapi
+
+CONTROLLER = web.AppKey("controller", Controller)
+TOKEN = web.AppKey("token", str)
+READY = web.AppKey("ready", asyncio.Event)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    body: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    many: bool = False
+    auth: bool = False
+    content_type: str = "application/json"
+
+
+def parse(model: type[BaseModel], data: object):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = problems_from(exc)
+        raise InvalidRequest(problems[0].path or None, "; ".join(str(p) for p in problems)) from None
+
+
+def ctl(request: web.Request) -> Controller:
+    return request.app[CONTROLLER]
+
+
+async def get_devices(request: web.Request) -> web.Response:
+    return web.json_response(ctl(request).devices())
+
+
+async def get_leases(request: web.Request) -> web.Response:
+    return web.json_response(ctl(request).leases(request.query.get("model")))
+
+
+async def get_models(request: web.Request) -> web.Response:
+    return web.json_response(ctl(request).models())
+
+
+async def get_model(request: web.Request) -> web.Response:
+    return web.json_response(ctl(request).model(request.match_info["name"]))
+
+
+async def post_model(request: web.Request) -> web.Response:
+    action = parse(schemas.ModelAction, await read_json(request))
+    name = request.match_info["name"]
+    if action.action == "load":
+        return web.json_response(await ctl(request).load(name, action.overrides))
+    return web.json_response(await ctl(request).unload(name))
+
+
+async def post_plan(request: web.Request) -> web.Response:
+    body = parse(schemas.PlanRequest, await read_json(request))
+    return web.json_response(ctl(request).plan(body.model, body.overrides))
+
+
+async def put_foreign(request: web.Request) -> web.Response:
+    body = parse(schemas.ForeignUsage, await read_json(request))
+    return web.json_response(ctl(request).set_foreign(request.match_info["device"], body.foreign_bytes))
+
+
+async def get_status(request: web.Request) -> web.Response:
+    return web.json_response(ctl(request).status())
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    bus = ctl(request).bus
+    queue = bus.subscribe()
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        await response.write(b": connected\n\n")
+        while True:
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=15)
+            except asyncio.TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            data = json.dumps(event.to_dict(), separators=(",", ":"))
+            await response.write(f"event: {event.type}\ndata: {data}\n\n".encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        bus.unsubscribe(queue)
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready = request.app[READY].is_set()
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = render_metrics(ctl(request))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(build_openapi(ROUTES))
+
+
+P = "/admin/v1"
+ROUTES: list[Route] = [
+    Route("GET", f"{P}/status", get_status, "Probe, policy, devices and models at once", response=schemas.StatusOut),
+    Route("GET", f"{P}/devices", get_devices, "Every pool with its budget arithmetic", response=schemas.DeviceOut, many=True),
+    Route("PUT", f"{P}/devices/{{device}}/foreign", put_foreign, "Set foreign usage of a simulated device",
+          body=schemas.ForeignUsage, response=schemas.DeviceOut, auth=True),
+    Route("GET", f"{P}/leases", get_leases, "Granted leases (optionally ?model=NAME)", response=schemas.LeaseOut, many=True),
+    Route("GET", f"{P}/models", get_models, "Configured models with state and leases", response=schemas.ModelOut, many=True),
+    Route("GET", f"{P}/models/{{name}}", get_model, "One model", response=schemas.ModelOut),
+    Route("POST", f"{P}/models/{{name}}", post_model, "Load or unload a model", body=schemas.ModelAction,
+          response=schemas.ModelOut, auth=True),
+    Route("POST", f"{P}/plan", post_plan, "Dry run: would this load fit now, with which leases, after which evictions",
+          body=schemas.PlanRequest, response=schemas.PlanOut),
+    Route("GET", f"{P}/events", get_events, "Event stream (server-sent events)", auth=True, content_type="text/event-stream"),
+    Route("GET", "/healthz", healthz, "Liveness"),
+    Route("GET", "/readyz", readyz, "Readiness: ledger open, probe working, pinned models loaded"),
+    Route("GET", "/metrics", metrics, "Prometheus metrics", content_type="text/plain"),
+    Route("GET", "/openapi.json", openapi, "This document"),
+]
+
+
+def _guarded(route: Route) -> Handler:
+    if not route.auth:
+        return route.handler
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        check_bearer(request, request.app[TOKEN])
+        return await route.handler(request)
+
+    return handler
+
+
+def make_admin_app(controller: Controller, token: str, ready: asyncio.Event | None = None,
+                   client_max_size: int = 1 << 20) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=client_max_size)
+    app[CONTROLLER] = controller
+    app[TOKEN] = token
+    app[READY] = ready or asyncio.Event()
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, _guarded(route))
+    return app

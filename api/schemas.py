@@ -1,0 +1,113 @@
+"""Request and response bodies of the admin API, as pydantic models; the OpenAPI document is built from them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..daemon.config import Size
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Scalar = int | float | str | bool
+
+
+class ModelAction(Body):
+    action: Literal["load", "unload"] = Field(description="What to do with the model.")
+    overrides: dict[str, Scalar] = Field(default_factory=dict, description="Engine arguments to use for this load (e.g. max_batch_size).")
+
+
+class PlanRequest(Body):
+    model: str = Field(min_length=1, max_length=128, description="Model name or alias.")
+    overrides: dict[str, Scalar] = Field(default_factory=dict, description="Engine arguments to try (e.g. {\"max_batch_size\": 2}).")
+
+
+class ForeignUsage(Body):
+    foreign_bytes: Size = Field(description="Bytes used by processes lessor does not manage (simulated devices only).")
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class DeviceOut(Out):
+    id: str
+    index: int
+    uuid: str
+    name: str
+    probe: str
+    total_bytes: int
+    capacity_bytes: int
+    headroom_bytes: int
+    foreign_bytes: int
+    leased_bytes: int
+    leasable_bytes: int
+    free_bytes: int
+    leased_by_kind: dict[str, int]
+    models: dict[str, dict[str, int]]
+
+
+class LeaseOut(Out):
+    id: str
+    model: str
+    device: str
+    kind: Literal["weights", "kv", "load_peak", "reserve"]
+    bytes: int
+    state: str
+    attempt: str
+    granted_at: float
+    owner_pid: int | None
+    owner_started_at: float | None
+
+
+class ModelOut(Out):
+    name: str
+    aliases: list[str]
+    engine: str
+    state: Literal["unloaded", "loading", "ready", "unloading", "failed"]
+    priority: int
+    pinned: bool
+    keep_alive_s: float
+    devices: list[str]
+    leased_bytes: dict[str, int]
+    in_flight: int
+    error: str | None
+    params: dict[str, Any] | None
+
+
+class PlanLease(Out):
+    kind: str
+    device: str
+    bytes: int
+
+
+class PlanOut(Out):
+    model: str
+    fits: bool
+    kv_tokens: int
+    params: dict[str, Any]
+    leases: list[PlanLease]
+    reasons: list[str]
+    evictions: list[str]
+
+
+class StatusOut(Out):
+    version: str
+    probe: Literal["nvml", "sim"]
+    policy: str
+    devices: list[DeviceOut]
+    models: list[ModelOut]
+
+
+class ErrorDetail(Out):
+    type: str
+    message: str
+    field: str | None = None
+
+
+class ErrorOut(Out):
+    error: ErrorDetail

@@ -1,0 +1,247 @@
+"""The configuration: one pydantic tree, loaded once and injected, never read from globals.
+
+Every field has a description and bounds; cross-field rules live in validators; a bad file
+fails with every problem listed by path (`models[1].engine.cache_lens: must be ...`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+
+from ..engines import ENGINE_KINDS, EngineArgs
+from ..policies import POLICIES
+from .errors import ConfigError, ConfigProblem
+from .units import GiB, parse_duration, parse_size
+
+Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(
+    {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "examples": ["8GiB", "512MiB", "8GB"]}]})]
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(
+    {"anyOf": [{"type": "number"}, {"type": "string", "examples": ["30s", "5m", "-1"]}]})]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"'{value}' is not HOST:PORT (e.g. 127.0.0.1:8470)")
+    return host.strip("[]"), int(port)
+
+
+def _listen(value: str) -> str:
+    parse_listen(value)
+    return value
+
+
+Listen = Annotated[str, BeforeValidator(_listen)]
+
+
+class GpuSettings(Strict):
+    index: int = Field(ge=0, le=63, description="GPU index as NVML numbers it (or the simulated device's position).")
+    capacity: Size | None = Field(default=None, description="Bytes of this card lessor may use at most (a cap below the card's total).")
+    headroom: Size | None = Field(default=None, description="Bytes kept free on this card; overrides devices.headroom.")
+
+
+class SimulatedGpu(Strict):
+    name: str = Field(default="Simulated GPU", min_length=1, max_length=96, description="Device name shown by status.")
+    total: Size = Field(gt=0, description="Total bytes of the simulated card.")
+    foreign: Size = Field(default=0, description="Bytes used by processes lessor does not manage (changeable at run time).")
+
+
+class HostPool(Strict):
+    enabled: bool = Field(default=True, description="Lease host RAM too (hybrid engines keep experts there).")
+    headroom: Size = Field(default=4 * GiB, description="RAM kept free for the OS and everything else.")
+    capacity: Size | None = Field(default=None, description="Bytes of RAM lessor may lease at most.")
+    simulated_total: Size | None = Field(default=None, description="With the simulated probe: RAM size to pretend (default: the real RAM).")
+
+
+class DevicesConfig(Strict):
+    probe: Literal["auto", "nvml", "sim"] = Field(default="auto", description="auto: NVML when a driver answers, else the simulated devices.")
+    headroom: Size = Field(default=1 * GiB, description="Bytes kept free on every GPU (default 1 GiB).")
+    gpus: list[GpuSettings] = Field(default_factory=list, description="Per-GPU capacity caps and headroom overrides.")
+    simulated: list[SimulatedGpu] = Field(default_factory=list, description="Devices of the simulated probe, indexed in order.")
+    host: HostPool = Field(default_factory=HostPool, description="The host-RAM pool.")
+
+    @field_validator("gpus")
+    @classmethod
+    def _unique_indices(cls, gpus: list[GpuSettings]) -> list[GpuSettings]:
+        seen = [g.index for g in gpus]
+        dupes = sorted({i for i in seen if seen.count(i) > 1})
+        if dupes:
+            raise ValueError(f"GPU index listed more than once: {dupes}")
+        return gpus
+
+    def settings_for(self, index: int) -> GpuSettings:
+        return next((g for g in self.gpus if g.index == index), GpuSettings(index=index))
+
+
+class MemoryProfile(Strict):
+    weights: Size = Field(description="Weight bytes on the GPU(s), split evenly over the placement's devices.")
+    host_weights: Size = Field(default=0, description="Weight bytes in host RAM (hybrid engines).")
+    kv_bytes_per_token: int = Field(gt=0, le=1 << 24, description="KV-cache bytes per token (all layers).")
+    activation: Size = Field(default=0, description="Steady workspace beyond weights and KV (activations, CUDA graphs).")
+    load_peak: Size = Field(default=0, description="Transient bytes above the weights while loading (e.g. a tensor dequantized on the GPU).")
+
+
+class Placement(Strict):
+    devices: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=64, description="GPU indices the model spans.")
+    experts: Literal["gpu", "cpu"] = Field(default="gpu", description="Where MoE routed experts live; cpu = hybrid engine.")
+
+
+class PlanSettings(Strict):
+    goal: Literal["context", "concurrency"] = Field(default="context", description="What the planner maximises with the KV budget.")
+    min_kv_tokens: int = Field(default=2048, ge=16, description="Smallest KV cache worth loading the model for.")
+    max_kv_tokens: int | None = Field(default=None, ge=16, description="Largest KV cache to take, even when more is free.")
+    max_batch_size: int = Field(default=4, ge=1, le=256, description="Concurrency the planner aims for when the engine leaves it open.")
+
+
+class ModelSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="The name clients use in the `model` field.")
+    aliases: list[str] = Field(default_factory=list, description="Other names routed to this model.")
+    engine: EngineArgs = Field(description="Engine kind and its arguments.")
+    placement: Placement = Field(default_factory=Placement, description="Where the model lives.")
+    memory: MemoryProfile = Field(description="What the model needs, in bytes.")
+    plan: PlanSettings = Field(default_factory=PlanSettings, description="How the planner sizes the KV cache.")
+    priority: int = Field(default=50, ge=0, le=1000, description="Higher survives eviction longer (policy `priority`).")
+    keep_alive: Duration = Field(default=300.0, description="Idle seconds before unloading; -1 = never.")
+    pinned: bool = Field(default=False, description="Loaded at start and never evicted.")
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, aliases: list[str]) -> list[str]:
+        import re
+        bad = [a for a in aliases if not re.match(NAME_PATTERN, a)]
+        if bad:
+            raise ValueError(f"aliases {bad} must match {NAME_PATTERN}")
+        return aliases
+
+    @model_validator(mode="after")
+    def _placement_fits_engine(self) -> "ModelSpec":
+        if self.placement.experts == "cpu" and self.engine.kind not in ("ktransformers", "llamacpp"):
+            raise ValueError(f"placement.experts: 'cpu' needs a hybrid engine (ktransformers, llamacpp), not '{self.engine.kind}'")
+        if len(set(self.placement.devices)) != len(self.placement.devices):
+            raise ValueError("placement.devices: a GPU index is listed twice")
+        return self
+
+
+class LedgerConfig(Strict):
+    url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite+aiosqlite:///<state_dir>/ledger.db. PostgreSQL: postgresql+asyncpg://...")
+
+    @field_validator("url")
+    @classmethod
+    def _driver(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB")
+        return url
+
+
+class PolicyConfig(Strict):
+    name: str = Field(default="lru_idle", description=f"Admission/eviction policy: one of {sorted(POLICIES)}.")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy '{name}'; valid: {', '.join(sorted(POLICIES))}")
+        return name
+
+
+class AdminConfig(Strict):
+    listen: Listen = Field(default="127.0.0.1:8470", description="HOST:PORT of the admin API (loopback by default).")
+    unix_socket: str | None = Field(default=None, description="Also serve the admin API on this unix socket (mode 0660).")
+    token_file: str | None = Field(default=None, description="File holding the bearer token for mutating calls; default <state_dir>/admin.token, created when missing. LESSOR_ADMIN_TOKEN overrides.")
+
+
+class RouterConfig(Strict):
+    listen: Listen = Field(default="127.0.0.1:8471", description="HOST:PORT of the OpenAI-compatible router.")
+
+
+class LessorConfig(Strict):
+    state_dir: str = Field(default_factory=lambda: os.environ.get("STATE_DIRECTORY", "var/lessor"), description="Ledger, token and engine logs; $STATE_DIRECTORY under systemd.")
+    devices: DevicesConfig = Field(default_factory=DevicesConfig, description="Probe choice, headroom, caps, simulated devices.")
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig, description="Where leases persist.")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Admission and eviction.")
+    admin: AdminConfig = Field(default_factory=AdminConfig, description="The admin API.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="The OpenAI-compatible front door.")
+    models: list[ModelSpec] = Field(default_factory=list, description="The models lessor may load.")
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "LessorConfig":
+        seen: dict[str, str] = {}
+        for spec in self.models:
+            for name in (spec.name, *spec.aliases):
+                if name in seen:
+                    raise ValueError(f"models: name '{name}' of model '{spec.name}' is already used by model '{seen[name]}'")
+                seen[name] = spec.name
+        return self
+
+    def ledger_url(self) -> str:
+        return self.ledger.url or f"sqlite+aiosqlite:///{Path(self.state_dir).absolute() / 'ledger.db'}"
+
+    def token_path(self) -> Path:
+        return Path(self.admin.token_file) if self.admin.token_file else Path(self.state_dir) / "admin.token"
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if name == m.name or name in m.aliases), None)
+
+
+def problems_from(error: ValidationError) -> list[ConfigProblem]:
+    return [ConfigProblem(path=loc_path(e["loc"]), reason=_reason(e)) for e in error.errors()]
+
+
+def loc_path(loc: tuple[Any, ...]) -> str:
+    """('models', 1, 'engine', 'ktransformers', 'cache_lens') -> 'models[1].engine.cache_lens'."""
+    path = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ENGINE_KINDS and i > 0 and loc[i - 1] == "engine":
+            continue  # the discriminated union's tag is not a field the operator wrote
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _reason(error: dict[str, Any]) -> str:
+    msg = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    if error["type"] == "extra_forbidden":
+        return "unknown field (check its spelling and the config reference)"
+    if error["type"] == "union_tag_invalid":
+        return f"unknown engine kind; valid: {', '.join(ENGINE_KINDS)}"
+    return msg
+
+
+def parse_config(data: Any, source: str = "<config>") -> LessorConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [ConfigProblem("", f"the top level must be a mapping, not {type(data).__name__}")])
+    try:
+        return LessorConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, problems_from(exc)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> LessorConfig:
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [ConfigProblem("", f"cannot read the file: {exc.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, [ConfigProblem("", f"not valid YAML: {where}{getattr(exc, 'problem', exc)}")]) from None
+    return parse_config(data, source)

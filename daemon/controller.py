@@ -1,0 +1,87 @@
+"""The controller: the one facade the admin API and the CLI call. It reads snapshots and turns
+them into plain dicts; every change goes through the supervisor or the ledger."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Mapping
+
+from .config import LessorConfig
+from .devices import Probe, SimProbe
+from .errors import InvalidRequest
+from .events import EventBus, ForeignUsageChanged
+from .ledger import LeaseKind, Ledger
+from .supervisor import Supervisor
+
+
+class Controller:
+    def __init__(self, config: LessorConfig, probe: Probe, ledger: Ledger, supervisor: Supervisor, bus: EventBus) -> None:
+        self.config, self.probe, self.ledger, self.supervisor, self.bus = config, probe, ledger, supervisor, bus
+
+    def devices(self) -> list[dict[str, Any]]:
+        snapshot = self.ledger.snapshot()
+        readings = {r.device: r for r in self.probe.read(self.ledger.managed_pids())}
+        by_kind: dict[str, dict[str, int]] = defaultdict(lambda: {k.value: 0 for k in LeaseKind})
+        by_model: dict[str, dict[str, dict[str, int]]] = defaultdict(dict)
+        for lease in snapshot.leases:
+            by_kind[lease.device][lease.kind.value] += lease.bytes
+            kinds = by_model[lease.device].setdefault(lease.model, {})
+            kinds[lease.kind.value] = kinds.get(lease.kind.value, 0) + lease.bytes
+        out = []
+        for device, budget in snapshot.budgets.items():
+            reading = readings[device]
+            out.append({
+                "id": device, "index": reading.index, "uuid": reading.uuid, "name": reading.name,
+                "probe": self.probe.name, "total_bytes": budget.total_bytes, "capacity_bytes": budget.capacity_bytes,
+                "headroom_bytes": budget.headroom_bytes, "foreign_bytes": budget.foreign_bytes,
+                "leased_bytes": budget.leased_bytes, "leasable_bytes": budget.leasable_bytes,
+                "free_bytes": budget.free_bytes, "leased_by_kind": dict(by_kind[device]),
+                "models": by_model[device],
+            })
+        return out
+
+    def leases(self, model: str | None = None) -> list[dict[str, Any]]:
+        leases = self.ledger.snapshot().leases
+        if model is not None:
+            name = self.supervisor.resolve(model).spec.name
+            leases = tuple(lease for lease in leases if lease.model == name)
+        return [lease.to_dict() for lease in sorted(leases, key=lambda lease: lease.granted_at)]
+
+    def models(self) -> list[dict[str, Any]]:
+        return [self._model_dict(r) for r in self.supervisor.records()]
+
+    def model(self, name: str) -> dict[str, Any]:
+        return self._model_dict(self.supervisor.resolve(name))
+
+    def _model_dict(self, record) -> dict[str, Any]:
+        spec = record.spec
+        leased: dict[str, int] = {k.value: 0 for k in LeaseKind}
+        for lease in self.ledger.snapshot().of_model(spec.name):
+            leased[lease.kind.value] += lease.bytes
+        return {"name": spec.name, "aliases": list(spec.aliases), "engine": spec.engine.kind,
+                "state": record.state.value, "priority": spec.priority, "pinned": spec.pinned,
+                "keep_alive_s": spec.keep_alive, "devices": [f"gpu{i}" for i in spec.placement.devices],
+                "leased_bytes": leased, "in_flight": record.in_flight, "error": record.error or None,
+                "params": dict(record.plan.params) if record.plan else None}
+
+    def plan(self, name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        return self.supervisor.dry_run(name, overrides).to_dict()
+
+    async def load(self, name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        return self._model_dict(await self.supervisor.load(name, overrides))
+
+    async def unload(self, name: str) -> dict[str, Any]:
+        return self._model_dict(await self.supervisor.unload(name))
+
+    def set_foreign(self, device: str, foreign_bytes: int) -> dict[str, Any]:
+        """What-if on simulated devices: another process starts using (or frees) memory."""
+        if not isinstance(self.probe, SimProbe):
+            raise InvalidRequest("device", f"foreign usage is measured by the '{self.probe.name}' probe; only simulated devices can be set")
+        previous = self.probe.set_foreign(device, foreign_bytes)
+        self.bus.publish(ForeignUsageChanged(device, foreign_bytes, previous))
+        return next(d for d in self.devices() if d["id"] == device)
+
+    def status(self) -> dict[str, Any]:
+        from .. import __version__
+        return {"version": __version__, "probe": self.probe.name, "policy": self.config.policy.name,
+                "devices": self.devices(), "models": self.models()}

@@ -1,0 +1,155 @@
+"""Typed errors. Each carries the numbers a message needs; api/errors.py maps them to HTTP in one table.
+
+A shortfall of memory during admission is a return value (policies' Rejected), not an
+exception; NotEnoughMemory is raised only where a caller asked for an action that cannot
+proceed (an explicit load that the policy rejected).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .units import format_bytes
+
+
+class LessorError(Exception):
+    """Base: `type` names the error in API envelopes, `field` the input it is about (if any)."""
+
+    type = "lessor_error"  # subclasses may also carry `field`, the input the error is about
+
+    def __str__(self) -> str:  # dataclass subclasses render their message here
+        return self.message()
+
+    def message(self) -> str:
+        return self.__class__.__name__
+
+
+@dataclass
+class ConfigProblem:
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}" if self.path else self.reason
+
+
+@dataclass
+class ConfigError(LessorError):
+    source: str
+    problems: list[ConfigProblem] = field(default_factory=list)
+    type = "config_error"
+
+    def message(self) -> str:
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        return f"{self.source}: {len(self.problems)} problem(s)\n{lines}"
+
+
+@dataclass
+class InvalidRequest(LessorError):
+    """A client's body or parameter is wrong; `field` is its dotted path."""
+
+    field: str | None
+    reason: str
+    type = "invalid_request"
+
+    def message(self) -> str:
+        if not self.field or self.reason.startswith(f"{self.field}: "):
+            return self.reason
+        return f"{self.field}: {self.reason}"
+
+
+@dataclass
+class Unauthorized(LessorError):
+    reason: str
+    type = "unauthorized"
+
+    def message(self) -> str:
+        return self.reason
+
+
+@dataclass
+class UnknownModel(LessorError):
+    model: str
+    known: list[str]
+    type = "model_not_found"
+    field = "model"
+
+    def message(self) -> str:
+        names = ", ".join(sorted(self.known)) or "none configured"
+        return f"no model named '{self.model}'; known models: {names}"
+
+
+@dataclass
+class ModelBusy(LessorError):
+    """The model is mid-transition (loading/unloading); the caller may retry."""
+
+    model: str
+    state: str
+    retry_after_s: float = 2.0
+    type = "model_busy"
+
+    def message(self) -> str:
+        return f"model '{self.model}' is {self.state}; retry when that finishes"
+
+
+@dataclass
+class NotEnoughMemory(LessorError):
+    model: str
+    device: str
+    wanted_bytes: int
+    free_bytes: int
+    hint: str = ""
+    retry_after_s: float = 10.0
+    type = "not_enough_memory"
+
+    def message(self) -> str:
+        short = self.wanted_bytes - self.free_bytes
+        text = (f"model '{self.model}' needs {format_bytes(self.wanted_bytes)} on {self.device}, "
+                f"{format_bytes(self.free_bytes)} is free (short by {format_bytes(short)})")
+        return f"{text}; {self.hint}" if self.hint else text
+
+
+@dataclass
+class PlanRejected(LessorError):
+    """No engine parameters fit, or the configured ones break an engine rule."""
+
+    model: str
+    reasons: list[str]
+    field: str | None = None
+    type = "plan_rejected"
+
+    def message(self) -> str:
+        return f"model '{self.model}' cannot be planned: " + "; ".join(self.reasons)
+
+
+@dataclass
+class EngineUnavailable(LessorError):
+    model: str
+    engine: str
+    reason: str
+    type = "engine_unavailable"
+
+    def message(self) -> str:
+        return f"model '{self.model}': engine '{self.engine}' cannot start: {self.reason}"
+
+
+@dataclass
+class LoadFailed(LessorError):
+    model: str
+    step: str
+    reason: str
+    type = "load_failed"
+
+    def message(self) -> str:
+        return f"model '{self.model}' failed to load at step '{self.step}': {self.reason}; every lease of the attempt was released"
+
+
+@dataclass
+class InvariantBroken(LessorError):
+    """A bug or corrupted state, never a client's mistake (HTTP 500)."""
+
+    what: str
+    type = "internal_error"
+
+    def message(self) -> str:
+        return self.what

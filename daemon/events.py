@@ -1,0 +1,94 @@
+"""Events: facts that happened, as frozen dataclasses of plain fields. A leaf module.
+
+The bus fans each event out to bounded subscriber queues; a slow subscriber (an SSE client,
+the MQTT publisher) loses its oldest events and a counter says how many, never blocking the
+publisher (admission, loads) behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Event:
+    type: ClassVar[str] = "event"
+    at_s: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class LeaseGranted(Event):
+    type: ClassVar[str] = "lease_granted"
+    lease_id: str
+    model: str
+    device: str
+    kind: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class LeaseReleased(Event):
+    type: ClassVar[str] = "lease_released"
+    lease_id: str
+    model: str
+    device: str
+    kind: str
+    bytes: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModelStateChanged(Event):
+    type: ClassVar[str] = "model_state"
+    model: str
+    state: str
+    previous: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class AdmissionDecided(Event):
+    type: ClassVar[str] = "admission"
+    model: str
+    result: str  # admit, evict, queue, rejected
+    reason: str = ""
+    victims: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ForeignUsageChanged(Event):
+    type: ClassVar[str] = "foreign_usage"
+    device: str
+    foreign_bytes: int
+    previous_bytes: int
+
+
+class EventBus:
+    def __init__(self, queue_size: int = 1024) -> None:
+        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self._queue_size = queue_size
+        self.dropped = 0
+        self.published = 0
+
+    def publish(self, event: Event) -> None:
+        self.published += 1
+        for queue in self._subscribers:
+            if queue.full():
+                queue.get_nowait()
+                self.dropped += 1
+            queue.put_nowait(event)
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue(self._queue_size)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self._subscribers.discard(queue)

@@ -1,0 +1,228 @@
+"""The ledger: the one owner of lease state.
+
+Every grant checks the budget and records the leases in one step under a lock the ledger keeps
+to itself, so concurrent grants can never together exceed a device's budget. Leases persist
+through SQLAlchemy (SQLite file by default, PostgreSQL by URL) before the grant returns, so a
+restart loses nothing. Everyone else reads frozen snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Collection, Iterable, Mapping, Sequence
+
+from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, delete, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from ..policies import DeviceBudget, Rejected
+from .budget import budgets as compute_budgets
+from .config import DevicesConfig
+from .devices import Probe
+from .events import Event, LeaseGranted, LeaseReleased
+from .units import format_bytes
+
+
+class LeaseKind(str, Enum):
+    WEIGHTS = "weights"
+    KV = "kv"
+    LOAD_PEAK = "load_peak"
+    RESERVE = "reserve"
+
+
+metadata = MetaData()
+leases_table = Table(
+    "lessor_leases", metadata,
+    Column("id", String(36), primary_key=True),
+    Column("model", String(128), nullable=False, index=True),
+    Column("device", String(32), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False, index=True),  # granted | released
+    Column("attempt", String(36), nullable=False),
+    Column("owner_pid", Integer, nullable=True),
+    Column("owner_started_at", Float, nullable=True),
+    Column("granted_at", Float, nullable=False),
+    Column("released_at", Float, nullable=True),
+    Column("release_reason", String(256), nullable=True),
+)
+
+
+@dataclass(frozen=True)
+class LeaseWant:
+    device: str
+    kind: LeaseKind
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: str
+    model: str
+    device: str
+    kind: LeaseKind
+    bytes: int
+    attempt: str
+    granted_at: float
+    owner_pid: int | None = None
+    owner_started_at: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "model": self.model, "device": self.device, "kind": self.kind.value,
+                "bytes": self.bytes, "state": "granted", "attempt": self.attempt, "granted_at": self.granted_at,
+                "owner_pid": self.owner_pid, "owner_started_at": self.owner_started_at}
+
+
+@dataclass(frozen=True)
+class Granted:
+    leases: tuple[Lease, ...]
+
+
+@dataclass(frozen=True)
+class LedgerSnapshot:
+    leases: tuple[Lease, ...]
+    budgets: Mapping[str, DeviceBudget]
+    probe: str
+
+    def of_model(self, model: str) -> list[Lease]:
+        return [lease for lease in self.leases if lease.model == model]
+
+
+def _row_to_lease(row) -> Lease:
+    return Lease(id=row.id, model=row.model, device=row.device, kind=LeaseKind(row.kind), bytes=row.bytes,
+                 attempt=row.attempt, granted_at=row.granted_at, owner_pid=row.owner_pid,
+                 owner_started_at=row.owner_started_at)
+
+
+def _engine_for(url: str) -> AsyncEngine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    return create_async_engine(url, pool_pre_ping=parsed.get_backend_name() != "sqlite")
+
+
+class Ledger:
+    def __init__(self, engine: AsyncEngine, probe: Probe, devices: DevicesConfig,
+                 publish: Callable[[Event], None] = lambda e: None, clock: Callable[[], float] = time.time) -> None:
+        self._engine = engine
+        self._probe = probe
+        self._devices = devices
+        self._publish = publish
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._leases: dict[str, Lease] = {}
+
+    @classmethod
+    async def open(cls, url: str, probe: Probe, devices: DevicesConfig, **kwargs) -> "Ledger":
+        ledger = cls(_engine_for(url), probe, devices, **kwargs)
+        async with ledger._engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+            rows = await conn.execute(select(leases_table).where(leases_table.c.state == "granted"))
+            ledger._leases = {row.id: _row_to_lease(row) for row in rows}
+        return ledger
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._engine.dispose()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def managed_pids(self) -> set[int]:
+        return {lease.owner_pid for lease in self._leases.values() if lease.owner_pid}
+
+    def budgets(self) -> dict[str, DeviceBudget]:
+        leased: dict[str, int] = defaultdict(int)
+        for lease in self._leases.values():
+            leased[lease.device] += lease.bytes
+        pids = self.managed_pids()
+        return compute_budgets(self._probe.read(pids), self._devices, leased, pids)
+
+    def snapshot(self) -> LedgerSnapshot:
+        return LedgerSnapshot(tuple(self._leases.values()), self.budgets(), self._probe.name)
+
+    # -- writes: each checks and commits in one step -------------------------------------------
+
+    async def grant(self, model: str, wants: Sequence[LeaseWant], attempt: str,
+                    owner_pid: int | None = None, owner_started_at: float | None = None) -> Granted | Rejected:
+        """All of `wants` or none: granted only if every device's budget covers its part."""
+        async with self._lock:
+            rejected = self._check(wants)
+            if rejected:
+                return rejected
+            now = self._clock()
+            leases = [Lease(str(uuid.uuid4()), model, w.device, LeaseKind(w.kind), w.bytes, attempt, now,
+                            owner_pid, owner_started_at) for w in wants]
+            async with self._engine.begin() as conn:
+                await conn.execute(insert(leases_table), [dict(lease.to_dict(), kind=lease.kind.value,
+                                                               released_at=None, release_reason=None)
+                                                          for lease in leases])
+            for lease in leases:
+                self._leases[lease.id] = lease
+        for lease in leases:
+            self._publish(LeaseGranted(lease.id, model, lease.device, lease.kind.value, lease.bytes))
+        return Granted(tuple(leases))
+
+    def _check(self, wants: Sequence[LeaseWant]) -> Rejected | None:
+        need: dict[str, int] = defaultdict(int)
+        for want in wants:
+            if want.bytes < 0:
+                raise ValueError(f"a lease cannot be negative ({want})")
+            need[want.device] += want.bytes
+        budgets = self.budgets()
+        short, reasons = {}, []
+        for device, wanted in need.items():
+            if device not in budgets:
+                short[device] = wanted
+                reasons.append(f"no device '{device}' (devices: {', '.join(sorted(budgets))})")
+            elif wanted > budgets[device].free_bytes:
+                free = budgets[device].free_bytes
+                short[device] = wanted - free
+                reasons.append(f"{device}: wanted {format_bytes(wanted)}, free {format_bytes(max(free, 0))}")
+        return Rejected("; ".join(reasons), short) if short else None
+
+    async def release(self, lease_ids: Iterable[str], reason: str) -> list[Lease]:
+        async with self._lock:
+            released = [self._leases[i] for i in lease_ids if i in self._leases]
+            if released:
+                async with self._engine.begin() as conn:
+                    await conn.execute(update(leases_table)
+                                       .where(leases_table.c.id.in_([lease.id for lease in released]))
+                                       .values(state="released", released_at=self._clock(), release_reason=reason[:256]))
+                for lease in released:
+                    del self._leases[lease.id]
+        for lease in released:
+            self._publish(LeaseReleased(lease.id, lease.model, lease.device, lease.kind.value, lease.bytes, reason))
+        return released
+
+    async def release_model(self, model: str, reason: str, kinds: Collection[LeaseKind] | None = None) -> list[Lease]:
+        ids = [lease.id for lease in self._leases.values()
+               if lease.model == model and (kinds is None or lease.kind in kinds)]
+        return await self.release(ids, reason)
+
+    async def release_attempt(self, attempt: str, reason: str) -> list[Lease]:
+        return await self.release([lease.id for lease in self._leases.values() if lease.attempt == attempt], reason)
+
+    async def set_owner(self, model: str, pid: int | None, started_at: float | None) -> None:
+        """Record the engine process that holds a model's leases (restart adoption checks both)."""
+        async with self._lock:
+            async with self._engine.begin() as conn:
+                await conn.execute(update(leases_table)
+                                   .where((leases_table.c.model == model) & (leases_table.c.state == "granted"))
+                                   .values(owner_pid=pid, owner_started_at=started_at))
+            for lease_id, lease in list(self._leases.items()):
+                if lease.model == model:
+                    self._leases[lease_id] = Lease(lease.id, lease.model, lease.device, lease.kind, lease.bytes,
+                                                   lease.attempt, lease.granted_at, pid, started_at)
+
+    async def prune_released(self, older_than_s: float) -> int:
+        """Drop released rows older than this (they are history; events carried them already)."""
+        async with self._lock, self._engine.begin() as conn:
+            result = await conn.execute(delete(leases_table).where(
+                (leases_table.c.state == "released") & (leases_table.c.released_at < self._clock() - older_than_s)))
+            return result.rowcount or 0

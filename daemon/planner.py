@@ -1,0 +1,163 @@
+"""The planner: turns a model spec and today's budgets into leases and engine parameters.
+
+Pure: no I/O. It sizes the KV cache from the bytes left after the weights (the load peak is
+transient and released before the KV cache is granted), applies the engine's parameter rules,
+and says why nothing fits when nothing does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pydantic import ValidationError
+
+from ..engines import ENGINE_KINDS
+from ..engines.ktransformers import CUDA_PAGE_TOKENS
+from ..policies import DeviceBudget
+from .config import ModelSpec, problems_from
+from .devices import HOST, gpu_id
+from .errors import PlanRejected
+from .ledger import LeaseKind, LeaseWant
+from .units import format_bytes
+
+# Where each engine takes the planned KV size and concurrency from (engine flag names).
+_KV_PARAM = {"torch": "context_tokens", "llamacpp": "ctx_size", "vllm": "max_model_len",
+             "sglang": "max_total_tokens", "ktransformers": "cache_lens"}
+_BATCH_PARAM = {"torch": "max_batch_size", "llamacpp": "parallel", "vllm": "max_num_seqs",
+                "sglang": "max_running_requests", "ktransformers": "max_batch_size"}
+assert set(_KV_PARAM) == set(ENGINE_KINDS)
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    fits: bool
+    kv_tokens: int
+    params: Mapping[str, Any]
+    load_leases: tuple[LeaseWant, ...]  # weights, host weights and load_peak: held while loading
+    steady_leases: tuple[LeaseWant, ...]  # kv and reserve (workspace): granted after the weights are in
+    reasons: tuple[str, ...] = ()
+    evictions: tuple[str, ...] = field(default=())
+
+    def all_leases(self) -> tuple[LeaseWant, ...]:
+        return self.load_leases + self.steady_leases
+
+    def peak_need(self) -> dict[str, int]:
+        """Bytes per device the load needs at its worst moment: max(weights + peak, steady)."""
+        load, steady = _sum(self.load_leases), _sum(self.load_leases, exclude=LeaseKind.LOAD_PEAK)
+        for want in self.steady_leases:
+            steady[want.device] = steady.get(want.device, 0) + want.bytes
+        return {d: max(load.get(d, 0), steady.get(d, 0)) for d in set(load) | set(steady)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "fits": self.fits, "kv_tokens": self.kv_tokens, "params": dict(self.params),
+                "leases": [{"kind": w.kind.value, "device": w.device, "bytes": w.bytes,
+                            "transient": w.kind == LeaseKind.LOAD_PEAK} for w in self.all_leases()],
+                "peak_bytes": self.peak_need(),
+                "reasons": list(self.reasons), "evictions": list(self.evictions)}
+
+
+def _sum(wants, exclude: LeaseKind | None = None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for w in wants:
+        if w.kind != exclude:
+            out[w.device] = out.get(w.device, 0) + w.bytes
+    return out
+
+
+def with_overrides(spec: ModelSpec, overrides: Mapping[str, Any]) -> ModelSpec:
+    """The spec with engine arguments replaced, validated by the engine's own rules."""
+    if not overrides:
+        return spec
+    data = spec.model_dump()
+    data["engine"].update(overrides)
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = problems_from(exc)
+        raise PlanRejected(spec.name, [str(p) for p in problems], field=problems[0].path if problems else None) from None
+
+
+def load_leases(spec: ModelSpec) -> tuple[LeaseWant, ...]:
+    devices = [gpu_id(i) for i in spec.placement.devices]
+    per_device = -(-spec.memory.weights // len(devices))
+    wants = [LeaseWant(d, LeaseKind.WEIGHTS, per_device) for d in devices]
+    if spec.memory.host_weights:
+        wants.append(LeaseWant(HOST, LeaseKind.WEIGHTS, spec.memory.host_weights))
+    if spec.memory.load_peak:
+        wants += [LeaseWant(d, LeaseKind.LOAD_PEAK, spec.memory.load_peak) for d in devices]
+    return tuple(wants)
+
+
+def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapping[str, int] | None = None) -> Plan:
+    """Plan against `budgets`, counting `extra_free` bytes per device as free (what evictions would give)."""
+    extra_free = extra_free or {}
+    devices = [gpu_id(i) for i in spec.placement.devices]
+    missing = [d for d in devices + ([HOST] if spec.memory.host_weights else []) if d not in budgets]
+    loads = load_leases(spec)
+    if missing:
+        return Plan(spec.name, False, 0, {}, loads, (), (f"no device {', '.join(missing)} (devices: {', '.join(sorted(budgets))})",))
+    free = {d: budgets[d].free_bytes + extra_free.get(d, 0) for d in budgets}
+    reasons = [f"{d}: load needs {format_bytes(b)} (weights + load peak), {format_bytes(max(free[d], 0))} free; free "
+               f"{format_bytes(b - free[d])} more or lower the load peak" for d, b in _sum(loads).items() if b > free[d]]
+    kv_tokens, params, kv_reasons = _size_kv(spec, {d: free[d] - _sum(loads, LeaseKind.LOAD_PEAK).get(d, 0) for d in devices})
+    reasons += kv_reasons
+    steady = _steady_leases(spec, devices, kv_tokens)
+    return Plan(spec.name, not reasons, kv_tokens, params, loads, steady, tuple(reasons))
+
+
+def _steady_leases(spec: ModelSpec, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:
+    n = len(devices)
+    kv_per_device = -(-kv_tokens * spec.memory.kv_bytes_per_token // n)
+    wants = [LeaseWant(d, LeaseKind.KV, kv_per_device) for d in devices]
+    if spec.memory.activation:
+        wants += [LeaseWant(d, LeaseKind.RESERVE, spec.memory.activation) for d in devices]
+    return tuple(wants)
+
+
+def _size_kv(spec: ModelSpec, after_weights: Mapping[str, int]) -> tuple[int, dict[str, Any], list[str]]:
+    """KV tokens and engine parameters from the bytes left on each device after the weights."""
+    engine, memory, goal = spec.engine, spec.memory, spec.plan
+    n = len(after_weights)
+    per_token = memory.kv_bytes_per_token / n
+    room = min(after_weights.values()) - memory.activation
+    fit_tokens = max(0, int(room // per_token))
+    configured = getattr(engine, _KV_PARAM[engine.kind])
+    batch = getattr(engine, _BATCH_PARAM[engine.kind]) or goal.max_batch_size
+    granule = engine.page_size if engine.kind == "ktransformers" else 16
+    if configured is not None:
+        tokens = configured * (batch if engine.kind in ("torch", "vllm") else 1)
+    else:
+        tokens = fit_tokens if goal.max_kv_tokens is None else min(fit_tokens, goal.max_kv_tokens)
+        tokens -= tokens % granule
+    params = _engine_params(spec, tokens, batch)
+    reasons = []
+    if tokens > fit_tokens:
+        reasons.append(f"KV cache of {tokens} tokens needs {format_bytes(int(tokens * per_token))} per device, "
+                       f"{format_bytes(max(room, 0))} is left after the weights; lower {_KV_PARAM[engine.kind]} "
+                       f"to {fit_tokens - fit_tokens % granule} or free memory")
+    elif tokens < goal.min_kv_tokens:
+        reasons.append(f"only {tokens} KV tokens fit after the weights ({format_bytes(max(room, 0))} left), "
+                       f"below plan.min_kv_tokens {goal.min_kv_tokens}; free "
+                       f"{format_bytes(int((goal.min_kv_tokens - tokens) * per_token))} more")
+    return tokens, params, reasons
+
+
+def _engine_params(spec: ModelSpec, kv_tokens: int, batch: int) -> dict[str, Any]:
+    engine = spec.engine
+    if engine.kind == "ktransformers":
+        return {"cache_lens": kv_tokens, "max_batch_size": batch, "chunk_size": engine.chunk_size or 256,
+                "page_size": engine.page_size or CUDA_PAGE_TOKENS, "max_new_tokens": engine.max_new_tokens}
+    if engine.kind in ("torch", "vllm"):
+        return {_KV_PARAM[engine.kind]: kv_tokens // batch, _BATCH_PARAM[engine.kind]: batch}
+    if engine.kind == "sglang":
+        return {"max_total_tokens": kv_tokens, "max_running_requests": batch,
+                "context_length": engine.context_length or kv_tokens}
+    return {"ctx_size": kv_tokens, "parallel": batch, "n_gpu_layers": engine.n_gpu_layers}
+
+
+def require_fit(result: Plan) -> Plan:
+    if not result.fits:
+        raise PlanRejected(result.model, list(result.reasons))
+    return result

@@ -1,0 +1,158 @@
+"""lessord: the composition root. Builds probe, ledger, supervisor and controller from the config,
+serves the admin API, and shuts down cleanly on SIGTERM/SIGINT (engines stopped, leases released,
+ledger closed)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import AsyncIterator
+
+from ..engines.base import EngineAdapter
+from ..policies import POLICIES
+from .config import LessorConfig, load_config, parse_listen
+from .controller import Controller
+from .devices import make_probe
+from .errors import ConfigError
+from .events import EventBus
+from .ledger import Ledger
+from .supervisor import Supervisor
+
+log = logging.getLogger("lessor.service")
+
+ENGINE_ADAPTERS: dict[str, EngineAdapter] = {}  # filled by the engines issue; a missing one answers 501
+
+
+@asynccontextmanager
+async def runtime(config: LessorConfig, force_sim: bool = False,
+                  engines: dict[str, EngineAdapter] | None = None,
+                  release_orphans_at_start: bool = True) -> AsyncIterator[Controller]:
+    """Everything but the HTTP servers; the CLI's local `plan` uses this same path (read-only:
+    it must not release a running daemon's leases)."""
+    bus = EventBus()
+    probe = make_probe(config.devices, force_sim)
+    try:
+        ledger = await Ledger.open(config.ledger_url(), probe, config.devices, publish=bus.publish)
+        try:
+            if release_orphans_at_start:
+                await release_orphans(ledger)
+            supervisor = Supervisor(config, ledger, POLICIES[config.policy.name],
+                                    ENGINE_ADAPTERS if engines is None else engines, bus.publish)
+            controller = Controller(config, probe, ledger, supervisor, bus)
+            try:
+                yield controller
+            finally:
+                for record in supervisor.records():
+                    if record.state.value in ("ready", "failed"):
+                        await supervisor.unload(record.spec.name, reason="lessord stopping")
+        finally:
+            await ledger.close()
+    finally:
+        probe.close()
+
+
+async def release_orphans(ledger: Ledger) -> None:
+    """Leases whose engine process is gone (or never started) cannot be in use: release them."""
+    dead = [lease.id for lease in ledger.snapshot().leases if not _alive(lease.owner_pid)]
+    if dead:
+        released = await ledger.release(dead, "owner process gone at start")
+        log.warning("released %d lease(s) whose owner process was gone", len(released))
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def serve(config: LessorConfig, force_sim: bool) -> None:
+    from aiohttp import web
+
+    from ..api.admin import make_admin_app
+    from ..api.auth import resolve_token
+
+    token = resolve_token(config.token_path(), create=True)
+    assert token is not None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with AsyncExitStack() as stack:
+        controller = await stack.enter_async_context(runtime(config, force_sim))
+        ready = asyncio.Event()
+        runner = web.AppRunner(make_admin_app(controller, token, ready), access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        host, port = parse_listen(config.admin.listen)
+        await web.TCPSite(runner, host, port).start()
+        if config.admin.unix_socket:
+            await web.UnixSite(runner, config.admin.unix_socket).start()
+            os.chmod(config.admin.unix_socket, 0o660)
+        for spec in config.models:
+            if spec.pinned:
+                await controller.load(spec.name)
+        ready.set()
+        log.info("lessord ready: admin on http://%s:%d, probe %s, policy %s, %d model(s)",
+                 host, port, controller.probe.name, config.policy.name, len(config.models))
+        print(f"lessord: admin API on http://{host}:{port} (probe: {controller.probe.name}); token in "
+              f"{'$LESSOR_ADMIN_TOKEN' if os.environ.get('LESSOR_ADMIN_TOKEN') else config.token_path()}", flush=True)
+        await stop.wait()
+        log.info("lessord stopping")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lessord", description="lessor daemon: VRAM leases for LLMs sharing GPUs")
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--sim", action="store_true", help="use the simulated devices of the config even if NVML works")
+    parser.add_argument("--admin-listen", metavar="HOST:PORT", help="override admin.listen")
+    parser.add_argument("--router-listen", metavar="HOST:PORT", help="override router.listen")
+    parser.add_argument("--log-level", default=os.environ.get("LESSOR_LOG_LEVEL", "WARNING"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default WARNING (quiet)")
+    return parser.parse_args(argv)
+
+
+def configure(args: argparse.Namespace) -> LessorConfig:
+    config = load_config(args.config)
+    overrides = {}
+    if args.admin_listen:
+        overrides["admin"] = {**config.admin.model_dump(), "listen": args.admin_listen}
+    if args.router_listen:
+        overrides["router"] = {**config.router.model_dump(), "listen": args.router_listen}
+    if overrides:
+        from .config import parse_config
+        config = parse_config({**config.model_dump(), **overrides}, source="command line")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        config = configure(args)
+    except ConfigError as exc:
+        print(f"lessord: invalid config {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+        uvloop.run(serve(config, args.sim))
+    except ImportError:
+        asyncio.run(serve(config, args.sim))
+    except OSError as exc:
+        print(f"lessord: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The supervisor: owns each model's lifecycle and runs the load protocol.
+
+1. plan from today's budgets; 2. admit through the policy (evictions happen here and only
+here); 3. grant weights + load_peak and start the engine; 4. release load_peak, re-plan the KV
+cache from what is really left, grant it; 5. verify, then ready. Loads that share a device are
+serialized so two load peaks never overlap. Any failure releases every lease of the attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Mapping
+
+from ..engines.base import EngineAdapter, EngineHandle
+from ..policies import Admit, AdmissionRequest, Evict, ModelView, Policy, Queue, Rejected, Snapshot
+from .config import LessorConfig, ModelSpec
+from .devices import gpu_id
+from .errors import EngineUnavailable, LoadFailed, ModelBusy, NotEnoughMemory, PlanRejected, UnknownModel
+from .events import AdmissionDecided, Event, ModelStateChanged
+from .ledger import Granted, LeaseKind, Ledger
+from .planner import Plan, plan, with_overrides
+
+log = logging.getLogger("lessor.supervisor")
+
+
+class ModelState(str, Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+@dataclass
+class ModelRecord:
+    spec: ModelSpec
+    state: ModelState = ModelState.UNLOADED
+    last_used_s: float = 0.0
+    in_flight: int = 0
+    error: str = ""
+    plan: Plan | None = None
+    handle: EngineHandle | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    weights_s: float = 600.0
+    ready_s: float = 120.0
+    stop_grace_s: float = 15.0
+
+
+class Supervisor:
+    def __init__(self, config: LessorConfig, ledger: Ledger, policy: Policy, engines: Mapping[str, EngineAdapter],
+                 publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
+                 timeouts: Timeouts = Timeouts()) -> None:
+        self._ledger, self._policy, self._engines = ledger, policy, engines
+        self._publish, self._clock, self._timeouts = publish, clock, timeouts
+        self._models = {spec.name: ModelRecord(spec) for spec in config.models}
+        self._config = config
+        self._device_locks: dict[str, asyncio.Lock] = {}
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> ModelRecord:
+        spec = self._config.model(name)
+        if spec is None:
+            raise UnknownModel(name, [n for s in self._config.models for n in (s.name, *s.aliases)])
+        return self._models[spec.name]
+
+    def records(self) -> list[ModelRecord]:
+        return list(self._models.values())
+
+    def policy_snapshot(self) -> Snapshot:
+        ledger = self._ledger.snapshot()
+        held: dict[str, dict[str, int]] = {}
+        for lease in ledger.leases:
+            per_model = held.setdefault(lease.model, {})
+            per_model[lease.device] = per_model.get(lease.device, 0) + lease.bytes
+        models = {r.spec.name: ModelView(r.spec.name, r.state.value, r.spec.priority, r.spec.pinned, r.in_flight,
+                                         r.last_used_s, held.get(r.spec.name, {})) for r in self._models.values()}
+        return Snapshot(ledger.budgets, models, self._clock())
+
+    def dry_run(self, name: str, overrides: Mapping[str, Any] | None = None) -> Plan:
+        """What a load would do now: the plan, with the evictions the policy would make."""
+        record = self.resolve(name)
+        try:
+            spec = with_overrides(record.spec, overrides or {})
+        except PlanRejected as exc:  # a dry run answers "no, because", it does not fail
+            return Plan(record.spec.name, False, 0, dict(overrides or {}), (), (), tuple(exc.reasons))
+        snapshot = self.policy_snapshot()
+        first = plan(spec, snapshot.devices)
+        decision = self._policy(AdmissionRequest(spec.name, first.peak_need(), spec.priority), snapshot)
+        if isinstance(decision, Evict):
+            freed = _freed_by(snapshot, decision.victims)
+            result = plan(spec, snapshot.devices, freed)
+            return Plan(**{**result.__dict__, "evictions": decision.victims})
+        if isinstance(decision, (Rejected, Queue)) and first.fits:
+            return Plan(**{**first.__dict__, "fits": False, "reasons": (decision.reason,)})
+        return first
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _set_state(self, record: ModelRecord, state: ModelState, reason: str = "") -> None:
+        previous, record.state = record.state, state
+        if previous != state:
+            self._publish(ModelStateChanged(record.spec.name, state.value, previous.value, reason))
+
+    async def load(self, name: str, overrides: Mapping[str, Any] | None = None) -> ModelRecord:
+        record = self.resolve(name)
+        if record.state == ModelState.READY:
+            return record
+        if record.state in (ModelState.LOADING, ModelState.UNLOADING):
+            raise ModelBusy(record.spec.name, record.state.value)
+        spec = with_overrides(record.spec, overrides or {})
+        adapter = self._engines.get(spec.engine.kind)
+        if adapter is None:
+            raise EngineUnavailable(spec.name, spec.engine.kind, "no adapter for this engine in this build")
+        self._set_state(record, ModelState.LOADING)
+        devices = sorted(gpu_id(i) for i in spec.placement.devices)
+        try:
+            async with AsyncExitStack() as stack:
+                for device in devices:  # sorted: two loads never wait on each other's locks in a cycle
+                    await stack.enter_async_context(self._device_locks.setdefault(device, asyncio.Lock()))
+                await self._load_locked(record, spec, adapter)
+        except BaseException as exc:
+            record.error = str(exc)
+            self._set_state(record, ModelState.FAILED, record.error)
+            raise
+        return record
+
+    async def _load_locked(self, record: ModelRecord, spec: ModelSpec, adapter: EngineAdapter) -> None:
+        await self._admit(spec)
+        attempt = str(uuid.uuid4())
+        step = "grant weights"
+        try:
+            first = plan(spec, self._ledger.budgets())
+            granted = await self._ledger.grant(spec.name, first.load_leases, attempt)
+            if not isinstance(granted, Granted):
+                raise LoadFailed(spec.name, step, granted.reason)
+            step = "start engine"
+            record.handle = await adapter.start(spec, first.params, first.kv_tokens)
+            await self._ledger.set_owner(spec.name, record.handle.pid, record.handle.started_at)
+            step = "wait for weights"
+            await record.handle.wait_weights_loaded(self._timeouts.weights_s)
+            await self._ledger.release_model(spec.name, "weights loaded", kinds=[LeaseKind.LOAD_PEAK])
+            step = "size kv"
+            record.plan = await self._grant_kv(spec, attempt, record.handle)
+            step = "wait for ready"
+            await record.handle.wait_ready(self._timeouts.ready_s)
+        except BaseException as exc:
+            await self._roll_back(record, attempt, f"{step}: {exc}")
+            if isinstance(exc, LoadFailed):
+                raise
+            raise LoadFailed(spec.name, step, str(exc)) from exc
+        record.error = ""
+        record.last_used_s = self._clock()
+        self._set_state(record, ModelState.READY)
+
+    async def _admit(self, spec: ModelSpec) -> None:
+        snapshot = self.policy_snapshot()
+        request = AdmissionRequest(spec.name, plan(spec, snapshot.devices).peak_need(), spec.priority)
+        decision = self._policy(request, snapshot)
+        self._publish(AdmissionDecided(spec.name, type(decision).__name__.lower(),
+                                       getattr(decision, "reason", ""), getattr(decision, "victims", ())))
+        if isinstance(decision, Evict):
+            for victim in decision.victims:
+                await self.unload(victim, reason=f"evicted for '{spec.name}'")
+        elif isinstance(decision, (Rejected, Queue)):
+            device, short = max(getattr(decision, "short_bytes", {}).items() or [("", 0)], key=lambda kv: kv[1])
+            free = snapshot.devices[device].free_bytes if device in snapshot.devices else 0
+            raise NotEnoughMemory(spec.name, device or "devices", free + short, free, decision.reason)
+        elif not isinstance(decision, Admit):
+            raise AssertionError(f"policy returned {decision!r}")
+
+    async def _grant_kv(self, spec: ModelSpec, attempt: str, handle: EngineHandle) -> Plan:
+        # Size the KV cache from what is left now that the weights are in, never the pre-load guess.
+        sized = plan(spec, self._ledger.budgets())
+        if not sized.fits:
+            raise PlanRejected(spec.name, list(sized.reasons))
+        granted = await self._ledger.grant(spec.name, sized.steady_leases, attempt, handle.pid, handle.started_at)
+        if not isinstance(granted, Granted):
+            raise PlanRejected(spec.name, [granted.reason])
+        kv_bytes = sum(w.bytes for w in sized.steady_leases if w.kind == LeaseKind.KV)
+        await handle.allocate_kv(sized.kv_tokens, kv_bytes)
+        return sized
+
+    async def _roll_back(self, record: ModelRecord, attempt: str, reason: str) -> None:
+        handle, record.handle = record.handle, None
+        if handle is not None:
+            await asyncio.shield(handle.stop(self._timeouts.stop_grace_s))
+        await asyncio.shield(self._ledger.release_attempt(attempt, f"load failed: {reason}"))
+
+    async def unload(self, name: str, reason: str = "unload requested") -> ModelRecord:
+        record = self.resolve(name)
+        if record.state == ModelState.UNLOADED:
+            return record
+        if record.state in (ModelState.LOADING, ModelState.UNLOADING):
+            raise ModelBusy(record.spec.name, record.state.value)
+        self._set_state(record, ModelState.UNLOADING, reason)
+        handle, record.handle = record.handle, None
+        if handle is not None:
+            await handle.stop(self._timeouts.stop_grace_s)
+        await self._ledger.release_model(record.spec.name, reason)
+        record.plan = None
+        self._set_state(record, ModelState.UNLOADED, reason)
+        return record
+
+
+def _freed_by(snapshot: Snapshot, victims: tuple[str, ...]) -> dict[str, int]:
+    freed: dict[str, int] = {}
+    for name in victims:
+        for device, b in snapshot.models[name].held_bytes.items():
+            freed[device] = freed.get(device, 0) + b
+    return freed

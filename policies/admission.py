@@ -1,0 +1,89 @@
+"""Admission and eviction policies. Pure decisions over a Snapshot: no I/O, no logging, no state.
+
+Each policy only chooses *which* models may be evicted and in what order; the arithmetic of
+"does it fit after evicting these" is shared so every policy answers the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from .snapshot import Admit, AdmissionRequest, Decision, Evict, ModelView, Queue, Rejected, Snapshot
+
+Policy = Callable[[AdmissionRequest, Snapshot], Decision]
+
+
+def shortfall(request: AdmissionRequest, snapshot: Snapshot) -> dict[str, int]:
+    """Bytes missing per device for the request to fit now; empty when it fits."""
+    short = {}
+    for device, need in request.need_bytes.items():
+        budget = snapshot.devices.get(device)
+        free = budget.free_bytes if budget else 0
+        if need > 0 and need > free:
+            short[device] = need - free
+    return short
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def _describe(short: dict[str, int]) -> str:
+    return ", ".join(f"{_gib(b)} on {d}" for d, b in sorted(short.items()))
+
+
+def _free_with(short: dict[str, int], models: Iterable[ModelView]) -> tuple[list[str], dict[str, int]]:
+    """Take models in order while they still help; return the victims and what stays short."""
+    remaining = dict(short)
+    victims = []
+    for model in models:
+        if not remaining:
+            break
+        if not any(model.held_bytes.get(d, 0) > 0 for d in remaining):
+            continue
+        victims.append(model.name)
+        for device in list(remaining):
+            remaining[device] -= model.held_bytes.get(device, 0)
+            if remaining[device] <= 0:
+                del remaining[device]
+    return victims, remaining
+
+
+def decide_with_candidates(request: AdmissionRequest, snapshot: Snapshot,
+                           eligible: Callable[[ModelView], bool], order: Callable[[ModelView], tuple]) -> Decision:
+    short = shortfall(request, snapshot)
+    if not short:
+        return Admit()
+    others = sorted((m for m in snapshot.models.values()
+                     if m.name != request.model and not m.pinned and eligible(m) and m.held_bytes), key=order)
+    victims, remaining = _free_with(short, (m for m in others if m.idle))
+    if not remaining:
+        return Evict(tuple(victims))
+    _, still_short = _free_with(short, others)
+    if not still_short:
+        return Queue(f"needs {_describe(short)}; models that could make room are busy")
+    return Rejected(f"needs {_describe(short)} more than is free, and evicting every model this policy may "
+                    f"evict still leaves {_describe(still_short)} short", still_short)
+
+
+def fit(request: AdmissionRequest, snapshot: Snapshot) -> Decision:
+    """Admit only what fits beside the models already loaded; never evict."""
+    short = shortfall(request, snapshot)
+    if not short:
+        return Admit()
+    return Rejected(f"needs {_describe(short)} more than is free (policy 'fit' never evicts)", short)
+
+
+def lru_idle(request: AdmissionRequest, snapshot: Snapshot) -> Decision:
+    """Evict idle, unpinned models, least recently used first."""
+    return decide_with_candidates(request, snapshot, eligible=lambda m: True,
+                                  order=lambda m: (m.last_used_s, m.name))
+
+
+def priority(request: AdmissionRequest, snapshot: Snapshot) -> Decision:
+    """Evict idle, unpinned models of lower priority than the request: lowest first, then LRU."""
+    return decide_with_candidates(request, snapshot, eligible=lambda m: m.priority < request.priority,
+                                  order=lambda m: (m.priority, m.last_used_s, m.name))
+
+
+POLICIES: dict[str, Policy] = {"fit": fit, "lru_idle": lru_idle, "priority": priority}

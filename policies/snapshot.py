@@ -1,0 +1,86 @@
+"""The frozen view policies decide over. Built by the daemon from the ledger and the supervisor;
+plain values only, so a policy can be tested with hand-written snapshots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """One pool's arithmetic: free = capacity − headroom − foreign − leased (negative when overrun)."""
+
+    device: str
+    total_bytes: int
+    capacity_bytes: int
+    headroom_bytes: int
+    foreign_bytes: int
+    leased_bytes: int
+
+    @property
+    def leasable_bytes(self) -> int:
+        """What lessor may lease in all, before any lease: capacity − headroom − foreign."""
+        return self.capacity_bytes - self.headroom_bytes - self.foreign_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.leasable_bytes - self.leased_bytes
+
+
+@dataclass(frozen=True)
+class ModelView:
+    name: str
+    state: str  # a supervisor ModelState value: unloaded, loading, ready, unloading, failed
+    priority: int = 50
+    pinned: bool = False
+    in_flight: int = 0
+    last_used_s: float = 0.0
+    held_bytes: Mapping[str, int] = field(default_factory=dict)  # device -> bytes of all its leases
+
+    @property
+    def idle(self) -> bool:
+        return self.state == "ready" and self.in_flight == 0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    devices: Mapping[str, DeviceBudget]
+    models: Mapping[str, ModelView] = field(default_factory=dict)
+    now_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class AdmissionRequest:
+    model: str
+    need_bytes: Mapping[str, int]  # device -> bytes the load holds at its peak
+    priority: int = 50
+
+
+@dataclass(frozen=True)
+class Admit:
+    pass
+
+
+@dataclass(frozen=True)
+class Evict:
+    """Unload these models first (in this order), then admit."""
+
+    victims: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Queue:
+    """It would fit once busy models go idle: wait and ask again."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+    short_bytes: Mapping[str, int]
+
+
+Decision = Admit | Evict | Queue | Rejected
