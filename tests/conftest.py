@@ -1,0 +1,180 @@
+"""Shared fixtures: simulated configs, a real PostgreSQL server the tests start themselves, a fake
+engine at the process boundary (the only place, besides the simulated probe, where tests fake)."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from lessor.daemon.config import parse_config
+from lessor.daemon.units import GiB
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sim_config(tmp_path: Path, models: list[dict] | None = None, gpus: list[dict] | None = None,
+               policy: str = "lru_idle", **extra) -> "LessorConfig":  # noqa: F821
+    data = {
+        "state_dir": str(tmp_path / "state"),
+        "devices": {"probe": "sim", "headroom": "1GiB",
+                    "simulated": gpus or [{"name": "sim24", "total": "24GiB", "foreign": "8GiB"}],
+                    "host": {"headroom": "4GiB", "simulated_total": "64GiB"}},
+        "policy": {"name": policy},
+        "models": models or [],
+        **extra,
+    }
+    return parse_config(data)
+
+
+def torch_model(name: str, weights: str = "4GiB", **extra) -> dict:
+    return {"name": name, "engine": {"kind": "torch", "model_path": f"/models/{name}"},
+            "memory": {"weights": weights, "kv_bytes_per_token": 65536, "load_peak": "1GiB"},
+            "plan": {"min_kv_tokens": 1024, "max_kv_tokens": 16384}, **extra}
+
+
+# -- PostgreSQL: a private cluster per test session --------------------------------------------
+
+def _pg_bindir() -> str | None:
+    found = shutil.which("initdb")
+    if found:
+        return str(Path(os.path.realpath(found)).parent)
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return str(Path(candidates[-1]).parent) if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    bindir = _pg_bindir()
+    if bindir is None:
+        reason = "PostgreSQL server binaries not found (apt-get install postgresql; .ci/run does)"
+        if os.environ.get("LESSOR_REQUIRE_POSTGRES"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    user = "postgres" if os.geteuid() == 0 else None  # initdb refuses to run as root
+    datadir = Path(tempfile.mkdtemp(prefix="lessor-pg-"))
+    if user:
+        ent = pwd.getpwnam(user)
+        os.chown(datadir, ent.pw_uid, ent.pw_gid)
+    port = free_port()
+    run_as = ["runuser", "-u", user, "--"] if user else []
+    subprocess.run(run_as + [f"{bindir}/initdb", "-D", str(datadir / "data"), "-A", "trust", "-U", "postgres",
+                             "--no-sync"], check=True, capture_output=True)
+    subprocess.run(run_as + [f"{bindir}/pg_ctl", "-D", str(datadir / "data"), "-l", str(datadir / "log"), "-w",
+                             "-o", f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(run_as + [f"{bindir}/pg_ctl", "-D", str(datadir / "data"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(datadir, ignore_errors=True)
+
+
+async def drop_ledger_tables(url: str) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from lessor.daemon.ledger import metadata
+
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.drop_all)
+    await engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def ledger_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+        await drop_ledger_tables(url)
+        yield url
+
+
+# -- a fake engine at the process boundary ------------------------------------------------------
+
+class FakeHandle:
+    """Stands in for an engine process: reports its usage to the simulated probe like NVML would."""
+
+    def __init__(self, adapter: "FakeAdapter", spec, params, kv_tokens: int, pid: int) -> None:
+        self.adapter, self.spec, self.params, self.pid = adapter, spec, params, pid
+        self.started_at = time.time()
+        self.kv_tokens = None
+        self.stopped = False
+
+    def _use(self, nbytes: int) -> None:
+        self.adapter.probe.set_process_usage("gpu0", self.pid, nbytes)
+
+    async def wait_weights_loaded(self, timeout_s: float) -> None:
+        adapter = self.adapter
+        adapter.loading += 1
+        adapter.max_loading = max(adapter.max_loading, adapter.loading)
+        try:
+            self._use(self.spec.memory.weights + self.spec.memory.load_peak)
+            adapter.seen.append(("weights", self.spec.name, adapter.ledger.snapshot()))
+            await asyncio.sleep(0.01)
+            if adapter.during_weights:
+                adapter.during_weights(self)
+            if adapter.fail_at == "weights":
+                raise RuntimeError("engine exited with code 1 while loading weights")
+            self._use(self.spec.memory.weights)
+        finally:
+            adapter.loading -= 1
+
+    async def allocate_kv(self, kv_tokens: int, kv_bytes: int) -> None:
+        self.kv_tokens = kv_tokens
+        self.adapter.seen.append(("kv", self.spec.name, self.adapter.ledger.snapshot()))
+        if self.adapter.fail_at == "kv":
+            raise RuntimeError("CUDA out of memory while allocating the KV cache")
+        self._use(self.spec.memory.weights + kv_bytes)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        if self.adapter.fail_at == "ready":
+            raise TimeoutError(f"not ready after {timeout_s} s")
+
+    def measure(self) -> dict[str, int]:
+        return {}
+
+    async def stop(self, grace_s: float) -> None:
+        self.stopped = True
+        self._use(0)
+
+
+class FakeAdapter:
+    kind = "torch"
+
+    def __init__(self, probe, ledger=None) -> None:
+        self.probe, self.ledger = probe, ledger
+        self.fail_at: str | None = None
+        self.during_weights = None
+        self.loading = self.max_loading = 0
+        self.seen: list = []
+        self.handles: list[FakeHandle] = []
+
+    async def start(self, spec, params, kv_tokens):
+        if self.fail_at == "start":
+            raise FileNotFoundError(f"{spec.engine.model_path}: no such model folder")
+        handle = FakeHandle(self, spec, params, kv_tokens, pid=900000 + len(self.handles))
+        self.handles.append(handle)
+        return handle
+
+
+@pytest.fixture
+def gib():
+    return GiB

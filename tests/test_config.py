@@ -1,0 +1,96 @@
+"""Config: every shipped example validates; every problem of a bad file is listed with its path."""
+
+from pathlib import Path
+
+import pytest
+
+from lessor.daemon.config import load_config, parse_config
+from lessor.daemon.errors import ConfigError
+from lessor.daemon.units import GiB
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_shipped_example_validates(path):
+    config = load_config(path)
+    assert config.models
+
+
+def test_seed_example_is_the_seed_case():
+    config = load_config(ROOT / "examples" / "seed.yaml")
+    gpu = config.devices.simulated[0]
+    assert (gpu.total, gpu.foreign, config.devices.headroom) == (24 * GiB, 8 * GiB, GiB)
+    r1 = config.model("deepseek-r1")
+    assert r1.engine.kind == "ktransformers" and r1.placement.experts == "cpu"
+    assert r1.memory.kv_bytes_per_token == 70272
+
+
+def _problems(data) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "test.yaml")
+    return {p.path: p.reason for p in info.value.problems}
+
+
+def _kt(**engine):
+    return {"name": "r1", "engine": {"kind": "ktransformers", "model_path": "/m", "gguf_path": "/g", **engine},
+            "memory": {"weights": "12GiB", "kv_bytes_per_token": 70272}}
+
+
+def test_every_problem_is_listed_with_its_path():
+    problems = _problems({
+        "devices": {"headroom": "lots", "simulated": [{"total": "24GiB", "colour": "red"}]},
+        "policy": {"name": "fifo"},
+        "models": [_kt(), {**_kt(cache_lens=1000, chunk_size=1500, max_batch_size=2), "name": "r2"}],
+    })
+    assert "not a size" in problems["devices.headroom"]
+    assert "unknown field" in problems["devices.simulated[0].colour"]
+    assert "valid: fit, lru_idle, priority" in problems["policy.name"]
+    assert problems["models[1].engine.cache_lens"].startswith("must be a multiple of 256")
+    assert "use 1024" in problems["models[1].engine.cache_lens"]
+    assert "at most 1024 or a multiple of 1024" in problems["models[1].engine.chunk_size"]
+    assert "at least 3 for the balance_serve backend" in problems["models[1].engine.max_batch_size"]
+    assert len(problems) == 6
+
+
+def test_unknown_engine_kind_lists_the_valid_ones():
+    problems = _problems({"models": [{"name": "x", "engine": {"kind": "tgi", "model_path": "/m"},
+                                      "memory": {"weights": 1, "kv_bytes_per_token": 1}}]})
+    assert "ktransformers" in problems["models[0].engine"]
+
+
+def test_names_and_aliases_are_unique():
+    a = _kt()
+    b = {**_kt(), "name": "r2", "aliases": ["r1"]}
+    problems = _problems({"models": [a, b]})
+    assert "already used by model 'r1'" in next(iter(problems.values()))
+
+
+def test_cpu_experts_need_a_hybrid_engine():
+    spec = {"name": "q", "engine": {"kind": "vllm", "model_path": "/m"}, "placement": {"experts": "cpu"},
+            "memory": {"weights": 1, "kv_bytes_per_token": 1}}
+    assert any("hybrid engine" in reason for reason in _problems({"models": [spec]}).values())
+
+
+def test_yaml_errors_say_where(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("models: [\n  - name: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "line" in str(info.value) and "not valid YAML" in str(info.value)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_defaults_are_loopback_and_one_gib_headroom():
+    config = parse_config({})
+    assert config.admin.listen.startswith("127.0.0.1:")
+    assert config.devices.headroom == GiB
+    assert config.ledger_url().startswith("sqlite+aiosqlite:///")

@@ -1,0 +1,115 @@
+"""The ledger suite, run against SQLite and a real PostgreSQL server."""
+
+import asyncio
+
+import pytest
+
+from lessor.daemon.config import DevicesConfig, HostPool, SimulatedGpu
+from lessor.daemon.devices import SimProbe
+from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.units import GiB
+from lessor.policies import Rejected
+
+W, KV, PEAK = LeaseKind.WEIGHTS, LeaseKind.KV, LeaseKind.LOAD_PEAK
+
+
+def make_probe():
+    return SimProbe([SimulatedGpu(total=24 * GiB, foreign=8 * GiB), SimulatedGpu(total=16 * GiB)],
+                    host_total_bytes=64 * GiB)
+
+
+DEVICES = DevicesConfig(headroom=GiB, host=HostPool(headroom=4 * GiB, simulated_total=64 * GiB))
+
+
+@pytest.fixture
+async def ledger(ledger_url):
+    events = []
+    ledger = await Ledger.open(ledger_url, make_probe(), DEVICES, publish=events.append)
+    ledger.events = events
+    yield ledger
+    await ledger.close()
+
+
+async def test_budget_is_capacity_minus_headroom_foreign_and_leases(ledger):
+    budgets = ledger.budgets()
+    assert budgets["gpu0"].free_bytes == 15 * GiB
+    assert budgets["gpu1"].free_bytes == 15 * GiB
+    assert budgets["host"].free_bytes == 60 * GiB
+    await ledger.grant("a", [LeaseWant("gpu0", W, 10 * GiB)], "t1")
+    assert ledger.budgets()["gpu0"].free_bytes == 5 * GiB
+
+
+async def test_grant_is_all_or_nothing_across_devices(ledger):
+    result = await ledger.grant("a", [LeaseWant("gpu0", W, 10 * GiB), LeaseWant("gpu1", W, 16 * GiB)], "t1")
+    assert isinstance(result, Rejected)
+    assert result.short_bytes == {"gpu1": GiB}
+    assert "gpu1: wanted 16.0 GiB, free 15.0 GiB" in result.reason
+    assert ledger.snapshot().leases == ()
+
+
+async def test_wants_on_one_device_are_summed(ledger):
+    result = await ledger.grant("a", [LeaseWant("gpu0", W, 10 * GiB), LeaseWant("gpu0", PEAK, 6 * GiB)], "t1")
+    assert isinstance(result, Rejected) and result.short_bytes == {"gpu0": GiB}
+
+
+async def test_unknown_device_is_rejected(ledger):
+    result = await ledger.grant("a", [LeaseWant("gpu7", W, 1)], "t1")
+    assert isinstance(result, Rejected) and "no device 'gpu7'" in result.reason
+
+
+async def test_concurrent_grants_never_exceed_the_budget(ledger):
+    wants = [[LeaseWant("gpu0", W, 4 * GiB)] for _ in range(8)]
+    results = await asyncio.gather(*(ledger.grant(f"m{i}", w, f"t{i}") for i, w in enumerate(wants)))
+    assert sum(isinstance(r, Granted) for r in results) == 3  # 15 GiB free / 4 GiB each
+    assert ledger.budgets()["gpu0"].free_bytes == 3 * GiB
+
+
+async def test_foreign_growth_shrinks_the_budget(ledger):
+    ledger._probe.set_foreign("gpu0", 20 * GiB)
+    assert ledger.budgets()["gpu0"].free_bytes == 3 * GiB
+    assert isinstance(await ledger.grant("a", [LeaseWant("gpu0", W, 4 * GiB)], "t1"), Rejected)
+
+
+async def test_managed_process_usage_is_not_counted_as_foreign(ledger):
+    await ledger.grant("a", [LeaseWant("gpu0", W, 10 * GiB)], "t1", owner_pid=4242)
+    ledger._probe.set_process_usage("gpu0", 4242, 10 * GiB)
+    budget = ledger.budgets()["gpu0"]
+    assert budget.foreign_bytes == 8 * GiB and budget.free_bytes == 5 * GiB
+
+
+async def test_release_by_model_kind_and_attempt(ledger):
+    await ledger.grant("a", [LeaseWant("gpu0", W, 2 * GiB), LeaseWant("gpu0", PEAK, GiB)], "t1")
+    await ledger.grant("b", [LeaseWant("gpu1", W, 2 * GiB)], "t2")
+    released = await ledger.release_model("a", "weights in", kinds=[PEAK])
+    assert [lease.kind for lease in released] == [PEAK]
+    await ledger.release_attempt("t2", "rollback")
+    assert [(lease.model, lease.kind) for lease in ledger.snapshot().leases] == [("a", W)]
+    kinds = [e.type for e in ledger.events]
+    assert kinds.count("lease_granted") == 3 and kinds.count("lease_released") == 2
+
+
+async def test_leases_survive_a_restart(ledger_url):
+    first = await Ledger.open(ledger_url, make_probe(), DEVICES)
+    granted = await first.grant("a", [LeaseWant("gpu0", W, 3 * GiB), LeaseWant("host", W, 30 * GiB)], "t1")
+    await first.set_owner("a", 1234, 99.5)
+    await first.grant("b", [LeaseWant("gpu1", KV, GiB)], "t2")
+    await first.release_model("b", "done")
+    await first.close()  # as after kill -9: nothing but what was committed remains
+
+    second = await Ledger.open(ledger_url, make_probe(), DEVICES)
+    try:
+        leases = {lease.id: lease for lease in second.snapshot().leases}
+        assert set(leases) == {lease.id for lease in granted.leases}
+        assert all(lease.owner_pid == 1234 and lease.owner_started_at == 99.5 for lease in leases.values())
+        assert second.budgets()["gpu0"].free_bytes == 12 * GiB
+        assert second.budgets()["host"].free_bytes == 30 * GiB
+    finally:
+        await second.close()
+
+
+async def test_prune_keeps_granted_rows(ledger):
+    await ledger.grant("a", [LeaseWant("gpu0", W, GiB)], "t1")
+    await ledger.grant("b", [LeaseWant("gpu0", W, GiB)], "t2")
+    await ledger.release_model("b", "done")
+    assert await ledger.prune_released(older_than_s=-1) == 1
+    assert len(ledger.snapshot().leases) == 1
