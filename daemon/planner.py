@@ -101,10 +101,21 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
     free = {d: budgets[d].free_bytes + extra_free.get(d, 0) for d in budgets}
     reasons = [f"{d}: load needs {format_bytes(b)} (weights + load peak), {format_bytes(max(free[d], 0))} free; free "
                f"{format_bytes(b - free[d])} more or lower the load peak" for d, b in _sum(loads).items() if b > free[d]]
-    kv_tokens, params, kv_reasons = _size_kv(spec, {d: free[d] - _sum(loads, LeaseKind.LOAD_PEAK).get(d, 0) for d in devices})
+    weights = _sum(loads, LeaseKind.LOAD_PEAK)
+    kv_tokens, params, kv_reasons = _size_kv(spec, {d: free[d] - weights.get(d, 0) for d in devices})
     reasons += kv_reasons
     steady = _steady_leases(spec, devices, kv_tokens)
     return Plan(spec.name, not reasons, kv_tokens, params, loads, steady, tuple(reasons))
+
+
+def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
+    """Step 4 of the load protocol: the weights are leased and in; size the KV cache from what is free now."""
+    devices = [gpu_id(i) for i in spec.placement.devices]
+    missing = [d for d in devices if d not in budgets]
+    if missing:
+        return Plan(spec.name, False, 0, {}, (), (), (f"no device {', '.join(missing)}",))
+    kv_tokens, params, reasons = _size_kv(spec, {d: budgets[d].free_bytes for d in devices})
+    return Plan(spec.name, not reasons, kv_tokens, params, (), _steady_leases(spec, devices, kv_tokens), tuple(reasons))
 
 
 def _steady_leases(spec: ModelSpec, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:

@@ -24,7 +24,7 @@ from .devices import gpu_id
 from .errors import EngineUnavailable, LoadFailed, ModelBusy, NotEnoughMemory, PlanRejected, UnknownModel
 from .events import AdmissionDecided, Event, ModelStateChanged
 from .ledger import Granted, LeaseKind, Ledger
-from .planner import Plan, plan, with_overrides
+from .planner import Plan, plan, plan_kv, with_overrides
 
 log = logging.getLogger("lessor.supervisor")
 
@@ -180,7 +180,7 @@ class Supervisor:
 
     async def _grant_kv(self, spec: ModelSpec, attempt: str, handle: EngineHandle) -> Plan:
         # Size the KV cache from what is left now that the weights are in, never the pre-load guess.
-        sized = plan(spec, self._ledger.budgets())
+        sized = plan_kv(spec, self._ledger.budgets())
         if not sized.fits:
             raise PlanRejected(spec.name, list(sized.reasons))
         granted = await self._ledger.grant(spec.name, sized.steady_leases, attempt, handle.pid, handle.started_at)

@@ -1,0 +1,153 @@
+"""The admin API through aiohttp's test client: contract fields, auth, and 4xx for client mistakes."""
+
+import asyncio
+import json
+
+import pytest
+
+from lessor.api.admin import make_admin_app
+from lessor.daemon.service import runtime
+from lessor.daemon.units import GiB
+
+from .conftest import FakeAdapter, sim_config, torch_model
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def api(tmp_path, aiohttp_client):
+    config = sim_config(tmp_path, [torch_model("a", "6GiB", aliases=["alpha"]), torch_model("b", "6GiB")])
+    async with runtime(config, engines={}) as controller:
+        controller.supervisor._engines = {"torch": FakeAdapter(controller.probe, controller.ledger)}
+        ready = asyncio.Event()
+        ready.set()
+        client = await aiohttp_client(make_admin_app(controller, TOKEN, ready))
+        client.controller = controller
+        yield client
+
+
+async def test_devices_contract(api):
+    devices = await (await api.get("/admin/v1/devices")).json()
+    gpu = next(d for d in devices if d["id"] == "gpu0")
+    assert gpu["total_bytes"] == 24 * GiB and gpu["foreign_bytes"] == 8 * GiB
+    assert gpu["headroom_bytes"] == GiB and gpu["leased_bytes"] == 0 and gpu["free_bytes"] == 15 * GiB
+
+
+async def test_load_shows_leases_per_kind_then_unload_releases_them(api):
+    r = await api.post("/admin/v1/models/alpha", json={"action": "load"}, headers=AUTH)
+    assert r.status == 200, await r.text()
+    model = await r.json()
+    assert model["name"] == "a" and model["state"] == "ready"
+    assert model["leased_bytes"]["weights"] == 6 * GiB and model["leased_bytes"]["kv"] > 0
+    assert model["leased_bytes"]["load_peak"] == 0
+    leases = await (await api.get("/admin/v1/leases?model=a")).json()
+    assert sorted(lease["kind"] for lease in leases) == ["kv", "weights"]
+    r = await api.post("/admin/v1/models/a", json={"action": "unload"}, headers=AUTH)
+    assert (await r.json())["state"] == "unloaded"
+    assert await (await api.get("/admin/v1/leases")).json() == []
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/admin/v1/models/a", {"action": "load"}),
+    ("PUT", "/admin/v1/devices/gpu0/foreign", {"foreign_bytes": 1}),
+    ("GET", "/admin/v1/events", None),
+])
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}])
+async def test_mutating_calls_and_events_need_the_token(api, method, path, body, headers):
+    r = await api.request(method, path, json=body, headers=headers)
+    assert r.status == 401
+    assert r.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (await r.json())["error"]["type"] == "unauthorized"
+    assert api.controller.ledger.snapshot().leases == ()
+
+
+@pytest.mark.parametrize("body,status,field", [
+    (b"{not json", 400, None),
+    (b"[]", 400, None),
+    (b'{"action": "explode"}', 400, "action"),
+    (b'{"action": "load", "colour": 1}', 400, "colour"),
+    (b'{"action": "load", "overrides": {"max_batch_size": 0}}', 422, "engine.max_batch_size"),
+    (b'{"action": "load", "overrides": {"max_batch_size": [1]}}', 400, "overrides.max_batch_size.int"),
+])
+async def test_malformed_bodies_get_4xx_naming_the_field(api, body, status, field):
+    r = await api.post("/admin/v1/models/a", data=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status == status, await r.text()
+    error = (await r.json())["error"]
+    assert error["message"]
+    if field:
+        assert error["field"].startswith(field.split(".")[0])
+
+
+async def test_unknown_model_is_404_listing_the_known_names(api):
+    r = await api.post("/admin/v1/models/gpt-9", json={"action": "load"}, headers=AUTH)
+    assert r.status == 404
+    assert "known models: a, alpha, b" in (await r.json())["error"]["message"]
+    assert (await api.get("/admin/v1/models/gpt-9")).status == 404
+    assert (await api.post("/admin/v1/plan", json={"model": "gpt-9"})).status == 404
+
+
+async def test_unknown_route_and_method_are_json(api):
+    r = await api.get("/admin/v1/nothing")
+    assert r.status == 404 and (await r.json())["error"]["type"] == "not_found"
+    r = await api.delete("/admin/v1/devices")
+    assert r.status == 405 and (await r.json())["error"]["type"] == "method_not_allowed"
+
+
+async def test_plan_is_a_dry_run_with_evictions(api):
+    await api.put("/admin/v1/devices/gpu0/foreign", json={"foreign_bytes": "10GiB"}, headers=AUTH)
+    await api.post("/admin/v1/models/a", json={"action": "load"}, headers=AUTH)  # 7 GiB of the 13
+    plan = await (await api.post("/admin/v1/plan", json={"model": "b"})).json()
+    assert plan["fits"] and plan["evictions"] == ["a"]
+    assert {lease["kind"] for lease in plan["leases"]} >= {"weights", "kv", "load_peak"}
+    assert (await (await api.get("/admin/v1/models/a")).json())["state"] == "ready"
+
+
+async def test_not_enough_memory_is_503_with_retry_after(api):
+    await api.put("/admin/v1/devices/gpu0/foreign", json={"foreign_bytes": "20GiB"}, headers=AUTH)
+    r = await api.post("/admin/v1/models/a", json={"action": "load"}, headers=AUTH)
+    assert r.status == 503 and "Retry-After" in r.headers
+    assert "short by" in (await r.json())["error"]["message"]
+
+
+async def test_event_stream_carries_lease_and_state_events(api):
+    r = await api.get("/admin/v1/events", headers=AUTH)
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+    assert (await r.content.readline()).startswith(b": connected")
+    await api.post("/admin/v1/models/a", json={"action": "load"}, headers=AUTH)
+    types = []
+    while "model_state" not in types or "lease_granted" not in types:
+        line = (await asyncio.wait_for(r.content.readline(), 5)).decode()
+        if line.startswith("data: "):
+            types.append(json.loads(line[6:])["type"])
+    r.close()
+
+
+async def test_health_ready_metrics(api):
+    assert (await api.get("/healthz")).status == 200
+    assert (await (await api.get("/readyz")).json()) == {"ready": True}
+    text = await (await api.get("/metrics")).text()
+    assert 'lessor_device_foreign_bytes{device="gpu0"} 8.589934592e+09' in text
+    assert 'lessor_model_state{model="a",state="unloaded"} 1.0' in text
+
+
+async def test_openapi_document_covers_every_route(api):
+    doc = await (await api.get("/openapi.json")).json()
+    assert doc["openapi"] == "3.1.0"
+    from lessor.api.admin import ROUTES
+    for route in ROUTES:
+        assert route.method.lower() in doc["paths"][route.path]
+    for ref in _refs(doc):
+        assert ref.removeprefix("#/components/schemas/") in doc["components"]["schemas"], ref
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "$ref":
+                yield v
+            else:
+                yield from _refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _refs(v)

@@ -1,0 +1,123 @@
+"""The real daemon and CLI as processes: the seed case as an operator sees it."""
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lessor.daemon.units import GiB
+
+from .conftest import ROOT, free_port
+
+BIN = Path(sys.executable).parent
+
+
+def cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "lessor"), *args], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"lessor {args} exited {result.returncode}: {result.stderr}")
+    return result
+
+
+@pytest.fixture
+def seed_config(tmp_path):
+    data = yaml.safe_load((ROOT / "examples" / "seed.yaml").read_text())
+    data["state_dir"] = str(tmp_path / "state")
+    path = tmp_path / "seed.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def daemon(seed_config, tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"}
+    proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(seed_config), "--sim",
+                             "--admin-listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"lessord did not start: {proc.communicate()}")
+            time.sleep(0.1)
+    yield proc, url, seed_config, tmp_path / "state"
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+def test_status_shows_the_seed_case(daemon):
+    proc, url, config, _ = daemon
+    out = cli("status", "--admin", url).stdout
+    gpu = out.split("gpu0", 1)[1].split("host", 1)[0]
+    assert "total 24.0 GiB" in gpu
+    assert "foreign                    8.0 GiB" in gpu
+    assert "headroom                   1.0 GiB" in gpu
+    assert "leasable                  15.0 GiB" in gpu
+    assert "probe: sim" in out and "deepseek-r1" in out
+    devices = json.loads(cli("status", "--admin", url, "--json").stdout)["devices"]
+    assert devices[0]["free_bytes"] == 15 * GiB
+
+
+def test_token_file_is_created_private_and_used_by_the_cli(daemon):
+    proc, url, config, state = daemon
+    token = state / "admin.token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    # The CLI finds the token through --config; the ktransformers adapter is not built yet: 501, no lease.
+    result = cli("load", "deepseek-r1", "--config", str(config), "--admin", url, check=False)
+    assert result.returncode == 1 and "501 engine_unavailable" in result.stderr
+    result = cli("load", "deepseek-r1", "--admin", url, "--token", "wrong", check=False)
+    assert "401 unauthorized" in result.stderr
+    assert json.loads(cli("leases", "--admin", url, "--json").stdout) == []
+
+
+def test_set_foreign_changes_the_budget(daemon):
+    proc, url, config, _ = daemon
+    cli("set-foreign", "gpu0", "12GiB", "--config", str(config), "--admin", url)
+    devices = json.loads(cli("status", "--admin", url, "--json").stdout)["devices"]
+    assert devices[0]["free_bytes"] == 11 * GiB
+
+
+def test_sigterm_stops_cleanly(daemon):
+    proc, *_ = daemon
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+
+
+def test_plan_json_contract_without_a_daemon(seed_config):
+    plan = json.loads(cli("plan", "deepseek-r1", "--config", str(seed_config), "--json").stdout)
+    assert plan["fits"] is True and plan["reasons"] == []
+    assert {"cache_lens", "max_batch_size", "chunk_size"} <= set(plan["params"])
+    steady = sum(lease["bytes"] for lease in plan["leases"] if lease["device"] == "gpu0" and lease["kind"] != "load_peak")
+    assert steady <= 15 * GiB and plan["peak_bytes"]["gpu0"] <= 15 * GiB
+    result = cli("plan", "deepseek-r1", "--config", str(seed_config), "--json", "--set", "max_batch_size=2", check=False)
+    rejected = json.loads(result.stdout)
+    assert result.returncode == 1 and rejected["fits"] is False
+    assert "at least 3 for the balance_serve backend" in rejected["reasons"][0]
+
+
+def test_bad_config_fails_at_start_listing_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("devices: {headroom: lots}\npolicy: {name: fifo}\n")
+    result = subprocess.run([str(BIN / "lessord"), "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "devices.headroom: 'lots' is not a size" in result.stderr
+    assert "policy.name: unknown policy 'fifo'" in result.stderr
+    check = cli("check-config", str(bad), check=False)
+    assert check.returncode == 2 and "2 problem(s)" in check.stderr

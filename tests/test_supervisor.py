@@ -1,0 +1,152 @@
+"""The load protocol, against the real ledger and policies; only the engine process is faked."""
+
+import asyncio
+
+import pytest
+
+from lessor.daemon.errors import EngineUnavailable, LoadFailed, ModelBusy, NotEnoughMemory
+from lessor.daemon.service import runtime
+from lessor.daemon.units import GiB
+
+from .conftest import FakeAdapter, sim_config, torch_model
+
+
+@pytest.fixture
+async def env(tmp_path):
+    async def make(models, policy="lru_idle", gpus=None):
+        config = sim_config(tmp_path, models, gpus=gpus, policy=policy)
+        ctx = runtime(config, engines={})
+        controller = await ctx.__aenter__()
+        adapter = FakeAdapter(controller.probe, controller.ledger)
+        controller.supervisor._engines = {"torch": adapter}
+        events = controller.bus.subscribe()
+        made.append(ctx)
+        return controller, adapter, events
+    made = []
+    yield make
+    for ctx in made:
+        await ctx.__aexit__(None, None, None)
+
+
+def kinds(snapshot, model):
+    return sorted(lease.kind.value for lease in snapshot.of_model(model))
+
+
+async def test_weights_first_then_kv_sized_from_what_is_left(env):
+    controller, adapter, _ = await env([torch_model("a", "6GiB")])
+    free_before = controller.ledger.budgets()["gpu0"].free_bytes
+
+    def someone_else_grabs_2gib(handle):
+        controller.probe.set_foreign("gpu0", 10 * GiB)
+    adapter.during_weights = someone_else_grabs_2gib
+
+    await controller.load("a")
+    (step1, _, at_weights), (step2, _, at_kv) = adapter.seen
+    assert kinds(at_weights, "a") == ["load_peak", "weights"]
+    assert kinds(at_kv, "a") == ["kv", "weights"]  # load_peak released before the kv lease
+    kv = next(lease for lease in at_kv.of_model("a") if lease.kind.value == "kv")
+    # 7 GiB are left after the weights and the foreign growth; the cache is capped by max_kv_tokens.
+    assert kv.bytes == 16384 * 65536
+    assert controller.ledger.budgets()["gpu0"].free_bytes == free_before - 6 * GiB - GiB - 2 * GiB
+    assert controller.model("a")["state"] == "ready"
+    assert controller.model("a")["params"] == {"context_tokens": 4096, "max_batch_size": 4}
+
+
+async def test_kv_is_sized_from_the_measured_leftover_not_the_estimate(env):
+    controller, adapter, _ = await env([{**torch_model("a", "10GiB"), "plan": {"min_kv_tokens": 1024}}])
+    adapter.during_weights = lambda h: controller.probe.set_foreign("gpu0", 12 * GiB)
+    await controller.load("a")
+    kv = next(lease for lease in controller.ledger.snapshot().leases if lease.kind.value == "kv")
+    # 24 - 1 headroom - 12 foreign - 10 weights = 1 GiB left: 16 384 tokens of 64 KiB.
+    assert kv.bytes == 16384 * 65536 == GiB
+
+
+async def test_failed_load_rolls_back_every_lease_and_keeps_the_other_model(env):
+    controller, adapter, events = await env([torch_model("a", "4GiB"), torch_model("b", "4GiB")])
+    await controller.load("a")
+    before = {lease.id for lease in controller.ledger.snapshot().leases}
+    for step in ("start", "weights", "kv", "ready"):
+        adapter.fail_at = step
+        with pytest.raises(LoadFailed) as info:
+            await controller.load("b")
+        assert "every lease of the attempt was released" in str(info.value)
+        assert {lease.id for lease in controller.ledger.snapshot().leases} == before
+        assert controller.model("b")["state"] == "failed"
+        assert controller.model("a")["state"] == "ready"
+    assert all(h.stopped for h in adapter.handles if h.spec.name == "b")
+    adapter.fail_at = None
+    await controller.load("b")
+    assert controller.model("b")["state"] == "ready"
+
+
+async def test_missing_engine_adapter_takes_no_lease(env):
+    controller, adapter, _ = await env([torch_model("a")])
+    controller.supervisor._engines = {}
+    with pytest.raises(EngineUnavailable, match="engine 'torch'"):
+        await controller.load("a")
+    assert controller.ledger.snapshot().leases == ()
+
+
+async def test_lru_idle_evicts_the_idle_model_to_make_room(env):
+    controller, adapter, events = await env([torch_model("a", "8GiB"), torch_model("b", "8GiB")])
+    await controller.load("a")
+    await controller.load("b")
+    assert controller.model("a")["state"] == "unloaded"
+    assert controller.model("b")["state"] == "ready"
+    assert {lease.model for lease in controller.ledger.snapshot().leases} == {"b"}
+    seen = []
+    while not events.empty():
+        seen.append(events.get_nowait())
+    admission = [e for e in seen if e.type == "admission" and e.model == "b"]
+    assert admission[-1].result == "evict" and admission[-1].victims == ("a",)
+
+
+async def test_pinned_models_are_not_evicted(env):
+    controller, adapter, _ = await env([torch_model("a", "8GiB", pinned=True), torch_model("b", "8GiB")])
+    await controller.load("a")
+    with pytest.raises(NotEnoughMemory) as info:
+        await controller.load("b")
+    assert info.value.device == "gpu0" and info.value.wanted_bytes > info.value.free_bytes
+    assert controller.model("a")["state"] == "ready"
+
+
+async def test_dry_run_names_the_evictions_without_doing_them(env):
+    controller, adapter, _ = await env([torch_model("a", "8GiB"), torch_model("b", "8GiB")])
+    await controller.load("a")
+    plan = controller.plan("b")
+    assert plan["fits"] and plan["evictions"] == ["a"]
+    assert controller.model("a")["state"] == "ready"
+
+
+async def test_loads_on_one_device_never_overlap(env):
+    controller, adapter, _ = await env([torch_model(n, "2GiB") for n in "abc"])
+    await asyncio.gather(*(controller.load(n) for n in "abc"))
+    assert adapter.max_loading == 1
+    assert all(controller.model(n)["state"] == "ready" for n in "abc")
+
+
+async def test_loads_on_different_devices_may_overlap(env):
+    gpus = [{"total": "24GiB"}, {"total": "24GiB"}]
+    controller, adapter, _ = await env([torch_model("a", "2GiB"), {**torch_model("b", "2GiB"), "placement": {"devices": [1]}}],
+                                       gpus=gpus)
+    await asyncio.gather(controller.load("a"), controller.load("b"))
+    assert adapter.max_loading == 2
+
+
+async def test_a_model_mid_load_is_busy(env):
+    controller, adapter, _ = await env([torch_model("a", "2GiB")])
+    task = asyncio.create_task(controller.load("a"))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    with pytest.raises(ModelBusy):
+        await controller.load("a")
+    await task
+
+
+async def test_unload_releases_every_lease_and_stops_the_engine(env):
+    controller, adapter, _ = await env([torch_model("a", "2GiB")])
+    await controller.load("a")
+    await controller.unload("a")
+    assert controller.ledger.snapshot().leases == ()
+    assert adapter.handles[0].stopped
+    assert controller.ledger.budgets()["gpu0"].foreign_bytes == 8 * GiB
