@@ -1,0 +1,30 @@
+# The two commands of the README:
+#   make demo   set up a venv and run lessord on examples/demo.yaml (simulated GPU without a driver)
+#   make test   set up a venv and the servers the tests use (PostgreSQL), then run the tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup demo test system-deps clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# CPU machines take torch 2.13.0 (the local CPU build); GPU boxes keep or get their CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0; fi
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/lessord --config examples/demo.yaml --log-level INFO
+
+system-deps:
+	sh tests/install-system-deps.sh
+
+test: setup system-deps
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) var *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,102 @@
+"""The config reference and the API table of the README, generated from the config tree and the
+route table so the documentation cannot drift from the code. `python -m lessor.daemon.reference`."""
+
+from __future__ import annotations
+
+import typing
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from .config import LessorConfig, ModelSpec
+from .units import format_bytes, parse_duration, parse_size
+
+
+def _validators(annotation, metadata=()) -> set:
+    found = {getattr(m, "func", None) for m in metadata}
+    for arg in typing.get_args(annotation):
+        found |= {getattr(m, "func", None) for m in getattr(arg, "__metadata__", ())}
+        found |= _validators(arg)
+    return found
+
+
+def _type_name(field) -> str:
+    annotation, validators = field.annotation, _validators(field.annotation, field.metadata)
+    optional = type(None) in typing.get_args(annotation)
+    if parse_size in validators:
+        name = "size"
+    elif parse_duration in validators:
+        name = "duration"
+    else:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) is typing.Literal:
+            name = " / ".join(repr(a) for a in typing.get_args(annotation))
+        elif optional and len(args) == 1:
+            name = getattr(args[0], "__name__", str(args[0]))
+        else:
+            name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    return f"{name} or null" if optional else name
+
+
+def _default(field) -> str:
+    if field.default is PydanticUndefined:
+        return "" if field.default_factory is not None else "required"
+    if isinstance(field.default, BaseModel):
+        return ""
+    if isinstance(field.default, int) and not isinstance(field.default, bool) and parse_size in _validators(field.annotation, field.metadata):
+        return format_bytes(field.default)
+    return repr(field.default)
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    args = typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in args for m in _models_in(a)]
+
+
+def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    out = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        nested = _models_in(field.annotation)
+        is_list = typing.get_origin(field.annotation) is list
+        out.append((path, "list" if is_list and nested else ("" if nested else _type_name(field)),
+                    "" if nested else _default(field), field.description or ""))
+        if name == "engine":
+            continue  # engine arguments get a table per engine kind
+        for sub in nested:
+            out += rows(sub, f"{path}[]." if is_list else f"{path}.")
+    return out
+
+
+def engine_rows() -> list[tuple[str, str, str, str]]:
+    out = []
+    for engine in _models_in(ModelSpec.model_fields["engine"].annotation):
+        kind = typing.get_args(engine.model_fields["kind"].annotation)[0]
+        out += [(f"engine ({kind}).{p}", t, d, desc) for p, t, d, desc in rows(engine) if p != "kind"]
+    return out
+
+
+def markdown_table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def config_reference() -> str:
+    top = [(f"`{p}`", f"`{t}`" if t else "", f"`{d}`" if d else "", desc) for p, t, d, desc in rows(LessorConfig)]
+    engines = [(f"`{p}`", f"`{t}`" if t else "", f"`{d}`" if d else "", desc) for p, t, d, desc in engine_rows()]
+    return (markdown_table(("field", "type", "default", "meaning"), top) + "\n\nEngine arguments (`models[].engine`, by `kind`):\n\n"
+            + markdown_table(("field", "type", "default", "meaning"), engines))
+
+
+def api_table() -> str:
+    from ..api.admin import ROUTES
+    return markdown_table(("method", "path", "token", "what"),
+                          [(r.method, f"`{r.path}`", "yes" if r.auth else "", r.summary) for r in ROUTES])
+
+
+if __name__ == "__main__":
+    print("<!-- config-reference:start -->\n" + config_reference() + "\n<!-- config-reference:end -->\n")
+    print("<!-- api-table:start -->\n" + api_table() + "\n<!-- api-table:end -->")
