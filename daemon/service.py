@@ -97,7 +97,11 @@ async def serve(config: LessorConfig, force_sim: bool) -> None:
         host, port = parse_listen(config.admin.listen)
         await web.TCPSite(runner, host, port).start()
         if config.admin.unix_socket:
-            await web.UnixSite(runner, config.admin.unix_socket).start()
+            previous = os.umask(0o117)  # born 0660: never a moment when others could connect
+            try:
+                await web.UnixSite(runner, config.admin.unix_socket).start()
+            finally:
+                os.umask(previous)
             os.chmod(config.admin.unix_socket, 0o660)
         for spec in config.models:
             if spec.pinned:

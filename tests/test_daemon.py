@@ -121,3 +121,25 @@ def test_bad_config_fails_at_start_listing_every_problem(tmp_path):
     assert "policy.name: unknown policy 'fifo'" in result.stderr
     check = cli("check-config", str(bad), check=False)
     assert check.returncode == 2 and "2 problem(s)" in check.stderr
+
+
+def test_unix_socket_is_group_only(seed_config, tmp_path):
+    data = yaml.safe_load(seed_config.read_text())
+    sock = tmp_path / "admin.sock"
+    data["admin"] = {"listen": f"127.0.0.1:{free_port()}", "unix_socket": str(sock)}
+    seed_config.write_text(yaml.safe_dump(data))
+    proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(seed_config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() or stat.S_IMODE(sock.stat().st_mode) != 0o660:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        import socket
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)

@@ -113,3 +113,17 @@ async def test_prune_keeps_granted_rows(ledger):
     await ledger.release_model("b", "done")
     assert await ledger.prune_released(older_than_s=-1) == 1
     assert len(ledger.snapshot().leases) == 1
+
+
+async def test_capacity_cap_and_per_device_headroom(ledger_url):
+    devices = DevicesConfig(headroom=GiB, gpus=[{"index": 0, "capacity": "20GiB"}, {"index": 1, "headroom": "3GiB"}],
+                            host=HostPool(capacity=32 * GiB, headroom=4 * GiB, simulated_total=64 * GiB))
+    ledger = await Ledger.open(ledger_url, make_probe(), devices)
+    try:
+        budgets = ledger.budgets()
+        assert budgets["gpu0"].capacity_bytes == 20 * GiB and budgets["gpu0"].free_bytes == 11 * GiB
+        assert budgets["gpu1"].headroom_bytes == 3 * GiB and budgets["gpu1"].free_bytes == 13 * GiB
+        assert budgets["host"].free_bytes == 28 * GiB
+        assert isinstance(await ledger.grant("a", [LeaseWant("gpu0", W, 12 * GiB)], "t"), Rejected)
+    finally:
+        await ledger.close()
