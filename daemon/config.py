@@ -7,6 +7,7 @@ fails with every problem listed by path (`models[1].engine.cache_lens: must be .
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from ..engines import ENGINE_KINDS, EngineArgs
+from .memory import Architecture, KvDtype, WeightFormat, estimate, read_hf_config
 from ..policies import POLICIES
 from .errors import ConfigError, ConfigProblem
 from .units import GiB, parse_duration, parse_size
@@ -84,11 +86,25 @@ class DevicesConfig(Strict):
 
 
 class MemoryProfile(Strict):
-    weights: Size = Field(description="Weight bytes on the GPU(s), split evenly over the placement's devices.")
-    host_weights: Size = Field(default=0, description="Weight bytes in host RAM (hybrid engines).")
-    kv_bytes_per_token: int = Field(gt=0, le=1 << 24, description="KV-cache bytes per token (all layers).")
-    activation: Size = Field(default=0, description="Steady workspace beyond weights and KV (activations, CUDA graphs).")
-    load_peak: Size = Field(default=0, description="Transient bytes above the weights while loading (e.g. a tensor dequantized on the GPU).")
+    """What a model needs, in bytes. Computed from `architecture` when given; any field set here wins."""
+
+    weights: Size | None = Field(default=None, description="Weight bytes on the GPU(s), split evenly over the placement's devices.")
+    host_weights: Size | None = Field(default=None, description="Weight bytes in host RAM (hybrid engines).")
+    kv_bytes_per_token: int | None = Field(default=None, gt=0, le=1 << 24, description="KV-cache bytes per token (all layers).")
+    activation: Size | None = Field(default=None, description="Steady workspace beyond weights and KV (activations, CUDA context and graphs).")
+    load_peak: Size | None = Field(default=None, description="Transient bytes above the weights while loading (e.g. a tensor dequantized on the GPU).")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The resolved profile the planner works with."""
+
+    weights: int
+    host_weights: int
+    kv_bytes_per_token: int
+    activation: int
+    load_peak: int
+    estimated: tuple[str, ...] = ()
 
 
 class Placement(Strict):
@@ -108,11 +124,43 @@ class ModelSpec(Strict):
     aliases: list[str] = Field(default_factory=list, description="Other names routed to this model.")
     engine: EngineArgs = Field(description="Engine kind and its arguments.")
     placement: Placement = Field(default_factory=Placement, description="Where the model lives.")
-    memory: MemoryProfile = Field(description="What the model needs, in bytes.")
+    architecture: Architecture | None = Field(default=None, description="Shape of the model (HF config.json names); `hf_config: PATH` reads them from a file.")
+    quantization: WeightFormat = Field(default="bf16", description="Weight format, for the memory model.")
+    kv_dtype: KvDtype = Field(default="bf16", description="KV-cache element type, for the memory model.")
+    memory: MemoryProfile = Field(default_factory=MemoryProfile, description="Bytes the model needs; each field overrides the memory model's.")
     plan: PlanSettings = Field(default_factory=PlanSettings, description="How the planner sizes the KV cache.")
     priority: int = Field(default=50, ge=0, le=1000, description="Higher survives eviction longer (policy `priority`).")
     keep_alive: Duration = Field(default=300.0, description="Idle seconds before unloading; -1 = never.")
     pinned: bool = Field(default=False, description="Loaded at start and never evicted.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_hf_config(cls, data: Any) -> Any:
+        arch = data.get("architecture") if isinstance(data, dict) else None
+        if isinstance(arch, dict) and "hf_config" in arch:
+            path = arch["hf_config"]
+            try:
+                from_file = read_hf_config(path)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"architecture.hf_config: cannot read '{path}': {exc}") from None
+            data = {**data, "architecture": {**from_file, **{k: v for k, v in arch.items() if k != "hf_config"}}}
+        return data
+
+    def profile(self) -> Memory:
+        """The memory profile: the memory model's numbers, with every field the config sets taken as given."""
+        given = {k: v for k, v in self.memory.model_dump().items() if v is not None}
+        computed, estimated = {}, ()
+        if self.architecture is not None:
+            engine = self.engine
+            est = estimate(self.architecture, self.quantization, self.kv_dtype, self.placement.experts == "cpu",
+                           chunk_tokens=getattr(engine, "chunk_size", None) or 512,
+                           batch=getattr(engine, "max_batch_size", None) or self.plan.max_batch_size)
+            computed = {"weights": est.gpu_weight_bytes, "host_weights": est.host_weight_bytes,
+                        "kv_bytes_per_token": est.kv_bytes_per_token, "activation": est.activation_bytes,
+                        "load_peak": est.load_peak_bytes}
+            estimated = tuple(e.removesuffix("_bytes") for e in est.estimated if e.removesuffix("_bytes") not in given)
+        merged = {"host_weights": 0, "activation": 0, "load_peak": 0, **computed, **given}
+        return Memory(**merged, estimated=estimated)
 
     @field_validator("aliases")
     @classmethod
@@ -125,6 +173,11 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _placement_fits_engine(self) -> "ModelSpec":
+        if self.architecture is None:
+            missing = [f for f in ("weights", "kv_bytes_per_token") if getattr(self.memory, f) is None]
+            if missing:
+                raise ValueError(f"memory.{missing[0]}: required when no architecture is given "
+                                 f"(give the model's architecture, or memory.{' and memory.'.join(missing)})")
         if self.placement.experts == "cpu" and self.engine.kind not in ("ktransformers", "llamacpp"):
             raise ValueError(f"placement.experts: 'cpu' needs a hybrid engine (ktransformers, llamacpp), not '{self.engine.kind}'")
         if len(set(self.placement.devices)) != len(self.placement.devices):

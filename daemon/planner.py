@@ -81,12 +81,12 @@ def with_overrides(spec: ModelSpec, overrides: Mapping[str, Any]) -> ModelSpec:
 
 def load_leases(spec: ModelSpec) -> tuple[LeaseWant, ...]:
     devices = [gpu_id(i) for i in spec.placement.devices]
-    per_device = -(-spec.memory.weights // len(devices))
+    per_device = -(-spec.profile().weights // len(devices))
     wants = [LeaseWant(d, LeaseKind.WEIGHTS, per_device) for d in devices]
-    if spec.memory.host_weights:
-        wants.append(LeaseWant(HOST, LeaseKind.WEIGHTS, spec.memory.host_weights))
-    if spec.memory.load_peak:
-        wants += [LeaseWant(d, LeaseKind.LOAD_PEAK, spec.memory.load_peak) for d in devices]
+    if spec.profile().host_weights:
+        wants.append(LeaseWant(HOST, LeaseKind.WEIGHTS, spec.profile().host_weights))
+    if spec.profile().load_peak:
+        wants += [LeaseWant(d, LeaseKind.LOAD_PEAK, spec.profile().load_peak) for d in devices]
     return tuple(wants)
 
 
@@ -94,7 +94,7 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
     """Plan against `budgets`, counting `extra_free` bytes per device as free (what evictions would give)."""
     extra_free = extra_free or {}
     devices = [gpu_id(i) for i in spec.placement.devices]
-    missing = [d for d in devices + ([HOST] if spec.memory.host_weights else []) if d not in budgets]
+    missing = [d for d in devices + ([HOST] if spec.profile().host_weights else []) if d not in budgets]
     loads = load_leases(spec)
     if missing:
         return Plan(spec.name, False, 0, {}, loads, (), (f"no device {', '.join(missing)} (devices: {', '.join(sorted(budgets))})",))
@@ -120,16 +120,16 @@ def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
 
 def _steady_leases(spec: ModelSpec, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:
     n = len(devices)
-    kv_per_device = -(-kv_tokens * spec.memory.kv_bytes_per_token // n)
+    kv_per_device = -(-kv_tokens * spec.profile().kv_bytes_per_token // n)
     wants = [LeaseWant(d, LeaseKind.KV, kv_per_device) for d in devices]
-    if spec.memory.activation:
-        wants += [LeaseWant(d, LeaseKind.RESERVE, spec.memory.activation) for d in devices]
+    if spec.profile().activation:
+        wants += [LeaseWant(d, LeaseKind.RESERVE, spec.profile().activation) for d in devices]
     return tuple(wants)
 
 
 def _size_kv(spec: ModelSpec, after_weights: Mapping[str, int]) -> tuple[int, dict[str, Any], list[str]]:
     """KV tokens and engine parameters from the bytes left on each device after the weights."""
-    engine, memory, goal = spec.engine, spec.memory, spec.plan
+    engine, memory, goal = spec.engine, spec.profile(), spec.plan
     n = len(after_weights)
     per_token = memory.kv_bytes_per_token / n
     room = min(after_weights.values()) - memory.activation

@@ -97,6 +97,26 @@ def api_table() -> str:
                           [(r.method, f"`{r.path}`", "yes" if r.auth else "", r.summary) for r in ROUTES])
 
 
+def sections() -> dict[str, str]:
+    return {"config-reference": config_reference(), "api-table": api_table()}
+
+
+def rewrite(text: str) -> str:
+    """Replace each generated section between its <!-- NAME:start --> and <!-- NAME:end --> markers."""
+    for name, body in sections().items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+    return text
+
+
 if __name__ == "__main__":
-    print("<!-- config-reference:start -->\n" + config_reference() + "\n<!-- config-reference:end -->\n")
-    print("<!-- api-table:start -->\n" + api_table() + "\n<!-- api-table:end -->")
+    import sys
+    if sys.argv[1:2] == ["--write"]:
+        from pathlib import Path
+        path = Path(sys.argv[2])
+        path.write_text(rewrite(path.read_text()))
+    else:
+        for name, body in sections().items():
+            print(f"<!-- {name}:start -->\n{body}\n<!-- {name}:end -->\n")

@@ -126,14 +126,14 @@ class FakeHandle:
         adapter.loading += 1
         adapter.max_loading = max(adapter.max_loading, adapter.loading)
         try:
-            self._use(self.spec.memory.weights + self.spec.memory.load_peak)
+            self._use(self.spec.profile().weights + self.spec.profile().load_peak)
             adapter.seen.append(("weights", self.spec.name, adapter.ledger.snapshot()))
             await asyncio.sleep(0.01)
             if adapter.during_weights:
                 adapter.during_weights(self)
             if adapter.fail_at == "weights":
                 raise RuntimeError("engine exited with code 1 while loading weights")
-            self._use(self.spec.memory.weights)
+            self._use(self.spec.profile().weights)
         finally:
             adapter.loading -= 1
 
@@ -142,7 +142,7 @@ class FakeHandle:
         self.adapter.seen.append(("kv", self.spec.name, self.adapter.ledger.snapshot()))
         if self.adapter.fail_at == "kv":
             raise RuntimeError("CUDA out of memory while allocating the KV cache")
-        self._use(self.spec.memory.weights + kv_bytes)
+        self._use(self.spec.profile().weights + kv_bytes)
 
     async def wait_ready(self, timeout_s: float) -> None:
         if self.adapter.fail_at == "ready":

@@ -24,7 +24,7 @@ def test_seed_example_is_the_seed_case():
     assert (gpu.total, gpu.foreign, config.devices.headroom) == (24 * GiB, 8 * GiB, GiB)
     r1 = config.model("deepseek-r1")
     assert r1.engine.kind == "ktransformers" and r1.placement.experts == "cpu"
-    assert r1.memory.kv_bytes_per_token == 70272
+    assert r1.profile().kv_bytes_per_token == 70272
 
 
 def _problems(data) -> dict[str, str]:
