@@ -83,6 +83,7 @@ class PlanLease(Out):
     kind: str
     device: str
     bytes: int
+    transient: bool = Field(description="load_peak: held only while the weights load, released before the kv lease")
 
 
 class PlanOut(Out):
@@ -93,6 +94,9 @@ class PlanOut(Out):
     leases: list[PlanLease]
     reasons: list[str]
     evictions: list[str]
+    warnings: list[str]
+    estimated: list[str] = Field(description="memory-model numbers that are estimates rather than exact formulas")
+    peak_bytes: dict[str, int] = Field(description="per device: max(weights + load peak, steady leases)")
 
 
 class StatusOut(Out):

@@ -117,6 +117,7 @@ class PlanSettings(Strict):
     min_kv_tokens: int = Field(default=2048, ge=16, description="Smallest KV cache worth loading the model for.")
     max_kv_tokens: int | None = Field(default=None, ge=16, description="Largest KV cache to take, even when more is free.")
     max_batch_size: int = Field(default=4, ge=1, le=256, description="Concurrency the planner aims for when the engine leaves it open.")
+    context_tokens: int | None = Field(default=None, ge=16, description="goal 'concurrency': tokens each sequence needs; batch = KV tokens / this.")
 
 
 class ModelSpec(Strict):

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from ..engines import ENGINE_KINDS
-from ..engines.ktransformers import CUDA_PAGE_TOKENS
+from ..engines.ktransformers import cache_lens_rule, chunk_size_rule, max_batch_size_rule, page_size_rule
 from ..policies import DeviceBudget
 from .config import ModelSpec, problems_from
 from .devices import HOST, gpu_id
@@ -39,6 +39,8 @@ class Plan:
     steady_leases: tuple[LeaseWant, ...]  # kv and reserve (workspace): granted after the weights are in
     reasons: tuple[str, ...] = ()
     evictions: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
+    estimated: tuple[str, ...] = ()  # memory-model numbers that are estimates, not formulas
 
     def all_leases(self) -> tuple[LeaseWant, ...]:
         return self.load_leases + self.steady_leases
@@ -55,7 +57,8 @@ class Plan:
                 "leases": [{"kind": w.kind.value, "device": w.device, "bytes": w.bytes,
                             "transient": w.kind == LeaseKind.LOAD_PEAK} for w in self.all_leases()],
                 "peak_bytes": self.peak_need(),
-                "reasons": list(self.reasons), "evictions": list(self.evictions)}
+                "reasons": list(self.reasons), "evictions": list(self.evictions), "warnings": list(self.warnings),
+                "estimated": list(self.estimated)}
 
 
 def _sum(wants, exclude: LeaseKind | None = None) -> dict[str, int]:
@@ -102,10 +105,12 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
     reasons = [f"{d}: load needs {format_bytes(b)} (weights + load peak), {format_bytes(max(free[d], 0))} free; free "
                f"{format_bytes(b - free[d])} more or lower the load peak" for d, b in _sum(loads).items() if b > free[d]]
     weights = _sum(loads, LeaseKind.LOAD_PEAK)
-    kv_tokens, params, kv_reasons = _size_kv(spec, {d: free[d] - weights.get(d, 0) for d in devices})
+    total = min(budgets[d].total_bytes for d in devices)
+    kv_tokens, params, kv_reasons, warnings = _size_kv(spec, {d: free[d] - weights.get(d, 0) for d in devices}, total)
     reasons += kv_reasons
     steady = _steady_leases(spec, devices, kv_tokens)
-    return Plan(spec.name, not reasons, kv_tokens, params, loads, steady, tuple(reasons))
+    return Plan(spec.name, not reasons, kv_tokens, params, loads, steady, tuple(reasons),
+                warnings=tuple(warnings), estimated=spec.profile().estimated)
 
 
 def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
@@ -114,8 +119,10 @@ def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
     missing = [d for d in devices if d not in budgets]
     if missing:
         return Plan(spec.name, False, 0, {}, (), (), (f"no device {', '.join(missing)}",))
-    kv_tokens, params, reasons = _size_kv(spec, {d: budgets[d].free_bytes for d in devices})
-    return Plan(spec.name, not reasons, kv_tokens, params, (), _steady_leases(spec, devices, kv_tokens), tuple(reasons))
+    total = min(budgets[d].total_bytes for d in devices)
+    kv_tokens, params, reasons, warnings = _size_kv(spec, {d: budgets[d].free_bytes for d in devices}, total)
+    return Plan(spec.name, not reasons, kv_tokens, params, (), _steady_leases(spec, devices, kv_tokens), tuple(reasons),
+                warnings=tuple(warnings), estimated=spec.profile().estimated)
 
 
 def _steady_leases(spec: ModelSpec, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:
@@ -127,7 +134,7 @@ def _steady_leases(spec: ModelSpec, devices: list[str], kv_tokens: int) -> tuple
     return tuple(wants)
 
 
-def _size_kv(spec: ModelSpec, after_weights: Mapping[str, int]) -> tuple[int, dict[str, Any], list[str]]:
+def _size_kv(spec: ModelSpec, after_weights: Mapping[str, int], total_bytes: int) -> tuple[int, dict[str, Any], list[str], list[str]]:
     """KV tokens and engine parameters from the bytes left on each device after the weights."""
     engine, memory, goal = spec.engine, spec.profile(), spec.plan
     n = len(after_weights)
@@ -135,14 +142,17 @@ def _size_kv(spec: ModelSpec, after_weights: Mapping[str, int]) -> tuple[int, di
     room = min(after_weights.values()) - memory.activation
     fit_tokens = max(0, int(room // per_token))
     configured = getattr(engine, _KV_PARAM[engine.kind])
-    batch = getattr(engine, _BATCH_PARAM[engine.kind]) or goal.max_batch_size
+    batch = getattr(engine, _BATCH_PARAM[engine.kind])
     granule = engine.page_size if engine.kind == "ktransformers" else 16
     if configured is not None:
-        tokens = configured * (batch if engine.kind in ("torch", "vllm") else 1)
+        tokens = configured * (batch or goal.max_batch_size if engine.kind in ("torch", "vllm") else 1)
     else:
         tokens = fit_tokens if goal.max_kv_tokens is None else min(fit_tokens, goal.max_kv_tokens)
         tokens -= tokens % granule
-    params = _engine_params(spec, tokens, batch)
+    if batch is None:
+        batch = goal.max_batch_size
+        if goal.goal == "concurrency" and goal.context_tokens:
+            batch = max(1, min(256, tokens // goal.context_tokens))
     reasons = []
     if tokens > fit_tokens:
         reasons.append(f"KV cache of {tokens} tokens needs {format_bytes(int(tokens * per_token))} per device, "
@@ -152,23 +162,58 @@ def _size_kv(spec: ModelSpec, after_weights: Mapping[str, int]) -> tuple[int, di
         reasons.append(f"only {tokens} KV tokens fit after the weights ({format_bytes(max(room, 0))} left), "
                        f"below plan.min_kv_tokens {goal.min_kv_tokens}; free "
                        f"{format_bytes(int((goal.min_kv_tokens - tokens) * per_token))} more")
-    return tokens, params, reasons
+    gpu_bytes = -(-memory.weights // n) + memory.activation + int(tokens * per_token)
+    params, rule_reasons, warnings = ENGINE_PARAMS[engine.kind](spec, tokens, batch, gpu_bytes, total_bytes)
+    return tokens, params, reasons + rule_reasons, warnings
 
 
-def _engine_params(spec: ModelSpec, kv_tokens: int, batch: int) -> dict[str, Any]:
+Params = tuple[dict[str, Any], list[str], list[str]]  # engine flags, broken rules, warnings
+
+
+def _ktransformers(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
     engine = spec.engine
-    if engine.kind == "ktransformers":
-        return {"cache_lens": kv_tokens, "max_batch_size": batch, "chunk_size": engine.chunk_size or 256,
-                "page_size": engine.page_size or CUDA_PAGE_TOKENS, "max_new_tokens": engine.max_new_tokens}
-    if engine.kind in ("torch", "vllm"):
-        return {_KV_PARAM[engine.kind]: kv_tokens // batch, _BATCH_PARAM[engine.kind]: batch}
-    if engine.kind == "sglang":
-        return {"max_total_tokens": kv_tokens, "max_running_requests": batch,
-                "context_length": engine.context_length or kv_tokens}
-    return {"ctx_size": kv_tokens, "parallel": batch, "n_gpu_layers": engine.n_gpu_layers}
+    chunk = engine.chunk_size or 256
+    params = {"cache_lens": tokens, "max_batch_size": batch, "chunk_size": chunk, "page_size": engine.page_size,
+              "max_new_tokens": engine.max_new_tokens}
+    rules = [(name, rule) for name, rule in (
+        ("page_size", page_size_rule(engine.page_size)), ("cache_lens", cache_lens_rule(tokens, engine.page_size)),
+        ("chunk_size", chunk_size_rule(chunk)), ("max_batch_size", max_batch_size_rule(batch, engine.backend))) if rule]
+    warnings = []
+    if tokens < batch * engine.max_new_tokens:
+        warnings.append(f"cache_lens {tokens} < max_batch_size {batch} x max_new_tokens {engine.max_new_tokens}: "
+                        f"concurrency is about cache_lens / (prompt + max_new_tokens), so requests will wait")
+    return params, [f"engine.{name}: {rule}" for name, rule in rules], warnings
 
 
-def require_fit(result: Plan) -> Plan:
-    if not result.fits:
-        raise PlanRejected(result.model, list(result.reasons))
-    return result
+def _vllm(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
+    # --gpu-memory-utilization is a fraction of the card's *total* memory, not of what is free:
+    # computed from lessor's lease, rounded down so vLLM never takes more than it was granted.
+    fraction = int(gpu_bytes * 1000 // max(total_bytes, 1)) / 1000
+    kv_bytes = int(tokens * spec.profile().kv_bytes_per_token / len(spec.placement.devices))
+    return ({"max_model_len": tokens // batch, "max_num_seqs": batch, "gpu_memory_utilization": fraction,
+             "kv_cache_memory_bytes": kv_bytes}, [], [])
+
+
+def _sglang(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
+    # --mem-fraction-static covers weights and the KV pool, as a fraction of total memory.
+    static = gpu_bytes - spec.profile().activation
+    return ({"max_total_tokens": tokens, "max_running_requests": batch,
+             "context_length": spec.engine.context_length or tokens,
+             "mem_fraction_static": int(static * 1000 // max(total_bytes, 1)) / 1000}, [], [])
+
+
+def _llamacpp(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
+    engine = spec.engine
+    warnings = []
+    if engine.cache_type_v not in ("f32", "f16", "bf16"):
+        warnings.append("engine.cache_type_v: a quantized V cache needs flash attention (the adapter passes -fa on)")
+    return ({"ctx_size": tokens, "parallel": batch, "n_gpu_layers": engine.n_gpu_layers,
+             "cache_type_k": engine.cache_type_k, "cache_type_v": engine.cache_type_v}, [], warnings)
+
+
+def _torch(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
+    return {"context_tokens": tokens // batch, "max_batch_size": batch}, [], []
+
+
+ENGINE_PARAMS = {"ktransformers": _ktransformers, "vllm": _vllm, "sglang": _sglang, "llamacpp": _llamacpp, "torch": _torch}
+assert set(ENGINE_PARAMS) == set(ENGINE_KINDS)

@@ -49,7 +49,7 @@ def test_no_room_says_how_much_to_free():
 
 
 def test_configured_kv_that_does_not_fit_names_the_value_that_would():
-    spec = with_overrides(R1, {"cache_lens": 65536})
+    spec = with_overrides(R1, {"cache_lens": 262144})
     result = plan(spec, seed_budgets())
     assert not result.fits
     assert "lower cache_lens to" in result.reasons[0]
@@ -59,3 +59,72 @@ def test_too_small_a_kv_cache_is_refused():
     spec = R1.model_copy(update={"plan": R1.plan.model_copy(update={"min_kv_tokens": 100_000})})
     result = plan(spec, seed_budgets())
     assert not result.fits and "below plan.min_kv_tokens 100000" in result.reasons[0]
+
+
+def kt_spec(**engine):
+    return with_overrides(R1, engine)
+
+
+@pytest.mark.parametrize("override,field,text", [
+    ({"page_size": 300}, "engine.page_size", "must be a multiple of 256 and at least 256"),
+    ({"cache_lens": 28000}, "engine.cache_lens", "must be a multiple of 256 (page_size); got 28000, use 28160"),
+    ({"chunk_size": 1500}, "engine.chunk_size", "must be at most 1024 or a multiple of 1024"),
+    ({"max_batch_size": 2}, "engine.max_batch_size", "must be at least 3 for the balance_serve backend"),
+])
+def test_each_ktransformers_rule_rejects_with_its_text(override, field, text):
+    with pytest.raises(PlanRejected) as info:
+        kt_spec(**override)
+    assert info.value.field == field and text in info.value.reasons[0]
+
+
+def test_rules_that_pass():
+    assert plan(kt_spec(chunk_size=2048, cache_lens=28160, page_size=512), seed_budgets()).fits
+    assert plan(kt_spec(chunk_size=1024, max_batch_size=2, backend="ktransformers"), seed_budgets()).fits
+
+
+def test_small_cache_for_the_batch_warns_about_concurrency():
+    result = plan(kt_spec(cache_lens=2048, max_new_tokens=1024), seed_budgets())
+    assert any("cache_lens 2048 < max_batch_size 3 x max_new_tokens 1024" in w for w in result.warnings)
+
+
+def test_seed_kv_is_61_x_576_x_2_per_token_and_activation_is_an_estimate():
+    result = plan(R1, seed_budgets())
+    kv = next(w for w in result.steady_leases if w.kind.value == "kv")
+    assert kv.bytes == result.params["cache_lens"] * 61 * 576 * 2
+    assert result.estimated == ("activation",)
+
+
+def _gqa_spec(kind, **engine):
+    from lessor.daemon.config import ModelSpec
+    from .test_memory import FIXTURES
+    return ModelSpec.model_validate({"name": "q", "engine": {"kind": kind, "model_path": "/m", **engine},
+                                     "architecture": {"hf_config": str(FIXTURES / "qwen2.5-7b.json")},
+                                     "plan": {"max_kv_tokens": 32768}})
+
+
+def test_vllm_gets_a_fraction_of_the_cards_total_memory():
+    budgets = {"gpu0": DeviceBudget("gpu0", 80 * GiB, 80 * GiB, GiB, 40 * GiB, 0)}
+    result = plan(_gqa_spec("vllm"), budgets)
+    steady = sum(w.bytes for w in result.all_leases() if w.kind.value != "load_peak")
+    fraction = result.params["gpu_memory_utilization"]
+    assert fraction * 80 * GiB <= steady < (fraction + 0.001) * 80 * GiB  # of total, never above the lease
+    assert result.params["kv_cache_memory_bytes"] == 32768 * 57344
+    assert result.params["max_model_len"] * result.params["max_num_seqs"] == 32768
+
+
+def test_sglang_and_llamacpp_flags():
+    budgets = {"gpu0": DeviceBudget("gpu0", 80 * GiB, 80 * GiB, GiB, 0, 0)}
+    sg = plan(_gqa_spec("sglang"), budgets).params
+    assert sg["max_total_tokens"] == 32768 and 0 < sg["mem_fraction_static"] < 0.3
+    ll = plan(_gqa_spec("llamacpp", cache_type_v="q8_0"), budgets)
+    assert ll.params["ctx_size"] == 32768 and ll.params["n_gpu_layers"] == -1
+    assert any("flash attention" in w for w in ll.warnings)
+
+
+def test_concurrency_goal_divides_the_cache_by_the_context():
+    from lessor.daemon.config import ModelSpec
+    spec = _gqa_spec("torch")
+    spec = ModelSpec.model_validate({**spec.model_dump(), "plan": {"goal": "concurrency", "context_tokens": 4096,
+                                                                   "max_kv_tokens": 32768}})
+    result = plan(spec, {"gpu0": DeviceBudget("gpu0", 80 * GiB, 80 * GiB, GiB, 0, 0)})
+    assert result.params == {"context_tokens": 4096, "max_batch_size": 8}
