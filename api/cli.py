@@ -115,6 +115,10 @@ def render_plan(plan: dict[str, Any]) -> str:
         lines.append(f"  {lease['kind']:<10} {lease['device']:<6} {format_bytes(lease['bytes']):>12}")
     for reason in plan["reasons"]:
         lines.append(f"  why: {reason}")
+    for warning in plan.get("warnings", []):
+        lines.append(f"  warning: {warning}")
+    if plan.get("estimated"):
+        lines.append(f"  estimated (not exact formulas): {', '.join(plan['estimated'])}")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from ..engines import ENGINE_KINDS, EngineArgs
-from .memory import Architecture, KvDtype, WeightFormat, estimate, read_hf_config
+from .memory import GGML_TYPE_BYTES, Architecture, KvDtype, WeightFormat, estimate, read_hf_config
 from ..policies import POLICIES
 from .errors import ConfigError, ConfigProblem
 from .units import GiB, parse_duration, parse_size
@@ -155,7 +155,9 @@ class ModelSpec(Strict):
             engine = self.engine
             est = estimate(self.architecture, self.quantization, self.kv_dtype, self.placement.experts == "cpu",
                            chunk_tokens=getattr(engine, "chunk_size", None) or 512,
-                           batch=getattr(engine, "max_batch_size", None) or self.plan.max_batch_size)
+                           batch=getattr(engine, "max_batch_size", None) or self.plan.max_batch_size,
+                           k_v_bytes=(GGML_TYPE_BYTES[engine.cache_type_k], GGML_TYPE_BYTES[engine.cache_type_v])
+                           if engine.kind == "llamacpp" else None)
             computed = {"weights": est.gpu_weight_bytes, "host_weights": est.host_weight_bytes,
                         "kv_bytes_per_token": est.kv_bytes_per_token, "activation": est.activation_bytes,
                         "load_peak": est.load_peak_bytes}

@@ -149,12 +149,18 @@ def param_counts(a: Architecture) -> ParamCounts:
     )
 
 
-def kv_bytes_per_token(a: Architecture, kv_dtype: str = "bf16") -> int:
-    """MLA caches the compressed latent and the shared rotary key; GQA caches K and V per KV head."""
-    b = DTYPE_BYTES[kv_dtype]
+# ggml cache types: bytes per element, block scales included (q8_0: 32 int8 + an fp16 scale per 34 bytes).
+GGML_TYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+                   "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
+
+
+def kv_bytes_per_token(a: Architecture, kv_dtype: str = "bf16", k_v_bytes: tuple[float, float] | None = None) -> int:
+    """MLA caches the compressed latent and the shared rotary key; GQA caches K and V per KV head.
+    `k_v_bytes` gives per-element sizes of K and V where they differ (llama.cpp's cache types)."""
+    k_bytes, v_bytes = k_v_bytes or (DTYPE_BYTES[kv_dtype], DTYPE_BYTES[kv_dtype])
     if a.is_mla:
-        return a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * b
-    return 2 * a.num_hidden_layers * a.kv_heads * a.dim_per_head * b
+        return int(a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * k_bytes)
+    return int(a.num_hidden_layers * a.kv_heads * a.dim_per_head * (k_bytes + v_bytes))
 
 
 def paged_tokens(tokens: int, page_tokens: int) -> int:
@@ -189,7 +195,8 @@ def _bytes(params: int, bits: float) -> int:
 
 
 def estimate(a: Architecture, weight_format: str = "bf16", kv_dtype: str = "bf16", experts_on_cpu: bool = False,
-             chunk_tokens: int = 512, batch: int = 4, dequant_dtype: str = "bf16") -> MemoryEstimate:
+             chunk_tokens: int = 512, batch: int = 4, dequant_dtype: str = "bf16",
+             k_v_bytes: tuple[float, float] | None = None) -> MemoryEstimate:
     """Split weights between GPU and host by module; the load peak is the largest tensor a GGUF
     loader dequantizes on the GPU before repacking (a bf16 checkpoint streams tensor by tensor)."""
     p = param_counts(a)
@@ -203,5 +210,5 @@ def estimate(a: Architecture, weight_format: str = "bf16", kv_dtype: str = "bf16
         peak = max(p.lm_head, p.largest_tensor) * DTYPE_BYTES[dequant_dtype]
     else:
         peak = _bytes(p.largest_tensor, 16)
-    return MemoryEstimate(gpu, host, kv_bytes_per_token(a, kv_dtype),
+    return MemoryEstimate(gpu, host, kv_bytes_per_token(a, kv_dtype, k_v_bytes),
                           activation_bytes(a, chunk_tokens, batch) + CUDA_CONTEXT_BYTES, peak, p)

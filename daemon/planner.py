@@ -158,6 +158,9 @@ def _size_kv(spec: ModelSpec, after_weights: Mapping[str, int], total_bytes: int
         reasons.append(f"KV cache of {tokens} tokens needs {format_bytes(int(tokens * per_token))} per device, "
                        f"{format_bytes(max(room, 0))} is left after the weights; lower {_KV_PARAM[engine.kind]} "
                        f"to {fit_tokens - fit_tokens % granule} or free memory")
+    elif tokens < goal.min_kv_tokens and configured is not None:
+        reasons.append(f"{_KV_PARAM[engine.kind]} gives {tokens} KV tokens, below plan.min_kv_tokens {goal.min_kv_tokens}; "
+                       f"raise it (up to {fit_tokens - fit_tokens % granule} fit now) or lower plan.min_kv_tokens")
     elif tokens < goal.min_kv_tokens:
         reasons.append(f"only {tokens} KV tokens fit after the weights ({format_bytes(max(room, 0))} left), "
                        f"below plan.min_kv_tokens {goal.min_kv_tokens}; free "

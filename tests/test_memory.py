@@ -93,3 +93,38 @@ def test_bad_architectures_are_refused():
     with pytest.raises(ValueError, match="moe_intermediate_size"):
         Architecture(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
                      vocab_size=10, n_routed_experts=8)
+
+
+def test_llamacpp_cache_types_set_the_kv_size():
+    a = arch("llama-3-8b")
+    assert kv_bytes_per_token(a, k_v_bytes=(2, 2)) == 131_072
+    assert kv_bytes_per_token(a, k_v_bytes=(34 / 32, 34 / 32)) == 69_632  # q8_0: 8.5 bits per element
+    assert kv_bytes_per_token(a, k_v_bytes=(34 / 32, 2)) == 32 * 8 * 128 * (34 / 32 + 2)
+
+
+def test_the_config_applies_llamacpp_cache_types():
+    from lessor.daemon.config import ModelSpec
+    spec = ModelSpec.model_validate({"name": "l", "engine": {"kind": "llamacpp", "model_path": "/m.gguf",
+                                                             "cache_type_k": "q8_0", "cache_type_v": "q8_0"},
+                                     "architecture": {"hf_config": str(FIXTURES / "llama-3-8b.json")},
+                                     "quantization": "q4_k_m"})
+    assert spec.profile().kv_bytes_per_token == 69_632
+
+
+def test_explicit_memory_fields_override_the_model():
+    from lessor.daemon.config import ModelSpec
+    spec = ModelSpec.model_validate({"name": "q", "engine": {"kind": "vllm", "model_path": "/m"},
+                                     "architecture": {"hf_config": str(FIXTURES / "qwen2.5-7b.json")},
+                                     "memory": {"load_peak": "3GiB", "activation": "2GiB"}})
+    profile = spec.profile()
+    assert profile.load_peak == 3 << 30 and profile.activation == 2 << 30
+    assert profile.kv_bytes_per_token == 57_344 and profile.estimated == ()
+
+
+def test_unreadable_hf_config_is_a_config_error(tmp_path):
+    from lessor.daemon.config import parse_config
+    from lessor.daemon.errors import ConfigError
+    with pytest.raises(ConfigError) as info:
+        parse_config({"models": [{"name": "q", "engine": {"kind": "vllm", "model_path": "/m"},
+                                  "architecture": {"hf_config": str(tmp_path / "missing.json")}}]})
+    assert "architecture.hf_config: cannot read" in str(info.value) and "models[0]" in str(info.value)

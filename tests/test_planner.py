@@ -128,3 +128,9 @@ def test_concurrency_goal_divides_the_cache_by_the_context():
                                                                    "max_kv_tokens": 32768}})
     result = plan(spec, {"gpu0": DeviceBudget("gpu0", 80 * GiB, 80 * GiB, GiB, 0, 0)})
     assert result.params == {"context_tokens": 4096, "max_batch_size": 8}
+
+
+def test_configured_cache_below_the_minimum_says_what_would_fit():
+    result = plan(kt_spec(cache_lens=2048), seed_budgets())
+    assert not result.fits
+    assert result.reasons[0].startswith("cache_lens gives 2048 KV tokens, below plan.min_kv_tokens 8192; raise it (up to ")
