@@ -48,16 +48,18 @@ class Controller:
         return [lease.to_dict() for lease in sorted(leases, key=lambda lease: lease.granted_at)]
 
     def models(self) -> list[dict[str, Any]]:
-        return [self._model_dict(r) for r in self.supervisor.records()]
+        leases = self.ledger.snapshot().leases
+        return [self._model_dict(r, leases) for r in self.supervisor.records()]
 
     def model(self, name: str) -> dict[str, Any]:
         return self._model_dict(self.supervisor.resolve(name))
 
-    def _model_dict(self, record) -> dict[str, Any]:
+    def _model_dict(self, record, leases=None) -> dict[str, Any]:
         spec = record.spec
         leased: dict[str, int] = {k.value: 0 for k in LeaseKind}
-        for lease in self.ledger.snapshot().of_model(spec.name):
-            leased[lease.kind.value] += lease.bytes
+        for lease in self.ledger.snapshot().leases if leases is None else leases:
+            if lease.model == spec.name:
+                leased[lease.kind.value] += lease.bytes
         return {"name": spec.name, "aliases": list(spec.aliases), "engine": spec.engine.kind,
                 "state": record.state.value, "priority": spec.priority, "pinned": spec.pinned,
                 "keep_alive_s": spec.keep_alive, "devices": [f"gpu{i}" for i in spec.placement.devices],

@@ -128,6 +128,10 @@ class Supervisor:
                 for device in devices:  # sorted: two loads never wait on each other's locks in a cycle
                     await stack.enter_async_context(self._device_locks.setdefault(device, asyncio.Lock()))
                 await self._load_locked(record, spec, adapter)
+        except NotEnoughMemory as exc:  # refused before anything was taken: still unloaded, not failed
+            record.error = str(exc)
+            self._set_state(record, ModelState.UNLOADED, record.error)
+            raise
         except BaseException as exc:
             record.error = str(exc)
             self._set_state(record, ModelState.FAILED, record.error)

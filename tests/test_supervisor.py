@@ -108,6 +108,8 @@ async def test_pinned_models_are_not_evicted(env):
         await controller.load("b")
     assert info.value.device == "gpu0" and info.value.wanted_bytes > info.value.free_bytes
     assert controller.model("a")["state"] == "ready"
+    b = controller.model("b")
+    assert b["state"] == "unloaded" and "short by" in b["error"]  # refused, not failed
 
 
 async def test_dry_run_names_the_evictions_without_doing_them(env):
