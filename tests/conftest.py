@@ -4,13 +4,7 @@ engine at the process boundary (the only place, besides the simulated probe, whe
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,13 +13,9 @@ import pytest
 from lessor.daemon.config import parse_config
 from lessor.daemon.units import GiB
 
+from .pgcluster import free_port, pg_bindir, postgres_cluster  # noqa: F401 (free_port: for the tests)
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sim_config(tmp_path: Path, models: list[dict] | None = None, gpus: list[dict] | None = None,
@@ -50,40 +40,16 @@ def torch_model(name: str, weights: str = "4GiB", **extra) -> dict:
 
 # -- PostgreSQL: a private cluster per test session --------------------------------------------
 
-def _pg_bindir() -> str | None:
-    found = shutil.which("initdb")
-    if found:
-        return str(Path(os.path.realpath(found)).parent)
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return str(Path(candidates[-1]).parent) if candidates else None
-
-
 @pytest.fixture(scope="session")
 def postgres_url():
-    bindir = _pg_bindir()
+    bindir = pg_bindir()
     if bindir is None:
         reason = "PostgreSQL server binaries not found (apt-get install postgresql; .ci/run does)"
         if os.environ.get("LESSOR_REQUIRE_POSTGRES"):
             pytest.fail(reason)
         pytest.skip(reason)
-    user = "postgres" if os.geteuid() == 0 else None  # initdb refuses to run as root
-    datadir = Path(tempfile.mkdtemp(prefix="lessor-pg-"))
-    if user:
-        ent = pwd.getpwnam(user)
-        os.chown(datadir, ent.pw_uid, ent.pw_gid)
-    port = free_port()
-    run_as = ["runuser", "-u", user, "--"] if user else []
-    subprocess.run(run_as + [f"{bindir}/initdb", "-D", str(datadir / "data"), "-A", "trust", "-U", "postgres",
-                             "--no-sync"], check=True, capture_output=True)
-    subprocess.run(run_as + [f"{bindir}/pg_ctl", "-D", str(datadir / "data"), "-l", str(datadir / "log"), "-w",
-                             "-o", f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True)
-    try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(run_as + [f"{bindir}/pg_ctl", "-D", str(datadir / "data"), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(datadir, ignore_errors=True)
+    with postgres_cluster(bindir) as url:
+        yield url
 
 
 async def drop_ledger_tables(url: str) -> None:
