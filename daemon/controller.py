@@ -11,7 +11,8 @@ from .devices import Probe, SimProbe
 from .errors import InvalidRequest
 from .events import EventBus, ForeignUsageChanged
 from .ledger import LeaseKind, Ledger
-from .supervisor import Supervisor
+from ..policies import POLICIES
+from .supervisor import ConfigChange, Supervisor
 
 
 class Controller:
@@ -82,6 +83,25 @@ class Controller:
         previous = self.probe.set_foreign(device, foreign_bytes)
         self.bus.publish(ForeignUsageChanged(device, foreign_bytes, previous))
         return next(d for d in self.devices() if d["id"] == device)
+
+    async def reload(self, config: LessorConfig) -> ConfigChange:
+        """Apply a new config to the running daemon, or refuse it whole with the reason."""
+        restart_only = [name for name, old, new in (
+            ("state_dir", self.config.state_dir, config.state_dir),
+            ("ledger", self.config.ledger, config.ledger),
+            ("admin", self.config.admin, config.admin),
+            ("router", self.config.router, config.router),
+            ("devices.probe", self.config.devices.probe, config.devices.probe),
+            ("devices.simulated", self.config.devices.simulated, config.devices.simulated),
+            ("devices.host.simulated_total", self.config.devices.host.simulated_total, config.devices.host.simulated_total),
+        ) if old != new]
+        if restart_only:
+            raise InvalidRequest(restart_only[0], f"changed fields need a restart ({', '.join(restart_only)}); "
+                                                  "reload refused, the running config is kept")
+        change = await self.supervisor.apply_config(config, POLICIES[config.policy.name])
+        self.ledger.set_devices(config.devices)
+        self.config = config
+        return change
 
     def status(self) -> dict[str, Any]:
         from .. import __version__

@@ -70,6 +70,16 @@ class ForeignUsageChanged(Event):
     previous_bytes: int
 
 
+@dataclass(frozen=True)
+class ConfigReloaded(Event):
+    type: ClassVar[str] = "config_reloaded"
+    ok: bool
+    reason: str = ""
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+
 class EventBus:
     def __init__(self, queue_size: int = 1024) -> None:
         self._subscribers: set[asyncio.Queue[Event]] = set()

@@ -144,6 +144,10 @@ class Ledger:
         async with self._lock:
             await self._engine.dispose()
 
+    def set_devices(self, devices: DevicesConfig) -> None:
+        """New headroom and capacity caps (a reload); leases already granted stay."""
+        self._devices = devices
+
     # -- reads -------------------------------------------------------------------------------
 
     def managed_pids(self) -> set[int]:

@@ -11,16 +11,17 @@ import os
 import signal
 import sys
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ..engines.base import EngineAdapter
 from ..policies import POLICIES
 from .config import LessorConfig, load_config, parse_listen
 from .controller import Controller
 from .devices import make_probe
-from .errors import ConfigError
-from .events import EventBus
+from .errors import ConfigError, LessorError
+from .events import ConfigReloaded, EventBus
 from .ledger import Ledger
+from .notify import Notifier, watchdog, watchdog_interval_s
 from .supervisor import Supervisor
 
 log = logging.getLogger("lessor.service")
@@ -76,12 +77,14 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-async def serve(config: LessorConfig, force_sim: bool) -> None:
+async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[], LessorConfig] | None = None,
+                notifier: Notifier | None = None) -> None:
     from aiohttp import web
 
     from ..api.admin import make_admin_app
     from ..api.auth import resolve_token
 
+    notifier = notifier or Notifier()
     token = resolve_token(config.token_path(), create=True)
     assert token is not None
     stop = asyncio.Event()
@@ -91,28 +94,63 @@ async def serve(config: LessorConfig, force_sim: bool) -> None:
     async with AsyncExitStack() as stack:
         controller = await stack.enter_async_context(runtime(config, force_sim))
         ready = asyncio.Event()
-        runner = web.AppRunner(make_admin_app(controller, token, ready), access_log=None)
+        runner = web.AppRunner(make_admin_app(controller, token, ready), access_log=None, shutdown_timeout=10)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        host, port = parse_listen(config.admin.listen)
-        await web.TCPSite(runner, host, port).start()
-        if config.admin.unix_socket:
-            previous = os.umask(0o117)  # born 0660: never a moment when others could connect
-            try:
-                await web.UnixSite(runner, config.admin.unix_socket).start()
-            finally:
-                os.umask(previous)
-            os.chmod(config.admin.unix_socket, 0o660)
+        await _listen(runner, config)
         for spec in config.models:
             if spec.pinned:
                 await controller.load(spec.name)
         ready.set()
-        log.info("lessord ready: admin on http://%s:%d, probe %s, policy %s, %d model(s)",
-                 host, port, controller.probe.name, config.policy.name, len(config.models))
+        interval = watchdog_interval_s()
+        if interval:
+            stack.callback(asyncio.ensure_future(watchdog(notifier, interval)).cancel)
+        if reload_config is not None:
+            reloads: set[asyncio.Task] = set()
+            loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(reloads, reload(controller, reload_config, notifier)))
+        notifier.ready(f"{len(config.models)} model(s), probe {controller.probe.name}")
+        host, port = parse_listen(config.admin.listen)
         print(f"lessord: admin API on http://{host}:{port} (probe: {controller.probe.name}); token in "
               f"{'$LESSOR_ADMIN_TOKEN' if os.environ.get('LESSOR_ADMIN_TOKEN') else config.token_path()}", flush=True)
         await stop.wait()
-        log.info("lessord stopping")
+        notifier.stopping()
+        log.info("lessord stopping: draining, stopping engines, closing the ledger")
+
+
+def _spawn(tasks: set[asyncio.Task], coro) -> None:
+    task = asyncio.ensure_future(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+async def _listen(runner, config: LessorConfig) -> None:
+    from aiohttp import web
+
+    host, port = parse_listen(config.admin.listen)
+    await web.TCPSite(runner, host, port).start()
+    if config.admin.unix_socket:
+        previous = os.umask(0o117)  # born 0660: never a moment when others could connect
+        try:
+            await web.UnixSite(runner, config.admin.unix_socket).start()
+        finally:
+            os.umask(previous)
+        os.chmod(config.admin.unix_socket, 0o660)
+
+
+async def reload(controller: Controller, reload_config: Callable[[], LessorConfig], notifier: Notifier) -> bool:
+    """SIGHUP: read the config again and apply it; a bad one is refused whole and the old one kept."""
+    notifier.reloading()
+    try:
+        change = await controller.reload(reload_config())
+    except LessorError as exc:
+        log.error("reload refused, running config kept: %s", exc)
+        controller.bus.publish(ConfigReloaded(False, str(exc)))
+        notifier.ready("reload refused: running config kept")
+        return False
+    log.warning("config reloaded: added %s, removed %s, changed %s", change.added, change.removed, change.changed)
+    controller.bus.publish(ConfigReloaded(True, "", change.added, change.removed, change.changed))
+    notifier.ready("config reloaded")
+    return True
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -149,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         import uvloop
-        uvloop.run(serve(config, args.sim))
+        run = uvloop.run
     except ImportError:
-        asyncio.run(serve(config, args.sim))
+        run = asyncio.run
+    try:
+        run(serve(config, args.sim, lambda: configure(args)))
     except OSError as exc:
         print(f"lessord: {exc}", file=sys.stderr)
         return 1

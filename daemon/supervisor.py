@@ -200,6 +200,27 @@ class Supervisor:
             await asyncio.shield(handle.stop(self._timeouts.stop_grace_s))
         await asyncio.shield(self._ledger.release_attempt(attempt, f"load failed: {reason}"))
 
+    async def apply_config(self, config: LessorConfig, policy: Policy) -> ConfigChange:
+        """Add, remove and retune models. Running models keep running: a changed spec applies at their
+        next load; a removed model is unloaded. Refused (nothing changed) while an affected model is
+        mid-transition."""
+        new = {spec.name: spec for spec in config.models}
+        removed = tuple(n for n in self._models if n not in new)
+        changed = tuple(n for n in self._models if n in new and new[n] != self._models[n].spec)
+        busy = [n for n in removed + changed if self._models[n].state in (ModelState.LOADING, ModelState.UNLOADING)]
+        if busy:
+            raise ModelBusy(busy[0], self._models[busy[0]].state.value)
+        for name in removed:
+            await self.unload(name, reason="removed from the config")
+            del self._models[name]
+        for name in changed:
+            self._models[name].spec = new[name]
+        added = tuple(n for n in new if n not in self._models)
+        for name in added:
+            self._models[name] = ModelRecord(new[name])
+        self._config, self._policy = config, policy
+        return ConfigChange(added, removed, changed)
+
     async def unload(self, name: str, reason: str = "unload requested") -> ModelRecord:
         record = self.resolve(name)
         if record.state == ModelState.UNLOADED:
@@ -214,6 +235,13 @@ class Supervisor:
         record.plan = None
         self._set_state(record, ModelState.UNLOADED, reason)
         return record
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
 
 
 def _freed_by(snapshot: Snapshot, victims: tuple[str, ...]) -> dict[str, int]:
