@@ -220,6 +220,17 @@ class RouterConfig(Strict):
     listen: Listen = Field(default="127.0.0.1:8471", description="HOST:PORT of the OpenAI-compatible router.")
 
 
+class MqttConfig(Strict):
+    url: str = Field(pattern=r"^mqtts?://[^/:]+(:\d+)?/?$", description="Broker: mqtt://HOST[:1883] or mqtts://HOST[:8883] (TLS).")
+    username: str | None = Field(default=None, description="Broker user name.")
+    password_file: str | None = Field(default=None, description="File holding the broker password (kept out of the config).")
+    ca_file: str | None = Field(default=None, description="CA bundle for TLS; the system's when unset.")
+    topic_prefix: str = Field(default="lessor", pattern=r"^[^#+]+$", description="Topics: PREFIX/events/TYPE, PREFIX/state/devices/ID, PREFIX/state/models/NAME, PREFIX/status.")
+    client_id: str | None = Field(default=None, max_length=64, description="MQTT client id; default lessord-HOSTNAME.")
+    buffer_size: int = Field(default=1000, ge=1, le=1_000_000, description="Events kept while the broker is away; older ones are dropped and counted.")
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600, description="Longest wait between reconnects (backoff doubles from 1 s).")
+
+
 class LessorConfig(Strict):
     state_dir: str = Field(default_factory=lambda: os.environ.get("STATE_DIRECTORY", "var/lessor"), description="Ledger, token and engine logs; $STATE_DIRECTORY under systemd.")
     devices: DevicesConfig = Field(default_factory=DevicesConfig, description="Probe choice, headroom, caps, simulated devices.")
@@ -227,6 +238,7 @@ class LessorConfig(Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Admission and eviction.")
     admin: AdminConfig = Field(default_factory=AdminConfig, description="The admin API.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="The OpenAI-compatible front door.")
+    mqtt: MqttConfig | None = Field(default=None, description="Publish events and state to an MQTT broker (off when unset).")
     models: list[ModelSpec] = Field(default_factory=list, description="The models lessor may load.")
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from .supervisor import ConfigChange, Supervisor
 class Controller:
     def __init__(self, config: LessorConfig, probe: Probe, ledger: Ledger, supervisor: Supervisor, bus: EventBus) -> None:
         self.config, self.probe, self.ledger, self.supervisor, self.bus = config, probe, ledger, supervisor, bus
+        self.mqtt = None  # the MQTT publisher, when configured (metrics read its counters)
 
     def devices(self) -> list[dict[str, Any]]:
         snapshot = self.ledger.snapshot()
@@ -91,6 +92,7 @@ class Controller:
             ("ledger", self.config.ledger, config.ledger),
             ("admin", self.config.admin, config.admin),
             ("router", self.config.router, config.router),
+            ("mqtt", self.config.mqtt, config.mqtt),
             ("devices.probe", self.config.devices.probe, config.devices.probe),
             ("devices.simulated", self.config.devices.simulated, config.devices.simulated),
             ("devices.host.simulated_total", self.config.devices.host.simulated_total, config.devices.host.simulated_total),

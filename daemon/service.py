@@ -21,6 +21,7 @@ from .devices import make_probe
 from .errors import ConfigError, LessorError
 from .events import ConfigReloaded, EventBus
 from .ledger import Ledger
+from .mqtt import MqttPublisher
 from .notify import Notifier, watchdog, watchdog_interval_s
 from .supervisor import Supervisor
 
@@ -45,12 +46,21 @@ async def runtime(config: LessorConfig, force_sim: bool = False,
             supervisor = Supervisor(config, ledger, POLICIES[config.policy.name],
                                     ENGINE_ADAPTERS if engines is None else engines, bus.publish)
             controller = Controller(config, probe, ledger, supervisor, bus)
+            publisher = MqttPublisher(config.mqtt, bus, lambda: (controller.devices(), controller.models())) \
+                if config.mqtt else None
+            controller.mqtt = publisher
+            publishing = asyncio.ensure_future(publisher.run()) if publisher else None
             try:
                 yield controller
             finally:
                 for record in supervisor.records():
                     if record.state.value in ("ready", "failed"):
                         await supervisor.unload(record.spec.name, reason="lessord stopping")
+                if publisher and publishing:
+                    await publisher.flush(timeout_s=5)
+                    publishing.cancel()
+                    await asyncio.gather(publishing, return_exceptions=True)
+                    await publisher.announce_offline()
         finally:
             await ledger.close()
     finally:

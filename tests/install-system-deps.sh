@@ -1,16 +1,18 @@
 #!/bin/sh
-# Servers the tests start themselves: PostgreSQL (server binaries; the tests run a private cluster).
-# Installs from Debian's packages when missing and when we may; says so and carries on otherwise
-# (the PostgreSQL tests then skip with that reason, or fail under LESSOR_REQUIRE_POSTGRES=1).
+# Servers the tests start themselves (each on a free loopback port): PostgreSQL (a private cluster)
+# and mosquitto (an MQTT broker). Installs the missing ones from Debian's packages when we may; says
+# so and carries on otherwise (those tests then skip with that reason, or fail under
+# LESSOR_REQUIRE_POSTGRES=1 / LESSOR_REQUIRE_MOSQUITTO=1, as in CI).
 set -eu
-have_pg() { command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
-if have_pg; then
-    exit 0
-fi
+missing=""
+command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
+[ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing postgresql (Debian package) for the ledger tests"
+    echo "installing$missing (Debian packages) for the tests"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+    # The packages' own services are not wanted: the tests start private instances.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 else
-    echo "PostgreSQL server binaries are missing and cannot be installed here (need root and apt-get)" >&2
+    echo "missing:$missing; cannot install here (need root and apt-get)" >&2
 fi
