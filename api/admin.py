@@ -19,12 +19,13 @@ from ..daemon.errors import InvalidRequest
 from . import schemas
 from .auth import check_bearer
 from .errors import error_middleware, read_json
-from .metrics import render_metrics
+from .metrics import Metrics
 from .openapi import build_openapi
 
 CONTROLLER = web.AppKey("controller", Controller)
 TOKEN = web.AppKey("token", str)
 READY = web.AppKey("ready", asyncio.Event)
+METRICS = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -124,7 +125,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body, content_type = render_metrics(ctl(request))
+    body, content_type = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -170,6 +171,7 @@ def make_admin_app(controller: Controller, token: str, ready: asyncio.Event | No
     app[CONTROLLER] = controller
     app[TOKEN] = token
     app[READY] = ready or asyncio.Event()
+    app[METRICS] = Metrics(controller)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, _guarded(route))
     return app

@@ -1,23 +1,64 @@
-"""Prometheus metrics, collected from the controller at scrape time (nothing to keep in sync)."""
+"""Prometheus metrics. Gauges are read from the controller at scrape time (nothing to keep in
+sync); counters and the load-duration histogram come from events, recorded as they happen."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest
+import time
+from collections import defaultdict
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..daemon.controller import Controller
+from ..daemon.events import AdmissionDecided, Event, ModelStateChanged
+
+MODEL_STATES = ("unloaded", "loading", "ready", "unloading", "failed")
+LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
 
-class _Collector:
+class Metrics:
+    def __init__(self, controller: Controller) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._controller = controller
+        self._load_started: dict[str, float] = {}
+        self.admissions = Counter("lessor_admission_decisions", "Admission decisions by result",
+                                  ["result"], registry=self.registry)
+        self.evictions = Counter("lessor_model_evictions", "Times a model was evicted", ["model"], registry=self.registry)
+        self.loads = Counter("lessor_model_loads", "Finished loads by result", ["model", "result"], registry=self.registry)
+        self.load_seconds = Histogram("lessor_model_load_duration_seconds", "Time from loading to ready", ["model"],
+                                      buckets=LOAD_BUCKETS_S, registry=self.registry)
+        self.registry.register(_Gauges(controller))
+        controller.bus.listen(self.on_event)
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, AdmissionDecided):
+            self.admissions.labels(event.result).inc()
+            for victim in event.victims:
+                self.evictions.labels(victim).inc()
+        elif isinstance(event, ModelStateChanged):
+            if event.state == "loading":
+                self._load_started[event.model] = time.monotonic()
+            elif event.previous == "loading" and event.state in ("ready", "failed", "unloaded"):
+                started = self._load_started.pop(event.model, None)
+                self.loads.labels(event.model, "ready" if event.state == "ready" else "failed").inc()
+                if event.state == "ready" and started is not None:
+                    self.load_seconds.labels(event.model).observe(time.monotonic() - started)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _Gauges:
     def __init__(self, controller: Controller) -> None:
         self._controller = controller
 
     def collect(self):
-        devices = self._controller.devices()
+        devices, models = self._controller.devices(), self._controller.models()
         gauges = {name: GaugeMetricFamily(f"lessor_device_{name}_bytes", help_, labels=["device"])
-                  for name, help_ in (("total", "Total bytes of the pool"), ("capacity", "Bytes lessor may use (cap)"),
-                                      ("headroom", "Bytes kept free"), ("foreign", "Bytes used by processes lessor does not manage"),
+                  for name, help_ in (("total", "Total bytes of the pool"), ("used", "Bytes in use, as the probe measures"),
+                                      ("capacity", "Bytes lessor may use (cap)"), ("headroom", "Bytes kept free"),
+                                      ("foreign", "Bytes used by processes lessor does not manage"),
                                       ("free", "Bytes still leasable (negative when overrun)"))}
         leased = GaugeMetricFamily("lessor_device_leased_bytes", "Bytes leased, by lease kind", labels=["device", "kind"])
         for d in devices:
@@ -28,16 +69,19 @@ class _Collector:
         yield from gauges.values()
         yield leased
         state = GaugeMetricFamily("lessor_model_state", "1 for the model's current state", labels=["model", "state"])
-        for m in self._controller.models():
-            for s in ("unloaded", "loading", "ready", "unloading", "failed"):
+        model_leased = GaugeMetricFamily("lessor_model_leased_bytes", "Bytes leased to the model, by kind", labels=["model", "kind"])
+        in_flight = GaugeMetricFamily("lessor_model_in_flight_requests", "Requests being served", labels=["model"])
+        for m in models:
+            for s in MODEL_STATES:
                 state.add_metric([m["name"], s], 1.0 if m["state"] == s else 0.0)
-        yield state
-        bus = self._controller.bus
+            for kind, b in m["leased_bytes"].items():
+                model_leased.add_metric([m["name"], kind], b)
+            in_flight.add_metric([m["name"]], m["in_flight"])
+        yield from (state, model_leased, in_flight)
+        bus, mqtt = self._controller.bus, self._controller.mqtt
         yield CounterMetricFamily("lessor_events_published", "Events published", value=bus.published)
-        yield CounterMetricFamily("lessor_events_dropped", "Events dropped by slow subscribers", value=bus.dropped)
-
-
-def render_metrics(controller: Controller) -> tuple[bytes, str]:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(controller))
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+        yield CounterMetricFamily("lessor_events_dropped", "Events dropped by slow stream subscribers", value=bus.dropped)
+        if mqtt is not None:
+            yield GaugeMetricFamily("lessor_mqtt_connected", "1 while connected to the broker", value=1.0 if mqtt.connected else 0.0)
+            yield CounterMetricFamily("lessor_mqtt_events_published", "Events the broker acknowledged", value=mqtt.published)
+            yield CounterMetricFamily("lessor_mqtt_events_dropped", "Events dropped while the broker was away", value=mqtt.dropped)

@@ -41,6 +41,7 @@ class DeviceOut(Out):
     name: str
     probe: str
     total_bytes: int
+    used_bytes: int
     capacity_bytes: int
     headroom_bytes: int
     foreign_bytes: int

@@ -34,7 +34,8 @@ class Controller:
             reading = readings[device]
             out.append({
                 "id": device, "index": reading.index, "uuid": reading.uuid, "name": reading.name,
-                "probe": self.probe.name, "total_bytes": budget.total_bytes, "capacity_bytes": budget.capacity_bytes,
+                "probe": self.probe.name, "total_bytes": budget.total_bytes, "used_bytes": reading.used_bytes,
+                "capacity_bytes": budget.capacity_bytes,
                 "headroom_bytes": budget.headroom_bytes, "foreign_bytes": budget.foreign_bytes,
                 "leased_bytes": budget.leased_bytes, "leasable_bytes": budget.leasable_bytes,
                 "free_bytes": budget.free_bytes, "leased_by_kind": dict(by_kind[device]),

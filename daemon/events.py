@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 
 @dataclass(frozen=True)
@@ -83,12 +83,19 @@ class ConfigReloaded(Event):
 class EventBus:
     def __init__(self, queue_size: int = 1024) -> None:
         self._subscribers: set[asyncio.Queue[Event]] = set()
+        self._listeners: list[Callable[[Event], None]] = []
         self._queue_size = queue_size
         self.dropped = 0
         self.published = 0
 
+    def listen(self, callback: Callable[[Event], None]) -> None:
+        """A synchronous subscriber (counters): called in publish, so it must be cheap and never block."""
+        self._listeners.append(callback)
+
     def publish(self, event: Event) -> None:
         self.published += 1
+        for callback in self._listeners:
+            callback(event)
         for queue in self._subscribers:
             if queue.full():
                 queue.get_nowait()

@@ -151,3 +151,17 @@ def _refs(node):
     elif isinstance(node, list):
         for v in node:
             yield from _refs(v)
+
+
+async def test_metrics_count_admissions_loads_and_evictions(api):
+    await api.put("/admin/v1/devices/gpu0/foreign", json={"foreign_bytes": "10GiB"}, headers=AUTH)
+    await api.post("/admin/v1/models/a", json={"action": "load"}, headers=AUTH)
+    await api.post("/admin/v1/models/b", json={"action": "load"}, headers=AUTH)  # evicts a
+    text = await (await api.get("/metrics")).text()
+    assert 'lessor_admission_decisions_total{result="admit"} 1.0' in text
+    assert 'lessor_admission_decisions_total{result="evict"} 1.0' in text
+    assert 'lessor_model_evictions_total{model="a"} 1.0' in text
+    assert 'lessor_model_loads_total{model="b",result="ready"} 1.0' in text
+    assert 'lessor_model_load_duration_seconds_count{model="b"} 1.0' in text
+    assert 'lessor_model_leased_bytes{kind="weights",model="b"} 6.442450944e+09' in text
+    assert 'lessor_device_used_bytes{device="gpu0"}' in text
