@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -163,3 +164,34 @@ def test_mqtt_config_errors_name_the_field(tmp_path):
         parse_config({"mqtt": {"url": "http://broker", "topic_prefix": "a/#"}})
     paths = {p.path for p in info.value.problems}
     assert paths == {"mqtt.url", "mqtt.topic_prefix"}
+
+
+async def test_tls_with_a_ca_file_and_credentials(tmp_path):
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    # mosquitto started as root reads its files as user mosquitto: pytest's tmp dirs are 0700.
+    certs = Path(tempfile.mkdtemp(prefix="lessor-tls-"))
+    certs.chmod(0o755)
+    cert, key = certs / "cert.pem", certs / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    os.chmod(key, 0o644)  # mosquitto drops to its own user when started as root
+    broker = Broker(tmp_path)
+    broker.conf.write_text(f"listener {broker.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                           f"certfile {cert}\nkeyfile {key}\n")
+    (tmp_path / "password").write_text("not-needed-by-this-broker\n")
+    broker.start()
+    try:
+        config = mqtt_config(tmp_path, broker)
+        mqtt = config.mqtt.model_copy(update={"url": f"mqtts://127.0.0.1:{broker.port}", "ca_file": str(cert),
+                                              "username": "lessor", "password_file": str(tmp_path / "password")})
+        async with runtime(config.model_copy(update={"mqtt": mqtt}), engines={}) as controller:
+            await controller.mqtt.wait_online(10)
+            controller.set_foreign("gpu0", 9 * GiB)
+            assert await controller.mqtt.flush(10)
+            assert controller.mqtt.published >= 1
+    finally:
+        broker.stop()
+        shutil.rmtree(certs, ignore_errors=True)
