@@ -6,8 +6,11 @@ validator and the planner check the same thing.
 
 from __future__ import annotations
 
-from typing import Literal
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal, Mapping
 
+import yaml
 from pydantic import Field, ValidationInfo, field_validator
 
 from .base import EngineArgsBase
@@ -80,3 +83,39 @@ class KTransformersEngineArgs(EngineArgsBase):
     def _max_batch_size(cls, v: int | None, info: ValidationInfo) -> int | None:
         backend = info.data.get("backend", "balance_serve")
         return v if v is None else _check(max_batch_size_rule(v, backend), v)
+
+
+def engine_config(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The sections of ktransformers' config.yaml that must agree with the planned flags.
+
+    balance_serve's scheduler process reads async_server.max_batch_size from this file, not the
+    flag; the shipped default of 4 against a flag of 5 (or 2) fails warm-up with 'The size of
+    tensor a (4) must match the size of tensor b (5)'."""
+    return {
+        "model": {"cache_lens": params["cache_lens"], "max_new_tokens": params["max_new_tokens"]},
+        "async_server": {"max_batch_size": params["max_batch_size"]},
+        "attn": {"page_size": params["page_size"], "chunk_size": params["chunk_size"]},
+    }
+
+
+def _packaged_defaults() -> dict[str, Any]:
+    """ktransformers' own configs/config.yaml where the package is installed (never imported)."""
+    spec = importlib.util.find_spec("ktransformers")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(next(iter(spec.submodule_search_locations))) / "configs" / "config.yaml"
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def write_engine_home(home: Path, params: Mapping[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, str]:
+    """Write HOME/.ktransformers/config.yaml for one model and return the environment that points
+    the engine at it, so two models never share (or fight over) one user's config file."""
+    merged = dict(_packaged_defaults() if defaults is None else defaults)
+    for section, values in engine_config(params).items():
+        merged[section] = {**(merged.get(section) or {}), **values}
+    target = home / ".ktransformers" / "config.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(merged, sort_keys=False))
+    return {"HOME": str(home)}

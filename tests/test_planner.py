@@ -134,3 +134,18 @@ def test_configured_cache_below_the_minimum_says_what_would_fit():
     result = plan(kt_spec(cache_lens=2048), seed_budgets())
     assert not result.fits
     assert result.reasons[0].startswith("cache_lens gives 2048 KV tokens, below plan.min_kv_tokens 8192; raise it (up to ")
+
+
+def test_ktransformers_config_file_agrees_with_the_planned_flags(tmp_path):
+    import yaml
+    from lessor.engines.ktransformers import write_engine_home
+    params = plan(R1, seed_budgets()).params
+    shipped = {"async_server": {"max_batch_size": 4, "sched_port": 56441}, "attn": {"page_size": 256, "chunk_size": 256},
+               "model": {"type": "balance_serve", "cache_lens": 8192}, "log": {"level": "debug"}}
+    env = write_engine_home(tmp_path / "r1", params, defaults=shipped)
+    assert env == {"HOME": str(tmp_path / "r1")}
+    written = yaml.safe_load((tmp_path / "r1" / ".ktransformers" / "config.yaml").read_text())
+    assert written["async_server"] == {"max_batch_size": params["max_batch_size"], "sched_port": 56441}
+    assert written["attn"] == {"page_size": 256, "chunk_size": 128}
+    assert written["model"]["cache_lens"] == params["cache_lens"] and written["model"]["type"] == "balance_serve"
+    assert written["log"] == {"level": "debug"}
