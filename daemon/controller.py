@@ -22,7 +22,7 @@ class Controller:
 
     def devices(self) -> list[dict[str, Any]]:
         snapshot = self.ledger.snapshot()
-        readings = {r.device: r for r in self.probe.read(self.ledger.managed_pids())}
+        readings = snapshot.readings
         by_kind: dict[str, dict[str, int]] = defaultdict(lambda: {k.value: 0 for k in LeaseKind})
         by_model: dict[str, dict[str, dict[str, int]]] = defaultdict(dict)
         for lease in snapshot.leases:

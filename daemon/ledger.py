@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from ..policies import DeviceBudget, Rejected
 from .budget import budgets as compute_budgets
 from .config import DevicesConfig
-from .devices import Probe
+from .devices import DeviceReading, Probe
 from .events import Event, LeaseGranted, LeaseReleased
 from .units import format_bytes
 
@@ -89,6 +89,7 @@ class LedgerSnapshot:
     leases: tuple[Lease, ...]
     budgets: Mapping[str, DeviceBudget]
     probe: str
+    readings: Mapping[str, DeviceReading]  # what the budgets were computed from
 
     def of_model(self, model: str) -> list[Lease]:
         return [lease for lease in self.leases if lease.model == model]
@@ -154,14 +155,20 @@ class Ledger:
         return {lease.owner_pid for lease in self._leases.values() if lease.owner_pid}
 
     def budgets(self) -> dict[str, DeviceBudget]:
+        return self._read()[1]
+
+    def _read(self) -> tuple[list[DeviceReading], dict[str, DeviceBudget]]:
         leased: dict[str, int] = defaultdict(int)
         for lease in self._leases.values():
             leased[lease.device] += lease.bytes
         pids = self.managed_pids()
-        return compute_budgets(self._probe.read(pids), self._devices, leased, pids)
+        readings = self._probe.read(pids)
+        return readings, compute_budgets(readings, self._devices, leased, pids)
 
     def snapshot(self) -> LedgerSnapshot:
-        return LedgerSnapshot(tuple(self._leases.values()), self.budgets(), self._probe.name)
+        readings, budgets = self._read()
+        return LedgerSnapshot(tuple(self._leases.values()), budgets, self._probe.name,
+                              {r.device: r for r in readings})
 
     # -- writes: each checks and commits in one step -------------------------------------------
 

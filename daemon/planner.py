@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from ..engines import ENGINE_KINDS
 from ..engines.ktransformers import cache_lens_rule, chunk_size_rule, max_batch_size_rule, page_size_rule
 from ..policies import DeviceBudget
-from .config import ModelSpec, problems_from
+from .config import Memory, ModelSpec, problems_from
 from .devices import HOST, gpu_id
 from .errors import PlanRejected
 from .ledger import LeaseKind, LeaseWant
@@ -82,23 +82,24 @@ def with_overrides(spec: ModelSpec, overrides: Mapping[str, Any]) -> ModelSpec:
         raise PlanRejected(spec.name, [str(p) for p in problems], field=problems[0].path if problems else None) from None
 
 
-def load_leases(spec: ModelSpec) -> tuple[LeaseWant, ...]:
+def load_leases(spec: ModelSpec, memory: Memory) -> tuple[LeaseWant, ...]:
     devices = [gpu_id(i) for i in spec.placement.devices]
-    per_device = -(-spec.profile().weights // len(devices))
+    per_device = -(-memory.weights // len(devices))
     wants = [LeaseWant(d, LeaseKind.WEIGHTS, per_device) for d in devices]
-    if spec.profile().host_weights:
-        wants.append(LeaseWant(HOST, LeaseKind.WEIGHTS, spec.profile().host_weights))
-    if spec.profile().load_peak:
-        wants += [LeaseWant(d, LeaseKind.LOAD_PEAK, spec.profile().load_peak) for d in devices]
+    if memory.host_weights:
+        wants.append(LeaseWant(HOST, LeaseKind.WEIGHTS, memory.host_weights))
+    if memory.load_peak:
+        wants += [LeaseWant(d, LeaseKind.LOAD_PEAK, memory.load_peak) for d in devices]
     return tuple(wants)
 
 
 def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapping[str, int] | None = None) -> Plan:
     """Plan against `budgets`, counting `extra_free` bytes per device as free (what evictions would give)."""
     extra_free = extra_free or {}
+    memory = spec.profile()
     devices = [gpu_id(i) for i in spec.placement.devices]
-    missing = [d for d in devices + ([HOST] if spec.profile().host_weights else []) if d not in budgets]
-    loads = load_leases(spec)
+    missing = [d for d in devices + ([HOST] if memory.host_weights else []) if d not in budgets]
+    loads = load_leases(spec, memory)
     if missing:
         return Plan(spec.name, False, 0, {}, loads, (), (f"no device {', '.join(missing)} (devices: {', '.join(sorted(budgets))})",))
     free = {d: budgets[d].free_bytes + extra_free.get(d, 0) for d in budgets}
@@ -106,11 +107,11 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
                f"{format_bytes(b - free[d])} more or lower the load peak" for d, b in _sum(loads).items() if b > free[d]]
     weights = _sum(loads, LeaseKind.LOAD_PEAK)
     total = min(budgets[d].total_bytes for d in devices)
-    kv_tokens, params, kv_reasons, warnings = _size_kv(spec, {d: free[d] - weights.get(d, 0) for d in devices}, total)
+    kv_tokens, params, kv_reasons, warnings = _size_kv(spec, memory, {d: free[d] - weights.get(d, 0) for d in devices}, total)
     reasons += kv_reasons
-    steady = _steady_leases(spec, devices, kv_tokens)
+    steady = _steady_leases(memory, devices, kv_tokens)
     return Plan(spec.name, not reasons, kv_tokens, params, loads, steady, tuple(reasons),
-                warnings=tuple(warnings), estimated=spec.profile().estimated)
+                warnings=tuple(warnings), estimated=memory.estimated)
 
 
 def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
@@ -119,24 +120,25 @@ def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
     missing = [d for d in devices if d not in budgets]
     if missing:
         return Plan(spec.name, False, 0, {}, (), (), (f"no device {', '.join(missing)}",))
-    total = min(budgets[d].total_bytes for d in devices)
-    kv_tokens, params, reasons, warnings = _size_kv(spec, {d: budgets[d].free_bytes for d in devices}, total)
-    return Plan(spec.name, not reasons, kv_tokens, params, (), _steady_leases(spec, devices, kv_tokens), tuple(reasons),
-                warnings=tuple(warnings), estimated=spec.profile().estimated)
+    memory, total = spec.profile(), min(budgets[d].total_bytes for d in devices)
+    kv_tokens, params, reasons, warnings = _size_kv(spec, memory, {d: budgets[d].free_bytes for d in devices}, total)
+    return Plan(spec.name, not reasons, kv_tokens, params, (), _steady_leases(memory, devices, kv_tokens), tuple(reasons),
+                warnings=tuple(warnings), estimated=memory.estimated)
 
 
-def _steady_leases(spec: ModelSpec, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:
+def _steady_leases(memory: Memory, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:
     n = len(devices)
-    kv_per_device = -(-kv_tokens * spec.profile().kv_bytes_per_token // n)
+    kv_per_device = -(-kv_tokens * memory.kv_bytes_per_token // n)
     wants = [LeaseWant(d, LeaseKind.KV, kv_per_device) for d in devices]
-    if spec.profile().activation:
-        wants += [LeaseWant(d, LeaseKind.RESERVE, spec.profile().activation) for d in devices]
+    if memory.activation:
+        wants += [LeaseWant(d, LeaseKind.RESERVE, memory.activation) for d in devices]
     return tuple(wants)
 
 
-def _size_kv(spec: ModelSpec, after_weights: Mapping[str, int], total_bytes: int) -> tuple[int, dict[str, Any], list[str], list[str]]:
+def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
+             total_bytes: int) -> tuple[int, dict[str, Any], list[str], list[str]]:
     """KV tokens and engine parameters from the bytes left on each device after the weights."""
-    engine, memory, goal = spec.engine, spec.profile(), spec.plan
+    engine, goal = spec.engine, spec.plan
     n = len(after_weights)
     per_token = memory.kv_bytes_per_token / n
     room = min(after_weights.values()) - memory.activation
@@ -166,14 +168,14 @@ def _size_kv(spec: ModelSpec, after_weights: Mapping[str, int], total_bytes: int
                        f"below plan.min_kv_tokens {goal.min_kv_tokens}; free "
                        f"{format_bytes(int((goal.min_kv_tokens - tokens) * per_token))} more")
     gpu_bytes = -(-memory.weights // n) + memory.activation + int(tokens * per_token)
-    params, rule_reasons, warnings = ENGINE_PARAMS[engine.kind](spec, tokens, batch, gpu_bytes, total_bytes)
+    params, rule_reasons, warnings = ENGINE_PARAMS[engine.kind](spec, memory, tokens, batch, gpu_bytes, total_bytes)
     return tokens, params, reasons + rule_reasons, warnings
 
 
 Params = tuple[dict[str, Any], list[str], list[str]]  # engine flags, broken rules, warnings
 
 
-def _ktransformers(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
+def _ktransformers(spec: ModelSpec, memory: Memory, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
     engine = spec.engine
     chunk = engine.chunk_size or 256
     params = {"cache_lens": tokens, "max_batch_size": batch, "chunk_size": chunk, "page_size": engine.page_size,
@@ -188,24 +190,24 @@ def _ktransformers(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, tot
     return params, [f"engine.{name}: {rule}" for name, rule in rules], warnings
 
 
-def _vllm(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
+def _vllm(spec: ModelSpec, memory: Memory, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
     # --gpu-memory-utilization is a fraction of the card's *total* memory, not of what is free:
     # computed from lessor's lease, rounded down so vLLM never takes more than it was granted.
     fraction = int(gpu_bytes * 1000 // max(total_bytes, 1)) / 1000
-    kv_bytes = int(tokens * spec.profile().kv_bytes_per_token / len(spec.placement.devices))
+    kv_bytes = int(tokens * memory.kv_bytes_per_token / len(spec.placement.devices))
     return ({"max_model_len": tokens // batch, "max_num_seqs": batch, "gpu_memory_utilization": fraction,
              "kv_cache_memory_bytes": kv_bytes}, [], [])
 
 
-def _sglang(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
+def _sglang(spec: ModelSpec, memory: Memory, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
     # --mem-fraction-static covers weights and the KV pool, as a fraction of total memory.
-    static = gpu_bytes - spec.profile().activation
+    static = gpu_bytes - memory.activation
     return ({"max_total_tokens": tokens, "max_running_requests": batch,
              "context_length": spec.engine.context_length or tokens,
              "mem_fraction_static": int(static * 1000 // max(total_bytes, 1)) / 1000}, [], [])
 
 
-def _llamacpp(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
+def _llamacpp(spec: ModelSpec, memory: Memory, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
     engine = spec.engine
     warnings = []
     if engine.cache_type_v not in ("f32", "f16", "bf16"):
@@ -214,7 +216,7 @@ def _llamacpp(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, total_by
              "cache_type_k": engine.cache_type_k, "cache_type_v": engine.cache_type_v}, [], warnings)
 
 
-def _torch(spec: ModelSpec, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
+def _torch(spec: ModelSpec, memory: Memory, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
     return {"context_tokens": tokens // batch, "max_batch_size": batch}, [], []
 
 

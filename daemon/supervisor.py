@@ -18,7 +18,7 @@ from enum import Enum
 from typing import Any, Callable, Mapping
 
 from ..engines.base import EngineAdapter, EngineHandle
-from ..policies import Admit, AdmissionRequest, Evict, ModelView, Policy, Queue, Rejected, Snapshot
+from ..policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot
 from .config import LessorConfig, ModelSpec
 from .devices import gpu_id
 from .errors import EngineUnavailable, LoadFailed, ModelBusy, NotEnoughMemory, PlanRejected, UnknownModel
@@ -94,8 +94,7 @@ class Supervisor:
         except PlanRejected as exc:  # a dry run answers "no, because", it does not fail
             return Plan(record.spec.name, False, 0, dict(overrides or {}), (), (), tuple(exc.reasons))
         snapshot = self.policy_snapshot()
-        first = plan(spec, snapshot.devices)
-        decision = self._policy(AdmissionRequest(spec.name, first.peak_need(), spec.priority), snapshot)
+        first, decision = self._decide(spec, snapshot)
         if isinstance(decision, Evict):
             freed = _freed_by(snapshot, decision.victims)
             result = plan(spec, snapshot.devices, freed)
@@ -103,6 +102,11 @@ class Supervisor:
         if isinstance(decision, (Rejected, Queue)) and first.fits:
             return Plan(**{**first.__dict__, "fits": False, "reasons": (decision.reason,)})
         return first
+
+    def _decide(self, spec: ModelSpec, snapshot: Snapshot) -> tuple[Plan, Decision]:
+        """The plan against today's budgets, and the policy's answer for its worst moment."""
+        first = plan(spec, snapshot.devices)
+        return first, self._policy(AdmissionRequest(spec.name, first.peak_need(), spec.priority), snapshot)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -168,8 +172,7 @@ class Supervisor:
 
     async def _admit(self, spec: ModelSpec) -> None:
         snapshot = self.policy_snapshot()
-        request = AdmissionRequest(spec.name, plan(spec, snapshot.devices).peak_need(), spec.priority)
-        decision = self._policy(request, snapshot)
+        _, decision = self._decide(spec, snapshot)
         self._publish(AdmissionDecided(spec.name, type(decision).__name__.lower(),
                                        getattr(decision, "reason", ""), getattr(decision, "victims", ())))
         if isinstance(decision, Evict):
