@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from ..engines import ENGINE_KINDS, EngineArgs
+from ..engines.ktransformers import DEFAULT_CHUNK_TOKENS as KT_DEFAULT_CHUNK_TOKENS
 from .memory import GGML_TYPE_BYTES, Architecture, KvDtype, WeightFormat, estimate, read_hf_config
 from ..policies import POLICIES
 from .errors import ConfigError, ConfigProblem
@@ -154,7 +155,8 @@ class ModelSpec(Strict):
         if self.architecture is not None:
             engine = self.engine
             est = estimate(self.architecture, self.quantization, self.kv_dtype, self.placement.experts == "cpu",
-                           chunk_tokens=getattr(engine, "chunk_size", None) or 512,
+                           chunk_tokens=getattr(engine, "chunk_size", None) or
+                           (KT_DEFAULT_CHUNK_TOKENS if engine.kind == "ktransformers" else 512),
                            batch=getattr(engine, "max_batch_size", None) or self.plan.max_batch_size,
                            k_v_bytes=(GGML_TYPE_BYTES[engine.cache_type_k], GGML_TYPE_BYTES[engine.cache_type_v])
                            if engine.kind == "llamacpp" else None)

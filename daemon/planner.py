@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from pydantic import ValidationError
 
 from ..engines import ENGINE_KINDS
-from ..engines.ktransformers import cache_lens_rule, chunk_size_rule, max_batch_size_rule, page_size_rule
+from ..engines.ktransformers import DEFAULT_CHUNK_TOKENS, cache_lens_rule, chunk_size_rule, max_batch_size_rule, page_size_rule
 from ..policies import DeviceBudget
 from .config import Memory, ModelSpec, problems_from
 from .devices import HOST, gpu_id
@@ -97,33 +97,33 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
     """Plan against `budgets`, counting `extra_free` bytes per device as free (what evictions would give)."""
     extra_free = extra_free or {}
     memory = spec.profile()
-    devices = [gpu_id(i) for i in spec.placement.devices]
-    missing = [d for d in devices + ([HOST] if memory.host_weights else []) if d not in budgets]
     loads = load_leases(spec, memory)
-    if missing:
-        return Plan(spec.name, False, 0, {}, loads, (), (f"no device {', '.join(missing)} (devices: {', '.join(sorted(budgets))})",))
     free = {d: budgets[d].free_bytes + extra_free.get(d, 0) for d in budgets}
     reasons = [f"{d}: load needs {format_bytes(b)} (weights + load peak), {format_bytes(max(free[d], 0))} free; free "
-               f"{format_bytes(b - free[d])} more or lower the load peak" for d, b in _sum(loads).items() if b > free[d]]
+               f"{format_bytes(b - free[d])} more or lower the load peak" for d, b in _sum(loads).items()
+               if d in free and b > free[d]]
     weights = _sum(loads, LeaseKind.LOAD_PEAK)
-    total = min(budgets[d].total_bytes for d in devices)
-    kv_tokens, params, kv_reasons, warnings = _size_kv(spec, memory, {d: free[d] - weights.get(d, 0) for d in devices}, total)
-    reasons += kv_reasons
-    steady = _steady_leases(memory, devices, kv_tokens)
-    return Plan(spec.name, not reasons, kv_tokens, params, loads, steady, tuple(reasons),
-                warnings=tuple(warnings), estimated=memory.estimated)
+    return _sized(spec, memory, budgets, {d: f - weights.get(d, 0) for d, f in free.items()}, loads, reasons)
 
 
 def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
     """Step 4 of the load protocol: the weights are leased and in; size the KV cache from what is free now."""
+    return _sized(spec, spec.profile(), budgets, {d: b.free_bytes for d, b in budgets.items()})
+
+
+def _sized(spec: ModelSpec, memory: Memory, budgets: Mapping[str, DeviceBudget], room: Mapping[str, int],
+           loads: tuple[LeaseWant, ...] = (), reasons: list[str] | None = None) -> Plan:
+    """The KV cache and engine parameters from `room` (bytes per device left for KV and workspace)."""
     devices = [gpu_id(i) for i in spec.placement.devices]
-    missing = [d for d in devices if d not in budgets]
+    missing = [d for d in dict.fromkeys(devices + [w.device for w in loads]) if d not in budgets]
     if missing:
-        return Plan(spec.name, False, 0, {}, (), (), (f"no device {', '.join(missing)}",))
-    memory, total = spec.profile(), min(budgets[d].total_bytes for d in devices)
-    kv_tokens, params, reasons, warnings = _size_kv(spec, memory, {d: budgets[d].free_bytes for d in devices}, total)
-    return Plan(spec.name, not reasons, kv_tokens, params, (), _steady_leases(memory, devices, kv_tokens), tuple(reasons),
-                warnings=tuple(warnings), estimated=memory.estimated)
+        return Plan(spec.name, False, 0, {}, loads, (),
+                    (f"no device {', '.join(missing)} (devices: {', '.join(sorted(budgets))})",))
+    total = min(budgets[d].total_bytes for d in devices)
+    kv_tokens, params, kv_reasons, warnings = _size_kv(spec, memory, {d: room[d] for d in devices}, total)
+    reasons = [*(reasons or []), *kv_reasons]
+    return Plan(spec.name, not reasons, kv_tokens, params, loads, _steady_leases(memory, devices, kv_tokens),
+                tuple(reasons), warnings=tuple(warnings), estimated=memory.estimated)
 
 
 def _steady_leases(memory: Memory, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:
@@ -177,7 +177,7 @@ Params = tuple[dict[str, Any], list[str], list[str]]  # engine flags, broken rul
 
 def _ktransformers(spec: ModelSpec, memory: Memory, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
     engine = spec.engine
-    chunk = engine.chunk_size or 256
+    chunk = engine.chunk_size or DEFAULT_CHUNK_TOKENS
     params = {"cache_lens": tokens, "max_batch_size": batch, "chunk_size": chunk, "page_size": engine.page_size,
               "max_new_tokens": engine.max_new_tokens}
     rules = [(name, rule) for name, rule in (

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from .base import EngineArgsBase
 
 CUDA_PAGE_TOKENS = 256
+DEFAULT_CHUNK_TOKENS = 256  # attn.chunk_size of ktransformers' shipped config.yaml
 
 
 def page_size_rule(page_size: int) -> str | None:
