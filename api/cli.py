@@ -100,8 +100,12 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append("")
     lines.append("legend: # foreign  ! headroom  W weights  K kv  P load_peak  R reserve  . free")
     lines.append("")
-    lines.append(f"{'MODEL':<24}{'STATE':<11}{'ENGINE':<14}{'PRIO':>5}  PINNED")
-    for m in status["models"]:
+    return "\n".join(lines) + "\n" + render_models(status["models"])
+
+
+def render_models(models: list[dict[str, Any]]) -> str:
+    lines = [f"{'MODEL':<24}{'STATE':<11}{'ENGINE':<14}{'PRIO':>5}  PINNED"]
+    for m in models:
         lines.append(f"{m['name']:<24}{m['state']:<11}{m['engine']:<14}{m['priority']:>5}  {'yes' if m['pinned'] else 'no'}")
     return "\n".join(lines)
 
@@ -216,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
     leases = sub.add_parser("leases", parents=[common], help="granted leases")
     leases.set_defaults(func=cmd_simple("GET", "/admin/v1/leases", render_leases))
     sub.add_parser("models", parents=[common], help="configured models").set_defaults(
-        func=cmd_simple("GET", "/admin/v1/models", lambda ms: render_status({"version": "", "probe": "", "policy": "", "devices": [], "models": ms}).split("\n", 4)[-1]))
+        func=cmd_simple("GET", "/admin/v1/models", render_models))
     load = sub.add_parser("load", parents=[common], help="load a model (waits, showing progress)")
     load.add_argument("model")
     load.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine argument override")

@@ -44,23 +44,22 @@ class Controller:
         return out
 
     def leases(self, model: str | None = None) -> list[dict[str, Any]]:
-        leases = self.ledger.snapshot().leases
+        leases = self.ledger.leases()
         if model is not None:
             name = self.supervisor.resolve(model).spec.name
             leases = tuple(lease for lease in leases if lease.model == name)
         return [lease.to_dict() for lease in sorted(leases, key=lambda lease: lease.granted_at)]
 
     def models(self) -> list[dict[str, Any]]:
-        leases = self.ledger.snapshot().leases
-        return [self._model_dict(r, leases) for r in self.supervisor.records()]
+        return [self._model_dict(r) for r in self.supervisor.records()]
 
     def model(self, name: str) -> dict[str, Any]:
         return self._model_dict(self.supervisor.resolve(name))
 
-    def _model_dict(self, record, leases=None) -> dict[str, Any]:
+    def _model_dict(self, record) -> dict[str, Any]:
         spec = record.spec
         leased: dict[str, int] = {k.value: 0 for k in LeaseKind}
-        for lease in self.ledger.snapshot().leases if leases is None else leases:
+        for lease in self.ledger.leases():
             if lease.model == spec.name:
                 leased[lease.kind.value] += lease.bytes
         return {"name": spec.name, "aliases": list(spec.aliases), "engine": spec.engine.kind,

@@ -151,6 +151,10 @@ class Ledger:
 
     # -- reads -------------------------------------------------------------------------------
 
+    def leases(self) -> tuple[Lease, ...]:
+        """The granted leases, without reading any device (snapshot() adds the budgets)."""
+        return tuple(self._leases.values())
+
     def managed_pids(self) -> set[int]:
         return {lease.owner_pid for lease in self._leases.values() if lease.owner_pid}
 
@@ -167,7 +171,7 @@ class Ledger:
 
     def snapshot(self) -> LedgerSnapshot:
         readings, budgets = self._read()
-        return LedgerSnapshot(tuple(self._leases.values()), budgets, self._probe.name,
+        return LedgerSnapshot(self.leases(), budgets, self._probe.name,
                               {r.device: r for r in readings})
 
     # -- writes: each checks and commits in one step -------------------------------------------
