@@ -79,6 +79,14 @@ async def post_model(request: web.Request) -> web.Response:
     return web.json_response(await ctl(request).unload(name))
 
 
+async def get_model_log(request: web.Request) -> web.Response:
+    raw = request.query.get("lines", "200")
+    if not raw.isdigit() or not 1 <= int(raw) <= 10000:
+        raise InvalidRequest("lines", f"must be an integer from 1 to 10000; got {raw!r}")
+    return web.Response(text=ctl(request).log_tail(request.match_info["name"], int(raw)),
+                        content_type="text/plain")
+
+
 async def post_plan(request: web.Request) -> web.Response:
     body = parse(schemas.PlanRequest, await read_json(request))
     return web.json_response(ctl(request).plan(body.model, body.overrides))
@@ -142,6 +150,8 @@ ROUTES: list[Route] = [
     Route("GET", f"{P}/leases", get_leases, "Granted leases (optionally ?model=NAME)", response=schemas.LeaseOut, many=True),
     Route("GET", f"{P}/models", get_models, "Configured models with state and leases", response=schemas.ModelOut, many=True),
     Route("GET", f"{P}/models/{{name}}", get_model, "One model", response=schemas.ModelOut),
+    Route("GET", f"{P}/models/{{name}}/log", get_model_log, "The last lines of the model's engine log (?lines=N, default 200)",
+          auth=True, content_type="text/plain"),
     Route("POST", f"{P}/models/{{name}}", post_model, "Load or unload a model", body=schemas.ModelAction,
           response=schemas.ModelOut, auth=True),
     Route("POST", f"{P}/plan", post_plan, "Dry run: would this load fit now, with which leases, after which evictions",

@@ -78,6 +78,9 @@ class ModelOut(Out):
     in_flight: int
     error: str | None
     params: dict[str, Any] | None
+    endpoint: str | None = Field(description="The engine's own base URL while it runs (the router forwards there)")
+    pid: int | None = Field(description="The engine's process id (leader of its process group) while it runs")
+    restarts: int = Field(description="Automatic restarts after crashes in the last 10 minutes")
 
 
 class PlanLease(Out):

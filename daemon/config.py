@@ -121,6 +121,12 @@ class PlanSettings(Strict):
     context_tokens: int | None = Field(default=None, ge=16, description="goal 'concurrency': tokens each sequence needs; batch = KV tokens / this.")
 
 
+class RestartPolicy(Strict):
+    policy: Literal["never", "on-failure"] = Field(default="on-failure", description="Restart an engine that exits on its own (a crash), or leave the model failed.")
+    max_restarts: int = Field(default=3, ge=0, le=100, description="Consecutive failed restarts before giving up; the model then stays failed until loaded again.")
+    backoff: Duration = Field(default=2.0, description="Wait before the first restart, doubled after each failure (at most 5 min).")
+
+
 class ModelSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="The name clients use in the `model` field.")
     aliases: list[str] = Field(default_factory=list, description="Other names routed to this model.")
@@ -134,6 +140,7 @@ class ModelSpec(Strict):
     priority: int = Field(default=50, ge=0, le=1000, description="Higher survives eviction longer (policy `priority`).")
     keep_alive: Duration = Field(default=300.0, description="Idle seconds before unloading; -1 = never.")
     pinned: bool = Field(default=False, description="Loaded at start and never evicted.")
+    restart: RestartPolicy = Field(default_factory=RestartPolicy, description="What to do when the engine exits on its own.")
 
     @model_validator(mode="before")
     @classmethod
@@ -187,6 +194,8 @@ class ModelSpec(Strict):
             raise ValueError(f"placement.experts: 'cpu' needs a hybrid engine (ktransformers, llamacpp), not '{self.engine.kind}'")
         if len(set(self.placement.devices)) != len(self.placement.devices):
             raise ValueError("placement.devices: a GPU index is listed twice")
+        if self.engine.kind == "torch" and len(self.placement.devices) != 1:
+            raise ValueError("placement.devices: the built-in torch engine runs on one GPU; list exactly one")
         return self
 
 

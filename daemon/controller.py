@@ -66,7 +66,18 @@ class Controller:
                 "state": record.state.value, "priority": spec.priority, "pinned": spec.pinned,
                 "keep_alive_s": spec.keep_alive, "devices": [f"gpu{i}" for i in spec.placement.devices],
                 "leased_bytes": leased, "in_flight": record.in_flight, "error": record.error or None,
-                "params": dict(record.plan.params) if record.plan else None}
+                "params": dict(record.plan.params) if record.plan else None,
+                "endpoint": record.handle.base_url if record.handle else None,
+                "pid": record.handle.pid if record.handle else None, "restarts": len(record.restart_times)}
+
+    def log_tail(self, name: str, lines: int) -> str:
+        """The last lines of the model's engine log (this run's, or the last one's after it stopped)."""
+        from ..engines.process import tail
+        record = self.supervisor.resolve(name)
+        path = self.supervisor.log_path(record.spec.name)
+        if not path.exists():
+            raise InvalidRequest("name", f"model '{record.spec.name}' has no engine log yet (it was never started)")
+        return "".join(line + "\n" for line in tail(path, lines))
 
     def plan(self, name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return self.supervisor.dry_run(name, overrides).to_dict()

@@ -54,6 +54,17 @@ class ModelStateChanged(Event):
 
 
 @dataclass(frozen=True)
+class EngineExited(Event):
+    """An engine ended on its own (not stopped by lessor); its leases were released."""
+    type: ClassVar[str] = "engine_exited"
+    model: str
+    pid: int
+    returncode: int
+    reason: str
+    restart_in_s: float | None = None  # None: no restart (policy 'never', or given up)
+
+
+@dataclass(frozen=True)
 class AdmissionDecided(Event):
     type: ClassVar[str] = "admission"
     model: str

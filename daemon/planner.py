@@ -7,12 +7,12 @@ and says why nothing fits when nothing does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from ..engines import ENGINE_KINDS
+from ..engines import ENGINE_KINDS, TWO_PHASE_KINDS
 from ..engines.ktransformers import DEFAULT_CHUNK_TOKENS, cache_lens_rule, chunk_size_rule, max_batch_size_rule, page_size_rule
 from ..policies import DeviceBudget
 from .config import Memory, ModelSpec, problems_from
@@ -41,12 +41,16 @@ class Plan:
     evictions: tuple[str, ...] = field(default=())
     warnings: tuple[str, ...] = ()
     estimated: tuple[str, ...] = ()  # memory-model numbers that are estimates, not formulas
+    one_phase: bool = False  # the engine allocates its KV cache while loading: all leases at once
 
     def all_leases(self) -> tuple[LeaseWant, ...]:
         return self.load_leases + self.steady_leases
 
     def peak_need(self) -> dict[str, int]:
-        """Bytes per device the load needs at its worst moment: max(weights + peak, steady)."""
+        """Bytes per device the load needs at its worst moment: max(weights + peak, steady), or all
+        of it for a one-phase engine."""
+        if self.one_phase:
+            return _sum(self.all_leases())
         load, steady = _sum(self.load_leases), _sum(self.load_leases, exclude=LeaseKind.LOAD_PEAK)
         for want in self.steady_leases:
             steady[want.device] = steady.get(want.device, 0) + want.bytes
@@ -58,7 +62,7 @@ class Plan:
                             "transient": w.kind == LeaseKind.LOAD_PEAK} for w in self.all_leases()],
                 "peak_bytes": self.peak_need(),
                 "reasons": list(self.reasons), "evictions": list(self.evictions), "warnings": list(self.warnings),
-                "estimated": list(self.estimated)}
+                "estimated": list(self.estimated), "one_phase": self.one_phase}
 
 
 def _sum(wants, exclude: LeaseKind | None = None) -> dict[str, int]:
@@ -102,8 +106,11 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
     reasons = [f"{d}: load needs {format_bytes(b)} (weights + load peak), {format_bytes(max(free[d], 0))} free; free "
                f"{format_bytes(b - free[d])} more or lower the load peak" for d, b in _sum(loads).items()
                if d in free and b > free[d]]
-    weights = _sum(loads, LeaseKind.LOAD_PEAK)
-    return _sized(spec, memory, budgets, {d: f - weights.get(d, 0) for d, f in free.items()}, loads, reasons)
+    # A one-phase engine holds its load peak while it allocates its KV cache: the KV room excludes it.
+    one_phase = spec.engine.kind not in TWO_PHASE_KINDS
+    held = _sum(loads) if one_phase else _sum(loads, LeaseKind.LOAD_PEAK)
+    sized = _sized(spec, memory, budgets, {d: f - held.get(d, 0) for d, f in free.items()}, loads, reasons)
+    return replace(sized, one_phase=one_phase)
 
 
 def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:

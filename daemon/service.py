@@ -13,6 +13,7 @@ import sys
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import AsyncIterator, Callable
 
+from ..engines import adapters
 from ..engines.base import EngineAdapter
 from ..policies import POLICIES
 from .config import LessorConfig, load_config, parse_listen
@@ -27,7 +28,6 @@ from .supervisor import Supervisor
 
 log = logging.getLogger("lessor.service")
 
-ENGINE_ADAPTERS: dict[str, EngineAdapter] = {}  # filled by the engines issue; a missing one answers 501
 
 
 @asynccontextmanager
@@ -44,7 +44,7 @@ async def runtime(config: LessorConfig, force_sim: bool = False,
             if release_orphans_at_start:
                 await release_orphans(ledger)
             supervisor = Supervisor(config, ledger, POLICIES[config.policy.name],
-                                    ENGINE_ADAPTERS if engines is None else engines, bus.publish)
+                                    adapters() if engines is None else engines, bus.publish, probe=probe)
             controller = Controller(config, probe, ledger, supervisor, bus)
             publisher = MqttPublisher(config.mqtt, bus, lambda: (controller.devices(), controller.models())) \
                 if config.mqtt else None
@@ -53,6 +53,7 @@ async def runtime(config: LessorConfig, force_sim: bool = False,
             try:
                 yield controller
             finally:
+                await supervisor.close()
                 for record in supervisor.records():
                     if record.state.value in ("ready", "failed"):
                         await supervisor.unload(record.spec.name, reason="lessord stopping")

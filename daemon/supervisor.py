@@ -4,6 +4,9 @@
 here); 3. grant weights + load_peak and start the engine; 4. release load_peak, re-plan the KV
 cache from what is really left, grant it; 5. verify, then ready. Loads that share a device are
 serialized so two load peaks never overlap. Any failure releases every lease of the attempt.
+One-phase engines (their KV size is a start flag) get every lease at step 3 and release the load
+peak once ready. An engine that exits on its own has its leases released the moment its process
+is reaped; the model's restart policy decides what comes next.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..engines.base import EngineAdapter, EngineHandle
+from ..engines.base import EngineAdapter, EngineHandle, GpuTarget, Grant, KvGrant
+from ..engines.process import describe_exit, free_port
 from ..policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot
 from .config import LessorConfig, ModelSpec
-from .devices import gpu_id
+from .devices import Probe, SimProbe, gpu_id
 from .errors import EngineUnavailable, LoadFailed, ModelBusy, NotEnoughMemory, PlanRejected, UnknownModel
-from .events import AdmissionDecided, Event, ModelStateChanged
+from .events import AdmissionDecided, EngineExited, Event, ModelStateChanged
+from .units import MiB, format_bytes
 from .ledger import Granted, LeaseKind, Ledger
 from .planner import Plan, plan, plan_kv, with_overrides
 
@@ -46,6 +52,8 @@ class ModelRecord:
     error: str = ""
     plan: Plan | None = None
     handle: EngineHandle | None = field(default=None, repr=False)
+    generation: int = 0  # engine starts so far: an exit report from an older start is ignored
+    restart_times: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -55,11 +63,24 @@ class Timeouts:
     stop_grace_s: float = 15.0
 
 
+RESTART_WINDOW_S = 600.0  # crashes further apart than this do not count toward restart.max_restarts
+
+
+def verify_tolerance(leased_bytes: int) -> int:
+    """How far above its leases an engine may measure at step 5: allocator rounding and the CUDA
+    context's growth, not a second KV cache."""
+    return max(128 * MiB, leased_bytes // 20)
+
+
 class Supervisor:
     def __init__(self, config: LessorConfig, ledger: Ledger, policy: Policy, engines: Mapping[str, EngineAdapter],
                  publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
-                 timeouts: Timeouts = Timeouts()) -> None:
+                 timeouts: Timeouts = Timeouts(), probe: Probe | None = None) -> None:
         self._ledger, self._policy, self._engines = ledger, policy, engines
+        self._probe = probe
+        self._simulated = probe is None or isinstance(probe, SimProbe)
+        self._state_dir = Path(config.state_dir).absolute()
+        self._tasks: set[asyncio.Task] = set()
         self._publish, self._clock, self._timeouts = publish, clock, timeouts
         self._models = {spec.name: ModelRecord(spec) for spec in config.models}
         self._config = config
@@ -148,19 +169,29 @@ class Supervisor:
         step = "grant weights"
         try:
             first = plan(spec, self._ledger.budgets())
-            granted = await self._ledger.grant(spec.name, first.load_leases, attempt)
+            if first.one_phase and not first.fits:  # its KV size is fixed now, so it must fit now
+                raise PlanRejected(spec.name, list(first.reasons))
+            # A one-phase engine allocates its KV cache while loading: every lease at once.
+            granted = await self._ledger.grant(spec.name, first.all_leases() if first.one_phase else first.load_leases,
+                                               attempt)
             if not isinstance(granted, Granted):
                 raise LoadFailed(spec.name, step, granted.reason)
             step = "start engine"
-            record.handle = await adapter.start(spec, first.params, first.kv_tokens)
+            record.plan = first
+            record.handle = await adapter.start(self._grant(record, spec, first))
             await self._ledger.set_owner(spec.name, record.handle.pid, record.handle.started_at)
             step = "wait for weights"
             await record.handle.wait_weights_loaded(self._timeouts.weights_s)
-            await self._ledger.release_model(spec.name, "weights loaded", kinds=[LeaseKind.LOAD_PEAK])
-            step = "size kv"
-            record.plan = await self._grant_kv(spec, attempt, record.handle)
+            if not first.one_phase:
+                await self._ledger.release_model(spec.name, "weights loaded", kinds=[LeaseKind.LOAD_PEAK])
+                step = "size kv"
+                record.plan = await self._grant_kv(spec, attempt, record.handle)
             step = "wait for ready"
             await record.handle.wait_ready(self._timeouts.ready_s)
+            if first.one_phase:
+                await self._ledger.release_model(spec.name, "engine ready", kinds=[LeaseKind.LOAD_PEAK])
+            step = "verify"
+            await self._verify(spec, record.handle)
         except BaseException as exc:
             await self._roll_back(record, attempt, f"{step}: {exc}")
             if isinstance(exc, LoadFailed):
@@ -169,6 +200,53 @@ class Supervisor:
         record.error = ""
         record.last_used_s = self._clock()
         self._set_state(record, ModelState.READY)
+
+    def _grant(self, record: ModelRecord, spec: ModelSpec, first: Plan) -> Grant:
+        readings = self._ledger.snapshot().readings
+        devices = [gpu_id(i) for i in spec.placement.devices]
+        record.generation += 1
+        generation = record.generation
+        return Grant(spec, first.params, first.kv_tokens,
+                     tuple(GpuTarget(d, readings[d].index, readings[d].uuid, readings[d].total_bytes) for d in devices),
+                     self._leased(spec.name), self._simulated, spec.engine.port or free_port(),
+                     self.log_path(spec.name), self._state_dir / "engines" / spec.name,
+                     on_exit=lambda returncode: self._spawn(self._engine_exited(record, generation, returncode)))
+
+    def log_path(self, model: str) -> Path:
+        return self._state_dir / "logs" / f"{model}.log"
+
+    def _leased(self, model: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for lease in self._ledger.leases():
+            if lease.model == model:
+                out[lease.device] = out.get(lease.device, 0) + lease.bytes
+        return out
+
+    async def _verify(self, spec: ModelSpec, handle: EngineHandle) -> None:
+        """Step 5: what the engine uses (its own report, or NVML's per-process figure, the larger)
+        must be within its leases plus a tolerance."""
+        reported = await handle.measure()
+        if isinstance(self._probe, SimProbe):  # the engine's own report stands in for NVML
+            for device, used in reported.items():
+                self._probe.set_process_usage(device, handle.pid, used)
+        readings = self._ledger.snapshot().readings
+        leased = self._leased(spec.name)
+        over = []
+        for device in (gpu_id(i) for i in spec.placement.devices):
+            used = max(reported.get(device, 0), readings[device].processes.get(handle.pid, 0))
+            allowed = leased.get(device, 0) + verify_tolerance(leased.get(device, 0))
+            if used > allowed:
+                over.append(f"{device}: the engine uses {format_bytes(used)}, its leases are "
+                            f"{format_bytes(leased.get(device, 0))} (+{format_bytes(allowed - leased.get(device, 0))} "
+                            "tolerance); raise memory.weights / memory.activation to what it really takes")
+        if over:
+            raise LoadFailed(spec.name, "verify", "; ".join(over))
+
+    def _forget_usage(self, pid: int | None) -> None:
+        if pid and isinstance(self._probe, SimProbe):
+            for device, reading in self._ledger.snapshot().readings.items():
+                if reading.is_gpu:
+                    self._probe.set_process_usage(device, pid, 0)
 
     async def _admit(self, spec: ModelSpec) -> None:
         snapshot = self.policy_snapshot()
@@ -193,15 +271,68 @@ class Supervisor:
         granted = await self._ledger.grant(spec.name, sized.steady_leases, attempt, handle.pid, handle.started_at)
         if not isinstance(granted, Granted):
             raise PlanRejected(spec.name, [granted.reason])
-        kv_bytes = sum(w.bytes for w in sized.steady_leases if w.kind == LeaseKind.KV)
-        await handle.allocate_kv(sized.kv_tokens, kv_bytes)
+        kv_bytes = max((w.bytes for w in sized.steady_leases if w.kind == LeaseKind.KV), default=0)
+        await handle.allocate_kv(KvGrant(sized.kv_tokens, kv_bytes, sized.params, self._leased(spec.name)))
         return sized
 
     async def _roll_back(self, record: ModelRecord, attempt: str, reason: str) -> None:
         handle, record.handle = record.handle, None
+        record.plan = None
         if handle is not None:
             await asyncio.shield(handle.stop(self._timeouts.stop_grace_s))
+            self._forget_usage(handle.pid)
         await asyncio.shield(self._ledger.release_attempt(attempt, f"load failed: {reason}"))
+
+    # -- crashes and restarts ----------------------------------------------------------------
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _engine_exited(self, record: ModelRecord, generation: int, returncode: int) -> None:
+        """The engine ended on its own. While loading, the load's own wait sees it and rolls back;
+        once ready, its leases are released here, at once, and the restart policy decides."""
+        if record.generation != generation or record.state != ModelState.READY or record.handle is None:
+            return
+        handle, record.handle = record.handle, None
+        await handle.stop(0)  # reap whatever the leader left in its process group
+        self._forget_usage(handle.pid)
+        reason = f"engine exited with {describe_exit(returncode)}"
+        await self._ledger.release_model(record.spec.name, reason)
+        record.plan, record.error = None, reason
+        restart_in = self._restart_delay(record)
+        self._publish(EngineExited(record.spec.name, handle.pid, returncode, reason, restart_in))
+        self._set_state(record, ModelState.FAILED, reason)
+        if restart_in is not None:
+            self._spawn(self._restart(record, restart_in))
+
+    def _restart_delay(self, record: ModelRecord) -> float | None:
+        policy = record.spec.restart
+        now = self._clock()
+        record.restart_times = [t for t in record.restart_times if now - t < RESTART_WINDOW_S]
+        if policy.policy == "never" or len(record.restart_times) >= policy.max_restarts:
+            return None
+        return min(policy.backoff * 2 ** len(record.restart_times), 300.0)
+
+    async def _restart(self, record: ModelRecord, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        if record.state != ModelState.FAILED:  # someone loaded or unloaded it meanwhile
+            return
+        record.restart_times.append(self._clock())
+        try:
+            await self.load(record.spec.name)
+        except Exception as exc:
+            log.error("restart of %s failed: %s", record.spec.name, exc)
+            delay = self._restart_delay(record)
+            if delay is not None:
+                self._spawn(self._restart(record, delay))
+
+    async def close(self) -> None:
+        """Cancel pending restarts (lessord is stopping)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def apply_config(self, config: LessorConfig, policy: Policy) -> ConfigChange:
         """Add, remove and retune models. Running models keep running: a changed spec applies at their
@@ -234,6 +365,7 @@ class Supervisor:
         handle, record.handle = record.handle, None
         if handle is not None:
             await handle.stop(self._timeouts.stop_grace_s)
+            self._forget_usage(handle.pid)
         await self._ledger.release_model(record.spec.name, reason)
         record.plan = None
         self._set_state(record, ModelState.UNLOADED, reason)

@@ -8,17 +8,27 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from .builtin import TorchEngineArgs
-from .ktransformers import KTransformersEngineArgs
-from .llamacpp import LlamaCppEngineArgs
-from .sglang import SGLangEngineArgs
-from .vllm import VLLMEngineArgs
+from .builtin import TorchAdapter, TorchEngineArgs
+from .ktransformers import KTransformersAdapter, KTransformersEngineArgs
+from .llamacpp import LlamaCppAdapter, LlamaCppEngineArgs
+from .sglang import SGLangAdapter, SGLangEngineArgs
+from .vllm import VLLMAdapter, VLLMEngineArgs
 
 EngineArgs = Annotated[
     Union[TorchEngineArgs, LlamaCppEngineArgs, VLLMEngineArgs, SGLangEngineArgs, KTransformersEngineArgs],
     Field(discriminator="kind"),
 ]
 ENGINE_KINDS = ("torch", "llamacpp", "vllm", "sglang", "ktransformers")
+# Engines that load their weights, wait, then allocate the KV cache lessor grants. The others size
+# their KV cache from flags at start, so their load peak and KV cache are held at the same time.
+TWO_PHASE_KINDS = frozenset({"torch"})
 
-__all__ = ["EngineArgs", "ENGINE_KINDS", "TorchEngineArgs", "LlamaCppEngineArgs", "VLLMEngineArgs",
+
+def adapters() -> dict:
+    """One adapter per engine kind (they hold no state: a fresh set is as good as any)."""
+    made = {a.kind: a for a in (TorchAdapter(), LlamaCppAdapter(), VLLMAdapter(), SGLangAdapter(), KTransformersAdapter())}
+    assert set(made) == set(ENGINE_KINDS) and {k for k, a in made.items() if a.two_phase} == TWO_PHASE_KINDS
+    return made
+
+__all__ = ["EngineArgs", "ENGINE_KINDS", "TWO_PHASE_KINDS", "adapters", "TorchEngineArgs", "LlamaCppEngineArgs", "VLLMEngineArgs",
            "SGLangEngineArgs", "KTransformersEngineArgs"]

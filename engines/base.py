@@ -1,10 +1,21 @@
-"""What every engine's arguments share."""
+"""The one engine interface: a grant goes in, a running server comes out.
+
+An adapter turns a `Grant` into a command line and environment (`command`), and `start` runs it
+under `EngineProcess`, the supervision every engine shares. The handle it returns is what the
+supervisor drives through the load protocol. Two-phase engines (the built-in torch engine) load
+their weights, wait, then allocate exactly the KV cache lessor grants; one-phase engines size
+their KV cache from flags at start and hold the load-peak lease until they are ready.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from .process import EngineProcess, engine_env
 
 
 class EngineArgsBase(BaseModel):
@@ -16,27 +27,123 @@ class EngineArgsBase(BaseModel):
     port: int | None = Field(default=None, ge=1024, le=65535, description="Port the engine listens on; chosen free by lessor when unset.")
 
 
-class EngineHandle(Protocol):
-    """A started engine process, as the supervisor drives it through the load protocol."""
+@dataclass(frozen=True)
+class GpuTarget:
+    device: str  # "gpu0"
+    index: int
+    uuid: str
+    total_bytes: int
 
-    pid: int | None
-    started_at: float | None
+
+@dataclass(frozen=True)
+class Grant:
+    """What the supervisor hands an adapter: the spec, the planned flags and where to run."""
+
+    spec: Any  # ModelSpec (not imported: engines never import the daemon)
+    params: Mapping[str, Any]
+    kv_tokens: int
+    gpus: tuple[GpuTarget, ...]
+    leased_bytes: Mapping[str, int]  # per device, what the engine may use while it loads
+    simulated: bool  # the devices are simulated: the engine runs on the CPU
+    port: int
+    log_path: Path
+    run_dir: Path  # a folder of the engine's own (HOME, generated config files)
+    host: str = "127.0.0.1"
+    on_exit: Callable[[int], None] | None = field(default=None, compare=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def visible_devices(self) -> dict[str, str]:
+        """CUDA_VISIBLE_DEVICES by UUID (indices can differ between NVML and CUDA); none when simulated."""
+        return {"CUDA_VISIBLE_DEVICES": "" if self.simulated else ",".join(g.uuid for g in self.gpus)}
+
+
+@dataclass(frozen=True)
+class KvGrant:
+    """Step 4 of the load protocol: the KV cache lessor granted once the weights were in."""
+
+    tokens: int
+    bytes: int  # per device
+    params: Mapping[str, Any]  # the engine's flags for it (e.g. context_tokens, max_batch_size)
+    leased_bytes: Mapping[str, int]  # per device, everything the model now holds
+
+
+@dataclass(frozen=True)
+class Command:
+    argv: list[str]
+    env: dict[str, str]
+    health_path: str = "/health"
+
+
+class EngineHandle(Protocol):
+    """A started engine, as the supervisor drives it through the load protocol."""
+
+    pid: int
+    started_at: float
+    base_url: str
+    process: EngineProcess
 
     async def wait_weights_loaded(self, timeout_s: float) -> None:
-        """Return once the weights are in (or usage stopped growing); raise on crash or timeout."""
+        """Return once the weights are in; raise EngineExited or TimeoutError."""
 
-    async def allocate_kv(self, kv_tokens: int, kv_bytes: int) -> None:
-        """Let the engine allocate its KV cache of this size (engines that load in one phase ignore it)."""
+    async def allocate_kv(self, kv: KvGrant) -> None:
+        """Allocate the KV cache lessor granted (one-phase engines did at start)."""
 
     async def wait_ready(self, timeout_s: float) -> None: ...
 
-    def measure(self) -> dict[str, int]:
-        """Bytes the engine uses now, per device."""
+    async def measure(self) -> dict[str, int]:
+        """Bytes per device the engine reports using ({} when only the probe can tell)."""
 
     async def stop(self, grace_s: float) -> None: ...
 
 
 class EngineAdapter(Protocol):
     kind: str
+    two_phase: bool
 
-    async def start(self, spec: Any, params: Mapping[str, Any], kv_tokens: int) -> EngineHandle: ...
+    async def start(self, grant: Grant) -> EngineHandle: ...
+
+
+class ProcessHandle:
+    """A one-phase engine: ready (weights and KV cache in) when its health URL answers 200."""
+
+    def __init__(self, process: EngineProcess, grant: Grant, command: Command) -> None:
+        self.process, self.grant, self.base_url = process, grant, grant.base_url
+        self.health_url = grant.base_url + command.health_path
+        self.pid, self.started_at = process.pid, process.started_at
+
+    async def wait_weights_loaded(self, timeout_s: float) -> None:
+        await self.process.wait_http(self.health_url, timeout_s, "loading")
+
+    async def allocate_kv(self, kv: KvGrant) -> None:
+        return None
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        await self.process.wait_http(self.health_url, timeout_s, "becoming ready")
+
+    async def measure(self) -> dict[str, int]:
+        return {}
+
+    async def stop(self, grace_s: float) -> None:
+        await self.process.stop(grace_s)
+
+
+class ProcessAdapter:
+    """Base of the adapters that run one server process from a command line."""
+
+    kind = ""
+    two_phase = False
+    handle_class: type = ProcessHandle
+
+    def command(self, grant: Grant) -> Command:
+        raise NotImplementedError
+
+    async def start(self, grant: Grant) -> EngineHandle:
+        command = self.command(grant)
+        env = engine_env({**grant.visible_devices(), **command.env, **grant.spec.engine.env})
+        argv = [*command.argv, *grant.spec.engine.extra_args]
+        grant.run_dir.mkdir(parents=True, exist_ok=True)
+        process = await EngineProcess.spawn(argv, env, grant.log_path, cwd=grant.run_dir, on_exit=grant.on_exit)
+        return self.handle_class(process, grant, command)

@@ -1,12 +1,15 @@
-"""The built-in torch engine's arguments (kind `torch`)."""
+"""The built-in torch engine (kind `torch`): its arguments and its adapter. The server itself is
+`torch_server`, run in its own process; this module never imports torch."""
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
+import aiohttp
 from pydantic import Field
 
-from .base import EngineArgsBase
+from .base import Command, EngineArgsBase, Grant, KvGrant, ProcessAdapter, ProcessHandle
 
 
 class TorchEngineArgs(EngineArgsBase):
@@ -14,3 +17,55 @@ class TorchEngineArgs(EngineArgsBase):
     dtype: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Weight and KV dtype.")
     max_batch_size: int | None = Field(default=None, ge=1, le=256, description="Sequences decoded together; planned when unset.")
     context_tokens: int | None = Field(default=None, ge=16, le=1 << 20, description="Tokens per sequence in the static KV cache; planned when unset.")
+    threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads per decode step (CPU and simulated devices).")
+
+
+class TorchHandle(ProcessHandle):
+    """Two phases: weights (`/lessor/v1/state` says `weights_loaded`), then `POST /lessor/v1/kv`."""
+
+    async def _state(self, session: aiohttp.ClientSession) -> dict:
+        async with session.get(self.base_url + "/lessor/v1/state") as response:
+            response.raise_for_status()
+            return await response.json()
+
+    async def wait_weights_loaded(self, timeout_s: float) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async def loaded() -> bool:
+                try:
+                    return (await self._state(session))["phase"] == "weights_loaded"
+                except (aiohttp.ClientError, OSError):
+                    return False  # not listening yet
+            await self.process.wait_until(loaded, "loading its weights", timeout_s, interval_s=0.1)
+
+    async def allocate_kv(self, kv: KvGrant) -> None:
+        device = self.grant.gpus[0].device
+        body = {"context_tokens": kv.params["context_tokens"], "max_batch_size": kv.params["max_batch_size"],
+                "memory_limit_bytes": None if self.grant.simulated else kv.leased_bytes.get(device)}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+            async with session.post(self.base_url + "/lessor/v1/kv", json=body) as response:
+                if response.status != 200:
+                    error = (await response.json(content_type=None)).get("error", {})
+                    raise RuntimeError(f"the engine refused its KV cache ({response.status}): {error.get('message')}")
+
+    async def measure(self) -> dict[str, int]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            state = await self._state(session)
+        return {self.grant.gpus[0].device: int(state["memory_reserved"])}
+
+
+class TorchAdapter(ProcessAdapter):
+    kind = "torch"
+    two_phase = True
+    handle_class = TorchHandle
+
+    def command(self, grant: Grant) -> Command:
+        engine = grant.spec.engine
+        argv = [sys.executable, "-m", "lessor.engines.torch_server", "--model-path", engine.model_path,
+                "--served-model-name", grant.spec.name, "--host", grant.host, "--port", str(grant.port),
+                "--dtype", engine.dtype, "--threads", str(engine.threads),
+                # CUDA_VISIBLE_DEVICES holds only this model's GPU, so it is always cuda:0 inside.
+                "--device", "cpu" if grant.simulated else "cuda:0"]
+        if not grant.simulated:
+            argv += ["--memory-limit-bytes", str(grant.leased_bytes[grant.gpus[0].device])]
+        return Command(argv, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"})

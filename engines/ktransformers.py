@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import Field, ValidationInfo, field_validator
 
-from .base import EngineArgsBase
+from .base import Command, EngineArgsBase, Grant, ProcessAdapter
 
 CUDA_PAGE_TOKENS = 256
 DEFAULT_CHUNK_TOKENS = 256  # attn.chunk_size of ktransformers' shipped config.yaml
@@ -54,6 +54,8 @@ def _check(message: str | None, value):
 
 class KTransformersEngineArgs(EngineArgsBase):
     kind: Literal["ktransformers"] = Field(description="ktransformers (hybrid CPU/GPU MoE serving).")
+    command: list[str] = Field(default_factory=lambda: ["python3", "-m", "ktransformers.server.main"], min_length=1, description="The command that starts ktransformers' server.")
+    optimize_config_path: str | None = Field(default=None, description="--optimize_config_path: the injection rules YAML (e.g. DeepSeek-V3-Chat-serve.yaml).")
     gguf_path: str = Field(min_length=1, description="Folder of the GGUF weights (experts stay on the CPU).")
     backend: Literal["balance_serve", "ktransformers"] = Field(default="balance_serve", description="--backend_type.")
     page_size: int = Field(default=CUDA_PAGE_TOKENS, ge=1, description="KV page size in tokens; a multiple of 256 on CUDA.")
@@ -120,3 +122,23 @@ def write_engine_home(home: Path, params: Mapping[str, Any], defaults: dict[str,
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(merged, sort_keys=False))
     return {"HOME": str(home)}
+
+
+class KTransformersAdapter(ProcessAdapter):
+    """One phase: ktransformers reserves its KV cache (cache_lens) before it loads the weights.
+    Each model gets its own HOME with a config.yaml that agrees with the flags."""
+
+    kind = "ktransformers"
+
+    def command(self, grant: Grant) -> Command:
+        engine, p = grant.spec.engine, grant.params
+        home_env = write_engine_home(grant.run_dir / "home", p)
+        argv = [*engine.command, "--model_path", engine.model_path, "--gguf_path", engine.gguf_path,
+                "--model_name", grant.spec.name, "--host", grant.host, "--port", str(grant.port),
+                "--backend_type", engine.backend, "--cache_lens", str(p["cache_lens"]),
+                "--max_batch_size", str(p["max_batch_size"]), "--chunk_size", str(p["chunk_size"]),
+                "--max_new_tokens", str(p["max_new_tokens"])]
+        argv += ["--cpu_infer", str(engine.cpu_infer)] if engine.cpu_infer else []
+        argv += ["--optimize_config_path", engine.optimize_config_path] if engine.optimize_config_path else []
+        return Command(argv, {**home_env, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+                       health_path="/v1/models")

@@ -1,21 +1,53 @@
-"""llama.cpp server's arguments (kind `llamacpp`)."""
+"""llama.cpp's server (kind `llamacpp`): `llama-server`, or llama-cpp-python's `python -m
+llama_cpp.server`. Both size their KV cache from flags at start (one phase)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
 from pydantic import Field
 
-from .base import EngineArgsBase
+from .base import Command, EngineArgsBase, Grant, ProcessAdapter
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+# llama-cpp-python takes cache types as ggml_type numbers.
+GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 
 
 class LlamaCppEngineArgs(EngineArgsBase):
     kind: Literal["llamacpp"] = Field(description="llama.cpp's llama-server.")
-    binary: str = Field(default="llama-server", min_length=1, description="llama-server executable (name on PATH or absolute path).")
+    server: Literal["llama-server", "llama-cpp-python"] = Field(default="llama-server", description="Which server: llama.cpp's `llama-server` binary, or `python -m llama_cpp.server` (llama-cpp-python).")
+    binary: str = Field(default="llama-server", min_length=1, description="llama-server executable (name on PATH or absolute path); for llama-cpp-python, the Python that has it (default: lessor's own).")
     ctx_size: int | None = Field(default=None, ge=16, description="-c: total KV tokens shared by all slots; planned when unset.")
     parallel: int | None = Field(default=None, ge=1, le=256, description="--parallel: slots served at once; planned when unset.")
     n_gpu_layers: int = Field(default=-1, ge=-1, description="-ngl: layers offloaded to the GPU, -1 for all.")
     cache_type_k: CacheType = Field(default="f16", description="--cache-type-k.")
     cache_type_v: CacheType = Field(default="f16", description="--cache-type-v (quantized V needs flash attention).")
+    threads: int | None = Field(default=None, ge=1, le=1024, description="-t: CPU threads; the server's default when unset.")
+
+
+class LlamaCppAdapter(ProcessAdapter):
+    kind = "llamacpp"
+
+    def command(self, grant: Grant) -> Command:
+        engine, p = grant.spec.engine, grant.params
+        flash = engine.cache_type_v not in ("f32", "f16", "bf16")  # a quantized V cache needs it
+        ngl = 0 if grant.simulated else p["n_gpu_layers"]
+        if engine.server == "llama-cpp-python":
+            python = sys.executable if engine.binary == "llama-server" else engine.binary
+            argv = [python, "-m", "llama_cpp.server", "--model", engine.model_path, "--model_alias", grant.spec.name,
+                    "--host", grant.host, "--port", str(grant.port), "--n_ctx", str(p["ctx_size"]),
+                    "--n_gpu_layers", str(ngl), "--type_k", str(GGML_TYPE_IDS[p["cache_type_k"]]),
+                    "--type_v", str(GGML_TYPE_IDS[p["cache_type_v"]])]
+            argv += ["--flash_attn", "true"] if flash else []
+            argv += ["--n_threads", str(engine.threads)] if engine.threads else []
+            return Command(argv, {}, health_path="/v1/models")
+        # -ngl -1 means all layers in recent llama-server; 999 says the same to older builds.
+        argv = [engine.binary, "-m", engine.model_path, "--alias", grant.spec.name, "--host", grant.host,
+                "--port", str(grant.port), "-c", str(p["ctx_size"]), "--parallel", str(p["parallel"]),
+                "-ngl", str(999 if ngl < 0 else ngl), "--cache-type-k", p["cache_type_k"],
+                "--cache-type-v", p["cache_type_v"]]
+        argv += ["-fa", "on"] if flash else []
+        argv += ["-t", str(engine.threads)] if engine.threads else []
+        return Command(argv, {}, health_path="/health")

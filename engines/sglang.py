@@ -1,4 +1,5 @@
-"""SGLang's arguments (kind `sglang`)."""
+"""SGLang (kind `sglang`): `python -m sglang.launch_server`, one phase. `--mem-fraction-static`
+(weights + KV pool, a fraction of total memory) and `--max-total-tokens` come from the lease."""
 
 from __future__ import annotations
 
@@ -6,12 +7,27 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import EngineArgsBase
+from .base import Command, EngineArgsBase, Grant, ProcessAdapter
 
 
 class SGLangEngineArgs(EngineArgsBase):
     kind: Literal["sglang"] = Field(description="SGLang's server.")
+    command: list[str] = Field(default_factory=lambda: ["python3", "-m", "sglang.launch_server"], min_length=1, description="The command that starts SGLang's server.")
     context_length: int | None = Field(default=None, ge=16, description="--context-length; planned when unset.")
     max_running_requests: int | None = Field(default=None, ge=1, description="--max-running-requests; planned when unset.")
     max_total_tokens: int | None = Field(default=None, ge=16, description="--max-total-tokens (KV pool size); planned when unset.")
     kv_cache_dtype: Literal["auto", "fp8_e5m2", "fp8_e4m3"] = Field(default="auto", description="--kv-cache-dtype.")
+
+
+class SGLangAdapter(ProcessAdapter):
+    kind = "sglang"
+
+    def command(self, grant: Grant) -> Command:
+        engine, p = grant.spec.engine, grant.params
+        argv = [*engine.command, "--model-path", engine.model_path, "--served-model-name", grant.spec.name,
+                "--host", grant.host, "--port", str(grant.port),
+                "--context-length", str(p["context_length"]), "--max-running-requests", str(p["max_running_requests"]),
+                "--max-total-tokens", str(p["max_total_tokens"]),
+                "--mem-fraction-static", f"{p['mem_fraction_static']:.3f}",
+                "--kv-cache-dtype", engine.kv_cache_dtype, "--tp-size", str(len(grant.gpus))]
+        return Command(argv, {"HF_HUB_OFFLINE": "1"}, health_path="/health")

@@ -1,4 +1,7 @@
-"""vLLM's arguments (kind `vllm`)."""
+"""vLLM (kind `vllm`): `vllm serve`, one phase. Its memory flags come from lessor's lease:
+`--gpu-memory-utilization` is a fraction of the card's *total* memory, and
+`--kv-cache-memory-bytes` pins the KV cache to the bytes granted (vLLM then skips its own
+profiling-based sizing, which would take whatever is free)."""
 
 from __future__ import annotations
 
@@ -6,12 +9,29 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import EngineArgsBase
+from .base import Command, EngineArgsBase, Grant, ProcessAdapter
 
 
 class VLLMEngineArgs(EngineArgsBase):
     kind: Literal["vllm"] = Field(description="vLLM's OpenAI server.")
+    command: list[str] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1, description="The command that starts vLLM's server, before the model path.")
     max_model_len: int | None = Field(default=None, ge=16, description="--max-model-len; planned when unset.")
     max_num_seqs: int | None = Field(default=None, ge=1, description="--max-num-seqs; planned when unset.")
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(default="auto", description="--kv-cache-dtype.")
     dtype: Literal["auto", "bfloat16", "float16"] = Field(default="auto", description="--dtype.")
+
+
+class VLLMAdapter(ProcessAdapter):
+    kind = "vllm"
+
+    def command(self, grant: Grant) -> Command:
+        engine, p = grant.spec.engine, grant.params
+        argv = [*engine.command, engine.model_path, "--served-model-name", grant.spec.name,
+                "--host", grant.host, "--port", str(grant.port),
+                "--max-model-len", str(p["max_model_len"]), "--max-num-seqs", str(p["max_num_seqs"]),
+                "--gpu-memory-utilization", f"{p['gpu_memory_utilization']:.3f}",
+                "--kv-cache-memory-bytes", str(p["kv_cache_memory_bytes"]),
+                "--kv-cache-dtype", engine.kv_cache_dtype, "--dtype", engine.dtype,
+                "--tensor-parallel-size", str(len(grant.gpus))]
+        # Offline: a local folder only, and no usage report leaving the box.
+        return Command(argv, {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}, health_path="/health")

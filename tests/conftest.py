@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -81,6 +86,7 @@ class FakeHandle:
     def __init__(self, adapter: "FakeAdapter", spec, params, kv_tokens: int, pid: int) -> None:
         self.adapter, self.spec, self.params, self.pid = adapter, spec, params, pid
         self.started_at = time.time()
+        self.base_url = f"http://127.0.0.1:{pid % 50000 + 10000}"
         self.kv_tokens = None
         self.stopped = False
 
@@ -103,7 +109,8 @@ class FakeHandle:
         finally:
             adapter.loading -= 1
 
-    async def allocate_kv(self, kv_tokens: int, kv_bytes: int) -> None:
+    async def allocate_kv(self, kv) -> None:
+        kv_tokens, kv_bytes = kv.tokens, kv.bytes
         self.kv_tokens = kv_tokens
         self.adapter.seen.append(("kv", self.spec.name, self.adapter.ledger.snapshot()))
         if self.adapter.fail_at == "kv":
@@ -114,8 +121,8 @@ class FakeHandle:
         if self.adapter.fail_at == "ready":
             raise TimeoutError(f"not ready after {timeout_s} s")
 
-    def measure(self) -> dict[str, int]:
-        return {}
+    async def measure(self) -> dict[str, int]:
+        return dict(self.adapter.measured)
 
     async def stop(self, grace_s: float) -> None:
         self.stopped = True
@@ -124,6 +131,7 @@ class FakeHandle:
 
 class FakeAdapter:
     kind = "torch"
+    two_phase = True
 
     def __init__(self, probe, ledger=None) -> None:
         self.probe, self.ledger = probe, ledger
@@ -132,8 +140,12 @@ class FakeAdapter:
         self.loading = self.max_loading = 0
         self.seen: list = []
         self.handles: list[FakeHandle] = []
+        self.measured: dict[str, int] = {}
+        self.grants: list = []
 
-    async def start(self, spec, params, kv_tokens):
+    async def start(self, grant):
+        spec, params, kv_tokens = grant.spec, grant.params, grant.kv_tokens
+        self.grants.append(grant)
         if self.fail_at == "start":
             raise FileNotFoundError(f"{spec.engine.model_path}: no such model folder")
         handle = FakeHandle(self, spec, params, kv_tokens, pid=900000 + len(self.handles))
@@ -144,3 +156,48 @@ class FakeAdapter:
 @pytest.fixture
 def gib():
     return GiB
+
+
+# -- real processes: lessord, the tiny model ----------------------------------------------------
+
+BIN = Path(sys.executable).parent
+
+
+@contextmanager
+def running_lessord(config_path: Path, *args: str, timeout_s: float = 60):
+    """lessord as operators run it (simulated devices), on a free port; yields (process, url)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"}
+    proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(config_path), "--sim",
+                             "--admin-listen", f"127.0.0.1:{port}", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise AssertionError(f"lessord did not start: {proc.communicate()}")
+                time.sleep(0.1)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    """The project's tiny Qwen2 model, written once per test session (no download)."""
+    from lessor.engines.tiny_qwen import write
+
+    return write(tmp_path_factory.mktemp("models") / "tiny-qwen")

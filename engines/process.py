@@ -1,0 +1,178 @@
+"""Process supervision, in one place for every engine: its own process group, its output in a
+per-model log, readiness by port and HTTP, exit detected the moment it happens, and a stop that
+sends SIGTERM, then SIGKILL to the whole group after a grace period, and reaps it, so no child is
+left behind holding VRAM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import aiohttp
+
+log = logging.getLogger("lessor.engines")
+
+# Never handed to an engine: a crashed or hostile engine must not be able to drive lessor.
+SECRET_ENV = ("LESSOR_ADMIN_TOKEN",)
+
+
+class EngineExited(RuntimeError):
+    """The engine's process ended while lessor was waiting on it."""
+
+    def __init__(self, pid: int, returncode: int, doing: str, tail: Sequence[str]) -> None:
+        self.returncode = returncode
+        last = "; last log lines: " + " | ".join(line.strip() for line in tail[-5:]) if tail else ""
+        super().__init__(f"engine (pid {pid}) exited with {describe_exit(returncode)} while {doing}{last}")
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"code {returncode}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def engine_env(extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env.update(extra)
+    return env
+
+
+class EngineProcess:
+    """One engine process group. `on_exit(returncode)` is called once if it ends without `stop()`."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, argv: Sequence[str], log_path: Path,
+                 on_exit: Callable[[int], None] | None) -> None:
+        self.proc, self.argv, self.log_path = proc, tuple(argv), log_path
+        self.pid: int = proc.pid
+        self.started_at = time.time()
+        self.exited = asyncio.Event()
+        self._on_exit = on_exit
+        self._stopping = False
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    @classmethod
+    async def spawn(cls, argv: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None,
+                    on_exit: Callable[[int], None] | None = None) -> "EngineProcess":
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if log_path.exists():  # keep the previous run's log for the post-mortem
+            log_path.replace(log_path.with_name(log_path.name + ".1"))
+        with open(log_path, "ab", buffering=0) as out:
+            out.write(f"# lessor: starting {' '.join(argv)}\n".encode())
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
+                env=dict(env), cwd=str(cwd) if cwd else None, start_new_session=True)
+        log.info("engine started: pid %d: %s", proc.pid, " ".join(argv))
+        return cls(proc, argv, log_path, on_exit)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def _watch(self) -> None:
+        returncode = await self.proc.wait()
+        self.exited.set()
+        if not self._stopping:
+            log.warning("engine pid %d exited with %s", self.pid, describe_exit(returncode))
+            if self._on_exit is not None:
+                self._on_exit(returncode)
+
+    def tail(self, lines: int = 50) -> list[str]:
+        return tail(self.log_path, lines)
+
+    def _exited_error(self, doing: str) -> EngineExited:
+        return EngineExited(self.pid, self.returncode if self.returncode is not None else -1, doing, self.tail(10))
+
+    async def wait_until(self, check: Callable[[], "asyncio.Future[bool] | bool"], doing: str, timeout_s: float,
+                         interval_s: float = 0.1) -> None:
+        """Poll `check` until true; raise EngineExited at once if the process ends, TimeoutError after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.exited.is_set():
+                raise self._exited_error(doing)
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"engine (pid {self.pid}) still not done {doing} after {timeout_s:g} s")
+            try:
+                await asyncio.wait_for(self.exited.wait(), interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def wait_http(self, url: str, timeout_s: float, doing: str) -> None:
+        """Readiness: the port accepts, then `url` answers 200."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            async def ok() -> bool:
+                try:
+                    async with session.get(url) as response:
+                        return response.status == 200
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    return False
+            await self.wait_until(ok, doing, timeout_s, interval_s=0.2)
+
+    async def stop(self, grace_s: float) -> int:
+        """SIGTERM to the group, SIGKILL to whatever is left after `grace_s`, reap. Idempotent."""
+        self._stopping = True
+        if not self.exited.is_set():
+            _signal_group(self.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.exited.wait(), grace_s)
+            except asyncio.TimeoutError:
+                log.warning("engine pid %d ignored SIGTERM for %g s: SIGKILL", self.pid, grace_s)
+        # Children the leader left behind (workers holding VRAM) get SIGKILL too.
+        _signal_group(self.pid, signal.SIGKILL)
+        await self.exited.wait()
+        await self._watcher
+        await _wait_group_gone(self.pid, timeout_s=5)
+        return self.proc.returncode if self.proc.returncode is not None else -1
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        await asyncio.sleep(0.05)
+    log.error("process group %d still has members %g s after SIGKILL", pgid, timeout_s)
+
+
+def tail(path: Path, lines: int = 50) -> list[str]:
+    """The last `lines` lines of a log, reading only its end."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max(lines, 1) * 400))
+            data = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    return list(deque(data.splitlines(), maxlen=lines))

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""A stand-in for an engine's server (vLLM, SGLang, ktransformers, llama-server): it records the
+argv, environment and working folder it was started with into $LESSOR_STANDIN_RECORD, then serves
+/health, /v1/models and /v1/chat/completions on the --port it was given. Standard library only, so
+it runs under any python3 as the real engines would run under theirs."""
+
+import json
+import os
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def flag(argv, *names, default=None):
+    for i, arg in enumerate(argv[:-1]):
+        if arg in names:
+            return argv[i + 1]
+    return default
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    record = os.environ.get("LESSOR_STANDIN_RECORD")
+    if record:
+        with open(record, "w") as f:
+            json.dump({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "pid": os.getpid()}, f)
+    if os.environ.get("LESSOR_STANDIN_EXIT"):  # behave like an engine that dies at start
+        print("stand-in: exiting as asked", flush=True)
+        sys.exit(int(os.environ["LESSOR_STANDIN_EXIT"]))
+    name = flag(argv, "--served-model-name", "--alias", "--model_alias", "--model_name", default="standin")
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, body, status=200):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self._send({"status": "ok"})
+            elif self.path == "/v1/models":
+                self._send({"object": "list", "data": [{"id": name, "object": "model"}]})
+            else:
+                self._send({"error": "not found"}, 404)
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length", 0))
+            json.loads(self.rfile.read(length) or b"{}")
+            self._send({"id": "standin", "object": "chat.completion", "model": name, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": f"stand-in for {name}"},
+                 "finish_reason": "stop"}]})
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((flag(argv, "--host", default="127.0.0.1"), int(flag(argv, "--port"))), Handler)
+    print(f"stand-in serving {name}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
