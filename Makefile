@@ -17,7 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-demo: setup
+var/models/tiny-qwen/config.json: | $(VENV)/.installed
+	$(PY) -m lessor.engines.tiny_qwen var/models/tiny-qwen
+
+demo: setup var/models/tiny-qwen/config.json
 	$(VENV)/bin/lessord --config examples/demo.yaml --log-level INFO
 
 system-deps:

@@ -1,0 +1,176 @@
+"""End to end: lessord --sim with two models on the built-in torch engine (the tiny Qwen2 model
+the project writes), real engine processes, the admin API and the ledger as an operator sees them."""
+
+import json
+import os
+import queue
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from lessor.daemon.units import GiB, MiB
+
+from .conftest import running_lessord
+
+
+
+def torch_spec(name: str, model_path, weights: str, **extra) -> dict:
+    return {"name": name, "engine": {"kind": "torch", "model_path": str(model_path), "dtype": "float32"},
+            "memory": {"weights": weights, "kv_bytes_per_token": 8192, "load_peak": "256MiB"},
+            "plan": {"min_kv_tokens": 1024, "max_kv_tokens": 4096, "max_batch_size": 2}, **extra}
+
+
+def write_config(tmp_path, models, policy: str = "lru_idle") -> "Path":  # noqa: F821
+    config = {"state_dir": str(tmp_path / "state"), "policy": {"name": policy},
+              "devices": {"probe": "sim", "headroom": "512MiB",
+                          "simulated": [{"name": "sim8", "total": "8GiB", "foreign": "1GiB"}]},
+              "models": models}
+    path = tmp_path / "lessor.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class Admin:
+    def __init__(self, url: str, state) -> None:
+        self.url, self.token = url, (state / "admin.token").read_text().strip()
+
+    def call(self, method: str, path: str, body=None, timeout=120):
+        request = urllib.request.Request(self.url + path, method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {self.token}",
+                                                  "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                raw = r.read()
+                return r.status, json.loads(raw) if r.headers.get_content_type() == "application/json" else raw.decode()
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def load(self, name):
+        return self.call("POST", f"/admin/v1/models/{name}", {"action": "load"})
+
+    def model(self, name):
+        return self.call("GET", f"/admin/v1/models/{name}")[1]
+
+    def leases(self, name=None):
+        return self.call("GET", "/admin/v1/leases" + (f"?model={name}" if name else ""))[1]
+
+    def events(self) -> "queue.Queue[dict]":
+        """Events from the SSE stream, read in a thread."""
+        out: queue.Queue = queue.Queue()
+        request = urllib.request.Request(self.url + "/admin/v1/events", headers={"Authorization": f"Bearer {self.token}"})
+        stream = urllib.request.urlopen(request, timeout=60)
+
+        def read():
+            for line in stream:
+                if line.startswith(b"data: "):
+                    out.put(json.loads(line[6:]))
+        threading.Thread(target=read, daemon=True).start()
+        return out
+
+
+def chat(endpoint: str, text: str, **extra) -> dict:
+    body = {"model": "x", "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
+    request = urllib.request.Request(endpoint + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def kinds(model: dict) -> dict:
+    return {k: v for k, v in model["leased_bytes"].items() if v}
+
+
+def wait_for(events: queue.Queue, kind: str, timeout_s: float, **match) -> tuple[dict, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no {kind} event {match} within {timeout_s} s")
+        try:
+            event = events.get(timeout=left)
+        except queue.Empty:
+            continue
+        if event["type"] == kind and all(event.get(k) == v for k, v in match.items()):
+            return event, time.monotonic()
+
+
+def test_two_models_share_one_device(tmp_path, tiny_qwen):
+    config = write_config(tmp_path, [torch_spec("qa", tiny_qwen, "3GiB"), torch_spec("qb", tiny_qwen, "2GiB")])
+    with running_lessord(config) as (_, url):
+        admin = Admin(url, tmp_path / "state")
+        for name in ("qa", "qb"):
+            status, model = admin.load(name)
+            assert status == 200 and model["state"] == "ready", model
+        a, b = admin.model("qa"), admin.model("qb")
+        # Weights as configured; the KV cache sized after them (4096 tokens x 8 KiB), the load peak gone.
+        assert kinds(a) == {"weights": 3 * GiB, "kv": 4096 * 8192}
+        assert kinds(b) == {"weights": 2 * GiB, "kv": 4096 * 8192}
+        assert a["params"] == {"context_tokens": 2048, "max_batch_size": 2}
+        ledger = {(lease["model"], lease["kind"]) for lease in admin.leases()}
+        assert ledger == {("qa", "weights"), ("qa", "kv"), ("qb", "weights"), ("qb", "kv")}
+        for model in (a, b):
+            answer = chat(model["endpoint"], "Hello, how are you?", seed=1)
+            assert answer["object"] == "chat.completion" and answer["model"] == model["name"]
+            assert answer["usage"]["completion_tokens"] >= 1 and answer["choices"][0]["message"]["role"] == "assistant"
+        device = admin.call("GET", "/admin/v1/devices")[1][0]
+        assert device["leased_by_kind"]["weights"] == 5 * GiB and device["leased_by_kind"]["load_peak"] == 0
+
+        status, _ = admin.call("POST", "/admin/v1/models/qa", {"action": "unload"})
+        assert status == 200 and admin.model("qa")["state"] == "unloaded"
+        assert admin.leases("qa") == [] and {lease["model"] for lease in admin.leases()} == {"qb"}
+        with pytest.raises(ProcessLookupError):
+            os.killpg(a["pid"], 0)
+        assert chat(admin.model("qb")["endpoint"], "still there?")["choices"]
+
+
+def test_a_killed_engine_releases_its_leases_at_once(tmp_path, tiny_qwen):
+    spec = torch_spec("qa", tiny_qwen, "3GiB", restart={"policy": "on-failure", "backoff": "200ms"})
+    with running_lessord(write_config(tmp_path, [spec])) as (_, url):
+        admin = Admin(url, tmp_path / "state")
+        assert admin.load("qa")[0] == 200
+        pid = admin.model("qa")["pid"]
+        events = admin.events()
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        exited, at = wait_for(events, "engine_exited", 2, model="qa")
+        assert at - killed < 2 and exited["returncode"] == -signal.SIGKILL and exited["restart_in_s"] == 0.2
+        released, _ = wait_for(events, "model_state", 2, model="qa", state="failed")
+        assert "SIGKILL" in released["reason"]
+        # The restart policy brings it back as a new process, with new leases.
+        wait_for(events, "model_state", 60, model="qa", state="ready")
+        model = admin.model("qa")
+        assert model["pid"] != pid and model["restarts"] == 1 and kinds(model)["weights"] == 3 * GiB
+        assert chat(model["endpoint"], "back?")["choices"]
+
+
+def test_a_failed_second_load_leaves_the_first_untouched(tmp_path, tiny_qwen):
+    models = [torch_spec("qa", tiny_qwen, "3GiB"), torch_spec("broken", tmp_path / "no-such-model", "1GiB"),
+              {**torch_spec("too-big", tiny_qwen, "2GiB"), "memory": {"weights": "2GiB", "kv_bytes_per_token": 8192,
+                                                                     "load_peak": "3GiB"}}]
+    # Policy `fit` never evicts (lru_idle would rightly evict the idle first model for the third).
+    with running_lessord(write_config(tmp_path, models, policy="fit")) as (_, url):
+        admin = Admin(url, tmp_path / "state")
+        assert admin.load("qa")[0] == 200
+        before = admin.leases()
+
+        status, error = admin.load("broken")
+        assert status == 502 and error["error"]["type"] == "load_failed"
+        message = error["error"]["message"]
+        assert "wait for weights" in message and "no-such-model" in message, message
+        assert admin.model("broken")["state"] == "failed" and admin.leases("broken") == []
+        log = admin.call("GET", "/admin/v1/models/broken/log?lines=50")[1]
+        assert "no-such-model" in log
+
+        # 8 - 0.5 headroom - 1 foreign - 3.03 (qa) leaves 3.47 GiB: 2 GiB of weights + a 3 GiB peak do not fit.
+        status, error = admin.load("too-big")
+        assert status == 503 and error["error"]["type"] == "not_enough_memory", error
+        assert "too-big" in error["error"]["message"] and admin.leases("too-big") == []
+
+        assert admin.leases() == before and admin.model("qa")["state"] == "ready"
+        assert chat(admin.model("qa")["endpoint"], "unharmed?")["choices"]
