@@ -3,7 +3,10 @@ here on a fixed text, so the demo and the tests need no download. Its folder has
 real Qwen2.5 folder has and loads through the same code path (AutoModelForCausalLM,
 AutoTokenizer). The weights are random (seeded): it talks nonsense, deterministically.
 
-    python -m lessor.engines.tiny_qwen var/models/tiny-qwen
+    python -m lessor.engines.tiny_qwen var/models/tiny-qwen [--gguf var/models/tiny-qwen.gguf]
+
+`--gguf` also writes the same model as a GGUF file (f32, llama.cpp's `qwen2` architecture, the
+same vocabulary and merges) for the llama.cpp engine, with the `gguf` package.
 """
 
 from __future__ import annotations
@@ -68,14 +71,80 @@ def write(out: Path, seed: int = 0) -> Path:
     return out
 
 
+# HF Qwen2 tensor names -> llama.cpp's (per block, then the rest).
+_BLOCK_TENSORS = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+_OTHER_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                  "lm_head.weight": "output.weight"}
+
+
+def _gguf_name(hf_name: str) -> str:
+    if hf_name in _OTHER_TENSORS:
+        return _OTHER_TENSORS[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)  # model.layers.N.rest
+    return f"blk.{layer}.{_BLOCK_TENSORS[rest]}"
+
+
+def write_gguf(folder: Path, out: Path) -> Path:
+    """The HF folder written by `write` as one GGUF file llama.cpp loads."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    special = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    vocab = {**tok["model"]["vocab"], **special}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+
+    writer = gguf.GGUFWriter(str(out), arch="qwen2")
+    writer.add_name("tiny-qwen")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config.get("rope_parameters", {}).get("rope_theta", config.get("rope_theta", 10000.0)))
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(special["<|im_end|>"])
+    writer.add_pad_token_id(special["<|endoftext|>"])
+    writer.add_bos_token_id(special["<|endoftext|>"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    for name, array in sorted(load_file(str(folder / "model.safetensors")).items()):
+        writer.add_tensor(_gguf_name(name), array.astype("float32"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lessor.engines.tiny_qwen", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder to write (created)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gguf", type=Path, default=None, help="also write it as this GGUF file (needs `gguf`)")
     args = parser.parse_args(argv)
     path = write(args.out, args.seed)
     size = sum(f.stat().st_size for f in path.iterdir())
     print(f"wrote a tiny Qwen2 model to {path} ({size / 1e6:.1f} MB)")
+    if args.gguf:
+        write_gguf(path, args.gguf)
+        print(f"wrote it as GGUF to {args.gguf} ({args.gguf.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 

@@ -41,3 +41,28 @@ def test_nvml_attributes_a_torch_process_allocation():
         del x
     finally:
         probe.close()
+
+
+@pytest.mark.gpu
+async def test_torch_engine_on_a_real_gpu_stays_within_its_leases(tiny_qwen, tmp_path):
+    """The built-in engine on CUDA: NVML attributes its usage to its pid, and the load protocol's
+    verification (engine report and NVML, within leases + tolerance) passes."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    _nvml_or_skip().close()
+    from lessor.daemon.config import parse_config
+    from lessor.daemon.service import runtime
+
+    config = parse_config({"state_dir": str(tmp_path / "state"), "devices": {"probe": "nvml", "headroom": "1GiB"},
+                           "models": [{"name": "tiny", "placement": {"devices": [0]},
+                                       "engine": {"kind": "torch", "model_path": str(tiny_qwen), "dtype": "bfloat16"},
+                                       "architecture": {"hf_config": str(tiny_qwen / "config.json")},
+                                       "plan": {"min_kv_tokens": 1024, "max_kv_tokens": 65536}}]})
+    async with runtime(config) as controller:
+        model = await controller.load("tiny")
+        reading = controller.ledger.snapshot().readings["gpu0"]
+        used = reading.processes.get(model["pid"], 0)
+        leased = sum(model["leased_bytes"].values())
+        assert 0 < used <= leased + max(128 << 20, leased // 20), (used, model["leased_bytes"])
+        await controller.unload("tiny")

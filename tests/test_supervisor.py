@@ -152,3 +152,54 @@ async def test_unload_releases_every_lease_and_stops_the_engine(env):
     assert controller.ledger.snapshot().leases == ()
     assert adapter.handles[0].stopped
     assert controller.ledger.budgets()["gpu0"].foreign_bytes == 8 * GiB
+
+
+async def crash(controller, adapter, events, name):
+    adapter.grants[-1].on_exit(-9)
+    while True:
+        event = await asyncio.wait_for(events.get(), 2)
+        if event.type == "engine_exited" and event.model == name:
+            return event
+
+
+async def test_a_crash_releases_leases_and_policy_never_leaves_it_failed(env):
+    controller, adapter, events = await env([{**torch_model("a"), "restart": {"policy": "never"}}])
+    await controller.load("a")
+    exited = await crash(controller, adapter, events, "a")
+    assert exited.restart_in_s is None and exited.returncode == -9
+    assert controller.leases("a") == [] and controller.model("a")["state"] == "failed"
+    assert "signal SIGKILL" in controller.model("a")["error"]
+
+
+async def test_restarts_back_off_then_give_up(env):
+    controller, adapter, events = await env([{**torch_model("a"),
+                                               "restart": {"policy": "on-failure", "max_restarts": 1, "backoff": 0.01}}])
+    await controller.load("a")
+    first = await crash(controller, adapter, events, "a")
+    assert first.restart_in_s == 0.01
+    while controller.model("a")["state"] != "ready":
+        await asyncio.sleep(0.01)
+    assert len(adapter.handles) == 2 and controller.model("a")["restarts"] == 1
+    second = await crash(controller, adapter, events, "a")
+    assert second.restart_in_s is None  # max_restarts within the window: given up
+    await asyncio.sleep(0.05)
+    assert controller.model("a")["state"] == "failed" and controller.leases("a") == []
+
+
+async def test_an_exit_report_from_an_older_engine_is_ignored(env):
+    controller, adapter, events = await env([torch_model("a")])
+    await controller.load("a")
+    old = adapter.grants[-1]
+    await controller.unload("a")
+    await controller.load("a")
+    old.on_exit(-9)
+    await asyncio.sleep(0.05)
+    assert controller.model("a")["state"] == "ready" and controller.leases("a")
+
+
+async def test_usage_over_the_leases_fails_verification(env):
+    controller, adapter, _ = await env([torch_model("a", "4GiB")])
+    adapter.measured = {"gpu0": 9 * GiB}  # far above 4 GiB of weights + the KV lease
+    with pytest.raises(LoadFailed, match="verify.*the engine uses 9.0 GiB"):
+        await controller.load("a")
+    assert controller.leases("a") == [] and adapter.handles[-1].stopped
