@@ -159,6 +159,7 @@ class Supervisor:
             raise
         except BaseException as exc:
             record.error = str(exc)
+            log.warning("load of %s failed: %s", spec.name, record.error)
             self._set_state(record, ModelState.FAILED, record.error)
             raise
         return record

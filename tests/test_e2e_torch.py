@@ -82,6 +82,15 @@ def chat(endpoint: str, text: str, **extra) -> dict:
         return json.loads(r.read())
 
 
+def post(url: str, body: dict) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 def kinds(model: dict) -> dict:
     return {k: v for k, v in model["leased_bytes"].items() if v}
 
@@ -118,6 +127,19 @@ def test_two_models_share_one_device(tmp_path, tiny_qwen):
             answer = chat(model["endpoint"], "Hello, how are you?", seed=1)
             assert answer["object"] == "chat.completion" and answer["model"] == model["name"]
             assert answer["usage"]["completion_tokens"] >= 1 and answer["choices"][0]["message"]["role"] == "assistant"
+        # Streaming (SSE chunks, then [DONE]), plain completions, and a client's mistake named.
+        status, raw = post(a["endpoint"] + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                                    "max_tokens": 4, "stream": True})
+        chunks = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+        assert status == 200 and chunks[-1] == "[DONE]"
+        parsed = [json.loads(c) for c in chunks[:-1]]
+        assert parsed[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert parsed[-1]["choices"][0]["finish_reason"] in ("stop", "length") and parsed[-1]["usage"]["completion_tokens"] >= 1
+        status, raw = post(b["endpoint"] + "/v1/completions", {"prompt": "The quick brown", "max_tokens": 3})
+        assert status == 200 and json.loads(raw)["object"] == "text_completion"
+        status, raw = post(b["endpoint"] + "/v1/completions", {"prompt": "x", "max_tokens": 0})
+        assert status == 400 and json.loads(raw)["error"]["param"] == "max_tokens"
+        assert "max_tokens: must be a positive integer" in json.loads(raw)["error"]["message"]
         device = admin.call("GET", "/admin/v1/devices")[1][0]
         assert device["leased_by_kind"]["weights"] == 5 * GiB and device["leased_by_kind"]["load_peak"] == 0
 
