@@ -4,14 +4,13 @@ sync); counters and the load-duration histogram come from events, recorded as th
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..daemon.controller import Controller
-from ..daemon.events import AdmissionDecided, Event, ModelStateChanged
+from ..daemon.events import AdmissionDecided, EngineExited, Event, ModelStateChanged
 
 MODEL_STATES = ("unloaded", "loading", "ready", "unloading", "failed")
 LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
@@ -28,11 +27,15 @@ class Metrics:
         self.loads = Counter("lessor_model_loads", "Finished loads by result", ["model", "result"], registry=self.registry)
         self.load_seconds = Histogram("lessor_model_load_duration_seconds", "Time from loading to ready", ["model"],
                                       buckets=LOAD_BUCKETS_S, registry=self.registry)
+        self.engine_exits = Counter("lessor_engine_exits", "Engines that exited on their own (crashes)",
+                                    ["model"], registry=self.registry)
         self.registry.register(_Gauges(controller))
         controller.bus.listen(self.on_event)
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, AdmissionDecided):
+        if isinstance(event, EngineExited):
+            self.engine_exits.labels(event.model).inc()
+        elif isinstance(event, AdmissionDecided):
             self.admissions.labels(event.result).inc()
             for victim in event.victims:
                 self.evictions.labels(victim).inc()

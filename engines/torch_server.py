@@ -78,7 +78,6 @@ class Engine:
         self.phase = "weights_loaded"
 
     def allocate_kv(self, context_tokens: int, max_batch_size: int, memory_limit: int | None) -> int:
-        import torch
         from transformers import StaticCache
 
         if self.phase != "weights_loaded":

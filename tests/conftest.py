@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lessor.daemon.config import parse_config
+from lessor.daemon.config import LessorConfig, parse_config
 from lessor.daemon.units import GiB
 
 from .pgcluster import free_port, pg_bindir, postgres_cluster  # noqa: F401 (free_port: for the tests)
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def sim_config(tmp_path: Path, models: list[dict] | None = None, gpus: list[dict] | None = None,
-               policy: str = "lru_idle", **extra) -> "LessorConfig":  # noqa: F821
+               policy: str = "lru_idle", **extra) -> LessorConfig:
     data = {
         "state_dir": str(tmp_path / "state"),
         "devices": {"probe": "sim", "headroom": "1GiB",

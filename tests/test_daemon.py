@@ -2,13 +2,11 @@
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import yaml
 
 from lessor.daemon.units import GiB
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, free_port, running_lessord
 
 BIN = Path(sys.executable).parent
 
@@ -40,26 +38,8 @@ def seed_config(tmp_path):
 
 @pytest.fixture
 def daemon(seed_config, tmp_path):
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"}
-    proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(seed_config), "--sim",
-                             "--admin-listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"lessord did not start: {proc.communicate()}")
-            time.sleep(0.1)
-    yield proc, url, seed_config, tmp_path / "state"
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+    with running_lessord(seed_config) as (proc, url):
+        yield proc, url, seed_config, tmp_path / "state"
 
 
 def test_status_shows_the_seed_case(daemon):

@@ -9,11 +9,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 
-from lessor.daemon.units import GiB, MiB
+from lessor.daemon.units import GiB
 
 from .conftest import running_lessord
 
@@ -25,7 +26,7 @@ def torch_spec(name: str, model_path, weights: str, **extra) -> dict:
             "plan": {"min_kv_tokens": 1024, "max_kv_tokens": 4096, "max_batch_size": 2}, **extra}
 
 
-def write_config(tmp_path, models, policy: str = "lru_idle") -> "Path":  # noqa: F821
+def write_config(tmp_path, models, policy: str = "lru_idle") -> Path:
     config = {"state_dir": str(tmp_path / "state"), "policy": {"name": policy},
               "devices": {"probe": "sim", "headroom": "512MiB",
                           "simulated": [{"name": "sim8", "total": "8GiB", "foreign": "1GiB"}]},
@@ -169,6 +170,8 @@ def test_a_killed_engine_releases_its_leases_at_once(tmp_path, tiny_qwen):
         model = admin.model("qa")
         assert model["pid"] != pid and model["restarts"] == 1 and kinds(model)["weights"] == 3 * GiB
         assert chat(model["endpoint"], "back?")["choices"]
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            assert 'lessor_engine_exits_total{model="qa"} 1.0' in r.read().decode()
 
 
 def test_a_failed_second_load_leaves_the_first_untouched(tmp_path, tiny_qwen):

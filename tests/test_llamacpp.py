@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from lessor.daemon.service import runtime
-from lessor.daemon.units import GiB, MiB
+from lessor.daemon.units import GiB
 
 from .conftest import sim_config
 

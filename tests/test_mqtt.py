@@ -122,7 +122,7 @@ async def test_a_broker_outage_never_blocks_and_buffers_up_to_a_bound(tmp_path, 
         broker.start()
         async with aiomqtt.Client("127.0.0.1", broker.port, identifier="watcher") as watcher:
             await watcher.subscribe("test/lessor/state/devices/gpu0", qos=1)
-            seen = await collect(watcher, lambda s: any(json.loads(m.payload)["foreign_bytes"] == 6 * GiB
+            await collect(watcher, lambda s: any(json.loads(m.payload)["foreign_bytes"] == 6 * GiB
                                                         for m in s.get("test/lessor/state/devices/gpu0", [])), 20)
         assert await publisher.flush(10)
         assert publisher.published >= 3 and not publisher._pending
