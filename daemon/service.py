@@ -111,7 +111,11 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         await _listen(runner, config)
         for spec in config.models:
             if spec.pinned:
-                await controller.load(spec.name)
+                try:
+                    await controller.load(spec.name)
+                except LessorError as exc:  # keep serving the others; the model shows as failed
+                    log.error("pinned model %s did not load: %s", spec.name, exc)
+                    print(f"lessord: pinned model {spec.name} did not load: {exc}", file=sys.stderr, flush=True)
         ready.set()
         interval = watchdog_interval_s()
         if interval:

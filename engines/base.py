@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .process import EngineProcess, engine_env
 
@@ -25,6 +25,17 @@ class EngineArgsBase(BaseModel):
     extra_args: list[str] = Field(default_factory=list, description="Extra argv tokens appended to the engine's command, passed without a shell.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the engine process.")
     port: int | None = Field(default=None, ge=1024, le=65535, description="Port the engine listens on; chosen free by lessor when unset.")
+
+    @field_validator("model_path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        return absolute_path(path)
+
+
+def absolute_path(path: str) -> str:
+    """Relative to lessord's working directory when the config is read: engines run in folders
+    of their own, where a relative path would point elsewhere."""
+    return str(Path(path).expanduser().absolute())
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import Field, ValidationInfo, field_validator
 
-from .base import Command, EngineArgsBase, Grant, ProcessAdapter
+from .base import Command, EngineArgsBase, Grant, ProcessAdapter, absolute_path
 
 CUDA_PAGE_TOKENS = 256
 DEFAULT_CHUNK_TOKENS = 256  # attn.chunk_size of ktransformers' shipped config.yaml
@@ -64,6 +64,11 @@ class KTransformersEngineArgs(EngineArgsBase):
     chunk_size: int | None = Field(default=None, ge=1, description="Prefill chunk in tokens: at most 1024, or a multiple of 1024.")
     max_new_tokens: int = Field(default=1024, ge=1, description="--max_new_tokens per request.")
     cpu_infer: int | None = Field(default=None, ge=1, description="--cpu_infer: CPU threads for the experts.")
+
+    @field_validator("gguf_path", "optimize_config_path")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        return None if path is None else absolute_path(path)
 
     @field_validator("page_size")
     @classmethod

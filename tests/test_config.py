@@ -94,3 +94,11 @@ def test_defaults_are_loopback_and_one_gib_headroom():
     assert config.admin.listen.startswith("127.0.0.1:")
     assert config.devices.headroom == GiB
     assert config.ledger_url().startswith("sqlite+aiosqlite:///")
+
+
+def test_relative_model_paths_are_made_absolute(tmp_path, monkeypatch):
+    # Engines run in folders of their own: a relative path is taken from where lessord reads its config.
+    monkeypatch.chdir(tmp_path)
+    config = parse_config({"models": [{"name": "q", "engine": {"kind": "torch", "model_path": "var/models/q"},
+                                       "memory": {"weights": "1GiB", "kv_bytes_per_token": 1024}}]})
+    assert config.models[0].engine.model_path == str(tmp_path / "var" / "models" / "q")

@@ -199,3 +199,12 @@ def test_a_failed_second_load_leaves_the_first_untouched(tmp_path, tiny_qwen):
 
         assert admin.leases() == before and admin.model("qa")["state"] == "ready"
         assert chat(admin.model("qa")["endpoint"], "unharmed?")["choices"]
+
+
+def test_a_pinned_model_that_cannot_load_does_not_stop_the_daemon(tmp_path, tiny_qwen):
+    spec = {**torch_spec("broken", tmp_path / "missing", "1GiB"), "pinned": True, "restart": {"policy": "never"}}
+    with running_lessord(write_config(tmp_path, [spec, torch_spec("qa", tiny_qwen, "1GiB")])) as (_, url):
+        admin = Admin(url, tmp_path / "state")
+        broken = admin.model("broken")
+        assert broken["state"] == "failed" and "missing" in broken["error"] and admin.leases() == []
+        assert admin.load("qa")[0] == 200
