@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 from aiohttp import web
 
 from ..daemon.errors import (ConfigError, EngineUnavailable, InvalidRequest, InvariantBroken, LessorError, LoadFailed,
-                             ModelBusy, NotEnoughMemory, PlanRejected, Unauthorized, UnknownModel)
+                             ModelBusy, NotEnoughMemory, PlanRejected, QueueFull, Unauthorized, UnknownModel,
+                             UpstreamFailed, WaitTimedOut)
 
 log = logging.getLogger("lessor.api")
 
@@ -20,10 +22,24 @@ STATUS: dict[type[LessorError], int] = {
     ModelBusy: 409,
     PlanRejected: 422,
     EngineUnavailable: 501,
+    QueueFull: 429,
     LoadFailed: 502,
+    UpstreamFailed: 502,
     NotEnoughMemory: 503,
+    WaitTimedOut: 503,
     InvariantBroken: 500,
 }
+
+
+def http_status(exc: LessorError) -> int:
+    return next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+
+
+def retry_after(exc: LessorError, status: int) -> dict[str, str]:
+    retry = getattr(exc, "retry_after_s", None)
+    if retry is None or status not in (409, 429, 503):
+        return {}
+    return {"Retry-After": str(max(1, math.ceil(retry)))}
 
 
 def envelope(type_: str, message: str, field: str | None = None) -> dict:
@@ -34,11 +50,8 @@ def envelope(type_: str, message: str, field: str | None = None) -> dict:
 
 
 def error_response(exc: LessorError) -> web.Response:
-    status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-    headers = {}
-    retry = getattr(exc, "retry_after_s", None)
-    if retry is not None and status in (409, 429, 503):
-        headers["Retry-After"] = str(int(retry))
+    status = http_status(exc)
+    headers = retry_after(exc, status)
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="lessor-admin"'
     body = envelope(exc.type, exc.message(), getattr(exc, "field", None))

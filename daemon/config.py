@@ -19,7 +19,7 @@ from ..engines.ktransformers import DEFAULT_CHUNK_TOKENS as KT_DEFAULT_CHUNK_TOK
 from .memory import GGML_TYPE_BYTES, Architecture, KvDtype, WeightFormat, estimate, read_hf_config
 from ..policies import POLICIES
 from .errors import ConfigError, ConfigProblem
-from .units import GiB, parse_duration, parse_size
+from .units import GiB, MiB, parse_duration, parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(
     {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "examples": ["8GiB", "512MiB", "8GB"]}]})]
@@ -140,6 +140,7 @@ class ModelSpec(Strict):
     priority: int = Field(default=50, ge=0, le=1000, description="Higher survives eviction longer (policy `priority`).")
     keep_alive: Duration = Field(default=300.0, description="Idle seconds before unloading; -1 = never.")
     pinned: bool = Field(default=False, description="Loaded at start and never evicted.")
+    max_concurrency: int | None = Field(default=None, ge=1, le=100_000, description="Requests the router sends to this model at once; more wait in its queue. Unset: no limit (the engine queues).")
     restart: RestartPolicy = Field(default_factory=RestartPolicy, description="What to do when the engine exits on its own.")
 
     @model_validator(mode="before")
@@ -229,6 +230,10 @@ class AdminConfig(Strict):
 
 class RouterConfig(Strict):
     listen: Listen = Field(default="127.0.0.1:8471", description="HOST:PORT of the OpenAI-compatible router.")
+    max_queue: int = Field(default=64, ge=0, le=100_000, description="Requests per model that may wait (for a load, a swap or a free slot); more get 429 with Retry-After.")
+    wait_timeout: Duration = Field(default=900.0, gt=0, description="Longest a request waits for its model (a load, a swap, a slot) before 503.")
+    max_body: Size = Field(default=16 * MiB, ge=1024, description="Largest request body the router accepts; larger gets 413.")
+    keep_alive_check: Duration = Field(default=1.0, gt=0, le=60, description="How often idle models are checked against their keep_alive.")
 
 
 class MqttConfig(Strict):

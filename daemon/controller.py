@@ -19,6 +19,7 @@ class Controller:
     def __init__(self, config: LessorConfig, probe: Probe, ledger: Ledger, supervisor: Supervisor, bus: EventBus) -> None:
         self.config, self.probe, self.ledger, self.supervisor, self.bus = config, probe, ledger, supervisor, bus
         self.mqtt = None  # the MQTT publisher, when configured (metrics read its counters)
+        self.router = None  # the router, once lessord serves it (metrics read its counters)
 
     def devices(self) -> list[dict[str, Any]]:
         snapshot = self.ledger.snapshot()

@@ -110,6 +110,55 @@ class NotEnoughMemory(LessorError):
 
 
 @dataclass
+class ModelsBusy(NotEnoughMemory):
+    """It would fit once the models holding the memory finish their requests (the policy queued it);
+    `blockers` are the models whose eviction would make room."""
+
+    blockers: tuple[str, ...] = ()
+    retry_after_s: float = 2.0
+    type = "models_busy"
+
+
+@dataclass
+class QueueFull(LessorError):
+    """The router's per-model queue is full: the client should back off."""
+
+    model: str
+    limit: int
+    retry_after_s: float = 1.0
+    type = "queue_full"
+
+    def message(self) -> str:
+        return (f"model '{self.model}' already has {self.limit} requests waiting (router.max_queue); "
+                f"retry after {self.retry_after_s:g} s")
+
+
+@dataclass
+class WaitTimedOut(LessorError):
+    model: str
+    waited_s: float
+    waiting_for: str
+    retry_after_s: float = 5.0
+    type = "wait_timed_out"
+
+    def message(self) -> str:
+        return (f"model '{self.model}' was not available after {self.waited_s:g} s (waiting for {self.waiting_for}); "
+                "raise router.wait_timeout or retry later")
+
+
+@dataclass
+class UpstreamFailed(LessorError):
+    """The model's engine could not be reached or broke the connection."""
+
+    model: str
+    reason: str
+    type = "upstream_error"
+
+    def message(self) -> str:
+        return f"model '{self.model}': its engine did not answer: {self.reason}"
+
+
+@dataclass
 class PlanRejected(LessorError):
     """No engine parameters fit, or the configured ones break an engine rule."""
 

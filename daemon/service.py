@@ -24,6 +24,7 @@ from .events import ConfigReloaded, EventBus
 from .ledger import Ledger
 from .mqtt import MqttPublisher
 from .notify import Notifier, watchdog, watchdog_interval_s
+from .routing import Router
 from .supervisor import Supervisor
 
 log = logging.getLogger("lessor.service")
@@ -109,6 +110,9 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await _listen(runner, config)
+        router = Router(controller.supervisor, config.router, controller.bus.listen)
+        controller.router = router
+        await _serve_router(stack, router, controller, config)
         for spec in config.models:
             if spec.pinned:
                 try:
@@ -117,6 +121,7 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
                     log.error("pinned model %s did not load: %s", spec.name, exc)
                     print(f"lessord: pinned model {spec.name} did not load: {exc}", file=sys.stderr, flush=True)
         ready.set()
+        stack.callback(asyncio.ensure_future(router.run_keep_alive()).cancel)
         interval = watchdog_interval_s()
         if interval:
             stack.callback(asyncio.ensure_future(watchdog(notifier, interval)).cancel)
@@ -125,11 +130,27 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
             loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(reloads, reload(controller, reload_config, notifier)))
         notifier.ready(f"{len(config.models)} model(s), probe {controller.probe.name}")
         host, port = parse_listen(config.admin.listen)
-        print(f"lessord: admin API on http://{host}:{port} (probe: {controller.probe.name}); token in "
+        router_host, router_port = parse_listen(config.router.listen)
+        print(f"lessord: OpenAI router on http://{router_host}:{router_port}/v1, admin API on http://{host}:{port} "
+              f"(probe: {controller.probe.name}); token in "
               f"{'$LESSOR_ADMIN_TOKEN' if os.environ.get('LESSOR_ADMIN_TOKEN') else config.token_path()}", flush=True)
         await stop.wait()
         notifier.stopping()
         log.info("lessord stopping: draining, stopping engines, closing the ledger")
+
+
+async def _serve_router(stack: AsyncExitStack, router: Router, controller: Controller, config: LessorConfig) -> None:
+    from aiohttp import web
+
+    from ..api.router import make_router_app
+
+    # handler_cancellation: a client that disconnects cancels its request, and so the upstream one.
+    runner = web.AppRunner(make_router_app(router, controller.supervisor, config.router), access_log=None,
+                           shutdown_timeout=10, handler_cancellation=True)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    host, port = parse_listen(config.router.listen)
+    await web.TCPSite(runner, host, port).start()
 
 
 def _spawn(tasks: set[asyncio.Task], coro) -> None:

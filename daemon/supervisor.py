@@ -16,17 +16,17 @@ import logging
 import time
 import uuid
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..engines.base import EngineAdapter, EngineHandle, GpuTarget, Grant, KvGrant
 from ..engines.process import describe_exit, free_port
-from ..policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot
+from ..policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot, shortfall
 from .config import LessorConfig, ModelSpec
 from .devices import Probe, SimProbe, gpu_id
-from .errors import EngineUnavailable, LoadFailed, ModelBusy, NotEnoughMemory, PlanRejected, UnknownModel
+from .errors import EngineUnavailable, LoadFailed, ModelBusy, ModelsBusy, NotEnoughMemory, PlanRejected, UnknownModel
 from .events import AdmissionDecided, EngineExited, Event, ModelStateChanged
 from .units import MiB, format_bytes
 from .ledger import Granted, LeaseKind, Ledger
@@ -87,6 +87,11 @@ class Supervisor:
         self._device_locks: dict[str, asyncio.Lock] = {}
 
     # -- reads -------------------------------------------------------------------------------
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock of last-use times (the router touches them, policies compare them)."""
+        return self._clock
 
     def resolve(self, name: str) -> ModelRecord:
         spec = self._config.model(name)
@@ -256,13 +261,30 @@ class Supervisor:
                                        getattr(decision, "reason", ""), getattr(decision, "victims", ())))
         if isinstance(decision, Evict):
             for victim in decision.victims:
+                if self._models[victim].in_flight:  # a request started on it while an earlier victim unloaded
+                    raise self._busy(spec, snapshot, f"'{victim}' took a request while room was being made")
                 await self.unload(victim, reason=f"evicted for '{spec.name}'")
-        elif isinstance(decision, (Rejected, Queue)):
-            device, short = max(getattr(decision, "short_bytes", {}).items() or [("", 0)], key=lambda kv: kv[1])
+        elif isinstance(decision, Queue):
+            raise self._busy(spec, snapshot, decision.reason)
+        elif isinstance(decision, Rejected):
+            device, short = max(decision.short_bytes.items() or [("", 0)], key=lambda kv: kv[1])
             free = snapshot.devices[device].free_bytes if device in snapshot.devices else 0
             raise NotEnoughMemory(spec.name, device or "devices", free + short, free, decision.reason)
         elif not isinstance(decision, Admit):
             raise AssertionError(f"policy returned {decision!r}")
+
+    def _busy(self, spec: ModelSpec, snapshot: Snapshot, reason: str) -> ModelsBusy:
+        """The models that would be evicted were they idle: the router drains them (their new
+        requests wait) so this load gets its turn."""
+        need = plan(spec, snapshot.devices).peak_need()
+        idle = Snapshot(snapshot.devices, {n: replace(m, in_flight=0) for n, m in snapshot.models.items()}, snapshot.now_s)
+        decision = self._policy(AdmissionRequest(spec.name, need, spec.priority), idle)
+        blockers = decision.victims if isinstance(decision, Evict) else ()
+        device, short = max(shortfall(AdmissionRequest(spec.name, need), snapshot).items() or [("devices", 0)],
+                            key=lambda kv: kv[1])
+        free = snapshot.devices[device].free_bytes if device in snapshot.devices else 0
+        return ModelsBusy(spec.name, device, free + short, free,
+                          f"{reason}; it loads once {', '.join(blockers) or 'they'} finish their requests", blockers=blockers)
 
     async def _grant_kv(self, spec: ModelSpec, attempt: str, handle: EngineHandle) -> Plan:
         # Size the KV cache from what is left now that the weights are in, never the pre-load guess.

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import logging
 import os
+import struct
 import sys
 import threading
 import time
@@ -128,6 +130,23 @@ class Engine:
             raise BadRequest("prompt", "must be a non-empty string")
         return list(self.tokenizer(prompt)["input_ids"])
 
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean of the last hidden layer over each text's tokens, L2-normalised; and the tokens read."""
+        import torch
+
+        vectors, tokens = [], 0
+        limit = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", 32768)
+        with torch.inference_mode():
+            for i, text in enumerate(texts):
+                ids = self.tokenizer(text)["input_ids"]
+                if len(ids) > limit:
+                    raise BadRequest("input", f"input[{i}] has {len(ids)} tokens; this model reads at most {limit}")
+                hidden = self.model(input_ids=torch.tensor([ids], device=self.model.device), use_cache=False,
+                                    output_hidden_states=True).hidden_states[-1][0].float()
+                vectors.append(torch.nn.functional.normalize(hidden.mean(dim=0), dim=0).tolist())
+                tokens += len(ids)
+        return vectors, tokens
+
     def generate(self, slot: int, prompt: list[int], sampling: Sampling) -> Iterator[int]:
         """Token ids, one at a time, decoded into the slot's static cache."""
         import torch
@@ -209,6 +228,7 @@ class Server:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         return app
 
     async def health(self, request: web.Request) -> web.Response:
@@ -216,7 +236,9 @@ class Server:
         return web.json_response({"status": "ok" if ready else self.engine.phase}, status=200 if ready else 503)
 
     async def state(self, request: web.Request) -> web.Response:
-        return web.json_response(await asyncio.to_thread(self.engine.measure))
+        state = await asyncio.to_thread(self.engine.measure)
+        busy = 0 if self.free_slots is None else len(self.engine.slots) - self.free_slots.qsize()
+        return web.json_response({**state, "requests_in_flight": busy})
 
     async def allocate(self, request: web.Request) -> web.Response:
         body = await _json(request)
@@ -239,6 +261,27 @@ class Server:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": self.served_name, "object": "model", "created": 0, "owned_by": "lessor"}]})
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        if self.engine.phase != "ready":
+            return _error(503, f"the model is not ready (phase {self.engine.phase})", kind="server_error")
+        body = await _json(request)
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object")
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            return _error(400, "input: must be a non-empty string or a non-empty list of non-empty strings", "input")
+        encoding = body.get("encoding_format", "float")
+        if encoding not in ("float", "base64"):
+            return _error(400, f"encoding_format: must be 'float' or 'base64'; got {encoding!r}", "encoding_format")
+        try:
+            vectors, tokens = await asyncio.to_thread(self.engine.embed, texts)
+        except BadRequest as exc:
+            return _error(400, str(exc), exc.param)
+        data = [{"object": "embedding", "index": i, "embedding": _encode(v, encoding)} for i, v in enumerate(vectors)]
+        return web.json_response({"object": "list", "data": data, "model": self.served_name,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._complete(request, chat=True)
@@ -326,6 +369,12 @@ class Completion:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()  # OpenAI's base64: float32 LE
 
 
 async def _send(response: web.StreamResponse, body: dict[str, Any]) -> None:

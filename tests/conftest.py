@@ -86,7 +86,7 @@ class FakeHandle:
     def __init__(self, adapter: "FakeAdapter", spec, params, kv_tokens: int, pid: int) -> None:
         self.adapter, self.spec, self.params, self.pid = adapter, spec, params, pid
         self.started_at = time.time()
-        self.base_url = f"http://127.0.0.1:{pid % 50000 + 10000}"
+        self.base_url = adapter.base_url or f"http://127.0.0.1:{pid % 50000 + 10000}"
         self.kv_tokens = None
         self.stopped = False
 
@@ -100,7 +100,7 @@ class FakeHandle:
         try:
             self._use(self.spec.profile().weights + self.spec.profile().load_peak)
             adapter.seen.append(("weights", self.spec.name, adapter.ledger.snapshot()))
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(adapter.load_delay_s)
             if adapter.during_weights:
                 adapter.during_weights(self)
             if adapter.fail_at == "weights":
@@ -138,10 +138,12 @@ class FakeAdapter:
         self.fail_at: str | None = None
         self.during_weights = None
         self.loading = self.max_loading = 0
+        self.load_delay_s = 0.01
         self.seen: list = []
         self.handles: list[FakeHandle] = []
         self.measured: dict[str, int] = {}
         self.grants: list = []
+        self.base_url: str | None = None  # where handles say they serve (a stand-in upstream in router tests)
 
     async def start(self, grant):
         spec, params, kv_tokens = grant.spec, grant.params, grant.kv_tokens
@@ -165,11 +167,11 @@ BIN = Path(sys.executable).parent
 
 @contextmanager
 def running_lessord(config_path: Path, *args: str, timeout_s: float = 60):
-    """lessord as operators run it (simulated devices), on a free port; yields (process, url)."""
-    port = free_port()
+    """lessord as operators run it (simulated devices), on free ports; yields (process, admin url, router url)."""
+    port, router_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"}
     proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(config_path), "--sim",
-                             "--admin-listen", f"127.0.0.1:{port}", *args], stdout=subprocess.PIPE,
+                             "--admin-listen", f"127.0.0.1:{port}", "--router-listen", f"127.0.0.1:{router_port}", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -184,7 +186,7 @@ def running_lessord(config_path: Path, *args: str, timeout_s: float = 60):
                     proc.kill()
                     raise AssertionError(f"lessord did not start: {proc.communicate()}")
                 time.sleep(0.1)
-        yield proc, url
+        yield proc, url, f"http://127.0.0.1:{router_port}"
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -38,7 +38,7 @@ def seed_config(tmp_path):
 
 @pytest.fixture
 def daemon(seed_config, tmp_path):
-    with running_lessord(seed_config) as (proc, url):
+    with running_lessord(seed_config) as (proc, url, _):
         yield proc, url, seed_config, tmp_path / "state"
 
 

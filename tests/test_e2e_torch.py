@@ -112,7 +112,7 @@ def wait_for(events: queue.Queue, kind: str, timeout_s: float, **match) -> tuple
 
 def test_two_models_share_one_device(tmp_path, tiny_qwen):
     config = write_config(tmp_path, [torch_spec("qa", tiny_qwen, "3GiB"), torch_spec("qb", tiny_qwen, "2GiB")])
-    with running_lessord(config) as (_, url):
+    with running_lessord(config) as (_, url, _):
         admin = Admin(url, tmp_path / "state")
         for name in ("qa", "qb"):
             status, model = admin.load(name)
@@ -154,7 +154,7 @@ def test_two_models_share_one_device(tmp_path, tiny_qwen):
 
 def test_a_killed_engine_releases_its_leases_at_once(tmp_path, tiny_qwen):
     spec = torch_spec("qa", tiny_qwen, "3GiB", restart={"policy": "on-failure", "backoff": "200ms"})
-    with running_lessord(write_config(tmp_path, [spec])) as (_, url):
+    with running_lessord(write_config(tmp_path, [spec])) as (_, url, _):
         admin = Admin(url, tmp_path / "state")
         assert admin.load("qa")[0] == 200
         pid = admin.model("qa")["pid"]
@@ -179,7 +179,7 @@ def test_a_failed_second_load_leaves_the_first_untouched(tmp_path, tiny_qwen):
               {**torch_spec("too-big", tiny_qwen, "2GiB"), "memory": {"weights": "2GiB", "kv_bytes_per_token": 8192,
                                                                      "load_peak": "3GiB"}}]
     # Policy `fit` never evicts (lru_idle would rightly evict the idle first model for the third).
-    with running_lessord(write_config(tmp_path, models, policy="fit")) as (_, url):
+    with running_lessord(write_config(tmp_path, models, policy="fit")) as (_, url, _):
         admin = Admin(url, tmp_path / "state")
         assert admin.load("qa")[0] == 200
         before = admin.leases()
@@ -203,7 +203,7 @@ def test_a_failed_second_load_leaves_the_first_untouched(tmp_path, tiny_qwen):
 
 def test_a_pinned_model_that_cannot_load_does_not_stop_the_daemon(tmp_path, tiny_qwen):
     spec = {**torch_spec("broken", tmp_path / "missing", "1GiB"), "pinned": True, "restart": {"policy": "never"}}
-    with running_lessord(write_config(tmp_path, [spec, torch_spec("qa", tiny_qwen, "1GiB")])) as (_, url):
+    with running_lessord(write_config(tmp_path, [spec, torch_spec("qa", tiny_qwen, "1GiB")])) as (_, url, _):
         admin = Admin(url, tmp_path / "state")
         broken = admin.model("broken")
         assert broken["state"] == "failed" and "missing" in broken["error"] and admin.leases() == []
