@@ -81,6 +81,17 @@ class _Gauges:
                 model_leased.add_metric([m["name"], kind], b)
             in_flight.add_metric([m["name"]], m["in_flight"])
         yield from (state, model_leased, in_flight)
+        router = self._controller.router
+        if router is not None:
+            requests = CounterMetricFamily("lessor_router_requests", "Requests the router answered, by model and HTTP status",
+                                           labels=["model", "code"])
+            for (model, status), count in sorted(router.requests.items()):
+                requests.add_metric([model, str(status)], count)
+            queued = GaugeMetricFamily("lessor_router_queued_requests", "Requests waiting for their model (a load, a swap, a slot)",
+                                       labels=["model"])
+            for model, count in sorted(router.queued().items()):
+                queued.add_metric([model], count)
+            yield from (requests, queued)
         bus, mqtt = self._controller.bus, self._controller.mqtt
         yield CounterMetricFamily("lessor_events_published", "Events published", value=bus.published)
         yield CounterMetricFamily("lessor_events_dropped", "Events dropped by slow stream subscribers", value=bus.dropped)

@@ -38,6 +38,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
                429: "rate_limit_error"}
 JSON = "application/json"
+CLIENT_GONE = 499  # nginx's code for a client that closed the connection before the answer
 
 
 def openai_error(status: int, message: str, code: str, param: str | None = None,
@@ -85,13 +86,20 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER]
     body = await request.read()
     model, stream = parse_body(body)
-    lane = router.lane(model)
-    url = router.try_start(lane) or await router.wait_turn(lane)
-    status = 0
+    lane = router.lane(model)  # an unknown name is not counted: clients must not create metric labels
+    status = CLIENT_GONE
+    try:
+        url = router.try_start(lane) or await router.wait_turn(lane)
+    except LessorError as exc:
+        router.count(lane.name, http_status(exc))
+        raise
     try:
         response = await _forward(request, lane, url + request.path, body, stream)
         status = response.status
         return response
+    except LessorError as exc:
+        status = http_status(exc)
+        raise
     finally:
         router.finish(lane)
         router.count(lane.name, status)

@@ -40,6 +40,7 @@ class Sampling:
     top_p: float
     stop: tuple[str, ...]
     seed: int | None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
 
 
 class BadRequest(Exception):
@@ -161,7 +162,7 @@ class Engine:
             for _ in range(sampling.max_tokens):
                 logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1].float()
                 token = _sample(logits, sampling, generator)
-                if token == eos:
+                if token == eos and not sampling.ignore_eos:
                     return
                 yield token
                 ids = torch.tensor([[token]], device=self.model.device)
@@ -211,14 +212,18 @@ def _sampling(body: dict[str, Any], room: int) -> Sampling:
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise BadRequest("seed", f"must be an integer; got {seed!r}")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise BadRequest("ignore_eos", f"must be true or false; got {ignore_eos!r}")
     return Sampling(min(max_tokens, room), number("temperature", 1.0, 0.0, 2.0), number("top_p", 1.0, 0.0, 1.0),
-                    stop, seed)
+                    stop, seed, ignore_eos)
 
 
 class Server:
     def __init__(self, engine: Engine, served_name: str) -> None:
         self.engine, self.served_name = engine, served_name
         self.free_slots: asyncio.Queue[int] | None = None
+        self.cancelled = 0  # requests whose client went away before the answer was complete
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=8 << 20)
@@ -238,7 +243,7 @@ class Server:
     async def state(self, request: web.Request) -> web.Response:
         state = await asyncio.to_thread(self.engine.measure)
         busy = 0 if self.free_slots is None else len(self.engine.slots) - self.free_slots.qsize()
-        return web.json_response({**state, "requests_in_flight": busy})
+        return web.json_response({**state, "requests_in_flight": busy, "requests_cancelled": self.cancelled})
 
     async def allocate(self, request: web.Request) -> web.Response:
         body = await _json(request)
@@ -308,6 +313,9 @@ class Server:
         try:
             completion = Completion(self, chat, len(prompt), bool(body.get("stream")))
             return await completion.run(request, self.engine.generate(slot, prompt, sampling), sampling)
+        except (ConnectionResetError, asyncio.CancelledError):  # the client left: stop generating
+            self.cancelled += 1
+            raise
         finally:
             self.free_slots.put_nowait(slot)
 

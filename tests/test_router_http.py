@@ -1,0 +1,214 @@
+"""The router's HTTP side (api/router.py) in front of a stand-in upstream on loopback: bodies pass
+through untouched, streams chunk by chunk, a client that leaves cancels the upstream request, and
+a client's mistakes get OpenAI-shaped 4xx errors."""
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from lessor.api.metrics import Metrics
+from lessor.api.router import make_router_app
+from lessor.daemon.config import RouterConfig
+from lessor.daemon.routing import Router
+from lessor.daemon.service import runtime
+
+from .conftest import FakeAdapter, sim_config, torch_model
+
+
+class Upstream:
+    """An engine stand-in: echoes what it got; streams chunks until told to finish; counts streams."""
+
+    def __init__(self) -> None:
+        self.open_streams = 0
+        self.streams_ended: list[str] = []
+        self.release = asyncio.Event()
+        self.hold = False
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            app.router.add_post(path, self.answer)
+        return app
+
+    async def answer(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if self.hold:
+            await self.release.wait()
+        if not json.loads(body).get("stream"):
+            return web.json_response({"path": request.path, "echo": body.decode()})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        self.open_streams += 1
+        how = "cancelled"
+        try:
+            await response.write(b'data: {"n": 0}\n\n')
+            await self.release.wait()
+            for n in range(1, 200):
+                await response.write(f'data: {{"n": {n}}}\n\n'.encode())
+                await asyncio.sleep(0.01)
+            await response.write(b"data: [DONE]\n\n")
+            how = "done"
+        except ConnectionResetError:
+            how = "client gone"
+        finally:
+            self.open_streams -= 1
+            self.streams_ended.append(how)
+        return response
+
+
+@pytest.fixture
+async def front(tmp_path, aiohttp_server):
+    made = []
+
+    async def make(models=None, **router_config):
+        upstream = Upstream()
+        upstream_server = await aiohttp_server(upstream.app())
+        config = sim_config(tmp_path, models or [torch_model("a", aliases=["alpha"]), torch_model("b")])
+        ctx = runtime(config, engines={})
+        controller = await ctx.__aenter__()
+        made.append(ctx)
+        adapter = FakeAdapter(controller.probe, controller.ledger)
+        adapter.base_url = str(upstream_server.make_url("")).rstrip("/")
+        controller.supervisor._engines = {"torch": adapter}
+        router_config = RouterConfig(**router_config)
+        router = Router(controller.supervisor, router_config, controller.bus.listen)
+        controller.router = router
+        # aiohttp's TestServer cancels handlers on disconnect, as lessord's router runner does.
+        server = await aiohttp_server(make_router_app(router, controller.supervisor, router_config))
+        session = aiohttp.ClientSession(str(server.make_url("")))
+        made.append(session)
+        return controller, upstream, session
+
+    yield make
+    for thing in reversed(made):
+        if isinstance(thing, aiohttp.ClientSession):
+            await thing.close()
+        else:
+            await thing.__aexit__(None, None, None)
+
+
+async def eventually(condition, timeout_s=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_the_body_reaches_the_engine_byte_for_byte(front):
+    controller, _, session = await front()
+    body = b'{"model":"alpha",  "messages":[{"role":"user","content":"h\\u00e9"}], "x": 1.50}'
+    async with session.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 200
+        answer = await r.json()
+    assert answer == {"path": "/v1/chat/completions", "echo": body.decode()}
+    assert controller.model("a")["state"] == "ready" and controller.model("a")["in_flight"] == 0
+    for path in ("/v1/completions", "/v1/embeddings"):
+        async with session.post(path, json={"model": "b", "input": "x"}) as r:
+            assert (r.status, (await r.json())["path"]) == (200, path)
+
+
+async def test_a_stream_is_passed_through_as_it_comes(front):
+    _, upstream, session = await front()
+    async with session.post("/v1/chat/completions", json={"model": "a", "stream": True}) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        first = await asyncio.wait_for(r.content.readline(), 5)  # the engine has not finished: no buffering
+        assert first == b'data: {"n": 0}\n'
+        upstream.release.set()
+        rest = await r.read()
+    assert rest.endswith(b"data: [DONE]\n\n") and rest.count(b"data: ") == 200
+    assert upstream.streams_ended == ["done"]
+
+
+async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_request(front):
+    controller, upstream, session = await front()
+    response = await session.post("/v1/chat/completions", json={"model": "a", "stream": True})
+    assert await asyncio.wait_for(response.content.readline(), 5) == b'data: {"n": 0}\n'
+    assert upstream.open_streams == 1 and controller.model("a")["in_flight"] == 1
+    response.close()  # the client disconnects
+    await eventually(lambda: controller.model("a")["in_flight"] == 0)
+    upstream.release.set()  # the engine tries to go on: it finds its client gone at once
+    await eventually(lambda: upstream.open_streams == 0)
+    assert upstream.streams_ended in (["client gone"], ["cancelled"])
+
+
+async def test_a_full_queue_answers_429_with_retry_after(front):
+    controller, upstream, session = await front([torch_model("a", max_concurrency=1)], max_queue=1)
+    upstream.hold = True
+    first = asyncio.ensure_future(session.post("/v1/completions", json={"model": "a"}))
+    await eventually(lambda: controller.model("a")["in_flight"] == 1)
+    second = asyncio.ensure_future(session.post("/v1/completions", json={"model": "a"}))
+    await eventually(lambda: controller.model("a")["in_flight"] == 2)
+    async with session.post("/v1/completions", json={"model": "a"}) as r:
+        assert r.status == 429 and int(r.headers["Retry-After"]) >= 1
+        error = (await r.json())["error"]
+    assert error["type"] == "rate_limit_error" and error["code"] == "queue_full"
+    assert "router.max_queue" in error["message"]
+    upstream.release.set()
+    for task in (first, second):
+        response = await task
+        assert response.status == 200
+        response.close()
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    (b'{"model": "gamma", "prompt": "x"}', 404, "model", "known models: a, alpha, b"),
+    (b'{"prompt": "x"}', 400, "model", "required"),
+    (b'{"model": 7}', 400, "model", "required"),
+    (b'{"model": "a", ', 400, None, "not valid JSON"),
+    (b'["a"]', 400, None, "must be a JSON object"),
+])
+async def test_client_mistakes_get_openai_errors_naming_the_field(front, body, status, param, words):
+    controller, _, session = await front()
+    async with session.post("/v1/completions", data=body, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == status
+        error = (await r.json())["error"]
+    assert error["param"] == param and words in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert all(m["state"] == "unloaded" for m in controller.models())  # a mistake loads nothing
+
+
+async def test_an_oversized_body_gets_413(front):
+    _, _, session = await front(max_body=4096)
+    async with session.post("/v1/completions", json={"model": "a", "prompt": "x" * 5000}) as r:
+        assert r.status == 413
+        assert "router.max_body (4096 bytes)" in (await r.json())["error"]["message"]
+
+
+async def test_models_lists_names_and_aliases_with_their_state(front):
+    controller, _, session = await front()
+    await controller.load("b")
+    async with session.get("/v1/models") as r:
+        data = (await r.json())["data"]
+    assert [(m["id"], m["state"]) for m in data] == [("a", "unloaded"), ("alpha", "unloaded"), ("b", "ready")]
+    assert data[1]["alias_of"] == "a"
+    async with session.get("/v1/models/alpha") as r:
+        assert (await r.json())["model"] == "a"
+    async with session.get("/v1/models/gamma") as r:
+        assert r.status == 404
+
+
+async def test_an_engine_that_does_not_answer_gives_502(front):
+    controller, _, session = await front()
+    controller.supervisor._engines["torch"].base_url = "http://127.0.0.1:9"  # nothing listens on port 9
+    async with session.post("/v1/completions", json={"model": "a"}) as r:
+        assert r.status == 502
+        error = (await r.json())["error"]
+    assert error["code"] == "upstream_error" and error["type"] == "server_error"
+    assert controller.model("a")["in_flight"] == 0
+
+
+async def test_metrics_count_answers_by_model_and_status_and_show_the_queue(front):
+    controller, _, session = await front([torch_model("a")])
+    metrics = Metrics(controller)
+    for _ in range(2):
+        async with session.post("/v1/completions", json={"model": "a"}) as r:
+            assert r.status == 200
+    async with session.post("/v1/completions", json={"model": "nobody"}) as r:
+        assert r.status == 404
+    text = metrics.render()[0].decode()
+    assert 'lessor_router_requests_total{code="200",model="a"} 2.0' in text
+    assert 'lessor_router_queued_requests{model="a"} 0.0' in text
+    assert "nobody" not in text
