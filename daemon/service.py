@@ -140,17 +140,11 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
 
 
 async def _serve_router(stack: AsyncExitStack, router: Router, controller: Controller, config: LessorConfig) -> None:
-    from aiohttp import web
+    from ..api.router import start_router
 
-    from ..api.router import make_router_app
-
-    # handler_cancellation: a client that disconnects cancels its request, and so the upstream one.
-    runner = web.AppRunner(make_router_app(router, controller.supervisor, config.router), access_log=None,
-                           shutdown_timeout=10, handler_cancellation=True)
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
     host, port = parse_listen(config.router.listen)
-    await web.TCPSite(runner, host, port).start()
+    server = await start_router(router, controller.supervisor, config.router, host, port)
+    stack.push_async_callback(server.close)
 
 
 def _spawn(tasks: set[asyncio.Task], coro) -> None:

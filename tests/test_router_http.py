@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from lessor.api.metrics import Metrics
-from lessor.api.router import make_router_app
+from lessor.api.router import RouterServer, start_router
 from lessor.daemon.config import RouterConfig
 from lessor.daemon.routing import Router
 from lessor.daemon.service import runtime
@@ -76,15 +76,15 @@ async def front(tmp_path, aiohttp_server):
         router_config = RouterConfig(**router_config)
         router = Router(controller.supervisor, router_config, controller.bus.listen)
         controller.router = router
-        # aiohttp's TestServer cancels handlers on disconnect, as lessord's router runner does.
-        server = await aiohttp_server(make_router_app(router, controller.supervisor, router_config))
-        session = aiohttp.ClientSession(str(server.make_url("")))
+        server = await start_router(router, controller.supervisor, router_config, "127.0.0.1", 0)
+        made.append(server)
+        session = aiohttp.ClientSession(f"http://127.0.0.1:{server.port}")
         made.append(session)
-        return controller, upstream, session
+        return controller, upstream, session, server.port
 
     yield make
     for thing in reversed(made):
-        if isinstance(thing, aiohttp.ClientSession):
+        if isinstance(thing, (aiohttp.ClientSession, RouterServer)):
             await thing.close()
         else:
             await thing.__aexit__(None, None, None)
@@ -98,7 +98,7 @@ async def eventually(condition, timeout_s=5.0):
 
 
 async def test_the_body_reaches_the_engine_byte_for_byte(front):
-    controller, _, session = await front()
+    controller, _, session, _ = await front()
     body = b'{"model":"alpha",  "messages":[{"role":"user","content":"h\\u00e9"}], "x": 1.50}'
     async with session.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}) as r:
         assert r.status == 200
@@ -111,7 +111,7 @@ async def test_the_body_reaches_the_engine_byte_for_byte(front):
 
 
 async def test_a_stream_is_passed_through_as_it_comes(front):
-    _, upstream, session = await front()
+    _, upstream, session, _ = await front()
     async with session.post("/v1/chat/completions", json={"model": "a", "stream": True}) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")
         first = await asyncio.wait_for(r.content.readline(), 5)  # the engine has not finished: no buffering
@@ -123,7 +123,7 @@ async def test_a_stream_is_passed_through_as_it_comes(front):
 
 
 async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_request(front):
-    controller, upstream, session = await front()
+    controller, upstream, session, _ = await front()
     response = await session.post("/v1/chat/completions", json={"model": "a", "stream": True})
     assert await asyncio.wait_for(response.content.readline(), 5) == b'data: {"n": 0}\n'
     assert upstream.open_streams == 1 and controller.model("a")["in_flight"] == 1
@@ -135,7 +135,7 @@ async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_request(fron
 
 
 async def test_a_full_queue_answers_429_with_retry_after(front):
-    controller, upstream, session = await front([torch_model("a", max_concurrency=1)], max_queue=1)
+    controller, upstream, session, _ = await front([torch_model("a", max_concurrency=1)], max_queue=1)
     upstream.hold = True
     first = asyncio.ensure_future(session.post("/v1/completions", json={"model": "a"}))
     await eventually(lambda: controller.model("a")["in_flight"] == 1)
@@ -161,7 +161,7 @@ async def test_a_full_queue_answers_429_with_retry_after(front):
     (b'["a"]', 400, None, "must be a JSON object"),
 ])
 async def test_client_mistakes_get_openai_errors_naming_the_field(front, body, status, param, words):
-    controller, _, session = await front()
+    controller, _, session, _ = await front()
     async with session.post("/v1/completions", data=body, headers={"Content-Type": "application/json"}) as r:
         assert r.status == status
         error = (await r.json())["error"]
@@ -171,14 +171,14 @@ async def test_client_mistakes_get_openai_errors_naming_the_field(front, body, s
 
 
 async def test_an_oversized_body_gets_413(front):
-    _, _, session = await front(max_body=4096)
+    _, _, session, _ = await front(max_body=4096)
     async with session.post("/v1/completions", json={"model": "a", "prompt": "x" * 5000}) as r:
         assert r.status == 413
         assert "router.max_body (4096 bytes)" in (await r.json())["error"]["message"]
 
 
 async def test_models_lists_names_and_aliases_with_their_state(front):
-    controller, _, session = await front()
+    controller, _, session, _ = await front()
     await controller.load("b")
     async with session.get("/v1/models") as r:
         data = (await r.json())["data"]
@@ -191,7 +191,7 @@ async def test_models_lists_names_and_aliases_with_their_state(front):
 
 
 async def test_an_engine_that_does_not_answer_gives_502(front):
-    controller, _, session = await front()
+    controller, _, session, _ = await front()
     controller.supervisor._engines["torch"].base_url = "http://127.0.0.1:9"  # nothing listens on port 9
     async with session.post("/v1/completions", json={"model": "a"}) as r:
         assert r.status == 502
@@ -201,7 +201,7 @@ async def test_an_engine_that_does_not_answer_gives_502(front):
 
 
 async def test_metrics_count_answers_by_model_and_status_and_show_the_queue(front):
-    controller, _, session = await front([torch_model("a")])
+    controller, _, session, _ = await front([torch_model("a")])
     metrics = Metrics(controller)
     for _ in range(2):
         async with session.post("/v1/completions", json={"model": "a"}) as r:
@@ -212,3 +212,66 @@ async def test_metrics_count_answers_by_model_and_status_and_show_the_queue(fron
     assert 'lessor_router_requests_total{code="200",model="a"} 2.0' in text
     assert 'lessor_router_queued_requests{model="a"} 0.0' in text
     assert "nobody" not in text
+
+
+async def raw_exchange(port: int, data: bytes, read_until: bytes = b"", timeout_s: float = 5.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    out = b""
+    try:
+        while True:
+            piece = await asyncio.wait_for(reader.read(65536), timeout_s)
+            out += piece
+            if not piece or (read_until and out.count(read_until) >= 1 and out.endswith(read_until)):
+                break
+    finally:
+        writer.close()
+    return out
+
+
+@pytest.fixture
+async def router_port(front):
+    controller, upstream, session, _ = await front()
+    return controller, int(str(session._base_url).rsplit(":", 1)[1].rstrip("/"))
+
+
+def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+            % (path.encode(), len(body), extra) + body)
+
+
+async def test_pipelined_requests_are_answered_in_order_on_one_connection(router_port):
+    _, port = router_port
+    bodies = [b'{"model": "a", "n": %d}' % i for i in range(3)]
+    data = b"".join(post("/v1/completions", b) for b in bodies[:-1]) + post("/v1/completions", bodies[-1],
+                                                                                b"Connection: close\r\n")
+    out = await raw_exchange(port, data)
+    assert out.count(b"HTTP/1.1 200 OK") == 3
+    assert [json.loads(b)["n"] for b in bodies] == [json.loads(json.loads(part.split(b"\r\n\r\n", 1)[1])["echo"])["n"]
+                                                    for part in out.split(b"HTTP/1.1 ")[1:]]
+
+
+async def test_a_chunked_upload_and_expect_100_continue_are_understood(router_port):
+    _, port = router_port
+    body = b'{"model": "b", "prompt": "chunked"}'
+    chunked = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n"
+               b"Connection: close\r\n\r\n%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (10, body[:10], len(body) - 10, body[10:]))
+    out = await raw_exchange(port, chunked)
+    assert out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
+    assert json.loads(json.loads(out.split(b"\r\n\r\n")[2])["echo"]) == json.loads(body)
+
+
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+    (b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
+    (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404, "not_found"),
+    (b"DELETE /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
+])
+async def test_requests_the_router_cannot_serve_get_a_clear_error(router_port, request_bytes, status, code):
+    controller, port = router_port
+    if b"GARBAGE" not in request_bytes:  # a malformed request closes the connection; the others ask to
+        request_bytes = request_bytes.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    out = await raw_exchange(port, request_bytes)
+    assert out.startswith(b"HTTP/1.1 %d " % status)
+    assert json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]["code"] == code
+    assert all(m["in_flight"] == 0 for m in controller.models())
