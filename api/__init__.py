@@ -1,1 +1,2 @@
-"""The aiohttp apps (admin API; the router comes later), the OpenAPI document, auth and the CLI."""
+"""The HTTP side: the admin API (aiohttp), the OpenAI router (asyncio protocols + httptools, for
+its hot path), the OpenAPI document, auth and the CLI."""
