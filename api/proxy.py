@@ -39,6 +39,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: Sink | None = None
         self.content_type = b"application/json"
         self.length: int | None = None
+        self.chunked = self.until_eof = False
         self.closed = False
         self.idle_since = 0.0
 
@@ -56,7 +57,9 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.pool.forget(self)
-        if self.sink is not None:
+        if self.sink is not None and exc is None and self.until_eof:
+            self.on_message_complete()  # an HTTP/1.0-style answer: its end is the connection's end
+        elif self.sink is not None:
             self._fail("the engine closed the connection" + (f": {exc}" if exc else ""))
 
     # -- httptools callbacks ---------------------------------------------------------------
@@ -67,8 +70,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.content_type = value
         elif name == b"content-length":
             self.length = int(value)
+        elif name == b"transfer-encoding":
+            self.chunked = b"chunked" in value.lower()
 
     def on_headers_complete(self) -> None:
+        self.until_eof = self.length is None and not self.chunked
         if self.sink is not None:
             self.sink.upstream_head(self.parser.get_status_code(), self.content_type, self.length)
 
@@ -90,6 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def send(self, request: bytes, sink: Sink) -> None:
         self.sink, self.content_type, self.length = sink, b"application/json", None
+        self.chunked = self.until_eof = False
         self.transport.write(request)
 
     def pause_reading(self) -> None:

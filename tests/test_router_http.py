@@ -275,3 +275,38 @@ async def test_requests_the_router_cannot_serve_get_a_clear_error(router_port, r
     assert out.startswith(b"HTTP/1.1 %d " % status)
     assert json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]["code"] == code
     assert all(m["in_flight"] == 0 for m in controller.models())
+
+
+async def raw_upstream(answer: bytes):
+    """An engine that reads one request, writes `answer` as is, and closes the connection."""
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_an_answer_delimited_by_the_engine_closing_is_passed_on_whole(front):
+    controller, _, session, _ = await front()
+    server, url = await raw_upstream(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                                     b"data: {\"n\": 1}\n\ndata: [DONE]\n\n")
+    controller.supervisor._engines["torch"].base_url = url
+    async with session.post("/v1/chat/completions", json={"model": "a", "stream": True}) as r:
+        assert r.status == 200 and await r.read() == b'data: {"n": 1}\n\ndata: [DONE]\n\n'
+    server.close()
+
+
+async def test_an_engine_that_breaks_a_stream_ends_the_client_stream_short(front):
+    controller, _, session, _ = await front()
+    server, url = await raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
+    controller.supervisor._engines["torch"].base_url = url
+    async with session.post("/v1/chat/completions", json={"model": "a", "stream": True}) as r:
+        assert r.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):  # no final chunk: the client knows it is cut
+            await r.read()
+    assert controller.model("a")["in_flight"] == 0
+    assert controller.router.requests[("a", 502)] == 1
+    server.close()
