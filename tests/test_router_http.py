@@ -136,6 +136,7 @@ async def test_a_client_that_leaves_mid_stream_cancels_the_upstream_request(fron
 
 async def test_a_full_queue_answers_429_with_retry_after(front):
     controller, upstream, session, _ = await front([torch_model("a", max_concurrency=1)], max_queue=1)
+    await controller.load("a")  # else the first request waits for the load and fills the queue itself
     upstream.hold = True
     first = asyncio.ensure_future(session.post("/v1/completions", json={"model": "a"}))
     await eventually(lambda: controller.model("a")["in_flight"] == 1)
@@ -280,7 +281,9 @@ async def test_requests_the_router_cannot_serve_get_a_clear_error(router_port, r
 async def raw_upstream(answer: bytes):
     """An engine that reads one request, writes `answer` as is, and closes the connection."""
     async def serve(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line[15:]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:"))
+        await reader.readexactly(length)  # all of it: closing with unread bytes would reset, not close
         writer.write(answer)
         await writer.drain()
         writer.close()
