@@ -111,11 +111,14 @@ class Router:
         record = lane.record
         if (record.state is ModelState.READY and not lane.waiting and lane.drain_from is NEVER
                 and lane.has_room() and record.handle is not None):
-            lane.active += 1
-            record.in_flight += 1
-            record.last_used_s = self._clock()
-            return record.handle.base_url
+            return self._begin(lane)
         return None
+
+    def _begin(self, lane: Lane) -> str:
+        lane.active += 1
+        lane.record.in_flight += 1
+        lane.record.last_used_s = self._clock()
+        return lane.record.handle.base_url
 
     def finish(self, lane: Lane) -> None:
         lane.active -= 1
@@ -161,10 +164,8 @@ class Router:
                 or not lane.has_room()):
             return None
         lane.waiting.remove(ticket)
-        lane.active += 1
-        self._sync(lane)
-        record.last_used_s = self._clock()
-        return record.handle.base_url
+        self._sync(lane)  # a waiting request was counted as due: it becomes a running one
+        return self._begin(lane)
 
     def _waiting_for(self, lane: Lane) -> str:
         if lane.drain_from is not NEVER:
