@@ -256,34 +256,29 @@ class Supervisor:
 
     async def _admit(self, spec: ModelSpec) -> None:
         snapshot = self.policy_snapshot()
-        _, decision = self._decide(spec, snapshot)
+        first, decision = self._decide(spec, snapshot)
+        request = AdmissionRequest(spec.name, first.peak_need(), spec.priority)
         self._publish(AdmissionDecided(spec.name, type(decision).__name__.lower(),
                                        getattr(decision, "reason", ""), getattr(decision, "victims", ())))
         if isinstance(decision, Evict):
             for victim in decision.victims:
                 if self._models[victim].in_flight:  # a request started on it while an earlier victim unloaded
-                    raise self._busy(spec, snapshot, f"'{victim}' took a request while room was being made")
+                    raise self._busy(request, snapshot, f"'{victim}' took a request while room was being made")
                 await self.unload(victim, reason=f"evicted for '{spec.name}'")
         elif isinstance(decision, Queue):
-            raise self._busy(spec, snapshot, decision.reason)
+            raise self._busy(request, snapshot, decision.reason)
         elif isinstance(decision, Rejected):
-            device, short = max(decision.short_bytes.items() or [("", 0)], key=lambda kv: kv[1])
-            free = snapshot.devices[device].free_bytes if device in snapshot.devices else 0
-            raise NotEnoughMemory(spec.name, device or "devices", free + short, free, decision.reason)
+            raise NotEnoughMemory(spec.name, *_worst_shortfall(snapshot, decision.short_bytes), decision.reason)
         elif not isinstance(decision, Admit):
             raise AssertionError(f"policy returned {decision!r}")
 
-    def _busy(self, spec: ModelSpec, snapshot: Snapshot, reason: str) -> ModelsBusy:
+    def _busy(self, request: AdmissionRequest, snapshot: Snapshot, reason: str) -> ModelsBusy:
         """The models that would be evicted were they idle: the router drains them (their new
         requests wait) so this load gets its turn."""
-        need = plan(spec, snapshot.devices).peak_need()
         idle = Snapshot(snapshot.devices, {n: replace(m, in_flight=0) for n, m in snapshot.models.items()}, snapshot.now_s)
-        decision = self._policy(AdmissionRequest(spec.name, need, spec.priority), idle)
+        decision = self._policy(request, idle)
         blockers = decision.victims if isinstance(decision, Evict) else ()
-        device, short = max(shortfall(AdmissionRequest(spec.name, need), snapshot).items() or [("devices", 0)],
-                            key=lambda kv: kv[1])
-        free = snapshot.devices[device].free_bytes if device in snapshot.devices else 0
-        return ModelsBusy(spec.name, device, free + short, free,
+        return ModelsBusy(request.model, *_worst_shortfall(snapshot, shortfall(request, snapshot)),
                           f"{reason}; it loads once {', '.join(blockers) or 'they'} finish their requests", blockers=blockers)
 
     async def _grant_kv(self, spec: ModelSpec, attempt: str, handle: EngineHandle) -> Plan:
@@ -400,6 +395,13 @@ class ConfigChange:
     added: tuple[str, ...]
     removed: tuple[str, ...]
     changed: tuple[str, ...]
+
+
+def _worst_shortfall(snapshot: Snapshot, short_bytes: Mapping[str, int]) -> tuple[str, int, int]:
+    """(device, bytes wanted there, bytes free there) for the device the request is shortest on."""
+    device, short = max(short_bytes.items() or [("devices", 0)], key=lambda kv: kv[1])
+    free = snapshot.devices[device].free_bytes if device in snapshot.devices else 0
+    return device, free + short, free
 
 
 def _freed_by(snapshot: Snapshot, victims: tuple[str, ...]) -> dict[str, int]:
