@@ -267,12 +267,19 @@ class Server:
         return web.json_response({"object": "list", "data": [
             {"id": self.served_name, "object": "model", "created": 0, "owned_by": "lessor"}]})
 
-    async def embeddings(self, request: web.Request) -> web.Response:
-        if self.engine.phase != "ready":
+    async def _ready_body(self, request: web.Request) -> dict[str, Any] | web.Response:
+        """The request's JSON object, or the error to answer: not ready yet (503), not an object (400)."""
+        if self.engine.phase != "ready" or self.free_slots is None:
             return _error(503, f"the model is not ready (phase {self.engine.phase})", kind="server_error")
         body = await _json(request)
         if not isinstance(body, dict):
             return _error(400, "the body must be a JSON object")
+        return body
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await self._ready_body(request)
+        if isinstance(body, web.Response):
+            return body
         texts = body.get("input")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
@@ -295,11 +302,9 @@ class Server:
         return await self._complete(request, chat=False)
 
     async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        if self.engine.phase != "ready" or self.free_slots is None:
-            return _error(503, f"the model is not ready (phase {self.engine.phase})", kind="server_error")
-        body = await _json(request)
-        if not isinstance(body, dict):
-            return _error(400, "the body must be a JSON object")
+        body = await self._ready_body(request)
+        if isinstance(body, web.Response):
+            return body
         try:
             prompt = await asyncio.to_thread(self.engine.prompt_ids, body, chat)
             room = self.engine.context_tokens - len(prompt)
