@@ -8,9 +8,9 @@ import math
 
 from aiohttp import web
 
-from ..daemon.errors import (ConfigError, EngineUnavailable, InvalidRequest, InvariantBroken, LessorError, LoadFailed,
-                             ModelBusy, NotEnoughMemory, PlanRejected, QueueFull, Unauthorized, UnknownModel,
-                             UpstreamFailed, WaitTimedOut)
+from ..daemon.errors import (ConfigError, EngineUnavailable, Forbidden, InvalidRequest, InvariantBroken, LedgerUnavailable,
+                             LessorError, LoadFailed, ModelBusy, NotEnoughMemory, PlanRejected, QueueFull, Unauthorized, UnknownDevice,
+                             UnknownModel, UpstreamFailed, WaitTimedOut)
 
 log = logging.getLogger("lessor.api")
 
@@ -18,7 +18,9 @@ STATUS: dict[type[LessorError], int] = {
     InvalidRequest: 400,
     ConfigError: 400,
     Unauthorized: 401,
+    Forbidden: 403,
     UnknownModel: 404,
+    UnknownDevice: 404,
     ModelBusy: 409,
     PlanRejected: 422,
     EngineUnavailable: 501,
@@ -27,6 +29,7 @@ STATUS: dict[type[LessorError], int] = {
     UpstreamFailed: 502,
     NotEnoughMemory: 503,
     WaitTimedOut: 503,
+    LedgerUnavailable: 503,
     InvariantBroken: 500,
 }
 

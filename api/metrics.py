@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..daemon.controller import Controller
-from ..daemon.events import AdmissionDecided, EngineExited, Event, ModelStateChanged
+from ..daemon.events import AdmissionDecided, BudgetOvercommitted, EngineExited, Event, LeaseOverrun, ModelStateChanged
 
 MODEL_STATES = ("unloaded", "loading", "ready", "unloading", "failed")
 LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
@@ -29,11 +29,19 @@ class Metrics:
                                       buckets=LOAD_BUCKETS_S, registry=self.registry)
         self.engine_exits = Counter("lessor_engine_exits", "Engines that exited on their own (crashes)",
                                     ["model"], registry=self.registry)
+        self.overruns = Counter("lessor_lease_overruns", "Engines found above their leases (each crossing, not each check)",
+                                ["model", "action"], registry=self.registry)
+        self.overcommits = Counter("lessor_budget_overcommits", "Times foreign usage outgrew a device's free memory",
+                                   ["device"], registry=self.registry)
         self.registry.register(_Gauges(controller))
         controller.bus.listen(self.on_event)
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, EngineExited):
+        if isinstance(event, LeaseOverrun) and event.over:
+            self.overruns.labels(event.model, event.action).inc()
+        elif isinstance(event, BudgetOvercommitted):
+            self.overcommits.labels(event.device).inc()
+        elif isinstance(event, EngineExited):
             self.engine_exits.labels(event.model).inc()
         elif isinstance(event, AdmissionDecided):
             self.admissions.labels(event.result).inc()
@@ -92,6 +100,20 @@ class _Gauges:
             for model, count in sorted(router.queued().items()):
                 queued.add_metric([model], count)
             yield from (requests, queued)
+        overrun = GaugeMetricFamily("lessor_model_overrun", "1 while the engine measures above its leases", labels=["model"])
+        for m in models:
+            overrun.add_metric([m["name"]], 1.0 if m["overrun"] else 0.0)
+        yield overrun
+        ledger, reconciler = self._controller.ledger, self._controller.reconciler
+        if reconciler is not None:  # what this start found of the previous lessord's engines
+            adoptions = CounterMetricFamily("lessor_engine_adoptions", "Engines of a previous lessord found at start",
+                                            labels=["outcome"])
+            adoptions.add_metric(["adopted"], len(reconciler.at_start.adopted))
+            adoptions.add_metric(["stopped"], len(reconciler.at_start.stopped) + len(reconciler.at_start.strays))
+            yield adoptions
+            yield CounterMetricFamily("lessor_reconciler_checks", "Reconciler checks run", value=reconciler.checks)
+        yield GaugeMetricFamily("lessor_ledger_unpersisted_releases",
+                                "Releases the database refused, retried every reconciler check", value=ledger.unpersisted())
         bus, mqtt = self._controller.bus, self._controller.mqtt
         yield CounterMetricFamily("lessor_events_published", "Events published", value=bus.published)
         yield CounterMetricFamily("lessor_events_dropped", "Events dropped by slow stream subscribers", value=bus.dropped)

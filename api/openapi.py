@@ -46,12 +46,14 @@ def build_openapi(routes) -> dict[str, Any]:
                                     "422": _error("The engine parameters break an engine rule"),
                                     "501": _error("No adapter for the model's engine"),
                                     "502": _error("The engine failed during the load; leases rolled back"),
-                                    "503": _error("Not enough memory even after the policy's evictions")})
+                                    "503": _error("Not enough memory even after the policy's evictions, or the "
+                                                  "ledger's database refused the write")})
         if route.method == "POST" and route.path.endswith("/plan"):
             op["responses"]["404"] = _error("Unknown model")
             op["responses"]["422"] = _error("The engine parameters break an engine rule")
         if route.path.endswith("/foreign"):
             op["responses"]["400"] = _error("Not a simulated device, or a bad body")
+            op["responses"]["404"] = _error("Unknown device")
         paths.setdefault(route.path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",

@@ -13,6 +13,8 @@ show them; `code` is lessor's typed error name.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 from collections import deque
@@ -22,7 +24,7 @@ from http import HTTPStatus
 import httptools
 
 from ..daemon.config import RouterConfig
-from ..daemon.errors import InvalidRequest, LessorError, UpstreamFailed
+from ..daemon.errors import Forbidden, InvalidRequest, LessorError, UnknownModel, UpstreamFailed
 from ..daemon.routing import Lane, Router
 from ..daemon.supervisor import Supervisor
 from .errors import http_status, retry_after
@@ -37,7 +39,8 @@ log = logging.getLogger("lessor.router")
 
 PROXIED = frozenset((b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"))
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+               413: "invalid_request_error",
                422: "invalid_request_error", 429: "rate_limit_error"}
 CLIENT_GONE = 499  # nginx's code for a client that closed the connection before the answer
 REASONS = {s.value: s.phrase.encode() for s in HTTPStatus} | {CLIENT_GONE: b"Client Closed Request"}
@@ -81,6 +84,48 @@ class Request:
     path: bytes
     body: bytes
     keep_alive: bool
+    authorization: bytes = b""
+
+
+EVERY_MODEL = None  # a key whose models include "*"
+
+
+@dataclass(frozen=True)
+class KeyAccess:
+    digest: bytes  # sha256 of the key: compared in constant time, the key itself is not kept
+    models: frozenset[str] | None  # model names (aliases resolved); EVERY_MODEL for "*"
+
+
+class ApiKeys:
+    """router.api_keys: who may use which model. Empty: the router is open."""
+
+    def __init__(self, config: RouterConfig, supervisor: Supervisor) -> None:
+        self.keys = []
+        for key in config.api_keys:
+            models = EVERY_MODEL if "*" in key.models else frozenset(supervisor.resolve(m).spec.name for m in key.models)
+            self.keys.append(KeyAccess(hashlib.sha256(key.secret().encode()).digest(), models))
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def check(self, authorization: bytes) -> KeyAccess:
+        scheme, _, given = authorization.partition(b" ")
+        if scheme.lower() != b"bearer" or not given.strip():
+            raise ClientError(401, "this router needs 'Authorization: Bearer <API key>' (router.api_keys)",
+                              "invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="lessor"'})
+        digest = hashlib.sha256(given.strip()).digest()
+        found = None
+        for key in self.keys:  # every key is compared, so the time says nothing about which matched
+            if hmac.compare_digest(digest, key.digest):
+                found = key
+        if found is None:
+            raise ClientError(401, "the API key is not valid", "invalid_api_key",
+                              headers={"WWW-Authenticate": 'Bearer realm="lessor"'})
+        return found
+
+
+def allows(access: KeyAccess | None, model: str) -> bool:
+    return access is None or access.models is EVERY_MODEL or model in access.models
 
 
 class FrontDoor:
@@ -88,6 +133,7 @@ class FrontDoor:
 
     def __init__(self, router: Router, supervisor: Supervisor, config: RouterConfig) -> None:
         self.router, self.supervisor, self.config = router, supervisor, config
+        self.keys = ApiKeys(config, supervisor)
         self.pool = UpstreamPool()
         self.connections: set[ClientConnection] = set()
         self._addresses: dict[str, tuple[str, int]] = {}
@@ -99,18 +145,33 @@ class FrontDoor:
             address = self._addresses[base_url] = (url.host.decode(), url.port or 80)
         return address
 
-    def models(self) -> dict:
+    def models(self, access: KeyAccess | None) -> dict:
         data = []
         for record in self.supervisor.records():
             spec = record.spec
+            if not allows(access, spec.name):
+                continue
             entry = {"object": "model", "created": 0, "owned_by": "lessor", "state": record.state.value,
                      "engine": spec.engine.kind}
             data.append({"id": spec.name, **entry, "aliases": list(spec.aliases)})
             data.extend({"id": alias, **entry, "alias_of": spec.name} for alias in spec.aliases)
         return {"object": "list", "data": data}
 
-    def model(self, name: str) -> dict:
-        record = self.router.lane(name).record
+    def lane(self, name: str, access: KeyAccess | None) -> Lane:
+        """The model's lane, if this key may use it. To a key limited to some models, the others
+        do not exist: an unknown name lists only what the key may use."""
+        try:
+            lane = self.router.lane(name)
+        except UnknownModel as exc:
+            if access is not None and access.models is not EVERY_MODEL:
+                raise UnknownModel(name, [n for n in exc.known if allows(access, self.router.lane(n).name)]) from None
+            raise
+        if not allows(access, lane.name):
+            raise Forbidden(name, tuple(sorted(access.models or ())))
+        return lane
+
+    def model(self, name: str, access: KeyAccess | None) -> dict:
+        record = self.lane(name, access).record
         return {"id": name, "object": "model", "created": 0, "owned_by": "lessor", "state": record.state.value,
                 "model": record.spec.name}
 
@@ -130,13 +191,35 @@ class ClientConnection(asyncio.Protocol):
         self.queue: deque[Request] = deque()
         self.task: asyncio.Task | None = None
         self.exchange: Exchange | None = None
+        self.authorization = b""
         self.closed = False
+        self.reading = False  # between a request's first byte and its end
+        self.timer: asyncio.TimerHandle | None = None
 
     # -- asyncio ---------------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.door.connections.add(self)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """A client gets router.request_timeout to send a whole request, and as long to start the
+        next one: a slow or silent client cannot hold a connection (and its memory) forever.
+        No limit while its answer is being produced: generation takes as long as it takes."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.door.config.request_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        if self.reading:
+            self._refuse(ClientError(408, f"the request was not received whole within router.request_timeout "
+                                          f"({self.door.config.request_timeout:g} s)", "request_timeout"))
+        elif self.task is None:  # idle keep-alive connection
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -149,6 +232,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
         self.door.connections.discard(self)
         if self.exchange is not None:
             self.exchange.client_gone()
@@ -167,6 +252,8 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.url, self.body, self.body_size, self.expect_continue = b"", [], 0, False
+        self.authorization, self.reading = b"", True
+        self._arm_timer()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -177,6 +264,8 @@ class ClientConnection(asyncio.Protocol):
             self._too_large()
         elif name == b"expect" and value.lower() == b"100-continue":
             self.expect_continue = True
+        elif name == b"authorization":
+            self.authorization = value
 
     def on_headers_complete(self) -> None:
         if self.expect_continue and not self.too_large:  # curl waits for this before sending a large body
@@ -192,12 +281,17 @@ class ClientConnection(asyncio.Protocol):
             self.body.append(body)
 
     def on_message_complete(self) -> None:
+        self.reading = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.too_large:  # the 413 is sent; the body is read to its end so the client gets it, not a reset
             self.close()
             return
         path = self.url.split(b"?", 1)[0]
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-        self.queue.append(Request(self.parser.get_method(), path, body, self.parser.should_keep_alive()))
+        self.queue.append(Request(self.parser.get_method(), path, body, self.parser.should_keep_alive(),
+                                  self.authorization))
         if self.task is None:
             self.task = asyncio.ensure_future(self._serve_queue())
 
@@ -224,32 +318,37 @@ class ClientConnection(asyncio.Protocol):
             self.close()
         finally:
             self.task = None
+            if not self.closed and not self.reading:
+                self._arm_timer()
 
     async def _serve(self, request: Request) -> None:
+        access = None
+        if self.door.keys and request.path != b"/health":
+            access = self.door.keys.check(request.authorization)
         if request.path in PROXIED:
             if request.method != b"POST":
                 raise ClientError(405, f"{request.path.decode()} takes POST", "method_not_allowed", headers={"Allow": "POST"})
-            await self._proxy(request)
+            await self._proxy(request, access)
         elif request.method != b"GET":
             known = request.path.startswith(b"/v1/models") or request.path == b"/health"
             raise ClientError(405 if known else 404,
                               f"no route for {request.method.decode()} {request.path.decode(errors='replace')}",
                               "method_not_allowed" if known else "not_found", headers={"Allow": "GET"} if known else None)
         elif request.path == b"/v1/models":
-            self.respond_json(200, self.door.models(), request.keep_alive)
+            self.respond_json(200, self.door.models(access), request.keep_alive)
         elif request.path.startswith(b"/v1/models/"):
-            self.respond_json(200, self.door.model(request.path[11:].decode(errors="replace")), request.keep_alive)
+            self.respond_json(200, self.door.model(request.path[11:].decode(errors="replace"), access), request.keep_alive)
         elif request.path == b"/health":
             self.respond_json(200, {"status": "ok"}, request.keep_alive)
         else:
             raise ClientError(404, f"no route for GET {request.path.decode(errors='replace')}; the router serves "
                                    "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models", "not_found")
 
-    async def _proxy(self, request: Request) -> None:
+    async def _proxy(self, request: Request, access: KeyAccess | None) -> None:
         door = self.door
         model, stream = parse_body(request.body)
         router = door.router
-        lane = router.lane(model)  # an unknown name is not counted: clients must not create metric labels
+        lane = door.lane(model, access)  # an unknown name is not counted: clients must not create metric labels
         try:
             base_url = router.try_start(lane) or await router.wait_turn(lane)
         except LessorError as exc:

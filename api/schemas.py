@@ -65,6 +65,12 @@ class LeaseOut(Out):
     owner_started_at: float | None
 
 
+class OverrunOut(Out):
+    device: str
+    used_bytes: int = Field(description="What the engine measured at (NVML per process, or its own report on simulated devices)")
+    leased_bytes: int
+
+
 class ModelOut(Out):
     name: str
     aliases: list[str]
@@ -81,6 +87,7 @@ class ModelOut(Out):
     endpoint: str | None = Field(description="The engine's own base URL while it runs (the router forwards there)")
     pid: int | None = Field(description="The engine's process id (leader of its process group) while it runs")
     restarts: int = Field(description="Automatic restarts after crashes in the last 10 minutes")
+    overrun: OverrunOut | None = Field(description="Set while the reconciler finds the engine above its leases plus the tolerance")
 
 
 class PlanLease(Out):

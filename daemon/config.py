@@ -19,12 +19,13 @@ from ..engines.ktransformers import DEFAULT_CHUNK_TOKENS as KT_DEFAULT_CHUNK_TOK
 from .memory import GGML_TYPE_BYTES, Architecture, KvDtype, WeightFormat, estimate, read_hf_config
 from ..policies import POLICIES
 from .errors import ConfigError, ConfigProblem
-from .units import GiB, MiB, parse_duration, parse_size
+from .units import DURATION_PATTERN, SIZE_PATTERN, GiB, MiB, parse_duration, parse_size
 
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(
-    {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "examples": ["8GiB", "512MiB", "8GB"]}]})]
+    {"anyOf": [{"type": "integer", "minimum": 0},
+               {"type": "string", "pattern": SIZE_PATTERN, "examples": ["8GiB", "512MiB", "8GB"]}]})]
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(
-    {"anyOf": [{"type": "number"}, {"type": "string", "examples": ["30s", "5m", "-1"]}]})]
+    {"anyOf": [{"type": "number"}, {"type": "string", "pattern": DURATION_PATTERN, "examples": ["30s", "5m", "-1"]}]})]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
 
@@ -228,12 +229,62 @@ class AdminConfig(Strict):
     token_file: str | None = Field(default=None, description="File holding the bearer token for mutating calls; default <state_dir>/admin.token, created when missing. LESSOR_ADMIN_TOKEN overrides.")
 
 
+class ApiKey(Strict):
+    key: str | None = Field(default=None, min_length=16, description="The key itself (prefer key_file or key_env: a config is often world-readable).")
+    key_file: str | None = Field(default=None, description="File holding the key (first line).")
+    key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the key.")
+    models: list[str] = Field(min_length=1, description="Model names or aliases this key may use; \"*\" for every model.")
+    name: str | None = Field(default=None, max_length=64, description="A label for logs and metrics (never the key).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ApiKey":
+        given = [n for n in ("key", "key_file", "key_env") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of key, key_file, key_env (got {', '.join(given) or 'none'})")
+        return self
+
+    def secret(self) -> str:
+        """The key's value; a ConfigError naming the field when its file or variable is missing."""
+        if self.key:
+            return self.key
+        if self.key_env:
+            value = os.environ.get(self.key_env, "").strip()
+            if len(value) < 16:
+                raise ConfigError("router.api_keys", [ConfigProblem("router.api_keys.key_env",
+                                  f"${self.key_env} is unset or shorter than 16 characters")])
+            return value
+        try:
+            value = Path(self.key_file or "").read_text(encoding="utf-8").strip().splitlines()[0].strip()
+        except (OSError, IndexError) as exc:
+            raise ConfigError("router.api_keys", [ConfigProblem("router.api_keys.key_file",
+                              f"cannot read a key from {self.key_file}: {getattr(exc, 'strerror', None) or 'empty file'}")]) from None
+        if len(value) < 16:
+            raise ConfigError("router.api_keys", [ConfigProblem("router.api_keys.key_file",
+                              f"the key in {self.key_file} is shorter than 16 characters")])
+        return value
+
+
 class RouterConfig(Strict):
     listen: Listen = Field(default="127.0.0.1:8471", description="HOST:PORT of the OpenAI-compatible router.")
     max_queue: int = Field(default=64, ge=0, le=100_000, description="Requests per model that may wait (for a load, a swap or a free slot); more get 429 with Retry-After.")
     wait_timeout: Duration = Field(default=900.0, gt=0, description="Longest a request waits for its model (a load, a swap, a slot) before 503.")
     max_body: Size = Field(default=16 * MiB, ge=1024, description="Largest request body the router accepts; larger gets 413.")
     keep_alive_check: Duration = Field(default=1.0, gt=0, le=60, description="How often idle models are checked against their keep_alive.")
+    request_timeout: Duration = Field(default=30.0, gt=0, le=3600, description="Longest a client may take to send a whole request (head and body); a slower one gets 408 and is disconnected.")
+    api_keys: list[ApiKey] = Field(default_factory=list, description="When set, every request needs 'Authorization: Bearer KEY' and may use only that key's models; when empty, the router is open (it listens on loopback by default).")
+
+
+class TimeoutsConfig(Strict):
+    weights: Duration = Field(default=600.0, gt=0, description="Longest an engine may take to load its weights before the load is rolled back.")
+    ready: Duration = Field(default=120.0, gt=0, description="Longest an engine may take from its KV grant (or, one-phase, from start) to answer its health check.")
+    stop_grace: Duration = Field(default=15.0, ge=0, le=3600, description="After SIGTERM, how long an engine may take to exit before its process group gets SIGKILL.")
+
+
+class ReconcilerConfig(Strict):
+    interval: Duration = Field(default=5.0, gt=0, le=3600, description="How often measured usage is compared with the leases.")
+    on_overrun: Literal["report", "stop"] = Field(default="report", description="An engine above its leases (plus max(128 MiB, 5 %)) for `overrun_checks` checks in a row: report it (event, metric, API), or also stop it.")
+    overrun_checks: int = Field(default=2, ge=1, le=100, description="Consecutive checks over its leases before an engine counts as overrunning (one spike is not).")
+    evict_on_foreign_growth: bool = Field(default=True, description="When processes lessor does not manage grow past the free memory, evict idle models by the policy to give it back (before an engine hits OOM).")
 
 
 class MqttConfig(Strict):
@@ -254,6 +305,8 @@ class LessorConfig(Strict):
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Admission and eviction.")
     admin: AdminConfig = Field(default_factory=AdminConfig, description="The admin API.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="The OpenAI-compatible front door.")
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Engine start and stop limits.")
+    reconciler: ReconcilerConfig = Field(default_factory=ReconcilerConfig, description="Measured usage against the leases, every few seconds.")
     mqtt: MqttConfig | None = Field(default=None, description="Publish events and state to an MQTT broker (off when unset).")
     models: list[ModelSpec] = Field(default_factory=list, description="The models lessor may load.")
 
@@ -265,6 +318,14 @@ class LessorConfig(Strict):
                 if name in seen:
                     raise ValueError(f"models: name '{name}' of model '{spec.name}' is already used by model '{seen[name]}'")
                 seen[name] = spec.name
+        return self
+
+    @model_validator(mode="after")
+    def _api_key_models_exist(self) -> "LessorConfig":
+        for i, key in enumerate(self.router.api_keys):
+            unknown = [m for m in key.models if m != "*" and self.model(m) is None]
+            if unknown:
+                raise ValueError(f"router.api_keys[{i}].models: no model named {', '.join(map(repr, unknown))}")
         return self
 
     def ledger_url(self) -> str:

@@ -20,6 +20,7 @@ class Controller:
         self.config, self.probe, self.ledger, self.supervisor, self.bus = config, probe, ledger, supervisor, bus
         self.mqtt = None  # the MQTT publisher, when configured (metrics read its counters)
         self.router = None  # the router, once lessord serves it (metrics read its counters)
+        self.reconciler = None  # the reconciler (metrics read its counters)
 
     def devices(self) -> list[dict[str, Any]]:
         snapshot = self.ledger.snapshot()
@@ -69,7 +70,8 @@ class Controller:
                 "leased_bytes": leased, "in_flight": record.in_flight, "error": record.error or None,
                 "params": dict(record.plan.params) if record.plan else None,
                 "endpoint": record.handle.base_url if record.handle else None,
-                "pid": record.handle.pid if record.handle else None, "restarts": len(record.restart_times)}
+                "pid": record.handle.pid if record.handle else None, "restarts": len(record.restart_times),
+                "overrun": record.overrun}
 
     def log_tail(self, name: str, lines: int) -> str:
         """The last lines of the model's engine log (this run's, or the last one's after it stopped)."""

@@ -15,7 +15,7 @@ from typing import Collection, Mapping, Protocol
 import psutil
 
 from .config import DevicesConfig, SimulatedGpu
-from .errors import InvalidRequest
+from .errors import UnknownDevice
 from .units import GiB
 
 log = logging.getLogger("lessor.devices")
@@ -93,7 +93,7 @@ class SimProbe:
         """Set the bytes used by processes lessor does not manage; returns the previous value."""
         with self._lock:
             if device not in self._foreign:
-                raise InvalidRequest("device", f"no simulated device '{device}'; devices: {sorted(self._foreign)}")
+                raise UnknownDevice(device, sorted(self._foreign))
             previous, self._foreign[device] = self._foreign[device], foreign_bytes
             return previous
 

@@ -68,6 +68,31 @@ class Unauthorized(LessorError):
 
 
 @dataclass
+class UnknownDevice(LessorError):
+    device: str
+    known: list[str]
+    type = "device_not_found"
+    field = "device"
+
+    def message(self) -> str:
+        return f"no device '{self.device}'; devices: {', '.join(sorted(self.known)) or 'none'}"
+
+
+@dataclass
+class Forbidden(LessorError):
+    """A router API key that may not use this model."""
+
+    model: str
+    allowed: tuple[str, ...]
+    type = "model_not_allowed"
+    field = "model"
+
+    def message(self) -> str:
+        return (f"this API key may not use model '{self.model}'; it may use: {', '.join(self.allowed) or 'no model'} "
+                "(router.api_keys)")
+
+
+@dataclass
 class UnknownModel(LessorError):
     model: str
     known: list[str]
@@ -191,6 +216,21 @@ class LoadFailed(LessorError):
 
     def message(self) -> str:
         return f"model '{self.model}' failed to load at step '{self.step}': {self.reason}; every lease of the attempt was released"
+
+
+@dataclass
+class LedgerUnavailable(LessorError):
+    """The ledger's database refused a write (disk full, server restarting). Nothing was granted:
+    lessor never hands out memory it could not record."""
+
+    doing: str
+    reason: str
+    retry_after_s: float = 5.0
+    type = "ledger_unavailable"
+
+    def message(self) -> str:
+        return (f"the ledger could not {self.doing}: {self.reason}; nothing was granted. "
+                "Free disk space for the SQLite file or bring the database back; retry then")
 
 
 @dataclass

@@ -91,6 +91,40 @@ class ConfigReloaded(Event):
     changed: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class EngineAdopted(Event):
+    """After a restart: a previous lessord's engine, still running, is served again (or was
+    stopped and its leases released, `adopted` false)."""
+    type: ClassVar[str] = "engine_adopted"
+    model: str
+    pid: int
+    adopted: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class LeaseOverrun(Event):
+    """An engine measured above its leases plus the tolerance (`over` true), or back within them."""
+    type: ClassVar[str] = "lease_overrun"
+    model: str
+    device: str
+    used_bytes: int
+    leased_bytes: int
+    over: bool
+    action: str  # reported, stopped, cleared
+
+
+@dataclass(frozen=True)
+class BudgetOvercommitted(Event):
+    """Processes lessor does not manage grew until the leases no longer fit the device; the policy
+    chose `victims` (idle models) to evict, or none could be."""
+    type: ClassVar[str] = "budget_overcommitted"
+    device: str
+    short_bytes: int
+    victims: tuple[str, ...]
+    reason: str = ""
+
+
 class EventBus:
     def __init__(self, queue_size: int = 1024) -> None:
         self._subscribers: set[asyncio.Queue[Event]] = set()

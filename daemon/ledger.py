@@ -9,24 +9,30 @@ restart loses nothing. Everyone else reads frozen snapshots.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Callable, Collection, Iterable, Mapping, Sequence
 
-from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, delete, event, insert, select, update
+from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text, delete, event, insert, select, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from ..policies import DeviceBudget, Rejected
 from .budget import budgets as compute_budgets
 from .config import DevicesConfig
 from .devices import DeviceReading, Probe
+from .errors import LedgerUnavailable
 from .events import Event, LeaseGranted, LeaseReleased
 from .units import format_bytes
+
+log = logging.getLogger("lessor.ledger")
 
 
 class LeaseKind(str, Enum):
@@ -52,6 +58,40 @@ leases_table = Table(
     Column("released_at", Float, nullable=True),
     Column("release_reason", String(256), nullable=True),
 )
+
+# The engine process that holds a model's leases: what a restarted lessord needs to adopt it.
+engines_table = Table(
+    "lessor_engines", metadata,
+    Column("model", String(128), primary_key=True),
+    Column("attempt", String(36), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("identity", String(96), nullable=False),  # boot id + start ticks: never a recycled pid
+    Column("port", Integer, nullable=False),
+    Column("phase", String(16), nullable=False),  # loading | ready
+    Column("params", Text, nullable=False),  # JSON: the planned engine flags
+    Column("kv_tokens", BigInteger, nullable=False),
+    Column("started_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    model: str
+    attempt: str
+    pid: int
+    identity: str
+    port: int
+    phase: str  # "loading" until the load protocol's step 5 passed, then "ready"
+    params: Mapping[str, object]
+    kv_tokens: int
+    started_at: float
+
+    def row(self) -> dict:
+        return {**self.__dict__, "params": json.dumps(dict(self.params), sort_keys=True)}
+
+
+# A write that fails for these reasons is the database's trouble (disk full, server gone), not a bug.
+STORAGE_ERRORS = (SQLAlchemyError, OSError)
 
 
 @dataclass(frozen=True)
@@ -131,6 +171,9 @@ class Ledger:
         self._clock = clock
         self._lock = asyncio.Lock()
         self._leases: dict[str, Lease] = {}
+        self._engines: dict[str, EngineRecord] = {}
+        # Released in memory (the memory really is free) but not yet on disk: retried by flush().
+        self._unpersisted: dict[str, str] = {}
 
     @classmethod
     async def open(cls, url: str, probe: Probe, devices: DevicesConfig, **kwargs) -> "Ledger":
@@ -139,7 +182,21 @@ class Ledger:
             await conn.run_sync(metadata.create_all)
             rows = await conn.execute(select(leases_table).where(leases_table.c.state == "granted"))
             ledger._leases = {row.id: _row_to_lease(row) for row in rows}
+            rows = await conn.execute(select(engines_table))
+            ledger._engines = {row.model: EngineRecord(row.model, row.attempt, row.pid, row.identity, row.port,
+                                                       row.phase, json.loads(row.params), row.kv_tokens,
+                                                       row.started_at) for row in rows}
         return ledger
+
+    async def _write(self, doing: str, *statements) -> None:
+        """One transaction; a storage failure becomes LedgerUnavailable and nothing of it is applied."""
+        try:
+            async with self._engine.begin() as conn:
+                for statement, *params in statements:
+                    await conn.execute(statement, *params)
+        except STORAGE_ERRORS as exc:
+            log.error("ledger write failed (%s): %s", doing, exc)
+            raise LedgerUnavailable(doing, _short(exc)) from exc
 
     async def close(self) -> None:
         async with self._lock:
@@ -156,7 +213,15 @@ class Ledger:
         return tuple(self._leases.values())
 
     def managed_pids(self) -> set[int]:
-        return {lease.owner_pid for lease in self._leases.values() if lease.owner_pid}
+        pids = {lease.owner_pid for lease in self._leases.values() if lease.owner_pid}
+        return pids | {engine.pid for engine in self._engines.values()}
+
+    def engines(self) -> dict[str, EngineRecord]:
+        return dict(self._engines)
+
+    def unpersisted(self) -> int:
+        """Releases not yet on disk (the database refused them); flush() retries."""
+        return len(self._unpersisted)
 
     def budgets(self) -> dict[str, DeviceBudget]:
         return self._read()[1]
@@ -186,10 +251,8 @@ class Ledger:
             now = self._clock()
             leases = [Lease(str(uuid.uuid4()), model, w.device, LeaseKind(w.kind), w.bytes, attempt, now,
                             owner_pid, owner_started_at) for w in wants]
-            async with self._engine.begin() as conn:
-                await conn.execute(insert(leases_table), [dict(lease.to_dict(), kind=lease.kind.value,
-                                                               released_at=None, release_reason=None)
-                                                          for lease in leases])
+            await self._write("record the grant", (insert(leases_table), [
+                dict(lease.to_dict(), kind=lease.kind.value, released_at=None, release_reason=None) for lease in leases]))
             for lease in leases:
                 self._leases[lease.id] = lease
         for lease in leases:
@@ -215,18 +278,42 @@ class Ledger:
         return Rejected("; ".join(reasons), short) if short else None
 
     async def release(self, lease_ids: Iterable[str], reason: str) -> list[Lease]:
+        """Released in memory even when the database refuses the write: the engine is stopped and
+        the memory free, so holding it would only block others. flush() records it later, and a
+        restart before that releases it too (its owner process is gone)."""
         async with self._lock:
             released = [self._leases[i] for i in lease_ids if i in self._leases]
             if released:
-                async with self._engine.begin() as conn:
-                    await conn.execute(update(leases_table)
-                                       .where(leases_table.c.id.in_([lease.id for lease in released]))
-                                       .values(state="released", released_at=self._clock(), release_reason=reason[:256]))
+                ids = [lease.id for lease in released]
+                try:
+                    await self._mark_released(ids, reason)
+                except LedgerUnavailable:
+                    self._unpersisted.update(dict.fromkeys(ids, reason))
                 for lease in released:
                     del self._leases[lease.id]
         for lease in released:
             self._publish(LeaseReleased(lease.id, lease.model, lease.device, lease.kind.value, lease.bytes, reason))
         return released
+
+    async def _mark_released(self, ids: list[str], reason: str) -> None:
+        await self._write("record the release", (update(leases_table).where(leases_table.c.id.in_(ids))
+                                                 .values(state="released", released_at=self._clock(),
+                                                         release_reason=reason[:256]),))
+
+    async def flush(self) -> int:
+        """Record the releases the database refused earlier; how many are still pending."""
+        async with self._lock:
+            by_reason: dict[str, list[str]] = defaultdict(list)
+            for lease_id, reason in self._unpersisted.items():
+                by_reason[reason].append(lease_id)
+            for reason, ids in by_reason.items():
+                try:
+                    await self._mark_released(ids, reason)
+                except LedgerUnavailable:
+                    break
+                for lease_id in ids:
+                    del self._unpersisted[lease_id]
+            return len(self._unpersisted)
 
     async def release_model(self, model: str, reason: str, kinds: Collection[LeaseKind] | None = None) -> list[Lease]:
         ids = [lease.id for lease in self._leases.values()
@@ -236,17 +323,31 @@ class Ledger:
     async def release_attempt(self, attempt: str, reason: str) -> list[Lease]:
         return await self.release([lease.id for lease in self._leases.values() if lease.attempt == attempt], reason)
 
-    async def set_owner(self, model: str, pid: int | None, started_at: float | None) -> None:
-        """Record the engine process that holds a model's leases (restart adoption checks both)."""
+    async def record_engine(self, engine: EngineRecord) -> None:
+        """The engine process that holds a model's leases, in the same transaction as the leases'
+        owner: a restarted lessord adopts it by pid and identity. Raises LedgerUnavailable (the load
+        must not go on with an engine lessor could not find again)."""
         async with self._lock:
-            async with self._engine.begin() as conn:
-                await conn.execute(update(leases_table)
-                                   .where((leases_table.c.model == model) & (leases_table.c.state == "granted"))
-                                   .values(owner_pid=pid, owner_started_at=started_at))
+            await self._write("record the engine",
+                              (delete(engines_table).where(engines_table.c.model == engine.model),),
+                              (insert(engines_table), [engine.row()]),
+                              (update(leases_table)
+                               .where((leases_table.c.model == engine.model) & (leases_table.c.state == "granted"))
+                               .values(owner_pid=engine.pid, owner_started_at=engine.started_at),))
+            self._engines[engine.model] = engine
             for lease_id, lease in list(self._leases.items()):
-                if lease.model == model:
-                    self._leases[lease_id] = Lease(lease.id, lease.model, lease.device, lease.kind, lease.bytes,
-                                                   lease.attempt, lease.granted_at, pid, started_at)
+                if lease.model == engine.model:
+                    self._leases[lease_id] = replace(lease, owner_pid=engine.pid, owner_started_at=engine.started_at)
+
+    async def forget_engine(self, model: str) -> None:
+        """The engine is stopped. A refused write is only logged: a restart finds the process gone."""
+        async with self._lock:
+            if self._engines.pop(model, None) is None:
+                return
+            try:
+                await self._write("forget the engine", (delete(engines_table).where(engines_table.c.model == model),))
+            except LedgerUnavailable:
+                pass
 
     async def prune_released(self, older_than_s: float) -> int:
         """Drop released rows older than this (they are history; events carried them already)."""
@@ -254,3 +355,9 @@ class Ledger:
             result = await conn.execute(delete(leases_table).where(
                 (leases_table.c.state == "released") & (leases_table.c.released_at < self._clock() - older_than_s)))
             return result.rowcount or 0
+
+
+def _short(exc: BaseException) -> str:
+    """The database's own words, without SQLAlchemy's statement dump and links."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

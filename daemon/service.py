@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from ..engines import adapters
@@ -25,7 +26,8 @@ from .ledger import Ledger
 from .mqtt import MqttPublisher
 from .notify import Notifier, watchdog, watchdog_interval_s
 from .routing import Router
-from .supervisor import Supervisor
+from .reconciler import Reconciler, reconcile_at_start
+from .supervisor import Supervisor, Timeouts
 
 log = logging.getLogger("lessor.service")
 
@@ -34,19 +36,27 @@ log = logging.getLogger("lessor.service")
 @asynccontextmanager
 async def runtime(config: LessorConfig, force_sim: bool = False,
                   engines: dict[str, EngineAdapter] | None = None,
-                  release_orphans_at_start: bool = True) -> AsyncIterator[Controller]:
-    """Everything but the HTTP servers; the CLI's local `plan` uses this same path (read-only:
-    it must not release a running daemon's leases)."""
+                  reconcile: bool = True) -> AsyncIterator[Controller]:
+    """Everything but the HTTP servers; the CLI's local `plan` uses this same path with
+    `reconcile=False` (read-only: it must not adopt or release a running daemon's engines)."""
     bus = EventBus()
     probe = make_probe(config.devices, force_sim)
     try:
         ledger = await Ledger.open(config.ledger_url(), probe, config.devices, publish=bus.publish)
         try:
-            if release_orphans_at_start:
-                await release_orphans(ledger)
+            timeouts = Timeouts(config.timeouts.weights, config.timeouts.ready, config.timeouts.stop_grace)
             supervisor = Supervisor(config, ledger, POLICIES[config.policy.name],
-                                    adapters() if engines is None else engines, bus.publish, probe=probe)
+                                    adapters() if engines is None else engines, bus.publish, probe=probe,
+                                    timeouts=timeouts)
+            reconciler = Reconciler(config.reconciler, ledger, supervisor, probe, bus.publish)
+            if reconcile:
+                report = reconciler.at_start = await reconcile_at_start(
+                    ledger, supervisor, Path(config.state_dir).absolute(), bus.publish)
+                if report.adopted or report.stopped or report.released or report.strays:
+                    log.warning("after restart: adopted %s, stopped %s, released %d lease(s), stopped %d stray(s)",
+                                report.adopted, report.stopped, report.released, len(report.strays))
             controller = Controller(config, probe, ledger, supervisor, bus)
+            controller.reconciler = reconciler
             publisher = MqttPublisher(config.mqtt, bus, lambda: (controller.devices(), controller.models())) \
                 if config.mqtt else None
             controller.mqtt = publisher
@@ -67,26 +77,6 @@ async def runtime(config: LessorConfig, force_sim: bool = False,
             await ledger.close()
     finally:
         probe.close()
-
-
-async def release_orphans(ledger: Ledger) -> None:
-    """Leases whose engine process is gone (or never started) cannot be in use: release them."""
-    dead = [lease.id for lease in ledger.snapshot().leases if not _alive(lease.owner_pid)]
-    if dead:
-        released = await ledger.release(dead, "owner process gone at start")
-        log.warning("released %d lease(s) whose owner process was gone", len(released))
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[], LessorConfig] | None = None,
@@ -122,6 +112,7 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
                     print(f"lessord: pinned model {spec.name} did not load: {exc}", file=sys.stderr, flush=True)
         ready.set()
         stack.callback(asyncio.ensure_future(router.run_keep_alive()).cancel)
+        stack.callback(asyncio.ensure_future(controller.reconciler.run()).cancel)
         interval = watchdog_interval_s()
         if interval:
             stack.callback(asyncio.ensure_future(watchdog(notifier, interval)).cancel)
@@ -222,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         run = asyncio.run
     try:
         run(serve(config, args.sim, lambda: configure(args)))
+    except ConfigError as exc:  # found only when used: a key file or variable that is missing
+        print(f"lessord: invalid config {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"lessord: {exc}", file=sys.stderr)
         return 1

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..engines.base import EngineAdapter, EngineHandle, GpuTarget, Grant, KvGrant
-from ..engines.process import describe_exit, free_port
+from ..engines.process import EngineProcess, describe_exit, free_port
 from ..policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot, shortfall
 from .config import LessorConfig, ModelSpec
 from .devices import Probe, SimProbe, gpu_id
-from .errors import EngineUnavailable, LoadFailed, ModelBusy, ModelsBusy, NotEnoughMemory, PlanRejected, UnknownModel
+from .errors import EngineUnavailable, LedgerUnavailable, LoadFailed, ModelBusy, ModelsBusy, NotEnoughMemory, PlanRejected, UnknownModel
 from .events import AdmissionDecided, EngineExited, Event, ModelStateChanged
 from .units import MiB, format_bytes
-from .ledger import Granted, LeaseKind, Ledger
+from .ledger import EngineRecord, Granted, LeaseKind, Ledger
 from .planner import Plan, plan, plan_kv, with_overrides
 
 log = logging.getLogger("lessor.supervisor")
@@ -52,6 +52,8 @@ class ModelRecord:
     error: str = ""
     plan: Plan | None = None
     handle: EngineHandle | None = field(default=None, repr=False)
+    attempt: str = ""  # the load attempt whose leases the running engine holds
+    overrun: dict[str, Any] | None = None  # set by the reconciler while the engine uses more than its leases
     generation: int = 0  # engine starts so far: an exit report from an older start is ignored
     restart_times: list[float] = field(default_factory=list)
 
@@ -92,6 +94,11 @@ class Supervisor:
     def clock(self) -> Callable[[], float]:
         """The clock of last-use times (the router touches them, policies compare them)."""
         return self._clock
+
+    @property
+    def policy(self) -> Policy:
+        """The admission policy in force (a reload may change it)."""
+        return self._policy
 
     def resolve(self, name: str) -> ModelRecord:
         spec = self._config.model(name)
@@ -158,7 +165,7 @@ class Supervisor:
                 for device in devices:  # sorted: two loads never wait on each other's locks in a cycle
                     await stack.enter_async_context(self._device_locks.setdefault(device, asyncio.Lock()))
                 await self._load_locked(record, spec, adapter)
-        except NotEnoughMemory as exc:  # refused before anything was taken: still unloaded, not failed
+        except (NotEnoughMemory, LedgerUnavailable) as exc:  # nothing is held: still unloaded, not failed
             record.error = str(exc)
             self._set_state(record, ModelState.UNLOADED, record.error)
             raise
@@ -183,9 +190,10 @@ class Supervisor:
             if not isinstance(granted, Granted):
                 raise LoadFailed(spec.name, step, granted.reason)
             step = "start engine"
-            record.plan = first
-            record.handle = await adapter.start(self._grant(record, spec, first))
-            await self._ledger.set_owner(spec.name, record.handle.pid, record.handle.started_at)
+            record.plan, record.attempt = first, attempt
+            grant = self._grant(record, spec, first.params, first.kv_tokens, spec.engine.port or free_port(), attempt)
+            record.handle = await adapter.start(grant)
+            await self._record_engine(record, grant.port, "loading")
             step = "wait for weights"
             await record.handle.wait_weights_loaded(self._timeouts.weights_s)
             if not first.one_phase:
@@ -198,25 +206,35 @@ class Supervisor:
                 await self._ledger.release_model(spec.name, "engine ready", kinds=[LeaseKind.LOAD_PEAK])
             step = "verify"
             await self._verify(spec, record.handle)
+            await self._record_engine(record, grant.port, "ready")
         except BaseException as exc:
             await self._roll_back(record, attempt, f"{step}: {exc}")
-            if isinstance(exc, LoadFailed):
+            if isinstance(exc, (LoadFailed, LedgerUnavailable)):
                 raise
             raise LoadFailed(spec.name, step, str(exc)) from exc
         record.error = ""
         record.last_used_s = self._clock()
         self._set_state(record, ModelState.READY)
 
-    def _grant(self, record: ModelRecord, spec: ModelSpec, first: Plan) -> Grant:
+    def _grant(self, record: ModelRecord, spec: ModelSpec, params: Mapping[str, Any], kv_tokens: int, port: int,
+               attempt: str) -> Grant:
         readings = self._ledger.snapshot().readings
         devices = [gpu_id(i) for i in spec.placement.devices]
         record.generation += 1
         generation = record.generation
-        return Grant(spec, first.params, first.kv_tokens,
+        return Grant(spec, params, kv_tokens,
                      tuple(GpuTarget(d, readings[d].index, readings[d].uuid, readings[d].total_bytes) for d in devices),
-                     self._leased(spec.name), self._simulated, spec.engine.port or free_port(),
+                     self._leased(spec.name), self._simulated, port,
                      self.log_path(spec.name), self._state_dir / "engines" / spec.name,
-                     on_exit=lambda returncode: self._spawn(self._engine_exited(record, generation, returncode)))
+                     on_exit=lambda returncode: self._spawn(self._engine_exited(record, generation, returncode)),
+                     marker={"LESSOR_STATE_DIR": str(self._state_dir), "LESSOR_ATTEMPT": attempt})
+
+    async def _record_engine(self, record: ModelRecord, port: int, phase: str) -> None:
+        handle, plan_ = record.handle, record.plan
+        assert handle is not None and plan_ is not None
+        await self._ledger.record_engine(EngineRecord(record.spec.name, record.attempt, handle.pid, handle.identity,
+                                                      port, phase, dict(plan_.params), plan_.kv_tokens,
+                                                      handle.started_at))
 
     def log_path(self, model: str) -> Path:
         return self._state_dir / "logs" / f"{model}.log"
@@ -299,7 +317,47 @@ class Supervisor:
         if handle is not None:
             await asyncio.shield(handle.stop(self._timeouts.stop_grace_s))
             self._forget_usage(handle.pid)
+        await asyncio.shield(self._ledger.forget_engine(record.spec.name))
         await asyncio.shield(self._ledger.release_attempt(attempt, f"load failed: {reason}"))
+
+    # -- adoption after a restart -------------------------------------------------------------
+
+    async def adopt(self, engine: EngineRecord) -> str:
+        """Take over an engine that a previous lessord started. Adopted only if it is that very
+        process (pid and identity), its load had finished, this config still has its model and the
+        engine answers; otherwise a process that still runs is stopped. Says what happened; the
+        reconciler releases the leases of everything not adopted."""
+        record = self._models.get(engine.model)
+        adapter = self._engines.get(record.spec.engine.kind) if record else None
+        grant = None
+        if record is not None and record.state == ModelState.UNLOADED:
+            try:
+                grant = self._grant(record, record.spec, engine.params, engine.kv_tokens, engine.port, engine.attempt)
+            except KeyError:  # its device is no longer in the config
+                grant = None
+        process = EngineProcess.adopt(engine.pid, engine.identity, self.log_path(engine.model),
+                                      grant.on_exit if grant else None, engine.started_at)
+        if process is None:
+            return "its engine is gone"
+        why = ("its load had not finished" if engine.phase != "ready" else
+               "the model is no longer configured" if record is None else
+               "its device is no longer configured" if grant is None else
+               f"no adapter for engine '{record.spec.engine.kind}'" if adapter is None else "")
+        handle = None
+        if not why:
+            handle = adapter.reattach(process, grant)
+            try:
+                await handle.wait_ready(min(self._timeouts.ready_s, 30.0))
+            except (TimeoutError, RuntimeError, OSError) as exc:
+                why = f"it does not answer: {exc}"
+        if why:
+            await process.stop(self._timeouts.stop_grace_s)
+            return f"stopped its engine (pid {engine.pid}): {why}"
+        record.handle, record.attempt = handle, engine.attempt
+        record.plan = Plan(engine.model, True, engine.kv_tokens, dict(engine.params), (), ())
+        record.last_used_s = self._clock()
+        self._set_state(record, ModelState.READY, f"adopted engine pid {engine.pid}")
+        return f"adopted its engine (pid {engine.pid})"
 
     # -- crashes and restarts ----------------------------------------------------------------
 
@@ -317,6 +375,7 @@ class Supervisor:
         await handle.stop(0)  # reap whatever the leader left in its process group
         self._forget_usage(handle.pid)
         reason = f"engine exited with {describe_exit(returncode)}"
+        await self._ledger.forget_engine(record.spec.name)
         await self._ledger.release_model(record.spec.name, reason)
         record.plan, record.error = None, reason
         restart_in = self._restart_delay(record)
@@ -384,8 +443,9 @@ class Supervisor:
         if handle is not None:
             await handle.stop(self._timeouts.stop_grace_s)
             self._forget_usage(handle.pid)
+        await self._ledger.forget_engine(record.spec.name)
         await self._ledger.release_model(record.spec.name, reason)
-        record.plan = None
+        record.plan, record.overrun = None, None
         self._set_state(record, ModelState.UNLOADED, reason)
         return record
 

@@ -18,6 +18,9 @@ _UNITS = {
     "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40,  # bare suffixes mean binary units, as in nvidia-smi
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 }
+# The same grammars as JSON-schema patterns, so API clients and fuzzers know what is accepted.
+SIZE_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT]([iI][bB]|[bB])?|[bB])?\s*$"
+DURATION_PATTERN = r"^\s*(-1|never|[0-9]+(\.[0-9]+)?\s*(ms|s|m|h|d)?)\s*$"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -30,6 +33,8 @@ def parse_size(value: int | float | str) -> int:
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError(f"a size cannot be negative (got {value})")
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"a size in bytes must be a whole number (got {value}); or write a unit, such as '1.5GiB'")
         return int(value)
     match = _SIZE.match(str(value))
     if not match or match.group(2).lower() not in _UNITS:

@@ -61,6 +61,8 @@ class Grant:
     run_dir: Path  # a folder of the engine's own (HOME, generated config files)
     host: str = "127.0.0.1"
     on_exit: Callable[[int], None] | None = field(default=None, compare=False)
+    # In the engine's environment: a restarted lessord finds an engine it never got to record by it.
+    marker: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def base_url(self) -> str:
@@ -92,6 +94,7 @@ class EngineHandle(Protocol):
     """A started engine, as the supervisor drives it through the load protocol."""
 
     pid: int
+    identity: str  # the process's boot id and start time: a recycled pid never matches
     started_at: float
     base_url: str
     process: EngineProcess
@@ -116,6 +119,9 @@ class EngineAdapter(Protocol):
 
     async def start(self, grant: Grant) -> EngineHandle: ...
 
+    def reattach(self, process: EngineProcess, grant: Grant) -> EngineHandle:
+        """A handle for an engine a previous lessord started with this grant (adoption)."""
+
 
 class ProcessHandle:
     """A one-phase engine: ready (weights and KV cache in) when its health URL answers 200."""
@@ -123,7 +129,7 @@ class ProcessHandle:
     def __init__(self, process: EngineProcess, grant: Grant, command: Command) -> None:
         self.process, self.grant, self.base_url = process, grant, grant.base_url
         self.health_url = grant.base_url + command.health_path
-        self.pid, self.started_at = process.pid, process.started_at
+        self.pid, self.identity, self.started_at = process.pid, process.identity, process.started_at
 
     async def wait_weights_loaded(self, timeout_s: float) -> None:
         await self.process.wait_http(self.health_url, timeout_s, "loading")
@@ -153,8 +159,11 @@ class ProcessAdapter:
 
     async def start(self, grant: Grant) -> EngineHandle:
         command = self.command(grant)
-        env = engine_env({**grant.visible_devices(), **command.env, **grant.spec.engine.env})
+        env = engine_env({**grant.visible_devices(), **command.env, **grant.spec.engine.env, **grant.marker})
         argv = [*command.argv, *grant.spec.engine.extra_args]
         grant.run_dir.mkdir(parents=True, exist_ok=True)
         process = await EngineProcess.spawn(argv, env, grant.log_path, cwd=grant.run_dir, on_exit=grant.on_exit)
         return self.handle_class(process, grant, command)
+
+    def reattach(self, process: EngineProcess, grant: Grant) -> EngineHandle:
+        return self.handle_class(process, grant, self.command(grant))

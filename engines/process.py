@@ -32,15 +32,6 @@ class EngineExited(RuntimeError):
         super().__init__(f"engine (pid {pid}) exited with {describe_exit(returncode)} while {doing}{last}")
 
 
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"code {returncode}"
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -53,18 +44,50 @@ def engine_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-class EngineProcess:
-    """One engine process group. `on_exit(returncode)` is called once if it ends without `stop()`."""
+UNKNOWN_EXIT = 255 << 8  # an adopted engine is not our child: its exit status cannot be read
 
-    def __init__(self, proc: asyncio.subprocess.Process, argv: Sequence[str], log_path: Path,
-                 on_exit: Callable[[int], None] | None) -> None:
-        self.proc, self.argv, self.log_path = proc, tuple(argv), log_path
-        self.pid: int = proc.pid
-        self.started_at = time.time()
+
+def describe_exit(returncode: int) -> str:
+    if returncode == UNKNOWN_EXIT:
+        return "an unknown status (adopted engine)"
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"code {returncode}"
+
+
+def process_identity(pid: int) -> str | None:
+    """`<boot id>:<start time in clock ticks>`: unique for a process across pid reuse and reboots.
+    None when no such process runs (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return f"{boot_id}:{fields[19]}"
+
+
+class EngineProcess:
+    """One engine process group. `on_exit(returncode)` is called once if it ends without `stop()`.
+
+    Either our child (`spawn`) or an engine a previous lessord started and this one adopted
+    (`adopt`): its exit is then seen through a pidfd, the same moment a child's would be."""
+
+    def __init__(self, pid: int, identity: str, exit_status: "asyncio.Future[int] | asyncio.Task[int]",
+                 argv: Sequence[str], log_path: Path, on_exit: Callable[[int], None] | None,
+                 started_at: float | None = None) -> None:
+        self.pid, self.identity, self.argv, self.log_path = pid, identity, tuple(argv), log_path
+        self.started_at = started_at if started_at is not None else time.time()
         self.exited = asyncio.Event()
+        self._returncode: int | None = None
         self._on_exit = on_exit
         self._stopping = False
-        self._watcher = asyncio.ensure_future(self._watch())
+        self._watcher = asyncio.ensure_future(self._watch(exit_status))
 
     @classmethod
     async def spawn(cls, argv: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None,
@@ -74,18 +97,35 @@ class EngineProcess:
             log_path.replace(log_path.with_name(log_path.name + ".1"))
         with open(log_path, "ab", buffering=0) as out:
             out.write(f"# lessor: starting {' '.join(argv)}\n".encode())
+            # argv, never a shell: nothing in the config is ever parsed by /bin/sh.
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
                 env=dict(env), cwd=str(cwd) if cwd else None, start_new_session=True)
         log.info("engine started: pid %d: %s", proc.pid, " ".join(argv))
-        return cls(proc, argv, log_path, on_exit)
+        identity = process_identity(proc.pid) or f"child:{proc.pid}"
+        return cls(proc.pid, identity, asyncio.ensure_future(proc.wait()), argv, log_path, on_exit)
+
+    @classmethod
+    def adopt(cls, pid: int, identity: str, log_path: Path, on_exit: Callable[[int], None] | None,
+              started_at: float | None = None) -> "EngineProcess | None":
+        """Take over an engine a previous lessord started; None unless `pid` is still that very
+        process (same identity), never a stranger that was given a recycled pid."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+        if process_identity(pid) != identity:  # checked after the pidfd is held: it cannot change now
+            os.close(pidfd)
+            return None
+        return cls(pid, identity, asyncio.ensure_future(_pidfd_exit(pidfd)), (), log_path, on_exit, started_at)
 
     @property
     def returncode(self) -> int | None:
-        return self.proc.returncode
+        return self._returncode
 
-    async def _watch(self) -> None:
-        returncode = await self.proc.wait()
+    async def _watch(self, exit_status) -> None:
+        returncode = await exit_status
+        self._returncode = returncode
         self.exited.set()
         if not self._stopping:
             log.warning("engine pid %d exited with %s", self.pid, describe_exit(returncode))
@@ -142,7 +182,20 @@ class EngineProcess:
         await self.exited.wait()
         await self._watcher
         await _wait_group_gone(self.pid, timeout_s=5)
-        return self.proc.returncode if self.proc.returncode is not None else -1
+        return self._returncode if self._returncode is not None else -1
+
+
+async def _pidfd_exit(pidfd: int) -> int:
+    """Wait for a process that is not our child: its pidfd becomes readable when it ends."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return UNKNOWN_EXIT
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -155,14 +208,29 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 async def _wait_group_gone(pgid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
+        if not group_alive(pgid):
             return
         await asyncio.sleep(0.05)
     log.error("process group %d still has members %g s after SIGKILL", pgid, timeout_s)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any member of the group still runs. Zombies do not count: an adopted engine's
+    members are reaped by init, not by us, and hold no memory."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+                return True
+    return False
 
 
 def tail(path: Path, lines: int = 50) -> list[str]:

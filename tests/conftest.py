@@ -85,6 +85,7 @@ class FakeHandle:
 
     def __init__(self, adapter: "FakeAdapter", spec, params, kv_tokens: int, pid: int) -> None:
         self.adapter, self.spec, self.params, self.pid = adapter, spec, params, pid
+        self.identity = f"fake:{pid}"  # never a live process's identity: a restart finds it gone
         self.started_at = time.time()
         self.base_url = adapter.base_url or f"http://127.0.0.1:{pid % 50000 + 10000}"
         self.kv_tokens = None

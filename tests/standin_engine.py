@@ -7,6 +7,7 @@ it runs under any python3 as the real engines would run under theirs."""
 import json
 import os
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -27,6 +28,8 @@ def main() -> None:
         print("stand-in: exiting as asked", flush=True)
         sys.exit(int(os.environ["LESSOR_STANDIN_EXIT"]))
     name = flag(argv, "--served-model-name", "--alias", "--model_alias", "--model_name", default="standin")
+    # An engine slow to load (or, with a large value, one that never becomes ready).
+    ready_at = time.monotonic() + float(os.environ.get("LESSOR_STANDIN_READY_AFTER_S", "0"))
 
     class Handler(BaseHTTPRequestHandler):
         def _send(self, body, status=200):
@@ -39,7 +42,10 @@ def main() -> None:
 
         def do_GET(self):
             if self.path == "/health":
-                self._send({"status": "ok"})
+                if time.monotonic() < ready_at:
+                    self._send({"status": "loading"}, 503)
+                else:
+                    self._send({"status": "ok"})
             elif self.path == "/v1/models":
                 self._send({"object": "list", "data": [{"id": name, "object": "model"}]})
             else:

@@ -6,7 +6,7 @@ import pytest
 
 from lessor.daemon.config import DevicesConfig, HostPool, SimulatedGpu
 from lessor.daemon.devices import SimProbe
-from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.ledger import EngineRecord, Granted, LeaseKind, LeaseWant, Ledger
 from lessor.daemon.units import GiB
 from lessor.policies import Rejected
 
@@ -91,7 +91,8 @@ async def test_release_by_model_kind_and_attempt(ledger):
 async def test_leases_survive_a_restart(ledger_url):
     first = await Ledger.open(ledger_url, make_probe(), DEVICES)
     granted = await first.grant("a", [LeaseWant("gpu0", W, 3 * GiB), LeaseWant("host", W, 30 * GiB)], "t1")
-    await first.set_owner("a", 1234, 99.5)
+    engine = EngineRecord("a", "t1", 1234, "boot:42", 8123, "ready", {"context_tokens": 4096}, 4096, 99.5)
+    await first.record_engine(engine)
     await first.grant("b", [LeaseWant("gpu1", KV, GiB)], "t2")
     await first.release_model("b", "done")
     await first.close()  # as after kill -9: nothing but what was committed remains
@@ -101,6 +102,7 @@ async def test_leases_survive_a_restart(ledger_url):
         leases = {lease.id: lease for lease in second.snapshot().leases}
         assert set(leases) == {lease.id for lease in granted.leases}
         assert all(lease.owner_pid == 1234 and lease.owner_started_at == 99.5 for lease in leases.values())
+        assert second.engines() == {"a": engine}
         assert second.budgets()["gpu0"].free_bytes == 12 * GiB
         assert second.budgets()["host"].free_bytes == 30 * GiB
     finally:

@@ -1,0 +1,210 @@
+"""The reconciler: what is measured against what the ledger granted.
+
+At start it settles what a previous lessord left behind: engines that still run are adopted (pid
+and process identity checked, never a recycled pid), half-done loads are rolled back, leases
+nobody holds are released, and stray engines this state folder started but never recorded are
+stopped. Then, every `reconciler.interval`, it measures each ready engine (NVML's per-process
+figure, or the engine's own report under the simulated probe) against its leases, and watches
+processes lessor does not manage: when they grow past what is free, the policy evicts idle
+models instead of letting an engine hit an OOM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..engines.process import process_identity
+from ..policies import AdmissionRequest, Evict
+from .config import ReconcilerConfig
+from .devices import Probe, SimProbe
+from .errors import LessorError
+from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun
+from .ledger import Ledger
+from .supervisor import ModelState, Supervisor, verify_tolerance
+from .units import format_bytes
+
+log = logging.getLogger("lessor.reconciler")
+
+FOREIGN = "(processes lessor does not manage)"
+
+
+@dataclass
+class StartReport:
+    adopted: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)  # engines stopped: unfinished load, gone model, no answer
+    released: int = 0  # leases released: their holder is gone
+    strays: list[int] = field(default_factory=list)  # unrecorded engines of this state folder, stopped
+
+
+async def reconcile_at_start(ledger: Ledger, supervisor: Supervisor, state_dir: Path,
+                             publish: Callable[[Event], None]) -> StartReport:
+    report = StartReport()
+    for model, engine in sorted(ledger.engines().items()):
+        outcome = await supervisor.adopt(engine)
+        adopted = outcome.startswith("adopted")
+        (report.adopted if adopted else report.stopped).append(model)
+        publish(EngineAdopted(model, engine.pid, adopted, outcome))
+        log.warning("after restart: model %s: %s", model, outcome)
+    keep = {r.spec.name: r.attempt for r in supervisor.records() if r.state == ModelState.READY}
+    for model in set(ledger.engines()) - set(keep):
+        await ledger.forget_engine(model)
+    # Leases of an attempt that is not the adopted engine's: a load killed mid-way, or its engine gone.
+    stale = [lease.id for lease in ledger.leases() if keep.get(lease.model) != lease.attempt]
+    report.released = len(await ledger.release(stale, "holder gone at start")) if stale else 0
+    # A ready engine holds no load peak (a crash between "ready" and its release leaves one behind).
+    peaks = [lease.id for lease in ledger.leases() if lease.kind.value == "load_peak"]
+    report.released += len(await ledger.release(peaks, "load finished before the restart")) if peaks else 0
+    adopted_attempts = set(keep.values())
+    report.strays = await stop_strays(state_dir, adopted_attempts, grace_s=5.0)
+    return report
+
+
+def find_strays(state_dir: Path, keep_attempts: set[str]) -> list[int]:
+    """Engines started for this state folder (their environment says so) whose attempt was not
+    adopted: lessord died between starting them and recording them. Group leaders only."""
+    want = f"LESSOR_STATE_DIR={state_dir}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = Path(entry.path, "environ").read_bytes().split(b"\0")
+            if want not in environ or os.getpgid(int(entry.name)) != int(entry.name):
+                continue
+        except (OSError, ProcessLookupError):
+            continue
+        attempt = next((v[len(b"LESSOR_ATTEMPT="):].decode() for v in environ if v.startswith(b"LESSOR_ATTEMPT=")), "")
+        if attempt not in keep_attempts:
+            found.append(int(entry.name))
+    return found
+
+
+async def stop_strays(state_dir: Path, keep_attempts: set[str], grace_s: float) -> list[int]:
+    strays = find_strays(state_dir, keep_attempts)
+    identities = {pid: process_identity(pid) for pid in strays}
+    for pid in strays:
+        log.warning("stopping stray engine process group %d (started for %s, never recorded)", pid, state_dir)
+        _kill_group(pid, signal.SIGTERM)
+    deadline = asyncio.get_running_loop().time() + grace_s
+    while any(process_identity(p) == identities[p] for p in strays) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    for pid in strays:
+        if process_identity(pid) == identities[pid]:  # the same process, not a new one on its pid
+            _kill_group(pid, signal.SIGKILL)
+    return strays
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Reconciler:
+    """The periodic loop. Each check: flush releases the database refused, measure every ready
+    engine against its leases, and give memory back to foreign processes that outgrew it."""
+
+    def __init__(self, config: ReconcilerConfig, ledger: Ledger, supervisor: Supervisor, probe: Probe,
+                 publish: Callable[[Event], None]) -> None:
+        self._config, self._ledger, self._supervisor, self._probe = config, ledger, supervisor, probe
+        self._publish = publish
+        self.at_start = StartReport()  # what reconcile_at_start found (metrics read it)
+        self._over_checks: dict[str, int] = {}
+        self._overcommitted: set[str] = set()
+        self.checks = 0
+        self.overruns = 0  # engines found over their leases (each time one crosses, not each check)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.interval)
+            try:
+                await self.check()
+            except Exception:  # one bad check must not end the loop
+                log.exception("reconciler check failed")
+
+    async def check(self) -> None:
+        self.checks += 1
+        await self._ledger.flush()
+        for record in self._supervisor.records():
+            if record.state == ModelState.READY and record.handle is not None:
+                await self._check_engine(record)
+        if self._config.evict_on_foreign_growth:
+            await self._give_back()
+
+    async def _measure(self, record) -> dict[str, int]:
+        handle = record.handle
+        try:
+            reported = await asyncio.wait_for(handle.measure(), timeout=max(1.0, self._config.interval))
+        except Exception as exc:  # a busy or dying engine: a missed measurement, the probe still counts
+            log.info("model %s: engine did not report its usage: %s", record.spec.name, exc)
+            reported = {}
+        if isinstance(self._probe, SimProbe):  # the engine's own report stands in for NVML
+            for device, used in reported.items():
+                self._probe.set_process_usage(device, handle.pid, used)
+        readings = self._ledger.snapshot().readings
+        return {device: max(reported.get(device, 0), readings[device].processes.get(handle.pid, 0))
+                for device in reported.keys() | {d for d, r in readings.items() if handle.pid in r.processes}
+                if device in readings}
+
+    async def _check_engine(self, record) -> None:
+        name = record.spec.name
+        used = await self._measure(record)
+        leased: dict[str, int] = {}
+        for lease in self._ledger.leases():
+            if lease.model == name:
+                leased[lease.device] = leased.get(lease.device, 0) + lease.bytes
+        over = {d: u for d, u in used.items() if u > leased.get(d, 0) + verify_tolerance(leased.get(d, 0))}
+        if not over:
+            self._over_checks.pop(name, None)
+            if record.overrun is not None:
+                device = record.overrun["device"]
+                record.overrun = None
+                self._publish(LeaseOverrun(name, device, used.get(device, 0), leased.get(device, 0), False, "cleared"))
+            return
+        self._over_checks[name] = self._over_checks.get(name, 0) + 1
+        if self._over_checks[name] < self._config.overrun_checks or record.overrun is not None:
+            return
+        device, bytes_used = max(over.items(), key=lambda kv: kv[1] - leased.get(kv[0], 0))
+        record.overrun = {"device": device, "used_bytes": bytes_used, "leased_bytes": leased.get(device, 0)}
+        self.overruns += 1
+        reason = (f"engine uses {format_bytes(bytes_used)} on {device}, its leases are "
+                  f"{format_bytes(leased.get(device, 0))}; raise its memory figures or lower its cache")
+        action = "stopped" if self._config.on_overrun == "stop" else "reported"
+        log.warning("model %s over its leases (%s): %s", name, action, reason)
+        self._publish(LeaseOverrun(name, device, bytes_used, leased.get(device, 0), True, action))
+        if action == "stopped":
+            await self._supervisor.unload(name, reason=f"overrun: {reason}")
+            record.error = f"stopped for an overrun: {reason}"
+
+    async def _give_back(self) -> None:
+        snapshot = self._supervisor.policy_snapshot()
+        for device, budget in snapshot.devices.items():
+            if budget.free_bytes >= 0:
+                self._overcommitted.discard(device)
+                continue
+            request = AdmissionRequest(FOREIGN, {device: 1}, priority=1 << 30)
+            decision = self._supervisor.policy(request, snapshot)
+            victims = decision.victims if isinstance(decision, Evict) else ()
+            if not victims and device in self._overcommitted:
+                continue  # said once already; nothing new to do
+            self._overcommitted.add(device)
+            reason = getattr(decision, "reason", "")
+            self._publish(BudgetOvercommitted(device, -budget.free_bytes, victims, reason))
+            log.warning("%s: foreign usage grew %s past the free memory; evicting %s", device,
+                        format_bytes(-budget.free_bytes), ", ".join(victims) or "nothing (no idle model may go)")
+            for victim in victims:
+                if self._supervisor.resolve(victim).in_flight:  # a request started since the snapshot
+                    continue
+                try:
+                    await self._supervisor.unload(victim, reason=f"foreign usage grew on {device}")
+                except LessorError as exc:  # it got busy meanwhile: the next check tries again
+                    log.info("could not evict %s: %s", victim, exc)
+            if victims:
+                return  # the snapshot is stale now; the next check looks again
