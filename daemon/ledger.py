@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 import uuid
 from collections import defaultdict
@@ -90,8 +91,19 @@ class EngineRecord:
         return {**self.__dict__, "params": json.dumps(dict(self.params), sort_keys=True)}
 
 
-# A write that fails for these reasons is the database's trouble (disk full, server gone), not a bug.
-STORAGE_ERRORS = (SQLAlchemyError, OSError)
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    """A write that fails for these reasons is the database's trouble (disk full, server gone),
+    not a bug. asyncpg raises some of its own unwrapped while connecting (server shutting down)."""
+    errors: list[type[BaseException]] = [SQLAlchemyError, OSError, sqlite3.Error]
+    try:
+        import asyncpg
+        errors += [asyncpg.PostgresError, asyncpg.InterfaceError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+STORAGE_ERRORS = _storage_errors()
 
 
 @dataclass(frozen=True)
@@ -251,8 +263,15 @@ class Ledger:
             now = self._clock()
             leases = [Lease(str(uuid.uuid4()), model, w.device, LeaseKind(w.kind), w.bytes, attempt, now,
                             owner_pid, owner_started_at) for w in wants]
-            await self._write("record the grant", (insert(leases_table), [
-                dict(lease.to_dict(), kind=lease.kind.value, released_at=None, release_reason=None) for lease in leases]))
+            try:
+                await self._write("record the grant", (insert(leases_table), [
+                    dict(lease.to_dict(), kind=lease.kind.value, released_at=None, release_reason=None)
+                    for lease in leases]))
+            except LedgerUnavailable:
+                # The commit may have reached the database before the connection broke: flush()
+                # marks these ids released there too, so disk and memory agree again.
+                self._unpersisted.update(dict.fromkeys((lease.id for lease in leases), "grant not confirmed"))
+                raise
             for lease in leases:
                 self._leases[lease.id] = lease
         for lease in leases:
