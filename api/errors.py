@@ -9,6 +9,7 @@ import math
 from aiohttp import web
 
 from ..daemon.errors import (ConfigError, EngineUnavailable, Forbidden, InvalidRequest, InvariantBroken, LedgerUnavailable,
+                             NoEngineLog,
                              LessorError, LoadFailed, ModelBusy, NotEnoughMemory, PlanRejected, QueueFull, Unauthorized, UnknownDevice,
                              UnknownModel, UpstreamFailed, WaitTimedOut)
 
@@ -21,6 +22,7 @@ STATUS: dict[type[LessorError], int] = {
     Forbidden: 403,
     UnknownModel: 404,
     UnknownDevice: 404,
+    NoEngineLog: 404,
     ModelBusy: 409,
     PlanRejected: 422,
     EngineUnavailable: 501,

@@ -40,7 +40,7 @@ def build_openapi(routes) -> dict[str, Any]:
             op["security"] = [{"bearer": []}]
             op["responses"]["401"] = _error("Missing or wrong bearer token")
         if "{name}" in route.path:
-            op["responses"]["404"] = _error("Unknown model")
+            op["responses"]["404"] = _error("Unknown model" + (", or it has no log yet" if route.path.endswith("/log") else ""))
         if route.method == "POST" and "{name}" in route.path:
             op["responses"].update({"409": _error("The model is loading or unloading"),
                                     "422": _error("The engine parameters break an engine rule"),

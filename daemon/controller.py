@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from .config import LessorConfig
 from .devices import Probe, SimProbe
-from .errors import InvalidRequest
+from .errors import InvalidRequest, NoEngineLog
 from .events import EventBus, ForeignUsageChanged
 from .ledger import LeaseKind, Ledger
 from ..policies import POLICIES
@@ -79,7 +79,7 @@ class Controller:
         record = self.supervisor.resolve(name)
         path = self.supervisor.log_path(record.spec.name)
         if not path.exists():
-            raise InvalidRequest("name", f"model '{record.spec.name}' has no engine log yet (it was never started)")
+            raise NoEngineLog(record.spec.name)
         return "".join(line + "\n" for line in tail(path, lines))
 
     def plan(self, name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -79,6 +79,16 @@ class UnknownDevice(LessorError):
 
 
 @dataclass
+class NoEngineLog(LessorError):
+    model: str
+    type = "log_not_found"
+    field = "name"
+
+    def message(self) -> str:
+        return f"model '{self.model}' has no engine log yet (it was never started)"
+
+
+@dataclass
 class Forbidden(LessorError):
     """A router API key that may not use this model."""
 

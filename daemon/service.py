@@ -198,9 +198,24 @@ def configure(args: argparse.Namespace) -> LessorConfig:
     return config
 
 
+class ClientMistakes(logging.Filter):
+    """aiohttp logs a malformed request (a client's mistake, already answered 400) as an ERROR with
+    a traceback: anyone who can connect could flood the log. One INFO line says it instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            log.info("admin API: malformed request answered %s: %s", exc.code, str(exc.message).splitlines()[0][:200])
+            return False
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(ClientMistakes())
     try:
         config = configure(args)
     except ConfigError as exc:

@@ -227,7 +227,8 @@ class Supervisor:
                      self._leased(spec.name), self._simulated, port,
                      self.log_path(spec.name), self._state_dir / "engines" / spec.name,
                      on_exit=lambda returncode: self._spawn(self._engine_exited(record, generation, returncode)),
-                     marker={"LESSOR_STATE_DIR": str(self._state_dir), "LESSOR_ATTEMPT": attempt})
+                     marker={"LESSOR_STATE_DIR": str(self._state_dir), "LESSOR_ATTEMPT": attempt},
+                     withhold_env=tuple(k.key_env for k in self._config.router.api_keys if k.key_env))
 
     async def _record_engine(self, record: ModelRecord, port: int, phase: str) -> None:
         handle, plan_ = record.handle, record.plan

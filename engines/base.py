@@ -63,6 +63,7 @@ class Grant:
     on_exit: Callable[[int], None] | None = field(default=None, compare=False)
     # In the engine's environment: a restarted lessord finds an engine it never got to record by it.
     marker: Mapping[str, str] = field(default_factory=dict)
+    withhold_env: tuple[str, ...] = ()  # lessord's variables that hold secrets (router keys)
 
     @property
     def base_url(self) -> str:
@@ -159,7 +160,8 @@ class ProcessAdapter:
 
     async def start(self, grant: Grant) -> EngineHandle:
         command = self.command(grant)
-        env = engine_env({**grant.visible_devices(), **command.env, **grant.spec.engine.env, **grant.marker})
+        env = engine_env({**grant.visible_devices(), **command.env, **grant.spec.engine.env, **grant.marker},
+                         grant.withhold_env)
         argv = [*command.argv, *grant.spec.engine.extra_args]
         grant.run_dir.mkdir(parents=True, exist_ok=True)
         process = await EngineProcess.spawn(argv, env, grant.log_path, cwd=grant.run_dir, on_exit=grant.on_exit)

@@ -38,8 +38,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def engine_env(extra: Mapping[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+def engine_env(extra: Mapping[str, str], withhold: Sequence[str] = ()) -> dict[str, str]:
+    """lessord's environment for an engine, less its secrets (the admin token, router keys)."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and k not in withhold}
     env.update(extra)
     return env
 

@@ -167,13 +167,18 @@ BIN = Path(sys.executable).parent
 
 
 @contextmanager
-def running_lessord(config_path: Path, *args: str, timeout_s: float = 60):
-    """lessord as operators run it (simulated devices), on free ports; yields (process, admin url, router url)."""
+def running_lessord(config_path: Path, *args: str, timeout_s: float = 60, output: Path | None = None,
+                    env: dict[str, str] | None = None):
+    """lessord as operators run it (simulated devices), on free ports; yields (process, admin url, router url).
+    `output`: a file for its stdout and stderr (a pipe nobody reads would block a chatty daemon)."""
     port, router_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"}
+    env = {**{k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"}, **(env or {})}
+    sink = open(output, "w") if output else subprocess.PIPE
     proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(config_path), "--sim",
-                             "--admin-listen", f"127.0.0.1:{port}", "--router-listen", f"127.0.0.1:{router_port}", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                             "--admin-listen", f"127.0.0.1:{port}", "--router-listen", f"127.0.0.1:{router_port}", *args],
+                            stdout=sink, stderr=subprocess.STDOUT if output else subprocess.PIPE, text=True, env=env)
+    if output:
+        sink.close()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     try:

@@ -76,3 +76,34 @@ def test_a_client_that_leaves_a_stream_stops_the_engine_generating(tmp_path, tin
 def engine_state(endpoint: str) -> dict:
     with urllib.request.urlopen(endpoint + "/lessor/v1/state", timeout=10) as r:
         return json.loads(r.read())
+
+
+def test_an_engine_that_crashes_mid_stream_cuts_the_stream_short_and_comes_back_on_demand(tmp_path, tiny_qwen):
+    import http.client
+    import os
+    import signal
+
+    spec = torch_spec("qa", tiny_qwen, "2GiB", restart={"policy": "never"})
+    with running_lessord(write_config(tmp_path, [spec])) as (_, url, router):
+        admin = Admin(url, tmp_path / "state")
+        assert admin.load("qa")[0] == 200
+        pid = admin.model("qa")["pid"]
+        body = {"model": "qa", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 2000,
+                "ignore_eos": True, "stream": True}
+        request = urllib.request.Request(router + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        stream = urllib.request.urlopen(request, timeout=30)
+        assert stream.readline().startswith(b"data: ")
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(http.client.IncompleteRead):  # no final chunk: the client can tell it broke
+            stream.read()
+        deadline = time.monotonic() + 10
+        while admin.model("qa")["state"] != "failed" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        model = admin.model("qa")
+        assert model["state"] == "failed" and "SIGKILL" in model["error"] and admin.leases() == []
+        assert model["in_flight"] == 0
+        # The next request loads it again, as a new process.
+        answer = client(router).chat.completions.create(model="qa", messages=[{"role": "user", "content": "Hi"}],
+                                                        max_tokens=3)
+        assert answer.choices and admin.model("qa")["pid"] not in (None, pid)

@@ -313,3 +313,68 @@ async def test_an_engine_that_breaks_a_stream_ends_the_client_stream_short(front
     assert controller.model("a")["in_flight"] == 0
     assert controller.router.requests[("a", 502)] == 1
     server.close()
+
+
+async def test_a_slow_client_gets_408_and_others_are_served_meanwhile(front):
+    _, _, session, port = await front(request_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # Half a request (a slowloris): the head, then 10 of the 100 bytes it announced.
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"model\": ")
+    await writer.drain()
+    async with session.post("/v1/completions", json={"model": "a", "prompt": "hi"}) as r:
+        assert r.status == 200  # the slow client holds nothing the others need
+    out = await asyncio.wait_for(reader.read(), timeout=5)  # answered, then disconnected
+    assert out.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    writer.close()
+
+
+async def test_an_idle_connection_is_closed_after_the_request_timeout(front):
+    _, _, _, port = await front(request_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+    await reader.readexactly(16)  # {"status": "ok"}
+    assert await asyncio.wait_for(reader.read(), timeout=3) == b""  # closed quietly, no answer owed
+    writer.close()
+
+
+KEY_A, KEY_ALL = "key-for-model-a-only", "key-for-every-model!"
+
+
+async def test_api_keys_limit_each_key_to_its_models(front):
+    controller, _, session, _ = await front(api_keys=[{"key": KEY_A, "models": ["alpha"]},
+                                                      {"key": KEY_ALL, "models": ["*"], "name": "ops"}])
+
+    async def ask(model, key=None, path="/v1/completions"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with session.post(path, json={"model": model, "prompt": "x"}, headers=headers) as r:
+            return r.status, await r.json(), r.headers
+
+    status, body, headers = await ask("a")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key" and headers["WWW-Authenticate"].startswith("Bearer")
+    assert (await ask("a", "not-a-key-of-this-router"))[0] == 401
+    assert all(m["state"] == "unloaded" for m in controller.models())  # refused before anything loads
+    assert (await ask("alpha", KEY_A))[0] == 200 and (await ask("a", KEY_A))[0] == 200
+    status, body, _ = await ask("b", KEY_A)
+    assert status == 403 and body["error"]["type"] == "permission_error" and "it may use: a" in body["error"]["message"]
+    status, body, _ = await ask("gamma", KEY_A)
+    assert status == 404 and "known models: a, alpha" in body["error"]["message"]  # b is not revealed
+    assert (await ask("b", KEY_ALL))[0] == 200
+    async with session.get("/v1/models", headers={"Authorization": f"Bearer {KEY_A}"}) as r:
+        assert [m["id"] for m in (await r.json())["data"]] == ["a", "alpha"]
+    async with session.get("/health") as r:
+        assert r.status == 200  # liveness stays open for load balancers
+
+
+async def test_api_keys_are_all_compared_in_constant_time(front, monkeypatch):
+    import lessor.api.router as router_module
+
+    compared = []
+    real = router_module.hmac.compare_digest
+    monkeypatch.setattr(router_module.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
+    _, _, session, _ = await front(api_keys=[{"key": KEY_A, "models": ["a"]}, {"key": KEY_ALL, "models": ["*"]}])
+    async with session.get("/v1/models", headers={"Authorization": f"Bearer {KEY_A}"}) as r:
+        assert r.status == 200
+    assert len(compared) == 2  # the first key matched, and the second was compared all the same
