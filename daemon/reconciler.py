@@ -22,7 +22,7 @@ from typing import Callable
 from ..engines.process import process_identity
 from ..policies import AdmissionRequest, Evict
 from .config import ReconcilerConfig
-from .devices import Probe, SimProbe
+from .devices import Probe, SimProbe, gpu_id
 from .errors import LessorError
 from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun
 from .ledger import Ledger
@@ -145,10 +145,12 @@ class Reconciler:
         except Exception as exc:  # a busy or dying engine: a missed measurement, the probe still counts
             log.info("model %s: engine did not report its usage: %s", record.spec.name, exc)
             reported = {}
+        readings = self._ledger.snapshot().readings
         if isinstance(self._probe, SimProbe):  # the engine's own report stands in for NVML
             for device, used in reported.items():
-                self._probe.set_process_usage(device, handle.pid, used)
-        readings = self._ledger.snapshot().readings
+                if device in readings and readings[device].is_gpu:
+                    self._probe.set_process_usage(device, handle.pid, used)
+            readings = self._ledger.snapshot().readings
         return {device: max(reported.get(device, 0), readings[device].processes.get(handle.pid, 0))
                 for device in reported.keys() | {d for d, r in readings.items() if handle.pid in r.processes}
                 if device in readings}
@@ -160,7 +162,11 @@ class Reconciler:
         for lease in self._ledger.leases():
             if lease.model == name:
                 leased[lease.device] = leased.get(lease.device, 0) + lease.bytes
-        over = {d: u for d, u in used.items() if u > leased.get(d, 0) + verify_tolerance(leased.get(d, 0))}
+        # Its GPUs, and the host only where it leases host RAM (a hybrid engine's experts): every
+        # engine's process uses some RAM, which no lease is meant to cover.
+        watched = {gpu_id(i) for i in record.spec.placement.devices} | set(leased)
+        over = {d: u for d, u in used.items()
+                if d in watched and u > leased.get(d, 0) + verify_tolerance(leased.get(d, 0))}
         if not over:
             self._over_checks.pop(name, None)
             if record.overrun is not None:

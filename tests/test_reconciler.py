@@ -124,3 +124,14 @@ async def test_policy_fit_evicts_nothing_and_says_so_once(env):
     (event,) = drain(events, "budget_overcommitted")
     assert event.victims == () and "never evicts" in event.reason
     assert controller.model("a")["state"] == "ready"
+
+
+async def test_host_ram_of_an_engine_without_host_leases_is_not_an_overrun(env):
+    """Every engine process uses some RAM; only a hybrid engine leases host RAM. A GPU model is
+    watched on its GPUs alone (a demo run reported a 395 MiB 'overrun' on the host before this)."""
+    controller, adapter, events = await env([torch_model("a")])
+    await controller.load("a")
+    adapter.measured = {"host": 2 * GiB}
+    for _ in range(3):
+        await controller.reconciler.check()
+    assert drain(events, "lease_overrun") == [] and controller.model("a")["overrun"] is None
