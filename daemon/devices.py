@@ -7,6 +7,7 @@ simulated devices used where there is no NVIDIA driver. Does not own budgets or 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -39,6 +40,25 @@ class DeviceReading:
     @property
     def is_gpu(self) -> bool:
         return self.index >= 0
+
+    def usage_of(self, leader: int) -> int:
+        """Bytes used by an engine: its leader and the rest of its process group (vLLM's and
+        SGLang's workers hold the GPU memory in child processes)."""
+        return sum(b for pid, b in self.processes.items() if pid == leader or _pgid(pid) == leader)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def group_members(readings: Collection[DeviceReading], leaders: Collection[int]) -> set[int]:
+    """Processes on a device that belong to a managed engine's process group (each engine leads
+    its own): counted as managed, never as foreign. One getpgid per process NVML lists."""
+    return {pid for reading in readings for pid in reading.processes
+            if pid not in leaders and _pgid(pid) in leaders}
 
 
 class Probe(Protocol):

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from ..policies import DeviceBudget, Rejected
 from .budget import budgets as compute_budgets
 from .config import DevicesConfig
-from .devices import DeviceReading, Probe
+from .devices import DeviceReading, Probe, group_members
 from .errors import LedgerUnavailable
 from .events import Event, LeaseGranted, LeaseReleased
 from .units import format_bytes
@@ -244,7 +244,7 @@ class Ledger:
             leased[lease.device] += lease.bytes
         pids = self.managed_pids()
         readings = self._probe.read(pids)
-        return readings, compute_budgets(readings, self._devices, leased, pids)
+        return readings, compute_budgets(readings, self._devices, leased, pids | group_members(readings, pids))
 
     def snapshot(self) -> LedgerSnapshot:
         readings, budgets = self._read()

@@ -151,9 +151,8 @@ class Reconciler:
                 if device in readings and readings[device].is_gpu:
                     self._probe.set_process_usage(device, handle.pid, used)
             readings = self._ledger.snapshot().readings
-        return {device: max(reported.get(device, 0), readings[device].processes.get(handle.pid, 0))
-                for device in reported.keys() | {d for d, r in readings.items() if handle.pid in r.processes}
-                if device in readings}
+        return {device: max(reported.get(device, 0), reading.usage_of(handle.pid))
+                for device, reading in readings.items() if device in reported or reading.usage_of(handle.pid)}
 
     async def _check_engine(self, record) -> None:
         name = record.spec.name

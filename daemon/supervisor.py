@@ -258,7 +258,7 @@ class Supervisor:
         leased = self._leased(spec.name)
         over = []
         for device in (gpu_id(i) for i in spec.placement.devices):
-            used = max(reported.get(device, 0), readings[device].processes.get(handle.pid, 0))
+            used = max(reported.get(device, 0), readings[device].usage_of(handle.pid))
             allowed = leased.get(device, 0) + verify_tolerance(leased.get(device, 0))
             if used > allowed:
                 over.append(f"{device}: the engine uses {format_bytes(used)}, its leases are "

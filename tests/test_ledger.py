@@ -1,6 +1,10 @@
 """The ledger suite, run against SQLite and a real PostgreSQL server."""
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -75,6 +79,33 @@ async def test_managed_process_usage_is_not_counted_as_foreign(ledger):
     ledger._probe.set_process_usage("gpu0", 4242, 10 * GiB)
     budget = ledger.budgets()["gpu0"]
     assert budget.foreign_bytes == 8 * GiB and budget.free_bytes == 5 * GiB
+
+
+async def test_an_engines_worker_processes_are_managed_not_foreign(ledger):
+    """vLLM and SGLang hold GPU memory in child processes of the engine's process group: NVML lists
+    them under their own pids. They count as the engine's, never as foreign usage."""
+    engine = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '60']); "
+                               "print('up', flush=True); time.sleep(60)"], start_new_session=True, stdout=subprocess.PIPE)
+    try:
+        assert engine.stdout.readline() == b"up\n"
+        worker = next(int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != engine.pid
+                      and _pgid(int(e)) == engine.pid)
+        await ledger.grant("a", [LeaseWant("gpu0", W, 10 * GiB)], "t1", owner_pid=engine.pid)
+        ledger._probe.set_process_usage("gpu0", worker, 9 * GiB)
+        ledger._probe.set_process_usage("gpu0", engine.pid, GiB)
+        budget = ledger.budgets()["gpu0"]
+        assert budget.foreign_bytes == 8 * GiB and budget.free_bytes == 5 * GiB
+        assert ledger.snapshot().readings["gpu0"].usage_of(engine.pid) == 10 * GiB
+    finally:
+        os.killpg(engine.pid, signal.SIGKILL)
+        engine.wait()
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 async def test_release_by_model_kind_and_attempt(ledger):
