@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..engines.process import process_identity
+from ..engines.process import process_identity, signal_group
 from ..policies import AdmissionRequest, Evict
 from .config import ReconcilerConfig
 from .devices import Probe, SimProbe, gpu_id
@@ -90,21 +90,14 @@ async def stop_strays(state_dir: Path, keep_attempts: set[str], grace_s: float) 
     identities = {pid: process_identity(pid) for pid in strays}
     for pid in strays:
         log.warning("stopping stray engine process group %d (started for %s, never recorded)", pid, state_dir)
-        _kill_group(pid, signal.SIGTERM)
+        signal_group(pid, signal.SIGTERM)
     deadline = asyncio.get_running_loop().time() + grace_s
     while any(process_identity(p) == identities[p] for p in strays) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
     for pid in strays:
         if process_identity(pid) == identities[pid]:  # the same process, not a new one on its pid
-            _kill_group(pid, signal.SIGKILL)
+            signal_group(pid, signal.SIGKILL)
     return strays
-
-
-def _kill_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class Reconciler:

@@ -173,13 +173,13 @@ class EngineProcess:
         """SIGTERM to the group, SIGKILL to whatever is left after `grace_s`, reap. Idempotent."""
         self._stopping = True
         if not self.exited.is_set():
-            _signal_group(self.pid, signal.SIGTERM)
+            signal_group(self.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.exited.wait(), grace_s)
             except asyncio.TimeoutError:
                 log.warning("engine pid %d ignored SIGTERM for %g s: SIGKILL", self.pid, grace_s)
         # Children the leader left behind (workers holding VRAM) get SIGKILL too.
-        _signal_group(self.pid, signal.SIGKILL)
+        signal_group(self.pid, signal.SIGKILL)
         await self.exited.wait()
         await self._watcher
         await _wait_group_gone(self.pid, timeout_s=5)
@@ -199,7 +199,7 @@ async def _pidfd_exit(pidfd: int) -> int:
     return UNKNOWN_EXIT
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
+def signal_group(pgid: int, sig: signal.Signals) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

@@ -58,12 +58,7 @@ def test_a_client_that_leaves_a_stream_stops_the_engine_generating(tmp_path, tin
         admin = Admin(url, tmp_path / "state")
         assert admin.load("qa")[0] == 200
         endpoint = admin.model("qa")["endpoint"]
-        body = {"model": "qa", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 2000,
-                "ignore_eos": True, "stream": True}
-        request = urllib.request.Request(router + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        stream = urllib.request.urlopen(request, timeout=30)
-        assert stream.readline().startswith(b"data: ")
+        stream = open_long_stream(router, "qa")
         assert engine_state(endpoint)["requests_in_flight"] == 1 and admin.model("qa")["in_flight"] == 1
         stream.close()  # 2000 tokens are far from done: the client leaves
         deadline = time.monotonic() + 10
@@ -71,6 +66,17 @@ def test_a_client_that_leaves_a_stream_stops_the_engine_generating(tmp_path, tin
             time.sleep(0.05)
         assert state["requests_in_flight"] == 0 and state["requests_cancelled"] == 1
         assert admin.model("qa")["in_flight"] == 0
+
+
+def open_long_stream(router: str, model: str):
+    """A streamed chat of 2000 tokens, open once its first chunk has arrived."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 2000,
+            "ignore_eos": True, "stream": True}
+    request = urllib.request.Request(router + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    stream = urllib.request.urlopen(request, timeout=30)
+    assert stream.readline().startswith(b"data: ")
+    return stream
 
 
 def engine_state(endpoint: str) -> dict:
@@ -88,12 +94,7 @@ def test_an_engine_that_crashes_mid_stream_cuts_the_stream_short_and_comes_back_
         admin = Admin(url, tmp_path / "state")
         assert admin.load("qa")[0] == 200
         pid = admin.model("qa")["pid"]
-        body = {"model": "qa", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 2000,
-                "ignore_eos": True, "stream": True}
-        request = urllib.request.Request(router + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        stream = urllib.request.urlopen(request, timeout=30)
-        assert stream.readline().startswith(b"data: ")
+        stream = open_long_stream(router, "qa")
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(http.client.IncompleteRead):  # no final chunk: the client can tell it broke
             stream.read()
