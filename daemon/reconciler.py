@@ -22,11 +22,11 @@ from typing import Callable
 from ..engines.process import process_identity, signal_group
 from ..policies import AdmissionRequest, Evict
 from .config import ReconcilerConfig
-from .devices import Probe, SimProbe, gpu_id
+from .devices import gpu_id
 from .errors import LessorError
 from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun
-from .ledger import Ledger
-from .supervisor import ModelState, Supervisor, verify_tolerance
+from .ledger import LeaseKind, Ledger
+from .supervisor import ModelState, Supervisor, over_leases
 from .units import format_bytes
 
 log = logging.getLogger("lessor.reconciler")
@@ -58,7 +58,7 @@ async def reconcile_at_start(ledger: Ledger, supervisor: Supervisor, state_dir: 
     stale = [lease.id for lease in ledger.leases() if keep.get(lease.model) != lease.attempt]
     report.released = len(await ledger.release(stale, "holder gone at start")) if stale else 0
     # A ready engine holds no load peak (a crash between "ready" and its release leaves one behind).
-    peaks = [lease.id for lease in ledger.leases() if lease.kind.value == "load_peak"]
+    peaks = [lease.id for lease in ledger.leases() if lease.kind == LeaseKind.LOAD_PEAK]
     report.released += len(await ledger.release(peaks, "load finished before the restart")) if peaks else 0
     adopted_attempts = set(keep.values())
     report.strays = await stop_strays(state_dir, adopted_attempts, grace_s=5.0)
@@ -104,15 +104,14 @@ class Reconciler:
     """The periodic loop. Each check: flush releases the database refused, measure every ready
     engine against its leases, and give memory back to foreign processes that outgrew it."""
 
-    def __init__(self, config: ReconcilerConfig, ledger: Ledger, supervisor: Supervisor, probe: Probe,
+    def __init__(self, config: ReconcilerConfig, ledger: Ledger, supervisor: Supervisor,
                  publish: Callable[[Event], None]) -> None:
-        self._config, self._ledger, self._supervisor, self._probe = config, ledger, supervisor, probe
+        self._config, self._ledger, self._supervisor = config, ledger, supervisor
         self._publish = publish
         self.at_start = StartReport()  # what reconcile_at_start found (metrics read it)
         self._over_checks: dict[str, int] = {}
         self._overcommitted: set[str] = set()
         self.checks = 0
-        self.overruns = 0  # engines found over their leases (each time one crosses, not each check)
 
     async def run(self) -> None:
         while True:
@@ -132,33 +131,21 @@ class Reconciler:
             await self._give_back()
 
     async def _measure(self, record) -> dict[str, int]:
-        handle = record.handle
         try:
-            reported = await asyncio.wait_for(handle.measure(), timeout=max(1.0, self._config.interval))
+            reported = await asyncio.wait_for(record.handle.measure(), timeout=max(1.0, self._config.interval))
         except Exception as exc:  # a busy or dying engine: a missed measurement, the probe still counts
             log.info("model %s: engine did not report its usage: %s", record.spec.name, exc)
             reported = {}
-        readings = self._ledger.snapshot().readings
-        if isinstance(self._probe, SimProbe):  # the engine's own report stands in for NVML
-            for device, used in reported.items():
-                if device in readings and readings[device].is_gpu:
-                    self._probe.set_process_usage(device, handle.pid, used)
-            readings = self._ledger.snapshot().readings
-        return {device: max(reported.get(device, 0), reading.usage_of(handle.pid))
-                for device, reading in readings.items() if device in reported or reading.usage_of(handle.pid)}
+        return self._supervisor.usage(record.handle, reported)
 
     async def _check_engine(self, record) -> None:
         name = record.spec.name
         used = await self._measure(record)
-        leased: dict[str, int] = {}
-        for lease in self._ledger.leases():
-            if lease.model == name:
-                leased[lease.device] = leased.get(lease.device, 0) + lease.bytes
+        leased = self._supervisor.leased(name)
         # Its GPUs, and the host only where it leases host RAM (a hybrid engine's experts): every
         # engine's process uses some RAM, which no lease is meant to cover.
         watched = {gpu_id(i) for i in record.spec.placement.devices} | set(leased)
-        over = {d: u for d, u in used.items()
-                if d in watched and u > leased.get(d, 0) + verify_tolerance(leased.get(d, 0))}
+        over = {d: u for d, u in used.items() if d in watched and over_leases(u, leased.get(d, 0))}
         if not over:
             self._over_checks.pop(name, None)
             if record.overrun is not None:
@@ -171,7 +158,6 @@ class Reconciler:
             return
         device, bytes_used = max(over.items(), key=lambda kv: kv[1] - leased.get(kv[0], 0))
         record.overrun = {"device": device, "used_bytes": bytes_used, "leased_bytes": leased.get(device, 0)}
-        self.overruns += 1
         reason = (f"engine uses {format_bytes(bytes_used)} on {device}, its leases are "
                   f"{format_bytes(leased.get(device, 0))}; raise its memory figures or lower its cache")
         action = "stopped" if self._config.on_overrun == "stop" else "reported"

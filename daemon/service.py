@@ -48,7 +48,7 @@ async def runtime(config: LessorConfig, force_sim: bool = False,
             supervisor = Supervisor(config, ledger, POLICIES[config.policy.name],
                                     adapters() if engines is None else engines, bus.publish, probe=probe,
                                     timeouts=timeouts)
-            reconciler = Reconciler(config.reconciler, ledger, supervisor, probe, bus.publish)
+            reconciler = Reconciler(config.reconciler, ledger, supervisor, bus.publish)
             if reconcile:
                 report = reconciler.at_start = await reconcile_at_start(
                     ledger, supervisor, Path(config.state_dir).absolute(), bus.publish)

@@ -69,9 +69,13 @@ RESTART_WINDOW_S = 600.0  # crashes further apart than this do not count toward 
 
 
 def verify_tolerance(leased_bytes: int) -> int:
-    """How far above its leases an engine may measure at step 5: allocator rounding and the CUDA
-    context's growth, not a second KV cache."""
+    """How far above its leases an engine may measure (step 5, and the reconciler after): allocator
+    rounding and the CUDA context's growth, not a second KV cache."""
     return max(128 * MiB, leased_bytes // 20)
+
+
+def over_leases(used_bytes: int, leased_bytes: int) -> bool:
+    return used_bytes > leased_bytes + verify_tolerance(leased_bytes)
 
 
 class Supervisor:
@@ -224,7 +228,7 @@ class Supervisor:
         generation = record.generation
         return Grant(spec, params, kv_tokens,
                      tuple(GpuTarget(d, readings[d].index, readings[d].uuid, readings[d].total_bytes) for d in devices),
-                     self._leased(spec.name), self._simulated, port,
+                     self.leased(spec.name), self._simulated, port,
                      self.log_path(spec.name), self._state_dir / "engines" / spec.name,
                      on_exit=lambda returncode: self._spawn(self._engine_exited(record, generation, returncode)),
                      marker={"LESSOR_STATE_DIR": str(self._state_dir), "LESSOR_ATTEMPT": attempt},
@@ -240,7 +244,8 @@ class Supervisor:
     def log_path(self, model: str) -> Path:
         return self._state_dir / "logs" / f"{model}.log"
 
-    def _leased(self, model: str) -> dict[str, int]:
+    def leased(self, model: str) -> dict[str, int]:
+        """Bytes the model holds, per device."""
         out: dict[str, int] = {}
         for lease in self._ledger.leases():
             if lease.model == model:
@@ -248,24 +253,32 @@ class Supervisor:
         return out
 
     async def _verify(self, spec: ModelSpec, handle: EngineHandle) -> None:
-        """Step 5: what the engine uses (its own report, or NVML's per-process figure, the larger)
-        must be within its leases plus a tolerance."""
-        reported = await handle.measure()
-        if isinstance(self._probe, SimProbe):  # the engine's own report stands in for NVML
-            for device, used in reported.items():
-                self._probe.set_process_usage(device, handle.pid, used)
-        readings = self._ledger.snapshot().readings
-        leased = self._leased(spec.name)
+        """Step 5: what the engine uses must be within its leases plus a tolerance."""
+        usage = self.usage(handle, await handle.measure())
+        leased = self.leased(spec.name)
         over = []
         for device in (gpu_id(i) for i in spec.placement.devices):
-            used = max(reported.get(device, 0), readings[device].usage_of(handle.pid))
-            allowed = leased.get(device, 0) + verify_tolerance(leased.get(device, 0))
-            if used > allowed:
-                over.append(f"{device}: the engine uses {format_bytes(used)}, its leases are "
-                            f"{format_bytes(leased.get(device, 0))} (+{format_bytes(allowed - leased.get(device, 0))} "
-                            "tolerance); raise memory.weights / memory.activation to what it really takes")
+            used, held = usage.get(device, 0), leased.get(device, 0)
+            if over_leases(used, held):
+                over.append(f"{device}: the engine uses {format_bytes(used)}, its leases are {format_bytes(held)} "
+                            f"(+{format_bytes(verify_tolerance(held))} tolerance); raise memory.weights / "
+                            "memory.activation to what it really takes")
         if over:
             raise LoadFailed(spec.name, "verify", "; ".join(over))
+
+    def usage(self, handle: EngineHandle, reported: Mapping[str, int]) -> dict[str, int]:
+        """Bytes an engine uses per device: its own report or the probe's figure for its process
+        group, the larger. On simulated GPUs its report stands in for NVML's (the host pool is
+        measured either way)."""
+        readings = self._ledger.snapshot().readings
+        if isinstance(self._probe, SimProbe):
+            for device, used in reported.items():
+                if device in readings and readings[device].is_gpu:
+                    self._probe.set_process_usage(device, handle.pid, used)
+            readings = self._ledger.snapshot().readings
+        usage = {device: max(reported.get(device, 0), reading.usage_of(handle.pid))
+                 for device, reading in readings.items()}
+        return {device: used for device, used in usage.items() if used}
 
     def _forget_usage(self, pid: int | None) -> None:
         if pid and isinstance(self._probe, SimProbe):
@@ -309,7 +322,7 @@ class Supervisor:
         if not isinstance(granted, Granted):
             raise PlanRejected(spec.name, [granted.reason])
         kv_bytes = max((w.bytes for w in sized.steady_leases if w.kind == LeaseKind.KV), default=0)
-        await handle.allocate_kv(KvGrant(sized.kv_tokens, kv_bytes, sized.params, self._leased(spec.name)))
+        await handle.allocate_kv(KvGrant(sized.kv_tokens, kv_bytes, sized.params, self.leased(spec.name)))
         return sized
 
     async def _roll_back(self, record: ModelRecord, attempt: str, reason: str) -> None:

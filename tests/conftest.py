@@ -157,6 +157,36 @@ class FakeAdapter:
 
 
 @pytest.fixture
+async def env(tmp_path):
+    """make(models, policy, gpus, **config) -> (controller, fake adapter, event queue): the real
+    runtime (ledger, supervisor, policies) with the engine process faked."""
+    from lessor.daemon.service import runtime
+
+    made = []
+
+    async def make(models, policy="lru_idle", gpus=None, **extra):
+        ctx = runtime(sim_config(tmp_path, models, gpus=gpus, policy=policy, **extra), engines={})
+        controller = await ctx.__aenter__()
+        made.append(ctx)
+        adapter = FakeAdapter(controller.probe, controller.ledger)
+        controller.supervisor._engines = {"torch": adapter}
+        return controller, adapter, controller.bus.subscribe()
+    yield make
+    for ctx in made:
+        await ctx.__aexit__(None, None, None)
+
+
+def drain_events(queue, kind="model_state"):
+    """The events of one type waiting in a bus subscription, in order."""
+    out = []
+    while not queue.empty():
+        event = queue.get_nowait()
+        if event.type == kind:
+            out.append(event)
+    return out
+
+
+@pytest.fixture
 def gib():
     return GiB
 

@@ -2,39 +2,10 @@
 their leases are reported (event, metric, API) or stopped; foreign processes that grow past what is
 free make the policy evict idle models instead of an engine running out of memory."""
 
-import pytest
-
 from lessor.api.metrics import Metrics
-from lessor.daemon.service import runtime
 from lessor.daemon.units import GiB
 
-from .conftest import FakeAdapter, sim_config, torch_model
-
-
-@pytest.fixture
-async def env(tmp_path):
-    made = []
-
-    async def make(models, policy="lru_idle", **reconciler):
-        config = sim_config(tmp_path, models, policy=policy, reconciler=reconciler)
-        ctx = runtime(config, engines={})
-        controller = await ctx.__aenter__()
-        made.append(ctx)
-        adapter = FakeAdapter(controller.probe, controller.ledger)
-        controller.supervisor._engines = {"torch": adapter}
-        return controller, adapter, controller.bus.subscribe()
-    yield make
-    for ctx in made:
-        await ctx.__aexit__(None, None, None)
-
-
-def drain(events, type_):
-    out = []
-    while not events.empty():
-        event = events.get_nowait()
-        if event.type == type_:
-            out.append(event)
-    return out
+from .conftest import FakeAdapter, drain_events, torch_model
 
 
 def leased(controller, model):
@@ -48,9 +19,9 @@ async def test_an_engine_over_its_leases_is_reported_after_two_checks_and_cleare
     adapter.measured = {"gpu0": leased(controller, "a") + GiB}  # 1 GiB over, beyond the 5 % tolerance
 
     await controller.reconciler.check()
-    assert drain(events, "lease_overrun") == [] and controller.model("a")["overrun"] is None  # one spike is not enough
+    assert drain_events(events, "lease_overrun") == [] and controller.model("a")["overrun"] is None  # one spike is not enough
     await controller.reconciler.check()
-    (event,) = drain(events, "lease_overrun")
+    (event,) = drain_events(events, "lease_overrun")
     assert event.over and event.action == "reported" and event.used_bytes - event.leased_bytes == GiB
     model = controller.model("a")
     assert model["state"] == "ready" and model["overrun"] == {"device": "gpu0", "used_bytes": event.used_bytes,
@@ -59,11 +30,11 @@ async def test_an_engine_over_its_leases_is_reported_after_two_checks_and_cleare
     assert 'lessor_lease_overruns_total{action="reported",model="a"} 1.0' in text
     assert 'lessor_model_overrun{model="a"} 1.0' in text
     await controller.reconciler.check()
-    assert drain(events, "lease_overrun") == []  # reported once per crossing, not every check
+    assert drain_events(events, "lease_overrun") == []  # reported once per crossing, not every check
 
     adapter.measured = {"gpu0": leased(controller, "a")}
     await controller.reconciler.check()
-    (cleared,) = drain(events, "lease_overrun")
+    (cleared,) = drain_events(events, "lease_overrun")
     assert not cleared.over and cleared.action == "cleared" and controller.model("a")["overrun"] is None
 
 
@@ -73,17 +44,18 @@ async def test_within_the_tolerance_is_not_an_overrun(env):
     adapter.measured = {"gpu0": leased(controller, "a") + 200 * (1 << 20)}  # 5 % of 5 GiB is 256 MiB
     for _ in range(3):
         await controller.reconciler.check()
-    assert drain(events, "lease_overrun") == [] and controller.model("a")["overrun"] is None
+    assert drain_events(events, "lease_overrun") == [] and controller.model("a")["overrun"] is None
 
 
 async def test_on_overrun_stop_unloads_the_engine_and_releases_its_leases(env):
-    controller, adapter, events = await env([torch_model("a"), torch_model("b")], on_overrun="stop", overrun_checks=1)
+    controller, adapter, events = await env([torch_model("a"), torch_model("b")],
+                                            reconciler={"on_overrun": "stop", "overrun_checks": 1})
     await controller.load("a")
     await controller.load("b")
     adapter.measured = {"gpu0": leased(controller, "a") + 2 * GiB}
     controller.supervisor.resolve("b").handle.adapter = FakeAdapter(controller.probe, controller.ledger)  # b reports nothing
     await controller.reconciler.check()
-    (event,) = drain(events, "lease_overrun")
+    (event,) = drain_events(events, "lease_overrun")
     assert event.model == "a" and event.action == "stopped"
     a = controller.model("a")
     assert a["state"] == "unloaded" and controller.leases("a") == [] and "overrun" in a["error"]
@@ -98,7 +70,7 @@ async def test_foreign_growth_evicts_the_least_recently_used_idle_model(env):
     controller.probe.set_foreign("gpu0", 14 * GiB)
     assert controller.ledger.budgets()["gpu0"].free_bytes == -GiB
     await controller.reconciler.check()
-    (event,) = drain(events, "budget_overcommitted")
+    (event,) = drain_events(events, "budget_overcommitted")
     assert event.device == "gpu0" and event.short_bytes == GiB and event.victims == ("a",)
     assert controller.model("a")["state"] == "unloaded" and controller.model("b")["state"] == "ready"
     assert controller.ledger.budgets()["gpu0"].free_bytes == 4 * GiB
@@ -111,7 +83,7 @@ async def test_a_busy_model_is_never_evicted_for_foreign_growth(env):
     controller.supervisor.resolve("a").in_flight = 1  # a is older but serving a request
     controller.probe.set_foreign("gpu0", 14 * GiB)
     await controller.reconciler.check()
-    (event,) = drain(events, "budget_overcommitted")
+    (event,) = drain_events(events, "budget_overcommitted")
     assert event.victims == ("b",) and controller.model("a")["state"] == "ready"
 
 
@@ -121,7 +93,7 @@ async def test_policy_fit_evicts_nothing_and_says_so_once(env):
     controller.probe.set_foreign("gpu0", 20 * GiB)
     await controller.reconciler.check()
     await controller.reconciler.check()
-    (event,) = drain(events, "budget_overcommitted")
+    (event,) = drain_events(events, "budget_overcommitted")
     assert event.victims == () and "never evicts" in event.reason
     assert controller.model("a")["state"] == "ready"
 
@@ -134,4 +106,4 @@ async def test_host_ram_of_an_engine_without_host_leases_is_not_an_overrun(env):
     adapter.measured = {"host": 2 * GiB}
     for _ in range(3):
         await controller.reconciler.check()
-    assert drain(events, "lease_overrun") == [] and controller.model("a")["overrun"] is None
+    assert drain_events(events, "lease_overrun") == [] and controller.model("a")["overrun"] is None

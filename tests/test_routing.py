@@ -10,7 +10,7 @@ from lessor.daemon.errors import LoadFailed, QueueFull, UnknownModel, WaitTimedO
 from lessor.daemon.routing import Router
 from lessor.daemon.service import runtime
 
-from .conftest import FakeAdapter, sim_config, torch_model
+from .conftest import FakeAdapter, drain_events, sim_config, torch_model
 
 
 class Clock:
@@ -51,15 +51,6 @@ async def turn(router, name):
 
 def loads(adapter):
     return [h.spec.name for h in adapter.handles]
-
-
-def drain_events(queue, kind="model_state"):
-    out = []
-    while not queue.empty():
-        event = queue.get_nowait()
-        if event.type == kind:
-            out.append(event)
-    return out
 
 
 async def settle():

@@ -5,27 +5,9 @@ import asyncio
 import pytest
 
 from lessor.daemon.errors import EngineUnavailable, LoadFailed, ModelBusy, NotEnoughMemory
-from lessor.daemon.service import runtime
 from lessor.daemon.units import GiB
 
-from .conftest import FakeAdapter, sim_config, torch_model
-
-
-@pytest.fixture
-async def env(tmp_path):
-    async def make(models, policy="lru_idle", gpus=None):
-        config = sim_config(tmp_path, models, gpus=gpus, policy=policy)
-        ctx = runtime(config, engines={})
-        controller = await ctx.__aenter__()
-        adapter = FakeAdapter(controller.probe, controller.ledger)
-        controller.supervisor._engines = {"torch": adapter}
-        events = controller.bus.subscribe()
-        made.append(ctx)
-        return controller, adapter, events
-    made = []
-    yield make
-    for ctx in made:
-        await ctx.__aexit__(None, None, None)
+from .conftest import torch_model
 
 
 def kinds(snapshot, model):
