@@ -124,9 +124,11 @@ class Reconciler:
     async def check(self) -> None:
         self.checks += 1
         await self._ledger.flush()
-        for record in self._supervisor.records():
-            if record.state == ModelState.READY and record.handle is not None:
-                await self._check_engine(record)
+        ready = [r for r in self._supervisor.records() if r.state == ModelState.READY and r.handle is not None]
+        # Over-counts are for checks in a row of one engine: an unloaded model starts again at zero.
+        self._over_checks = {r.spec.name: n for r in ready if (n := self._over_checks.get(r.spec.name))}
+        for record in ready:
+            await self._check_engine(record)
         if self._config.evict_on_foreign_growth:
             await self._give_back()
 

@@ -107,3 +107,17 @@ async def test_host_ram_of_an_engine_without_host_leases_is_not_an_overrun(env):
     for _ in range(3):
         await controller.reconciler.check()
     assert drain_events(events, "lease_overrun") == [] and controller.model("a")["overrun"] is None
+
+
+async def test_checks_in_a_row_start_again_after_a_reload(env):
+    controller, adapter, events = await env([torch_model("a")])
+    await controller.load("a")
+    adapter.measured = {"gpu0": leased(controller, "a") + GiB}
+    await controller.reconciler.check()  # one check over
+    await controller.unload("a")
+    adapter.measured = {}
+    await controller.reconciler.check()
+    await controller.load("a")
+    adapter.measured = {"gpu0": leased(controller, "a") + GiB}
+    await controller.reconciler.check()  # the new engine's first check over: not two in a row
+    assert drain_events(events, "lease_overrun") == [] and controller.model("a")["overrun"] is None
