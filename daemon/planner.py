@@ -7,7 +7,7 @@ and says why nothing fits when nothing does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pydantic import ValidationError
@@ -109,8 +109,8 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
     # A one-phase engine holds its load peak while it allocates its KV cache: the KV room excludes it.
     one_phase = spec.engine.kind not in TWO_PHASE_KINDS
     held = _sum(loads) if one_phase else _sum(loads, LeaseKind.LOAD_PEAK)
-    sized = _sized(spec, memory, budgets, {d: f - held.get(d, 0) for d, f in free.items()}, loads, reasons)
-    return replace(sized, one_phase=one_phase)
+    return _sized(spec, memory, budgets, {d: f - held.get(d, 0) for d, f in free.items()}, loads, reasons,
+                  one_phase=one_phase)
 
 
 def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
@@ -119,18 +119,18 @@ def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
 
 
 def _sized(spec: ModelSpec, memory: Memory, budgets: Mapping[str, DeviceBudget], room: Mapping[str, int],
-           loads: tuple[LeaseWant, ...] = (), reasons: list[str] | None = None) -> Plan:
+           loads: tuple[LeaseWant, ...] = (), reasons: list[str] | None = None, one_phase: bool = False) -> Plan:
     """The KV cache and engine parameters from `room` (bytes per device left for KV and workspace)."""
     devices = [gpu_id(i) for i in spec.placement.devices]
     missing = [d for d in dict.fromkeys(devices + [w.device for w in loads]) if d not in budgets]
     if missing:
         return Plan(spec.name, False, 0, {}, loads, (),
-                    (f"no device {', '.join(missing)} (devices: {', '.join(sorted(budgets))})",))
+                    (f"no device {', '.join(missing)} (devices: {', '.join(sorted(budgets))})",), one_phase=one_phase)
     total = min(budgets[d].total_bytes for d in devices)
     kv_tokens, params, kv_reasons, warnings = _size_kv(spec, memory, {d: room[d] for d in devices}, total)
     reasons = [*(reasons or []), *kv_reasons]
     return Plan(spec.name, not reasons, kv_tokens, params, loads, _steady_leases(memory, devices, kv_tokens),
-                tuple(reasons), warnings=tuple(warnings), estimated=memory.estimated)
+                tuple(reasons), warnings=tuple(warnings), estimated=memory.estimated, one_phase=one_phase)
 
 
 def _steady_leases(memory: Memory, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:
@@ -174,6 +174,9 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
         reasons.append(f"only {tokens} KV tokens fit after the weights ({format_bytes(max(room, 0))} left), "
                        f"below plan.min_kv_tokens {goal.min_kv_tokens}; free "
                        f"{format_bytes(int((goal.min_kv_tokens - tokens) * per_token))} more")
+        # What the load needs at least: the policy is asked to make room for this, not for the
+        # sliver that fits now (evicting for a sliver would end in a KV cache too small to load).
+        tokens = -(-goal.min_kv_tokens // granule) * granule
     gpu_bytes = -(-memory.weights // n) + memory.activation + int(tokens * per_token)
     params, rule_reasons, warnings = ENGINE_PARAMS[engine.kind](spec, memory, tokens, batch, gpu_bytes, total_bytes)
     return tokens, params, reasons + rule_reasons, warnings

@@ -61,6 +61,17 @@ def test_too_small_a_kv_cache_is_refused():
     assert not result.fits and "below plan.min_kv_tokens 100000" in result.reasons[0]
 
 
+def test_a_plan_that_does_not_fit_asks_for_the_smallest_kv_cache_worth_loading():
+    """The policy is asked to make room for weights + min_kv_tokens, never for the sliver of KV
+    cache that fits now: evicting for a sliver would end in a load refused at step 4."""
+    spec = R1.model_copy(update={"plan": R1.plan.model_copy(update={"min_kv_tokens": 100_000})})
+    result = plan(spec, seed_budgets())
+    assert not result.fits
+    assert result.kv_tokens == 100_096  # min_kv_tokens, rounded up to whole 256-token pages
+    steady = gpu_bytes(result, transient=False)
+    assert result.peak_need()["gpu0"] >= steady > 15 * GiB  # more than is free: evict or refuse
+
+
 def kt_spec(**engine):
     return with_overrides(R1, engine)
 
