@@ -6,6 +6,7 @@ fails with every problem listed by path (`models[1].engine.cache_lens: must be .
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,13 @@ class DevicesConfig(Strict):
         return gpus
 
     def settings_for(self, index: int) -> GpuSettings:
-        return next((g for g in self.gpus if g.index == index), GpuSettings(index=index))
+        return next((g for g in self.gpus if g.index == index), None) or _default_gpu_settings(index)
+
+
+@functools.lru_cache(maxsize=64)
+def _default_gpu_settings(index: int) -> GpuSettings:
+    """A card the config does not mention (read on every budget: built once, never changed)."""
+    return GpuSettings(index=index)
 
 
 class MemoryProfile(Strict):

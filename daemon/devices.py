@@ -72,7 +72,9 @@ class Probe(Protocol):
 
 def _host_reading(managed_pids: Collection[int], total_override: int | None = None,
                   used_override: int | None = None) -> DeviceReading:
-    vm = psutil.virtual_memory()
+    # A simulated host pool (both figures given) never reads the real RAM: the simulator asks
+    # for a budget at every admission, and one /proc/meminfo read costs more than the rest.
+    vm = psutil.virtual_memory() if total_override is None or used_override is None else None
     processes = {}
     for pid in managed_pids:
         try:
@@ -80,7 +82,7 @@ def _host_reading(managed_pids: Collection[int], total_override: int | None = No
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     total = total_override if total_override is not None else vm.total
-    used = used_override if used_override is not None else vm.total - vm.available
+    used = used_override if used_override is not None else vm.total - vm.available  # type: ignore[union-attr]
     return DeviceReading(HOST, -1, "host", "host RAM", total, used, MappingProxyType(processes))
 
 

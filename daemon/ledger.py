@@ -174,7 +174,7 @@ def _engine_for(url: str) -> AsyncEngine:
 
 
 class Ledger:
-    def __init__(self, engine: AsyncEngine, probe: Probe, devices: DevicesConfig,
+    def __init__(self, engine: AsyncEngine | None, probe: Probe, devices: DevicesConfig,
                  publish: Callable[[Event], None] = lambda e: None, clock: Callable[[], float] = time.time) -> None:
         self._engine = engine
         self._probe = probe
@@ -200,11 +200,20 @@ class Ledger:
                                                        row.started_at) for row in rows}
         return ledger
 
-    async def _write(self, doing: str, *statements) -> None:
-        """One transaction; a storage failure becomes LedgerUnavailable and nothing of it is applied."""
+    @classmethod
+    def in_memory(cls, probe: Probe, devices: DevicesConfig, **kwargs) -> "Ledger":
+        """The same grants, checks and releases without a database: the policy simulator replays
+        millions of requests through it. Nothing survives the process; lessord never uses it."""
+        return cls(None, probe, devices, **kwargs)
+
+    async def _write(self, doing: str, statements: Callable[[], Sequence[tuple]]) -> None:
+        """One transaction; a storage failure becomes LedgerUnavailable and nothing of it is applied.
+        The statements are built only when there is a database to write them to."""
+        if self._engine is None:
+            return
         try:
             async with self._engine.begin() as conn:
-                for statement, *params in statements:
+                for statement, *params in statements():
                     await conn.execute(statement, *params)
         except STORAGE_ERRORS as exc:
             log.error("ledger write failed (%s): %s", doing, exc)
@@ -212,7 +221,8 @@ class Ledger:
 
     async def close(self) -> None:
         async with self._lock:
-            await self._engine.dispose()
+            if self._engine is not None:
+                await self._engine.dispose()
 
     def set_devices(self, devices: DevicesConfig) -> None:
         """New headroom and capacity caps (a reload); leases already granted stay."""
@@ -264,9 +274,9 @@ class Ledger:
             leases = [Lease(str(uuid.uuid4()), model, w.device, LeaseKind(w.kind), w.bytes, attempt, now,
                             owner_pid, owner_started_at) for w in wants]
             try:
-                await self._write("record the grant", (insert(leases_table), [
+                await self._write("record the grant", lambda: [(insert(leases_table), [
                     dict(lease.to_dict(), kind=lease.kind.value, released_at=None, release_reason=None)
-                    for lease in leases]))
+                    for lease in leases])])
             except LedgerUnavailable:
                 # The commit may have reached the database before the connection broke: flush()
                 # marks these ids released there too, so disk and memory agree again.
@@ -315,9 +325,9 @@ class Ledger:
         return released
 
     async def _mark_released(self, ids: list[str], reason: str) -> None:
-        await self._write("record the release", (update(leases_table).where(leases_table.c.id.in_(ids))
-                                                 .values(state="released", released_at=self._clock(),
-                                                         release_reason=reason[:256]),))
+        await self._write("record the release", lambda: [(update(leases_table).where(leases_table.c.id.in_(ids))
+                                                          .values(state="released", released_at=self._clock(),
+                                                                  release_reason=reason[:256]),)])
 
     async def flush(self) -> int:
         """Record the releases the database refused earlier; how many are still pending."""
@@ -347,12 +357,12 @@ class Ledger:
         owner: a restarted lessord adopts it by pid and identity. Raises LedgerUnavailable (the load
         must not go on with an engine lessor could not find again)."""
         async with self._lock:
-            await self._write("record the engine",
-                              (delete(engines_table).where(engines_table.c.model == engine.model),),
-                              (insert(engines_table), [engine.row()]),
-                              (update(leases_table)
-                               .where((leases_table.c.model == engine.model) & (leases_table.c.state == "granted"))
-                               .values(owner_pid=engine.pid, owner_started_at=engine.started_at),))
+            await self._write("record the engine", lambda: [
+                (delete(engines_table).where(engines_table.c.model == engine.model),),
+                (insert(engines_table), [engine.row()]),
+                (update(leases_table)
+                 .where((leases_table.c.model == engine.model) & (leases_table.c.state == "granted"))
+                 .values(owner_pid=engine.pid, owner_started_at=engine.started_at),)])
             self._engines[engine.model] = engine
             for lease_id, lease in list(self._leases.items()):
                 if lease.model == engine.model:
@@ -364,12 +374,15 @@ class Ledger:
             if self._engines.pop(model, None) is None:
                 return
             try:
-                await self._write("forget the engine", (delete(engines_table).where(engines_table.c.model == model),))
+                await self._write("forget the engine",
+                                  lambda: [(delete(engines_table).where(engines_table.c.model == model),)])
             except LedgerUnavailable:
                 pass
 
     async def prune_released(self, older_than_s: float) -> int:
         """Drop released rows older than this (they are history; events carried them already)."""
+        if self._engine is None:
+            return 0
         async with self._lock, self._engine.begin() as conn:
             result = await conn.execute(delete(leases_table).where(
                 (leases_table.c.state == "released") & (leases_table.c.released_at < self._clock() - older_than_s)))

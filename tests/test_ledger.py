@@ -160,3 +160,17 @@ async def test_capacity_cap_and_per_device_headroom(ledger_url):
         assert isinstance(await ledger.grant("a", [LeaseWant("gpu0", W, 12 * GiB)], "t"), Rejected)
     finally:
         await ledger.close()
+
+
+async def test_in_memory_ledger_grants_and_checks_the_same_without_a_database():
+    """The policy simulator's ledger: the same budget check and all-or-nothing grants, nothing written."""
+    ledger = Ledger.in_memory(make_probe(), DEVICES)
+    granted = await ledger.grant("a", [LeaseWant("gpu0", W, 10 * GiB), LeaseWant("gpu0", PEAK, 4 * GiB)], "t1")
+    assert isinstance(granted, Granted)
+    refused = await ledger.grant("b", [LeaseWant("gpu1", W, GiB), LeaseWant("gpu0", KV, 2 * GiB)], "t2")
+    assert isinstance(refused, Rejected) and refused.short_bytes == {"gpu0": GiB}
+    assert {lease.model for lease in ledger.leases()} == {"a"}
+    await ledger.release_model("a", "done", kinds=[PEAK])
+    assert ledger.budgets()["gpu0"].free_bytes == 5 * GiB
+    assert await ledger.flush() == 0 and await ledger.prune_released(0) == 0
+    await ledger.close()
