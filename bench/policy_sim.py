@@ -1,0 +1,60 @@
+"""Policy simulator benchmark: every strategy over every scenario, side by side on one trace each.
+
+    .venv/bin/python bench/policy_sim.py                      # 1M requests per scenario
+    .venv/bin/python bench/policy_sim.py --requests 100000 --scenario seed
+
+Prints a table per scenario and the simulator's own speed; writes bench/results/<scenario>.png
+and bench/results/policy_sim.md (the tables, for bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.sim import all_strategies, make_trace, scenarios  # noqa: E402
+from bench.sim.report import markdown_table, plot, text_table  # noqa: E402
+from bench.sim.simulator import Simulator  # noqa: E402
+
+
+def main() -> None:
+    known = scenarios()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=["all", *known], default="all")
+    parser.add_argument("--requests", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    chosen = known.values() if args.scenario == "all" else [known[args.scenario]]
+    markdown = []
+    for scenario in chosen:
+        workload = replace(scenario.workload, requests=args.requests, seed=args.seed)
+        started = time.perf_counter()
+        trace = make_trace(workload, len(scenario.models))
+        trace_s = time.perf_counter() - started
+        results = [Simulator(scenario.hardware, scenario.models, s, scenario.slo_ttft_s, scenario.wait_timeout_s).run(trace)
+                   for s in all_strategies(scenario.options)]
+        hours = results[0].sim_seconds / 3600
+        print(f"\n== {scenario.name}: {scenario.title}")
+        print(f"   {args.requests} requests over {hours:.1f} simulated hours (trace drawn in {trace_s:.2f} s)")
+        print(text_table(results))
+        slowest = max(results, key=lambda r: r.wall_s)
+        print(f"simulator speed: slowest strategy '{slowest.strategy}' {slowest.wall_s:.1f} s for {args.requests} "
+              f"requests ({args.requests / slowest.wall_s:,.0f} requests/s); goal: 1M in < 60 s")
+        plot(results, scenario.title, args.out / f"{scenario.name}.png")
+        goals = ", ".join(f"{m} {g:g} s" for m, g in scenario.slo_ttft_s.items())
+        markdown.append(f"### {scenario.name}: {scenario.title}\n\n{scenario.story}\n\n"
+                        f"{args.requests} requests, {hours:.1f} simulated hours; TTFT goals: {goals}.\n\n"
+                        f"{markdown_table(results)}\n\n![{scenario.name}](results/{scenario.name}.png)\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "policy_sim.md").write_text("\n".join(markdown))
+    print(f"\nwrote {args.out}/policy_sim.md and the plots")
+
+
+if __name__ == "__main__":
+    main()

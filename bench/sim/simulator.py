@@ -1,0 +1,557 @@
+"""Discrete-event simulation of lessor's load protocol and router over a request trace.
+
+What is real: every admission is decided by a policy over a `policies.Snapshot`; every lease is
+granted and released by lessor's `Ledger` (in memory, no database) over a `SimProbe`; lessor's
+strategies plan with the `planner` (weights + load peak first, the KV cache sized from what is
+left after the weights, or everything at once for a one-phase engine), exactly as the
+supervisor's `_load_locked` does. What is modelled: time (loads take bytes / bandwidth plus an
+engine start; a request takes prompt / prefill rate, then output / decode rate), and the card's
+physical memory, where a load whose real peak does not fit is an out-of-memory crash.
+
+The simulator is one synchronous loop. The ledger's coroutines are driven by `_now`: with no
+database and an uncontended lock they finish without ever suspending.
+
+Requests follow the router's rules: a lane per model, `in_flight` = running + waiting, a model
+with work is never idle, and (for lessor) the models a load waits for are drained: their new
+requests are held until the load has its turn.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from lessor.daemon.config import DevicesConfig, HostPool, ModelSpec, SimulatedGpu
+from lessor.daemon.devices import SimProbe, gpu_id
+from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.planner import Plan, plan, plan_kv
+from lessor.engines import TWO_PHASE_KINDS
+from lessor.policies import AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
+
+from .strategies import Strategy
+from .workload import Trace
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class SimModel:
+    spec: ModelSpec
+    prefill_tps: float  # prompt tokens per second
+    decode_tps: float  # output tokens per second, per sequence
+    context_tokens: int  # KV tokens one sequence may hold: concurrency = KV tokens / this
+    max_batch: int  # sequences at once, at most
+    baseline_kv_tokens: int  # the fixed KV cache the peak-unaware baselines reserve
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: tuple[SimulatedGpu, ...]
+    headroom: int = 1 * GiB
+    host_total: int = 512 * GiB
+    host_headroom: int = 8 * GiB
+    page_cache_gbps: float = 25.0  # PCIe Gen4 x16 from the page cache
+    disk_gbps: float = 3.0  # a model's first load in the run comes from disk (NVMe)
+    engine_start_s: float = 2.0  # process start, CUDA context, warm-up: paid by every load
+
+
+@dataclass
+class Result:
+    strategy: str
+    requests: int
+    slo_ttft_s: np.ndarray  # each request's goal (its model's)
+    ttft: np.ndarray  # seconds; NaN for a request never served
+    loads: int = 0
+    evictions: int = 0
+    keep_alive_unloads: int = 0
+    ooms: int = 0
+    ooms_avoided: int = 0
+    refused: int = 0  # requests answered with an error at once (no room, not in the static set)
+    failed_loads: int = 0  # requests whose load crashed under them
+    timed_out: int = 0
+    vram_util: float = 0.0  # time-mean of leased bytes / total bytes, over the GPUs
+    mean_loaded: float = 0.0  # time-mean of models loaded
+    sim_seconds: float = 0.0
+    wall_s: float = 0.0
+    by_model: dict[str, float] = field(default_factory=dict)  # SLO attainment per model
+
+    @property
+    def served(self) -> int:
+        return int(np.count_nonzero(~np.isnan(self.ttft)))
+
+    @property
+    def slo_attainment(self) -> float:
+        return float(np.count_nonzero(self.ttft <= self.slo_ttft_s)) / self.requests
+
+    def ttft_percentile(self, q: float) -> float:
+        served = self.ttft[~np.isnan(self.ttft)]
+        return float(np.percentile(served, q)) if len(served) else math.nan
+
+
+class Lane:
+    """One model's state in the simulation (the router's lane and the supervisor's record)."""
+
+    __slots__ = ("index", "model", "spec", "name", "state", "active", "waiting", "held", "drained_by", "slots",
+                 "last_used", "attempt", "loaded_once", "pending", "estimate", "rejected_at", "queued_at", "blockers",
+                 "retry", "devices", "memory")
+
+    def __init__(self, index: int, model: SimModel) -> None:
+        self.index, self.model, self.spec, self.name = index, model, model.spec, model.spec.name
+        self.state = "unloaded"
+        self.active = 0
+        self.waiting: deque[int] = deque()  # request indices due to run, in arrival order
+        self.held: deque[int] = deque()  # arrived while drained for another model's load
+        self.drained_by: set[str] = set()
+        self.slots = 1
+        self.last_used = 0.0
+        self.attempt = ""
+        self.loaded_once = False
+        self.pending = False
+        self.rejected_at = -1  # the epoch of the last Rejected: unchanged world, same answer
+        self.queued_at = -1  # the epoch of the last Queue: asked again when the world or a blocker changes
+        self.blockers: frozenset[str] = frozenset()
+        self.retry = False
+        self.estimate = _baseline_leases(model)
+        self.devices = [gpu_id(i) for i in model.spec.placement.devices]
+        self.memory = model.spec.profile()
+
+    @property
+    def in_flight(self) -> int:
+        return self.active + len(self.waiting)
+
+    def view(self, held: dict[str, int]) -> ModelView:
+        return ModelView(self.name, self.state, self.spec.priority, self.spec.pinned, self.in_flight,
+                         self.last_used, held)
+
+
+def _baseline_leases(model: SimModel) -> tuple[LeaseWant, ...]:
+    """What a peak-unaware scheduler reserves: weights + its fixed KV cache + workspace, at once."""
+    memory = model.spec.profile()
+    devices = [gpu_id(i) for i in model.spec.placement.devices]
+    n = len(devices)
+    wants = [LeaseWant(d, LeaseKind.WEIGHTS, -(-memory.weights // n)) for d in devices]
+    wants += [LeaseWant(d, LeaseKind.KV, -(-model.baseline_kv_tokens * memory.kv_bytes_per_token // n)) for d in devices]
+    wants += [LeaseWant(d, LeaseKind.RESERVE, memory.activation) for d in devices if memory.activation]
+    if memory.host_weights:
+        wants.append(LeaseWant("host", LeaseKind.WEIGHTS, memory.host_weights))
+    return tuple(wants)
+
+
+def _sum(wants) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for w in wants:
+        out[w.device] = out.get(w.device, 0) + w.bytes
+    return out
+
+
+def _now(coro) -> Any:
+    """Run a ledger coroutine that cannot suspend (in-memory ledger, uncontended lock)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("the simulator's ledger suspended: it must not do I/O")
+
+
+class Simulator:
+    def __init__(self, hardware: Hardware, models: tuple[SimModel, ...], strategy: Strategy,
+                 slo_ttft_s: Mapping[str, float], wait_timeout_s: float = 120.0) -> None:
+        self.hw, self.strategy, self.slo, self.wait_timeout = hardware, strategy, slo_ttft_s, wait_timeout_s
+        self.now = 0.0
+        devices = DevicesConfig(probe="sim", headroom=hardware.headroom, simulated=list(hardware.gpus),
+                                host=HostPool(headroom=hardware.host_headroom, simulated_total=hardware.host_total))
+        self.probe = SimProbe(list(hardware.gpus), hardware.host_total)
+        self.ledger = Ledger.in_memory(self.probe, devices, clock=lambda: self.now)
+        self.lanes = [Lane(i, m) for i, m in enumerate(models)]
+        self.by_name = {lane.name: lane for lane in self.lanes}
+        self.gpu_total = {gpu_id(i): g.total for i, g in enumerate(hardware.gpus)}
+        self.transient: dict[str, int] = dict.fromkeys(self.gpu_total, 0)  # peaks the ledger never saw
+        self.locked: set[str] = set()  # devices with a load in progress (or "*": one load at a time)
+        self.pending: list[Lane] = []  # lanes that want to load, in order of asking
+        self.epoch = 0  # bumped whenever memory or a model's state changes
+        self._heap: list[tuple[float, int, Callable, Any]] = []
+        self._seq = 0
+        self._pumping = self._again = False
+        self._area_t, self._area_bytes, self._area_loaded = 0.0, 0.0, 0.0
+        self._leased_gpu, self._loaded = 0, 0
+        self._leases_version, self._clock_ticks = 0, 0  # what the cached budgets and snapshot were read at
+        self._budgets_at = self._snapshot_at = None
+        self._budgets_cache: Mapping[str, DeviceBudget] = {}
+        self._snapshot_cache: Snapshot | None = None
+        self._plans: dict[str, tuple[int, Plan]] = {}
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, trace: Trace) -> Result:
+        import time
+        started = time.perf_counter()
+        n = len(trace)
+        self.arrival = trace.arrival_s.tolist()
+        self.models = trace.model
+        models = trace.model.tolist()
+        self.prefill = (trace.prompt_tokens / np.array([l.model.prefill_tps for l in self.lanes])[trace.model]).tolist()
+        self.decode = (trace.output_tokens / np.array([l.model.decode_tps for l in self.lanes])[trace.model]).tolist()
+        self.ttft = np.full(n, np.nan)
+        goals = np.array([self.slo[lane.name] for lane in self.lanes])
+        self.result = Result(self.strategy.name, n, goals[trace.model], self.ttft)
+        for name in self.strategy.static or ():
+            self._want_load(self.by_name[name])
+        heap, arrival = self._heap, self.arrival
+        for k in range(n):
+            t = arrival[k]
+            while heap and heap[0][0] <= t:
+                self.now, _, fn, arg = heapq.heappop(heap)
+                self._clock_ticks += 1
+                fn(arg)
+            self.now = t
+            self._clock_ticks += 1
+            self._arrive(k, self.lanes[models[k]])
+        while heap:
+            self.now, _, fn, arg = heapq.heappop(heap)
+            self._clock_ticks += 1
+            fn(arg)
+        self._finish_run(started)
+        return self.result
+
+    def _finish_run(self, started: float) -> None:
+        import time
+        for lane in self.lanes:  # what still waits at the end was never served
+            self._fail(lane, lane.waiting, "timed_out")
+            self._fail(lane, lane.held, "timed_out")
+        self._account()
+        r = self.result
+        r.sim_seconds = self.now
+        gpu_bytes = sum(self.gpu_total.values())
+        r.vram_util = self._area_bytes / (gpu_bytes * self.now) if self.now else 0.0
+        r.mean_loaded = self._area_loaded / self.now if self.now else 0.0
+        ok = (self.ttft <= r.slo_ttft_s).astype(np.float64)
+        per_model = np.bincount(self.models, weights=ok, minlength=len(self.lanes))
+        asked = np.bincount(self.models, minlength=len(self.lanes))
+        r.by_model = {lane.name: float(per_model[i] / asked[i]) if asked[i] else math.nan
+                      for i, lane in enumerate(self.lanes)}
+        r.wall_s = time.perf_counter() - started
+
+    def _at(self, t: float, fn: Callable, arg: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, fn, arg))
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _arrive(self, k: int, lane: Lane) -> None:
+        if self.strategy.static is not None and lane.name not in self.strategy.static:
+            self.ttft[k] = np.nan
+            self.result.refused += 1
+            return
+        if lane.drained_by:
+            lane.held.append(k)
+            return
+        if lane.state == "ready" and not lane.waiting and lane.active < lane.slots:
+            self._start(k, lane)
+            return
+        lane.waiting.append(k)
+        if lane.state in ("unloaded", "failed"):
+            self._want_load(lane)
+
+    def _start(self, k: int, lane: Lane) -> None:
+        waited = self.now - self.arrival[k]
+        if waited > self.wait_timeout:
+            self.result.timed_out += 1
+            return
+        lane.active += 1
+        prefill = self.prefill[k]
+        self.ttft[k] = waited + prefill
+        self._at(self.now + prefill + self.decode[k], self._done, lane)
+
+    def _done(self, lane: Lane) -> None:
+        lane.active -= 1
+        lane.last_used = self.now
+        self._start_waiting(lane)
+        if lane.in_flight == 0:
+            if self.strategy.keep_alive is not None and lane.state == "ready":
+                self._at(self.now + self.strategy.keep_alive, self._keep_alive, (lane, self.now))
+            woken = False
+            for waiting in self.pending:
+                if lane.name in waiting.blockers:
+                    waiting.retry = woken = True
+            if woken:
+                self._pump()
+
+    def _start_waiting(self, lane: Lane) -> None:
+        while lane.waiting and lane.active < lane.slots and lane.state == "ready":
+            self._start(lane.waiting.popleft(), lane)
+
+    def _fail(self, lane: Lane, requests: deque[int], why: str) -> None:
+        count = len(requests)
+        requests.clear()
+        if why == "timed_out":
+            self.result.timed_out += count
+        elif why == "oom":
+            self.result.failed_loads += count
+        else:
+            self.result.refused += count
+
+    def _keep_alive(self, arg: tuple[Lane, float]) -> None:
+        lane, stamp = arg
+        if lane.state == "ready" and lane.in_flight == 0 and lane.last_used == stamp:
+            self.result.keep_alive_unloads += 1
+            self._unload(lane)
+            self._pump()
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _want_load(self, lane: Lane) -> None:
+        if not lane.pending:  # already asking: its answer changes when the world does, not per request
+            lane.pending = True
+            self.pending.append(lane)
+            self._pump()
+
+    def _pump(self) -> None:
+        """Try every load that waits, in order, until none can move."""
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                for lane in list(self.pending):
+                    if lane.pending and not self._is_locked(lane):
+                        self._try_load(lane)
+        finally:
+            self._pumping = False
+
+    def _devices(self, lane: Lane) -> list[str]:
+        return lane.devices
+
+    def _is_locked(self, lane: Lane) -> bool:
+        return "*" in self.locked or any(d in self.locked for d in self._devices(lane))
+
+    def _lock(self, lane: Lane, locking: bool) -> None:
+        keys = {"device": self._devices(lane), "global": ["*"]}.get(self.strategy.serial or "", [])
+        for key in keys:
+            (self.locked.add if locking else self.locked.discard)(key)
+
+    def _budgets(self) -> Mapping[str, DeviceBudget]:
+        """The ledger's budgets, read again only after a grant or a release changed them."""
+        if self._budgets_at != self._leases_version:
+            self._budgets_cache, self._budgets_at = self.ledger.budgets(), self._leases_version
+        return self._budgets_cache
+
+    def _plan(self, lane: Lane) -> Plan:
+        """The planner's answer against today's budgets (the same until a lease changes)."""
+        cached = self._plans.get(lane.name)
+        if cached is None or cached[0] != self._leases_version:
+            cached = self._plans[lane.name] = (self._leases_version, plan(lane.spec, self._budgets()))
+        return cached[1]
+
+    def _snapshot(self) -> Snapshot:
+        key = (self.epoch, self._leases_version, self._clock_ticks)
+        if self._snapshot_at != key:
+            self._snapshot_cache, self._snapshot_at = self._build_snapshot(), key
+        return self._snapshot_cache
+
+    def _build_snapshot(self) -> Snapshot:
+        held: dict[str, dict[str, int]] = {}
+        for lease in self.ledger.leases():
+            per = held.setdefault(lease.model, {})
+            per[lease.device] = per.get(lease.device, 0) + lease.bytes
+        models = {l.name: l.view(held.get(l.name, {})) for l in self.lanes}
+        return Snapshot(self._budgets(), models, self.now)
+
+    def _try_load(self, lane: Lane) -> None:
+        if lane.rejected_at == self.epoch:
+            return self._refuse(lane)
+        if lane.queued_at == self.epoch and not lane.retry:
+            return
+        snapshot = self._snapshot()
+        spec = lane.spec
+        if self.strategy.peak_aware:
+            need = self._plan(lane).peak_need()  # as the supervisor's _decide
+        else:
+            need = {d: b for d, b in _sum(lane.estimate).items()}
+        request = AdmissionRequest(lane.name, need, spec.priority)
+        decision = self.strategy.policy(request, snapshot)
+        if isinstance(decision, Rejected):
+            lane.rejected_at = self.epoch
+            return self._refuse(lane)
+        if isinstance(decision, Queue):
+            self._queue(lane, request, snapshot)
+            return
+        victims = decision.victims if isinstance(decision, Evict) else ()
+        for victim in victims:
+            self.result.evictions += 1
+            self._unload(self.by_name[victim])
+        self._begin_load(lane)
+
+    def _refuse(self, lane: Lane) -> None:
+        lane.pending = False
+        self.pending.remove(lane)
+        self._undrain(lane)
+        self._fail(lane, lane.waiting, "refused")
+
+    def _queue(self, loading: Lane, request: AdmissionRequest, snapshot: Snapshot) -> None:
+        """The load waits for the models it would evict were they idle (asked again when one of
+        them goes idle, or memory changes). lessor's router also drains them: no new work."""
+        idle = Snapshot(snapshot.devices, {n: _idle(m) for n, m in snapshot.models.items()}, snapshot.now_s)
+        decision = self.strategy.policy(request, idle)
+        loading.blockers = frozenset(decision.victims) if isinstance(decision, Evict) else frozenset()
+        loading.queued_at, loading.retry = self.epoch, False
+        if self.strategy.drain:
+            for name in loading.blockers:
+                self.by_name[name].drained_by.add(loading.name)
+
+    def _undrain(self, loading: Lane) -> None:
+        for lane in self.lanes:
+            if loading.name in lane.drained_by:
+                lane.drained_by.discard(loading.name)
+                if not lane.drained_by and lane.held:
+                    lane.waiting.extend(lane.held)
+                    lane.held.clear()
+                    if lane.state in ("unloaded", "failed"):
+                        self._want_load(lane)
+                    else:
+                        self._start_waiting(lane)
+
+    def _count_avoided(self, lane: Lane, budgets: Mapping[str, DeviceBudget]) -> None:
+        """A peak-unaware scheduler would start this load here too (its steady estimate fits
+        what is free) although that estimate plus the load peak does not fit the card: an OOM
+        that lessor's plan avoids (weights and peak first, the KV cache from what is left)."""
+        memory = lane.memory
+        for device, need in _sum(lane.estimate).items():
+            budget = budgets.get(device)
+            if budget is None or device == "host":
+                continue
+            physical_free = budget.free_bytes + budget.headroom_bytes
+            if need <= budget.free_bytes and need + memory.load_peak > physical_free:
+                self.result.ooms_avoided += 1
+                return
+
+    def _begin_load(self, lane: Lane) -> None:
+        lane.pending = False
+        self.pending.remove(lane)
+        self._undrain(lane)
+        lane.attempt = str(uuid.uuid4())
+        if self.strategy.peak_aware:
+            self._count_avoided(lane, self._budgets())
+            first = self._plan(lane)
+            wants = first.all_leases() if first.one_phase else first.load_leases
+            if first.one_phase and not first.fits:
+                lane.rejected_at = self.epoch
+                return self._refuse(lane)
+            lane.slots = self._slots(lane, first.kv_tokens)
+        else:
+            wants = lane.estimate
+            lane.slots = self._slots(lane, lane.model.baseline_kv_tokens)
+        granted = self._grant(lane, wants)
+        lane.state = "loading"
+        self.epoch += 1
+        self.result.loads += 1
+        self._lock(lane, True)
+        if not isinstance(granted, Granted):  # a scheduler that did not ask the ledger: the card says no
+            self._at(self.now + self.hw.engine_start_s, self._crash, lane)
+            return
+        memory = lane.memory
+        if not self.strategy.peak_aware:
+            for device in self._devices(lane):
+                self.transient[device] += memory.load_peak
+        gbps = self.hw.page_cache_gbps if lane.loaded_once else self.hw.disk_gbps
+        lane.loaded_once = True
+        seconds = self.hw.engine_start_s + (memory.weights + memory.host_weights) / (gbps * 1e9)
+        self._at(self.now + seconds, self._weights_in, lane)
+
+    def _slots(self, lane: Lane, kv_tokens: int) -> int:
+        return max(1, min(lane.model.max_batch, kv_tokens // lane.model.context_tokens))
+
+    def _weights_in(self, lane: Lane) -> None:
+        """The load's worst moment: the weights are in and the load peak is at its height."""
+        memory = lane.memory
+        if not self.strategy.peak_aware:
+            over = any(self._physical(d) > self.gpu_total[d] for d in self._devices(lane))
+            for device in self._devices(lane):
+                self.transient[device] -= memory.load_peak
+            if over:
+                return self._crash(lane)
+        else:
+            self._release(lane, [LeaseKind.LOAD_PEAK])
+            if not self._kv_phase(lane):
+                return
+        lane.state = "ready"
+        lane.last_used = self.now
+        self.epoch += 1
+        self._lock(lane, False)
+        self._start_waiting(lane)
+        if lane.in_flight == 0 and self.strategy.keep_alive is not None:
+            self._at(self.now + self.strategy.keep_alive, self._keep_alive, (lane, self.now))
+        self._pump()
+
+    def _kv_phase(self, lane: Lane) -> bool:
+        """Step 4 for a two-phase engine: size the KV cache from what is free now, then grant it."""
+        if lane.spec.engine.kind not in TWO_PHASE_KINDS:
+            return True
+        sized = plan_kv(lane.spec, self._budgets())
+        granted = self._grant(lane, sized.steady_leases) if sized.fits else None
+        if not isinstance(granted, Granted):
+            self._crash(lane, oom=False)
+            return False
+        lane.slots = self._slots(lane, sized.kv_tokens)
+        return True
+
+    def _physical(self, device: str) -> int:
+        budget = self._budgets()[device]
+        return budget.foreign_bytes + budget.leased_bytes + self.transient[device]
+
+    def _crash(self, lane: Lane, oom: bool = True) -> None:
+        """The load failed: every lease of the attempt goes back; what waited gets an error."""
+        if oom:
+            self.result.ooms += 1
+        self._release(lane, None)
+        lane.state = "failed"
+        self.epoch += 1
+        self._lock(lane, False)
+        self._fail(lane, lane.waiting, "oom" if oom else "refused")
+        self._pump()
+
+    def _unload(self, lane: Lane) -> None:
+        self._release(lane, None)
+        lane.state = "unloaded"
+        self.epoch += 1
+        if lane.waiting:
+            self._want_load(lane)
+
+    # -- the ledger --------------------------------------------------------------------------
+
+    def _grant(self, lane: Lane, wants) -> Any:
+        self._account()
+        granted = _now(self.ledger.grant(lane.name, wants, lane.attempt))
+        self._recount()
+        return granted
+
+    def _release(self, lane: Lane, kinds) -> Any:
+        self._account()
+        released = _now(self.ledger.release_model(lane.name, "simulated", kinds=kinds))
+        self._recount()
+        return released
+
+    def _account(self) -> None:
+        dt = self.now - self._area_t
+        self._area_bytes += dt * self._leased_gpu
+        self._area_loaded += dt * self._loaded
+        self._area_t = self.now
+
+    def _recount(self) -> None:
+        self._leases_version += 1
+        leases = self.ledger.leases()
+        self._leased_gpu = sum(l.bytes for l in leases if l.device != "host")
+        self._loaded = len({l.model for l in leases})
+
+
+def _idle(m: ModelView) -> ModelView:
+    return ModelView(m.name, m.state, m.priority, m.pinned, 0, m.last_used_s, m.held_bytes)
