@@ -7,11 +7,14 @@ of it and `max_concurrency` allows; otherwise it waits (at most `router.max_queu
 429). A waiting request whose model is not loaded starts the lane's loader, which asks the
 supervisor to load (the policy admits, evicting idle models).
 
-No swap ping-pong: when the policy says a load must wait for busy models (ModelsBusy), those
-models are *drained*: requests that reach them from now on wait, while the ones already running
-or waiting finish. Once drained they are idle, the load evicts them, and the waiting requests of
-the loaded model are served together. The drained model's held requests then load it back, and
-it gets its turn the same way. Requests running or waiting their turn count as the model's
+No starvation, little swap ping-pong: when the policy says a load must wait for busy models
+(ModelsBusy), the load first waits `router.drain_after` seconds for them to go idle by
+themselves. If they are still busy then, they are *drained*: requests that reach them from now
+on wait, while the ones already running or waiting finish. Once drained they are idle, the load
+evicts them, and the waiting requests of the loaded model are served together. The drained
+model's held requests then load it back, and it gets its turn the same way. The patience keeps a
+stream of requests to a popular model from being cut for every rare one (the policy simulator,
+bench/sim, measured draining at once as the worst of all its strategies under steady traffic). Requests running or waiting their turn count as the model's
 `in_flight`, so a model with work is never idle in the policy's eyes and never evicted.
 
 The hot path (a ready model with a free slot) is synchronous: a dict lookup, two counters and
@@ -185,6 +188,7 @@ class Router:
 
     async def _load(self, lane: Lane) -> None:
         self._loaders += 1
+        drain_at = self._clock() + self._config.drain_after
         try:
             while lane.waiting and lane.record.state is not ModelState.READY:
                 pulse = self._pulse
@@ -194,8 +198,10 @@ class Router:
                 try:
                     await self._supervisor.load(lane.name)
                 except ModelsBusy as exc:
-                    self._drain(lane, exc.blockers)
-                    await self._until_idle(exc.blockers)
+                    patience = drain_at - self._clock()
+                    if patience <= 0:
+                        self._drain(lane, exc.blockers)
+                    await self._until_idle(exc.blockers, patience if patience > 0 else None)
                 except ModelBusy:
                     await pulse.wait()
                 except LessorError as exc:
@@ -211,19 +217,21 @@ class Router:
             self._undrain(lane)
             self._wake()
 
-    async def _until_idle(self, blockers: tuple[str, ...]) -> None:
-        """Wait until every blocker has nothing running or due (then the load is retried); without
-        named blockers, retry at each change, at least every second."""
+    async def _until_idle(self, blockers: tuple[str, ...], at_most: float | None = None) -> None:
+        """Wait until every blocker has nothing running or due, or `at_most` seconds (then the
+        load is retried); without named blockers, retry at each change, at least every second."""
         def idle() -> bool:
             return all(self.lane(b).record.in_flight == 0 for b in blockers)
 
+        give_up = None if at_most is None else self._clock() + at_most
         while True:
             pulse = self._pulse
+            step = 1.0 if give_up is None else max(0.0, min(1.0, give_up - self._clock()))
             try:
-                await asyncio.wait_for(pulse.wait(), 1.0)
+                await asyncio.wait_for(pulse.wait(), step)
             except TimeoutError:
                 pass
-            if not blockers or idle():
+            if not blockers or idle() or (give_up is not None and self._clock() >= give_up):
                 return
 
     def _drain(self, loading: Lane, blockers: tuple[str, ...]) -> None:

@@ -80,7 +80,7 @@ async def test_aliases_route_to_their_model_and_unknown_names_list_the_known_one
 
 
 async def test_a_busy_model_is_not_evicted_and_each_side_is_served_as_a_batch(routed):
-    controller, adapter, router, _ = await routed([big("a"), big("b")])
+    controller, adapter, router, _ = await routed([big("a"), big("b")], drain_after=0)
     running_a, _ = await turn(router, "a")  # one request on a, still running
     b_requests = [asyncio.ensure_future(turn(router, "b")) for _ in range(3)]
     await asyncio.sleep(0.1)
@@ -102,7 +102,7 @@ async def test_a_busy_model_is_not_evicted_and_each_side_is_served_as_a_batch(ro
 
 
 async def test_alternating_requests_swap_in_batches_and_neither_model_starves(routed):
-    controller, adapter, router, _ = await routed([big("a"), big("b")])
+    controller, adapter, router, _ = await routed([big("a"), big("b")], drain_after=0)
     loop = asyncio.get_running_loop()
     waits = []
 
@@ -122,6 +122,38 @@ async def test_alternating_requests_swap_in_batches_and_neither_model_starves(ro
     # other's whole stream (about 1 s). Batches: few loads, and every wait is short.
     assert len(adapter.handles) <= 25, f"{len(adapter.handles)} loads for 100 alternating requests"
     assert max(waits) < 0.5, f"a request waited {max(waits):.2f} s"
+
+
+async def test_a_load_waits_drain_after_for_busy_models_before_draining_them(routed):
+    """Within the patience, the busy model keeps serving new requests; then it is drained."""
+    controller, adapter, router, _ = await routed([big("a"), big("b")], drain_after=0.4)
+    running_a, _ = await turn(router, "a")
+    b_request = asyncio.ensure_future(turn(router, "b"))
+    await asyncio.sleep(0.1)
+    more_a, _ = await asyncio.wait_for(turn(router, "a"), 1)  # not drained yet: starts at once
+    router.finish(running_a)
+    assert controller.model("a")["in_flight"] == 1 and not b_request.done()
+    await asyncio.sleep(0.5)  # patience over: a is drained, a request arriving now waits
+    late_a = asyncio.ensure_future(turn(router, "a"))
+    await asyncio.sleep(0.1)
+    assert not late_a.done() and not b_request.done()
+    router.finish(more_a)  # a idle: b loads; a's held request loads a back after b's turn
+    b_lane, _ = await asyncio.wait_for(b_request, 5)
+    router.finish(b_lane)
+    a_lane, _ = await asyncio.wait_for(late_a, 5)
+    router.finish(a_lane)
+    assert loads(adapter) == ["a", "b", "a"]
+
+
+async def test_a_model_that_goes_idle_within_the_patience_is_evicted_without_a_drain(routed):
+    controller, adapter, router, _ = await routed([big("a"), big("b")], drain_after=60)
+    running_a, _ = await turn(router, "a")
+    b_request = asyncio.ensure_future(turn(router, "b"))
+    await asyncio.sleep(0.1)
+    router.finish(running_a)
+    b_lane, _ = await asyncio.wait_for(b_request, 5)  # long before the 60 s patience ends
+    router.finish(b_lane)
+    assert loads(adapter) == ["a", "b"]
 
 
 async def test_a_full_queue_answers_queue_full_with_a_retry_time(routed):
