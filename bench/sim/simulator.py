@@ -99,7 +99,7 @@ class Lane:
 
     __slots__ = ("index", "model", "spec", "name", "state", "active", "waiting", "held", "drained_by", "slots",
                  "last_used", "attempt", "loaded_once", "pending", "estimate", "rejected_at", "queued_at", "blockers",
-                 "retry", "devices", "memory")
+                 "retry", "devices", "memory", "asked_at")
 
     def __init__(self, index: int, model: SimModel) -> None:
         self.index, self.model, self.spec, self.name = index, model, model.spec, model.spec.name
@@ -117,6 +117,7 @@ class Lane:
         self.queued_at = -1  # the epoch of the last Queue: asked again when the world or a blocker changes
         self.blockers: frozenset[str] = frozenset()
         self.retry = False
+        self.asked_at = 0.0  # when the current load was first asked for
         self.estimate = _baseline_leases(model)
         self.devices = [gpu_id(i) for i in model.spec.placement.devices]
         self.memory = model.spec.profile()
@@ -309,6 +310,7 @@ class Simulator:
     def _want_load(self, lane: Lane) -> None:
         if not lane.pending:  # already asking: its answer changes when the world does, not per request
             lane.pending = True
+            lane.asked_at = self.now
             self.pending.append(lane)
             self._pump()
 
@@ -404,9 +406,19 @@ class Simulator:
         decision = self.strategy.policy(request, idle)
         loading.blockers = frozenset(decision.victims) if isinstance(decision, Evict) else frozenset()
         loading.queued_at, loading.retry = self.epoch, False
-        if self.strategy.drain:
-            for name in loading.blockers:
-                self.by_name[name].drained_by.add(loading.name)
+        if not self.strategy.drain:
+            return
+        patience = loading.asked_at + self.strategy.drain_after - self.now
+        if patience > 0:  # let the blockers go idle by themselves first; drain when patience runs out
+            self._at(self.now + patience, self._patience_over, loading)
+            return
+        for name in loading.blockers:
+            self.by_name[name].drained_by.add(loading.name)
+
+    def _patience_over(self, lane: Lane) -> None:
+        if lane.pending:
+            lane.retry = True
+            self._pump()
 
     def _undrain(self, loading: Lane) -> None:
         for lane in self.lanes:

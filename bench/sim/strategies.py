@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
+from lessor.daemon.config import RouterConfig
 from lessor.policies import (POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue,
                              Rejected, Snapshot, shortfall)
 
@@ -37,6 +38,7 @@ class Strategy:
     serial: Literal["device", "global"] | None = "device"
     keep_alive: float | None = None
     drain: bool = False
+    drain_after: float = 0.0  # seconds a load waits for its victims to idle by themselves before draining them
     static: tuple[str, ...] | None = None  # the fixed set a static deployment loads at start
     lessor: bool = False  # one of lessor's own policies (for the report)
     notes: str = ""
@@ -107,6 +109,7 @@ class StrategyOptions:
 
 def all_strategies(options: StrategyOptions) -> list[Strategy]:
     ka = options.keep_alive
+    patience = RouterConfig().drain_after  # lessord's default
     return [
         Strategy("static", static_policy, peak_aware=False, serial="global", static=options.static_set,
                  notes="fixed set loaded at start, one by one; other models are refused"),
@@ -114,15 +117,18 @@ def all_strategies(options: StrategyOptions) -> list[Strategy]:
                  notes="one model per swap group, no memory accounting"),
         Strategy("ollama-like", ollama_like(3), peak_aware=False, serial="global", keep_alive=ka,
                  notes="steady estimate, <=3 models/GPU, keep-alive order, one load at a time"),
-        Strategy("lessor fit", POLICIES["fit"], peak_aware=True, keep_alive=ka, drain=True, lessor=True,
-                 notes="never evicts; keep_alive frees memory"),
-        Strategy("lessor lru_idle", POLICIES["lru_idle"], peak_aware=True, keep_alive=None, drain=True, lessor=True,
+        Strategy("lessor fit", POLICIES["fit"], peak_aware=True, keep_alive=ka, drain=True, drain_after=patience,
+                 lessor=True, notes="never evicts; keep_alive frees memory"),
+        Strategy("lessor lru_idle", POLICIES["lru_idle"], peak_aware=True, keep_alive=None, drain=True,
+                 drain_after=patience, lessor=True,
                  notes="evicts idle models, least recently used first; keep warm until room is needed"),
-        Strategy("lessor priority", POLICIES["priority"], peak_aware=True, keep_alive=None, drain=True, lessor=True,
-                 notes="evicts idle models of lower priority only"),
-        # Not a lessor configuration: lru_idle with the router's drain switched off, to show what
-        # the drain costs and buys.
-        Strategy("ablation: lru_idle, no drain", POLICIES["lru_idle"], peak_aware=True, keep_alive=None,
-                 notes="lessor's lru_idle without the router's drain (a load waits until its victims idle)"),
+        Strategy("lessor priority", POLICIES["priority"], peak_aware=True, keep_alive=None, drain=True,
+                 drain_after=patience, lessor=True, notes="evicts idle models of lower priority only"),
+        # What the router's drain costs and buys: lru_idle draining at once (lessor before
+        # router.drain_after existed), and never draining.
+        Strategy("lru_idle, drain_after 0", POLICIES["lru_idle"], peak_aware=True, keep_alive=None, drain=True,
+                 notes="ablation: lessor's lru_idle with router.drain_after 0"),
+        Strategy("lru_idle, never drain", POLICIES["lru_idle"], peak_aware=True, keep_alive=None,
+                 notes="ablation: a load waits until its victims idle by themselves"),
     ]
 
