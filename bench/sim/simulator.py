@@ -99,7 +99,7 @@ class Lane:
 
     __slots__ = ("index", "model", "spec", "name", "state", "active", "waiting", "held", "drained_by", "slots",
                  "last_used", "attempt", "loaded_once", "pending", "estimate", "rejected_at", "queued_at", "blockers",
-                 "retry", "devices", "memory", "asked_at")
+                 "retry", "devices", "memory", "asked_at", "patience_timer")
 
     def __init__(self, index: int, model: SimModel) -> None:
         self.index, self.model, self.spec, self.name = index, model, model.spec, model.spec.name
@@ -118,6 +118,7 @@ class Lane:
         self.blockers: frozenset[str] = frozenset()
         self.retry = False
         self.asked_at = 0.0  # when the current load was first asked for
+        self.patience_timer = False  # a retry is due when router.drain_after runs out
         self.estimate = _baseline_leases(model)
         self.devices = [gpu_id(i) for i in model.spec.placement.devices]
         self.memory = model.spec.profile()
@@ -185,6 +186,7 @@ class Simulator:
         self._leases_version, self._clock_ticks = 0, 0  # what the cached budgets and snapshot were read at
         self._budgets_at = self._snapshot_at = None
         self._budgets_cache: Mapping[str, DeviceBudget] = {}
+        self._base = self.ledger.budgets()  # no leases yet: capacity, headroom and foreign per pool
         self._snapshot_cache: Snapshot | None = None
         self._plans: dict[str, tuple[int, Plan]] = {}
 
@@ -278,8 +280,8 @@ class Simulator:
             if self.strategy.keep_alive is not None and lane.state == "ready":
                 self._at(self.now + self.strategy.keep_alive, self._keep_alive, (lane, self.now))
             woken = False
-            for waiting in self.pending:
-                if lane.name in waiting.blockers:
+            for waiting in self.pending:  # the router's _until_idle: asked again once all its blockers idle
+                if lane.name in waiting.blockers and all(self.by_name[b].in_flight == 0 for b in waiting.blockers):
                     waiting.retry = woken = True
             if woken:
                 self._pump()
@@ -311,6 +313,7 @@ class Simulator:
         if not lane.pending:  # already asking: its answer changes when the world does, not per request
             lane.pending = True
             lane.asked_at = self.now
+            lane.queued_at, lane.blockers, lane.retry = -1, frozenset(), False
             self.pending.append(lane)
             self._pump()
 
@@ -342,9 +345,17 @@ class Simulator:
             (self.locked.add if locking else self.locked.discard)(key)
 
     def _budgets(self) -> Mapping[str, DeviceBudget]:
-        """The ledger's budgets, read again only after a grant or a release changed them."""
+        """The ledger's budgets after its latest grant or release. The simulated cards never
+        change under it (foreign usage is fixed), so only the leased bytes move: they are the
+        ledger's own leases, summed, over its first reading. `ledger.grant` still reads and
+        checks for itself, every time."""
         if self._budgets_at != self._leases_version:
-            self._budgets_cache, self._budgets_at = self.ledger.budgets(), self._leases_version
+            leased: dict[str, int] = {}
+            for lease in self.ledger.leases():
+                leased[lease.device] = leased.get(lease.device, 0) + lease.bytes
+            self._budgets_cache = {d: DeviceBudget(b.device, b.total_bytes, b.capacity_bytes, b.headroom_bytes,
+                                                   b.foreign_bytes, leased.get(d, 0)) for d, b in self._base.items()}
+            self._budgets_at = self._leases_version
         return self._budgets_cache
 
     def _plan(self, lane: Lane) -> Plan:
@@ -371,8 +382,8 @@ class Simulator:
     def _try_load(self, lane: Lane) -> None:
         if lane.rejected_at == self.epoch:
             return self._refuse(lane)
-        if lane.queued_at == self.epoch and not lane.retry:
-            return
+        if not lane.retry and lane.queued_at >= 0 and (lane.blockers or lane.queued_at == self.epoch):
+            return  # waits for its blockers to idle (or, with none named, for any change)
         snapshot = self._snapshot()
         spec = lane.spec
         if self.strategy.peak_aware:
@@ -408,14 +419,17 @@ class Simulator:
         loading.queued_at, loading.retry = self.epoch, False
         if not self.strategy.drain:
             return
-        patience = loading.asked_at + self.strategy.drain_after - self.now
-        if patience > 0:  # let the blockers go idle by themselves first; drain when patience runs out
-            self._at(self.now + patience, self._patience_over, loading)
+        drain_at = loading.asked_at + self.strategy.drain_after
+        if drain_at > self.now:  # let the blockers go idle by themselves first; drain when patience runs out
+            if not loading.patience_timer:
+                loading.patience_timer = True
+                self._at(drain_at, self._patience_over, loading)
             return
         for name in loading.blockers:
             self.by_name[name].drained_by.add(loading.name)
 
     def _patience_over(self, lane: Lane) -> None:
+        lane.patience_timer = False
         if lane.pending:
             lane.retry = True
             self._pump()
