@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.sim import all_strategies, make_trace, scenarios  # noqa: E402
-from bench.sim.report import markdown_table, plot, text_table  # noqa: E402
+from bench.sim.report import markdown_table, per_model_table, plot, text_table  # noqa: E402
 from bench.sim.simulator import Simulator  # noqa: E402
 
 
@@ -48,9 +48,11 @@ def main() -> None:
               f"requests ({args.requests / slowest.wall_s:,.0f} requests/s); goal: 1M in < 60 s")
         plot(results, scenario.title, args.out / f"{scenario.name}.png")
         goals = ", ".join(f"{m} {g:g} s" for m, g in scenario.slo_ttft_s.items())
+        per_model = (f"Requests within their goal, per model:\n\n{per_model_table(results)}\n\n"
+                     if len(scenario.models) <= 4 else "")
         markdown.append(f"### {scenario.name}: {scenario.title}\n\n{scenario.story}\n\n"
                         f"{args.requests} requests, {hours:.1f} simulated hours; TTFT goals: {goals}.\n\n"
-                        f"{markdown_table(results)}\n\n![{scenario.name}](results/{scenario.name}.png)\n")
+                        f"{markdown_table(results)}\n\n{per_model}![{scenario.name}](results/{scenario.name}.png)\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "policy_sim.md").write_text("\n".join(markdown))
     print(f"\nwrote {args.out}/policy_sim.md and the plots")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench.sim import all_strategies, make_trace, run_scenario, scenarios
-from bench.sim.report import markdown_table, plot, text_table
+from bench.sim.report import markdown_table, per_model_table, plot, text_table
 from bench.sim.simulator import Simulator, _now
 from bench.sim.strategies import llama_swap_like, ollama_like
 from bench.sim.workload import Trace, Workload, zipf_shares
@@ -174,5 +174,6 @@ def test_report_table_and_plot(box_results, tmp_path):
     table = markdown_table(results)
     assert table.count("\n") == len(results) + 1 and "| lessor priority |" in table
     assert "SLO met" in text_table(results)
+    assert per_model_table(results).count("\n") == len(results) + 1
     plot(results, "test", tmp_path / "box.png")
     assert (tmp_path / "box.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -31,6 +31,15 @@ def markdown_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+def per_model_table(results: Sequence[Result]) -> str:
+    """Share of each model's requests within its goal, per strategy (markdown)."""
+    models = list(results[0].by_model)
+    lines = ["| strategy | " + " | ".join(models) + " |", "|" + "---|" * (len(models) + 1)]
+    lines += ["| " + r.strategy + " | " + " | ".join(f"{100 * r.by_model[m]:.1f} %" for m in models) + " |"
+              for r in results]
+    return "\n".join(lines)
+
+
 def text_table(results: Sequence[Result]) -> str:
     rows = [COLUMNS] + [row(r) for r in results]
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
@@ -45,7 +54,8 @@ def plot(results: Sequence[Result], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [r.strategy for r in results]
-    colours = ["#9e9e9e" if not r.strategy.startswith("lessor") else "#1f77b4" for r in results]
+    colours = ["#1f77b4" if r.strategy.startswith("lessor") else "#aec7e8" if "lru_idle" in r.strategy
+               else "#9e9e9e" for r in results]  # lessor, ablations of lessor, baselines
     fig, (slo, cdf, counts) = plt.subplots(1, 3, figsize=(16, 4.8))
     fig.suptitle(title, fontsize=11)
     slo.barh(names, [100 * r.slo_attainment for r in results], color=colours)

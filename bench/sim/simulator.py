@@ -183,6 +183,8 @@ class Simulator:
         self._pumping = self._again = False
         self._area_t, self._area_bytes, self._area_loaded = 0.0, 0.0, 0.0
         self._leased_gpu, self._loaded = 0, 0
+        self._leased_by_device: dict[str, int] = {}
+        self._held: dict[str, dict[str, int]] = {}
         self._leases_version, self._clock_ticks = 0, 0  # what the cached budgets and snapshot were read at
         self._budgets_at = self._snapshot_at = None
         self._budgets_cache: Mapping[str, DeviceBudget] = {}
@@ -350,9 +352,7 @@ class Simulator:
         ledger's own leases, summed, over its first reading. `ledger.grant` still reads and
         checks for itself, every time."""
         if self._budgets_at != self._leases_version:
-            leased: dict[str, int] = {}
-            for lease in self.ledger.leases():
-                leased[lease.device] = leased.get(lease.device, 0) + lease.bytes
+            leased = self._leased_by_device
             self._budgets_cache = {d: DeviceBudget(b.device, b.total_bytes, b.capacity_bytes, b.headroom_bytes,
                                                    b.foreign_bytes, leased.get(d, 0)) for d, b in self._base.items()}
             self._budgets_at = self._leases_version
@@ -372,10 +372,7 @@ class Simulator:
         return self._snapshot_cache
 
     def _build_snapshot(self) -> Snapshot:
-        held: dict[str, dict[str, int]] = {}
-        for lease in self.ledger.leases():
-            per = held.setdefault(lease.model, {})
-            per[lease.device] = per.get(lease.device, 0) + lease.bytes
+        held = self._held
         models = {l.name: l.view(held.get(l.name, {})) for l in self.lanes}
         return Snapshot(self._budgets(), models, self.now)
 
@@ -573,10 +570,17 @@ class Simulator:
         self._area_t = self.now
 
     def _recount(self) -> None:
+        """After a grant or a release: the ledger's leases, summed per device and per model."""
         self._leases_version += 1
-        leases = self.ledger.leases()
-        self._leased_gpu = sum(l.bytes for l in leases if l.device != "host")
-        self._loaded = len({l.model for l in leases})
+        by_device: dict[str, int] = {}
+        held: dict[str, dict[str, int]] = {}
+        for lease in self.ledger.leases():
+            by_device[lease.device] = by_device.get(lease.device, 0) + lease.bytes
+            per = held.setdefault(lease.model, {})
+            per[lease.device] = per.get(lease.device, 0) + lease.bytes
+        self._leased_by_device, self._held = by_device, held
+        self._leased_gpu = sum(b for d, b in by_device.items() if d != "host")
+        self._loaded = len(held)
 
 
 def _idle(m: ModelView) -> ModelView:
