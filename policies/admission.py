@@ -42,11 +42,16 @@ def _free_with(short: dict[str, int], models: Iterable[ModelView]) -> tuple[list
         if not any(model.held_bytes.get(d, 0) > 0 for d in remaining):
             continue
         victims.append(model.name)
-        for device in list(remaining):
-            remaining[device] -= model.held_bytes.get(device, 0)
-            if remaining[device] <= 0:
-                del remaining[device]
+        deduct(remaining, model)
     return victims, remaining
+
+
+def deduct(remaining: dict[str, int], victim: ModelView) -> None:
+    """What stays short per device once `victim` is gone (devices it covers drop out)."""
+    for device in list(remaining):
+        remaining[device] -= victim.held_bytes.get(device, 0)
+        if remaining[device] <= 0:
+            del remaining[device]
 
 
 def decide_with_candidates(request: AdmissionRequest, snapshot: Snapshot,

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 from lessor.daemon.config import RouterConfig
+from lessor.policies.admission import deduct
 from lessor.policies import (POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue,
                              Rejected, Snapshot, shortfall)
 
@@ -60,10 +61,7 @@ def ollama_like(max_per_device: int = 3) -> Policy:
             if not over and not remaining:
                 break
             victims.append(model.name)
-            for device in list(remaining):
-                remaining[device] -= model.held_bytes.get(device, 0)
-                if remaining[device] <= 0:
-                    del remaining[device]
+            deduct(remaining, model)
         if remaining:
             return Rejected("the estimate does not fit even on an empty GPU", remaining)
         busy = [v for v in victims if not snapshot.models[v].idle]
