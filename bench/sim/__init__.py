@@ -2,7 +2,8 @@
 static scheduling, over the same simulated GPUs and request traces. See bench/README.md."""
 
 from .scenarios import Scenario, scenarios
-from .simulator import Hardware, Result, SimModel, Simulator
+from .simulator import Simulator
+from .world import Hardware, Result, SimModel
 from .strategies import Strategy, StrategyOptions, all_strategies
 from .workload import Trace, Workload, make_trace
 

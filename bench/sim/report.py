@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .simulator import Result
+from .world import Result
 
 COLUMNS = ("strategy", "SLO met", "p50 TTFT", "p99 TTFT", "cold starts", "evictions", "OOMs", "OOMs avoided",
            "refused", "timed out", "VRAM util", "models warm", "wall s")

@@ -15,7 +15,7 @@ from lessor.daemon.config import ModelSpec, SimulatedGpu
 from lessor.daemon.devices import gpu_id
 from lessor.daemon.memory import read_hf_config
 
-from .simulator import GiB, Hardware, SimModel, _baseline_leases, _sum
+from .world import GiB, Hardware, SimModel, baseline_leases, lease_sums
 from .strategies import StrategyOptions
 from .workload import Workload
 
@@ -182,7 +182,7 @@ def _leasable(hardware: Hardware, device: str) -> int:
 
 
 def _estimate(model: SimModel) -> int:
-    return sum(b for d, b in _sum(_baseline_leases(model)).items() if d != "host")
+    return sum(b for d, b in lease_sums(baseline_leases(model)).items() if d != "host")
 
 
 def _by_device(models: tuple[SimModel, ...]) -> dict[str, list[SimModel]]:

@@ -20,79 +20,23 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from lessor.daemon.config import DevicesConfig, HostPool, ModelSpec, SimulatedGpu
+from lessor.daemon.config import DevicesConfig, HostPool
 from lessor.daemon.devices import SimProbe, gpu_id
-from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.ledger import Granted, LeaseKind, Ledger
 from lessor.daemon.planner import Plan, plan, plan_kv
 from lessor.engines import TWO_PHASE_KINDS
 from lessor.policies import AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
 
 from .strategies import Strategy
+from .world import Hardware, Result, SimModel, baseline_leases, lease_sums
 from .workload import Trace
-
-GiB = 1 << 30
-
-
-@dataclass(frozen=True)
-class SimModel:
-    spec: ModelSpec
-    prefill_tps: float  # prompt tokens per second
-    decode_tps: float  # output tokens per second, per sequence
-    context_tokens: int  # KV tokens one sequence may hold: concurrency = KV tokens / this
-    max_batch: int  # sequences at once, at most
-    baseline_kv_tokens: int  # the fixed KV cache the peak-unaware baselines reserve
-
-
-@dataclass(frozen=True)
-class Hardware:
-    gpus: tuple[SimulatedGpu, ...]
-    headroom: int = 1 * GiB
-    host_total: int = 512 * GiB
-    host_headroom: int = 8 * GiB
-    page_cache_gbps: float = 25.0  # PCIe Gen4 x16 from the page cache
-    disk_gbps: float = 3.0  # a model's first load in the run comes from disk (NVMe)
-    engine_start_s: float = 2.0  # process start, CUDA context, warm-up: paid by every load
-
-
-@dataclass
-class Result:
-    strategy: str
-    requests: int
-    slo_ttft_s: np.ndarray  # each request's goal (its model's)
-    ttft: np.ndarray  # seconds; NaN for a request never served
-    loads: int = 0
-    evictions: int = 0
-    keep_alive_unloads: int = 0
-    ooms: int = 0
-    ooms_avoided: int = 0
-    refused: int = 0  # requests answered with an error at once (no room, not in the static set)
-    failed_loads: int = 0  # requests whose load crashed under them
-    timed_out: int = 0
-    vram_util: float = 0.0  # time-mean of leased bytes / total bytes, over the GPUs
-    mean_loaded: float = 0.0  # time-mean of models loaded
-    sim_seconds: float = 0.0
-    wall_s: float = 0.0
-    by_model: dict[str, float] = field(default_factory=dict)  # SLO attainment per model
-
-    @property
-    def served(self) -> int:
-        return int(np.count_nonzero(~np.isnan(self.ttft)))
-
-    @property
-    def slo_attainment(self) -> float:
-        return float(np.count_nonzero(self.ttft <= self.slo_ttft_s)) / self.requests
-
-    def ttft_percentile(self, q: float) -> float:
-        served = self.ttft[~np.isnan(self.ttft)]
-        return float(np.percentile(served, q)) if len(served) else math.nan
-
 
 class Lane:
     """One model's state in the simulation (the router's lane and the supervisor's record)."""
@@ -119,7 +63,7 @@ class Lane:
         self.retry = False
         self.asked_at = 0.0  # when the current load was first asked for
         self.patience_timer = False  # a retry is due when router.drain_after runs out
-        self.estimate = _baseline_leases(model)
+        self.estimate = baseline_leases(model)
         self.devices = [gpu_id(i) for i in model.spec.placement.devices]
         self.memory = model.spec.profile()
 
@@ -132,24 +76,6 @@ class Lane:
                          self.last_used, held)
 
 
-def _baseline_leases(model: SimModel) -> tuple[LeaseWant, ...]:
-    """What a peak-unaware scheduler reserves: weights + its fixed KV cache + workspace, at once."""
-    memory = model.spec.profile()
-    devices = [gpu_id(i) for i in model.spec.placement.devices]
-    n = len(devices)
-    wants = [LeaseWant(d, LeaseKind.WEIGHTS, -(-memory.weights // n)) for d in devices]
-    wants += [LeaseWant(d, LeaseKind.KV, -(-model.baseline_kv_tokens * memory.kv_bytes_per_token // n)) for d in devices]
-    wants += [LeaseWant(d, LeaseKind.RESERVE, memory.activation) for d in devices if memory.activation]
-    if memory.host_weights:
-        wants.append(LeaseWant("host", LeaseKind.WEIGHTS, memory.host_weights))
-    return tuple(wants)
-
-
-def _sum(wants) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for w in wants:
-        out[w.device] = out.get(w.device, 0) + w.bytes
-    return out
 
 
 def _now(coro) -> Any:
@@ -195,7 +121,6 @@ class Simulator:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self, trace: Trace) -> Result:
-        import time
         started = time.perf_counter()
         n = len(trace)
         self.arrival = trace.arrival_s.tolist()
@@ -226,7 +151,6 @@ class Simulator:
         return self.result
 
     def _finish_run(self, started: float) -> None:
-        import time
         for lane in self.lanes:  # what still waits at the end was never served
             self._fail(lane, lane.waiting, "timed_out")
             self._fail(lane, lane.held, "timed_out")
@@ -386,7 +310,7 @@ class Simulator:
         if self.strategy.peak_aware:
             need = self._plan(lane).peak_need()  # as the supervisor's _decide
         else:
-            need = {d: b for d, b in _sum(lane.estimate).items()}
+            need = {d: b for d, b in lease_sums(lane.estimate).items()}
         request = AdmissionRequest(lane.name, need, spec.priority)
         decision = self.strategy.policy(request, snapshot)
         if isinstance(decision, Rejected):
@@ -448,7 +372,7 @@ class Simulator:
         what is free) although that estimate plus the load peak does not fit the card: an OOM
         that lessor's plan avoids (weights and peak first, the KV cache from what is left)."""
         memory = lane.memory
-        for device, need in _sum(lane.estimate).items():
+        for device, need in lease_sums(lane.estimate).items():
             budget = budgets.get(device)
             if budget is None or device == "host":
                 continue
