@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, WithJsonSchema,
-                      field_validator, model_validator)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from ..engines import ENGINE_KINDS, EngineArgs
 from ..engines.ktransformers import DEFAULT_CHUNK_TOKENS as KT_DEFAULT_CHUNK_TOKENS
@@ -151,7 +150,6 @@ class ModelSpec(Strict):
     pinned: bool = Field(default=False, description="Loaded at start and never evicted.")
     max_concurrency: int | None = Field(default=None, ge=1, le=100_000, description="Requests the router sends to this model at once; more wait in its queue. Unset: no limit (the engine queues).")
     restart: RestartPolicy = Field(default_factory=RestartPolicy, description="What to do when the engine exits on its own.")
-    _profile: Memory | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -169,17 +167,18 @@ class ModelSpec(Strict):
     def profile(self) -> Memory:
         """The memory profile: the memory model's numbers, with every field the config sets taken as
         given. Computed once: the spec is frozen (with_overrides makes a new one)."""
-        if self._profile is None:
-            self._profile = self._compute_profile()
-        return self._profile
+        return self.memory_profile
 
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> "ModelSpec":
         copy = super().model_copy(update=update, deep=deep)
         if update:  # the copy's fields differ: its profile is its own
-            copy._profile = None
+            copy.__dict__.pop("memory_profile", None)
         return copy
 
-    def _compute_profile(self) -> Memory:
+    @functools.cached_property
+    def memory_profile(self) -> Memory:
+        """profile()'s cache. A cached property, not a private attribute: equality compares
+        fields only, so a spec that has computed its profile still equals one that has not."""
         given = {k: v for k, v in self.memory.model_dump().items() if v is not None}
         computed, estimated = {}, ()
         if self.architecture is not None:

@@ -102,3 +102,13 @@ def test_relative_model_paths_are_made_absolute(tmp_path, monkeypatch):
     config = parse_config({"models": [{"name": "q", "engine": {"kind": "torch", "model_path": "var/models/q"},
                                        "memory": {"weights": "1GiB", "kv_bytes_per_token": 1024}}]})
     assert config.models[0].engine.model_path == str(tmp_path / "var" / "models" / "q")
+
+
+def test_a_spec_computes_its_profile_once_and_still_equals_a_fresh_one():
+    """A reload compares specs to find the changed models: a cached profile must not count."""
+    spec = load_config(ROOT / "examples" / "seed.yaml").models[0]
+    fresh = load_config(ROOT / "examples" / "seed.yaml").models[0]
+    assert spec.profile() is spec.profile()
+    assert spec == fresh and not (spec != fresh)
+    wider = spec.model_copy(update={"engine": spec.engine.model_copy(update={"chunk_size": 512})})
+    assert wider.profile().activation > spec.profile().activation  # the copy computes its own
