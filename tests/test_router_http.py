@@ -291,21 +291,26 @@ async def raw_upstream(answer: bytes):
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
-async def test_an_answer_delimited_by_the_engine_closing_is_passed_on_whole(front):
+async def behind_raw_upstream(front, answer: bytes):
+    """The router in front of an engine that answers `answer`, byte for byte."""
     controller, _, session, _ = await front()
-    server, url = await raw_upstream(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
-                                     b"data: {\"n\": 1}\n\ndata: [DONE]\n\n")
+    server, url = await raw_upstream(answer)
     controller.supervisor._engines["torch"].base_url = url
+    return controller, session, server
+
+
+async def test_an_answer_delimited_by_the_engine_closing_is_passed_on_whole(front):
+    controller, session, server = await behind_raw_upstream(
+        front, b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: {\"n\": 1}\n\ndata: [DONE]\n\n")
     async with session.post("/v1/chat/completions", json={"model": "a", "stream": True}) as r:
         assert r.status == 200 and await r.read() == b'data: {"n": 1}\n\ndata: [DONE]\n\n'
     server.close()
 
 
 async def test_an_engine_that_breaks_a_stream_ends_the_client_stream_short(front):
-    controller, _, session, _ = await front()
-    server, url = await raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                                     b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
-    controller.supervisor._engines["torch"].base_url = url
+    controller, session, server = await behind_raw_upstream(
+        front, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"9\r\ndata: 1\n\n\r\n")
     async with session.post("/v1/chat/completions", json={"model": "a", "stream": True}) as r:
         assert r.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):  # no final chunk: the client knows it is cut
