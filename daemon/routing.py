@@ -14,8 +14,9 @@ on wait, while the ones already running or waiting finish. Once drained they are
 evicts them, and the waiting requests of the loaded model are served together. The drained
 model's held requests then load it back, and it gets its turn the same way. The patience keeps a
 stream of requests to a popular model from being cut for every rare one (the policy simulator,
-bench/sim, measured draining at once as the worst of all its strategies under steady traffic). Requests running or waiting their turn count as the model's
-`in_flight`, so a model with work is never idle in the policy's eyes and never evicted.
+bench/sim, measured draining at once as the worst of all its strategies under steady traffic).
+Requests running or waiting their turn count as the model's `in_flight`, so a model with work is
+never idle in the policy's eyes and never evicted.
 
 The hot path (a ready model with a free slot) is synchronous: a dict lookup, two counters and
 the last-use time, in memory only; nothing is written to the ledger per request.

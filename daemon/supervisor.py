@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -307,8 +307,7 @@ class Supervisor:
     def _busy(self, request: AdmissionRequest, snapshot: Snapshot, reason: str) -> ModelsBusy:
         """The models that would be evicted were they idle: the router drains them (their new
         requests wait) so this load gets its turn."""
-        idle = Snapshot(snapshot.devices, {n: replace(m, in_flight=0) for n, m in snapshot.models.items()}, snapshot.now_s)
-        decision = self._policy(request, idle)
+        decision = self._policy(request, snapshot.all_idle())
         blockers = decision.victims if isinstance(decision, Evict) else ()
         return ModelsBusy(request.model, *_worst_shortfall(snapshot, shortfall(request, snapshot)),
                           f"{reason}; it loads once {', '.join(blockers) or 'they'} finish their requests", blockers=blockers)

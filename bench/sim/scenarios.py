@@ -79,19 +79,6 @@ def served_model(name: str, family: str, quantization: str, device: int, *, min_
                     context_tokens=context, max_batch=max_batch, baseline_kv_tokens=max_kv)
 
 
-def _frozen(spec: ModelSpec) -> ModelSpec:
-    """A spec whose memory profile is its resolved numbers: profile() stops recomputing them
-    (the simulator asks millions of times; the numbers are the memory model's either way)."""
-    memory = spec.profile()
-    fixed = {"weights": memory.weights, "host_weights": memory.host_weights, "activation": memory.activation,
-             "load_peak": memory.load_peak, "kv_bytes_per_token": memory.kv_bytes_per_token}
-    return spec.model_copy(update={"memory": spec.memory.model_copy(update=fixed), "architecture": None})
-
-
-def freeze(models: tuple[SimModel, ...]) -> tuple[SimModel, ...]:
-    return tuple(replace(m, spec=_frozen(m.spec)) for m in models)
-
-
 # -- the seed case ---------------------------------------------------------------------------------
 
 def seed() -> Scenario:
@@ -116,7 +103,7 @@ def seed() -> Scenario:
     hardware = Hardware(gpus=(SimulatedGpu(name="24 GiB card", total=24 * GiB, foreign=8 * GiB),))
     return Scenario(
         name="seed", title="seed case: 24 GiB card, foreign 8 GiB, R1 hybrid (15 GiB steady, +10 GiB load peak)",
-        hardware=hardware, models=freeze(models),
+        hardware=hardware, models=models,
         workload=Workload(rate=0.08, zipf_s=1.0, output_mean=250.0),
         slo_ttft_s={"deepseek-r1": 6.0, "qwen2.5-3b": 1.0, "qwen2.5-1.5b": 1.0},
         options=StrategyOptions(swap_groups={"deepseek-r1": "r1", "qwen2.5-3b": "small", "qwen2.5-1.5b": "small"},
@@ -154,7 +141,7 @@ def box(arrivals: str = "poisson", cv: float = 1.0) -> Scenario:
     return Scenario(
         name=f"box-{'gamma' if bursty else 'poisson'}",
         title=f"4 x 80 GiB, 16 models, Zipf 1.0, {'Gamma CV %g' % cv if bursty else 'Poisson'} arrivals",
-        hardware=hardware, models=freeze(models),
+        hardware=hardware, models=models,
         workload=Workload(rate=6.0, arrivals="gamma" if bursty else "poisson", cv=cv, zipf_s=1.0),
         slo_ttft_s={m.spec.name: 1.0 for m in models},
         options=StrategyOptions(swap_groups=_swap_groups(models, hardware), static_set=_static_set(models, hardware)),

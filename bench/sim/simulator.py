@@ -38,15 +38,16 @@ from .strategies import Strategy
 from .world import Hardware, Result, SimModel, baseline_leases, lease_sums
 from .workload import Trace
 
+
 class Lane:
     """One model's state in the simulation (the router's lane and the supervisor's record)."""
 
-    __slots__ = ("index", "model", "spec", "name", "state", "active", "waiting", "held", "drained_by", "slots",
-                 "last_used", "attempt", "loaded_once", "pending", "estimate", "rejected_at", "queued_at", "blockers",
+    __slots__ = ("model", "spec", "name", "state", "active", "waiting", "held", "drained_by", "slots",
+                 "last_used", "attempt", "loaded_once", "pending", "estimate", "steady_need", "rejected_at", "queued_at", "blockers",
                  "retry", "devices", "memory", "asked_at", "patience_timer")
 
-    def __init__(self, index: int, model: SimModel) -> None:
-        self.index, self.model, self.spec, self.name = index, model, model.spec, model.spec.name
+    def __init__(self, model: SimModel) -> None:
+        self.model, self.spec, self.name = model, model.spec, model.spec.name
         self.state = "unloaded"
         self.active = 0
         self.waiting: deque[int] = deque()  # request indices due to run, in arrival order
@@ -64,6 +65,7 @@ class Lane:
         self.asked_at = 0.0  # when the current load was first asked for
         self.patience_timer = False  # a retry is due when router.drain_after runs out
         self.estimate = baseline_leases(model)
+        self.steady_need = lease_sums(self.estimate)  # what a peak-unaware scheduler asks for
         self.devices = [gpu_id(i) for i in model.spec.placement.devices]
         self.memory = model.spec.profile()
 
@@ -74,8 +76,6 @@ class Lane:
     def view(self, held: dict[str, int]) -> ModelView:
         return ModelView(self.name, self.state, self.spec.priority, self.spec.pinned, self.in_flight,
                          self.last_used, held)
-
-
 
 
 def _now(coro) -> Any:
@@ -97,7 +97,7 @@ class Simulator:
                                 host=HostPool(headroom=hardware.host_headroom, simulated_total=hardware.host_total))
         self.probe = SimProbe(list(hardware.gpus), hardware.host_total)
         self.ledger = Ledger.in_memory(self.probe, devices, clock=lambda: self.now)
-        self.lanes = [Lane(i, m) for i, m in enumerate(models)]
+        self.lanes = [Lane(m) for m in models]
         self.by_name = {lane.name: lane for lane in self.lanes}
         self.gpu_total = {gpu_id(i): g.total for i, g in enumerate(hardware.gpus)}
         self.transient: dict[str, int] = dict.fromkeys(self.gpu_total, 0)  # peaks the ledger never saw
@@ -108,7 +108,6 @@ class Simulator:
         self._seq = 0
         self._pumping = self._again = False
         self._area_t, self._area_bytes, self._area_loaded = 0.0, 0.0, 0.0
-        self._leased_gpu, self._loaded = 0, 0
         self._leased_by_device: dict[str, int] = {}
         self._held: dict[str, dict[str, int]] = {}
         self._leases_version, self._clock_ticks = 0, 0  # what the cached budgets and snapshot were read at
@@ -152,8 +151,8 @@ class Simulator:
 
     def _finish_run(self, started: float) -> None:
         for lane in self.lanes:  # what still waits at the end was never served
-            self._fail(lane, lane.waiting, "timed_out")
-            self._fail(lane, lane.held, "timed_out")
+            self._fail(lane.waiting, "timed_out")
+            self._fail(lane.held, "timed_out")
         self._account()
         r = self.result
         r.sim_seconds = self.now
@@ -175,7 +174,6 @@ class Simulator:
 
     def _arrive(self, k: int, lane: Lane) -> None:
         if self.strategy.static is not None and lane.name not in self.strategy.static:
-            self.ttft[k] = np.nan
             self.result.refused += 1
             return
         if lane.drained_by:
@@ -216,7 +214,7 @@ class Simulator:
         while lane.waiting and lane.active < lane.slots and lane.state == "ready":
             self._start(lane.waiting.popleft(), lane)
 
-    def _fail(self, lane: Lane, requests: deque[int], why: str) -> None:
+    def _fail(self, requests: deque[int], why: str) -> None:
         count = len(requests)
         requests.clear()
         if why == "timed_out":
@@ -259,14 +257,11 @@ class Simulator:
         finally:
             self._pumping = False
 
-    def _devices(self, lane: Lane) -> list[str]:
-        return lane.devices
-
     def _is_locked(self, lane: Lane) -> bool:
-        return "*" in self.locked or any(d in self.locked for d in self._devices(lane))
+        return "*" in self.locked or any(d in self.locked for d in lane.devices)
 
     def _lock(self, lane: Lane, locking: bool) -> None:
-        keys = {"device": self._devices(lane), "global": ["*"]}.get(self.strategy.serial or "", [])
+        keys = {"device": lane.devices, "global": ["*"]}.get(self.strategy.serial or "", [])
         for key in keys:
             (self.locked.add if locking else self.locked.discard)(key)
 
@@ -306,12 +301,9 @@ class Simulator:
         if not lane.retry and lane.queued_at >= 0 and (lane.blockers or lane.queued_at == self.epoch):
             return  # waits for its blockers to idle (or, with none named, for any change)
         snapshot = self._snapshot()
-        spec = lane.spec
-        if self.strategy.peak_aware:
-            need = self._plan(lane).peak_need()  # as the supervisor's _decide
-        else:
-            need = {d: b for d, b in lease_sums(lane.estimate).items()}
-        request = AdmissionRequest(lane.name, need, spec.priority)
+        # lessor asks for the plan's worst moment, as the supervisor's _decide; the others for their estimate
+        need = self._plan(lane).peak_need() if self.strategy.peak_aware else lane.steady_need
+        request = AdmissionRequest(lane.name, need, lane.spec.priority)
         decision = self.strategy.policy(request, snapshot)
         if isinstance(decision, Rejected):
             lane.rejected_at = self.epoch
@@ -329,13 +321,12 @@ class Simulator:
         lane.pending = False
         self.pending.remove(lane)
         self._undrain(lane)
-        self._fail(lane, lane.waiting, "refused")
+        self._fail(lane.waiting, "refused")
 
     def _queue(self, loading: Lane, request: AdmissionRequest, snapshot: Snapshot) -> None:
         """The load waits for the models it would evict were they idle (asked again when one of
         them goes idle, or memory changes). lessor's router also drains them: no new work."""
-        idle = Snapshot(snapshot.devices, {n: _idle(m) for n, m in snapshot.models.items()}, snapshot.now_s)
-        decision = self.strategy.policy(request, idle)
+        decision = self.strategy.policy(request, snapshot.all_idle())
         loading.blockers = frozenset(decision.victims) if isinstance(decision, Evict) else frozenset()
         loading.queued_at, loading.retry = self.epoch, False
         if not self.strategy.drain:
@@ -372,7 +363,7 @@ class Simulator:
         what is free) although that estimate plus the load peak does not fit the card: an OOM
         that lessor's plan avoids (weights and peak first, the KV cache from what is left)."""
         memory = lane.memory
-        for device, need in lease_sums(lane.estimate).items():
+        for device, need in lane.steady_need.items():
             budget = budgets.get(device)
             if budget is None or device == "host":
                 continue
@@ -407,7 +398,7 @@ class Simulator:
             return
         memory = lane.memory
         if not self.strategy.peak_aware:
-            for device in self._devices(lane):
+            for device in lane.devices:
                 self.transient[device] += memory.load_peak
         gbps = self.hw.page_cache_gbps if lane.loaded_once else self.hw.disk_gbps
         lane.loaded_once = True
@@ -421,8 +412,8 @@ class Simulator:
         """The load's worst moment: the weights are in and the load peak is at its height."""
         memory = lane.memory
         if not self.strategy.peak_aware:
-            over = any(self._physical(d) > self.gpu_total[d] for d in self._devices(lane))
-            for device in self._devices(lane):
+            over = any(self._physical(d) > self.gpu_total[d] for d in lane.devices)
+            for device in lane.devices:
                 self.transient[device] -= memory.load_peak
             if over:
                 return self._crash(lane)
@@ -463,7 +454,7 @@ class Simulator:
         lane.state = "failed"
         self.epoch += 1
         self._lock(lane, False)
-        self._fail(lane, lane.waiting, "oom" if oom else "refused")
+        self._fail(lane.waiting, "oom" if oom else "refused")
         self._pump()
 
     def _unload(self, lane: Lane) -> None:
@@ -488,9 +479,10 @@ class Simulator:
         return released
 
     def _account(self) -> None:
+        """Integrate leased GPU bytes and loaded models over the time since the last change."""
         dt = self.now - self._area_t
-        self._area_bytes += dt * self._leased_gpu
-        self._area_loaded += dt * self._loaded
+        self._area_bytes += dt * sum(b for d, b in self._leased_by_device.items() if d != "host")
+        self._area_loaded += dt * len(self._held)
         self._area_t = self.now
 
     def _recount(self) -> None:
@@ -503,9 +495,3 @@ class Simulator:
             per = held.setdefault(lease.model, {})
             per[lease.device] = per.get(lease.device, 0) + lease.bytes
         self._leased_by_device, self._held = by_device, held
-        self._leased_gpu = sum(b for d, b in by_device.items() if d != "host")
-        self._loaded = len(held)
-
-
-def _idle(m: ModelView) -> ModelView:
-    return ModelView(m.name, m.state, m.priority, m.pinned, 0, m.last_used_s, m.held_bytes)
