@@ -21,7 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..engines.base import EngineAdapter, EngineHandle, GpuTarget, Grant, KvGrant
+from ..engines.base import EngineAdapter, EngineHandle, GpuTarget, KvGrant, Launch
 from ..engines.process import EngineProcess, describe_exit, free_port
 from ..policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot, shortfall
 from .config import LessorConfig, ModelSpec
@@ -195,9 +195,9 @@ class Supervisor:
                 raise LoadFailed(spec.name, step, granted.reason)
             step = "start engine"
             record.plan, record.attempt = first, attempt
-            grant = self._grant(record, spec, first.params, first.kv_tokens, spec.engine.port or free_port(), attempt)
-            record.handle = await adapter.start(grant)
-            await self._record_engine(record, grant.port, "loading")
+            launch = self._launch(record, spec, first.params, first.kv_tokens, spec.engine.port or free_port(), attempt)
+            record.handle = await adapter.start(launch)
+            await self._record_engine(record, launch.port, "loading")
             step = "wait for weights"
             await record.handle.wait_weights_loaded(self._timeouts.weights_s)
             if not first.one_phase:
@@ -210,7 +210,7 @@ class Supervisor:
                 await self._ledger.release_model(spec.name, "engine ready", kinds=[LeaseKind.LOAD_PEAK])
             step = "verify"
             await self._verify(spec, record.handle)
-            await self._record_engine(record, grant.port, "ready")
+            await self._record_engine(record, launch.port, "ready")
         except BaseException as exc:
             await self._roll_back(record, attempt, f"{step}: {exc}")
             if isinstance(exc, (LoadFailed, LedgerUnavailable)):
@@ -220,13 +220,13 @@ class Supervisor:
         record.last_used_s = self._clock()
         self._set_state(record, ModelState.READY)
 
-    def _grant(self, record: ModelRecord, spec: ModelSpec, params: Mapping[str, Any], kv_tokens: int, port: int,
-               attempt: str) -> Grant:
+    def _launch(self, record: ModelRecord, spec: ModelSpec, params: Mapping[str, Any], kv_tokens: int, port: int,
+               attempt: str) -> Launch:
         readings = self._ledger.snapshot().readings
         devices = [gpu_id(i) for i in spec.placement.devices]
         record.generation += 1
         generation = record.generation
-        return Grant(spec, params, kv_tokens,
+        return Launch(spec, params, kv_tokens,
                      tuple(GpuTarget(d, readings[d].index, readings[d].uuid, readings[d].total_bytes) for d in devices),
                      self.leased(spec.name), self._simulated, port,
                      self.log_path(spec.name), self._state_dir / "engines" / spec.name,
@@ -342,23 +342,23 @@ class Supervisor:
         reconciler releases the leases of everything not adopted."""
         record = self._models.get(engine.model)
         adapter = self._engines.get(record.spec.engine.kind) if record else None
-        grant = None
+        launch = None
         if record is not None and record.state == ModelState.UNLOADED:
             try:
-                grant = self._grant(record, record.spec, engine.params, engine.kv_tokens, engine.port, engine.attempt)
+                launch = self._launch(record, record.spec, engine.params, engine.kv_tokens, engine.port, engine.attempt)
             except KeyError:  # its device is no longer in the config
-                grant = None
+                launch = None
         process = EngineProcess.adopt(engine.pid, engine.identity, self.log_path(engine.model),
-                                      grant.on_exit if grant else None, engine.started_at)
+                                      launch.on_exit if launch else None, engine.started_at)
         if process is None:
             return "its engine is gone"
         why = ("its load had not finished" if engine.phase != "ready" else
                "the model is no longer configured" if record is None else
-               "its device is no longer configured" if grant is None else
+               "its device is no longer configured" if launch is None else
                f"no adapter for engine '{record.spec.engine.kind}'" if adapter is None else "")
         handle = None
         if not why:
-            handle = adapter.reattach(process, grant)
+            handle = adapter.reattach(process, launch)
             try:
                 await handle.wait_ready(min(self._timeouts.ready_s, 30.0))
             except (TimeoutError, RuntimeError, OSError) as exc:

@@ -1,6 +1,6 @@
-"""The one engine interface: a grant goes in, a running server comes out.
+"""The one engine interface: a launch goes in, a running server comes out.
 
-An adapter turns a `Grant` into a command line and environment (`command`), and `start` runs it
+An adapter turns a `Launch` into a command line and environment (`command`), and `start` runs it
 under `EngineProcess`, the supervision every engine shares. The handle it returns is what the
 supervisor drives through the load protocol. Two-phase engines (the built-in torch engine) load
 their weights, wait, then allocate exactly the KV cache lessor grants; one-phase engines size
@@ -47,7 +47,7 @@ class GpuTarget:
 
 
 @dataclass(frozen=True)
-class Grant:
+class Launch:
     """What the supervisor hands an adapter: the spec, the planned flags and where to run."""
 
     spec: Any  # ModelSpec (not imported: engines never import the daemon)
@@ -101,7 +101,7 @@ class EngineHandle(Protocol):
     process: EngineProcess
 
     async def wait_weights_loaded(self, timeout_s: float) -> None:
-        """Return once the weights are in; raise EngineExited or TimeoutError."""
+        """Return once the weights are in; raise ProcessEnded or TimeoutError."""
 
     async def allocate_kv(self, kv: KvGrant) -> None:
         """Allocate the KV cache lessor granted (one-phase engines did at start)."""
@@ -118,18 +118,18 @@ class EngineAdapter(Protocol):
     kind: str
     two_phase: bool
 
-    async def start(self, grant: Grant) -> EngineHandle: ...
+    async def start(self, launch: Launch) -> EngineHandle: ...
 
-    def reattach(self, process: EngineProcess, grant: Grant) -> EngineHandle:
-        """A handle for an engine a previous lessord started with this grant (adoption)."""
+    def reattach(self, process: EngineProcess, launch: Launch) -> EngineHandle:
+        """A handle for an engine a previous lessord started with this launch (adoption)."""
 
 
 class ProcessHandle:
     """A one-phase engine: ready (weights and KV cache in) when its health URL answers 200."""
 
-    def __init__(self, process: EngineProcess, grant: Grant, command: Command) -> None:
-        self.process, self.grant, self.base_url = process, grant, grant.base_url
-        self.health_url = grant.base_url + command.health_path
+    def __init__(self, process: EngineProcess, launch: Launch, command: Command) -> None:
+        self.process, self.launch, self.base_url = process, launch, launch.base_url
+        self.health_url = launch.base_url + command.health_path
         self.pid, self.identity, self.started_at = process.pid, process.identity, process.started_at
 
     async def wait_weights_loaded(self, timeout_s: float) -> None:
@@ -155,17 +155,17 @@ class ProcessAdapter:
     two_phase = False
     handle_class: type = ProcessHandle
 
-    def command(self, grant: Grant) -> Command:
+    def command(self, launch: Launch) -> Command:
         raise NotImplementedError
 
-    async def start(self, grant: Grant) -> EngineHandle:
-        command = self.command(grant)
-        env = engine_env({**grant.visible_devices(), **command.env, **grant.spec.engine.env, **grant.marker},
-                         grant.withhold_env)
-        argv = [*command.argv, *grant.spec.engine.extra_args]
-        grant.run_dir.mkdir(parents=True, exist_ok=True)
-        process = await EngineProcess.spawn(argv, env, grant.log_path, cwd=grant.run_dir, on_exit=grant.on_exit)
-        return self.handle_class(process, grant, command)
+    async def start(self, launch: Launch) -> EngineHandle:
+        command = self.command(launch)
+        env = engine_env({**launch.visible_devices(), **command.env, **launch.spec.engine.env, **launch.marker},
+                         launch.withhold_env)
+        argv = [*command.argv, *launch.spec.engine.extra_args]
+        launch.run_dir.mkdir(parents=True, exist_ok=True)
+        process = await EngineProcess.spawn(argv, env, launch.log_path, cwd=launch.run_dir, on_exit=launch.on_exit)
+        return self.handle_class(process, launch, command)
 
-    def reattach(self, process: EngineProcess, grant: Grant) -> EngineHandle:
-        return self.handle_class(process, grant, self.command(grant))
+    def reattach(self, process: EngineProcess, launch: Launch) -> EngineHandle:
+        return self.handle_class(process, launch, self.command(launch))

@@ -9,7 +9,7 @@ from typing import Literal
 import aiohttp
 from pydantic import Field
 
-from .base import Command, EngineArgsBase, Grant, KvGrant, ProcessAdapter, ProcessHandle
+from .base import Command, EngineArgsBase, Launch, KvGrant, ProcessAdapter, ProcessHandle
 
 
 class TorchEngineArgs(EngineArgsBase):
@@ -38,9 +38,9 @@ class TorchHandle(ProcessHandle):
             await self.process.wait_until(loaded, "loading its weights", timeout_s, interval_s=0.1)
 
     async def allocate_kv(self, kv: KvGrant) -> None:
-        device = self.grant.gpus[0].device
+        device = self.launch.gpus[0].device
         body = {"context_tokens": kv.params["context_tokens"], "max_batch_size": kv.params["max_batch_size"],
-                "memory_limit_bytes": None if self.grant.simulated else kv.leased_bytes.get(device)}
+                "memory_limit_bytes": None if self.launch.simulated else kv.leased_bytes.get(device)}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
             async with session.post(self.base_url + "/lessor/v1/kv", json=body) as response:
                 if response.status != 200:
@@ -50,7 +50,7 @@ class TorchHandle(ProcessHandle):
     async def measure(self) -> dict[str, int]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             state = await self._state(session)
-        return {self.grant.gpus[0].device: int(state["memory_reserved"])}
+        return {self.launch.gpus[0].device: int(state["memory_reserved"])}
 
 
 class TorchAdapter(ProcessAdapter):
@@ -58,14 +58,14 @@ class TorchAdapter(ProcessAdapter):
     two_phase = True
     handle_class = TorchHandle
 
-    def command(self, grant: Grant) -> Command:
-        engine = grant.spec.engine
+    def command(self, launch: Launch) -> Command:
+        engine = launch.spec.engine
         argv = [sys.executable, "-m", "lessor.engines.torch_server", "--model-path", engine.model_path,
-                "--served-model-name", grant.spec.name, "--host", grant.host, "--port", str(grant.port),
+                "--served-model-name", launch.spec.name, "--host", launch.host, "--port", str(launch.port),
                 "--dtype", engine.dtype, "--threads", str(engine.threads),
                 # CUDA_VISIBLE_DEVICES holds only this model's GPU, so it is always cuda:0 inside.
-                "--device", "cpu" if grant.simulated else "cuda:0"]
-        if not grant.simulated:
-            argv += ["--memory-limit-bytes", str(grant.leased_bytes[grant.gpus[0].device])]
+                "--device", "cpu" if launch.simulated else "cuda:0"]
+        if not launch.simulated:
+            argv += ["--memory-limit-bytes", str(launch.leased_bytes[launch.gpus[0].device])]
         return Command(argv, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"})

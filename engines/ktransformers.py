@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import Field, ValidationInfo, field_validator
 
-from .base import Command, EngineArgsBase, Grant, ProcessAdapter, absolute_path
+from .base import Command, EngineArgsBase, Launch, ProcessAdapter, absolute_path
 
 CUDA_PAGE_TOKENS = 256
 DEFAULT_CHUNK_TOKENS = 256  # attn.chunk_size of ktransformers' shipped config.yaml
@@ -135,11 +135,11 @@ class KTransformersAdapter(ProcessAdapter):
 
     kind = "ktransformers"
 
-    def command(self, grant: Grant) -> Command:
-        engine, p = grant.spec.engine, grant.params
-        home_env = write_engine_home(grant.run_dir / "home", p)
+    def command(self, launch: Launch) -> Command:
+        engine, p = launch.spec.engine, launch.params
+        home_env = write_engine_home(launch.run_dir / "home", p)
         argv = [*engine.command, "--model_path", engine.model_path, "--gguf_path", engine.gguf_path,
-                "--model_name", grant.spec.name, "--host", grant.host, "--port", str(grant.port),
+                "--model_name", launch.spec.name, "--host", launch.host, "--port", str(launch.port),
                 "--backend_type", engine.backend, "--cache_lens", str(p["cache_lens"]),
                 "--max_batch_size", str(p["max_batch_size"]), "--chunk_size", str(p["chunk_size"]),
                 "--max_new_tokens", str(p["max_new_tokens"])]

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import Command, EngineArgsBase, Grant, ProcessAdapter
+from .base import Command, EngineArgsBase, Launch, ProcessAdapter
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 # llama-cpp-python takes cache types as ggml_type numbers.
@@ -30,22 +30,22 @@ class LlamaCppEngineArgs(EngineArgsBase):
 class LlamaCppAdapter(ProcessAdapter):
     kind = "llamacpp"
 
-    def command(self, grant: Grant) -> Command:
-        engine, p = grant.spec.engine, grant.params
+    def command(self, launch: Launch) -> Command:
+        engine, p = launch.spec.engine, launch.params
         flash = engine.cache_type_v not in ("f32", "f16", "bf16")  # a quantized V cache needs it
-        ngl = 0 if grant.simulated else p["n_gpu_layers"]
+        ngl = 0 if launch.simulated else p["n_gpu_layers"]
         if engine.server == "llama-cpp-python":
             python = sys.executable if engine.binary == "llama-server" else engine.binary
-            argv = [python, "-m", "llama_cpp.server", "--model", engine.model_path, "--model_alias", grant.spec.name,
-                    "--host", grant.host, "--port", str(grant.port), "--n_ctx", str(p["ctx_size"]),
+            argv = [python, "-m", "llama_cpp.server", "--model", engine.model_path, "--model_alias", launch.spec.name,
+                    "--host", launch.host, "--port", str(launch.port), "--n_ctx", str(p["ctx_size"]),
                     "--n_gpu_layers", str(ngl), "--type_k", str(GGML_TYPE_IDS[p["cache_type_k"]]),
                     "--type_v", str(GGML_TYPE_IDS[p["cache_type_v"]])]
             argv += ["--flash_attn", "true"] if flash else []
             argv += ["--n_threads", str(engine.threads)] if engine.threads else []
             return Command(argv, {}, health_path="/v1/models")
         # -ngl -1 means all layers in recent llama-server; 999 says the same to older builds.
-        argv = [engine.binary, "-m", engine.model_path, "--alias", grant.spec.name, "--host", grant.host,
-                "--port", str(grant.port), "-c", str(p["ctx_size"]), "--parallel", str(p["parallel"]),
+        argv = [engine.binary, "-m", engine.model_path, "--alias", launch.spec.name, "--host", launch.host,
+                "--port", str(launch.port), "-c", str(p["ctx_size"]), "--parallel", str(p["parallel"]),
                 "-ngl", str(999 if ngl < 0 else ngl), "--cache-type-k", p["cache_type_k"],
                 "--cache-type-v", p["cache_type_v"]]
         argv += ["-fa", "on"] if flash else []

@@ -23,7 +23,7 @@ log = logging.getLogger("lessor.engines")
 SECRET_ENV = ("LESSOR_ADMIN_TOKEN",)
 
 
-class EngineExited(RuntimeError):
+class ProcessEnded(RuntimeError):
     """The engine's process ended while lessor was waiting on it."""
 
     def __init__(self, pid: int, returncode: int, doing: str, tail: Sequence[str]) -> None:
@@ -136,12 +136,12 @@ class EngineProcess:
     def tail(self, lines: int = 50) -> list[str]:
         return tail(self.log_path, lines)
 
-    def _exited_error(self, doing: str) -> EngineExited:
-        return EngineExited(self.pid, self.returncode if self.returncode is not None else -1, doing, self.tail(10))
+    def _exited_error(self, doing: str) -> ProcessEnded:
+        return ProcessEnded(self.pid, self.returncode if self.returncode is not None else -1, doing, self.tail(10))
 
     async def wait_until(self, check: Callable[[], "asyncio.Future[bool] | bool"], doing: str, timeout_s: float,
                          interval_s: float = 0.1) -> None:
-        """Poll `check` until true; raise EngineExited at once if the process ends, TimeoutError after `timeout_s`."""
+        """Poll `check` until true; raise ProcessEnded at once if the process ends, TimeoutError after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while True:
             if self.exited.is_set():

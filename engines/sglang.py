@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import Command, EngineArgsBase, Grant, ProcessAdapter
+from .base import Command, EngineArgsBase, Launch, ProcessAdapter
 
 
 class SGLangEngineArgs(EngineArgsBase):
@@ -22,12 +22,12 @@ class SGLangEngineArgs(EngineArgsBase):
 class SGLangAdapter(ProcessAdapter):
     kind = "sglang"
 
-    def command(self, grant: Grant) -> Command:
-        engine, p = grant.spec.engine, grant.params
-        argv = [*engine.command, "--model-path", engine.model_path, "--served-model-name", grant.spec.name,
-                "--host", grant.host, "--port", str(grant.port),
+    def command(self, launch: Launch) -> Command:
+        engine, p = launch.spec.engine, launch.params
+        argv = [*engine.command, "--model-path", engine.model_path, "--served-model-name", launch.spec.name,
+                "--host", launch.host, "--port", str(launch.port),
                 "--context-length", str(p["context_length"]), "--max-running-requests", str(p["max_running_requests"]),
                 "--max-total-tokens", str(p["max_total_tokens"]),
                 "--mem-fraction-static", f"{p['mem_fraction_static']:.3f}",
-                "--kv-cache-dtype", engine.kv_cache_dtype, "--tp-size", str(len(grant.gpus))]
+                "--kv-cache-dtype", engine.kv_cache_dtype, "--tp-size", str(len(launch.gpus))]
         return Command(argv, {"HF_HUB_OFFLINE": "1"}, health_path="/health")

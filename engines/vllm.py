@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import Command, EngineArgsBase, Grant, ProcessAdapter
+from .base import Command, EngineArgsBase, Launch, ProcessAdapter
 
 
 class VLLMEngineArgs(EngineArgsBase):
@@ -24,14 +24,14 @@ class VLLMEngineArgs(EngineArgsBase):
 class VLLMAdapter(ProcessAdapter):
     kind = "vllm"
 
-    def command(self, grant: Grant) -> Command:
-        engine, p = grant.spec.engine, grant.params
-        argv = [*engine.command, engine.model_path, "--served-model-name", grant.spec.name,
-                "--host", grant.host, "--port", str(grant.port),
+    def command(self, launch: Launch) -> Command:
+        engine, p = launch.spec.engine, launch.params
+        argv = [*engine.command, engine.model_path, "--served-model-name", launch.spec.name,
+                "--host", launch.host, "--port", str(launch.port),
                 "--max-model-len", str(p["max_model_len"]), "--max-num-seqs", str(p["max_num_seqs"]),
                 "--gpu-memory-utilization", f"{p['gpu_memory_utilization']:.3f}",
                 "--kv-cache-memory-bytes", str(p["kv_cache_memory_bytes"]),
                 "--kv-cache-dtype", engine.kv_cache_dtype, "--dtype", engine.dtype,
-                "--tensor-parallel-size", str(len(grant.gpus))]
+                "--tensor-parallel-size", str(len(launch.gpus))]
         # Offline: a local folder only, and no usage report leaving the box.
         return Command(argv, {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}, health_path="/health")

@@ -143,12 +143,12 @@ class FakeAdapter:
         self.seen: list = []
         self.handles: list[FakeHandle] = []
         self.measured: dict[str, int] = {}
-        self.grants: list = []
+        self.launches: list = []
         self.base_url: str | None = None  # where handles say they serve (a stand-in upstream in router tests)
 
-    async def start(self, grant):
-        spec, params, kv_tokens = grant.spec, grant.params, grant.kv_tokens
-        self.grants.append(grant)
+    async def start(self, launch):
+        spec, params, kv_tokens = launch.spec, launch.params, launch.kv_tokens
+        self.launches.append(launch)
         if self.fail_at == "start":
             raise FileNotFoundError(f"{spec.engine.model_path}: no such model folder")
         handle = FakeHandle(self, spec, params, kv_tokens, pid=900000 + len(self.handles))

@@ -13,7 +13,7 @@ import yaml
 
 from lessor.daemon.errors import LoadFailed
 from lessor.daemon.service import runtime
-from lessor.engines.process import EngineExited, EngineProcess, process_identity
+from lessor.engines.process import ProcessEnded, EngineProcess, process_identity
 
 from .conftest import ROOT, sim_config
 
@@ -169,7 +169,7 @@ async def test_an_exit_is_seen_at_once(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     await asyncio.wait_for(seen.wait(), 1)
     assert exits[0][0] == -signal.SIGKILL and exits[0][1] - killed < 1
-    with pytest.raises(EngineExited, match="signal SIGKILL"):
+    with pytest.raises(ProcessEnded, match="signal SIGKILL"):
         await proc.wait_until(lambda: False, "loading", 5)
     await proc.stop(1)
     assert len(exits) == 1

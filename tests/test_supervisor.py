@@ -137,7 +137,7 @@ async def test_unload_releases_every_lease_and_stops_the_engine(env):
 
 
 async def crash(controller, adapter, events, name):
-    adapter.grants[-1].on_exit(-9)
+    adapter.launches[-1].on_exit(-9)
     while True:
         event = await asyncio.wait_for(events.get(), 2)
         if event.type == "engine_exited" and event.model == name:
@@ -171,7 +171,7 @@ async def test_restarts_back_off_then_give_up(env):
 async def test_an_exit_report_from_an_older_engine_is_ignored(env):
     controller, adapter, events = await env([torch_model("a")])
     await controller.load("a")
-    old = adapter.grants[-1]
+    old = adapter.launches[-1]
     await controller.unload("a")
     await controller.load("a")
     old.on_exit(-9)
