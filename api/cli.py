@@ -160,7 +160,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 async def _local_plan(config: LessorConfig, model: str, overrides: dict[str, Any], sim: bool) -> dict[str, Any]:
-    from ..daemon.service import runtime
+    from ..daemon.runtime import runtime
 
     async with runtime(config, force_sim=sim, engines={}, reconcile=False) as controller:
         return controller.plan(model, overrides)

@@ -132,7 +132,9 @@ class PlanSettings(Strict):
 class RestartPolicy(Strict):
     policy: Literal["never", "on-failure"] = Field(default="on-failure", description="Restart an engine that exits on its own (a crash), or leave the model failed.")
     max_restarts: int = Field(default=3, ge=0, le=100, description="Consecutive failed restarts before giving up; the model then stays failed until loaded again.")
-    backoff: Duration = Field(default=2.0, description="Wait before the first restart, doubled after each failure (at most 5 min).")
+    backoff: Duration = Field(default=2.0, description="Wait before the first restart, doubled after each failure (at most max_backoff_s).")
+    max_backoff_s: Duration = Field(default=300.0, gt=0, le=86400, description="Longest wait between two restarts.")
+    window_s: Duration = Field(default=600.0, gt=0, le=86400, description="Crashes further apart than this do not count toward max_restarts.")
 
 
 class ModelSpec(Strict):
@@ -299,6 +301,8 @@ class TimeoutsConfig(Strict):
     weights: Duration = Field(default=600.0, gt=0, description="Longest an engine may take to load its weights before the load is rolled back.")
     ready: Duration = Field(default=120.0, gt=0, description="Longest an engine may take from its KV grant (or, one-phase, from start) to answer its health check.")
     stop_grace: Duration = Field(default=15.0, ge=0, le=3600, description="After SIGTERM, how long an engine may take to exit before its process group gets SIGKILL.")
+    adopt_s: Duration = Field(default=30.0, gt=0, le=3600, description="After a restart, how long an engine that still runs may take to answer its health check before it is stopped instead of adopted.")
+    stray_grace_s: Duration = Field(default=5.0, ge=0, le=3600, description="After a restart, how long an engine found running but never recorded may take to exit after SIGTERM before SIGKILL.")
 
 
 class ReconcilerConfig(Strict):

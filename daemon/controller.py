@@ -10,17 +10,23 @@ from .config import LessorConfig
 from .devices import Probe, SimProbe
 from .errors import InvalidRequest, NoEngineLog
 from .events import EventBus, ForeignUsageChanged
+from .holder import ConfigHolder
 from .ledger import LeaseKind, Ledger
-from ..policies import POLICIES
-from .supervisor import ConfigChange, Supervisor
+from .lifecycle import ConfigChange
+from .supervisor import Supervisor
 
 
 class Controller:
-    def __init__(self, config: LessorConfig, probe: Probe, ledger: Ledger, supervisor: Supervisor, bus: EventBus) -> None:
-        self.config, self.probe, self.ledger, self.supervisor, self.bus = config, probe, ledger, supervisor, bus
+    def __init__(self, config: ConfigHolder, probe: Probe, ledger: Ledger, supervisor: Supervisor, bus: EventBus) -> None:
+        self._holder, self.probe, self.ledger, self.supervisor, self.bus = config, probe, ledger, supervisor, bus
         self.mqtt = None  # the MQTT publisher, when configured (metrics read its counters)
         self.router = None  # the router, once lessord serves it (metrics read its counters)
         self.reconciler = None  # the reconciler (metrics read its counters)
+
+    @property
+    def config(self) -> LessorConfig:
+        """The config in force (swapped in one step on reload)."""
+        return self._holder.current
 
     def devices(self) -> list[dict[str, Any]]:
         snapshot = self.ledger.snapshot()
@@ -67,10 +73,10 @@ class Controller:
         return {"name": spec.name, "aliases": list(spec.aliases), "engine": spec.engine.kind,
                 "state": record.state.value, "priority": spec.priority, "pinned": spec.pinned,
                 "keep_alive_s": spec.keep_alive, "devices": [f"gpu{i}" for i in spec.placement.devices],
-                "leased_bytes": leased, "in_flight": record.in_flight, "error": record.error or None,
+                "leased_bytes": leased, "in_flight": self.supervisor.in_flight(spec.name), "error": record.error or None,
                 "params": dict(record.plan.params) if record.plan else None,
                 "endpoint": record.handle.base_url if record.handle else None,
-                "pid": record.handle.pid if record.handle else None, "restarts": len(record.restart_times),
+                "pid": record.handle.pid if record.handle else None, "restarts": self.supervisor.restarts(spec.name),
                 "overrun": record.overrun}
 
     def log_tail(self, name: str, lines: int) -> str:
@@ -114,9 +120,8 @@ class Controller:
         if restart_only:
             raise InvalidRequest(restart_only[0], f"changed fields need a restart ({', '.join(restart_only)}); "
                                                   "reload refused, the running config is kept")
-        change = await self.supervisor.apply_config(config, POLICIES[config.policy.name])
+        change = await self.supervisor.apply_config(config)
         self.ledger.set_devices(config.devices)
-        self.config = config
         return change
 
     def status(self) -> dict[str, Any]:

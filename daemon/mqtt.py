@@ -50,6 +50,12 @@ class MqttPublisher:
             identifier=self._config.client_id or f"lessord-{socket.gethostname()}", tls_context=tls,
             will=aiomqtt.Will(f"{self._prefix}/status", b"offline", qos=1, retain=True), timeout=10)
 
+
+    @property
+    def pending(self) -> int:
+        """Events buffered for the broker (at most mqtt.buffer_size)."""
+        return len(self._pending)
+
     async def run(self) -> None:
         pump = asyncio.ensure_future(self._pump())
         backoff = 1.0

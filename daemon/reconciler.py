@@ -26,13 +26,11 @@ from .devices import gpu_id
 from .errors import LessorError
 from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun
 from .ledger import LeaseKind, Ledger
-from .supervisor import ModelState, Supervisor, over_leases
+from .lifecycle import ModelState, over_leases
+from .supervisor import Supervisor
 from .units import format_bytes
 
 log = logging.getLogger("lessor.reconciler")
-
-FOREIGN = "(processes lessor does not manage)"
-
 
 @dataclass
 class StartReport:
@@ -46,11 +44,10 @@ async def reconcile_at_start(ledger: Ledger, supervisor: Supervisor, state_dir: 
                              publish: Callable[[Event], None]) -> StartReport:
     report = StartReport()
     for model, engine in sorted(ledger.engines().items()):
-        outcome = await supervisor.adopt(engine)
-        adopted = outcome.startswith("adopted")
-        (report.adopted if adopted else report.stopped).append(model)
-        publish(EngineAdopted(model, engine.pid, adopted, outcome))
-        log.warning("after restart: model %s: %s", model, outcome)
+        adoption = await supervisor.adopt(engine)
+        (report.adopted if adoption.adopted else report.stopped).append(model)
+        publish(EngineAdopted(model, engine.pid, adoption.adopted, adoption.describe()))
+        log.warning("after restart: model %s: %s", model, adoption.describe())
     keep = {r.spec.name: r.attempt for r in supervisor.records() if r.state == ModelState.READY}
     for model in set(ledger.engines()) - set(keep):
         await ledger.forget_engine(model)
@@ -61,7 +58,7 @@ async def reconcile_at_start(ledger: Ledger, supervisor: Supervisor, state_dir: 
     peaks = [lease.id for lease in ledger.leases() if lease.kind == LeaseKind.LOAD_PEAK]
     report.released += len(await ledger.release(peaks, "load finished before the restart")) if peaks else 0
     adopted_attempts = set(keep.values())
-    report.strays = await stop_strays(state_dir, adopted_attempts, grace_s=5.0)
+    report.strays = await stop_strays(state_dir, adopted_attempts, grace_s=supervisor.timeouts.stray_grace_s)
     return report
 
 
@@ -138,7 +135,7 @@ class Reconciler:
         except Exception as exc:  # a busy or dying engine: a missed measurement, the probe still counts
             log.info("model %s: engine did not report its usage: %s", record.spec.name, exc)
             reported = {}
-        return self._supervisor.usage(record.handle, reported)
+        return self._supervisor.meter.observe(record.handle.pid, reported)
 
     async def _check_engine(self, record) -> None:
         name = record.spec.name
@@ -152,22 +149,22 @@ class Reconciler:
             self._over_checks.pop(name, None)
             if record.overrun is not None:
                 device = record.overrun["device"]
-                record.overrun = None
+                self._supervisor.report_overrun(name, None)
                 self._publish(LeaseOverrun(name, device, used.get(device, 0), leased.get(device, 0), False, "cleared"))
             return
         self._over_checks[name] = self._over_checks.get(name, 0) + 1
         if self._over_checks[name] < self._config.overrun_checks or record.overrun is not None:
             return
         device, bytes_used = max(over.items(), key=lambda kv: kv[1] - leased.get(kv[0], 0))
-        record.overrun = {"device": device, "used_bytes": bytes_used, "leased_bytes": leased.get(device, 0)}
+        self._supervisor.report_overrun(name, {"device": device, "used_bytes": bytes_used,
+                                               "leased_bytes": leased.get(device, 0)})
         reason = (f"engine uses {format_bytes(bytes_used)} on {device}, its leases are "
                   f"{format_bytes(leased.get(device, 0))}; raise its memory figures or lower its cache")
         action = "stopped" if self._config.on_overrun == "stop" else "reported"
         log.warning("model %s over its leases (%s): %s", name, action, reason)
         self._publish(LeaseOverrun(name, device, bytes_used, leased.get(device, 0), True, action))
         if action == "stopped":
-            await self._supervisor.unload(name, reason=f"overrun: {reason}")
-            record.error = f"stopped for an overrun: {reason}"
+            await self._supervisor.stop_for_overrun(name, reason)
 
     async def _give_back(self) -> None:
         snapshot = self._supervisor.policy_snapshot()
@@ -175,8 +172,7 @@ class Reconciler:
             if budget.free_bytes >= 0:
                 self._overcommitted.discard(device)
                 continue
-            request = AdmissionRequest(FOREIGN, {device: 1}, priority=1 << 30)
-            decision = self._supervisor.policy(request, snapshot)
+            decision = self._supervisor.policy(AdmissionRequest.give_back(device, -budget.free_bytes), snapshot)
             victims = decision.victims if isinstance(decision, Evict) else ()
             if not victims and device in self._overcommitted:
                 continue  # said once already; nothing new to do
@@ -186,11 +182,9 @@ class Reconciler:
             log.warning("%s: foreign usage grew %s past the free memory; evicting %s", device,
                         format_bytes(-budget.free_bytes), ", ".join(victims) or "nothing (no idle model may go)")
             for victim in victims:
-                if self._supervisor.resolve(victim).in_flight:  # a request started since the snapshot
-                    continue
-                try:
-                    await self._supervisor.unload(victim, reason=f"foreign usage grew on {device}")
-                except LessorError as exc:  # it got busy meanwhile: the next check tries again
+                try:  # one that took a request since the snapshot stays; the next check looks again
+                    await self._supervisor.evict(victim, reason=f"foreign usage grew on {device}")
+                except LessorError as exc:  # gone in a reload meanwhile
                     log.info("could not evict %s: %s", victim, exc)
             if victims:
                 return  # the snapshot is stale now; the next check looks again

@@ -8,7 +8,7 @@ of it and `max_concurrency` allows; otherwise it waits (at most `router.max_queu
 supervisor to load (the policy admits, evicting idle models).
 
 No starvation, little swap ping-pong: when the policy says a load must wait for busy models
-(ModelsBusy), the load first waits `router.drain_after` seconds for them to go idle by
+(MustWait), the load first waits `router.drain_after` seconds for them to go idle by
 themselves. If they are still busy then, they are *drained*: requests that reach them from now
 on wait, while the ones already running or waiting finish. Once drained they are idle, the load
 evicts them, and the waiting requests of the loaded model are served together. The drained
@@ -31,9 +31,10 @@ from collections import deque
 from typing import Callable
 
 from .config import RouterConfig
-from .errors import InvariantBroken, LessorError, ModelBusy, ModelsBusy, QueueFull, WaitTimedOut
+from .errors import InvariantBroken, LessorError, ModelBusy, QueueFull, WaitTimedOut
 from .events import ConfigReloaded, Event, ModelStateChanged
-from .supervisor import ModelRecord, ModelState, Supervisor
+from .lifecycle import ModelRecord, ModelState
+from .supervisor import MustWait, Supervisor
 
 log = logging.getLogger("lessor.routing")
 
@@ -52,10 +53,16 @@ class Lane:
         self.drain_from = NEVER
         self.loader: asyncio.Task | None = None
         self.failure: tuple[int, LessorError] | None = None  # tickets below the first failed a load
+        self.last_used_s = 0.0  # when its last request ended (or started, while one runs)
 
     @property
     def name(self) -> str:
         return self.record.spec.name
+
+    @property
+    def in_flight(self) -> int:
+        """Requests running or due to run: what makes the model busy in the policy's eyes."""
+        return self.active + self.eligible_waiting()
 
     def eligible_waiting(self) -> int:
         if self.drain_from is NEVER:
@@ -104,9 +111,15 @@ class Router:
         self._pulse.set()
         self._pulse = asyncio.Event()
 
-    def _sync(self, lane: Lane) -> None:
-        """What the policy sees: a model with requests running or due to run is busy."""
-        lane.record.in_flight = lane.active + lane.eligible_waiting()
+    # -- what the supervisor reads (lifecycle.Traffic) ----------------------------------------
+
+    def in_flight(self, model: str) -> int:
+        lane = self._lanes.get(model)
+        return lane.in_flight if lane is not None else 0
+
+    def last_used_s(self, model: str) -> float:
+        lane = self._lanes.get(model)
+        return lane.last_used_s if lane is not None else 0.0
 
     # -- a request's turn --------------------------------------------------------------------
 
@@ -120,14 +133,12 @@ class Router:
 
     def _begin(self, lane: Lane) -> str:
         lane.active += 1
-        lane.record.in_flight += 1
-        lane.record.last_used_s = self._clock()
+        lane.last_used_s = self._clock()
         return lane.record.handle.base_url
 
     def finish(self, lane: Lane) -> None:
         lane.active -= 1
-        lane.record.in_flight -= 1
-        lane.record.last_used_s = self._clock()  # idle time (keep_alive, LRU) counts from the end of the request
+        lane.last_used_s = self._clock()  # idle time (keep_alive, LRU) counts from the end of the request
         if lane.waiting or self._loaders:  # someone may start, or a load may stop waiting for idle models
             self._wake()
 
@@ -138,7 +149,6 @@ class Router:
         ticket = lane.next_ticket
         lane.next_ticket += 1
         lane.waiting.append(ticket)
-        self._sync(lane)
         deadline = self._clock() + self._config.wait_timeout
         try:
             while True:
@@ -159,7 +169,6 @@ class Router:
         finally:
             if ticket in lane.waiting:
                 lane.waiting.remove(ticket)
-                self._sync(lane)
                 self._wake()
 
     def _start_waiting(self, lane: Lane, ticket: int) -> str | None:
@@ -167,8 +176,7 @@ class Router:
         if (record.state is not ModelState.READY or record.handle is None or ticket >= lane.drain_from
                 or not lane.has_room()):
             return None
-        lane.waiting.remove(ticket)
-        self._sync(lane)  # a waiting request was counted as due: it becomes a running one
+        lane.waiting.remove(ticket)  # a waiting request was counted as due: it becomes a running one
         return self._begin(lane)
 
     def _waiting_for(self, lane: Lane) -> str:
@@ -197,12 +205,12 @@ class Router:
                     await pulse.wait()  # someone else's load or unload: see how it ends
                     continue
                 try:
-                    await self._supervisor.load(lane.name)
-                except ModelsBusy as exc:
-                    patience = drain_at - self._clock()
-                    if patience <= 0:
-                        self._drain(lane, exc.blockers)
-                    await self._until_idle(exc.blockers, patience if patience > 0 else None)
+                    outcome = await self._supervisor.try_load(lane.name)
+                    if isinstance(outcome, MustWait):
+                        patience = drain_at - self._clock()
+                        if patience <= 0:
+                            self._drain(lane, outcome.blockers)
+                        await self._until_idle(outcome.blockers, patience if patience > 0 else None)
                 except ModelBusy:
                     await pulse.wait()
                 except LessorError as exc:
@@ -222,7 +230,7 @@ class Router:
         """Wait until every blocker has nothing running or due, or `at_most` seconds (then the
         load is retried); without named blockers, retry at each change, at least every second."""
         def idle() -> bool:
-            return all(self.lane(b).record.in_flight == 0 for b in blockers)
+            return all(self.lane(b).in_flight == 0 for b in blockers)
 
         give_up = None if at_most is None else self._clock() + at_most
         while True:
@@ -240,13 +248,11 @@ class Router:
             lane = self.lane(name)
             lane.drains.setdefault(loading.name, lane.next_ticket)
             lane.drain_from = min(lane.drains.values())
-            self._sync(lane)
 
     def _undrain(self, loading: Lane) -> None:
         for lane in self._lanes.values():
             if lane.drains.pop(loading.name, None) is not None:
                 lane.drain_from = min(lane.drains.values(), default=NEVER)
-                self._sync(lane)
 
     # -- idle unload -------------------------------------------------------------------------
 
@@ -258,8 +264,8 @@ class Router:
             spec = record.spec
             lane = self._lanes.get(spec.name)
             if (record.state is ModelState.READY and not spec.pinned and spec.keep_alive >= 0
-                    and record.in_flight == 0 and not (lane and lane.waiting)
-                    and now - record.last_used_s >= spec.keep_alive):
+                    and self.in_flight(spec.name) == 0 and not (lane and lane.waiting)
+                    and now - self._supervisor.last_used_s(record) >= spec.keep_alive):
                 out.append(spec.name)
         return out
 
@@ -268,8 +274,8 @@ class Router:
         for name in self.idle_expired():
             try:
                 keep_alive = self._supervisor.resolve(name).spec.keep_alive
-                await self._supervisor.unload(name, reason=f"idle for {keep_alive:g} s (keep_alive)")
-                unloaded.append(name)
+                if await self._supervisor.evict(name, reason=f"idle for {keep_alive:g} s (keep_alive)"):
+                    unloaded.append(name)
             except LessorError as exc:  # mid-transition, or gone in a reload: next round
                 log.info("keep_alive unload of %s skipped: %s", name, exc)
         return unloaded

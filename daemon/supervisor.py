@@ -1,12 +1,12 @@
-"""The supervisor: owns each model's lifecycle and runs the load protocol.
+"""The supervisor: owns each model's lifecycle (the one writer of its `ModelRecord`) and runs the
+load protocol.
 
 1. plan from today's budgets; 2. admit through the policy (evictions happen here and only
-here); 3. grant weights + load_peak and start the engine; 4. release load_peak, re-plan the KV
-cache from what is really left, grant it; 5. verify, then ready. Loads that share a device are
-serialized so two load peaks never overlap. Any failure releases every lease of the attempt.
-One-phase engines (their KV size is a start flag) get every lease at step 3 and release the load
-peak once ready. An engine that exits on its own has its leases released the moment its process
-is reaped; the model's restart policy decides what comes next.
+here); 3-5. the attempt (daemon/loading.py): weights + load_peak, the engine, the KV cache from
+what is really left, verify. Loads that share a device are serialized so two load peaks never
+overlap. An engine that exits on its own has its leases released the moment its process is
+reaped; the model's restart policy (daemon/restarts.py) decides what comes next. Adoption after a
+restart is daemon/adoption.py.
 """
 
 from __future__ import annotations
@@ -14,104 +14,102 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..engines.base import EngineAdapter, EngineHandle, GpuTarget, KvGrant, Launch
-from ..engines.process import EngineProcess, describe_exit, free_port
-from ..policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot, shortfall
-from .config import LessorConfig, ModelSpec
+from ..engines.base import EngineAdapter, GpuTarget, Launch
+from ..engines.process import describe_exit
+from ..policies import POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot, shortfall
+from .adoption import Adoption, adopt
+from .config import ModelSpec
 from .devices import Probe, SimProbe, gpu_id
-from .errors import EngineUnavailable, LedgerUnavailable, LoadFailed, ModelBusy, ModelsBusy, NotEnoughMemory, PlanRejected, UnknownModel
+from .errors import EngineUnavailable, LedgerUnavailable, ModelBusy, ModelsBusy, NotEnoughMemory, PlanRejected, UnknownModel
 from .events import AdmissionDecided, EngineExited, Event, ModelStateChanged
-from .units import MiB, format_bytes
-from .ledger import EngineRecord, Granted, LeaseKind, Ledger
-from .planner import Plan, plan, plan_kv, with_overrides
+from .holder import ConfigHolder
+from .ledger import EngineRecord, LeaseKind, Ledger
+from .lifecycle import ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic
+from .loading import LoadAttempt, leased_by, worst_shortfall
+from .planner import Plan, plan, with_overrides
+from .restarts import Restarts
+from .usage import UsageMeter
 
 log = logging.getLogger("lessor.supervisor")
 
 
-class ModelState(str, Enum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    READY = "ready"
-    UNLOADING = "unloading"
-    FAILED = "failed"
-
-
-@dataclass
-class ModelRecord:
-    spec: ModelSpec
-    state: ModelState = ModelState.UNLOADED
-    last_used_s: float = 0.0
-    in_flight: int = 0
-    error: str = ""
-    plan: Plan | None = None
-    handle: EngineHandle | None = field(default=None, repr=False)
-    attempt: str = ""  # the load attempt whose leases the running engine holds
-    overrun: dict[str, Any] | None = None  # set by the reconciler while the engine uses more than its leases
-    generation: int = 0  # engine starts so far: an exit report from an older start is ignored
-    restart_times: list[float] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
-class Timeouts:
-    weights_s: float = 600.0
-    ready_s: float = 120.0
-    stop_grace_s: float = 15.0
+class MustWait:
+    """The load would fit once busy models finish their requests: the policy queued it.
+    `blockers` are the models whose eviction would make room (the router drains them)."""
 
+    error: ModelsBusy
 
-RESTART_WINDOW_S = 600.0  # crashes further apart than this do not count toward restart.max_restarts
-
-
-def verify_tolerance(leased_bytes: int) -> int:
-    """How far above its leases an engine may measure (step 5, and the reconciler after): allocator
-    rounding and the CUDA context's growth, not a second KV cache."""
-    return max(128 * MiB, leased_bytes // 20)
-
-
-def over_leases(used_bytes: int, leased_bytes: int) -> bool:
-    return used_bytes > leased_bytes + verify_tolerance(leased_bytes)
+    @property
+    def blockers(self) -> tuple[str, ...]:
+        return self.error.blockers
 
 
 class Supervisor:
-    def __init__(self, config: LessorConfig, ledger: Ledger, policy: Policy, engines: Mapping[str, EngineAdapter],
+    def __init__(self, config: ConfigHolder, ledger: Ledger, engines: Mapping[str, EngineAdapter],
                  publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
                  timeouts: Timeouts = Timeouts(), probe: Probe | None = None) -> None:
-        self._ledger, self._policy, self._engines = ledger, policy, engines
-        self._probe = probe
+        self._config, self._ledger, self._engines = config, ledger, engines
         self._simulated = probe is None or isinstance(probe, SimProbe)
-        self._state_dir = Path(config.state_dir).absolute()
-        self._tasks: set[asyncio.Task] = set()
+        self.meter = UsageMeter(probe, lambda: self._ledger.snapshot().readings)
+        self._state_dir = Path(config.current.state_dir).absolute()
         self._publish, self._clock, self._timeouts = publish, clock, timeouts
-        self._models = {spec.name: ModelRecord(spec) for spec in config.models}
-        self._config = config
+        self._models = {spec.name: ModelRecord(spec) for spec in config.current.models}
         self._device_locks: dict[str, asyncio.Lock] = {}
+        self._traffic: Traffic = NoTraffic()
+        self._restarts = Restarts(clock, self.load)
 
     # -- reads -------------------------------------------------------------------------------
 
     @property
     def clock(self) -> Callable[[], float]:
-        """The clock of last-use times (the router touches them, policies compare them)."""
+        """The clock of last-use times (the router stamps them, policies compare them)."""
         return self._clock
 
     @property
     def policy(self) -> Policy:
-        """The admission policy in force (a reload may change it)."""
-        return self._policy
+        """The admission policy of the config in force."""
+        return POLICIES[self._config.current.policy.name]
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._timeouts
+
+    def attach_traffic(self, traffic: Traffic) -> None:
+        """The router's counters: a model with requests running or due is never idle."""
+        self._traffic = traffic
+
+    def in_flight(self, name: str) -> int:
+        return self._traffic.in_flight(name)
+
+    def last_used_s(self, record: ModelRecord) -> float:
+        """Its last request's end, or when it became ready if it has served none since."""
+        return max(record.ready_at_s, self._traffic.last_used_s(record.spec.name))
+
+    def restarts(self, name: str) -> int:
+        return self._restarts.count(name)
 
     def resolve(self, name: str) -> ModelRecord:
-        spec = self._config.model(name)
+        config = self._config.current
+        spec = config.model(name)
         if spec is None:
-            raise UnknownModel(name, [n for s in self._config.models for n in (s.name, *s.aliases)])
+            raise UnknownModel(name, [n for s in config.models for n in (s.name, *s.aliases)])
         return self._models[spec.name]
 
     def records(self) -> list[ModelRecord]:
         return list(self._models.values())
+
+    def leased(self, model: str) -> dict[str, int]:
+        """Bytes the model holds, per device."""
+        return leased_by(self._ledger, model)
+
+    def log_path(self, model: str) -> Path:
+        return self._state_dir / "logs" / f"{model}.log"
 
     def policy_snapshot(self) -> Snapshot:
         ledger = self._ledger.snapshot()
@@ -119,8 +117,9 @@ class Supervisor:
         for lease in ledger.leases:
             per_model = held.setdefault(lease.model, {})
             per_model[lease.device] = per_model.get(lease.device, 0) + lease.bytes
-        models = {r.spec.name: ModelView(r.spec.name, r.state.value, r.spec.priority, r.spec.pinned, r.in_flight,
-                                         r.last_used_s, held.get(r.spec.name, {})) for r in self._models.values()}
+        models = {r.spec.name: ModelView(r.spec.name, r.state.value, r.spec.priority, r.spec.pinned,
+                                         self.in_flight(r.spec.name), self.last_used_s(r),
+                                         held.get(r.spec.name, {})) for r in self._models.values()}
         return Snapshot(ledger.budgets, models, self._clock())
 
     def dry_run(self, name: str, overrides: Mapping[str, Any] | None = None) -> Plan:
@@ -133,8 +132,7 @@ class Supervisor:
         snapshot = self.policy_snapshot()
         first, decision = self._decide(spec, snapshot)
         if isinstance(decision, Evict):
-            freed = _freed_by(snapshot, decision.victims)
-            result = plan(spec, snapshot.devices, freed)
+            result = plan(spec, snapshot.devices, _freed_by(snapshot, decision.victims))
             return Plan(**{**result.__dict__, "evictions": decision.victims})
         if isinstance(decision, (Rejected, Queue)) and first.fits:
             return Plan(**{**first.__dict__, "fits": False, "reasons": (decision.reason,)})
@@ -143,7 +141,7 @@ class Supervisor:
     def _decide(self, spec: ModelSpec, snapshot: Snapshot) -> tuple[Plan, Decision]:
         """The plan against today's budgets, and the policy's answer for its worst moment."""
         first = plan(spec, snapshot.devices)
-        return first, self._policy(AdmissionRequest(spec.name, first.peak_need(), spec.priority), snapshot)
+        return first, self.policy(AdmissionRequest(spec.name, first.peak_need(), spec.priority), snapshot)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -153,6 +151,14 @@ class Supervisor:
             self._publish(ModelStateChanged(record.spec.name, state.value, previous.value, reason))
 
     async def load(self, name: str, overrides: Mapping[str, Any] | None = None) -> ModelRecord:
+        """An explicit load: a load that must wait for busy models is refused (ModelsBusy)."""
+        outcome = await self.try_load(name, overrides)
+        if isinstance(outcome, MustWait):
+            raise outcome.error
+        return outcome
+
+    async def try_load(self, name: str, overrides: Mapping[str, Any] | None = None) -> ModelRecord | MustWait:
+        """Load now, or say which busy models the load waits for (the router's on-demand loads)."""
         record = self.resolve(name)
         if record.state == ModelState.READY:
             return record
@@ -163,130 +169,52 @@ class Supervisor:
         if adapter is None:
             raise EngineUnavailable(spec.name, spec.engine.kind, "no adapter for this engine in this build")
         self._set_state(record, ModelState.LOADING)
-        devices = sorted(gpu_id(i) for i in spec.placement.devices)
         try:
             async with AsyncExitStack() as stack:
-                for device in devices:  # sorted: two loads never wait on each other's locks in a cycle
+                for device in sorted(gpu_id(i) for i in spec.placement.devices):  # sorted: no lock cycles
                     await stack.enter_async_context(self._device_locks.setdefault(device, asyncio.Lock()))
-                await self._load_locked(record, spec, adapter)
+                waits = await self._admit(spec)
+                if waits is not None:  # nothing was granted: it stays unloaded, and says why
+                    self._fail(record, ModelState.UNLOADED, waits.error.message())
+                    return waits
+                loaded = await LoadAttempt(spec, adapter, self._ledger, self.meter, self._timeouts,
+                                           lambda params, kv, port, attempt: self._launch(record, spec, params, kv,
+                                                                                         port, attempt)).run()
         except (NotEnoughMemory, LedgerUnavailable) as exc:  # nothing is held: still unloaded, not failed
-            record.error = str(exc)
-            self._set_state(record, ModelState.UNLOADED, record.error)
+            self._fail(record, ModelState.UNLOADED, str(exc))
             raise
-        except BaseException as exc:
-            record.error = str(exc)
-            log.warning("load of %s failed: %s", spec.name, record.error)
-            self._set_state(record, ModelState.FAILED, record.error)
+        except asyncio.CancelledError:  # the attempt rolled itself back
+            self._fail(record, ModelState.UNLOADED, "load cancelled")
             raise
+        except Exception as exc:
+            log.warning("load of %s failed: %s", spec.name, exc)
+            self._fail(record, ModelState.FAILED, str(exc))
+            raise
+        record.handle, record.plan, record.attempt = loaded.handle, loaded.plan, loaded.attempt
+        record.error, record.ready_at_s = "", self._clock()
+        self._set_state(record, ModelState.READY)
         return record
 
-    async def _load_locked(self, record: ModelRecord, spec: ModelSpec, adapter: EngineAdapter) -> None:
-        await self._admit(spec)
-        attempt = str(uuid.uuid4())
-        step = "grant weights"
-        try:
-            first = plan(spec, self._ledger.budgets())
-            if first.one_phase and not first.fits:  # its KV size is fixed now, so it must fit now
-                raise PlanRejected(spec.name, list(first.reasons))
-            # A one-phase engine allocates its KV cache while loading: every lease at once.
-            granted = await self._ledger.grant(spec.name, first.all_leases() if first.one_phase else first.load_leases,
-                                               attempt)
-            if not isinstance(granted, Granted):
-                raise LoadFailed(spec.name, step, granted.reason)
-            step = "start engine"
-            record.plan, record.attempt = first, attempt
-            launch = self._launch(record, spec, first.params, first.kv_tokens, spec.engine.port or free_port(), attempt)
-            record.handle = await adapter.start(launch)
-            await self._record_engine(record, launch.port, "loading")
-            step = "wait for weights"
-            await record.handle.wait_weights_loaded(self._timeouts.weights_s)
-            if not first.one_phase:
-                await self._ledger.release_model(spec.name, "weights loaded", kinds=[LeaseKind.LOAD_PEAK])
-                step = "size kv"
-                record.plan = await self._grant_kv(spec, attempt, record.handle)
-            step = "wait for ready"
-            await record.handle.wait_ready(self._timeouts.ready_s)
-            if first.one_phase:
-                await self._ledger.release_model(spec.name, "engine ready", kinds=[LeaseKind.LOAD_PEAK])
-            step = "verify"
-            await self._verify(spec, record.handle)
-            await self._record_engine(record, launch.port, "ready")
-        except BaseException as exc:
-            await self._roll_back(record, attempt, f"{step}: {exc}")
-            if isinstance(exc, (LoadFailed, LedgerUnavailable)):
-                raise
-            raise LoadFailed(spec.name, step, str(exc)) from exc
-        record.error = ""
-        record.last_used_s = self._clock()
-        self._set_state(record, ModelState.READY)
+    def _fail(self, record: ModelRecord, state: ModelState, error: str) -> None:
+        record.error = error
+        self._set_state(record, state, error)
 
     def _launch(self, record: ModelRecord, spec: ModelSpec, params: Mapping[str, Any], kv_tokens: int, port: int,
-               attempt: str) -> Launch:
+                attempt: str) -> Launch:
         readings = self._ledger.snapshot().readings
         devices = [gpu_id(i) for i in spec.placement.devices]
         record.generation += 1
         generation = record.generation
         return Launch(spec, params, kv_tokens,
-                     tuple(GpuTarget(d, readings[d].index, readings[d].uuid, readings[d].total_bytes) for d in devices),
-                     self.leased(spec.name), self._simulated, port,
-                     self.log_path(spec.name), self._state_dir / "engines" / spec.name,
-                     on_exit=lambda returncode: self._spawn(self._engine_exited(record, generation, returncode)),
-                     marker={"LESSOR_STATE_DIR": str(self._state_dir), "LESSOR_ATTEMPT": attempt},
-                     withhold_env=tuple(k.key_env for k in self._config.router.api_keys if k.key_env))
+                      tuple(GpuTarget(d, readings[d].index, readings[d].uuid, readings[d].total_bytes) for d in devices),
+                      self.leased(spec.name), self._simulated, port,
+                      self.log_path(spec.name), self._state_dir / "engines" / spec.name,
+                      on_exit=lambda returncode: self._restarts.spawn(self._engine_exited(record, generation, returncode)),
+                      marker={"LESSOR_STATE_DIR": str(self._state_dir), "LESSOR_ATTEMPT": attempt},
+                      withhold_env=tuple(k.key_env for k in self._config.current.router.api_keys if k.key_env))
 
-    async def _record_engine(self, record: ModelRecord, port: int, phase: str) -> None:
-        handle, plan_ = record.handle, record.plan
-        assert handle is not None and plan_ is not None
-        await self._ledger.record_engine(EngineRecord(record.spec.name, record.attempt, handle.pid, handle.identity,
-                                                      port, phase, dict(plan_.params), plan_.kv_tokens,
-                                                      handle.started_at))
-
-    def log_path(self, model: str) -> Path:
-        return self._state_dir / "logs" / f"{model}.log"
-
-    def leased(self, model: str) -> dict[str, int]:
-        """Bytes the model holds, per device."""
-        out: dict[str, int] = {}
-        for lease in self._ledger.leases():
-            if lease.model == model:
-                out[lease.device] = out.get(lease.device, 0) + lease.bytes
-        return out
-
-    async def _verify(self, spec: ModelSpec, handle: EngineHandle) -> None:
-        """Step 5: what the engine uses must be within its leases plus a tolerance."""
-        usage = self.usage(handle, await handle.measure())
-        leased = self.leased(spec.name)
-        over = []
-        for device in (gpu_id(i) for i in spec.placement.devices):
-            used, held = usage.get(device, 0), leased.get(device, 0)
-            if over_leases(used, held):
-                over.append(f"{device}: the engine uses {format_bytes(used)}, its leases are {format_bytes(held)} "
-                            f"(+{format_bytes(verify_tolerance(held))} tolerance); raise memory.weights / "
-                            "memory.activation to what it really takes")
-        if over:
-            raise LoadFailed(spec.name, "verify", "; ".join(over))
-
-    def usage(self, handle: EngineHandle, reported: Mapping[str, int]) -> dict[str, int]:
-        """Bytes an engine uses per device: its own report or the probe's figure for its process
-        group, the larger. On simulated GPUs its report stands in for NVML's (the host pool is
-        measured either way)."""
-        readings = self._ledger.snapshot().readings
-        if isinstance(self._probe, SimProbe):
-            for device, used in reported.items():
-                if device in readings and readings[device].is_gpu:
-                    self._probe.set_process_usage(device, handle.pid, used)
-            readings = self._ledger.snapshot().readings
-        usage = {device: max(reported.get(device, 0), reading.usage_of(handle.pid))
-                 for device, reading in readings.items()}
-        return {device: used for device, used in usage.items() if used}
-
-    def _forget_usage(self, pid: int | None) -> None:
-        if pid and isinstance(self._probe, SimProbe):
-            for device, reading in self._ledger.snapshot().readings.items():
-                if reading.is_gpu:
-                    self._probe.set_process_usage(device, pid, 0)
-
-    async def _admit(self, spec: ModelSpec) -> None:
+    async def _admit(self, spec: ModelSpec) -> MustWait | None:
+        """Step 2: the policy decides over a snapshot; evictions happen here and only here."""
         snapshot = self.policy_snapshot()
         first, decision = self._decide(spec, snapshot)
         request = AdmissionRequest(spec.name, first.peak_need(), spec.priority)
@@ -294,90 +222,47 @@ class Supervisor:
                                        getattr(decision, "reason", ""), getattr(decision, "victims", ())))
         if isinstance(decision, Evict):
             for victim in decision.victims:
-                if self._models[victim].in_flight:  # a request started on it while an earlier victim unloaded
-                    raise self._busy(request, snapshot, f"'{victim}' took a request while room was being made")
-                await self.unload(victim, reason=f"evicted for '{spec.name}'")
+                if not await self.evict(victim, reason=f"evicted for '{spec.name}'"):
+                    # A request started on it while an earlier victim unloaded.
+                    return self._must_wait(request, snapshot, f"'{victim}' took a request while room was being made",
+                                           decision.victims)
         elif isinstance(decision, Queue):
-            raise self._busy(request, snapshot, decision.reason)
+            return self._must_wait(request, snapshot, decision.reason, decision.blockers)
         elif isinstance(decision, Rejected):
-            raise NotEnoughMemory(spec.name, *_worst_shortfall(snapshot, decision.short_bytes), decision.reason)
+            raise NotEnoughMemory(spec.name, *worst_shortfall(snapshot.devices, decision.short_bytes), decision.reason)
         elif not isinstance(decision, Admit):
             raise AssertionError(f"policy returned {decision!r}")
+        return None
 
-    def _busy(self, request: AdmissionRequest, snapshot: Snapshot, reason: str) -> ModelsBusy:
-        """The models that would be evicted were they idle: the router drains them (their new
-        requests wait) so this load gets its turn."""
-        decision = self._policy(request, snapshot.all_idle())
-        blockers = decision.victims if isinstance(decision, Evict) else ()
-        return ModelsBusy(request.model, *_worst_shortfall(snapshot, shortfall(request, snapshot)),
-                          f"{reason}; it loads once {', '.join(blockers) or 'they'} finish their requests", blockers=blockers)
-
-    async def _grant_kv(self, spec: ModelSpec, attempt: str, handle: EngineHandle) -> Plan:
-        # Size the KV cache from what is left now that the weights are in, never the pre-load guess.
-        sized = plan_kv(spec, self._ledger.budgets())
-        if not sized.fits:
-            raise PlanRejected(spec.name, list(sized.reasons))
-        granted = await self._ledger.grant(spec.name, sized.steady_leases, attempt, handle.pid, handle.started_at)
-        if not isinstance(granted, Granted):
-            raise PlanRejected(spec.name, [granted.reason])
-        kv_bytes = max((w.bytes for w in sized.steady_leases if w.kind == LeaseKind.KV), default=0)
-        await handle.allocate_kv(KvGrant(sized.kv_tokens, kv_bytes, sized.params, self.leased(spec.name)))
-        return sized
-
-    async def _roll_back(self, record: ModelRecord, attempt: str, reason: str) -> None:
-        handle, record.handle = record.handle, None
-        record.plan = None
-        if handle is not None:
-            await asyncio.shield(handle.stop(self._timeouts.stop_grace_s))
-            self._forget_usage(handle.pid)
-        await asyncio.shield(self._ledger.forget_engine(record.spec.name))
-        await asyncio.shield(self._ledger.release_attempt(attempt, f"load failed: {reason}"))
+    @staticmethod
+    def _must_wait(request: AdmissionRequest, snapshot: Snapshot, reason: str, blockers: tuple[str, ...]) -> MustWait:
+        return MustWait(ModelsBusy(request.model, *worst_shortfall(snapshot.devices, shortfall(request, snapshot)),
+                                   f"{reason}; it loads once {', '.join(blockers) or 'they'} finish their requests",
+                                   blockers=blockers))
 
     # -- adoption after a restart -------------------------------------------------------------
 
-    async def adopt(self, engine: EngineRecord) -> str:
-        """Take over an engine that a previous lessord started. Adopted only if it is that very
-        process (pid and identity), its load had finished, this config still has its model and the
-        engine answers; otherwise a process that still runs is stopped. Says what happened; the
-        reconciler releases the leases of everything not adopted."""
+    async def adopt(self, engine: EngineRecord) -> Adoption:
+        """Take over an engine that a previous lessord started (daemon/adoption.py decides)."""
         record = self._models.get(engine.model)
         adapter = self._engines.get(record.spec.engine.kind) if record else None
-        launch = None
-        if record is not None and record.state == ModelState.UNLOADED:
+
+        def launch_for(r: ModelRecord) -> Launch | None:
             try:
-                launch = self._launch(record, record.spec, engine.params, engine.kv_tokens, engine.port, engine.attempt)
+                return self._launch(r, r.spec, engine.params, engine.kv_tokens, engine.port, engine.attempt)
             except KeyError:  # its device is no longer in the config
-                launch = None
-        process = EngineProcess.adopt(engine.pid, engine.identity, self.log_path(engine.model),
-                                      launch.on_exit if launch else None, engine.started_at)
-        if process is None:
-            return "its engine is gone"
-        why = ("its load had not finished" if engine.phase != "ready" else
-               "the model is no longer configured" if record is None else
-               "its device is no longer configured" if launch is None else
-               f"no adapter for engine '{record.spec.engine.kind}'" if adapter is None else "")
-        handle = None
-        if not why:
-            handle = adapter.reattach(process, launch)
-            try:
-                await handle.wait_ready(min(self._timeouts.ready_s, 30.0))
-            except (TimeoutError, RuntimeError, OSError) as exc:
-                why = f"it does not answer: {exc}"
-        if why:
-            await process.stop(self._timeouts.stop_grace_s)
-            return f"stopped its engine (pid {engine.pid}): {why}"
-        record.handle, record.attempt = handle, engine.attempt
-        record.plan = Plan(engine.model, True, engine.kv_tokens, dict(engine.params), (), ())
-        record.last_used_s = self._clock()
-        self._set_state(record, ModelState.READY, f"adopted engine pid {engine.pid}")
-        return f"adopted its engine (pid {engine.pid})"
+                return None
 
-    # -- crashes and restarts ----------------------------------------------------------------
+        adoption = await adopt(engine, record, adapter, launch_for, self.log_path(engine.model), self._timeouts)
+        if adoption.adopted:
+            assert record is not None
+            record.handle, record.attempt = adoption.handle, engine.attempt
+            record.plan = Plan(engine.model, True, engine.kv_tokens, dict(engine.params), (), ())
+            record.ready_at_s = self._clock()
+            self._set_state(record, ModelState.READY, f"adopted engine pid {engine.pid}")
+        return adoption
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    # -- crashes, overruns, unloads ----------------------------------------------------------
 
     async def _engine_exited(self, record: ModelRecord, generation: int, returncode: int) -> None:
         """The engine ended on its own. While loading, the load's own wait sees it and rolls back;
@@ -386,64 +271,33 @@ class Supervisor:
             return
         handle, record.handle = record.handle, None
         await handle.stop(0)  # reap whatever the leader left in its process group
-        self._forget_usage(handle.pid)
+        self.meter.forget(handle.pid)
         reason = f"engine exited with {describe_exit(returncode)}"
         await self._ledger.forget_engine(record.spec.name)
         await self._ledger.release_model(record.spec.name, reason)
         record.plan, record.error = None, reason
-        restart_in = self._restart_delay(record)
+        restart_in = self._restarts.delay(record)
         self._publish(EngineExited(record.spec.name, handle.pid, returncode, reason, restart_in))
         self._set_state(record, ModelState.FAILED, reason)
         if restart_in is not None:
-            self._spawn(self._restart(record, restart_in))
+            self._restarts.schedule(record, restart_in)
 
-    def _restart_delay(self, record: ModelRecord) -> float | None:
-        policy = record.spec.restart
-        now = self._clock()
-        record.restart_times = [t for t in record.restart_times if now - t < RESTART_WINDOW_S]
-        if policy.policy == "never" or len(record.restart_times) >= policy.max_restarts:
-            return None
-        return min(policy.backoff * 2 ** len(record.restart_times), 300.0)
+    def report_overrun(self, name: str, overrun: dict[str, Any] | None) -> None:
+        """The reconciler's finding: the engine measured above its leases (None: back within them)."""
+        self._models[name].overrun = overrun
 
-    async def _restart(self, record: ModelRecord, delay_s: float) -> None:
-        await asyncio.sleep(delay_s)
-        if record.state != ModelState.FAILED:  # someone loaded or unloaded it meanwhile
-            return
-        record.restart_times.append(self._clock())
-        try:
-            await self.load(record.spec.name)
-        except Exception as exc:
-            log.error("restart of %s failed: %s", record.spec.name, exc)
-            delay = self._restart_delay(record)
-            if delay is not None:
-                self._spawn(self._restart(record, delay))
+    async def stop_for_overrun(self, name: str, reason: str) -> None:
+        await self.unload(name, reason=f"overrun: {reason}")
+        self._models[name].error = f"stopped for an overrun: {reason}"
 
-    async def close(self) -> None:
-        """Cancel pending restarts (lessord is stopping)."""
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def apply_config(self, config: LessorConfig, policy: Policy) -> ConfigChange:
-        """Add, remove and retune models. Running models keep running: a changed spec applies at their
-        next load; a removed model is unloaded. Refused (nothing changed) while an affected model is
-        mid-transition."""
-        new = {spec.name: spec for spec in config.models}
-        removed = tuple(n for n in self._models if n not in new)
-        changed = tuple(n for n in self._models if n in new and new[n] != self._models[n].spec)
-        busy = [n for n in removed + changed if self._models[n].state in (ModelState.LOADING, ModelState.UNLOADING)]
-        if busy:
-            raise ModelBusy(busy[0], self._models[busy[0]].state.value)
-        for name in removed:
-            await self.unload(name, reason="removed from the config")
-            del self._models[name]
-        for name in changed:
-            self._models[name].spec = new[name]
-        added = tuple(n for n in new if n not in self._models)
-        for name in added:
-            self._models[name] = ModelRecord(new[name])
-        self._config, self._policy = config, policy
-        return ConfigChange(added, removed, changed)
+    async def evict(self, name: str, reason: str) -> bool:
+        """Unload a model that is idle, checked and done in one step (no request can start in
+        between: the state leaves READY before the first await). False if it is busy."""
+        record = self.resolve(name)
+        if self.in_flight(record.spec.name) or record.state in (ModelState.LOADING, ModelState.UNLOADING):
+            return False
+        await self.unload(name, reason)
+        return True
 
     async def unload(self, name: str, reason: str = "unload requested") -> ModelRecord:
         record = self.resolve(name)
@@ -455,26 +309,42 @@ class Supervisor:
         handle, record.handle = record.handle, None
         if handle is not None:
             await handle.stop(self._timeouts.stop_grace_s)
-            self._forget_usage(handle.pid)
+            self.meter.forget(handle.pid)
         await self._ledger.forget_engine(record.spec.name)
         await self._ledger.release_model(record.spec.name, reason)
         record.plan, record.overrun = None, None
         self._set_state(record, ModelState.UNLOADED, reason)
         return record
 
+    async def close(self) -> None:
+        """lessord is stopping: cancel pending restarts (none is spawned after this), then stop
+        every engine and release its leases. Idempotent."""
+        await self._restarts.close()
+        for record in self.records():
+            if record.state in (ModelState.READY, ModelState.FAILED):
+                await self.unload(record.spec.name, reason="lessord stopping")
 
-@dataclass(frozen=True)
-class ConfigChange:
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-    changed: tuple[str, ...]
-
-
-def _worst_shortfall(snapshot: Snapshot, short_bytes: Mapping[str, int]) -> tuple[str, int, int]:
-    """(device, bytes wanted there, bytes free there) for the device the request is shortest on."""
-    device, short = max(short_bytes.items() or [("devices", 0)], key=lambda kv: kv[1])
-    free = snapshot.devices[device].free_bytes if device in snapshot.devices else 0
-    return device, free + short, free
+    async def apply_config(self, config) -> ConfigChange:
+        """Add, remove and retune models, then put `config` in force in one step. Running models
+        keep running: a changed spec applies at their next load; a removed model is unloaded.
+        Refused (nothing changed) while an affected model is mid-transition."""
+        new = {spec.name: spec for spec in config.models}
+        removed = tuple(n for n in self._models if n not in new)
+        changed = tuple(n for n in self._models if n in new and new[n] != self._models[n].spec)
+        busy = [n for n in removed + changed if self._models[n].state in (ModelState.LOADING, ModelState.UNLOADING)]
+        if busy:
+            raise ModelBusy(busy[0], self._models[busy[0]].state.value)
+        for name in removed:
+            await self.unload(name, reason="removed from the config")
+            del self._models[name]
+            self._restarts.forget(name)
+        for name in changed:
+            self._models[name].spec = new[name]
+        added = tuple(n for n in new if n not in self._models)
+        for name in added:
+            self._models[name] = ModelRecord(new[name])
+        self._config.swap(config)
+        return ConfigChange(added, removed, changed)
 
 
 def _freed_by(snapshot: Snapshot, victims: tuple[str, ...]) -> dict[str, int]:

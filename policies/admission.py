@@ -14,12 +14,13 @@ Policy = Callable[[AdmissionRequest, Snapshot], Decision]
 
 
 def shortfall(request: AdmissionRequest, snapshot: Snapshot) -> dict[str, int]:
-    """Bytes missing per device for the request to fit now; empty when it fits."""
+    """Bytes missing per device for the request to fit now; empty when it fits. A give-back needs
+    nothing new: it is short by the overcommit alone."""
     short = {}
     for device, need in request.need_bytes.items():
         budget = snapshot.devices.get(device)
         free = budget.free_bytes if budget else 0
-        if need > 0 and need > free:
+        if (need > 0 or request.is_give_back) and need > free:
             short[device] = need - free
     return short
 
@@ -66,7 +67,10 @@ def decide_with_candidates(request: AdmissionRequest, snapshot: Snapshot,
         return Evict(tuple(victims))
     _, still_short = _free_with(short, others)
     if not still_short:
-        return Queue(f"needs {_describe(short)}; models that could make room are busy")
+        # Whom it would evict were every ready model idle: the models a waiting load waits for.
+        blockers, uncovered = _free_with(short, (m for m in others if m.state == "ready"))
+        return Queue(f"needs {_describe(short)}; models that could make room are busy",
+                     () if uncovered else tuple(blockers))
     return Rejected(f"needs {_describe(short)} more than is free, and evicting every model this policy may "
                     f"evict still leaves {_describe(still_short)} short", still_short)
 

@@ -56,11 +56,26 @@ class Snapshot:
         return Snapshot(self.devices, {n: replace(m, in_flight=0) for n, m in self.models.items()}, self.now_s)
 
 
+# Above every model's priority (the config bounds it to 0..1000): what processes lessor does not
+# manage already use is not up for negotiation, so any idle model may give memory back to them.
+GIVE_BACK_PRIORITY = 1001
+
+
 @dataclass(frozen=True)
 class AdmissionRequest:
     model: str
     need_bytes: Mapping[str, int]  # device -> bytes the load holds at its peak
     priority: int = 50
+
+    @classmethod
+    def give_back(cls, device: str, over_bytes: int) -> "AdmissionRequest":
+        """Foreign usage grew `over_bytes` past what the leases leave free on `device`: room for
+        nothing new, only the overcommit to cover. Decided by the policy like any admission."""
+        return cls("", {device: 0}, GIVE_BACK_PRIORITY)
+
+    @property
+    def is_give_back(self) -> bool:
+        return not self.model
 
 
 @dataclass(frozen=True)
@@ -77,9 +92,11 @@ class Evict:
 
 @dataclass(frozen=True)
 class Queue:
-    """It would fit once busy models go idle: wait and ask again."""
+    """It would fit once busy models go idle: wait and ask again. `blockers`: the ready models
+    that would be evicted were they idle (empty when a load under way holds the memory)."""
 
     reason: str
+    blockers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -160,20 +160,35 @@ class FakeAdapter:
 async def env(tmp_path):
     """make(models, policy, gpus, **config) -> (controller, fake adapter, event queue): the real
     runtime (ledger, supervisor, policies) with the engine process faked."""
-    from lessor.daemon.service import runtime
+    from lessor.daemon.runtime import runtime
 
     made = []
 
-    async def make(models, policy="lru_idle", gpus=None, **extra):
-        ctx = runtime(sim_config(tmp_path, models, gpus=gpus, policy=policy, **extra), engines={})
+    async def make(models, policy="lru_idle", gpus=None, clock=None, **extra):
+        fakes = []
+
+        def engines(probe, ledger):
+            fakes.append(FakeAdapter(probe, ledger))
+            return {"torch": fakes[0]}
+        ctx = runtime(sim_config(tmp_path, models, gpus=gpus, policy=policy, **extra), engines=engines,
+                      **({"clock": clock} if clock else {}))
         controller = await ctx.__aenter__()
         made.append(ctx)
-        adapter = FakeAdapter(controller.probe, controller.ledger)
-        controller.supervisor._engines = {"torch": adapter}
-        return controller, adapter, controller.bus.subscribe()
+        return controller, fakes[0], controller.bus.subscribe()
     yield make
     for ctx in made:
         await ctx.__aexit__(None, None, None)
+
+
+async def until(condition, what: str = "the condition", hang_s: float = 120.0) -> None:
+    """Wait until `condition()` holds, looking again each time the loop has run others' work.
+    `hang_s` only turns a hang into a failure: a slow machine never reaches it in normal runs."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + hang_s
+    while not condition():
+        if loop.time() > give_up:
+            raise AssertionError(f"{what} never held ({hang_s:g} s)")
+        await asyncio.sleep(0.005)
 
 
 def drain_events(queue, kind="model_state"):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from lessor.api.admin import make_admin_app
-from lessor.daemon.service import runtime
+from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
 from .conftest import FakeAdapter, sim_config, torch_model

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lessor.daemon.errors import LoadFailed
-from lessor.daemon.service import runtime
+from lessor.daemon.runtime import runtime
 from lessor.engines.process import ProcessEnded, EngineProcess, process_identity
 
 from .conftest import ROOT, sim_config

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from lessor.daemon.service import runtime
+from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
 from .conftest import sim_config

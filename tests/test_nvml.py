@@ -52,7 +52,7 @@ async def test_torch_engine_on_a_real_gpu_stays_within_its_leases(tiny_qwen, tmp
         pytest.skip("torch has no CUDA here")
     _nvml_or_skip().close()
     from lessor.daemon.config import parse_config
-    from lessor.daemon.service import runtime
+    from lessor.daemon.runtime import runtime
 
     config = parse_config({"state_dir": str(tmp_path / "state"), "devices": {"probe": "nvml", "headroom": "1GiB"},
                            "models": [{"name": "tiny", "placement": {"devices": [0]},

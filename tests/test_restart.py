@@ -17,7 +17,7 @@ import yaml
 from lessor.daemon.ledger import EngineRecord, LeaseKind, LeaseWant, Ledger
 from lessor.daemon.devices import make_probe
 from lessor.daemon.reconciler import stop_strays
-from lessor.daemon.service import runtime
+from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 from lessor.engines.process import process_identity
 

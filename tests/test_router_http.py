@@ -13,7 +13,7 @@ from lessor.api.metrics import Metrics
 from lessor.api.router import RouterServer, start_router
 from lessor.daemon.config import RouterConfig
 from lessor.daemon.routing import Router
-from lessor.daemon.service import runtime
+from lessor.daemon.runtime import runtime
 
 from .conftest import FakeAdapter, sim_config, torch_model
 

@@ -2,13 +2,14 @@
 only the engine process is faked. A device of 15 GiB free holds one 8 GiB model, not two."""
 
 import asyncio
+import time
 
 import pytest
 
 from lessor.daemon.config import RouterConfig
 from lessor.daemon.errors import LoadFailed, QueueFull, UnknownModel, WaitTimedOut
 from lessor.daemon.routing import Router
-from lessor.daemon.service import runtime
+from lessor.daemon.runtime import runtime
 
 from .conftest import FakeAdapter, drain_events, sim_config, torch_model
 
@@ -25,15 +26,19 @@ class Clock:
 async def routed(tmp_path):
     made = []
 
-    async def make(models, policy="lru_idle", **router):
+    async def make(models, policy="lru_idle", clock=time.monotonic, **router):
         config = sim_config(tmp_path, models, policy=policy)
-        ctx = runtime(config, engines={})
+        fakes = []
+
+        def engines(probe, ledger):
+            fakes.append(FakeAdapter(probe, ledger))
+            return {"torch": fakes[0]}
+        ctx = runtime(config, engines=engines, clock=clock)
         controller = await ctx.__aenter__()
         made.append(ctx)
-        adapter = FakeAdapter(controller.probe, controller.ledger)
-        controller.supervisor._engines = {"torch": adapter}
         router_ = Router(controller.supervisor, RouterConfig(**router), controller.bus.listen)
-        return controller, adapter, router_, controller.bus.subscribe()
+        controller.supervisor.attach_traffic(router_)
+        return controller, fakes[0], router_, controller.bus.subscribe()
 
     yield make
     for ctx in made:
@@ -188,7 +193,7 @@ async def test_a_request_that_waits_too_long_gets_wait_timed_out(routed):
     with pytest.raises(WaitTimedOut) as err:
         await turn(router, "a")
     assert "a free slot" in str(err.value) and "router.wait_timeout" in str(err.value)
-    assert lane.record.in_flight == 1  # the timed-out request left no trace
+    assert lane.in_flight == 1  # the timed-out request left no trace
     router.finish(lane)
 
 
@@ -218,10 +223,8 @@ async def test_a_request_during_an_admin_load_waits_for_it(routed):
 async def test_keep_alive_unloads_idle_models_but_never_pinned_busy_or_forever_ones(routed):
     models = [torch_model("idle", keep_alive="30s"), torch_model("busy", keep_alive="30s"),
               torch_model("pinned", keep_alive=0, pinned=True), torch_model("forever", keep_alive=-1)]
-    controller, _, _, _ = await routed(models)
     clock = Clock()
-    controller.supervisor._clock = clock
-    router = Router(controller.supervisor, RouterConfig(), controller.bus.listen)
+    controller, _, router, _ = await routed(models, clock=clock)
     for name in ("idle", "busy", "pinned", "forever"):
         await controller.load(name)
     busy, _ = await turn(router, "busy")
@@ -236,10 +239,8 @@ async def test_keep_alive_unloads_idle_models_but_never_pinned_busy_or_forever_o
 
 
 async def test_a_request_touches_the_last_use_time_lru_reads(routed):
-    controller, _, router, _ = await routed([torch_model("a"), torch_model("b")])
     clock = Clock()
-    controller.supervisor._clock = clock
-    router = Router(controller.supervisor, RouterConfig(), controller.bus.listen)
+    controller, _, router, _ = await routed([torch_model("a"), torch_model("b")], clock=clock)
     await controller.load("a")
     await controller.load("b")
     clock.now += 10

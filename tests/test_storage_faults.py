@@ -15,7 +15,7 @@ from lessor.daemon.config import DevicesConfig
 from lessor.daemon.devices import SimProbe
 from lessor.daemon.errors import LedgerUnavailable
 from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
-from lessor.daemon.service import runtime
+from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
 from .conftest import FakeAdapter, sim_config, torch_model

@@ -5,9 +5,10 @@ import asyncio
 import pytest
 
 from lessor.daemon.errors import EngineUnavailable, LoadFailed, ModelBusy, NotEnoughMemory
+from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from .conftest import torch_model
+from .conftest import sim_config, torch_model
 
 
 def kinds(snapshot, model):
@@ -61,12 +62,11 @@ async def test_failed_load_rolls_back_every_lease_and_keeps_the_other_model(env)
     assert controller.model("b")["state"] == "ready"
 
 
-async def test_missing_engine_adapter_takes_no_lease(env):
-    controller, adapter, _ = await env([torch_model("a")])
-    controller.supervisor._engines = {}
-    with pytest.raises(EngineUnavailable, match="engine 'torch'"):
-        await controller.load("a")
-    assert controller.ledger.snapshot().leases == ()
+async def test_missing_engine_adapter_takes_no_lease(tmp_path):
+    async with runtime(sim_config(tmp_path, [torch_model("a")]), engines={}) as controller:
+        with pytest.raises(EngineUnavailable, match="engine 'torch'"):
+            await controller.load("a")
+        assert controller.ledger.snapshot().leases == ()
 
 
 async def test_lru_idle_evicts_the_idle_model_to_make_room(env):

@@ -95,7 +95,7 @@ def test_a_listen_change_needs_a_restart(tmp_path):
 
     from lessor.daemon.config import parse_config
     from lessor.daemon.errors import InvalidRequest
-    from lessor.daemon.service import runtime
+    from lessor.daemon.runtime import runtime
 
     base = {"state_dir": str(tmp_path), "devices": {"probe": "sim"}}
 

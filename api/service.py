@@ -1,6 +1,6 @@
-"""lessord: the composition root. Builds probe, ledger, supervisor and controller from the config,
-serves the admin API, and shuts down cleanly on SIGTERM/SIGINT (engines stopped, leases released,
-ledger closed)."""
+"""lessord: the composition root. Builds the daemon's parts from the config (daemon/runtime.py),
+serves the admin API and the router, publishes to MQTT, and shuts down cleanly on SIGTERM/SIGINT
+(engines stopped, leases released, ledger closed). SIGHUP reloads the config."""
 
 from __future__ import annotations
 
@@ -10,82 +10,27 @@ import logging
 import os
 import signal
 import sys
-from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
-from typing import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Callable
 
-from ..engines import adapters
-from ..engines.base import EngineAdapter
-from ..policies import POLICIES
-from .config import LessorConfig, load_config, parse_listen
-from .controller import Controller
-from .devices import make_probe
-from .errors import ConfigError, LessorError
-from .events import ConfigReloaded, EventBus
-from .ledger import Ledger
-from .mqtt import MqttPublisher
-from .notify import Notifier, watchdog, watchdog_interval_s
-from .routing import Router
-from .reconciler import Reconciler, reconcile_at_start
-from .supervisor import Supervisor, Timeouts
+from aiohttp import web
+
+from ..daemon.config import LessorConfig, load_config, parse_config, parse_listen
+from ..daemon.controller import Controller
+from ..daemon.errors import ConfigError, LessorError
+from ..daemon.events import ConfigReloaded
+from ..daemon.notify import Notifier, watchdog, watchdog_interval_s
+from ..daemon.routing import Router
+from ..daemon.runtime import publishing, runtime
+from .admin import make_admin_app
+from .auth import resolve_token
+from .router import start_router
 
 log = logging.getLogger("lessor.service")
 
 
-
-@asynccontextmanager
-async def runtime(config: LessorConfig, force_sim: bool = False,
-                  engines: dict[str, EngineAdapter] | None = None,
-                  reconcile: bool = True) -> AsyncIterator[Controller]:
-    """Everything but the HTTP servers; the CLI's local `plan` uses this same path with
-    `reconcile=False` (read-only: it must not adopt or release a running daemon's engines)."""
-    bus = EventBus()
-    probe = make_probe(config.devices, force_sim)
-    try:
-        ledger = await Ledger.open(config.ledger_url(), probe, config.devices, publish=bus.publish)
-        try:
-            timeouts = Timeouts(config.timeouts.weights, config.timeouts.ready, config.timeouts.stop_grace)
-            supervisor = Supervisor(config, ledger, POLICIES[config.policy.name],
-                                    adapters() if engines is None else engines, bus.publish, probe=probe,
-                                    timeouts=timeouts)
-            reconciler = Reconciler(config.reconciler, ledger, supervisor, bus.publish)
-            if reconcile:
-                report = reconciler.at_start = await reconcile_at_start(
-                    ledger, supervisor, Path(config.state_dir).absolute(), bus.publish)
-                if report.adopted or report.stopped or report.released or report.strays:
-                    log.warning("after restart: adopted %s, stopped %s, released %d lease(s), stopped %d stray(s)",
-                                report.adopted, report.stopped, report.released, len(report.strays))
-            controller = Controller(config, probe, ledger, supervisor, bus)
-            controller.reconciler = reconciler
-            publisher = MqttPublisher(config.mqtt, bus, lambda: (controller.devices(), controller.models())) \
-                if config.mqtt else None
-            controller.mqtt = publisher
-            publishing = asyncio.ensure_future(publisher.run()) if publisher else None
-            try:
-                yield controller
-            finally:
-                await supervisor.close()
-                for record in supervisor.records():
-                    if record.state.value in ("ready", "failed"):
-                        await supervisor.unload(record.spec.name, reason="lessord stopping")
-                if publisher and publishing:
-                    await publisher.flush(timeout_s=5)
-                    publishing.cancel()
-                    await asyncio.gather(publishing, return_exceptions=True)
-                    await publisher.announce_offline()
-        finally:
-            await ledger.close()
-    finally:
-        probe.close()
-
-
 async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[], LessorConfig] | None = None,
                 notifier: Notifier | None = None) -> None:
-    from aiohttp import web
-
-    from ..api.admin import make_admin_app
-    from ..api.auth import resolve_token
-
     notifier = notifier or Notifier()
     token = resolve_token(config.token_path(), create=True)
     assert token is not None
@@ -95,12 +40,15 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
         controller = await stack.enter_async_context(runtime(config, force_sim))
+        await stack.enter_async_context(publishing(controller))
+        stack.push_async_callback(controller.supervisor.close)  # engines stop before MQTT says offline
         ready = asyncio.Event()
         runner = web.AppRunner(make_admin_app(controller, token, ready), access_log=None, shutdown_timeout=10)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await _listen(runner, config)
         router = Router(controller.supervisor, config.router, controller.bus.listen)
+        controller.supervisor.attach_traffic(router)
         controller.router = router
         await _serve_router(stack, router, controller, config)
         for spec in config.models:
@@ -131,8 +79,6 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
 
 
 async def _serve_router(stack: AsyncExitStack, router: Router, controller: Controller, config: LessorConfig) -> None:
-    from ..api.router import start_router
-
     host, port = parse_listen(config.router.listen)
     server = await start_router(router, controller.supervisor, config.router, host, port)
     stack.push_async_callback(server.close)
@@ -145,8 +91,6 @@ def _spawn(tasks: set[asyncio.Task], coro) -> None:
 
 
 async def _listen(runner, config: LessorConfig) -> None:
-    from aiohttp import web
-
     host, port = parse_listen(config.admin.listen)
     await web.TCPSite(runner, host, port).start()
     if config.admin.unix_socket:
@@ -193,7 +137,6 @@ def configure(args: argparse.Namespace) -> LessorConfig:
     if args.router_listen:
         overrides["router"] = {**config.router.model_dump(), "listen": args.router_listen}
     if overrides:
-        from .config import parse_config
         config = parse_config({**config.model_dump(), **overrides}, source="command line")
     return config
 

@@ -1,0 +1,85 @@
+"""A model's lifecycle as the supervisor owns it: the states, the record the supervisor keeps per
+model (its one writer), and what others may read of the router's traffic.
+
+The router counts requests in its own lanes; the supervisor reads them through `Traffic` when it
+builds a policy snapshot or checks that a model is idle before evicting it. Nobody but the
+supervisor writes a `ModelRecord`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from ..engines.base import EngineHandle
+from .config import ModelSpec
+from .planner import Plan
+from .units import MiB
+
+
+class ModelState(str, Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+@dataclass
+class ModelRecord:
+    """One configured model, as the supervisor sees it. Read by everyone, written by the supervisor."""
+
+    spec: ModelSpec
+    state: ModelState = ModelState.UNLOADED
+    ready_at_s: float = 0.0  # when it last became ready (idle time counts from here until a request)
+    error: str = ""
+    plan: Plan | None = None
+    handle: EngineHandle | None = field(default=None, repr=False)
+    attempt: str = ""  # the load attempt whose leases the running engine holds
+    overrun: dict[str, Any] | None = None  # while the reconciler measures it above its leases
+    generation: int = 0  # engine starts so far: an exit report from an older start is ignored
+
+
+class Traffic(Protocol):
+    """The router's counters, read-only: requests running or due per model, and last use."""
+
+    def in_flight(self, model: str) -> int: ...
+
+    def last_used_s(self, model: str) -> float: ...
+
+
+class NoTraffic:
+    """Before a router is attached (the CLI's local plan, tests of the supervisor alone)."""
+
+    def in_flight(self, model: str) -> int:
+        return 0
+
+    def last_used_s(self, model: str) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    weights_s: float = 600.0
+    ready_s: float = 120.0
+    stop_grace_s: float = 15.0
+    adopt_s: float = 30.0  # an adopted engine must answer its health check within this
+    stray_grace_s: float = 5.0  # SIGTERM to SIGKILL for engines found running but never recorded
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+
+
+def verify_tolerance(leased_bytes: int) -> int:
+    """How far above its leases an engine may measure (step 5, and the reconciler after): allocator
+    rounding and the CUDA context's growth, not a second KV cache."""
+    return max(128 * MiB, leased_bytes // 20)
+
+
+def over_leases(used_bytes: int, leased_bytes: int) -> bool:
+    return used_bytes > leased_bytes + verify_tolerance(leased_bytes)

@@ -1,0 +1,91 @@
+"""The daemon's parts, wired: probe, ledger, supervisor, reconciler and controller from a config,
+without HTTP (the composition root, api/service.py, adds the servers; the CLI's local `plan`
+uses this alone). Shut down in order: restarts cancelled, engines stopped, ledger closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import AsyncIterator, Callable, Mapping, Union
+
+from ..engines import adapters
+from ..engines.base import EngineAdapter
+from .config import LessorConfig
+from .controller import Controller
+from .devices import Probe, make_probe
+from .events import EventBus
+from .holder import ConfigHolder
+from .ledger import Ledger
+from .lifecycle import Timeouts
+from .mqtt import MqttPublisher
+from .reconciler import Reconciler, reconcile_at_start
+from .supervisor import Supervisor
+
+log = logging.getLogger("lessor.service")
+
+# The engines by kind, or a factory that makes them from the probe and ledger (tests' fakes).
+Engines = Union[Mapping[str, EngineAdapter], Callable[[Probe, Ledger], Mapping[str, EngineAdapter]]]
+
+
+def timeouts_of(config: LessorConfig) -> Timeouts:
+    t = config.timeouts
+    return Timeouts(t.weights, t.ready, t.stop_grace, t.adopt_s, t.stray_grace_s)
+
+
+@asynccontextmanager
+async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engines | None = None,
+                  clock: Callable[[], float] = time.monotonic, reconcile: bool = True) -> AsyncIterator[Controller]:
+    """`reconcile=False`: read-only (the CLI's local plan must not adopt or release a running
+    daemon's engines)."""
+    bus = EventBus()
+    holder = ConfigHolder(config)
+    probe = make_probe(config.devices, force_sim)
+    try:
+        ledger = await Ledger.open(config.ledger_url(), probe, config.devices, publish=bus.publish)
+        try:
+            made = adapters() if engines is None else engines(probe, ledger) if callable(engines) else engines
+            supervisor = Supervisor(holder, ledger, made, bus.publish, clock=clock, timeouts=timeouts_of(config),
+                                    probe=probe)
+            reconciler = Reconciler(config.reconciler, ledger, supervisor, bus.publish)
+            if reconcile:
+                await _settle(reconciler, ledger, supervisor, Path(config.state_dir).absolute(), bus)
+            controller = Controller(holder, probe, ledger, supervisor, bus)
+            controller.reconciler = reconciler
+            try:
+                yield controller
+            finally:
+                await supervisor.close()
+        finally:
+            await ledger.close()
+    finally:
+        probe.close()
+
+
+async def _settle(reconciler: Reconciler, ledger: Ledger, supervisor: Supervisor, state_dir: Path, bus: EventBus) -> None:
+    report = reconciler.at_start = await reconcile_at_start(ledger, supervisor, state_dir, bus.publish)
+    if report.adopted or report.stopped or report.released or report.strays:
+        log.warning("after restart: adopted %s, stopped %s, released %d lease(s), stopped %d stray(s)",
+                    report.adopted, report.stopped, report.released, len(report.strays))
+
+
+@asynccontextmanager
+async def publishing(controller: Controller) -> AsyncIterator[MqttPublisher | None]:
+    """Events and state to the MQTT broker of the config, while lessord runs (off when unset)."""
+    config = controller.config.mqtt
+    if config is None:
+        yield None
+        return
+    publisher = MqttPublisher(config, controller.bus, lambda: (controller.devices(), controller.models()))
+    controller.mqtt = publisher
+    task = asyncio.ensure_future(publisher.run())
+    try:
+        yield publisher
+    finally:
+        await publisher.flush(timeout_s=5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await publisher.announce_offline()
