@@ -9,10 +9,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..daemon.adoption import AdoptionOutcome
 from ..daemon.controller import Controller
 from ..daemon.events import AdmissionDecided, BudgetOvercommitted, EngineExited, Event, LeaseOverrun, ModelStateChanged
+from ..daemon.lifecycle import ModelState
 
-MODEL_STATES = ("unloaded", "loading", "ready", "unloading", "failed")
+MODEL_STATES = tuple(s.value for s in ModelState)
+LOADING, READY = ModelState.LOADING.value, ModelState.READY.value
+SETTLED = (READY, ModelState.FAILED.value, ModelState.UNLOADED.value)  # where a load ends
 LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
 
@@ -38,22 +42,22 @@ class Metrics:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, LeaseOverrun) and event.over:
-            self.overruns.labels(event.model, event.action).inc()
+            self.overruns.labels(event.model, event.action.value).inc()
         elif isinstance(event, BudgetOvercommitted):
             self.overcommits.labels(event.device).inc()
         elif isinstance(event, EngineExited):
             self.engine_exits.labels(event.model).inc()
         elif isinstance(event, AdmissionDecided):
-            self.admissions.labels(event.result).inc()
+            self.admissions.labels(event.result.value).inc()
             for victim in event.victims:
                 self.evictions.labels(victim).inc()
         elif isinstance(event, ModelStateChanged):
-            if event.state == "loading":
+            if event.state == LOADING:
                 self._load_started[event.model] = time.monotonic()
-            elif event.previous == "loading" and event.state in ("ready", "failed", "unloaded"):
+            elif event.previous == LOADING and event.state in SETTLED:
                 started = self._load_started.pop(event.model, None)
-                self.loads.labels(event.model, "ready" if event.state == "ready" else "failed").inc()
-                if event.state == "ready" and started is not None:
+                self.loads.labels(event.model, READY if event.state == READY else "failed").inc()
+                if event.state == READY and started is not None:
                     self.load_seconds.labels(event.model).observe(time.monotonic() - started)
 
     def render(self) -> tuple[bytes, str]:
@@ -108,8 +112,9 @@ class _Gauges:
         if reconciler is not None:  # what this start found of the previous lessord's engines
             adoptions = CounterMetricFamily("lessor_engine_adoptions", "Engines of a previous lessord found at start",
                                             labels=["outcome"])
-            adoptions.add_metric(["adopted"], len(reconciler.at_start.adopted))
-            adoptions.add_metric(["stopped"], len(reconciler.at_start.stopped) + len(reconciler.at_start.strays))
+            adoptions.add_metric([AdoptionOutcome.ADOPTED.value], len(reconciler.at_start.adopted))
+            adoptions.add_metric([AdoptionOutcome.STOPPED.value],
+                                 len(reconciler.at_start.stopped) + len(reconciler.at_start.strays))
             yield adoptions
             yield CounterMetricFamily("lessor_reconciler_checks", "Reconciler checks run", value=reconciler.checks)
         yield GaugeMetricFamily("lessor_ledger_unpersisted_releases",

@@ -7,6 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..daemon.config import Size
+from ..daemon.ledger import LeaseKind
+from ..daemon.lifecycle import ModelState
 
 
 class Body(BaseModel):
@@ -56,7 +58,7 @@ class LeaseOut(Out):
     id: str
     model: str
     device: str
-    kind: Literal["weights", "kv", "load_peak", "reserve"]
+    kind: LeaseKind
     bytes: int
     state: str
     attempt: str
@@ -75,7 +77,7 @@ class ModelOut(Out):
     name: str
     aliases: list[str]
     engine: str
-    state: Literal["unloaded", "loading", "ready", "unloading", "failed"]
+    state: ModelState
     priority: int
     pinned: bool
     keep_alive_s: float

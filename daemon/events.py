@@ -11,7 +11,27 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable, ClassVar
+
+
+def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: v.value if isinstance(v, Enum) else v for k, v in items}
+
+
+class AdmissionResult(str, Enum):
+    """What a policy decided (the names of policies.Decision's kinds)."""
+
+    ADMIT = "admit"
+    EVICT = "evict"
+    QUEUE = "queue"
+    REJECTED = "rejected"
+
+
+class OverrunAction(str, Enum):
+    REPORTED = "reported"  # over its leases: an event, a metric, the API
+    STOPPED = "stopped"  # over its leases and reconciler.on_overrun is 'stop'
+    CLEARED = "cleared"  # back within its leases
 
 
 @dataclass(frozen=True)
@@ -20,7 +40,8 @@ class Event:
     at_s: float = field(default_factory=time.time, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **dataclasses.asdict(self)}
+        """Plain values only (an enum as its value): what SSE and MQTT send."""
+        return {"type": self.type, **dataclasses.asdict(self, dict_factory=_plain)}
 
 
 @dataclass(frozen=True)
@@ -68,7 +89,7 @@ class EngineExited(Event):
 class AdmissionDecided(Event):
     type: ClassVar[str] = "admission"
     model: str
-    result: str  # admit, evict, queue, rejected
+    result: AdmissionResult
     reason: str = ""
     victims: tuple[str, ...] = ()
 
@@ -111,7 +132,7 @@ class LeaseOverrun(Event):
     used_bytes: int
     leased_bytes: int
     over: bool
-    action: str  # reported, stopped, cleared
+    action: OverrunAction
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from ..policies import AdmissionRequest, Evict
 from .config import ReconcilerConfig
 from .devices import gpu_id
 from .errors import LessorError
-from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun
+from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun, OverrunAction
 from .ledger import LeaseKind, Ledger
 from .lifecycle import ModelState, over_leases
 from .supervisor import Supervisor
@@ -150,7 +150,8 @@ class Reconciler:
             if record.overrun is not None:
                 device = record.overrun["device"]
                 self._supervisor.report_overrun(name, None)
-                self._publish(LeaseOverrun(name, device, used.get(device, 0), leased.get(device, 0), False, "cleared"))
+                self._publish(LeaseOverrun(name, device, used.get(device, 0), leased.get(device, 0), False,
+                                         OverrunAction.CLEARED))
             return
         self._over_checks[name] = self._over_checks.get(name, 0) + 1
         if self._over_checks[name] < self._config.overrun_checks or record.overrun is not None:
@@ -160,10 +161,10 @@ class Reconciler:
                                                "leased_bytes": leased.get(device, 0)})
         reason = (f"engine uses {format_bytes(bytes_used)} on {device}, its leases are "
                   f"{format_bytes(leased.get(device, 0))}; raise its memory figures or lower its cache")
-        action = "stopped" if self._config.on_overrun == "stop" else "reported"
-        log.warning("model %s over its leases (%s): %s", name, action, reason)
+        action = OverrunAction.STOPPED if self._config.on_overrun == "stop" else OverrunAction.REPORTED
+        log.warning("model %s over its leases (%s): %s", name, action.value, reason)
         self._publish(LeaseOverrun(name, device, bytes_used, leased.get(device, 0), True, action))
-        if action == "stopped":
+        if action is OverrunAction.STOPPED:
             await self._supervisor.stop_for_overrun(name, reason)
 
     async def _give_back(self) -> None:

@@ -26,7 +26,7 @@ from .adoption import Adoption, adopt
 from .config import ModelSpec
 from .devices import Probe, SimProbe, gpu_id
 from .errors import EngineUnavailable, LedgerUnavailable, ModelBusy, ModelsBusy, NotEnoughMemory, PlanRejected, UnknownModel
-from .events import AdmissionDecided, EngineExited, Event, ModelStateChanged
+from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, ModelStateChanged
 from .holder import ConfigHolder
 from .ledger import EngineRecord, LeaseKind, Ledger
 from .lifecycle import ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic
@@ -218,7 +218,7 @@ class Supervisor:
         snapshot = self.policy_snapshot()
         first, decision = self._decide(spec, snapshot)
         request = AdmissionRequest(spec.name, first.peak_need(), spec.priority)
-        self._publish(AdmissionDecided(spec.name, type(decision).__name__.lower(),
+        self._publish(AdmissionDecided(spec.name, AdmissionResult(type(decision).__name__.lower()),
                                        getattr(decision, "reason", ""), getattr(decision, "victims", ())))
         if isinstance(decision, Evict):
             for victim in decision.victims:
