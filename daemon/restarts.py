@@ -65,6 +65,11 @@ class Restarts:
             if delay is not None:
                 self.schedule(record, delay)
 
+    async def settled(self) -> None:
+        """Return once every exit report and restart under way has run its course."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         self._closed = True
         for task in list(self._tasks):

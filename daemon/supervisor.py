@@ -316,6 +316,10 @@ class Supervisor:
         self._set_state(record, ModelState.UNLOADED, reason)
         return record
 
+    async def settled(self) -> None:
+        """Return once crash handling and the restarts it scheduled have run (or given up)."""
+        await self._restarts.settled()
+
     async def close(self) -> None:
         """lessord is stopping: cancel pending restarts (none is spawned after this), then stop
         every engine and release its leases. Idempotent."""

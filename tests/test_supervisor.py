@@ -8,7 +8,7 @@ from lessor.daemon.errors import EngineUnavailable, LoadFailed, ModelBusy, NotEn
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from .conftest import sim_config, torch_model
+from .conftest import sim_config, torch_model, until
 
 
 def kinds(snapshot, model):
@@ -120,8 +120,7 @@ async def test_loads_on_different_devices_may_overlap(env):
 async def test_a_model_mid_load_is_busy(env):
     controller, adapter, _ = await env([torch_model("a", "2GiB")])
     task = asyncio.create_task(controller.load("a"))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await until(lambda: controller.model("a")["state"] == "loading")
     with pytest.raises(ModelBusy):
         await controller.load("a")
     await task
@@ -139,7 +138,7 @@ async def test_unload_releases_every_lease_and_stops_the_engine(env):
 async def crash(controller, adapter, events, name):
     adapter.launches[-1].on_exit(-9)
     while True:
-        event = await asyncio.wait_for(events.get(), 2)
+        event = await asyncio.wait_for(events.get(), 600)  # a hang guard only
         if event.type == "engine_exited" and event.model == name:
             return event
 
@@ -159,12 +158,12 @@ async def test_restarts_back_off_then_give_up(env):
     await controller.load("a")
     first = await crash(controller, adapter, events, "a")
     assert first.restart_in_s == 0.01
-    while controller.model("a")["state"] != "ready":
-        await asyncio.sleep(0.01)
+    await controller.supervisor.settled()
+    assert controller.model("a")["state"] == "ready"
     assert len(adapter.handles) == 2 and controller.model("a")["restarts"] == 1
     second = await crash(controller, adapter, events, "a")
     assert second.restart_in_s is None  # max_restarts within the window: given up
-    await asyncio.sleep(0.05)
+    await controller.supervisor.settled()
     assert controller.model("a")["state"] == "failed" and controller.leases("a") == []
 
 
@@ -175,7 +174,7 @@ async def test_an_exit_report_from_an_older_engine_is_ignored(env):
     await controller.unload("a")
     await controller.load("a")
     old.on_exit(-9)
-    await asyncio.sleep(0.05)
+    await controller.supervisor.settled()
     assert controller.model("a")["state"] == "ready" and controller.leases("a")
 
 
