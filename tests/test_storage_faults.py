@@ -18,8 +18,9 @@ from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
 from lessor.daemon.service import runtime
 from lessor.daemon.units import GiB
 
+from bench.pgcluster import pg_bindir, postgres_server
+
 from .conftest import FakeAdapter, sim_config, torch_model
-from .pgcluster import pg_bindir, postgres_server
 
 
 async def on_disk(url: str, devices: DevicesConfig) -> set[str]:
