@@ -61,9 +61,13 @@ async def runtime(config: LessorConfig, force_sim: bool = False,
                 if config.mqtt else None
             controller.mqtt = publisher
             publishing = asyncio.ensure_future(publisher.run()) if publisher else None
+            pruning = asyncio.ensure_future(ledger.run_pruning(config.ledger.history)) if reconcile else None
             try:
                 yield controller
             finally:
+                if pruning:
+                    pruning.cancel()
+                    await asyncio.gather(pruning, return_exceptions=True)
                 await supervisor.close()
                 for record in supervisor.records():
                     if record.state.value in ("ready", "failed"):

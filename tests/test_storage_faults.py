@@ -21,6 +21,7 @@ from lessor.daemon.units import GiB
 from bench.pgcluster import pg_bindir, postgres_server
 
 from .conftest import FakeAdapter, sim_config, torch_model
+from .test_ledger_history import Clock, SteppedSleep, rows
 
 
 async def on_disk(url: str, devices: DevicesConfig) -> set[str]:
@@ -150,4 +151,29 @@ async def test_postgresql_restarted_under_load_loses_no_lease_and_grants_no_byte
         assert await ledger.flush() == 0
         assert await on_disk(pg_server.url, devices) == {lease.id for lease in ledger.leases()}
     finally:
+        await ledger.close()
+
+
+async def test_a_pruning_round_the_database_refuses_is_tried_again_the_next_round(pg_server, caplog):
+    devices = DevicesConfig.model_validate({"probe": "sim", "headroom": 0, "simulated": [{"total": "16GiB"}]})
+    clock = Clock()
+    ledger = await Ledger.open(pg_server.url, SimProbe(devices.simulated, 0), devices, clock=clock)
+    sleep = SteppedSleep()
+    pruning = asyncio.ensure_future(ledger.run_pruning(history_s=100, sleep=sleep))
+    try:
+        await sleep.asleep.get()
+        for n in range(3):
+            assert isinstance(await ledger.grant("m", [LeaseWant("gpu0", LeaseKind.KV, GiB)], f"t{n}"), Granted)
+            await ledger.release_attempt(f"t{n}", "done")
+        clock.now += 200
+        await asyncio.to_thread(pg_server.pg_ctl, "-m", "fast", "stop")
+        await sleep.one_round()
+        assert "released leases not pruned" in caplog.text and not pruning.done()
+
+        await asyncio.to_thread(pg_server.pg_ctl, "start")
+        await sleep.one_round()
+        assert await rows(pg_server.url) == {}
+    finally:
+        pruning.cancel()
+        await asyncio.gather(pruning, return_exceptions=True)
         await ledger.close()
