@@ -23,6 +23,8 @@ from bench.pgcluster import pg_bindir, postgres_server
 from .conftest import FakeAdapter, sim_config, torch_model
 from .test_ledger_history import Clock, SteppedSleep, rows
 
+HANG_S = 600
+
 
 async def on_disk(url: str, devices: DevicesConfig) -> set[str]:
     """The granted lease ids as a freshly started lessord would read them."""
@@ -88,6 +90,14 @@ async def test_a_full_disk_refuses_the_load_and_loses_nothing(tmp_path):
         assert controller.model("b")["state"] == "ready"
 
 
+async def until(condition, what: str, outcomes: dict) -> None:
+    """Wait for a state the workers reach; the limit only guards against a hang."""
+    deadline = asyncio.get_running_loop().time() + HANG_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: {outcomes}"
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 def pg_server():
     bindir = pg_bindir()
@@ -134,13 +144,14 @@ async def test_postgresql_restarted_under_load_loses_no_lease_and_grants_no_byte
             await asyncio.sleep(0)
 
     workers = [asyncio.ensure_future(worker(i)) for i in range(4)]
-    await asyncio.sleep(0.5)
+    await until(lambda: outcomes["granted"] >= 50, "no grants before the restart", outcomes)
     before = dict(outcomes)
     restart = threading.Thread(target=pg_server.restart)
     restart.start()
-    while restart.is_alive():
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(1.0)  # keep going on the restarted server
+    await until(lambda: not restart.is_alive(), "the restart never ended", outcomes)
+    restarted = outcomes["granted"]
+    # Keep going on the restarted server: workers that came back grant again.
+    await until(lambda: outcomes["granted"] >= restarted + 50, "no grant after the restart", outcomes)
     stop.set()
     await asyncio.gather(*workers)
     try:
