@@ -17,14 +17,14 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.pgcluster
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.pgcluster import pg_bindir, postgres_cluster  # noqa: E402
 from lessor.daemon.config import DevicesConfig, HostPool, SimulatedGpu  # noqa: E402
 from lessor.daemon.devices import SimProbe  # noqa: E402
 from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger  # noqa: E402
 from lessor.daemon.units import GiB, MiB  # noqa: E402
 from lessor.policies import POLICIES, AdmissionRequest, DeviceBudget, ModelView, Snapshot  # noqa: E402
-from tests.pgcluster import pg_bindir, postgres_cluster  # noqa: E402
 
 DEVICES = DevicesConfig(headroom=GiB, host=HostPool(headroom=4 * GiB, simulated_total=64 * GiB))
 

@@ -225,6 +225,7 @@ class ModelSpec(Strict):
 
 class LedgerConfig(Strict):
     url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite+aiosqlite:///<state_dir>/ledger.db. PostgreSQL: postgresql+asyncpg://...")
+    history: Duration = Field(default=7 * 86400.0, ge=60, le=3650 * 86400, description="Seconds (or 30m, 12h, 7d) a released lease stays in the database as history (default 7 days); older ones are deleted in the background, every hour (or every `history`, when shorter). Granted leases always stay.")
 
     @field_validator("url")
     @classmethod

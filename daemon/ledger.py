@@ -18,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 
 from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text, delete, event, insert, select, update
 from sqlalchemy.engine import make_url
@@ -34,6 +34,9 @@ from .events import Event, LeaseGranted, LeaseReleased
 from .units import format_bytes
 
 log = logging.getLogger("lessor.ledger")
+
+# Released rows outlive ledger.history by at most this long (run_pruning's default round).
+PRUNE_EVERY_S = 3600.0
 
 
 class LeaseKind(str, Enum):
@@ -206,18 +209,21 @@ class Ledger:
         millions of requests through it. Nothing survives the process; lessord never uses it."""
         return cls(None, probe, devices, **kwargs)
 
-    async def _write(self, doing: str, statements: Callable[[], Sequence[tuple]]) -> None:
+    async def _write(self, doing: str, statements: Callable[[], Sequence[tuple]]) -> int:
         """One transaction; a storage failure becomes LedgerUnavailable and nothing of it is applied.
-        The statements are built only when there is a database to write them to."""
+        The statements are built only when there is a database to write them to. The rows changed,
+        where the driver counts them."""
         if self._engine is None:
-            return
+            return 0
+        changed = 0
         try:
             async with self._engine.begin() as conn:
                 for statement, *params in statements():
-                    await conn.execute(statement, *params)
+                    changed += max((await conn.execute(statement, *params)).rowcount, 0)
         except STORAGE_ERRORS as exc:
             log.error("ledger write failed (%s): %s", doing, exc)
             raise LedgerUnavailable(doing, _short(exc)) from exc
+        return changed
 
     async def close(self) -> None:
         async with self._lock:
@@ -380,13 +386,29 @@ class Ledger:
                 pass
 
     async def prune_released(self, older_than_s: float) -> int:
-        """Drop released rows older than this (they are history; events carried them already)."""
+        """Drop released rows older than this (they are history; events carried them already); how
+        many. Raises LedgerUnavailable when the database refuses."""
+        async with self._lock:
+            return await self._write("prune released leases", lambda: [(delete(leases_table).where(
+                (leases_table.c.state == "released") & (leases_table.c.released_at < self._clock() - older_than_s)),)])
+
+    async def run_pruning(self, history_s: float, interval_s: float | None = None,
+                          sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """lessord's background task: keeps released rows for `history_s`, pruning at start and then
+        every `interval_s` (an hour, or the history when shorter), so the table stays bounded. A
+        database that refuses is tried again next round: old rows waiting a while harm nobody."""
         if self._engine is None:
-            return 0
-        async with self._lock, self._engine.begin() as conn:
-            result = await conn.execute(delete(leases_table).where(
-                (leases_table.c.state == "released") & (leases_table.c.released_at < self._clock() - older_than_s)))
-            return result.rowcount or 0
+            return  # in memory a released lease is gone at once: there is no history to prune
+        interval_s = min(history_s, PRUNE_EVERY_S) if interval_s is None else interval_s
+        while True:
+            try:
+                pruned = await self.prune_released(history_s)
+            except LedgerUnavailable:
+                log.warning("released leases not pruned (see the error above); trying again in %.0f s", interval_s)
+            else:
+                if pruned:
+                    log.info("pruned %d released lease(s) older than %.0f s", pruned, history_s)
+            await sleep(interval_s)
 
 
 def _short(exc: BaseException) -> str:

@@ -16,13 +16,17 @@ class Notifier:
     def __init__(self, address: str | None = None) -> None:
         self.address = os.environ.get("NOTIFY_SOCKET") if address is None else address
 
-    def send(self, *fields: str) -> bool:
-        """Send `KEY=VALUE` lines; False where no notify socket is set (not under systemd)."""
+    def send(self, *fields: str, wait: bool = True) -> bool:
+        """Send `KEY=VALUE` lines; False where no notify socket is set (not under systemd), or, with
+        `wait=False`, where the receiver's queue is full (net.unix.max_dgram_qlen, 10 by default)."""
         if not self.address:
             return False
         target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto("\n".join(fields).encode(), target)
+            try:
+                sock.sendto("\n".join(fields).encode(), 0 if wait else socket.MSG_DONTWAIT, target)
+            except BlockingIOError:
+                return False
         return True
 
     def ready(self, status: str = "") -> bool:
@@ -33,6 +37,12 @@ class Notifier:
 
     def stopping(self) -> bool:
         return self.send("STOPPING=1")
+
+    def ping(self) -> bool:
+        """WATCHDOG=1, never blocking: on a full queue a blocking send would stall the event loop
+        (the admin API, the router) until the receiver reads. A dropped ping is harmless: the next
+        one follows within half of WatchdogSec=."""
+        return self.send("WATCHDOG=1", wait=False)
 
 
 def watchdog_interval_s() -> float | None:
@@ -46,5 +56,5 @@ def watchdog_interval_s() -> float | None:
 
 async def watchdog(notifier: Notifier, interval_s: float) -> None:
     while True:
-        notifier.send("WATCHDOG=1")
+        notifier.ping()
         await asyncio.sleep(interval_s)

@@ -55,9 +55,14 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
                 await _settle(reconciler, ledger, supervisor, Path(config.state_dir).absolute(), bus)
             controller = Controller(holder, probe, ledger, supervisor, bus)
             controller.reconciler = reconciler
+            # Released leases older than ledger.history go; never from the CLI's read-only plan.
+            pruning = asyncio.ensure_future(ledger.run_pruning(config.ledger.history)) if reconcile else None
             try:
                 yield controller
             finally:
+                if pruning:
+                    pruning.cancel()
+                    await asyncio.gather(pruning, return_exceptions=True)
                 await supervisor.close()
         finally:
             await ledger.close()

@@ -18,7 +18,7 @@ import pytest
 from lessor.daemon.config import LessorConfig, parse_config
 from lessor.daemon.units import GiB
 
-from .pgcluster import free_port, pg_bindir, postgres_cluster  # noqa: F401 (free_port: for the tests)
+from bench.pgcluster import free_port, pg_bindir, postgres_cluster  # noqa: F401 (free_port: for the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,8 +18,12 @@ from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
+from bench.pgcluster import pg_bindir, postgres_server
+
 from .conftest import FakeAdapter, sim_config, torch_model
-from .pgcluster import pg_bindir, postgres_server
+from .test_ledger_history import Clock, SteppedSleep, rows
+
+HANG_S = 600
 
 
 async def on_disk(url: str, devices: DevicesConfig) -> set[str]:
@@ -86,6 +90,14 @@ async def test_a_full_disk_refuses_the_load_and_loses_nothing(tmp_path):
         assert controller.model("b")["state"] == "ready"
 
 
+async def until(condition, what: str, outcomes: dict) -> None:
+    """Wait for a state the workers reach; the limit only guards against a hang."""
+    deadline = asyncio.get_running_loop().time() + HANG_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: {outcomes}"
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture
 def pg_server():
     bindir = pg_bindir()
@@ -132,13 +144,14 @@ async def test_postgresql_restarted_under_load_loses_no_lease_and_grants_no_byte
             await asyncio.sleep(0)
 
     workers = [asyncio.ensure_future(worker(i)) for i in range(4)]
-    await asyncio.sleep(0.5)
+    await until(lambda: outcomes["granted"] >= 50, "no grants before the restart", outcomes)
     before = dict(outcomes)
     restart = threading.Thread(target=pg_server.restart)
     restart.start()
-    while restart.is_alive():
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(1.0)  # keep going on the restarted server
+    await until(lambda: not restart.is_alive(), "the restart never ended", outcomes)
+    restarted = outcomes["granted"]
+    # Keep going on the restarted server: workers that came back grant again.
+    await until(lambda: outcomes["granted"] >= restarted + 50, "no grant after the restart", outcomes)
     stop.set()
     await asyncio.gather(*workers)
     try:
@@ -149,4 +162,29 @@ async def test_postgresql_restarted_under_load_loses_no_lease_and_grants_no_byte
         assert await ledger.flush() == 0
         assert await on_disk(pg_server.url, devices) == {lease.id for lease in ledger.leases()}
     finally:
+        await ledger.close()
+
+
+async def test_a_pruning_round_the_database_refuses_is_tried_again_the_next_round(pg_server, caplog):
+    devices = DevicesConfig.model_validate({"probe": "sim", "headroom": 0, "simulated": [{"total": "16GiB"}]})
+    clock = Clock()
+    ledger = await Ledger.open(pg_server.url, SimProbe(devices.simulated, 0), devices, clock=clock)
+    sleep = SteppedSleep()
+    pruning = asyncio.ensure_future(ledger.run_pruning(history_s=100, sleep=sleep))
+    try:
+        await sleep.asleep.get()
+        for n in range(3):
+            assert isinstance(await ledger.grant("m", [LeaseWant("gpu0", LeaseKind.KV, GiB)], f"t{n}"), Granted)
+            await ledger.release_attempt(f"t{n}", "done")
+        clock.now += 200
+        await asyncio.to_thread(pg_server.pg_ctl, "-m", "fast", "stop")
+        await sleep.one_round()
+        assert "released leases not pruned" in caplog.text and not pruning.done()
+
+        await asyncio.to_thread(pg_server.pg_ctl, "start")
+        await sleep.one_round()
+        assert await rows(pg_server.url) == {}
+    finally:
+        pruning.cancel()
+        await asyncio.gather(pruning, return_exceptions=True)
         await ledger.close()
