@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..daemon.config import Size
-from ..daemon.ledger import LeaseKind
+from ..daemon.ledger import LeaseKind, LeaseState
 from ..daemon.lifecycle import ModelState
 
 
@@ -60,7 +60,7 @@ class LeaseOut(Out):
     device: str
     kind: LeaseKind
     bytes: int
-    state: str
+    state: LeaseState
     attempt: str
     granted_at: float
     owner_pid: int | None

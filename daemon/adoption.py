@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..engines.base import EngineAdapter, EngineHandle, Launch
 from ..engines.process import EngineProcess
-from .ledger import EngineRecord
+from .ledger import EnginePhase, EngineRecord
 from .lifecycle import ModelRecord, ModelState, Timeouts
 
 
@@ -51,7 +51,7 @@ async def adopt(engine: EngineRecord, record: ModelRecord | None, adapter: Engin
                                   engine.started_at)
     if process is None:
         return Adoption(AdoptionOutcome.GONE, engine.pid, "its engine is gone")
-    why = ("its load had not finished" if engine.phase != "ready" else
+    why = ("its load had not finished" if engine.phase is not EnginePhase.READY else
            "the model is no longer configured" if record is None else
            "its device is no longer configured" if launch is None else
            f"no adapter for engine '{record.spec.engine.kind}'" if adapter is None else "")

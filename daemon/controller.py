@@ -120,9 +120,7 @@ class Controller:
         if restart_only:
             raise InvalidRequest(restart_only[0], f"changed fields need a restart ({', '.join(restart_only)}); "
                                                   "reload refused, the running config is kept")
-        change = await self.supervisor.apply_config(config)
-        self.ledger.set_devices(config.devices)
-        return change
+        return await self.supervisor.apply_config(config)
 
     def status(self) -> dict[str, Any]:
         from .. import __version__

@@ -46,6 +46,16 @@ class LeaseKind(str, Enum):
     RESERVE = "reserve"
 
 
+class LeaseState(str, Enum):
+    GRANTED = "granted"
+    RELEASED = "released"
+
+
+class EnginePhase(str, Enum):
+    LOADING = "loading"  # started; the load protocol's step 5 has not passed yet
+    READY = "ready"
+
+
 metadata = MetaData()
 leases_table = Table(
     "lessor_leases", metadata,
@@ -85,13 +95,13 @@ class EngineRecord:
     pid: int
     identity: str
     port: int
-    phase: str  # "loading" until the load protocol's step 5 passed, then "ready"
+    phase: EnginePhase
     params: Mapping[str, object]
     kv_tokens: int
     started_at: float
 
     def row(self) -> dict:
-        return {**self.__dict__, "params": json.dumps(dict(self.params), sort_keys=True)}
+        return {**self.__dict__, "phase": self.phase.value, "params": json.dumps(dict(self.params), sort_keys=True)}
 
 
 def _storage_errors() -> tuple[type[BaseException], ...]:
@@ -130,7 +140,7 @@ class Lease:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "model": self.model, "device": self.device, "kind": self.kind.value,
-                "bytes": self.bytes, "state": "granted", "attempt": self.attempt, "granted_at": self.granted_at,
+                "bytes": self.bytes, "state": LeaseState.GRANTED.value, "attempt": self.attempt, "granted_at": self.granted_at,
                 "owner_pid": self.owner_pid, "owner_started_at": self.owner_started_at}
 
 
@@ -177,11 +187,13 @@ def _engine_for(url: str) -> AsyncEngine:
 
 
 class Ledger:
-    def __init__(self, engine: AsyncEngine | None, probe: Probe, devices: DevicesConfig,
+    def __init__(self, engine: AsyncEngine | None, probe: Probe, devices: DevicesConfig | Callable[[], DevicesConfig],
                  publish: Callable[[Event], None] = lambda e: None, clock: Callable[[], float] = time.time) -> None:
+        """`devices`: the settings (headroom, caps), or where to read the ones in force (a reload
+        swaps them in the config holder, and the next budget uses them)."""
         self._engine = engine
         self._probe = probe
-        self._devices = devices
+        self._devices = devices if callable(devices) else (lambda: devices)
         self._publish = publish
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -195,11 +207,11 @@ class Ledger:
         ledger = cls(_engine_for(url), probe, devices, **kwargs)
         async with ledger._engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
-            rows = await conn.execute(select(leases_table).where(leases_table.c.state == "granted"))
+            rows = await conn.execute(select(leases_table).where(leases_table.c.state == LeaseState.GRANTED.value))
             ledger._leases = {row.id: _row_to_lease(row) for row in rows}
             rows = await conn.execute(select(engines_table))
             ledger._engines = {row.model: EngineRecord(row.model, row.attempt, row.pid, row.identity, row.port,
-                                                       row.phase, json.loads(row.params), row.kv_tokens,
+                                                       EnginePhase(row.phase), json.loads(row.params), row.kv_tokens,
                                                        row.started_at) for row in rows}
         return ledger
 
@@ -230,10 +242,6 @@ class Ledger:
             if self._engine is not None:
                 await self._engine.dispose()
 
-    def set_devices(self, devices: DevicesConfig) -> None:
-        """New headroom and capacity caps (a reload); leases already granted stay."""
-        self._devices = devices
-
     # -- reads -------------------------------------------------------------------------------
 
     def leases(self) -> tuple[Lease, ...]:
@@ -260,7 +268,7 @@ class Ledger:
             leased[lease.device] += lease.bytes
         pids = self.managed_pids()
         readings = self._probe.read(pids)
-        return readings, compute_budgets(readings, self._devices, leased, pids | group_members(readings, pids))
+        return readings, compute_budgets(readings, self._devices(), leased, pids | group_members(readings, pids))
 
     def snapshot(self) -> LedgerSnapshot:
         readings, budgets = self._read()
@@ -332,7 +340,7 @@ class Ledger:
 
     async def _mark_released(self, ids: list[str], reason: str) -> None:
         await self._write("record the release", lambda: [(update(leases_table).where(leases_table.c.id.in_(ids))
-                                                          .values(state="released", released_at=self._clock(),
+                                                          .values(state=LeaseState.RELEASED.value, released_at=self._clock(),
                                                                   release_reason=reason[:256]),)])
 
     async def flush(self) -> int:
@@ -367,7 +375,7 @@ class Ledger:
                 (delete(engines_table).where(engines_table.c.model == engine.model),),
                 (insert(engines_table), [engine.row()]),
                 (update(leases_table)
-                 .where((leases_table.c.model == engine.model) & (leases_table.c.state == "granted"))
+                 .where((leases_table.c.model == engine.model) & (leases_table.c.state == LeaseState.GRANTED.value))
                  .values(owner_pid=engine.pid, owner_started_at=engine.started_at),)])
             self._engines[engine.model] = engine
             for lease_id, lease in list(self._leases.items()):
@@ -390,7 +398,7 @@ class Ledger:
         many. Raises LedgerUnavailable when the database refuses."""
         async with self._lock:
             return await self._write("prune released leases", lambda: [(delete(leases_table).where(
-                (leases_table.c.state == "released") & (leases_table.c.released_at < self._clock() - older_than_s)),)])
+                (leases_table.c.state == LeaseState.RELEASED.value) & (leases_table.c.released_at < self._clock() - older_than_s)),)])
 
     async def run_pruning(self, history_s: float, interval_s: float | None = None,
                           sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:

@@ -23,7 +23,7 @@ from ..policies import DeviceBudget, Rejected
 from .config import ModelSpec
 from .devices import gpu_id
 from .errors import LedgerUnavailable, LoadFailed, NotEnoughMemory, PlanRejected
-from .ledger import EngineRecord, Granted, LeaseKind, Ledger
+from .ledger import EnginePhase, EngineRecord, Granted, LeaseKind, Ledger
 from .lifecycle import Timeouts, over_leases, verify_tolerance
 from .planner import Plan, plan, plan_kv
 from .units import format_bytes
@@ -78,7 +78,7 @@ class LoadAttempt:
         self.plan, self.port = first, spec.engine.port or free_port()
         self.step = "start engine"
         self.handle = await self.adapter.start(self.launch_for(first.params, first.kv_tokens, self.port, self.attempt))
-        await self.record_engine("loading")
+        await self.record_engine(EnginePhase.LOADING)
         self.step = "wait for weights"
         await self.handle.wait_weights_loaded(self.timeouts.weights_s)
         if not first.one_phase:
@@ -91,7 +91,7 @@ class LoadAttempt:
             await self.ledger.release_model(spec.name, "engine ready", kinds=[LeaseKind.LOAD_PEAK])
         self.step = "verify"
         await self._verify(self.handle)
-        await self.record_engine("ready")
+        await self.record_engine(EnginePhase.READY)
 
     async def _grant(self, wants, handle: EngineHandle | None = None) -> None:
         granted = await self.ledger.grant(self.spec.name, wants, self.attempt,
@@ -123,7 +123,7 @@ class LoadAttempt:
         if over:
             raise LoadFailed(self.spec.name, "verify", "; ".join(over))
 
-    async def record_engine(self, phase: str) -> None:
+    async def record_engine(self, phase: EnginePhase) -> None:
         handle, plan_ = self.handle, self.plan
         assert handle is not None and plan_ is not None
         await self.ledger.record_engine(EngineRecord(self.spec.name, self.attempt, handle.pid, handle.identity,

@@ -45,7 +45,7 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
     holder = ConfigHolder(config)
     probe = make_probe(config.devices, force_sim)
     try:
-        ledger = await Ledger.open(config.ledger_url(), probe, config.devices, publish=bus.publish)
+        ledger = await Ledger.open(config.ledger_url(), probe, holder.devices, publish=bus.publish)
         try:
             made = adapters() if engines is None else engines(probe, ledger) if callable(engines) else engines
             supervisor = Supervisor(holder, ledger, made, bus.publish, clock=clock, timeouts=timeouts_of(config),

@@ -10,7 +10,7 @@ import pytest
 
 from lessor.daemon.config import DevicesConfig, HostPool, SimulatedGpu
 from lessor.daemon.devices import SimProbe
-from lessor.daemon.ledger import EngineRecord, Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.ledger import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant, Ledger
 from lessor.daemon.units import GiB
 from lessor.policies import Rejected
 
@@ -26,9 +26,15 @@ DEVICES = DevicesConfig(headroom=GiB, host=HostPool(headroom=4 * GiB, simulated_
 
 
 @pytest.fixture
-async def ledger(ledger_url):
+def probe():
+    """The simulated devices under the `ledger` fixture, for the tests to move."""
+    return make_probe()
+
+
+@pytest.fixture
+async def ledger(ledger_url, probe):
     events = []
-    ledger = await Ledger.open(ledger_url, make_probe(), DEVICES, publish=events.append)
+    ledger = await Ledger.open(ledger_url, probe, DEVICES, publish=events.append)
     ledger.events = events
     yield ledger
     await ledger.close()
@@ -68,20 +74,20 @@ async def test_concurrent_grants_never_exceed_the_budget(ledger):
     assert ledger.budgets()["gpu0"].free_bytes == 3 * GiB
 
 
-async def test_foreign_growth_shrinks_the_budget(ledger):
-    ledger._probe.set_foreign("gpu0", 20 * GiB)
+async def test_foreign_growth_shrinks_the_budget(ledger, probe):
+    probe.set_foreign("gpu0", 20 * GiB)
     assert ledger.budgets()["gpu0"].free_bytes == 3 * GiB
     assert isinstance(await ledger.grant("a", [LeaseWant("gpu0", W, 4 * GiB)], "t1"), Rejected)
 
 
-async def test_managed_process_usage_is_not_counted_as_foreign(ledger):
+async def test_managed_process_usage_is_not_counted_as_foreign(ledger, probe):
     await ledger.grant("a", [LeaseWant("gpu0", W, 10 * GiB)], "t1", owner_pid=4242)
-    ledger._probe.set_process_usage("gpu0", 4242, 10 * GiB)
+    probe.set_process_usage("gpu0", 4242, 10 * GiB)
     budget = ledger.budgets()["gpu0"]
     assert budget.foreign_bytes == 8 * GiB and budget.free_bytes == 5 * GiB
 
 
-async def test_an_engines_worker_processes_are_managed_not_foreign(ledger):
+async def test_an_engines_worker_processes_are_managed_not_foreign(ledger, probe):
     """vLLM and SGLang hold GPU memory in child processes of the engine's process group: NVML lists
     them under their own pids. They count as the engine's, never as foreign usage."""
     engine = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '60']); "
@@ -91,8 +97,8 @@ async def test_an_engines_worker_processes_are_managed_not_foreign(ledger):
         worker = next(int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != engine.pid
                       and _pgid(int(e)) == engine.pid)
         await ledger.grant("a", [LeaseWant("gpu0", W, 10 * GiB)], "t1", owner_pid=engine.pid)
-        ledger._probe.set_process_usage("gpu0", worker, 9 * GiB)
-        ledger._probe.set_process_usage("gpu0", engine.pid, GiB)
+        probe.set_process_usage("gpu0", worker, 9 * GiB)
+        probe.set_process_usage("gpu0", engine.pid, GiB)
         budget = ledger.budgets()["gpu0"]
         assert budget.foreign_bytes == 8 * GiB and budget.free_bytes == 5 * GiB
         assert ledger.snapshot().readings["gpu0"].usage_of(engine.pid) == 10 * GiB
@@ -122,7 +128,7 @@ async def test_release_by_model_kind_and_attempt(ledger):
 async def test_leases_survive_a_restart(ledger_url):
     first = await Ledger.open(ledger_url, make_probe(), DEVICES)
     granted = await first.grant("a", [LeaseWant("gpu0", W, 3 * GiB), LeaseWant("host", W, 30 * GiB)], "t1")
-    engine = EngineRecord("a", "t1", 1234, "boot:42", 8123, "ready", {"context_tokens": 4096}, 4096, 99.5)
+    engine = EngineRecord("a", "t1", 1234, "boot:42", 8123, EnginePhase.READY, {"context_tokens": 4096}, 4096, 99.5)
     await first.record_engine(engine)
     await first.grant("b", [LeaseWant("gpu1", KV, GiB)], "t2")
     await first.release_model("b", "done")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from lessor.daemon.ledger import EngineRecord, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.ledger import EnginePhase, EngineRecord, LeaseKind, LeaseWant, Ledger
 from lessor.daemon.devices import make_probe
 from lessor.daemon.reconciler import stop_strays
 from lessor.daemon.runtime import runtime
@@ -143,7 +143,7 @@ async def test_a_recycled_pid_is_never_adopted(tmp_path):
     try:
         ledger = await Ledger.open(config.ledger_url(), make_probe(config.devices, True), config.devices)
         await ledger.grant("a", [LeaseWant("gpu0", LeaseKind.WEIGHTS, 4 * GiB)], "t1")
-        await ledger.record_engine(EngineRecord("a", "t1", stranger.pid, "another-boot:42", 8123, "ready", {}, 0, 1.0))
+        await ledger.record_engine(EngineRecord("a", "t1", stranger.pid, "another-boot:42", 8123, EnginePhase.READY, {}, 0, 1.0))
         await ledger.close()
         async with runtime(config, engines={}) as controller:
             assert controller.model("a")["state"] == "unloaded" and controller.leases() == []

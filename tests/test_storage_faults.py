@@ -59,9 +59,13 @@ async def fill_up(ledger: Ledger) -> None:
 
 async def test_a_full_disk_refuses_the_load_and_loses_nothing(tmp_path):
     config = sim_config(tmp_path, [torch_model("a"), torch_model("b", "2GiB")])
-    async with runtime(config, engines={}) as controller:
-        adapter = FakeAdapter(controller.probe, controller.ledger)
-        controller.supervisor._engines = {"torch": adapter}
+    fakes = []
+
+    def engines(probe, ledger):
+        fakes.append(FakeAdapter(probe, ledger))
+        return {"torch": fakes[0]}
+    async with runtime(config, engines=engines) as controller:
+        adapter = fakes[0]
         await controller.load("a")
         a_leases = controller.leases("a")
         await fill_up(controller.ledger)
