@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
-from ..engines import ENGINE_KINDS, EngineArgs
-from ..engines.ktransformers import DEFAULT_CHUNK_TOKENS as KT_DEFAULT_CHUNK_TOKENS
-from .memory import GGML_TYPE_BYTES, Architecture, KvDtype, WeightFormat, estimate, read_hf_config
+from ..engines import ENGINE_ARGS, ENGINE_KINDS, EngineArgs
+from .memory import Architecture, KvDtype, Memory, MemoryProfile, Size, WeightFormat, read_hf_config, resolve
 from ..policies import POLICIES
 from .errors import ConfigError, ConfigProblem
-from .units import DURATION_PATTERN, SIZE_PATTERN, GiB, MiB, parse_duration, parse_size
+from .units import DURATION_PATTERN, GiB, MiB, parse_duration
 
-Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(
-    {"anyOf": [{"type": "integer", "minimum": 0},
-               {"type": "string", "pattern": SIZE_PATTERN, "examples": ["8GiB", "512MiB", "8GB"]}]})]
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(
     {"anyOf": [{"type": "number"}, {"type": "string", "pattern": DURATION_PATTERN, "examples": ["30s", "5m", "-1"]}]})]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
@@ -94,28 +89,6 @@ def _default_gpu_settings(index: int) -> GpuSettings:
     return GpuSettings(index=index)
 
 
-class MemoryProfile(Strict):
-    """What a model needs, in bytes. Computed from `architecture` when given; any field set here wins."""
-
-    weights: Size | None = Field(default=None, description="Weight bytes on the GPU(s), split evenly over the placement's devices.")
-    host_weights: Size | None = Field(default=None, description="Weight bytes in host RAM (hybrid engines).")
-    kv_bytes_per_token: int | None = Field(default=None, gt=0, le=1 << 24, description="KV-cache bytes per token (all layers).")
-    activation: Size | None = Field(default=None, description="Steady workspace beyond weights and KV (activations, CUDA context and graphs).")
-    load_peak: Size | None = Field(default=None, description="Transient bytes above the weights while loading (e.g. a tensor dequantized on the GPU).")
-
-
-@dataclass(frozen=True)
-class Memory:
-    """The resolved profile the planner works with."""
-
-    weights: int
-    host_weights: int
-    kv_bytes_per_token: int
-    activation: int
-    load_peak: int
-    estimated: tuple[str, ...] = ()
-
-
 class Placement(Strict):
     devices: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=64, description="GPU indices the model spans.")
     experts: Literal["gpu", "cpu"] = Field(default="gpu", description="Where MoE routed experts live; cpu = hybrid engine.")
@@ -181,22 +154,8 @@ class ModelSpec(Strict):
     def memory_profile(self) -> Memory:
         """profile()'s cache. A cached property, not a private attribute: equality compares
         fields only, so a spec that has computed its profile still equals one that has not."""
-        given = {k: v for k, v in self.memory.model_dump().items() if v is not None}
-        computed, estimated = {}, ()
-        if self.architecture is not None:
-            engine = self.engine
-            est = estimate(self.architecture, self.quantization, self.kv_dtype, self.placement.experts == "cpu",
-                           chunk_tokens=getattr(engine, "chunk_size", None) or
-                           (KT_DEFAULT_CHUNK_TOKENS if engine.kind == "ktransformers" else 512),
-                           batch=getattr(engine, "max_batch_size", None) or self.plan.max_batch_size,
-                           k_v_bytes=(GGML_TYPE_BYTES[engine.cache_type_k], GGML_TYPE_BYTES[engine.cache_type_v])
-                           if engine.kind == "llamacpp" else None)
-            computed = {"weights": est.gpu_weight_bytes, "host_weights": est.host_weight_bytes,
-                        "kv_bytes_per_token": est.kv_bytes_per_token, "activation": est.activation_bytes,
-                        "load_peak": est.load_peak_bytes}
-            estimated = tuple(e.removesuffix("_bytes") for e in est.estimated if e.removesuffix("_bytes") not in given)
-        merged = {"host_weights": 0, "activation": 0, "load_peak": 0, **computed, **given}
-        return Memory(**merged, estimated=estimated)
+        return resolve(self.memory, self.architecture, self.quantization, self.kv_dtype, self.placement.experts == "cpu",
+                       self.engine, self.plan.max_batch_size)
 
     @field_validator("aliases")
     @classmethod
@@ -214,12 +173,15 @@ class ModelSpec(Strict):
             if missing:
                 raise ValueError(f"memory.{missing[0]}: required when no architecture is given "
                                  f"(give the model's architecture, or memory.{' and memory.'.join(missing)})")
-        if self.placement.experts == "cpu" and self.engine.kind not in ("ktransformers", "llamacpp"):
-            raise ValueError(f"placement.experts: 'cpu' needs a hybrid engine (ktransformers, llamacpp), not '{self.engine.kind}'")
+        engine, most = self.engine, self.engine.max_devices
+        if self.placement.experts == "cpu" and not engine.hybrid:
+            hybrid = ", ".join(sorted(k for k, args in ENGINE_ARGS.items() if args.hybrid))
+            raise ValueError(f"placement.experts: 'cpu' needs a hybrid engine ({hybrid}), not '{engine.kind}'")
         if len(set(self.placement.devices)) != len(self.placement.devices):
             raise ValueError("placement.devices: a GPU index is listed twice")
-        if self.engine.kind == "torch" and len(self.placement.devices) != 1:
-            raise ValueError("placement.devices: the built-in torch engine runs on one GPU; list exactly one")
+        if most is not None and len(self.placement.devices) > most:
+            span = "one GPU; list exactly one" if most == 1 else f"at most {most} GPUs; list at most {most}"
+            raise ValueError(f"placement.devices: {engine.title} runs on {span}")
         return self
 
 

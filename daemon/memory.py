@@ -2,7 +2,9 @@
 
 Pure functions. Exact where the formula is known (parameter counts, KV bytes per token, the
 largest tensor a loader dequantizes); the activation workspace and the CUDA context are
-estimates, and `MemoryEstimate.estimated` names which numbers are.
+estimates, and `MemoryEstimate.estimated` names which numbers are. `resolve` merges them with
+what a model spec sets (`MemoryProfile`) into the `Memory` the planner works with; the config
+tree (config.py) only calls it.
 """
 
 from __future__ import annotations
@@ -10,9 +12,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+
+from ..engines.base import EngineArgsBase
+from .units import SIZE_PATTERN, parse_size
+
+Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(
+    {"anyOf": [{"type": "integer", "minimum": 0},
+               {"type": "string", "pattern": SIZE_PATTERN, "examples": ["8GiB", "512MiB", "8GB"]}]})]
 
 # Bits per weight of each format: (linear layers, embeddings, lm_head). K-quants mix types per
 # tensor; Q4_K_M averages 4.89 over the linear weights, with token_embd Q4_K and output Q6_K.
@@ -149,11 +158,6 @@ def param_counts(a: Architecture) -> ParamCounts:
     )
 
 
-# ggml cache types: bytes per element, block scales included (q8_0: 32 int8 + an fp16 scale per 34 bytes).
-GGML_TYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-                   "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
-
-
 def kv_bytes_per_token(a: Architecture, kv_dtype: str = "bf16", k_v_bytes: tuple[float, float] | None = None) -> int:
     """MLA caches the compressed latent and the shared rotary key; GQA caches K and V per KV head.
     `k_v_bytes` gives per-element sizes of K and V where they differ (llama.cpp's cache types)."""
@@ -212,3 +216,43 @@ def estimate(a: Architecture, weight_format: str = "bf16", kv_dtype: str = "bf16
         peak = _bytes(p.largest_tensor, 16)
     return MemoryEstimate(gpu, host, kv_bytes_per_token(a, kv_dtype, k_v_bytes),
                           activation_bytes(a, chunk_tokens, batch) + CUDA_CONTEXT_BYTES, peak, p)
+
+
+class MemoryProfile(BaseModel):
+    """What a model needs, in bytes. Computed from `architecture` when given; any field set here wins."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: Size | None = Field(default=None, description="Weight bytes on the GPU(s), split evenly over the placement's devices.")
+    host_weights: Size | None = Field(default=None, description="Weight bytes in host RAM (hybrid engines).")
+    kv_bytes_per_token: int | None = Field(default=None, gt=0, le=1 << 24, description="KV-cache bytes per token (all layers).")
+    activation: Size | None = Field(default=None, description="Steady workspace beyond weights and KV (activations, CUDA context and graphs).")
+    load_peak: Size | None = Field(default=None, description="Transient bytes above the weights while loading (e.g. a tensor dequantized on the GPU).")
+
+
+@dataclass(frozen=True)
+class Memory:
+    """The resolved profile the planner works with."""
+
+    weights: int
+    host_weights: int
+    kv_bytes_per_token: int
+    activation: int
+    load_peak: int
+    estimated: tuple[str, ...] = ()
+
+
+def resolve(given: MemoryProfile, architecture: Architecture | None, weight_format: str, kv_dtype: str,
+            experts_on_cpu: bool, engine: EngineArgsBase, plan_batch: int) -> Memory:
+    """The memory model's numbers for this engine's arguments, with every field `given` sets taken
+    as given; `plan_batch` counts where the engine's arguments leave the batch open."""
+    fixed = {k: v for k, v in given.model_dump().items() if v is not None}
+    computed, estimated = {}, ()
+    if architecture is not None:
+        est = estimate(architecture, weight_format, kv_dtype, experts_on_cpu, chunk_tokens=engine.chunk_tokens(),
+                       batch=engine.decode_batch() or plan_batch, k_v_bytes=engine.kv_element_bytes())
+        computed = {"weights": est.gpu_weight_bytes, "host_weights": est.host_weight_bytes,
+                    "kv_bytes_per_token": est.kv_bytes_per_token, "activation": est.activation_bytes,
+                    "load_peak": est.load_peak_bytes}
+        estimated = tuple(e.removesuffix("_bytes") for e in est.estimated if e.removesuffix("_bytes") not in fixed)
+    return Memory(**{"host_weights": 0, "activation": 0, "load_peak": 0, **computed, **fixed}, estimated=estimated)

@@ -12,21 +12,14 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from ..engines import ENGINE_KINDS, TWO_PHASE_KINDS
-from ..engines.ktransformers import DEFAULT_CHUNK_TOKENS, cache_lens_rule, chunk_size_rule, max_batch_size_rule, page_size_rule
+from ..engines.base import Sizing
 from ..policies import DeviceBudget
-from .config import Memory, ModelSpec, problems_from
+from .config import ModelSpec, problems_from
 from .devices import HOST, gpu_id
 from .errors import PlanRejected
 from .ledger import LeaseKind, LeaseWant
+from .memory import Memory
 from .units import format_bytes
-
-# Where each engine takes the planned KV size and concurrency from (engine flag names).
-_KV_PARAM = {"torch": "context_tokens", "llamacpp": "ctx_size", "vllm": "max_model_len",
-             "sglang": "max_total_tokens", "ktransformers": "cache_lens"}
-_BATCH_PARAM = {"torch": "max_batch_size", "llamacpp": "parallel", "vllm": "max_num_seqs",
-                "sglang": "max_running_requests", "ktransformers": "max_batch_size"}
-assert set(_KV_PARAM) == set(ENGINE_KINDS)
 
 
 @dataclass(frozen=True)
@@ -107,7 +100,7 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
                f"{format_bytes(b - free[d])} more or lower the load peak" for d, b in _sum(loads).items()
                if d in free and b > free[d]]
     # A one-phase engine holds its load peak while it allocates its KV cache: the KV room excludes it.
-    one_phase = spec.engine.kind not in TWO_PHASE_KINDS
+    one_phase = not spec.engine.two_phase
     held = _sum(loads) if one_phase else _sum(loads, LeaseKind.LOAD_PEAK)
     return _sized(spec, memory, budgets, {d: f - held.get(d, 0) for d, f in free.items()}, loads, reasons,
                   one_phase=one_phase)
@@ -150,11 +143,11 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
     per_token = memory.kv_bytes_per_token / n
     room = min(after_weights.values()) - memory.activation
     fit_tokens = max(0, int(room // per_token))
-    configured = getattr(engine, _KV_PARAM[engine.kind])
-    batch = getattr(engine, _BATCH_PARAM[engine.kind])
-    granule = engine.page_size if engine.kind == "ktransformers" else 16
+    configured = getattr(engine, engine.kv_param)
+    batch = getattr(engine, engine.batch_param)
+    granule = engine.kv_granule()
     if configured is not None:
-        tokens = configured * (batch or goal.max_batch_size if engine.kind in ("torch", "vllm") else 1)
+        tokens = configured * ((batch or goal.max_batch_size) if engine.kv_per_sequence else 1)
     else:
         tokens = fit_tokens if goal.max_kv_tokens is None else min(fit_tokens, goal.max_kv_tokens)
         tokens -= tokens % granule
@@ -165,10 +158,10 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
     reasons = []
     if tokens > fit_tokens:
         reasons.append(f"KV cache of {tokens} tokens needs {format_bytes(int(tokens * per_token))} per device, "
-                       f"{format_bytes(max(room, 0))} is left after the weights; lower {_KV_PARAM[engine.kind]} "
+                       f"{format_bytes(max(room, 0))} is left after the weights; lower {engine.kv_param} "
                        f"to {fit_tokens - fit_tokens % granule} or free memory")
     elif tokens < goal.min_kv_tokens and configured is not None:
-        reasons.append(f"{_KV_PARAM[engine.kind]} gives {tokens} KV tokens, below plan.min_kv_tokens {goal.min_kv_tokens}; "
+        reasons.append(f"{engine.kv_param} gives {tokens} KV tokens, below plan.min_kv_tokens {goal.min_kv_tokens}; "
                        f"raise it (up to {fit_tokens - fit_tokens % granule} fit now) or lower plan.min_kv_tokens")
     elif tokens < goal.min_kv_tokens:
         reasons.append(f"only {tokens} KV tokens fit after the weights ({format_bytes(max(room, 0))} left), "
@@ -178,57 +171,6 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
         # sliver that fits now (evicting for a sliver would end in a KV cache too small to load).
         tokens = -(-goal.min_kv_tokens // granule) * granule
     gpu_bytes = -(-memory.weights // n) + memory.activation + int(tokens * per_token)
-    params, rule_reasons, warnings = ENGINE_PARAMS[engine.kind](spec, memory, tokens, batch, gpu_bytes, total_bytes)
-    return tokens, params, reasons + rule_reasons, warnings
-
-
-Params = tuple[dict[str, Any], list[str], list[str]]  # engine flags, broken rules, warnings
-
-
-def _ktransformers(spec: ModelSpec, memory: Memory, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
-    engine = spec.engine
-    chunk = engine.chunk_size or DEFAULT_CHUNK_TOKENS
-    params = {"cache_lens": tokens, "max_batch_size": batch, "chunk_size": chunk, "page_size": engine.page_size,
-              "max_new_tokens": engine.max_new_tokens}
-    rules = [(name, rule) for name, rule in (
-        ("page_size", page_size_rule(engine.page_size)), ("cache_lens", cache_lens_rule(tokens, engine.page_size)),
-        ("chunk_size", chunk_size_rule(chunk)), ("max_batch_size", max_batch_size_rule(batch, engine.backend))) if rule]
-    warnings = []
-    if tokens < batch * engine.max_new_tokens:
-        warnings.append(f"cache_lens {tokens} < max_batch_size {batch} x max_new_tokens {engine.max_new_tokens}: "
-                        f"concurrency is about cache_lens / (prompt + max_new_tokens), so requests will wait")
-    return params, [f"engine.{name}: {rule}" for name, rule in rules], warnings
-
-
-def _vllm(spec: ModelSpec, memory: Memory, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
-    # --gpu-memory-utilization is a fraction of the card's *total* memory, not of what is free:
-    # computed from lessor's lease, rounded down so vLLM never takes more than it was granted.
-    fraction = int(gpu_bytes * 1000 // max(total_bytes, 1)) / 1000
-    kv_bytes = int(tokens * memory.kv_bytes_per_token / len(spec.placement.devices))
-    return ({"max_model_len": tokens // batch, "max_num_seqs": batch, "gpu_memory_utilization": fraction,
-             "kv_cache_memory_bytes": kv_bytes}, [], [])
-
-
-def _sglang(spec: ModelSpec, memory: Memory, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
-    # --mem-fraction-static covers weights and the KV pool, as a fraction of total memory.
-    static = gpu_bytes - memory.activation
-    return ({"max_total_tokens": tokens, "max_running_requests": batch,
-             "context_length": spec.engine.context_length or tokens,
-             "mem_fraction_static": int(static * 1000 // max(total_bytes, 1)) / 1000}, [], [])
-
-
-def _llamacpp(spec: ModelSpec, memory: Memory, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
-    engine = spec.engine
-    warnings = []
-    if engine.cache_type_v not in ("f32", "f16", "bf16"):
-        warnings.append("engine.cache_type_v: a quantized V cache needs flash attention (the adapter passes -fa on)")
-    return ({"ctx_size": tokens, "parallel": batch, "n_gpu_layers": engine.n_gpu_layers,
-             "cache_type_k": engine.cache_type_k, "cache_type_v": engine.cache_type_v}, [], warnings)
-
-
-def _torch(spec: ModelSpec, memory: Memory, tokens: int, batch: int, gpu_bytes: int, total_bytes: int) -> Params:
-    return {"context_tokens": tokens // batch, "max_batch_size": batch}, [], []
-
-
-ENGINE_PARAMS = {"ktransformers": _ktransformers, "vllm": _vllm, "sglang": _sglang, "llamacpp": _llamacpp, "torch": _torch}
-assert set(ENGINE_PARAMS) == set(ENGINE_KINDS)
+    flags = engine.planned_flags(Sizing(tokens, batch, memory.kv_bytes_per_token, n, memory.activation, gpu_bytes,
+                                        total_bytes))
+    return tokens, flags.params, reasons + flags.broken, flags.warnings

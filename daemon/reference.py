@@ -70,10 +70,15 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
     return out
 
 
+def engine_classes() -> list[type[BaseModel]]:
+    """The engine argument classes the config accepts under `models[].engine`, in the reference's order."""
+    return _models_in(ModelSpec.model_fields["engine"].annotation)
+
+
 def engine_rows() -> list[tuple[str, str, str, str]]:
     out = []
-    for engine in _models_in(ModelSpec.model_fields["engine"].annotation):
-        kind = typing.get_args(engine.model_fields["kind"].annotation)[0]
+    for engine in engine_classes():
+        kind = engine.engine_kind()
         out += [(f"engine ({kind}).{p}", t, d, desc) for p, t, d, desc in rows(engine) if p != "kind"]
     return out
 

@@ -9,17 +9,52 @@ their KV cache from flags at start and hold the load-peak lease until they are r
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .process import EngineProcess, engine_env
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """What the planner sized for one model, in plain numbers, for its engine to turn into flags."""
+
+    kv_tokens: int  # all sequences together
+    batch: int  # sequences served together
+    kv_bytes_per_token: int  # all layers, before the split over devices
+    devices: int
+    activation_bytes: int  # per device: workspace beyond weights and KV
+    gpu_bytes: int  # per device: weights + activation + KV
+    total_bytes: int  # the smallest card's total
+
+
+class Flags(NamedTuple):
+    params: dict[str, Any]  # the engine's flags, by name
+    broken: list[str]  # rules the flags break, each "engine.FIELD: why"
+    warnings: list[str]
+
+
 class EngineArgsBase(BaseModel):
+    """An engine's arguments, and the facts about the engine that the config, the planner and the
+    memory model ask instead of testing its kind. Every engine declares each ClassVar below (a
+    test checks it) and `planned_flags`; the methods' defaults fit most engines."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    title: ClassVar[str]  # the engine in messages ("the built-in torch engine")
+    kv_param: ClassVar[str]  # the argument (and flag) that takes the planned KV size
+    batch_param: ClassVar[str]  # the argument that takes the planned concurrency
+    kv_per_sequence: ClassVar[bool]  # kv_param counts tokens per sequence: the cache holds it x batch
+    two_phase: ClassVar[bool]  # loads its weights, then allocates the KV cache lessor grants
+    hybrid: ClassVar[bool]  # may keep MoE experts in host RAM (placement.experts: cpu)
+    max_devices: ClassVar[int | None]  # GPUs one model may span; None: any number
+    default_chunk_tokens: ClassVar[int]  # the prefill chunk the memory model assumes
+    FACTS: ClassVar[tuple[str, ...]] = ("title", "kv_param", "batch_param", "kv_per_sequence", "two_phase", "hybrid",
+                                        "max_devices", "default_chunk_tokens")
 
     model_path: str = Field(description="Local path of the model (HF folder or GGUF file); never a hub id.", min_length=1)
     extra_args: list[str] = Field(default_factory=list, description="Extra argv tokens appended to the engine's command, passed without a shell.")
@@ -30,6 +65,31 @@ class EngineArgsBase(BaseModel):
     @classmethod
     def _absolute(cls, path: str) -> str:
         return absolute_path(path)
+
+    @classmethod
+    def engine_kind(cls) -> str:
+        """The `kind` tag of this class's arguments in the config."""
+        return typing.get_args(cls.model_fields["kind"].annotation)[0]
+
+    def kv_granule(self) -> int:
+        """Tokens the engine allocates its KV cache in: a planned size is a multiple of it."""
+        return 16
+
+    def chunk_tokens(self) -> int:
+        """The prefill chunk the engine runs with these arguments."""
+        return self.default_chunk_tokens
+
+    def decode_batch(self) -> int | None:
+        """Sequences these arguments fix for the memory model's logits estimate (None: the plan's)."""
+        return None
+
+    def kv_element_bytes(self) -> tuple[float, float] | None:
+        """Bytes per K and per V element where the engine's arguments set them (None: the spec's kv_dtype)."""
+        return None
+
+    def planned_flags(self, sizing: Sizing) -> Flags:
+        """The engine's flags for a planned KV cache, the rules they break and warnings."""
+        raise NotImplementedError
 
 
 def absolute_path(path: str) -> str:
@@ -116,7 +176,6 @@ class EngineHandle(Protocol):
 
 class EngineAdapter(Protocol):
     kind: str
-    two_phase: bool
 
     async def start(self, launch: Launch) -> EngineHandle: ...
 
@@ -151,9 +210,12 @@ class ProcessHandle:
 class ProcessAdapter:
     """Base of the adapters that run one server process from a command line."""
 
-    kind = ""
-    two_phase = False
+    args_class: ClassVar[type[EngineArgsBase]]  # the engine's arguments and facts
     handle_class: type = ProcessHandle
+
+    @property
+    def kind(self) -> str:
+        return self.args_class.engine_kind()
 
     def command(self, launch: Launch) -> Command:
         raise NotImplementedError

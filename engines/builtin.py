@@ -4,20 +4,35 @@
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import ClassVar, Literal
 
 import aiohttp
 from pydantic import Field
 
-from .base import Command, EngineArgsBase, Launch, KvGrant, ProcessAdapter, ProcessHandle
+from .base import Command, EngineArgsBase, Flags, Launch, KvGrant, ProcessAdapter, ProcessHandle, Sizing
 
 
 class TorchEngineArgs(EngineArgsBase):
+    title: ClassVar[str] = "the built-in torch engine"
+    kv_param: ClassVar[str] = "context_tokens"
+    batch_param: ClassVar[str] = "max_batch_size"
+    kv_per_sequence: ClassVar[bool] = True  # a static cache of max_batch_size slots of context_tokens
+    two_phase: ClassVar[bool] = True
+    hybrid: ClassVar[bool] = False
+    max_devices: ClassVar[int | None] = 1
+    default_chunk_tokens: ClassVar[int] = 512
+
     kind: Literal["torch"] = Field(description="The built-in torch engine.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Weight and KV dtype.")
     max_batch_size: int | None = Field(default=None, ge=1, le=256, description="Sequences decoded together; planned when unset.")
     context_tokens: int | None = Field(default=None, ge=16, le=1 << 20, description="Tokens per sequence in the static KV cache; planned when unset.")
     threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads per decode step (CPU and simulated devices).")
+
+    def decode_batch(self) -> int | None:
+        return self.max_batch_size
+
+    def planned_flags(self, sizing: Sizing) -> Flags:
+        return Flags({"context_tokens": sizing.kv_tokens // sizing.batch, "max_batch_size": sizing.batch}, [], [])
 
 
 class TorchHandle(ProcessHandle):
@@ -54,8 +69,7 @@ class TorchHandle(ProcessHandle):
 
 
 class TorchAdapter(ProcessAdapter):
-    kind = "torch"
-    two_phase = True
+    args_class = TorchEngineArgs
     handle_class = TorchHandle
 
     def command(self, launch: Launch) -> Command:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 from pydantic import Field, ValidationInfo, field_validator
 
-from .base import Command, EngineArgsBase, Launch, ProcessAdapter, absolute_path
+from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing, absolute_path
 
 CUDA_PAGE_TOKENS = 256
 DEFAULT_CHUNK_TOKENS = 256  # attn.chunk_size of ktransformers' shipped config.yaml
@@ -53,6 +53,15 @@ def _check(message: str | None, value):
 
 
 class KTransformersEngineArgs(EngineArgsBase):
+    title: ClassVar[str] = "ktransformers"
+    kv_param: ClassVar[str] = "cache_lens"
+    batch_param: ClassVar[str] = "max_batch_size"
+    kv_per_sequence: ClassVar[bool] = False  # cache_lens is shared by all sequences
+    two_phase: ClassVar[bool] = False  # it reserves cache_lens before it loads the weights
+    hybrid: ClassVar[bool] = True
+    max_devices: ClassVar[int | None] = None
+    default_chunk_tokens: ClassVar[int] = DEFAULT_CHUNK_TOKENS
+
     kind: Literal["ktransformers"] = Field(description="ktransformers (hybrid CPU/GPU MoE serving).")
     command: list[str] = Field(default_factory=lambda: ["python3", "-m", "ktransformers.server.main"], min_length=1, description="The command that starts ktransformers' server.")
     optimize_config_path: str | None = Field(default=None, description="--optimize_config_path: the injection rules YAML (e.g. DeepSeek-V3-Chat-serve.yaml).")
@@ -91,6 +100,28 @@ class KTransformersEngineArgs(EngineArgsBase):
     def _max_batch_size(cls, v: int | None, info: ValidationInfo) -> int | None:
         backend = info.data.get("backend", "balance_serve")
         return v if v is None else _check(max_batch_size_rule(v, backend), v)
+
+    def kv_granule(self) -> int:
+        return self.page_size
+
+    def chunk_tokens(self) -> int:
+        return self.chunk_size or self.default_chunk_tokens
+
+    def decode_batch(self) -> int | None:
+        return self.max_batch_size
+
+    def planned_flags(self, sizing: Sizing) -> Flags:
+        tokens, batch, chunk = sizing.kv_tokens, sizing.batch, self.chunk_tokens()
+        params = {"cache_lens": tokens, "max_batch_size": batch, "chunk_size": chunk, "page_size": self.page_size,
+                  "max_new_tokens": self.max_new_tokens}
+        rules = [(name, rule) for name, rule in (
+            ("page_size", page_size_rule(self.page_size)), ("cache_lens", cache_lens_rule(tokens, self.page_size)),
+            ("chunk_size", chunk_size_rule(chunk)), ("max_batch_size", max_batch_size_rule(batch, self.backend))) if rule]
+        warnings = []
+        if tokens < batch * self.max_new_tokens:
+            warnings.append(f"cache_lens {tokens} < max_batch_size {batch} x max_new_tokens {self.max_new_tokens}: "
+                            f"concurrency is about cache_lens / (prompt + max_new_tokens), so requests will wait")
+        return Flags(params, [f"engine.{name}: {rule}" for name, rule in rules], warnings)
 
 
 def engine_config(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -133,7 +164,7 @@ class KTransformersAdapter(ProcessAdapter):
     """One phase: ktransformers reserves its KV cache (cache_lens) before it loads the weights.
     Each model gets its own HOME with a config.yaml that agrees with the flags."""
 
-    kind = "ktransformers"
+    args_class = KTransformersEngineArgs
 
     def command(self, launch: Launch) -> Command:
         engine, p = launch.spec.engine, launch.params

@@ -5,14 +5,23 @@ profiling-based sizing, which would take whatever is free)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from .base import Command, EngineArgsBase, Launch, ProcessAdapter
+from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing
 
 
 class VLLMEngineArgs(EngineArgsBase):
+    title: ClassVar[str] = "vLLM"
+    kv_param: ClassVar[str] = "max_model_len"
+    batch_param: ClassVar[str] = "max_num_seqs"
+    kv_per_sequence: ClassVar[bool] = True
+    two_phase: ClassVar[bool] = False
+    hybrid: ClassVar[bool] = False
+    max_devices: ClassVar[int | None] = None
+    default_chunk_tokens: ClassVar[int] = 512
+
     kind: Literal["vllm"] = Field(description="vLLM's OpenAI server.")
     command: list[str] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1, description="The command that starts vLLM's server, before the model path.")
     max_model_len: int | None = Field(default=None, ge=16, description="--max-model-len; planned when unset.")
@@ -20,9 +29,17 @@ class VLLMEngineArgs(EngineArgsBase):
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(default="auto", description="--kv-cache-dtype.")
     dtype: Literal["auto", "bfloat16", "float16"] = Field(default="auto", description="--dtype.")
 
+    def planned_flags(self, sizing: Sizing) -> Flags:
+        # --gpu-memory-utilization is a fraction of the card's *total* memory, not of what is free:
+        # computed from lessor's lease, rounded down so vLLM never takes more than it was granted.
+        fraction = int(sizing.gpu_bytes * 1000 // max(sizing.total_bytes, 1)) / 1000
+        kv_bytes = int(sizing.kv_tokens * sizing.kv_bytes_per_token / sizing.devices)
+        return Flags({"max_model_len": sizing.kv_tokens // sizing.batch, "max_num_seqs": sizing.batch,
+                      "gpu_memory_utilization": fraction, "kv_cache_memory_bytes": kv_bytes}, [], [])
+
 
 class VLLMAdapter(ProcessAdapter):
-    kind = "vllm"
+    args_class = VLLMEngineArgs
 
     def command(self, launch: Launch) -> Command:
         engine, p = launch.spec.engine, launch.params

@@ -31,7 +31,6 @@ from lessor.daemon.config import DevicesConfig, HostPool
 from lessor.daemon.devices import SimProbe, gpu_id
 from lessor.daemon.ledger import Granted, LeaseKind, Ledger
 from lessor.daemon.planner import Plan, plan, plan_kv
-from lessor.engines import TWO_PHASE_KINDS
 from lessor.policies import AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
 
 from .strategies import Strategy
@@ -432,7 +431,7 @@ class Simulator:
 
     def _kv_phase(self, lane: Lane) -> bool:
         """Step 4 for a two-phase engine: size the KV cache from what is free now, then grant it."""
-        if lane.spec.engine.kind not in TWO_PHASE_KINDS:
+        if not lane.spec.engine.two_phase:
             return True
         sized = plan_kv(lane.spec, self._budgets())
         granted = self._grant(lane, sized.steady_leases) if sized.fits else None
