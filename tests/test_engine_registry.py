@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from lessor.daemon.reference import config_reference, engine_classes
+from lessor.api.reference import config_reference, engine_classes
 from lessor.engines import ENGINE_ARGS, ENGINE_KINDS, REGISTRY, adapters
 from lessor.engines.base import EngineArgsBase, Flags, Sizing
 

@@ -1,5 +1,5 @@
 """The config reference and the API table of the README, generated from the config tree and the
-route table so the documentation cannot drift from the code. `python -m lessor.daemon.reference`."""
+route table so the documentation cannot drift from the code. `python -m lessor.api.reference`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from .config import LessorConfig, ModelSpec
-from .units import format_bytes, parse_duration, parse_size
+from ..daemon.config import LessorConfig, ModelSpec
+from ..daemon.units import format_bytes, parse_duration, parse_size
 
 
 def _validators(annotation, metadata=()) -> set:
@@ -97,7 +97,7 @@ def config_reference() -> str:
 
 
 def api_table() -> str:
-    from ..api.admin import ROUTES
+    from .admin import ROUTES
     return markdown_table(("method", "path", "token", "what"),
                           [(r.method, f"`{r.path}`", "yes" if r.auth else "", r.summary) for r in ROUTES])
 
