@@ -94,6 +94,18 @@ async def test_unknown_route_and_method_are_json(api):
     assert r.status == 405 and (await r.json())["error"]["type"] == "method_not_allowed"
 
 
+async def test_what_aiohttp_refuses_gets_the_same_typed_errors(api):
+    r = await api.get("/admin/v1/nothing")
+    assert (await r.json())["error"]["message"] == "no route for GET /admin/v1/nothing"
+    r = await api.delete("/admin/v1/devices")
+    assert r.headers["Allow"] == "GET"
+    assert (await r.json())["error"]["message"] == "/admin/v1/devices takes GET, not DELETE"
+    r = await api.post("/admin/v1/plan", data=b" " * ((1 << 20) + 1), headers={"Content-Type": "application/json"})
+    assert r.status == 413
+    assert (await r.json())["error"] == {"type": "body_too_large",
+                                         "message": "the body is larger than the admin API's limit (1048576 bytes)"}
+
+
 async def test_plan_is_a_dry_run_with_evictions(api):
     await api.put("/admin/v1/devices/gpu0/foreign", json={"foreign_bytes": "10GiB"}, headers=AUTH)
     await api.post("/admin/v1/models/a", json={"action": "load"}, headers=AUTH)  # 7 GiB of the 13

@@ -1,6 +1,6 @@
-"""The router's HTTP side (api/router.py) in front of a stand-in upstream on loopback: bodies pass
-through untouched, streams chunk by chunk, a client that leaves cancels the upstream request, and
-a client's mistakes get OpenAI-shaped 4xx errors."""
+"""The router's HTTP side (api/router.py, connection.py, keys.py) in front of a stand-in upstream
+on loopback: bodies pass through untouched, streams chunk by chunk, a client that leaves cancels
+the upstream request, and a client's mistakes get OpenAI-shaped 4xx errors."""
 
 import asyncio
 import json
@@ -278,6 +278,15 @@ async def test_requests_the_router_cannot_serve_get_a_clear_error(router_port, r
     assert all(m["in_flight"] == 0 for m in controller.models())
 
 
+async def test_a_wrong_method_is_told_the_method_that_works(router_port):
+    _, port = router_port
+    out = await raw_exchange(port, b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert b"\r\nAllow: POST\r\n" in head
+    assert json.loads(body)["error"] == {"message": "/v1/chat/completions takes POST, not GET",
+                                         "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}
+
+
 async def raw_upstream(answer: bytes):
     """An engine that reads one request, writes `answer` as is, and closes the connection."""
     async def serve(reader, writer):
@@ -374,11 +383,11 @@ async def test_api_keys_limit_each_key_to_its_models(front):
 
 
 async def test_api_keys_are_all_compared_in_constant_time(front, monkeypatch):
-    import lessor.api.router as router_module
+    import lessor.api.keys as keys_module
 
     compared = []
-    real = router_module.hmac.compare_digest
-    monkeypatch.setattr(router_module.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
+    real = keys_module.hmac.compare_digest
+    monkeypatch.setattr(keys_module.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
     _, _, session, _ = await front(api_keys=[{"key": KEY_A, "models": ["a"]}, {"key": KEY_ALL, "models": ["*"]}])
     async with session.get("/v1/models", headers={"Authorization": f"Bearer {KEY_A}"}) as r:
         assert r.status == 200
