@@ -2,10 +2,13 @@
 admin API's envelope and the router's OpenAI envelope are two renderings of the same row."""
 
 import inspect
+import logging
+import sys
 
 import pytest
 
 from lessor.api import errors
+from lessor.api.logfilter import ClientMistakes, install_client_mistakes
 from lessor.daemon import errors as typed
 from lessor.daemon.errors import (BodyTooLarge, Forbidden, InvalidApiKey, InvalidRequest, MethodNotAllowed, ModelBusy,
                                   ModelsBusy, NoRoute, QueueFull, RequestTimedOut, Unauthorized, UnknownModel)
@@ -52,3 +55,20 @@ def test_a_wrong_method_names_the_methods_that_work():
     assert errors.http_status(exc) == 405 and errors.http_headers(exc) == {"Allow": "GET"}
     assert exc.message() == "/v1/models takes GET, not DELETE"
 
+
+def test_malformed_requests_are_one_info_line_not_a_traceback(caplog):
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    try:
+        raise BadHttpMessage("Invalid method encountered:\n\n  b'GARBAGE'")
+    except BadHttpMessage:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request", None,
+                                   exc_info=sys.exc_info())
+    other = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "something else", None, None)
+    with caplog.at_level(logging.INFO, logger="lessor.api"):
+        assert ClientMistakes().filter(record) is False and ClientMistakes().filter(other) is True
+    assert [r.getMessage() for r in caplog.records] == ["admin API: malformed request answered 400: "
+                                                        "Invalid method encountered:"]
+    name = "lessor.test.client_mistakes"
+    assert install_client_mistakes(name) is install_client_mistakes(name)  # installed once
+    assert len(logging.getLogger(name).filters) == 1
