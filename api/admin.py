@@ -102,21 +102,22 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:
-    bus = ctl(request).bus
-    queue = bus.subscribe()
+    controller = ctl(request)
+    bus, keepalive_s = controller.bus, controller.config.admin.sse_keepalive_s
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+    queue = bus.subscribe()  # after the last await outside the try: nothing can leave it subscribed
     try:
         await response.write(b": connected\n\n")
         while True:
             try:
-                event = await asyncio.wait_for(queue.get(), timeout=15)
-            except asyncio.TimeoutError:
+                event = await asyncio.wait_for(queue.get(), timeout=keepalive_s)
+            except asyncio.TimeoutError:  # a comment line keeps proxies from closing an idle stream
                 await response.write(b": keep-alive\n\n")
                 continue
             data = json.dumps(event.to_dict(), separators=(",", ":"))
             await response.write(f"event: {event.type}\ndata: {data}\n\n".encode())
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:  # the subscriber left: that ends the stream, it is no failure
         pass
     finally:
         bus.unsubscribe(queue)

@@ -1,68 +1,124 @@
-"""Typed errors to HTTP, in one table and one JSON envelope: {"error": {"type", "message", "field"?}}."""
+"""Typed errors to HTTP: one table (ERRORS) gives each typed error its status, its OpenAI error type
+and, for a 401, its challenge; both envelopes and every error header are rendered from it.
+
+- lessor's envelope (the admin API): {"error": {"type", "message", "field"?, "reasons"?}}
+- OpenAI's (the router), so OpenAI clients show it: {"error": {"message", "type", "param", "code"}},
+  where `code` is lessor's error type and `param` the field the error is about.
+
+The router's own refusals (malformed HTTP, no route, a timeout, a body too large, a missing key)
+are typed errors too, so they go through the same table.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..daemon.errors import (ConfigError, EngineUnavailable, Forbidden, InvalidRequest, InvariantBroken, LedgerUnavailable,
-                             NoEngineLog,
-                             LessorError, LoadFailed, ModelBusy, NotEnoughMemory, PlanRejected, QueueFull, Unauthorized, UnknownDevice,
-                             UnknownModel, UpstreamFailed, WaitTimedOut)
+from ..daemon.errors import (BodyTooLarge, ConfigError, EngineUnavailable, Forbidden, InvalidApiKey, InvalidRequest,
+                             InvariantBroken, LedgerUnavailable, LessorError, LoadFailed, MalformedRequest,
+                             MethodNotAllowed, ModelBusy, NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected,
+                             QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownModel, UpstreamFailed,
+                             WaitTimedOut)
 
 log = logging.getLogger("lessor.api")
 
-STATUS: dict[type[LessorError], int] = {
-    InvalidRequest: 400,
-    ConfigError: 400,
-    Unauthorized: 401,
-    Forbidden: 403,
-    UnknownModel: 404,
-    UnknownDevice: 404,
-    NoEngineLog: 404,
-    ModelBusy: 409,
-    PlanRejected: 422,
-    EngineUnavailable: 501,
-    QueueFull: 429,
-    LoadFailed: 502,
-    UpstreamFailed: 502,
-    NotEnoughMemory: 503,
-    WaitTimedOut: 503,
-    LedgerUnavailable: 503,
-    InvariantBroken: 500,
+
+@dataclass(frozen=True)
+class HttpMapping:
+    status: int
+    openai_type: str  # OpenAI's error `type`, which OpenAI clients switch on
+    challenge: str | None = None  # WWW-Authenticate, for a 401
+
+
+INVALID, SERVER = "invalid_request_error", "server_error"
+
+ERRORS: dict[type[LessorError], HttpMapping] = {
+    InvalidRequest: HttpMapping(400, INVALID),
+    MalformedRequest: HttpMapping(400, INVALID),
+    ConfigError: HttpMapping(400, INVALID),
+    InvalidApiKey: HttpMapping(401, "authentication_error", 'Bearer realm="lessor"'),
+    Unauthorized: HttpMapping(401, "authentication_error", 'Bearer realm="lessor-admin"'),
+    Forbidden: HttpMapping(403, "permission_error"),
+    UnknownModel: HttpMapping(404, INVALID),
+    UnknownDevice: HttpMapping(404, INVALID),
+    NoEngineLog: HttpMapping(404, INVALID),
+    NoRoute: HttpMapping(404, INVALID),
+    MethodNotAllowed: HttpMapping(405, INVALID),
+    RequestTimedOut: HttpMapping(408, INVALID),
+    ModelBusy: HttpMapping(409, "conflict_error"),
+    BodyTooLarge: HttpMapping(413, INVALID),
+    PlanRejected: HttpMapping(422, INVALID),
+    QueueFull: HttpMapping(429, "rate_limit_error"),
+    InvariantBroken: HttpMapping(500, SERVER),
+    EngineUnavailable: HttpMapping(501, SERVER),
+    LoadFailed: HttpMapping(502, SERVER),
+    UpstreamFailed: HttpMapping(502, SERVER),
+    NotEnoughMemory: HttpMapping(503, SERVER),
+    WaitTimedOut: HttpMapping(503, SERVER),
+    LedgerUnavailable: HttpMapping(503, SERVER),
 }
+UNMAPPED = HttpMapping(500, SERVER)
+RETRYABLE = frozenset((409, 429, 503))  # the statuses whose Retry-After a client can act on
+
+
+def row(cls: type[LessorError]) -> HttpMapping:
+    """The row of the class or of its nearest mapped base (a subclass may refine its base's row)."""
+    return next((ERRORS[c] for c in cls.__mro__ if c in ERRORS), UNMAPPED)
+
+
+def mapping(exc: LessorError) -> HttpMapping:
+    return row(type(exc))
 
 
 def http_status(exc: LessorError) -> int:
-    return next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+    return mapping(exc).status
 
 
-def retry_after(exc: LessorError, status: int) -> dict[str, str]:
+def http_headers(exc: LessorError) -> dict[str, str]:
+    row = mapping(exc)
+    headers = {}
     retry = getattr(exc, "retry_after_s", None)
-    if retry is None or status not in (409, 429, 503):
-        return {}
-    return {"Retry-After": str(max(1, math.ceil(retry)))}
+    if retry is not None and row.status in RETRYABLE:
+        headers["Retry-After"] = str(max(1, math.ceil(retry)))
+    if row.challenge:
+        headers["WWW-Authenticate"] = row.challenge
+    if isinstance(exc, MethodNotAllowed):
+        headers["Allow"] = ", ".join(exc.allowed)
+    return headers
 
 
-def envelope(type_: str, message: str, field: str | None = None) -> dict:
-    error = {"type": type_, "message": message}
+def lessor_envelope(exc: LessorError) -> dict:
+    error = {"type": exc.type, "message": exc.message()}
+    field = getattr(exc, "field", None)
     if field:
         error["field"] = field
+    if isinstance(exc, PlanRejected):
+        error["reasons"] = exc.reasons
     return {"error": error}
 
 
+def openai_envelope(exc: LessorError) -> dict:
+    return {"error": {"message": exc.message(), "type": mapping(exc).openai_type,
+                      "param": getattr(exc, "field", None), "code": exc.type}}
+
+
 def error_response(exc: LessorError) -> web.Response:
-    status = http_status(exc)
-    headers = retry_after(exc, status)
-    if status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="lessor-admin"'
-    body = envelope(exc.type, exc.message(), getattr(exc, "field", None))
-    if isinstance(exc, PlanRejected):
-        body["error"]["reasons"] = exc.reasons
-    return web.json_response(body, status=status, headers=headers)
+    return web.json_response(lessor_envelope(exc), status=http_status(exc), headers=http_headers(exc))
+
+
+def from_aiohttp(exc: web.HTTPException, request: web.Request) -> LessorError | None:
+    """The typed error for what aiohttp refused itself (no route, wrong method, body too large)."""
+    if isinstance(exc, web.HTTPNotFound):
+        return NoRoute(request.method, request.path)
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(exc.method, request.path, tuple(sorted(exc.allowed_methods)))
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return BodyTooLarge(request.client_max_size, "the admin API's limit")
+    return None
 
 
 @web.middleware
@@ -74,12 +130,14 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
-        type_ = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
-        return web.json_response(envelope(type_, exc.reason if exc.text is None else exc.text.removeprefix(f"{exc.status}: ")),
-                                 status=exc.status, headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+        typed = from_aiohttp(exc, request)
+        if typed is not None:
+            return error_response(typed)
+        text = exc.reason if exc.text is None else exc.text.removeprefix(f"{exc.status}: ")
+        return web.json_response({"error": {"type": "http_error", "message": text}}, status=exc.status)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return web.json_response(envelope("internal_error", "internal error; see the daemon's log"), status=500)
+        return error_response(InvariantBroken("internal error; see the daemon's log"))
 
 
 async def read_json(request: web.Request) -> object:

@@ -24,6 +24,7 @@ from ..daemon.routing import Router
 from ..daemon.runtime import publishing, runtime
 from .admin import make_admin_app
 from .auth import resolve_token
+from .logfilter import install_client_mistakes
 from .router import start_router
 
 log = logging.getLogger("lessor.service")
@@ -141,24 +142,10 @@ def configure(args: argparse.Namespace) -> LessorConfig:
     return config
 
 
-class ClientMistakes(logging.Filter):
-    """aiohttp logs a malformed request (a client's mistake, already answered 400) as an ERROR with
-    a traceback: anyone who can connect could flood the log. One INFO line says it instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from aiohttp.http_exceptions import HttpProcessingError
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            log.info("admin API: malformed request answered %s: %s", exc.code, str(exc.message).splitlines()[0][:200])
-            return False
-        return True
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("aiohttp.server").addFilter(ClientMistakes())
+    install_client_mistakes()
     try:
         config = configure(args)
     except ConfigError as exc:

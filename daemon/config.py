@@ -212,6 +212,7 @@ class AdminConfig(Strict):
     listen: Listen = Field(default="127.0.0.1:8470", description="HOST:PORT of the admin API (loopback by default).")
     unix_socket: str | None = Field(default=None, description="Also serve the admin API on this unix socket (mode 0660).")
     token_file: str | None = Field(default=None, description="File holding the bearer token for mutating calls; default <state_dir>/admin.token, created when missing. LESSOR_ADMIN_TOKEN overrides.")
+    sse_keepalive_s: float = Field(default=15.0, gt=0, le=3600, description="Seconds without an event after which the event stream sends a keep-alive comment, so proxies and clients do not close it as idle.")
 
 
 class ApiKey(Strict):

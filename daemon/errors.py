@@ -252,3 +252,71 @@ class InvariantBroken(LessorError):
 
     def message(self) -> str:
         return self.what
+
+
+# The HTTP servers' own refusals: requests answered before any model is asked. The router and the
+# admin API raise the same classes, so api/errors.py's one table gives both their status.
+
+
+@dataclass
+class InvalidApiKey(Unauthorized):
+    """The router's Authorization header names none of router.api_keys."""
+
+    type = "invalid_api_key"
+
+
+@dataclass
+class MalformedRequest(LessorError):
+    """Bytes that are not an HTTP/1.1 request the server can read on; the connection closes after the answer."""
+
+    reason: str
+    type = "bad_request"
+
+    def message(self) -> str:
+        return self.reason
+
+
+@dataclass
+class NoRoute(LessorError):
+    method: str
+    path: str
+    server: str = ""  # who answers, for the message ("the router")
+    serves: tuple[str, ...] = ()  # the paths that server does serve
+    type = "not_found"
+
+    def message(self) -> str:
+        text = f"no route for {self.method} {self.path}"
+        return f"{text}; {self.server or 'this server'} serves {', '.join(self.serves)}" if self.serves else text
+
+
+@dataclass
+class MethodNotAllowed(LessorError):
+    method: str
+    path: str
+    allowed: tuple[str, ...]
+    type = "method_not_allowed"
+
+    def message(self) -> str:
+        return f"{self.path} takes {' or '.join(self.allowed)}, not {self.method}"
+
+
+@dataclass
+class BodyTooLarge(LessorError):
+    limit_bytes: int
+    setting: str  # what sets the limit, so the message says what to raise
+    type = "body_too_large"
+
+    def message(self) -> str:
+        return f"the body is larger than {self.setting} ({self.limit_bytes} bytes)"
+
+
+@dataclass
+class RequestTimedOut(LessorError):
+    """A client that did not send a whole request in time (a stalled or slowloris client)."""
+
+    timeout_s: float
+    setting: str
+    type = "request_timeout"
+
+    def message(self) -> str:
+        return f"the request was not received whole within {self.setting} ({self.timeout_s:g} s)"

@@ -2,10 +2,12 @@
 
 import asyncio
 import json
+from unittest import mock
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
-from lessor.api.admin import make_admin_app
+from lessor.api.admin import get_events, make_admin_app
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
@@ -18,8 +20,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 async def api(tmp_path, aiohttp_client):
     config = sim_config(tmp_path, [torch_model("a", "6GiB", aliases=["alpha"]), torch_model("b", "6GiB")])
-    async with runtime(config, engines={}) as controller:
-        controller.supervisor._engines = {"torch": FakeAdapter(controller.probe, controller.ledger)}
+    async with runtime(config, engines=lambda probe, ledger: {"torch": FakeAdapter(probe, ledger)}) as controller:
         ready = asyncio.Event()
         ready.set()
         client = await aiohttp_client(make_admin_app(controller, TOKEN, ready))
@@ -94,6 +95,18 @@ async def test_unknown_route_and_method_are_json(api):
     assert r.status == 405 and (await r.json())["error"]["type"] == "method_not_allowed"
 
 
+async def test_what_aiohttp_refuses_gets_the_same_typed_errors(api):
+    r = await api.get("/admin/v1/nothing")
+    assert (await r.json())["error"]["message"] == "no route for GET /admin/v1/nothing"
+    r = await api.delete("/admin/v1/devices")
+    assert r.headers["Allow"] == "GET"
+    assert (await r.json())["error"]["message"] == "/admin/v1/devices takes GET, not DELETE"
+    r = await api.post("/admin/v1/plan", data=b" " * ((1 << 20) + 1), headers={"Content-Type": "application/json"})
+    assert r.status == 413
+    assert (await r.json())["error"] == {"type": "body_too_large",
+                                         "message": "the body is larger than the admin API's limit (1048576 bytes)"}
+
+
 async def test_plan_is_a_dry_run_with_evictions(api):
     await api.put("/admin/v1/devices/gpu0/foreign", json={"foreign_bytes": "10GiB"}, headers=AUTH)
     await api.post("/admin/v1/models/a", json={"action": "load"}, headers=AUTH)  # 7 GiB of the 13
@@ -121,6 +134,34 @@ async def test_event_stream_carries_lease_and_state_events(api):
         if line.startswith("data: "):
             types.append(json.loads(line[6:])["type"])
     r.close()
+
+
+async def test_an_idle_event_stream_sends_keep_alives_at_admin_sse_keepalive_s(tmp_path, aiohttp_client):
+    async with runtime(sim_config(tmp_path, admin={"sse_keepalive_s": 0.01}), engines={}) as controller:
+        client = await aiohttp_client(make_admin_app(controller, TOKEN))
+        r = await client.get("/admin/v1/events", headers=AUTH)
+        assert await r.content.readline() == b": connected\n"
+        assert await r.content.readline() == b"\n"
+        assert await asyncio.wait_for(r.content.readline(), 5) == b": keep-alive\n"  # the default is 15 s
+        r.close()
+
+
+async def test_a_cancelled_event_stream_ends_cancelled_and_unsubscribes(api, monkeypatch):
+    bus, queues, left, wrote = api.controller.bus, [], [], asyncio.Event()
+    subscribe, unsubscribe = bus.subscribe, bus.unsubscribe
+    monkeypatch.setattr(bus, "subscribe", lambda: queues.append(subscribe()) or queues[-1])
+    monkeypatch.setattr(bus, "unsubscribe", lambda queue: left.append(queue) or unsubscribe(queue))
+
+    async def write(data):
+        wrote.set()
+    writer = mock.Mock(write_headers=mock.AsyncMock(), write=write, write_eof=mock.AsyncMock(), drain=mock.AsyncMock())
+    request = make_mocked_request("GET", "/admin/v1/events", app=api.app, writer=writer)
+    stream = asyncio.ensure_future(get_events(request))
+    await wrote.wait()  # ": connected" is written: the stream waits for its first event
+    stream.cancel()  # as aiohttp does to its handlers when the server shuts down
+    with pytest.raises(asyncio.CancelledError):
+        await stream
+    assert left == queues and len(queues) == 1
 
 
 async def test_health_ready_metrics(api):

@@ -1,6 +1,6 @@
-"""The router's HTTP side (api/router.py) in front of a stand-in upstream on loopback: bodies pass
-through untouched, streams chunk by chunk, a client that leaves cancels the upstream request, and
-a client's mistakes get OpenAI-shaped 4xx errors."""
+"""The router's HTTP side (api/router.py, connection.py, keys.py) in front of a stand-in upstream
+on loopback: bodies pass through untouched, streams chunk by chunk, a client that leaves cancels
+the upstream request, and a client's mistakes get OpenAI-shaped 4xx errors."""
 
 import asyncio
 import json
@@ -26,6 +26,7 @@ class Upstream:
         self.streams_ended: list[str] = []
         self.release = asyncio.Event()
         self.hold = False
+        self.adapter = None  # the fake adapter whose engines answer from here (set by the fixture)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -67,14 +68,17 @@ async def front(tmp_path, aiohttp_server):
         upstream = Upstream()
         upstream_server = await aiohttp_server(upstream.app())
         config = sim_config(tmp_path, models or [torch_model("a", aliases=["alpha"]), torch_model("b")])
-        ctx = runtime(config, engines={})
+
+        def engines(probe, ledger):  # the fake engines serve from the stand-in upstream
+            upstream.adapter = FakeAdapter(probe, ledger)
+            upstream.adapter.base_url = str(upstream_server.make_url("")).rstrip("/")
+            return {"torch": upstream.adapter}
+        ctx = runtime(config, engines=engines)
         controller = await ctx.__aenter__()
         made.append(ctx)
-        adapter = FakeAdapter(controller.probe, controller.ledger)
-        adapter.base_url = str(upstream_server.make_url("")).rstrip("/")
-        controller.supervisor._engines = {"torch": adapter}
         router_config = RouterConfig(**router_config)
         router = Router(controller.supervisor, router_config, controller.bus.listen)
+        controller.supervisor.attach_traffic(router)
         controller.router = router
         server = await start_router(router, controller.supervisor, router_config, "127.0.0.1", 0)
         made.append(server)
@@ -192,8 +196,8 @@ async def test_models_lists_names_and_aliases_with_their_state(front):
 
 
 async def test_an_engine_that_does_not_answer_gives_502(front):
-    controller, _, session, _ = await front()
-    controller.supervisor._engines["torch"].base_url = "http://127.0.0.1:9"  # nothing listens on port 9
+    controller, upstream, session, _ = await front()
+    upstream.adapter.base_url = "http://127.0.0.1:9"  # nothing listens on port 9
     async with session.post("/v1/completions", json={"model": "a"}) as r:
         assert r.status == 502
         error = (await r.json())["error"]
@@ -278,6 +282,15 @@ async def test_requests_the_router_cannot_serve_get_a_clear_error(router_port, r
     assert all(m["in_flight"] == 0 for m in controller.models())
 
 
+async def test_a_wrong_method_is_told_the_method_that_works(router_port):
+    _, port = router_port
+    out = await raw_exchange(port, b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert b"\r\nAllow: POST\r\n" in head
+    assert json.loads(body)["error"] == {"message": "/v1/chat/completions takes POST, not GET",
+                                         "type": "invalid_request_error", "param": None, "code": "method_not_allowed"}
+
+
 async def raw_upstream(answer: bytes):
     """An engine that reads one request, writes `answer` as is, and closes the connection."""
     async def serve(reader, writer):
@@ -293,9 +306,9 @@ async def raw_upstream(answer: bytes):
 
 async def behind_raw_upstream(front, answer: bytes):
     """The router in front of an engine that answers `answer`, byte for byte."""
-    controller, _, session, _ = await front()
+    controller, upstream, session, _ = await front()
     server, url = await raw_upstream(answer)
-    controller.supervisor._engines["torch"].base_url = url
+    upstream.adapter.base_url = url
     return controller, session, server
 
 
@@ -374,11 +387,11 @@ async def test_api_keys_limit_each_key_to_its_models(front):
 
 
 async def test_api_keys_are_all_compared_in_constant_time(front, monkeypatch):
-    import lessor.api.router as router_module
+    import lessor.api.keys as keys_module
 
     compared = []
-    real = router_module.hmac.compare_digest
-    monkeypatch.setattr(router_module.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
+    real = keys_module.hmac.compare_digest
+    monkeypatch.setattr(keys_module.hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
     _, _, session, _ = await front(api_keys=[{"key": KEY_A, "models": ["a"]}, {"key": KEY_ALL, "models": ["*"]}])
     async with session.get("/v1/models", headers={"Authorization": f"Bearer {KEY_A}"}) as r:
         assert r.status == 200

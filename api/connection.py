@@ -1,0 +1,280 @@
+"""The router's client side of HTTP/1.1: one asyncio protocol per client connection, parsed by
+httptools (the parser uvicorn uses), and the exchange that streams an engine's answer back.
+
+Owns reading requests (body limit, request timeout, pipelining in order), writing answers and
+errors, and back-pressure between a slow client and its engine. Not here: what a request is
+answered with (api/router.py's FrontDoor decides) and the engine side (api/proxy.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Protocol
+
+import httptools
+
+from ..daemon.config import RouterConfig
+from ..daemon.errors import (BodyTooLarge, InvariantBroken, LessorError, MalformedRequest, RequestTimedOut,
+                             UpstreamFailed)
+from .errors import http_headers, http_status, openai_envelope
+from .proxy import UpstreamConnection
+
+log = logging.getLogger("lessor.router")
+
+CLIENT_GONE = 499  # nginx's code for a client that closed the connection before the answer
+REASONS = {s.value: s.phrase.encode() for s in HTTPStatus} | {CLIENT_GONE: b"Client Closed Request"}
+
+
+@dataclass
+class Request:
+    method: bytes
+    path: bytes
+    body: bytes
+    keep_alive: bool
+    authorization: bytes = b""
+
+
+class Service(Protocol):
+    """What a connection needs from the router: its limits, the set of open connections, and the
+    answer to each request (api/router.py's FrontDoor)."""
+
+    config: RouterConfig
+    connections: set[ClientConnection]
+
+    async def serve(self, request: Request, conn: ClientConnection) -> None: ...
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client's keep-alive connection. Requests are answered one at a time, in order."""
+
+    def __init__(self, door: Service) -> None:
+        self.door = door
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.too_large = False
+        self.expect_continue = False
+        self.queue: deque[Request] = deque()
+        self.task: asyncio.Task | None = None
+        self.exchange: Exchange | None = None
+        self.authorization = b""
+        self.closed = False
+        self.reading = False  # between a request's first byte and its end
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio ---------------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.door.connections.add(self)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """A client gets router.request_timeout to send a whole request, and as long to start the
+        next one: a slow or silent client cannot hold a connection (and its memory) forever.
+        No limit while its answer is being produced: generation takes as long as it takes."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(self.door.config.request_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        if self.reading:
+            self._refuse(RequestTimedOut(self.door.config.request_timeout, "router.request_timeout"))
+        elif self.task is None:  # idle keep-alive connection
+            self.close()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(MalformedRequest("protocol upgrades are not supported"))
+        except httptools.HttpParserError as exc:
+            if not self.too_large:
+                self._refuse(MalformedRequest(f"malformed HTTP request: {exc}"))
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.door.connections.discard(self)
+        if self.exchange is not None:
+            self.exchange.client_gone()
+        elif self.task is not None:
+            self.task.cancel()  # waiting for a turn or a load: leave the queue
+
+    def pause_writing(self) -> None:  # a slow reader: stop reading the engine until it catches up
+        if self.exchange is not None:
+            self.exchange.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream.resume_reading()
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url, self.body, self.body_size, self.expect_continue = b"", [], 0, False
+        self.authorization, self.reading = b"", True
+        self._arm_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length" and value.isdigit() and int(value) > self.door.config.max_body:
+            self._too_large()
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_continue = True
+        elif name == b"authorization":
+            self.authorization = value
+
+    def on_headers_complete(self) -> None:
+        if self.expect_continue and not self.too_large:  # curl waits for this before sending a large body
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+        if self.body_size > self.door.config.max_body:
+            self._too_large()
+            if self.body_size > 4 * self.door.config.max_body:  # read on to the end, but not forever
+                self.close()
+        elif not self.too_large:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.reading = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.too_large:  # the 413 is sent; the body is read to its end so the client gets it, not a reset
+            self.close()
+            return
+        path = self.url.split(b"?", 1)[0]
+        body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.queue.append(Request(self.parser.get_method(), path, body, self.parser.should_keep_alive(),
+                                  self.authorization))
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._serve_queue())
+
+    # -- answering -------------------------------------------------------------------------
+
+    async def _serve_queue(self) -> None:
+        try:
+            while self.queue and not self.closed:
+                request = self.queue.popleft()
+                try:
+                    await self.door.serve(request, self)
+                except LessorError as exc:
+                    self.respond_error(exc, request.keep_alive)
+                if not request.keep_alive:
+                    self.close()
+        except Exception:
+            log.exception("router: unhandled error")
+            self.respond_error(InvariantBroken("internal error; see lessord's log"), False)
+            self.close()
+        finally:
+            self.task = None
+            if not self.closed and not self.reading:
+                self._arm_timer()
+
+    async def relay(self, upstream: UpstreamConnection, address: tuple[str, int], request: Request, model: str) -> int:
+        """Send the request to the engine and its answer to this client as it arrives; the answer's
+        status (CLIENT_GONE when the client left first)."""
+        if self.closed:
+            upstream.close()
+            return CLIENT_GONE
+        host, port = address
+        exchange = self.exchange = Exchange(self, upstream, request.keep_alive, model)
+        upstream.send(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                      % (request.path, host.encode(), port, len(request.body)) + request.body, exchange)
+        try:
+            return await exchange.done
+        finally:
+            self.exchange = None
+
+    def respond(self, status: int, body: bytes, keep_alive: bool, headers: dict[str, str] | None = None,
+                content_type: bytes = b"application/json") -> None:
+        if self.closed:
+            return
+        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in (headers or {}).items())
+        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n"
+                             % (status, REASONS.get(status, b""), content_type, len(body), extra,
+                                b"" if keep_alive else b"Connection: close\r\n") + body)
+
+    def respond_json(self, status: int, data: dict, keep_alive: bool) -> None:
+        self.respond(status, json.dumps(data).encode(), keep_alive)
+
+    def respond_error(self, exc: LessorError, keep_alive: bool) -> None:
+        self.respond(http_status(exc), json.dumps(openai_envelope(exc)).encode(), keep_alive, http_headers(exc))
+
+    def _too_large(self) -> None:
+        if not self.too_large:
+            self.too_large = True
+            self.respond_error(BodyTooLarge(self.door.config.max_body, "router.max_body"), False)
+
+    def _refuse(self, error: LessorError) -> None:
+        """Answer a request that cannot be read on, then close: the rest of the stream is unusable."""
+        self.respond_error(error, False)
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
+
+class Exchange:
+    """One forwarded request: the upstream's answer goes to the client as it arrives."""
+
+    def __init__(self, client: ClientConnection, upstream: UpstreamConnection, keep_alive: bool, model: str) -> None:
+        self.client, self.upstream, self.keep_alive, self.model = client, upstream, keep_alive, model
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.chunked = False
+        self.status = 0
+
+    def upstream_head(self, status: int, content_type: bytes, length: int | None) -> None:
+        self.status = status
+        self.chunked = length is None
+        framing = b"Transfer-Encoding: chunked\r\n" if self.chunked else b"Content-Length: %d\r\n" % length
+        stream = b"Cache-Control: no-cache\r\n" if content_type.startswith(b"text/event-stream") else b""
+        self.client.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s%s%s\r\n"
+                                    % (status, REASONS.get(status, b""), content_type, framing, stream,
+                                       b"" if self.keep_alive else b"Connection: close\r\n"))
+
+    def upstream_body(self, data: bytes) -> None:
+        if self.chunked:
+            self.client.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.client.transport.write(data)
+
+    def upstream_end(self) -> None:
+        if self.chunked:
+            self.client.transport.write(b"0\r\n\r\n")
+        if not self.done.done():
+            self.done.set_result(self.status)
+
+    def upstream_lost(self, reason: str) -> None:
+        if self.done.done():
+            return
+        if self.status:  # the head is sent: end the stream short (no final chunk) so the client sees it
+            log.warning("router: the engine of %s broke an answer: %s", self.model, reason)
+            self.client.close()
+            self.done.set_result(502)
+        else:
+            self.done.set_exception(UpstreamFailed(self.model, reason))
+
+    def client_gone(self) -> None:
+        self.upstream.close()
+        if not self.done.done():
+            self.done.set_result(CLIENT_GONE)
