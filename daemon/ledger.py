@@ -11,19 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from enum import Enum
-from pathlib import Path
 from typing import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 
-from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text, delete, event, insert, select, update
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..policies import DeviceBudget, Rejected
 from .budget import budgets as compute_budgets
@@ -31,6 +27,7 @@ from .config import DevicesConfig
 from .devices import DeviceReading, Probe, group_members
 from .errors import LedgerUnavailable
 from .events import Event, LeaseGranted, LeaseReleased
+from .ledger_db import STORAGE_ERRORS, engine_for, engines_table, leases_table, metadata, short_error
 from .units import format_bytes
 
 log = logging.getLogger("lessor.ledger")
@@ -56,38 +53,6 @@ class EnginePhase(str, Enum):
     READY = "ready"
 
 
-metadata = MetaData()
-leases_table = Table(
-    "lessor_leases", metadata,
-    Column("id", String(36), primary_key=True),
-    Column("model", String(128), nullable=False, index=True),
-    Column("device", String(32), nullable=False),
-    Column("kind", String(16), nullable=False),
-    Column("bytes", BigInteger, nullable=False),
-    Column("state", String(16), nullable=False, index=True),  # granted | released
-    Column("attempt", String(36), nullable=False),
-    Column("owner_pid", Integer, nullable=True),
-    Column("owner_started_at", Float, nullable=True),
-    Column("granted_at", Float, nullable=False),
-    Column("released_at", Float, nullable=True),
-    Column("release_reason", String(256), nullable=True),
-)
-
-# The engine process that holds a model's leases: what a restarted lessord needs to adopt it.
-engines_table = Table(
-    "lessor_engines", metadata,
-    Column("model", String(128), primary_key=True),
-    Column("attempt", String(36), nullable=False),
-    Column("pid", Integer, nullable=False),
-    Column("identity", String(96), nullable=False),  # boot id + start ticks: never a recycled pid
-    Column("port", Integer, nullable=False),
-    Column("phase", String(16), nullable=False),  # loading | ready
-    Column("params", Text, nullable=False),  # JSON: the planned engine flags
-    Column("kv_tokens", BigInteger, nullable=False),
-    Column("started_at", Float, nullable=False),
-)
-
-
 @dataclass(frozen=True)
 class EngineRecord:
     model: str
@@ -102,21 +67,6 @@ class EngineRecord:
 
     def row(self) -> dict:
         return {**self.__dict__, "phase": self.phase.value, "params": json.dumps(dict(self.params), sort_keys=True)}
-
-
-def _storage_errors() -> tuple[type[BaseException], ...]:
-    """A write that fails for these reasons is the database's trouble (disk full, server gone),
-    not a bug. asyncpg raises some of its own unwrapped while connecting (server shutting down)."""
-    errors: list[type[BaseException]] = [SQLAlchemyError, OSError, sqlite3.Error]
-    try:
-        import asyncpg
-        errors += [asyncpg.PostgresError, asyncpg.InterfaceError]
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-STORAGE_ERRORS = _storage_errors()
 
 
 @dataclass(frozen=True)
@@ -166,26 +116,6 @@ def _row_to_lease(row) -> Lease:
                  owner_started_at=row.owner_started_at)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    # WAL + synchronous=NORMAL: a commit survives the daemon's crash (kill -9); only an OS crash
-    # or power loss can lose the last commits, and then every engine process is gone too.
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def _engine_for(url: str) -> AsyncEngine:
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url)
-    event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-    return engine
-
-
 class Ledger:
     def __init__(self, engine: AsyncEngine | None, probe: Probe, devices: DevicesConfig | Callable[[], DevicesConfig],
                  publish: Callable[[Event], None] = lambda e: None, clock: Callable[[], float] = time.time) -> None:
@@ -204,7 +134,7 @@ class Ledger:
 
     @classmethod
     async def open(cls, url: str, probe: Probe, devices: DevicesConfig, **kwargs) -> "Ledger":
-        ledger = cls(_engine_for(url), probe, devices, **kwargs)
+        ledger = cls(engine_for(url), probe, devices, **kwargs)
         async with ledger._engine.begin() as conn:
             await conn.run_sync(metadata.create_all)
             rows = await conn.execute(select(leases_table).where(leases_table.c.state == LeaseState.GRANTED.value))
@@ -234,7 +164,7 @@ class Ledger:
                     changed += max((await conn.execute(statement, *params)).rowcount, 0)
         except STORAGE_ERRORS as exc:
             log.error("ledger write failed (%s): %s", doing, exc)
-            raise LedgerUnavailable(doing, _short(exc)) from exc
+            raise LedgerUnavailable(doing, short_error(exc)) from exc
         return changed
 
     async def close(self) -> None:
@@ -417,9 +347,3 @@ class Ledger:
                 if pruned:
                     log.info("pruned %d released lease(s) older than %.0f s", pruned, history_s)
             await sleep(interval_s)
-
-
-def _short(exc: BaseException) -> str:
-    """The database's own words, without SQLAlchemy's statement dump and links."""
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

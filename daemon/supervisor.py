@@ -28,7 +28,7 @@ from .devices import Probe, SimProbe, gpu_id
 from .errors import EngineUnavailable, LedgerUnavailable, ModelBusy, ModelsBusy, NotEnoughMemory, PlanRejected, UnknownModel
 from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, ModelStateChanged
 from .holder import ConfigHolder
-from .ledger import EngineRecord, LeaseKind, Ledger
+from .ledger import EngineRecord, Ledger
 from .lifecycle import ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic
 from .loading import LoadAttempt, leased_by, worst_shortfall
 from .planner import Plan, plan, with_overrides

@@ -60,7 +60,7 @@ def postgres_url():
 async def drop_ledger_tables(url: str) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from lessor.daemon.ledger import metadata
+    from lessor.daemon.ledger_db import metadata
 
     engine = create_async_engine(url)
     async with engine.begin() as conn:
