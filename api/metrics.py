@@ -70,6 +70,13 @@ class _Gauges:
 
     def collect(self):
         devices, models = self._controller.devices(), self._controller.models()
+        yield from self._devices(devices)
+        yield from self._models(models)
+        yield from self._router()
+        yield from self._daemon()
+
+    @staticmethod
+    def _devices(devices):
         gauges = {name: GaugeMetricFamily(f"lessor_device_{name}_bytes", help_, labels=["device"])
                   for name, help_ in (("total", "Total bytes of the pool"), ("used", "Bytes in use, as the probe measures"),
                                       ("capacity", "Bytes lessor may use (cap)"), ("headroom", "Bytes kept free"),
@@ -83,31 +90,37 @@ class _Gauges:
                 leased.add_metric([d["id"], kind], b)
         yield from gauges.values()
         yield leased
+
+    @staticmethod
+    def _models(models):
         state = GaugeMetricFamily("lessor_model_state", "1 for the model's current state", labels=["model", "state"])
         model_leased = GaugeMetricFamily("lessor_model_leased_bytes", "Bytes leased to the model, by kind", labels=["model", "kind"])
         in_flight = GaugeMetricFamily("lessor_model_in_flight_requests", "Requests being served", labels=["model"])
+        overrun = GaugeMetricFamily("lessor_model_overrun", "1 while the engine measures above its leases", labels=["model"])
         for m in models:
             for s in MODEL_STATES:
                 state.add_metric([m["name"], s], 1.0 if m["state"] == s else 0.0)
             for kind, b in m["leased_bytes"].items():
                 model_leased.add_metric([m["name"], kind], b)
             in_flight.add_metric([m["name"]], m["in_flight"])
-        yield from (state, model_leased, in_flight)
-        router = self._controller.router
-        if router is not None:
-            requests = CounterMetricFamily("lessor_router_requests", "Requests the router answered, by model and HTTP status",
-                                           labels=["model", "code"])
-            for (model, status), count in sorted(router.requests.items()):
-                requests.add_metric([model, str(status)], count)
-            queued = GaugeMetricFamily("lessor_router_queued_requests", "Requests waiting for their model (a load, a swap, a slot)",
-                                       labels=["model"])
-            for model, count in sorted(router.queued().items()):
-                queued.add_metric([model], count)
-            yield from (requests, queued)
-        overrun = GaugeMetricFamily("lessor_model_overrun", "1 while the engine measures above its leases", labels=["model"])
-        for m in models:
             overrun.add_metric([m["name"]], 1.0 if m["overrun"] else 0.0)
-        yield overrun
+        yield from (state, model_leased, in_flight, overrun)
+
+    def _router(self):
+        router = self._controller.router
+        if router is None:
+            return
+        requests = CounterMetricFamily("lessor_router_requests", "Requests the router answered, by model and HTTP status",
+                                       labels=["model", "code"])
+        for (model, status), count in sorted(router.requests.items()):
+            requests.add_metric([model, str(status)], count)
+        queued = GaugeMetricFamily("lessor_router_queued_requests", "Requests waiting for their model (a load, a swap, a slot)",
+                                   labels=["model"])
+        for model, count in sorted(router.queued().items()):
+            queued.add_metric([model], count)
+        yield from (requests, queued)
+
+    def _daemon(self):
         ledger, reconciler = self._controller.ledger, self._controller.reconciler
         if reconciler is not None:  # what this start found of the previous lessord's engines
             adoptions = CounterMetricFamily("lessor_engine_adoptions", "Engines of a previous lessord found at start",
