@@ -21,6 +21,9 @@ from lessor.daemon.units import GiB
 from bench.pgcluster import free_port, pg_bindir, postgres_cluster  # noqa: F401 (free_port: for the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
+# How long a test waits for what should happen before calling it a hang. Only a guard: nothing in
+# a normal run, on however busy a machine, comes near it (tests wait on the event, not a window).
+HANG_S = 600.0
 
 
 def sim_config(tmp_path: Path, models: list[dict] | None = None, gpus: list[dict] | None = None,
@@ -180,7 +183,7 @@ async def env(tmp_path):
         await ctx.__aexit__(None, None, None)
 
 
-async def until(condition, what: str = "the condition", hang_s: float = 120.0) -> None:
+async def until(condition, what: str = "the condition", hang_s: float = HANG_S) -> None:
     """Wait until `condition()` holds, looking again each time the loop has run others' work.
     `hang_s` only turns a hang into a failure: a slow machine never reaches it in normal runs."""
     loop = asyncio.get_running_loop()
@@ -212,7 +215,7 @@ BIN = Path(sys.executable).parent
 
 
 @contextmanager
-def running_lessord(config_path: Path, *args: str, timeout_s: float = 60, output: Path | None = None,
+def running_lessord(config_path: Path, *args: str, timeout_s: float = HANG_S, output: Path | None = None,
                     env: dict[str, str] | None = None):
     """lessord as operators run it (simulated devices), on free ports; yields (process, admin url, router url).
     `output`: a file for its stdout and stderr (a pipe nobody reads would block a chatty daemon)."""

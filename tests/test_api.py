@@ -11,7 +11,7 @@ from lessor.api.admin import get_events, make_admin_app
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from .conftest import FakeAdapter, sim_config, torch_model
+from .conftest import FakeAdapter, HANG_S, sim_config, torch_model
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -130,7 +130,7 @@ async def test_event_stream_carries_lease_and_state_events(api):
     await api.post("/admin/v1/models/a", json={"action": "load"}, headers=AUTH)
     types = []
     while "model_state" not in types or "lease_granted" not in types:
-        line = (await asyncio.wait_for(r.content.readline(), 5)).decode()
+        line = (await asyncio.wait_for(r.content.readline(), HANG_S)).decode()
         if line.startswith("data: "):
             types.append(json.loads(line[6:])["type"])
     r.close()
@@ -142,7 +142,7 @@ async def test_an_idle_event_stream_sends_keep_alives_at_admin_sse_keepalive_s(t
         r = await client.get("/admin/v1/events", headers=AUTH)
         assert await r.content.readline() == b": connected\n"
         assert await r.content.readline() == b"\n"
-        assert await asyncio.wait_for(r.content.readline(), 5) == b": keep-alive\n"  # the default is 15 s
+        assert await asyncio.wait_for(r.content.readline(), HANG_S) == b": keep-alive\n"  # the default is 15 s
         r.close()
 
 

@@ -14,13 +14,13 @@ import yaml
 
 from lessor.daemon.units import GiB
 
-from .conftest import ROOT, free_port, running_lessord
+from .conftest import HANG_S, ROOT, free_port, running_lessord
 
 BIN = Path(sys.executable).parent
 
 
 def cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(BIN / "lessor"), *args], capture_output=True, text=True, timeout=60,
+    result = subprocess.run([str(BIN / "lessor"), *args], capture_output=True, text=True, timeout=HANG_S,
                             env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"lessor {args} exited {result.returncode}: {result.stderr}")
@@ -97,7 +97,7 @@ def test_plan_json_contract_without_a_daemon(seed_config):
 def test_bad_config_fails_at_start_listing_every_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("devices: {headroom: lots}\npolicy: {name: fifo}\n")
-    result = subprocess.run([str(BIN / "lessord"), "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([str(BIN / "lessord"), "--config", str(bad)], capture_output=True, text=True, timeout=HANG_S)
     assert result.returncode == 2
     assert "devices.headroom: 'lots' is not a size" in result.stderr
     assert "policy.name: unknown policy 'fifo'" in result.stderr
@@ -113,7 +113,7 @@ def test_unix_socket_is_group_only(seed_config, tmp_path):
     proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(seed_config)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + HANG_S
         while not sock.exists() or stat.S_IMODE(sock.stat().st_mode) != 0o660:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)

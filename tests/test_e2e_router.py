@@ -8,7 +8,7 @@ import urllib.request
 import openai
 import pytest
 
-from .conftest import running_lessord
+from .conftest import HANG_S, running_lessord
 from .test_e2e_torch import Admin, torch_spec, write_config
 
 
@@ -61,7 +61,7 @@ def test_a_client_that_leaves_a_stream_stops_the_engine_generating(tmp_path, tin
         stream = open_long_stream(router, "qa")
         assert engine_state(endpoint)["requests_in_flight"] == 1 and admin.model("qa")["in_flight"] == 1
         stream.close()  # 2000 tokens are far from done: the client leaves
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + HANG_S
         while (state := engine_state(endpoint))["requests_in_flight"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert state["requests_in_flight"] == 0 and state["requests_cancelled"] == 1
@@ -74,13 +74,13 @@ def open_long_stream(router: str, model: str):
             "ignore_eos": True, "stream": True}
     request = urllib.request.Request(router + "/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-    stream = urllib.request.urlopen(request, timeout=30)
+    stream = urllib.request.urlopen(request, timeout=HANG_S)
     assert stream.readline().startswith(b"data: ")
     return stream
 
 
 def engine_state(endpoint: str) -> dict:
-    with urllib.request.urlopen(endpoint + "/lessor/v1/state", timeout=10) as r:
+    with urllib.request.urlopen(endpoint + "/lessor/v1/state", timeout=HANG_S) as r:
         return json.loads(r.read())
 
 
@@ -98,7 +98,7 @@ def test_an_engine_that_crashes_mid_stream_cuts_the_stream_short_and_comes_back_
         os.kill(pid, signal.SIGKILL)
         with pytest.raises(http.client.IncompleteRead):  # no final chunk: the client can tell it broke
             stream.read()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + HANG_S
         while admin.model("qa")["state"] != "failed" and time.monotonic() < deadline:
             time.sleep(0.05)
         model = admin.model("qa")

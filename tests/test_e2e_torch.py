@@ -16,7 +16,7 @@ import yaml
 
 from lessor.daemon.units import GiB
 
-from .conftest import running_lessord
+from .conftest import HANG_S, running_lessord
 
 
 
@@ -40,7 +40,7 @@ class Admin:
     def __init__(self, url: str, state) -> None:
         self.url, self.token = url, (state / "admin.token").read_text().strip()
 
-    def call(self, method: str, path: str, body=None, timeout=120):
+    def call(self, method: str, path: str, body=None, timeout=HANG_S):
         request = urllib.request.Request(self.url + path, method=method,
                                          data=None if body is None else json.dumps(body).encode(),
                                          headers={"Authorization": f"Bearer {self.token}",
@@ -65,7 +65,7 @@ class Admin:
         """Events from the SSE stream, read in a thread."""
         out: queue.Queue = queue.Queue()
         request = urllib.request.Request(self.url + "/admin/v1/events", headers={"Authorization": f"Bearer {self.token}"})
-        stream = urllib.request.urlopen(request, timeout=60)
+        stream = urllib.request.urlopen(request, timeout=HANG_S)
 
         def read():
             for line in stream:
@@ -79,14 +79,14 @@ def chat(endpoint: str, text: str, **extra) -> dict:
     body = {"model": "x", "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
     request = urllib.request.Request(endpoint + "/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as r:
+    with urllib.request.urlopen(request, timeout=HANG_S) as r:
         return json.loads(r.read())
 
 
 def post(url: str, body: dict) -> tuple[int, bytes]:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=HANG_S) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -170,7 +170,7 @@ def test_a_killed_engine_releases_its_leases_at_once(tmp_path, tiny_qwen):
         model = admin.model("qa")
         assert model["pid"] != pid and model["restarts"] == 1 and kinds(model)["weights"] == 3 * GiB
         assert chat(model["endpoint"], "back?")["choices"]
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        with urllib.request.urlopen(url + "/metrics", timeout=HANG_S) as r:
             assert 'lessor_engine_exits_total{model="qa"} 1.0' in r.read().decode()
 
 

@@ -14,7 +14,7 @@ from lessor.daemon.errors import LoadFailed
 from lessor.daemon.runtime import runtime
 from lessor.engines.process import ProcessEnded, EngineProcess, process_identity
 
-from .conftest import ROOT, sim_config
+from .conftest import HANG_S, ROOT, sim_config
 
 STANDIN = str(ROOT / "tests" / "standin_engine.py")
 MEMORY = {"weights": "4GiB", "kv_bytes_per_token": 65536, "load_peak": "1GiB"}
@@ -146,7 +146,7 @@ time.sleep(600)
 
 async def test_stop_kills_a_group_that_ignores_sigterm(tmp_path):
     proc = await EngineProcess.spawn([sys.executable, "-c", STUBBORN], dict(os.environ), tmp_path / "e.log")
-    await proc.wait_until(lambda: "\nCHILD-PID:" in (tmp_path / "e.log").read_text(), "starting", 600)
+    await proc.wait_until(lambda: "\nCHILD-PID:" in (tmp_path / "e.log").read_text(), "starting", HANG_S)
     child = int((tmp_path / "e.log").read_text().split("\nCHILD-PID:")[1].split()[0])
     returncode = await proc.stop(grace_s=0.5)
     assert returncode == -signal.SIGKILL  # SIGTERM was ignored: the grace ran out and the group got SIGKILL
@@ -164,7 +164,7 @@ async def test_an_exit_is_seen_at_once(tmp_path):
     proc = await EngineProcess.spawn([sys.executable, "-c", "import time; time.sleep(600)"], dict(os.environ),
                                      tmp_path / "e.log", on_exit=on_exit)
     os.kill(proc.pid, signal.SIGKILL)
-    await asyncio.wait_for(seen.wait(), 600)  # a hang guard only
+    await asyncio.wait_for(seen.wait(), HANG_S)
     assert exits[0] == -signal.SIGKILL
     with pytest.raises(ProcessEnded, match="signal SIGKILL"):
         await proc.wait_until(lambda: False, "loading", 5)

@@ -12,7 +12,7 @@ import pytest
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from .conftest import sim_config
+from .conftest import HANG_S, sim_config
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ async def test_llama_cpp_serves_a_gguf_with_the_planned_context(tiny_gguf, tmp_p
         body = {"model": "tiny-gguf", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}
         request = urllib.request.Request(model["endpoint"] + "/v1/chat/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=HANG_S) as r:
             answer = json.loads(r.read())
         assert answer["usage"]["completion_tokens"] >= 1
         # The engine really took the planned context, as its own log says.

@@ -19,7 +19,7 @@ import yaml
 from lessor.daemon.runtime import publishing, runtime
 from lessor.daemon.units import GiB
 
-from .conftest import ROOT, FakeAdapter, free_port, sim_config, torch_model, until
+from .conftest import FakeAdapter, HANG_S, ROOT, free_port, sim_config, torch_model, until
 
 BIN = Path(sys.executable).parent
 
@@ -38,7 +38,7 @@ class Broker:
 
     def start(self) -> None:
         self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + HANG_S
         while True:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
@@ -146,7 +146,7 @@ def test_last_will_marks_a_killed_daemon_offline(tmp_path, broker):
                             proc.send_signal(signal.SIGKILL)
                         if message.payload == b"offline" and b"online" in statuses:
                             return
-                await asyncio.wait_for(read(), 30)
+                await asyncio.wait_for(read(), HANG_S)
             finally:
                 proc.kill()
                 proc.wait()

@@ -21,7 +21,7 @@ from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 from lessor.engines.process import process_identity
 
-from .conftest import ROOT, running_lessord, sim_config, torch_model
+from .conftest import HANG_S, ROOT, running_lessord, sim_config, torch_model
 from .test_e2e_torch import Admin, chat, torch_spec
 
 STANDIN = str(ROOT / "tests" / "standin_engine.py")
@@ -46,7 +46,7 @@ def config_file(tmp_path: Path, models: list[dict], **extra) -> Path:
 
 
 def metric(url: str, line_start: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+    with urllib.request.urlopen(url + "/metrics", timeout=HANG_S) as r:
         for line in r.read().decode().splitlines():
             if line.startswith(line_start):
                 return float(line.rsplit(" ", 1)[1])
@@ -103,7 +103,7 @@ def test_kill_9_mid_load_rolls_the_load_back_at_restart(tmp_path):
             except OSError:
                 pass  # lessord is killed under it
         threading.Thread(target=load, daemon=True).start()
-        deadline = time.monotonic() + 600  # a hang guard, never reached on a slow machine
+        deadline = time.monotonic() + HANG_S
         while True:
             leases = admin.leases("slow")
             if leases and all(lease["owner_pid"] for lease in leases):  # the engine is started and recorded

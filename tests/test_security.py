@@ -13,7 +13,7 @@ from lessor.api.admin import ROUTES
 from lessor.api.auth import check_bearer
 from lessor.daemon.errors import Unauthorized
 
-from .conftest import ROOT, running_lessord
+from .conftest import HANG_S, ROOT, running_lessord
 from .test_e2e_torch import Admin
 from .test_restart import config_file, standin_spec
 
@@ -76,7 +76,7 @@ def test_tokens_and_keys_never_reach_a_log_or_an_engine(tmp_path):
             request = urllib.request.Request(f"{router}/v1/chat/completions", data=b'{"model": "m", "messages": []}',
                                              headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=30) as r:
+                with urllib.request.urlopen(request, timeout=HANG_S) as r:
                     assert r.status == expected
             except urllib.error.HTTPError as e:
                 assert e.code == expected

@@ -8,7 +8,7 @@ from lessor.daemon.errors import EngineUnavailable, LoadFailed, ModelBusy, NotEn
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from .conftest import sim_config, torch_model, until
+from .conftest import HANG_S, sim_config, torch_model, until
 
 
 def kinds(snapshot, model):
@@ -138,7 +138,7 @@ async def test_unload_releases_every_lease_and_stops_the_engine(env):
 async def crash(controller, adapter, events, name):
     adapter.launches[-1].on_exit(-9)
     while True:
-        event = await asyncio.wait_for(events.get(), 600)  # a hang guard only
+        event = await asyncio.wait_for(events.get(), HANG_S)
         if event.type == "engine_exited" and event.model == name:
             return event
 
