@@ -131,6 +131,8 @@ class FakeHandle:
     async def stop(self, grace_s: float) -> None:
         self.stopped = True
         self._use(0)
+        if self.adapter.on_stop:
+            self.adapter.on_stop(self)
 
 
 class FakeAdapter:
@@ -141,6 +143,7 @@ class FakeAdapter:
         self.probe, self.ledger = probe, ledger
         self.fail_at: str | None = None
         self.during_weights = None
+        self.on_stop = None  # called with the handle once its engine stopped
         self.loading = self.max_loading = 0
         self.load_delay_s = 0.01
         self.seen: list = []

@@ -94,6 +94,40 @@ async def test_pinned_models_are_not_evicted(env):
     assert b["state"] == "unloaded" and "short by" in b["error"]  # refused, not failed
 
 
+async def test_a_grant_the_ledger_refuses_is_a_shortfall_not_a_failed_load(env):
+    """Admitted, then the memory went elsewhere before the grant (foreign usage grew while the
+    victim stopped): a 503-class shortfall with the numbers, nothing held, the model unloaded."""
+    controller, adapter, _ = await env([torch_model("a", "8GiB"), torch_model("b", "8GiB")])
+    await controller.load("a")
+    adapter.on_stop = lambda handle: controller.probe.set_foreign("gpu0", 16 * GiB)
+    with pytest.raises(NotEnoughMemory) as info:
+        await controller.load("b")
+    assert info.value.device == "gpu0" and info.value.wanted_bytes > info.value.free_bytes
+    assert controller.leases("b") == [] and controller.model("b")["state"] == "unloaded"
+
+
+async def test_a_cancelled_load_rolls_back_every_lease_and_re_raises(env):
+    controller, adapter, _ = await env([torch_model("a", "4GiB")])
+    adapter.load_delay_s = 3600  # the weights never finish loading: the load is cancelled mid-way
+    load = asyncio.ensure_future(controller.load("a"))
+    await until(lambda: adapter.loading == 1)
+    assert {lease["kind"] for lease in controller.leases("a")} == {"weights", "load_peak"}
+    load.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await load
+    assert controller.leases("a") == [] and adapter.handles[0].stopped
+    assert controller.model("a")["state"] == "unloaded" and controller.ledger.engines() == {}
+
+
+async def test_nothing_restarts_after_close(env):
+    controller, adapter, events = await env([{**torch_model("a"), "restart": {"backoff": 0.01}}])
+    await controller.load("a")
+    await controller.supervisor.close()  # what lessord does when it stops
+    adapter.launches[-1].on_exit(-9)  # a late exit report finds the supervisor closed
+    await controller.supervisor.settled()
+    assert len(adapter.handles) == 1 and controller.model("a")["state"] == "unloaded"
+
+
 async def test_dry_run_names_the_evictions_without_doing_them(env):
     controller, adapter, _ = await env([torch_model("a", "8GiB"), torch_model("b", "8GiB")])
     await controller.load("a")
