@@ -25,7 +25,8 @@ import httptools
 
 from ..daemon.config import RouterConfig
 from ..daemon.errors import Forbidden, InvalidRequest, LessorError, UnknownModel, UpstreamFailed
-from ..daemon.routing import Lane, Router
+from ..daemon.lanes import Lane
+from ..daemon.traffic import TrafficControl
 from ..daemon.supervisor import Supervisor
 from .errors import http_status, retry_after
 from .proxy import UpstreamPool
@@ -131,7 +132,7 @@ def allows(access: KeyAccess | None, model: str) -> bool:
 class FrontDoor:
     """What every client connection shares: the router, the model list, the upstream pool."""
 
-    def __init__(self, router: Router, supervisor: Supervisor, config: RouterConfig) -> None:
+    def __init__(self, router: TrafficControl, supervisor: Supervisor, config: RouterConfig) -> None:
         self.router, self.supervisor, self.config = router, supervisor, config
         self.keys = ApiKeys(config, supervisor)
         self.pool = UpstreamPool()
@@ -478,7 +479,7 @@ class RouterServer:
         self.door.pool.close()
 
 
-async def start_router(router: Router, supervisor: Supervisor, config: RouterConfig,
+async def start_router(router: TrafficControl, supervisor: Supervisor, config: RouterConfig,
                        host: str, port: int) -> RouterServer:
     door = FrontDoor(router, supervisor, config)
     server = await asyncio.get_running_loop().create_server(lambda: ClientConnection(door), host, port)
