@@ -21,7 +21,8 @@ import httptools
 from ..daemon.config import RouterConfig
 from ..daemon.errors import (Forbidden, InvalidRequest, LessorError, MethodNotAllowed, NoRoute, UnknownModel,
                              UpstreamFailed)
-from ..daemon.routing import Lane, Router
+from ..daemon.lanes import Lane
+from ..daemon.traffic import TrafficControl
 from ..daemon.supervisor import Supervisor
 from .connection import CLIENT_GONE, ClientConnection, Request
 from .errors import http_status
@@ -54,7 +55,7 @@ def parse_body(body: bytes) -> tuple[str, bool]:
 class FrontDoor:
     """What every client connection shares: the router, the model list, the keys, the upstream pool."""
 
-    def __init__(self, router: Router, supervisor: Supervisor, config: RouterConfig) -> None:
+    def __init__(self, router: TrafficControl, supervisor: Supervisor, config: RouterConfig) -> None:
         self.router, self.supervisor, self.config = router, supervisor, config
         self.keys = ApiKeys(config, supervisor)
         self.pool = UpstreamPool()
@@ -170,7 +171,7 @@ class RouterServer:
         self.door.pool.close()
 
 
-async def start_router(router: Router, supervisor: Supervisor, config: RouterConfig,
+async def start_router(router: TrafficControl, supervisor: Supervisor, config: RouterConfig,
                        host: str, port: int) -> RouterServer:
     door = FrontDoor(router, supervisor, config)
     server = await asyncio.get_running_loop().create_server(lambda: ClientConnection(door), host, port)

@@ -20,7 +20,7 @@ from ..daemon.controller import Controller
 from ..daemon.errors import ConfigError, LessorError
 from ..daemon.events import ConfigReloaded
 from ..daemon.notify import Notifier, watchdog, watchdog_interval_s
-from ..daemon.routing import Router
+from ..daemon.traffic import TrafficControl
 from ..daemon.runtime import publishing, runtime
 from .admin import make_admin_app
 from .auth import resolve_token
@@ -48,7 +48,7 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await _listen(runner, config)
-        router = Router(controller.supervisor, config.router, controller.bus.listen)
+        router = TrafficControl(controller.supervisor, config.router, controller.bus.listen)
         controller.supervisor.attach_traffic(router)
         controller.router = router
         await _serve_router(stack, router, controller, config)
@@ -79,7 +79,7 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         log.info("lessord stopping: draining, stopping engines, closing the ledger")
 
 
-async def _serve_router(stack: AsyncExitStack, router: Router, controller: Controller, config: LessorConfig) -> None:
+async def _serve_router(stack: AsyncExitStack, router: TrafficControl, controller: Controller, config: LessorConfig) -> None:
     host, port = parse_listen(config.router.listen)
     server = await start_router(router, controller.supervisor, config.router, host, port)
     stack.push_async_callback(server.close)

@@ -255,6 +255,8 @@ class RouterConfig(Strict):
     max_queue: int = Field(default=64, ge=0, le=100_000, description="Requests per model that may wait (for a load, a swap or a free slot); more get 429 with Retry-After.")
     wait_timeout: Duration = Field(default=900.0, gt=0, description="Longest a request waits for its model (a load, a swap, a slot) before 503.")
     drain_after: Duration = Field(default=30.0, ge=0, le=3600, description="Seconds an on-demand load waits for the busy models it must evict to go idle by themselves; then they are drained (their new requests wait) so it gets its turn. 0 = drain at once: fairest, most swaps.")
+    retry_after_loading_s: Duration = Field(default=5.0, gt=0, le=3600, description="Retry-After of the 429 a full queue answers while its model is not ready (loading, or waiting for its turn): a load takes seconds.")
+    retry_after_busy_s: Duration = Field(default=1.0, gt=0, le=3600, description="Retry-After of the 429 a full queue answers while its model is ready (the queue waits for free max_concurrency slots).")
     max_body: Size = Field(default=16 * MiB, ge=1024, description="Largest request body the router accepts; larger gets 413.")
     keep_alive_check: Duration = Field(default=1.0, gt=0, le=60, description="How often idle models are checked against their keep_alive.")
     request_timeout: Duration = Field(default=30.0, gt=0, le=3600, description="Longest a client may take to send a whole request (head and body); a slower one gets 408 and is disconnected.")

@@ -4,7 +4,7 @@ free make the policy evict idle models instead of an engine running out of memor
 
 from lessor.api.metrics import Metrics
 from lessor.daemon.config import RouterConfig
-from lessor.daemon.routing import Router
+from lessor.daemon.traffic import TrafficControl
 from lessor.daemon.units import GiB
 
 from .conftest import FakeAdapter, drain_events, torch_model
@@ -82,7 +82,7 @@ async def test_a_busy_model_is_never_evicted_for_foreign_growth(env):
     controller, _, events = await env([torch_model("a"), torch_model("b")])
     await controller.load("a")
     await controller.load("b")
-    router = Router(controller.supervisor, RouterConfig(), controller.bus.listen)
+    router = TrafficControl(controller.supervisor, RouterConfig(), controller.bus.listen)
     controller.supervisor.attach_traffic(router)
     assert router.try_start(router.lane("a"))  # a is older but serving a request
     controller.probe.set_foreign("gpu0", 14 * GiB)

@@ -12,7 +12,7 @@ from aiohttp import web
 from lessor.api.metrics import Metrics
 from lessor.api.router import RouterServer, start_router
 from lessor.daemon.config import RouterConfig
-from lessor.daemon.routing import Router
+from lessor.daemon.traffic import TrafficControl
 from lessor.daemon.runtime import runtime
 
 from .conftest import FakeAdapter, sim_config, torch_model
@@ -77,7 +77,7 @@ async def front(tmp_path, aiohttp_server):
         controller = await ctx.__aenter__()
         made.append(ctx)
         router_config = RouterConfig(**router_config)
-        router = Router(controller.supervisor, router_config, controller.bus.listen)
+        router = TrafficControl(controller.supervisor, router_config, controller.bus.listen)
         controller.supervisor.attach_traffic(router)
         controller.router = router
         server = await start_router(router, controller.supervisor, router_config, "127.0.0.1", 0)

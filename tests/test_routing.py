@@ -1,44 +1,111 @@
-"""The router's traffic control (daemon/routing.py) against the real supervisor, ledger and policies;
-only the engine process is faked. A device of 15 GiB free holds one 8 GiB model, not two."""
+"""The router's traffic control (daemon/traffic.py driving daemon/lanes.py) against the real
+supervisor, ledger and policies; only the engine process is faked. A device of 15 GiB free holds
+one 8 GiB model, not two. Time is an injected clock: the router's timers (wait deadlines, the
+drain patience) fire only when a test moves it, so no test races the machine's speed."""
 
 import asyncio
-import time
+import heapq
 
 import pytest
 
 from lessor.daemon.config import RouterConfig
 from lessor.daemon.errors import LoadFailed, QueueFull, UnknownModel, WaitTimedOut
-from lessor.daemon.routing import Router
 from lessor.daemon.runtime import runtime
+from lessor.daemon.traffic import TrafficControl
 
-from .conftest import FakeAdapter, drain_events, sim_config, torch_model
+from .conftest import FakeAdapter, drain_events, sim_config, torch_model, until
+
+HANG_S = 120.0  # only turns a hang into a failure (as conftest's until)
 
 
-class Clock:
+class ManualClock:
+    """The supervisor's and the router's clock: time moves when the test says, and the router's
+    timers fire as it passes them, in order."""
+
     def __init__(self) -> None:
         self.now = 1000.0
+        self._timers: list = []
+        self._seq = 0
 
     def __call__(self) -> float:
         return self.now
+
+    def call_at(self, when_s, callback) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when_s, self._seq, callback))
+
+    def advance(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self._timers and self._timers[0][0] <= end:
+            self.step()
+        self.now = end
+
+    def step(self) -> bool:
+        """Move to the next timer and run every callback due then; False when none is left."""
+        if not self._timers:
+            return False
+        self.now = max(self.now, self._timers[0][0])
+        while self._timers and self._timers[0][0] <= self.now:
+            heapq.heappop(self._timers)[2]()
+        return True
+
+
+class GatedAdapter(FakeAdapter):
+    """The fake engine, whose loads can be held after their weights: by `gate` (an event the
+    test sets) or for `hold_s` of the injected clock."""
+
+    def __init__(self, probe, ledger=None) -> None:
+        super().__init__(probe, ledger)
+        self.gate: asyncio.Event | None = None
+        self.hold_s: float | None = None
+        self.clock: ManualClock | None = None
+        self.at_gate: list[str] = []
+
+    async def start(self, launch):
+        handle = await super().start(launch)
+        weights_loaded = handle.wait_weights_loaded
+
+        async def gated(timeout_s):
+            name = handle.spec.name
+            self.at_gate.append(name)
+            try:
+                if self.hold_s is not None:
+                    held = asyncio.Event()
+
+                    def release():  # off the gate at once, so the test never sees it there after
+                        self.at_gate.remove(name)
+                        held.set()
+                    self.clock.call_at(self.clock() + self.hold_s, release)
+                    await held.wait()
+                elif self.gate is not None:
+                    await self.gate.wait()
+            finally:
+                if name in self.at_gate:
+                    self.at_gate.remove(name)
+            await weights_loaded(timeout_s)
+        handle.wait_weights_loaded = gated
+        return handle
 
 
 @pytest.fixture
 async def routed(tmp_path):
     made = []
 
-    async def make(models, policy="lru_idle", clock=time.monotonic, **router):
+    async def make(models, policy="lru_idle", clock=None, **router):
+        clock = clock or ManualClock()
         config = sim_config(tmp_path, models, policy=policy)
         fakes = []
 
         def engines(probe, ledger):
-            fakes.append(FakeAdapter(probe, ledger))
+            fakes.append(GatedAdapter(probe, ledger))
             return {"torch": fakes[0]}
         ctx = runtime(config, engines=engines, clock=clock)
         controller = await ctx.__aenter__()
         made.append(ctx)
-        router_ = Router(controller.supervisor, RouterConfig(**router), controller.bus.listen)
-        controller.supervisor.attach_traffic(router_)
-        return controller, fakes[0], router_, controller.bus.subscribe()
+        traffic = TrafficControl(controller.supervisor, RouterConfig(**router), controller.bus.listen, timers=clock)
+        controller.supervisor.attach_traffic(traffic)
+        fakes[0].clock = clock
+        return controller, fakes[0], traffic, controller.bus.subscribe()
 
     yield make
     for ctx in made:
@@ -54,13 +121,16 @@ async def turn(router, name):
     return lane, router.try_start(lane) or await router.wait_turn(lane)
 
 
+async def done(*awaitables):
+    return await asyncio.wait_for(asyncio.gather(*awaitables), HANG_S)
+
+
 def loads(adapter):
     return [h.spec.name for h in adapter.handles]
 
 
-async def settle():
-    for _ in range(20):
-        await asyncio.sleep(0)
+def queued(router, name):
+    return router.queued().get(name, 0)
 
 
 async def test_a_request_loads_its_model_on_demand_and_evicts_an_idle_one(routed):
@@ -88,64 +158,96 @@ async def test_a_busy_model_is_not_evicted_and_each_side_is_served_as_a_batch(ro
     controller, adapter, router, _ = await routed([big("a"), big("b")], drain_after=0)
     running_a, _ = await turn(router, "a")  # one request on a, still running
     b_requests = [asyncio.ensure_future(turn(router, "b")) for _ in range(3)]
-    await asyncio.sleep(0.1)
+    await until(lambda: router.loads_wanted().get("b") == "queued", "b's load waiting for a")
     assert controller.model("a")["state"] == "ready" and not any(t.done() for t in b_requests)
     late_a = [asyncio.ensure_future(turn(router, "a")) for _ in range(2)]  # a is drained: these wait
-    await asyncio.sleep(0.1)
+    await until(lambda: queued(router, "a") == 2, "a's late requests queued")
     assert not any(t.done() for t in late_a) and controller.model("a")["in_flight"] == 1
 
     router.finish(running_a)  # a goes idle: b loads and its three requests run together
-    b_done = await asyncio.wait_for(asyncio.gather(*b_requests), 5)
+    b_done = await done(*b_requests)
     assert controller.model("b")["in_flight"] == 3 and not any(t.done() for t in late_a)
     assert controller.model("a")["state"] in ("unloaded", "loading")
     for lane, _ in b_done:
         router.finish(lane)
-    a_done = await asyncio.wait_for(asyncio.gather(*late_a), 5)  # then a comes back for its two
+    a_done = await done(*late_a)  # then a comes back for its two
     assert loads(adapter) == ["a", "b", "a"] and controller.model("a")["in_flight"] == 2
     for lane, _ in a_done:
         router.finish(lane)
 
 
 async def test_alternating_requests_swap_in_batches_and_neither_model_starves(routed):
-    controller, adapter, router, _ = await routed([big("a"), big("b")], drain_after=0)
-    loop = asyncio.get_running_loop()
-    waits = []
+    """100 requests alternating between a and b, one every 10 ms, each served in 50 ms, each load
+    taking 10 ms: all in the injected clock, which moves only once everything it caused has
+    settled, so the figures are the same on any machine."""
+    clock = ManualClock()
+    controller, adapter, router, _ = await routed([big("a"), big("b")], clock=clock, drain_after=0)
+    adapter.hold_s = 0.01
+    waits, arrived, admitted = [], [0], [0]
 
-    async def request(name):
-        arrived = loop.time()
-        lane, _ = await turn(router, name)
-        waits.append(loop.time() - arrived)
-        await asyncio.sleep(0.05)
-        router.finish(lane)
+    def served(lane, since_s):
+        admitted[0] += 1
+        waits.append(clock() - since_s)
+        clock.call_at(clock() + 0.05, lambda: router.finish(lane))
 
-    tasks = []
-    for i in range(100):  # a, b, a, b, ... arriving every 10 ms, each served in 50 ms: always overlapping
-        tasks.append(asyncio.ensure_future(request("ab"[i % 2])))
-        await asyncio.sleep(0.01)
-    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    async def waiting(lane, since_s):
+        await router.wait_turn(lane)
+        served(lane, since_s)
+
+    def arrive(name):
+        arrived[0] += 1
+        lane = router.lane(name)
+        if router.try_start(lane):
+            served(lane, clock())
+        else:
+            asyncio.ensure_future(waiting(lane, clock()))
+
+    for i in range(100):
+        clock.call_at(clock() + 0.01 * i, lambda name="ab"[i % 2]: arrive(name))
+
+    def settled():
+        """Every request arrived so far runs or waits, and every load under way is held at its
+        10 ms (or waits for the device lock behind the one that is)."""
+        if admitted[0] + sum(router.queued().values()) != arrived[0]:
+            return False
+        return all(phase != "asking" or name in adapter.at_gate
+                   or (adapter.at_gate and controller.model(name)["state"] == "loading")
+                   for name, phase in router.loads_wanted().items())
+
+    while True:
+        await until(settled, "the router settled")
+        if not clock.step():
+            break
+    assert admitted[0] == 100 and controller.model("a")["in_flight"] == controller.model("b")["in_flight"] == 0
     # Swapping per request would be 100 loads; never swapping would make one model wait for the
     # other's whole stream (about 1 s). Batches: few loads, and every wait is short.
     assert len(adapter.handles) <= 25, f"{len(adapter.handles)} loads for 100 alternating requests"
     assert max(waits) < 0.5, f"a request waited {max(waits):.2f} s"
+    # The figures README.md quotes: this run is the same on every machine.
+    assert (len(adapter.handles), round(max(waits), 3)) == (19, 0.12)
 
 
 async def test_a_load_waits_drain_after_for_busy_models_before_draining_them(routed):
     """Within the patience, the busy model keeps serving new requests; then it is drained."""
-    controller, adapter, router, _ = await routed([big("a"), big("b")], drain_after=0.4)
+    clock = ManualClock()
+    controller, adapter, router, _ = await routed([big("a"), big("b")], clock=clock, drain_after=30)
     running_a, _ = await turn(router, "a")
     b_request = asyncio.ensure_future(turn(router, "b"))
-    await asyncio.sleep(0.1)
-    more_a, _ = await asyncio.wait_for(turn(router, "a"), 1)  # not drained yet: starts at once
+    await until(lambda: router.loads_wanted().get("b") == "queued", "b's load waiting for a")
+    clock.advance(29)
+    more_a = router.lane("a")
+    assert router.try_start(more_a)  # not drained yet: starts at once
     router.finish(running_a)
     assert controller.model("a")["in_flight"] == 1 and not b_request.done()
-    await asyncio.sleep(0.5)  # patience over: a is drained, a request arriving now waits
-    late_a = asyncio.ensure_future(turn(router, "a"))
-    await asyncio.sleep(0.1)
+    clock.advance(1)  # patience over: b's load asks again, and drains a
+    await until(lambda: router.lane("a").drained, "a drained")
+    late_a = asyncio.ensure_future(turn(router, "a"))  # a request arriving now waits
+    await until(lambda: queued(router, "a") == 1, "a's late request queued")
     assert not late_a.done() and not b_request.done()
     router.finish(more_a)  # a idle: b loads; a's held request loads a back after b's turn
-    b_lane, _ = await asyncio.wait_for(b_request, 5)
+    ((b_lane, _),) = await done(b_request)
     router.finish(b_lane)
-    a_lane, _ = await asyncio.wait_for(late_a, 5)
+    ((a_lane, _),) = await done(late_a)
     router.finish(a_lane)
     assert loads(adapter) == ["a", "b", "a"]
 
@@ -154,46 +256,82 @@ async def test_a_model_that_goes_idle_within_the_patience_is_evicted_without_a_d
     controller, adapter, router, _ = await routed([big("a"), big("b")], drain_after=60)
     running_a, _ = await turn(router, "a")
     b_request = asyncio.ensure_future(turn(router, "b"))
-    await asyncio.sleep(0.1)
+    await until(lambda: router.loads_wanted().get("b") == "queued", "b's load waiting for a")
     router.finish(running_a)
-    b_lane, _ = await asyncio.wait_for(b_request, 5)  # long before the 60 s patience ends
+    ((b_lane, _),) = await done(b_request)  # the injected clock never reached the 60 s patience
+    assert not router.lane("a").drained
     router.finish(b_lane)
     assert loads(adapter) == ["a", "b"]
 
 
 async def test_a_full_queue_answers_queue_full_with_a_retry_time(routed):
-    controller, adapter, router, _ = await routed([big("a")], max_queue=2)
-    adapter.load_delay_s = 0.5
+    controller, adapter, router, _ = await routed([big("a")], max_queue=2, retry_after_loading_s=7)
+    adapter.gate = asyncio.Event()  # the load stays under way until the queue is full
     waiting = [asyncio.ensure_future(turn(router, "a")) for _ in range(2)]
-    await settle()
+    await until(lambda: queued(router, "a") == 2 and adapter.at_gate == ["a"], "two requests waiting for the load")
     with pytest.raises(QueueFull) as err:
         await turn(router, "a")
     assert err.value.retry_after_s > 0 and "router.max_queue" in str(err.value)
-    for lane, _ in await asyncio.wait_for(asyncio.gather(*waiting), 5):
+    assert err.value.retry_after_s == 7  # router.retry_after_loading_s: the model is not ready
+    adapter.gate.set()
+    for lane, _ in await done(*waiting):
         router.finish(lane)
     assert loads(adapter) == ["a"]
+
+
+async def test_a_full_queue_of_a_ready_model_says_retry_after_busy(routed):
+    controller, _, router, _ = await routed([big("a", max_concurrency=1)], max_queue=1, retry_after_busy_s=3)
+    running, _ = await turn(router, "a")
+    waiting = asyncio.ensure_future(turn(router, "a"))
+    await until(lambda: queued(router, "a") == 1, "one request waiting for a slot")
+    with pytest.raises(QueueFull) as err:
+        await turn(router, "a")
+    assert err.value.retry_after_s == 3
+    router.finish(running)
+    ((lane, _),) = await done(waiting)
+    router.finish(lane)
 
 
 async def test_max_concurrency_holds_requests_until_a_slot_frees(routed):
     controller, _, router, _ = await routed([big("a", max_concurrency=2)])
     first = [await turn(router, "a") for _ in range(2)]
     third = asyncio.ensure_future(turn(router, "a"))
-    await asyncio.sleep(0.05)
+    await until(lambda: queued(router, "a") == 1, "the third request queued")
     assert not third.done() and controller.model("a")["in_flight"] == 3  # running 2 + due 1
     router.finish(first[0][0])
-    lane, _ = await asyncio.wait_for(third, 1)
+    ((lane, _),) = await done(third)
     for lane_ in (first[1][0], lane):
         router.finish(lane_)
     assert controller.model("a")["in_flight"] == 0
 
 
 async def test_a_request_that_waits_too_long_gets_wait_timed_out(routed):
-    _, _, router, _ = await routed([big("a", max_concurrency=1)], wait_timeout=0.2)
+    clock = ManualClock()
+    _, _, router, _ = await routed([big("a", max_concurrency=1)], clock=clock, wait_timeout=10)
     lane, _ = await turn(router, "a")
+    late = asyncio.ensure_future(turn(router, "a"))
+    await until(lambda: queued(router, "a") == 1, "the second request queued")
+    clock.advance(9.9)
+    await asyncio.sleep(0)
+    assert not late.done()
+    clock.advance(0.1)
     with pytest.raises(WaitTimedOut) as err:
-        await turn(router, "a")
+        await done(late)
     assert "a free slot" in str(err.value) and "router.wait_timeout" in str(err.value)
     assert lane.in_flight == 1  # the timed-out request left no trace
+    router.finish(lane)
+
+
+async def test_a_request_whose_client_leaves_while_it_waits_leaves_no_trace(routed):
+    controller, _, router, _ = await routed([big("a", max_concurrency=1)])
+    lane, _ = await turn(router, "a")
+    gone = asyncio.ensure_future(turn(router, "a"))
+    await until(lambda: queued(router, "a") == 1, "the second request queued")
+    gone.cancel()
+    await until(lambda: queued(router, "a") == 0, "the cancelled request gone")
+    assert controller.model("a")["in_flight"] == 1
+    router.finish(lane)
+    assert controller.model("a")["in_flight"] == 0 and router.try_start(lane)
     router.finish(lane)
 
 
@@ -211,10 +349,14 @@ async def test_a_failed_load_fails_the_requests_waiting_for_it_and_the_next_requ
 
 async def test_a_request_during_an_admin_load_waits_for_it(routed):
     controller, adapter, router, _ = await routed([big("a")])
-    adapter.load_delay_s = 0.2
+    adapter.gate = asyncio.Event()
     load = asyncio.ensure_future(controller.load("a"))
-    await settle()
-    lane, _ = await asyncio.wait_for(turn(router, "a"), 5)
+    await until(lambda: adapter.at_gate == ["a"], "the admin load under way")
+    request = asyncio.ensure_future(turn(router, "a"))
+    await until(lambda: queued(router, "a") == 1, "the request waiting for the load")
+    assert router.loads_wanted() == {"a": "held"}  # it waits for the admin load, starts none
+    adapter.gate.set()
+    ((lane, _),) = await done(request)
     await load
     router.finish(lane)
     assert loads(adapter) == ["a"]
@@ -223,7 +365,7 @@ async def test_a_request_during_an_admin_load_waits_for_it(routed):
 async def test_keep_alive_unloads_idle_models_but_never_pinned_busy_or_forever_ones(routed):
     models = [torch_model("idle", keep_alive="30s"), torch_model("busy", keep_alive="30s"),
               torch_model("pinned", keep_alive=0, pinned=True), torch_model("forever", keep_alive=-1)]
-    clock = Clock()
+    clock = ManualClock()
     controller, _, router, _ = await routed(models, clock=clock)
     for name in ("idle", "busy", "pinned", "forever"):
         await controller.load(name)
@@ -239,7 +381,7 @@ async def test_keep_alive_unloads_idle_models_but_never_pinned_busy_or_forever_o
 
 
 async def test_a_request_touches_the_last_use_time_lru_reads(routed):
-    clock = Clock()
+    clock = ManualClock()
     controller, _, router, _ = await routed([torch_model("a"), torch_model("b")], clock=clock)
     await controller.load("a")
     await controller.load("b")

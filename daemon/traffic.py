@@ -1,0 +1,197 @@
+"""lessord's traffic control: the router's lanes (daemon/lanes.py, the decisions) driven on
+asyncio. It owns what the decisions leave out: a future per waiting request, a task per on-demand
+load (the supervisor's `try_load`, whose outcome it reports back), timers on the event loop, and
+the keep_alive loop that unloads idle models. It is what the supervisor reads of the router's
+traffic (lifecycle.Traffic: requests in flight and last use per model).
+
+The hot path (a ready model with a free slot) is synchronous: a dict lookup, two counters and
+the last-use time, in memory only; nothing is written to the ledger per request.
+
+Why loads wait for busy models before draining them (router.drain_after): the policy simulator
+(bench/sim) runs these same lanes, and measured draining at once as the worst of its strategies
+under steady traffic; the patience keeps a stream of requests to a popular model from being cut
+for every rare one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Protocol
+
+from .config import RouterConfig
+from .errors import InvariantBroken, LessorError, ModelBusy
+from .events import ConfigReloaded, Event, ModelStateChanged
+from .lanes import Lane, LaneRules, Lanes, keep_alive_over
+from .lifecycle import ModelRecord, ModelState
+from .supervisor import MustWait, Supervisor
+
+log = logging.getLogger("lessor.traffic")
+
+
+class Timers(Protocol):
+    def call_at(self, when_s: float, callback: Callable[[], None]) -> None: ...
+
+
+class LoopTimers:
+    """Callbacks at times of `clock`, on the running event loop."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+
+    def call_at(self, when_s: float, callback: Callable[[], None]) -> None:
+        asyncio.get_running_loop().call_later(max(0.0, when_s - self._clock()), callback)
+
+
+def _serving(record: ModelRecord) -> bool:
+    # An engine that exited leaves the record READY without a handle until the supervisor has
+    # released its leases: requests wait for what comes next.
+    return record.state is ModelState.READY and record.handle is not None
+
+
+class TrafficControl:
+    def __init__(self, supervisor: Supervisor, config: RouterConfig,
+                 listen: Callable[[Callable[[Event], None]], None] | None = None,
+                 timers: Timers | None = None) -> None:
+        self._supervisor, self._config = supervisor, config
+        self._clock = supervisor.clock
+        self._timers = timers or LoopTimers(self._clock)
+        self._lanes = Lanes(LaneRules.of(config), self._clock, self, self.lane, _serving)
+        self._by_name: dict[str, Lane] = {}  # name or alias -> lane (cleared on config reload)
+        self._loads: set[asyncio.Task] = set()
+        self.requests: dict[tuple[str, int], int] = {}  # (model, HTTP status) -> count, for metrics
+        if listen is not None:
+            listen(self._on_event)
+
+    def lane(self, name: str) -> Lane:
+        """The lane of a model name or alias; UnknownModel lists the known names."""
+        lane = self._by_name.get(name)
+        if lane is not None:
+            return lane
+        record = self._supervisor.resolve(name)
+        lane = self._lanes.lanes.get(record.spec.name)
+        if lane is None or lane.record is not record:  # new, or removed and added back by a reload
+            lane = self._lanes.add(record, record.spec.name, record.spec.max_concurrency)
+        self._by_name[name] = lane
+        return lane
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, ModelStateChanged):
+            self._lanes.changed(event.model)
+        elif isinstance(event, ConfigReloaded):
+            self._by_name.clear()
+            for lane in list(self._lanes.lanes.values()):
+                self._lanes.set_slots(lane, lane.record.spec.max_concurrency)
+            self._lanes.changed()
+
+    # -- what the supervisor reads (lifecycle.Traffic) ----------------------------------------
+
+    def in_flight(self, model: str) -> int:
+        return self._lanes.in_flight(model)
+
+    def last_used_s(self, model: str) -> float:
+        return self._lanes.last_used_s(model)
+
+    # -- a request's turn --------------------------------------------------------------------
+
+    def try_start(self, lane: Lane) -> str | None:
+        """The fast path: the engine's base URL if the request may go now, else None (then wait_turn)."""
+        if self._lanes.try_start(lane):
+            return lane.record.handle.base_url
+        return None
+
+    def finish(self, lane: Lane) -> None:
+        self._lanes.finish(lane)
+
+    async def wait_turn(self, lane: Lane) -> str:
+        """Wait until the model is ready with room for this request, loading it if needed."""
+        turn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._lanes.wait(lane, turn)
+        try:
+            return await turn
+        except asyncio.CancelledError:
+            if turn.cancelled():  # still queued, or admitted too late to take its turn
+                self._lanes.leave(lane, turn)
+            elif turn.exception() is None:  # admitted, then cancelled before it ran: the slot goes back
+                self._lanes.finish(lane)
+            raise
+
+    # -- the lanes' effects (daemon/lanes.py Effects) -----------------------------------------
+
+    def admit(self, lane: Lane, request: asyncio.Future) -> bool:
+        if request.done():
+            return False
+        request.set_result(lane.record.handle.base_url)
+        return True
+
+    def fail(self, request: asyncio.Future, error: LessorError) -> None:
+        if not request.done():
+            request.set_exception(error)
+
+    def call_at(self, when_s: float, callback: Callable[[], None]) -> None:
+        self._timers.call_at(when_s, callback)
+
+    def load(self, lane: Lane) -> None:
+        task = asyncio.ensure_future(self._load(lane))
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+
+    async def _load(self, lane: Lane) -> None:
+        lanes = self._lanes
+        try:
+            outcome = await self._supervisor.try_load(lane.name)
+        except ModelBusy:
+            lanes.busy(lane)
+        except LessorError as exc:
+            lanes.load_failed(lane, exc)
+        except Exception as exc:  # a bug: fail the waiting requests rather than hang them
+            log.exception("on-demand load of %s failed", lane.name)
+            lanes.load_failed(lane, InvariantBroken(f"loading '{lane.name}' on demand: {exc!r}"))
+        else:
+            if isinstance(outcome, MustWait):
+                lanes.must_wait(lane, outcome.blockers)
+            else:
+                lanes.loaded(lane)
+
+    # -- idle unload -------------------------------------------------------------------------
+
+    def idle_expired(self) -> list[str]:
+        """Models past their keep_alive with nothing running or waiting (pinned ones never)."""
+        now = self._clock()
+        return [record.spec.name for record in self._supervisor.records()
+                if record.state is ModelState.READY and not record.spec.pinned
+                and self._lanes.unused(record.spec.name)
+                and keep_alive_over(record.spec.keep_alive, self._supervisor.last_used_s(record), now)]
+
+    async def unload_idle(self) -> list[str]:
+        unloaded = []
+        for name in self.idle_expired():
+            try:
+                keep_alive = self._supervisor.resolve(name).spec.keep_alive
+                if await self._supervisor.evict(name, reason=f"idle for {keep_alive:g} s (keep_alive)"):
+                    unloaded.append(name)
+            except LessorError as exc:  # mid-transition, or gone in a reload: next round
+                log.info("keep_alive unload of %s skipped: %s", name, exc)
+        return unloaded
+
+    async def run_keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.keep_alive_check)
+            try:
+                await self.unload_idle()
+            except Exception:  # a bug must not end idle unloading for good
+                log.exception("keep_alive check failed")
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def count(self, model: str, status: int) -> None:
+        key = (model, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def queued(self) -> dict[str, int]:
+        return self._lanes.queued()
+
+    def loads_wanted(self) -> dict[str, str]:
+        """Models whose waiting requests want a load, and where it stands (asking: the
+        supervisor is loading it; queued: it waits for busy models; held: for its own state)."""
+        return self._lanes.loads_wanted()

@@ -1,0 +1,187 @@
+"""The router's decisions (daemon/lanes.py) alone: synchronous, against a fake of its effects and
+a clock the test moves. The supervisor's part (what a load does) is played by the test."""
+
+import heapq
+from dataclasses import dataclass
+
+import pytest
+
+from lessor.daemon.errors import LoadFailed, QueueFull, WaitTimedOut
+from lessor.daemon.lanes import Lane, LaneRules, Lanes, keep_alive_over
+from lessor.daemon.lifecycle import ModelState
+
+READY, UNLOADED, LOADING = ModelState.READY, ModelState.UNLOADED, ModelState.LOADING
+
+
+@dataclass
+class Record:
+    state: ModelState = UNLOADED
+
+
+class World:
+    """The effects, recorded; time and timers under the test's hand."""
+
+    def __init__(self, **rules) -> None:
+        self.now = 0.0
+        self.timers: list = []
+        self.loads: list[str] = []
+        self.admitted: list = []
+        self.failed: list = []
+        self.records: dict[str, Record] = {}
+        self.lanes = Lanes(LaneRules(**rules), lambda: self.now, self, self.lane, lambda r: r.state is READY)
+
+    def lane(self, name: str) -> Lane:
+        if name not in self.lanes.lanes:
+            self.lanes.add(self.records.setdefault(name, Record()), name, None)
+        return self.lanes.lanes[name]
+
+    def load(self, lane: Lane) -> None:
+        self.loads.append(lane.name)
+
+    def admit(self, lane: Lane, request) -> bool:
+        self.admitted.append(request)
+        return True
+
+    def fail(self, request, error) -> None:
+        self.failed.append((request, type(error).__name__))
+
+    def call_at(self, when_s, callback) -> None:
+        heapq.heappush(self.timers, (when_s, len(self.timers), callback))
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        while self.timers and self.timers[0][0] <= self.now:
+            heapq.heappop(self.timers)[2]()
+
+    def set(self, name: str, state: ModelState) -> None:
+        self.records[name].state = state
+        self.lanes.changed(name)
+
+    def request(self, name: str, request) -> bool:
+        """True: it started at once; else it waits."""
+        lane = self.lane(name)
+        if self.lanes.try_start(lane):
+            return True
+        self.lanes.wait(lane, request)
+        return False
+
+
+def test_a_ready_model_with_room_starts_requests_at_once_and_queues_the_rest_in_order():
+    world = World()
+    lane = world.lane("a")
+    world.lanes.set_slots(lane, 2)
+    world.records["a"].state = READY
+    assert world.request("a", 1) and world.request("a", 2) and not world.request("a", 3)
+    assert not world.request("a", 4)  # something waits ahead of it: it waits too
+    assert lane.in_flight == 4 and world.admitted == []
+    world.lanes.finish(lane)
+    assert world.admitted == [3] and lane.in_flight == 3
+    world.lanes.set_slots(lane, 3)
+    assert world.admitted == [3, 4] and world.loads == []
+
+
+def test_waiting_requests_ask_for_one_load_and_go_when_it_is_ready():
+    world = World()
+    for r in range(3):
+        world.request("a", r)
+    assert world.loads == ["a"] and world.lanes.loads_wanted() == {"a": "asking"}
+    world.set("a", LOADING)
+    world.set("a", READY)  # the load's own steps, then its outcome
+    world.lanes.loaded(world.lane("a"))
+    assert world.admitted == [0, 1, 2] and world.lanes.loads_wanted() == {}
+
+
+def test_a_load_waits_its_patience_then_drains_its_blockers_and_undrains_when_it_ends():
+    world = World(drain_after_s=30)
+    world.records["b"] = Record(READY)
+    assert world.request("b", "b1")
+    world.request("a", "a1")
+    world.lanes.must_wait(world.lane("a"), ("b",))
+    assert world.request("b", "b2")  # within the patience: b serves as usual
+    world.advance(30)  # patience over: a is asked again
+    assert world.loads == ["a", "a"]
+    world.lanes.must_wait(world.lane("a"), ("b",))
+    b = world.lane("b")
+    assert b.drained and not world.request("b", "b3") and b.in_flight == 2  # b3 is held
+    world.lanes.finish(b)
+    assert world.loads == ["a", "a"]  # b still busy
+    world.lanes.finish(b)
+    assert world.loads == ["a", "a", "a"]  # b idle: a asks again at once
+    world.set("b", UNLOADED)  # evicted for a
+    world.set("a", READY)
+    world.lanes.loaded(world.lane("a"))
+    assert world.admitted == ["a1"] and not b.drained
+    assert world.loads[-1] == "b"  # b's held request wants b back
+
+
+def test_with_drain_after_none_a_load_never_drains_and_waits_for_idle_blockers():
+    world = World(drain_after_s=None)
+    world.records["b"] = Record(READY)
+    world.request("b", "b1")
+    world.request("a", "a1")
+    world.lanes.must_wait(world.lane("a"), ("b",))
+    world.advance(3600)
+    assert not world.lane("b").drained and world.request("b", "b2") and world.loads == ["a"]
+
+
+def test_a_waiting_request_fails_at_its_deadline_and_the_queue_is_bounded():
+    world = World(wait_timeout_s=10, max_queue=2)
+    world.request("a", 1)
+    world.advance(4)
+    world.request("a", 2)
+    with pytest.raises(QueueFull) as err:
+        world.request("a", 3)
+    assert err.value.retry_after_s == 5.0  # not ready: retry_after_loading_s
+    world.advance(6)
+    assert world.failed == [(1, "WaitTimedOut")]
+    world.advance(4)
+    assert world.failed == [(1, "WaitTimedOut"), (2, "WaitTimedOut")] and world.lane("a").in_flight == 0
+    assert world.lanes.loads_wanted() == {"a": "asking"}  # the driver's load still reports its end
+
+
+def test_a_failed_load_fails_every_waiting_request_and_the_next_one_asks_again():
+    world = World()
+    world.request("a", 1)
+    world.request("a", 2)
+    world.lanes.load_failed(world.lane("a"), LoadFailed("a", "start", "no such folder"))
+    assert world.failed == [(1, "LoadFailed"), (2, "LoadFailed")] and world.lanes.loads_wanted() == {}
+    world.request("a", 3)
+    assert world.loads == ["a", "a"]
+
+
+def test_a_load_waiting_without_named_blockers_asks_again_when_another_model_changes():
+    world = World()
+    world.records["c"] = Record(LOADING)
+    world.request("a", 1)
+    world.lanes.must_wait(world.lane("a"), ())
+    world.request("b", 2)  # b's own load steps are not a change that frees memory
+    world.set("b", LOADING)
+    world.set("b", UNLOADED)
+    assert world.loads == ["a", "b"]
+    world.set("c", READY)  # the load under way ended: a asks again
+    assert world.loads == ["a", "b", "a"]
+
+
+def test_a_request_that_leaves_frees_its_place():
+    world = World()
+    world.request("a", 1)
+    world.request("a", 2)
+    world.lanes.leave(world.lane("a"), 1)
+    assert world.lanes.queued() == {"a": 1} and world.lanes.in_flight("a") == 1
+
+
+def test_keep_alive_counts_from_the_last_use():
+    assert keep_alive_over(30, idle_since_s=100, now_s=130) and not keep_alive_over(30, 100, 129.9)
+    assert not keep_alive_over(-1, 0, 1e9)
+
+
+def test_wait_timed_out_says_what_it_waited_for():
+    world = World(wait_timeout_s=1)
+    world.records["a"] = Record(READY)
+    world.lanes.set_slots(world.lane("a"), 1)
+    world.request("a", 1)
+    world.request("a", 2)
+    errors = []
+    world.fail = lambda request, error: errors.append(error)
+    world.advance(1)
+    assert isinstance(errors[0], WaitTimedOut) and errors[0].waiting_for == "a free slot (max_concurrency 1)"
