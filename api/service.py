@@ -44,45 +44,64 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         await stack.enter_async_context(publishing(controller))
         stack.push_async_callback(controller.supervisor.close)  # engines stop before MQTT says offline
         ready = asyncio.Event()
-        runner = web.AppRunner(make_admin_app(controller, token, ready), access_log=None, shutdown_timeout=10)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        await _listen(runner, config)
-        router = TrafficControl(controller.supervisor, config.router, controller.bus.listen)
-        controller.supervisor.attach_traffic(router)
-        controller.router = router
-        await _serve_router(stack, router, controller, config)
-        for spec in config.models:
-            if spec.pinned:
-                try:
-                    await controller.load(spec.name)
-                except LessorError as exc:  # keep serving the others; the model shows as failed
-                    log.error("pinned model %s did not load: %s", spec.name, exc)
-                    print(f"lessord: pinned model {spec.name} did not load: {exc}", file=sys.stderr, flush=True)
+        await _serve_admin(stack, controller, token, ready)
+        router = await _serve_router(stack, controller, config)
+        await _load_pinned(controller, config)
         ready.set()
-        stack.callback(asyncio.ensure_future(router.run_keep_alive()).cancel)
-        stack.callback(asyncio.ensure_future(controller.reconciler.run()).cancel)
-        interval = watchdog_interval_s()
-        if interval:
-            stack.callback(asyncio.ensure_future(watchdog(notifier, interval)).cancel)
+        for task in _background(controller, router, notifier):
+            stack.callback(task.cancel)
         if reload_config is not None:
             reloads: set[asyncio.Task] = set()
             loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(reloads, reload(controller, reload_config, notifier)))
         notifier.ready(f"{len(config.models)} model(s), probe {controller.probe.name}")
-        host, port = parse_listen(config.admin.listen)
-        router_host, router_port = parse_listen(config.router.listen)
-        print(f"lessord: OpenAI router on http://{router_host}:{router_port}/v1, admin API on http://{host}:{port} "
-              f"(probe: {controller.probe.name}); token in "
-              f"{'$LESSOR_ADMIN_TOKEN' if os.environ.get('LESSOR_ADMIN_TOKEN') else config.token_path()}", flush=True)
+        _say_where(controller, config)
         await stop.wait()
         notifier.stopping()
         log.info("lessord stopping: draining, stopping engines, closing the ledger")
 
 
-async def _serve_router(stack: AsyncExitStack, router: TrafficControl, controller: Controller, config: LessorConfig) -> None:
+async def _serve_admin(stack: AsyncExitStack, controller: Controller, token: str, ready: asyncio.Event) -> None:
+    runner = web.AppRunner(make_admin_app(controller, token, ready), access_log=None, shutdown_timeout=10)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await _listen(runner, controller.config)
+
+
+async def _serve_router(stack: AsyncExitStack, controller: Controller, config: LessorConfig) -> TrafficControl:
+    router = TrafficControl(controller.supervisor, config.router, controller.bus.listen)
+    controller.supervisor.attach_traffic(router)
+    controller.router = router
     host, port = parse_listen(config.router.listen)
     server = await start_router(router, controller.supervisor, config.router, host, port)
     stack.push_async_callback(server.close)
+    return router
+
+
+async def _load_pinned(controller: Controller, config: LessorConfig) -> None:
+    for spec in config.models:
+        if spec.pinned:
+            try:
+                await controller.load(spec.name)
+            except LessorError as exc:  # keep serving the others; the model shows as failed
+                log.error("pinned model %s did not load: %s", spec.name, exc)
+                print(f"lessord: pinned model {spec.name} did not load: {exc}", file=sys.stderr, flush=True)
+
+
+def _background(controller: Controller, router: TrafficControl, notifier: Notifier) -> list[asyncio.Future]:
+    """The loops lessord runs while it serves: keep_alive, the reconciler, systemd's watchdog."""
+    tasks = [asyncio.ensure_future(router.run_keep_alive()), asyncio.ensure_future(controller.reconciler.run())]
+    interval = watchdog_interval_s()
+    if interval:
+        tasks.append(asyncio.ensure_future(watchdog(notifier, interval)))
+    return tasks
+
+
+def _say_where(controller: Controller, config: LessorConfig) -> None:
+    host, port = parse_listen(config.admin.listen)
+    router_host, router_port = parse_listen(config.router.listen)
+    print(f"lessord: OpenAI router on http://{router_host}:{router_port}/v1, admin API on http://{host}:{port} "
+          f"(probe: {controller.probe.name}); token in "
+          f"{'$LESSOR_ADMIN_TOKEN' if os.environ.get('LESSOR_ADMIN_TOKEN') else config.token_path()}", flush=True)
 
 
 def _spawn(tasks: set[asyncio.Task], coro) -> None:
