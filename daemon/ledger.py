@@ -172,6 +172,13 @@ class Ledger:
             if self._engine is not None:
                 await self._engine.dispose()
 
+    @property
+    def database(self) -> AsyncEngine | None:
+        """The SQLAlchemy engine under the ledger (None in memory): for maintenance and the fault
+        tests that fill its disk or drop its connections. Leases are read and written through the
+        ledger only."""
+        return self._engine
+
     # -- reads -------------------------------------------------------------------------------
 
     def leases(self) -> tuple[Lease, ...]:

@@ -75,7 +75,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def crash_and_restart(self):
         # Dispose without releasing anything, as after kill -9; reopen from the same file.
-        self.run(self.ledger._engine.dispose())
+        self.run(self.ledger.database.dispose())
         self.ledger = self.run(Ledger.open(self.url, self.probe, DEVICES))
 
     @precondition(lambda self: self.expected)

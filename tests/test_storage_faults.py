@@ -38,16 +38,16 @@ async def on_disk(url: str, devices: DevicesConfig) -> set[str]:
 def limit_pages(ledger: Ledger, pages: int) -> None:
     """SQLite's own cap on the file's size: past it, writes fail with SQLITE_FULL, exactly as on a
     full disk. Applied to every new connection of the ledger's pool."""
-    event.listen(ledger._engine.sync_engine, "connect",
+    event.listen(ledger.database.sync_engine, "connect",
                  lambda conn, _: conn.cursor().execute(f"PRAGMA max_page_count = {pages}"))
 
 
 async def fill_up(ledger: Ledger) -> None:
-    async with ledger._engine.begin() as conn:
+    async with ledger.database.begin() as conn:
         pages = (await conn.execute(text("PRAGMA page_count"))).scalar()
     limit_pages(ledger, pages + 4)
-    await ledger._engine.dispose()
-    async with ledger._engine.connect() as conn:  # another tenant of the disk takes what is left
+    await ledger.database.dispose()
+    async with ledger.database.connect() as conn:  # another tenant of the disk takes what is left
         await conn.execute(text("CREATE TABLE IF NOT EXISTS filler (b BLOB)"))
         await conn.commit()
         with pytest.raises(Exception, match="full"):
@@ -86,7 +86,7 @@ async def test_a_full_disk_refuses_the_load_and_loses_nothing(tmp_path):
 
         # Space comes back: pending releases are written, and disk and memory agree exactly.
         limit_pages(controller.ledger, 1 << 30)
-        await controller.ledger._engine.dispose()
+        await controller.ledger.database.dispose()
         assert await controller.ledger.flush() == 0
         memory = {lease.id for lease in controller.ledger.leases()}
         assert await on_disk(config.ledger_url(), config.devices) == memory
