@@ -8,7 +8,8 @@ import pytest
 
 from bench.sim import all_strategies, make_trace, run_scenario, scenarios
 from bench.sim.report import markdown_table, per_model_table, plot, text_table
-from bench.sim.simulator import Simulator, _now
+from bench.sim.loads import SimSupervisor, _now
+from bench.sim.simulator import Simulator
 from bench.sim.strategies import llama_swap_like, ollama_like
 from bench.sim.workload import Trace, Workload, zipf_shares
 from lessor.daemon.ledger import Granted
@@ -69,7 +70,7 @@ def test_llama_swap_like_swaps_within_a_group_and_never_looks_at_memory():
     policy = llama_swap_like({"a": "g1", "b": "g1", "c": "g2"})
     assert policy(AdmissionRequest("b", {"gpu0": 70 * G}), _snapshot(1, _model("a", 5))) == Evict(("a",))
     assert policy(AdmissionRequest("b", {"gpu0": 5 * G}), _snapshot(1, _model("a", 5, in_flight=2))) == \
-        Queue("swap group 'g1' is busy")
+        Queue("swap group 'g1' is busy", ("a",))  # it waits for a, and names it
     assert policy(AdmissionRequest("c", {"gpu0": 70 * G}), _snapshot(1, _model("a", 5))) == Admit()
 
 
@@ -112,17 +113,17 @@ def test_no_grant_ever_exceeds_a_budget_whatever_the_strategy(monkeypatch):
     """The ledger's invariant, watched at every grant of every strategy on a crowded box."""
     scenario = SCENARIOS["box-poisson"]
     trace = make_trace(replace(scenario.workload, requests=5000, seed=11), len(scenario.models))
-    original = Simulator._grant
+    original = SimSupervisor._grant
     grants = []
 
-    def checked(self, lane, wants):
-        granted = original(self, lane, wants)
+    def checked(self, record, wants):
+        granted = original(self, record, wants)
         if isinstance(granted, Granted):
-            grants.append(lane.name)
+            grants.append(record.name)
             assert all(b.free_bytes >= 0 for b in self.ledger.budgets().values())
         return granted
 
-    monkeypatch.setattr(Simulator, "_grant", checked)
+    monkeypatch.setattr(SimSupervisor, "_grant", checked)
     for strategy in all_strategies(scenario.options):
         Simulator(scenario.hardware, scenario.models, strategy, scenario.slo_ttft_s, scenario.wait_timeout_s).run(trace)
     assert len(grants) > 100
@@ -177,3 +178,19 @@ def test_report_table_and_plot(box_results, tmp_path):
     assert per_model_table(results).count("\n") == len(results) + 1
     plot(results, "test", tmp_path / "box.png")
     assert (tmp_path / "box.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_simulator_runs_the_routers_own_lanes_and_a_wait_ends_at_its_deadline():
+    """The router's decisions are daemon.lanes, as in lessord: a request waiting past
+    wait_timeout fails at its deadline (a 503 in lessord), while the load it asked for goes on."""
+    from lessor.daemon.lanes import Lanes
+
+    scenario = SCENARIOS["seed"]
+    lessor = next(s for s in all_strategies(scenario.options) if s.name == "lessor lru_idle")
+    sim = Simulator(scenario.hardware, scenario.models, lessor, scenario.slo_ttft_s, wait_timeout_s=10.0)
+    assert isinstance(sim.lanes, Lanes)
+    one = Trace(np.array([0.0]), np.array([0], dtype=np.int32), np.array([500], dtype=np.int32),
+                np.array([10], dtype=np.int32))
+    result = sim.run(one)  # R1's first load takes over 2 minutes from disk
+    assert (result.timed_out, result.served, result.loads) == (1, 0, 1)
+    assert sim.sup.by_name["deepseek-r1"].state.value == "ready"

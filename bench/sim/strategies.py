@@ -13,6 +13,9 @@ AdmissionRequest and a Snapshot) plus the few facts of how its scheduler loads:
 - `drain`: when a load must wait for busy models, those models stop taking new requests until
   they are idle (lessor's router). Without it, a busy model can keep the load waiting forever.
 
+A `Queue` names its blockers, as lessor's policies do: the models it would evict were every
+model idle. The router's lanes ask the policy again once they all are.
+
 The baseline policies below are lessor's reading of the other schedulers' documented behaviour,
 not their code: Ollama's scheduler (`OLLAMA_MAX_LOADED_MODELS` = 3 per GPU, evict the runner
 whose keep-alive expires first, wait when every runner is busy) and llama-swap's groups (one
@@ -47,28 +50,39 @@ class Strategy:
 
 def ollama_like(max_per_device: int = 3) -> Policy:
     """Fit the estimate and at most `max_per_device` models per GPU; evict idle models whose
-    keep-alive runs out first (equal keep-alives: least recently used); wait if all are busy."""
+    keep-alive runs out first (equal keep-alives: least recently used); wait if all are busy,
+    for the ones it would evict were every model idle."""
     def policy(request: AdmissionRequest, snapshot: Snapshot) -> Decision:
         short = shortfall(request, snapshot)
         crowded = {d: _loaded_on(snapshot, d, request.model) for d in request.need_bytes}
         if not short and all(len(ms) < max_per_device for ms in crowded.values()):
             return Admit()
-        victims: list[str] = []
-        remaining = dict(short)
-        candidates = {m.name: m for ms in crowded.values() for m in ms}.values()
-        for model in sorted(candidates, key=lambda m: (not m.idle, m.last_used_s, m.name)):  # idle first
-            over = any(len(ms) - _count(ms, victims) >= max_per_device for ms in crowded.values())
-            if not over and not remaining:
-                break
-            victims.append(model.name)
-            deduct(remaining, model)
+        candidates = list({m.name: m for ms in crowded.values() for m in ms}.values())
+        victims, remaining = _victims(short, crowded, max_per_device,
+                                      sorted(candidates, key=lambda m: (not m.idle, m.last_used_s, m.name)))
         if remaining:
             return Rejected("the estimate does not fit even on an empty GPU", remaining)
         busy = [v for v in victims if not snapshot.models[v].idle]
         if busy:
-            return Queue(f"waiting for {', '.join(busy)} to finish")
+            blockers, _ = _victims(short, crowded, max_per_device,
+                                   sorted(candidates, key=lambda m: (m.last_used_s, m.name)))
+            return Queue(f"waiting for {', '.join(busy)} to finish", tuple(blockers))
         return Evict(tuple(victims))
     return policy
+
+
+def _victims(short: Mapping[str, int], crowded: Mapping[str, list[ModelView]], max_per_device: int,
+             ordered: list[ModelView]) -> tuple[list[str], dict[str, int]]:
+    """Take models in order until each GPU is under the count and the memory is covered."""
+    victims: list[str] = []
+    remaining = dict(short)
+    for model in ordered:
+        over = any(len(ms) - _count(ms, victims) >= max_per_device for ms in crowded.values())
+        if not over and not remaining:
+            break
+        victims.append(model.name)
+        deduct(remaining, model)
+    return victims, remaining
 
 
 def _loaded_on(snapshot: Snapshot, device: str, excluding: str) -> list[ModelView]:
@@ -87,7 +101,7 @@ def llama_swap_like(groups: Mapping[str, str]) -> Policy:
         members = [m for m in snapshot.models.values()
                    if m.name != request.model and groups.get(m.name) == group and m.held_bytes]
         if any(not m.idle for m in members):
-            return Queue(f"swap group '{group}' is busy")
+            return Queue(f"swap group '{group}' is busy", tuple(m.name for m in members))
         return Evict(tuple(m.name for m in members)) if members else Admit()
     return policy
 
