@@ -3,7 +3,7 @@ plain values only, so a policy can be tested with hand-written snapshots."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Mapping
 
 
@@ -49,11 +49,6 @@ class Snapshot:
     devices: Mapping[str, DeviceBudget]
     models: Mapping[str, ModelView] = field(default_factory=dict)
     now_s: float = 0.0
-
-    def all_idle(self) -> "Snapshot":
-        """The same world with every model's requests finished: whom a policy would evict were
-        the busy models idle (the models a waiting load waits for)."""
-        return Snapshot(self.devices, {n: replace(m, in_flight=0) for n, m in self.models.items()}, self.now_s)
 
 
 # Above every model's priority (the config bounds it to 0..1000): what processes lessor does not
