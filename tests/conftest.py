@@ -162,6 +162,19 @@ class FakeAdapter:
         return handle
 
 
+class FakeEngines:
+    """An engine factory for `runtime(engines=...)`: one fake adapter (of `kind`) for the torch
+    engine, made over the runtime's own probe and ledger; `.adapter` once the runtime is up."""
+
+    def __init__(self, kind: type = None) -> None:
+        self.kind = kind or FakeAdapter
+        self.adapter = None
+
+    def __call__(self, probe, ledger) -> dict:
+        self.adapter = self.kind(probe, ledger)
+        return {"torch": self.adapter}
+
+
 @pytest.fixture
 async def env(tmp_path):
     """make(models, policy, gpus, **config) -> (controller, fake adapter, event queue): the real
@@ -171,16 +184,12 @@ async def env(tmp_path):
     made = []
 
     async def make(models, policy="lru_idle", gpus=None, clock=None, **extra):
-        fakes = []
-
-        def engines(probe, ledger):
-            fakes.append(FakeAdapter(probe, ledger))
-            return {"torch": fakes[0]}
+        engines = FakeEngines()
         ctx = runtime(sim_config(tmp_path, models, gpus=gpus, policy=policy, **extra), engines=engines,
                       **({"clock": clock} if clock else {}))
         controller = await ctx.__aenter__()
         made.append(ctx)
-        return controller, fakes[0], controller.bus.subscribe()
+        return controller, engines.adapter, controller.bus.subscribe()
     yield make
     for ctx in made:
         await ctx.__aexit__(None, None, None)

@@ -11,7 +11,7 @@ from lessor.api.admin import get_events, make_admin_app
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from .conftest import FakeAdapter, HANG_S, sim_config, torch_model
+from .conftest import FakeEngines, HANG_S, sim_config, torch_model
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -20,7 +20,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 async def api(tmp_path, aiohttp_client):
     config = sim_config(tmp_path, [torch_model("a", "6GiB", aliases=["alpha"]), torch_model("b", "6GiB")])
-    async with runtime(config, engines=lambda probe, ledger: {"torch": FakeAdapter(probe, ledger)}) as controller:
+    async with runtime(config, engines=FakeEngines()) as controller:
         ready = asyncio.Event()
         ready.set()
         client = await aiohttp_client(make_admin_app(controller, TOKEN, ready))

@@ -19,7 +19,7 @@ import yaml
 from lessor.daemon.runtime import publishing, runtime
 from lessor.daemon.units import GiB
 
-from .conftest import FakeAdapter, HANG_S, ROOT, free_port, sim_config, torch_model, until
+from .conftest import FakeEngines, HANG_S, ROOT, free_port, sim_config, torch_model, until
 
 BIN = Path(sys.executable).parent
 
@@ -81,8 +81,7 @@ def mqtt_config(tmp_path, broker, **extra):
 
 
 async def test_events_and_retained_state_reach_a_separate_subscriber(tmp_path, broker):
-    engines = lambda probe, ledger: {"torch": FakeAdapter(probe, ledger)}  # noqa: E731
-    async with runtime(mqtt_config(tmp_path, broker), engines=engines) as controller, publishing(controller):
+    async with runtime(mqtt_config(tmp_path, broker), engines=FakeEngines()) as controller, publishing(controller):
         async with aiomqtt.Client("127.0.0.1", broker.port, identifier="watcher") as watcher:
             await watcher.subscribe("test/lessor/#", qos=1)
             await collect(watcher, lambda s: "test/lessor/status" in s and "test/lessor/state/devices/gpu0" in s)

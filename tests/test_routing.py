@@ -13,7 +13,7 @@ from lessor.daemon.errors import LoadFailed, QueueFull, UnknownModel, WaitTimedO
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic import TrafficControl
 
-from .conftest import FakeAdapter, drain_events, sim_config, torch_model, until
+from .conftest import FakeAdapter, FakeEngines, drain_events, sim_config, torch_model, until
 
 HANG_S = 120.0  # only turns a hang into a failure (as conftest's until)
 
@@ -94,18 +94,14 @@ async def routed(tmp_path):
     async def make(models, policy="lru_idle", clock=None, **router):
         clock = clock or ManualClock()
         config = sim_config(tmp_path, models, policy=policy)
-        fakes = []
-
-        def engines(probe, ledger):
-            fakes.append(GatedAdapter(probe, ledger))
-            return {"torch": fakes[0]}
+        engines = FakeEngines(GatedAdapter)
         ctx = runtime(config, engines=engines, clock=clock)
         controller = await ctx.__aenter__()
         made.append(ctx)
         traffic = TrafficControl(controller.supervisor, RouterConfig(**router), controller.bus.listen, timers=clock)
         controller.supervisor.attach_traffic(traffic)
-        fakes[0].clock = clock
-        return controller, fakes[0], traffic, controller.bus.subscribe()
+        engines.adapter.clock = clock
+        return controller, engines.adapter, traffic, controller.bus.subscribe()
 
     yield make
     for ctx in made:

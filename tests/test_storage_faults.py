@@ -20,7 +20,7 @@ from lessor.daemon.units import GiB
 
 from bench.pgcluster import pg_bindir, postgres_server
 
-from .conftest import FakeAdapter, sim_config, torch_model
+from .conftest import FakeEngines, sim_config, torch_model
 from .test_ledger_history import Clock, SteppedSleep, rows
 
 HANG_S = 600
@@ -59,13 +59,9 @@ async def fill_up(ledger: Ledger) -> None:
 
 async def test_a_full_disk_refuses_the_load_and_loses_nothing(tmp_path):
     config = sim_config(tmp_path, [torch_model("a"), torch_model("b", "2GiB")])
-    fakes = []
-
-    def engines(probe, ledger):
-        fakes.append(FakeAdapter(probe, ledger))
-        return {"torch": fakes[0]}
+    engines = FakeEngines()
     async with runtime(config, engines=engines) as controller:
-        adapter = fakes[0]
+        adapter = engines.adapter
         await controller.load("a")
         a_leases = controller.leases("a")
         await fill_up(controller.ledger)
