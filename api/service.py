@@ -48,8 +48,7 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         router = await _serve_router(stack, controller, config)
         await _load_pinned(controller, config)
         ready.set()
-        for task in _background(controller, router, notifier):
-            stack.callback(task.cancel)
+        stack.push_async_callback(_stop_all, _background(controller, router, notifier), router)
         if reload_config is not None:
             reloads: set[asyncio.Task] = set()
             loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(reloads, reload(controller, reload_config, notifier)))
@@ -94,6 +93,15 @@ def _background(controller: Controller, router: TrafficControl, notifier: Notifi
     if interval:
         tasks.append(asyncio.ensure_future(watchdog(notifier, interval)))
     return tasks
+
+
+async def _stop_all(tasks: list[asyncio.Future], router: TrafficControl) -> None:
+    """Background loops and on-demand loads end (awaited, not only cancelled: one may be midway
+    through an unload) before the supervisor stops the engines that are left."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await router.close()
 
 
 def _say_where(controller: Controller, config: LessorConfig) -> None:

@@ -116,6 +116,9 @@ class Controller:
             ("devices.probe", self.config.devices.probe, config.devices.probe),
             ("devices.simulated", self.config.devices.simulated, config.devices.simulated),
             ("devices.host.simulated_total", self.config.devices.host.simulated_total, config.devices.host.simulated_total),
+            # Read once at start (the supervisor's timeouts, the reconciler's loop): a reload would not reach them.
+            ("timeouts", self.config.timeouts, config.timeouts),
+            ("reconciler", self.config.reconciler, config.reconciler),
         ) if old != new]
         if restart_only:
             raise InvalidRequest(restart_only[0], f"changed fields need a restart ({', '.join(restart_only)}); "

@@ -275,6 +275,8 @@ class Supervisor:
         reason = f"engine exited with {describe_exit(returncode)}"
         await self._ledger.forget_engine(record.spec.name)
         await self._ledger.release_model(record.spec.name, reason)
+        if record.generation != generation or record.state != ModelState.READY:
+            return  # unloaded (an eviction, a reload) while its leases were released: not a crash to restart
         record.plan, record.error = None, reason
         restart_in = self._restarts.delay(record)
         self._publish(EngineExited(record.spec.name, handle.pid, returncode, reason, restart_in))
@@ -283,12 +285,15 @@ class Supervisor:
             self._restarts.schedule(record, restart_in)
 
     def report_overrun(self, name: str, overrun: dict[str, Any] | None) -> None:
-        """The reconciler's finding: the engine measured above its leases (None: back within them)."""
-        self._models[name].overrun = overrun
+        """The reconciler's finding: the engine measured above its leases (None: back within them).
+        A model a reload removed meanwhile has nothing left to report on."""
+        record = self._models.get(name)
+        if record is not None:
+            record.overrun = overrun
 
     async def stop_for_overrun(self, name: str, reason: str) -> None:
-        await self.unload(name, reason=f"overrun: {reason}")
-        self._models[name].error = f"stopped for an overrun: {reason}"
+        record = await self.unload(name, reason=f"overrun: {reason}")
+        record.error = f"stopped for an overrun: {reason}"
 
     async def evict(self, name: str, reason: str) -> bool:
         """Unload a model that is idle, checked and done in one step (no request can start in

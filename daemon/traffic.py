@@ -136,6 +136,13 @@ class TrafficControl:
         self._loads.add(task)
         task.add_done_callback(self._loads.discard)
 
+    async def close(self) -> None:
+        """lessord is stopping: on-demand loads under way are cancelled (each rolls itself back)
+        and awaited, before the supervisor stops the engines."""
+        for task in list(self._loads):
+            task.cancel()
+        await asyncio.gather(*self._loads, return_exceptions=True)
+
     async def _load(self, lane: Lane) -> None:
         lanes = self._lanes
         try:

@@ -104,7 +104,10 @@ class FakeHandle:
         try:
             self._use(self.spec.profile().weights + self.spec.profile().load_peak)
             adapter.seen.append(("weights", self.spec.name, adapter.ledger.snapshot()))
-            await asyncio.sleep(adapter.load_delay_s)
+            if adapter.gate is not None:  # the test decides when the weights are in
+                await adapter.gate.wait()
+            else:
+                await asyncio.sleep(adapter.load_delay_s)
             if adapter.during_weights:
                 adapter.during_weights(self)
             if adapter.fail_at == "weights":
@@ -144,6 +147,7 @@ class FakeAdapter:
         self.fail_at: str | None = None
         self.during_weights = None
         self.on_stop = None  # called with the handle once its engine stopped
+        self.gate: asyncio.Event | None = None  # set: loads wait for it instead of load_delay_s
         self.loading = self.max_loading = 0
         self.load_delay_s = 0.01
         self.seen: list = []

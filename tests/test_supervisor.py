@@ -119,10 +119,14 @@ async def test_a_cancelled_load_rolls_back_every_lease_and_re_raises(env):
     assert controller.model("a")["state"] == "unloaded" and controller.ledger.engines() == {}
 
 
-async def test_nothing_restarts_after_close(env):
-    controller, adapter, events = await env([{**torch_model("a"), "restart": {"backoff": 0.01}}])
+async def test_close_cancels_a_pending_restart_and_nothing_restarts_after_it(env):
+    restart = {"backoff": "1h", "max_backoff_s": "1h"}  # longer than HANG_S: only a cancel ends the wait
+    controller, adapter, events = await env([{**torch_model("a"), "restart": restart}])
     await controller.load("a")
+    exited = await crash(controller, adapter, events, "a")
+    assert exited.restart_in_s == 3600
     await controller.supervisor.close()  # what lessord does when it stops
+    await asyncio.wait_for(controller.supervisor.settled(), HANG_S)  # the waiting restart was cancelled
     adapter.launches[-1].on_exit(-9)  # a late exit report finds the supervisor closed
     await controller.supervisor.settled()
     assert len(adapter.handles) == 1 and controller.model("a")["state"] == "unloaded"
@@ -147,7 +151,11 @@ async def test_loads_on_different_devices_may_overlap(env):
     gpus = [{"total": "24GiB"}, {"total": "24GiB"}]
     controller, adapter, _ = await env([torch_model("a", "2GiB"), {**torch_model("b", "2GiB"), "placement": {"devices": [1]}}],
                                        gpus=gpus)
-    await asyncio.gather(controller.load("a"), controller.load("b"))
+    adapter.gate = asyncio.Event()  # both loads hold their weights phase until both are in it
+    loads = asyncio.gather(controller.load("a"), controller.load("b"))
+    await until(lambda: adapter.loading == 2, "both loads under way at once")
+    adapter.gate.set()
+    await loads
     assert adapter.max_loading == 2
 
 
