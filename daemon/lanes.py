@@ -82,13 +82,14 @@ class Waiter:
 class LoadWish:
     """The load a lane wants for its waiting requests, from its first ask to its end."""
 
-    __slots__ = ("asked_s", "phase", "blockers", "patience_armed")
+    __slots__ = ("asked_s", "phase", "blockers", "patience_armed", "retry_armed")
 
     def __init__(self, asked_s: float) -> None:
         self.asked_s = asked_s  # the patience counts from here
         self.phase = HELD  # asking: the driver loads; queued: waits for blockers; held: for the model's state
         self.blockers: tuple[str, ...] = ()
         self.patience_armed = False
+        self.retry_armed = False  # one retry timer per wish: asks from other causes never add a chain
 
 
 class Lane:
@@ -297,8 +298,13 @@ class Lanes:
             elif not wish.patience_armed:
                 wish.patience_armed = True
                 self._effects.call_at(due_s, lambda: self._look_again(lane, wish, patience_over=True))
-        if self.rules.retry_s is not None:
-            self._effects.call_at(now + self.rules.retry_s, lambda: self._look_again(lane, wish))
+        if self.rules.retry_s is not None and not wish.retry_armed:
+            wish.retry_armed = True
+            self._effects.call_at(now + self.rules.retry_s, lambda: self._retry(lane, wish))
+
+    def _retry(self, lane: Lane, wish: LoadWish) -> None:
+        wish.retry_armed = False
+        self._look_again(lane, wish)
 
     def _look_again(self, lane: Lane, wish: LoadWish, patience_over: bool = False) -> None:
         if lane.load is wish and wish.phase is QUEUED and (patience_over or self._unblocked(wish)):

@@ -24,6 +24,7 @@ class World:
     def __init__(self, **rules) -> None:
         self.now = 0.0
         self.timers: list = []
+        self.seq = 0  # ties between timers of one time break by order of arming, never by callable
         self.loads: list[str] = []
         self.admitted: list = []
         self.failed: list = []
@@ -46,7 +47,8 @@ class World:
         self.failed.append((request, type(error).__name__))
 
     def call_at(self, when_s, callback) -> None:
-        heapq.heappush(self.timers, (when_s, len(self.timers), callback))
+        self.seq += 1
+        heapq.heappush(self.timers, (when_s, self.seq, callback))
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -185,3 +187,16 @@ def test_wait_timed_out_says_what_it_waited_for():
     world.fail = lambda request, error: errors.append(error)
     world.advance(1)
     assert isinstance(errors[0], WaitTimedOut) and errors[0].waiting_for == "a free slot (max_concurrency 1)"
+
+
+def test_a_waiting_load_keeps_one_retry_timer_however_often_it_is_told_to_wait():
+    world = World(retry_s=1.0)
+    world.request("a", 1)
+    assert world.loads == ["a"]
+    world.lanes.must_wait(world.lane("a"), ())
+    armed = len(world.timers)  # its wait deadline and its retry
+    for _ in range(4):  # asked again by other causes (memory changed, a blocker idled): told to wait each time
+        world.lanes.must_wait(world.lane("a"), ())
+    assert len(world.timers) == armed
+    world.advance(1.0)  # the one retry asks again
+    assert world.loads == ["a", "a"]
