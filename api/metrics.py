@@ -56,7 +56,7 @@ class Metrics:
                 self._load_started[event.model] = time.monotonic()
             elif event.previous == LOADING and event.state in SETTLED:
                 started = self._load_started.pop(event.model, None)
-                self.loads.labels(event.model, READY if event.state == READY else "failed").inc()
+                self.loads.labels(event.model, READY if event.state == READY else ModelState.FAILED.value).inc()
                 if event.state == READY and started is not None:
                     self.load_seconds.labels(event.model).observe(time.monotonic() - started)
 

@@ -261,7 +261,7 @@ def running_lessord(config_path: Path, *args: str, timeout_s: float = HANG_S, ou
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(30)
+                proc.wait(HANG_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -79,7 +79,7 @@ def test_set_foreign_changes_the_budget(daemon):
 def test_sigterm_stops_cleanly(daemon):
     proc, *_ = daemon
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(10) == 0
+    assert proc.wait(HANG_S) == 0
 
 
 def test_plan_json_contract_without_a_daemon(seed_config):
@@ -124,4 +124,4 @@ def test_unix_socket_is_group_only(seed_config, tmp_path):
             assert s.recv(100).startswith(b"HTTP/1.1 200")
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+        proc.wait(HANG_S)

@@ -51,7 +51,7 @@ class Broker:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            self.proc.wait(HANG_S)
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def broker(tmp_path):
     b.stop()
 
 
-async def collect(client: aiomqtt.Client, until, timeout_s: float = 10) -> dict[str, list]:
+async def collect(client: aiomqtt.Client, until, timeout_s: float = HANG_S) -> dict[str, list]:
     """Messages by topic until `until(messages)` holds."""
     seen: dict[str, list] = {}
 
@@ -110,7 +110,7 @@ async def test_events_and_retained_state_reach_a_separate_subscriber(tmp_path, b
 async def test_a_broker_outage_never_blocks_and_buffers_up_to_a_bound(tmp_path, broker):
     config = mqtt_config(tmp_path, broker, buffer_size=3, reconnect_max_s=0.5)
     async with runtime(config, engines={}) as controller, publishing(controller) as publisher:
-        await publisher.wait_online(10)
+        await publisher.wait_online(HANG_S)
         broker.stop()
         for gib in range(1, 7):  # six events while the broker is gone: publishing is synchronous, it never waits
             controller.set_foreign("gpu0", gib * GiB)
@@ -120,8 +120,8 @@ async def test_a_broker_outage_never_blocks_and_buffers_up_to_a_bound(tmp_path, 
         async with aiomqtt.Client("127.0.0.1", broker.port, identifier="watcher") as watcher:
             await watcher.subscribe("test/lessor/state/devices/gpu0", qos=1)
             await collect(watcher, lambda s: any(json.loads(m.payload)["foreign_bytes"] == 6 * GiB
-                                                        for m in s.get("test/lessor/state/devices/gpu0", [])), 20)
-        assert await publisher.flush(10)
+                                                        for m in s.get("test/lessor/state/devices/gpu0", [])))
+        assert await publisher.flush(HANG_S)
         assert publisher.published >= 3 and not publisher.pending
 
 
@@ -185,9 +185,9 @@ async def test_tls_with_a_ca_file_and_credentials(tmp_path):
         mqtt = config.mqtt.model_copy(update={"url": f"mqtts://127.0.0.1:{broker.port}", "ca_file": str(cert),
                                               "username": "lessor", "password_file": str(tmp_path / "password")})
         async with runtime(config.model_copy(update={"mqtt": mqtt}), engines={}) as controller, publishing(controller):
-            await controller.mqtt.wait_online(10)
+            await controller.mqtt.wait_online(HANG_S)
             controller.set_foreign("gpu0", 9 * GiB)
-            assert await controller.mqtt.flush(10)
+            assert await controller.mqtt.flush(HANG_S)
             assert controller.mqtt.published >= 1
     finally:
         broker.stop()

@@ -55,7 +55,7 @@ def metric(url: str, line_start: str) -> float:
 
 def kill_9(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGKILL)
-    proc.wait(10)
+    proc.wait(HANG_S)
 
 
 def test_kill_9_in_steady_state_adopts_the_running_engine(tmp_path, tiny_qwen):
@@ -168,7 +168,7 @@ async def test_unrecorded_engines_of_this_state_folder_are_stopped(tmp_path):
             while b"LESSOR_ATTEMPT=" not in Path(f"/proc/{p.pid}/environ").read_bytes():
                 time.sleep(0.01)
         assert await stop_strays(state, {"adopted"}, grace_s=2) == [stray.pid]
-        assert stray.wait(5) == -signal.SIGTERM
+        assert stray.wait(HANG_S) == -signal.SIGTERM
         assert kept.poll() is None and foreign.poll() is None
     finally:
         for p in (stray, kept, foreign):

@@ -13,9 +13,8 @@ from lessor.daemon.errors import LoadFailed, QueueFull, UnknownModel, WaitTimedO
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic import TrafficControl
 
-from .conftest import FakeAdapter, FakeEngines, drain_events, sim_config, torch_model, until
+from .conftest import FakeAdapter, FakeEngines, HANG_S, drain_events, sim_config, torch_model, until
 
-HANG_S = 120.0  # only turns a hang into a failure (as conftest's until)
 
 
 class ManualClock:

@@ -20,10 +20,9 @@ from lessor.daemon.units import GiB
 
 from bench.pgcluster import pg_bindir, postgres_server
 
-from .conftest import FakeEngines, sim_config, torch_model
+from .conftest import FakeEngines, HANG_S, sim_config, torch_model
 from .test_ledger_history import Clock, SteppedSleep, rows
 
-HANG_S = 600
 
 
 async def on_disk(url: str, devices: DevicesConfig) -> set[str]:

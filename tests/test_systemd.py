@@ -19,7 +19,7 @@ import yaml
 
 from lessor.daemon.notify import Notifier
 
-from .conftest import ROOT, free_port
+from .conftest import HANG_S, ROOT, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -35,7 +35,6 @@ def test_notify_reaches_an_abstract_socket():
 
 # Only guards against a hang: every wait below ends on an event (a message, an answer, an exit),
 # whatever the machine's load.
-HANG_S = 600
 
 
 class NotifySocket:
