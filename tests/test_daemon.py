@@ -109,6 +109,7 @@ def test_unix_socket_is_group_only(seed_config, tmp_path):
     data = yaml.safe_load(seed_config.read_text())
     sock = tmp_path / "admin.sock"
     data["admin"] = {"listen": f"127.0.0.1:{free_port()}", "unix_socket": str(sock)}
+    data["router"] = {"listen": f"127.0.0.1:{free_port()}"}  # never the default port another lessord may hold
     seed_config.write_text(yaml.safe_dump(data))
     proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(seed_config)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

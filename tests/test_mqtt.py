@@ -136,7 +136,8 @@ def test_last_will_marks_a_killed_daemon_offline(tmp_path, broker):
         async with aiomqtt.Client("127.0.0.1", broker.port, identifier="watcher") as watcher:
             await watcher.subscribe("lessor/status", qos=1)
             proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(config), "--admin-listen",
-                                     f"127.0.0.1:{free_port()}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     f"127.0.0.1:{free_port()}", "--router-listen", f"127.0.0.1:{free_port()}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 async def read():
                     async for message in watcher.messages:
