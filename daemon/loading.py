@@ -139,9 +139,9 @@ class LoadAttempt:
         await self.ledger.release_attempt(self.attempt, f"load failed: {reason}")
 
 
-def shortfall_error(model: str, refused: Rejected, budgets: Mapping[str, DeviceBudget], hint: str = "") -> NotEnoughMemory:
+def shortfall_error(model: str, refused: Rejected, budgets: Mapping[str, DeviceBudget]) -> NotEnoughMemory:
     device, wanted, free = worst_shortfall(budgets, refused.short_bytes)
-    return NotEnoughMemory(model, device, wanted, free, hint or refused.reason)
+    return NotEnoughMemory(model, device, wanted, free, refused.reason)
 
 
 def worst_shortfall(budgets: Mapping[str, DeviceBudget], short_bytes: Mapping[str, int]) -> tuple[str, int, int]:

@@ -173,7 +173,7 @@ class Reconciler:
             if budget.free_bytes >= 0:
                 self._overcommitted.discard(device)
                 continue
-            decision = self._supervisor.policy(AdmissionRequest.give_back(device, -budget.free_bytes), snapshot)
+            decision = self._supervisor.policy(AdmissionRequest.give_back(device), snapshot)
             victims = decision.victims if isinstance(decision, Evict) else ()
             if not victims and device in self._overcommitted:
                 continue  # said once already; nothing new to do

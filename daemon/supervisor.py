@@ -130,7 +130,7 @@ class Supervisor:
         except PlanRejected as exc:  # a dry run answers "no, because", it does not fail
             return Plan(record.spec.name, False, 0, dict(overrides or {}), (), (), tuple(exc.reasons))
         snapshot = self.policy_snapshot()
-        first, decision = self._decide(spec, snapshot)
+        first, _, decision = self._decide(spec, snapshot)
         if isinstance(decision, Evict):
             result = plan(spec, snapshot.devices, _freed_by(snapshot, decision.victims))
             return Plan(**{**result.__dict__, "evictions": decision.victims})
@@ -138,10 +138,11 @@ class Supervisor:
             return Plan(**{**first.__dict__, "fits": False, "reasons": (decision.reason,)})
         return first
 
-    def _decide(self, spec: ModelSpec, snapshot: Snapshot) -> tuple[Plan, Decision]:
-        """The plan against today's budgets, and the policy's answer for its worst moment."""
+    def _decide(self, spec: ModelSpec, snapshot: Snapshot) -> tuple[Plan, AdmissionRequest, Decision]:
+        """The plan against today's budgets, the request for its worst moment, and the policy's answer."""
         first = plan(spec, snapshot.devices)
-        return first, self.policy(AdmissionRequest(spec.name, first.peak_need(), spec.priority), snapshot)
+        request = AdmissionRequest(spec.name, first.peak_need(), spec.priority)
+        return first, request, self.policy(request, snapshot)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -216,8 +217,7 @@ class Supervisor:
     async def _admit(self, spec: ModelSpec) -> MustWait | None:
         """Step 2: the policy decides over a snapshot; evictions happen here and only here."""
         snapshot = self.policy_snapshot()
-        first, decision = self._decide(spec, snapshot)
-        request = AdmissionRequest(spec.name, first.peak_need(), spec.priority)
+        _, request, decision = self._decide(spec, snapshot)
         self._publish(AdmissionDecided(spec.name, AdmissionResult(type(decision).__name__.lower()),
                                        getattr(decision, "reason", ""), getattr(decision, "victims", ())))
         if isinstance(decision, Evict):

@@ -17,10 +17,6 @@ class UsageMeter:
         self._sim = probe if isinstance(probe, SimProbe) else None
         self._readings = readings
 
-    @property
-    def simulated(self) -> bool:
-        return self._sim is not None
-
     def observe(self, pid: int, reported: Mapping[str, int]) -> dict[str, int]:
         """Bytes the engine `pid` uses per device (zeros left out), given what it reported."""
         if self._sim is not None:

@@ -63,9 +63,10 @@ class AdmissionRequest:
     priority: int = 50
 
     @classmethod
-    def give_back(cls, device: str, over_bytes: int) -> "AdmissionRequest":
-        """Foreign usage grew `over_bytes` past what the leases leave free on `device`: room for
-        nothing new, only the overcommit to cover. Decided by the policy like any admission."""
+    def give_back(cls, device: str) -> "AdmissionRequest":
+        """Foreign usage grew past what the leases leave free on `device`: room for nothing new,
+        only the overcommit to cover (the snapshot's negative free bytes). Decided by the policy
+        like any admission."""
         return cls("", {device: 0}, GIVE_BACK_PRIORITY)
 
     @property
