@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 from ..engines import ENGINE_ARGS, ENGINE_KINDS, EngineArgs
-from .memory import Architecture, KvDtype, Memory, MemoryProfile, Size, WeightFormat, read_hf_config, resolve
+from ..memory.architecture import Architecture, read_hf_config
+from .profile import KvDtype, Memory, MemoryProfile, Size, WeightFormat, resolve
 from ..policies import POLICIES
 from .errors import ConfigError, ConfigProblem
 from .units import DURATION_PATTERN, GiB, MiB, parse_duration
@@ -155,7 +156,7 @@ class ModelSpec(Strict):
         """profile()'s cache. A cached property, not a private attribute: equality compares
         fields only, so a spec that has computed its profile still equals one that has not."""
         return resolve(self.memory, self.architecture, self.quantization, self.kv_dtype, self.placement.experts == "cpu",
-                       self.engine, self.plan.max_batch_size)
+                       self.engine, len(self.placement.devices), self.plan.max_batch_size)
 
     @field_validator("aliases")
     @classmethod

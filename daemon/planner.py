@@ -18,7 +18,7 @@ from .config import ModelSpec, problems_from
 from .devices import HOST, gpu_id
 from .errors import PlanRejected
 from .ledger import LeaseKind, LeaseWant
-from .memory import Memory
+from .profile import DeviceMemory, Memory
 from .units import format_bytes
 
 
@@ -34,6 +34,7 @@ class Plan:
     evictions: tuple[str, ...] = field(default=())
     warnings: tuple[str, ...] = ()
     estimated: tuple[str, ...] = ()  # memory-model numbers that are estimates, not formulas
+    memory: tuple[dict, ...] = ()  # every component per device, with its source (Memory.sources)
     one_phase: bool = False  # the engine allocates its KV cache while loading: all leases at once
 
     def all_leases(self) -> tuple[LeaseWant, ...]:
@@ -55,7 +56,7 @@ class Plan:
                             "transient": w.kind == LeaseKind.LOAD_PEAK} for w in self.all_leases()],
                 "peak_bytes": self.peak_need(),
                 "reasons": list(self.reasons), "evictions": list(self.evictions), "warnings": list(self.warnings),
-                "estimated": list(self.estimated), "one_phase": self.one_phase}
+                "estimated": list(self.estimated), "one_phase": self.one_phase, "memory": list(self.memory)}
 
 
 def _sum(wants, exclude: LeaseKind | None = None) -> dict[str, int]:
@@ -81,12 +82,10 @@ def with_overrides(spec: ModelSpec, overrides: Mapping[str, Any]) -> ModelSpec:
 
 def load_leases(spec: ModelSpec, memory: Memory) -> tuple[LeaseWant, ...]:
     devices = [gpu_id(i) for i in spec.placement.devices]
-    per_device = -(-memory.weights // len(devices))
-    wants = [LeaseWant(d, LeaseKind.WEIGHTS, per_device) for d in devices]
+    wants = [LeaseWant(d, LeaseKind.WEIGHTS, m.weights) for d, m in zip(devices, memory.devices)]
     if memory.host_weights:
         wants.append(LeaseWant(HOST, LeaseKind.WEIGHTS, memory.host_weights))
-    if memory.load_peak:
-        wants += [LeaseWant(d, LeaseKind.LOAD_PEAK, memory.load_peak) for d in devices]
+    wants += [LeaseWant(d, LeaseKind.LOAD_PEAK, m.load_peak) for d, m in zip(devices, memory.devices) if m.load_peak]
     return tuple(wants)
 
 
@@ -121,28 +120,38 @@ def _sized(spec: ModelSpec, memory: Memory, budgets: Mapping[str, DeviceBudget],
                     (f"no device {', '.join(missing)} (devices: {', '.join(sorted(budgets))})",), one_phase=one_phase)
     total = min(budgets[d].total_bytes for d in devices)
     kv_tokens, params, kv_reasons, warnings = _size_kv(spec, memory, {d: room[d] for d in devices}, total)
+    warnings = [*memory.notes, *warnings]
     reasons = [*(reasons or []), *kv_reasons]
     return Plan(spec.name, not reasons, kv_tokens, params, loads, _steady_leases(memory, devices, kv_tokens),
-                tuple(reasons), warnings=tuple(warnings), estimated=memory.estimated, one_phase=one_phase)
+                tuple(reasons), warnings=tuple(warnings), estimated=memory.estimated, memory=tuple(memory.sources()), one_phase=one_phase)
 
 
 def _steady_leases(memory: Memory, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:
-    n = len(devices)
-    kv_per_device = -(-kv_tokens * memory.kv_bytes_per_token // n)
-    wants = [LeaseWant(d, LeaseKind.KV, kv_per_device) for d in devices]
-    if memory.activation:
-        wants += [LeaseWant(d, LeaseKind.RESERVE, memory.activation) for d in devices]
+    wants = [LeaseWant(d, LeaseKind.KV, kv_bytes(m, kv_tokens)) for d, m in zip(devices, memory.devices)]
+    wants += [LeaseWant(d, LeaseKind.RESERVE, m.workspace) for d, m in zip(devices, memory.devices) if m.workspace]
     return tuple(wants)
+
+
+def kv_bytes(device: DeviceMemory, tokens: int) -> int:
+    """The KV lease of one device: the cache and what grows with it (a context-sized buffer)."""
+    return -(-int(tokens * device.kv_rate * 1000) // 1000)
+
+
+def _fit_tokens(memory: Memory, after_weights: Mapping[str, int]) -> tuple[int, int]:
+    """KV tokens that fit on every device, and the room (bytes after weights and workspace) of the
+    device that limits them."""
+    rooms = [(after_weights[d] - m.workspace, m.kv_rate) for d, m in zip(after_weights, memory.devices)]
+    fits = [max(0, int(room // rate)) if rate else 1 << 40 for room, rate in rooms]
+    limiting = min(range(len(fits)), key=fits.__getitem__)
+    return fits[limiting], rooms[limiting][0]
 
 
 def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
              total_bytes: int) -> tuple[int, dict[str, Any], list[str], list[str]]:
     """KV tokens and engine parameters from the bytes left on each device after the weights."""
     engine, goal = spec.engine, spec.plan
-    n = len(after_weights)
-    per_token = memory.kv_bytes_per_token / n
-    room = min(after_weights.values()) - memory.activation
-    fit_tokens = max(0, int(room // per_token))
+    fit_tokens, room = _fit_tokens(memory, after_weights)
+    rate = max(m.kv_rate for m in memory.devices)
     configured = getattr(engine, engine.kv_param)
     batch = getattr(engine, engine.batch_param)
     granule = engine.kv_granule()
@@ -157,20 +166,21 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
             batch = max(1, min(256, tokens // goal.context_tokens))
     reasons = []
     if tokens > fit_tokens:
-        reasons.append(f"KV cache of {tokens} tokens needs {format_bytes(int(tokens * per_token))} per device, "
-                       f"{format_bytes(max(room, 0))} is left after the weights; lower {engine.kv_param} "
+        reasons.append(f"KV cache of {tokens} tokens needs {format_bytes(int(tokens * rate))} per device, "
+                       f"{format_bytes(max(room, 0))} is left after the weights and workspace; lower {engine.kv_param} "
                        f"to {fit_tokens - fit_tokens % granule} or free memory")
     elif tokens < goal.min_kv_tokens and configured is not None:
         reasons.append(f"{engine.kv_param} gives {tokens} KV tokens, below plan.min_kv_tokens {goal.min_kv_tokens}; "
                        f"raise it (up to {fit_tokens - fit_tokens % granule} fit now) or lower plan.min_kv_tokens")
     elif tokens < goal.min_kv_tokens:
-        reasons.append(f"only {tokens} KV tokens fit after the weights ({format_bytes(max(room, 0))} left), "
+        reasons.append(f"only {tokens} KV tokens fit after the weights and workspace ({format_bytes(max(room, 0))} left), "
                        f"below plan.min_kv_tokens {goal.min_kv_tokens}; free "
-                       f"{format_bytes(int((goal.min_kv_tokens - tokens) * per_token))} more")
+                       f"{format_bytes(int((goal.min_kv_tokens - tokens) * rate))} more")
         # What the load needs at least: the policy is asked to make room for this, not for the
         # sliver that fits now (evicting for a sliver would end in a KV cache too small to load).
         tokens = -(-goal.min_kv_tokens // granule) * granule
-    gpu_bytes = -(-memory.weights // n) + memory.activation + int(tokens * per_token)
-    flags = engine.planned_flags(Sizing(tokens, batch, memory.kv_bytes_per_token, n, memory.activation, gpu_bytes,
-                                        total_bytes))
+    worst = max(memory.devices, key=lambda m: m.weights + m.workspace + kv_bytes(m, tokens))
+    flags = engine.planned_flags(Sizing(tokens, batch, max(kv_bytes(m, tokens) for m in memory.devices),
+                                        len(memory.devices), worst.workspace,
+                                        worst.weights + worst.workspace + kv_bytes(worst, tokens), total_bytes))
     return tokens, flags.params, reasons + flags.broken, flags.warnings

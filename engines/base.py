@@ -16,6 +16,8 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..memory.footprint import Footprint, ModelShape
+from .memory_model import MiB, generic_footprint
 from .process import EngineProcess, engine_env
 
 
@@ -25,7 +27,7 @@ class Sizing:
 
     kv_tokens: int  # all sequences together
     batch: int  # sequences served together
-    kv_bytes_per_token: int  # all layers, before the split over devices
+    kv_bytes: int  # per device: the planned KV cache on the device holding the most of it
     devices: int
     activation_bytes: int  # per device: workspace beyond weights and KV
     gpu_bytes: int  # per device: weights + activation + KV
@@ -90,6 +92,12 @@ class EngineArgsBase(BaseModel):
     def planned_flags(self, sizing: Sizing) -> Flags:
         """The engine's flags for a planned KV cache, the rules they break and warnings."""
         raise NotImplementedError
+
+    def footprint(self, shape: ModelShape) -> Footprint:
+        """The engine's memory model: what its process holds on each device with these arguments.
+        This default is the generic estimate, for an engine whose source lessor has not modelled."""
+        return generic_footprint(shape, self.chunk_tokens(), self.decode_batch() or shape.batch, 512 * MiB,
+                                 "a typical CUDA context (estimate for an engine not modelled)", self.kv_element_bytes())
 
 
 def absolute_path(path: str) -> str:

@@ -33,7 +33,7 @@ class VLLMEngineArgs(EngineArgsBase):
         # --gpu-memory-utilization is a fraction of the card's *total* memory, not of what is free:
         # computed from lessor's lease, rounded down so vLLM never takes more than it was granted.
         fraction = int(sizing.gpu_bytes * 1000 // max(sizing.total_bytes, 1)) / 1000
-        kv_bytes = int(sizing.kv_tokens * sizing.kv_bytes_per_token / sizing.devices)
+        kv_bytes = sizing.kv_bytes
         return Flags({"max_model_len": sizing.kv_tokens // sizing.batch, "max_num_seqs": sizing.batch,
                       "gpu_memory_utilization": fraction, "kv_cache_memory_bytes": kv_bytes}, [], [])
 

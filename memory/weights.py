@@ -4,7 +4,12 @@ every engine's memory model builds on these and lays them out its own way."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .architecture import Architecture
+
+if TYPE_CHECKING:
+    from .params import ParamCounts
 
 # Bits per weight of each format: (linear layers, embeddings, lm_head). K-quants mix types per
 # tensor; Q4_K_M averages 4.89 over the linear weights, with token_embd Q4_K and output Q6_K.
@@ -39,3 +44,13 @@ def kv_bytes_per_token(a: Architecture, kv_dtype: str = "bf16", k_v_bytes: tuple
 def paged_tokens(tokens: int, page_tokens: int) -> int:
     """Paged caches allocate whole pages."""
     return -(-tokens // page_tokens) * page_tokens
+
+
+def split_weights(p: "ParamCounts", weight_format: str, experts_on_cpu: bool) -> tuple[int, int, int]:
+    """(GPU bytes without embeddings, embedding bytes, routed-expert bytes) in one format: engines
+    place the embedding and the experts differently (llama.cpp keeps token_embd in host RAM; a
+    hybrid engine keeps the routed experts there)."""
+    linear_bits, embed_bits, head_bits = FORMATS[weight_format]
+    gpu = (nbytes(p.attention + p.dense_mlp + p.shared_experts, linear_bits) + nbytes(p.router + p.norms, 16)
+           + nbytes(p.lm_head, head_bits))
+    return gpu, nbytes(p.embedding, embed_bits), nbytes(p.routed_experts, linear_bits)

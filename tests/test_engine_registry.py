@@ -63,7 +63,7 @@ def test_every_engine_answers_the_planner_and_the_memory_model(args):
     assert engine.decode_batch() is None or engine.decode_batch() >= 1
     sizes = engine.kv_element_bytes()
     assert sizes is None or (len(sizes) == 2 and min(sizes) > 0)
-    flags = engine.planned_flags(Sizing(kv_tokens=8192, batch=4, kv_bytes_per_token=65536, devices=1,
+    flags = engine.planned_flags(Sizing(kv_tokens=8192, batch=4, kv_bytes=8192 * 65536, devices=1,
                                         activation_bytes=1 << 30, gpu_bytes=8 << 30, total_bytes=24 << 30))
     assert isinstance(flags, Flags) and not flags.broken
     assert {args.kv_param, args.batch_param} <= set(flags.params), "the planned flags set the planned sizes"

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from lessor.daemon.memory import (Architecture, activation_bytes, estimate, kv_bytes_per_token, paged_tokens,
-                                  param_counts, read_hf_config)
+from lessor.engines.memory_model import chunk_activation, dequant_peak
+from lessor.memory.architecture import Architecture, read_hf_config
+from lessor.memory.params import param_counts
+from lessor.memory.weights import kv_bytes_per_token, paged_tokens, split_weights
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -47,16 +49,18 @@ def test_paged_caches_round_up_to_whole_pages():
     assert paged_tokens(28_160, 256) == 28_160
 
 
+def weights(a: Architecture, fmt: str) -> int:
+    return sum(split_weights(param_counts(a), fmt, False))
+
+
 def test_bf16_weights_are_two_bytes_per_parameter():
     a = arch("qwen2.5-7b")
-    e = estimate(a, "bf16")
-    assert e.gpu_weight_bytes == pytest.approx(param_counts(a).total * 2, rel=1e-9)
-    assert e.host_weight_bytes == 0
+    assert weights(a, "bf16") == pytest.approx(param_counts(a).total * 2, rel=1e-9)
 
 
 def test_formats_scale_weights():
     a = arch("llama-3-8b")
-    bf16, awq, q8 = (estimate(a, f).gpu_weight_bytes for f in ("bf16", "awq", "q8_0"))
+    bf16, awq, q8 = (weights(a, f) for f in ("bf16", "awq", "q8_0"))
     # int4 linears; the 1.05B embedding + lm_head parameters stay bf16: 5.73 GB, as AWQ checkpoints are
     assert 5.6e9 < awq < 5.8e9 and 0.35 < awq / bf16 < 0.36
     assert q8 / bf16 == pytest.approx(8.5 / 16, rel=0.01)
@@ -66,24 +70,21 @@ def test_hybrid_placement_puts_routed_experts_and_embeddings_in_host_ram():
     a = arch("deepseek-r1")
     p = param_counts(a)
     assert p.routed_experts == 58 * 256 * 3 * 7168 * 2048
-    e = estimate(a, "q4_k_m", experts_on_cpu=True)
-    assert e.host_weight_bytes == int(p.routed_experts * 4.89 / 8) + int(p.embedding * 4.5 / 8)
-    assert 9 * 2**30 < e.gpu_weight_bytes < 11 * 2**30  # attention, shared experts, dense MLPs, lm_head
-    whole = estimate(a, "q4_k_m")
-    assert whole.gpu_weight_bytes == e.gpu_weight_bytes + e.host_weight_bytes
+    gpu, embed, experts = split_weights(p, "q4_k_m", True)
+    assert experts + embed == int(p.routed_experts * 4.89 / 8) + int(p.embedding * 4.5 / 8)
+    assert 9 * 2**30 < gpu < 11 * 2**30  # attention, shared experts, dense MLPs, lm_head
 
 
 def test_load_peak_is_the_lm_head_dequantized_on_the_gpu():
     a = arch("deepseek-r1")
     assert param_counts(a).lm_head == 129_280 * 7_168 == 926_679_040
-    assert estimate(a, "q4_k_m").load_peak_bytes == 926_679_040 * 2  # 1.85 GB in bf16
-    assert estimate(a, "q4_k_m", dequant_dtype="fp32").load_peak_bytes == 926_679_040 * 4  # 3.7 GB
+    assert dequant_peak(param_counts(a), "q4_k_m") == 926_679_040 * 2  # 1.85 GB in bf16
+    assert dequant_peak(param_counts(a), "q4_k_m", "fp32") == 926_679_040 * 4  # 3.7 GB
 
 
-def test_activation_is_marked_as_an_estimate_and_grows_with_the_chunk():
+def test_the_generic_activation_estimate_grows_with_the_chunk():
     a = arch("deepseek-r1")
-    assert activation_bytes(a, 256, 3) > activation_bytes(a, 128, 3)
-    assert "activation_bytes" in estimate(a).estimated
+    assert chunk_activation(a, 256, 3) > chunk_activation(a, 128, 3)
 
 
 def test_bad_architectures_are_refused():

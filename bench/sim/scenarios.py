@@ -1,7 +1,7 @@
 """The scenarios: hardware, models (sized by lessor's memory model), traffic and latency goals.
 
 Model shapes are the published config.json fields of each family; bytes come from
-`daemon.memory` through `ModelSpec.profile()`, never typed in, except where the seed case
+the engines' memory models through `ModelSpec.profile()`, never typed in, except where the seed case
 states its numbers (the operator's measured load peak). Serving speeds are rough H100-class
 figures: decode is bound by reading the weights once per step, prefill by compute.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lessor.daemon.config import ModelSpec, SimulatedGpu
 from lessor.daemon.devices import gpu_id
-from lessor.daemon.memory import read_hf_config
+from lessor.memory.architecture import read_hf_config
 
 from .world import GiB, Hardware, SimModel, baseline_leases, lease_sums
 from .strategies import StrategyOptions
