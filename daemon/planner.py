@@ -180,7 +180,8 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
         # sliver that fits now (evicting for a sliver would end in a KV cache too small to load).
         tokens = -(-goal.min_kv_tokens // granule) * granule
     worst = max(memory.devices, key=lambda m: m.weights + m.workspace + kv_bytes(m, tokens))
-    flags = engine.planned_flags(Sizing(tokens, batch, max(kv_bytes(m, tokens) for m in memory.devices),
-                                        len(memory.devices), worst.workspace,
+    cache = max(-(-int(tokens * m.cache_rate * 1000) // 1000) for m in memory.devices)
+    workspace = worst.workspace + kv_bytes(worst, tokens) - int(tokens * worst.cache_rate)
+    flags = engine.planned_flags(Sizing(tokens, batch, cache, len(memory.devices), workspace,
                                         worst.weights + worst.workspace + kv_bytes(worst, tokens), total_bytes))
     return tokens, flags.params, reasons + flags.broken, flags.warnings

@@ -42,8 +42,9 @@ class DeviceMemory:
 
     weights: int
     workspace: int  # steady bytes beside the KV cache (the reserve lease), fixed part
-    kv_rate: float  # bytes per planned KV token: the cache and what grows with it
+    kv_rate: float  # bytes per planned KV token: the cache and what grows with it (one kv lease)
     load_peak: int
+    cache_rate: float = 0.0  # bytes per token of the KV cache itself (the engine's KV flag)
 
 
 @dataclass(frozen=True)
@@ -98,17 +99,18 @@ def _device(footprint: DeviceFootprint | None, given: MemoryProfile, devices: in
     components = list(footprint.components if footprint else ())
     kv_source = (footprint.kv_source.value, footprint.kv_basis) if footprint else ("given", "")
     kv_rate = footprint.kv_rate if footprint else 0.0
+    cache_rate = float(footprint.kv_bytes_per_token) if footprint else 0.0
     for name, part in (("weights", Part.WEIGHTS), ("activation", Part.WORKSPACE), ("load_peak", Part.LOAD_PEAK)):
         value = getattr(given, name)
         if value is not None:  # the config's number replaces every component of that part
             share = -(-value // devices) if name == "weights" else value
             components = [c for c in components if c.part != part] + [_given(name, share, part)]
     if given.kv_bytes_per_token is not None:
-        kv_rate = given.kv_bytes_per_token / devices
+        kv_rate = cache_rate = given.kv_bytes_per_token / devices
         kv_source = ("given", "memory.kv_bytes_per_token in the config")
         components = [replace(c, per_kv_token=0.0) for c in components]
     fixed = {part: sum(c.bytes for c in components if c.part == part) for part in Part}
-    return (DeviceMemory(fixed[Part.WEIGHTS], fixed[Part.WORKSPACE], kv_rate, fixed[Part.LOAD_PEAK]),
+    return (DeviceMemory(fixed[Part.WEIGHTS], fixed[Part.WORKSPACE], kv_rate, fixed[Part.LOAD_PEAK], cache_rate),
             tuple(components), kv_source)
 
 

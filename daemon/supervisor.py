@@ -207,7 +207,8 @@ class Supervisor:
         record.generation += 1
         generation = record.generation
         return Launch(spec, params, kv_tokens,
-                      tuple(GpuTarget(d, readings[d].index, readings[d].uuid, readings[d].total_bytes) for d in devices),
+                      tuple(GpuTarget(d, readings[d].index, readings[d].uuid, readings[d].total_bytes,
+                                      readings[d].total_bytes - readings[d].used_bytes) for d in devices),
                       self.leased(spec.name), self._simulated, port,
                       self.log_path(spec.name), self._state_dir / "engines" / spec.name,
                       on_exit=lambda returncode: self._restarts.spawn(self._engine_exited(record, generation, returncode)),

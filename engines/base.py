@@ -112,6 +112,7 @@ class GpuTarget:
     index: int
     uuid: str
     total_bytes: int
+    free_bytes: int  # physically free when the engine is started (other processes' usage taken out)
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,24 @@ from typing import Any, ClassVar, Literal, Mapping
 import yaml
 from pydantic import Field, ValidationInfo, field_validator
 
+from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Part, Source
+from ..memory.params import param_counts
+from ..memory.weights import FORMATS, nbytes
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing, absolute_path
+from .memory_model import GiB, MiB, even
 
 CUDA_PAGE_TOKENS = 256
 DEFAULT_CHUNK_TOKENS = 256  # attn.chunk_size of ktransformers' shipped config.yaml
+
+# The legacy server's memory (balance_serve, the serve YAML), read at v0.3.2 (495ae374) and
+# v0.2.4 (ac95b6c7); HEAD keeps the same files under archive/.
+MARLIN_BITS = FORMATS["marlin"][0]  # VLinearMarlin: int4, group 64, one bf16 scale a group (operators/linear.py:434)
+MARLIN_REPACK = 14  # bytes per element at the repack's worst op, the bf16 input included (marlin_utils.py:33-45)
+FLASHINFER_WORKSPACE = 136 * MiB  # 128 MiB float workspace (custom_modeling_deepseek_v3.py:45) + ~8 MiB int
+ENGINE_CONTEXT = int(0.5 * GiB)  # the engine process's CUDA context (estimate: not in its logs)
+SCHED_CONTEXT = int(0.4 * GiB)  # the scheduler process (kvc2, libtorch) allocates the KV cache: a context of its own
+GRAPH_BYTES_PER_TOKEN = 1 << 20  # pool + warm-up cache per token of the largest graph (estimate, ~0.4 MB of MLA
+# attention intermediates [128, T, 512] x 3 in the pool and as much again left by the eager warm-up)
 
 
 def page_size_rule(page_size: int) -> str | None:
@@ -72,6 +86,7 @@ class KTransformersEngineArgs(EngineArgsBase):
     max_batch_size: int | None = Field(default=None, ge=1, le=64, description="Sequences served together; planned when unset.")
     chunk_size: int | None = Field(default=None, ge=1, description="Prefill chunk in tokens: at most 1024, or a multiple of 1024.")
     max_new_tokens: int = Field(default=1024, ge=1, description="--max_new_tokens per request.")
+    release: Literal["0.2", "0.3"] = Field(default="0.3", description="The installed legacy server: '0.2' (up to 0.2.4post1) reserves the KV cache before it loads the weights and captures graphs {1, 2, 3, max_batch_size, 64, chunk_size}; '0.3' (0.3.1 on) loads the weights first and adds 256 and 512.")
     cpu_infer: int | None = Field(default=None, ge=1, description="--cpu_infer: CPU threads for the experts.")
 
     @field_validator("gguf_path", "optimize_config_path")
@@ -109,6 +124,52 @@ class KTransformersEngineArgs(EngineArgsBase):
 
     def decode_batch(self) -> int | None:
         return self.max_batch_size
+
+    def graph_sizes(self, batch: int) -> list[int]:
+        """model_runner.py:42-52 (generate_cuda_graphs) at v0.3.2; v0.2.4: model_runner.py:57."""
+        chunk = self.chunk_tokens()
+        sizes = {1, 2, 3, batch, 64, chunk} | ({256, 512} if self.release == "0.3" else set())
+        return sorted(sizes | set(range(1024, chunk + 1, 1024)))
+
+    def footprint(self, shape: ModelShape) -> Footprint:
+        a, n = shape.architecture, shape.devices
+        p = param_counts(a)
+        kv_b = a.num_hidden_layers * a.kv_lora_rank * a.num_attention_heads * (a.qk_nope_head_dim + a.v_head_dim) \
+            if a.is_mla else 0
+        experts = 0 if shape.experts_on_cpu else p.routed_experts
+        marlin = p.attention - kv_b + p.dense_mlp + p.shared_experts + experts + p.lm_head
+        sizes = self.graph_sizes(self.max_batch_size or shape.batch)
+        weights = nbytes(marlin, MARLIN_BITS) + 2 * kv_b * 2 + 2 * (p.router + p.norms)
+        graphs = sum(sizes) * (a.vocab_size + a.hidden_size) * 2 + GRAPH_BYTES_PER_TOKEN * max(sizes)
+        steady = weights + graphs + FLASHINFER_WORKSPACE + ENGINE_CONTEXT + SCHED_CONTEXT
+        repack = MARLIN_REPACK * a.vocab_size * a.hidden_size  # lm_head goes first ("pre load lm_head", optimize.py:129)
+        worst = ENGINE_CONTEXT + repack + (SCHED_CONTEXT if self.release == "0.2" else 0)
+        device = DeviceFootprint((
+            Component("weights", even(weights, n), Source.FORMULA,
+                      "GPU linears and lm_head repacked to Marlin int4 g64 (4.25 bits), kv_b_proj in bf16 with its "
+                      "absorbed q/out copies beside it, router and norms in bf16 (serve YAML, operators/linear.py)",
+                      Part.WEIGHTS),
+            Component("cuda_graphs", even(graphs, n), Source.ESTIMATE,
+                      f"graphs for {sizes}: each keeps its bf16 logits and expert outputs (formula), plus the pool "
+                      f"and warm-up cache of the largest, {max(sizes)} tokens (estimate)"),
+            Component("flashinfer", FLASHINFER_WORKSPACE, Source.CONSTANT, "MLA wrapper workspaces, custom_modeling_deepseek_v3.py:45 (v0.3.2)"),
+            Component("cuda_context", ENGINE_CONTEXT + SCHED_CONTEXT, Source.ESTIMATE,
+                      "two CUDA contexts: the engine and the scheduler process that allocates the KV cache"),
+            Component("load_peak", max(0, worst - steady), Source.FORMULA,
+                      f"lm_head first, repacked at {MARLIN_REPACK} B/element ({repack / 1e9:.1f} GB) "
+                      + ("beside the KV cache reserved before it (<= 0.2.4)" if self.release == "0.2"
+                         else "before the other weights and the KV cache (>= 0.3)") + ": above steady only by this",
+                      Part.LOAD_PEAK),
+        ), kv_bytes_per_token=even(a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 2 if a.is_mla
+                                   else a.num_hidden_layers * 2 * a.kv_heads * a.dim_per_head * 2, n),
+            kv_basis="balance_serve settings.py:16-66: K only, (kv_lora_rank + rope) x layers x bf16, whole pages")
+        host = (Component("host_weights", nbytes(p.routed_experts, FORMATS[shape.weight_format][0])
+                          + nbytes(p.embedding, FORMATS[shape.weight_format][1]), Source.FORMULA,
+                          "routed experts (KExpertsCPU) and embed_tokens stay in host RAM, in the GGUF's format",
+                          Part.WEIGHTS),) if shape.experts_on_cpu else \
+            (Component("host_weights", nbytes(p.embedding, FORMATS[shape.weight_format][1]), Source.FORMULA,
+                       "embed_tokens stays in host RAM", Part.WEIGHTS),)
+        return Footprint(tuple(device for _ in range(n)), host)
 
     def planned_flags(self, sizing: Sizing) -> Flags:
         tokens, batch, chunk = sizing.kv_tokens, sizing.batch, self.chunk_tokens()

@@ -8,7 +8,11 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Part, Source
+from ..memory.params import param_counts
+from ..memory.weights import FORMATS, nbytes
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing
+from .memory_model import GiB
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 # llama-cpp-python takes cache types as ggml_type numbers.
@@ -17,6 +21,9 @@ GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
 GGML_TYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
                    "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
 UNQUANTIZED = ("f32", "f16", "bf16")  # cache types that need no flash attention
+# Read at upstream 3514e9f6 (Dec 2025): src/llama-model.cpp load_tensors, src/llama-context.cpp,
+# src/llama-kv-cache.cpp. Not in its log lines: the CUDA context and ggml's on-demand pool.
+CUDA_CONTEXT = int(0.5 * GiB)  # estimate: a CUDA context with cuBLAS (vLLM 0.19 measured 0.51 GiB on an H100)
 
 
 class LlamaCppEngineArgs(EngineArgsBase):
@@ -38,16 +45,83 @@ class LlamaCppEngineArgs(EngineArgsBase):
     cache_type_k: CacheType = Field(default="f16", description="--cache-type-k.")
     cache_type_v: CacheType = Field(default="f16", description="--cache-type-v (quantized V needs flash attention).")
     threads: int | None = Field(default=None, ge=1, le=1024, description="-t: CPU threads; the server's default when unset.")
+    flash_attn: Literal["on", "off"] = Field(default="on", description="-fa: flash attention, passed explicitly (builds differ in what 'auto' picks). Off, the compute buffer grows with the context: n_ctx x ubatch x heads x 4 B.")
+    ubatch_size: int = Field(default=512, ge=1, le=65536, description="-ub: tokens per physical batch; sizes the compute buffer.")
+    batch_size: int = Field(default=2048, ge=1, le=1 << 20, description="-b: tokens per logical batch.")
+    kv_unified: bool = Field(default=False, description="-kvu: one KV cache shared by all slots (llama-server's own choice when --parallel is not given); off, each slot gets ctx_size / parallel.")
+
+    def chunk_tokens(self) -> int:
+        return self.ubatch_size
+
+    def footprint(self, shape: ModelShape) -> Footprint:
+        """Layers split evenly over the devices (--tensor-split 1,1,...), the output layer on the
+        last; token_embd always in host RAM ("there is very little benefit to offloading the
+        input layer", llama-model.cpp load_tensors)."""
+        a, n = shape.architecture, shape.devices
+        p = param_counts(a)
+        linear_bits, embed_bits, head_bits = FORMATS[shape.weight_format]
+        k, v = self.kv_element_bytes()
+        share = [a.num_hidden_layers // n + (i < a.num_hidden_layers % n) for i in range(n)]
+        devices, first = [], 0
+        for i, layers in enumerate(share):
+            span = range(first, first + layers)
+            first += layers
+            experts = sum(p.routed_experts // max(a.moe_layers, 1) for j in span if a.is_moe_layer(j)) \
+                if shape.experts_on_cpu else 0
+            body = nbytes(sum(p.layers[j] for j in span) - experts, linear_bits)
+            last = i == n - 1
+            # A tied model's output is token_embd loaded a second time, onto the output's device.
+            head = (nbytes(p.embedding, embed_bits) if a.tie_word_embeddings else nbytes(p.lm_head, head_bits)) if last else 0
+            devices.append(DeviceFootprint(
+                (Component("weights", body + head, Source.FORMULA,
+                           f"{layers} layers in {shape.weight_format}" + (" and the output layer" if last else ""),
+                           Part.WEIGHTS),
+                 self._compute(a, last),
+                 Component("cuda_context", CUDA_CONTEXT + 2 * p.largest_tensor, Source.ESTIMATE,
+                           "a CUDA context, and ggml's pool dequantizing the largest matrix to f16 for prompt matmuls")),
+                kv_bytes_per_token=int(sum(self._kv_layer(a, k, v) for _ in span)),
+                kv_basis="llama-kv-cache.cpp: per layer n_embd_k_gqa x type_k + n_embd_v_gqa x type_v, n_ctx cells "
+                         "(MLA: K kv_lora_rank + rope, V kv_lora_rank, PR #12801)"))
+        host_bytes = nbytes(p.embedding, embed_bits) + (nbytes(p.routed_experts, linear_bits) if shape.experts_on_cpu else 0)
+        host = (Component("host_weights", host_bytes, Source.FORMULA,
+                          "token_embd" + (" and the routed experts (-ot exps=CPU)" if shape.experts_on_cpu else ""),
+                          Part.WEIGHTS),)
+        return Footprint(tuple(devices), host)
+
+    @staticmethod
+    def _kv_layer(a, k: float, v: float) -> float:
+        if a.is_mla:
+            return (a.kv_lora_rank + a.qk_rope_head_dim) * k + a.kv_lora_rank * v
+        return a.kv_heads * a.dim_per_head * (k + v)
+
+    def _compute(self, a, last: bool) -> Component:
+        """The graph reserve at ubatch tokens (llama-context.cpp graph_reserve): the output's logits
+        and a few hidden-sized tensors; without flash attention, also the KQ matrix of the whole
+        context (softmax in place) and its f32 mask."""
+        ub, h = self.ubatch_size, a.hidden_size
+        output = (a.vocab_size * ub * 4 if last else 0) + 2 * h * ub * 4
+        if self.flash_attn == "on":
+            return Component("compute_buffer", output, Source.FORMULA,
+                             f"logits of {ub} tokens and two hidden-sized tensors; the f16 mask grows with the context",
+                             per_kv_token=ub * 2)
+        slots = 1 if self.kv_unified else (self.parallel or 1)
+        return Component("compute_buffer", output + 4 * h * ub * 4, Source.FORMULA,
+                         f"flash attention off: KQ of {ub} tokens x {a.num_attention_heads} heads x the context"
+                         f"{'' if slots == 1 else f' / {slots} slots'} and its mask, plus the output's peak (an upper "
+                         "bound: the two peaks are not at once)", per_kv_token=ub * (a.num_attention_heads * 4 + 4) / slots)
 
     def kv_element_bytes(self) -> tuple[float, float] | None:
         return GGML_TYPE_BYTES[self.cache_type_k], GGML_TYPE_BYTES[self.cache_type_v]
 
     def planned_flags(self, sizing: Sizing) -> Flags:
-        warnings = []
-        if self.cache_type_v not in UNQUANTIZED:
-            warnings.append("engine.cache_type_v: a quantized V cache needs flash attention (the adapter passes -fa on)")
+        broken = []
+        if self.cache_type_v not in UNQUANTIZED and self.flash_attn == "off":
+            broken.append(f"engine.flash_attn: a quantized V cache ({self.cache_type_v}) needs flash attention; "
+                          "set flash_attn: on or cache_type_v: f16")
         return Flags({"ctx_size": sizing.kv_tokens, "parallel": sizing.batch, "n_gpu_layers": self.n_gpu_layers,
-                      "cache_type_k": self.cache_type_k, "cache_type_v": self.cache_type_v}, [], warnings)
+                      "cache_type_k": self.cache_type_k, "cache_type_v": self.cache_type_v,
+                      "flash_attn": self.flash_attn, "ubatch_size": self.ubatch_size,
+                      "batch_size": max(self.batch_size, self.ubatch_size), "kv_unified": self.kv_unified}, broken, [])
 
 
 class LlamaCppAdapter(ProcessAdapter):
@@ -55,7 +129,6 @@ class LlamaCppAdapter(ProcessAdapter):
 
     def command(self, launch: Launch) -> Command:
         engine, p = launch.spec.engine, launch.params
-        flash = engine.cache_type_v not in UNQUANTIZED  # a quantized V cache needs it
         ngl = 0 if launch.simulated else p["n_gpu_layers"]
         if engine.server == "llama-cpp-python":
             python = sys.executable if engine.binary == "llama-server" else engine.binary
@@ -63,7 +136,8 @@ class LlamaCppAdapter(ProcessAdapter):
                     "--host", launch.host, "--port", str(launch.port), "--n_ctx", str(p["ctx_size"]),
                     "--n_gpu_layers", str(ngl), "--type_k", str(GGML_TYPE_IDS[p["cache_type_k"]]),
                     "--type_v", str(GGML_TYPE_IDS[p["cache_type_v"]])]
-            argv += ["--flash_attn", "true"] if flash else []
+            argv += ["--flash_attn", "true" if p["flash_attn"] == "on" else "false",
+                     "--n_batch", str(p["batch_size"]), "--n_ubatch", str(p["ubatch_size"])]
             argv += ["--n_threads", str(engine.threads)] if engine.threads else []
             return Command(argv, {}, health_path="/v1/models")
         # -ngl -1 means all layers in recent llama-server; 999 says the same to older builds.
@@ -71,6 +145,11 @@ class LlamaCppAdapter(ProcessAdapter):
                 "--port", str(launch.port), "-c", str(p["ctx_size"]), "--parallel", str(p["parallel"]),
                 "-ngl", str(999 if ngl < 0 else ngl), "--cache-type-k", p["cache_type_k"],
                 "--cache-type-v", p["cache_type_v"]]
-        argv += ["-fa", "on"] if flash else []
+        argv += ["-fa", p["flash_attn"], "-b", str(p["batch_size"]), "-ub", str(p["ubatch_size"])]
+        argv += ["-kvu"] if p["kv_unified"] else []
+        if len(launch.gpus) > 1:  # the even layer split the memory model assumes, not one by free memory
+            argv += ["--split-mode", "layer", "--tensor-split", ",".join("1" for _ in launch.gpus)]
+        if launch.spec.placement.experts == "cpu":
+            argv += ["--override-tensor", r"\.ffn_(up|down|gate)_exps\.=CPU"]
         argv += ["-t", str(engine.threads)] if engine.threads else []
         return Command(argv, {}, health_path="/health")

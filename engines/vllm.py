@@ -14,11 +14,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from ..memory.architecture import Architecture
-from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Part, Source
-from ..memory.weights import FORMATS, nbytes
+from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Source
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing
-from .memory_model import GiB, MiB
+from .memory_model import GiB, MiB, rank_weights
 
 CALIBRATION = "vLLM 0.19.0 on H100 80GB, llm-d-planner PR #205"
 CUDA_CONTEXT = int(0.51 * GiB)  # init_non_torch at tp=pp=1 (driver, cuBLAS handles)
@@ -28,7 +26,6 @@ CUSTOM_ALL_REDUCE = {2: 88 * MiB, 4: 64 * MiB}  # 2 x 8 MiB IPC buffers + 8 MiB 
 NON_TORCH_FORWARD = {"tp": int(2.13 * GiB), "sampler": int(0.25 * GiB), "stage": int(0.07 * GiB)}
 SAMPLER_SMS = 132  # H100/H200: the Triton top-k/top-p buffer keeps min(pow2(rows), SMs) rows
 CUBLAS_WORKSPACE = 32 * MiB
-VOCAB_PAD = 64  # pad_vocab_size(V, 64), vocab_parallel_embedding.py:28
 GRAPH_BASE = int(0.37 * GiB)  # the graph pool of the largest size, 51 default sizes (estimate)
 GRAPH_PER_LAYER = {"dense": 17.5 * MiB, "moe": 22 * MiB, "mla": 45 * MiB}  # per layer, 51 sizes (estimate)
 DEFAULT_SIZES = 51
@@ -123,48 +120,8 @@ class _Rank:
                                "kv_cache_interface.py:72-87,191-205: per layer on this rank, 2 x max(1, KV heads / tp) "
                                "x head_dim x dtype; MLA: (kv_lora_rank + rope) x dtype on every rank")
 
-    def is_moe(self, layer: int) -> bool:
-        a = self.a
-        return bool(a.n_routed_experts) and layer >= a.first_k_dense_replace
-
     def weights(self) -> Component:
-        a, tp = self.a, self.tp
-        linear_bits, embed_bits, head_bits = FORMATS[self.shape.weight_format]
-        vocab = -(-a.vocab_size // VOCAB_PAD) * VOCAB_PAD // tp
-        embed = vocab * a.hidden_size if self.first or (self.last and a.tie_word_embeddings and self.pp > 1) else 0
-        head = vocab * a.hidden_size if self.last and not a.tie_word_embeddings else 0
-        linear = replicated = 0
-        for layer in range(self.first_layer, self.first_layer + self.layers):
-            split, whole = self.layer_params(layer)
-            linear, replicated = linear + split // tp + whole[0], replicated + whole[1]
-        total = (nbytes(linear, linear_bits) + nbytes(replicated + a.hidden_size, 16 * self.b / 2)
-                 + nbytes(embed, embed_bits) + nbytes(head, head_bits))
-        return Component("weights", total, Source.FORMULA,
-                         f"this rank's share in {self.shape.weight_format}: {self.layers} layers split over tp {tp} "
-                         "(norms, router and MLA's down-projections replicated; vocab padded to 64)", Part.WEIGHTS)
-
-    def layer_params(self, layer: int) -> tuple[int, tuple[int, int]]:
-        """(parameters split over tp, (linear parameters every rank holds whole, replicated norms and router))."""
-        a, h = self.a, self.a.hidden_size
-        heads_q = a.num_attention_heads
-        if a.is_mla:
-            qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-            down = h * (a.q_lora_rank or 0) + h * (a.kv_lora_rank + a.qk_rope_head_dim)  # ReplicatedLinear
-            split = (a.q_lora_rank or h) * heads_q * qk + a.kv_lora_rank * heads_q * (a.qk_nope_head_dim + a.v_head_dim) \
-                + heads_q * a.v_head_dim * h
-            norms = 2 * h + (a.q_lora_rank or 0) + a.kv_lora_rank
-        else:
-            hd, kv = a.dim_per_head, a.kv_heads
-            kv_rank = max(1, kv // self.tp)  # fewer KV heads than ranks: each rank keeps one, replicated
-            split = 2 * h * heads_q * hd + (heads_q * hd if a.attention_bias else 0)
-            down = 2 * h * kv_rank * hd + (2 * kv_rank * hd if a.attention_bias else 0)
-            norms = 2 * h
-        if self.is_moe(layer):
-            split += 3 * h * a.moe_intermediate_size * (a.n_routed_experts + a.n_shared_experts)
-            norms += a.n_routed_experts * h  # the router: ReplicatedLinear
-        else:
-            split += 3 * h * a.intermediate_size
-        return split, (down, norms)
+        return rank_weights(self.shape, self.tp, self.pp, self.stage, range(self.first_layer, self.first_layer + self.layers))
 
     def context(self) -> tuple[Component, ...]:
         out = [Component("cuda_context", CUDA_CONTEXT, Source.CONSTANT, f"init_non_torch_memory at tp=pp=1, {CALIBRATION}")]
@@ -218,10 +175,6 @@ class _Rank:
         if a.is_mla:
             return self.layers * (a.kv_lora_rank + a.qk_rope_head_dim) * kv_b
         return self.layers * 2 * max(1, a.kv_heads // self.tp) * a.dim_per_head * kv_b
-
-
-def _unused(a: Architecture) -> None:  # pragma: no cover
-    return None
 
 
 class VLLMAdapter(ProcessAdapter):

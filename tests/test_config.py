@@ -110,5 +110,5 @@ def test_a_spec_computes_its_profile_once_and_still_equals_a_fresh_one():
     fresh = load_config(ROOT / "examples" / "seed.yaml").models[0]
     assert spec.profile() is spec.profile()
     assert spec == fresh and not (spec != fresh)
-    wider = spec.model_copy(update={"engine": spec.engine.model_copy(update={"chunk_size": 512})})
+    wider = spec.model_copy(update={"engine": spec.engine.model_copy(update={"chunk_size": 2048})})
     assert wider.profile().activation > spec.profile().activation  # the copy computes its own

@@ -82,9 +82,25 @@ async def test_sglang_flags(controller, tmp_path):
     ctl, model, seen, f = await load_standin(controller, tmp_path, "sglang")
     p = model["params"]
     assert f["--model-path"] == "/models/sglang" and f["--max-total-tokens"] == str(p["max_total_tokens"])
-    assert f["--mem-fraction-static"] == f"{p['mem_fraction_static']:.3f}"
     assert f["--max-running-requests"] == str(p["max_running_requests"]) and f["--tp-size"] == "1"
-    assert f["--context-length"] == str(p["context_length"])
+    assert f["--context-length"] == str(p["context_length"]) and f["--chunked-prefill-size"] == "4096"
+    assert f["--cuda-graph-max-bs"] == str(p["max_running_requests"])
+
+
+async def test_sglang_fraction_is_of_what_is_free_at_launch_on_a_shared_card(controller, tmp_path):
+    """--mem-fraction-static is taken of the memory free when SGLang starts, after its CUDA
+    context (model_runner: pool = m x F - weights): on this 24 GiB card 8 GiB are foreign, so
+    F = 16 GiB - the context, and m must be (weights + pool) / F for the pool lessor planned."""
+    from lessor.engines.vllm import CUDA_CONTEXT
+    ctl, model, seen, f = await load_standin(controller, tmp_path, "sglang")
+    p = model["params"]
+    weights_and_pool = (4 << 30) + p["max_total_tokens"] * 65536
+    assert p["static_bytes"] == weights_and_pool
+    free = (24 << 30) - (8 << 30) - CUDA_CONTEXT
+    m = float(f["--mem-fraction-static"])
+    assert m == -(-weights_and_pool * 1000 // free) / 1000
+    assert m * free - (4 << 30) >= p["max_total_tokens"] * 65536  # the planned pool fits what SGLang computes
+    assert m > p["mem_fraction_static"]  # the fraction of the card's total would have given a smaller pool
 
 
 async def test_ktransformers_flags_agree_with_its_own_config_file(controller, tmp_path):

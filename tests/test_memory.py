@@ -109,7 +109,7 @@ def test_the_config_applies_llamacpp_cache_types():
                                                              "cache_type_k": "q8_0", "cache_type_v": "q8_0"},
                                      "architecture": {"hf_config": str(FIXTURES / "llama-3-8b.json")},
                                      "quantization": "q4_k_m"})
-    assert spec.profile().kv_bytes_per_token == 69_632
+    assert spec.profile().devices[0].cache_rate == 69_632
 
 
 def test_explicit_memory_fields_override_the_model():
