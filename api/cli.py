@@ -121,8 +121,12 @@ def render_plan(plan: dict[str, Any]) -> str:
         lines.append(f"  why: {reason}")
     for warning in plan.get("warnings", []):
         lines.append(f"  warning: {warning}")
-    if plan.get("estimated"):
-        lines.append(f"  estimated (not exact formulas): {', '.join(plan['estimated'])}")
+    if plan.get("memory"):
+        lines.append("  memory model (bytes on each device, and where each number comes from):")
+        for m in plan["memory"]:
+            size = f"{m['bytes']} B/token" if m["part"] == "kv" else format_bytes(m["bytes"])
+            grows = f" + {m['per_kv_token']:g} B/token" if m.get("per_kv_token") else ""
+            lines.append(f"    {m['device']:<6} {m['name']:<18} {size + grows:>16}  {m['source']:<9} {m['basis']}")
     return "\n".join(lines)
 
 

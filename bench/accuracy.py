@@ -28,7 +28,8 @@ from ..memory.architecture import Architecture, read_hf_config
 from ..memory.footprint import DeviceFootprint, ModelShape, Part
 
 ROOT = Path(__file__).resolve().parents[1]
-CALIBRATION = ROOT.parent / "shared" / "calibration"
+CALIBRATION = ROOT / "bench" / "calibration"  # a copy of ../shared/calibration's CSV (see its README)
+SHARED = ROOT.parent / "shared" / "calibration"
 FIXTURES = ROOT / "tests" / "fixtures"
 GiB, MiB = float(1 << 30), float(1 << 20)
 

@@ -111,6 +111,23 @@ class RestartPolicy(Strict):
     window_s: Duration = Field(default=600.0, gt=0, le=86400, description="Crashes further apart than this do not count toward max_restarts.")
 
 
+# config.json's quantization_config.quant_method -> the weight format, where the method says it.
+QUANT_METHODS = {"fp8": "fp8", "gptq": "gptq", "awq": "awq"}
+
+
+def _quantization_from_config(data: Any) -> Any:
+    """A quantized checkpoint read as bf16 would plan twice its weights or more: the format comes
+    from config.json unless the spec says it; a method that leaves it open must be said."""
+    arch = data.get("architecture") if isinstance(data, dict) else None
+    method = arch.get("quantization_method") if isinstance(arch, dict) else None
+    if not method or "quantization" in data:
+        return data
+    if method not in QUANT_METHODS:
+        raise ValueError(f"quantization: config.json's quantization_config is '{method}', which does not say the "
+                         f"weight format; set quantization (int8 for w8a8, fp8, gptq for w4a16)")
+    return {**data, "quantization": QUANT_METHODS[method]}
+
+
 class ModelSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="The name clients use in the `model` field.")
     aliases: list[str] = Field(default_factory=list, description="Other names routed to this model.")
@@ -138,7 +155,7 @@ class ModelSpec(Strict):
             except (OSError, ValueError) as exc:
                 raise ValueError(f"architecture.hf_config: cannot read '{path}': {exc}") from None
             data = {**data, "architecture": {**from_file, **{k: v for k, v in arch.items() if k != "hf_config"}}}
-        return data
+        return _quantization_from_config(data)
 
     def profile(self) -> Memory:
         """The memory profile: the memory model's numbers, with every field the config sets taken as
@@ -180,6 +197,9 @@ class ModelSpec(Strict):
             raise ValueError(f"placement.experts: 'cpu' needs a hybrid engine ({hybrid}), not '{engine.kind}'")
         if len(set(self.placement.devices)) != len(self.placement.devices):
             raise ValueError("placement.devices: a GPU index is listed twice")
+        problem = engine.placement_problem(len(self.placement.devices))
+        if problem:
+            raise ValueError(problem)
         if most is not None and len(self.placement.devices) > most:
             span = "one GPU; list exactly one" if most == 1 else f"at most {most} GPUs; list at most {most}"
             raise ValueError(f"placement.devices: {engine.title} runs on {span}")

@@ -123,7 +123,7 @@ def _sized(spec: ModelSpec, memory: Memory, budgets: Mapping[str, DeviceBudget],
     warnings = [*memory.notes, *warnings]
     reasons = [*(reasons or []), *kv_reasons]
     return Plan(spec.name, not reasons, kv_tokens, params, loads, _steady_leases(memory, devices, kv_tokens),
-                tuple(reasons), warnings=tuple(warnings), estimated=memory.estimated, memory=tuple(memory.sources()), one_phase=one_phase)
+                tuple(reasons), warnings=tuple(warnings), estimated=memory.estimated, memory=tuple(memory.sources(devices, HOST)), one_phase=one_phase)
 
 
 def _steady_leases(memory: Memory, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:

@@ -54,6 +54,7 @@ class Memory:
     devices: tuple[DeviceMemory, ...]
     host_weights: int
     components: tuple[tuple[Component, ...], ...] = ()  # per device, for `lessor plan`
+    host: tuple[Component, ...] = ()
     kv_sources: tuple[tuple[str, str], ...] = ()  # per device: (source, basis) of the KV bytes per token
     notes: tuple[str, ...] = ()
 
@@ -80,15 +81,15 @@ class Memory:
         names = [c.name for device in self.components for c in device if c.source == Source.ESTIMATE]
         return tuple(dict.fromkeys(names))
 
-    def sources(self) -> list[dict]:
-        """Every component of every device with its source (the plan's `memory` section)."""
+    def sources(self, devices: list[str], host: str = "host") -> list[dict]:
+        """Every component of every device (named by `devices`, the placement's) with its source:
+        the plan's `memory` section."""
         out = []
         for index, (components, (kv_source, kv_basis)) in enumerate(zip(self.components, self.kv_sources)):
-            rate = self.devices[index].kv_rate
-            out += [{"device": index, **c.to_dict()} for c in components]
-            out.append({"device": index, "name": "kv_per_token", "bytes": int(rate), "part": "kv",
-                        "source": kv_source, "basis": kv_basis})
-        return out
+            out += [{"device": devices[index], **c.to_dict()} for c in components]
+            out.append({"device": devices[index], "name": "kv_per_token", "bytes": int(self.devices[index].cache_rate),
+                        "part": "kv", "source": kv_source, "basis": kv_basis})
+        return out + [{"device": host, **c.to_dict()} for c in self.host]
 
 
 def _given(name: str, value: int, part: Part) -> Component:
@@ -123,7 +124,8 @@ def resolve(given: MemoryProfile, architecture: Architecture | None, weight_form
         footprint = engine.footprint(ModelShape(architecture, weight_format, kv_dtype, experts_on_cpu, devices,
                                                 plan_batch))
     per_device = [_device(footprint.devices[i] if footprint else None, given, devices) for i in range(devices)]
-    host = given.host_weights if given.host_weights is not None else \
-        sum(c.bytes for c in footprint.host) if footprint else 0
-    return Memory(tuple(d for d, _, _ in per_device), host, tuple(c for _, c, _ in per_device),
-                  tuple(k for _, _, k in per_device), footprint.notes if footprint else ())
+    host = footprint.host if footprint else ()
+    if given.host_weights is not None:
+        host = (_given("host_weights", given.host_weights, Part.WEIGHTS),)
+    return Memory(tuple(d for d, _, _ in per_device), sum(c.bytes for c in host), tuple(c for _, c, _ in per_device),
+                  host, tuple(k for _, _, k in per_device), footprint.notes if footprint else ())

@@ -85,6 +85,10 @@ class EngineArgsBase(BaseModel):
         """Sequences these arguments fix for the memory model's logits estimate (None: the plan's)."""
         return None
 
+    def placement_problem(self, devices: int) -> str | None:
+        """Why these arguments cannot run on `devices` GPUs ("engine.FIELD: why"), or None."""
+        return None
+
     def kv_element_bytes(self) -> tuple[float, float] | None:
         """Bytes per K and per V element where the engine's arguments set them (None: the spec's kv_dtype)."""
         return None

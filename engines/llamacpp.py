@@ -48,6 +48,7 @@ class LlamaCppEngineArgs(EngineArgsBase):
     flash_attn: Literal["on", "off"] = Field(default="on", description="-fa: flash attention, passed explicitly (builds differ in what 'auto' picks). Off, the compute buffer grows with the context: n_ctx x ubatch x heads x 4 B.")
     ubatch_size: int = Field(default=512, ge=1, le=65536, description="-ub: tokens per physical batch; sizes the compute buffer.")
     batch_size: int = Field(default=2048, ge=1, le=1 << 20, description="-b: tokens per logical batch.")
+    swa_full: bool = Field(default=False, description="--swa-full: full-size KV cache for sliding-window layers too (Gemma 2/3); off, each such layer keeps about window x slots + ubatch cells.")
     kv_unified: bool = Field(default=False, description="-kvu: one KV cache shared by all slots (llama-server's own choice when --parallel is not given); off, each slot gets ctx_size / parallel.")
 
     def chunk_tokens(self) -> int:
@@ -72,14 +73,16 @@ class LlamaCppEngineArgs(EngineArgsBase):
             last = i == n - 1
             # A tied model's output is token_embd loaded a second time, onto the output's device.
             head = (nbytes(p.embedding, embed_bits) if a.tie_word_embeddings else nbytes(p.lm_head, head_bits)) if last else 0
+            sliding = [j for j in span if a.is_sliding_layer(j)] if not self.swa_full else []
+            components = [] if not sliding else [self._swa_cache(a, len(sliding), k, v)]
             devices.append(DeviceFootprint(
-                (Component("weights", body + head, Source.FORMULA,
+                (*components, Component("weights", body + head, Source.FORMULA,
                            f"{layers} layers in {shape.weight_format}" + (" and the output layer" if last else ""),
                            Part.WEIGHTS),
                  self._compute(a, last),
                  Component("cuda_context", CUDA_CONTEXT + 2 * p.largest_tensor, Source.ESTIMATE,
                            "a CUDA context, and ggml's pool dequantizing the largest matrix to f16 for prompt matmuls")),
-                kv_bytes_per_token=int(sum(self._kv_layer(a, k, v) for _ in span)),
+                kv_bytes_per_token=int(sum(self._kv_layer(a, k, v) for j in span if j not in sliding)),
                 kv_basis="llama-kv-cache.cpp: per layer n_embd_k_gqa x type_k + n_embd_v_gqa x type_v, n_ctx cells "
                          "(MLA: K kv_lora_rank + rope, V kv_lora_rank, PR #12801)"))
         host_bytes = nbytes(p.embedding, embed_bits) + (nbytes(p.routed_experts, linear_bits) if shape.experts_on_cpu else 0)
@@ -87,6 +90,13 @@ class LlamaCppEngineArgs(EngineArgsBase):
                           "token_embd" + (" and the routed experts (-ot exps=CPU)" if shape.experts_on_cpu else ""),
                           Part.WEIGHTS),)
         return Footprint(tuple(devices), host)
+
+    def _swa_cache(self, a, layers: int, k: float, v: float) -> Component:
+        """llama-kv-cache-iswa.cpp: a sliding-window layer's cache holds pad256(window x streams +
+        ubatch) cells, whatever the context (at most n_ctx: an upper bound below that)."""
+        cells = -(-(a.sliding_window * (self.parallel or 1) + self.ubatch_size) // 256) * 256
+        return Component("kv_sliding_window", int(layers * cells * self._kv_layer(a, k, v)), Source.FORMULA,
+                         f"{layers} sliding-window layers x {cells} cells (window {a.sliding_window} x slots + ubatch)")
 
     @staticmethod
     def _kv_layer(a, k: float, v: float) -> float:
@@ -147,6 +157,7 @@ class LlamaCppAdapter(ProcessAdapter):
                 "--cache-type-v", p["cache_type_v"]]
         argv += ["-fa", p["flash_attn"], "-b", str(p["batch_size"]), "-ub", str(p["ubatch_size"])]
         argv += ["-kvu"] if p["kv_unified"] else []
+        argv += ["--swa-full"] if engine.swa_full else []
         if len(launch.gpus) > 1:  # the even layer split the memory model assumes, not one by free memory
             argv += ["--split-mode", "layer", "--tensor-split", ",".join("1" for _ in launch.gpus)]
         if launch.spec.placement.experts == "cpu":

@@ -82,17 +82,19 @@ class VLLMEngineArgs(EngineArgsBase):
         # the card, rounded down, never more than lessor leased.
         held = sizing.gpu_bytes - sizing.activation_bytes
         fraction = max(int(held * 1000 // max(sizing.total_bytes, 1)) / 1000, 0.001)
-        broken = []
-        if sizing.devices % self.pipeline_parallel_size:
-            broken.append(f"engine.pipeline_parallel_size: {self.pipeline_parallel_size} does not divide the "
-                          f"placement's {sizing.devices} GPUs")
         return Flags({"max_model_len": sizing.kv_tokens // sizing.batch, "max_num_seqs": sizing.batch,
                       "max_num_batched_tokens": self.max_num_batched_tokens,
                       "gpu_memory_utilization": fraction, "kv_cache_memory_bytes": sizing.kv_bytes,
                       "tensor_parallel_size": max(sizing.devices // self.pipeline_parallel_size, 1),
                       "pipeline_parallel_size": self.pipeline_parallel_size, "enforce_eager": self.enforce_eager,
                       "max_cudagraph_capture_size": None if self.enforce_eager else self.graph_largest(sizing.batch)},
-                     broken, [])
+                     [], [])
+
+    def placement_problem(self, devices: int) -> str | None:
+        if devices % self.pipeline_parallel_size:
+            return (f"engine.pipeline_parallel_size: {self.pipeline_parallel_size} does not divide the placement's "
+                    f"{devices} GPUs (tensor parallel x pipeline parallel = GPUs)")
+        return None
 
     def footprint(self, shape: ModelShape) -> Footprint:
         pp = self.pipeline_parallel_size

@@ -61,6 +61,9 @@ async def test_vllm_gets_its_memory_flags_from_the_lease(controller, tmp_path):
     assert f["--kv-cache-memory-bytes"] == str(p["kv_cache_memory_bytes"])
     assert f["--gpu-memory-utilization"] == f"{p['gpu_memory_utilization']:.3f}"
     assert f["--kv-cache-dtype"] == "fp8" and f["--served-model-name"] == "m-vllm" and f["--tensor-parallel-size"] == "1"
+    # Every flag that decides memory is passed, never left to vLLM's default.
+    assert f["--max-num-batched-tokens"] == "8192" and f["--pipeline-parallel-size"] == "1"
+    assert f["--max-cudagraph-capture-size"] == str(min(2 * p["max_num_seqs"], 512)) and "--enforce-eager" not in seen["argv"]
     assert f["--port"] == model["endpoint"].rsplit(":", 1)[1]
     # One phase: the KV cache was granted with the weights; the load peak is gone once ready.
     assert model["leased_bytes"]["kv"] == p["kv_cache_memory_bytes"] and model["leased_bytes"]["load_peak"] == 0
@@ -118,11 +121,22 @@ async def test_ktransformers_flags_agree_with_its_own_config_file(controller, tm
     assert seen["cwd"].startswith(str(tmp_path / "state" / "engines" / "m-ktransformers"))
 
 
+async def test_vllm_eager_mode_is_passed(controller, tmp_path):
+    _, _, seen, f = await load_standin(controller, tmp_path, "vllm", enforce_eager=True)
+    assert "--enforce-eager" in seen["argv"] and "--max-cudagraph-capture-size" not in f
+
+
 async def test_llama_server_flags(controller, tmp_path):
     ctl, model, seen, f = await load_standin(controller, tmp_path, "llamacpp", cache_type_v="q8_0", parallel=2)
     p = model["params"]
     assert f["-c"] == str(p["ctx_size"]) and f["--parallel"] == "2" and f["--cache-type-v"] == "q8_0"
-    assert f["-fa"] == "on"  # a quantized V cache needs flash attention
+    assert f["-fa"] == "on" and f["-ub"] == "512" and f["-b"] == "2048"  # explicit: builds differ in 'auto'
+    assert "-kvu" not in seen["argv"]
+
+
+async def test_llama_server_without_flash_attention_says_so(controller, tmp_path):
+    _, _, seen, f = await load_standin(controller, tmp_path, "llamacpp", flash_attn="off", kv_unified=True)
+    assert f["-fa"] == "off" and "-kvu" in seen["argv"]
     assert f["-ngl"] == "0"  # simulated devices: the engine runs on the CPU
     assert f["--alias"] == "m-llamacpp"
 
