@@ -99,6 +99,18 @@ class PlanLease(Out):
     transient: bool = Field(description="load_peak: held only while the weights load, released before the kv lease")
 
 
+class PlanComponent(Out):
+    device: str = Field(description="gpuN or host")
+    name: str = Field(description="weights, cuda_context, activation, cuda_graphs, nccl, compute_buffer, kv_per_token, ...")
+    bytes: int = Field(description="on this device; for kv_per_token, bytes per KV token")
+    part: Literal["weights", "workspace", "load_peak", "kv"] = Field(description="the lease it is held under (workspace: reserve)")
+    source: Literal["given", "measured", "formula", "constant", "estimate"] = Field(
+        description="given: the config's memory.*; formula: from the engine's source; constant: measured elsewhere, "
+                    "basis names the source and version; estimate: an approximation")
+    basis: str = Field(description="the formula in words, or the constant's source and engine version")
+    per_kv_token: float | None = Field(default=None, description="bytes more per planned KV token (a buffer that grows with the context)")
+
+
 class PlanOut(Out):
     model: str
     fits: bool
@@ -109,6 +121,8 @@ class PlanOut(Out):
     evictions: list[str]
     warnings: list[str]
     estimated: list[str] = Field(description="memory-model numbers that are estimates rather than exact formulas")
+    memory: list[PlanComponent] = Field(description="every component of the memory model per device, with its source")
+    one_phase: bool = Field(description="the engine allocates its KV cache while it loads: every lease at once")
     peak_bytes: dict[str, int] = Field(description="per device: max(weights + load peak, steady leases)")
 
 

@@ -51,7 +51,7 @@ def generic_footprint(shape: ModelShape, chunk_tokens: int, batch: int, context_
         Component("weights", even(on_gpu, n), Source.FORMULA, f"parameters by module in {shape.weight_format}", Part.WEIGHTS),
         Component("activation", chunk_activation(a, chunk_tokens, batch), Source.ESTIMATE,
                   f"a prefill chunk of {chunk_tokens} tokens and the logits of {batch} sequences"),
-        Component("cuda_context", context_bytes, Source.CONSTANT, context_basis),
+        Component("cuda_context", context_bytes, Source.ESTIMATE, context_basis),
         Component("load_peak", dequant_peak(p, shape.weight_format), Source.FORMULA,
                   "the largest tensor dequantized on the GPU while loading", Part.LOAD_PEAK),
     ), kv_bytes_per_token=kv // n if n > 1 else kv, kv_basis="layers x KV heads x head_dim x (K + V), split over the devices")
