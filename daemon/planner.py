@@ -34,8 +34,14 @@ class Plan:
     evictions: tuple[str, ...] = field(default=())
     warnings: tuple[str, ...] = ()
     estimated: tuple[str, ...] = ()  # memory-model numbers that are estimates, not formulas
-    memory: tuple[dict, ...] = ()  # every component per device, with its source (Memory.sources)
+    profile: Memory | None = field(default=None, compare=False)  # the memory model it planned with
+    placement: tuple[str, ...] = ()
     one_phase: bool = False  # the engine allocates its KV cache while loading: all leases at once
+
+    @property
+    def memory(self) -> list[dict]:
+        """Every component per device, with its source (built when shown, not at every plan)."""
+        return self.profile.sources(list(self.placement), HOST) if self.profile else []
 
     def all_leases(self) -> tuple[LeaseWant, ...]:
         return self.load_leases + self.steady_leases
@@ -56,7 +62,7 @@ class Plan:
                             "transient": w.kind == LeaseKind.LOAD_PEAK} for w in self.all_leases()],
                 "peak_bytes": self.peak_need(),
                 "reasons": list(self.reasons), "evictions": list(self.evictions), "warnings": list(self.warnings),
-                "estimated": list(self.estimated), "one_phase": self.one_phase, "memory": list(self.memory)}
+                "estimated": list(self.estimated), "one_phase": self.one_phase, "memory": self.memory}
 
 
 def _sum(wants, exclude: LeaseKind | None = None) -> dict[str, int]:
@@ -123,7 +129,8 @@ def _sized(spec: ModelSpec, memory: Memory, budgets: Mapping[str, DeviceBudget],
     warnings = [*memory.notes, *warnings]
     reasons = [*(reasons or []), *kv_reasons]
     return Plan(spec.name, not reasons, kv_tokens, params, loads, _steady_leases(memory, devices, kv_tokens),
-                tuple(reasons), warnings=tuple(warnings), estimated=memory.estimated, memory=tuple(memory.sources(devices, HOST)), one_phase=one_phase)
+                tuple(reasons), warnings=tuple(warnings), estimated=memory.estimated, profile=memory,
+                placement=tuple(devices), one_phase=one_phase)
 
 
 def _steady_leases(memory: Memory, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:

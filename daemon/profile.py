@@ -6,6 +6,7 @@ merges that with the config and keeps each number's source for `lessor plan`."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Annotated, Literal
 
@@ -75,7 +76,7 @@ class Memory:
     def load_peak(self) -> int:
         return max(d.load_peak for d in self.devices)
 
-    @property
+    @functools.cached_property
     def estimated(self) -> tuple[str, ...]:
         """Names of the components that are estimates, not formulas or sourced constants."""
         names = [c.name for device in self.components for c in device if c.source == Source.ESTIMATE]
