@@ -123,8 +123,8 @@ def _quantization_from_config(data: Any) -> Any:
     if not method or "quantization" in data:
         return data
     if method not in QUANT_METHODS:
-        raise ValueError(f"quantization: config.json's quantization_config is '{method}', which does not say the "
-                         f"weight format; set quantization (int8 for w8a8, fp8, gptq for w4a16)")
+        raise ValueError(f"quantization: config.json's quantization_config is '{method}', which lessor cannot take a "
+                         f"weight format from; set quantization (int8 for w8a8 or 8-bit GPTQ, fp8, gptq for w4a16)")
     return {**data, "quantization": QUANT_METHODS[method]}
 
 

@@ -100,6 +100,8 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
     extra_free = extra_free or {}
     memory = spec.profile()
     loads = load_leases(spec, memory)
+    if HOST not in budgets:  # devices.host.enabled: false: host RAM is not leased
+        loads = tuple(w for w in loads if w.device != HOST)
     free = {d: budgets[d].free_bytes + extra_free.get(d, 0) for d in budgets}
     reasons = [f"{d}: load needs {format_bytes(b)} (weights + load peak), {format_bytes(max(free[d], 0))} free; free "
                f"{format_bytes(b - free[d])} more or lower the load peak" for d, b in _sum(loads).items()

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 import aiohttp
 from pydantic import Field
 
+from ..memory.footprint import Footprint, ModelShape
 from .base import Command, EngineArgsBase, Flags, Launch, KvGrant, ProcessAdapter, ProcessHandle, Sizing
 
 
@@ -30,6 +32,11 @@ class TorchEngineArgs(EngineArgsBase):
 
     def decode_batch(self) -> int | None:
         return self.max_batch_size
+
+    def footprint(self, shape: ModelShape) -> Footprint:
+        if self.dtype == "float32":  # its dtype is the weights' and the KV cache's, whatever the spec says
+            shape = replace(shape, weight_format="fp32", kv_dtype="fp32")
+        return super().footprint(shape)
 
     def planned_flags(self, sizing: Sizing) -> Flags:
         return Flags({"context_tokens": sizing.kv_tokens // sizing.batch, "max_batch_size": sizing.batch}, [], [])

@@ -72,9 +72,10 @@ class LlamaCppEngineArgs(EngineArgsBase):
             body = nbytes(sum(p.layers[j] for j in span) - experts, linear_bits)
             last = i == n - 1
             # A tied model's output is token_embd loaded a second time, onto the output's device.
-            head = (nbytes(p.embedding, embed_bits) if a.tie_word_embeddings else nbytes(p.lm_head, head_bits)) if last else 0
+            # (llama-quantize gives a tied token_embd the output's type: Q6_K in Q4_K_M.)
+            head = (nbytes(p.embedding, head_bits) if a.tie_word_embeddings else nbytes(p.lm_head, head_bits)) if last else 0
             sliding = [j for j in span if a.is_sliding_layer(j)] if not self.swa_full else []
-            components = [] if not sliding else [self._swa_cache(a, len(sliding), k, v)]
+            components = [] if not sliding else [self._swa_cache(a, len(sliding), k, v, self.parallel or shape.batch)]
             devices.append(DeviceFootprint(
                 (*components, Component("weights", body + head, Source.FORMULA,
                            f"{layers} layers in {shape.weight_format}" + (" and the output layer" if last else ""),
@@ -85,18 +86,22 @@ class LlamaCppEngineArgs(EngineArgsBase):
                 kv_bytes_per_token=int(sum(self._kv_layer(a, k, v) for j in span if j not in sliding)),
                 kv_basis="llama-kv-cache.cpp: per layer n_embd_k_gqa x type_k + n_embd_v_gqa x type_v, n_ctx cells "
                          "(MLA: K kv_lora_rank + rope, V kv_lora_rank, PR #12801)"))
-        host_bytes = nbytes(p.embedding, embed_bits) + (nbytes(p.routed_experts, linear_bits) if shape.experts_on_cpu else 0)
+        host_bytes = nbytes(p.embedding, head_bits if a.tie_word_embeddings else embed_bits) + (nbytes(p.routed_experts, linear_bits) if shape.experts_on_cpu else 0)
         host = (Component("host_weights", host_bytes, Source.FORMULA,
                           "token_embd" + (" and the routed experts (-ot exps=CPU)" if shape.experts_on_cpu else ""),
                           Part.WEIGHTS),)
         return Footprint(tuple(devices), host)
 
-    def _swa_cache(self, a, layers: int, k: float, v: float) -> Component:
-        """llama-kv-cache-iswa.cpp: a sliding-window layer's cache holds pad256(window x streams +
-        ubatch) cells, whatever the context (at most n_ctx: an upper bound below that)."""
-        cells = -(-(a.sliding_window * (self.parallel or 1) + self.ubatch_size) // 256) * 256
+    def _swa_cache(self, a, layers: int, k: float, v: float, slots: int) -> Component:
+        """llama-kv-cache-iswa.cpp: a sliding-window layer's cache holds pad256(window x slots +
+        ubatch) cells in one stream (-kvu), or pad256(window + ubatch) in each slot's own stream,
+        whatever the context (at most n_ctx: an upper bound below that)."""
+        def pad(n: int) -> int:
+            return -(-n // 256) * 256
+        cells = pad(a.sliding_window * slots + self.ubatch_size) if self.kv_unified else \
+            slots * pad(a.sliding_window + self.ubatch_size)
         return Component("kv_sliding_window", int(layers * cells * self._kv_layer(a, k, v)), Source.FORMULA,
-                         f"{layers} sliding-window layers x {cells} cells (window {a.sliding_window} x slots + ubatch)")
+                         f"{layers} sliding-window layers x {cells} cells (window {a.sliding_window}, {slots} slots, ubatch)")
 
     @staticmethod
     def _kv_layer(a, k: float, v: float) -> float:

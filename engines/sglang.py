@@ -22,7 +22,6 @@ from .vllm import CUDA_CONTEXT, NCCL_FIRST_GROUP
 MISC = 512 * MiB  # attention metadata, sampler, misc: server_args' reserve heuristic
 PREFILL_PER_TOKEN = int(1.5 * MiB)  # server_args' heuristic per chunked-prefill token (at least 2048)
 GRAPH_PER_BATCH = 2 * MiB  # server_args' heuristic per CUDA-graph batch size
-SWA_RATIO = 0.8  # --swa-full-tokens-ratio's default
 
 
 class SGLangEngineArgs(EngineArgsBase):
@@ -68,9 +67,9 @@ class SGLangEngineArgs(EngineArgsBase):
         graphs = 0 if self.disable_cuda_graph else GRAPH_PER_BATCH * (self.cuda_graph_max_bs or batch)
         kv_b = 1 if self.kv_cache_dtype.startswith("fp8") else 4 if shape.weight_format == "fp32" else 2
         layer = ((a.kv_lora_rank + a.qk_rope_head_dim) if a.is_mla else max(1, a.kv_heads // tp) * 2 * a.dim_per_head) * kv_b
-        # Hybrid SWA pool (HybridSWAPoolConfigurator): a sliding-window layer holds
-        # --swa-full-tokens-ratio (0.8) tokens for each full-attention token.
-        per_token = int((a.num_hidden_layers - a.sliding_layers + SWA_RATIO * a.sliding_layers) * layer)
+        # Every layer at full size, sliding-window ones too: v0.5.x caps --max-total-tokens before
+        # it splits the pool between full and sliding layers (init_memory_pool), so the cap binds there.
+        per_token = a.num_hidden_layers * layer
         rows = (batch + 1) * 4  # req_to_token: (max_running_requests + 1) x (context_length + 4) x int32
         context = [Component("cuda_context", CUDA_CONTEXT, Source.ESTIMATE, "a torch process's CUDA context "
                              "(vLLM 0.19 measured 0.51 GiB on an H100; SGLang does not log its own)")]

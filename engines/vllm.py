@@ -10,6 +10,7 @@ Sources are the vLLM 0.19.0 wheel's files (commit g2a69949bd); constants measure
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -97,6 +98,8 @@ class VLLMEngineArgs(EngineArgsBase):
         return None
 
     def footprint(self, shape: ModelShape) -> Footprint:
+        if self.dtype == "float32" and shape.weight_format in ("bf16", "fp16"):  # --dtype decides unquantized weights
+            shape = replace(shape, weight_format="fp32")
         pp = self.pipeline_parallel_size
         tp = max(shape.devices // pp, 1)
         layers = stage_layers(shape.architecture.num_hidden_layers, pp) if shape.architecture.num_hidden_layers >= pp \

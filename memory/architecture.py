@@ -259,6 +259,8 @@ def _read_quantization(q: Any, out: dict[str, Any]) -> None:
         raise UnsupportedConfig("quantization_config.quant_method",
                                 f"{method!r} is not a method lessor has a weight format for ({', '.join(sorted(KNOWN_QUANT))})")
     out["quantization_method"] = method
+    if method in ("gptq", "awq") and q.get("bits", 4) != 4:  # lessor's gptq/awq formats are 4-bit
+        out["quantization_method"] = f"{method}-{q.get('bits')}bit"
 
 
 def _read_experts(c: dict[str, Any], get, model_type: str, out: dict[str, Any]) -> None:

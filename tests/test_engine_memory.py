@@ -154,7 +154,7 @@ def test_llamacpp_sliding_window_layers_keep_a_window_not_the_context():
     parts = {c.name: c for c in s.profile().components[0]}
     per_layer = 8 * 256 * 2 * 2  # Gemma 2 9B: 8 KV heads of 256, K and V in f16
     assert s.profile().devices[0].cache_rate == 21 * per_layer  # the 21 global layers grow with the context
-    assert parts["kv_sliding_window"].bytes == 21 * 4608 * per_layer  # pad256(4096 x 1 + 512) cells
+    assert parts["kv_sliding_window"].bytes == 21 * 4608 * per_layer  # one slot: pad256(4096 + 512) cells
 
 
 # -- config.json refusals reach the operator by field ------------------------------------------
@@ -178,3 +178,44 @@ def test_a_quantized_checkpoint_sets_the_weight_format(tmp_path):
         parse_config({"models": [{"name": "q", "engine": {"kind": "vllm", "model_path": "/m"},
                                   "architecture": {"hf_config": str(tmp_path / "ct.json")}}]})
     assert "quantization: config.json's quantization_config is 'compressed-tensors'" in str(info.value)
+
+
+# -- review follow-ups -------------------------------------------------------------------------
+
+def test_llamacpp_sliding_window_cache_follows_the_planned_slots():
+    def swa(**engine):
+        s = ModelSpec.model_validate({"name": "g", "engine": {"kind": "llamacpp", "model_path": "/m.gguf", **engine},
+                                      "architecture": {"hf_config": str(FIXTURES / "gemma-2-9b.json")},
+                                      "quantization": "q4_k_m"})  # plan.max_batch_size 4: four slots planned
+        return next(c for c in s.profile().components[0] if c.name == "kv_sliding_window").bytes
+    per_layer = 8 * 256 * 2 * 2
+    assert swa() == 21 * 4 * 4608 * per_layer  # a stream per slot: pad256(4096 + 512) cells each
+    assert swa(kv_unified=True) == 21 * 16896 * per_layer  # one stream: pad256(4096 x 4 + 512)
+
+
+def test_8_bit_gptq_is_not_planned_as_4_bit(tmp_path):
+    import json
+    config = json.loads((FIXTURES / "qwen2.5-7b.json").read_text())
+    (tmp_path / "g8.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq", "bits": 8}}))
+    with pytest.raises(ConfigError) as info:
+        parse_config({"models": [{"name": "q", "engine": {"kind": "vllm", "model_path": "/m"},
+                                  "architecture": {"hf_config": str(tmp_path / "g8.json")}}]})
+    assert "'gptq-8bit'" in str(info.value) and "quantization" in str(info.value)
+
+
+def test_float32_dtype_counts_four_bytes_a_weight():
+    assert spec("llama-3.1-8b", dtype="float32").profile().weights == \
+        pytest.approx(2 * spec("llama-3.1-8b").profile().weights, rel=0.01)
+    torch = ModelSpec.model_validate({"name": "t", "engine": {"kind": "torch", "model_path": "/m", "dtype": "float32"},
+                                      "architecture": {"hf_config": str(FIXTURES / "qwen2.5-7b.json")}})
+    assert torch.profile().weights == pytest.approx(7.6e9 * 4, rel=0.01)
+
+
+def test_a_disabled_host_pool_leases_no_host_ram():
+    from lessor.daemon.planner import plan
+    from lessor.policies import DeviceBudget
+    s = ModelSpec.model_validate({"name": "l", "engine": {"kind": "llamacpp", "model_path": "/m.gguf"},
+                                  "architecture": {"hf_config": str(FIXTURES / "llama-3.1-8b.json")},
+                                  "quantization": "q4_k_m"})
+    result = plan(s, {"gpu0": DeviceBudget("gpu0", 24 * GiB, 24 * GiB, GiB, 0, 0)})
+    assert result.fits and {w.device for w in result.all_leases()} == {"gpu0"}
