@@ -62,7 +62,7 @@ class LlamaCppEngineArgs(EngineArgsBase):
         p = param_counts(a)
         linear_bits, embed_bits, head_bits = FORMATS[shape.weight_format]
         k, v = self.kv_element_bytes()
-        share = [a.num_hidden_layers // n + (i < a.num_hidden_layers % n) for i in range(n)]
+        share = layer_split(a.num_hidden_layers, n)
         devices, first = [], 0
         for i, layers in enumerate(share):
             span = range(first, first + layers)
@@ -139,6 +139,21 @@ class LlamaCppEngineArgs(EngineArgsBase):
                       "batch_size": max(self.batch_size, self.ubatch_size), "kv_unified": self.kv_unified}, broken, [])
 
 
+def layer_split(layers: int, devices: int) -> list[int]:
+    return [layers // devices + (i < layers % devices) for i in range(devices)]
+
+
+def tensor_split(architecture, devices: int) -> str:
+    """--tensor-split that gives each GPU the layers the memory model puts there: llama.cpp splits
+    n_layer + 1 "layers", the output layer last (llama-model.cpp load_tensors), so the last GPU's
+    share counts the output as one more."""
+    if architecture is None:
+        return ",".join("1" for _ in range(devices))
+    counts = layer_split(architecture.num_hidden_layers, devices)
+    counts[-1] += 1
+    return ",".join(str(c) for c in counts)
+
+
 class LlamaCppAdapter(ProcessAdapter):
     args_class = LlamaCppEngineArgs
 
@@ -163,8 +178,8 @@ class LlamaCppAdapter(ProcessAdapter):
         argv += ["-fa", p["flash_attn"], "-b", str(p["batch_size"]), "-ub", str(p["ubatch_size"])]
         argv += ["-kvu"] if p["kv_unified"] else []
         argv += ["--swa-full"] if engine.swa_full else []
-        if len(launch.gpus) > 1:  # the even layer split the memory model assumes, not one by free memory
-            argv += ["--split-mode", "layer", "--tensor-split", ",".join("1" for _ in launch.gpus)]
+        if len(launch.gpus) > 1:  # the layer split the memory model assumes, not one by free memory
+            argv += ["--split-mode", "layer", "--tensor-split", tensor_split(launch.spec.architecture, len(launch.gpus))]
         if launch.spec.placement.experts == "cpu":
             argv += ["--override-tensor", r"\.ffn_(up|down|gate)_exps\.=CPU"]
         argv += ["-t", str(engine.threads)] if engine.threads else []

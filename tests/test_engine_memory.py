@@ -219,3 +219,16 @@ def test_a_disabled_host_pool_leases_no_host_ram():
                                   "quantization": "q4_k_m"})
     result = plan(s, {"gpu0": DeviceBudget("gpu0", 24 * GiB, 24 * GiB, GiB, 0, 0)})
     assert result.fits and {w.device for w in result.all_leases()} == {"gpu0"}
+
+
+def test_llamacpp_tensor_split_matches_the_modelled_layers():
+    from lessor.engines.llamacpp import tensor_split
+    a = spec("llama-3.1-8b").architecture
+    # 32 layers on 2 GPUs: 16 each, the output counted as layer 33 on the last (load_tensors' split).
+    assert tensor_split(a, 2) == "16,17" and tensor_split(None, 3) == "1,1,1"
+    s = ModelSpec.model_validate({"name": "l", "engine": {"kind": "llamacpp", "model_path": "/m.gguf"},
+                                  "architecture": {"hf_config": str(FIXTURES / "llama-3.1-8b.json")},
+                                  "quantization": "q4_k_m", "placement": {"devices": [0, 1]}})
+    first, last = s.profile().devices
+    assert first.cache_rate == last.cache_rate == 16 * 8 * 128 * 2 * 2
+    assert last.weights > first.weights  # the output layer
