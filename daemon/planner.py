@@ -95,8 +95,26 @@ def load_leases(spec: ModelSpec, memory: Memory) -> tuple[LeaseWant, ...]:
     return tuple(wants)
 
 
+def _wider(spec: ModelSpec, result: Plan) -> ModelSpec | None:
+    """The spec again with the batch the plan chose, where that is more than the memory model
+    assumed (goal 'concurrency': sampler rows, CUDA graphs and request tables grow with it)."""
+    engine = spec.engine
+    batch = result.params.get(engine.batch_param)
+    if getattr(engine, engine.batch_param) is not None or not batch or batch <= spec.plan.max_batch_size:
+        return None
+    return spec.model_copy(update={"plan": spec.plan.model_copy(update={"max_batch_size": batch})})
+
+
 def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapping[str, int] | None = None) -> Plan:
-    """Plan against `budgets`, counting `extra_free` bytes per device as free (what evictions would give)."""
+    """Plan against `budgets`, counting `extra_free` bytes per device as free (what evictions would give).
+    A batch chosen larger than the memory model assumed is planned once more with it (the second
+    batch is no larger: more workspace leaves fewer tokens)."""
+    result = _plan(spec, budgets, extra_free)
+    wider = _wider(spec, result)
+    return _plan(wider, budgets, extra_free) if wider else result
+
+
+def _plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapping[str, int] | None) -> Plan:
     extra_free = extra_free or {}
     memory = spec.profile()
     loads = load_leases(spec, memory)
@@ -115,7 +133,9 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
 
 def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
     """Step 4 of the load protocol: the weights are leased and in; size the KV cache from what is free now."""
-    return _sized(spec, spec.profile(), budgets, {d: b.free_bytes for d, b in budgets.items()})
+    result = _sized(spec, spec.profile(), budgets, {d: b.free_bytes for d, b in budgets.items()})
+    wider = _wider(spec, result)
+    return _sized(wider, wider.profile(), budgets, {d: b.free_bytes for d, b in budgets.items()}) if wider else result
 
 
 def _sized(spec: ModelSpec, memory: Memory, budgets: Mapping[str, DeviceBudget], room: Mapping[str, int],

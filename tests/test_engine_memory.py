@@ -232,3 +232,17 @@ def test_llamacpp_tensor_split_matches_the_modelled_layers():
     first, last = s.profile().devices
     assert first.cache_rate == last.cache_rate == 16 * 8 * 128 * 2 * 2
     assert last.weights > first.weights  # the output layer
+
+
+def test_a_concurrency_goal_leases_the_workspace_of_the_batch_it_passes():
+    from lessor.daemon.planner import plan
+    from lessor.policies import DeviceBudget
+    s = ModelSpec.model_validate({"name": "m", "engine": {"kind": "vllm", "model_path": "/m"},
+                                  "architecture": {"hf_config": str(FIXTURES / "llama-3.1-8b.json")},
+                                  "plan": {"goal": "concurrency", "context_tokens": 1024}})
+    result = plan(s, {"gpu0": DeviceBudget("gpu0", 80 * GiB, 80 * GiB, GiB, 0, 0)})
+    batch = result.params["max_num_seqs"]
+    assert batch > 4 and result.params["max_cudagraph_capture_size"] == min(2 * batch, 512)
+    fixed = spec("llama-3.1-8b", max_num_seqs=batch).profile().activation  # the workspace at that batch
+    reserve = next(w.bytes for w in result.steady_leases if w.kind.value == "reserve")
+    assert reserve >= fixed
