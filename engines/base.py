@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..memory.footprint import Footprint, ModelShape
-from .memory_model import MiB, generic_footprint
+from .memory_model import CUDA_CONTEXT_ESTIMATE, generic_footprint
 from .process import EngineProcess, engine_env
 
 
@@ -100,7 +100,7 @@ class EngineArgsBase(BaseModel):
     def footprint(self, shape: ModelShape) -> Footprint:
         """The engine's memory model: what its process holds on each device with these arguments.
         This default is the generic estimate, for an engine whose source lessor has not modelled."""
-        return generic_footprint(shape, self.chunk_tokens(), self.decode_batch() or shape.batch, 512 * MiB,
+        return generic_footprint(shape, self.chunk_tokens(), self.decode_batch() or shape.batch, CUDA_CONTEXT_ESTIMATE,
                                  "a typical CUDA context (estimate for an engine not modelled)", self.kv_element_bytes())
 
 

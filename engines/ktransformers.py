@@ -15,9 +15,9 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Part, Source
 from ..memory.params import param_counts
-from ..memory.weights import FORMATS, nbytes
+from ..memory.weights import FORMATS, kv_bytes_per_token, nbytes
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing, absolute_path
-from .memory_model import GiB, MiB, even
+from .memory_model import CUDA_CONTEXT_ESTIMATE, GiB, MiB, even
 
 CUDA_PAGE_TOKENS = 256
 DEFAULT_CHUNK_TOKENS = 256  # attn.chunk_size of ktransformers' shipped config.yaml
@@ -27,7 +27,7 @@ DEFAULT_CHUNK_TOKENS = 256  # attn.chunk_size of ktransformers' shipped config.y
 MARLIN_BITS = FORMATS["marlin"][0]  # VLinearMarlin: int4, group 64, one bf16 scale a group (operators/linear.py:434)
 MARLIN_REPACK = 14  # bytes per element at the repack's worst op, the bf16 input included (marlin_utils.py:33-45)
 FLASHINFER_WORKSPACE = 136 * MiB  # 128 MiB float workspace (custom_modeling_deepseek_v3.py:45) + ~8 MiB int
-ENGINE_CONTEXT = int(0.5 * GiB)  # the engine process's CUDA context (estimate: not in its logs)
+ENGINE_CONTEXT = CUDA_CONTEXT_ESTIMATE  # the engine process's (not in its logs)
 SCHED_CONTEXT = int(0.4 * GiB)  # the scheduler process (kvc2, libtorch) allocates the KV cache: a context of its own
 GRAPH_BYTES_PER_TOKEN = 1 << 20  # pool + warm-up cache per token of the largest graph (estimate, ~0.4 MB of MLA
 # attention intermediates [128, T, 512] x 3 in the pool and as much again left by the eager warm-up)
@@ -160,8 +160,7 @@ class KTransformersEngineArgs(EngineArgsBase):
                       + ("beside the KV cache reserved before it (<= 0.2.4)" if self.release == "0.2"
                          else "before the other weights and the KV cache (>= 0.3)") + ": above steady only by this",
                       Part.LOAD_PEAK),
-        ), kv_bytes_per_token=even(a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 2 if a.is_mla
-                                   else a.num_hidden_layers * 2 * a.kv_heads * a.dim_per_head * 2, n),
+        ), kv_bytes_per_token=even(kv_bytes_per_token(a, "bf16"), n),
             kv_basis="balance_serve settings.py:16-66: K only, (kv_lora_rank + rope) x layers x bf16, whole pages")
         host = (Component("host_weights", nbytes(p.routed_experts, FORMATS[shape.weight_format][0])
                           + nbytes(p.embedding, FORMATS[shape.weight_format][1]), Source.FORMULA,

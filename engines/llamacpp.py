@@ -12,7 +12,7 @@ from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape
 from ..memory.params import param_counts
 from ..memory.weights import FORMATS, nbytes
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing
-from .memory_model import GiB
+from .memory_model import CUDA_CONTEXT_ESTIMATE
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 # llama-cpp-python takes cache types as ggml_type numbers.
@@ -23,7 +23,6 @@ GGML_TYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q4_0": 18 / 
 UNQUANTIZED = ("f32", "f16", "bf16")  # cache types that need no flash attention
 # Read at upstream 3514e9f6 (Dec 2025): src/llama-model.cpp load_tensors, src/llama-context.cpp,
 # src/llama-kv-cache.cpp. Not in its log lines: the CUDA context and ggml's on-demand pool.
-CUDA_CONTEXT = int(0.5 * GiB)  # estimate: a CUDA context with cuBLAS (vLLM 0.19 measured 0.51 GiB on an H100)
 
 
 class LlamaCppEngineArgs(EngineArgsBase):
@@ -81,7 +80,7 @@ class LlamaCppEngineArgs(EngineArgsBase):
                            f"{layers} layers in {shape.weight_format}" + (" and the output layer" if last else ""),
                            Part.WEIGHTS),
                  self._compute(a, last),
-                 Component("cuda_context", CUDA_CONTEXT + 2 * p.largest_tensor, Source.ESTIMATE,
+                 Component("cuda_context", CUDA_CONTEXT_ESTIMATE + 2 * p.largest_tensor, Source.ESTIMATE,
                            "a CUDA context, and ggml's pool dequantizing the largest matrix to f16 for prompt matmuls")),
                 kv_bytes_per_token=int(sum(self._kv_layer(a, k, v) for j in span if j not in sliding)),
                 kv_basis="llama-kv-cache.cpp: per layer n_embd_k_gqa x type_k + n_embd_v_gqa x type_v, n_ctx cells "

@@ -11,6 +11,9 @@ from ..memory.weights import DTYPE_BYTES, FORMATS, kv_bytes_per_token, nbytes, s
 
 GiB = 1 << 30
 MiB = 1 << 20
+# A CUDA context with cuBLAS, for engines that do not log their own (estimate; vLLM 0.19 measured
+# 0.51 GiB on an H100, engines/vllm.py).
+CUDA_CONTEXT_ESTIMATE = 512 * MiB
 VOCAB_PAD = 64  # pad_vocab_size(V, 64): vLLM 0.19 vocab_parallel_embedding.py:28, and SGLang's copy of it
 
 

@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Source
+from ..memory.weights import kv_bytes_per_token
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing
 from .memory_model import MiB, rank_weights
 from .vllm import CUDA_CONTEXT, NCCL_FIRST_GROUP
@@ -66,10 +67,9 @@ class SGLangEngineArgs(EngineArgsBase):
         batch = self.max_running_requests or shape.batch
         graphs = 0 if self.disable_cuda_graph else GRAPH_PER_BATCH * (self.cuda_graph_max_bs or batch)
         kv_b = 1 if self.kv_cache_dtype.startswith("fp8") else 4 if shape.weight_format == "fp32" else 2
-        layer = ((a.kv_lora_rank + a.qk_rope_head_dim) if a.is_mla else max(1, a.kv_heads // tp) * 2 * a.dim_per_head) * kv_b
         # Every layer at full size, sliding-window ones too: v0.5.x caps --max-total-tokens before
         # it splits the pool between full and sliding layers (init_memory_pool), so the cap binds there.
-        per_token = a.num_hidden_layers * layer
+        per_token = kv_bytes_per_token(a, k_v_bytes=(kv_b, kv_b), kv_heads=max(1, a.kv_heads // tp))
         rows = (batch + 1) * 4  # req_to_token: (max_running_requests + 1) x (context_length + 4) x int32
         context = [Component("cuda_context", CUDA_CONTEXT, Source.ESTIMATE, "a torch process's CUDA context "
                              "(vLLM 0.19 measured 0.51 GiB on an H100; SGLang does not log its own)")]

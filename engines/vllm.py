@@ -16,6 +16,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Source
+from ..memory.weights import kv_bytes_per_token
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing
 from .memory_model import GiB, MiB, rank_weights
 
@@ -177,9 +178,7 @@ class _Rank:
     def kv_bytes_per_token(self) -> int:
         a = self.a
         kv_b = 1 if self.args.kv_cache_dtype.startswith("fp8") else self.b
-        if a.is_mla:
-            return self.layers * (a.kv_lora_rank + a.qk_rope_head_dim) * kv_b
-        return self.layers * 2 * max(1, a.kv_heads // self.tp) * a.dim_per_head * kv_b
+        return kv_bytes_per_token(a, k_v_bytes=(kv_b, kv_b), layers=self.layers, kv_heads=max(1, a.kv_heads // self.tp))
 
 
 class VLLMAdapter(ProcessAdapter):
