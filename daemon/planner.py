@@ -133,9 +133,10 @@ def _plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapp
 
 def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
     """Step 4 of the load protocol: the weights are leased and in; size the KV cache from what is free now."""
-    result = _sized(spec, spec.profile(), budgets, {d: b.free_bytes for d, b in budgets.items()})
+    free = {d: b.free_bytes for d, b in budgets.items()}
+    result = _sized(spec, spec.profile(), budgets, free)
     wider = _wider(spec, result)
-    return _sized(wider, wider.profile(), budgets, {d: b.free_bytes for d, b in budgets.items()}) if wider else result
+    return _sized(wider, wider.profile(), budgets, free) if wider else result
 
 
 def _sized(spec: ModelSpec, memory: Memory, budgets: Mapping[str, DeviceBudget], room: Mapping[str, int],
@@ -163,7 +164,12 @@ def _steady_leases(memory: Memory, devices: list[str], kv_tokens: int) -> tuple[
 
 def kv_bytes(device: DeviceMemory, tokens: int) -> int:
     """The KV lease of one device: the cache and what grows with it (a context-sized buffer)."""
-    return -(-int(tokens * device.kv_rate * 1000) // 1000)
+    return _tokens_bytes(tokens, device.kv_rate)
+
+
+def _tokens_bytes(tokens: int, rate: float) -> int:
+    """Bytes for `tokens` at a rate that may be fractional, rounded up (to a thousandth of a byte first)."""
+    return -(-int(tokens * rate * 1000) // 1000)
 
 
 def _fit_tokens(memory: Memory, after_weights: Mapping[str, int]) -> tuple[int, int]:
@@ -209,7 +215,7 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
         # sliver that fits now (evicting for a sliver would end in a KV cache too small to load).
         tokens = -(-goal.min_kv_tokens // granule) * granule
     worst = max(memory.devices, key=lambda m: m.weights + m.workspace + kv_bytes(m, tokens))
-    cache = max(-(-int(tokens * m.cache_rate * 1000) // 1000) for m in memory.devices)
+    cache = max(_tokens_bytes(tokens, m.cache_rate) for m in memory.devices)
     workspace = worst.workspace + kv_bytes(worst, tokens) - int(tokens * worst.cache_rate)
     flags = engine.planned_flags(Sizing(tokens, batch, cache, len(memory.devices), workspace,
                                         worst.weights + worst.workspace + kv_bytes(worst, tokens), total_bytes))
