@@ -53,17 +53,19 @@ def build_tokenizer(vocab_size: int = 512):
                                    bos_token=None, chat_template=CHAT_TEMPLATE, model_max_length=8192)
 
 
-def write(out: Path, seed: int = 0) -> Path:
+def write(out: Path, seed: int = 0, architecture: dict | None = None, dtype: str = "float32") -> Path:
+    """The tiny model, or one of another shape: `architecture` replaces ARCHITECTURE's keys (a
+    larger hidden size, more layers, a vocab_size larger than the tokenizer's)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         dtype="float32", **ARCHITECTURE)
+    shape = {"vocab_size": len(tokenizer), **ARCHITECTURE, **(architecture or {})}
+    config = Qwen2Config(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, dtype=dtype, **shape)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps(
