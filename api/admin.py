@@ -92,6 +92,14 @@ async def post_plan(request: web.Request) -> web.Response:
     return web.json_response(ctl(request).plan(body.model, body.overrides))
 
 
+async def get_fingerprints(request: web.Request) -> web.Response:
+    return web.json_response(ctl(request).fingerprints(request.query.get("model")))
+
+
+async def delete_fingerprint(request: web.Request) -> web.Response:
+    return web.json_response(await ctl(request).forget_fingerprint(request.match_info["key"]))
+
+
 async def put_foreign(request: web.Request) -> web.Response:
     body = parse(schemas.ForeignUsage, await read_json(request))
     return web.json_response(ctl(request).set_foreign(request.match_info["device"], body.foreign_bytes))
@@ -157,6 +165,10 @@ ROUTES: list[Route] = [
           response=schemas.ModelOut, auth=True),
     Route("POST", f"{P}/plan", post_plan, "Dry run: would this load fit now, with which leases, after which evictions",
           body=schemas.PlanRequest, response=schemas.PlanOut),
+    Route("GET", f"{P}/fingerprints", get_fingerprints, "What lessor measured per model, engine version, devices and flags (optionally ?model=NAME)",
+          response=schemas.FingerprintOut, many=True),
+    Route("DELETE", f"{P}/fingerprints/{{key}}", delete_fingerprint, "Forget a fingerprint: plans of its key go back to the memory model",
+          response=schemas.FingerprintOut, auth=True),
     Route("GET", f"{P}/events", get_events, "Event stream (server-sent events)", auth=True, content_type="text/event-stream"),
     Route("GET", "/healthz", healthz, "Liveness"),
     Route("GET", "/readyz", readyz, "Readiness: ledger open, probe working, pinned models loaded"),

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,24 @@ def render_models(models: list[dict[str, Any]]) -> str:
     lines = [f"{'MODEL':<24}{'STATE':<11}{'ENGINE':<14}{'PRIO':>5}  PINNED"]
     for m in models:
         lines.append(f"{m['name']:<24}{m['state']:<11}{m['engine']:<14}{m['priority']:>5}  {'yes' if m['pinned'] else 'no'}")
+        if m.get("error"):
+            lines.append(f"  error: {m['error']}")
+    return "\n".join(lines)
+
+
+def render_fingerprints(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no fingerprints yet: every load records one"
+    lines = []
+    for f in rows:
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(f["measured_at"]))
+        lines.append(f"{f['key']}  {f['model']}  {f['engine']} ({f['engine_version']})  on {', '.join(f['devices'])}"
+                     f"  {f['outcome']}, {f['loads']} load(s), {when}{'  [applies now]' if f.get('applies') else ''}")
+        for m in f["measured"]:
+            parts = [f"peak {format_bytes(m['peak_bytes'])}", f"steady {format_bytes(m['steady_bytes'])}"]
+            parts += [f"weights {format_bytes(m['weights_bytes'])}"] if m["weights_bytes"] is not None else []
+            parts += [f"kv {format_bytes(m['kv_bytes'])} for {m['kv_tokens']} tokens"] if m["kv_bytes"] is not None else []
+            lines.append(f"    {m['device']:<6} {m['method']:<7} " + ", ".join(parts) + f"; leased {format_bytes(m['leased_bytes'])}")
     return "\n".join(lines)
 
 
@@ -127,7 +146,21 @@ def render_plan(plan: dict[str, Any]) -> str:
             size = f"{m['bytes']} B/token" if m["part"] == "kv" else format_bytes(m["bytes"])
             grows = f" + {m['per_kv_token']:g} B/token" if m.get("per_kv_token") else ""
             lines.append(f"    {m['device']:<6} {m['name']:<18} {size + grows:>16}  {m['source']:<9} {m['basis']}")
+    lines += _render_fingerprint_use(plan.get("fingerprint"))
     return "\n".join(lines)
+
+
+def _render_fingerprint_use(use: dict[str, Any] | None) -> list[str]:
+    if not use:
+        return []
+    used = use.get("used")
+    when = (lambda t: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)))
+    lines = [f"  measured: fingerprint {use['key'][:8]} ({use['engine_version']} on {', '.join(use['devices'])}): "
+             + (f"used, {used['outcome']} on {when(used['measured_at'])}, {used['loads']} load(s), "
+                f"+{used['margin']:.0%} margin" if used else "none yet (the first load measures it)")]
+    for other in use.get("not_used", []):
+        lines.append(f"  not used: fingerprint {other['key'][:8]} of {when(other['measured_at'])}: {'; '.join(other['why'])}")
+    return lines
 
 
 def render_leases(leases: list[dict[str, Any]]) -> str:
@@ -168,6 +201,18 @@ async def _local_plan(config: LessorConfig, model: str, overrides: dict[str, Any
 
     async with runtime(config, force_sim=sim, engines={}, reconcile=False) as controller:
         return controller.plan(model, overrides)
+
+
+def cmd_fingerprints(args: argparse.Namespace) -> int:
+    client = make_client(args)
+    if args.delete:
+        gone = client.call("DELETE", f"/admin/v1/fingerprints/{args.delete}")
+        print(json.dumps(gone, indent=2) if args.json else f"forgot fingerprint {gone['key']} of {gone['model']}")
+        return 0
+    query = f"?model={urllib.parse.quote(args.model)}" if args.model else ""
+    rows = client.call("GET", f"/admin/v1/fingerprints{query}")
+    print(json.dumps(rows, indent=2) if args.json else render_fingerprints(rows))
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -238,6 +283,10 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine argument to try, e.g. max_batch_size=2")
     plan.add_argument("--sim", action="store_true", help="with --config: use the simulated devices even if NVML works")
     plan.set_defaults(func=cmd_plan)
+    prints = sub.add_parser("fingerprints", parents=[common], help="what lessor measured per model, engine version and devices")
+    prints.add_argument("--model", default=None, help="only this model's")
+    prints.add_argument("--delete", metavar="KEY", default=None, help="forget this fingerprint (its plans go back to the memory model)")
+    prints.set_defaults(func=cmd_fingerprints)
     check = sub.add_parser("check-config", help="validate a config file and list every problem")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)

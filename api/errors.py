@@ -21,8 +21,8 @@ from aiohttp import web
 from ..daemon.errors import (BodyTooLarge, ConfigError, EngineUnavailable, Forbidden, InvalidApiKey, InvalidRequest,
                              InvariantBroken, LedgerUnavailable, LessorError, LoadFailed, MalformedRequest,
                              MethodNotAllowed, ModelBusy, NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected,
-                             QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownModel, UpstreamFailed,
-                             WaitTimedOut)
+                             QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel,
+                             UpstreamFailed, WaitTimedOut)
 
 log = logging.getLogger("lessor.api")
 
@@ -46,6 +46,7 @@ ERRORS: dict[type[LessorError], HttpMapping] = {
     UnknownModel: HttpMapping(404, INVALID),
     UnknownDevice: HttpMapping(404, INVALID),
     NoEngineLog: HttpMapping(404, INVALID),
+    UnknownFingerprint: HttpMapping(404, INVALID),
     NoRoute: HttpMapping(404, INVALID),
     MethodNotAllowed: HttpMapping(405, INVALID),
     RequestTimedOut: HttpMapping(408, INVALID),

@@ -11,7 +11,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..daemon.adoption import AdoptionOutcome
 from ..daemon.controller import Controller
-from ..daemon.events import AdmissionDecided, BudgetOvercommitted, EngineExited, Event, LeaseOverrun, ModelStateChanged
+from ..daemon.events import (AdmissionDecided, BudgetOvercommitted, EngineExited, Event, FingerprintRecorded, LeaseOverrun,
+                             LoadRetried, MemoryLingering, ModelStateChanged)
 from ..daemon.lifecycle import ModelState
 
 MODEL_STATES = tuple(s.value for s in ModelState)
@@ -37,6 +38,12 @@ class Metrics:
                                 ["model", "action"], registry=self.registry)
         self.overcommits = Counter("lessor_budget_overcommits", "Times foreign usage outgrew a device's free memory",
                                    ["device"], registry=self.registry)
+        self.fingerprints = Counter("lessor_fingerprints_recorded", "Load measurements remembered, by outcome",
+                                    ["outcome"], registry=self.registry)
+        self.retries = Counter("lessor_load_retries", "Loads tried again after running out of memory, by outcome",
+                               ["model", "outcome"], registry=self.registry)
+        self.unverified = Counter("lessor_unload_unverified", "Unloads whose engine still held memory after "
+                                  "timeouts.unload_verify_s", ["device"], registry=self.registry)
         self.registry.register(_Gauges(controller))
         controller.bus.listen(self.on_event)
 
@@ -45,6 +52,12 @@ class Metrics:
             self.overruns.labels(event.model, event.action.value).inc()
         elif isinstance(event, BudgetOvercommitted):
             self.overcommits.labels(event.device).inc()
+        elif isinstance(event, FingerprintRecorded):
+            self.fingerprints.labels(event.outcome).inc()
+        elif isinstance(event, LoadRetried):
+            self.retries.labels(event.model, event.outcome).inc()
+        elif isinstance(event, MemoryLingering) and not event.gone:
+            self.unverified.labels(event.device).inc()
         elif isinstance(event, EngineExited):
             self.engine_exits.labels(event.model).inc()
         elif isinstance(event, AdmissionDecided):
@@ -81,6 +94,7 @@ class _Gauges:
                   for name, help_ in (("total", "Total bytes of the pool"), ("used", "Bytes in use, as the probe measures"),
                                       ("capacity", "Bytes lessor may use (cap)"), ("headroom", "Bytes kept free"),
                                       ("foreign", "Bytes used by processes lessor does not manage"),
+                                      ("lingering", "Bytes stopped engines still hold (counted in foreign)"),
                                       ("free", "Bytes still leasable (negative when overrun)"))}
         leased = GaugeMetricFamily("lessor_device_leased_bytes", "Bytes leased, by lease kind", labels=["device", "kind"])
         for d in devices:

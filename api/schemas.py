@@ -111,6 +111,14 @@ class PlanComponent(Out):
     per_kv_token: float | None = Field(default=None, description="bytes more per planned KV token (a buffer that grows with the context)")
 
 
+class FingerprintUse(Out):
+    key: str = Field(description="the key this load is measured under (model, engine version, devices, flags)")
+    engine_version: str
+    devices: list[str] = Field(description="device names of the placement")
+    used: dict[str, Any] | None = Field(description="the fingerprint of this key the plan used (measured_at, outcome, loads, margin), or null")
+    not_used: list[dict[str, Any]] = Field(description="this model's measurements under other keys, each with why it does not apply")
+
+
 class PlanOut(Out):
     model: str
     fits: bool
@@ -124,6 +132,34 @@ class PlanOut(Out):
     memory: list[PlanComponent] = Field(description="every component of the memory model per device, with its source")
     one_phase: bool = Field(description="the engine allocates its KV cache while it loads: every lease at once")
     peak_bytes: dict[str, int] = Field(description="per device: max(weights + load peak, steady leases)")
+    fingerprint: FingerprintUse | None = Field(default=None, description="the measurement the plan used, and those it did not")
+
+
+class DeviceMeasurementOut(Out):
+    device: str
+    method: Literal["nvml", "engine", "pss"] = Field(description="nvml: the engine's process group; engine: its own report; pss: its processes' RAM")
+    peak_bytes: int = Field(description="the most seen from spawn to ready (or to the failure)")
+    loading_peak_bytes: int = Field(description="the most seen before the weights were in")
+    steady_bytes: int = Field(description="at ready; 0 when it never got there")
+    weights_bytes: int | None = Field(description="when the weights were in (engines that load in two phases)")
+    kv_bytes: int | None = Field(description="what allocating the KV cache added (two phases)")
+    kv_tokens: int
+    leased_bytes: int = Field(description="what the model held on the device at its worst moment")
+    two_phase: bool
+
+
+class FingerprintOut(Out):
+    key: str
+    model: str
+    engine: str
+    engine_version: str = Field(description="what the engine's package (or binary) reports")
+    devices: list[str] = Field(description="device names of the placement")
+    flags: dict[str, Any] = Field(description="every argument that decides the engine's memory")
+    outcome: Literal["ready", "overrun", "oom"]
+    loads: int = Field(description="measurements merged into it (each figure keeps the largest)")
+    measured_at: float
+    measured: list[DeviceMeasurementOut]
+    applies: bool = Field(default=False, description="a load of this model now has this key: its plan uses it")
 
 
 class StatusOut(Out):

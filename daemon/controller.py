@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from .config import LessorConfig
 from .devices import Probe, SimProbe
-from .errors import InvalidRequest, NoEngineLog
+from .errors import InvalidRequest, NoEngineLog, UnknownFingerprint
 from .events import EventBus, ForeignUsageChanged
 from .holder import ConfigHolder
 from .ledger import LeaseKind, Ledger
@@ -37,6 +37,7 @@ class Controller:
             by_kind[lease.device][lease.kind.value] += lease.bytes
             kinds = by_model[lease.device].setdefault(lease.model, {})
             kinds[lease.kind.value] = kinds.get(lease.kind.value, 0) + lease.bytes
+        lingering = self.supervisor.lingering.bytes_by_device()
         out = []
         for device, budget in snapshot.budgets.items():
             reading = readings[device]
@@ -47,7 +48,7 @@ class Controller:
                 "headroom_bytes": budget.headroom_bytes, "foreign_bytes": budget.foreign_bytes,
                 "leased_bytes": budget.leased_bytes, "leasable_bytes": budget.leasable_bytes,
                 "free_bytes": budget.free_bytes, "leased_by_kind": dict(by_kind[device]),
-                "models": by_model[device],
+                "models": by_model[device], "lingering_bytes": lingering.get(device, 0),
             })
         return out
 
@@ -78,6 +79,26 @@ class Controller:
                 "endpoint": record.handle.base_url if record.handle else None,
                 "pid": record.handle.pid if record.handle else None, "restarts": self.supervisor.restarts(spec.name),
                 "overrun": record.overrun}
+
+    def fingerprints(self, model: str | None = None) -> list[dict[str, Any]]:
+        """What lessor measured, per key; each says whether a load of its model now would use it."""
+        rows = self.supervisor.fingerprints.all()
+        if model is not None:
+            name = self.supervisor.resolve(model).spec.name
+            rows = [f for f in rows if f.key.model == name]
+        current = {}
+        for record in self.supervisor.records():
+            try:
+                current[record.spec.name] = self.supervisor.fingerprint_key(record.spec).digest
+            except KeyError:  # its device is gone from the config
+                continue
+        return [{**f.to_dict(), "applies": current.get(f.key.model) == f.digest} for f in rows]
+
+    async def forget_fingerprint(self, key: str) -> dict[str, Any]:
+        removed = await self.supervisor.fingerprints.delete(key)
+        if removed is None:
+            raise UnknownFingerprint(key, len(self.supervisor.fingerprints.all()))
+        return removed.to_dict()
 
     def log_tail(self, name: str, lines: int) -> str:
         """The last lines of the model's engine log (this run's, or the last one's after it stopped)."""

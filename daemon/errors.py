@@ -229,6 +229,17 @@ class LoadFailed(LessorError):
 
 
 @dataclass
+class UnknownFingerprint(LessorError):
+    key: str
+    known: int
+    type = "fingerprint_not_found"
+    field = "key"
+
+    def message(self) -> str:
+        return f"no fingerprint '{self.key}' ({self.known} recorded); GET /admin/v1/fingerprints lists their keys"
+
+
+@dataclass
 class OutOfMemory(LoadFailed):
     """The load ran out of memory: its engine died of it (`kind` "oom"), or it measured above its
     leases beyond the tolerance ("overrun"). Its measurement is in the fingerprints."""

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from typing import Any, Callable, Mapping
 
 from sqlalchemy import delete, insert, select, update
@@ -28,7 +29,7 @@ from .ledger_db import STORAGE_ERRORS, fingerprints_table, short_error
 log = logging.getLogger("lessor.fingerprints")
 
 
-class Outcome:
+class Outcome(StrEnum):
     READY = "ready"  # the load finished: its steady figures are exact
     OVERRUN = "overrun"  # it ran, above its leases beyond the tolerance: exact, and too much
     OOM = "oom"  # it died of out-of-memory: what it reached is a lower bound of what it needs

@@ -178,8 +178,9 @@ def measured_figures(predicted: DeviceMemory, m: "DeviceMeasurement", outcome: s
 
 
 def with_measured(memory: Memory, fingerprint: "Fingerprint", margin: float) -> Memory:
-    """The profile with max(predicted, measured x (1 + margin)) per figure and device; a figure
-    the measurement raised gets a `measured` component for the difference, saying from what."""
+    """The profile with the measured figures where they are above the predicted ones, plus the
+    margin (measurement noise: a figure measured at or below the model leaves the model's); a
+    figure the measurement raised gets a `measured` component for the difference, saying from what."""
     devices, components, kv_sources = [], [], []
     for index, (predicted, comps, kv_source) in enumerate(zip(memory.devices, memory.components, memory.kv_sources)):
         if index >= len(fingerprint.devices):
@@ -190,13 +191,14 @@ def with_measured(memory: Memory, fingerprint: "Fingerprint", margin: float) -> 
         basis = f"fingerprint {fingerprint.digest[:8]} ({fingerprint.outcome}, {fingerprint.when()}, {m.method})"
         changed, extra = {}, []
         for name, part in (("weights", Part.WEIGHTS), ("workspace", Part.WORKSPACE), ("load_peak", Part.LOAD_PEAK)):
-            if name in figures and (grown := _grown(figures[name], margin)) > getattr(predicted, name):
+            if name in figures and figures[name] > getattr(predicted, name):
+                grown = _grown(figures[name], margin)
                 changed[name] = grown
                 extra.append(Component(f"{name}_measured", grown - getattr(predicted, name), Source.MEASURED,
                                        f"{basis}: {format_bytes(int(figures[name]))} measured + {margin:.0%}; the "
                                        f"model said {format_bytes(getattr(predicted, name))}", part))
-        if "kv_rate" in figures and (rate := figures["kv_rate"] * (1 + margin)) > predicted.kv_rate:
-            changed["kv_rate"] = rate
+        if "kv_rate" in figures and figures["kv_rate"] > predicted.kv_rate:
+            changed["kv_rate"] = figures["kv_rate"] * (1 + margin)
             kv_source = ("measured", f"{basis}: {figures['kv_rate']:.0f} B/token measured + {margin:.0%}; the model "
                                      f"said {predicted.kv_rate:.0f}")
         devices.append(replace(predicted, **changed))

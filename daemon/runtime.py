@@ -39,12 +39,14 @@ def timeouts_of(config: LessorConfig) -> Timeouts:
 
 @asynccontextmanager
 async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engines | None = None,
-                  clock: Callable[[], float] = time.monotonic, reconcile: bool = True) -> AsyncIterator[Controller]:
+                  clock: Callable[[], float] = time.monotonic, reconcile: bool = True,
+                  probe: Probe | None = None) -> AsyncIterator[Controller]:
     """`reconcile=False`: read-only (the CLI's local plan must not adopt or release a running
-    daemon's engines)."""
+    daemon's engines). `probe`: the devices, where a test stands in for the GPUs (the one boundary
+    tests fake); the config's otherwise."""
     bus = EventBus()
     holder = ConfigHolder(config)
-    probe = make_probe(config.devices, force_sim)
+    probe = probe or make_probe(config.devices, force_sim)
     try:
         ledger = await Ledger.open(config.ledger_url(), probe, holder.devices, publish=bus.publish)
         try:

@@ -129,6 +129,7 @@ class FakeHandle:
             raise TimeoutError(f"not ready after {timeout_s} s")
 
     async def measure(self) -> dict[str, int]:
+        self.adapter.measures += 1  # each sample of the load asks: a test can wait for one
         return dict(self.adapter.measured)
 
     async def stop(self, grace_s: float) -> None:
@@ -153,6 +154,7 @@ class FakeAdapter:
         self.seen: list = []
         self.handles: list[FakeHandle] = []
         self.measured: dict[str, int] = {}
+        self.measures = 0
         self.launches: list = []
         self.base_url: str | None = None  # where handles say they serve (a stand-in upstream in router tests)
 
@@ -211,11 +213,11 @@ async def until(condition, what: str = "the condition", hang_s: float = HANG_S) 
 
 
 def drain_events(queue, kind="model_state"):
-    """The events of one type waiting in a bus subscription, in order."""
+    """The events of one type (None: all) waiting in a bus subscription, in order; the others are dropped."""
     out = []
     while not queue.empty():
         event = queue.get_nowait()
-        if event.type == kind:
+        if kind is None or event.type == kind:
             out.append(event)
     return out
 

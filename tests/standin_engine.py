@@ -24,6 +24,14 @@ def main() -> None:
     if record:
         with open(record, "w") as f:
             json.dump({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "pid": os.getpid()}, f)
+    starts = os.environ.get("LESSOR_STANDIN_STARTS")
+    if starts:  # one line per start: how many times lessor tried
+        with open(starts, "a") as f:
+            f.write(f"{os.getpid()}\n")
+    if os.environ.get("LESSOR_STANDIN_OOM"):  # behave like vLLM when its profile run does not fit
+        print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+              "capacity of 23.55 GiB of which 1.02 GiB is free.", flush=True)
+        sys.exit(1)
     if os.environ.get("LESSOR_STANDIN_EXIT"):  # behave like an engine that dies at start
         print("stand-in: exiting as asked", flush=True)
         sys.exit(int(os.environ["LESSOR_STANDIN_EXIT"]))

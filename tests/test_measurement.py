@@ -1,0 +1,101 @@
+"""What a load measures, in-process: the real runtime (ledger, supervisor, policies) with the engine
+faked at the process boundary and the GPUs simulated (a probe that can keep a stopped engine's
+memory, as a zombie would)."""
+
+import asyncio
+
+from lessor.daemon.config import SimulatedGpu
+from lessor.daemon.devices import SimProbe
+from lessor.daemon.fingerprints import Outcome
+from lessor.daemon.runtime import runtime
+from lessor.daemon.units import GiB
+
+from .conftest import FakeEngines, drain_events, sim_config, torch_model, until
+
+
+async def test_a_load_is_sampled_from_spawn_to_ready_and_its_peak_remembered(env):
+    controller, adapter, events = await env([torch_model("qwen", "4GiB")])
+    adapter.gate = asyncio.Event()
+    load = asyncio.ensure_future(controller.load("qwen"))
+    await until(lambda: adapter.handles, "the engine started")
+    # The weights are loading (weights + the 1 GiB peak in use): wait for the sampler to look once more.
+    seen = adapter.measures
+    await until(lambda: adapter.measures > seen + 1, "a sample while the weights load")
+    adapter.gate.set()
+    await load
+    [fingerprint] = controller.fingerprints("qwen")
+    m = fingerprint["measured"][0]
+    assert fingerprint["outcome"] == Outcome.READY and fingerprint["applies"] and fingerprint["loads"] == 1
+    assert m["loading_peak_bytes"] == m["peak_bytes"] == 5 * GiB  # weights + load peak, seen by the 20 Hz samples
+    assert m["weights_bytes"] == 4 * GiB  # at the "weights" step: the peak was gone
+    assert m["steady_bytes"] == 4 * GiB + m["kv_bytes"] and m["kv_tokens"] > 0
+    assert m["kv_bytes"] == m["kv_tokens"] * 65536  # what allocating the KV cache added
+    assert [e.outcome for e in drain_events(events, "fingerprint_recorded")] == [Outcome.READY]
+    # The next plan of the same key uses it: nothing measured above the config's figures, so it says so and changes nothing.
+    plan = controller.plan("qwen")
+    assert plan["fingerprint"]["used"]["outcome"] == Outcome.READY and plan["fits"]
+    assert not [c for c in plan["memory"] if c["source"] == "measured"]
+
+
+async def test_an_engine_above_its_leases_is_retried_once_planned_from_what_it_measured(env):
+    controller, adapter, events = await env([torch_model("qwen", "4GiB")])
+    adapter.measured = {"gpu0": 7 * GiB}  # the engine reports 7 GiB where the config said 4 (a newer engine, a driver)
+    model = await controller.load("qwen")
+    assert model["state"] == "ready" and len(adapter.handles) == 2, "one overrun, one retry"
+    seen = drain_events(events, None)
+    [retried] = [e for e in seen if e.type == "load_retried"]
+    assert retried.outcome == Outcome.OVERRUN and "the engine uses 7" in retried.reason
+    # The retry leased the measured weights (+3 %), where the config said 4 GiB.
+    weights = sum(lease["bytes"] for lease in controller.leases("qwen") if lease["kind"] == "weights")
+    assert weights == -(-7 * GiB * 103 // 100)
+    assert [e.outcome for e in seen if e.type == "fingerprint_recorded"] == [Outcome.OVERRUN, Outcome.READY]
+    plan = controller.plan("qwen")
+    assert any(c["name"] == "weights_measured" and c["source"] == "measured" for c in plan["memory"])
+
+
+class LingeringProbe(SimProbe):
+    """Simulated GPUs where a stopped engine's processes can keep their memory (a zombie holding
+    VRAM, as in Ollama #9625) until the test lets it go."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stuck: set[int] = set()
+
+    def set_process_usage(self, device: str, pid: int, used_bytes: int) -> None:
+        if used_bytes == 0 and pid in self.stuck:
+            return
+        super().set_process_usage(device, pid, used_bytes)
+
+    def let_go(self, pid: int) -> None:
+        self.stuck.discard(pid)
+        self.set_process_usage("gpu0", pid, 0)
+
+
+async def test_memory_a_stopped_engine_keeps_is_announced_counted_as_foreign_until_gone(tmp_path):
+    config = sim_config(tmp_path, [torch_model("qwen", "4GiB")], timeouts={"unload_verify_s": 0})
+    probe = LingeringProbe([SimulatedGpu(name="sim24", total=24 * GiB, foreign=8 * GiB)], 64 * GiB)
+    engines = FakeEngines()
+    async with runtime(config, engines=engines, probe=probe) as controller:
+        events = controller.bus.subscribe()
+        await controller.load("qwen")
+        pid = engines.adapter.handles[0].pid
+        probe.stuck.add(pid)
+        used = probe.read()[0].processes[pid]
+        await controller.unload("qwen")
+        [lingering] = drain_events(events, "memory_lingering")
+        assert (lingering.device, lingering.bytes, lingering.pids, lingering.gone) == ("gpu0", used, (pid,), False)
+        gpu = next(d for d in controller.devices() if d["id"] == "gpu0")
+        assert gpu["lingering_bytes"] == used and gpu["foreign_bytes"] == 8 * GiB + used  # no lease, still counted
+        assert controller.ledger.leases() == ()
+        probe.let_go(pid)
+        await controller.reconciler.check()
+        [gone] = drain_events(events, "memory_lingering")
+        assert gone.gone and next(d for d in controller.devices() if d["id"] == "gpu0")["lingering_bytes"] == 0
+
+
+async def test_an_unload_whose_memory_comes_back_says_nothing(env):
+    controller, adapter, events = await env([torch_model("qwen", "4GiB")])
+    await controller.load("qwen")
+    await controller.unload("qwen")
+    assert drain_events(events, "memory_lingering") == []
+    assert controller.supervisor.lingering.unverified == 0
