@@ -79,3 +79,12 @@ def test_mla_static_cache_holds_the_latent_the_memory_model_predicts(deepseek_v2
     prompt = engine.prompt_ids({"messages": [{"role": "user", "content": "Hello, how are you?"}]}, chat=True)
     tokens = list(engine.generate(1, prompt, Sampling(4, 0.0, 1.0, (), 1, ignore_eos=True)))
     assert len(tokens) == 4 and all(0 <= t < engine.model.config.vocab_size for t in tokens)
+
+
+def test_the_accuracy_table_shows_the_measured_rows(measurements):
+    from lessor.bench import accuracy
+
+    rows = accuracy.torch_rows(measurements)
+    assert [r.error("kv") for r in rows] == [error(m.predicted_kv, m.measured_kv) for m in measurements]
+    text = accuracy.table(rows)
+    assert f"**{accuracy.TORCH_ENGINE}** (MiB)" in text and text.count("| random Qwen2 291 MB bf16") == 3
