@@ -74,13 +74,12 @@ class Engine:
     def load_weights(self) -> None:
         import torch
         from transformers import AutoConfig, AutoTokenizer
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         config = AutoConfig.from_pretrained(self.model_path, local_files_only=True)
         # Resolving the class imports its modeling module (tens of MB of Python objects): that, the
         # tokenizer and torch are the process's baseline, not the weights.
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model_class = _causal_lm_class(config)
         self.baseline_bytes = self._held()
         self.phase = "loading_weights"
         model = model_class.from_pretrained(self.model_path, config=config, dtype=getattr(torch, self.dtype_name),
@@ -109,7 +108,7 @@ class Engine:
 
         cache = StaticCache(config=self.model.config, max_cache_len=context_tokens)
         (k_heads, k_dim), (v_heads, v_dim) = cache_shapes(self.model.config.get_text_config(decoder=True))
-        for layer in cache.layers:
+        for layer in _kv_layers(cache):
             # Cache.early_initialization gives K and V one head_dim; MLA's differ, so each layer is
             # initialised as its first update would (zero-length K and V of the cached shapes).
             keys = torch.zeros((1, k_heads, 0, k_dim), dtype=self.model.dtype, device=self.model.device)
@@ -118,7 +117,7 @@ class Engine:
         return cache
 
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for cache in self.slots for layer in cache.layers
+        return sum(t.numel() * t.element_size() for cache in self.slots for layer in _kv_layers(cache)
                    for t in (layer.keys, layer.values))
 
     def measure(self) -> dict[str, Any]:
@@ -195,6 +194,21 @@ def _sample(logits, sampling: Sampling, generator) -> int:
         keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _kv_layers(cache) -> list[Any]:
+    """The layers that cache K and V (transformers' DummyLayer, for a layer without attention, holds none)."""
+    return [layer for layer in cache.layers if layer.supports_early_init]
+
+
+def _causal_lm_class(config) -> type:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(f"config.json's model_type {config.model_type!r} has no causal-LM class in this "
+                         "transformers") from None
 
 
 def cache_shapes(config) -> tuple[tuple[int, int], tuple[int, int]]:

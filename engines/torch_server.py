@@ -8,7 +8,7 @@ itself to its lease with `torch.cuda.set_per_process_memory_fraction`.
 
 `GET /lessor/v1/state` reports what it holds (`memory_reserved`): on CUDA torch's reserved bytes;
 on the CPU its own process measured, anonymous memory beyond a baseline taken just before the
-weights. `measured` keeps that baseline and the growth over each phase: the weights once loaded,
+weights. `measured` keeps that baseline (null until it is taken) and the growth over each phase: the weights once loaded,
 the KV cache over its allocation.
 
 Run by lessor as `python -m lessor.engines.torch_server --model-path DIR --port N ...`; imports
