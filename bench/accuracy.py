@@ -5,7 +5,10 @@ what the engine logged, with the error in %. The model is the engine's (engines/
 with the settings of the measured run; nothing here is fitted.
 
     python -m lessor.bench.accuracy                 # the table
-    python -m lessor.bench.accuracy --write bench/README.md
+    python -m lessor.bench.accuracy --measure-torch --write bench/README.md
+
+`--measure-torch` adds rows measured now, on this machine's CPU: the built-in torch engine run for
+real with a 291 MB model at three KV sizes (bench/torch_measure.py, about a minute on two cores).
 
 The total of a vLLM row is what the process holds on the GPU once it serves: its non-KV memory
 plus the KV cache; the predicted KV cache is the model's bytes per token x the tokens vLLM
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import re
+from importlib.metadata import version
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +54,7 @@ class Row:
     source: str
     measured: dict[str, float]  # component -> bytes (kv_per_token in bytes per token)
     predicted: dict[str, float]
+    unit: str = "GiB"  # how the table shows its bytes
 
     def error(self, name: str) -> float | None:
         m, p = self.measured.get(name), self.predicted.get(name)
@@ -155,6 +160,19 @@ def ktransformers_rows() -> list[Row]:
                 "the seed case (../shared/calibration/README.md)", {"total": 15.7e9}, {"total": steady})]
 
 
+def torch_rows(measurements) -> list[Row]:
+    """bench/torch_measure.py's runs: what the engine measured of its own process (its anonymous
+    memory's growth over loading the weights, then over allocating the KV cache) against the
+    profile the planner leases from."""
+    source = (f"measured now (torch {version('torch')}, transformers {version('transformers')}): "
+              "the engine's anonymous PSS growth per phase")
+    return [Row(TORCH_ENGINE, f"random Qwen2 291 MB bf16, context_tokens {m.context_tokens} x max_batch_size "
+                              f"{m.max_batch_size}", source,
+                {"weights": m.measured_weights, "kv": m.measured_kv},
+                {"weights": m.predicted_weights, "kv": m.predicted_kv}, unit="MiB") for m in measurements]
+
+
+TORCH_ENGINE = "torch (this machine's CPU, measured now)"
 COLUMNS = ("weights", "host", "context", "activation", "non_torch", "cuda_graphs", "compute", "kv", "kv_per_token",
            "non_kv", "total")
 
@@ -162,7 +180,7 @@ COLUMNS = ("weights", "host", "context", "activation", "non_torch", "cuda_graphs
 def fmt(row: Row, name: str) -> str:
     if name not in row.measured:
         return ""
-    scale = 1 if name == "kv_per_token" else GiB
+    scale = 1 if name == "kv_per_token" else {"GiB": GiB, "MiB": MiB}[row.unit]
     m, p = row.measured[name] / scale, row.predicted[name] / scale
     digits = 0 if name == "kv_per_token" else 2
     return f"{p:.{digits}f} / {m:.{digits}f} ({row.error(name):+.1f} %)"
@@ -174,7 +192,8 @@ def table(rows: list[Row]) -> str:
     for engine in dict.fromkeys(r.engine for r in rows):
         mine = [r for r in rows if r.engine == engine]
         columns = [c for c in COLUMNS if any(c in r.measured for r in mine)]
-        lines = [f"**{engine}**", "", "| case | " + " | ".join(columns) + " | source |", "|" + "---|" * (len(columns) + 2)]
+        unit = "" if mine[0].unit == "GiB" else f" ({mine[0].unit})"
+        lines = [f"**{engine}**{unit}", "", "| case | " + " | ".join(columns) + " | source |", "|" + "---|" * (len(columns) + 2)]
         lines += [f"| {r.case} | " + " | ".join(fmt(r, c) for c in columns) + f" | {r.source} |" for r in mine]
         out.append("\n".join(lines))
     return "\n\n".join(out)
@@ -196,8 +215,16 @@ def write(readme: Path, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, help="replace the accuracy table in this file (bench/README.md)")
+    parser.add_argument("--measure-torch", action="store_true",
+                        help="also run the built-in torch engine on this CPU and add what it measured (about a minute)")
     args = parser.parse_args()
-    text = ("Predicted / measured per GPU, GiB (KV per token in bytes), error in %.\n\n" + table(all_rows()))
+    rows = all_rows()
+    if args.measure_torch:
+        from .torch_measure import measure_now
+
+        rows += torch_rows(measure_now())
+    text = ("Predicted / measured per GPU (the torch rows: in the engine's process on the CPU), GiB unless the "
+            "engine says otherwise (KV per token in bytes), error in %.\n\n" + table(rows))
     print(text)
     if args.write:
         write(args.write, text)

@@ -15,6 +15,9 @@ from .base import Command, EngineArgsBase, Flags, Launch, KvGrant, ProcessAdapte
 from .memory_model import TORCH_OOM
 
 
+KV_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
 class TorchEngineArgs(EngineArgsBase):
     title: ClassVar[str] = "the built-in torch engine"
     kv_param: ClassVar[str] = "context_tokens"
@@ -37,9 +40,19 @@ class TorchEngineArgs(EngineArgsBase):
         return self.max_batch_size
 
     def footprint(self, shape: ModelShape) -> Footprint:
-        if self.dtype == "float32":  # its dtype is the weights' and the KV cache's, whatever the spec says
-            shape = replace(shape, weight_format="fp32", kv_dtype="fp32")
-        return super().footprint(shape)
+        # Its dtype is the KV cache's (torch_engine allocates it in the model's dtype), whatever the
+        # spec's kv_dtype says; float32 is the weights' too.
+        shape = replace(shape, kv_dtype=KV_DTYPES[self.dtype])
+        if self.dtype == "float32":
+            shape = replace(shape, weight_format="fp32")
+        footprint = super().footprint(shape)
+        # The generic bytes per token are transformers' layout: for MLA too, since DeepseekV2/V3
+        # attention caches the latent, not the per-head K and V it expands from it each step.
+        basis = (f"a transformers StaticCache in {self.dtype}: each layer's K and V, "
+                 + ("MLA's compressed latent, K kv_lora_rank and V qk_rope_head_dim wide, one head (transformers "
+                    "5.20-5.24 modeling_deepseek_v2.py updates the cache before expand_kv)"
+                    if shape.architecture.is_mla else "KV heads x head_dim each"))
+        return replace(footprint, devices=tuple(replace(d, kv_basis=basis) for d in footprint.devices))
 
     def planned_flags(self, sizing: Sizing) -> Flags:
         return Flags({"context_tokens": sizing.kv_tokens // sizing.batch, "max_batch_size": sizing.batch}, [], [])

@@ -1,4 +1,4 @@
-"""Writes a tiny Qwen2-architecture model: config.json, model.safetensors and a tokenizer trained
+"""Writes a tiny Qwen2-architecture model (or a tiny DeepSeek-V2, `write_deepseek_v2`): config.json, model.safetensors and a tokenizer trained
 here on a fixed text, so the demo and the tests need no download. Its folder has the same files a
 real Qwen2.5 folder has and loads through the same code path (AutoModelForCausalLM,
 AutoTokenizer). The weights are random (seeded): it talks nonsense, deterministically.
@@ -37,6 +37,12 @@ The answer is forty-two. One, two, three, four, five, six, seven, eight, nine, t
 ARCHITECTURE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=8192, rope_theta=1000000.0,
                     rms_norm_eps=1e-6, tie_word_embeddings=True)
+# DeepSeek-V2-Lite's layout (no q_lora_rank, first_k_dense_replace 1, 2 shared experts) at a tiny width.
+DEEPSEEK_V2 = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=2,
+                   num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=8192,
+                   rms_norm_eps=1e-6, tie_word_embeddings=False)
 
 
 def build_tokenizer(vocab_size: int = 512):
@@ -56,16 +62,29 @@ def build_tokenizer(vocab_size: int = 512):
 def write(out: Path, seed: int = 0, architecture: dict | None = None, dtype: str = "float32") -> Path:
     """The tiny model, or one of another shape: `architecture` replaces ARCHITECTURE's keys (a
     larger hidden size, more layers, a vocab_size larger than the tokenizer's)."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _write(out, seed, Qwen2Config, Qwen2ForCausalLM, {**ARCHITECTURE, **(architecture or {})}, dtype)
+
+
+def write_deepseek_v2(out: Path, seed: int = 0, architecture: dict | None = None, dtype: str = "float32") -> Path:
+    """A tiny DeepSeek-V2 (MLA attention, a dense first layer, then routed and shared experts), or
+    one of another shape (`architecture` replaces DEEPSEEK_V2's keys: DeepSeek-V2-Lite's widths
+    with fewer layers)."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    return _write(out, seed, DeepseekV2Config, DeepseekV2ForCausalLM, {**DEEPSEEK_V2, **(architecture or {})}, dtype)
+
+
+def _write(out: Path, seed: int, config_class, model_class, shape: dict, dtype: str) -> Path:
+    import torch
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    shape = {"vocab_size": len(tokenizer), **ARCHITECTURE, **(architecture or {})}
-    config = Qwen2Config(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, dtype=dtype, **shape)
+    config = config_class(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, dtype=dtype, **{"vocab_size": len(tokenizer), **shape})
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+    model = model_class(config).to(getattr(torch, dtype))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "generation_config.json").write_text(json.dumps(

@@ -4,6 +4,8 @@ torch and transformers)."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -37,61 +39,96 @@ class Engine:
         self.model = self.tokenizer = None
         self.slots: list[Any] = []
         self.context_tokens = 0
+        self.baseline_bytes: int | None = None  # what the process held before the weights (see _held)
+        self.weights_measured: int | None = None
+        self.kv_measured: int | None = None
         self._cap(memory_limit)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device_name.startswith("cuda")
 
     def _cap(self, limit: int | None) -> None:
         import torch
 
-        if limit and self.device_name.startswith("cuda"):
+        if limit and self.on_cuda:
             device = torch.device(self.device_name)
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
 
+    def _held(self) -> int:
+        import torch
+
+        if self.on_cuda:
+            return torch.cuda.memory_reserved(torch.device(self.device_name))
+        _trim()
+        return anonymous_bytes()
+
+    def memory_reserved(self) -> int:
+        """What the engine holds for its model: on CUDA torch's reserved bytes; on the CPU what the
+        process holds now beyond its baseline (0 before the baseline is taken)."""
+        if self.on_cuda:
+            return self._held()
+        return 0 if self.baseline_bytes is None else self._held() - self.baseline_bytes
+
     def load_weights(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        self.phase = "loading_weights"
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype_name),
-                                                     local_files_only=True)
+        config = AutoConfig.from_pretrained(self.model_path, local_files_only=True)
+        # Resolving the class imports its modeling module (tens of MB of Python objects): that, the
+        # tokenizer and torch are the process's baseline, not the weights.
+        model_class = _causal_lm_class(config)
+        self.baseline_bytes = self._held()
+        self.phase = "loading_weights"
+        model = model_class.from_pretrained(self.model_path, config=config, dtype=getattr(torch, self.dtype_name),
+                                            local_files_only=True)
+        if not self.on_cuda:
+            _materialise(model)
         self.model = model.to(self.device_name).eval()
+        self.weights_measured = self.memory_reserved()
         self.phase = "weights_loaded"
 
     def allocate_kv(self, context_tokens: int, max_batch_size: int, memory_limit: int | None) -> int:
-        from transformers import StaticCache
-
         if self.phase != "weights_loaded":
             raise BadRequest("phase", f"the KV cache is allocated once, after the weights; phase is {self.phase}")
         self._cap(memory_limit)
-        config = self.model.config.get_text_config(decoder=True)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        slots = []
-        for _ in range(max_batch_size):
-            cache = StaticCache(config=self.model.config, max_cache_len=context_tokens)
-            cache.early_initialization(batch_size=1, num_heads=config.num_key_value_heads, head_dim=head_dim,
-                                       dtype=self.model.dtype, device=self.model.device)
-            slots.append(cache)
-        self.slots, self.context_tokens = slots, context_tokens
+        before = self.memory_reserved()
+        self.slots = [self._slot(context_tokens) for _ in range(max_batch_size)]
+        self.context_tokens = context_tokens
+        self.kv_measured = self.memory_reserved() - before
         self.phase = "ready"
         return self.kv_bytes()
 
+    def _slot(self, context_tokens: int) -> Any:
+        """One sequence's static cache, every layer allocated now (zeroed, so its pages are touched)."""
+        import torch
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=context_tokens)
+        (k_heads, k_dim), (v_heads, v_dim) = cache_shapes(self.model.config.get_text_config(decoder=True))
+        for layer in _kv_layers(cache):
+            # Cache.early_initialization gives K and V one head_dim; MLA's differ, so each layer is
+            # initialised as its first update would (zero-length K and V of the cached shapes).
+            keys = torch.zeros((1, k_heads, 0, k_dim), dtype=self.model.dtype, device=self.model.device)
+            values = torch.zeros((1, v_heads, 0, v_dim), dtype=self.model.dtype, device=self.model.device)
+            layer.lazy_initialization(keys, values)
+        return cache
+
     def kv_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for cache in self.slots for layer in cache.layers
+        return sum(t.numel() * t.element_size() for cache in self.slots for layer in _kv_layers(cache)
                    for t in (layer.keys, layer.values))
 
     def measure(self) -> dict[str, Any]:
-        import torch
-
         weights = 0 if self.model is None else sum(
             t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
-        out = {"phase": self.phase, "error": self.error, "device": self.device_name, "weights_bytes": weights,
-               "kv_bytes": self.kv_bytes(), "context_tokens": self.context_tokens, "max_batch_size": len(self.slots)}
-        if self.device_name.startswith("cuda"):
-            out["memory_reserved"] = torch.cuda.memory_reserved(torch.device(self.device_name))
-        else:
-            out["memory_reserved"] = weights + out["kv_bytes"]
-        return out
+        return {"phase": self.phase, "error": self.error, "device": self.device_name,
+                "weights_tensor_bytes": weights, "kv_tensor_bytes": self.kv_bytes(),
+                "context_tokens": self.context_tokens, "max_batch_size": len(self.slots),
+                "memory_reserved": self.memory_reserved(),
+                "measured": {"baseline_bytes": self.baseline_bytes, "weights_bytes": self.weights_measured,
+                             "kv_bytes": self.kv_measured}}
 
     def prompt_ids(self, body: dict[str, Any], chat: bool) -> list[int]:
         if chat:
@@ -157,3 +194,73 @@ def _sample(logits, sampling: Sampling, generator) -> int:
         keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _kv_layers(cache) -> list[Any]:
+    """The layers that cache K and V (transformers' DummyLayer, for a layer without attention, holds none)."""
+    return [layer for layer in cache.layers if layer.supports_early_init]
+
+
+def _causal_lm_class(config) -> type:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(f"config.json's model_type {config.model_type!r} has no causal-LM class in this "
+                         "transformers") from None
+
+
+def cache_shapes(config) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(heads, head_dim) of one layer's cached K and of its V, as the model's attention updates them.
+    DeepSeek-V2/V3 (MLA) cache the compressed latent, one head each: K the normalised kv_a latent
+    (kv_lora_rank), V the rotary key k_pe (qk_rope_head_dim); the per-head K and V are expanded
+    from it at every step (transformers 5.20-5.24 modeling_deepseek_v2.py, DeepseekV2Attention:
+    "Cache read / write is performed while the latent KV is still compressed")."""
+    if getattr(config, "kv_lora_rank", None):
+        return (1, config.kv_lora_rank), (1, config.qk_rope_head_dim)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = config.num_key_value_heads or config.num_attention_heads
+    return (heads, head_dim), (heads, head_dim)
+
+
+def anonymous_bytes() -> int:
+    """This process's anonymous memory (its share, PSS), swapped or not. File-backed pages are left
+    out: the shared libraries' code is shared with every other torch process, so its share moves
+    whenever one of them starts or exits; what the engine holds for its model is anonymous."""
+    fields = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            value = rest.split()
+            if value and value[0].isdigit():
+                fields[name] = int(value[0]) * 1024
+    if "Pss_Anon" not in fields:  # Linux before 5.7: the whole PSS is the closest there is
+        return fields["Pss"] + fields.get("SwapPss", 0)
+    return fields["Pss_Anon"] + fields.get("SwapPss", 0)
+
+
+def _materialise(model) -> None:
+    """Copy every tensor into memory of the process's own. transformers leaves a safetensors
+    checkpoint memory-mapped (the parameters are views of the file's private mapping), so the
+    weights would be page cache, read in on first touch, and dropped under pressure: not what an
+    engine holding its model looks like, nor what a GPU engine's copy to the device does."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = tensor.data.clone()
+
+
+def _trim() -> None:
+    """Give the allocator's free pages back to the kernel before reading what the process holds:
+    glibc keeps the loader's freed temporaries in its arenas (resident, counted), and later
+    allocations reuse them without touching new pages, so growth would read low."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl has none (it frees eagerly)

@@ -6,6 +6,11 @@ a static KV cache of exactly that size: `max_batch_size` slots of `context_token
 Nothing grows after that, so what lessor leased is what the engine holds. On CUDA it also caps
 itself to its lease with `torch.cuda.set_per_process_memory_fraction`.
 
+`GET /lessor/v1/state` reports what it holds (`memory_reserved`): on CUDA torch's reserved bytes;
+on the CPU its own process measured, anonymous memory beyond a baseline taken just before the
+weights. `measured` keeps that baseline (null until it is taken) and the growth over each phase: the weights once loaded,
+the KV cache over its allocation.
+
 Run by lessor as `python -m lessor.engines.torch_server --model-path DIR --port N ...`; imports
 torch and transformers only here, in the engine's own process.
 """
@@ -102,7 +107,7 @@ class Server:
             for name, value in (("context_tokens", tokens), ("max_batch_size", batch)):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise BadRequest(name, f"must be a positive integer; got {value!r}")
-            kv = await asyncio.to_thread(self.engine.allocate_kv, tokens, batch, body.get("memory_limit_bytes"))
+            await asyncio.to_thread(self.engine.allocate_kv, tokens, batch, body.get("memory_limit_bytes"))
         except BadRequest as exc:
             return _error(409 if exc.param == "phase" else 400, str(exc), exc.param)
         except Exception as exc:  # CUDA OOM above the cap: lessor rolls the load back
@@ -111,7 +116,7 @@ class Server:
         self.free_slots = asyncio.Queue()
         for slot in range(batch):
             self.free_slots.put_nowait(slot)
-        return web.json_response({"kv_bytes": kv, **self.engine.measure()})
+        return web.json_response(self.engine.measure())
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [

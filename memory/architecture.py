@@ -148,7 +148,7 @@ _QWEN_MOE = frozenset({"num_experts", "num_experts_per_tok", "moe_intermediate_s
                        "mlp_only_layers", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
 _DEEPSEEK = frozenset({"n_routed_experts", "n_shared_experts", "moe_intermediate_size", "num_experts_per_tok",
                        "first_k_dense_replace", "moe_layer_freq", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
-                       "qk_rope_head_dim", "v_head_dim", "num_nextn_predict_layers",
+                       "qk_rope_head_dim", "v_head_dim", "num_nextn_predict_layers", "qk_head_dim",
                        # routing knobs: how experts are picked, not how many there are
                        "topk_method", "n_group", "topk_group", "scoring_func", "routed_scaling_factor", "seq_aux",
                        "aux_loss_alpha", "ep_size"})
@@ -234,6 +234,10 @@ def _read(c: dict[str, Any], fam: _Family, model_type: str) -> dict[str, Any]:
     out: dict[str, Any] = {"model_type": model_type}
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "intermediate_size", "vocab_size", "tie_word_embeddings"):
+        # DeepseekV2/V3Config (transformers 5) write head_dim = qk_rope_head_dim, the rotary width:
+        # no per-head width of K or V, which the MLA fields give.
+        if key == "head_dim" and model_type in ("deepseek_v2", "deepseek_v3"):
+            continue
         if get(key) is not None:
             out[key] = get(key)
     out.update(fam.fixed)
@@ -279,6 +283,10 @@ def _read_experts(c: dict[str, Any], get, model_type: str, out: dict[str, Any]) 
                     "qk_rope_head_dim", "v_head_dim"):
             if get(key) is not None:
                 out[key] = get(key)
+        qk = out.get("qk_nope_head_dim", 0) + out.get("qk_rope_head_dim", 0)
+        if get("qk_head_dim") not in (None, qk):  # transformers 5 writes it, derived: nope + rope
+            raise UnsupportedConfig("qk_head_dim", f"{get('qk_head_dim')} is not qk_nope_head_dim + qk_rope_head_dim "
+                                                   f"({qk})")
         if model_type == "deepseek_v3":
             # The MTP module (model card: 671B main model + 14B MTP) is for speculative decoding; vLLM and
             # SGLang load it only with a speculative config, so the counts leave it out and record it.

@@ -51,6 +51,7 @@ def split_weights(p: "ParamCounts", weight_format: str, experts_on_cpu: bool) ->
     place the embedding and the experts differently (llama.cpp keeps token_embd in host RAM; a
     hybrid engine keeps the routed experts there)."""
     linear_bits, embed_bits, head_bits = FORMATS[weight_format]
-    gpu = (nbytes(p.attention + p.dense_mlp + p.shared_experts, linear_bits) + nbytes(p.router + p.norms, 16)
+    small_bits = 32 if weight_format == "fp32" else 16  # norms and router stay 16-bit beside quantized layers
+    gpu = (nbytes(p.attention + p.dense_mlp + p.shared_experts, linear_bits) + nbytes(p.router + p.norms, small_bits)
            + nbytes(p.lm_head, head_bits))
     return gpu, nbytes(p.embedding, embed_bits), nbytes(p.routed_experts, linear_bits)

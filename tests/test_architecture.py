@@ -210,3 +210,12 @@ def test_known_quantization_methods_are_recorded(method):
 def test_an_unknown_quantization_method_is_refused():
     config = {**raw("llama-3.1-8b"), "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
     assert "'bitsandbytes'" in refused(config, "quantization_config.quant_method")
+
+
+def test_deepseek_v2_as_transformers_5_writes_it():
+    # DeepseekV2Config saves its derived qk_head_dim (nope + rope) and head_dim = qk_rope_head_dim.
+    config = {**json.loads((FIXTURES / "deepseek-v2-lite.json").read_text()), "qk_head_dim": 192, "head_dim": 64}
+    a = Architecture(**from_hf_config(config))
+    assert a == Architecture(**read_hf_config(FIXTURES / "deepseek-v2-lite.json"))
+    with pytest.raises(UnsupportedConfig, match="qk_head_dim"):
+        from_hf_config({**config, "qk_head_dim": 128})
