@@ -270,6 +270,14 @@ def running_lessord(config_path: Path, *args: str, timeout_s: float = HANG_S, ou
 
 
 @pytest.fixture(scope="session")
+def measure_model(tmp_path_factory) -> Path:
+    """A random bf16 Qwen2 of 291 MB (bench/torch_measure.py), large enough to measure; written once per session."""
+    from lessor.bench import torch_measure
+
+    return torch_measure.write_model(tmp_path_factory.mktemp("models") / "qwen2-291mb")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory) -> Path:
     """The project's tiny Qwen2 model, written once per test session (no download)."""
     from lessor.engines.tiny_qwen import write

@@ -15,12 +15,6 @@ from lessor.daemon.planner import kv_bytes
 CASES = range(len(torch_measure.KV_CASES))
 
 
-@pytest.fixture(scope="session")
-def measure_model(tmp_path_factory):
-    """A random bf16 Qwen2 of 291 MB, written once per session."""
-    return torch_measure.write_model(tmp_path_factory.mktemp("models") / "qwen2-291mb")
-
-
 @pytest.fixture(scope="module")
 def measurements(measure_model, tmp_path_factory):
     return asyncio.run(torch_measure.measure_all(measure_model, tmp_path_factory.mktemp("runs")))
