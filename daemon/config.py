@@ -290,6 +290,12 @@ class TimeoutsConfig(Strict):
     stop_grace: Duration = Field(default=15.0, ge=0, le=3600, description="After SIGTERM, how long an engine may take to exit before its process group gets SIGKILL.")
     adopt_s: Duration = Field(default=30.0, gt=0, le=3600, description="After a restart, how long an engine that still runs may take to answer its health check before it is stopped instead of adopted.")
     stray_grace_s: Duration = Field(default=5.0, ge=0, le=3600, description="After a restart, how long an engine found running but never recorded may take to exit after SIGTERM before SIGKILL.")
+    unload_verify_s: Duration = Field(default=10.0, ge=0, le=3600, description="After an engine stops, how long its devices' usage may take to fall by its leases; past it an event and a metric say the memory lingers (it counts as foreign until it is gone).")
+
+
+class PlannerConfig(Strict):
+    measured_margin: float = Field(default=0.03, ge=0, le=1, description="Added to a measured figure (a fingerprint of the same model, engine version, device and flags) before the plan takes max(predicted, measured): 0.03 = 3 %.")
+    oom_retries: int = Field(default=1, ge=0, le=5, description="A load that ran out of memory (its engine died of it, or it measured above its leases) is retried this many times, planned from what it measured (a smaller KV cache, or after evicting idle models); then the model is failed with every attempt's reason.")
 
 
 class ReconcilerConfig(Strict):
@@ -319,6 +325,7 @@ class LessorConfig(Strict):
     router: RouterConfig = Field(default_factory=RouterConfig, description="The OpenAI-compatible front door.")
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Engine start and stop limits.")
     reconciler: ReconcilerConfig = Field(default_factory=ReconcilerConfig, description="Measured usage against the leases, every few seconds.")
+    planner: PlannerConfig = Field(default_factory=PlannerConfig, description="How measurements feed the plans, and retries after out-of-memory.")
     mqtt: MqttConfig | None = Field(default=None, description="Publish events and state to an MQTT broker (off when unset).")
     models: list[ModelSpec] = Field(default_factory=list, description="The models lessor may load.")
 

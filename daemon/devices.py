@@ -54,6 +54,23 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
+def group_pss(leader: int) -> int:
+    """Proportional set size of a process and its descendants (an engine's workers): what its
+    process group holds in RAM, shared pages split between their users."""
+    try:
+        root = psutil.Process(leader)
+        members = [root, *root.children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0
+    total = 0
+    for member in members:
+        try:
+            total += member.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+            continue
+    return total
+
+
 def group_members(readings: Collection[DeviceReading], leaders: Collection[int]) -> set[int]:
     """Processes on a device that belong to a managed engine's process group (each engine leads
     its own): counted as managed, never as foreign. One getpgid per process NVML lists."""

@@ -229,6 +229,15 @@ class LoadFailed(LessorError):
 
 
 @dataclass
+class OutOfMemory(LoadFailed):
+    """The load ran out of memory: its engine died of it (`kind` "oom"), or it measured above its
+    leases beyond the tolerance ("overrun"). Its measurement is in the fingerprints."""
+
+    kind: str = "oom"
+    type = "out_of_memory"
+
+
+@dataclass
 class LedgerUnavailable(LessorError):
     """The ledger's database refused a write (disk full, server restarting). Nothing was granted:
     lessor never hands out memory it could not record."""

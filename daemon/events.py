@@ -136,6 +136,38 @@ class LeaseOverrun(Event):
 
 
 @dataclass(frozen=True)
+class FingerprintRecorded(Event):
+    """A load's measurement was remembered under its key (merged into what was there)."""
+    type: ClassVar[str] = "fingerprint_recorded"
+    model: str
+    key: str
+    outcome: str  # ready | overrun | oom
+    loads: int
+
+
+@dataclass(frozen=True)
+class LoadRetried(Event):
+    """A load ran out of memory; it is tried again, planned from what it measured."""
+    type: ClassVar[str] = "load_retried"
+    model: str
+    attempt: int  # the attempt that failed (1 = the first)
+    outcome: str  # overrun | oom
+    reason: str
+
+
+@dataclass(frozen=True)
+class MemoryLingering(Event):
+    """An engine stopped but its processes still hold memory on a device past timeouts.unload_verify_s
+    (`gone` false: counted as foreign from now on), or that memory is gone (`gone` true)."""
+    type: ClassVar[str] = "memory_lingering"
+    model: str
+    device: str
+    bytes: int
+    pids: tuple[int, ...]
+    gone: bool
+
+
+@dataclass(frozen=True)
 class BudgetOvercommitted(Event):
     """Processes lessor does not manage grew until the leases no longer fit the device; the policy
     chose `victims` (idle models) to evict, or none could be."""

@@ -27,7 +27,7 @@ from .config import DevicesConfig
 from .devices import DeviceReading, Probe, group_members
 from .errors import LedgerUnavailable
 from .events import Event, LeaseGranted, LeaseReleased
-from .ledger_db import STORAGE_ERRORS, engine_for, engines_table, leases_table, metadata, short_error
+from .ledger_db import STORAGE_ERRORS, engine_for, engines_table, leases_table, migrate, short_error
 from .units import format_bytes
 
 log = logging.getLogger("lessor.ledger")
@@ -136,7 +136,9 @@ class Ledger:
     async def open(cls, url: str, probe: Probe, devices: DevicesConfig, **kwargs) -> "Ledger":
         ledger = cls(engine_for(url), probe, devices, **kwargs)
         async with ledger._engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+            found, now = await conn.run_sync(migrate)
+            if found and found != now:
+                log.info("ledger schema migrated from version %d to %d", found, now)
             rows = await conn.execute(select(leases_table).where(leases_table.c.state == LeaseState.GRANTED.value))
             ledger._leases = {row.id: _row_to_lease(row) for row in rows}
             rows = await conn.execute(select(engines_table))

@@ -1,12 +1,13 @@
-"""The ledger's database: its tables, the SQLAlchemy engine for a URL (SQLite or PostgreSQL), and
-what counts as the database's trouble rather than a bug. Only daemon/ledger.py uses it."""
+"""The ledger's database: its tables and their migrations, the SQLAlchemy engine for a URL (SQLite
+or PostgreSQL), and what counts as the database's trouble rather than a bug. daemon/ledger.py
+(leases, engines) and daemon/fingerprints.py (measured footprints) use it."""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text, event
+from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text, event, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -41,6 +42,54 @@ engines_table = Table(
     Column("kv_tokens", BigInteger, nullable=False),
     Column("started_at", Float, nullable=False),
 )
+
+
+# What lessor measured of a model's engine, per key (daemon/fingerprints.py): schema version 2.
+fingerprints_table = Table(
+    "lessor_fingerprints", metadata,
+    Column("key", String(64), primary_key=True),  # digest of model, engine, version, devices, flags
+    Column("model", String(128), nullable=False, index=True),
+    Column("engine", String(32), nullable=False),
+    Column("engine_version", String(256), nullable=False),
+    Column("devices", Text, nullable=False),  # JSON: the device names of the placement, in order
+    Column("flags", Text, nullable=False),  # JSON: every argument that decides the engine's memory
+    Column("measured", Text, nullable=False),  # JSON: per device, what the samples said
+    Column("outcome", String(16), nullable=False),  # ready | overrun | oom
+    Column("loads", Integer, nullable=False),  # measurements merged into this row
+    Column("measured_at", Float, nullable=False),  # wall-clock time of the newest
+)
+
+schema_table = Table("lessor_schema", metadata, Column("version", Integer, nullable=False))
+
+# Version 1: leases and engines (the first release kept no version: its two tables say it).
+# Version 2: fingerprints. Each step runs in the transaction that opens the ledger.
+MIGRATIONS = ((leases_table, engines_table), (fingerprints_table,))
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(RuntimeError):
+    def __init__(self, found: int) -> None:
+        super().__init__(f"the ledger database has schema version {found}; this lessord knows up to "
+                         f"{SCHEMA_VERSION}: run the newer lessord, or point ledger.url at another database")
+        self.found = found
+
+
+def migrate(connection) -> tuple[int, int]:
+    """Bring the schema to SCHEMA_VERSION (synchronous: run through `run_sync`). (from, to)."""
+    tables = set(inspect(connection).get_table_names())
+    if schema_table.name in tables:
+        found = connection.execute(select(schema_table.c.version)).scalar() or 0
+    else:
+        found = 1 if leases_table.name in tables else 0
+    if found > SCHEMA_VERSION:
+        raise SchemaTooNew(found)
+    for step in MIGRATIONS[found:]:
+        metadata.create_all(connection, tables=list(step))
+    if found != SCHEMA_VERSION or schema_table.name not in tables:
+        schema_table.create(connection, checkfirst=True)
+        connection.execute(schema_table.delete())
+        connection.execute(schema_table.insert().values(version=SCHEMA_VERSION))
+    return found, SCHEMA_VERSION
 
 
 def _storage_errors() -> tuple[type[BaseException], ...]:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from ..engines.base import EngineHandle
 from .config import ModelSpec
 from .planner import Plan
-from .units import MiB
+
 
 
 class ModelState(str, Enum):
@@ -66,6 +66,7 @@ class Timeouts:
     stop_grace_s: float = 15.0
     adopt_s: float = 30.0  # an adopted engine must answer its health check within this
     stray_grace_s: float = 5.0  # SIGTERM to SIGKILL for engines found running but never recorded
+    unload_verify_s: float = 10.0  # a stopped engine's memory must be back within this
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,3 @@ class ConfigChange:
     added: tuple[str, ...]
     removed: tuple[str, ...]
     changed: tuple[str, ...]
-
-
-def verify_tolerance(leased_bytes: int) -> int:
-    """How far above its leases an engine may measure (step 5, and the reconciler after): allocator
-    rounding and the CUDA context's growth, not a second KV cache."""
-    return max(128 * MiB, leased_bytes // 20)
-
-
-def over_leases(used_bytes: int, leased_bytes: int) -> bool:
-    return used_bytes > leased_bytes + verify_tolerance(leased_bytes)

@@ -5,9 +5,12 @@
    grant it (two-phase engines only: the others sized theirs from flags at start);
 5. verify that what the engine uses is within its leases plus a tolerance.
 
+From spawn to ready a `LoadSampler` measures the engine on every device; its figures are the
+attempt's `measurements`, which the supervisor remembers as a fingerprint whatever the outcome.
 Any failure, cancellation included, stops the engine and releases every lease of the attempt in
 one shielded step. A grant the ledger refuses is a shortfall (NotEnoughMemory, with the numbers);
-everything else that breaks is LoadFailed naming the step.
+an engine that died of out-of-memory (its engine's words in its log, or SIGKILL from the kernel)
+or measured above its leases is OutOfMemory; everything else that breaks is LoadFailed naming the step.
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ from ..engines.process import free_port
 from ..policies import DeviceBudget, Rejected
 from .config import ModelSpec
 from .devices import gpu_id
-from .errors import LedgerUnavailable, LoadFailed, NotEnoughMemory, PlanRejected
+from .errors import LedgerUnavailable, LoadFailed, NotEnoughMemory, OutOfMemory, PlanRejected
+from .fingerprints import DeviceMeasurement, Outcome
 from .ledger import EnginePhase, EngineRecord, Granted, LeaseKind, Ledger
-from .lifecycle import Timeouts, over_leases, verify_tolerance
-from .planner import Plan, plan, plan_kv
+from .lifecycle import Timeouts
+from .planner import Measured, Plan, plan, plan_kv
+from .profile import over_leases, verify_tolerance
+from .sampling import LoadSampler
 from .units import format_bytes
 from .usage import UsageMeter
 
 # The typed outcomes a failed step already states well: passed on as they are.
 _AS_RAISED = (LoadFailed, LedgerUnavailable, NotEnoughMemory)
+SIGKILL_EXIT = -9  # lessor sends SIGKILL only after stop_grace: unasked, it is the kernel's OOM killer
 
 LaunchFor = Callable[[Mapping[str, Any], int, int, str], Launch]  # params, kv tokens, port, attempt
 
@@ -44,12 +51,17 @@ class Loaded:
 
 class LoadAttempt:
     def __init__(self, spec: ModelSpec, adapter: EngineAdapter, ledger: Ledger, meter: UsageMeter,
-                 timeouts: Timeouts, launch_for: LaunchFor) -> None:
+                 timeouts: Timeouts, launch_for: LaunchFor, measured: Measured | None = None,
+                 nvml: bool = False) -> None:
         self.spec, self.adapter, self.ledger, self.meter = spec, adapter, ledger, meter
-        self.timeouts, self.launch_for = timeouts, launch_for
+        self.timeouts, self.launch_for, self.measured, self.nvml = timeouts, launch_for, measured, nvml
         self.attempt = str(uuid.uuid4())
         self.handle: EngineHandle | None = None
         self.plan: Plan | None = None
+        self.sampler: LoadSampler | None = None
+        self.measurements: tuple[DeviceMeasurement, ...] = ()  # what the samples said, once it ended
+        self.outcome = ""  # a fingerprint's outcome (ready, overrun, oom), or "" when memory was not the matter
+        self._peak_leased: dict[str, int] = {}
         self.port = 0
         self.step = "plan"
 
@@ -57,20 +69,49 @@ class LoadAttempt:
         try:
             await self._steps()
         except asyncio.CancelledError:
-            await asyncio.shield(self.roll_back(f"{self.step}: cancelled"))
+            await asyncio.shield(self._end(f"{self.step}: cancelled", None))
             raise
         except Exception as exc:
-            await asyncio.shield(self.roll_back(f"{self.step}: {exc}"))
-            if isinstance(exc, _AS_RAISED):
-                raise
-            raise LoadFailed(self.spec.name, self.step, str(exc)) from exc
+            failure = await asyncio.shield(self._end(f"{self.step}: {exc}", exc))
+            raise failure from exc
+        await self._end("", None)
         assert self.handle is not None and self.plan is not None
         return Loaded(self.handle, self.plan, self.attempt)
+
+    async def _end(self, reason: str, exc: Exception | None) -> Exception | None:
+        """Stop sampling and keep what it measured; on a failure classify it and roll back."""
+        oom = self._out_of_memory(exc) if exc is not None else None
+        if self.sampler is not None:
+            await self.sampler.stop()
+            if exc is None or oom is not None:
+                self.outcome = Outcome.READY if exc is None else oom
+                self.measurements = self.sampler.measurements(self.plan.kv_tokens if self.plan else 0,
+                                                              self._peak_leased, self.spec.engine.two_phase)
+        if exc is None and reason == "":
+            return None
+        await self.roll_back(reason)
+        if oom is not None:
+            return OutOfMemory(self.spec.name, self.step, _why(exc), kind=oom)
+        if isinstance(exc, _AS_RAISED) or exc is None:
+            return exc
+        return LoadFailed(self.spec.name, self.step, str(exc))
+
+    def _out_of_memory(self, exc: Exception) -> str | None:
+        """"overrun", "oom" or None: did this failure come from memory?"""
+        if isinstance(exc, OutOfMemory):
+            return exc.kind
+        if isinstance(exc, (NotEnoughMemory, LedgerUnavailable, PlanRejected)) or self.handle is None:
+            return None
+        process = self.handle.process
+        if getattr(process, "returncode", None) == SIGKILL_EXIT:
+            return Outcome.OOM
+        text = " ".join([str(exc), *(process.tail(80) if hasattr(process, "tail") else [])])
+        return Outcome.OOM if any(marker in text for marker in self.spec.engine.oom_markers) else None
 
     async def _steps(self) -> None:
         spec = self.spec
         self.step = "grant weights"
-        first = plan(spec, self.ledger.budgets())
+        first = plan(spec, self.ledger.budgets(), measured=self.measured)
         if first.one_phase and not first.fits:  # its KV size is fixed now, so it must fit now
             raise PlanRejected(spec.name, list(first.reasons))
         # A one-phase engine allocates its KV cache while loading: every lease at once.
@@ -78,20 +119,36 @@ class LoadAttempt:
         self.plan, self.port = first, spec.engine.port or free_port()
         self.step = "start engine"
         self.handle = await self.adapter.start(self.launch_for(first.params, first.kv_tokens, self.port, self.attempt))
+        self._note_leased()
+        self.sampler = LoadSampler(self.meter, self.handle, self._devices(), self.nvml)
+        self.sampler.start()
         await self.record_engine(EnginePhase.LOADING)
         self.step = "wait for weights"
         await self.handle.wait_weights_loaded(self.timeouts.weights_s)
+        await self.sampler.mark("weights")
         if not first.one_phase:
             await self.ledger.release_model(spec.name, "weights loaded", kinds=[LeaseKind.LOAD_PEAK])
             self.step = "size kv"
             self.plan = await self._grant_kv(self.handle)
+            self._note_leased()
+            await self.sampler.mark("kv")
         self.step = "wait for ready"
         await self.handle.wait_ready(self.timeouts.ready_s)
+        steady = await self.sampler.mark("ready")
         if first.one_phase:
             await self.ledger.release_model(spec.name, "engine ready", kinds=[LeaseKind.LOAD_PEAK])
         self.step = "verify"
-        await self._verify(self.handle)
+        self._verify(steady)
         await self.record_engine(EnginePhase.READY)
+
+    def _devices(self) -> list[str]:
+        """The placement's GPUs, and the host pool where the model leases RAM there."""
+        devices = [gpu_id(i) for i in self.spec.placement.devices]
+        return devices + (["host"] if "host" in self._peak_leased else [])
+
+    def _note_leased(self) -> None:
+        for device, held in leased_by(self.ledger, self.spec.name).items():
+            self._peak_leased[device] = max(self._peak_leased.get(device, 0), held)
 
     async def _grant(self, wants, handle: EngineHandle | None = None) -> None:
         granted = await self.ledger.grant(self.spec.name, wants, self.attempt,
@@ -101,7 +158,7 @@ class LoadAttempt:
 
     async def _grant_kv(self, handle: EngineHandle) -> Plan:
         # Size the KV cache from what is left now that the weights are in, never the pre-load guess.
-        sized = plan_kv(self.spec, self.ledger.budgets())
+        sized = plan_kv(self.spec, self.ledger.budgets(), self.measured)
         if not sized.fits:
             raise PlanRejected(self.spec.name, list(sized.reasons))
         await self._grant(sized.steady_leases, handle)
@@ -109,9 +166,8 @@ class LoadAttempt:
         await handle.allocate_kv(KvGrant(sized.kv_tokens, kv_bytes, sized.params, leased_by(self.ledger, self.spec.name)))
         return sized
 
-    async def _verify(self, handle: EngineHandle) -> None:
-        """Step 5: what the engine uses must be within its leases plus a tolerance."""
-        usage = self.meter.observe(handle.pid, await handle.measure())
+    def _verify(self, usage: Mapping[str, int]) -> None:
+        """Step 5: what the engine uses (sampled at ready) must be within its leases plus a tolerance."""
         leased = leased_by(self.ledger, self.spec.name)
         over = []
         for device in (gpu_id(i) for i in self.spec.placement.devices):
@@ -121,7 +177,7 @@ class LoadAttempt:
                             f"(+{format_bytes(verify_tolerance(held))} tolerance); raise memory.weights / "
                             "memory.activation to what it really takes")
         if over:
-            raise LoadFailed(self.spec.name, "verify", "; ".join(over))
+            raise OutOfMemory(self.spec.name, "verify", "; ".join(over), kind=Outcome.OVERRUN)
 
     async def record_engine(self, phase: EnginePhase) -> None:
         handle, plan_ = self.handle, self.plan
@@ -137,6 +193,10 @@ class LoadAttempt:
             self.meter.forget(handle.pid)
         await self.ledger.forget_engine(self.spec.name)
         await self.ledger.release_attempt(self.attempt, f"load failed: {reason}")
+
+
+def _why(exc: Exception) -> str:
+    return exc.reason if isinstance(exc, LoadFailed) else str(exc)
 
 
 def shortfall_error(model: str, refused: Rejected, budgets: Mapping[str, DeviceBudget]) -> NotEnoughMemory:

@@ -18,7 +18,8 @@ from .config import ModelSpec, problems_from
 from .devices import HOST, gpu_id
 from .errors import PlanRejected
 from .ledger import LeaseKind, LeaseWant
-from .profile import DeviceMemory, Memory
+from .fingerprints import Fingerprint
+from .profile import DeviceMemory, Memory, with_measured
 from .units import format_bytes
 
 
@@ -37,6 +38,7 @@ class Plan:
     profile: Memory | None = field(default=None, compare=False)  # the memory model it planned with
     placement: tuple[str, ...] = ()
     one_phase: bool = False  # the engine allocates its KV cache while loading: all leases at once
+    fingerprint: Mapping[str, Any] | None = field(default=None, compare=False)  # the measurement it used or showed
 
     @property
     def memory(self) -> list[dict]:
@@ -62,7 +64,8 @@ class Plan:
                             "transient": w.kind == LeaseKind.LOAD_PEAK} for w in self.all_leases()],
                 "peak_bytes": self.peak_need(),
                 "reasons": list(self.reasons), "evictions": list(self.evictions), "warnings": list(self.warnings),
-                "estimated": list(self.estimated), "one_phase": self.one_phase, "memory": self.memory}
+                "estimated": list(self.estimated), "one_phase": self.one_phase, "memory": self.memory,
+                "fingerprint": dict(self.fingerprint) if self.fingerprint else None}
 
 
 def _sum(wants, exclude: LeaseKind | None = None) -> dict[str, int]:
@@ -105,18 +108,36 @@ def _wider(spec: ModelSpec, result: Plan) -> ModelSpec | None:
     return spec.model_copy(update={"plan": spec.plan.model_copy(update={"max_batch_size": batch})})
 
 
-def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapping[str, int] | None = None) -> Plan:
-    """Plan against `budgets`, counting `extra_free` bytes per device as free (what evictions would give).
+@dataclass(frozen=True)
+class Measured:
+    """A fingerprint of this model under the key of this load, and the margin to add to it."""
+
+    fingerprint: Fingerprint
+    margin: float
+
+    def applied(self, memory: Memory) -> Memory:
+        return with_measured(memory, self.fingerprint, self.margin)
+
+
+def _memory(spec: ModelSpec, measured: Measured | None) -> Memory:
+    return measured.applied(spec.profile()) if measured else spec.profile()
+
+
+def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapping[str, int] | None = None,
+         measured: Measured | None = None) -> Plan:
+    """Plan against `budgets`, counting `extra_free` bytes per device as free (what evictions would give),
+    with max(predicted, measured) per figure where a fingerprint of this key is `measured`.
     A batch chosen larger than the memory model assumed is planned once more with it (the second
     batch is no larger: more workspace leaves fewer tokens)."""
-    result = _plan(spec, budgets, extra_free)
+    result = _plan(spec, budgets, extra_free, measured)
     wider = _wider(spec, result)
-    return _plan(wider, budgets, extra_free) if wider else result
+    return _plan(wider, budgets, extra_free, measured) if wider else result
 
 
-def _plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapping[str, int] | None) -> Plan:
+def _plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapping[str, int] | None,
+          measured: Measured | None) -> Plan:
     extra_free = extra_free or {}
-    memory = spec.profile()
+    memory = _memory(spec, measured)
     loads = load_leases(spec, memory)
     if HOST not in budgets:  # devices.host.enabled: false: host RAM is not leased
         loads = tuple(w for w in loads if w.device != HOST)
@@ -131,12 +152,12 @@ def _plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapp
                   one_phase=one_phase)
 
 
-def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget]) -> Plan:
+def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], measured: Measured | None = None) -> Plan:
     """Step 4 of the load protocol: the weights are leased and in; size the KV cache from what is free now."""
     free = {d: b.free_bytes for d, b in budgets.items()}
-    result = _sized(spec, spec.profile(), budgets, free)
+    result = _sized(spec, _memory(spec, measured), budgets, free)
     wider = _wider(spec, result)
-    return _sized(wider, wider.profile(), budgets, free) if wider else result
+    return _sized(wider, _memory(wider, measured), budgets, free) if wider else result
 
 
 def _sized(spec: ModelSpec, memory: Memory, budgets: Mapping[str, DeviceBudget], room: Mapping[str, int],

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from ..engines.base import EngineArgsBase
 from ..memory.architecture import Architecture
 from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Part, Source
-from .units import SIZE_PATTERN, parse_size
+from .units import SIZE_PATTERN, MiB, format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from .fingerprints import DeviceMeasurement, Fingerprint
 
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(
     {"anyOf": [{"type": "integer", "minimum": 0},
@@ -130,3 +133,73 @@ def resolve(given: MemoryProfile, architecture: Architecture | None, weight_form
         host = (_given("host_weights", given.host_weights, Part.WEIGHTS),)
     return Memory(tuple(d for d, _, _ in per_device), sum(c.bytes for c in host), tuple(c for _, c, _ in per_device),
                   host, tuple(k for _, _, k in per_device), footprint.notes if footprint else ())
+
+
+def verify_tolerance(leased_bytes: int) -> int:
+    """How far above its leases an engine may measure (step 5, and the reconciler after): allocator
+    rounding and the CUDA context's growth, not a second KV cache."""
+    return max(128 * MiB, leased_bytes // 20)
+
+
+def over_leases(used_bytes: int, leased_bytes: int) -> bool:
+    return used_bytes > leased_bytes + verify_tolerance(leased_bytes)
+
+
+def _grown(value: float, margin: float) -> int:
+    return int(-(-value * (1 + margin) // 1))
+
+
+def measured_figures(predicted: DeviceMemory, m: "DeviceMeasurement", outcome: str) -> dict[str, float]:
+    """What one device's samples say of each planned figure (absent: they cannot tell it).
+
+    The weights and the KV cache are measured only where the engine tells them apart; the rest
+    of what it held at ready (context, activations, graphs) is what is left after them. A load
+    that died of out-of-memory needed more than it reached: at least that plus the tolerance."""
+    out: dict[str, float] = {}
+    if m.weights_bytes is not None:
+        out["weights"] = m.weights_bytes
+    if m.kv_bytes is not None and m.kv_tokens:
+        out["kv_rate"] = m.kv_bytes / m.kv_tokens
+    weights = m.weights_bytes if m.weights_bytes is not None else predicted.weights
+    kv = m.kv_bytes if m.kv_bytes is not None else int(m.kv_tokens * predicted.kv_rate)
+    if outcome == "oom":
+        reached = max(m.peak_bytes, m.leased_bytes) + verify_tolerance(m.leased_bytes)
+        if m.two_phase and not m.kv_tokens:  # it died loading its weights: the load peak was short
+            out["load_peak"] = max(0, reached - weights)
+        else:
+            out["workspace"] = max(0, reached - weights - kv)
+        return out
+    if m.steady_bytes:
+        out["workspace"] = max(0, m.steady_bytes - weights - kv)
+    # Two-phase: the load holds weights + load_peak only; one-phase: the peak above the steady state.
+    transient = m.loading_peak_bytes - weights if m.two_phase else m.peak_bytes - m.steady_bytes
+    out["load_peak"] = max(0, transient)
+    return out
+
+
+def with_measured(memory: Memory, fingerprint: "Fingerprint", margin: float) -> Memory:
+    """The profile with max(predicted, measured x (1 + margin)) per figure and device; a figure
+    the measurement raised gets a `measured` component for the difference, saying from what."""
+    devices, components, kv_sources = [], [], []
+    for index, (predicted, comps, kv_source) in enumerate(zip(memory.devices, memory.components, memory.kv_sources)):
+        if index >= len(fingerprint.devices):
+            devices.append(predicted), components.append(comps), kv_sources.append(kv_source)
+            continue
+        m = fingerprint.devices[index]
+        figures = measured_figures(predicted, m, fingerprint.outcome)
+        basis = f"fingerprint {fingerprint.digest[:8]} ({fingerprint.outcome}, {fingerprint.when()}, {m.method})"
+        changed, extra = {}, []
+        for name, part in (("weights", Part.WEIGHTS), ("workspace", Part.WORKSPACE), ("load_peak", Part.LOAD_PEAK)):
+            if name in figures and (grown := _grown(figures[name], margin)) > getattr(predicted, name):
+                changed[name] = grown
+                extra.append(Component(f"{name}_measured", grown - getattr(predicted, name), Source.MEASURED,
+                                       f"{basis}: {format_bytes(int(figures[name]))} measured + {margin:.0%}; the "
+                                       f"model said {format_bytes(getattr(predicted, name))}", part))
+        if "kv_rate" in figures and (rate := figures["kv_rate"] * (1 + margin)) > predicted.kv_rate:
+            changed["kv_rate"] = rate
+            kv_source = ("measured", f"{basis}: {figures['kv_rate']:.0f} B/token measured + {margin:.0%}; the model "
+                                     f"said {predicted.kv_rate:.0f}")
+        devices.append(replace(predicted, **changed))
+        components.append(tuple(comps) + tuple(extra))
+        kv_sources.append(kv_source)
+    return replace(memory, devices=tuple(devices), components=tuple(components), kv_sources=tuple(kv_sources))

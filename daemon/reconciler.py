@@ -26,7 +26,8 @@ from .devices import gpu_id
 from .errors import LessorError
 from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun, OverrunAction
 from .ledger import LeaseKind, Ledger
-from .lifecycle import ModelState, over_leases
+from .lifecycle import ModelState
+from .profile import over_leases
 from .supervisor import Supervisor
 from .units import format_bytes
 
@@ -126,6 +127,7 @@ class Reconciler:
         self._over_checks = {r.spec.name: n for r in ready if (n := self._over_checks.get(r.spec.name))}
         for record in ready:
             await self._check_engine(record)
+        self._supervisor.lingering.check(self._ledger.snapshot().readings)
         if self._config.evict_on_foreign_growth:
             await self._give_back()
 

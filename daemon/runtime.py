@@ -18,6 +18,7 @@ from .config import LessorConfig
 from .controller import Controller
 from .devices import Probe, make_probe
 from .events import EventBus
+from .fingerprints import FingerprintStore
 from .holder import ConfigHolder
 from .ledger import Ledger
 from .lifecycle import Timeouts
@@ -33,7 +34,7 @@ Engines = Union[Mapping[str, EngineAdapter], Callable[[Probe, Ledger], Mapping[s
 
 def timeouts_of(config: LessorConfig) -> Timeouts:
     t = config.timeouts
-    return Timeouts(t.weights, t.ready, t.stop_grace, t.adopt_s, t.stray_grace_s)
+    return Timeouts(t.weights, t.ready, t.stop_grace, t.adopt_s, t.stray_grace_s, t.unload_verify_s)
 
 
 @asynccontextmanager
@@ -47,9 +48,10 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
     try:
         ledger = await Ledger.open(config.ledger_url(), probe, holder.devices, publish=bus.publish)
         try:
+            fingerprints = await FingerprintStore.open(ledger.database)
             made = adapters() if engines is None else engines(probe, ledger) if callable(engines) else engines
             supervisor = Supervisor(holder, ledger, made, bus.publish, clock=clock, timeouts=timeouts_of(config),
-                                    probe=probe)
+                                    probe=probe, fingerprints=fingerprints)
             reconciler = Reconciler(config.reconciler, ledger, supervisor, bus.publish)
             if reconcile:
                 await _settle(reconciler, ledger, supervisor, Path(config.state_dir).absolute(), bus)

@@ -1,10 +1,13 @@
 """The supervisor: owns each model's lifecycle (the one writer of its `ModelRecord`) and runs the
 load protocol.
 
-1. plan from today's budgets; 2. admit through the policy (evictions happen here and only
-here); 3-5. the attempt (daemon/loading.py): weights + load_peak, the engine, the KV cache from
-what is really left, verify. Loads that share a device are serialized so two load peaks never
-overlap. An engine that exits on its own has its leases released the moment its process is
+1. plan from today's budgets, with the fingerprint of the same key where lessor measured one;
+2. admit through the policy (evictions happen here and only here); 3-5. the attempt
+(daemon/loading.py): weights + load_peak, the engine, the KV cache from what is really left,
+verify. What the attempt measured is remembered as a fingerprint. An attempt that ran out of
+memory is tried again (`planner.oom_retries`), planned from its measurement, then the model fails
+with every attempt's reason. Loads that share a device are serialized so two load peaks never
+overlap. An unload waits until the engine's memory is back (daemon/unloading.py). An engine that exits on its own has its leases released the moment its process is
 reaped; the model's restart policy (daemon/restarts.py) decides what comes next. Adoption after a
 restart is daemon/adoption.py.
 """
@@ -25,15 +28,19 @@ from ..policies import POLICIES, Admit, AdmissionRequest, Decision, Evict, Model
 from .adoption import Adoption, adopt
 from .config import ModelSpec
 from .devices import Probe, SimProbe, gpu_id
-from .errors import EngineUnavailable, LedgerUnavailable, ModelBusy, ModelsBusy, NotEnoughMemory, PlanRejected, UnknownModel
-from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, ModelStateChanged
+from .errors import (EngineUnavailable, LedgerUnavailable, ModelBusy, ModelsBusy, NotEnoughMemory, OutOfMemory,
+                     PlanRejected, UnknownModel)
+from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, FingerprintRecorded, LoadRetried, ModelStateChanged
+from .fingerprints import FingerprintKey, FingerprintStore
 from .holder import ConfigHolder
 from .ledger import EngineRecord, Ledger
 from .lifecycle import ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic
-from .loading import LoadAttempt, leased_by, worst_shortfall
-from .planner import Plan, plan, with_overrides
+from .loading import LoadAttempt, Loaded, leased_by, worst_shortfall
+from .planner import Measured, Plan, plan, with_overrides
 from .restarts import Restarts
+from .unloading import Lingering, verify_unload
 from .usage import UsageMeter
+from ..engines.versions import engine_version
 
 log = logging.getLogger("lessor.supervisor")
 
@@ -53,9 +60,12 @@ class MustWait:
 class Supervisor:
     def __init__(self, config: ConfigHolder, ledger: Ledger, engines: Mapping[str, EngineAdapter],
                  publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
-                 timeouts: Timeouts = Timeouts(), probe: Probe | None = None) -> None:
+                 timeouts: Timeouts = Timeouts(), probe: Probe | None = None,
+                 fingerprints: FingerprintStore | None = None) -> None:
         self._config, self._ledger, self._engines = config, ledger, engines
         self._simulated = probe is None or isinstance(probe, SimProbe)
+        self.fingerprints = fingerprints or FingerprintStore(None)
+        self.lingering = Lingering(publish)  # memory of stopped engines not yet back
         self.meter = UsageMeter(probe, lambda: self._ledger.snapshot().readings)
         self._state_dir = Path(config.current.state_dir).absolute()
         self._publish, self._clock, self._timeouts = publish, clock, timeouts
@@ -130,17 +140,59 @@ class Supervisor:
         except PlanRejected as exc:  # a dry run answers "no, because", it does not fail
             return Plan(record.spec.name, False, 0, dict(overrides or {}), (), (), tuple(exc.reasons))
         snapshot = self.policy_snapshot()
-        first, _, decision = self._decide(spec, snapshot)
+        measured = self.measured(spec)
+        first, _, decision = self._decide(spec, snapshot, measured)
+        shown = {"fingerprint": self.fingerprint_use(spec, measured)}
         if isinstance(decision, Evict):
-            result = plan(spec, snapshot.devices, _freed_by(snapshot, decision.victims))
-            return Plan(**{**result.__dict__, "evictions": decision.victims})
+            result = plan(spec, snapshot.devices, _freed_by(snapshot, decision.victims), measured)
+            return Plan(**{**result.__dict__, "evictions": decision.victims, **shown})
         if isinstance(decision, (Rejected, Queue)) and first.fits:
-            return Plan(**{**first.__dict__, "fits": False, "reasons": (decision.reason,)})
-        return first
+            return Plan(**{**first.__dict__, "fits": False, "reasons": (decision.reason,), **shown})
+        return Plan(**{**first.__dict__, **shown})
 
-    def _decide(self, spec: ModelSpec, snapshot: Snapshot) -> tuple[Plan, AdmissionRequest, Decision]:
+    # -- fingerprints --------------------------------------------------------------------------
+
+    def fingerprint_key(self, spec: ModelSpec) -> FingerprintKey:
+        """The key a load of `spec` is measured under: model, engine kind and version, device names, flags."""
+        launcher, packages = spec.engine.version_query()
+        readings = self._ledger.snapshot().readings
+        devices = tuple(readings[d].name if d in readings else d for d in (gpu_id(i) for i in spec.placement.devices))
+        engine = spec.engine
+        flags = {"engine": engine.memory_flags(), "quantization": spec.quantization, "kv_dtype": spec.kv_dtype,
+                 "placement": spec.placement.model_dump(mode="json"),
+                 "plan_batch": spec.plan.max_batch_size if getattr(engine, engine.batch_param) is None else None,
+                 "goal": spec.plan.goal}
+        return FingerprintKey(spec.name, engine.kind, engine_version(launcher, packages), devices, flags)
+
+    def measured(self, spec: ModelSpec) -> Measured | None:
+        """The fingerprint of this load's key, with the margin the config adds to it (None: none yet)."""
+        found = self.fingerprints.get(self.fingerprint_key(spec))
+        return Measured(found, self._config.current.planner.measured_margin) if found else None
+
+    def fingerprint_use(self, spec: ModelSpec, measured: Measured | None) -> dict[str, Any]:
+        """What a plan says of measurements: the one it used, and the others of this model it did not use, and why."""
+        key = self.fingerprint_key(spec)
+        used = measured.fingerprint if measured else None
+        return {"key": key.digest, "engine_version": key.engine_version, "devices": list(key.devices),
+                "used": None if used is None else {"measured_at": used.measured_at, "outcome": used.outcome,
+                                                   "loads": used.loads, "margin": measured.margin},
+                "not_used": [{"key": other.digest, "measured_at": other.measured_at, "why": key.differences(other.key)}
+                             for other in self.fingerprints.others(key)]}
+
+    async def _remember(self, spec: ModelSpec, attempt: LoadAttempt) -> None:
+        if not attempt.measurements:
+            return
+        try:
+            stored = await self.fingerprints.record(self.fingerprint_key(spec), attempt.measurements, attempt.outcome)
+        except LedgerUnavailable as exc:  # the load's own outcome matters more than its memory of it
+            log.warning("fingerprint of %s not recorded: %s", spec.name, exc)
+            return
+        self._publish(FingerprintRecorded(spec.name, stored.digest, attempt.outcome, stored.loads))
+
+    def _decide(self, spec: ModelSpec, snapshot: Snapshot,
+                measured: Measured | None = None) -> tuple[Plan, AdmissionRequest, Decision]:
         """The plan against today's budgets, the request for its worst moment, and the policy's answer."""
-        first = plan(spec, snapshot.devices)
+        first = plan(spec, snapshot.devices, measured=measured)
         request = AdmissionRequest(spec.name, first.peak_need(), spec.priority)
         return first, request, self.policy(request, snapshot)
 
@@ -174,13 +226,10 @@ class Supervisor:
             async with AsyncExitStack() as stack:
                 for device in sorted(gpu_id(i) for i in spec.placement.devices):  # sorted: no lock cycles
                     await stack.enter_async_context(self._device_locks.setdefault(device, asyncio.Lock()))
-                waits = await self._admit(spec)
-                if waits is not None:  # nothing was granted: it stays unloaded, and says why
-                    self._fail(record, ModelState.UNLOADED, waits.error.message())
-                    return waits
-                loaded = await LoadAttempt(spec, adapter, self._ledger, self.meter, self._timeouts,
-                                           lambda params, kv, port, attempt: self._launch(record, spec, params, kv,
-                                                                                         port, attempt)).run()
+                loaded = await self._attempts(record, spec, adapter)
+                if isinstance(loaded, MustWait):  # nothing was granted: it stays unloaded, and says why
+                    self._fail(record, ModelState.UNLOADED, loaded.error.message())
+                    return loaded
         except (NotEnoughMemory, LedgerUnavailable) as exc:  # nothing is held: still unloaded, not failed
             self._fail(record, ModelState.UNLOADED, str(exc))
             raise
@@ -195,6 +244,37 @@ class Supervisor:
         record.error, record.ready_at_s = "", self._clock()
         self._set_state(record, ModelState.READY)
         return record
+
+    async def _attempts(self, record: ModelRecord, spec: ModelSpec, adapter: EngineAdapter) -> Loaded | MustWait:
+        """Admit and load; an attempt that ran out of memory is admitted and tried again, planned
+        from what it measured, until `planner.oom_retries` are spent."""
+        failures: list[str] = []
+        retries = self._config.current.planner.oom_retries
+        for number in range(1, retries + 2):
+            measured = self.measured(spec)
+            try:
+                waits = await self._admit(spec, measured)
+            except NotEnoughMemory as exc:
+                if not failures:
+                    raise
+                raise OutOfMemory(spec.name, "plan", _attempts_text(failures, f"not started: {exc}")) from exc
+            if waits is not None:
+                return waits
+            attempt = LoadAttempt(spec, adapter, self._ledger, self.meter, self._timeouts,
+                                  lambda params, kv, port, a: self._launch(record, spec, params, kv, port, a),
+                                  measured, nvml=not self._simulated)
+            try:
+                return await attempt.run()
+            except OutOfMemory as exc:
+                failures.append(f"{exc.step}: {exc.reason}")
+                if number > retries:
+                    raise OutOfMemory(spec.name, exc.step, _attempts_text(failures), kind=exc.kind) from exc
+                log.warning("load of %s ran out of memory (%s); trying again planned from what it measured",
+                            spec.name, exc.kind)
+                self._publish(LoadRetried(spec.name, number, exc.kind, exc.reason))
+            finally:
+                await self._remember(spec, attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _fail(self, record: ModelRecord, state: ModelState, error: str) -> None:
         record.error = error
@@ -215,10 +295,10 @@ class Supervisor:
                       marker={"LESSOR_STATE_DIR": str(self._state_dir), "LESSOR_ATTEMPT": attempt},
                       withhold_env=tuple(k.key_env for k in self._config.current.router.api_keys if k.key_env))
 
-    async def _admit(self, spec: ModelSpec) -> MustWait | None:
+    async def _admit(self, spec: ModelSpec, measured: Measured | None) -> MustWait | None:
         """Step 2: the policy decides over a snapshot; evictions happen here and only here."""
         snapshot = self.policy_snapshot()
-        _, request, decision = self._decide(spec, snapshot)
+        _, request, decision = self._decide(spec, snapshot, measured)
         self._publish(AdmissionDecided(spec.name, AdmissionResult(type(decision).__name__.lower()),
                                        getattr(decision, "reason", ""), getattr(decision, "victims", ())))
         if isinstance(decision, Evict):
@@ -313,11 +393,16 @@ class Supervisor:
             raise ModelBusy(record.spec.name, record.state.value)
         self._set_state(record, ModelState.UNLOADING, reason)
         handle, record.handle = record.handle, None
+        held = self.leased(record.spec.name)
+        before = self._ledger.snapshot().readings if handle is not None else {}
         if handle is not None:
             await handle.stop(self._timeouts.stop_grace_s)
             self.meter.forget(handle.pid)
         await self._ledger.forget_engine(record.spec.name)
         await self._ledger.release_model(record.spec.name, reason)
+        if handle is not None:
+            await verify_unload(record.spec.name, handle.pid, held, before, lambda: self._ledger.snapshot().readings,
+                                self._timeouts.unload_verify_s, self.lingering)
         record.plan, record.overrun = None, None
         self._set_state(record, ModelState.UNLOADED, reason)
         return record
@@ -355,6 +440,13 @@ class Supervisor:
             self._models[name] = ModelRecord(new[name])
         self._config.swap(config)
         return ConfigChange(added, removed, changed)
+
+
+def _attempts_text(failures: list[str], then: str | None = None) -> str:
+    parts = [f"attempt {i}: {text}" for i, text in enumerate(failures, 1)]
+    if then:
+        parts.append(f"attempt {len(failures) + 1}: {then}")
+    return "; ".join(parts)
 
 
 def _freed_by(snapshot: Snapshot, victims: tuple[str, ...]) -> dict[str, int]:

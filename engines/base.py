@@ -9,6 +9,7 @@ their KV cache from flags at start and hold the load-peak lease until they are r
 
 from __future__ import annotations
 
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,10 @@ class EngineArgsBase(BaseModel):
     hybrid: ClassVar[bool]  # may keep MoE experts in host RAM (placement.experts: cpu)
     max_devices: ClassVar[int | None]  # GPUs one model may span; None: any number
     default_chunk_tokens: ClassVar[int]  # the prefill chunk the memory model assumes
+    packages: ClassVar[tuple[str, ...]]  # whose versions make the engine's version (none: the binary's --version)
+    oom_markers: ClassVar[tuple[str, ...]]  # what the engine logs when it runs out of memory
     FACTS: ClassVar[tuple[str, ...]] = ("title", "kv_param", "batch_param", "kv_per_sequence", "two_phase", "hybrid",
-                                        "max_devices", "default_chunk_tokens")
+                                        "max_devices", "default_chunk_tokens", "packages", "oom_markers")
 
     model_path: str = Field(description="Local path of the model (HF folder or GGUF file); never a hub id.", min_length=1)
     extra_args: list[str] = Field(default_factory=list, description="Extra argv tokens appended to the engine's command, passed without a shell.")
@@ -88,6 +91,15 @@ class EngineArgsBase(BaseModel):
     def placement_problem(self, devices: int) -> str | None:
         """Why these arguments cannot run on `devices` GPUs ("engine.FIELD: why"), or None."""
         return None
+
+    def version_query(self) -> tuple[list[str], tuple[str, ...]]:
+        """What runs the engine and whose package versions name it (engines/versions.py asks)."""
+        return list(getattr(self, "command", None) or [sys.executable]), self.packages
+
+    def memory_flags(self) -> dict[str, Any]:
+        """Every argument that decides the engine's memory, for a fingerprint's key: all but the
+        port, the model's path (the key names the model) and the KV size (measured per token)."""
+        return self.model_dump(mode="json", exclude={"port", "model_path", self.kv_param})
 
     def kv_element_bytes(self) -> tuple[float, float] | None:
         """Bytes per K and per V element where the engine's arguments set them (None: the spec's kv_dtype)."""

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from ..memory.footprint import Footprint, ModelShape
 from .base import Command, EngineArgsBase, Flags, Launch, KvGrant, ProcessAdapter, ProcessHandle, Sizing
+from .memory_model import TORCH_OOM
 
 
 class TorchEngineArgs(EngineArgsBase):
@@ -23,6 +24,8 @@ class TorchEngineArgs(EngineArgsBase):
     hybrid: ClassVar[bool] = False
     max_devices: ClassVar[int | None] = 1
     default_chunk_tokens: ClassVar[int] = 512
+    packages: ClassVar[tuple[str, ...]] = ("torch", "transformers")  # run by lessord's own Python
+    oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM
 
     kind: Literal["torch"] = Field(description="The built-in torch engine.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Weight and KV dtype.")

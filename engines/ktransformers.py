@@ -17,7 +17,7 @@ from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape
 from ..memory.params import param_counts
 from ..memory.weights import FORMATS, kv_bytes_per_token, nbytes
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing, absolute_path
-from .memory_model import CUDA_CONTEXT_ESTIMATE, GiB, MiB, even
+from .memory_model import CUDA_CONTEXT_ESTIMATE, TORCH_OOM, GiB, MiB, even
 
 CUDA_PAGE_TOKENS = 256
 DEFAULT_CHUNK_TOKENS = 256  # attn.chunk_size of ktransformers' shipped config.yaml
@@ -75,6 +75,8 @@ class KTransformersEngineArgs(EngineArgsBase):
     hybrid: ClassVar[bool] = True
     max_devices: ClassVar[int | None] = None
     default_chunk_tokens: ClassVar[int] = DEFAULT_CHUNK_TOKENS
+    packages: ClassVar[tuple[str, ...]] = ("ktransformers", "torch")
+    oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM
 
     kind: Literal["ktransformers"] = Field(description="ktransformers (hybrid CPU/GPU MoE serving).")
     command: list[str] = Field(default_factory=lambda: ["python3", "-m", "ktransformers.server.main"], min_length=1, description="The command that starts ktransformers' server.")

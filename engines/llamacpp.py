@@ -34,6 +34,10 @@ class LlamaCppEngineArgs(EngineArgsBase):
     hybrid: ClassVar[bool] = True
     max_devices: ClassVar[int | None] = None
     default_chunk_tokens: ClassVar[int] = 512
+    packages: ClassVar[tuple[str, ...]] = ()  # llama-server says its build with --version
+    # ggml-cuda.cu: "cudaMalloc failed: out of memory"; ggml-alloc.c / ggml-backend.cpp: "failed to
+    # allocate ... buffer"; llama-context: "failed to allocate compute buffers" / KV "failed to allocate buffer".
+    oom_markers: ClassVar[tuple[str, ...]] = ("out of memory", "failed to allocate", "unable to allocate")
 
     kind: Literal["llamacpp"] = Field(description="llama.cpp's llama-server.")
     server: Literal["llama-server", "llama-cpp-python"] = Field(default="llama-server", description="Which server: llama.cpp's `llama-server` binary, or `python -m llama_cpp.server` (llama-cpp-python).")
@@ -49,6 +53,11 @@ class LlamaCppEngineArgs(EngineArgsBase):
     batch_size: int = Field(default=2048, ge=1, le=1 << 20, description="-b: tokens per logical batch.")
     swa_full: bool = Field(default=False, description="--swa-full: full-size KV cache for sliding-window layers too (Gemma 2/3); off, each such layer keeps about window x slots + ubatch cells.")
     kv_unified: bool = Field(default=False, description="-kvu: one KV cache shared by all slots (llama-server's own choice when --parallel is not given); off, each slot gets ctx_size / parallel.")
+
+    def version_query(self) -> tuple[list[str], tuple[str, ...]]:
+        if self.server == "llama-cpp-python":
+            return [sys.executable if self.binary == "llama-server" else self.binary], ("llama_cpp_python",)
+        return [self.binary], ()
 
     def chunk_tokens(self) -> int:
         return self.ubatch_size

@@ -9,6 +9,10 @@ from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape
 from ..memory.params import ParamCounts, param_counts
 from ..memory.weights import DTYPE_BYTES, FORMATS, kv_bytes_per_token, nbytes, split_weights
 
+# What PyTorch raises when an allocation fails (torch 2.x: torch.OutOfMemoryError, "CUDA out of
+# memory. Tried to allocate ..."; on the CPU its allocator's "can't allocate memory").
+TORCH_OOM = ("torch.OutOfMemoryError", "CUDA out of memory", "OutOfMemoryError", "DefaultCPUAllocator: can't allocate memory")
+
 GiB = 1 << 30
 MiB = 1 << 20
 # A CUDA context with cuBLAS, for engines that do not log their own (estimate; vLLM 0.19 measured

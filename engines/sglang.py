@@ -17,7 +17,7 @@ from pydantic import Field
 from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Source
 from ..memory.weights import kv_bytes_per_token
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing
-from .memory_model import MiB, rank_weights
+from .memory_model import TORCH_OOM, MiB, rank_weights
 from .vllm import CUDA_CONTEXT, NCCL_FIRST_GROUP
 
 MISC = 512 * MiB  # attention metadata, sampler, misc: server_args' reserve heuristic
@@ -34,6 +34,9 @@ class SGLangEngineArgs(EngineArgsBase):
     hybrid: ClassVar[bool] = False
     max_devices: ClassVar[int | None] = None
     default_chunk_tokens: ClassVar[int] = 4096
+    packages: ClassVar[tuple[str, ...]] = ("sglang", "torch")
+    # SGLang's model_runner raises "Not enough memory. Please try to increase --mem-fraction-static."
+    oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM + ("Not enough memory",)
 
     kind: Literal["sglang"] = Field(description="SGLang's server.")
     command: list[str] = Field(default_factory=lambda: ["python3", "-m", "sglang.launch_server"], min_length=1, description="The command that starts SGLang's server.")

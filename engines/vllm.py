@@ -18,7 +18,7 @@ from pydantic import Field
 from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Source
 from ..memory.weights import kv_bytes_per_token
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing
-from .memory_model import GiB, MiB, rank_weights
+from .memory_model import TORCH_OOM, GiB, MiB, rank_weights
 
 CALIBRATION = "vLLM 0.19.0 on H100 80GB, llm-d-planner PR #205"
 CUDA_CONTEXT = int(0.51 * GiB)  # init_non_torch at tp=pp=1 (driver, cuBLAS handles)
@@ -57,6 +57,11 @@ class VLLMEngineArgs(EngineArgsBase):
     hybrid: ClassVar[bool] = False
     max_devices: ClassVar[int | None] = None
     default_chunk_tokens: ClassVar[int] = 8192
+    packages: ClassVar[tuple[str, ...]] = ("vllm", "torch")
+    # vLLM 0.19 v1/core/kv_cache_utils.py: no room for the cache after profiling, or less than one
+    # max_model_len sequence; torch's own when the profile run or a graph capture does not fit.
+    oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM + ("No available memory for the cache blocks",
+                                                          "larger than the available KV cache memory")
 
     kind: Literal["vllm"] = Field(description="vLLM's OpenAI server.")
     command: list[str] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1, description="The command that starts vLLM's server, before the model path.")

@@ -1,0 +1,102 @@
+"""An unload is verified: after an engine stops, the processes of its group must be gone from
+its devices' readings within `timeouts.unload_verify_s`. Memory still held then (a zombie, as in
+Ollama #9625) is announced and kept in `Lingering` until a later reading no longer shows it.
+
+Its leases are released all the same: what lingers belongs to no managed engine any more, so the
+budget already counts it as foreign (used − managed) and no plan hands it out twice."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from .devices import DeviceReading
+from .events import Event, MemoryLingering
+from .profile import verify_tolerance
+from .units import format_bytes
+
+log = logging.getLogger("lessor.supervisor")
+
+POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Held:
+    model: str
+    device: str
+    pids: tuple[int, ...]
+    bytes: int
+
+
+def _group(reading: DeviceReading, leader: int) -> tuple[int, ...]:
+    """The pids a reading lists for the engine's process group (read before it stops: after, a
+    dead process has no group to ask about)."""
+    def in_group(pid: int) -> bool:
+        try:
+            return pid == leader or os.getpgid(pid) == leader
+        except (ProcessLookupError, PermissionError):
+            return False
+    return tuple(pid for pid in reading.processes if in_group(pid))
+
+
+def still_held(readings: Mapping[str, DeviceReading], device: str, pids: tuple[int, ...]) -> int:
+    reading = readings.get(device)
+    return sum(reading.processes.get(pid, 0) for pid in pids) if reading else 0
+
+
+async def verify_unload(model: str, leader: int, leased: Mapping[str, int], before: Mapping[str, DeviceReading],
+                        read: Callable[[], Mapping[str, DeviceReading]], timeout_s: float,
+                        lingering: "Lingering") -> None:
+    """Wait (polling the probe) until the engine's processes hold nothing on its GPUs, at most
+    `timeout_s`; what they still hold then is announced and tracked."""
+    pids = {d: _group(r, leader) for d, r in before.items() if r.is_gpu and d in leased}
+    pids = {d: p for d, p in pids.items() if p}
+    if not pids:
+        return
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        readings = read()
+        held = {d: b for d, p in pids.items() if (b := still_held(readings, d, p)) > verify_tolerance(0)}
+        if not held or asyncio.get_running_loop().time() >= deadline:
+            break
+        await asyncio.sleep(POLL_S)
+    for device, nbytes in held.items():
+        lingering.add(Held(model, device, pids[device], nbytes))
+
+
+class Lingering:
+    """Memory of stopped engines that their processes still hold, per (model, device)."""
+
+    def __init__(self, publish: Callable[[Event], None]) -> None:
+        self._publish = publish
+        self._held: dict[tuple[str, str], Held] = {}
+        self.unverified = 0  # unloads whose memory was not back in time, since start
+
+    def add(self, held: Held) -> None:
+        self.unverified += 1
+        self._held[(held.model, held.device)] = held
+        log.warning("model %s: its stopped engine still holds %s on %s (pids %s); counted as foreign until gone",
+                    held.model, format_bytes(held.bytes), held.device, ", ".join(map(str, held.pids)))
+        self._publish(MemoryLingering(held.model, held.device, held.bytes, held.pids, False))
+
+    def check(self, readings: Mapping[str, DeviceReading]) -> None:
+        """The reconciler's look: what is gone now is said once and forgotten."""
+        for key, held in list(self._held.items()):
+            now = still_held(readings, held.device, held.pids)
+            if now <= verify_tolerance(0):
+                del self._held[key]
+                self._publish(MemoryLingering(held.model, held.device, held.bytes, held.pids, True))
+            elif now != held.bytes:
+                self._held[key] = Held(held.model, held.device, held.pids, now)
+
+    def bytes_by_device(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for held in self._held.values():
+            out[held.device] = out.get(held.device, 0) + held.bytes
+        return out
+
+    def items(self) -> list[Held]:
+        return list(self._held.values())

@@ -1,0 +1,57 @@
+"""Which version of an engine a command runs, for the key of a memory fingerprint: the package
+metadata of the Python that runs it, or a binary's `--version`. Cached per executable and its
+modification time (an upgrade in place changes it); never imports the engine."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+_ASK = "import importlib.metadata as m, sys\nfor p in sys.argv[1:]:\n    try: print(p, m.version(p))\n    except m.PackageNotFoundError: print(p, 'not-installed')"
+
+
+def engine_version(launcher: list[str], packages: tuple[str, ...]) -> str:
+    """`packages`' versions as the command's interpreter sees them ("vllm 0.19.0"), or the first
+    line of a binary's `--version` when `packages` is empty. "unknown: why" when it cannot tell."""
+    executable = shutil.which(launcher[0]) if launcher else None
+    if executable is None:
+        return f"unknown: {launcher[0] if launcher else 'no command'} not found"
+    try:
+        mtime = os.stat(executable).st_mtime_ns
+    except OSError as exc:
+        return f"unknown: {exc.strerror}"
+    return _version(executable, mtime, packages)
+
+
+@functools.lru_cache(maxsize=64)
+def _version(executable: str, _mtime: int, packages: tuple[str, ...]) -> str:
+    interpreter = _interpreter(executable)
+    if packages and interpreter:
+        argv = [interpreter, "-c", _ASK, *packages]
+    else:
+        argv = [executable, "--version"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown: {type(exc).__name__}"
+    lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    if packages and interpreter:
+        return ", ".join(lines[:len(packages)]) or "unknown"
+    return next((line for line in lines if "version" in line.lower()), lines[0] if lines else "unknown")[:200]
+
+
+def _interpreter(executable: str) -> str | None:
+    """The Python behind a command: itself, or the interpreter of a console script's shebang."""
+    if Path(executable).name.startswith("python"):
+        return executable
+    try:
+        with open(executable, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        return None
+    if first.startswith(b"#!") and b"python" in first:
+        return first[2:].decode(errors="replace").split()[0]
+    return None
