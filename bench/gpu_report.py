@@ -14,10 +14,14 @@ def compare(row: dict, measured_by: str) -> list[dict]:
     sources = {p: ", ".join(sorted({f"{c['name']} ({c['source']})" for c in memory if c.get("part") == p}))
                for p in part}
     engine, kv = row["engine"], row["leased"].get("kv", 0)
-    rest = row["steady_bytes"] - engine["weights_bytes"] - engine["kv_bytes"]
+    # The engine's own measurement (CUDA: torch's reserved bytes; CPU: its anonymous memory) per phase.
+    own = engine.get("measured") or {}
+    weights = own.get("weights_bytes") or engine["weights_tensor_bytes"]
+    kv_held = own.get("kv_bytes") or engine["kv_tensor_bytes"]
+    rest = row["steady_bytes"] - weights - kv_held
     return [
-        _row("weights", part["weights"], engine["weights_bytes"], sources["weights"], "engine's parameters and buffers"),
-        _row("kv", kv, engine["kv_bytes"], "the kv lease (kv_per_token x tokens)", "engine's cache tensors"),
+        _row("weights", part["weights"], weights, sources["weights"], "the engine, when its weights were in"),
+        _row("kv", kv, kv_held, "the kv lease (kv_per_token x tokens)", "the engine, what allocating its cache added"),
         _row("workspace", part["workspace"], rest, sources["workspace"], f"steady {measured_by} - weights - kv"),
         _row("steady", part["weights"] + part["workspace"] + kv, row["steady_bytes"], "weights + workspace + kv",
              f"{measured_by}, median of 5 samples after ready"),
@@ -65,7 +69,7 @@ def _load_lines(row: dict) -> list[str]:
         return lines + [f"    | {line}" for line in row.get("engine_log", "").splitlines()[-6:]]
     evicted = f"; evicted {', '.join(row['evicted'])}" if row["evicted"] else ""
     lines = [f"{head} ready in {row['load_s']:.2f} s = {row['load_s'] / row['expected_load_s']:.1f}x the time its "
-             f"{size(row['engine']['weights_bytes'])} of weights take at the copy bandwidth "
+             f"{size(row['engine']['weights_tensor_bytes'])} of weights take at the copy bandwidth "
              f"({row['expected_load_s']:.2f} s){evicted}; params {row['params']}",
              f"  {'component':<10} {'predicted':>11} {'measured':>11} {'meas/pred':>9}  predicted from / measured as"]
     for c in row["components"]:
@@ -96,8 +100,13 @@ def _budget_lines(b: dict) -> list[str]:
 
 
 def _fingerprint_lines(f: dict) -> list[str]:
-    if not f["available"] and "status" not in f:
-        return ["fingerprints: GET /admin/v1/fingerprints is not available in this build (404)"]
     if not f["available"]:
         return [f"fingerprints: GET /admin/v1/fingerprints answered {f['status']}"]
-    return ["fingerprints (GET /admin/v1/fingerprints):"] + [f"  {row}" for row in f["rows"]]
+    lines = ["fingerprints (GET /admin/v1/fingerprints: what lessord measured and will plan the next load of each key from):"]
+    for row in f["rows"]:
+        lines.append(f"  {row['model']:<18} {row['outcome']:<8} {row['loads']} load(s)  {row['engine_version']}  on {', '.join(row['devices'])}")
+        for m in row["measured"]:
+            told = "" if m["weights_bytes"] is None else f"  weights {size(m['weights_bytes'])}  kv {size(m['kv_bytes'] or 0)}"
+            lines.append(f"    {m['device']:<6} {m['method']:<7} peak {size(m['peak_bytes'])}  steady {size(m['steady_bytes'])}{told}")
+    return lines
+

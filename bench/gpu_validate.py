@@ -250,7 +250,7 @@ def load(daemon: Daemon, sampler: Sampler, name: str, step: str, bandwidth: floa
     row.update(leased=model["leased_bytes"], params=model["params"], engine=engine_state,
                steady_bytes=steady(settled, name),
                peak_bytes=max((s.engines.get(name, 0) for s in sampler.between(t0, t1)), default=0))
-    row["expected_load_s"] = engine_state["weights_bytes"] / bandwidth
+    row["expected_load_s"] = engine_state["weights_tensor_bytes"] / bandwidth
     row["components"] = compare(row, "PSS" if daemon.host else "NVML")
     return row
 
@@ -272,8 +272,6 @@ def chat(daemon: Daemon, name: str) -> dict:
 
 def fingerprints(daemon: Daemon, names: list[str]) -> dict:
     status, body = daemon.api("GET", "/admin/v1/fingerprints")
-    if status == 404:
-        return {"available": False}
     rows = [r for r in body if isinstance(r, dict) and r.get("model") in names] if isinstance(body, list) else []
     return {"available": status == 200, "status": status, "rows": rows}
 

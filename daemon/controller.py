@@ -86,12 +86,7 @@ class Controller:
         if model is not None:
             name = self.supervisor.resolve(model).spec.name
             rows = [f for f in rows if f.key.model == name]
-        current = {}
-        for record in self.supervisor.records():
-            try:
-                current[record.spec.name] = self.supervisor.fingerprint_key(record.spec).digest
-            except KeyError:  # its device is gone from the config
-                continue
+        current = {r.spec.name: self.supervisor.fingerprint_key(r.spec).digest for r in self.supervisor.records()}
         return [{**f.to_dict(), "applies": current.get(f.key.model) == f.digest} for f in rows]
 
     async def forget_fingerprint(self, key: str) -> dict[str, Any]:

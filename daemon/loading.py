@@ -89,9 +89,10 @@ class LoadAttempt:
                                                               self._peak_leased, self.spec.engine.two_phase)
         if exc is None and reason == "":
             return None
+        at_failure = self._devices_now() if oom is not None else ""
         await self.roll_back(reason)
         if oom is not None:
-            return OutOfMemory(self.spec.name, self.step, _why(exc), kind=oom)
+            return OutOfMemory(self.spec.name, self.step, f"{_why(exc)}{at_failure}", kind=oom)
         if isinstance(exc, _AS_RAISED) or exc is None:
             return exc
         return LoadFailed(self.spec.name, self.step, str(exc))
@@ -140,6 +141,13 @@ class LoadAttempt:
         self.step = "verify"
         self._verify(steady)
         await self.record_engine(EnginePhase.READY)
+
+    def _devices_now(self) -> str:
+        """Each device's usage as the probe reads it at the failure (NVML on GPUs), for its message."""
+        readings = self.ledger.snapshot().readings
+        shown = [f"{d} {format_bytes(readings[d].used_bytes)} used of {format_bytes(readings[d].total_bytes)}"
+                 for d in self._devices() if d in readings]
+        return f" (at the failure: {', '.join(shown)})" if shown else ""
 
     def _devices(self) -> list[str]:
         """The placement's GPUs, and the host pool where the model leases RAM there."""

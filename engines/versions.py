@@ -31,6 +31,8 @@ def _version(executable: str, _mtime: int, packages: tuple[str, ...]) -> str:
     interpreter = _interpreter(executable)
     if packages and interpreter:
         argv = [interpreter, "-c", _ASK, *packages]
+    elif packages:  # a wrapper script: asking it --version might start the engine itself
+        return f"unknown: {Path(executable).name} is not a Python command"
     else:
         argv = [executable, "--version"]
     try:

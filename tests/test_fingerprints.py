@@ -180,3 +180,21 @@ def test_a_fingerprint_row_round_trips():
     row.__dict__.update(f.row())
     assert Fingerprint.from_row(row) == f
     assert json.loads(f.row()["flags"]) == dict(KEY.flags)
+
+
+def test_an_engines_version_is_its_packages_or_its_binarys(tmp_path):
+    import sys
+
+    from lessor.engines.versions import engine_version
+
+    assert engine_version([sys.executable], ("torch",)).startswith("torch 2.")
+    assert engine_version([sys.executable], ("surely-not-a-package",)) == "surely-not-a-package not-installed"
+    assert engine_version(["no-such-engine-binary"], ()) == "unknown: no-such-engine-binary not found"
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\necho 'version: 6789 (abc123)'\necho 'built with cc' >&2\n")
+    binary.chmod(0o755)
+    assert engine_version([str(binary)], ()) == "version: 6789 (abc123)"
+    wrapper = tmp_path / "serve.sh"
+    wrapper.write_text("#!/bin/sh\nexit 1\n")
+    wrapper.chmod(0o755)
+    assert engine_version([str(wrapper)], ("vllm",)) == "unknown: serve.sh is not a Python command"

@@ -53,4 +53,6 @@ def test_host_mode_reports_every_figure(tmp_path):
     budget = result["budget"]
     assert budget["budget_bytes"] == budget["cap_bytes"] - budget["headroom_bytes"] - budget["foreign_bytes"]
     assert budget["engines_peak_bytes"] > 0 and result["bandwidth_bytes_per_s"] > 0
-    assert "fingerprints" in text
+    assert capped["fingerprints"]["available"]
+    assert {r["model"] for r in capped["fingerprints"]["rows"]} >= {"qwen2.5-3b", "deepseek-v2-lite"}
+    assert "fingerprints (GET /admin/v1/fingerprints" in text

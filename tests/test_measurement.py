@@ -3,6 +3,7 @@ faked at the process boundary and the GPUs simulated (a probe that can keep a st
 memory, as a zombie would)."""
 
 import asyncio
+from dataclasses import replace
 
 from lessor.daemon.config import SimulatedGpu
 from lessor.daemon.devices import SimProbe
@@ -99,3 +100,25 @@ async def test_an_unload_whose_memory_comes_back_says_nothing(env):
     await controller.unload("qwen")
     assert drain_events(events, "memory_lingering") == []
     assert controller.supervisor.lingering.unverified == 0
+
+
+async def test_a_measurement_under_another_engine_version_is_shown_not_used(env):
+    controller, adapter, _ = await env([torch_model("qwen", "4GiB")])
+    adapter.measured = {"gpu0": 7 * GiB}
+    await controller.load("qwen")  # overruns, then loads from its measurement
+    supervisor = controller.supervisor
+    spec = supervisor.resolve("qwen").spec
+    [mine] = supervisor.fingerprints.all()
+    older = replace(mine.key, engine_version="torch 2.12.0, transformers 5.0.0")
+    await supervisor.fingerprints.record(older, mine.devices, Outcome.READY)
+    plan = controller.plan("qwen")
+    assert plan["fingerprint"]["key"] == supervisor.fingerprint_key(spec).digest == mine.digest
+    assert plan["fingerprint"]["used"]["loads"] == mine.loads
+    [other] = plan["fingerprint"]["not_used"]
+    assert other["key"] == older.digest and "engine version 'torch 2.12.0, transformers 5.0.0', now" in other["why"][0]
+    listed = {f["key"]: f["applies"] for f in controller.fingerprints("qwen")}
+    assert listed == {mine.digest: True, older.digest: False}
+    # Forgotten, the plan goes back to the memory model (the config's 4 GiB of weights).
+    await controller.forget_fingerprint(mine.digest)
+    weights = [m for m in controller.plan("qwen")["memory"] if m["part"] == "weights"]
+    assert [(m["name"], m["source"]) for m in weights] == [("weights", "given")]

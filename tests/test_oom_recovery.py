@@ -4,6 +4,8 @@ while the other models keep serving; a torch engine that holds more than predict
 from what lessor measured, and fits, on the retry and after a restart."""
 
 import subprocess
+import urllib.error
+import urllib.request
 import sys
 from pathlib import Path
 
@@ -68,3 +70,18 @@ def test_a_torch_engine_holding_more_than_predicted_is_planned_from_its_measurem
         assert metric(url, "lessor_load_retries_total") == 0.0
         [fingerprint] = admin.call("GET", "/admin/v1/fingerprints?model=heavy")[1]
         assert fingerprint["loads"] == 3 and fingerprint["applies"] and fingerprint["measured"][0]["method"] == "engine"
+        # The operator's view and their way to forget it.
+        shown = subprocess.run([str(Path(sys.executable).parent / "lessor"), "fingerprints", "--admin", url],
+                               capture_output=True, text=True, timeout=HANG_S)
+        assert shown.returncode == 0 and "heavy" in shown.stdout and "[applies now]" in shown.stdout, shown
+        key = fingerprint["key"]
+        anonymous = urllib.request.Request(f"{url}/admin/v1/fingerprints/{key}", method="DELETE")
+        try:
+            urllib.request.urlopen(anonymous, timeout=HANG_S)
+            raise AssertionError("DELETE without the admin token was accepted")
+        except urllib.error.HTTPError as refused:
+            assert refused.code == 401
+        assert admin.call("DELETE", f"/admin/v1/fingerprints/{key}")[0] == 200
+        status, error = admin.call("DELETE", f"/admin/v1/fingerprints/{key}")
+        assert status == 404 and error["error"]["type"] == "fingerprint_not_found" and error["error"]["field"] == "key"
+        assert admin.call("POST", "/admin/v1/plan", {"model": "heavy"})[1]["fingerprint"]["used"] is None
