@@ -69,6 +69,10 @@ def _errors_of(route) -> dict[str, Any]:
     if route.method == "POST" and route.path.endswith("/plan"):
         out["404"] = _error("Unknown model")
         out["422"] = _error("The engine parameters break an engine rule")
+    if "/fingerprints" in route.path:
+        out["404"] = _error("No fingerprint with this key" if "{key}" in route.path else "Unknown model (?model=)")
+    if route.method == "DELETE" and "/fingerprints/" in route.path:
+        out["503"] = _error("The ledger's database refused the write")
     if route.path.endswith("/foreign"):
         out["400"] = _error("Not a simulated device, or a bad body")
         out["404"] = _error("Unknown device")

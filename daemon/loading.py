@@ -69,33 +69,42 @@ class LoadAttempt:
         try:
             await self._steps()
         except asyncio.CancelledError:
-            await asyncio.shield(self._end(f"{self.step}: cancelled", None))
+            await asyncio.shield(self._end(f"{self.step}: cancelled", None, finished=False))
             raise
         except Exception as exc:
-            failure = await asyncio.shield(self._end(f"{self.step}: {exc}", exc))
+            failure = await asyncio.shield(self._end(f"{self.step}: {exc}", exc, finished=False))
             raise failure from exc
-        await self._end("", None)
+        await self._end("", None, finished=True)
         assert self.handle is not None and self.plan is not None
         return Loaded(self.handle, self.plan, self.attempt)
 
-    async def _end(self, reason: str, exc: Exception | None) -> Exception | None:
-        """Stop sampling and keep what it measured; on a failure classify it and roll back."""
-        oom = self._out_of_memory(exc) if exc is not None else None
-        if self.sampler is not None:
-            await self.sampler.stop()
-            if exc is None or oom is not None:
-                self.outcome = Outcome.READY if exc is None else oom
-                self.measurements = self.sampler.measurements(self.plan.kv_tokens if self.plan else 0,
-                                                              self._peak_leased, self.spec.engine.two_phase)
-        if exc is None and reason == "":
+    async def _end(self, reason: str, exc: Exception | None, finished: bool) -> Exception | None:
+        """Stop sampling and keep what it measured; on a failure roll back, then say what failed
+        (OutOfMemory where memory was the cause). The roll-back runs whatever the rest raises."""
+        oom = None
+        try:
+            oom = self._out_of_memory(exc) if exc is not None else None
+            await self._keep_measurements(finished, oom)
+            at_failure = self._devices_now() if oom is not None else ""
+        finally:
+            if not finished:
+                await self.roll_back(reason)
+        if exc is None:
             return None
-        at_failure = self._devices_now() if oom is not None else ""
-        await self.roll_back(reason)
         if oom is not None:
             return OutOfMemory(self.spec.name, self.step, f"{_why(exc)}{at_failure}", kind=oom)
-        if isinstance(exc, _AS_RAISED) or exc is None:
-            return exc
-        return LoadFailed(self.spec.name, self.step, str(exc))
+        return exc if isinstance(exc, _AS_RAISED) else LoadFailed(self.spec.name, self.step, str(exc))
+
+    async def _keep_measurements(self, finished: bool, oom: str | None) -> None:
+        """What the samples said, for the fingerprint: of a finished load, or of one memory ended
+        (a load cancelled or failed for another reason measured nothing worth remembering)."""
+        if self.sampler is None:
+            return
+        await self.sampler.stop()
+        if finished or oom is not None:
+            self.outcome = Outcome.READY if finished else oom
+            self.measurements = self.sampler.measurements(self.plan.kv_tokens if self.plan else 0,
+                                                          self._peak_leased, self.spec.engine.two_phase)
 
     def _out_of_memory(self, exc: Exception) -> str | None:
         """"overrun", "oom" or None: did this failure come from memory?"""
@@ -103,7 +112,7 @@ class LoadAttempt:
             return exc.kind
         if isinstance(exc, (NotEnoughMemory, LedgerUnavailable, PlanRejected)) or self.handle is None:
             return None
-        process = self.handle.process
+        process = getattr(self.handle, "process", None)
         if getattr(process, "returncode", None) == SIGKILL_EXIT:
             return Outcome.OOM
         text = " ".join([str(exc), *(process.tail(80) if hasattr(process, "tail") else [])])

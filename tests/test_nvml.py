@@ -66,3 +66,12 @@ async def test_torch_engine_on_a_real_gpu_stays_within_its_leases(tiny_qwen, tmp
         leased = sum(model["leased_bytes"].values())
         assert 0 < used <= leased + max(128 << 20, leased // 20), (used, model["leased_bytes"])
         await controller.unload("tiny")
+        # The load was sampled through NVML and remembered under the card's name and torch's version.
+        [fingerprint] = controller.fingerprints("tiny")
+        m = fingerprint["measured"][0]
+        assert fingerprint["devices"] == [reading.name] and fingerprint["engine_version"].startswith("torch ")
+        assert m["method"] in ("nvml", "engine") and m["peak_bytes"] >= m["steady_bytes"] >= used // 2 > 0
+        assert m["weights_bytes"] and m["kv_bytes"] is not None
+        # The unload was verified: the engine's process group is gone from the card.
+        assert controller.supervisor.lingering.unverified == 0
+        assert controller.devices()[0]["lingering_bytes"] == 0

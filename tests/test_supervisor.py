@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from lessor.daemon.errors import EngineUnavailable, LoadFailed, ModelBusy, NotEnoughMemory
+from lessor.daemon.errors import EngineUnavailable, LoadFailed, ModelBusy, NotEnoughMemory, OutOfMemory
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
@@ -221,8 +221,21 @@ async def test_an_exit_report_from_an_older_engine_is_ignored(env):
 
 
 async def test_usage_over_the_leases_fails_verification(env):
-    controller, adapter, _ = await env([torch_model("a", "4GiB")])
+    controller, adapter, _ = await env([torch_model("a", "4GiB")], planner={"oom_retries": 0})
     adapter.measured = {"gpu0": 9 * GiB}  # far above 4 GiB of weights + the KV lease
-    with pytest.raises(LoadFailed, match="verify.*the engine uses 9.0 GiB"):
+    with pytest.raises(OutOfMemory, match="verify.*the engine uses 9.0 GiB"):
         await controller.load("a")
-    assert controller.leases("a") == [] and adapter.handles[-1].stopped
+    assert controller.leases("a") == [] and adapter.handles[-1].stopped and len(adapter.handles) == 1
+
+
+async def test_a_retry_whose_measurement_does_not_fit_fails_with_both_attempts(env):
+    controller, adapter, _ = await env([torch_model("a", "4GiB")])
+    adapter.measured = {"gpu0": 15 * GiB}  # 15 GiB free on the card: 15 GiB + 3 % does not fit
+    with pytest.raises(OutOfMemory) as failed:
+        await controller.load("a")
+    message = str(failed.value)
+    assert "attempt 1: verify: gpu0: the engine uses 15.0 GiB" in message
+    assert "attempt 2: not started:" in message and "needs 16.5 GiB on gpu0, 15.0 GiB is free" in message
+    model = controller.model("a")
+    assert model["state"] == "failed" and "attempt 2" in model["error"] and controller.leases("a") == []
+    assert len(adapter.handles) == 1, "the retry was planned, found not to fit, and never started"
