@@ -118,7 +118,7 @@ def render_fingerprints(rows: list[dict[str, Any]]) -> str:
         return "no fingerprints yet: every load records one"
     lines = []
     for f in rows:
-        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(f["measured_at"]))
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(f["measured_at_s"]))
         lines.append(f"{f['key']}  {f['model']}  {f['engine']} ({f['engine_version']})  on {', '.join(f['devices'])}"
                      f"  {f['outcome']}, {f['loads']} load(s), {when}{'  [applies now]' if f.get('applies') else ''}")
         for m in f["measured"]:
@@ -156,10 +156,10 @@ def _render_fingerprint_use(use: dict[str, Any] | None) -> list[str]:
     used = use.get("used")
     when = (lambda t: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)))
     lines = [f"  measured: fingerprint {use['key'][:8]} ({use['engine_version']} on {', '.join(use['devices'])}): "
-             + (f"used, {used['outcome']} on {when(used['measured_at'])}, {used['loads']} load(s), "
+             + (f"used, {used['outcome']} on {when(used['measured_at_s'])}, {used['loads']} load(s), "
                 f"+{used['margin']:.0%} margin" if used else "none yet (the first load measures it)")]
     for other in use.get("not_used", []):
-        lines.append(f"  not used: fingerprint {other['key'][:8]} of {when(other['measured_at'])}: {'; '.join(other['why'])}")
+        lines.append(f"  not used: fingerprint {other['key'][:8]} of {when(other['measured_at_s'])}: {'; '.join(other['why'])}")
     return lines
 
 

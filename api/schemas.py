@@ -115,7 +115,7 @@ class FingerprintUse(Out):
     key: str = Field(description="the key this load is measured under (model, engine version, devices, flags)")
     engine_version: str
     devices: list[str] = Field(description="device names of the placement")
-    used: dict[str, Any] | None = Field(description="the fingerprint of this key the plan used (measured_at, outcome, loads, margin), or null")
+    used: dict[str, Any] | None = Field(description="the fingerprint of this key the plan used (measured_at_s, outcome, loads, margin), or null")
     not_used: list[dict[str, Any]] = Field(description="this model's measurements under other keys, each with why it does not apply")
 
 
@@ -156,8 +156,8 @@ class FingerprintOut(Out):
     devices: list[str] = Field(description="device names of the placement")
     flags: dict[str, Any] = Field(description="every argument that decides the engine's memory")
     outcome: Literal["ready", "overrun", "oom"]
-    loads: int = Field(description="measurements merged into it (each figure keeps the largest)")
-    measured_at: float
+    loads: int = Field(description="loads measured under this key; the figures are the newest one's")
+    measured_at_s: float = Field(description="wall-clock seconds of the newest measurement")
     measured: list[DeviceMeasurementOut]
     applies: bool = Field(default=False, description="a load of this model now has this key: its plan uses it")
 

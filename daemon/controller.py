@@ -81,18 +81,21 @@ class Controller:
                 "overrun": record.overrun}
 
     def fingerprints(self, model: str | None = None) -> list[dict[str, Any]]:
-        """What lessor measured, per key; each says whether a load of its model now would use it."""
-        rows = self.supervisor.fingerprints.all()
+        """What lessor measured, per key; each says whether a load of its model now would use it.
+        `model` may name one the config no longer has: its measurements are still listed."""
+        fingerprinting = self.supervisor.fingerprinting
+        rows = fingerprinting.store.all()
         if model is not None:
-            name = self.supervisor.resolve(model).spec.name
-            rows = [f for f in rows if f.key.model == name]
-        current = {r.spec.name: self.supervisor.fingerprint_key(r.spec).digest for r in self.supervisor.records()}
+            spec = self.config.model(model)
+            rows = [f for f in rows if f.key.model == (spec.name if spec else model)]
+        current = {r.spec.name: fingerprinting.key(r.spec).digest for r in self.supervisor.records()}
         return [{**f.to_dict(), "applies": current.get(f.key.model) == f.digest} for f in rows]
 
     async def forget_fingerprint(self, key: str) -> dict[str, Any]:
-        removed = await self.supervisor.fingerprints.delete(key)
+        store = self.supervisor.fingerprinting.store
+        removed = await store.delete(key)
         if removed is None:
-            raise UnknownFingerprint(key, len(self.supervisor.fingerprints.all()))
+            raise UnknownFingerprint(key, len(store.all()))
         return removed.to_dict()
 
     def log_tail(self, name: str, lines: int) -> str:

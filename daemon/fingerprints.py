@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Callable, Mapping
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .errors import LedgerUnavailable
@@ -77,25 +77,13 @@ class DeviceMeasurement:
     leased_bytes: int  # what the model held on the device at its worst moment
     two_phase: bool = True  # the engine loads its weights, then allocates the KV cache lessor grants
 
-    def merged(self, newer: "DeviceMeasurement") -> "DeviceMeasurement":
-        """The larger of each figure: a fingerprint remembers the worst it saw (DELETE forgets)."""
-        def most(a: int | None, b: int | None) -> int | None:
-            return b if a is None else a if b is None else max(a, b)
-        kv = max(((self.kv_bytes, self.kv_tokens), (newer.kv_bytes, newer.kv_tokens)),
-                 key=lambda kt: (kt[0] or 0) / kt[1] if kt[1] else 0)
-        return replace(newer, peak_bytes=max(self.peak_bytes, newer.peak_bytes),
-                       loading_peak_bytes=max(self.loading_peak_bytes, newer.loading_peak_bytes),
-                       steady_bytes=max(self.steady_bytes, newer.steady_bytes),
-                       weights_bytes=most(self.weights_bytes, newer.weights_bytes),
-                       kv_bytes=kv[0], kv_tokens=kv[1] if kv[0] is not None else newer.kv_tokens)
-
 
 @dataclass(frozen=True)
 class Fingerprint:
     key: FingerprintKey
     devices: tuple[DeviceMeasurement, ...]
     outcome: str
-    measured_at: float  # wall-clock seconds
+    measured_at_s: float  # wall-clock seconds
     loads: int = 1
 
     @property
@@ -103,33 +91,33 @@ class Fingerprint:
         return self.key.digest
 
     def merged(self, newer: "Fingerprint") -> "Fingerprint":
-        if len(newer.devices) != len(self.devices):
-            return newer
-        return replace(newer, devices=tuple(a.merged(b) for a, b in zip(self.devices, newer.devices)),
-                       loads=self.loads + newer.loads)
+        """The newest load's measurement, counting the loads: a device's figures are kept as one
+        load measured them (a steady value from one load beside the KV cache of another would say
+        nothing true), and the plan takes the larger of it and the model anyway."""
+        return replace(newer, loads=self.loads + newer.loads)
 
     def when(self) -> str:
-        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.measured_at))
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.measured_at_s))
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.digest, "model": self.key.model, "engine": self.key.engine,
                 "engine_version": self.key.engine_version, "devices": list(self.key.devices),
                 "flags": dict(self.key.flags), "outcome": self.outcome, "loads": self.loads,
-                "measured_at": self.measured_at, "measured": [asdict(d) for d in self.devices]}
+                "measured_at_s": self.measured_at_s, "measured": [asdict(d) for d in self.devices]}
 
     def row(self) -> dict[str, Any]:
         return {"key": self.digest, "model": self.key.model, "engine": self.key.engine,
-                "engine_version": self.key.engine_version[:256], "devices": json.dumps(list(self.key.devices)),
+                "engine_version": self.key.engine_version, "devices": json.dumps(list(self.key.devices)),
                 "flags": json.dumps(dict(self.key.flags), sort_keys=True, default=str),
                 "measured": json.dumps([asdict(d) for d in self.devices]), "outcome": self.outcome,
-                "loads": self.loads, "measured_at": self.measured_at}
+                "loads": self.loads, "measured_at": self.measured_at_s}
 
     @classmethod
     def from_row(cls, row) -> "Fingerprint":
         key = FingerprintKey(row.model, row.engine, row.engine_version, tuple(json.loads(row.devices)),
                              json.loads(row.flags))
         devices = tuple(DeviceMeasurement(**d) for d in json.loads(row.measured))
-        return cls(key, devices, row.outcome, row.measured_at, row.loads)
+        return cls(key, devices, Outcome(row.outcome), row.measured_at, row.loads)
 
 
 class FingerprintStore:
@@ -146,14 +134,18 @@ class FingerprintStore:
         if engine is not None:
             try:
                 async with engine.begin() as conn:
-                    rows = await conn.execute(select(fingerprints_table))
-                    store._rows = {row.key: Fingerprint.from_row(row) for row in rows}
+                    rows = (await conn.execute(select(fingerprints_table))).all()
             except STORAGE_ERRORS as exc:
                 raise LedgerUnavailable("read the fingerprints", short_error(exc)) from exc
+            for row in rows:
+                try:
+                    store._rows[row.key] = Fingerprint.from_row(row)
+                except (TypeError, ValueError, KeyError) as exc:  # a row this lessord cannot read: a measurement lost, not a start
+                    log.warning("fingerprint %s unreadable, ignored (the next load of its key replaces it): %s", row.key, exc)
         return store
 
     def all(self) -> list[Fingerprint]:
-        return sorted(self._rows.values(), key=lambda f: (f.key.model, -f.measured_at))
+        return sorted(self._rows.values(), key=lambda f: (f.key.model, -f.measured_at_s))
 
     def get(self, key: FingerprintKey) -> Fingerprint | None:
         return self._rows.get(key.digest)
@@ -169,9 +161,9 @@ class FingerprintStore:
         async with self._lock:
             old = self._rows.get(fingerprint.digest)
             new = old.merged(fingerprint) if old else fingerprint
-            statement = (update(fingerprints_table).where(fingerprints_table.c.key == new.digest).values(**new.row())
-                         if old else insert(fingerprints_table).values(**new.row()))
-            await self._write("record a fingerprint", statement)
+            # Replace whatever the table holds under the key (a row this lessord could not read too).
+            await self._write("record a fingerprint", delete(fingerprints_table).where(fingerprints_table.c.key == new.digest),
+                              insert(fingerprints_table).values(**new.row()))
             self._rows[new.digest] = new
             return new
 
@@ -182,12 +174,14 @@ class FingerprintStore:
             await self._write("delete a fingerprint", delete(fingerprints_table).where(fingerprints_table.c.key == digest))
             return self._rows.pop(digest)
 
-    async def _write(self, doing: str, statement) -> None:
+    async def _write(self, doing: str, *statements) -> None:
+        """One transaction; a storage failure becomes LedgerUnavailable and nothing of it is applied."""
         if self._engine is None:
             return
         try:
             async with self._engine.begin() as conn:
-                await conn.execute(statement)
+                for statement in statements:
+                    await conn.execute(statement)
         except STORAGE_ERRORS as exc:
             log.error("fingerprint write failed (%s): %s", doing, exc)
             raise LedgerUnavailable(doing, short_error(exc)) from exc

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text, event, inspect, select
+from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text, event, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -62,7 +62,9 @@ fingerprints_table = Table(
 schema_table = Table("lessor_schema", metadata, Column("version", Integer, nullable=False))
 
 # Version 1: leases and engines (the first release kept no version: its two tables say it).
-# Version 2: fingerprints. Each step runs in the transaction that opens the ledger.
+# Version 2: fingerprints. A step only adds tables, so today's Table objects are its DDL; a step
+# that changes an existing table must be written out (ALTER). On PostgreSQL the steps run in the
+# transaction that opens the ledger, under a lock; SQLite commits each CREATE on its own.
 MIGRATIONS = ((leases_table, engines_table), (fingerprints_table,))
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -76,6 +78,8 @@ class SchemaTooNew(RuntimeError):
 
 def migrate(connection) -> tuple[int, int]:
     """Bring the schema to SCHEMA_VERSION (synchronous: run through `run_sync`). (from, to)."""
+    if connection.dialect.name == "postgresql":  # two lessords (or lessord and the CLI) opening at once
+        connection.execute(text("SELECT pg_advisory_xact_lock(7263501)"))
     tables = set(inspect(connection).get_table_names())
     if schema_table.name in tables:
         found = connection.execute(select(schema_table.c.version)).scalar() or 0

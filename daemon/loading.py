@@ -6,7 +6,7 @@
 5. verify that what the engine uses is within its leases plus a tolerance.
 
 From spawn to ready a `LoadSampler` measures the engine on every device; its figures are the
-attempt's `measurements`, which the supervisor remembers as a fingerprint whatever the outcome.
+attempt's `measurements`, which the supervisor remembers as a fingerprint when the load finished or ran out of memory.
 Any failure, cancellation included, stops the engine and releases every lease of the attempt in
 one shielded step. A grant the ledger refuses is a shortfall (NotEnoughMemory, with the numbers);
 an engine that died of out-of-memory (its engine's words in its log, or SIGKILL from the kernel)
@@ -74,7 +74,11 @@ class LoadAttempt:
         except Exception as exc:
             failure = await asyncio.shield(self._end(f"{self.step}: {exc}", exc, finished=False))
             raise failure from exc
-        await self._end("", None, finished=True)
+        try:
+            await self._end("", None, finished=True)
+        except BaseException:  # cancelled while it stopped sampling: the engine must not outlive the load
+            await asyncio.shield(self.roll_back(f"{self.step}: cancelled"))
+            raise
         assert self.handle is not None and self.plan is not None
         return Loaded(self.handle, self.plan, self.attempt)
 
@@ -140,7 +144,6 @@ class LoadAttempt:
             await self.ledger.release_model(spec.name, "weights loaded", kinds=[LeaseKind.LOAD_PEAK])
             self.step = "size kv"
             self.plan = await self._grant_kv(self.handle)
-            self._note_leased()
             await self.sampler.mark("kv")
         self.step = "wait for ready"
         await self.handle.wait_ready(self.timeouts.ready_s)
@@ -179,6 +182,10 @@ class LoadAttempt:
         if not sized.fits:
             raise PlanRejected(self.spec.name, list(sized.reasons))
         await self._grant(sized.steady_leases, handle)
+        self.plan = sized  # what a failure from here on measured is of this KV cache
+        self._note_leased()
+        if self.sampler is not None:  # an out-of-memory from here on is the KV cache's or the workspace's
+            self.sampler.kv_asked = True
         kv_bytes = max((w.bytes for w in sized.steady_leases if w.kind == LeaseKind.KV), default=0)
         await handle.allocate_kv(KvGrant(sized.kv_tokens, kv_bytes, sized.params, leased_by(self.ledger, self.spec.name)))
         return sized

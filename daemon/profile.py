@@ -91,7 +91,8 @@ class Memory:
         out = []
         for index, (components, (kv_source, kv_basis)) in enumerate(zip(self.components, self.kv_sources)):
             out += [{"device": devices[index], **c.to_dict()} for c in components]
-            out.append({"device": devices[index], "name": "kv_per_token", "bytes": int(self.devices[index].cache_rate),
+            out.append({"device": devices[index], "name": "kv_per_token",
+                        "bytes": int(self.devices[index].kv_rate if kv_source == "measured" else self.devices[index].cache_rate),
                         "part": "kv", "source": kv_source, "basis": kv_basis})
         return out + [{"device": host, **c.to_dict()} for c in self.host]
 
@@ -150,30 +151,34 @@ def _grown(value: float, margin: float) -> int:
 
 
 def measured_figures(predicted: DeviceMemory, m: "DeviceMeasurement", outcome: str) -> dict[str, float]:
-    """What one device's samples say of each planned figure (absent: they cannot tell it).
+    """What one device's samples say of the figures each lease is planned from (absent: they
+    cannot tell it). Totals per phase, never parts: a GPU's reading of the weights phase holds the
+    CUDA context too, which the model counts in the workspace, so raising the weights from it would
+    count the context twice. What a phase held beyond the model goes to the lease held then:
 
-    The weights and the KV cache are measured only where the engine tells them apart; the rest
-    of what it held at ready (context, activations, graphs) is what is left after them. A load
-    that died of out-of-memory needed more than it reached: at least that plus the tolerance."""
+    - while loading (two-phase: weights + load_peak leased): the load peak;
+    - at ready (weights + kv + reserve): the workspace, after the KV cache, whose rate is measured
+      where the engine allocated it apart (what the "kv" step added);
+    - a load that died of out-of-memory needed more than it reached: at least that plus the
+      tolerance, on the lease of the phase it died in (one-phase: every lease at once)."""
     out: dict[str, float] = {}
-    if m.weights_bytes is not None:
-        out["weights"] = m.weights_bytes
     if m.kv_bytes is not None and m.kv_tokens:
         out["kv_rate"] = m.kv_bytes / m.kv_tokens
-    weights = m.weights_bytes if m.weights_bytes is not None else predicted.weights
-    kv = m.kv_bytes if m.kv_bytes is not None else int(m.kv_tokens * predicted.kv_rate)
+    kv = max(m.kv_bytes or 0, int(m.kv_tokens * predicted.kv_rate))  # what the next plan holds for those tokens
     if outcome == "oom":
         reached = max(m.peak_bytes, m.leased_bytes) + verify_tolerance(m.leased_bytes)
         if m.two_phase and not m.kv_tokens:  # it died loading its weights: the load peak was short
-            out["load_peak"] = max(0, reached - weights)
-        else:
-            out["workspace"] = max(0, reached - weights - kv)
+            out["load_peak"] = max(0, reached - predicted.weights)
+        else:  # a one-phase engine held its load peak beside the rest
+            held_peak = 0 if m.two_phase else predicted.load_peak
+            out["workspace"] = max(0, reached - predicted.weights - kv - held_peak)
         return out
     if m.steady_bytes:
-        out["workspace"] = max(0, m.steady_bytes - weights - kv)
-    # Two-phase: the load holds weights + load_peak only; one-phase: the peak above the steady state.
-    transient = m.loading_peak_bytes - weights if m.two_phase else m.peak_bytes - m.steady_bytes
-    out["load_peak"] = max(0, transient)
+        out["workspace"] = max(0, m.steady_bytes - predicted.weights - kv)
+    if m.two_phase:
+        out["load_peak"] = max(0, m.loading_peak_bytes - predicted.weights)
+    else:  # the peak above what it holds once ready
+        out["load_peak"] = max(0, m.peak_bytes - m.steady_bytes)
     return out
 
 
@@ -190,7 +195,7 @@ def with_measured(memory: Memory, fingerprint: "Fingerprint", margin: float) -> 
         figures = measured_figures(predicted, m, fingerprint.outcome)
         basis = f"fingerprint {fingerprint.digest[:8]} ({fingerprint.outcome}, {fingerprint.when()}, {m.method})"
         changed, extra = {}, []
-        for name, part in (("weights", Part.WEIGHTS), ("workspace", Part.WORKSPACE), ("load_peak", Part.LOAD_PEAK)):
+        for name, part in (("workspace", Part.WORKSPACE), ("load_peak", Part.LOAD_PEAK)):
             if name in figures and figures[name] > getattr(predicted, name):
                 grown = _grown(figures[name], margin)
                 changed[name] = grown

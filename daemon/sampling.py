@@ -36,6 +36,7 @@ class LoadSampler:
         self._meter, self._handle, self._nvml = meter, handle, nvml
         self._series = {device: _Series() for device in devices}
         self._weights_in = False
+        self.kv_asked = False  # the KV cache was granted and the engine asked to allocate it
         self._task: asyncio.Task | None = None
         self.samples = 0
         self.observed: dict[str, int] = {}  # the last sample as verify and the reconciler measure (no PSS stand-in)
@@ -54,7 +55,8 @@ class LoadSampler:
             if used:
                 series.method = "engine" if reported.get(device, 0) >= used else ("nvml" if self._nvml else "engine")
             elif device == HOST or not self._nvml:  # no figure for it: what its processes hold in RAM
-                used, series.method = group_pss(self._handle.pid), "pss"
+                # In a thread: a process that maps hundreds of GB takes a while to walk.
+                used, series.method = await asyncio.to_thread(group_pss, self._handle.pid), "pss"
             series.last, series.peak = used, max(series.peak, used)
             if not self._weights_in:
                 series.loading_peak = max(series.loading_peak, used)
@@ -96,7 +98,7 @@ class LoadSampler:
         for device, s in self._series.items():
             weights = s.at.get("weights") if two_phase else None
             kv = s.at["kv"] - s.at["weights"] if two_phase and "kv" in s.at and "weights" in s.at else None
-            allocated = kv_tokens if (not two_phase or "kv" in s.at) else 0
+            allocated = kv_tokens if (not two_phase or self.kv_asked) else 0
             out.append(DeviceMeasurement(device, s.method, s.peak, s.loading_peak, s.at.get("ready", 0), weights,
                                          max(kv, 0) if kv is not None else None, allocated, leased.get(device, 0),
                                          two_phase))

@@ -15,6 +15,7 @@ restart is daemon/adoption.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -28,19 +29,19 @@ from ..policies import POLICIES, Admit, AdmissionRequest, Decision, Evict, Model
 from .adoption import Adoption, adopt
 from .config import ModelSpec
 from .devices import Probe, SimProbe, gpu_id
-from .errors import (EngineUnavailable, LedgerUnavailable, ModelBusy, ModelsBusy, NotEnoughMemory, OutOfMemory,
-                     PlanRejected, UnknownModel)
-from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, FingerprintRecorded, LoadRetried, ModelStateChanged
-from .fingerprints import FingerprintKey, FingerprintStore
+from .errors import (EngineUnavailable, LedgerUnavailable, LoadFailed, ModelBusy, ModelsBusy, NotEnoughMemory,
+                     OutOfMemory, PlanRejected, UnknownModel)
+from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, LoadRetried, ModelStateChanged
+from .fingerprinting import Fingerprinting
+from .fingerprints import FingerprintStore
 from .holder import ConfigHolder
 from .ledger import EngineRecord, Ledger
 from .lifecycle import ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic
 from .loading import LoadAttempt, Loaded, leased_by, worst_shortfall
 from .planner import Measured, Plan, plan, with_overrides
 from .restarts import Restarts
-from .unloading import Lingering, verify_unload
+from .unloading import Lingering, group_pids, verify_unload
 from .usage import UsageMeter
-from ..engines.versions import engine_version
 
 log = logging.getLogger("lessor.supervisor")
 
@@ -64,7 +65,8 @@ class Supervisor:
                  fingerprints: FingerprintStore | None = None) -> None:
         self._config, self._ledger, self._engines = config, ledger, engines
         self._simulated = probe is None or isinstance(probe, SimProbe)
-        self.fingerprints = fingerprints or FingerprintStore(None)
+        self.fingerprinting = Fingerprinting(fingerprints or FingerprintStore(None), lambda: self._ledger.snapshot().readings,
+                                             lambda: self._config.current.planner.measured_margin, publish)
         self.lingering = Lingering(publish)  # memory of stopped engines not yet back
         self.meter = UsageMeter(probe, lambda: self._ledger.snapshot().readings)
         self._state_dir = Path(config.current.state_dir).absolute()
@@ -73,6 +75,7 @@ class Supervisor:
         self._device_locks: dict[str, asyncio.Lock] = {}
         self._traffic: Traffic = NoTraffic()
         self._restarts = Restarts(clock, self.load)
+        self._closing = False
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -140,54 +143,15 @@ class Supervisor:
         except PlanRejected as exc:  # a dry run answers "no, because", it does not fail
             return Plan(record.spec.name, False, 0, dict(overrides or {}), (), (), tuple(exc.reasons))
         snapshot = self.policy_snapshot()
-        measured = self.measured(spec)
+        measured = self.fingerprinting.measured(spec)
         first, _, decision = self._decide(spec, snapshot, measured)
-        shown = {"fingerprint": self.fingerprint_use(spec, measured)}
+        shown = {"fingerprint": self.fingerprinting.use(spec, measured)}
         if isinstance(decision, Evict):
             result = plan(spec, snapshot.devices, _freed_by(snapshot, decision.victims), measured)
             return Plan(**{**result.__dict__, "evictions": decision.victims, **shown})
         if isinstance(decision, (Rejected, Queue)) and first.fits:
             return Plan(**{**first.__dict__, "fits": False, "reasons": (decision.reason,), **shown})
         return Plan(**{**first.__dict__, **shown})
-
-    # -- fingerprints --------------------------------------------------------------------------
-
-    def fingerprint_key(self, spec: ModelSpec) -> FingerprintKey:
-        """The key a load of `spec` is measured under: model, engine kind and version, device names, flags."""
-        launcher, packages = spec.engine.version_query()
-        readings = self._ledger.snapshot().readings
-        devices = tuple(readings[d].name if d in readings else d for d in (gpu_id(i) for i in spec.placement.devices))
-        engine = spec.engine
-        flags = {"engine": engine.memory_flags(), "quantization": spec.quantization, "kv_dtype": spec.kv_dtype,
-                 "placement": spec.placement.model_dump(mode="json"),
-                 "plan_batch": spec.plan.max_batch_size if getattr(engine, engine.batch_param) is None else None,
-                 "goal": spec.plan.goal}
-        return FingerprintKey(spec.name, engine.kind, engine_version(launcher, packages), devices, flags)
-
-    def measured(self, spec: ModelSpec) -> Measured | None:
-        """The fingerprint of this load's key, with the margin the config adds to it (None: none yet)."""
-        found = self.fingerprints.get(self.fingerprint_key(spec))
-        return Measured(found, self._config.current.planner.measured_margin) if found else None
-
-    def fingerprint_use(self, spec: ModelSpec, measured: Measured | None) -> dict[str, Any]:
-        """What a plan says of measurements: the one it used, and the others of this model it did not use, and why."""
-        key = self.fingerprint_key(spec)
-        used = measured.fingerprint if measured else None
-        return {"key": key.digest, "engine_version": key.engine_version, "devices": list(key.devices),
-                "used": None if used is None else {"measured_at": used.measured_at, "outcome": used.outcome,
-                                                   "loads": used.loads, "margin": measured.margin},
-                "not_used": [{"key": other.digest, "measured_at": other.measured_at, "why": key.differences(other.key)}
-                             for other in self.fingerprints.others(key)]}
-
-    async def _remember(self, spec: ModelSpec, attempt: LoadAttempt) -> None:
-        if not attempt.measurements:
-            return
-        try:
-            stored = await self.fingerprints.record(self.fingerprint_key(spec), attempt.measurements, attempt.outcome)
-        except LedgerUnavailable as exc:  # the load's own outcome matters more than its memory of it
-            log.warning("fingerprint of %s not recorded: %s", spec.name, exc)
-            return
-        self._publish(FingerprintRecorded(spec.name, stored.digest, attempt.outcome, stored.loads))
 
     def _decide(self, spec: ModelSpec, snapshot: Snapshot,
                 measured: Measured | None = None) -> tuple[Plan, AdmissionRequest, Decision]:
@@ -247,34 +211,47 @@ class Supervisor:
 
     async def _attempts(self, record: ModelRecord, spec: ModelSpec, adapter: EngineAdapter) -> Loaded | MustWait:
         """Admit and load; an attempt that ran out of memory is admitted and tried again, planned
-        from what it measured, until `planner.oom_retries` are spent."""
+        from what it measured, until `planner.oom_retries` are spent. Whatever stops a retry (no
+        room, a busy model, a rule), its answer carries the earlier attempts' reasons."""
         failures: list[str] = []
-        retries = self._config.current.planner.oom_retries
-        for number in range(1, retries + 2):
-            measured = self.measured(spec)
+        kind = "oom"
+        await self.fingerprinting.refresh(spec)
+        for number in range(1, self._config.current.planner.oom_retries + 2):
+            measured = self.fingerprinting.measured(spec)
+            attempt = None
             try:
                 waits = await self._admit(spec, measured)
-            except NotEnoughMemory as exc:
+                if waits is not None:
+                    return MustWait(_prefixed(waits.error, failures)) if failures else waits
+                attempt = LoadAttempt(spec, adapter, self._ledger, self.meter, self._timeouts,
+                                      lambda params, kv, port, a: self._launch(record, spec, params, kv, port, a),
+                                      measured, nvml=not self._simulated)
+                loaded = await attempt.run()
+            except OutOfMemory as exc:
+                await self.fingerprinting.remember(spec, attempt.measurements if attempt else (), exc.kind)
+                failures.append(f"{exc.step}: {exc.reason}")
+                kind = exc.kind
+                if number <= self._config.current.planner.oom_retries:
+                    log.warning("load of %s ran out of memory (%s); trying again planned from what it measured",
+                                spec.name, exc.kind)
+                    self._publish(LoadRetried(spec.name, number, exc.kind, exc.reason))
+                continue
+            except (NotEnoughMemory, PlanRejected, LoadFailed) as exc:
                 if not failures:
                     raise
-                raise OutOfMemory(spec.name, "plan", _attempts_text(failures, f"not started: {exc}")) from exc
-            if waits is not None:
-                return waits
-            attempt = LoadAttempt(spec, adapter, self._ledger, self.meter, self._timeouts,
-                                  lambda params, kv, port, a: self._launch(record, spec, params, kv, port, a),
-                                  measured, nvml=not self._simulated)
-            try:
-                return await attempt.run()
-            except OutOfMemory as exc:
-                failures.append(f"{exc.step}: {exc.reason}")
-                if number > retries:
-                    raise OutOfMemory(spec.name, exc.step, _attempts_text(failures), kind=exc.kind) from exc
-                log.warning("load of %s ran out of memory (%s); trying again planned from what it measured",
-                            spec.name, exc.kind)
-                self._publish(LoadRetried(spec.name, number, exc.kind, exc.reason))
-            finally:
-                await self._remember(spec, attempt)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+                raise OutOfMemory(spec.name, getattr(exc, "step", "plan"), _attempts_text(failures, f"not started: {exc}"),
+                                  kind=kind) from exc
+            await self._remember_ready(spec, attempt, loaded)
+            return loaded
+        raise OutOfMemory(spec.name, "load", _attempts_text(failures), kind=kind)
+
+    async def _remember_ready(self, spec: ModelSpec, attempt: LoadAttempt, loaded: Loaded) -> None:
+        """Record a finished load's measurement; cancelled meanwhile, the load is rolled back."""
+        try:
+            await self.fingerprinting.remember(spec, attempt.measurements, attempt.outcome)
+        except BaseException:
+            await asyncio.shield(attempt.roll_back("cancelled while its measurement was recorded"))
+            raise
 
     def _fail(self, record: ModelRecord, state: ModelState, error: str) -> None:
         record.error = error
@@ -393,16 +370,16 @@ class Supervisor:
             raise ModelBusy(record.spec.name, record.state.value)
         self._set_state(record, ModelState.UNLOADING, reason)
         handle, record.handle = record.handle, None
-        held = self.leased(record.spec.name)
-        before = self._ledger.snapshot().readings if handle is not None else {}
+        pids = (group_pids(self._ledger.snapshot().readings, handle.pid, self.leased(record.spec.name))
+                if handle is not None else {})
         if handle is not None:
             await handle.stop(self._timeouts.stop_grace_s)
             self.meter.forget(handle.pid)
         await self._ledger.forget_engine(record.spec.name)
         await self._ledger.release_model(record.spec.name, reason)
-        if handle is not None:
-            await verify_unload(record.spec.name, handle.pid, held, before, lambda: self._ledger.snapshot().readings,
-                                self._timeouts.unload_verify_s, self.lingering)
+        # Stopping lessord, one look, no wait: systemd's stop timeout is for every engine together.
+        await verify_unload(record.spec.name, pids, lambda: self._ledger.snapshot().readings,
+                            0 if self._closing else self._timeouts.unload_verify_s, self.lingering)
         record.plan, record.overrun = None, None
         self._set_state(record, ModelState.UNLOADED, reason)
         return record
@@ -415,6 +392,7 @@ class Supervisor:
         """lessord is stopping: cancel pending restarts (none is spawned after this), then stop
         every engine and release its leases. Idempotent."""
         await self._restarts.close()
+        self._closing = True
         for record in self.records():
             if record.state in (ModelState.READY, ModelState.FAILED):
                 await self.unload(record.spec.name, reason="lessord stopping")
@@ -440,6 +418,10 @@ class Supervisor:
             self._models[name] = ModelRecord(new[name])
         self._config.swap(config)
         return ConfigChange(added, removed, changed)
+
+
+def _prefixed(error: ModelsBusy, failures: list[str]) -> ModelsBusy:
+    return dataclasses.replace(error, reason=f"{_attempts_text(failures)}; then: {error.reason}")
 
 
 def _attempts_text(failures: list[str], then: str | None = None) -> str:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 from .devices import DeviceReading
 from .events import Event, MemoryLingering
@@ -31,9 +31,14 @@ class Held:
     bytes: int
 
 
+def group_pids(readings: Mapping[str, DeviceReading], leader: int, devices: Collection[str]) -> dict[str, tuple[int, ...]]:
+    """Per GPU of `devices`, the pids its reading lists for the engine's process group. Read before
+    the engine stops: after, a dead process has no group to ask about."""
+    found = {d: _group(r, leader) for d, r in readings.items() if r.is_gpu and d in devices}
+    return {d: pids for d, pids in found.items() if pids}
+
+
 def _group(reading: DeviceReading, leader: int) -> tuple[int, ...]:
-    """The pids a reading lists for the engine's process group (read before it stops: after, a
-    dead process has no group to ask about)."""
     def in_group(pid: int) -> bool:
         try:
             return pid == leader or os.getpgid(pid) == leader
@@ -47,13 +52,11 @@ def still_held(readings: Mapping[str, DeviceReading], device: str, pids: tuple[i
     return sum(reading.processes.get(pid, 0) for pid in pids) if reading else 0
 
 
-async def verify_unload(model: str, leader: int, leased: Mapping[str, int], before: Mapping[str, DeviceReading],
+async def verify_unload(model: str, pids: Mapping[str, tuple[int, ...]],
                         read: Callable[[], Mapping[str, DeviceReading]], timeout_s: float,
                         lingering: "Lingering") -> None:
-    """Wait (polling the probe) until the engine's processes hold nothing on its GPUs, at most
-    `timeout_s`; what they still hold then is announced and tracked."""
-    pids = {d: _group(r, leader) for d, r in before.items() if r.is_gpu and d in leased}
-    pids = {d: p for d, p in pids.items() if p}
+    """Wait (polling the probe) until the engine's processes (`pids` per GPU, from group_pids)
+    hold nothing on its GPUs, at most `timeout_s`; what they still hold then is announced and tracked."""
     if not pids:
         return
     deadline = asyncio.get_running_loop().time() + timeout_s
@@ -73,11 +76,15 @@ class Lingering:
     def __init__(self, publish: Callable[[Event], None]) -> None:
         self._publish = publish
         self._held: dict[tuple[str, str], Held] = {}
-        self.unverified = 0  # unloads whose memory was not back in time, since start
+        self.unverified = 0  # devices an unload left memory on past the wait, since start
 
     def add(self, held: Held) -> None:
         self.unverified += 1
-        self._held[(held.model, held.device)] = held
+        key = (held.model, held.device)
+        if key in self._held:  # an earlier engine of the model still holds some too: watch both
+            earlier = self._held[key]
+            held = Held(held.model, held.device, tuple(dict.fromkeys(earlier.pids + held.pids)), earlier.bytes + held.bytes)
+        self._held[key] = held
         log.warning("model %s: its stopped engine still holds %s on %s (pids %s); counted as foreign until gone",
                     held.model, format_bytes(held.bytes), held.device, ", ".join(map(str, held.pids)))
         self._publish(MemoryLingering(held.model, held.device, held.bytes, held.pids, False))

@@ -1,11 +1,13 @@
 """Which version of an engine a command runs, for the key of a memory fingerprint: the package
-metadata of the Python that runs it, or a binary's `--version`. Cached per executable and its
-modification time (an upgrade in place changes it); never imports the engine."""
+metadata of the Python that runs it, or a binary's `--version`. Never imports the engine.
+
+Cached per executable, its modification time and the packages asked; a load asks again
+(`refresh`, off the event loop), so a `pip install -U` of the engine is seen at its next load."""
 
 from __future__ import annotations
 
-import functools
 import os
+import threading
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,21 +15,31 @@ from pathlib import Path
 _ASK = "import importlib.metadata as m, sys\nfor p in sys.argv[1:]:\n    try: print(p, m.version(p))\n    except m.PackageNotFoundError: print(p, 'not-installed')"
 
 
-def engine_version(launcher: list[str], packages: tuple[str, ...]) -> str:
+_cache: dict[tuple[str, int, tuple[str, ...]], str] = {}
+_lock = threading.Lock()
+
+
+def engine_version(launcher: list[str], packages: tuple[str, ...], refresh: bool = False) -> str:
     """`packages`' versions as the command's interpreter sees them ("vllm 0.19.0"), or the first
-    line of a binary's `--version` when `packages` is empty. "unknown: why" when it cannot tell."""
+    line of a binary's `--version` when `packages` is empty. "unknown: why" when it cannot tell.
+    From the cache unless `refresh` (or never asked): asking runs a subprocess."""
     executable = shutil.which(launcher[0]) if launcher else None
     if executable is None:
         return f"unknown: {launcher[0] if launcher else 'no command'} not found"
     try:
-        mtime = os.stat(executable).st_mtime_ns
+        key = (executable, os.stat(executable).st_mtime_ns, tuple(packages))
     except OSError as exc:
         return f"unknown: {exc.strerror}"
-    return _version(executable, mtime, packages)
+    with _lock:
+        known = _cache.get(key)
+    if known is None or refresh:
+        known = _version(executable, tuple(packages))
+        with _lock:
+            _cache[key] = known
+    return known
 
 
-@functools.lru_cache(maxsize=64)
-def _version(executable: str, _mtime: int, packages: tuple[str, ...]) -> str:
+def _version(executable: str, packages: tuple[str, ...]) -> str:
     interpreter = _interpreter(executable)
     if packages and interpreter:
         argv = [interpreter, "-c", _ASK, *packages]
@@ -54,6 +66,9 @@ def _interpreter(executable: str) -> str | None:
             first = f.readline(256)
     except OSError:
         return None
-    if first.startswith(b"#!") and b"python" in first:
-        return first[2:].decode(errors="replace").split()[0]
-    return None
+    if not (first.startswith(b"#!") and b"python" in first):
+        return None
+    words = first[2:].decode(errors="replace").split()
+    if Path(words[0]).name == "env" and len(words) > 1:  # #!/usr/bin/env python3
+        return shutil.which(words[-1])
+    return words[0]

@@ -85,15 +85,16 @@ async def test_a_ledger_of_a_newer_lessord_is_refused_by_name(ledger_url):
 
 # -- the store ------------------------------------------------------------------------------------
 
-async def test_fingerprints_persist_merge_to_the_worst_and_are_forgotten_on_delete(ledger_url):
+async def test_fingerprints_persist_keep_the_newest_load_and_are_forgotten_on_delete(ledger_url):
     ledger = await Ledger.open(ledger_url, make_probe(), DEVICES)
     clock = iter([100.0, 200.0]).__next__
     try:
         store = await FingerprintStore.open(ledger.database, clock=clock)
         await store.record(KEY, (measurement(),), Outcome.READY)
         merged = await store.record(KEY, (measurement(steady_bytes=7 * GiB, weights_bytes=3 * GiB),), Outcome.OVERRUN)
-        assert merged.loads == 2 and merged.outcome == Outcome.OVERRUN and merged.measured_at == 200.0
-        assert merged.devices[0].steady_bytes == 7 * GiB and merged.devices[0].weights_bytes == 4 * GiB
+        assert merged.loads == 2 and merged.outcome == Outcome.OVERRUN and merged.measured_at_s == 200.0
+        # One load's figures together: a steady value beside another load's KV cache would say nothing true.
+        assert merged.devices[0].steady_bytes == 7 * GiB and merged.devices[0].weights_bytes == 3 * GiB
         other = FingerprintKey(KEY.model, KEY.engine, "torch 2.14.0, transformers 5.24.0", KEY.devices, KEY.flags)
         reopened = await FingerprintStore.open(ledger.database)
         assert [f.to_dict() for f in reopened.all()] == [merged.to_dict()]
@@ -123,16 +124,25 @@ def test_figures_of_a_finished_two_phase_load():
     m = measurement(weights_bytes=4 * GiB + 300 * MiB, kv_bytes=16384 * 70000, loading_peak_bytes=5 * GiB,
                     steady_bytes=4 * GiB + 300 * MiB + 16384 * 70000 + 900 * MiB)
     figures = measured_figures(PREDICTED, m, Outcome.READY)
-    assert figures == {"weights": 4 * GiB + 300 * MiB, "kv_rate": 70000.0, "workspace": 900 * MiB,
-                       "load_peak": 5 * GiB - (4 * GiB + 300 * MiB)}
+    # Totals per phase: the 300 MiB the weights took beyond the model go to the lease held then (the
+    # load peak while loading, the workspace once ready), never to a second copy of the weights.
+    assert figures == {"kv_rate": 70000.0, "workspace": 300 * MiB + 900 * MiB, "load_peak": GiB}
 
 
 def test_figures_of_an_out_of_memory_load_are_at_least_what_it_reached():
-    m = measurement(weights_bytes=None, kv_bytes=None, peak_bytes=7 * GiB, steady_bytes=0, leased_bytes=6 * GiB,
-                    two_phase=False)
-    figures = measured_figures(PREDICTED, m, Outcome.OOM)
-    kv = int(m.kv_tokens * PREDICTED.kv_rate)
-    assert figures == {"workspace": 7 * GiB + verify_tolerance(6 * GiB) - PREDICTED.weights - kv}
+    kv = int(16384 * PREDICTED.kv_rate)
+    one_phase = measurement(weights_bytes=None, kv_bytes=None, peak_bytes=7 * GiB, steady_bytes=0, leased_bytes=6 * GiB,
+                            two_phase=False)
+    # Every lease was held at once: the load peak is not the workspace's to carry.
+    assert measured_figures(PREDICTED, one_phase, Outcome.OOM) == {
+        "workspace": 7 * GiB + verify_tolerance(6 * GiB) - PREDICTED.weights - kv - PREDICTED.load_peak}
+    loading = measurement(weights_bytes=None, kv_bytes=None, kv_tokens=0, peak_bytes=5 * GiB, steady_bytes=0,
+                          leased_bytes=5 * GiB)
+    assert measured_figures(PREDICTED, loading, Outcome.OOM) == {"load_peak": 5 * GiB + verify_tolerance(5 * GiB) - 4 * GiB}
+    # Died allocating its KV cache (the cache was asked for): the workspace beside it was short.
+    allocating = measurement(kv_bytes=None, peak_bytes=6 * GiB, steady_bytes=0, leased_bytes=5 * GiB + 512 * MiB)
+    assert measured_figures(PREDICTED, allocating, Outcome.OOM) == {
+        "workspace": 6 * GiB + verify_tolerance(5 * GiB + 512 * MiB) - PREDICTED.weights - kv}
 
 
 def test_a_larger_measurement_wins_with_the_margin_and_says_where_it_came_from():
@@ -142,19 +152,20 @@ def test_a_larger_measurement_wins_with_the_margin_and_says_where_it_came_from()
                                            steady_bytes=5 * GiB + GiB + 256 * MiB, loading_peak_bytes=5 * GiB + 100 * MiB))
     memory = with_measured(spec.profile(), store_print, 0.03)
     device = memory.devices[0]
-    assert device.weights == -(-5 * GiB * 103 // 100)
+    assert device.weights == 4 * GiB  # the weights lease stays the model's: what they took beyond goes below
     assert device.kv_rate == pytest.approx(GiB / 8192 * 1.03)
+    assert device.workspace == -(-(5 * GiB + GiB + 256 * MiB - 4 * GiB - GiB) * 103 // 100)
+    assert device.load_peak == -(-(GiB + 100 * MiB) * 103 // 100)  # 5 GiB + 100 MiB while loading, 4 GiB of it weights
     measured = [c for c in memory.components[0] if c.source == Source.MEASURED]
-    assert {c.name for c in measured} == {"weights_measured", "workspace_measured"}
+    assert {c.name for c in measured} == {"workspace_measured", "load_peak_measured"}
     assert all(store_print.digest[:8] in c.basis and "measured + 3%" in c.basis for c in measured)
     assert memory.kv_sources[0][0] == "measured"
-    # The load peak measured (100 MiB above the weights, +3 %) is below the 1 GiB given: the given one stays.
-    assert device.load_peak == GiB
     # The plan leases the larger figures and lists where each came from.
     budgets = {"gpu0": DeviceBudget("gpu0", 24 * GiB, 24 * GiB, GiB, 0, 0), "host": DeviceBudget("host", 64 * GiB, 64 * GiB, 4 * GiB, 0, 0)}
     before, after = plan(spec, budgets), plan(spec, budgets, measured=Measured(store_print, 0.03))
     assert after.kv_tokens < before.kv_tokens
-    assert {m["name"] for m in after.to_dict()["memory"] if m["source"] == "measured"} >= {"weights_measured", "kv_per_token"}
+    assert {m["name"] for m in after.to_dict()["memory"] if m["source"] == "measured"} >= {"workspace_measured", "kv_per_token"}
+    assert next(m for m in after.to_dict()["memory"] if m["name"] == "kv_per_token")["bytes"] == int(GiB / 8192 * 1.03)
 
 
 def test_a_smaller_measurement_changes_nothing():

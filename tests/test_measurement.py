@@ -18,7 +18,7 @@ async def test_a_load_is_sampled_from_spawn_to_ready_and_its_peak_remembered(env
     controller, adapter, events = await env([torch_model("qwen", "4GiB")])
     adapter.gate = asyncio.Event()
     load = asyncio.ensure_future(controller.load("qwen"))
-    await until(lambda: adapter.handles, "the engine started")
+    await until(lambda: adapter.loading == 1, "the weights loading")
     # The weights are loading (weights + the 1 GiB peak in use): wait for the sampler to look once more.
     seen = adapter.measures
     await until(lambda: adapter.measures > seen + 1, "a sample while the weights load")
@@ -46,12 +46,12 @@ async def test_an_engine_above_its_leases_is_retried_once_planned_from_what_it_m
     seen = drain_events(events, None)
     [retried] = [e for e in seen if e.type == "load_retried"]
     assert retried.outcome == Outcome.OVERRUN and "the engine uses 7" in retried.reason
-    # The retry leased the measured weights (+3 %), where the config said 4 GiB.
-    weights = sum(lease["bytes"] for lease in controller.leases("qwen") if lease["kind"] == "weights")
-    assert weights == -(-7 * GiB * 103 // 100)
+    # The retry reserved what the engine held beyond the weights and the KV cache (+3 %): 7 - 4 - 1 GiB.
+    held = {lease["kind"]: lease["bytes"] for lease in controller.leases("qwen")}
+    assert held["weights"] == 4 * GiB and held["kv"] == GiB and held["reserve"] == -(-2 * GiB * 103 // 100)
     assert [e.outcome for e in seen if e.type == "fingerprint_recorded"] == [Outcome.OVERRUN, Outcome.READY]
     plan = controller.plan("qwen")
-    assert any(c["name"] == "weights_measured" and c["source"] == "measured" for c in plan["memory"])
+    assert any(c["name"] == "workspace_measured" and c["source"] == "measured" for c in plan["memory"])
 
 
 class LingeringProbe(SimProbe):
@@ -108,11 +108,11 @@ async def test_a_measurement_under_another_engine_version_is_shown_not_used(env)
     await controller.load("qwen")  # overruns, then loads from its measurement
     supervisor = controller.supervisor
     spec = supervisor.resolve("qwen").spec
-    [mine] = supervisor.fingerprints.all()
+    [mine] = supervisor.fingerprinting.store.all()
     older = replace(mine.key, engine_version="torch 2.12.0, transformers 5.0.0")
-    await supervisor.fingerprints.record(older, mine.devices, Outcome.READY)
+    await supervisor.fingerprinting.store.record(older, mine.devices, Outcome.READY)
     plan = controller.plan("qwen")
-    assert plan["fingerprint"]["key"] == supervisor.fingerprint_key(spec).digest == mine.digest
+    assert plan["fingerprint"]["key"] == supervisor.fingerprinting.key(spec).digest == mine.digest
     assert plan["fingerprint"]["used"]["loads"] == mine.loads
     [other] = plan["fingerprint"]["not_used"]
     assert other["key"] == older.digest and "engine version 'torch 2.12.0, transformers 5.0.0', now" in other["why"][0]

@@ -235,7 +235,7 @@ async def test_a_retry_whose_measurement_does_not_fit_fails_with_both_attempts(e
         await controller.load("a")
     message = str(failed.value)
     assert "attempt 1: verify: gpu0: the engine uses 15.0 GiB" in message
-    assert "attempt 2: not started:" in message and "needs 16.5 GiB on gpu0, 15.0 GiB is free" in message
+    assert "attempt 2: not started: model 'a' needs" in message and "15.0 GiB is free" in message
     model = controller.model("a")
     assert model["state"] == "failed" and "attempt 2" in model["error"] and controller.leases("a") == []
     assert len(adapter.handles) == 1, "the retry was planned, found not to fit, and never started"
