@@ -126,15 +126,17 @@ def _pgid(pid: int) -> int | None:
 
 
 def pss_bytes(pid: int) -> int:
-    """Proportional set size: shared library pages split between the processes that map them, so
-    the engines' sum is what they hold together."""
+    """The anonymous part of the proportional set size (Pss_Anon + SwapPss): what the process holds
+    itself, as a GPU engine holds its device memory. Shared libraries (torch's are hundreds of MB)
+    and the mapped safetensors file are page cache, which the card's counterpart does not have."""
+    total = 0
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
+            if line.startswith(("Pss_Anon:", "SwapPss:")):
+                total += int(line.split()[1]) * 1024
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         pass
-    return 0
+    return total
 
 
 def steady(samples: list[Sample], name: str) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -94,14 +95,15 @@ def host_setup() -> Setup:
     a, b = need(setup, A, setup.shapes[A]), need(setup, B, setup.shapes[B])
     setup.cap_bytes = setup.headroom_bytes + setup.foreign_bytes + a + b + a // 2
     setup.notes += ["--host: SCALED DOWN. The torch engine runs on the CPU under lessord's simulated GPU; "
-                    "measured = PSS of each engine's process group; shapes cut: "
+                    "measured = anonymous PSS of each engine's process group (what it holds itself: no shared "
+                    "libraries, no page cache); shapes cut: "
                     + ", ".join(f"{n} {s.layers} layer(s), vocab {s.vocab}" for n, s in
                                 {**setup.shapes, BIG: setup.big}.items()),
                     f"--host: foreign process holds {setup.foreign_bytes / MiB:.0f} MiB of RAM (8 GiB / 24); "
                     f"lessor's card capped to {setup.cap_bytes / MiB:.0f} MiB: both models fit, a second "
                     "Qwen2.5-3B does not",
-                    "--host: safetensors pages are mapped, resident only once read (PSS can be below the weights); "
-                    "load times include the engine process's start and imports"]
+                    "--host: the engine copies its weights out of the mapped safetensors file (the page cache "
+                    "is not counted, the copy is); load times include the engine process's start and imports"]
     return setup
 
 
@@ -128,7 +130,9 @@ def lessord_config(setup: Setup, out: Path, paths: dict[str, Path], capped: bool
     if setup.host:
         total = setup.cap_bytes if capped else 64 * GiB
         devices["simulated"] = [{"name": "host stand-in (CPU engine)", "total": total}]
-    config = {"state_dir": str(out / f"state-{phase}"), "devices": devices, "policy": {"name": "lru_idle"},
+    state = out / f"state-{phase}"
+    shutil.rmtree(state, ignore_errors=True)  # each run measures afresh (the generated models are kept)
+    config = {"state_dir": str(state), "devices": devices, "policy": {"name": "lru_idle"},
               "timeouts": {"weights": "20m", "ready": "10m"}, "reconciler": {"interval": "1s"}, "models": models}
     path = out / f"lessor-{phase}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
