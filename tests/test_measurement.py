@@ -122,3 +122,18 @@ async def test_a_measurement_under_another_engine_version_is_shown_not_used(env)
     await controller.forget_fingerprint(mine.digest)
     weights = [m for m in controller.plan("qwen")["memory"] if m["part"] == "weights"]
     assert [(m["name"], m["source"]) for m in weights] == [("weights", "given")]
+
+
+async def test_lessor_plan_shows_which_numbers_were_measured_and_which_measurements_it_left(env):
+    from lessor.api.cli import render_plan
+
+    controller, adapter, _ = await env([torch_model("qwen", "4GiB")])
+    adapter.measured = {"gpu0": 7 * GiB}
+    await controller.load("qwen")
+    supervisor = controller.supervisor
+    [mine] = supervisor.fingerprinting.store.all()
+    await supervisor.fingerprinting.store.record(replace(mine.key, devices=("NVIDIA H200",)), mine.devices, Outcome.READY)
+    text = render_plan(controller.plan("qwen"))
+    assert f"measured: fingerprint {mine.digest[:8]}" in text and "used, ready on" in text and "+3% margin" in text
+    assert "not used: fingerprint" in text and "devices NVIDIA H200, now sim24" in text
+    assert "workspace_measured" in text and "measured " in text
