@@ -41,6 +41,7 @@ class Route:
     many: bool = False
     auth: bool = False
     content_type: str = "application/json"
+    query: tuple[str, ...] = ()  # optional query parameters (strings)
 
 
 def parse(model: type[BaseModel], data: object):
@@ -156,7 +157,8 @@ ROUTES: list[Route] = [
     Route("GET", f"{P}/devices", get_devices, "Every pool with its budget arithmetic", response=schemas.DeviceOut, many=True),
     Route("PUT", f"{P}/devices/{{device}}/foreign", put_foreign, "Set foreign usage of a simulated device",
           body=schemas.ForeignUsage, response=schemas.DeviceOut, auth=True),
-    Route("GET", f"{P}/leases", get_leases, "Granted leases (optionally ?model=NAME)", response=schemas.LeaseOut, many=True),
+    Route("GET", f"{P}/leases", get_leases, "Granted leases (optionally ?model=NAME)", response=schemas.LeaseOut, many=True,
+          query=("model",)),
     Route("GET", f"{P}/models", get_models, "Configured models with state and leases", response=schemas.ModelOut, many=True),
     Route("GET", f"{P}/models/{{name}}", get_model, "One model", response=schemas.ModelOut),
     Route("GET", f"{P}/models/{{name}}/log", get_model_log, "The last lines of the model's engine log (?lines=N, default 200)",
@@ -166,7 +168,7 @@ ROUTES: list[Route] = [
     Route("POST", f"{P}/plan", post_plan, "Dry run: would this load fit now, with which leases, after which evictions",
           body=schemas.PlanRequest, response=schemas.PlanOut),
     Route("GET", f"{P}/fingerprints", get_fingerprints, "What lessor measured per model, engine version, devices and flags (optionally ?model=NAME)",
-          response=schemas.FingerprintOut, many=True),
+          response=schemas.FingerprintOut, many=True, query=("model",)),
     Route("DELETE", f"{P}/fingerprints/{{key}}", delete_fingerprint, "Forget a fingerprint: plans of its key go back to the memory model",
           response=schemas.FingerprintOut, auth=True),
     Route("GET", f"{P}/events", get_events, "Event stream (server-sent events)", auth=True, content_type="text/event-stream"),

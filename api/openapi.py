@@ -35,8 +35,10 @@ def build_openapi(routes) -> dict[str, Any]:
 def _operation(route) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": route.summary, "operationId": route.handler.__name__, "responses": {}}
     params = [part[1:-1] for part in route.path.split("/") if part.startswith("{")]
-    if params:
-        op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params]
+    parameters = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params]
+    parameters += [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}} for q in route.query]
+    if parameters:
+        op["parameters"] = parameters
     if route.body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"$ref": REF.format(model=route.body.__name__)}}}}
         op["responses"]["400"] = _error("Malformed body or parameter; `field` names it")
@@ -69,8 +71,10 @@ def _errors_of(route) -> dict[str, Any]:
     if route.method == "POST" and route.path.endswith("/plan"):
         out["404"] = _error("Unknown model")
         out["422"] = _error("The engine parameters break an engine rule")
-    if "/fingerprints" in route.path:
-        out["404"] = _error("No fingerprint with this key" if "{key}" in route.path else "Unknown model (?model=)")
+    if "model" in route.query:
+        out["404"] = _error("Unknown model (?model=)")
+    if "{key}" in route.path:
+        out["404"] = _error("No fingerprint with this key")
     if route.method == "DELETE" and "/fingerprints/" in route.path:
         out["503"] = _error("The ledger's database refused the write")
     if route.path.endswith("/foreign"):

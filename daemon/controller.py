@@ -82,12 +82,12 @@ class Controller:
 
     def fingerprints(self, model: str | None = None) -> list[dict[str, Any]]:
         """What lessor measured, per key; each says whether a load of its model now would use it.
-        `model` may name one the config no longer has: its measurements are still listed."""
+        `model` (a name or alias in the config) filters; unfiltered, models a reload removed are listed too."""
         fingerprinting = self.supervisor.fingerprinting
         rows = fingerprinting.store.all()
         if model is not None:
-            spec = self.config.model(model)
-            rows = [f for f in rows if f.key.model == (spec.name if spec else model)]
+            name = self.supervisor.resolve(model).spec.name
+            rows = [f for f in rows if f.key.model == name]
         current = {r.spec.name: fingerprinting.key(r.spec).digest for r in self.supervisor.records()}
         return [{**f.to_dict(), "applies": current.get(f.key.model) == f.digest} for f in rows]
 
