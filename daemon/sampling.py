@@ -38,6 +38,7 @@ class LoadSampler:
         self._weights_in = False
         self.kv_asked = False  # the KV cache was granted and the engine asked to allocate it
         self._task: asyncio.Task | None = None
+        self._stopped = False
         self.samples = 0
         self.observed: dict[str, int] = {}  # the last sample as verify and the reconciler measure (no PSS stand-in)
 
@@ -78,13 +79,18 @@ class LoadSampler:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """End the periodic samples; returns once their task is done. Python before 3.12 can lose
+        a cancellation inside wait_for when the awaited report arrives at the same moment
+        (gh-86296): the loop would sample forever and this would wait forever, so the cancel is
+        repeated and a flag ends the loop at its next turn."""
+        self._stopped = True
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(SAMPLE_INTERVAL_S)
             try:
                 await self.sample()
