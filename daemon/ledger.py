@@ -135,10 +135,17 @@ class Ledger:
     @classmethod
     async def open(cls, url: str, probe: Probe, devices: DevicesConfig, **kwargs) -> "Ledger":
         ledger = cls(engine_for(url), probe, devices, **kwargs)
+        try:
+            async with ledger._engine.begin() as conn:
+                found, now = await conn.run_sync(migrate)
+        except STORAGE_ERRORS:
+            # SQLite commits each CREATE alone: another process (the CLI's plan) creating the same
+            # table first makes ours fail; the second look finds it there. PostgreSQL holds a lock.
+            async with ledger._engine.begin() as conn:
+                found, now = await conn.run_sync(migrate)
+        if found and found != now:
+            log.info("ledger schema migrated from version %d to %d", found, now)
         async with ledger._engine.begin() as conn:
-            found, now = await conn.run_sync(migrate)
-            if found and found != now:
-                log.info("ledger schema migrated from version %d to %d", found, now)
             rows = await conn.execute(select(leases_table).where(leases_table.c.state == LeaseState.GRANTED.value))
             ledger._leases = {row.id: _row_to_lease(row) for row in rows}
             rows = await conn.execute(select(engines_table))
