@@ -43,21 +43,27 @@ class LoadSampler:
         self.observed: dict[str, int] = {}  # the last sample as verify and the reconciler measure (no PSS stand-in)
 
     async def sample(self) -> dict[str, int]:
-        """One sample of every device; a report the engine cannot give now counts as none."""
+        """One sample of every device. Where the engine reports a device (even 0: the torch engine
+        before its weights), its report is the figure; where it answered without that device, the
+        PSS of its processes; while it cannot answer yet (not listening), a simulated device gets
+        no sample: the interpreter starting is not the engine's memory."""
         try:
             reported = await asyncio.wait_for(self._handle.measure(), timeout=5)
-        except Exception:  # still starting, or busy: the probe and the PSS still tell
-            reported = {}
+            answered = True
+        except Exception:  # still starting, or busy: the probe still tells on a GPU
+            reported, answered = {}, False
         usage = self._meter.observe(self._handle.pid, reported)
         self.observed = usage
         now = {}
         for device, series in self._series.items():
-            used = 0 if device == HOST else usage.get(device, 0)
-            if used:
-                series.method = "engine" if reported.get(device, 0) >= used else ("nvml" if self._nvml else "engine")
-            elif device == HOST or not self._nvml:  # no figure for it: what its processes hold in RAM
+            if device != HOST and (device in reported or self._nvml or usage.get(device)):
+                used = usage.get(device, 0)
+                series.method = "engine" if reported.get(device, -1) >= used else ("nvml" if self._nvml else "engine")
+            elif device == HOST or answered:  # no figure for it: what its processes hold in RAM
                 # In a thread: a process that maps hundreds of GB takes a while to walk.
                 used, series.method = await asyncio.to_thread(group_pss, self._handle.pid), "pss"
+            else:
+                continue
             series.last, series.peak = used, max(series.peak, used)
             if not self._weights_in:
                 series.loading_peak = max(series.loading_peak, used)

@@ -3,6 +3,7 @@ faked at the process boundary and the GPUs simulated (a probe that can keep a st
 memory, as a zombie would)."""
 
 import asyncio
+import os
 from dataclasses import replace
 
 from lessor.daemon.config import SimulatedGpu
@@ -137,3 +138,41 @@ async def test_lessor_plan_shows_which_numbers_were_measured_and_which_measureme
     assert f"measured: fingerprint {mine.digest[:8]}" in text and "used, ready on" in text and "+3% margin" in text
     assert "not used: fingerprint" in text and "devices NVIDIA H200, now sim24" in text
     assert "workspace_measured" in text and "measured " in text
+
+
+class _Reporting:
+    """A handle whose engine is this test process: it reports what it is told, or cannot answer yet."""
+
+    def __init__(self, reports) -> None:
+        self.pid, self._reports = os.getpid(), list(reports)
+
+    async def measure(self):
+        report = self._reports.pop(0)
+        if report is None:
+            raise ConnectionRefusedError("not listening yet")
+        return report
+
+
+def _sampler(handle):
+    from lessor.daemon.sampling import LoadSampler
+    from lessor.daemon.usage import UsageMeter
+
+    probe = SimProbe([SimulatedGpu(name="sim24", total=24 * GiB)], 64 * GiB)
+    return LoadSampler(UsageMeter(probe, lambda: {r.device: r for r in probe.read()}), handle, ["gpu0"], nvml=False)
+
+
+async def test_an_engine_that_reports_is_measured_by_its_report_never_its_interpreter():
+    sampler = _sampler(_Reporting([None, {"gpu0": 0}, {"gpu0": 300 * 2**20}, {"gpu0": 340 * 2**20}]))
+    await sampler.sample()  # not listening: no figure, not the PSS of a starting interpreter
+    await sampler.sample()  # listening, its weights not in yet: 0
+    await sampler.mark("weights")
+    await sampler.mark("kv")
+    [m] = sampler.measurements(1024, {"gpu0": GiB}, two_phase=True)
+    assert (m.method, m.loading_peak_bytes, m.weights_bytes, m.kv_bytes) == ("engine", 300 * 2**20, 300 * 2**20, 40 * 2**20)
+
+
+async def test_an_engine_without_a_report_is_measured_by_the_pss_of_its_processes():
+    sampler = _sampler(_Reporting([{}, {}]))
+    await sampler.mark("weights")
+    [m] = sampler.measurements(0, {}, two_phase=False)
+    assert m.method == "pss" and m.peak_bytes > 10 * 2**20  # this test process's own RAM
