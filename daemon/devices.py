@@ -44,7 +44,11 @@ class DeviceReading:
     def usage_of(self, leader: int) -> int:
         """Bytes used by an engine: its leader and the rest of its process group (vLLM's and
         SGLang's workers hold the GPU memory in child processes)."""
-        return sum(b for pid, b in self.processes.items() if pid == leader or _pgid(pid) == leader)
+        return sum(self.processes[pid] for pid in self.group_pids(leader))
+
+    def group_pids(self, leader: int) -> tuple[int, ...]:
+        """The processes this reading lists that are the engine `leader` or its process group."""
+        return tuple(pid for pid in self.processes if pid == leader or _pgid(pid) == leader)
 
 
 def _pgid(pid: int) -> int | None:

@@ -27,7 +27,6 @@ class _Series:
     method: str = "pss"
     peak: int = 0
     loading_peak: int = 0
-    last: int = 0
     at: dict[str, int] = field(default_factory=dict)  # step -> bytes sampled when it was reached
 
 
@@ -39,7 +38,6 @@ class LoadSampler:
         self.kv_asked = False  # the KV cache was granted and the engine asked to allocate it
         self._task: asyncio.Task | None = None
         self._stopped = False
-        self.samples = 0
         self.observed: dict[str, int] = {}  # the last sample as verify and the reconciler measure (no PSS stand-in)
 
     async def sample(self) -> dict[str, int]:
@@ -64,11 +62,10 @@ class LoadSampler:
                 used, series.method = await asyncio.to_thread(group_pss, self._handle.pid), "pss"
             else:
                 continue
-            series.last, series.peak = used, max(series.peak, used)
+            series.peak = max(series.peak, used)
             if not self._weights_in:
                 series.loading_peak = max(series.loading_peak, used)
             now[device] = used
-        self.samples += 1
         return now
 
     async def mark(self, step: str) -> dict[str, int]:

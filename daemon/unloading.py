@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Collection, Mapping
 
@@ -34,17 +33,8 @@ class Held:
 def group_pids(readings: Mapping[str, DeviceReading], leader: int, devices: Collection[str]) -> dict[str, tuple[int, ...]]:
     """Per GPU of `devices`, the pids its reading lists for the engine's process group. Read before
     the engine stops: after, a dead process has no group to ask about."""
-    found = {d: _group(r, leader) for d, r in readings.items() if r.is_gpu and d in devices}
+    found = {d: r.group_pids(leader) for d, r in readings.items() if r.is_gpu and d in devices}
     return {d: pids for d, pids in found.items() if pids}
-
-
-def _group(reading: DeviceReading, leader: int) -> tuple[int, ...]:
-    def in_group(pid: int) -> bool:
-        try:
-            return pid == leader or os.getpgid(pid) == leader
-        except (ProcessLookupError, PermissionError):
-            return False
-    return tuple(pid for pid in reading.processes if in_group(pid))
 
 
 def still_held(readings: Mapping[str, DeviceReading], device: str, pids: tuple[int, ...]) -> int:
@@ -104,6 +94,3 @@ class Lingering:
         for held in self._held.values():
             out[held.device] = out.get(held.device, 0) + held.bytes
         return out
-
-    def items(self) -> list[Held]:
-        return list(self._held.values())
