@@ -24,7 +24,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .errors import LedgerUnavailable
-from .ledger_db import STORAGE_ERRORS, fingerprints_table, short_error
+from .ledger_db import STORAGE_ERRORS, fingerprints_table, short_error, write
 
 log = logging.getLogger("lessor.fingerprints")
 
@@ -162,8 +162,8 @@ class FingerprintStore:
             old = self._rows.get(fingerprint.digest)
             new = old.merged(fingerprint) if old else fingerprint
             # Replace whatever the table holds under the key (a row this lessord could not read too).
-            await self._write("record a fingerprint", delete(fingerprints_table).where(fingerprints_table.c.key == new.digest),
-                              insert(fingerprints_table).values(**new.row()))
+            await self._write("record a fingerprint", (delete(fingerprints_table).where(fingerprints_table.c.key == new.digest),),
+                              (insert(fingerprints_table).values(**new.row()),))
             self._rows[new.digest] = new
             return new
 
@@ -171,17 +171,10 @@ class FingerprintStore:
         async with self._lock:
             if digest not in self._rows:
                 return None
-            await self._write("delete a fingerprint", delete(fingerprints_table).where(fingerprints_table.c.key == digest))
+            await self._write("delete a fingerprint", (delete(fingerprints_table).where(fingerprints_table.c.key == digest),))
             return self._rows.pop(digest)
 
-    async def _write(self, doing: str, *statements) -> None:
-        """One transaction; a storage failure becomes LedgerUnavailable and nothing of it is applied."""
-        if self._engine is None:
-            return
-        try:
-            async with self._engine.begin() as conn:
-                for statement in statements:
-                    await conn.execute(statement)
-        except STORAGE_ERRORS as exc:
-            log.error("fingerprint write failed (%s): %s", doing, exc)
-            raise LedgerUnavailable(doing, short_error(exc)) from exc
+    async def _write(self, doing: str, *statements: tuple) -> None:
+        """One transaction (ledger_db.write); in memory, nothing to write."""
+        if self._engine is not None:
+            await write(self._engine, doing, statements)

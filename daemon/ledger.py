@@ -27,7 +27,7 @@ from .config import DevicesConfig
 from .devices import DeviceReading, Probe, group_members
 from .errors import LedgerUnavailable
 from .events import Event, LeaseGranted, LeaseReleased
-from .ledger_db import STORAGE_ERRORS, engine_for, engines_table, leases_table, migrate, short_error
+from .ledger_db import STORAGE_ERRORS, engine_for, engines_table, leases_table, migrate, write
 from .units import format_bytes
 
 log = logging.getLogger("lessor.ledger")
@@ -164,17 +164,7 @@ class Ledger:
         """One transaction; a storage failure becomes LedgerUnavailable and nothing of it is applied.
         The statements are built only when there is a database to write them to. The rows changed,
         where the driver counts them."""
-        if self._engine is None:
-            return 0
-        changed = 0
-        try:
-            async with self._engine.begin() as conn:
-                for statement, *params in statements():
-                    changed += max((await conn.execute(statement, *params)).rowcount, 0)
-        except STORAGE_ERRORS as exc:
-            log.error("ledger write failed (%s): %s", doing, exc)
-            raise LedgerUnavailable(doing, short_error(exc)) from exc
-        return changed
+        return 0 if self._engine is None else await write(self._engine, doing, statements())
 
     async def close(self) -> None:
         async with self._lock:

@@ -4,13 +4,19 @@ or PostgreSQL), and what counts as the database's trouble rather than a bug. dae
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
+from typing import Sequence
 
 from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text, event, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from .errors import LedgerUnavailable
+
+log = logging.getLogger("lessor.ledger")
 
 metadata = MetaData()
 leases_table = Table(
@@ -129,6 +135,20 @@ def engine_for(url: str) -> AsyncEngine:
     engine = create_async_engine(url)
     event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
+
+
+async def write(engine: AsyncEngine, doing: str, statements: Sequence[tuple]) -> int:
+    """One transaction of `(statement, *params)`; a storage failure becomes LedgerUnavailable and
+    nothing of it is applied. The rows changed, where the driver counts them."""
+    changed = 0
+    try:
+        async with engine.begin() as conn:
+            for statement, *params in statements:
+                changed += max((await conn.execute(statement, *params)).rowcount, 0)
+    except STORAGE_ERRORS as exc:
+        log.error("ledger write failed (%s): %s", doing, exc)
+        raise LedgerUnavailable(doing, short_error(exc)) from exc
+    return changed
 
 
 def short_error(exc: BaseException) -> str:
