@@ -88,7 +88,8 @@ class Controller:
         if model is not None:
             name = self.supervisor.resolve(model).spec.name
             rows = [f for f in rows if f.key.model == name]
-        current = {r.spec.name: fingerprinting.key(r.spec).digest for r in self.supervisor.records()}
+        readings = self.ledger.snapshot().readings  # one probe read names every model's devices
+        current = {r.spec.name: fingerprinting.key(r.spec, readings).digest for r in self.supervisor.records()}
         return [{**f.to_dict(), "applies": current.get(f.key.model) == f.digest} for f in rows]
 
     async def forget_fingerprint(self, key: str) -> dict[str, Any]:

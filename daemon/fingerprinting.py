@@ -45,10 +45,11 @@ class Fingerprinting:
                  margin: Callable[[], float], publish: Callable[[Event], None]) -> None:
         self.store, self._readings, self._margin, self._publish = store, readings, margin, publish
 
-    def key(self, spec: ModelSpec) -> FingerprintKey:
+    def key(self, spec: ModelSpec, readings: Mapping[str, DeviceReading] | None = None) -> FingerprintKey:
         """The key a load of `spec` is measured under: model, engine kind and version, device names, flags.
-        The version comes from a cache (`refresh` asks the engine's package again)."""
-        readings = self._readings()
+        The version comes from a cache (`refresh` asks the engine's package again); `readings`
+        name the devices (read from the probe when not given)."""
+        readings = self._readings() if readings is None else readings
         devices = tuple(readings[d].name if d in readings else d for d in (gpu_id(i) for i in spec.placement.devices))
         version = engine_version(*spec.engine.version_query())[:256]  # the column's width, and the digest's input
         return FingerprintKey(spec.name, spec.engine.kind, version, devices, memory_flags(spec))
@@ -57,14 +58,13 @@ class Fingerprinting:
         """Ask the engine's version now, off the event loop (a subprocess), before a load plans."""
         await asyncio.to_thread(engine_version, *spec.engine.version_query(), True)
 
-    def measured(self, spec: ModelSpec) -> Measured | None:
-        """The fingerprint of this load's key, with the margin the config adds to it (None: none yet)."""
-        found = self.store.get(self.key(spec))
+    def measured(self, key: FingerprintKey) -> Measured | None:
+        """The fingerprint of this key, with the margin the config adds to it (None: none yet)."""
+        found = self.store.get(key)
         return Measured(found, self._margin()) if found else None
 
-    def use(self, spec: ModelSpec, measured: Measured | None) -> dict[str, Any]:
+    def use(self, key: FingerprintKey, measured: Measured | None) -> dict[str, Any]:
         """What a plan says of measurements: the one it used, and the others of this model it did not use, and why."""
-        key = self.key(spec)
         used = measured.fingerprint if measured else None
         return {"key": key.digest, "engine_version": key.engine_version, "devices": list(key.devices),
                 "used": None if used is None else {"measured_at_s": used.measured_at_s, "outcome": used.outcome,
@@ -72,13 +72,13 @@ class Fingerprinting:
                 "not_used": [{"key": other.digest, "measured_at_s": other.measured_at_s, "why": key.differences(other.key)}
                              for other in self.store.others(key)]}
 
-    async def remember(self, spec: ModelSpec, measurements: tuple[DeviceMeasurement, ...], outcome: Outcome | str) -> None:
+    async def remember(self, key: FingerprintKey, measurements: tuple[DeviceMeasurement, ...], outcome: Outcome | str) -> None:
         """Record what a load measured. Never raises: the load's outcome matters more than its memory of it."""
         if not measurements:
             return
         try:
-            stored = await self.store.record(self.key(spec), measurements, outcome)
+            stored = await self.store.record(key, measurements, outcome)
         except Exception as exc:  # LedgerUnavailable, or a bug: logged, and the load goes on
-            log.warning("fingerprint of %s not recorded: %s", spec.name, exc)
+            log.warning("fingerprint of %s not recorded: %s", key.model, exc)
             return
-        self._publish(FingerprintRecorded(spec.name, stored.digest, outcome, stored.loads))
+        self._publish(FingerprintRecorded(key.model, stored.digest, outcome, stored.loads))

@@ -33,7 +33,7 @@ from .errors import (EngineUnavailable, LedgerUnavailable, LoadFailed, ModelBusy
                      OutOfMemory, PlanRejected, UnknownModel)
 from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, LoadRetried, ModelStateChanged
 from .fingerprinting import Fingerprinting
-from .fingerprints import FingerprintStore
+from .fingerprints import FingerprintKey, FingerprintStore
 from .holder import ConfigHolder
 from .ledger import EngineRecord, Ledger
 from .lifecycle import ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic
@@ -143,9 +143,10 @@ class Supervisor:
         except PlanRejected as exc:  # a dry run answers "no, because", it does not fail
             return Plan(record.spec.name, False, 0, dict(overrides or {}), (), (), tuple(exc.reasons))
         snapshot = self.policy_snapshot()
-        measured = self.fingerprinting.measured(spec)
+        key = self.fingerprinting.key(spec)
+        measured = self.fingerprinting.measured(key)
         first, _, decision = self._decide(spec, snapshot, measured)
-        shown = {"fingerprint": self.fingerprinting.use(spec, measured)}
+        shown = {"fingerprint": self.fingerprinting.use(key, measured)}
         if isinstance(decision, Evict):
             result = plan(spec, snapshot.devices, _freed_by(snapshot, decision.victims), measured)
             return Plan(**{**result.__dict__, "evictions": decision.victims, **shown})
@@ -216,8 +217,9 @@ class Supervisor:
         failures: list[str] = []
         kind = "oom"
         await self.fingerprinting.refresh(spec)
+        key = self.fingerprinting.key(spec)  # the same for every attempt: its spec, devices and version
         for number in range(1, self._config.current.planner.oom_retries + 2):
-            measured = self.fingerprinting.measured(spec)
+            measured = self.fingerprinting.measured(key)
             attempt = None
             try:
                 waits = await self._admit(spec, measured)
@@ -228,7 +230,7 @@ class Supervisor:
                                       measured, nvml=not self._simulated)
                 loaded = await attempt.run()
             except OutOfMemory as exc:
-                await self.fingerprinting.remember(spec, attempt.measurements if attempt else (), exc.kind)
+                await self.fingerprinting.remember(key, attempt.measurements if attempt else (), exc.kind)
                 failures.append(f"{exc.step}: {exc.reason}")
                 kind = exc.kind
                 if number <= self._config.current.planner.oom_retries:
@@ -241,14 +243,14 @@ class Supervisor:
                     raise
                 raise OutOfMemory(spec.name, getattr(exc, "step", "plan"), _attempts_text(failures, f"not started: {exc}"),
                                   kind=kind) from exc
-            await self._remember_ready(spec, attempt, loaded)
+            await self._remember_ready(key, attempt)
             return loaded
         raise OutOfMemory(spec.name, "load", _attempts_text(failures), kind=kind)
 
-    async def _remember_ready(self, spec: ModelSpec, attempt: LoadAttempt, loaded: Loaded) -> None:
+    async def _remember_ready(self, key: FingerprintKey, attempt: LoadAttempt) -> None:
         """Record a finished load's measurement; cancelled meanwhile, the load is rolled back."""
         try:
-            await self.fingerprinting.remember(spec, attempt.measurements, attempt.outcome)
+            await self.fingerprinting.remember(key, attempt.measurements, attempt.outcome)
         except BaseException:
             await asyncio.shield(attempt.roll_back("cancelled while its measurement was recorded"))
             raise
