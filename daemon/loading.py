@@ -37,7 +37,7 @@ from .usage import UsageMeter
 
 # The typed outcomes a failed step already states well: passed on as they are.
 _AS_RAISED = (LoadFailed, LedgerUnavailable, NotEnoughMemory)
-SIGKILL_EXIT = -9  # lessor sends SIGKILL only after stop_grace: unasked, it is the kernel's OOM killer
+SIGKILL_EXIT = -9  # lessor sends SIGKILL only after stop_grace: unasked, most likely the kernel's OOM killer
 
 LaunchFor = Callable[[Mapping[str, Any], int, int, str], Launch]  # params, kv tokens, port, attempt
 
@@ -166,9 +166,12 @@ class LoadAttempt:
         devices = [gpu_id(i) for i in self.spec.placement.devices]
         return devices + (["host"] if "host" in self._peak_leased else [])
 
-    def _note_leased(self) -> None:
-        for device, held in leased_by(self.ledger, self.spec.name).items():
+    def _note_leased(self) -> dict[str, int]:
+        """What the model holds now, per device, kept as the most it held (for the measurement)."""
+        leased = leased_by(self.ledger, self.spec.name)
+        for device, held in leased.items():
             self._peak_leased[device] = max(self._peak_leased.get(device, 0), held)
+        return leased
 
     async def _grant(self, wants, handle: EngineHandle | None = None) -> None:
         granted = await self.ledger.grant(self.spec.name, wants, self.attempt,
@@ -183,11 +186,11 @@ class LoadAttempt:
             raise PlanRejected(self.spec.name, list(sized.reasons))
         await self._grant(sized.steady_leases, handle)
         self.plan = sized  # what a failure from here on measured is of this KV cache
-        self._note_leased()
+        leased = self._note_leased()
         if self.sampler is not None:  # an out-of-memory from here on is the KV cache's or the workspace's
             self.sampler.kv_asked = True
         kv_bytes = max((w.bytes for w in sized.steady_leases if w.kind == LeaseKind.KV), default=0)
-        await handle.allocate_kv(KvGrant(sized.kv_tokens, kv_bytes, sized.params, leased_by(self.ledger, self.spec.name)))
+        await handle.allocate_kv(KvGrant(sized.kv_tokens, kv_bytes, sized.params, leased))
         return sized
 
     def _verify(self, usage: Mapping[str, int]) -> None:

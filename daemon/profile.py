@@ -186,12 +186,10 @@ def with_measured(memory: Memory, fingerprint: "Fingerprint", margin: float) -> 
     """The profile with the measured figures where they are above the predicted ones, plus the
     margin (measurement noise: a figure measured at or below the model leaves the model's); a
     figure the measurement raised gets a `measured` component for the difference, saying from what."""
+    if len(fingerprint.devices) != len(memory.devices):  # another placement (its key differs): nothing of it fits
+        return memory
     devices, components, kv_sources = [], [], []
-    for index, (predicted, comps, kv_source) in enumerate(zip(memory.devices, memory.components, memory.kv_sources)):
-        if index >= len(fingerprint.devices):
-            devices.append(predicted), components.append(comps), kv_sources.append(kv_source)
-            continue
-        m = fingerprint.devices[index]
+    for predicted, comps, kv_source, m in zip(memory.devices, memory.components, memory.kv_sources, fingerprint.devices):
         figures = measured_figures(predicted, m, fingerprint.outcome)
         basis = f"fingerprint {fingerprint.digest[:8]} ({fingerprint.outcome}, {fingerprint.when()}, {m.method})"
         changed, extra = {}, []
