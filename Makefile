@@ -1,11 +1,12 @@
 # The two commands of the README:
 #   make demo   set up a venv and run lessord on examples/demo.yaml (simulated GPU without a driver)
-#   make test   set up a venv and the servers the tests use (PostgreSQL), then run the tests
+#   make test   set up a venv, the servers the tests use (PostgreSQL, mosquitto) and real vLLM (CPU),
+#               then run the tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test system-deps clean
+.PHONY: setup demo test system-deps vllm clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,8 +27,13 @@ demo: setup var/models/tiny-qwen/config.json
 system-deps:
 	sh tests/install-system-deps.sh
 
-test: setup system-deps
+# Real vLLM for the tests (its CPU build, in a venv of its own): see the script for each workaround.
+VLLM_VENV ?= .venv-vllm
+vllm:
+	sh tests/install-vllm.sh $(VLLM_VENV)
+
+test: setup system-deps vllm
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) var *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) var *.egg-info .pytest_cache .hypothesis

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ..daemon.errors import (BodyTooLarge, ConfigError, EngineUnavailable, Forbidden, InvalidApiKey, InvalidRequest,
-                             InvariantBroken, LedgerUnavailable, LessorError, LoadFailed, MalformedRequest,
+                             InvariantBroken, LedgerUnavailable, LessorError, LoadFailed, MalformedRequest, ModelFailed,
                              MethodNotAllowed, ModelBusy, NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected,
                              QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel,
                              UpstreamFailed, WaitTimedOut)
@@ -59,6 +59,7 @@ ERRORS: dict[type[LessorError], HttpMapping] = {
     LoadFailed: HttpMapping(502, SERVER),
     UpstreamFailed: HttpMapping(502, SERVER),
     NotEnoughMemory: HttpMapping(503, SERVER),
+    ModelFailed: HttpMapping(503, SERVER),
     WaitTimedOut: HttpMapping(503, SERVER),
     LedgerUnavailable: HttpMapping(503, SERVER),
 }

@@ -1,7 +1,8 @@
 """The router's HTTP side: the OpenAI-compatible front door on `router.listen`.
 
 Every request to every model crosses it, so it is built for the hot path: a request's body is
-read once, parsed once to learn `model`, and sent upstream as the same bytes; the answer's body
+read once, parsed once to learn `model`, and sent upstream as the same bytes (an alias is written
+over with the model's name for an engine that serves under one name); the answer's body
 comes back piece by piece as the engine writes it (re-framed as chunked when the engine gave no
 length), so streams are never buffered. A client that disconnects closes its upstream
 connection, so the engine stops.
@@ -15,6 +16,8 @@ envelope by api/errors.py, so OpenAI clients show them.
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import replace
 
 import httptools
 
@@ -30,16 +33,19 @@ from .keys import EVERY_MODEL, ApiKeys, KeyAccess, allows
 from .proxy import UpstreamPool
 
 try:
-    from orjson import loads as json_loads
+    from orjson import dumps as json_dumps, loads as json_loads
 except ImportError:  # orjson is a dependency; the standard library still works without it
     from json import loads as json_loads
+
+    def json_dumps(data) -> bytes:
+        return json.dumps(data, ensure_ascii=False).encode()
 
 PROXIED = frozenset((b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"))
 SERVES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
 
 
-def parse_body(body: bytes) -> tuple[str, bool]:
-    """The request's `model` and whether it asks for a stream; nothing else is looked at."""
+def parse_body(body: bytes) -> tuple[str, bool, dict]:
+    """The request's `model`, whether it asks for a stream, and the parsed body; nothing else is looked at."""
     try:
         data = json_loads(body)
     except ValueError as exc:
@@ -49,7 +55,13 @@ def parse_body(body: bytes) -> tuple[str, bool]:
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model", "required: the name of a configured model (GET /v1/models lists them)")
-    return model, data.get("stream") is True
+    return model, data.get("stream") is True, data
+
+
+def renamed(data: dict, name: str) -> bytes:
+    """The body with `model` set to the model's name: for an alias, to an engine that serves under one name."""
+    data["model"] = name
+    return json_dumps(data)
 
 
 class FrontDoor:
@@ -123,9 +135,11 @@ class FrontDoor:
             raise NoRoute("GET", request.path.decode(errors="replace"), "the router", SERVES)
 
     async def _proxy(self, conn: ClientConnection, request: Request, access: KeyAccess | None) -> None:
-        model, _ = parse_body(request.body)
+        model, _, data = parse_body(request.body)
         router = self.router
         lane = self.lane(model, access)  # an unknown name is not counted: clients must not create metric labels
+        if model != lane.name and not lane.record.spec.engine.takes_aliases:
+            request = replace(request, body=renamed(data, lane.name))
         try:
             base_url = router.try_start(lane) or await router.wait_turn(lane)
         except LessorError as exc:

@@ -104,8 +104,8 @@ class PlanSettings(Strict):
 
 
 class RestartPolicy(Strict):
-    policy: Literal["never", "on-failure"] = Field(default="on-failure", description="Restart an engine that exits on its own (a crash), or leave the model failed.")
-    max_restarts: int = Field(default=3, ge=0, le=100, description="Consecutive failed restarts before giving up; the model then stays failed until loaded again.")
+    policy: Literal["never", "on-failure"] = Field(default="on-failure", description="Restart an engine that exits on its own (a crash), or leave the model failed until a request or an operator loads it.")
+    max_restarts: int = Field(default=3, ge=0, le=100, description="Crashes within window_s after which lessor gives up, whoever started the load (lessor's restart or a request): the model stays failed, and requests get a 503 naming the reason instead of loading it again, until an operator loads it or the config is reloaded.")
     backoff: Duration = Field(default=2.0, description="Wait before the first restart, doubled after each failure (at most max_backoff_s).")
     max_backoff_s: Duration = Field(default=300.0, gt=0, le=86400, description="Longest wait between two restarts.")
     window_s: Duration = Field(default=600.0, gt=0, le=86400, description="Crashes further apart than this do not count toward max_restarts.")

@@ -128,6 +128,19 @@ class ModelBusy(LessorError):
 
 
 @dataclass
+class ModelFailed(LessorError):
+    """lessor gave up on the model after its crashes: requests do not load it again."""
+
+    model: str
+    reason: str
+    type = "model_failed"
+
+    def message(self) -> str:
+        return (f"model '{self.model}' is failed and not loaded on demand: {self.reason}; an operator's load "
+                f"(lessor load {self.model}) or a config reload tries it again")
+
+
+@dataclass
 class NotEnoughMemory(LessorError):
     model: str
     device: str

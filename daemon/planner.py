@@ -240,4 +240,4 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
     workspace = worst.workspace + kv_bytes(worst, tokens) - int(tokens * worst.cache_rate)
     flags = engine.planned_flags(Sizing(tokens, batch, cache, len(memory.devices), workspace,
                                         worst.weights + worst.workspace + kv_bytes(worst, tokens), total_bytes))
-    return tokens, flags.params, reasons + flags.broken, flags.warnings
+    return tokens, flags.params, reasons + flags.broken, [*flags.warnings, *engine.env_warnings()]

@@ -1,8 +1,14 @@
-"""Restarts after a crash: when the next try is due, and the tasks that wait for it.
+"""Crashes and what follows them: when the next try is due, when lessor gives up, and the tasks
+that wait to restart.
 
-A model's `restart` settings decide: `policy: never` leaves it failed; otherwise it is loaded
-again after `backoff`, doubled for each crash within `window_s`, at most `max_backoff_s`, until
-`max_restarts` crashes in the window. `close()` cancels what waits, and nothing is scheduled after.
+Every engine that ends on its own while serving counts as a crash, and so does a load that lessor
+or a request started and whose engine failed: otherwise a model that dies on its first request
+would be loaded again by every request (a crash loop driven by traffic). A model's `restart`
+settings decide: with `policy: on-failure` lessor loads it again after `backoff`, doubled for each
+crash within `window_s`, at most `max_backoff_s`; with `never` only a request does. Either way,
+once it has crashed more than `max_restarts` times in the window lessor gives up: it stays failed,
+and requests are refused with the reason, until an operator loads it or the config is reloaded. `close()` cancels
+what waits, and nothing is scheduled after.
 """
 
 from __future__ import annotations
@@ -17,29 +23,37 @@ log = logging.getLogger("lessor.supervisor")
 
 
 class Restarts:
-    """The one owner of restart times (per model) and of the tasks that wait to restart."""
+    """The one owner of crash times and give-ups (per model) and of the tasks that wait to restart."""
 
     def __init__(self, clock: Callable[[], float], load: Callable[[str], Awaitable[object]]) -> None:
         self._clock, self._load = clock, load
         self._tasks: set[asyncio.Task] = set()
         self._times: dict[str, list[float]] = {}
+        self._given_up: dict[str, str] = {}
         self._closed = False
 
     def count(self, model: str) -> int:
-        """Restarts within the window, as of the last crash."""
+        """Crashes within the window, as of the last crash."""
         return len(self._times.get(model, ()))
 
-    def forget(self, model: str) -> None:
-        self._times.pop(model, None)
+    def given_up(self, model: str) -> str | None:
+        """Why lessor gave up on the model (it is not loaded on demand), or None."""
+        return self._given_up.get(model)
 
-    def delay(self, record: ModelRecord) -> float | None:
-        """Seconds until the next restart, or None to give up. Forgets crashes outside the window."""
-        policy, now = record.spec.restart, self._clock()
-        times = self._times[record.spec.name] = [t for t in self._times.get(record.spec.name, ())
-                                                 if now - t < policy.window_s]
-        if policy.policy == "never" or len(times) >= policy.max_restarts:
+    def forget(self, model: str | None = None) -> None:
+        """An operator's load, or a config reload (None: every model): the crashes start over."""
+        for table in (self._times, self._given_up):
+            table.clear() if model is None else table.pop(model, None)
+
+    def crashed(self, record: ModelRecord, reason: str) -> float | None:
+        """Count a crash now: seconds until lessor's restart, or None (its policy is never, or it gave up)."""
+        name, policy, now = record.spec.name, record.spec.restart, self._clock()
+        times = self._times[name] = [t for t in self._times.get(name, ()) if now - t < policy.window_s] + [now]
+        if len(times) > policy.max_restarts:
+            self._given_up[name] = (f"{reason} ({len(times)} crashes within {policy.window_s:g} s, more than "
+                                    f"restart.max_restarts {policy.max_restarts})")
             return None
-        return min(policy.backoff * 2 ** len(times), policy.max_backoff_s)
+        return None if policy.policy == "never" else min(policy.backoff * 2 ** (len(times) - 1), policy.max_backoff_s)
 
     def schedule(self, record: ModelRecord, delay_s: float) -> None:
         self.spawn(self._restart(record, delay_s))
@@ -54,16 +68,12 @@ class Restarts:
 
     async def _restart(self, record: ModelRecord, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
-        if record.state != ModelState.FAILED:  # someone loaded or unloaded it meanwhile
-            return
-        self._times.setdefault(record.spec.name, []).append(self._clock())
+        if record.state != ModelState.FAILED or record.spec.name in self._given_up:
+            return  # someone loaded or unloaded it meanwhile, or a request's load crashed it for good
         try:
             await self._load(record.spec.name)
-        except Exception as exc:
+        except Exception as exc:  # the load counted the crash, and scheduled what follows
             log.error("restart of %s failed: %s", record.spec.name, exc)
-            delay = self.delay(record)
-            if delay is not None:
-                self.schedule(record, delay)
 
     async def settled(self) -> None:
         """Return once every exit report and restart under way has run its course."""

@@ -29,7 +29,7 @@ from ..policies import POLICIES, Admit, AdmissionRequest, Decision, Evict, Model
 from .adoption import Adoption, adopt
 from .config import ModelSpec
 from .devices import Probe, SimProbe, gpu_id
-from .errors import (EngineUnavailable, LedgerUnavailable, LoadFailed, ModelBusy, ModelsBusy, NotEnoughMemory,
+from .errors import (EngineUnavailable, LedgerUnavailable, LoadFailed, ModelBusy, ModelFailed, ModelsBusy, NotEnoughMemory,
                      OutOfMemory, PlanRejected, UnknownModel)
 from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, LoadRetried, ModelStateChanged
 from .fingerprinting import Fingerprinting
@@ -74,7 +74,7 @@ class Supervisor:
         self._models = {spec.name: ModelRecord(spec) for spec in config.current.models}
         self._device_locks: dict[str, asyncio.Lock] = {}
         self._traffic: Traffic = NoTraffic()
-        self._restarts = Restarts(clock, self.load)
+        self._restarts = Restarts(clock, lambda name: self.try_load(name, cause="restart"))
         self._closing = False
 
     # -- reads -------------------------------------------------------------------------------
@@ -169,17 +169,25 @@ class Supervisor:
             self._publish(ModelStateChanged(record.spec.name, state.value, previous.value, reason))
 
     async def load(self, name: str, overrides: Mapping[str, Any] | None = None) -> ModelRecord:
-        """An explicit load: a load that must wait for busy models is refused (ModelsBusy)."""
-        outcome = await self.try_load(name, overrides)
+        """An operator's load: a load that must wait for busy models is refused (ModelsBusy). It
+        tries a model that lessor gave up on after its crashes, which start over."""
+        outcome = await self.try_load(name, overrides, cause="operator")
         if isinstance(outcome, MustWait):
             raise outcome.error
         return outcome
 
-    async def try_load(self, name: str, overrides: Mapping[str, Any] | None = None) -> ModelRecord | MustWait:
-        """Load now, or say which busy models the load waits for (the router's on-demand loads)."""
+    async def try_load(self, name: str, overrides: Mapping[str, Any] | None = None,
+                       cause: str = "request") -> ModelRecord | MustWait:
+        """Load now, or say which busy models the load waits for (the router's on-demand loads).
+        `cause`: "request" (the router's), "restart" (after a crash) or "operator"; the first two
+        count a failed load as a crash, and a request never loads a model lessor gave up on."""
         record = self.resolve(name)
         if record.state == ModelState.READY:
             return record
+        if cause == "operator":
+            self._restarts.forget(record.spec.name)
+        elif (given_up := self._restarts.given_up(record.spec.name)) and record.state == ModelState.FAILED:
+            raise ModelFailed(record.spec.name, given_up)
         if record.state in (ModelState.LOADING, ModelState.UNLOADING):
             raise ModelBusy(record.spec.name, record.state.value)
         spec = with_overrides(record.spec, overrides or {})
@@ -204,10 +212,15 @@ class Supervisor:
         except Exception as exc:
             log.warning("load of %s failed: %s", spec.name, exc)
             self._fail(record, ModelState.FAILED, str(exc))
+            if cause != "operator" and isinstance(exc, LoadFailed):  # the operator saw it; nobody else did
+                self._crashed(record, str(exc), restart=cause == "restart")
             raise
         record.handle, record.plan, record.attempt = loaded.handle, loaded.plan, loaded.attempt
         record.error, record.ready_at_s = "", self._clock()
         self._set_state(record, ModelState.READY)
+        returncode = loaded.handle.process.returncode
+        if returncode is not None:  # it ended after its last health check, and its exit report found it loading
+            self._restarts.spawn(self._engine_exited(record, record.generation, returncode))
         return record
 
     async def _attempts(self, record: ModelRecord, spec: ModelSpec, adapter: EngineAdapter) -> Loaded | MustWait:
@@ -332,17 +345,26 @@ class Supervisor:
         handle, record.handle = record.handle, None
         await handle.stop(0)  # reap whatever the leader left in its process group
         self.meter.forget(handle.pid)
-        reason = f"engine exited with {describe_exit(returncode)}"
+        reason = f"engine exited with {describe_exit(returncode)} while serving"
         await self._ledger.forget_engine(record.spec.name)
         await self._ledger.release_model(record.spec.name, reason)
         if record.generation != generation or record.state != ModelState.READY:
             return  # unloaded (an eviction, a reload) while its leases were released: not a crash to restart
-        record.plan, record.error = None, reason
-        restart_in = self._restarts.delay(record)
-        self._publish(EngineExited(record.spec.name, handle.pid, returncode, reason, restart_in))
-        self._set_state(record, ModelState.FAILED, reason)
-        if restart_in is not None:
+        last = handle.process.tail(5)
+        reason += "; last log lines: " + " | ".join(line.strip() for line in last) if last else ""
+        record.plan = None
+        self._publish(EngineExited(record.spec.name, handle.pid, returncode, reason,
+                                   self._crashed(record, reason, restart=True)))
+
+    def _crashed(self, record: ModelRecord, reason: str, restart: bool) -> float | None:
+        """Count a crash: fail the model with the reason (and lessor's verdict when it gives up),
+        and schedule the restart its policy wants, if `restart`. Returns the restart's delay."""
+        restart_in = self._restarts.crashed(record, reason)
+        record.error = self._restarts.given_up(record.spec.name) or reason
+        self._set_state(record, ModelState.FAILED, record.error)
+        if restart_in is not None and restart:
             self._restarts.schedule(record, restart_in)
+        return restart_in
 
     def report_overrun(self, name: str, overrun: dict[str, Any] | None) -> None:
         """The reconciler's finding: the engine measured above its leases (None: back within them).
@@ -412,13 +434,13 @@ class Supervisor:
         for name in removed:
             await self.unload(name, reason="removed from the config")
             del self._models[name]
-            self._restarts.forget(name)
         for name in changed:
             self._models[name].spec = new[name]
         added = tuple(n for n in new if n not in self._models)
         for name in added:
             self._models[name] = ModelRecord(new[name])
         self._config.swap(config)
+        self._restarts.forget()  # the operator may have fixed what crashed them: every model may be tried again
         return ConfigChange(added, removed, changed)
 
 

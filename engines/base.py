@@ -9,6 +9,8 @@ their KV cache from flags at start and hold the load-peak lease until they are r
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..memory.footprint import Footprint, ModelShape
 from .memory_model import CUDA_CONTEXT_ESTIMATE, generic_footprint
-from .process import EngineProcess, engine_env
+from .process import EngineProcess, engine_env, owned_env
+
+log = logging.getLogger("lessor.engines")
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,16 @@ class EngineArgsBase(BaseModel):
     default_chunk_tokens: ClassVar[int]  # the prefill chunk the memory model assumes
     packages: ClassVar[tuple[str, ...]]  # whose versions make the engine's version (none: the binary's --version)
     oom_markers: ClassVar[tuple[str, ...]]  # what the engine logs when it runs out of memory
+    # The engine serves under every name its command line gives (the aliases after the name);
+    # otherwise the router rewrites an alias in a request's `model` to the model's name.
+    takes_aliases: ClassVar[bool]
+    # Environment variables the engine reads that would override the memory lessor planned (a
+    # name ending in "*" is a prefix): never inherited, and the operator's `env` is overridden
+    # with a warning (engines/process.py engine_env).
+    memory_env: ClassVar[tuple[str, ...]]
     FACTS: ClassVar[tuple[str, ...]] = ("title", "kv_param", "batch_param", "kv_per_sequence", "two_phase", "hybrid",
-                                        "max_devices", "default_chunk_tokens", "packages", "oom_markers")
+                                        "max_devices", "default_chunk_tokens", "packages", "oom_markers",
+                                        "takes_aliases", "memory_env")
 
     model_path: str = Field(description="Local path of the model (HF folder or GGUF file); never a hub id.", min_length=1)
     extra_args: list[str] = Field(default_factory=list, description="Extra argv tokens appended to the engine's command, passed without a shell.")
@@ -104,6 +116,11 @@ class EngineArgsBase(BaseModel):
     def kv_element_bytes(self) -> tuple[float, float] | None:
         """Bytes per K and per V element where the engine's arguments set them (None: the spec's kv_dtype)."""
         return None
+
+    def env_warnings(self) -> list[str]:
+        """What the plan says of the `env` variables lessor will not pass as given."""
+        return [f"engine.env.{name}: not passed as given: {self.title} would read it instead of the memory lessor "
+                "planned (lessor sets it from the plan or leaves it unset)" for name in owned_env(self.memory_env, self.env)]
 
     def planned_flags(self, sizing: Sizing) -> Flags:
         """The engine's flags for a planned KV cache, the rules they break and warnings."""
@@ -247,8 +264,9 @@ class ProcessAdapter:
 
     async def start(self, launch: Launch) -> EngineHandle:
         command = self.command(launch)
-        env = engine_env({**launch.visible_devices(), **command.env, **launch.spec.engine.env, **launch.marker},
-                         launch.withhold_env)
+        inherited = owned_env(self.args_class.memory_env, os.environ)
+        env = engine_env({**launch.visible_devices(), **command.env, **self.operator_env(launch, command),
+                          **launch.marker}, (*launch.withhold_env, *inherited))
         argv = [*command.argv, *launch.spec.engine.extra_args]
         launch.run_dir.mkdir(parents=True, exist_ok=True)
         process = await EngineProcess.spawn(argv, env, launch.log_path, cwd=launch.run_dir, on_exit=launch.on_exit)
@@ -256,3 +274,13 @@ class ProcessAdapter:
 
     def reattach(self, process: EngineProcess, launch: Launch) -> EngineHandle:
         return self.handle_class(process, launch, self.command(launch))
+
+    def operator_env(self, launch: Launch, command: Command) -> dict[str, str]:
+        """The spec's `env`, less the variables that would override the memory lessor planned (the
+        plan's own values, in `command.env`, stay); lessord's environment is never passed them."""
+        env, owned = launch.spec.engine.env, self.args_class.memory_env
+        dropped = sorted({*owned_env(owned, env), *owned_env(owned, os.environ)} - set(command.env))
+        if dropped:
+            log.warning("model %s: %s not passed to %s: they would override the memory lessor planned",
+                        launch.spec.name, ", ".join(dropped), self.args_class.title)
+        return {k: v for k, v in env.items() if k not in dropped}

@@ -29,6 +29,8 @@ class TorchEngineArgs(EngineArgsBase):
     default_chunk_tokens: ClassVar[int] = 512
     packages: ClassVar[tuple[str, ...]] = ("torch", "transformers")  # run by lessord's own Python
     oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM
+    takes_aliases: ClassVar[bool] = False  # it answers any `model`, under the one name it is given
+    memory_env: ClassVar[tuple[str, ...]] = ()  # every size comes from its flags
 
     kind: Literal["torch"] = Field(description="The built-in torch engine.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Weight and KV dtype.")

@@ -77,6 +77,8 @@ class KTransformersEngineArgs(EngineArgsBase):
     default_chunk_tokens: ClassVar[int] = DEFAULT_CHUNK_TOKENS
     packages: ClassVar[tuple[str, ...]] = ("ktransformers", "torch")
     oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM
+    takes_aliases: ClassVar[bool] = False
+    memory_env: ClassVar[tuple[str, ...]] = ()
 
     kind: Literal["ktransformers"] = Field(description="ktransformers (hybrid CPU/GPU MoE serving).")
     command: list[str] = Field(default_factory=lambda: ["python3", "-m", "ktransformers.server.main"], min_length=1, description="The command that starts ktransformers' server.")

@@ -38,6 +38,17 @@ class LlamaCppEngineArgs(EngineArgsBase):
     # ggml-cuda.cu: "cudaMalloc failed: out of memory"; ggml-alloc.c / ggml-backend.cpp: "failed to
     # allocate ... buffer"; llama-context: "failed to allocate compute buffers" / KV "failed to allocate buffer".
     oom_markers: ClassVar[tuple[str, ...]] = ("out of memory", "failed to allocate", "unable to allocate")
+    # llama-server's --alias takes several names, llama-cpp-python's --model_alias one: the router
+    # rewrites an alias for both.
+    takes_aliases: ClassVar[bool] = False
+    # llama-server reads every option from LLAMA_ARG_<NAME> (common/arg.cpp set_env): a flag lessor
+    # passes wins, but one it does not (--cpu-moe, --no-kv-offload, ...) would change memory;
+    # GGML_CUDA_ENABLE_UNIFIED_MEMORY lets CUDA allocations spill to host RAM. llama-cpp-python
+    # 0.3.36 reads its ModelSettings fields from the environment (pydantic-settings, any case):
+    # those it is not passed that decide memory.
+    memory_env: ClassVar[tuple[str, ...]] = ("LLAMA_ARG_*", "GGML_CUDA_ENABLE_UNIFIED_MEMORY", "OFFLOAD_KQV",
+                                             "LOGITS_ALL", "SPLIT_MODE", "TENSOR_SPLIT", "MAIN_GPU", "CACHE",
+                                             "CACHE_SIZE", "CACHE_TYPE", "DRAFT_MODEL", "USE_MLOCK")
 
     kind: Literal["llamacpp"] = Field(description="llama.cpp's llama-server.")
     server: Literal["llama-server", "llama-cpp-python"] = Field(default="llama-server", description="Which server: llama.cpp's `llama-server` binary, or `python -m llama_cpp.server` (llama-cpp-python).")

@@ -45,6 +45,13 @@ def engine_env(extra: Mapping[str, str], withhold: Sequence[str] = ()) -> dict[s
     return env
 
 
+def owned_env(names: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """The variables of `env` that `names` claim (exact, any case, or a prefix ending in "*")."""
+    exact = {n.upper() for n in names if not n.endswith("*")}
+    prefixes = tuple(n[:-1].upper() for n in names if n.endswith("*"))
+    return sorted(k for k in env if k.upper() in exact or (prefixes and k.upper().startswith(prefixes)))
+
+
 UNKNOWN_EXIT = 255 << 8  # an adopted engine is not our child: its exit status cannot be read
 
 

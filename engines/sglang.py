@@ -37,6 +37,8 @@ class SGLangEngineArgs(EngineArgsBase):
     packages: ClassVar[tuple[str, ...]] = ("sglang", "torch")
     # SGLang's model_runner raises "Not enough memory. Please try to increase --mem-fraction-static."
     oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM + ("Not enough memory",)
+    takes_aliases: ClassVar[bool] = False
+    memory_env: ClassVar[tuple[str, ...]] = ()
 
     kind: Literal["sglang"] = Field(description="SGLang's server.")
     command: list[str] = Field(default_factory=lambda: ["python3", "-m", "sglang.launch_server"], min_length=1, description="The command that starts SGLang's server.")

@@ -57,6 +57,10 @@ DEEPSEEK_V2 = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=
 # Published shapes (the config.json files in tests/fixtures/): (transformers family, config keys).
 SHAPES: dict[str, tuple[str, dict]] = {
     "tiny": ("qwen2", ARCHITECTURE),
+    # vLLM's CPU attention (0.32) takes head sizes 32, 64, 80, ..., 256 and 512: the tiny model's 16
+    # passes /health, then its first request kills the engine. Two heads of 64.
+    "tiny-vllm": ("qwen2", {**ARCHITECTURE, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2,
+                            "num_key_value_heads": 1}),
     "qwen2.5-3b": ("qwen2", dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                                  num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
                                  tie_word_embeddings=True, max_position_embeddings=32768,
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight dtype (default: float32 for tiny, bfloat16 for the published shapes)")
     parser.add_argument("--gguf", type=Path, default=None, help="also write it as this GGUF file (needs `gguf`)")
     args = parser.parse_args(argv)
-    dtype = args.dtype or ("float32" if args.shape == "tiny" else "bfloat16")
+    dtype = args.dtype or ("float32" if args.shape.startswith("tiny") else "bfloat16")
     path = write(args.out, args.seed, shape_overrides(args.layers, args.vocab), dtype, args.shape)
     size = sum(f.stat().st_size for f in path.iterdir())
     print(f"wrote a {args.shape}-shaped model ({dtype}) to {path} ({size / 1e6:.1f} MB)")

@@ -62,6 +62,10 @@ class VLLMEngineArgs(EngineArgsBase):
     # max_model_len sequence; torch's own when the profile run or a graph capture does not fit.
     oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM + ("No available memory for the cache blocks",
                                                           "larger than the available KV cache memory")
+    takes_aliases: ClassVar[bool] = True  # --served-model-name takes several names (nargs="+")
+    # vLLM 0.32 platforms/cpu.py:323-326: a non-empty VLLM_CPU_KVCACHE_SPACE (GiB) replaces
+    # --kv-cache-memory-bytes on the CPU backend.
+    memory_env: ClassVar[tuple[str, ...]] = ("VLLM_CPU_KVCACHE_SPACE",)
 
     kind: Literal["vllm"] = Field(description="vLLM's OpenAI server.")
     command: list[str] = Field(default_factory=lambda: ["vllm", "serve"], min_length=1, description="The command that starts vLLM's server, before the model path.")
@@ -191,7 +195,7 @@ class VLLMAdapter(ProcessAdapter):
 
     def command(self, launch: Launch) -> Command:
         engine, p = launch.spec.engine, launch.params
-        argv = [*engine.command, engine.model_path, "--served-model-name", launch.spec.name,
+        argv = [*engine.command, engine.model_path, "--served-model-name", launch.spec.name, *launch.spec.aliases,
                 "--host", launch.host, "--port", str(launch.port),
                 "--max-model-len", str(p["max_model_len"]), "--max-num-seqs", str(p["max_num_seqs"]),
                 "--max-num-batched-tokens", str(p["max_num_batched_tokens"]),

@@ -83,6 +83,16 @@ async def ledger_url(request, tmp_path):
 
 # -- a fake engine at the process boundary ------------------------------------------------------
 
+class FakeProcess:
+    """What the supervisor reads of an engine's process: its exit status (None: running) and log."""
+
+    returncode: int | None = None
+    log: list[str] = []
+
+    def tail(self, lines: int = 50) -> list[str]:
+        return self.log[-lines:]
+
+
 class FakeHandle:
     """Stands in for an engine process: reports its usage to the simulated probe like NVML would."""
 
@@ -93,6 +103,7 @@ class FakeHandle:
         self.base_url = adapter.base_url or f"http://127.0.0.1:{pid % 50000 + 10000}"
         self.kv_tokens = None
         self.stopped = False
+        self.process = FakeProcess()
 
     def _use(self, nbytes: int) -> None:
         self.adapter.probe.set_process_usage("gpu0", self.pid, nbytes)

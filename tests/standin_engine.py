@@ -18,6 +18,19 @@ def flag(argv, *names, default=None):
     return default
 
 
+def served_names(argv) -> list[str]:
+    """vLLM's --served-model-name takes several names (the rest one): the values up to the next flag."""
+    for i, arg in enumerate(argv):
+        if arg in ("--served-model-name", "--alias", "--model_alias", "--model_name"):
+            names = []
+            for value in argv[i + 1:]:
+                if value.startswith("--"):
+                    break
+                names.append(value)
+            return names
+    return ["standin"]
+
+
 def main() -> None:
     argv = sys.argv[1:]
     record = os.environ.get("LESSOR_STANDIN_RECORD")
@@ -35,7 +48,11 @@ def main() -> None:
     if os.environ.get("LESSOR_STANDIN_EXIT"):  # behave like an engine that dies at start
         print("stand-in: exiting as asked", flush=True)
         sys.exit(int(os.environ["LESSOR_STANDIN_EXIT"]))
-    name = flag(argv, "--served-model-name", "--alias", "--model_alias", "--model_name", default="standin")
+    names = served_names(argv)
+    name = names[0]
+    # LESSOR_STANDIN_CRASH_ON_REQUEST=N: exit with code N at the first request, after /health said
+    # ok, as vLLM 0.32's CPU build does for a head size its attention lacks.
+    crash = os.environ.get("LESSOR_STANDIN_CRASH_ON_REQUEST")
     # An engine slow to load (or, with a large value, one that never becomes ready).
     ready_at = time.monotonic() + float(os.environ.get("LESSOR_STANDIN_READY_AFTER_S", "0"))
 
@@ -55,13 +72,20 @@ def main() -> None:
                 else:
                     self._send({"status": "ok"})
             elif self.path == "/v1/models":
-                self._send({"object": "list", "data": [{"id": name, "object": "model"}]})
+                self._send({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
             else:
                 self._send({"error": "not found"}, 404)
 
         def do_POST(self):
             length = int(self.headers.get("Content-Length", 0))
-            json.loads(self.rfile.read(length) or b"{}")
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if crash is not None:
+                print("stand-in: crashing at the first request, as asked", flush=True)
+                os._exit(int(crash))
+            if body.get("model", name) not in names:  # as vLLM: a name it was not given does not exist
+                self._send({"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                      "type": "NotFoundError", "code": 404}}, 404)
+                return
             self._send({"id": "standin", "object": "chat.completion", "model": name, "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": f"stand-in for {name}"},
                  "finish_reason": "stop"}]})

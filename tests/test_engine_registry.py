@@ -47,7 +47,7 @@ def minimal(args: type[EngineArgsBase]) -> EngineArgsBase:
 def test_every_engine_declares_every_fact(args):
     types = {"title": str, "kv_param": str, "batch_param": str, "kv_per_sequence": bool, "two_phase": bool,
              "hybrid": bool, "max_devices": (int, type(None)), "default_chunk_tokens": int, "packages": tuple,
-             "oom_markers": tuple}
+             "oom_markers": tuple, "takes_aliases": bool, "memory_env": tuple}
     assert set(EngineArgsBase.FACTS) == set(types)
     for fact in EngineArgsBase.FACTS:
         assert fact in vars(args), f"{args.__name__} does not declare {fact}"

@@ -71,6 +71,23 @@ async def test_vllm_gets_its_memory_flags_from_the_lease(controller, tmp_path):
     assert "LESSOR_ADMIN_TOKEN" not in seen["env"]
 
 
+async def test_vllm_serves_the_aliases_and_never_gets_a_variable_that_overrides_its_kv_cache(controller, tmp_path,
+                                                                                                monkeypatch):
+    record = tmp_path / "vllm.json"
+    model = standin_model("vllm", record)
+    model["aliases"] = ["v", "qwen"]
+    model["engine"]["env"].update({"VLLM_CPU_KVCACHE_SPACE": "40", "OMP_NUM_THREADS": "2"})
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "30")  # lessord's own environment (a systemd Environment=)
+    ctl = await controller([model])
+    plan = ctl.supervisor.dry_run("m-vllm").to_dict()
+    assert any(w.startswith("engine.env.VLLM_CPU_KVCACHE_SPACE: not passed") for w in plan["warnings"]), plan["warnings"]
+    await ctl.load("m-vllm")
+    seen = json.loads(record.read_text())
+    names = seen["argv"][seen["argv"].index("--served-model-name") + 1:][:3]
+    assert names == ["m-vllm", "v", "qwen"]
+    assert "VLLM_CPU_KVCACHE_SPACE" not in seen["env"] and seen["env"]["OMP_NUM_THREADS"] == "2"
+
+
 async def test_one_phase_kv_leaves_room_for_the_load_peak(controller, tmp_path):
     # 24 GiB - 1 headroom - 8 foreign = 15 leasable; weights 4 and peak 1 held while the KV cache
     # is allocated: 10 GiB for KV, not the 11 a two-phase engine would get.
@@ -209,3 +226,10 @@ async def test_the_previous_log_is_kept(tmp_path):
         await proc.exited.wait()
         await proc.stop(1)
     assert "second" in log.read_text() and "first" in (tmp_path / "m.log.1").read_text()
+
+
+def test_the_variables_an_engine_claims_are_matched_by_name_in_any_case_or_by_prefix():
+    from lessor.engines.process import owned_env
+
+    env = {"LLAMA_ARG_CTX_SIZE": "1", "offload_kqv": "0", "LLAMA": "x", "OFFLOAD_KQV_X": "y"}
+    assert owned_env(("LLAMA_ARG_*", "OFFLOAD_KQV"), env) == ["LLAMA_ARG_CTX_SIZE", "offload_kqv"]

@@ -22,7 +22,7 @@ from lessor.daemon.units import GiB
 from lessor.engines.process import process_identity
 
 from .conftest import HANG_S, ROOT, running_lessord, sim_config, torch_model
-from .test_e2e_torch import Admin, chat, torch_spec
+from .test_e2e_torch import Admin, chat, post, torch_spec
 
 STANDIN = str(ROOT / "tests" / "standin_engine.py")
 
@@ -174,3 +174,30 @@ async def test_unrecorded_engines_of_this_state_folder_are_stopped(tmp_path):
         for p in (stray, kept, foreign):
             p.kill()
             p.wait()
+
+
+def test_an_engine_that_dies_at_its_first_request_is_not_loaded_again_by_every_request(tmp_path):
+    # vLLM 0.32's CPU build with a head size its attention lacks: /health says ok, then the first
+    # request ends the engine with exit code 0.
+    starts = tmp_path / "crashy.starts"
+    spec = standin_spec("crashy", tmp_path)
+    spec["engine"]["env"].update({"LESSOR_STANDIN_CRASH_ON_REQUEST": "0", "LESSOR_STANDIN_STARTS": str(starts)})
+    spec["restart"] = {"policy": "never", "max_restarts": 1}
+    with running_lessord(config_file(tmp_path, [spec])) as (_, url, router):
+        admin = Admin(url, tmp_path / "state")
+        events = admin.events()
+        for crash in (1, 2):
+            status, _ = post(router + "/v1/chat/completions", {"model": "crashy", "messages": []})
+            assert status == 502, "the request the engine died under"
+            failed = next(e for e in iter(lambda: events.get(timeout=HANG_S), None)
+                          if e["type"] == "model_state" and e["model"] == "crashy" and e["state"] == "failed")
+            assert "code 0 while serving" in failed["reason"] and "crashing at the first request" in failed["reason"]
+        assert "more than restart.max_restarts 1" in failed["reason"]
+        for _ in range(3):
+            status, raw = post(router + "/v1/chat/completions", {"model": "crashy", "messages": []})
+            error = json.loads(raw)["error"]
+            assert status == 503 and error["code"] == "model_failed", error
+            assert "code 0 while serving" in error["message"] and "lessor load crashy" in error["message"]
+        assert len(starts.read_text().split()) == 2, "two loads, then none for the refused requests"
+        assert admin.load("crashy")[0] == 200, "the operator's load tries again"
+        assert len(starts.read_text().split()) == 3

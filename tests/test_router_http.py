@@ -100,11 +100,18 @@ async def eventually(condition):
 
 async def test_the_body_reaches_the_engine_byte_for_byte(front):
     controller, _, session, _ = await front()
-    body = b'{"model":"alpha",  "messages":[{"role":"user","content":"h\\u00e9"}], "x": 1.50}'
+    body = b'{"model":"a",  "messages":[{"role":"user","content":"h\\u00e9"}], "x": 1.50}'
     async with session.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}) as r:
         assert r.status == 200
         answer = await r.json()
     assert answer == {"path": "/v1/chat/completions", "echo": body.decode()}
+    # An alias, to an engine that serves under one name (the torch engine): `model` becomes the
+    # model's name, and nothing else in the body changes.
+    alias = body.replace(b'"model":"a"', b'"model":"alpha"')
+    async with session.post("/v1/chat/completions", data=alias, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 200
+        echoed = json.loads((await r.json())["echo"])
+    assert echoed == {**json.loads(body), "model": "a"}
     assert controller.model("a")["state"] == "ready" and controller.model("a")["in_flight"] == 0
     for path in ("/v1/completions", "/v1/embeddings"):
         async with session.post(path, json={"model": "b", "input": "x"}) as r:

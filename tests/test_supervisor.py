@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from lessor.daemon.errors import EngineUnavailable, LoadFailed, ModelBusy, NotEnoughMemory, OutOfMemory
+from lessor.daemon.errors import EngineUnavailable, LoadFailed, ModelBusy, ModelFailed, NotEnoughMemory, OutOfMemory
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
@@ -207,6 +207,61 @@ async def test_restarts_back_off_then_give_up(env):
     assert second.restart_in_s is None  # max_restarts within the window: given up
     await controller.supervisor.settled()
     assert controller.model("a")["state"] == "failed" and controller.leases("a") == []
+
+
+CRASHY = {"policy": "never", "max_restarts": 1, "window_s": 3600}
+
+
+async def test_requests_stop_loading_a_model_that_keeps_crashing_until_an_operator_loads_it(env):
+    controller, adapter, events = await env([{**torch_model("a"), "restart": CRASHY}])
+    supervisor = controller.supervisor
+    await controller.load("a")
+    assert (await crash(controller, adapter, events, "a")).restart_in_s is None  # policy never: lessor does not
+    await supervisor.try_load("a")  # a request may, once: max_restarts 1
+    assert len(adapter.launches) == 2
+    await crash(controller, adapter, events, "a")
+    with pytest.raises(ModelFailed) as refused:
+        await supervisor.try_load("a")
+    assert len(adapter.launches) == 2, "no load for a request once lessor gave up"
+    message = str(refused.value)
+    assert "2 crashes within 3600 s, more than restart.max_restarts 1" in message and "signal SIGKILL" in message
+    assert "lessor load a" in message and controller.model("a")["state"] == "failed"
+    await controller.load("a")  # the operator's load tries it again, and the count starts over
+    assert controller.model("a")["state"] == "ready" and controller.model("a")["restarts"] == 0
+
+
+async def test_a_config_reload_lets_requests_load_a_model_lessor_gave_up_on(env):
+    controller, adapter, events = await env([{**torch_model("a"), "restart": {**CRASHY, "max_restarts": 0}}])
+    await controller.load("a")
+    await crash(controller, adapter, events, "a")
+    with pytest.raises(ModelFailed):
+        await controller.supervisor.try_load("a")
+    await controller.reload(controller.config)
+    await controller.supervisor.try_load("a")
+    assert controller.model("a")["state"] == "ready" and len(adapter.launches) == 2
+
+
+async def test_loads_a_request_started_that_fail_count_as_crashes(env):
+    controller, adapter, _ = await env([{**torch_model("a"), "restart": CRASHY}])
+    adapter.fail_at = "weights"
+    for _ in range(2):
+        with pytest.raises(LoadFailed):
+            await controller.supervisor.try_load("a")
+    with pytest.raises(ModelFailed) as refused:
+        await controller.supervisor.try_load("a")
+    assert len(adapter.launches) == 2 and "while loading weights" in str(refused.value)
+    with pytest.raises(LoadFailed):  # the operator's own load is tried, and its error is theirs to see
+        await controller.load("a")
+    assert len(adapter.launches) == 3
+
+
+async def test_an_engine_that_ends_right_after_its_health_check_is_a_crash(env):
+    controller, adapter, events = await env([{**torch_model("a"), "restart": {"policy": "never"}}])
+    adapter.during_weights = lambda handle: setattr(handle.process, "returncode", 0)  # before ready: report dropped
+    await controller.load("a")
+    await controller.supervisor.settled()
+    model = controller.model("a")
+    assert model["state"] == "failed" and "code 0 while serving" in model["error"] and controller.leases("a") == []
 
 
 async def test_an_exit_report_from_an_older_engine_is_ignored(env):
