@@ -63,6 +63,7 @@ def unknown_or_unfed(argv: list[str], table: dict[str, str]) -> list[str]:
             takes = len(values) if values or kind == "*" else 1
         if len(values) < takes or any(v.startswith("-") and not v[1:2].isdigit() for v in values):
             problems.append(f"{arg}: takes {takes} value(s), got {values}")
+            values = [v for v in values if not v.startswith("-")]  # the next flag is read as one
         if kind == "flag" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
             problems.append(f"{arg}: takes no value, got {argv[i + 1]!r}")
         i += 1 + len(values)
