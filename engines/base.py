@@ -276,11 +276,12 @@ class ProcessAdapter:
         return self.handle_class(process, launch, self.command(launch))
 
     def operator_env(self, launch: Launch, command: Command) -> dict[str, str]:
-        """The spec's `env`, less the variables that would override the memory lessor planned (the
-        plan's own values, in `command.env`, stay); lessord's environment is never passed them."""
+        """The spec's `env`, less the variables that would override the memory lessor planned: the
+        plan's own values (`command.env`) stand, and lessord's environment is never passed them."""
         env, owned = launch.spec.engine.env, self.args_class.memory_env
-        dropped = sorted({*owned_env(owned, env), *owned_env(owned, os.environ)} - set(command.env))
+        given = owned_env(owned, env)
+        dropped = sorted({*given, *(set(owned_env(owned, os.environ)) - set(command.env))})
         if dropped:
-            log.warning("model %s: %s not passed to %s: they would override the memory lessor planned",
+            log.warning("model %s: %s not passed to %s as set: they would override the memory lessor planned",
                         launch.spec.name, ", ".join(dropped), self.args_class.title)
-        return {k: v for k, v in env.items() if k not in dropped}
+        return {k: v for k, v in env.items() if k not in given}

@@ -37,8 +37,12 @@ class SGLangEngineArgs(EngineArgsBase):
     packages: ClassVar[tuple[str, ...]] = ("sglang", "torch")
     # SGLang's model_runner raises "Not enough memory. Please try to increase --mem-fraction-static."
     oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM + ("Not enough memory",)
+    # --served-model-name is one string at v0.5.9 (server_args.py add_argument, type=str, no nargs).
     takes_aliases: ClassVar[bool] = False
-    memory_env: ClassVar[tuple[str, ...]] = ()
+    # SGLang's environment that changes the memory lessor planned (v0.5.9):
+    #  SGLANG_MEMORY_SAVER_CUDA_GRAPH (environ.py:443): CUDA graphs in torch_memory_saver's pool;
+    #  SGLANG_SYMM_MEM_PREALLOC_GB_SIZE (environ.py:483): symmetric memory preallocated per GPU (-1: none).
+    memory_env: ClassVar[tuple[str, ...]] = ("SGLANG_MEMORY_SAVER_CUDA_GRAPH", "SGLANG_SYMM_MEM_PREALLOC_GB_SIZE")
 
     kind: Literal["sglang"] = Field(description="SGLang's server.")
     command: list[str] = Field(default_factory=lambda: ["python3", "-m", "sglang.launch_server"], min_length=1, description="The command that starts SGLang's server.")

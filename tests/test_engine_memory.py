@@ -246,3 +246,50 @@ def test_a_concurrency_goal_leases_the_workspace_of_the_batch_it_passes():
     fixed = spec("llama-3.1-8b", max_num_seqs=batch).profile().activation  # the workspace at that batch
     reserve = next(w.bytes for w in result.steady_leases if w.kind.value == "reserve")
     assert reserve >= fixed
+
+
+def test_ktransformers_sglang_plans_fewer_gpu_experts_on_a_smaller_budget():
+    """--kt-num-gpu-experts is per MoE layer (kt_ep_wrapper.py:4606, sglang-kt 0.7.2): what fits
+    beside the weights that always go to the GPU and the pool, and fewer when less is left."""
+    from lessor.engines.ktransformers import KTransformersEngineArgs, routed_rank_bytes
+    from lessor.memory.architecture import Architecture
+    from lessor.memory.footprint import ModelShape, Part
+    r1 = Architecture.model_validate({
+        "model_type": "deepseek_v3", "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "n_routed_experts": 256,
+        "n_shared_experts": 1, "num_experts_per_tok": 8, "first_k_dense_replace": 3, "kv_lora_rank": 512,
+        "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "vocab_size": 129280})
+    shape = ModelShape(r1, "awq", "bf16", True, 1, 4)
+    args = KTransformersEngineArgs(kind="ktransformers", model_path="/m", kt_weight_path="/kt")
+    assert args.server == "sglang"
+    base = args.with_gpu_experts(shape, 0, 8192)
+    assert base.kt_num_gpu_experts == 0
+    need = sum(c.bytes for c in base.footprint(shape).devices[0].components)
+    need += int(8192 * base.footprint(shape).devices[0].kv_rate)
+    one = routed_rank_bytes(shape, 1)  # one expert in each of the 58 MoE layers
+    big, small = (args.with_gpu_experts(shape, need + n * one + one // 2, 8192).kt_num_gpu_experts for n in (6, 2))
+    assert (big, small) == (6, 2)
+    six = args.model_copy(update={"kt_num_gpu_experts": 6})
+    assert six.footprint(shape).devices[0].total(Part.WEIGHTS) - base.footprint(shape).devices[0].total(Part.WEIGHTS) \
+        == routed_rank_bytes(shape, 6)
+    host = six.footprint(shape).host[0]
+    assert host.name == "host_weights" and host.bytes > 300 * 2**30  # 256 x 58 experts at ~4.5 bits
+    assert args.model_copy(update={"kt_num_gpu_experts": 3}).with_gpu_experts(shape, 0, 8192).kt_num_gpu_experts == 3
+
+
+def test_ktransformers_config_errors_name_the_field():
+
+    from pydantic import ValidationError
+    from lessor.engines.ktransformers import KTransformersEngineArgs
+    with pytest.raises(ValidationError) as legacy:
+        KTransformersEngineArgs.model_validate({"kind": "ktransformers", "model_path": "/m", "server": "legacy"})
+    assert legacy.value.errors()[0]["loc"] == ("gguf_path",) and "server: legacy" in str(legacy.value)
+    with pytest.raises(ValidationError) as cache:
+        KTransformersEngineArgs.model_validate({"kind": "ktransformers", "model_path": "/m", "gguf_path": "/g",
+                                                "cache_lens": 1000})
+    assert cache.value.errors()[0]["loc"] == ("cache_lens",)
+    # the same value is fine for SGLang's --max-total-tokens (no page rule there)
+    assert KTransformersEngineArgs.model_validate({"kind": "ktransformers", "model_path": "/m", "cache_lens": 1000}).cache_lens == 1000
+    with pytest.raises(ValidationError) as method:
+        KTransformersEngineArgs.model_validate({"kind": "ktransformers", "model_path": "/m", "kt_method": "AMX"})
+    assert method.value.errors()[0]["loc"] == ("kt_method",)

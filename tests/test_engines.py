@@ -233,3 +233,21 @@ def test_the_variables_an_engine_claims_are_matched_by_name_in_any_case_or_by_pr
 
     env = {"LLAMA_ARG_CTX_SIZE": "1", "offload_kqv": "0", "LLAMA": "x", "OFFLOAD_KQV_X": "y"}
     assert owned_env(("LLAMA_ARG_*", "OFFLOAD_KQV"), env) == ["LLAMA_ARG_CTX_SIZE", "offload_kqv"]
+
+
+async def test_ktransformers_sglang_path_gets_kt_and_sglang_memory_flags(controller, tmp_path):
+    ctl, model, seen, f = await load_standin(controller, tmp_path, "ktransformers", server="sglang",
+                                             kt_weight_path="/models/kt", kt_num_gpu_experts=2, cpu_infer=12,
+                                             kt_threadpool_count=2)
+    p = model["params"]
+    assert f["--model-path"] == "/models/ktransformers" and f["--served-model-name"] == "m-ktransformers"
+    assert f["--max-total-tokens"] == str(p["cache_lens"]) and f["--max-running-requests"] == str(p["max_batch_size"])
+    assert f["--kt-weight-path"] == "/models/kt" and f["--kt-method"] == "AMXINT4" and f["--kt-num-gpu-experts"] == "2"
+    assert f["--kt-cpuinfer"] == "12" and f["--kt-threadpool-count"] == "2" and f["--chunked-prefill-size"] == "4096"
+    assert 0 < float(f["--mem-fraction-static"]) <= 1 and f["--cuda-graph-max-bs"] == str(p["max_batch_size"])
+    assert "--cache_lens" not in f and not seen["env"].get("HOME", "").endswith("/home")  # no legacy config.yaml
+
+
+async def test_ktransformers_without_server_and_with_gguf_path_stays_legacy(controller, tmp_path):
+    _, _, seen, f = await load_standin(controller, tmp_path, "ktransformers", gguf_path="/models/gguf")
+    assert f["--gguf_path"] == "/models/gguf" and "--kt-method" not in f
