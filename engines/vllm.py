@@ -10,7 +10,10 @@ Sources are the vLLM 0.19.0 wheel's files (commit g2a69949bd); constants measure
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -208,5 +211,19 @@ class VLLMAdapter(ProcessAdapter):
             argv.append("--enforce-eager")
         else:
             argv += ["--max-cudagraph-capture-size", str(p["max_cudagraph_capture_size"])]
-        # Offline: a local folder only, and no usage report leaving the box.
-        return Command(argv, {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}, health_path="/health")
+        # Offline: a local folder only, and no usage report leaving the box. Its ZMQ sockets and
+        # temporary files (TMPDIR) and its compile cache (VLLM_CACHE_ROOT, else ~/.cache/vllm, shared
+        # by every model and version) in the model's own folder.
+        return Command(argv, {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TMPDIR": socket_dir(launch),
+                              "VLLM_CACHE_ROOT": str(launch.run_dir / "cache")}, health_path="/health")
+
+
+def socket_dir(launch: Launch) -> str:
+    """A TMPDIR of the engine's own. vLLM names its ZMQ sockets TMPDIR/<uuid4> (36 characters), and
+    a unix socket's path holds at most 107 bytes: a deep state_dir (a test's tmp_path) gets a
+    short folder in lessord's own temporary directory instead, made private to it."""
+    tmp = launch.run_dir / "tmp"
+    if len(str(tmp).encode()) + 37 > 107:
+        tmp = Path(tempfile.gettempdir()) / f"lessor-{os.getuid()}-{launch.spec.name}"[:60]
+    tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return str(tmp)
