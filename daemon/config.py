@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from ..engines import ENGINE_ARGS, ENGINE_KINDS, EngineArgs
 from ..memory.architecture import Architecture, read_hf_config
+from ..memory.footprint import ModelShape
 from .profile import KvDtype, Memory, MemoryProfile, Size, WeightFormat, resolve
 from ..policies import POLICIES
 from .errors import ConfigError, ConfigProblem
@@ -174,6 +175,16 @@ class ModelSpec(Strict):
         fields only, so a spec that has computed its profile still equals one that has not."""
         return resolve(self.memory, self.architecture, self.quantization, self.kv_dtype, self.placement.experts == "cpu",
                        self.engine, len(self.placement.devices), self.plan.max_batch_size)
+
+    def fitted(self, room_bytes: int) -> "ModelSpec":
+        """This spec with the engine arguments it sizes from the room on its smallest GPU (ktransformers'
+        GPU experts; engines/base.py `fitted`), the plan's minimum KV cache kept beside them."""
+        if self.architecture is None:
+            return self
+        shape = ModelShape(self.architecture, self.quantization, self.kv_dtype, self.placement.experts == "cpu",
+                           len(self.placement.devices), self.plan.max_batch_size)
+        engine = self.engine.fitted(shape, room_bytes, self.plan.min_kv_tokens)
+        return self if engine is self.engine else self.model_copy(update={"engine": engine})
 
     @field_validator("aliases")
     @classmethod

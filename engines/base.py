@@ -117,6 +117,11 @@ class EngineArgsBase(BaseModel):
         """Bytes per K and per V element where the engine's arguments set them (None: the spec's kv_dtype)."""
         return None
 
+    def fitted(self, shape: ModelShape, room_bytes: int, kv_tokens: int) -> "EngineArgsBase":
+        """These arguments with what the engine sizes from the room on a GPU (`room_bytes`, beside a
+        KV cache of `kv_tokens`) filled in; most engines size nothing but the KV cache (self)."""
+        return self
+
     def env_warnings(self) -> list[str]:
         """What the plan says of the `env` variables lessor will not pass as given."""
         return [f"engine.env.{name}: not passed as given: {self.title} would read it instead of the memory lessor "

@@ -321,6 +321,9 @@ class KTransformersEngineArgs(EngineArgsBase):
             "`lessor plan` shows how many fit the budget, set that number to use them"]
         return Flags(params, [], warnings)
 
+    def fitted(self, shape: ModelShape, room_bytes: int, kv_tokens: int) -> "KTransformersEngineArgs":
+        return self.with_gpu_experts(shape, room_bytes, kv_tokens)
+
     def with_gpu_experts(self, shape: ModelShape, room_bytes: int, kv_tokens: int) -> "KTransformersEngineArgs":
         """These arguments with kt_num_gpu_experts set to the most routed experts per MoE layer that
         fit `room_bytes` (per GPU: what is left for the model after everything but its experts) beside

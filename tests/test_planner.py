@@ -168,3 +168,27 @@ def test_ktransformers_config_file_agrees_with_the_planned_flags(tmp_path):
     assert written["attn"] == {"page_size": 256, "chunk_size": 128}
     assert written["model"]["cache_lens"] == params["cache_lens"] and written["model"]["type"] == "balance_serve"
     assert written["log"] == {"level": "debug"}
+
+
+def test_ktransformers_gpu_experts_are_planned_from_the_budget_and_the_kv_cache_from_what_is_left():
+    box = load_config(Path(__file__).resolve().parent.parent / "examples" / "gpu-box.yaml")
+    r1 = next(m for m in box.models if m.name == "deepseek-r1")
+    r1 = r1.model_copy(update={"engine": r1.engine.model_copy(update={"kt_num_gpu_experts": None})})
+
+    def planned(free_gib: int):
+        budgets = {"gpu0": DeviceBudget("gpu0", free_gib * GiB, free_gib * GiB, 0, 0, 0),
+                   "host": DeviceBudget("host", 1024 * GiB, 1024 * GiB, 0, 0, 0)}
+        result = plan(r1, budgets)
+        assert result.fits, result.reasons
+        return result.params["kt_num_gpu_experts"], result
+
+    small, at_small = planned(20)
+    large, at_large = planned(40)
+    assert 0 <= small < large <= 256, (small, large)
+    # The experts leave the minimum KV cache in place, and the rest of the room goes to it.
+    for result in (at_small, at_large):
+        assert result.kv_tokens >= r1.plan.min_kv_tokens
+    def gpu_weights(result):
+        return sum(w.bytes for w in result.all_leases() if w.device == "gpu0" and w.kind.value == "weights")
+    assert gpu_weights(at_large) > gpu_weights(at_small), "more GPU experts are more GPU weights"
+    print(f"GPU experts per layer: {small} with 20 GiB free, {large} with 40 GiB")
