@@ -34,6 +34,8 @@ BIN = Path(sys.executable).parent
 BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "Hello, how are you today?"}],
                    "max_tokens": 16}).encode()
 STREAM_BODY = BODY[:-1] + b', "stream": true}'
+# A model whose engine serves under one name (kind sglang): the router writes its alias over.
+ONE_NAME, ALIAS = BODY.replace(b'"bench"', b'"bench1"'), BODY.replace(b'"bench"', b'"bench1-alias"')
 
 
 def free_port() -> int:
@@ -138,6 +140,10 @@ def start_lessord(workdir: Path) -> tuple[subprocess.Popen, str, int, int]:
         "devices": {"probe": "sim", "simulated": [{"name": "sim", "total": "24GiB"}]},
         "models": [{"name": "bench", "engine": {"kind": "vllm", "model_path": str(workdir),
                                                 "command": [sys.executable, str(ROOT / "bench" / "upstream.py")]},
+                    "memory": {"weights": "1GiB", "kv_bytes_per_token": 65536}, "keep_alive": -1},
+                   {"name": "bench1", "aliases": ["bench1-alias"],
+                    "engine": {"kind": "sglang", "model_path": str(workdir),
+                               "command": [sys.executable, str(ROOT / "bench" / "upstream.py")]},
                     "memory": {"weights": "1GiB", "kv_bytes_per_token": 65536}, "keep_alive": -1}],
     }
     (workdir / "lessor.yaml").write_text(yaml.safe_dump(config))
@@ -154,11 +160,13 @@ def start_lessord(workdir: Path) -> tuple[subprocess.Popen, str, int, int]:
                 raise SystemExit(f"lessord did not start: {proc.stderr.read()}")
             time.sleep(0.1)
     token = (workdir / "state" / "admin.token").read_text().strip()
-    request = urllib.request.Request(url + "/admin/v1/models/bench", data=b'{"action": "load"}', method="POST",
-                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as r:
-        endpoint = json.loads(r.read())["endpoint"]
-    return proc, endpoint, int(endpoint.rsplit(":", 1)[1]), router
+    endpoints = []
+    for model in ("bench", "bench1"):
+        request = urllib.request.Request(url + f"/admin/v1/models/{model}", data=b'{"action": "load"}', method="POST",
+                                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            endpoints.append(json.loads(r.read())["endpoint"])
+    return proc, endpoints[0], int(endpoints[0].rsplit(":", 1)[1]), router
 
 
 def main() -> None:
@@ -202,9 +210,30 @@ def main() -> None:
                           f"{rt.pct(rt.latencies_ns, 0.5) / d.pct(d.latencies_ns, 0.5):>8.2f}x"
                           f"{rt.pct(rt.latencies_ns, 0.99) / d.pct(d.latencies_ns, 0.99):>8.2f}x")
             report_goals(summary, args.concurrency)
+            aliases(run, router_port, args)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+
+
+def aliases(run, router_port: int, args) -> None:
+    """The alias's cost, through the router both ways: its name as given, and an alias the router
+    writes over (the body parsed, `model` replaced, serialized again)."""
+    print("alias rewrite (engine serving one name), router only:")
+    for conc in (1, 16):
+        pooled = {"name": Result(), "alias": Result()}
+        for _ in range(args.rounds):
+            for name, body in (("name", ONE_NAME), ("alias", ALIAS)):
+                r = run(measure(router_port, "/v1/chat/completions", body, conc, args.seconds, args.warmup))
+                pooled[name].latencies_ns += r.latencies_ns
+                pooled[name].seconds += r.seconds
+        for name, r in pooled.items():
+            print(f"{'plain c=' + str(conc):<18}{name:<8}{r.rate():>9.0f}{r.pct(r.latencies_ns, 0.5):>9.3f}"
+                  f"{r.pct(r.latencies_ns, 0.99):>9.3f}")
+        n, a = pooled["name"], pooled["alias"]
+        print(f"{'plain c=' + str(conc):<18}{'ratio':<8}{a.rate() / n.rate():>8.2f}x"
+              f"{a.pct(a.latencies_ns, 0.5) / n.pct(n.latencies_ns, 0.5):>8.2f}x"
+              f"{a.pct(a.latencies_ns, 0.99) / n.pct(n.latencies_ns, 0.99):>8.2f}x")
 
 
 def report_goals(summary, concurrency: list[int]) -> None:

@@ -353,18 +353,20 @@ class Supervisor:
         last = handle.process.tail(5)
         reason += "; last log lines: " + " | ".join(line.strip() for line in last) if last else ""
         record.plan = None
-        self._publish(EngineExited(record.spec.name, handle.pid, returncode, reason,
-                                   self._crashed(record, reason, restart=True)))
+        self._crashed(record, reason, restart=True,
+                      exited=lambda restart_in: EngineExited(record.spec.name, handle.pid, returncode, reason, restart_in))
 
-    def _crashed(self, record: ModelRecord, reason: str, restart: bool) -> float | None:
-        """Count a crash: fail the model with the reason (and lessor's verdict when it gives up),
-        and schedule the restart its policy wants, if `restart`. Returns the restart's delay."""
+    def _crashed(self, record: ModelRecord, reason: str, restart: bool,
+                 exited: Callable[[float | None], Event] | None = None) -> None:
+        """Count a crash: announce it (`exited`), fail the model with the reason (and lessor's verdict
+        when it gives up), and schedule the restart its policy wants, if `restart`."""
         restart_in = self._restarts.crashed(record, reason)
+        if exited is not None:
+            self._publish(exited(restart_in))
         record.error = self._restarts.given_up(record.spec.name) or reason
         self._set_state(record, ModelState.FAILED, record.error)
         if restart_in is not None and restart:
             self._restarts.schedule(record, restart_in)
-        return restart_in
 
     def report_overrun(self, name: str, overrun: dict[str, Any] | None) -> None:
         """The reconciler's finding: the engine measured above its leases (None: back within them).
