@@ -316,9 +316,6 @@ class KTransformersEngineArgs(EngineArgsBase):
         warnings = [] if self.kt_weight_path or self.kt_method not in ("AMXINT4", "AMXINT8", "LLAMAFILE") else [
             f"engine.kt_weight_path unset: kt-kernel's {self.kt_method} reads converted expert weights, and will look "
             "for them in model_path; set kt_weight_path to the converted folder"]
-        warnings += [] if self.kt_num_gpu_experts is not None else [
-            "engine.kt_num_gpu_experts unset: planned with 0 GPU experts per layer (every routed expert on the CPU); "
-            "`lessor plan` shows how many fit the budget, set that number to use them"]
         return Flags(params, [], warnings)
 
     def fitted(self, shape: ModelShape, room_bytes: int, kv_tokens: int) -> "KTransformersEngineArgs":
