@@ -130,29 +130,32 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
     A batch chosen larger than the memory model assumed is planned once more with it (the second
     batch is no larger: more workspace leaves fewer tokens). An engine that sizes part of its
     weights from the room (ktransformers' GPU experts) sizes them first, beside the minimum KV cache."""
-    spec = _fitted(spec, budgets, extra_free or {}, measured)
-    result = _plan(spec, budgets, extra_free, measured)
+    spec, result = _fitted(spec, budgets, extra_free or {}, measured)
+    result = result or _plan(spec, budgets, extra_free, measured)
     wider = _wider(spec, result)
     return _plan(wider, budgets, extra_free, measured) if wider else result
 
 
 def _fitted(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapping[str, int],
-            measured: Measured | None) -> ModelSpec:
-    """The engine's choice for the room on its smallest GPU; where the plan of that choice does not
-    fit (the engine's sum is not the planner's: granules, measurements), the choice for the most
-    room whose plan fits, found by halving (to 64 MiB)."""
+            measured: Measured | None) -> tuple[ModelSpec, Plan | None]:
+    """The engine's choice for the room on its smallest GPU, and its plan where one was made; where
+    that plan does not fit (the engine's sum is not the planner's: granules, measurements), the
+    choice for the most room whose plan fits, found by halving (to 64 MiB)."""
     devices = [gpu_id(i) for i in spec.placement.devices]
     if not devices or any(d not in budgets for d in devices):
-        return spec  # _sized says what is missing
+        return spec, None  # _sized says what is missing
     room = min(budgets[d].free_bytes + extra_free.get(d, 0) for d in devices)
     fitted = spec.fitted(room)
-    if fitted is spec or _plan(fitted, budgets, extra_free, measured).fits:
-        return fitted
+    if fitted is spec:
+        return spec, None
+    result = _plan(fitted, budgets, extra_free, measured)
+    if result.fits:
+        return fitted, result
     low, high = 0, room
     while high - low > 64 * 2**20:
         middle = (low + high) // 2
         low, high = (middle, high) if _plan(spec.fitted(middle), budgets, extra_free, measured).fits else (low, middle)
-    return spec.fitted(low)
+    return spec.fitted(low), None
 
 
 def _plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapping[str, int] | None,

@@ -7,8 +7,8 @@ would be loaded again by every request (a crash loop driven by traffic). A model
 settings decide: with `policy: on-failure` lessor loads it again after `backoff`, doubled for each
 crash within `window_s`, at most `max_backoff_s`; with `never` only a request does. Either way,
 once it has crashed more than `max_restarts` times in the window lessor gives up: it stays failed,
-and requests are refused with the reason, until an operator loads it or the config is reloaded. `close()` cancels
-what waits, and nothing is scheduled after.
+and requests are refused with the reason, until an operator loads it or the config is reloaded.
+`close()` cancels what waits, and nothing is scheduled after.
 """
 
 from __future__ import annotations

@@ -15,21 +15,20 @@ restart is daemon/adoption.py.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..engines.base import EngineAdapter, GpuTarget, Launch
-from ..engines.process import describe_exit
-from ..policies import POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot, shortfall
+from ..engines.process import describe_exit, last_lines
+from ..policies import POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot
+from .admission import MustWait, freed_by, must_wait
 from .adoption import Adoption, adopt
 from .config import ModelSpec
 from .devices import Probe, SimProbe, gpu_id
-from .errors import (EngineUnavailable, LedgerUnavailable, LoadFailed, ModelBusy, ModelFailed, ModelsBusy, NotEnoughMemory,
+from .errors import (EngineUnavailable, LedgerUnavailable, LoadFailed, ModelBusy, ModelFailed, NotEnoughMemory,
                      OutOfMemory, PlanRejected, UnknownModel)
 from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, LoadRetried, ModelStateChanged
 from .fingerprinting import Fingerprinting
@@ -44,18 +43,6 @@ from .unloading import Lingering, group_pids, verify_unload
 from .usage import UsageMeter
 
 log = logging.getLogger("lessor.supervisor")
-
-
-@dataclass(frozen=True)
-class MustWait:
-    """The load would fit once busy models finish their requests: the policy queued it.
-    `blockers` are the models whose eviction would make room (the router drains them)."""
-
-    error: ModelsBusy
-
-    @property
-    def blockers(self) -> tuple[str, ...]:
-        return self.error.blockers
 
 
 class Supervisor:
@@ -148,7 +135,7 @@ class Supervisor:
         first, _, decision = self._decide(spec, snapshot, measured)
         shown = {"fingerprint": self.fingerprinting.use(key, measured)}
         if isinstance(decision, Evict):
-            result = plan(spec, snapshot.devices, _freed_by(snapshot, decision.victims), measured)
+            result = plan(spec, snapshot.devices, freed_by(snapshot, decision.victims), measured)
             return Plan(**{**result.__dict__, "evictions": decision.victims, **shown})
         if isinstance(decision, (Rejected, Queue)) and first.fits:
             return Plan(**{**first.__dict__, "fits": False, "reasons": (decision.reason,), **shown})
@@ -211,9 +198,10 @@ class Supervisor:
             raise
         except Exception as exc:
             log.warning("load of %s failed: %s", spec.name, exc)
-            self._fail(record, ModelState.FAILED, str(exc))
             if cause != "operator" and isinstance(exc, LoadFailed):  # the operator saw it; nobody else did
                 self._crashed(record, str(exc), restart=cause == "restart")
+            else:
+                self._fail(record, ModelState.FAILED, str(exc))
             raise
         record.handle, record.plan, record.attempt = loaded.handle, loaded.plan, loaded.attempt
         record.error, record.ready_at_s = "", self._clock()
@@ -237,7 +225,7 @@ class Supervisor:
             try:
                 waits = await self._admit(spec, measured)
                 if waits is not None:
-                    return MustWait(_prefixed(waits.error, failures)) if failures else waits
+                    return waits.after(_attempts_text(failures)) if failures else waits
                 attempt = LoadAttempt(spec, adapter, self._ledger, self.meter, self._timeouts,
                                       lambda params, kv, port, a: self._launch(record, spec, params, kv, port, a),
                                       measured, nvml=not self._simulated)
@@ -297,21 +285,15 @@ class Supervisor:
             for victim in decision.victims:
                 if not await self.evict(victim, reason=f"evicted for '{spec.name}'"):
                     # A request started on it while an earlier victim unloaded.
-                    return self._must_wait(request, snapshot, f"'{victim}' took a request while room was being made",
+                    return must_wait(request, snapshot, f"'{victim}' took a request while room was being made",
                                            decision.victims)
         elif isinstance(decision, Queue):
-            return self._must_wait(request, snapshot, decision.reason, decision.blockers)
+            return must_wait(request, snapshot, decision.reason, decision.blockers)
         elif isinstance(decision, Rejected):
             raise NotEnoughMemory(spec.name, *worst_shortfall(snapshot.devices, decision.short_bytes), decision.reason)
         elif not isinstance(decision, Admit):
             raise AssertionError(f"policy returned {decision!r}")
         return None
-
-    @staticmethod
-    def _must_wait(request: AdmissionRequest, snapshot: Snapshot, reason: str, blockers: tuple[str, ...]) -> MustWait:
-        return MustWait(ModelsBusy(request.model, *worst_shortfall(snapshot.devices, shortfall(request, snapshot)),
-                                   f"{reason}; it loads once {', '.join(blockers) or 'they'} finish their requests",
-                                   blockers=blockers))
 
     # -- adoption after a restart -------------------------------------------------------------
 
@@ -350,8 +332,7 @@ class Supervisor:
         await self._ledger.release_model(record.spec.name, reason)
         if record.generation != generation or record.state != ModelState.READY:
             return  # unloaded (an eviction, a reload) while its leases were released: not a crash to restart
-        last = handle.process.tail(5)
-        reason += "; last log lines: " + " | ".join(line.strip() for line in last) if last else ""
+        reason += last_lines(handle.process.tail(5))
         record.plan = None
         self._crashed(record, reason, restart=True,
                       exited=lambda restart_in: EngineExited(record.spec.name, handle.pid, returncode, reason, restart_in))
@@ -363,8 +344,7 @@ class Supervisor:
         restart_in = self._restarts.crashed(record, reason)
         if exited is not None:
             self._publish(exited(restart_in))
-        record.error = self._restarts.given_up(record.spec.name) or reason
-        self._set_state(record, ModelState.FAILED, record.error)
+        self._fail(record, ModelState.FAILED, self._restarts.given_up(record.spec.name) or reason)
         if restart_in is not None and restart:
             self._restarts.schedule(record, restart_in)
 
@@ -446,20 +426,8 @@ class Supervisor:
         return ConfigChange(added, removed, changed)
 
 
-def _prefixed(error: ModelsBusy, failures: list[str]) -> ModelsBusy:
-    return dataclasses.replace(error, reason=f"{_attempts_text(failures)}; then: {error.reason}")
-
-
 def _attempts_text(failures: list[str], then: str | None = None) -> str:
     parts = [f"attempt {i}: {text}" for i, text in enumerate(failures, 1)]
     if then:
         parts.append(f"attempt {len(failures) + 1}: {then}")
     return "; ".join(parts)
-
-
-def _freed_by(snapshot: Snapshot, victims: tuple[str, ...]) -> dict[str, int]:
-    freed: dict[str, int] = {}
-    for name in victims:
-        for device, b in snapshot.models[name].held_bytes.items():
-            freed[device] = freed.get(device, 0) + b
-    return freed

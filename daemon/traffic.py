@@ -24,7 +24,8 @@ from .errors import InvariantBroken, LessorError, ModelBusy
 from .events import ConfigReloaded, Event, ModelStateChanged
 from .lanes import Lane, LaneRules, Lanes, keep_alive_over
 from .lifecycle import ModelRecord, ModelState
-from .supervisor import MustWait, Supervisor
+from .admission import MustWait
+from .supervisor import Supervisor
 
 log = logging.getLogger("lessor.traffic")
 

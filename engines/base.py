@@ -66,8 +66,8 @@ class EngineArgsBase(BaseModel):
     # otherwise the router rewrites an alias in a request's `model` to the model's name.
     takes_aliases: ClassVar[bool]
     # Environment variables the engine reads that would override the memory lessor planned (a
-    # name ending in "*" is a prefix): never inherited, and the operator's `env` is overridden
-    # with a warning (engines/process.py engine_env).
+    # name ending in "*" is a prefix): never inherited, and dropped from the operator's `env` with
+    # a warning (ProcessAdapter.start).
     memory_env: ClassVar[tuple[str, ...]]
     FACTS: ClassVar[tuple[str, ...]] = ("title", "kv_param", "batch_param", "kv_per_sequence", "two_phase", "hybrid",
                                         "max_devices", "default_chunk_tokens", "packages", "oom_markers",
@@ -270,7 +270,7 @@ class ProcessAdapter:
     async def start(self, launch: Launch) -> EngineHandle:
         command = self.command(launch)
         inherited = owned_env(self.args_class.memory_env, os.environ)
-        env = engine_env({**launch.visible_devices(), **command.env, **self.operator_env(launch, command),
+        env = engine_env({**launch.visible_devices(), **command.env, **self.operator_env(launch, command, inherited),
                           **launch.marker}, (*launch.withhold_env, *inherited))
         argv = [*command.argv, *launch.spec.engine.extra_args]
         launch.run_dir.mkdir(parents=True, exist_ok=True)
@@ -280,12 +280,13 @@ class ProcessAdapter:
     def reattach(self, process: EngineProcess, launch: Launch) -> EngineHandle:
         return self.handle_class(process, launch, self.command(launch))
 
-    def operator_env(self, launch: Launch, command: Command) -> dict[str, str]:
+    def operator_env(self, launch: Launch, command: Command, inherited: list[str]) -> dict[str, str]:
         """The spec's `env`, less the variables that would override the memory lessor planned: the
-        plan's own values (`command.env`) stand, and lessord's environment is never passed them."""
-        env, owned = launch.spec.engine.env, self.args_class.memory_env
-        given = owned_env(owned, env)
-        dropped = sorted({*given, *(set(owned_env(owned, os.environ)) - set(command.env))})
+        plan's own values (`command.env`) stand, and lessord's environment (`inherited`: those it
+        holds) is never passed them."""
+        env = launch.spec.engine.env
+        given = owned_env(self.args_class.memory_env, env)
+        dropped = sorted({*given, *(set(inherited) - set(command.env))})
         if dropped:
             log.warning("model %s: %s not passed to %s as set: they would override the memory lessor planned",
                         launch.spec.name, ", ".join(dropped), self.args_class.title)

@@ -28,8 +28,12 @@ class ProcessEnded(RuntimeError):
 
     def __init__(self, pid: int, returncode: int, doing: str, tail: Sequence[str]) -> None:
         self.returncode = returncode
-        last = "; last log lines: " + " | ".join(line.strip() for line in tail[-5:]) if tail else ""
-        super().__init__(f"engine (pid {pid}) exited with {describe_exit(returncode)} while {doing}{last}")
+        super().__init__(f"engine (pid {pid}) exited with {describe_exit(returncode)} while {doing}{last_lines(tail)}")
+
+
+def last_lines(tail: Sequence[str], lines: int = 5) -> str:
+    """"; last log lines: a | b" for an exit's message ("" when the log is empty)."""
+    return "; last log lines: " + " | ".join(line.strip() for line in tail[-lines:]) if tail else ""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
