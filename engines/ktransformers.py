@@ -30,7 +30,7 @@ from ..memory.params import param_counts
 from ..memory.weights import FORMATS, kv_bytes_per_token, nbytes
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing, absolute_path
 from .memory_model import CUDA_CONTEXT_ESTIMATE, TORCH_OOM, GiB, MiB, even
-from .sglang import SGLangEngineArgs, launch_fraction
+from .sglang import SGLangEngineArgs, server_argv
 
 CUDA_PAGE_TOKENS = 256
 DEFAULT_CHUNK_TOKENS = 256  # attn.chunk_size of ktransformers' shipped config.yaml
@@ -419,20 +419,14 @@ class KTransformersAdapter(ProcessAdapter):
 
     def _sglang(self, launch: Launch) -> Command:
         engine, p = launch.spec.engine, launch.params
-        argv = [*engine.server_command(), "--model-path", engine.model_path, "--served-model-name", launch.spec.name,
-                "--host", launch.host, "--port", str(launch.port), "--trust-remote-code",
-                "--context-length", str(p["context_length"]), "--max-running-requests", str(p["max_batch_size"]),
-                "--max-total-tokens", str(p["cache_lens"]),
-                "--mem-fraction-static", f"{launch_fraction(p['static_bytes'], launch):.3f}",
-                "--chunked-prefill-size", str(p["chunk_size"]), "--kv-cache-dtype", engine.kv_cache_dtype,
-                "--tp-size", str(len(launch.gpus)),
+        argv = [*engine.server_command(), "--trust-remote-code",
+                *server_argv(launch, engine.kv_cache_dtype, p["max_batch_size"], p["cache_lens"], p["chunk_size"]),
                 "--kt-weight-path", engine.kt_weight_path or engine.model_path, "--kt-method", p["kt_method"],
                 "--kt-num-gpu-experts", str(p["kt_num_gpu_experts"]),
                 "--kt-cpuinfer", str(p["cpu_infer"] or physical_cores()),
                 "--kt-threadpool-count", str(p["kt_threadpool_count"] or numa_nodes())]
         if engine.kt_max_deferred_experts_per_token is not None:
             argv += ["--kt-max-deferred-experts-per-token", str(engine.kt_max_deferred_experts_per_token)]
-        argv += ["--disable-cuda-graph"] if p["cuda_graph_max_bs"] is None else ["--cuda-graph-max-bs", str(p["cuda_graph_max_bs"])]
         return Command(argv, {"HF_HUB_OFFLINE": "1"}, health_path="/health")
 
     def _legacy(self, launch: Launch) -> Command:

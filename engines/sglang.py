@@ -105,15 +105,23 @@ class SGLangAdapter(ProcessAdapter):
 
     def command(self, launch: Launch) -> Command:
         engine, p = launch.spec.engine, launch.params
-        argv = [*engine.command, "--model-path", engine.model_path, "--served-model-name", launch.spec.name,
-                "--host", launch.host, "--port", str(launch.port),
-                "--context-length", str(p["context_length"]), "--max-running-requests", str(p["max_running_requests"]),
-                "--max-total-tokens", str(p["max_total_tokens"]),
-                "--mem-fraction-static", f"{launch_fraction(p['static_bytes'], launch):.3f}",
-                "--chunked-prefill-size", str(p["chunked_prefill_size"]),
-                "--kv-cache-dtype", engine.kv_cache_dtype, "--tp-size", str(len(launch.gpus))]
-        argv += ["--disable-cuda-graph"] if p["cuda_graph_max_bs"] is None else ["--cuda-graph-max-bs", str(p["cuda_graph_max_bs"])]
+        argv = [*engine.command, *server_argv(launch, engine.kv_cache_dtype, p["max_running_requests"],
+                                              p["max_total_tokens"], p["chunked_prefill_size"])]
         return Command(argv, {"HF_HUB_OFFLINE": "1"}, health_path="/health")
+
+
+def server_argv(launch: Launch, kv_cache_dtype: str, running: int, total_tokens: int, chunk: int) -> list[str]:
+    """SGLang's server flags for a planned launch (ktransformers' sglang path passes them too, its
+    own names for the sizes): the model, where to listen, and every flag that decides memory."""
+    p = launch.params
+    graphs = ["--disable-cuda-graph"] if p["cuda_graph_max_bs"] is None else ["--cuda-graph-max-bs", str(p["cuda_graph_max_bs"])]
+    return ["--model-path", launch.spec.engine.model_path, "--served-model-name", launch.spec.name,
+            "--host", launch.host, "--port", str(launch.port),
+            "--context-length", str(p["context_length"]), "--max-running-requests", str(running),
+            "--max-total-tokens", str(total_tokens),
+            "--mem-fraction-static", f"{launch_fraction(p['static_bytes'], launch):.3f}",
+            "--chunked-prefill-size", str(chunk), "--kv-cache-dtype", kv_cache_dtype,
+            "--tp-size", str(len(launch.gpus)), *graphs]
 
 
 def launch_fraction(static_bytes: int, launch: Launch) -> float:
