@@ -1,6 +1,7 @@
 # The two commands of the README:
-#   make demo   set up a venv and run lessord on examples/demo.yaml (simulated GPU without a driver)
-#   make test   set up a venv, the servers the tests use (PostgreSQL, mosquitto) and real vLLM (CPU),
+#   make demo   set up a venv (lessor and its runtime dependencies only) and run lessord on
+#               examples/demo.yaml (simulated GPU without a driver)
+#   make test   set up a venv with the test extras, the servers the tests use (PostgreSQL, mosquitto) and real vLLM (CPU),
 #               then run the tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,20 +9,33 @@ PIP := $(PY) -m pip
 
 .PHONY: setup demo test system-deps vllm clean
 
-$(VENV)/.installed: pyproject.toml
+# The daemon and the demo: lessor and its runtime dependencies only, nothing to compile.
+$(VENV)/.base: pyproject.toml
+	@echo "==> [1/4] a virtual environment in $(VENV)"
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@# CPU machines take torch 2.13.0 (the local CPU build); GPU boxes keep or get their CUDA build.
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0; fi
-	$(PIP) install -q -e '.[test]'
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then echo "==> [2/4] torch 2.13.0 (CPU build)"; $(PIP) install -q torch==2.13.0; \
+	  else echo "==> [2/4] torch: nvidia-smi found, the CUDA build comes with lessor's dependencies"; fi
+	@echo "==> [3/4] lessor and what lessord needs (no test extras)"
+	$(PIP) install -q -e .
+	touch $@
+
+# The tests' extras on top: llama-cpp-python compiles from source here (about 5 minutes on 2 cores),
+# so pip shows what it does.
+$(VENV)/.installed: $(VENV)/.base
+	@echo "==> the test extras (llama-cpp-python builds from source: about 5 minutes on 2 cores)"
+	$(PIP) install --progress-bar off -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed
 
-var/models/tiny-qwen/config.json: | $(VENV)/.installed
+var/models/tiny-qwen/config.json: | $(VENV)/.base
+	@echo "==> [4/4] the tiny model the demo serves (random weights, generated here: no download)"
 	$(PY) -m lessor.engines.tiny_qwen var/models/tiny-qwen
 
-demo: setup var/models/tiny-qwen/config.json
+demo: $(VENV)/.base var/models/tiny-qwen/config.json
+	@echo "==> lessord on examples/demo.yaml: router http://127.0.0.1:8481/v1, admin http://127.0.0.1:8480"
 	$(VENV)/bin/lessord --config examples/demo.yaml --log-level INFO
 
 system-deps:

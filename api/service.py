@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
 import sys
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, contextmanager
 from typing import Callable
 
 from aiohttp import web
@@ -71,7 +72,8 @@ async def _serve_router(stack: AsyncExitStack, controller: Controller, config: L
     controller.supervisor.attach_traffic(router)
     controller.router = router
     host, port = parse_listen(config.router.listen)
-    server = await start_router(router, controller.supervisor, config.router, host, port)
+    with _binding("router.listen", config.router.listen):
+        server = await start_router(router, controller.supervisor, config.router, host, port)
     stack.push_async_callback(server.close)
     return router
 
@@ -118,9 +120,31 @@ def _spawn(tasks: set[asyncio.Task], coro) -> None:
     task.add_done_callback(tasks.discard)
 
 
+class ListenFailed(OSError):
+    """A listener could not bind: named by its config field, with what to change."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+@contextmanager
+def _binding(field: str, address: str):
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise ListenFailed(exc.errno, f"cannot listen on {address} ({field}): {exc.strerror}") from None
+        # After `lessord ... &` this is easy to miss: say who may hold it and how to move.
+        flag = f"--{field.split('.')[0]}-listen"
+        raise ListenFailed(exc.errno, f"cannot listen on {address} ({field}): the address is in use, most likely by "
+                           f"another lessord (`lessor status --admin http://{address}` says which config it runs); "
+                           f"stop it, or set {field} in the config or {flag} HOST:PORT") from None
+
+
 async def _listen(runner, config: LessorConfig) -> None:
     host, port = parse_listen(config.admin.listen)
-    await web.TCPSite(runner, host, port).start()
+    with _binding("admin.listen", config.admin.listen):
+        await web.TCPSite(runner, host, port).start()
     if config.admin.unix_socket:
         previous = os.umask(0o117)  # born 0660: never a moment when others could connect
         try:
