@@ -376,7 +376,7 @@ class Supervisor:
         if self.in_flight(record.spec.name) or record.state in (ModelState.LOADING, ModelState.UNLOADING):
             return False
         idle_s = self._clock() - self.last_used_s(record)
-        log.info("%s: evicted (%s), idle %.0f s", record.spec.name, reason, idle_s,
+        log.info("%s: evicted (%s)", record.spec.name, reason,
                  extra={"model": record.spec.name, "step": "evicted", "reason": reason, "idle_s": round(idle_s, 3)})
         await self.unload(name, reason)
         return True
