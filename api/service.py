@@ -25,10 +25,11 @@ from ..daemon.traffic import TrafficControl
 from ..daemon.runtime import publishing, runtime
 from .admin import make_admin_app
 from .auth import resolve_token
-from .logfilter import install_client_mistakes
+from .logfilter import LOG_FORMATS, configure_logging
 from .router import start_router
 
 log = logging.getLogger("lessor.service")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[], LessorConfig] | None = None,
@@ -112,6 +113,8 @@ def _say_where(controller: Controller, config: LessorConfig) -> None:
     print(f"lessord: OpenAI router on http://{router_host}:{router_port}/v1, admin API on http://{host}:{port} "
           f"(probe: {controller.probe.name}); token in "
           f"{'$LESSOR_ADMIN_TOKEN' if os.environ.get('LESSOR_ADMIN_TOKEN') else config.token_path()}", flush=True)
+    log.info("serving: router on %s:%d, admin API on %s:%d, %d model(s), probe %s", router_host, router_port,
+             host, port, len(config.models), controller.probe.name)
 
 
 def _spawn(tasks: set[asyncio.Task], coro) -> None:
@@ -164,7 +167,7 @@ async def reload(controller: Controller, reload_config: Callable[[], LessorConfi
         controller.bus.publish(ConfigReloaded(False, str(exc)))
         notifier.ready("reload refused: running config kept")
         return False
-    log.warning("config reloaded: added %s, removed %s, changed %s", change.added, change.removed, change.changed)
+    log.info("config reloaded: added %s, removed %s, changed %s", change.added, change.removed, change.changed)
     controller.bus.publish(ConfigReloaded(True, "", change.added, change.removed, change.changed))
     notifier.ready("config reloaded")
     return True
@@ -177,8 +180,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--admin-listen", metavar="HOST:PORT", help="override admin.listen")
     parser.add_argument("--router-listen", metavar="HOST:PORT", help="override router.listen")
     parser.add_argument("--log-level", default=os.environ.get("LESSOR_LOG_LEVEL", "WARNING"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default WARNING (quiet)")
-    return parser.parse_args(argv)
+                        choices=LOG_LEVELS,
+                        help="default WARNING (quiet); INFO adds one line per step of each model's lifecycle")
+    parser.add_argument("--log-format", default=os.environ.get("LESSOR_LOG_FORMAT", "plain"), choices=LOG_FORMATS,
+                        help="plain (the default; without timestamps under journald) or json: one object per line "
+                             "for log shippers ($LESSOR_LOG_FORMAT)")
+    args = parser.parse_args(argv)
+    # A default from the environment skips `choices`: checked here, naming the variable.
+    for value, variable, allowed in ((args.log_level, "LESSOR_LOG_LEVEL", LOG_LEVELS),
+                                     (args.log_format, "LESSOR_LOG_FORMAT", LOG_FORMATS)):
+        if value not in allowed:
+            parser.error(f"${variable} is '{value}': use one of {', '.join(allowed)}")
+    return args
 
 
 def configure(args: argparse.Namespace) -> LessorConfig:
@@ -195,8 +208,7 @@ def configure(args: argparse.Namespace) -> LessorConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    install_client_mistakes()
+    configure_logging(args.log_level, args.log_format)
     try:
         config = configure(args)
     except ConfigError as exc:

@@ -16,9 +16,10 @@ or measured above its leases is OutOfMemory; everything else that breaks is Load
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from ..engines.base import EngineAdapter, EngineHandle, KvGrant, Launch
 from ..engines.process import free_port
@@ -27,7 +28,7 @@ from .config import ModelSpec
 from .devices import gpu_id
 from .errors import LedgerUnavailable, LoadFailed, NotEnoughMemory, OutOfMemory, PlanRejected
 from .fingerprints import DeviceMeasurement, Outcome
-from .ledger import EnginePhase, EngineRecord, Granted, LeaseKind, Ledger
+from .ledger import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant, Ledger
 from .lifecycle import Timeouts
 from .planner import Measured, Plan, plan, plan_kv
 from .profile import over_leases, verify_tolerance
@@ -38,6 +39,8 @@ from .usage import UsageMeter
 # The typed outcomes a failed step already states well: passed on as they are.
 _AS_RAISED = (LoadFailed, LedgerUnavailable, NotEnoughMemory)
 SIGKILL_EXIT = -9  # lessor sends SIGKILL only after stop_grace: unasked, most likely the kernel's OOM killer
+
+log = logging.getLogger("lessor.supervisor")
 
 LaunchFor = Callable[[Mapping[str, Any], int, int, str], Launch]  # params, kv tokens, port, attempt
 
@@ -129,10 +132,15 @@ class LoadAttempt:
         if first.one_phase and not first.fits:  # its KV size is fixed now, so it must fit now
             raise PlanRejected(spec.name, list(first.reasons))
         # A one-phase engine allocates its KV cache while loading: every lease at once.
+        _log_planned(spec.name, first)
         await self._grant(first.all_leases() if first.one_phase else first.load_leases)
         self.plan, self.port = first, spec.engine.port or free_port()
         self.step = "start engine"
-        self.handle = await self.adapter.start(self.launch_for(first.params, first.kv_tokens, self.port, self.attempt))
+        launch = self.launch_for(first.params, first.kv_tokens, self.port, self.attempt)
+        self.handle = await self.adapter.start(launch)
+        log.info("%s: loading: %s engine, pid %d, port %d, log %s", spec.name, spec.engine.kind, self.handle.pid,
+                 self.port, launch.log_path,
+                 extra={"model": spec.name, "step": "loading", "engine": spec.engine.kind, "pid": self.handle.pid})
         self._note_leased()
         self.sampler = LoadSampler(self.meter, self.handle, self._devices(), self.nvml)
         self.sampler.start()
@@ -222,6 +230,15 @@ class LoadAttempt:
         await self.ledger.release_attempt(self.attempt, f"load failed: {reason}")
 
 
+def _log_planned(model: str, planned: Plan) -> None:
+    """The flags the engine starts with and the leases asked for (a two-phase engine's KV cache
+    is sized again once its weights are in: its ready line says the size it got)."""
+    params = " ".join(f"{k}={v}" for k, v in planned.params.items())
+    log.info("%s: planned kv_tokens=%d %s; leases %s", model, planned.kv_tokens, params,
+             leases_text(planned.all_leases()),
+             extra={"model": model, "step": "planned", "kv_tokens": planned.kv_tokens})
+
+
 def _why(exc: Exception) -> str:
     return exc.reason if isinstance(exc, LoadFailed) else str(exc)
 
@@ -236,6 +253,18 @@ def worst_shortfall(budgets: Mapping[str, DeviceBudget], short_bytes: Mapping[st
     device, short = max(short_bytes.items() or [("devices", 0)], key=lambda kv: kv[1])
     free = budgets[device].free_bytes if device in budgets else 0
     return device, free + short, free
+
+
+def leases_text(wants: Sequence[LeaseWant]) -> str:
+    """"gpu0 weights 4.0 GiB, kv 1.0 GiB; host weights 20.0 GiB": per device, in the plan's order."""
+    per_device: dict[str, list[str]] = {}
+    for want in wants:
+        per_device.setdefault(want.device, []).append(f"{want.kind.value} {format_bytes(want.bytes)}")
+    return "; ".join(f"{device} {', '.join(parts)}" for device, parts in per_device.items()) or "none"
+
+
+def bytes_text(per_device: Mapping[str, int]) -> str:
+    return ", ".join(f"{device} {format_bytes(n)}" for device, n in sorted(per_device.items())) or "nothing"
 
 
 def leased_by(ledger: Ledger, model: str) -> dict[str, int]:

@@ -21,6 +21,7 @@ from typing import Callable
 
 from ..engines.process import process_identity, signal_group
 from ..policies import AdmissionRequest, Evict
+from .adoption import AdoptionOutcome
 from .config import ReconcilerConfig
 from .devices import gpu_id
 from .errors import LessorError
@@ -48,7 +49,13 @@ async def reconcile_at_start(ledger: Ledger, supervisor: Supervisor, state_dir: 
         adoption = await supervisor.adopt(engine)
         (report.adopted if adoption.adopted else report.stopped).append(model)
         publish(EngineAdopted(model, engine.pid, adoption.adopted, adoption.describe()))
-        log.warning("after restart: model %s: %s", model, adoption.describe())
+        # Adopted: the supervisor's line says so. Gone is routine after a reboot; an engine that ran
+        # and had to be stopped is what an operator looks into.
+        if adoption.outcome is AdoptionOutcome.GONE:
+            log.info("%s: after restart, %s", model, adoption.describe(), extra={"model": model, "step": "gone"})
+        elif not adoption.adopted:
+            log.warning("%s: after restart, %s", model, adoption.describe(),
+                        extra={"model": model, "step": "stopped", "pid": engine.pid})
     keep = {r.spec.name: r.attempt for r in supervisor.records() if r.state == ModelState.READY}
     for model in set(ledger.engines()) - set(keep):
         await ledger.forget_engine(model)
@@ -87,7 +94,8 @@ async def stop_strays(state_dir: Path, keep_attempts: set[str], grace_s: float) 
     strays = find_strays(state_dir, keep_attempts)
     identities = {pid: process_identity(pid) for pid in strays}
     for pid in strays:
-        log.warning("stopping stray engine process group %d (started for %s, never recorded)", pid, state_dir)
+        log.warning("stopping stray engine process group %d (started for %s, never recorded)", pid, state_dir,
+                    extra={"pid": pid, "step": "stray"})
         signal_group(pid, signal.SIGTERM)
     deadline = asyncio.get_running_loop().time() + grace_s
     while any(process_identity(p) == identities[p] for p in strays) and asyncio.get_running_loop().time() < deadline:
@@ -135,7 +143,7 @@ class Reconciler:
         try:
             reported = await asyncio.wait_for(record.handle.measure(), timeout=max(1.0, self._config.interval))
         except Exception as exc:  # a busy or dying engine: a missed measurement, the probe still counts
-            log.info("model %s: engine did not report its usage: %s", record.spec.name, exc)
+            log.debug("%s: engine did not report its usage: %s", record.spec.name, exc)
             reported = {}
         return self._supervisor.meter.observe(record.handle.pid, reported)
 
@@ -164,7 +172,8 @@ class Reconciler:
         reason = (f"engine uses {format_bytes(bytes_used)} on {device}, its leases are "
                   f"{format_bytes(leased.get(device, 0))}; raise its memory figures or lower its cache")
         action = OverrunAction.STOPPED if self._config.on_overrun == "stop" else OverrunAction.REPORTED
-        log.warning("model %s over its leases (%s): %s", name, action.value, reason)
+        log.warning("%s: over its leases (%s): %s", name, action.value, reason,
+                    extra={"model": name, "step": "overrun", "device": device})
         self._publish(LeaseOverrun(name, device, bytes_used, leased.get(device, 0), True, action))
         if action is OverrunAction.STOPPED:
             await self._supervisor.stop_for_overrun(name, reason)
@@ -183,7 +192,8 @@ class Reconciler:
             reason = getattr(decision, "reason", "")
             self._publish(BudgetOvercommitted(device, -budget.free_bytes, victims, reason))
             log.warning("%s: foreign usage grew %s past the free memory; evicting %s", device,
-                        format_bytes(-budget.free_bytes), ", ".join(victims) or "nothing (no idle model may go)")
+                        format_bytes(-budget.free_bytes), ", ".join(victims) or "nothing (no idle model may go)",
+                        extra={"device": device, "step": "overcommitted"})
             for victim in victims:
                 try:  # one that took a request since the snapshot stays; the next check looks again
                     await self._supervisor.evict(victim, reason=f"foreign usage grew on {device}")

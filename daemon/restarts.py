@@ -55,6 +55,23 @@ class Restarts:
             return None
         return None if policy.policy == "never" else min(policy.backoff * 2 ** (len(times) - 1), policy.max_backoff_s)
 
+    def log_crash(self, record: ModelRecord, reason: str, restart_in: float | None) -> None:
+        """One line for a crash just counted: ERROR once lessor gave up, else a WARNING with what
+        follows (`restart_in`: lessor's restart is scheduled)."""
+        name, policy = record.spec.name, record.spec.restart
+        extra = {"model": name, "crashes": self.count(name), "max_restarts": policy.max_restarts}
+        if name in self._given_up:
+            log.error("%s: gave up: %s; `lessor load %s` or a config reload tries again", name,
+                      self._given_up[name], name, extra={**extra, "step": "gave_up"})
+            return
+        within = f"within {policy.window_s:g} s"
+        then = (f"restarting in {restart_in:g} s (restart {self.count(name)} of {policy.max_restarts} {within})"
+                if restart_in is not None else
+                f"not restarted by lessor, the next request loads it (crash {self.count(name)} of "
+                f"{policy.max_restarts} allowed {within})")
+        log.warning("%s: crashed: %s; %s", name, reason, then,
+                    extra={**extra, "step": "crashed", "restart_in_s": restart_in})
+
     def schedule(self, record: ModelRecord, delay_s: float) -> None:
         self.spawn(self._restart(record, delay_s))
 
@@ -72,8 +89,10 @@ class Restarts:
             return  # someone loaded or unloaded it meanwhile, or a request's load crashed it for good
         try:
             await self._load(record.spec.name)
-        except Exception as exc:  # the load counted the crash, and scheduled what follows
-            log.error("restart of %s failed: %s", record.spec.name, exc)
+        except Exception as exc:  # a load that failed counted the crash, said so and scheduled what follows
+            if record.state is not ModelState.FAILED:  # it did not start (no room now, busy): say why, once
+                log.warning("%s: restart did not load it: %s", record.spec.name, exc,
+                            extra={"model": record.spec.name, "step": "restart_skipped"})
 
     async def settled(self) -> None:
         """Return once every exit report and restart under way has run its course."""

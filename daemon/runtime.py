@@ -77,8 +77,9 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
 async def _settle(reconciler: Reconciler, ledger: Ledger, supervisor: Supervisor, state_dir: Path, bus: EventBus) -> None:
     report = reconciler.at_start = await reconcile_at_start(ledger, supervisor, state_dir, bus.publish)
     if report.adopted or report.stopped or report.released or report.strays:
-        log.warning("after restart: adopted %s, stopped %s, released %d lease(s), stopped %d stray(s)",
-                    report.adopted, report.stopped, report.released, len(report.strays))
+        # A summary: what an operator should look into (an engine stopped, a stray) had its own WARNING.
+        log.info("after restart: adopted %s, stopped %s, released %d lease(s), stopped %d stray(s)",
+                 report.adopted, report.stopped, report.released, len(report.strays))
 
 
 @asynccontextmanager

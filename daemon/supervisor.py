@@ -36,7 +36,7 @@ from .fingerprints import FingerprintKey, FingerprintStore
 from .holder import ConfigHolder
 from .ledger import EngineRecord, Ledger
 from .lifecycle import ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic
-from .loading import LoadAttempt, Loaded, leased_by, worst_shortfall
+from .loading import LoadAttempt, Loaded, bytes_text, leased_by, worst_shortfall
 from .planner import Measured, Plan, plan, with_overrides
 from .restarts import Restarts
 from .unloading import Lingering, group_pids, verify_unload
@@ -182,6 +182,7 @@ class Supervisor:
         if adapter is None:
             raise EngineUnavailable(spec.name, spec.engine.kind, "no adapter for this engine in this build")
         self._set_state(record, ModelState.LOADING)
+        started_s = self._clock()
         try:
             async with AsyncExitStack() as stack:
                 for device in sorted(gpu_id(i) for i in spec.placement.devices):  # sorted: no lock cycles
@@ -197,15 +198,20 @@ class Supervisor:
             self._fail(record, ModelState.UNLOADED, "load cancelled")
             raise
         except Exception as exc:
-            log.warning("load of %s failed: %s", spec.name, exc)
             if cause != "operator" and isinstance(exc, LoadFailed):  # the operator saw it; nobody else did
-                self._crashed(record, str(exc), restart=cause == "restart")
+                self._crashed(record, str(exc), restart=cause == "restart")  # its one line says the failure
             else:
+                log.warning("%s: load failed: %s", spec.name, exc, extra={"model": spec.name, "step": "failed"})
                 self._fail(record, ModelState.FAILED, str(exc))
             raise
         record.handle, record.plan, record.attempt = loaded.handle, loaded.plan, loaded.attempt
         record.error, record.ready_at_s = "", self._clock()
         self._set_state(record, ModelState.READY)
+        took_s = record.ready_at_s - started_s
+        log.info("%s: ready in %.1f s: kv %d tokens; holds %s", spec.name, took_s, loaded.plan.kv_tokens,
+                 bytes_text(self.leased(spec.name)),
+                 extra={"model": spec.name, "step": "ready", "seconds": round(took_s, 3), "pid": loaded.handle.pid,
+                        "kv_tokens": loaded.plan.kv_tokens})
         returncode = loaded.handle.process.returncode
         if returncode is not None:  # it ended after its last health check, and its exit report found it loading
             self._restarts.spawn(self._engine_exited(record, record.generation, returncode))
@@ -235,8 +241,8 @@ class Supervisor:
                 failures.append(f"{exc.step}: {exc.reason}")
                 kind = exc.kind
                 if number <= self._config.current.planner.oom_retries:
-                    log.warning("load of %s ran out of memory (%s); trying again planned from what it measured",
-                                spec.name, exc.kind)
+                    log.warning("%s: load ran out of memory (%s): %s; trying again planned from what it measured",
+                                spec.name, exc.kind, exc.reason, extra={"model": spec.name, "step": "oom"})
                     self._publish(LoadRetried(spec.name, number, exc.kind, exc.reason))
                 continue
             except (NotEnoughMemory, PlanRejected, LoadFailed) as exc:
@@ -279,6 +285,7 @@ class Supervisor:
         """Step 2: the policy decides over a snapshot; evictions happen here and only here."""
         snapshot = self.policy_snapshot()
         _, request, decision = self._decide(spec, snapshot, measured)
+        _log_admission(request, decision, self._config.current.policy.name)
         self._publish(AdmissionDecided(spec.name, AdmissionResult(type(decision).__name__.lower()),
                                        getattr(decision, "reason", ""), getattr(decision, "victims", ())))
         if isinstance(decision, Evict):
@@ -315,6 +322,8 @@ class Supervisor:
             record.plan = Plan(engine.model, True, engine.kv_tokens, dict(engine.params), (), ())
             record.ready_at_s = self._clock()
             self._set_state(record, ModelState.READY, f"adopted engine pid {engine.pid}")
+            log.info("%s: adopted (pid %d, from the previous lessord)", engine.model, engine.pid,
+                     extra={"model": engine.model, "step": "adopted", "pid": engine.pid})
         return adoption
 
     # -- crashes, overruns, unloads ----------------------------------------------------------
@@ -342,6 +351,7 @@ class Supervisor:
         """Count a crash: announce it (`exited`), fail the model with the reason (and lessor's verdict
         when it gives up), and schedule the restart its policy wants, if `restart`."""
         restart_in = self._restarts.crashed(record, reason)
+        self._restarts.log_crash(record, reason, restart_in if restart else None)
         if exited is not None:
             self._publish(exited(restart_in))
         self._fail(record, ModelState.FAILED, self._restarts.given_up(record.spec.name) or reason)
@@ -365,6 +375,9 @@ class Supervisor:
         record = self.resolve(name)
         if self.in_flight(record.spec.name) or record.state in (ModelState.LOADING, ModelState.UNLOADING):
             return False
+        idle_s = self._clock() - self.last_used_s(record)
+        log.info("%s: evicted (%s)", record.spec.name, reason,
+                 extra={"model": record.spec.name, "step": "evicted", "reason": reason, "idle_s": round(idle_s, 3)})
         await self.unload(name, reason)
         return True
 
@@ -375,6 +388,7 @@ class Supervisor:
         if record.state in (ModelState.LOADING, ModelState.UNLOADING):
             raise ModelBusy(record.spec.name, record.state.value)
         self._set_state(record, ModelState.UNLOADING, reason)
+        started_s, held = self._clock(), self.leased(record.spec.name)
         handle, record.handle = record.handle, None
         pids = (group_pids(self._ledger.snapshot().readings, handle.pid, self.leased(record.spec.name))
                 if handle is not None else {})
@@ -388,6 +402,10 @@ class Supervisor:
                             0 if self._closing else self._timeouts.unload_verify_s, self.lingering)
         record.plan, record.overrun = None, None
         self._set_state(record, ModelState.UNLOADED, reason)
+        took_s = self._clock() - started_s
+        log.info("%s: unloaded (%s): freed %s in %.1f s", record.spec.name, reason, bytes_text(held), took_s,
+                 extra={"model": record.spec.name, "step": "unloaded", "reason": reason, "freed_bytes": held,
+                        "seconds": round(took_s, 3)})
         return record
 
     async def settled(self) -> None:
@@ -424,6 +442,23 @@ class Supervisor:
         self._config.swap(config)
         self._restarts.forget()  # the operator may have fixed what crashed them: every model may be tried again
         return ConfigChange(added, removed, changed)
+
+
+def _log_admission(request: AdmissionRequest, decision: Decision, policy: str) -> None:
+    """Step 2's line: the policy's answer, and the peak it was asked for. The attempt's own plan
+    (made once the evictions freed their memory) has a line of its own."""
+    model, need = request.model, bytes_text(request.need_bytes)
+    extra = {"model": model, "step": "admission", "result": type(decision).__name__.lower()}
+    if isinstance(decision, Evict):
+        log.info("%s: admitted by %s after evicting %s (peak %s)", model, policy, ", ".join(decision.victims), need,
+                 extra=extra)
+    elif isinstance(decision, Queue):
+        log.info("%s: queued behind %s (peak %s): %s", model, ", ".join(decision.blockers) or "busy models", need,
+                 decision.reason, extra=extra)
+    elif isinstance(decision, Rejected):
+        log.info("%s: not admitted by %s (peak %s): %s", model, policy, need, decision.reason, extra=extra)
+    else:
+        log.info("%s: admitted by %s (peak %s)", model, policy, need, extra=extra)
 
 
 def _attempts_text(failures: list[str], then: str | None = None) -> str:

@@ -179,7 +179,7 @@ class TrafficControl:
                 if await self._supervisor.evict(name, reason=f"idle for {keep_alive:g} s (keep_alive)"):
                     unloaded.append(name)
             except LessorError as exc:  # mid-transition, or gone in a reload: next round
-                log.info("keep_alive unload of %s skipped: %s", name, exc)
+                log.debug("keep_alive unload of %s skipped: %s", name, exc)
         return unloaded
 
     async def run_keep_alive(self) -> None:

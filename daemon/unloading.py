@@ -75,8 +75,9 @@ class Lingering:
             earlier = self._held[key]
             held = Held(held.model, held.device, tuple(dict.fromkeys(earlier.pids + held.pids)), earlier.bytes + held.bytes)
         self._held[key] = held
-        log.warning("model %s: its stopped engine still holds %s on %s (pids %s); counted as foreign until gone",
-                    held.model, format_bytes(held.bytes), held.device, ", ".join(map(str, held.pids)))
+        log.warning("%s: its stopped engine still holds %s on %s (pids %s); counted as foreign until gone",
+                    held.model, format_bytes(held.bytes), held.device, ", ".join(map(str, held.pids)),
+                    extra={"model": held.model, "device": held.device, "step": "lingering", "bytes": held.bytes})
         self._publish(MemoryLingering(held.model, held.device, held.bytes, held.pids, False))
 
     def check(self, readings: Mapping[str, DeviceReading]) -> None:
@@ -85,6 +86,8 @@ class Lingering:
             now = still_held(readings, held.device, held.pids)
             if now <= verify_tolerance(0):
                 del self._held[key]
+                log.info("%s: the memory its stopped engine held on %s is back", held.model, held.device,
+                         extra={"model": held.model, "device": held.device, "step": "lingering_gone"})
                 self._publish(MemoryLingering(held.model, held.device, held.bytes, held.pids, True))
             elif now != held.bytes:
                 self._held[key] = Held(held.model, held.device, held.pids, now)

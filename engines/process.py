@@ -113,7 +113,8 @@ class EngineProcess:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
                 env=dict(env), cwd=str(cwd) if cwd else None, start_new_session=True)
-        log.info("engine started: pid %d: %s", proc.pid, " ".join(argv))
+        # The supervisor's "loading" line names the pid; the argv is the first line of the engine's log.
+        log.debug("engine started: pid %d: %s", proc.pid, " ".join(argv))
         identity = process_identity(proc.pid) or f"child:{proc.pid}"
         return cls(proc.pid, identity, asyncio.ensure_future(proc.wait()), argv, log_path, on_exit)
 
@@ -140,7 +141,8 @@ class EngineProcess:
         self._returncode = returncode
         self.exited.set()
         if not self._stopping:
-            log.warning("engine pid %d exited with %s", self.pid, describe_exit(returncode))
+            # Said by the supervisor, with the model: "load failed" or "crashed".
+            log.debug("engine pid %d exited with %s", self.pid, describe_exit(returncode))
             if self._on_exit is not None:
                 self._on_exit(returncode)
 
@@ -188,7 +190,8 @@ class EngineProcess:
             try:
                 await asyncio.wait_for(self.exited.wait(), grace_s)
             except asyncio.TimeoutError:
-                log.warning("engine pid %d ignored SIGTERM for %g s: SIGKILL", self.pid, grace_s)
+                log.warning("engine pid %d ignored SIGTERM for %g s: SIGKILL (timeouts.stop_grace)", self.pid, grace_s,
+                            extra={"pid": self.pid})
         # Children the leader left behind (workers holding VRAM) get SIGKILL too.
         signal_group(self.pid, signal.SIGKILL)
         await self.exited.wait()
