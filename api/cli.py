@@ -235,14 +235,20 @@ def _quiet_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         code = args.func(args)
         sys.stdout.flush()
         return code
     except BrokenPipeError:
         _quiet_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
+    except SystemExit:  # --help, --version, a usage error: their text flushed here, not at exit
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+        raise
     except KeyboardInterrupt:  # Ctrl-C ends events, top and logs -f: no traceback
         return 130
     except ConfigError as exc:
