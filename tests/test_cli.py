@@ -42,12 +42,12 @@ def write_config(path: Path, state: Path, models: list[dict]) -> Path:
 
 @pytest.fixture
 def daemon(tmp_path, monkeypatch):
-    """(admin url, the config lessord runs): models qa and qb, and broken, whose engine exits at start."""
+    """(admin url, the config lessord runs, its process): models qa and qb, and broken, whose engine exits at start."""
     monkeypatch.delenv("LESSOR_ADMIN_TOKEN", raising=False)
     config = write_config(tmp_path / "lessor.yaml", tmp_path / "state",
                           [standin("qa"), standin("qb"), standin("broken", LESSOR_STANDIN_EXIT="3")])
-    with running_lessord(config, output=tmp_path / "lessord.out") as (_, url, _router):
-        yield url, config
+    with running_lessord(config, output=tmp_path / "lessord.out") as (proc, url, _router):
+        yield url, config, proc
 
 
 def lessor(capsys, *args) -> tuple[int, str, str]:
@@ -101,7 +101,7 @@ def admin_args(url: str, config: Path) -> list[str]:
 # -- 1. logs --------------------------------------------------------------------------------------
 
 def test_logs_prints_the_engine_log_and_follows_the_next_run(daemon, capsys):
-    url, config = daemon
+    url, config, _ = daemon
     assert lessor(capsys, "load", "qa", *admin_args(url, config))[0] == 0
     code, out, _ = lessor(capsys, "logs", "qa", "-n", "5", *admin_args(url, config))
     assert code == 0 and "stand-in serving qa" in out
@@ -115,16 +115,22 @@ def test_logs_prints_the_engine_log_and_follows_the_next_run(daemon, capsys):
     assert code == 130 and "Traceback" not in err
 
 
-def test_logs_of_a_model_never_started_says_so(daemon, capsys):
-    url, config = daemon
+def test_logs_of_a_model_never_started_say_so_or_wait_for_its_start(daemon, capsys):
+    url, config, _ = daemon
     code, _, err = lessor(capsys, "logs", "qb", *admin_args(url, config))
     assert code == 1 and "has no engine log yet" in err
+    follow = Running("logs", "qb", "-f", "--interval", "0.05", *admin_args(url, config))
+    follow.wait_for("waiting for it to start", "err")
+    assert lessor(capsys, "load", "qb", *admin_args(url, config))[0] == 0
+    follow.wait_for("stand-in serving qb")
+    code, err = follow.interrupt()
+    assert code == 130 and "Traceback" not in err
 
 
 # -- 2 and 3. events and top ---------------------------------------------------------------------
 
 def test_events_print_a_line_each_or_the_raw_json(daemon, capsys):
-    url, config = daemon
+    url, config, _ = daemon
     human, raw = Running("events", *admin_args(url, config)), Running("events", "--json", *admin_args(url, config))
     for stream in (human, raw):
         stream.wait_for("following the events", "err")
@@ -140,7 +146,7 @@ def test_events_print_a_line_each_or_the_raw_json(daemon, capsys):
 
 
 def test_top_draws_once_or_again_on_each_event(daemon, capsys):
-    url, config = daemon
+    url, config, _ = daemon
     code, out, _ = lessor(capsys, "top", "--once", *admin_args(url, config))
     assert code == 0 and out.startswith("lessor top") and "(connected)" in out and "gpu0" in out
     top = Running("top", *admin_args(url, config))
@@ -171,7 +177,7 @@ def complete(words: list[str], script: str) -> list[str]:
 
 
 def test_bash_completion_offers_commands_flags_and_the_daemons_model_names(daemon, capsys):
-    url, _ = daemon
+    url, _, _ = daemon
     code, script, _ = lessor(capsys, "completion", "bash")
     assert code == 0 and "complete -F _lessor lessor" in script
     assert complete(["lessor", "lo"], script) == ["load", "logs"]
@@ -185,7 +191,7 @@ def test_bash_completion_offers_commands_flags_and_the_daemons_model_names(daemo
 # -- 7, 8, 10: the model table, which config, set-foreign ----------------------------------------
 
 def test_models_table_shows_idle_time_requests_pid_and_the_error(daemon, capsys, monkeypatch):
-    url, config = daemon
+    url, config, _ = daemon
     assert lessor(capsys, "load", "qa", *admin_args(url, config))[0] == 0
     assert lessor(capsys, "load", "broken", *admin_args(url, config))[0] == 1
     models = {m["name"]: m for m in json.loads(lessor(capsys, "models", "--json", "--admin", url)[1])}
@@ -204,7 +210,7 @@ def test_models_table_shows_idle_time_requests_pid_and_the_error(daemon, capsys,
 
 
 def test_status_names_the_config_and_the_cli_warns_of_another(daemon, capsys, tmp_path):
-    url, config = daemon
+    url, config, proc = daemon
     code, out, err = lessor(capsys, "status", "--json", *admin_args(url, config))
     running = json.loads(out)["config"]
     assert code == 0 and err == "" and running["path"] == str(config.resolve()) and len(running["digest"]) == 12
@@ -215,10 +221,17 @@ def test_status_names_the_config_and_the_cli_warns_of_another(daemon, capsys, tm
     config.write_text(config.read_text() + "# edited, not reloaded\n")
     err = lessor(capsys, "models", *admin_args(url, config))[2]
     assert f"runs {config} as it was when read (digest {running['digest']})" in err and "SIGHUP" in err
+    events = Running("events", *admin_args(url, config))
+    events.wait_for("following the events", "err")
+    proc.send_signal(signal.SIGHUP)  # a reload reads the file again: the status has its new digest
+    events.wait_for("config_reloaded")
+    events.interrupt()
+    code, out, err = lessor(capsys, "status", "--json", *admin_args(url, config))
+    assert err == "" and json.loads(out)["config"]["digest"] not in ("", running["digest"])
 
 
 def test_set_foreign_prints_the_new_budget(daemon, capsys):
-    url, config = daemon
+    url, config, _ = daemon
     code, out, _ = lessor(capsys, "set-foreign", "gpu0", "3GiB", *admin_args(url, config))
     assert code == 0 and out.strip() == "gpu0: foreign 3.0 GiB, leasable 4.5 GiB, free 4.5 GiB"
     assert json.loads(lessor(capsys, "set-foreign", "gpu0", "1GiB", "--json", *admin_args(url, config))[1])["free_bytes"] \
@@ -228,7 +241,7 @@ def test_set_foreign_prints_the_new_budget(daemon, capsys):
 # -- 9. the token ------------------------------------------------------------------------------
 
 def test_a_refused_token_says_where_the_cli_looked_and_how_to_give_it(daemon, capsys, tmp_path, monkeypatch):
-    url, config = daemon
+    url, config, _ = daemon
     code, _, err = lessor(capsys, "logs", "qa", "--admin", url, "--token", "wrong")
     assert code == 1 and "401 unauthorized" in err and "the token given with --token was refused" in err
     assert "--config FILE" in err and "--token TOKEN" in err and "$LESSOR_ADMIN_TOKEN" in err
