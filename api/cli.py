@@ -1,5 +1,7 @@
-"""lessor: the command-line client. It talks to the admin API; `plan --config` and `check-config`
-run the daemon's own code locally (same controller path), so they work without a daemon."""
+"""lessor: the command-line client: the parser and its commands. It talks to the admin API
+(api/cli_client.py); `plan --config` and `check-config` run the daemon's own code locally (same
+controller path), so they work without a daemon. What it prints is api/cli_render.py; the
+commands that keep running (events, top, logs -f) are api/cli_live.py."""
 
 from __future__ import annotations
 
@@ -7,168 +9,41 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from pathlib import Path
 from typing import Any
 
 from ..daemon.config import LessorConfig, load_config
 from ..daemon.errors import ConfigError, LessorError
-from ..daemon.units import format_bytes, parse_size
+from ..daemon.units import parse_size
+from . import cli_live
 from .auth import ENV_TOKEN
-
-DEFAULT_ADMIN = "http://127.0.0.1:8470"
-KIND_CHARS = {"weights": "W", "kv": "K", "load_peak": "P", "reserve": "R"}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        self.status, self.body = status, body
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        super().__init__(f"{status} {error.get('type', 'error')}: {error.get('message', body)}")
+from .cli_client import DEFAULT_ADMIN, ApiError, make_client
+from .cli_completion import completion_script
+from .cli_render import (render_budget, render_fingerprints, render_leases, render_models, render_names, render_plan,
+                         render_status)
 
 
-class Client:
-    def __init__(self, base: str, token: str | None) -> None:
-        self.base, self.token = base.rstrip("/"), token
-
-    def call(self, method: str, path: str, body: dict | None = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.base + path, data=data, method=method)
-        request.add_header("Content-Type", "application/json")
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(request, timeout=3600) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            try:
-                payload = json.loads(exc.read())
-            except json.JSONDecodeError:
-                payload = {"error": {"message": exc.reason}}
-            raise ApiError(exc.code, payload) from None
-        except urllib.error.URLError as exc:
-            raise SystemExit(f"lessor: cannot reach the admin API at {self.base}: {exc.reason} (is lessord running?)")
+def _colour() -> bool:
+    """ANSI colours only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
-def _config(path: str | None) -> LessorConfig | None:
-    return load_config(path) if path else None
+def _width() -> int:
+    return shutil.get_terminal_size((100, 24)).columns
 
 
-def make_client(args: argparse.Namespace) -> Client:
-    config = _config(args.config)
-    base = args.admin or os.environ.get("LESSOR_ADMIN_URL") or (f"http://{config.admin.listen}" if config else DEFAULT_ADMIN)
-    token = args.token or os.environ.get(ENV_TOKEN)
-    if not token:
-        path = config.token_path() if config else Path(os.environ.get("STATE_DIRECTORY", "var/lessor")) / "admin.token"
-        token = path.read_text().strip() if path.is_file() and os.access(path, os.R_OK) else None
-    return Client(base, token)
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
 
-
-# -- rendering -------------------------------------------------------------------------------
-
-def bar(device: dict[str, Any], width: int = 60) -> str:
-    """One character per slice of the capacity: foreign #, headroom !, leases by kind, free ."""
-    cap = max(device["capacity_bytes"], 1)
-    segments = [("#", device["foreign_bytes"]), ("!", device["headroom_bytes"])]
-    for kinds in device["models"].values():
-        segments += [(KIND_CHARS[k], b) for k, b in kinds.items()]
-    out, used = "", 0
-    for char, b in segments:
-        n = round(b * width / cap)
-        n = min(n, width - used)
-        out, used = out + char * n, used + n
-    return "[" + out + "." * (width - used) + "]"
-
-
-def render_status(status: dict[str, Any]) -> str:
-    lines = [f"lessor {status['version']}  probe: {status['probe']}  policy: {status['policy']}", ""]
-    for d in status["devices"]:
-        lines.append(f"{d['id']}  {d['name']}  total {format_bytes(d['total_bytes'])}"
-                     + (f"  capacity {format_bytes(d['capacity_bytes'])}" if d["capacity_bytes"] != d["total_bytes"] else ""))
-        lines.append("  " + bar(d))
-        lines.append(f"  {'foreign':<22}{format_bytes(d['foreign_bytes']):>12}")
-        lines.append(f"  {'headroom':<22}{format_bytes(d['headroom_bytes']):>12}")
-        for model, kinds in d["models"].items():
-            detail = ", ".join(f"{k} {format_bytes(b)}" for k, b in kinds.items())
-            lines.append(f"  {model:<22}{format_bytes(sum(kinds.values())):>12}   ({detail})")
-        lines.append(f"  {'leasable':<22}{format_bytes(d['leasable_bytes']):>12}")
-        lines.append(f"  {'free':<22}{format_bytes(d['free_bytes']):>12}")
-        lines.append("")
-    lines.append("legend: # foreign  ! headroom  W weights  K kv  P load_peak  R reserve  . free")
-    lines.append("")
-    return "\n".join(lines) + "\n" + render_models(status["models"])
-
-
-def render_models(models: list[dict[str, Any]]) -> str:
-    lines = [f"{'MODEL':<24}{'STATE':<11}{'ENGINE':<14}{'PRIO':>5}  PINNED"]
-    for m in models:
-        lines.append(f"{m['name']:<24}{m['state']:<11}{m['engine']:<14}{m['priority']:>5}  {'yes' if m['pinned'] else 'no'}")
-        if m.get("error"):
-            lines.append(f"  error: {m['error']}")
-    return "\n".join(lines)
-
-
-def render_fingerprints(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "no fingerprints yet: every load records one"
-    lines = []
-    for f in rows:
-        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(f["measured_at_s"]))
-        lines.append(f"{f['key']}  {f['model']}  {f['engine']} ({f['engine_version']})  on {', '.join(f['devices'])}"
-                     f"  {f['outcome']}, {f['loads']} load(s), {when}{'  [applies now]' if f.get('applies') else ''}")
-        for m in f["measured"]:
-            parts = [f"peak {format_bytes(m['peak_bytes'])}", f"steady {format_bytes(m['steady_bytes'])}"]
-            parts += [f"weights {format_bytes(m['weights_bytes'])}"] if m["weights_bytes"] is not None else []
-            parts += [f"kv {format_bytes(m['kv_bytes'])} for {m['kv_tokens']} tokens"] if m["kv_bytes"] is not None else []
-            lines.append(f"    {m['device']:<6} {m['method']:<7} " + ", ".join(parts) + f"; leased {format_bytes(m['leased_bytes'])}")
-    return "\n".join(lines)
-
-
-def render_plan(plan: dict[str, Any]) -> str:
-    lines = [f"model {plan['model']}: {'fits' if plan['fits'] else 'does NOT fit'}"]
-    if plan["evictions"]:
-        lines.append(f"  after evicting: {', '.join(plan['evictions'])}")
-    lines.append("  params: " + ", ".join(f"{k}={v}" for k, v in plan["params"].items()))
-    for lease in plan["leases"]:
-        lines.append(f"  {lease['kind']:<10} {lease['device']:<6} {format_bytes(lease['bytes']):>12}")
-    for reason in plan["reasons"]:
-        lines.append(f"  why: {reason}")
-    for warning in plan.get("warnings", []):
-        lines.append(f"  warning: {warning}")
-    if plan.get("memory"):
-        lines.append("  memory model (bytes on each device, and where each number comes from):")
-        for m in plan["memory"]:
-            size = f"{m['bytes']} B/token" if m["part"] == "kv" else format_bytes(m["bytes"])
-            grows = f" + {m['per_kv_token']:g} B/token" if m.get("per_kv_token") else ""
-            lines.append(f"    {m['device']:<6} {m['name']:<18} {size + grows:>16}  {m['source']:<9} {m['basis']}")
-    lines += _render_fingerprint_use(plan.get("fingerprint"))
-    return "\n".join(lines)
-
-
-def _render_fingerprint_use(use: dict[str, Any] | None) -> list[str]:
-    if not use:
-        return []
-    used = use.get("used")
-    when = (lambda t: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)))
-    lines = [f"  measured: fingerprint {use['key'][:8]} ({use['engine_version']} on {', '.join(use['devices'])}): "
-             + (f"used, {used['outcome']} on {when(used['measured_at_s'])}, {used['loads']} load(s), "
-                f"+{used['margin']:.0%} margin" if used else "none yet (the first load measures it)")]
-    for other in use.get("not_used", []):
-        lines.append(f"  not used: fingerprint {other['key'][:8]} of {when(other['measured_at_s'])}: {'; '.join(other['why'])}")
-    return lines
-
-
-def render_leases(leases: list[dict[str, Any]]) -> str:
-    lines = [f"{'MODEL':<24}{'DEVICE':<8}{'KIND':<11}{'BYTES':>12}  OWNER  ID"]
-    for lease in leases:
-        lines.append(f"{lease['model']:<24}{lease['device']:<8}{lease['kind']:<11}{format_bytes(lease['bytes']):>12}"
-                     f"  {lease['owner_pid'] or '-':<5}  {lease['id']}")
-    return "\n".join(lines)
+    try:
+        return installed("lessor")
+    except PackageNotFoundError:  # run from a source tree: the version lessord's status reports
+        from .. import __version__
+        return __version__
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -201,6 +76,35 @@ async def _local_plan(config: LessorConfig, model: str, overrides: dict[str, Any
 
     async with runtime(config, force_sim=sim, engines={}, reconcile=False) as controller:
         return controller.plan(model, overrides)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = make_client(args).call("GET", "/admin/v1/status")
+    print(json.dumps(status, indent=2) if args.json else render_status(status, _colour(), _width()))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    models = make_client(args).call("GET", "/admin/v1/models")
+    print(json.dumps(models, indent=2) if args.json else render_names(models) if args.names else render_models(models, _width()))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    return cli_live.cmd_events(args, make_client(args))
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    return cli_live.cmd_top(args, make_client(args), _colour(), _width())
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    return cli_live.cmd_logs(args, make_client(args))
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    print(completion_script(parser(), args.shell))
+    return 0
 
 
 def cmd_fingerprints(args: argparse.Namespace) -> int:
@@ -256,20 +160,28 @@ def cmd_simple(method: str, path: str, render=None, body=None):
     return run
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of lines, at least 1; got {text!r}")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--admin", help=f"admin API URL (default: the config's admin.listen, $LESSOR_ADMIN_URL or {DEFAULT_ADMIN})")
     common.add_argument("--token", help=f"admin bearer token (default ${ENV_TOKEN} or the token file)")
-    common.add_argument("--config", help="the daemon's config file (finds the API address and token file)")
+    common.add_argument("--config", help="the daemon's config file (finds the API address and token file; "
+                                         "warns when the daemon reached runs another)")
     common.add_argument("--json", action="store_true", help="print JSON")
     p = argparse.ArgumentParser(prog="lessor", description="lessor CLI: devices, leases and models of a running lessord")
+    p.add_argument("--version", action="version", version=f"lessor {version()}")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", parents=[common], help="devices with a lease bar, and models").set_defaults(
-        func=cmd_simple("GET", "/admin/v1/status", render_status))
+    sub.add_parser("status", parents=[common], help="devices with a lease bar, and models").set_defaults(func=cmd_status)
     leases = sub.add_parser("leases", parents=[common], help="granted leases")
     leases.set_defaults(func=cmd_simple("GET", "/admin/v1/leases", render_leases))
-    sub.add_parser("models", parents=[common], help="configured models").set_defaults(
-        func=cmd_simple("GET", "/admin/v1/models", render_models))
+    models = sub.add_parser("models", parents=[common], help="configured models: state, idle time, requests, pid, error")
+    models.add_argument("--names", action="store_true", help="names and aliases only, one a line (shell completion)")
+    models.set_defaults(func=cmd_models)
     load = sub.add_parser("load", parents=[common], help="load a model (waits, showing progress)")
     load.add_argument("model")
     load.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine argument override")
@@ -283,6 +195,17 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="engine argument to try, e.g. max_batch_size=2")
     plan.add_argument("--sim", action="store_true", help="with --config: use the simulated devices even if NVML works")
     plan.set_defaults(func=cmd_plan)
+    logs = sub.add_parser("logs", parents=[common], help="the model's engine log (this run's, or the last one's)")
+    logs.add_argument("model")
+    logs.add_argument("-n", "--lines", type=_positive, default=50, help="how many of the last lines (default 50)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C ends)")
+    logs.add_argument("--interval", type=float, default=1.0, help="with -f: seconds between reads (default 1)")
+    logs.set_defaults(func=cmd_logs)
+    events = sub.add_parser("events", parents=[common], help="the event stream, a line each (--json: the raw events)")
+    events.set_defaults(func=cmd_events)
+    top = sub.add_parser("top", parents=[common], help="the status, drawn again on each event (Ctrl-C ends)")
+    top.add_argument("--once", action="store_true", help="draw it once and exit")
+    top.set_defaults(func=cmd_top)
     prints = sub.add_parser("fingerprints", parents=[common], help="what lessor measured per model, engine version and devices")
     prints.add_argument("--model", default=None, help="only this model's")
     prints.add_argument("--delete", metavar="KEY", default=None, help="forget this fingerprint (its plans go back to the memory model)")
@@ -293,20 +216,48 @@ def parser() -> argparse.ArgumentParser:
     foreign = sub.add_parser("set-foreign", parents=[common], help="simulated devices: set foreign usage")
     foreign.add_argument("device")
     foreign.add_argument("size", type=parse_size)
-    foreign.set_defaults(func=cmd_simple("PUT", "/admin/v1/devices/{device}/foreign", None,
+    foreign.set_defaults(func=cmd_simple("PUT", "/admin/v1/devices/{device}/foreign", render_budget,
                                          body=lambda a: {"foreign_bytes": a.size}))
+    completion = sub.add_parser("completion", help="print a shell completion script: source <(lessor completion bash)")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(func=cmd_completion)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def _quiet_stdout() -> None:
+    """The reader left (`lessor plan --json | head -1`): what is still buffered goes to /dev/null,
+    so the interpreter's last flush raises no second BrokenPipeError (as CPython's docs advise)."""
     try:
-        return args.func(args)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (a test's capture)
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
+    except SystemExit:  # --help, --version, a usage error: their text flushed here, not at exit
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+        raise
+    except KeyboardInterrupt:  # Ctrl-C ends events, top and logs -f: no traceback
+        return 130
     except ConfigError as exc:
         print(f"lessor: invalid config {exc}", file=sys.stderr)
         return 2
     except ApiError as exc:
         print(f"lessor: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"lessor: {exc.hint}", file=sys.stderr)
         return 1
     except LessorError as exc:
         print(f"lessor: {exc}", file=sys.stderr)

@@ -83,8 +83,9 @@ class ModelOut(Out):
     keep_alive_s: float
     devices: list[str]
     leased_bytes: dict[str, int]
-    in_flight: int
-    error: str | None
+    in_flight: int = Field(description="Requests the router is running on it now")
+    idle_s: float | None = Field(description="Seconds since its last request (or since it became ready) while it serves; null otherwise")
+    error: str | None = Field(description="Why the last load failed (state failed), or null")
     params: dict[str, Any] | None
     endpoint: str | None = Field(description="The engine's own base URL while it runs (the router forwards there)")
     pid: int | None = Field(description="The engine's process id (leader of its process group) while it runs")
@@ -162,10 +163,16 @@ class FingerprintOut(Out):
     applies: bool = Field(default=False, description="a load of this model now has this key: its plan uses it")
 
 
+class ConfigSourceOut(Out):
+    path: str = Field(description="The config file's absolute path")
+    digest: str = Field(description="The first 12 hex digits of the SHA-256 of its content when lessord read it (start or reload)")
+
+
 class StatusOut(Out):
     version: str
     probe: Literal["nvml", "sim"]
     policy: str
+    config: ConfigSourceOut | None = Field(description="The file lessord runs; null when it was not started from one")
     devices: list[DeviceOut]
     models: list[ModelOut]
 

@@ -17,7 +17,7 @@ from typing import Callable
 from aiohttp import web
 
 from ..daemon.config import LessorConfig, load_config, parse_config, parse_listen
-from ..daemon.controller import Controller
+from ..daemon.controller import Controller, config_source
 from ..daemon.errors import ConfigError, LessorError
 from ..daemon.events import ConfigReloaded
 from ..daemon.notify import Notifier, watchdog, watchdog_interval_s
@@ -33,7 +33,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[], LessorConfig] | None = None,
-                notifier: Notifier | None = None) -> None:
+                notifier: Notifier | None = None, source: str | None = None) -> None:
     notifier = notifier or Notifier()
     token = resolve_token(config.token_path(), create=True)
     assert token is not None
@@ -43,6 +43,7 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
         controller = await stack.enter_async_context(runtime(config, force_sim))
+        controller.config_source = config_source(source) if source else None
         await stack.enter_async_context(publishing(controller))
         stack.push_async_callback(controller.supervisor.close)  # engines stop before MQTT says offline
         ready = asyncio.Event()
@@ -167,6 +168,8 @@ async def reload(controller: Controller, reload_config: Callable[[], LessorConfi
         controller.bus.publish(ConfigReloaded(False, str(exc)))
         notifier.ready("reload refused: running config kept")
         return False
+    if controller.config_source:  # the same file, read again: its digest says which content runs now
+        controller.config_source = config_source(controller.config_source["path"])
     log.info("config reloaded: added %s, removed %s, changed %s", change.added, change.removed, change.changed)
     controller.bus.publish(ConfigReloaded(True, "", change.added, change.removed, change.changed))
     notifier.ready("config reloaded")
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         run = asyncio.run
     try:
-        run(serve(config, args.sim, lambda: configure(args)))
+        run(serve(config, args.sim, lambda: configure(args), source=args.config))
     except ConfigError as exc:  # found only when used: a key file or variable that is missing
         print(f"lessord: invalid config {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,10 @@ them into plain dicts; every change goes through the supervisor or the ledger.""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Mapping
 
 from .config import LessorConfig
@@ -12,7 +15,7 @@ from .errors import InvalidRequest, NoEngineLog, UnknownFingerprint
 from .events import EventBus, ForeignUsageChanged
 from .holder import ConfigHolder
 from .ledger import LeaseKind, Ledger
-from .lifecycle import ConfigChange
+from .lifecycle import ConfigChange, ModelState
 from .supervisor import Supervisor
 
 
@@ -22,6 +25,7 @@ class Controller:
         self.mqtt = None  # the MQTT publisher, when configured (metrics read its counters)
         self.router = None  # the router, once lessord serves it (metrics read its counters)
         self.reconciler = None  # the reconciler (metrics read its counters)
+        self.config_source: dict[str, str] | None = None  # {path, digest} of the file lessord runs (status says it)
 
     @property
     def config(self) -> LessorConfig:
@@ -71,14 +75,24 @@ class Controller:
         for lease in self.ledger.leases():
             if lease.model == spec.name:
                 leased[lease.kind.value] += lease.bytes
+        in_flight = self.supervisor.in_flight(spec.name)
         return {"name": spec.name, "aliases": list(spec.aliases), "engine": spec.engine.kind,
                 "state": record.state.value, "priority": spec.priority, "pinned": spec.pinned,
                 "keep_alive_s": spec.keep_alive, "devices": [f"gpu{i}" for i in spec.placement.devices],
-                "leased_bytes": leased, "in_flight": self.supervisor.in_flight(spec.name), "error": record.error or None,
+                "leased_bytes": leased, "in_flight": in_flight, "idle_s": self._idle_s(record, in_flight),
+                "error": record.error or None,
                 "params": dict(record.plan.params) if record.plan else None,
                 "endpoint": record.handle.base_url if record.handle else None,
                 "pid": record.handle.pid if record.handle else None, "restarts": self.supervisor.restarts(spec.name),
                 "overrun": record.overrun}
+
+    def _idle_s(self, record, in_flight: int) -> float | None:
+        """Seconds since the model last served (or became ready): what keep_alive counts; None unless it serves."""
+        if record.state is not ModelState.READY or record.handle is None:
+            return None
+        if in_flight:
+            return 0.0
+        return max(0.0, round(self.supervisor.clock() - self.supervisor.last_used_s(record), 3))
 
     def fingerprints(self, model: str | None = None) -> list[dict[str, Any]]:
         """What lessor measured, per key; each says whether a load of its model now would use it.
@@ -148,4 +162,11 @@ class Controller:
     def status(self) -> dict[str, Any]:
         from .. import __version__
         return {"version": __version__, "probe": self.probe.name, "policy": self.config.policy.name,
-                "devices": self.devices(), "models": self.models()}
+                "config": self.config_source, "devices": self.devices(), "models": self.models()}
+
+
+def config_source(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Which config a daemon runs, as its status says it and the CLI compares it: the absolute path
+    and a short digest of the content (an edited file not yet reloaded has another digest)."""
+    resolved = Path(path).resolve()
+    return {"path": str(resolved), "digest": hashlib.sha256(resolved.read_bytes()).hexdigest()[:12]}

@@ -1,0 +1,344 @@
+"""The `lessor` command against a real lessord on simulated devices, with the stand-in engine
+(tests/standin_engine.py) as the models' server; the renderers on plain dicts."""
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lessor.api import cli_render
+from lessor.api.cli import main
+from lessor.daemon.units import GiB
+
+from .conftest import HANG_S, ROOT, running_lessord
+
+BIN = Path(sys.executable).parent
+STANDIN = str(ROOT / "tests" / "standin_engine.py")
+
+
+def standin(name: str, **env: str) -> dict:
+    return {"name": name, "engine": {"kind": "vllm", "model_path": f"/models/{name}",
+                                     "command": [sys.executable, STANDIN], "env": env},
+            "memory": {"weights": "2GiB", "kv_bytes_per_token": 8192, "load_peak": "256MiB"},
+            "plan": {"min_kv_tokens": 1024, "max_kv_tokens": 4096}, "restart": {"policy": "never"}}
+
+
+def write_config(path: Path, state: Path, models: list[dict]) -> Path:
+    path.write_text(yaml.safe_dump({
+        "state_dir": str(state), "policy": {"name": "lru_idle"},
+        "devices": {"probe": "sim", "headroom": "512MiB", "simulated": [{"name": "sim8", "total": "8GiB", "foreign": "1GiB"}]},
+        "models": models}))
+    return path
+
+
+@pytest.fixture
+def daemon(tmp_path, monkeypatch):
+    """(admin url, the config lessord runs, its process): models qa and qb, and broken, whose engine exits at start."""
+    monkeypatch.delenv("LESSOR_ADMIN_TOKEN", raising=False)
+    config = write_config(tmp_path / "lessor.yaml", tmp_path / "state",
+                          [standin("qa"), standin("qb"), standin("broken", LESSOR_STANDIN_EXIT="3")])
+    with running_lessord(config, output=tmp_path / "lessord.out") as (proc, url, _router):
+        yield url, config, proc
+
+
+def lessor(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class Running:
+    """`lessor ...` as a process, its stdout and stderr read line by line as they come."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([str(BIN / "lessor"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"})
+        self.lines: dict[str, queue.Queue] = {"out": queue.Queue(), "err": queue.Queue()}
+        for name, stream in (("out", self.proc.stdout), ("err", self.proc.stderr)):
+            threading.Thread(target=self._read, args=(stream, self.lines[name]), daemon=True).start()
+        self.seen: dict[str, list[str]] = {"out": [], "err": []}
+
+    @staticmethod
+    def _read(stream, into: queue.Queue) -> None:
+        for line in stream:
+            into.put(line.rstrip("\n"))
+        into.put(None)
+
+    def wait_for(self, text: str, stream: str = "out") -> str:
+        """The first line (from now) holding `text`; HANG_S only turns a hang into a failure."""
+        deadline = time.monotonic() + HANG_S
+        while True:
+            line = self.lines[stream].get(timeout=max(deadline - time.monotonic(), 0.1))
+            assert line is not None, f"{stream} ended before {text!r}: {self.seen}"
+            self.seen[stream].append(line)
+            if text in line:
+                return line
+
+    def interrupt(self) -> tuple[int, str]:
+        """Ctrl-C: the exit status and what is left of stderr."""
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(HANG_S)
+        rest = []
+        while (line := self.lines["err"].get(timeout=HANG_S)) is not None:
+            rest.append(line)
+        return code, "\n".join(self.seen["err"] + rest)
+
+
+def admin_args(url: str, config: Path) -> list[str]:
+    return ["--admin", url, "--config", str(config)]
+
+
+# -- 1. logs --------------------------------------------------------------------------------------
+
+def test_logs_prints_the_engine_log_and_follows_the_next_run(daemon, capsys):
+    url, config, _ = daemon
+    assert lessor(capsys, "load", "qa", *admin_args(url, config))[0] == 0
+    code, out, _ = lessor(capsys, "logs", "qa", "-n", "5", *admin_args(url, config))
+    assert code == 0 and "stand-in serving qa" in out
+    follow = Running("logs", "qa", "-f", "--interval", "0.05", *admin_args(url, config))
+    follow.wait_for("stand-in serving qa")
+    assert lessor(capsys, "unload", "qa", *admin_args(url, config))[0] == 0
+    assert lessor(capsys, "load", "qa", *admin_args(url, config))[0] == 0
+    follow.wait_for("a new engine log")
+    follow.wait_for("stand-in serving qa")
+    code, err = follow.interrupt()
+    assert code == 130 and "Traceback" not in err
+
+
+def test_logs_of_a_model_never_started_say_so_or_wait_for_its_start(daemon, capsys):
+    url, config, _ = daemon
+    code, _, err = lessor(capsys, "logs", "qb", *admin_args(url, config))
+    assert code == 1 and "has no engine log yet" in err
+    follow = Running("logs", "qb", "-f", "--interval", "0.05", *admin_args(url, config))
+    follow.wait_for("waiting for it to start", "err")
+    assert lessor(capsys, "load", "qb", *admin_args(url, config))[0] == 0
+    follow.wait_for("stand-in serving qb")
+    code, err = follow.interrupt()
+    assert code == 130 and "Traceback" not in err
+
+
+# -- 2 and 3. events and top ---------------------------------------------------------------------
+
+def test_events_print_a_line_each_or_the_raw_json(daemon, capsys):
+    url, config, _ = daemon
+    human, raw = Running("events", *admin_args(url, config)), Running("events", "--json", *admin_args(url, config))
+    for stream in (human, raw):
+        stream.wait_for("following the events", "err")
+    assert lessor(capsys, "load", "qa", *admin_args(url, config))[0] == 0
+    line = human.wait_for("loading -> ready")
+    assert " model_state " in line and "qa" in line
+    assert any(" lease_granted " in seen and "qa gpu0 weights 2.0 GiB" in seen for seen in human.seen["out"])
+    event = json.loads(raw.wait_for('"state":"ready"'))
+    assert event["type"] == "model_state" and event["model"] == "qa" and event["previous"] == "loading"
+    for stream in (human, raw):
+        code, err = stream.interrupt()
+        assert code == 130 and "Traceback" not in err
+
+
+def test_top_draws_once_or_again_on_each_event(daemon, capsys):
+    url, config, _ = daemon
+    code, out, _ = lessor(capsys, "top", "--once", *admin_args(url, config))
+    assert code == 0 and out.startswith("lessor top") and "(connected)" in out and "gpu0" in out
+    top = Running("top", *admin_args(url, config))
+    top.wait_for("(connected)")
+    assert lessor(capsys, "load", "qb", *admin_args(url, config))[0] == 0
+    top.wait_for("loading -> ready")  # the header of the frame drawn after that event
+    assert "2.0 GiB" in top.wait_for("  a qb ")  # its lease on the device, lettered
+    code, err = top.interrupt()
+    assert code == 130 and "Traceback" not in err
+
+
+# -- 4 and 5. version, completion ----------------------------------------------------------------
+
+def test_version_is_the_installed_package_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"lessor {installed_version('lessor')}"
+
+
+def complete(words: list[str], script: str) -> list[str]:
+    """What bash offers for the last word, with the script `lessor completion bash` printed."""
+    program = (f'{script}\nCOMP_WORDS=({" ".join(repr(w) for w in words)}); COMP_CWORD={len(words) - 1}; '
+               '_lessor; printf "%s\\n" "${COMPREPLY[@]}"')
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-c", program], capture_output=True, text=True, env=env, timeout=HANG_S)
+    assert result.returncode == 0, result.stderr
+    return sorted(filter(None, result.stdout.splitlines()))
+
+
+def test_bash_completion_offers_commands_flags_and_the_daemons_model_names(daemon, capsys):
+    url, _, _ = daemon
+    code, script, _ = lessor(capsys, "completion", "bash")
+    assert code == 0 and "complete -F _lessor lessor" in script
+    assert complete(["lessor", "lo"], script) == ["load", "logs"]
+    assert complete(["lessor", "logs", "--fo"], script) == ["--follow"]
+    assert complete(["lessor", "completion", ""], script) == ["bash", "zsh"]
+    assert complete(["lessor", "load", "--admin", url, ""], script) == ["broken", "qa", "qb"]
+    zsh = lessor(capsys, "completion", "zsh")[1]
+    assert "bashcompinit" in zsh and "complete -F _lessor lessor" in zsh
+
+
+# -- 7, 8, 10: the model table, which config, set-foreign ----------------------------------------
+
+def test_models_table_shows_idle_time_requests_pid_and_the_error(daemon, capsys, monkeypatch):
+    url, config, _ = daemon
+    assert lessor(capsys, "load", "qa", *admin_args(url, config))[0] == 0
+    assert lessor(capsys, "load", "broken", *admin_args(url, config))[0] == 1
+    models = {m["name"]: m for m in json.loads(lessor(capsys, "models", "--json", "--admin", url)[1])}
+    assert models["qa"]["idle_s"] >= 0 and models["qa"]["in_flight"] == 0 and models["qa"]["pid"] > 0
+    assert models["qb"]["idle_s"] is None and "exited" in models["broken"]["error"]
+    monkeypatch.setenv("COLUMNS", "60")
+    out = lessor(capsys, "models", "--admin", url)[1]
+    header, *rows = out.splitlines()
+    assert header.split() == ["MODEL", "STATE", "ENGINE", "PRIO", "PINNED", "IDLE", "INFL", "PID"]
+    qa = next(r for r in rows if r.startswith("qa "))
+    assert qa.split()[-1] == str(models["qa"]["pid"]) and qa.split()[-2] == "0" and qa.split()[-3].endswith("s")
+    error = rows[rows.index(next(r for r in rows if r.startswith("broken "))) + 1]
+    assert error.startswith("  error: ") and len(error) <= 60 and error.endswith("...")
+    assert "`lessor models --json` has them whole" in out
+    assert lessor(capsys, "models", "--names", "--admin", url)[1].split() == ["qa", "qb", "broken"]
+
+
+def test_status_names_the_config_and_the_cli_warns_of_another(daemon, capsys, tmp_path):
+    url, config, proc = daemon
+    code, out, err = lessor(capsys, "status", "--json", *admin_args(url, config))
+    running = json.loads(out)["config"]
+    assert code == 0 and err == "" and running["path"] == str(config.resolve()) and len(running["digest"]) == 12
+    other = write_config(tmp_path / "other.yaml", tmp_path / "state", [standin("qa")])
+    err = lessor(capsys, "status", *admin_args(url, other))[2]
+    assert err.strip() == (f"lessor: the daemon at {url} runs {config.resolve()}, not {other} "
+                           "(is another lessord on that port?)")
+    config.write_text(config.read_text() + "# edited, not reloaded\n")
+    err = lessor(capsys, "models", *admin_args(url, config))[2]
+    assert f"runs {config} as it was when read (digest {running['digest']})" in err and "SIGHUP" in err
+    events = Running("events", *admin_args(url, config))
+    events.wait_for("following the events", "err")
+    proc.send_signal(signal.SIGHUP)  # a reload reads the file again: the status has its new digest
+    events.wait_for("config_reloaded")
+    events.interrupt()
+    code, out, err = lessor(capsys, "status", "--json", *admin_args(url, config))
+    assert err == "" and json.loads(out)["config"]["digest"] not in ("", running["digest"])
+
+
+def test_set_foreign_prints_the_new_budget(daemon, capsys):
+    url, config, _ = daemon
+    code, out, _ = lessor(capsys, "set-foreign", "gpu0", "3GiB", *admin_args(url, config))
+    assert code == 0 and out.strip() == "gpu0: foreign 3.0 GiB, leasable 4.5 GiB, free 4.5 GiB"
+    assert json.loads(lessor(capsys, "set-foreign", "gpu0", "1GiB", "--json", *admin_args(url, config))[1])["free_bytes"] \
+        == int(6.5 * GiB)
+
+
+# -- 9. the token ------------------------------------------------------------------------------
+
+def test_a_refused_token_says_where_the_cli_looked_and_how_to_give_it(daemon, capsys, tmp_path, monkeypatch):
+    url, config, _ = daemon
+    code, _, err = lessor(capsys, "logs", "qa", "--admin", url, "--token", "wrong")
+    assert code == 1 and "401 unauthorized" in err and "the token given with --token was refused" in err
+    assert "--config FILE" in err and "--token TOKEN" in err and "$LESSOR_ADMIN_TOKEN" in err
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "nowhere"))
+    err = lessor(capsys, "events", "--admin", url)[2]
+    assert f"no token sent: {tmp_path / 'nowhere' / 'admin.token'} (no --config given, so only the default state dir) is missing" in err
+
+
+# -- 11. a reader that leaves ----------------------------------------------------------------------
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    config = write_config(tmp_path / "lessor.yaml", tmp_path / "state", [standin("qa")])
+    proc = subprocess.Popen([str(BIN / "lessor"), "plan", "qa", "--config", str(config), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `| head -1` does once it has its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(HANG_S) == 141 and err == ""
+
+
+# -- renderers on dicts ----------------------------------------------------------------------------
+
+def device(models: dict, foreign: int = 2 * GiB, capacity: int = 10 * GiB) -> dict:
+    leased = sum(b for kinds in models.values() for b in kinds.values())
+    leasable = capacity - foreign - GiB
+    return {"id": "gpu0", "name": "sim", "total_bytes": capacity, "capacity_bytes": capacity, "foreign_bytes": foreign,
+            "headroom_bytes": GiB, "leased_bytes": leased, "leasable_bytes": leasable, "free_bytes": leasable - leased,
+            "models": models}
+
+
+def status_of(*devices: dict, models: list[str] = ()) -> dict:
+    return {"version": "0.1.0", "probe": "sim", "policy": "lru_idle", "devices": list(devices),
+            "models": [{"name": n, "state": "ready", "engine": "vllm", "priority": 0, "pinned": False} for n in models]}
+
+
+def test_the_bar_says_whose_block_is_whose():
+    d = device({"qwen": {"weights": 2 * GiB, "kv": GiB}, "llama": {"weights": 2 * GiB, "kv": GiB}})
+    top, owners = cli_render.bar(d, {"qwen": "a", "llama": "b"}, width=10)
+    assert top == "[##!WWKWWK.]"
+    assert owners == "    aaabbb"
+    text = cli_render.render_status(status_of(d, models=["qwen", "llama"]))
+    assert "a = qwen  b = llama" in text and "  a qwen " in text and "OVERCOMMITTED" not in text
+    assert "\x1b[" not in text
+
+
+def test_colours_only_when_asked_and_an_overcommitted_device_says_by_how_much():
+    d = device({"qwen": {"weights": 6 * GiB, "kv": 2 * GiB}}, foreign=3 * GiB)
+    top, owners = cli_render.bar(d, {"qwen": "a"}, width=10)
+    assert top.endswith(">") and top.count("]") == 0
+    text = cli_render.render_status(status_of(d, models=["qwen"]))
+    assert "OVERCOMMITTED by 2.0 GiB" in text and "free " not in text
+    coloured = cli_render.render_status(status_of(d, models=["qwen"]), colour=True)
+    assert "\x1b[32mW\x1b[0m" in coloured and "\x1b[32ma\x1b[0m" in coloured
+    assert cli_render.render_budget(d) == "gpu0: foreign 3.0 GiB, leasable 6.0 GiB, OVERCOMMITTED by 2.0 GiB (leased 8.0 GiB)"
+
+
+def test_colour_follows_the_terminal_and_no_color(monkeypatch):
+    from lessor.api import cli
+
+    class Tty:
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdout", Tty())
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert cli._colour() is True
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert cli._colour() is False
+
+
+def plan(**extra) -> dict:
+    return {"model": "qa", "fits": True, "evictions": [], "params": {"max_model_len": 4096},
+            "leases": [{"kind": "weights", "device": "gpu0", "bytes": 2 * GiB}], "reasons": [], **extra}
+
+
+def test_a_plan_of_a_loaded_model_says_it_is_loaded():
+    assert cli_render.render_plan(plan()).splitlines()[0] == "model qa: fits"
+    loaded = plan(loaded=True, current=[{"kind": "weights", "device": "gpu0", "bytes": 2 * GiB},
+                                        {"kind": "kv", "device": "gpu0", "bytes": GiB}])
+    assert cli_render.render_plan(loaded).splitlines()[0] == "model qa: loaded (holds 3.0 GiB on gpu0); a fresh load would: fits"
+    by_device = plan(loaded=True, fits=False, current={"gpu0": {"weights": 2 * GiB}})
+    assert cli_render.render_plan(by_device).startswith("model qa: loaded (holds 2.0 GiB on gpu0); a fresh load would: does NOT fit")
+
+
+@pytest.mark.parametrize("event,line", [
+    ({"type": "model_state", "model": "qa", "state": "ready", "previous": "loading", "reason": ""}, "qa loading -> ready"),
+    ({"type": "lease_granted", "lease_id": "x", "model": "qa", "device": "gpu0", "kind": "kv", "bytes": GiB}, "qa gpu0 kv 1.0 GiB"),
+    ({"type": "engine_exited", "model": "qa", "pid": 7, "returncode": 1, "reason": "oom", "restart_in_s": 2.0},
+     "qa pid 7 exited 1: oom; restart in 2 s"),
+    ({"type": "foreign_usage", "device": "gpu0", "foreign_bytes": 2 * GiB, "previous_bytes": GiB}, "gpu0 foreign 1.0 GiB -> 2.0 GiB"),
+    ({"type": "budget_overcommitted", "device": "gpu0", "short_bytes": GiB, "victims": [], "reason": ""},
+     "gpu0 short 1.0 GiB; no idle model to evict"),
+    ({"type": "from_the_future", "colour": "blue"}, "colour=blue"),
+])
+def test_each_event_is_one_line(event, line):
+    rendered = cli_render.render_event({"at_s": 0.0, **event})
+    assert rendered.endswith(line) and event["type"] in rendered and "\n" not in rendered
+
+
+def test_durations():
+    assert [cli_render.duration(s) for s in (None, 5, 65, 7380, 90000)] == ["-", "5s", "1m05s", "2h03m", "1d01h"]
