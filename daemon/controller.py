@@ -22,6 +22,7 @@ class Controller:
         self.mqtt = None  # the MQTT publisher, when configured (metrics read its counters)
         self.router = None  # the router, once lessord serves it (metrics read its counters)
         self.reconciler = None  # the reconciler (metrics read its counters)
+        self.history = None  # the last hour of device usage (daemon/usage_history.py), sampled while lessord runs
 
     @property
     def config(self) -> LessorConfig:
