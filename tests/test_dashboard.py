@@ -309,6 +309,12 @@ async def test_the_dashboard_in_chromium_shows_the_seed_and_a_load_as_it_happens
     await page.until(f"{state_of('standin')} === 'ready'", "standin ready (signed-in page)")
     await page.until("document.querySelector('#events li[data-type=\"model_state\"][data-model=\"standin\"]')",
                      "standin's model_state event in the list")
+    # Where a model's numbers come from: the plan's components, each with its source.
+    await page.evaluate("document.querySelector('#models tr[data-model=\"deepseek-r1\"] [data-action=plan]').click()")
+    sources = await page.until("[...document.querySelectorAll('#detail-body tr[data-source]')].map((r) => r.dataset.source)"
+                               ".join(' ')", "deepseek-r1's memory components")
+    sources = sources.split()
+    assert {"formula", "estimate"} <= set(sources), sources
     await page.until("document.querySelector('#models tr[data-model=\"standin\"] [data-action=log]')", "a log button")
     await page.evaluate("document.querySelector('#models tr[data-model=\"standin\"] [data-action=log]').click()")
     await page.until("document.querySelector('pre[data-log=\"standin\"]')", "standin's log")

@@ -265,7 +265,7 @@ async function showPlan(name) {
 
 // -- usage history: a small SVG chart per device ---------------------------------------------------
 
-const W = 900, H = 140, PAD_L = 48, PAD_B = 16;
+const W = 900, H = 140, PAD_L = 48, PAD_B = 16, MIN_SPAN_S = 300;
 
 function steps(points) {
   // x and y per sample, held until the next one (a lease is a step, not a slope).
@@ -285,17 +285,21 @@ function band(xs, lower, upper) {
 function renderChart(id, samples, history) {
   const chart = svg("svg", {class: "chart", viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none",
                             "data-device": id, "data-samples": String(samples.length)});
-  const now = history.now_s, start = now - history.window_s;
+  // The hour, or since the daemon's first sample when it is younger (at least five minutes).
+  const now = history.now_s;
+  const span = Math.min(history.window_s, Math.max(MIN_SPAN_S, samples.length ? now - samples[0].at_s : 0));
+  const start = now - span;
   const top = Math.max(...samples.map((s) => s.capacity_bytes), 1);
-  const x = (t) => PAD_L + (Math.max(t, start) - start) / history.window_s * (W - PAD_L);
+  const x = (t) => PAD_L + (Math.max(t, start) - start) / span * (W - PAD_L);
   const y = (b) => (H - PAD_B) - b / top * (H - PAD_B - 4);
   for (const frac of [0, 0.5, 1]) {
     chart.append(svg("line", {class: "grid", x1: PAD_L, x2: W, y1: y(top * frac), y2: y(top * frac)}));
     chart.append(Object.assign(svg("text", {x: 2, y: y(top * frac) + 3}), {textContent: fmt(top * frac)}));
   }
-  for (const minutes of [60, 45, 30, 15, 0]) {
-    const label = svg("text", {x: x(now - minutes * 60) - (minutes === 0 ? 18 : 8), y: H - 3});
-    label.textContent = minutes ? `-${minutes} min` : "now";
+  for (const quarter of [4, 3, 2, 1, 0]) {
+    const ago_s = span * quarter / 4;
+    const label = svg("text", {x: x(now - ago_s) - (quarter === 0 ? 18 : 8), y: H - 3});
+    label.textContent = quarter ? `-${+(ago_s / 60).toFixed(ago_s < 600 ? 1 : 0)} min` : "now";
     chart.append(label);
   }
   if (samples.length) {
@@ -331,7 +335,7 @@ function renderHistory() {
     return el("span", {}, swatch, label);
   });
   key.push(el("span", {text: "line: what the engines measured · above: free · a sample every " +
-                             `${history.interval_s} s and at each lease change`}));
+                             `${history.interval_s} s and at each lease change · the last hour, or since lessord started`}));
   document.getElementById("history").replaceChildren(...charts, el("div", {className: "legend"}, ...key));
 }
 
