@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from ..daemon.config import problems_from
 from ..daemon.controller import Controller
 from ..daemon.errors import InvalidRequest
-from . import schemas
+from . import dashboard, schemas
 from .auth import check_bearer
 from .errors import error_middleware, read_json
 from .metrics import Metrics
@@ -133,6 +133,10 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def get_history(request: web.Request) -> web.Response:
+    return web.json_response(ctl(request).history.to_dict())
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -172,6 +176,11 @@ ROUTES: list[Route] = [
     Route("DELETE", f"{P}/fingerprints/{{key}}", delete_fingerprint, "Forget a fingerprint: plans of its key go back to the memory model",
           response=schemas.FingerprintOut, auth=True),
     Route("GET", f"{P}/events", get_events, "Event stream (server-sent events)", auth=True, content_type="text/event-stream"),
+    Route("GET", f"{P}/history", get_history, "Device usage over the last hour (leased, foreign, engines, free), oldest first",
+          response=schemas.HistoryOut),
+    Route("GET", "/", dashboard.get_page, "The dashboard (read-only without the token)", content_type="text/html"),
+    Route("GET", "/dashboard.js", dashboard.get_script, "The dashboard's script", content_type="text/javascript"),
+    Route("GET", "/dashboard.css", dashboard.get_style, "The dashboard's style sheet", content_type="text/css"),
     Route("GET", "/healthz", healthz, "Liveness"),
     Route("GET", "/readyz", readyz, "Readiness: ledger open, probe working, pinned models loaded"),
     Route("GET", "/metrics", metrics, "Prometheus metrics", content_type="text/plain"),

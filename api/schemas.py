@@ -177,6 +177,27 @@ class StatusOut(Out):
     models: list[ModelOut]
 
 
+class DeviceUsageOut(Out):
+    capacity_bytes: int
+    headroom_bytes: int
+    leased_bytes: int
+    foreign_bytes: int = Field(description="used by processes lessor does not manage")
+    engines_bytes: int = Field(description="what the probe measured of lessor's engines (0 where it cannot tell)")
+    free_bytes: int = Field(description="left to lease")
+
+
+class UsageSampleOut(Out):
+    at_s: float = Field(description="wall-clock seconds of the reading")
+    devices: dict[str, DeviceUsageOut]
+
+
+class HistoryOut(Out):
+    window_s: float = Field(description="how far back samples are kept (an hour)")
+    interval_s: float = Field(description="seconds between samples when nothing changes; each lease change adds one")
+    now_s: float = Field(description="the daemon's wall clock when it answered (the chart's right edge)")
+    samples: list[UsageSampleOut] = Field(description="oldest first")
+
+
 class ErrorDetail(Out):
     type: str
     message: str

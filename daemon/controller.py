@@ -26,6 +26,7 @@ class Controller:
         self.router = None  # the router, once lessord serves it (metrics read its counters)
         self.reconciler = None  # the reconciler (metrics read its counters)
         self.config_source: dict[str, str] | None = None  # {path, digest} of the file lessord runs (status says it)
+        self.history = None  # the last hour of device usage (daemon/usage_history.py), sampled while lessord runs
 
     @property
     def config(self) -> LessorConfig:

@@ -25,6 +25,7 @@ from .lifecycle import Timeouts
 from .mqtt import MqttPublisher
 from .reconciler import Reconciler, reconcile_at_start
 from .supervisor import Supervisor
+from .usage_history import UsageHistory
 
 log = logging.getLogger("lessor.service")
 
@@ -61,17 +62,26 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
             controller.reconciler = reconciler
             # Released leases older than ledger.history go; never from the CLI's read-only plan.
             pruning = asyncio.ensure_future(ledger.run_pruning(config.ledger.history)) if reconcile else None
+            controller.history = UsageHistory(controller.devices)
+            sampling = _sample_usage(controller) if reconcile else None
             try:
                 yield controller
             finally:
-                if pruning:
-                    pruning.cancel()
-                    await asyncio.gather(pruning, return_exceptions=True)
+                for task in (pruning, sampling):
+                    if task:
+                        task.cancel()
+                        await asyncio.gather(task, return_exceptions=True)
                 await supervisor.close()
         finally:
             await ledger.close()
     finally:
         probe.close()
+
+
+def _sample_usage(controller: Controller) -> asyncio.Future:
+    """The last hour of device usage (GET /admin/v1/history), sampled while lessord runs."""
+    controller.bus.listen(controller.history.on_event)
+    return asyncio.ensure_future(controller.history.run())
 
 
 async def _settle(reconciler: Reconciler, ledger: Ledger, supervisor: Supervisor, state_dir: Path, bus: EventBus) -> None:

@@ -1,12 +1,14 @@
 #!/bin/sh
 # Servers the tests start themselves (each on a free loopback port): PostgreSQL (a private cluster)
-# and mosquitto (an MQTT broker). Installs the missing ones from Debian's packages when we may; says
-# so and carries on otherwise (those tests then skip with that reason, or fail under
-# LESSOR_REQUIRE_POSTGRES=1 / LESSOR_REQUIRE_MOSQUITTO=1, as in CI).
+# and mosquitto (an MQTT broker); and Debian's chromium, which the dashboard's test runs headless.
+# Installs the missing ones from Debian's packages when we may; says so and carries on otherwise
+# (those tests then skip with that reason, or fail under LESSOR_REQUIRE_POSTGRES=1 /
+# LESSOR_REQUIRE_MOSQUITTO=1 / CI=true, as in CI).
 set -eu
 missing=""
 command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing="$missing chromium"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing$missing (Debian packages) for the tests"
