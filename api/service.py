@@ -86,8 +86,9 @@ async def _load_pinned(controller: Controller, config: LessorConfig) -> None:
             try:
                 await controller.load(spec.name)
             except LessorError as exc:  # keep serving the others; the model shows as failed
-                log.error("pinned model %s did not load: %s", spec.name, exc)
-                print(f"lessord: pinned model {spec.name} did not load: {exc}", file=sys.stderr, flush=True)
+                # The supervisor's line said why; this one says what it means for the pin.
+                log.error("%s: pinned, but did not load (%s); lessord serves the others, `lessor logs %s` "
+                          "has the engine's log", spec.name, type(exc).__name__, spec.name)
 
 
 def _background(controller: Controller, router: TrafficControl, notifier: Notifier) -> list[asyncio.Future]:
