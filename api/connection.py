@@ -1,8 +1,10 @@
 """The router's client side of HTTP/1.1: one asyncio protocol per client connection, parsed by
 httptools (the parser uvicorn uses), and the exchange that streams an engine's answer back.
 
-Owns reading requests (body limit, request timeout, pipelining in order), writing answers and
-errors, and back-pressure between a slow client and its engine. Not here: what a request is
+Owns reading requests (head and body limits, request timeout, pipelining in order), writing answers
+and errors, and back-pressure between a slow client and its engine. A request's head is fed to the
+parser no further than `router.max_head`, so a huge header or URL costs at most the limit (httptools
+joins a header's pieces by copying: fed without a bound, a 128 MB header took seconds of the loop). Not here: what a request is
 answered with (api/router.py's FrontDoor decides) and the engine side (api/proxy.py).
 """
 
@@ -19,8 +21,8 @@ from typing import Protocol
 import httptools
 
 from ..daemon.config import RouterConfig
-from ..daemon.errors import (BodyTooLarge, InvariantBroken, LessorError, MalformedRequest, RequestTimedOut,
-                             UpstreamFailed)
+from ..daemon.errors import (BodyTooLarge, HeadTooLarge, InvariantBroken, LessorError, MalformedRequest,
+                             RequestTimedOut, UpstreamFailed, UrlTooLong)
 from .errors import http_headers, http_status, openai_envelope
 from .proxy import UpstreamConnection
 
@@ -56,7 +58,14 @@ class ClientConnection(asyncio.Protocol):
         self.door = door
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.url = b""
+        self.url: list[bytes] = []
+        self.url_size = 0
+        self.in_head = True  # no request's head is complete: what comes is fed up to router.max_head
+        self.head_size = 0  # bytes fed while in a head
+        self.begins = 0  # requests begun during the current feed
+        self.headers = 0
+        self.refusal: LessorError | None = None  # answered once the requests before it are
+        self.head_only = False  # the request being answered is a HEAD: no body goes out
         self.body: list[bytes] = []
         self.body_size = 0
         self.too_large = False
@@ -95,12 +104,32 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            self.parser.feed_data(data)
+            while data and self.refusal is None and not self.closed:
+                data = self._feed(data)
         except httptools.HttpParserUpgrade:
             self._refuse(MalformedRequest("protocol upgrades are not supported"))
         except httptools.HttpParserError as exc:
-            if not self.too_large:
+            if not self.too_large and self.refusal is None:
                 self._refuse(MalformedRequest(f"malformed HTTP request: {exc}"))
+
+    def _feed(self, data: bytes) -> bytes:
+        """Feed the parser what it may read now; the rest. In a head, no more than router.max_head
+        in all. Exact for a head that began before this feed or alone in it; a head that follows
+        another request in the same feed is counted from the next feed, so it may pass the limit by
+        one feed (still bounded), and pipelined small requests are never refused for their sum."""
+        if not self.in_head:
+            self.parser.feed_data(data)
+            return b""
+        limit = self.door.config.max_head
+        room = limit + 1 - self.head_size  # one byte past the limit tells "over" from "at"
+        piece, rest = (data, b"") if len(data) <= room else (data[:room], data[room:])
+        idle, self.begins = not self.reading, 0
+        self.parser.feed_data(piece)
+        if self.in_head and self.begins == (1 if idle else 0):
+            self.head_size += len(piece)
+            if self.head_size > limit:
+                self._refuse(HeadTooLarge("the request head", limit, "router.max_head"))
+        return rest
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -123,14 +152,26 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.url, self.body, self.body_size, self.expect_continue = b"", [], 0, False
-        self.authorization, self.reading = b"", True
+        self.url, self.url_size, self.body, self.body_size, self.expect_continue = [], 0, [], 0, False
+        self.authorization, self.reading, self.head_size, self.headers = b"", True, 0, 0
+        self.begins += 1
         self._arm_timer()
 
     def on_url(self, url: bytes) -> None:
-        self.url += url
+        self.url_size += len(url)  # the URL comes in pieces, one per feed: joined once, at the end
+        if self.url_size > self.door.config.max_request_line:
+            self._refuse(UrlTooLong("the request line", self.door.config.max_request_line, "router.max_request_line"))
+        else:
+            self.url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers += 1
+        config = self.door.config
+        if self.headers > config.max_headers:
+            self._refuse(HeadTooLarge("the number of header lines", config.max_headers, "router.max_headers", "lines"))
+        elif len(name) + len(value) + 2 > config.max_header_line:  # "name: value"
+            self._refuse(HeadTooLarge(f"the header line {name[:64].decode(errors='replace')}", config.max_header_line,
+                                      "router.max_header_line"))
         name = name.lower()
         if name == b"content-length" and value.isdigit() and int(value) > self.door.config.max_body:
             self._too_large()
@@ -140,6 +181,9 @@ class ClientConnection(asyncio.Protocol):
             self.authorization = value
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        if self.refusal is not None or self.closed:
+            return
         if self.expect_continue and not self.too_large:  # curl waits for this before sending a large body
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -153,14 +197,17 @@ class ClientConnection(asyncio.Protocol):
             self.body.append(body)
 
     def on_message_complete(self) -> None:
-        self.reading = False
+        self.reading, self.in_head, self.head_size = False, True, 0
+        if self.refusal is not None or self.closed:
+            return
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.too_large:  # the 413 is sent; the body is read to its end so the client gets it, not a reset
             self.close()
             return
-        path = self.url.split(b"?", 1)[0]
+        url = self.url[0] if len(self.url) == 1 else b"".join(self.url)
+        path = url.split(b"?", 1)[0]
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.queue.append(Request(self.parser.get_method(), path, body, self.parser.should_keep_alive(),
                                   self.authorization))
@@ -173,12 +220,16 @@ class ClientConnection(asyncio.Protocol):
         try:
             while self.queue and not self.closed:
                 request = self.queue.popleft()
+                self.head_only = request.method == b"HEAD"
                 try:
                     await self.door.serve(request, self)
                 except LessorError as exc:
                     self.respond_error(exc, request.keep_alive)
+                self.head_only = False
                 if not request.keep_alive:
                     self.close()
+            if self.refusal is not None:  # what followed the requests just answered could not be read
+                self._answer_refusal()
         except Exception:
             log.exception("router: unhandled error")
             self.respond_error(InvariantBroken("internal error; see lessord's log"), False)
@@ -210,7 +261,7 @@ class ClientConnection(asyncio.Protocol):
         extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in (headers or {}).items())
         self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s%s\r\n"
                              % (status, REASONS.get(status, b""), content_type, len(body), extra,
-                                b"" if keep_alive else b"Connection: close\r\n") + body)
+                                b"" if keep_alive else b"Connection: close\r\n") + (b"" if self.head_only else body))
 
     def respond_json(self, status: int, data: dict, keep_alive: bool) -> None:
         self.respond(status, json.dumps(data).encode(), keep_alive)
@@ -219,13 +270,25 @@ class ClientConnection(asyncio.Protocol):
         self.respond(http_status(exc), json.dumps(openai_envelope(exc)).encode(), keep_alive, http_headers(exc))
 
     def _too_large(self) -> None:
-        if not self.too_large:
+        if not self.too_large and self.refusal is None:
             self.too_large = True
             self.respond_error(BodyTooLarge(self.door.config.max_body, "router.max_body"), False)
 
     def _refuse(self, error: LessorError) -> None:
-        """Answer a request that cannot be read on, then close: the rest of the stream is unusable."""
-        self.respond_error(error, False)
+        """Answer a request that cannot be read on, then close: the rest of the stream is unusable.
+        Requests read before it are answered first, in order; nothing more is read meanwhile."""
+        if self.closed:
+            return
+        if self.refusal is None:
+            self.refusal = error
+        if self.task is not None or self.queue:
+            self.transport.pause_reading()
+        else:
+            self._answer_refusal()
+
+    def _answer_refusal(self) -> None:
+        self.head_only = False
+        self.respond_error(self.refusal, False)
         self.close()
 
     def close(self) -> None:

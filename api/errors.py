@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..daemon.errors import (BodyTooLarge, ConfigError, EngineUnavailable, Forbidden, InvalidApiKey, InvalidRequest,
+from ..daemon.errors import (BodyTooLarge, ConfigError, EngineUnavailable, Forbidden, HeadTooLarge, InvalidApiKey,
+                             InvalidRequest,
                              InvariantBroken, LedgerUnavailable, LessorError, LoadFailed, MalformedRequest, ModelFailed,
                              MethodNotAllowed, ModelBusy, NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected,
                              QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel,
-                             UpstreamFailed, WaitTimedOut)
+                             UpstreamFailed, UrlTooLong, WaitTimedOut)
 
 log = logging.getLogger("lessor.api")
 
@@ -52,6 +53,8 @@ ERRORS: dict[type[LessorError], HttpMapping] = {
     RequestTimedOut: HttpMapping(408, INVALID),
     ModelBusy: HttpMapping(409, "conflict_error"),
     BodyTooLarge: HttpMapping(413, INVALID),
+    UrlTooLong: HttpMapping(414, INVALID),
+    HeadTooLarge: HttpMapping(431, INVALID),
     PlanRejected: HttpMapping(422, INVALID),
     QueueFull: HttpMapping(429, "rate_limit_error"),
     InvariantBroken: HttpMapping(500, SERVER),

@@ -120,10 +120,10 @@ class FrontDoor:
             if request.method != b"POST":
                 raise MethodNotAllowed(request.method.decode(), request.path.decode(), ("POST",))
             await self._proxy(conn, request, access)
-        elif request.method != b"GET":
+        elif request.method not in (b"GET", b"HEAD"):  # a HEAD is answered as a GET, less the body
             method, path = request.method.decode(), request.path.decode(errors="replace")
             if request.path.startswith(b"/v1/models") or request.path == b"/health":
-                raise MethodNotAllowed(method, path, ("GET",))
+                raise MethodNotAllowed(method, path, ("GET", "HEAD"))
             raise NoRoute(method, path, "the router", SERVES)
         elif request.path == b"/v1/models":
             conn.respond_json(200, self.models(access), request.keep_alive)

@@ -24,6 +24,7 @@ from ..daemon.notify import Notifier, watchdog, watchdog_interval_s
 from ..daemon.traffic import TrafficControl
 from ..daemon.runtime import publishing, runtime
 from .admin import make_admin_app
+from .admin_http import AdminSite, request_deadline
 from .auth import resolve_token
 from .logfilter import LOG_FORMATS, configure_logging
 from .router import start_router
@@ -63,7 +64,9 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
 
 
 async def _serve_admin(stack: AsyncExitStack, controller: Controller, token: str, ready: asyncio.Event) -> None:
-    runner = web.AppRunner(make_admin_app(controller, token, ready), access_log=None, shutdown_timeout=10)
+    app = make_admin_app(controller, token, ready)
+    app.middlewares.append(request_deadline)  # inside error_middleware: a refusal is rendered like any error
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=10)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     await _listen(runner, controller.config)
@@ -149,11 +152,11 @@ def _binding(field: str, address: str):
 async def _listen(runner, config: LessorConfig) -> None:
     host, port = parse_listen(config.admin.listen)
     with _binding("admin.listen", config.admin.listen):
-        await web.TCPSite(runner, host, port).start()
+        await AdminSite(runner, config.admin, host, port).start()
     if config.admin.unix_socket:
         previous = os.umask(0o117)  # born 0660: never a moment when others could connect
         try:
-            await web.UnixSite(runner, config.admin.unix_socket).start()
+            await AdminSite(runner, config.admin, path=config.admin.unix_socket).start()
         finally:
             os.umask(previous)
         os.chmod(config.admin.unix_socket, 0o660)

@@ -20,7 +20,7 @@ from ..memory.footprint import ModelShape
 from .profile import KvDtype, Memory, MemoryProfile, Size, WeightFormat, resolve
 from ..policies import POLICIES
 from .errors import ConfigError, ConfigProblem
-from .units import DURATION_PATTERN, GiB, MiB, parse_duration
+from .units import DURATION_PATTERN, GiB, KiB, MiB, parse_duration
 
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(
     {"anyOf": [{"type": "number"}, {"type": "string", "pattern": DURATION_PATTERN, "examples": ["30s", "5m", "-1"]}]})]
@@ -240,11 +240,30 @@ class PolicyConfig(Strict):
         return name
 
 
+def _head_limits(listener: str) -> dict[str, Any]:
+    """The request-head limits both listeners take (nginx's defaults: large_client_header_buffers
+    4 8k), read before a request is parsed on, so a huge head costs at most the limit."""
+    return {
+        "max_request_line": Field(default=8 * KiB, ge=256, le=1 * MiB, description=f"Longest request line (method, URL, version) {listener} reads; longer gets 414 and the connection is closed."),
+        "max_header_line": Field(default=8 * KiB, ge=256, le=1 * MiB, description=f"Longest header line (name and value) {listener} reads; longer gets 431 and the connection is closed."),
+        "max_headers": Field(default=100, ge=1, le=10_000, description=f"Most header lines in a request {listener} reads; more get 431 and the connection is closed."),
+        "max_head": Field(default=32 * KiB, ge=1 * KiB, le=16 * MiB, description=f"Largest request head (request line and every header) {listener} reads; larger gets 431 and the connection is closed."),
+    }
+
+
+_ADMIN_LIMITS, _ROUTER_LIMITS = _head_limits("the admin API"), _head_limits("the router")
+
+
 class AdminConfig(Strict):
     listen: Listen = Field(default="127.0.0.1:8470", description="HOST:PORT of the admin API (loopback by default).")
     unix_socket: str | None = Field(default=None, description="Also serve the admin API on this unix socket (mode 0660).")
     token_file: str | None = Field(default=None, description="File holding the bearer token for mutating calls; default <state_dir>/admin.token, created when missing. LESSOR_ADMIN_TOKEN overrides.")
     sse_keepalive_s: float = Field(default=15.0, gt=0, le=3600, description="Seconds without an event after which the event stream sends a keep-alive comment, so proxies and clients do not close it as idle.")
+    request_timeout: Duration = Field(default=30.0, gt=0, le=3600, description="Longest a client may take to send a whole request (head and body) to the admin API; a slower one gets 408 and is disconnected. A connection idle between requests is closed after twice this.")
+    max_request_line: Size = _ADMIN_LIMITS["max_request_line"]
+    max_header_line: Size = _ADMIN_LIMITS["max_header_line"]
+    max_headers: int = _ADMIN_LIMITS["max_headers"]
+    max_head: Size = _ADMIN_LIMITS["max_head"]
 
 
 class ApiKey(Strict):
@@ -292,6 +311,10 @@ class RouterConfig(Strict):
     max_body: Size = Field(default=16 * MiB, ge=1024, description="Largest request body the router accepts; larger gets 413.")
     keep_alive_check: Duration = Field(default=1.0, gt=0, le=60, description="How often idle models are checked against their keep_alive.")
     request_timeout: Duration = Field(default=30.0, gt=0, le=3600, description="Longest a client may take to send a whole request (head and body); a slower one gets 408 and is disconnected.")
+    max_request_line: Size = _ROUTER_LIMITS["max_request_line"]
+    max_header_line: Size = _ROUTER_LIMITS["max_header_line"]
+    max_headers: int = _ROUTER_LIMITS["max_headers"]
+    max_head: Size = _ROUTER_LIMITS["max_head"]
     api_keys: list[ApiKey] = Field(default_factory=list, description="When set, every request needs 'Authorization: Bearer KEY' and may use only that key's models; when empty, the router is open (it listens on loopback by default).")
 
 

@@ -344,6 +344,26 @@ class BodyTooLarge(LessorError):
 
 
 @dataclass
+class HeadTooLarge(LessorError):
+    """A request head over a listener's limit: read no further than the limit, answered, then the
+    connection closes (what follows cannot be framed)."""
+
+    what: str  # "a header line", "the head": what was too long
+    limit: int
+    setting: str  # the config field that sets the limit
+    unit: str = "bytes"
+    type = "header_too_large"
+
+    def message(self) -> str:
+        return f"{self.what} is over {self.setting} ({self.limit} {self.unit}); send less, or raise {self.setting}"
+
+
+@dataclass
+class UrlTooLong(HeadTooLarge):
+    type = "uri_too_long"
+
+
+@dataclass
 class RequestTimedOut(LessorError):
     """A client that did not send a whole request in time (a stalled or slowloris client)."""
 
