@@ -236,6 +236,8 @@ class AdminProtocol(web.RequestHandler):
     def _refuse(self, error: LessorError) -> None:
         self._disarm()
         self.refusal = error
+        if self.transport is not None:  # nothing more is read: the answer goes out, then the connection closes
+            self.transport.pause_reading()
         super().data_received(BROKEN)
 
     def _disarm(self) -> None:

@@ -159,7 +159,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self.url_size += len(url)  # the URL comes in pieces, one per feed: joined once, at the end
-        if self.url_size > self.door.config.max_request_line:
+        if len(self.parser.get_method()) + self.url_size + 10 > self.door.config.max_request_line:  # " ", " HTTP/1.1"
             self._refuse(UrlTooLong("the request line", self.door.config.max_request_line, "router.max_request_line"))
         else:
             self.url.append(url)

@@ -39,6 +39,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def _listen(value: str) -> str:
+    if not isinstance(value, str):  # parse_listen's caller gave a str; a config file may not
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8470)")
     parse_listen(value)
     return value
 
@@ -254,6 +256,14 @@ def _head_limits(listener: str) -> dict[str, Any]:
 _ADMIN_LIMITS, _ROUTER_LIMITS = _head_limits("the admin API"), _head_limits("the router")
 
 
+def _check_head_limits(config: Any) -> Any:
+    for name in ("max_request_line", "max_header_line"):
+        if getattr(config, name) > config.max_head:
+            raise ValueError(f"{name} ({getattr(config, name)} bytes) is over max_head ({config.max_head} bytes), "
+                             f"so max_head would refuse first: lower {name} or raise max_head")
+    return config
+
+
 class AdminConfig(Strict):
     listen: Listen = Field(default="127.0.0.1:8470", description="HOST:PORT of the admin API (loopback by default).")
     unix_socket: str | None = Field(default=None, description="Also serve the admin API on this unix socket (mode 0660).")
@@ -264,6 +274,10 @@ class AdminConfig(Strict):
     max_header_line: Size = _ADMIN_LIMITS["max_header_line"]
     max_headers: int = _ADMIN_LIMITS["max_headers"]
     max_head: Size = _ADMIN_LIMITS["max_head"]
+
+    @model_validator(mode="after")
+    def _head_fits(self) -> "AdminConfig":
+        return _check_head_limits(self)
 
 
 class ApiKey(Strict):
@@ -316,6 +330,10 @@ class RouterConfig(Strict):
     max_headers: int = _ROUTER_LIMITS["max_headers"]
     max_head: Size = _ROUTER_LIMITS["max_head"]
     api_keys: list[ApiKey] = Field(default_factory=list, description="When set, every request needs 'Authorization: Bearer KEY' and may use only that key's models; when empty, the router is open (it listens on loopback by default).")
+
+    @model_validator(mode="after")
+    def _head_fits(self) -> "RouterConfig":
+        return _check_head_limits(self)
 
 
 class TimeoutsConfig(Strict):
