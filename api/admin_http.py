@@ -198,7 +198,10 @@ class AdminProtocol(web.RequestHandler):
 
     def __init__(self, manager: web.Server, config: AdminConfig) -> None:
         super().__init__(manager, loop=asyncio.get_running_loop(), access_log=None,
-                         keepalive_timeout=2 * config.request_timeout, max_line_size=config.max_request_line,
+                         # after a 408 or 413, what is left of the body is read (so the client gets the
+                         # answer, not a reset) for no longer than the request itself could take
+                         keepalive_timeout=2 * config.request_timeout, lingering_time=min(10.0, config.request_timeout),
+                         max_line_size=config.max_request_line,
                          max_field_size=config.max_header_line, max_headers=config.max_headers)
         self.config, self.clock = config, asyncio.get_running_loop()
         self.framer = Framer(HeadLimits.of(config, "admin"))

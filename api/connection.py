@@ -4,8 +4,8 @@ httptools (the parser uvicorn uses), and the exchange that streams an engine's a
 Owns reading requests (head and body limits, request timeout, pipelining in order), writing answers
 and errors, and back-pressure between a slow client and its engine. A request's head is fed to the
 parser no further than `router.max_head`, so a huge header or URL costs at most the limit (httptools
-joins a header's pieces by copying: fed without a bound, a 128 MB header took seconds of the loop). Not here: what a request is
-answered with (api/router.py's FrontDoor decides) and the engine side (api/proxy.py).
+joins a header's pieces by copying: fed whole, a 128 MB header held the loop for seconds).
+Not here: what a request is answered with (api/router.py's FrontDoor decides) and the engine side (api/proxy.py).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class ClientConnection(asyncio.Protocol):
         self.url_size = 0
         self.in_head = True  # no request's head is complete: what comes is fed up to router.max_head
         self.head_size = 0  # bytes fed while in a head
-        self.begins = 0  # requests begun during the current feed
+        self.begins = self.ends = 0  # requests begun, and ended, during the current feed
         self.headers = 0
         self.refusal: LessorError | None = None  # answered once the requests before it are
         self.head_only = False  # the request being answered is a HEAD: no body goes out
@@ -123,9 +123,9 @@ class ClientConnection(asyncio.Protocol):
         limit = self.door.config.max_head
         room = limit + 1 - self.head_size  # one byte past the limit tells "over" from "at"
         piece, rest = (data, b"") if len(data) <= room else (data[:room], data[room:])
-        idle, self.begins = not self.reading, 0
+        idle, self.begins, self.ends = not self.reading, 0, 0
         self.parser.feed_data(piece)
-        if self.in_head and self.begins == (1 if idle else 0):
+        if self.in_head and not self.ends and self.begins == (1 if idle else 0):
             self.head_size += len(piece)
             if self.head_size > limit:
                 self._refuse(HeadTooLarge("the request head", limit, "router.max_head"))
@@ -198,11 +198,12 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.reading, self.in_head, self.head_size = False, True, 0
-        if self.refusal is not None or self.closed:
-            return
+        self.ends += 1
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.refusal is not None or self.closed:
+            return
         if self.too_large:  # the 413 is sent; the body is read to its end so the client gets it, not a reset
             self.close()
             return

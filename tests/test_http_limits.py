@@ -146,6 +146,16 @@ async def test_a_request_pipelined_before_one_over_a_limit_is_answered_first(lis
     assert [status for status, _ in answers(out)] == [200, 414]
 
 
+@pytest.mark.parametrize("side", ["admin", "router"])
+async def test_pipelined_heads_are_limited_each_not_together(listeners, side):
+    ports = dict(zip(("admin", "router"), await listeners()))
+    one = get(PATHS[side], b"".join(b"X-%d: %s\r\n" % (i, b"a" * 6000) for i in range(4)))  # 24 KiB, under 32
+    last = get(PATHS[side], b"Connection: close\r\n")
+    for chunk in (len(one), 1 << 20):  # a request a write (the next head starts a feed), and all in one
+        out, _ = await exchange(ports[side], one + one + last, chunk)
+        assert [status for status, _ in answers(out)] == [200, 200, 200]
+
+
 async def test_pipelined_requests_with_bodies_reach_the_admin_api_whole(listeners):
     admin_port, _ = await listeners()
     body = b'{"model": "a"}'
