@@ -1,5 +1,6 @@
 """The planner against the seed case and its engine rules."""
 
+import re
 from pathlib import Path
 
 from lessor.daemon.config import load_config
@@ -152,7 +153,54 @@ def test_concurrency_goal_divides_the_cache_by_the_context():
 def test_configured_cache_below_the_minimum_says_what_would_fit():
     result = plan(kt_spec(cache_lens=2048), seed_budgets())
     assert not result.fits
-    assert result.reasons[0].startswith("cache_lens gives 2048 KV tokens, below plan.min_kv_tokens 8192; raise it (up to ")
+    assert result.reasons[0].startswith("cache_lens gives 2048 KV tokens, below plan.min_kv_tokens 8192; raise it to ")
+    raised = int(re.search(r"raise it to (\d+)", result.reasons[0]).group(1))
+    assert plan(kt_spec(cache_lens=raised), seed_budgets()).fits  # the value it names fits
+
+
+def _hinted_value(result, param):
+    found = re.search(rf"lower {param} to (\d+)", " ".join(result.reasons))
+    assert found, result.reasons
+    return int(found.group(1))
+
+
+GQA_BUDGETS = {"gpu0": DeviceBudget("gpu0", 80 * GiB, 80 * GiB, GiB, 40 * GiB, 0),
+               "host": DeviceBudget("host", 64 * GiB, 64 * GiB, GiB, 0, 0)}
+
+
+@pytest.mark.parametrize("kind,engine", [
+    ("torch", {"context_tokens": 1_000_000, "max_batch_size": 64}),  # per sequence: context x batch
+    ("vllm", {"max_model_len": 1_000_000, "max_num_seqs": 64}),  # per sequence, and one phase
+    ("sglang", {"max_total_tokens": 64_000_000, "max_running_requests": 64}),  # one pool for every request
+    ("llamacpp", {"ctx_size": 64_000_000, "parallel": 64}),  # one pool shared by the slots
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_a_kv_size_too_large_is_answered_with_one_that_fits_when_applied(kind, engine):
+    """Issue 20: context_tokens=1000000 with max_batch_size=64 was told 'lower context_tokens to
+    131072', which holds 64 x 131072 tokens and fails the same way. Every hint, applied, fits."""
+    result = plan(_gqa_spec(kind, **engine), GQA_BUDGETS)
+    assert not result.fits
+    param = _gqa_spec(kind).engine.kv_param
+    value = _hinted_value(result, param)
+    again = plan(_gqa_spec(kind, **{**engine, param: value}), GQA_BUDGETS)
+    assert again.fits, again.reasons
+
+
+def test_a_cache_lens_too_large_for_ktransformers_is_answered_in_whole_pages():
+    result = plan(kt_spec(cache_lens=262144), seed_budgets())
+    value = _hinted_value(result, "cache_lens")
+    assert value % 256 == 0 and plan(kt_spec(cache_lens=value), seed_budgets()).fits
+
+
+def test_no_kv_size_fits_beside_the_batch_gives_no_value():
+    """About 22 000 tokens fit, plan.min_kv_tokens asks 30 000: no value of context_tokens fits,
+    so none is offered (the most that fits would be refused as too small)."""
+    spec = _gqa_spec("torch", context_tokens=100_000, max_batch_size=64)
+    spec = spec.model_copy(update={"plan": spec.plan.model_copy(update={"min_kv_tokens": 30_000})})
+    budgets = {"gpu0": DeviceBudget("gpu0", 80 * GiB, 80 * GiB, GiB, 80 * GiB - GiB - 16 * GiB, 0)}
+    result = plan(spec, budgets)
+    assert not result.fits
+    assert not re.search(r"lower context_tokens to \d", " ".join(result.reasons)), result.reasons
+    assert "no context_tokens fits: free memory or lower max_batch_size" in result.reasons[0]
 
 
 def test_ktransformers_config_file_agrees_with_the_planned_flags(tmp_path):
