@@ -240,3 +240,35 @@ def test_ktransformers_gpu_experts_are_planned_from_the_budget_and_the_kv_cache_
         return sum(w.bytes for w in result.all_leases() if w.device == "gpu0" and w.kind.value == "weights")
     assert gpu_weights(at_large) > gpu_weights(at_small), "more GPU experts are more GPU weights"
     print(f"GPU experts per layer: {small} with 20 GiB free, {large} with 40 GiB")
+
+
+# -- the plan of a loaded model (daemon/controller.py Controller.plan) ---------------------------
+
+async def test_the_plan_of_a_loaded_model_is_its_reload_and_says_it_is_loaded(env):
+    """Issue 20: a READY model's plan said 'does NOT fit': its own leases counted against it."""
+    from .conftest import torch_model
+    controller, _, _ = await env([torch_model("a", "12GiB", plan={"min_kv_tokens": 1024, "max_kv_tokens": 16384})])
+    assert "loaded" not in controller.plan("a")
+    await controller.load("a")  # 12 GiB of weights and 1 GiB of KV cache of the 15 GiB free
+    result = controller.plan("a")
+    assert result["fits"], result["reasons"]
+    assert result["loaded"] is True and result["evictions"] == []
+    assert sorted((c["device"], c["kind"], c["bytes"]) for c in result["current"]) == [
+        ("gpu0", "kv", GiB), ("gpu0", "weights", 12 * GiB)]
+
+
+async def test_a_local_plan_over_the_ledger_a_daemon_left_gives_the_same_answer(env, tmp_path):
+    """`lessor plan --config` runs its own controller over the daemon's ledger: its records say
+    unloaded, the ledger holds the model's leases; the answer is the daemon's."""
+    from lessor.daemon.runtime import runtime
+    from .conftest import sim_config, torch_model
+    models = [torch_model("a", "12GiB", plan={"min_kv_tokens": 1024, "max_kv_tokens": 16384})]
+    controller, _, _ = await env(models)
+    await controller.load("a")
+    daemon = controller.plan("a")
+    async with runtime(sim_config(tmp_path, models), engines={}, reconcile=False) as local:
+        assert local.model("a")["state"] == "unloaded" and local.leases("a")
+        here = local.plan("a")
+    assert here["fits"] and here["loaded"] and here["current"] == daemon["current"]
+    assert {k: here[k] for k in ("fits", "kv_tokens", "leases", "reasons")} == \
+        {k: daemon[k] for k in ("fits", "kv_tokens", "leases", "reasons")}
