@@ -165,3 +165,14 @@ async def test_a_load_refused_under_foreign_churn_says_consistent_figures(env):
     assert message.startswith("model 'c' needs 128.0 MiB on gpu0, none is free (768.0 MiB over its budget): "
                               "short by 896.0 MiB; evicting b"), message
     assert not re.search(r"-\d", message) and controller.model("b")["state"] == "ready"
+
+
+def test_a_wait_after_failed_attempts_leads_with_what_they_said():
+    from lessor.daemon.admission import must_wait
+    snapshot = snap(1, model("busy", 10, in_flight=1))
+    waits = must_wait(want(4), snapshot, "the models that could make room are busy", ("busy",))
+    after = waits.after("attempt 1: verify: over its leases")
+    assert after.blockers == ("busy",)
+    assert after.error.message() == ("model 'new' needs 4.0 GiB on gpu0, 1.0 GiB is free: short by 3.0 GiB; attempt 1: "
+                                     "verify: over its leases; then: the models that could make room are busy; it "
+                                     "loads once busy finish their requests")
