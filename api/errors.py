@@ -20,9 +20,9 @@ from aiohttp import web
 
 from ..daemon.errors import (BodyTooLarge, ConfigError, EngineUnavailable, Forbidden, InvalidApiKey, InvalidRequest,
                              InvariantBroken, LedgerUnavailable, LessorError, LoadFailed, MalformedRequest, ModelFailed,
-                             MethodNotAllowed, ModelBusy, ModelTooLarge, NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected,
-                             QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel,
-                             UpstreamFailed, WaitTimedOut)
+                             MethodNotAllowed, ModelBusy, ModelTooLarge, NoEngineLog, NoRoute, NotEnoughMemory,
+                             PlanRejected, QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownFingerprint,
+                             UnknownModel, UpstreamFailed, WaitTimedOut)
 
 log = logging.getLogger("lessor.api")
 

@@ -64,7 +64,8 @@ def refused(request: AdmissionRequest, snapshot: Snapshot, decision: Rejected, p
     """Policy `policy` rejected an explicit load: what it needs and what is free on its shortest
     device, and, once, what evicting would have freed there and what to change."""
     device, wanted, free = shortest(snapshot.devices, request.need_bytes)
-    holders = sorted(m.name for m in snapshot.models.values() if m.name != request.model and m.held_bytes.get(device, 0))
+    holders = sorted(m.name for m in snapshot.models.values()
+                     if m.name != request.model and m.held_bytes.get(device, 0))
     if decision.victims:
         why = (f"evicting {', '.join(decision.victims)} (every model policy '{policy}' may evict) would free only "
                f"{format_bytes(decision.freed_bytes.get(device, 0))} there")
@@ -73,7 +74,8 @@ def refused(request: AdmissionRequest, snapshot: Snapshot, decision: Rejected, p
     elif policy == "fit":
         why = f"policy 'fit' never evicts ({', '.join(holders)} hold memory there)"
     else:
-        why = f"policy '{policy}' may evict none of the models holding it ({', '.join(holders)}: pinned, or of higher priority)"
+        why = (f"policy '{policy}' may evict none of the models holding it ({', '.join(holders)}: pinned, or of "
+               "higher priority)")
     return NotEnoughMemory(request.model, device, wanted, free,
                            f"{why}; free memory on {device} or give this model a smaller KV cache (plan.max_kv_tokens)")
 
@@ -85,7 +87,8 @@ def as_reload(snapshot: Snapshot, model: str) -> Snapshot:
     held = dict(view.held_bytes) if view else {}
     if not held:
         return snapshot
-    devices = {d: dataclasses.replace(b, leased_bytes=b.leased_bytes - held.get(d, 0)) for d, b in snapshot.devices.items()}
+    devices = {d: dataclasses.replace(b, leased_bytes=b.leased_bytes - held.get(d, 0))
+               for d, b in snapshot.devices.items()}
     models = {**snapshot.models, model: dataclasses.replace(view, held_bytes={})}
     return Snapshot(devices, models, snapshot.now_s)
 

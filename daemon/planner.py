@@ -328,7 +328,7 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
                       f"{said}; no {engine.kv_param} fits: free memory{fewer}")
     elif tokens < goal.min_kv_tokens and configured is not None:
         said = f"{engine.kv_param} gives {tokens} KV tokens{of}, below plan.min_kv_tokens {goal.min_kv_tokens}"
-        more = format_bytes(int((goal.min_kv_tokens - fit_tokens) * rate))
+        more = format_bytes(int(max(goal.min_kv_tokens - fitting * sequences, granule) * rate))
         hint = KvHint(0, fitting, lambda v: f"{said}; raise it to {v} (the most that fits now) or lower "
                       f"plan.min_kv_tokens" if v else f"{said}; no {engine.kv_param} that fits now reaches it: "
                       f"free {more} more or lower plan.min_kv_tokens")
