@@ -20,9 +20,9 @@ from aiohttp import web
 
 from ..daemon.errors import (BodyTooLarge, ConfigError, EngineUnavailable, Forbidden, InvalidApiKey, InvalidRequest,
                              InvariantBroken, LedgerUnavailable, LessorError, LoadFailed, MalformedRequest, ModelFailed,
-                             MethodNotAllowed, ModelBusy, NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected,
-                             QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel,
-                             UpstreamFailed, WaitTimedOut)
+                             MethodNotAllowed, ModelBusy, ModelTooLarge, NoEngineLog, NoRoute, NotEnoughMemory,
+                             PlanRejected, QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownFingerprint,
+                             UnknownModel, UpstreamFailed, WaitTimedOut)
 
 log = logging.getLogger("lessor.api")
 
@@ -53,6 +53,10 @@ ERRORS: dict[type[LessorError], HttpMapping] = {
     ModelBusy: HttpMapping(409, "conflict_error"),
     BodyTooLarge: HttpMapping(413, INVALID),
     PlanRejected: HttpMapping(422, INVALID),
+    # A model that can never fit the box: no wait helps, so never a status a client retries (the
+    # openai client retries 408, 409, 429 and every 5xx; a 503 with Retry-After here made it retry
+    # for good). 422 like PlanRejected: the request is well formed, the model cannot be served.
+    ModelTooLarge: HttpMapping(422, INVALID),
     QueueFull: HttpMapping(429, "rate_limit_error"),
     InvariantBroken: HttpMapping(500, SERVER),
     EngineUnavailable: HttpMapping(501, SERVER),

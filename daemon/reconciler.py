@@ -192,7 +192,7 @@ class Reconciler:
             reason = getattr(decision, "reason", "")
             self._publish(BudgetOvercommitted(device, -budget.free_bytes, victims, reason))
             log.warning("%s: foreign usage grew %s past the free memory; evicting %s", device,
-                        format_bytes(-budget.free_bytes), ", ".join(victims) or "nothing (no idle model may go)",
+                        format_bytes(-budget.free_bytes), ", ".join(victims) or f"nothing: {reason}",
                         extra={"device": device, "step": "overcommitted"})
             for victim in victims:
                 try:  # one that took a request since the snapshot stays; the next check looks again

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 from ..engines.base import EngineAdapter, GpuTarget, Launch
 from ..engines.process import describe_exit, last_lines
 from ..policies import POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot
-from .admission import MustWait, freed_by, must_wait
+from .admission import MustWait, as_reload, freed_by, must_wait, never_fits, refused
 from .adoption import Adoption, adopt
 from .config import ModelSpec
 from .devices import Probe, SimProbe, gpu_id
@@ -36,7 +36,7 @@ from .fingerprints import FingerprintKey, FingerprintStore
 from .holder import ConfigHolder
 from .ledger import EngineRecord, Ledger
 from .lifecycle import ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic
-from .loading import LoadAttempt, Loaded, bytes_text, leased_by, worst_shortfall
+from .loading import LoadAttempt, Loaded, bytes_text, leased_by
 from .planner import Measured, Plan, plan, with_overrides
 from .restarts import Restarts
 from .unloading import Lingering, group_pids, verify_unload
@@ -129,7 +129,7 @@ class Supervisor:
             spec = with_overrides(record.spec, overrides or {})
         except PlanRejected as exc:  # a dry run answers "no, because", it does not fail
             return Plan(record.spec.name, False, 0, dict(overrides or {}), (), (), tuple(exc.reasons))
-        snapshot = self.policy_snapshot()
+        snapshot = as_reload(self.policy_snapshot(), spec.name)  # a loaded model's plan is its reload's
         key = self.fingerprinting.key(spec)
         measured = self.fingerprinting.measured(key)
         first, _, decision = self._decide(spec, snapshot, measured)
@@ -284,6 +284,9 @@ class Supervisor:
     async def _admit(self, spec: ModelSpec, measured: Measured | None) -> MustWait | None:
         """Step 2: the policy decides over a snapshot; evictions happen here and only here."""
         snapshot = self.policy_snapshot()
+        too_large = never_fits(spec, snapshot.devices, measured)
+        if too_large is not None:  # before the policy: no eviction or wait may be made for it
+            raise too_large
         _, request, decision = self._decide(spec, snapshot, measured)
         _log_admission(request, decision, self._config.current.policy.name)
         self._publish(AdmissionDecided(spec.name, AdmissionResult(type(decision).__name__.lower()),
@@ -297,7 +300,7 @@ class Supervisor:
         elif isinstance(decision, Queue):
             return must_wait(request, snapshot, decision.reason, decision.blockers)
         elif isinstance(decision, Rejected):
-            raise NotEnoughMemory(spec.name, *worst_shortfall(snapshot.devices, decision.short_bytes), decision.reason)
+            raise refused(request, snapshot, decision, self._config.current.policy.name)
         elif not isinstance(decision, Admit):
             raise AssertionError(f"policy returned {decision!r}")
         return None

@@ -97,8 +97,14 @@ class Queue:
 
 @dataclass(frozen=True)
 class Rejected:
+    """It does not fit, and the evictions this policy may make would not make it fit. `victims`:
+    the models it could have evicted that hold memory where it is short, `freed_bytes` what they
+    hold there (per device): the reason nothing was evicted."""
+
     reason: str
     short_bytes: Mapping[str, int]
+    victims: tuple[str, ...] = ()
+    freed_bytes: Mapping[str, int] = field(default_factory=dict)
 
 
 Decision = Admit | Evict | Queue | Rejected
