@@ -186,11 +186,11 @@ def test_a_failed_second_load_leaves_the_first_untouched(tmp_path, tiny_qwen):
 
         status, error = admin.load("broken")
         assert status == 502 and error["error"]["type"] == "load_failed"
-        message = error["error"]["message"]
-        assert "wait for weights" in message and "no-such-model" in message, message
+        message = error["error"]["message"]  # refused before an engine was started, naming the path
+        assert f"'start engine': model_path {tmp_path / 'no-such-model'}: no such folder" in message, message
+        assert "Traceback" not in message
         assert admin.model("broken")["state"] == "failed" and admin.leases("broken") == []
-        log = admin.call("GET", "/admin/v1/models/broken/log?lines=50")[1]
-        assert "no-such-model" in log
+        assert "no-such-model: no such folder" in admin.model("broken")["error"]
 
         # 8 - 0.5 headroom - 1 foreign - 3.03 (qa) leaves 3.47 GiB: 2 GiB of weights + a 3 GiB peak do not fit.
         status, error = admin.load("too-big")
@@ -208,3 +208,4 @@ def test_a_pinned_model_that_cannot_load_does_not_stop_the_daemon(tmp_path, tiny
         broken = admin.model("broken")
         assert broken["state"] == "failed" and "missing" in broken["error"] and admin.leases() == []
         assert admin.load("qa")[0] == 200
+
