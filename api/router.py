@@ -22,8 +22,8 @@ from dataclasses import replace
 import httptools
 
 from ..daemon.config import RouterConfig
-from ..daemon.errors import (Forbidden, InvalidRequest, LessorError, MethodNotAllowed, NoRoute, UnknownModel,
-                             UpstreamFailed)
+from ..daemon.errors import (Forbidden, InvalidRequest, LessorError, LoadFailed, MethodNotAllowed, ModelFailed, NoRoute,
+                             UnknownModel, UpstreamFailed)
 from ..daemon.lanes import Lane
 from ..daemon.traffic import TrafficControl
 from ..daemon.supervisor import Supervisor
@@ -62,6 +62,15 @@ def renamed(data: dict, name: str) -> bytes:
     """The body with `model` set to the model's name: for an alias, to an engine that serves under one name."""
     data["model"] = name
     return json_dumps(data)
+
+
+def for_client(exc: LessorError) -> LessorError:
+    """The error as a router client is told it. Why a load failed is the operator's to read: its
+    reason quotes the engine's log (tracebacks, the server's paths), which the engine log and the
+    admin API keep; the client learns which model, at which step, and where to look."""
+    if isinstance(exc, (LoadFailed, ModelFailed)):
+        return replace(exc, reason=f"its engine's log says why (lessor logs {exc.model})")
+    return exc
 
 
 class FrontDoor:
@@ -144,7 +153,7 @@ class FrontDoor:
             base_url = router.try_start(lane) or await router.wait_turn(lane)
         except LessorError as exc:
             router.count(lane.name, http_status(exc))
-            raise
+            raise for_client(exc) from None
         status = CLIENT_GONE
         try:
             status = await self._forward(conn, lane, base_url, request)
