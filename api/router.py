@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import replace
 
 import httptools
@@ -64,12 +65,18 @@ def renamed(data: dict, name: str) -> bytes:
     return json_dumps(data)
 
 
+# Where engines/process.py's last_lines() appends an engine's last log lines to an exit's reason.
+LOG_LINES = "; last log lines: "
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[^\s;,:'\"()|]+")
+
+
 def for_client(exc: LessorError) -> LessorError:
-    """The error as a router client is told it. Why a load failed is the operator's to read: its
-    reason quotes the engine's log (tracebacks, the server's paths), which the engine log and the
-    admin API keep; the client learns which model, at which step, and where to look."""
+    """The error as a router client is told it. A failed load's reason quotes its engine's log
+    (tracebacks, the server's paths): the client gets the reason without them, and where the
+    operator reads the rest (the engine log; the admin API keeps the whole reason)."""
     if isinstance(exc, (LoadFailed, ModelFailed)):
-        return replace(exc, reason=f"its engine's log says why (lessor logs {exc.model})")
+        reason = ABSOLUTE_PATH.sub("<path>", exc.reason.split(LOG_LINES, 1)[0])
+        return replace(exc, reason=f"{reason}; its engine's log says why (lessor logs {exc.model})")
     return exc
 
 

@@ -228,6 +228,8 @@ def test_a_router_client_is_told_which_model_failed_and_where_to_look_not_the_en
                 in error["message"], raw
             if status == 502:
                 assert f"at step '{step}'" in error["message"]
+            if name == "broken":  # the reason, less the server's path
+                assert "model_path <path>: no such folder" in error["message"], raw
             assert str(tmp_path) not in raw.decode() and "Traceback" not in raw.decode() and "/" not in raw.decode()
         # The operator has it all: the path in the model's error, the traceback in the engine's log.
         assert f"model_path {tmp_path / 'no-such-model'}: no such folder" in admin.model("broken")["error"]

@@ -123,12 +123,13 @@ def test_each_decode_step_runs_in_inference_mode_whatever_thread_runs_it(tiny_qw
     engine.model.register_forward_pre_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
     sampling = Sampling(6, 0.0, 1.0, (), 1, ignore_eos=True)
     on_one_thread = list(engine.generate(0, [1, 2, 3], sampling))
-    decoder, tokens = engine.decoder(0, [1, 2, 3], sampling), []
+    steps, tokens, never_exited = engine.generate(0, [1, 2, 3], sampling), [], []
 
     def step(left_in_inference_mode: bool) -> None:
-        if left_in_inference_mode:
-            torch.inference_mode().__enter__()  # as a thread whose mode another request never exited
-        tokens.append(decoder.step())
+        if left_in_inference_mode:  # as a thread whose mode another request entered and never exited
+            never_exited.append(torch.inference_mode())
+            never_exited[-1].__enter__()
+        tokens.append(next(steps))
 
     for i in range(6):
         thread = threading.Thread(target=step, args=(i % 2 == 1,))
