@@ -162,8 +162,8 @@ class Decoder:
 
     Each step enters inference mode itself: the mode is per thread, and the steps of one request
     run on whichever worker thread is free. (A generator holding `with torch.inference_mode()`
-    across its yields left the steps run on other threads outside it, and the model refused the
-    inference tensors of the step before: "Inference tensors cannot be saved for backward".)"""
+    across its yields ran its later steps, on other threads, outside it, with autograd on: issue
+    20's engine log has "Inference tensors cannot be saved for backward" and a stream cut short.)"""
 
     def __init__(self, engine: Engine, cache: Any, prompt: list[int], sampling: Sampling) -> None:
         self.engine, self.cache, self.sampling = engine, cache, sampling
@@ -207,7 +207,7 @@ def _sample(logits, sampling: Sampling, generator) -> int:
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p
-        keep[0] = True  # the likeliest token always: top_p 0 keeps nothing else, and multinomial needs one
+        keep[0] = True  # the likeliest token always: top_p 0 would keep none, and multinomial needs one
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

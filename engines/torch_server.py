@@ -11,6 +11,11 @@ on the CPU its own process measured, anonymous memory beyond a baseline taken ju
 weights. `measured` keeps that baseline (null until it is taken) and the growth over each phase: the weights once loaded,
 the KV cache over its allocation.
 
+Every answer is OpenAI's: a client's mistake a 400 naming the field (torch_requests.py checks each
+body before it takes a slot), one line in the log; the engine's own failure during a stream ends
+the stream with an error event and `[DONE]`, never cut short, its traceback in the log only.
+Decode steps run on a worker per slot, each step under its own inference mode (`Decoder`).
+
 Run by lessor as `python -m lessor.engines.torch_server --model-path DIR --port N ...`; imports
 torch and transformers only here, in the engine's own process.
 """
