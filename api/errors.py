@@ -23,6 +23,7 @@ from ..daemon.errors import (BodyTooLarge, ConfigError, EngineUnavailable, Forbi
                              MethodNotAllowed, ModelBusy, NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected,
                              QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel,
                              UpstreamFailed, WaitTimedOut)
+from ..daemon.errors import ModelAdopting
 
 log = logging.getLogger("lessor.api")
 
@@ -60,6 +61,7 @@ ERRORS: dict[type[LessorError], HttpMapping] = {
     UpstreamFailed: HttpMapping(502, SERVER),
     NotEnoughMemory: HttpMapping(503, SERVER),
     ModelFailed: HttpMapping(503, SERVER),
+    ModelAdopting: HttpMapping(503, SERVER),
     WaitTimedOut: HttpMapping(503, SERVER),
     LedgerUnavailable: HttpMapping(503, SERVER),
 }
