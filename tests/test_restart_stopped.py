@@ -16,6 +16,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from lessor.daemon.reconciler import stop_strays
 from lessor.engines.process import process_identity
 
 from .conftest import BIN, HANG_S, free_port, running_lessord
@@ -181,3 +182,18 @@ def test_an_engine_that_stays_stopped_is_killed_and_its_pinned_model_loaded_agai
     finally:
         if process_identity(before["pid"]) is not None:
             os.kill(before["pid"], signal.SIGKILL)
+
+
+async def test_a_stopped_stray_acts_on_its_sigterm(tmp_path):
+    """A stray that was stopped gets SIGCONT after its SIGTERM, so it ends by the SIGTERM at once
+    instead of waiting out the grace (10 minutes here) for SIGKILL."""
+    env = {**os.environ, "LESSOR_STATE_DIR": str(tmp_path), "LESSOR_ATTEMPT": "lost"}
+    stray = subprocess.Popen(["sleep", "600"], env=env, start_new_session=True)
+    try:
+        until(lambda: b"LESSOR_ATTEMPT=" in Path(f"/proc/{stray.pid}/environ").read_bytes(), "exec")
+        sigstop(stray.pid)
+        assert await stop_strays(tmp_path, set(), grace_s=HANG_S) == [stray.pid]
+        assert stray.wait(HANG_S) == -signal.SIGTERM
+    finally:
+        stray.kill()
+        stray.wait()
