@@ -182,7 +182,8 @@ ROUTES: list[Route] = [
     Route("GET", "/dashboard.js", dashboard.get_script, "The dashboard's script", content_type="text/javascript"),
     Route("GET", "/dashboard.css", dashboard.get_style, "The dashboard's style sheet", content_type="text/css"),
     Route("GET", "/healthz", healthz, "Liveness"),
-    Route("GET", "/readyz", readyz, "Readiness: ledger open, probe working, pinned models loaded"),
+    Route("GET", "/readyz", readyz,
+          "Readiness: ledger open, probe working, the previous lessord's engines adopted or stopped, pinned models loaded"),
     Route("GET", "/metrics", metrics, "Prometheus metrics", content_type="text/plain"),
     Route("GET", "/openapi.json", openapi, "This document"),
 ]

@@ -20,9 +20,9 @@ from aiohttp import web
 
 from ..daemon.errors import (BodyTooLarge, ConfigError, EngineUnavailable, Forbidden, InvalidApiKey, InvalidRequest,
                              InvariantBroken, LedgerUnavailable, LessorError, LoadFailed, MalformedRequest, ModelFailed,
-                             MethodNotAllowed, ModelBusy, ModelTooLarge, NoEngineLog, NoRoute, NotEnoughMemory,
-                             PlanRejected, QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownFingerprint,
-                             UnknownModel, UpstreamFailed, WaitTimedOut)
+                             MethodNotAllowed, ModelAdopting, ModelBusy, ModelTooLarge, NoEngineLog, NoRoute,
+                             NotEnoughMemory, PlanRejected, QueueFull, RequestTimedOut, Unauthorized, UnknownDevice,
+                             UnknownFingerprint, UnknownModel, UpstreamFailed, WaitTimedOut)
 
 log = logging.getLogger("lessor.api")
 
@@ -64,6 +64,7 @@ ERRORS: dict[type[LessorError], HttpMapping] = {
     UpstreamFailed: HttpMapping(502, SERVER),
     NotEnoughMemory: HttpMapping(503, SERVER),
     ModelFailed: HttpMapping(503, SERVER),
+    ModelAdopting: HttpMapping(503, SERVER),
     WaitTimedOut: HttpMapping(503, SERVER),
     LedgerUnavailable: HttpMapping(503, SERVER),
 }

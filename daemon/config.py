@@ -300,6 +300,7 @@ class TimeoutsConfig(Strict):
     ready: Duration = Field(default=120.0, gt=0, description="Longest an engine may take from its KV grant (or, one-phase, from start) to answer its health check.")
     stop_grace: Duration = Field(default=15.0, ge=0, le=3600, description="After SIGTERM, how long an engine may take to exit before its process group gets SIGKILL.")
     adopt_s: Duration = Field(default=30.0, gt=0, le=3600, description="After a restart, how long an engine that still runs may take to answer its health check before it is stopped instead of adopted.")
+    adopt_stopped_s: Duration = Field(default=10.0, ge=0, le=3600, description="After a restart, how long an engine found stopped (SIGSTOP, a debugger) may take to resume before it is killed (SIGKILL: a stopped process does not act on SIGTERM) and its leases released; a pinned model is loaded again. The other models are served meanwhile.")
     stray_grace_s: Duration = Field(default=5.0, ge=0, le=3600, description="After a restart, how long an engine found running but never recorded may take to exit after SIGTERM before SIGKILL.")
     unload_verify_s: Duration = Field(default=10.0, ge=0, le=3600, description="After an engine stops, how long its devices' usage may take to fall by its leases; past it an event and a metric say the memory lingers (it counts as foreign until it is gone).")
 

@@ -128,6 +128,20 @@ class ModelBusy(LessorError):
 
 
 @dataclass
+class ModelAdopting(LessorError):
+    """lessord just started and is still taking over the model's running engine from the previous
+    lessord (its adoption check, bounded by timeouts.adopt_s and timeouts.adopt_stopped_s)."""
+
+    model: str
+    retry_after_s: float = 5.0
+    type = "model_adopting"
+
+    def message(self) -> str:
+        return (f"model '{self.model}' is not served yet: lessord just restarted and is still checking the engine "
+                f"the previous lessord left running (adoption); retry after {self.retry_after_s:g} s")
+
+
+@dataclass
 class ModelFailed(LessorError):
     """lessor gave up on the model after its crashes: requests do not load it again."""
 
