@@ -32,7 +32,7 @@ class DeviceBudget:
 @dataclass(frozen=True)
 class ModelView:
     name: str
-    state: str  # a supervisor ModelState value: unloaded, loading, ready, unloading, failed
+    state: str  # a supervisor ModelState value: unloaded, loading, ready, unloading, failed, adopting (a previous lessord's engine, not yet checked)
     priority: int = 50
     pinned: bool = False
     in_flight: int = 0
