@@ -4,11 +4,10 @@ headers that do not decode, thrown by hand and by hypothesis at the admin API, t
 built-in torch engine. Raw bytes go over a socket where aiohttp's client would refuse to send them."""
 
 import asyncio
+import http.client
 import json
 import logging
-import re
-import time
-import urllib.parse
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,8 +16,9 @@ from hypothesis import strategies as st
 from lessor.api.admin import make_admin_app
 
 from .conftest import HANG_S, FakeEngines, sim_config, torch_model
-from .test_router_http import front  # noqa: F401  (the router over a stand-in engine)
+from . import test_router_http
 
+front = test_router_http.front  # the router over a stand-in engine, a fixture here too
 TOKEN = "s3cret-token"
 AUTH = f"Bearer {TOKEN}".encode()
 HYPOTHESIS = settings(max_examples=60, deadline=None, derandomize=True,
@@ -210,23 +210,31 @@ malformed_json = st.one_of(
 )
 
 
+OPENAI_FIELDS = ["model", "messages", "max_tokens", "stop", "seed", "stream", "temperature", "top_p", "n", "prompt",
+                 "input", "logprobs", "response_format", "tools", "stream_options", "extra"]
+# Wrong types and extra nesting OpenAI clients and their users do send, field by field.
+WRONG_FIELDS = [
+    ("stop", 5), ("stop", True), ("stop", [5, None]), ("stop", {"a": 1}), ("seed", 2 ** 70), ("seed", -(2 ** 70)),
+    ("seed", 1.5), ("seed", "1"), ("max_tokens", 2 ** 70), ("max_tokens", "2"), ("max_tokens", -1), ("n", 2 ** 70),
+    ("temperature", "hot"), ("temperature", 1e308), ("top_p", [1]), ("stream", "yes"), ("prompt", 5), ("prompt", [[1, 2]]),
+    ("input", {"a": 1}), ("messages", "hi"), ("messages", [{"role": "user"}]), ("messages", [{"role": 5, "content": None}]),
+    ("messages", [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]),
+    ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, 7]}]),
+    ("messages", [{"role": "user", "content": "hi", "extra": json.loads(nested(40, "dict"))}]),
+    ("messages", [{"role": "user", "content": "hi", "extra": json.loads(nested(500, "dict"))}]),
+    ("stream_options", {"include_usage": "x"}), ("response_format", {"type": 5}), ("tools", [[[]]]),
+]
+
+
 @st.composite
-def openai_bodies(draw) -> bytes:
+def openai_bodies(draw, models=("a", "alpha")) -> bytes:
     """OpenAI-shaped chat and completion bodies with a field of the wrong type or nested too deep."""
-    body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    fields = ["model", "messages", "max_tokens", "stop", "seed", "stream", "temperature", "top_p", "n", "prompt",
-              "logprobs", "response_format", "tools", "stream_options", "extra"]
+    body = {"model": models[0], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for _ in range(draw(st.integers(1, 3))):
-        field = draw(st.sampled_from(fields))
-        value = draw(st.one_of(json_values, st.sampled_from([
-            2 ** 70, -(2 ** 70), True, 5, [5, None], {"a": nested(3)}, [{"role": "user"}],
-            [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, 7]}],
-            [{"role": 5, "content": None}], [{"role": "user", "content": "hi", "extra": json.loads(nested(40, "dict"))}],
-        ])))
+        field, value = draw(st.sampled_from(WRONG_FIELDS) | st.tuples(st.sampled_from(OPENAI_FIELDS), json_values))
         body[field] = value
     if draw(st.booleans()):  # most bodies get past the model lookup, to reach the engine (an alias is rewritten)
-        body["model"] = draw(st.sampled_from(["a", "alpha"]))
+        body["model"] = draw(st.sampled_from(models))
     return json.dumps(body).encode()
 
 
@@ -312,3 +320,98 @@ async def test_generated_bodies_never_get_a_5xx_from_the_router(front, caplog, b
     status, payload = await exchange(port, "POST", path, body)
     assert status < 500, (path, body[:200], status, payload[:300])
     front.logs.assert_quiet(repr(body[:80]))
+
+
+# -- the built-in torch engine, alone and behind the router -------------------------------------
+# The engine's own validation is the torch branch's work (issue 23 item 2, engines/torch_server.py):
+# until it is merged the cases it does not yet refuse are marked xfail(strict), so the merge that
+# fixes them must also remove the mark (TORCH_PENDING below).
+
+TORCH_PENDING = pytest.mark.xfail(strict=True, reason="torch branch not merged")
+CHAT = {"model": "qa", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+ENGINE_CASES = {
+    "stop 5": {**CHAT, "stop": 5},
+    "stop true": {**CHAT, "stop": True},
+    "stop [5]": {**CHAT, "stop": [5, None]},
+    "seed 2**70": {**CHAT, "seed": 2 ** 70},
+    "seed 2**70 stream": {**CHAT, "seed": 2 ** 70, "stream": True},
+    "seed -2**70 stream": {**CHAT, "seed": -(2 ** 70), "stream": True},
+    "message nested 500 deep": {**CHAT, "messages": [{"role": "user", "content": "hi",
+                                                      "extra": json.loads(nested(500, "dict"))}]},
+    "content parts": {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+    "content parts not text": {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}, 7, None]}]},
+    "content part without text": {**CHAT, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+    "content parts nested": {**CHAT, "messages": [{"role": "user", "content": [[{"type": "text", "text": "hi"}]]}]},
+    "role 5": {**CHAT, "messages": [{"role": 5, "content": "hi"}]},
+    "messages a string": {**CHAT, "messages": "hi"},
+    "max_tokens a string": {**CHAT, "max_tokens": "2"},
+    "max_tokens 2**70": {**CHAT, "max_tokens": 2 ** 70},
+    "temperature a list": {**CHAT, "temperature": [1]},
+    "n 2**70": {**CHAT, "n": 2 ** 70},
+}
+PENDING = {(name, target) for target in ("engine", "router")
+           for name in ("stop 5", "stop true", "seed 2**70", "seed 2**70 stream", "seed -2**70 stream")}
+PENDING.add(("message nested 500 deep", "engine"))  # the router refuses it itself (deeper than 128 levels)
+
+
+@pytest.fixture(scope="module")
+def torch_lessord(tmp_path_factory, tiny_qwen):
+    """lessord with one model on the real built-in engine (the tiny Qwen2), loaded; its router too."""
+    from .conftest import running_lessord
+    from .test_e2e_torch import Admin, torch_spec, write_config
+
+    tmp = tmp_path_factory.mktemp("hostile-torch")
+    config = write_config(tmp, [torch_spec("qa", tiny_qwen, "2GiB")])
+    with running_lessord(config, output=tmp / "lessord.out") as (_, url, router_url):
+        admin = Admin(url, tmp / "state")
+        status, model = admin.load("qa")
+        assert status == 200 and model["state"] == "ready", model
+        yield {"engine": model["endpoint"], "router": router_url,
+               "logs": (tmp / "state" / "logs" / "qa.log", tmp / "lessord.out")}
+
+
+def post_raw(base_url: str, path: str, body: bytes) -> tuple[int, bytes, bool]:
+    """The status, the body and whether that body came whole (a stream cut short does not)."""
+    url = urlsplit(base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=HANG_S)
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        try:
+            return response.status, response.read(), True
+        except http.client.IncompleteRead as exc:
+            return response.status, exc.partial, False
+    finally:
+        conn.close()
+
+
+def line_counts(paths) -> list[int]:
+    return [path.read_bytes().count(b"\n") if path.exists() else 0 for path in paths]
+
+
+def assert_no_5xx_and_one_line(torch_lessord, target: str, path: str, body: bytes, what: str) -> None:
+    before = line_counts(torch_lessord["logs"])
+    status, payload, whole = post_raw(torch_lessord[target], path, body)
+    assert status < 500 and whole, f"{what} to the {target}: {status} {'whole' if whole else 'cut short'} {payload[:300]!r}"
+    if status == 200 and json.loads(body).get("stream") is True:
+        assert payload.rstrip().endswith(b"data: [DONE]"), f"{what}: the stream did not end: {payload[-200:]!r}"
+    if status >= 400:
+        assert {"message", "type", "param", "code"} <= set(json.loads(payload)["error"]), payload[:300]
+    grown = [after - was for after, was in zip(line_counts(torch_lessord["logs"]), before)]
+    assert all(n <= 1 for n in grown), f"{what} to the {target}: the logs grew by {grown} lines"
+
+
+@pytest.mark.parametrize("case,target", [pytest.param(name, target, marks=TORCH_PENDING if (name, target) in PENDING else ())
+                                         for name in ENGINE_CASES for target in ("engine", "router")])
+def test_the_torch_engine_answers_client_mistakes_with_a_4xx(torch_lessord, case, target):
+    body = json.dumps(ENGINE_CASES[case]).encode()
+    assert_no_5xx_and_one_line(torch_lessord, target, "/v1/chat/completions", body, case)
+
+
+@TORCH_PENDING
+@given(body=openai_bodies(models=("qa",)), target=st.sampled_from(["engine", "router"]),
+       path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]))
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+def test_generated_openai_bodies_never_get_a_5xx_from_the_torch_engine(torch_lessord, body, target, path):
+    assert_no_5xx_and_one_line(torch_lessord, target, path, body, body[:120])
