@@ -195,13 +195,17 @@ def check_shape(data: object) -> None:
             _check_text(value, path)
         elif isinstance(value, (dict, list)):
             if depth > MAX_JSON_DEPTH:
-                raise InvalidRequest(loc_path(path[:1]) or None, f"nests deeper than {MAX_JSON_DEPTH} levels, "
-                                     f"the most lessor reads; flatten it")
+                raise too_deep(loc_path(path[:1]) or None)
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for key, item in items:
                 if isinstance(key, str):
                     _check_text(key, path)
                 stack.append((item, path + (key,), depth + 1))
+
+
+def too_deep(field: str | None) -> InvalidRequest:
+    return InvalidRequest(field, f"{'nests' if field else 'the body nests'} deeper than {MAX_JSON_DEPTH} levels, "
+                          "the most lessor reads; flatten it")
 
 
 def _check_text(text: str, path: tuple) -> None:
@@ -221,8 +225,7 @@ def loads_checked(body: bytes) -> object:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(None, f"the body is not valid JSON: {exc}") from None
     except RecursionError:  # the parser recursed past the interpreter's limit: far deeper than allowed
-        raise InvalidRequest(None, f"the body nests deeper than {MAX_JSON_DEPTH} levels, the most lessor reads; "
-                             "flatten it") from None
+        raise too_deep(None) from None
     check_shape(data)
     return data
 

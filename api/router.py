@@ -28,7 +28,7 @@ from ..daemon.lanes import Lane
 from ..daemon.traffic import TrafficControl
 from ..daemon.supervisor import Supervisor
 from .connection import CLIENT_GONE, ClientConnection, Request
-from .errors import MAX_JSON_DEPTH, check_shape, http_status
+from .errors import MAX_JSON_DEPTH, check_shape, http_status, too_deep
 from .keys import EVERY_MODEL, ApiKeys, KeyAccess, allows
 from .proxy import UpstreamPool
 
@@ -48,8 +48,10 @@ def parse_body(body: bytes) -> tuple[str, bool, dict]:
     """The request's `model`, whether it asks for a stream, and the parsed body; nothing else is looked at."""
     try:
         data = json_loads(body)
-    except (ValueError, RecursionError) as exc:  # RecursionError: the standard library's parser, on deep nesting
-        raise InvalidRequest(None, f"the body is not valid JSON: {exc or 'it nests too deep'}") from None
+    except ValueError as exc:
+        raise InvalidRequest(None, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # the standard library's parser (orjson stops at 1024 levels with a ValueError)
+        raise too_deep(None) from None
     if not isinstance(data, dict):
         raise InvalidRequest(None, f"the body must be a JSON object, not {type(data).__name__}")
     if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:  # counted in C: most bodies cannot nest that deep
