@@ -14,9 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lessor.api.admin import make_admin_app
+from lessor.daemon.runtime import runtime
 
-from .conftest import HANG_S, FakeEngines, sim_config, torch_model
 from . import test_router_http
+from .conftest import HANG_S, FakeEngines, running_lessord, sim_config, torch_model
+from .test_e2e_torch import Admin, torch_spec, write_config
 
 front = test_router_http.front  # the router over a stand-in engine, a fixture here too
 TOKEN = "s3cret-token"
@@ -86,8 +88,6 @@ def assert_named_4xx(status: int, payload: bytes, what: str) -> dict:
 @pytest.fixture
 async def admin(tmp_path, aiohttp_server, caplog):
     """The real admin app on a loopback port over a runtime with simulated devices."""
-    from lessor.daemon.runtime import runtime
-
     config = sim_config(tmp_path, [torch_model("a", "6GiB"), torch_model("b", "6GiB")])
     async with runtime(config, engines=FakeEngines()) as controller:
         ready = asyncio.Event()
@@ -155,19 +155,22 @@ async def test_the_log_tail_takes_only_ascii_digits_in_range(admin, lines):
                                    b"Bearer \x80" + TOKEN.encode(), "Bearer ṡ3cret".encode()])
 async def test_an_authorization_header_that_is_not_ascii_is_a_401(admin, value):
     admin.logs.mark()
-    status, payload = await exchange(admin.port, "PUT", FOREIGN, b'{"foreign_bytes": 1}', b"Authorization: " + value + b"\r\n")
+    status, payload = await exchange(admin.port, "PUT", FOREIGN, b'{"foreign_bytes": 1}',
+                                     b"Authorization: " + value + b"\r\n")
     error = assert_named_4xx(status, payload, repr(value))
     assert status == 401 and error["type"] == "unauthorized", error
     admin.logs.assert_quiet(repr(value))
 
 
 async def test_an_ascii_token_still_works_after_all_that(admin):
-    status, payload = await exchange(admin.port, "PUT", FOREIGN, b'{"foreign_bytes": 1}', b"Authorization: " + AUTH + b"\r\n")
+    status, payload = await exchange(admin.port, "PUT", FOREIGN, b'{"foreign_bytes": 1}',
+                                     b"Authorization: " + AUTH + b"\r\n")
     assert status == 200, payload
 
 
 @pytest.mark.parametrize("target", ["/admin/v1/leases?model=%FF", "/admin/v1/fingerprints?model=%C0%80",
-                                    "/admin/v1/models/%FF", "/admin/v1/models/%ED%A0%80/log", "/admin/v1/leases?model=" + "x" * 5000,
+                                    "/admin/v1/models/%FF", "/admin/v1/models/%ED%A0%80/log",
+                                    "/admin/v1/leases?model=" + "x" * 5000,
                                     "/admin/v1/models/a/log?lines=5&lines=%FF"])
 async def test_query_and_path_values_that_do_not_decode_are_no_5xx(admin, target):
     admin.logs.mark()
@@ -198,7 +201,8 @@ FIELDS = st.sampled_from(["overrides", "foreign_bytes", "messages", "seed", "mod
 # JSON gone wrong, one branch per way (hypothesis picks among branches evenly): nested deep,
 # numbers too long, bad escapes, constants JSON has not, cut short, trailing garbage, not UTF-8.
 malformed_json = st.one_of(
-    st.builds(_deep, st.integers(129, 1024) | st.integers(1025, 100_000), st.sampled_from(["list", "dict"]), FIELDS, st.sampled_from(["a", "alpha"])),
+    st.builds(_deep, st.integers(129, 1024) | st.integers(1025, 100_000), st.sampled_from(["list", "dict"]), FIELDS,
+              st.sampled_from(["a", "alpha"])),
     st.builds(_digits, st.integers(20, 6000), FIELDS, st.sampled_from(["", "-"])),
     st.sampled_from([b'{"model": "\\ud800"}', b'{"model": "\\u12"}', b'{"a": "\\x41"}', b'"\\', b'{"\\uDFFF": 1}',
                      b'{"model": "a", "foreign_bytes": NaN}', b'{"foreign_bytes": -Infinity}', b'{"seed": 1e999}',
@@ -216,8 +220,9 @@ OPENAI_FIELDS = ["model", "messages", "max_tokens", "stop", "seed", "stream", "t
 WRONG_FIELDS = [
     ("stop", 5), ("stop", True), ("stop", [5, None]), ("stop", {"a": 1}), ("seed", 2 ** 70), ("seed", -(2 ** 70)),
     ("seed", 1.5), ("seed", "1"), ("max_tokens", 2 ** 70), ("max_tokens", "2"), ("max_tokens", -1), ("n", 2 ** 70),
-    ("temperature", "hot"), ("temperature", 1e308), ("top_p", [1]), ("stream", "yes"), ("prompt", 5), ("prompt", [[1, 2]]),
-    ("input", {"a": 1}), ("messages", "hi"), ("messages", [{"role": "user"}]), ("messages", [{"role": 5, "content": None}]),
+    ("temperature", "hot"), ("temperature", 1e308), ("top_p", [1]), ("stream", "yes"), ("prompt", 5),
+    ("prompt", [[1, 2]]), ("input", {"a": 1}), ("messages", "hi"), ("messages", [{"role": "user"}]),
+    ("messages", [{"role": 5, "content": None}]),
     ("messages", [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]),
     ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, 7]}]),
     ("messages", [{"role": "user", "content": "hi", "extra": json.loads(nested(40, "dict"))}]),
@@ -358,11 +363,8 @@ PENDING.add(("message nested 500 deep", "engine"))  # the router refuses it itse
 @pytest.fixture(scope="module")
 def torch_lessord(tmp_path_factory, tiny_qwen):
     """lessord with one model on the real built-in engine (the tiny Qwen2), loaded; its router too."""
-    from .conftest import running_lessord
-    from .test_e2e_torch import Admin, torch_spec, write_config
-
     tmp = tmp_path_factory.mktemp("hostile-torch")
-    config = write_config(tmp, [torch_spec("qa", tiny_qwen, "2GiB")])
+    config = write_config(tmp, [torch_spec("qa", tiny_qwen, "2GiB", keep_alive=-1)])  # never unloaded mid-test
     with running_lessord(config, output=tmp / "lessord.out") as (_, url, router_url):
         admin = Admin(url, tmp / "state")
         status, model = admin.load("qa")
@@ -393,7 +395,8 @@ def line_counts(paths) -> list[int]:
 def assert_no_5xx_and_one_line(torch_lessord, target: str, path: str, body: bytes, what: str) -> None:
     before = line_counts(torch_lessord["logs"])
     status, payload, whole = post_raw(torch_lessord[target], path, body)
-    assert status < 500 and whole, f"{what} to the {target}: {status} {'whole' if whole else 'cut short'} {payload[:300]!r}"
+    how = "whole" if whole else "cut short"
+    assert status < 500 and whole, f"{what} to the {target}: {status} {how} {payload[:300]!r}"
     if status == 200 and json.loads(body).get("stream") is True:
         assert payload.rstrip().endswith(b"data: [DONE]"), f"{what}: the stream did not end: {payload[-200:]!r}"
     if status >= 400:
@@ -402,8 +405,9 @@ def assert_no_5xx_and_one_line(torch_lessord, target: str, path: str, body: byte
     assert all(n <= 1 for n in grown), f"{what} to the {target}: the logs grew by {grown} lines"
 
 
-@pytest.mark.parametrize("case,target", [pytest.param(name, target, marks=TORCH_PENDING if (name, target) in PENDING else ())
-                                         for name in ENGINE_CASES for target in ("engine", "router")])
+@pytest.mark.parametrize("case,target", [
+    pytest.param(name, target, marks=TORCH_PENDING if (name, target) in PENDING else ())
+    for name in ENGINE_CASES for target in ("engine", "router")])
 def test_the_torch_engine_answers_client_mistakes_with_a_4xx(torch_lessord, case, target):
     body = json.dumps(ENGINE_CASES[case]).encode()
     assert_no_5xx_and_one_line(torch_lessord, target, "/v1/chat/completions", body, case)
