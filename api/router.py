@@ -29,7 +29,7 @@ from ..daemon.lanes import Lane
 from ..daemon.traffic import TrafficControl
 from ..daemon.supervisor import Supervisor
 from .connection import CLIENT_GONE, ClientConnection, Request
-from .errors import http_status
+from .errors import MAX_JSON_DEPTH, check_shape, http_status, too_deep
 from .keys import EVERY_MODEL, ApiKeys, KeyAccess, allows
 from .proxy import UpstreamPool
 
@@ -51,8 +51,12 @@ def parse_body(body: bytes) -> tuple[str, bool, dict]:
         data = json_loads(body)
     except ValueError as exc:
         raise InvalidRequest(None, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # the standard library's parser (orjson stops at 1024 levels with a ValueError)
+        raise too_deep(None) from None
     if not isinstance(data, dict):
         raise InvalidRequest(None, f"the body must be a JSON object, not {type(data).__name__}")
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:  # counted in C: most bodies cannot nest that deep
+        check_shape(data)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model", "required: the name of a configured model (GET /v1/models lists them)")
