@@ -328,11 +328,8 @@ async def test_generated_bodies_never_get_a_5xx_from_the_router(front, caplog, b
 
 
 # -- the built-in torch engine, alone and behind the router -------------------------------------
-# The engine's own validation is the torch branch's work (issue 23 item 2, engines/torch_server.py):
-# until it is merged the cases it does not yet refuse are marked xfail(strict), so the merge that
-# fixes them must also remove the mark (TORCH_PENDING below).
+# The engine validates its own bodies (engines/torch_requests.py).
 
-TORCH_PENDING = pytest.mark.xfail(strict=True, reason="torch branch not merged")
 CHAT = {"model": "qa", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 ENGINE_CASES = {
     "stop 5": {**CHAT, "stop": 5},
@@ -355,9 +352,6 @@ ENGINE_CASES = {
     "temperature a list": {**CHAT, "temperature": [1]},
     "n 2**70": {**CHAT, "n": 2 ** 70},
 }
-PENDING = {(name, target) for target in ("engine", "router")
-           for name in ("stop 5", "stop true", "seed 2**70", "seed 2**70 stream", "seed -2**70 stream")}
-PENDING.add(("message nested 500 deep", "engine"))  # the router refuses it itself (deeper than 128 levels)
 
 
 @pytest.fixture(scope="module")
@@ -405,15 +399,12 @@ def assert_no_5xx_and_one_line(torch_lessord, target: str, path: str, body: byte
     assert all(n <= 1 for n in grown), f"{what} to the {target}: the logs grew by {grown} lines"
 
 
-@pytest.mark.parametrize("case,target", [
-    pytest.param(name, target, marks=TORCH_PENDING if (name, target) in PENDING else ())
-    for name in ENGINE_CASES for target in ("engine", "router")])
+@pytest.mark.parametrize("case,target", [(name, target) for name in ENGINE_CASES for target in ("engine", "router")])
 def test_the_torch_engine_answers_client_mistakes_with_a_4xx(torch_lessord, case, target):
     body = json.dumps(ENGINE_CASES[case]).encode()
     assert_no_5xx_and_one_line(torch_lessord, target, "/v1/chat/completions", body, case)
 
 
-@TORCH_PENDING
 @given(body=openai_bodies(models=("qa",)), target=st.sampled_from(["engine", "router"]),
        path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]))
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
