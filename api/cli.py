@@ -33,7 +33,8 @@ def _colour() -> bool:
 
 
 def _width() -> int:
-    return shutil.get_terminal_size((100, 24)).columns
+    """The terminal's columns; 0 (no limit) when stdout is a pipe or a file, which get every word."""
+    return shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 0
 
 
 def version() -> str:

@@ -38,7 +38,9 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _listen(value: str) -> str:
+def _listen(value: object) -> str:
+    if not isinstance(value, str):  # a BeforeValidator sees the raw YAML value: null, a number, a list
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8470)")
     parse_listen(value)
     return value
 
