@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -26,6 +27,8 @@ CONTROLLER = web.AppKey("controller", Controller)
 TOKEN = web.AppKey("token", str)
 READY = web.AppKey("ready", asyncio.Event)
 METRICS = web.AppKey("metrics", Metrics)
+
+LINES = re.compile(r"[0-9]{1,5}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -82,8 +85,9 @@ async def post_model(request: web.Request) -> web.Response:
 
 async def get_model_log(request: web.Request) -> web.Response:
     raw = request.query.get("lines", "200")
-    if not raw.isdigit() or not 1 <= int(raw) <= 10000:
-        raise InvalidRequest("lines", f"must be an integer from 1 to 10000; got {raw!r}")
+    if not LINES.fullmatch(raw) or not 1 <= int(raw) <= 10000:  # not isdigit(): it takes '²', which int() refuses
+        shown = raw if len(raw) <= 20 else f"{raw[:20]}... ({len(raw)} characters)"
+        raise InvalidRequest("lines", f"must be an integer from 1 to 10000 in ASCII digits; got {shown!r}")
     return web.Response(text=ctl(request).log_tail(request.match_info["name"], int(raw)),
                         content_type="text/plain")
 
@@ -182,7 +186,8 @@ ROUTES: list[Route] = [
     Route("GET", "/dashboard.js", dashboard.get_script, "The dashboard's script", content_type="text/javascript"),
     Route("GET", "/dashboard.css", dashboard.get_style, "The dashboard's style sheet", content_type="text/css"),
     Route("GET", "/healthz", healthz, "Liveness"),
-    Route("GET", "/readyz", readyz, "Readiness: ledger open, probe working, pinned models loaded"),
+    Route("GET", "/readyz", readyz,
+          "Readiness: ledger open, probe working, the previous lessord's engines adopted or stopped, pinned models loaded"),
     Route("GET", "/metrics", metrics, "Prometheus metrics", content_type="text/plain"),
     Route("GET", "/openapi.json", openapi, "This document"),
 ]

@@ -38,6 +38,9 @@ def resolve_token(token_path: Path, create: bool) -> str | None:
 
 def check_bearer(request: web.Request, token: str) -> None:
     header = request.headers.get("Authorization", "")
+    if not header.isascii():  # aiohttp hands on undecodable bytes as surrogates, which no token holds
+        raise Unauthorized("the Authorization header is not ASCII text; send 'Authorization: Bearer <token>' "
+                           "with the token as the admin token file or LESSOR_ADMIN_TOKEN holds it")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise Unauthorized("this call needs 'Authorization: Bearer <token>' (the admin token file or LESSOR_ADMIN_TOKEN)")

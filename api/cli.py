@@ -33,7 +33,8 @@ def _colour() -> bool:
 
 
 def _width() -> int:
-    return shutil.get_terminal_size((100, 24)).columns
+    """The terminal's columns; 0 (no limit) when stdout is a pipe or a file, which get every word."""
+    return shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 0
 
 
 def version() -> str:
@@ -120,9 +121,16 @@ def cmd_fingerprints(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.file)
-    print(f"{args.file}: OK ({len(config.models)} model(s), policy {config.policy.name})")
-    return 0
+    from ..daemon.checks import check
+
+    config = load_config(args.file)  # a schema problem is a ConfigError: main() lists them all
+    report = check(config)
+    for finding in report.findings:
+        print(f"{args.file}: {finding}", file=sys.stderr if finding.error else sys.stdout)
+    verdict = f"{report.errors} error(s)" if report.errors else "OK"
+    print(f"{args.file}: {verdict} ({len(config.models)} model(s), policy {config.policy.name}; checked against "
+          f"{report.devices})")
+    return 1 if report.errors else 0
 
 
 def cmd_load(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ here (the terminal's width and whether to colour are arguments), so each is test
 
 from __future__ import annotations
 
+import textwrap
 import time
 from typing import Any
 
@@ -106,8 +107,12 @@ def render_status(status: dict[str, Any], colour: bool = False, width: int = 100
     return "\n".join(lines) + "\n" + render_models(status["models"], width)
 
 
+ERROR_LINES = 4
+
+
 def render_models(models: list[dict[str, Any]], width: int = 100) -> str:
-    """The table; a failed model's reason on its own line, cut to the terminal's width."""
+    """The table; a failed model's reason under it, wrapped to the terminal's width (at most
+    ERROR_LINES lines there); whole when the width is 0 (not a terminal: a pipe or a log gets it all)."""
     lines = [f"{'MODEL':<24}{'STATE':<11}{'ENGINE':<14}{'PRIO':>5}  {'PINNED':<7}{'IDLE':>7}{'INFL':>6}{'PID':>9}"]
     cut = False
     for m in models:
@@ -115,11 +120,12 @@ def render_models(models: list[dict[str, Any]], width: int = 100) -> str:
         lines.append(f"{m['name']:<24}{m['state']:<11}{m['engine']:<14}{m['priority']:>5}  "
                      f"{'yes' if m['pinned'] else 'no':<7}{duration(m.get('idle_s')):>7}{m.get('in_flight', 0):>6}{pid:>9}")
         if m.get("error"):
-            line = f"  error: {' '.join(m['error'].split())}"
-            cut = cut or len(line) > width
-            lines.append(clip(line, width))
+            text = f"error: {' '.join(m['error'].split())}"
+            wrapped = textwrap.wrap(text, max(width - 2, 20)) if width > 0 else [text]
+            cut = cut or len(wrapped) > ERROR_LINES
+            lines += ["  " + line for line in wrapped[:ERROR_LINES]]
     if cut:
-        lines.append("(errors cut to the terminal's width: `lessor models --json` has them whole)")
+        lines.append(f"(errors cut to {ERROR_LINES} lines: `lessor models --json` has them whole)")
     return "\n".join(lines)
 
 

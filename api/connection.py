@@ -306,9 +306,13 @@ class Exchange:
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.chunked = False
         self.status = 0
+        self.withheld = False  # an engine's 5xx: its body stays in its log, the client gets engine_error()
 
     def upstream_head(self, status: int, content_type: bytes, length: int | None) -> None:
         self.status = status
+        if status >= 500:
+            self.withheld = True
+            return
         self.chunked = length is None
         framing = b"Transfer-Encoding: chunked\r\n" if self.chunked else b"Content-Length: %d\r\n" % length
         stream = b"Cache-Control: no-cache\r\n" if content_type.startswith(b"text/event-stream") else b""
@@ -317,13 +321,17 @@ class Exchange:
                                        b"" if self.keep_alive else b"Connection: close\r\n"))
 
     def upstream_body(self, data: bytes) -> None:
+        if self.withheld:
+            return
         if self.chunked:
             self.client.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
             self.client.transport.write(data)
 
     def upstream_end(self) -> None:
-        if self.chunked:
+        if self.withheld:
+            self.client.respond(self.status, engine_error(self.model, self.status), self.keep_alive)
+        elif self.chunked:
             self.client.transport.write(b"0\r\n\r\n")
         if not self.done.done():
             self.done.set_result(self.status)
@@ -331,7 +339,8 @@ class Exchange:
     def upstream_lost(self, reason: str) -> None:
         if self.done.done():
             return
-        if self.status:  # the head is sent: end the stream short (no final chunk) so the client sees it
+        # The head is sent: end the stream short (no final chunk) so the client sees it.
+        if self.status and not self.withheld:
             log.warning("router: the engine of %s broke an answer: %s", self.model, reason)
             self.client.close()
             self.done.set_result(502)
@@ -342,3 +351,12 @@ class Exchange:
         self.upstream.close()
         if not self.done.done():
             self.done.set_result(CLIENT_GONE)
+
+
+def engine_error(model: str, status: int) -> bytes:
+    """What a client is told of an engine's own failure. Not the engine's body: an engine may put a
+    traceback or the server's paths in it, which are the operator's (the engine log keeps them)."""
+    return json.dumps({"error": {"message": f"model '{model}': its engine failed ({status} "
+                                            f"{REASONS.get(status, b'').decode()}); its log says why "
+                                            f"(lessor logs {model})",
+                                 "type": "server_error", "param": None, "code": "engine_error"}}).encode()

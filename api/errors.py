@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from ..daemon.config import loc_path
 from ..daemon.errors import (BodyTooLarge, ConfigError, EngineUnavailable, Forbidden, HeadTooLarge, InvalidApiKey,
-                             InvalidRequest,
-                             InvariantBroken, LedgerUnavailable, LessorError, LoadFailed, MalformedRequest, ModelFailed,
-                             MethodNotAllowed, ModelBusy, NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected,
-                             QueueFull, RequestTimedOut, Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel,
-                             UpstreamFailed, UrlTooLong, WaitTimedOut)
+                             InvalidRequest, InvariantBroken, LedgerUnavailable, LessorError, LoadFailed,
+                             MalformedRequest, MethodNotAllowed, ModelAdopting, ModelBusy, ModelFailed, ModelTooLarge,
+                             NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected, QueueFull, RequestTimedOut,
+                             Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel, UpstreamFailed, UrlTooLong,
+                             WaitTimedOut)
 
 log = logging.getLogger("lessor.api")
 
@@ -56,6 +57,10 @@ ERRORS: dict[type[LessorError], HttpMapping] = {
     UrlTooLong: HttpMapping(414, INVALID),
     HeadTooLarge: HttpMapping(431, INVALID),
     PlanRejected: HttpMapping(422, INVALID),
+    # A model that can never fit the box: no wait helps, so never a status a client retries (the
+    # openai client retries 408, 409, 429 and every 5xx; a 503 with Retry-After here made it retry
+    # for good). 422 like PlanRejected: the request is well formed, the model cannot be served.
+    ModelTooLarge: HttpMapping(422, INVALID),
     QueueFull: HttpMapping(429, "rate_limit_error"),
     InvariantBroken: HttpMapping(500, SERVER),
     EngineUnavailable: HttpMapping(501, SERVER),
@@ -63,6 +68,7 @@ ERRORS: dict[type[LessorError], HttpMapping] = {
     UpstreamFailed: HttpMapping(502, SERVER),
     NotEnoughMemory: HttpMapping(503, SERVER),
     ModelFailed: HttpMapping(503, SERVER),
+    ModelAdopting: HttpMapping(503, SERVER),
     WaitTimedOut: HttpMapping(503, SERVER),
     LedgerUnavailable: HttpMapping(503, SERVER),
 }
@@ -145,8 +151,88 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return error_response(InvariantBroken("internal error; see the daemon's log"))
 
 
-async def read_json(request: web.Request) -> object:
+# No lessor or OpenAI body nests near this; past it the encoders and parsers lessor uses recurse
+# (orjson's encoder stops at 254 levels, the standard library's parser at the recursion limit).
+MAX_JSON_DEPTH = 128
+# Every number lessor keeps is a signed 64-bit integer (the ledger's columns); and converting a
+# long digit string costs time quadratic in its length, so it is refused before it is converted.
+MAX_INT = (1 << 63) - 1
+_MAX_INT_DIGITS = len(str(MAX_INT))
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A number the parser met and would not take: the walk names its field with the reason."""
+
+    reason: str
+
+
+def _bounded_int(text: str) -> int | _Refused:
+    digits = len(text.lstrip("-"))
+    value = int(text) if digits <= _MAX_INT_DIGITS else None
+    if value is None or not -MAX_INT - 1 <= value <= MAX_INT:
+        return _Refused(f"an integer of {digits} digits; lessor takes integers that fit 64 bits (-2**63 to 2**63-1)")
+    return value
+
+
+def _bounded_float(text: str) -> float | _Refused:
+    value = float(text)
+    if math.isinf(value):
+        return _Refused(f"{text[:20]}{'...' if len(text) > 20 else ''} is beyond a 64-bit float's range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise InvalidRequest(None, f"the body is not valid JSON: {name} is not a JSON number; send a finite number")
+
+
+def check_shape(data: object) -> None:
+    """Refuse, naming the field, a body that nests deeper than MAX_JSON_DEPTH, holds a number
+    that does not fit 64 bits, or text that is not Unicode (a lone surrogate such as \\ud800).
+    Iterative, so no nesting can make it recurse."""
+    stack: list[tuple[object, tuple, int]] = [(data, (), 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, _Refused):
+            raise InvalidRequest(loc_path(path) or None, value.reason)
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise too_deep(loc_path(path[:1]) or None)
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key, path)
+                stack.append((item, path + (key,), depth + 1))
+
+
+def too_deep(field: str | None) -> InvalidRequest:
+    return InvalidRequest(field, f"{'nests' if field else 'the body nests'} deeper than {MAX_JSON_DEPTH} levels, "
+                          "the most lessor reads; flatten it")
+
+
+def _check_text(text: str, path: tuple) -> None:
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(loc_path(path) or None, f"holds {text[exc.start]!r}, a lone surrogate, which is "
+                                 "not Unicode text; send the character itself or its surrogate pair") from None
+
+
+def loads_checked(body: bytes) -> object:
+    """A body parsed as JSON within lessor's bounds (check_shape), or InvalidRequest saying why not."""
     try:
-        return json.loads(await request.read() or b"{}")
+        data = json.loads(body, parse_int=_bounded_int, parse_float=_bounded_float,
+                          parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(None, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser recursed past the interpreter's limit: far deeper than allowed
+        raise too_deep(None) from None
+    check_shape(data)
+    return data
+
+
+async def read_json(request: web.Request) -> object:
+    return loads_checked(await request.read() or b"{}")

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from dataclasses import replace
 
 import httptools
 
 from ..daemon.config import RouterConfig
-from ..daemon.errors import (Forbidden, InvalidRequest, LessorError, MethodNotAllowed, NoRoute, UnknownModel,
-                             UpstreamFailed)
+from ..daemon.errors import (Forbidden, InvalidRequest, LessorError, LoadFailed, MethodNotAllowed, ModelFailed, NoRoute,
+                             UnknownModel, UpstreamFailed)
 from ..daemon.lanes import Lane
 from ..daemon.traffic import TrafficControl
 from ..daemon.supervisor import Supervisor
 from .connection import CLIENT_GONE, ClientConnection, Request
-from .errors import http_status
+from .errors import MAX_JSON_DEPTH, check_shape, http_status, too_deep
 from .keys import EVERY_MODEL, ApiKeys, KeyAccess, allows
 from .proxy import UpstreamPool
 
@@ -50,8 +51,12 @@ def parse_body(body: bytes) -> tuple[str, bool, dict]:
         data = json_loads(body)
     except ValueError as exc:
         raise InvalidRequest(None, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # the standard library's parser (orjson stops at 1024 levels with a ValueError)
+        raise too_deep(None) from None
     if not isinstance(data, dict):
         raise InvalidRequest(None, f"the body must be a JSON object, not {type(data).__name__}")
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:  # counted in C: most bodies cannot nest that deep
+        check_shape(data)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model", "required: the name of a configured model (GET /v1/models lists them)")
@@ -62,6 +67,21 @@ def renamed(data: dict, name: str) -> bytes:
     """The body with `model` set to the model's name: for an alias, to an engine that serves under one name."""
     data["model"] = name
     return json_dumps(data)
+
+
+# Where engines/process.py's last_lines() appends an engine's last log lines to an exit's reason.
+LOG_LINES = "; last log lines: "
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[^\s;,:'\"()|]+")
+
+
+def for_client(exc: LessorError) -> LessorError:
+    """The error as a router client is told it. A failed load's reason quotes its engine's log
+    (tracebacks, the server's paths): the client gets the reason without them, and where the
+    operator reads the rest (the engine log; the admin API keeps the whole reason)."""
+    if isinstance(exc, (LoadFailed, ModelFailed)):
+        reason = ABSOLUTE_PATH.sub("<path>", exc.reason.split(LOG_LINES, 1)[0])
+        return replace(exc, reason=f"{reason}; its engine's log says why (lessor logs {exc.model})")
+    return exc
 
 
 class FrontDoor:
@@ -144,7 +164,7 @@ class FrontDoor:
             base_url = router.try_start(lane) or await router.wait_turn(lane)
         except LessorError as exc:
             router.count(lane.name, http_status(exc))
-            raise
+            raise for_client(exc) from None
         status = CLIENT_GONE
         try:
             status = await self._forward(conn, lane, base_url, request)

@@ -134,6 +134,8 @@ class PlanOut(Out):
     one_phase: bool = Field(description="the engine allocates its KV cache while it loads: every lease at once")
     peak_bytes: dict[str, int] = Field(description="per device: max(weights + load peak, steady leases)")
     fingerprint: FingerprintUse | None = Field(default=None, description="the measurement the plan used, and those it did not")
+    loaded: bool | None = Field(default=None, description="present (true) when the model is loaded: planned as for its reload, its own leases counted free")
+    current: list[dict[str, Any]] | None = Field(default=None, description="with loaded: the leases it holds now (device, kind, bytes)")
 
 
 class DeviceMeasurementOut(Out):

@@ -43,22 +43,24 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
-        controller = await stack.enter_async_context(runtime(config, force_sim))
+        controller = await stack.enter_async_context(runtime(config, force_sim, settle_in_background=True))
         controller.config_source = config_source(source) if source else None
         await stack.enter_async_context(publishing(controller))
         stack.push_async_callback(controller.supervisor.close)  # engines stop before MQTT says offline
+        stack.push_async_callback(_cancel, [controller.reconciler.settling])  # adoptions end before that
         ready = asyncio.Event()
         await _serve_admin(stack, controller, token, ready)
         router = await _serve_router(stack, controller, config)
-        await _load_pinned(controller, config)
-        ready.set()
-        stack.push_async_callback(_stop_all, _background(controller, router, notifier), router)
+        # Served from here on, while the previous lessord's engines are adopted; ready once they are.
+        starting = asyncio.ensure_future(_come_up(controller, config, ready, notifier))
+        starting.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
+        stack.push_async_callback(_stop_all, [starting, *_background(controller, router, notifier)], router)
         if reload_config is not None:
             reloads: set[asyncio.Task] = set()
             loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(reloads, reload(controller, reload_config, notifier)))
-        notifier.ready(f"{len(config.models)} model(s), probe {controller.probe.name}")
-        _say_where(controller, config)
         await stop.wait()
+        if starting.done() and not starting.cancelled() and starting.exception():
+            raise starting.exception()  # the start's settling failed: lessord stops, as if it had not started
         notifier.stopping()
         log.info("lessord stopping: draining, stopping engines, closing the ledger")
 
@@ -81,6 +83,16 @@ async def _serve_router(stack: AsyncExitStack, controller: Controller, config: L
         server = await start_router(router, controller.supervisor, config.router, host, port)
     stack.push_async_callback(server.close)
     return router
+
+
+async def _come_up(controller: Controller, config: LessorConfig, ready: asyncio.Event, notifier: Notifier) -> None:
+    """After the start's settling (every engine of the previous lessord adopted or stopped), pinned
+    models load (one whose engine was stopped loads again); then /readyz and systemd say ready."""
+    await controller.reconciler.settled()
+    await _load_pinned(controller, config)
+    ready.set()
+    notifier.ready(f"{len(config.models)} model(s), probe {controller.probe.name}")
+    _say_where(controller, config)
 
 
 async def _load_pinned(controller: Controller, config: LessorConfig) -> None:
@@ -106,10 +118,15 @@ def _background(controller: Controller, router: TrafficControl, notifier: Notifi
 async def _stop_all(tasks: list[asyncio.Future], router: TrafficControl) -> None:
     """Background loops and on-demand loads end (awaited, not only cancelled: one may be midway
     through an unload) before the supervisor stops the engines that are left."""
+    await _cancel(tasks)
+    await router.close()
+
+
+async def _cancel(tasks: list[asyncio.Future | None]) -> None:
+    tasks = [task for task in tasks if task is not None]
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await router.close()
 
 
 def _say_where(controller: Controller, config: LessorConfig) -> None:

@@ -1,15 +1,23 @@
-"""What an admission answers when the load cannot go now but will: `MustWait`, the ModelsBusy it
-carries (what is short, and which busy models the load waits for), and what evicting models
-would free. Pure: built from a policy snapshot, read by the supervisor and the router's lanes."""
+"""What an admission answers when the load cannot go now: `MustWait`, the ModelsBusy it carries
+(what is short, and which busy models the load waits for), `refused` (the policy rejected it:
+NotEnoughMemory), `never_fits` (no eviction or wait could ever make room: ModelTooLarge), and
+what evicting models would free. Pure: built from a policy snapshot, read by the supervisor and
+the router's lanes."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-from ..policies import AdmissionRequest, Snapshot, shortfall
-from .errors import ModelsBusy
+from typing import Mapping
+
+from ..policies import AdmissionRequest, DeviceBudget, Rejected, Snapshot, shortfall
+from .config import ModelSpec
+from .errors import ModelTooLarge, ModelsBusy, NotEnoughMemory
+from .ledger import LeaseKind
 from .loading import worst_shortfall
+from .planner import NEVER_FITS_FIX, Measured, ceiling, plan
+from .units import format_bytes
 
 
 @dataclass(frozen=True)
@@ -25,7 +33,7 @@ class MustWait:
 
     def after(self, earlier: str) -> "MustWait":
         """The same wait, its reason led by what the earlier attempts of the load said."""
-        return MustWait(dataclasses.replace(self.error, reason=f"{earlier}; then: {self.error.reason}"))
+        return MustWait(dataclasses.replace(self.error, hint=f"{earlier}; then: {self.error.hint}"))
 
 
 def must_wait(request: AdmissionRequest, snapshot: Snapshot, reason: str, blockers: tuple[str, ...]) -> MustWait:
@@ -41,3 +49,68 @@ def freed_by(snapshot: Snapshot, victims: tuple[str, ...]) -> dict[str, int]:
         for device, b in snapshot.models[name].held_bytes.items():
             freed[device] = freed.get(device, 0) + b
     return freed
+
+
+def shortest(budgets: Mapping[str, DeviceBudget], need_bytes: Mapping[str, int]) -> tuple[str, int, int]:
+    """(device, bytes needed there, bytes free there) where need − free is largest: the numbers
+    of one device, from one snapshot (free may be negative; the error's message never shows it so)."""
+    def free(device: str) -> int:
+        return budgets[device].free_bytes if device in budgets else 0
+    device = max(need_bytes, key=lambda d: (need_bytes[d] - free(d), d)) if need_bytes else "devices"
+    return device, need_bytes.get(device, 0), free(device)
+
+
+def refused(request: AdmissionRequest, snapshot: Snapshot, decision: Rejected, policy: str) -> NotEnoughMemory:
+    """Policy `policy` rejected an explicit load: what it needs and what is free on its shortest
+    device, and, once, what evicting would have freed there and what to change."""
+    device, wanted, free = shortest(snapshot.devices, request.need_bytes)
+    holders = sorted(m.name for m in snapshot.models.values()
+                     if m.name != request.model and m.held_bytes.get(device, 0))
+    if decision.victims:
+        why = (f"evicting {', '.join(decision.victims)} (every model policy '{policy}' may evict) would free only "
+               f"{format_bytes(decision.freed_bytes.get(device, 0))} there")
+    elif not holders:
+        why = "no other model holds memory there"
+    elif policy == "fit":
+        why = f"policy 'fit' never evicts ({', '.join(holders)} hold memory there)"
+    else:
+        why = (f"policy '{policy}' may evict none of the models holding it ({', '.join(holders)}: pinned, or of "
+               "higher priority)")
+    return NotEnoughMemory(request.model, device, wanted, free,
+                           f"{why}; free memory on {device} or give this model a smaller KV cache (plan.max_kv_tokens)")
+
+
+def as_reload(snapshot: Snapshot, model: str) -> Snapshot:
+    """The snapshot with `model`'s own leases counted as free (a plan of a loaded model is a plan
+    of its reload: what it holds now would be its own again)."""
+    view = snapshot.models.get(model)
+    held = dict(view.held_bytes) if view else {}
+    if not held:
+        return snapshot
+    devices = {d: dataclasses.replace(b, leased_bytes=b.leased_bytes - held.get(d, 0))
+               for d, b in snapshot.devices.items()}
+    models = {**snapshot.models, model: dataclasses.replace(view, held_bytes={})}
+    return Snapshot(devices, models, snapshot.now_s)
+
+
+def never_fits(spec: ModelSpec, budgets: Mapping[str, DeviceBudget],
+               measured: Measured | None = None) -> ModelTooLarge | None:
+    """ModelTooLarge where the model needs more on a device than lessor could ever lease there
+    (capacity − headroom: every other model evicted, no other process); None where it could fit."""
+    top = ceiling(budgets)
+    alone = plan(spec, top, measured=measured)
+    over = {d: need - top[d].leasable_bytes for d, need in alone.peak_need().items()
+            if d in top and need > top[d].leasable_bytes}
+    if not over:
+        return None
+    device = max(over, key=lambda d: (over[d], d))
+    budget = top[device]
+    loads = [w for w in alone.load_leases if w.device == device]
+    weights = sum(w.bytes for w in loads)
+    if weights > budget.leasable_bytes or not alone.reasons:
+        what = "weights and load peak" if any(w.kind == LeaseKind.LOAD_PEAK and w.bytes for w in loads) else "weights"
+        hint = f"its {what} alone need {format_bytes(weights)}: {NEVER_FITS_FIX}"
+    else:  # the weights fit: its KV cache (or workspace) does not beside them, even alone
+        hint = "its KV cache does not fit beside the weights even alone: " + "; ".join(alone.reasons)
+    return ModelTooLarge(spec.name, device, alone.peak_need()[device], budget.leasable_bytes, hint,
+                         capacity_bytes=budget.capacity_bytes, headroom_bytes=budget.headroom_bytes)

@@ -38,8 +38,8 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _listen(value: str) -> str:
-    if not isinstance(value, str):  # parse_listen's caller gave a str; a config file may not
+def _listen(value: object) -> str:
+    if not isinstance(value, str):  # a BeforeValidator sees the raw YAML value: null, a number, a list
         raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8470)")
     parse_listen(value)
     return value
@@ -341,6 +341,7 @@ class TimeoutsConfig(Strict):
     ready: Duration = Field(default=120.0, gt=0, description="Longest an engine may take from its KV grant (or, one-phase, from start) to answer its health check.")
     stop_grace: Duration = Field(default=15.0, ge=0, le=3600, description="After SIGTERM, how long an engine may take to exit before its process group gets SIGKILL.")
     adopt_s: Duration = Field(default=30.0, gt=0, le=3600, description="After a restart, how long an engine that still runs may take to answer its health check before it is stopped instead of adopted.")
+    adopt_stopped_s: Duration = Field(default=10.0, ge=0, le=3600, description="After a restart, how long an engine found stopped (SIGSTOP, a debugger) may take to resume before it is killed (SIGKILL: a stopped process does not act on SIGTERM) and its leases released; a pinned model is loaded again. The other models are served meanwhile.")
     stray_grace_s: Duration = Field(default=5.0, ge=0, le=3600, description="After a restart, how long an engine found running but never recorded may take to exit after SIGTERM before SIGKILL.")
     unload_verify_s: Duration = Field(default=10.0, ge=0, le=3600, description="After an engine stops, how long its devices' usage may take to fall by its leases; past it an event and a metric say the memory lingers (it counts as foreign until it is gone).")
 

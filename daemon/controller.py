@@ -124,7 +124,15 @@ class Controller:
         return "".join(line + "\n" for line in tail(path, lines))
 
     def plan(self, name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return self.supervisor.dry_run(name, overrides).to_dict()
+        """The dry run. A model that is loaded (it holds leases, or is loading) is planned as for its
+        reload, its own leases counted free, and the plan says so: `loaded`, and `current`, its leases."""
+        record = self.supervisor.resolve(name)
+        result = self.supervisor.dry_run(name, overrides).to_dict()
+        current = [{"device": lease.device, "kind": lease.kind.value, "bytes": lease.bytes}
+                   for lease in self.ledger.leases() if lease.model == record.spec.name]
+        if current or record.state in (ModelState.READY, ModelState.LOADING):
+            result.update(loaded=True, current=current)
+        return result
 
     async def load(self, name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return self._model_dict(await self.supervisor.load(name, overrides))

@@ -128,6 +128,20 @@ class ModelBusy(LessorError):
 
 
 @dataclass
+class ModelAdopting(LessorError):
+    """lessord just started and is still taking over the model's running engine from the previous
+    lessord (its adoption check, bounded by timeouts.adopt_s and timeouts.adopt_stopped_s)."""
+
+    model: str
+    retry_after_s: float = 5.0
+    type = "model_adopting"
+
+    def message(self) -> str:
+        return (f"model '{self.model}' is not served yet: lessord just restarted and is still checking the engine "
+                f"the previous lessord left running (adoption); retry after {self.retry_after_s:g} s")
+
+
+@dataclass
 class ModelFailed(LessorError):
     """lessor gave up on the model after its crashes: requests do not load it again."""
 
@@ -142,18 +156,41 @@ class ModelFailed(LessorError):
 
 @dataclass
 class NotEnoughMemory(LessorError):
+    """`wanted_bytes` on `device` (the device it is shortest on), where `free_bytes` are free: negative
+    when foreign usage grew past the leases (the message never shows a negative figure)."""
+
     model: str
     device: str
     wanted_bytes: int
     free_bytes: int
-    hint: str = ""
+    hint: str = ""  # what to change (or why nothing was evicted): said once, after the numbers
     retry_after_s: float = 10.0
     type = "not_enough_memory"
 
     def message(self) -> str:
-        short = self.wanted_bytes - self.free_bytes
-        text = (f"model '{self.model}' needs {format_bytes(self.wanted_bytes)} on {self.device}, "
-                f"{format_bytes(self.free_bytes)} is free (short by {format_bytes(short)})")
+        wanted = max(self.wanted_bytes, 0)
+        free = (f"{format_bytes(self.free_bytes)} is free" if self.free_bytes >= 0 else
+                f"none is free ({format_bytes(-self.free_bytes)} over its budget)")
+        text = (f"model '{self.model}' needs {format_bytes(wanted)} on {self.device}, {free}: short by "
+                f"{format_bytes(max(wanted - self.free_bytes, 0))}")
+        return f"{text}; {self.hint}" if self.hint else text
+
+
+@dataclass
+class ModelTooLarge(NotEnoughMemory):
+    """It can never fit this box: on `device` it needs more than lessor could ever lease there
+    (`free_bytes` here: capacity − headroom, with every other model evicted and no other process).
+    Waiting or retrying never helps, so it is not answered as a 503 (api/errors.py)."""
+
+    capacity_bytes: int = 0
+    headroom_bytes: int = 0
+    type = "model_too_large"
+
+    def message(self) -> str:
+        text = (f"model '{self.model}' can never fit on {self.device}: it needs {format_bytes(max(self.wanted_bytes, 0))} "
+                f"there, at most {format_bytes(max(self.free_bytes, 0))} can ever be leased "
+                f"({format_bytes(self.capacity_bytes)} capacity − {format_bytes(self.headroom_bytes)} headroom, "
+                "with every other model evicted and no other process)")
         return f"{text}; {self.hint}" if self.hint else text
 
 

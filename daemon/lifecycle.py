@@ -24,6 +24,9 @@ class ModelState(str, Enum):
     READY = "ready"
     UNLOADING = "unloading"
     FAILED = "failed"
+    # After a restart, while the previous lessord's engine is checked: served 503 with Retry-After,
+    # never loaded a second time meanwhile; it ends ready (adopted) or unloaded (stopped, gone).
+    ADOPTING = "adopting"
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Timeouts:
     ready_s: float = 120.0
     stop_grace_s: float = 15.0
     adopt_s: float = 30.0  # an adopted engine must answer its health check within this
+    adopt_stopped_s: float = 10.0  # an engine found stopped (SIGSTOP) at adoption may resume within this
     stray_grace_s: float = 5.0  # SIGTERM to SIGKILL for engines found running but never recorded
     unload_verify_s: float = 10.0  # a stopped engine's memory must be back within this
 

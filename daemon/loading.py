@@ -245,7 +245,8 @@ def _why(exc: Exception) -> str:
 
 def shortfall_error(model: str, refused: Rejected, budgets: Mapping[str, DeviceBudget]) -> NotEnoughMemory:
     device, wanted, free = worst_shortfall(budgets, refused.short_bytes)
-    return NotEnoughMemory(model, device, wanted, free, refused.reason)
+    return NotEnoughMemory(model, device, wanted, free, "the memory went elsewhere between the admission and the grant "
+                           "(foreign usage grew, or another model took it); retry")
 
 
 def worst_shortfall(budgets: Mapping[str, DeviceBudget], short_bytes: Mapping[str, int]) -> tuple[str, int, int]:

@@ -7,8 +7,8 @@ and says why nothing fits when nothing does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
 
 from pydantic import ValidationError
 
@@ -39,6 +39,7 @@ class Plan:
     placement: tuple[str, ...] = ()
     one_phase: bool = False  # the engine allocates its KV cache while loading: all leases at once
     fingerprint: Mapping[str, Any] | None = field(default=None, compare=False)  # the measurement it used or showed
+    kv_hint: "KvHint | None" = field(default=None, compare=False)  # a configured KV size refused: what to give it
 
     @property
     def memory(self) -> list[dict]:
@@ -66,6 +67,16 @@ class Plan:
                 "reasons": list(self.reasons), "evictions": list(self.evictions), "warnings": list(self.warnings),
                 "estimated": list(self.estimated), "one_phase": self.one_phase, "memory": self.memory,
                 "fingerprint": dict(self.fingerprint) if self.fingerprint else None}
+
+
+@dataclass(frozen=True)
+class KvHint:
+    """The configured KV size was refused: the value of the engine's KV argument that the arithmetic
+    says fits (None: none does), and how the reason reads with the value once a plan confirmed it."""
+
+    reason: int  # its index in the plan's reasons
+    value: int | None
+    say: Callable[[int | None], str]
 
 
 def _sum(wants, exclude: LeaseKind | None = None) -> dict[str, int]:
@@ -129,11 +140,46 @@ def plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mappi
     with max(predicted, measured) per figure where a fingerprint of this key is `measured`.
     A batch chosen larger than the memory model assumed is planned once more with it (the second
     batch is no larger: more workspace leaves fewer tokens). An engine that sizes part of its
-    weights from the room (ktransformers' GPU experts) sizes them first, beside the minimum KV cache."""
-    spec, result = _fitted(spec, budgets, extra_free or {}, measured)
-    result = result or _plan(spec, budgets, extra_free, measured)
-    wider = _wider(spec, result)
-    return _plan(wider, budgets, extra_free, measured) if wider else result
+    weights from the room (ktransformers' GPU experts) sizes them first, beside the minimum KV cache.
+    A configured KV size that does not fit is answered with one that does, planned to be sure."""
+    def planned(spec: ModelSpec) -> Plan:
+        fitted, result = _fitted(spec, budgets, extra_free or {}, measured)
+        result = result or _plan(fitted, budgets, extra_free, measured)
+        wider = _wider(fitted, result)
+        return _plan(wider, budgets, extra_free, measured) if wider else result
+    return _hinted(spec, planned(spec), planned)
+
+
+def ceiling(budgets: Mapping[str, DeviceBudget]) -> dict[str, DeviceBudget]:
+    """The most each device could ever give: capacity − headroom, with no other process and no lease."""
+    return {d: replace(b, foreign_bytes=0, leased_bytes=0) for d, b in budgets.items()}
+
+
+def _hinted(spec: ModelSpec, result: Plan, replan: Callable[[ModelSpec], Plan]) -> Plan:
+    """The plan with its KV hint confirmed: the value the arithmetic offered, planned again, and
+    the next value that plan offers where it still did not fit (a few rounds); none if none fits."""
+    hint = result.kv_hint
+    if hint is None:
+        return result
+    value = hint.value
+    for _ in range(8):
+        if not value or value <= 0:
+            value = None
+            break
+        try:
+            tried = replan(with_overrides(spec, {spec.engine.kv_param: value}))
+        except PlanRejected:  # an engine rule refuses the value: no hint rather than a wrong one
+            value = None
+            break
+        if tried.fits:
+            break
+        offered = tried.kv_hint.value if tried.kv_hint else None
+        value = offered if offered is not None and offered < value else None
+    else:
+        value = None
+    reasons = list(result.reasons)
+    reasons[hint.reason] = hint.say(value)
+    return replace(result, reasons=tuple(reasons), kv_hint=None)
 
 
 def _fitted(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapping[str, int],
@@ -166,8 +212,8 @@ def _plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapp
     if HOST not in budgets:  # devices.host.enabled: false: host RAM is not leased
         loads = tuple(w for w in loads if w.device != HOST)
     free = {d: budgets[d].free_bytes + extra_free.get(d, 0) for d in budgets}
-    reasons = [f"{d}: load needs {format_bytes(b)} (weights + load peak), {format_bytes(max(free[d], 0))} free; free "
-               f"{format_bytes(b - free[d])} more or lower the load peak" for d, b in _sum(loads).items()
+    peaks = _sum(w for w in loads if w.kind == LeaseKind.LOAD_PEAK)
+    reasons = [_load_reason(d, b, free[d], budgets[d], peaks.get(d, 0)) for d, b in _sum(loads).items()
                if d in free and b > free[d]]
     # A one-phase engine holds its load peak while it allocates its KV cache: the KV room excludes it.
     one_phase = not spec.engine.two_phase
@@ -176,12 +222,34 @@ def _plan(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], extra_free: Mapp
                   one_phase=one_phase)
 
 
+def _load_reason(device: str, need: int, free: int, budget: DeviceBudget, peak: int) -> str:
+    """Why the weights (and load peak) do not fit on `device`, and what to change: what may never
+    fit says so (no eviction helps); the load peak is named only where there is one."""
+    what = "weights + load peak" if peak else "weights"
+    most = budget.capacity_bytes - budget.headroom_bytes
+    if need > most:
+        return (f"{device}: load needs {format_bytes(need)} ({what}), at most {format_bytes(max(most, 0))} can ever be "
+                f"leased there ({format_bytes(budget.capacity_bytes)} capacity − {format_bytes(budget.headroom_bytes)} "
+                f"headroom); {NEVER_FITS_FIX}")
+    lower = f" or lower the load peak ({format_bytes(peak)})" if peak else ""
+    return (f"{device}: load needs {format_bytes(need)} ({what}), {format_bytes(max(free, 0))} free; free "
+            f"{format_bytes(need - max(free, 0))} more{lower}")
+
+
+# What makes weights fit a device they can never fit as they are.
+NEVER_FITS_FIX = ("use a quantized model (fewer bytes per weight), a GPU with more memory, tensor parallel over more "
+                  "GPUs (placement.devices), or offload to the CPU (a hybrid engine: placement.experts: cpu)")
+
+
 def plan_kv(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], measured: Measured | None = None) -> Plan:
     """Step 4 of the load protocol: the weights are leased and in; size the KV cache from what is free now."""
     free = {d: b.free_bytes for d, b in budgets.items()}
-    result = _sized(spec, _memory(spec, measured), budgets, free)
-    wider = _wider(spec, result)
-    return _sized(wider, _memory(wider, measured), budgets, free) if wider else result
+
+    def sized(spec: ModelSpec) -> Plan:
+        result = _sized(spec, _memory(spec, measured), budgets, free)
+        wider = _wider(spec, result)
+        return _sized(wider, _memory(wider, measured), budgets, free) if wider else result
+    return _hinted(spec, sized(spec), sized)
 
 
 def _sized(spec: ModelSpec, memory: Memory, budgets: Mapping[str, DeviceBudget], room: Mapping[str, int],
@@ -193,12 +261,14 @@ def _sized(spec: ModelSpec, memory: Memory, budgets: Mapping[str, DeviceBudget],
         return Plan(spec.name, False, 0, {}, loads, (),
                     (f"no device {', '.join(missing)} (devices: {', '.join(sorted(budgets))})",), one_phase=one_phase)
     total = min(budgets[d].total_bytes for d in devices)
-    kv_tokens, params, kv_reasons, warnings = _size_kv(spec, memory, {d: room[d] for d in devices}, total)
+    kv_tokens, params, kv_reasons, warnings, hint = _size_kv(spec, memory, {d: room[d] for d in devices}, total)
     warnings = [*memory.notes, *warnings]
     reasons = [*(reasons or []), *kv_reasons]
+    if hint is not None:  # its index among these reasons (the KV reason is the first of kv_reasons)
+        hint = replace(hint, reason=len(reasons) - len(kv_reasons))
     return Plan(spec.name, not reasons, kv_tokens, params, loads, _steady_leases(memory, devices, kv_tokens),
                 tuple(reasons), warnings=tuple(warnings), estimated=memory.estimated, profile=memory,
-                placement=tuple(devices), one_phase=one_phase)
+                placement=tuple(devices), one_phase=one_phase, kv_hint=hint)
 
 
 def _steady_leases(memory: Memory, devices: list[str], kv_tokens: int) -> tuple[LeaseWant, ...]:
@@ -227,7 +297,7 @@ def _fit_tokens(memory: Memory, after_weights: Mapping[str, int]) -> tuple[int, 
 
 
 def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
-             total_bytes: int) -> tuple[int, dict[str, Any], list[str], list[str]]:
+             total_bytes: int) -> tuple[int, dict[str, Any], list[str], list[str], KvHint | None]:
     """KV tokens and engine parameters from the bytes left on each device after the weights."""
     engine, goal = spec.engine, spec.plan
     fit_tokens, room = _fit_tokens(memory, after_weights)
@@ -235,8 +305,11 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
     configured = getattr(engine, engine.kv_param)
     batch = getattr(engine, engine.batch_param)
     granule = engine.kv_granule()
+    # An engine that sizes its cache per sequence holds kv_param x batch tokens (vLLM, torch); the
+    # others share one pool of kv_param tokens among every sequence (SGLang, llama.cpp, ktransformers).
+    sequences = (batch or goal.max_batch_size) if engine.kv_per_sequence else 1
     if configured is not None:
-        tokens = configured * ((batch or goal.max_batch_size) if engine.kv_per_sequence else 1)
+        tokens = configured * sequences
     else:
         tokens = fit_tokens if goal.max_kv_tokens is None else min(fit_tokens, goal.max_kv_tokens)
         tokens -= tokens % granule
@@ -244,24 +317,33 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
         batch = goal.max_batch_size
         if goal.goal == "concurrency" and goal.context_tokens:
             batch = max(1, min(256, tokens // goal.context_tokens))
-    reasons = []
+    reasons, hint = [], None
+    fitting = fit_tokens // sequences // granule * granule  # the most kv_param that fits now
+    of = f" ({engine.kv_param} {configured} x {engine.batch_param} {sequences})" if sequences > 1 else ""
     if tokens > fit_tokens:
-        reasons.append(f"KV cache of {tokens} tokens needs {format_bytes(int(tokens * rate))} per device, "
-                       f"{format_bytes(max(room, 0))} is left after the weights and workspace; lower {engine.kv_param} "
-                       f"to {fit_tokens - fit_tokens % granule} or free memory")
+        said = (f"KV cache of {tokens} tokens{of} needs {format_bytes(int(tokens * rate))} per device, "
+                f"{format_bytes(max(room, 0))} is left after the weights and workspace")
+        fewer = f" or lower {engine.batch_param}" if sequences > 1 else ""
+        hint = KvHint(0, fitting, lambda v: f"{said}; lower {engine.kv_param} to {v} or free memory" if v else
+                      f"{said}; no {engine.kv_param} fits: free memory{fewer}")
     elif tokens < goal.min_kv_tokens and configured is not None:
-        reasons.append(f"{engine.kv_param} gives {tokens} KV tokens, below plan.min_kv_tokens {goal.min_kv_tokens}; "
-                       f"raise it (up to {fit_tokens - fit_tokens % granule} fit now) or lower plan.min_kv_tokens")
+        said = f"{engine.kv_param} gives {tokens} KV tokens{of}, below plan.min_kv_tokens {goal.min_kv_tokens}"
+        more = format_bytes(int(max(goal.min_kv_tokens - fitting * sequences, granule) * rate))
+        hint = KvHint(0, fitting, lambda v: f"{said}; raise it to {v} (the most that fits now) or lower "
+                      f"plan.min_kv_tokens" if v else f"{said}; no {engine.kv_param} that fits now reaches it: "
+                      f"free {more} more or lower plan.min_kv_tokens")
     elif tokens < goal.min_kv_tokens:
         reasons.append(f"only {tokens} KV tokens fit after the weights and workspace ({format_bytes(max(room, 0))} left), "
                        f"below plan.min_kv_tokens {goal.min_kv_tokens}; free "
-                       f"{format_bytes(int((goal.min_kv_tokens - tokens) * rate))} more")
+                       f"{format_bytes(int((goal.min_kv_tokens - tokens) * rate))} more or lower plan.min_kv_tokens")
         # What the load needs at least: the policy is asked to make room for this, not for the
         # sliver that fits now (evicting for a sliver would end in a KV cache too small to load).
         tokens = -(-goal.min_kv_tokens // granule) * granule
+    if hint is not None:  # said as the arithmetic has it; plan() confirms the value by planning with it
+        reasons.append(hint.say(hint.value))
     worst = max(memory.devices, key=lambda m: m.weights + m.workspace + kv_bytes(m, tokens))
     cache = max(_tokens_bytes(tokens, m.cache_rate) for m in memory.devices)
     workspace = worst.workspace + kv_bytes(worst, tokens) - int(tokens * worst.cache_rate)
     flags = engine.planned_flags(Sizing(tokens, batch, cache, len(memory.devices), workspace,
                                         worst.weights + worst.workspace + kv_bytes(worst, tokens), total_bytes))
-    return tokens, flags.params, reasons + flags.broken, [*flags.warnings, *engine.env_warnings()]
+    return tokens, flags.params, reasons + flags.broken, [*flags.warnings, *engine.env_warnings()], hint

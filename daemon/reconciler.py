@@ -26,7 +26,7 @@ from .config import ReconcilerConfig
 from .devices import gpu_id
 from .errors import LessorError
 from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun, OverrunAction
-from .ledger import LeaseKind, Ledger
+from .ledger import EnginePhase, EngineRecord, LeaseKind, Ledger
 from .lifecycle import ModelState
 from .profile import over_leases
 from .supervisor import Supervisor
@@ -42,13 +42,54 @@ class StartReport:
     strays: list[int] = field(default_factory=list)  # unrecorded engines of this state folder, stopped
 
 
-async def reconcile_at_start(ledger: Ledger, supervisor: Supervisor, state_dir: Path,
-                             publish: Callable[[Event], None]) -> StartReport:
-    report = StartReport()
-    for model, engine in sorted(ledger.engines().items()):
-        adoption = await supervisor.adopt(engine)
-        (report.adopted if adoption.adopted else report.stopped).append(model)
-        publish(EngineAdopted(model, engine.pid, adoption.adopted, adoption.describe()))
+class StartSettling:
+    """A start's settling of what the previous lessord left, in two steps. `begin`, before anything
+    is served, touches the ledger only: every recorded engine's model waits in ADOPTING, leases no
+    recorded engine holds go, strays are found. `finish` checks every recorded engine side by side
+    (each bounded by its timeouts: a stopped or silent engine holds only its own model) and stops
+    the strays meanwhile; lessord serves the other models all along."""
+
+    def __init__(self, ledger: Ledger, supervisor: Supervisor, state_dir: Path,
+                 publish: Callable[[Event], None]) -> None:
+        self._ledger, self._supervisor, self._state_dir, self._publish = ledger, supervisor, state_dir, publish
+        self.report = StartReport()
+        self._engines: list[EngineRecord] = []
+        self._strays: dict[int, str] = {}
+
+    async def begin(self) -> None:
+        ledger = self._ledger
+        self._engines = [engine for _, engine in sorted(ledger.engines().items())]
+        for engine in self._engines:
+            self._supervisor.adopting(engine)
+        recorded = {engine.model: engine.attempt for engine in self._engines}
+        # Leases of an attempt that is not the recorded engine's: a load killed before its engine was recorded.
+        stale = [lease.id for lease in ledger.leases() if recorded.get(lease.model) != lease.attempt]
+        self.report.released = len(await ledger.release(stale, "holder gone at start")) if stale else 0
+        # A ready engine holds no load peak (a crash between "ready" and its release leaves one behind);
+        # an unfinished load keeps its own until its engine is stopped: that memory is still in use.
+        finished = {engine.attempt for engine in self._engines if engine.phase is EnginePhase.READY}
+        peaks = [lease.id for lease in ledger.leases() if lease.kind == LeaseKind.LOAD_PEAK and lease.attempt in finished]
+        self.report.released += len(await ledger.release(peaks, "load finished before the restart")) if peaks else 0
+        # Found now, before any load of this lessord starts an engine that would look like one.
+        self._strays = identified(find_strays(self._state_dir, set(recorded.values())))
+
+    async def finish(self) -> StartReport:
+        strays = stop_groups(self._strays, self._state_dir, self._supervisor.timeouts.stray_grace_s)
+        outcomes = await asyncio.gather(strays, *(self._settle(engine) for engine in self._engines),
+                                        return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:  # each engine was settled as far as it could be; the first failure says why lessord stops
+            raise failed[0]
+        self.report.strays = outcomes[0]
+        return self.report
+
+    async def _settle(self, engine: EngineRecord) -> None:
+        model = engine.model
+        held = sum(1 for lease in self._ledger.leases() if lease.attempt == engine.attempt)
+        adoption = await self._supervisor.adopt(engine)  # not adopted: its record and leases are gone
+        (self.report.adopted if adoption.adopted else self.report.stopped).append(model)
+        self.report.released += 0 if adoption.adopted else held
+        self._publish(EngineAdopted(model, engine.pid, adoption.adopted, adoption.describe()))
         # Adopted: the supervisor's line says so. Gone is routine after a reboot; an engine that ran
         # and had to be stopped is what an operator looks into.
         if adoption.outcome is AdoptionOutcome.GONE:
@@ -56,18 +97,14 @@ async def reconcile_at_start(ledger: Ledger, supervisor: Supervisor, state_dir: 
         elif not adoption.adopted:
             log.warning("%s: after restart, %s", model, adoption.describe(),
                         extra={"model": model, "step": "stopped", "pid": engine.pid})
-    keep = {r.spec.name: r.attempt for r in supervisor.records() if r.state == ModelState.READY}
-    for model in set(ledger.engines()) - set(keep):
-        await ledger.forget_engine(model)
-    # Leases of an attempt that is not the adopted engine's: a load killed mid-way, or its engine gone.
-    stale = [lease.id for lease in ledger.leases() if keep.get(lease.model) != lease.attempt]
-    report.released = len(await ledger.release(stale, "holder gone at start")) if stale else 0
-    # A ready engine holds no load peak (a crash between "ready" and its release leaves one behind).
-    peaks = [lease.id for lease in ledger.leases() if lease.kind == LeaseKind.LOAD_PEAK]
-    report.released += len(await ledger.release(peaks, "load finished before the restart")) if peaks else 0
-    adopted_attempts = set(keep.values())
-    report.strays = await stop_strays(state_dir, adopted_attempts, grace_s=supervisor.timeouts.stray_grace_s)
-    return report
+
+
+async def reconcile_at_start(ledger: Ledger, supervisor: Supervisor, state_dir: Path,
+                             publish: Callable[[Event], None]) -> StartReport:
+    """Both steps of `StartSettling` in one: what the CLI and tests that need a settled start use."""
+    settling = StartSettling(ledger, supervisor, state_dir, publish)
+    await settling.begin()
+    return await settling.finish()
 
 
 def find_strays(state_dir: Path, keep_attempts: set[str]) -> list[int]:
@@ -90,13 +127,23 @@ def find_strays(state_dir: Path, keep_attempts: set[str]) -> list[int]:
     return found
 
 
+def identified(pids: list[int]) -> dict[int, str]:
+    """Each process's identity now: what it is checked against before every signal, later."""
+    return {pid: identity for pid in pids if (identity := process_identity(pid)) is not None}
+
+
 async def stop_strays(state_dir: Path, keep_attempts: set[str], grace_s: float) -> list[int]:
-    strays = find_strays(state_dir, keep_attempts)
-    identities = {pid: process_identity(pid) for pid in strays}
+    return await stop_groups(identified(find_strays(state_dir, keep_attempts)), state_dir, grace_s)
+
+
+async def stop_groups(identities: dict[int, str], state_dir: Path, grace_s: float) -> list[int]:
+    """SIGTERM, then SIGKILL after `grace_s`, to each group whose leader is still the process found."""
+    strays = [pid for pid, identity in identities.items() if process_identity(pid) == identity]
     for pid in strays:
         log.warning("stopping stray engine process group %d (started for %s, never recorded)", pid, state_dir,
                     extra={"pid": pid, "step": "stray"})
         signal_group(pid, signal.SIGTERM)
+        signal_group(pid, signal.SIGCONT)  # a stopped stray acts on its SIGTERM only once continued
     deadline = asyncio.get_running_loop().time() + grace_s
     while any(process_identity(p) == identities[p] for p in strays) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
@@ -114,10 +161,16 @@ class Reconciler:
                  publish: Callable[[Event], None]) -> None:
         self._config, self._ledger, self._supervisor = config, ledger, supervisor
         self._publish = publish
-        self.at_start = StartReport()  # what reconcile_at_start found (metrics read it)
+        self.at_start = StartReport()  # what the start's settling found, so far (metrics read it)
+        self.settling: asyncio.Future | None = None  # the start's settling, while the engines' adoption runs
         self._over_checks: dict[str, int] = {}
         self._overcommitted: set[str] = set()
         self.checks = 0
+
+    async def settled(self) -> None:
+        """Return once the start's settling is done (its failure raised); never cancels it."""
+        if self.settling is not None:
+            await asyncio.shield(self.settling)
 
     async def run(self) -> None:
         while True:
@@ -192,7 +245,7 @@ class Reconciler:
             reason = getattr(decision, "reason", "")
             self._publish(BudgetOvercommitted(device, -budget.free_bytes, victims, reason))
             log.warning("%s: foreign usage grew %s past the free memory; evicting %s", device,
-                        format_bytes(-budget.free_bytes), ", ".join(victims) or "nothing (no idle model may go)",
+                        format_bytes(-budget.free_bytes), ", ".join(victims) or f"nothing: {reason}",
                         extra={"device": device, "step": "overcommitted"})
             for victim in victims:
                 try:  # one that took a request since the snapshot stays; the next check looks again

@@ -23,7 +23,7 @@ from .holder import ConfigHolder
 from .ledger import Ledger
 from .lifecycle import Timeouts
 from .mqtt import MqttPublisher
-from .reconciler import Reconciler, reconcile_at_start
+from .reconciler import Reconciler, StartSettling
 from .supervisor import Supervisor
 from .usage_history import UsageHistory
 
@@ -35,16 +35,18 @@ Engines = Union[Mapping[str, EngineAdapter], Callable[[Probe, Ledger], Mapping[s
 
 def timeouts_of(config: LessorConfig) -> Timeouts:
     t = config.timeouts
-    return Timeouts(t.weights, t.ready, t.stop_grace, t.adopt_s, t.stray_grace_s, t.unload_verify_s)
+    return Timeouts(t.weights, t.ready, t.stop_grace, t.adopt_s, t.adopt_stopped_s, t.stray_grace_s, t.unload_verify_s)
 
 
 @asynccontextmanager
 async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engines | None = None,
                   clock: Callable[[], float] = time.monotonic, reconcile: bool = True,
-                  probe: Probe | None = None) -> AsyncIterator[Controller]:
+                  probe: Probe | None = None, settle_in_background: bool = False) -> AsyncIterator[Controller]:
     """`reconcile=False`: read-only (the CLI's local plan must not adopt or release a running
     daemon's engines). `probe`: the devices, where a test stands in for the GPUs (the one boundary
-    tests fake); the config's otherwise."""
+    tests fake); the config's otherwise. `settle_in_background`: yield as soon as the ledger is
+    settled and the previous lessord's engines are claimed, while their adoption runs (lessord:
+    it serves meanwhile; `reconciler.settling` ends with it); otherwise yield once it is done."""
     bus = EventBus()
     holder = ConfigHolder(config)
     probe = probe or make_probe(config.devices, force_sim)
@@ -57,7 +59,12 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
                                     probe=probe, fingerprints=fingerprints)
             reconciler = Reconciler(config.reconciler, ledger, supervisor, bus.publish)
             if reconcile:
-                await _settle(reconciler, ledger, supervisor, Path(config.state_dir).absolute(), bus)
+                settling = StartSettling(ledger, supervisor, Path(config.state_dir).absolute(), bus.publish)
+                reconciler.at_start = settling.report
+                await settling.begin()
+                reconciler.settling = asyncio.ensure_future(_settle(settling))
+                if not settle_in_background:
+                    await reconciler.settling
             controller = Controller(holder, probe, ledger, supervisor, bus)
             controller.reconciler = reconciler
             # Released leases older than ledger.history go; never from the CLI's read-only plan.
@@ -67,7 +74,7 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
             try:
                 yield controller
             finally:
-                for task in (pruning, sampling):
+                for task in (reconciler.settling, pruning, sampling):
                     if task:
                         task.cancel()
                         await asyncio.gather(task, return_exceptions=True)
@@ -84,8 +91,8 @@ def _sample_usage(controller: Controller) -> asyncio.Future:
     return asyncio.ensure_future(controller.history.run())
 
 
-async def _settle(reconciler: Reconciler, ledger: Ledger, supervisor: Supervisor, state_dir: Path, bus: EventBus) -> None:
-    report = reconciler.at_start = await reconcile_at_start(ledger, supervisor, state_dir, bus.publish)
+async def _settle(settling: StartSettling) -> None:
+    report = await settling.finish()
     if report.adopted or report.stopped or report.released or report.strays:
         # A summary: what an operator should look into (an engine stopped, a stray) had its own WARNING.
         log.info("after restart: adopted %s, stopped %s, released %d lease(s), stopped %d stray(s)",

@@ -24,25 +24,26 @@ from typing import Any, Callable, Mapping
 from ..engines.base import EngineAdapter, GpuTarget, Launch
 from ..engines.process import describe_exit, last_lines
 from ..policies import POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot
-from .admission import MustWait, freed_by, must_wait
+from .admission import MustWait, as_reload, freed_by, must_wait, never_fits, refused
 from .adoption import Adoption, adopt
 from .config import ModelSpec
 from .devices import Probe, SimProbe, gpu_id
-from .errors import (EngineUnavailable, LedgerUnavailable, LoadFailed, ModelBusy, ModelFailed, NotEnoughMemory,
-                     OutOfMemory, PlanRejected, UnknownModel)
+from .errors import (EngineUnavailable, LedgerUnavailable, LoadFailed, ModelAdopting, ModelBusy, ModelFailed,
+                     NotEnoughMemory, OutOfMemory, PlanRejected, UnknownModel)
 from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, LoadRetried, ModelStateChanged
 from .fingerprinting import Fingerprinting
 from .fingerprints import FingerprintKey, FingerprintStore
 from .holder import ConfigHolder
 from .ledger import EngineRecord, Ledger
 from .lifecycle import ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic
-from .loading import LoadAttempt, Loaded, bytes_text, leased_by, worst_shortfall
+from .loading import LoadAttempt, Loaded, bytes_text, leased_by
 from .planner import Measured, Plan, plan, with_overrides
 from .restarts import Restarts
 from .unloading import Lingering, group_pids, verify_unload
 from .usage import UsageMeter
 
 log = logging.getLogger("lessor.supervisor")
+BUSY = (ModelState.LOADING, ModelState.UNLOADING, ModelState.ADOPTING)  # mid-transition: not evicted, unloaded, retuned
 
 
 class Supervisor:
@@ -129,7 +130,7 @@ class Supervisor:
             spec = with_overrides(record.spec, overrides or {})
         except PlanRejected as exc:  # a dry run answers "no, because", it does not fail
             return Plan(record.spec.name, False, 0, dict(overrides or {}), (), (), tuple(exc.reasons))
-        snapshot = self.policy_snapshot()
+        snapshot = as_reload(self.policy_snapshot(), spec.name)  # a loaded model's plan is its reload's
         key = self.fingerprinting.key(spec)
         measured = self.fingerprinting.measured(key)
         first, _, decision = self._decide(spec, snapshot, measured)
@@ -175,6 +176,8 @@ class Supervisor:
             self._restarts.forget(record.spec.name)
         elif (given_up := self._restarts.given_up(record.spec.name)) and record.state == ModelState.FAILED:
             raise ModelFailed(record.spec.name, given_up)
+        if record.state is ModelState.ADOPTING:
+            raise ModelAdopting(record.spec.name)
         if record.state in (ModelState.LOADING, ModelState.UNLOADING):
             raise ModelBusy(record.spec.name, record.state.value)
         spec = with_overrides(record.spec, overrides or {})
@@ -284,6 +287,9 @@ class Supervisor:
     async def _admit(self, spec: ModelSpec, measured: Measured | None) -> MustWait | None:
         """Step 2: the policy decides over a snapshot; evictions happen here and only here."""
         snapshot = self.policy_snapshot()
+        too_large = never_fits(spec, snapshot.devices, measured)
+        if too_large is not None:  # before the policy: no eviction or wait may be made for it
+            raise too_large
         _, request, decision = self._decide(spec, snapshot, measured)
         _log_admission(request, decision, self._config.current.policy.name)
         self._publish(AdmissionDecided(spec.name, AdmissionResult(type(decision).__name__.lower()),
@@ -297,15 +303,25 @@ class Supervisor:
         elif isinstance(decision, Queue):
             return must_wait(request, snapshot, decision.reason, decision.blockers)
         elif isinstance(decision, Rejected):
-            raise NotEnoughMemory(spec.name, *worst_shortfall(snapshot.devices, decision.short_bytes), decision.reason)
+            raise refused(request, snapshot, decision, self._config.current.policy.name)
         elif not isinstance(decision, Admit):
             raise AssertionError(f"policy returned {decision!r}")
         return None
 
     # -- adoption after a restart -------------------------------------------------------------
 
+    def adopting(self, engine: EngineRecord) -> None:
+        """At start, before anything is served: the model waits for its engine's adoption
+        (ADOPTING), so no request loads it a second time meanwhile."""
+        record = self._models.get(engine.model)
+        if record is not None and record.state is ModelState.UNLOADED:
+            self._set_state(record, ModelState.ADOPTING, f"adopting engine pid {engine.pid}")
+
     async def adopt(self, engine: EngineRecord) -> Adoption:
-        """Take over an engine that a previous lessord started (daemon/adoption.py decides)."""
+        """Take over an engine that a previous lessord started (daemon/adoption.py decides). Not
+        adopted (or cancelled): its record and leases go before the model is unloaded, so no new
+        load of the model can interleave with that cleanup."""
+        self.adopting(engine)
         record = self._models.get(engine.model)
         adapter = self._engines.get(record.spec.engine.kind) if record else None
 
@@ -315,8 +331,14 @@ class Supervisor:
             except KeyError:  # its device is no longer in the config
                 return None
 
-        adoption = await adopt(engine, record, adapter, launch_for, self.log_path(engine.model), self._timeouts)
-        if adoption.adopted:
+        try:
+            adoption = await adopt(engine, record, adapter, launch_for, self.log_path(engine.model), self._timeouts)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._not_adopted(engine, record, "lessord stopped before its engine was adopted"))
+            raise
+        if not adoption.adopted:
+            await self._not_adopted(engine, record, adoption.describe())
+        else:
             assert record is not None
             record.handle, record.attempt = adoption.handle, engine.attempt
             record.plan = Plan(engine.model, True, engine.kv_tokens, dict(engine.params), (), ())
@@ -325,6 +347,12 @@ class Supervisor:
             log.info("%s: adopted (pid %d, from the previous lessord)", engine.model, engine.pid,
                      extra={"model": engine.model, "step": "adopted", "pid": engine.pid})
         return adoption
+
+    async def _not_adopted(self, engine: EngineRecord, record: ModelRecord | None, reason: str) -> None:
+        await self._ledger.forget_engine(engine.model)
+        await self._ledger.release_attempt(engine.attempt, "holder gone at start")
+        if record is not None and record.state is ModelState.ADOPTING:
+            self._set_state(record, ModelState.UNLOADED, reason)
 
     # -- crashes, overruns, unloads ----------------------------------------------------------
 
@@ -373,7 +401,7 @@ class Supervisor:
         """Unload a model that is idle, checked and done in one step (no request can start in
         between: the state leaves READY before the first await). False if it is busy."""
         record = self.resolve(name)
-        if self.in_flight(record.spec.name) or record.state in (ModelState.LOADING, ModelState.UNLOADING):
+        if self.in_flight(record.spec.name) or record.state in BUSY:
             return False
         idle_s = self._clock() - self.last_used_s(record)
         log.info("%s: evicted (%s)", record.spec.name, reason,
@@ -385,7 +413,7 @@ class Supervisor:
         record = self.resolve(name)
         if record.state == ModelState.UNLOADED:
             return record
-        if record.state in (ModelState.LOADING, ModelState.UNLOADING):
+        if record.state in BUSY:
             raise ModelBusy(record.spec.name, record.state.value)
         self._set_state(record, ModelState.UNLOADING, reason)
         started_s, held = self._clock(), self.leased(record.spec.name)
@@ -428,7 +456,7 @@ class Supervisor:
         new = {spec.name: spec for spec in config.models}
         removed = tuple(n for n in self._models if n not in new)
         changed = tuple(n for n in self._models if n in new and new[n] != self._models[n].spec)
-        busy = [n for n in removed + changed if self._models[n].state in (ModelState.LOADING, ModelState.UNLOADING)]
+        busy = [n for n in removed + changed if self._models[n].state in BUSY]
         if busy:
             raise ModelBusy(busy[0], self._models[busy[0]].state.value)
         for name in removed:

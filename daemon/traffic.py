@@ -20,7 +20,7 @@ import logging
 from typing import Callable, Protocol
 
 from .config import RouterConfig
-from .errors import InvariantBroken, LessorError, ModelBusy
+from .errors import InvariantBroken, LessorError, ModelAdopting, ModelBusy
 from .events import ConfigReloaded, Event, ModelStateChanged
 from .lanes import Lane, LaneRules, Lanes, keep_alive_over
 from .lifecycle import ModelRecord, ModelState
@@ -106,6 +106,8 @@ class TrafficControl:
 
     async def wait_turn(self, lane: Lane) -> str:
         """Wait until the model is ready with room for this request, loading it if needed."""
+        if lane.record.state is ModelState.ADOPTING:  # just restarted: answered at once, never loaded twice
+            raise ModelAdopting(lane.name, self._config.retry_after_loading_s)
         turn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._lanes.wait(lane, turn)
         try:

@@ -3,19 +3,44 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import aiohttp
 from pydantic import Field
 
 from ..memory.footprint import Footprint, ModelShape
-from .base import Command, EngineArgsBase, Flags, Launch, KvGrant, ProcessAdapter, ProcessHandle, Sizing
+from .base import (Command, EngineArgsBase, EngineHandle, Flags, Launch, KvGrant, ProcessAdapter, ProcessHandle,
+                   Sizing)
 from .memory_model import TORCH_OOM
 
 
 KV_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+FOLDER = "the built-in engine reads an HF-format folder: config.json, the safetensors and the tokenizer"
+
+
+class ModelPathUnusable(ValueError):
+    """The model_path cannot be the built-in engine's model; the message is one line naming it."""
+
+
+def model_path_problem(path: str) -> str | None:
+    """Why the built-in engine could not read a model at `path`, in one line; None when it can try.
+    Checked before the engine is started (and by the engine itself when run by hand): a missing
+    folder is the operator's to fix, not a transformers traceback to read."""
+    folder = Path(path)
+    if not folder.exists():
+        return f"model_path {path}: no such folder ({FOLDER})"
+    if not folder.is_dir():
+        return f"model_path {path}: not a folder ({FOLDER})"
+    config = folder / "config.json"
+    if not os.access(folder, os.R_OK | os.X_OK) or (config.exists() and not os.access(config, os.R_OK)):
+        return f"model_path {path}: not readable by uid {os.getuid()}, which runs the engine"
+    if not config.is_file():
+        return f"model_path {path}: no config.json there ({FOLDER})"
+    return None
 
 
 class TorchEngineArgs(EngineArgsBase):
@@ -96,6 +121,12 @@ class TorchHandle(ProcessHandle):
 class TorchAdapter(ProcessAdapter):
     args_class = TorchEngineArgs
     handle_class = TorchHandle
+
+    async def start(self, launch: Launch) -> EngineHandle:
+        problem = model_path_problem(launch.spec.engine.model_path)
+        if problem is not None:
+            raise ModelPathUnusable(problem)
+        return await super().start(launch)
 
     def command(self, launch: Launch) -> Command:
         engine = launch.spec.engine

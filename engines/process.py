@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -34,6 +35,25 @@ class ProcessEnded(RuntimeError):
 def last_lines(tail: Sequence[str], lines: int = 5) -> str:
     """"; last log lines: a | b" for an exit's message ("" when the log is empty)."""
     return "; last log lines: " + " | ".join(line.strip() for line in tail[-lines:]) if tail else ""
+
+
+class EngineNotFound(FileNotFoundError):
+    """The engine's command is not on the PATH it is started with (or not an executable file)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def command_problem(command: str, path: str) -> str | None:
+    """Why `command` cannot be executed with `path` as PATH (None: it can). The engine's PATH is
+    lessord's own unless the engine's env sets one."""
+    if os.sep in command:
+        if os.path.isfile(command) and os.access(command, os.X_OK):
+            return None
+        return f"engine command '{command}' " + ("is not executable" if os.path.isfile(command) else "does not exist")
+    if shutil.which(command, path=path):
+        return None
+    return f"engine command '{command}' not found on PATH ({path})"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -104,6 +124,9 @@ class EngineProcess:
     @classmethod
     async def spawn(cls, argv: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None,
                     on_exit: Callable[[int], None] | None = None) -> "EngineProcess":
+        missing = command_problem(argv[0], env.get("PATH", os.defpath))
+        if missing:  # else exec's bare "[Errno 2] No such file or directory" names neither the command nor PATH
+            raise EngineNotFound(missing)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         if log_path.exists():  # keep the previous run's log for the post-mortem
             log_path.replace(log_path.with_name(log_path.name + ".1"))

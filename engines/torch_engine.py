@@ -7,26 +7,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from dataclasses import dataclass
 from typing import Any, Iterator
 
+from .torch_requests import BadRequest, Sampling
+
 DTYPES = ("bfloat16", "float16", "float32")
-
-
-@dataclass
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: tuple[str, ...]
-    seed: int | None
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says
-
-
-class BadRequest(Exception):
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy: dividing logits by it overflows to inf (vLLM's cut-off too)
 
 
 class Engine:
@@ -42,6 +28,7 @@ class Engine:
         self.baseline_bytes: int | None = None  # what the process held before the weights (see _held)
         self.weights_measured: int | None = None
         self.kv_measured: int | None = None
+        self.fail_at_step: int | None = None  # tests only: the decode step that raises (the error path)
         self._cap(memory_limit)
 
     @property
@@ -86,7 +73,8 @@ class Engine:
                                             local_files_only=True)
         if not self.on_cuda:
             _materialise(model)
-        self.model = model.to(self.device_name).eval()
+        # Inference only: with no parameter asking for gradients, no step can build an autograd graph.
+        self.model = model.to(self.device_name).eval().requires_grad_(False)
         self.weights_measured = self.memory_reserved()
         self.phase = "weights_loaded"
 
@@ -130,21 +118,17 @@ class Engine:
                 "measured": {"baseline_bytes": self.baseline_bytes, "weights_bytes": self.weights_measured,
                              "kv_bytes": self.kv_measured}}
 
-    def prompt_ids(self, body: dict[str, Any], chat: bool) -> list[int]:
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages):
-                raise BadRequest("messages", "must be a non-empty list of {role, content} objects with string content")
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise BadRequest("prompt", "must be a non-empty string")
-        return list(self.tokenizer(prompt)["input_ids"])
+    def prompt_ids(self, messages: tuple[dict[str, str], ...] | None, prompt: str | None) -> list[int]:
+        """The token ids of a checked chat (`messages`) or completion (`prompt`)."""
+        if messages is None:
+            return list(self.tokenizer(prompt)["input_ids"])
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        except TemplateError as exc:  # a template may refuse an order of roles (raise_exception)
+            raise BadRequest("messages", f"the model's chat template refused these messages: {exc}") from None
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Mean of the last hidden layer over each text's tokens, L2-normalised; and the tokens read."""
@@ -163,35 +147,67 @@ class Engine:
                 tokens += len(ids)
         return vectors, tokens
 
+    def decoder(self, slot: int, prompt: list[int], sampling: Sampling) -> "Decoder":
+        return Decoder(self, self.slots[slot], prompt, sampling)
+
     def generate(self, slot: int, prompt: list[int], sampling: Sampling) -> Iterator[int]:
-        """Token ids, one at a time, decoded into the slot's static cache."""
+        """Every token of one sequence, decoded in the calling thread (the server steps a Decoder instead)."""
+        decoder = self.decoder(slot, prompt, sampling)
+        while (token := decoder.step()) is not None:
+            yield token
+
+
+class Decoder:
+    """One sequence decoded into its slot's static cache, a token per `step()`.
+
+    Each step enters inference mode itself: the mode is per thread, and the steps of one request
+    run on whichever worker thread is free. (A generator holding `with torch.inference_mode()`
+    across its yields ran its later steps, on other threads, outside it, with autograd on: issue
+    20's engine log has "Inference tensors cannot be saved for backward" and a stream cut short.)"""
+
+    def __init__(self, engine: Engine, cache: Any, prompt: list[int], sampling: Sampling) -> None:
+        self.engine, self.cache, self.sampling = engine, cache, sampling
+        self.pending = list(prompt)  # the ids the next step feeds the model
+        self.tokens = 0
+        self.ended = False
+        self.generator = None
+
+    def step(self) -> int | None:
+        """The next token id; None once the sequence ended (eos unless ignored, or max_tokens)."""
         import torch
 
-        cache = self.slots[slot]
-        cache.reset()
-        generator = torch.Generator(device=self.model.device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little"))
-        eos = self.tokenizer.eos_token_id
-        ids = torch.tensor([prompt], device=self.model.device)
+        if self.ended or self.tokens >= self.sampling.max_tokens:
+            return None
+        model = self.engine.model
         with torch.inference_mode():
-            for _ in range(sampling.max_tokens):
-                logits = self.model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1].float()
-                token = _sample(logits, sampling, generator)
-                if token == eos and not sampling.ignore_eos:
-                    return
-                yield token
-                ids = torch.tensor([[token]], device=self.model.device)
+            if self.generator is None:
+                self.cache.reset()
+                self.generator = torch.Generator(device=model.device)
+                seed = self.sampling.seed
+                self.generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+            if self.engine.fail_at_step == self.tokens + 1:
+                raise RuntimeError(f"decode step {self.tokens + 1} failed as --fail-at-step asked")
+            ids = torch.tensor([self.pending], device=model.device)
+            logits = model(input_ids=ids, cache=self.cache, use_cache=True).logits[0, -1].float()
+            token = _sample(logits, self.sampling, self.generator)
+        if token == self.engine.tokenizer.eos_token_id and not self.sampling.ignore_eos:
+            self.ended = True
+            return None
+        self.tokens += 1
+        self.pending = [token]
+        return token
 
 
 def _sample(logits, sampling: Sampling, generator) -> int:
     import torch
 
-    if sampling.temperature <= 0:
+    if sampling.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < sampling.top_p
+        keep[0] = True  # the likeliest token always: top_p 0 would keep none, and multinomial needs one
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

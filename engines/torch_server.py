@@ -11,6 +11,11 @@ on the CPU its own process measured, anonymous memory beyond a baseline taken ju
 weights. `measured` keeps that baseline (null until it is taken) and the growth over each phase: the weights once loaded,
 the KV cache over its allocation.
 
+Every answer is OpenAI's: a client's mistake a 400 naming the field (torch_requests.py checks each
+body before it takes a slot), one line in the log; the engine's own failure during a stream ends
+the stream with an error event and `[DONE]`, never cut short, its traceback in the log only.
+Decode steps run on a worker per slot, each step under its own inference mode (`Decoder`).
+
 Run by lessor as `python -m lessor.engines.torch_server --model-path DIR --port N ...`; imports
 torch and transformers only here, in the engine's own process.
 """
@@ -28,11 +33,14 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
 
 from aiohttp import web
 
-from .torch_engine import DTYPES, BadRequest, Engine, Sampling
+from .builtin import model_path_problem
+from .torch_engine import DTYPES, Decoder, Engine
+from .torch_requests import BadRequest, Generate, Sampling, chat_request, completion_request, parse_body
 
 log = logging.getLogger("lessor.torch_server")
 
@@ -44,44 +52,46 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": None}}, status=status)
 
 
-def _sampling(body: dict[str, Any], room: int) -> Sampling:
-    def number(name: str, default: float, low: float, high: float) -> float:
-        value = body.get(name, default)
-        if value is None:
-            return default
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
-            raise BadRequest(name, f"must be a number from {low} to {high}; got {value!r}")
-        return float(value)
+def _refused(request: web.Request, exc: BadRequest) -> web.Response:
+    """A client's mistake: a 400 naming the field, and one line in the log (never a traceback)."""
+    log.info("400 %s %s: %s%s", request.method, request.path, f"{exc.param}: " if exc.param else "", exc)
+    return _error(400, str(exc), exc.param)
 
-    if body.get("n", 1) != 1:
-        raise BadRequest("n", "only n=1 is supported by the built-in engine")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = room
-    elif not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise BadRequest("max_tokens", f"must be a positive integer; got {max_tokens!r}")
-    stop = body.get("stop") or ()
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    if not all(isinstance(s, str) for s in stop):
-        raise BadRequest("stop", "must be a string or a list of strings")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise BadRequest("seed", f"must be an integer; got {seed!r}")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise BadRequest("ignore_eos", f"must be true or false; got {ignore_eos!r}")
-    return Sampling(min(max_tokens, room), number("temperature", 1.0, 0.0, 2.0), number("top_p", 1.0, 0.0, 1.0),
-                    stop, seed, ignore_eos)
+
+def _failed(what: str, exc: BaseException) -> dict[str, Any]:
+    """The error a client is told of the engine's own failure: its kind, not its traceback nor its
+    paths (the log, which lessor's operator reads, has both)."""
+    return {"message": f"the engine failed {what} ({type(exc).__name__}); its log has the details",
+            "type": "server_error", "param": None, "code": None}
+
+
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every answer an OpenAI error: aiohttp's own refusals (404, 405, 413) and the engine's faults too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        return _error(exc.status, exc.reason)
+    except BadRequest as exc:
+        return _refused(request, exc)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": _failed(f"answering {request.path}", exc)}, status=500)
 
 
 class Server:
     def __init__(self, engine: Engine, served_name: str) -> None:
         self.engine, self.served_name = engine, served_name
         self.free_slots: asyncio.Queue[int] | None = None
+        self.decoding: ThreadPoolExecutor | None = None  # one worker per slot, for the decode steps
         self.cancelled = 0  # requests whose client went away before the answer was complete
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=8 << 20)
+        app = web.Application(client_max_size=8 << 20, middlewares=[_errors])
         app.router.add_get("/health", self.health)
         app.router.add_get("/lessor/v1/state", self.state)
         app.router.add_post("/lessor/v1/kv", self.allocate)
@@ -101,7 +111,7 @@ class Server:
         return web.json_response({**state, "requests_in_flight": busy, "requests_cancelled": self.cancelled})
 
     async def allocate(self, request: web.Request) -> web.Response:
-        body = await _json(request)
+        body = parse_body(await request.read())
         try:
             tokens, batch = body.get("context_tokens"), body.get("max_batch_size")
             for name, value in (("context_tokens", tokens), ("max_batch_size", batch)):
@@ -113,6 +123,7 @@ class Server:
         except Exception as exc:  # CUDA OOM above the cap: lessor rolls the load back
             self.engine.error = f"{type(exc).__name__}: {exc}"
             return _error(507, f"allocating the KV cache failed: {self.engine.error}", "context_tokens", "server_error")
+        self.decoding = ThreadPoolExecutor(max_workers=batch, thread_name_prefix="decode")
         self.free_slots = asyncio.Queue()
         for slot in range(batch):
             self.free_slots.put_nowait(slot)
@@ -123,13 +134,10 @@ class Server:
             {"id": self.served_name, "object": "model", "created": 0, "owned_by": "lessor"}]})
 
     async def _ready_body(self, request: web.Request) -> dict[str, Any] | web.Response:
-        """The request's JSON object, or the error to answer: not ready yet (503), not an object (400)."""
+        """The request's JSON object, or the 503 to answer while the model is not ready."""
         if self.engine.phase != "ready" or self.free_slots is None:
             return _error(503, f"the model is not ready (phase {self.engine.phase})", kind="server_error")
-        body = await _json(request)
-        if not isinstance(body, dict):
-            return _error(400, "the body must be a JSON object")
-        return body
+        return parse_body(await request.read())
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await self._ready_body(request)
@@ -138,46 +146,61 @@ class Server:
         texts = body.get("input")
         texts = [texts] if isinstance(texts, str) else texts
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
-            return _error(400, "input: must be a non-empty string or a non-empty list of non-empty strings", "input")
+            raise BadRequest("input", "must be a non-empty string or a non-empty list of non-empty strings")
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
-            return _error(400, f"encoding_format: must be 'float' or 'base64'; got {encoding!r}", "encoding_format")
-        try:
-            vectors, tokens = await asyncio.to_thread(self.engine.embed, texts)
-        except BadRequest as exc:
-            return _error(400, str(exc), exc.param)
+            raise BadRequest("encoding_format", f"must be 'float' or 'base64'; got {encoding!r}")
+        vectors, tokens = await asyncio.to_thread(self.engine.embed, texts)
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, encoding)} for i, v in enumerate(vectors)]
         return web.json_response({"object": "list", "data": data, "model": self.served_name,
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._complete(request, chat=True)
+        return await self._complete(request, chat_request)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._complete(request, chat=False)
+        return await self._complete(request, completion_request)
 
-    async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _complete(self, request: web.Request, read: Callable[[dict[str, Any]], Generate]) -> web.StreamResponse:
         body = await self._ready_body(request)
         if isinstance(body, web.Response):
             return body
-        try:
-            prompt = await asyncio.to_thread(self.engine.prompt_ids, body, chat)
-            room = self.engine.context_tokens - len(prompt)
-            if room < 1:
-                raise BadRequest("messages" if chat else "prompt", f"the prompt has {len(prompt)} tokens; this engine's "
-                                 f"context is {self.engine.context_tokens} tokens per sequence")
-            sampling = _sampling(body, room)
-        except BadRequest as exc:
-            return _error(400, str(exc), exc.param)
+        wanted = read(body)
+        prompt = await asyncio.to_thread(self.engine.prompt_ids, wanted.messages, wanted.prompt)
+        sampling = wanted.sampling(len(prompt), self.engine.context_tokens)
         slot = await self.free_slots.get()
+        decoder = self.engine.decoder(slot, prompt, sampling)
+        steps = Steps(self, decoder)
         try:
-            completion = Completion(self, chat, len(prompt), bool(body.get("stream")))
-            return await completion.run(request, self.engine.generate(slot, prompt, sampling), sampling)
+            completion = Completion(self, wanted.messages is not None, len(prompt), wanted.stream)
+            return await completion.run(request, steps, sampling)
         except (ConnectionResetError, asyncio.CancelledError):  # the client left: stop generating
             self.cancelled += 1
             raise
         finally:
-            self.free_slots.put_nowait(slot)
+            steps.release(slot)
+
+
+class Steps:
+    """A request's decode steps on the decoding workers. Its slot goes back only once no step of
+    it runs: a client that leaves mid-step must not hand the slot's cache to the next request
+    while the step still writes into it."""
+
+    def __init__(self, server: Server, decoder: Decoder) -> None:
+        self.server, self.decoder = server, decoder
+        self.running: Future | None = None
+
+    async def next(self) -> int | None:
+        self.running = self.server.decoding.submit(self.decoder.step)
+        return await asyncio.wrap_future(self.running)
+
+    def release(self, slot: int) -> None:
+        free = self.server.free_slots
+        if self.running is None or self.running.done():
+            free.put_nowait(slot)
+        else:
+            loop = asyncio.get_running_loop()
+            self.running.add_done_callback(lambda _: loop.call_soon_threadsafe(free.put_nowait, slot))
 
 
 class Completion:
@@ -204,39 +227,60 @@ class Completion:
             out["usage"] = usage
         return out
 
-    async def run(self, request: web.Request, tokens: Iterator[int], sampling: Sampling) -> web.StreamResponse:
+    async def run(self, request: web.Request, steps: Steps, sampling: Sampling) -> web.StreamResponse:
         response = None
         if self.stream:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await response.prepare(request)
             if self.chat:
                 await _send(response, self._body(self._choice("", None, first=True)))
+        try:
+            text, tokens, finish = await self._generate(steps, sampling, response)
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # the engine's fault: the client is told, the stream is ended, not cut
+            log.exception("%s failed after %d tokens", self.id, steps.decoder.tokens)
+            return await self._fail(response, exc)
+        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens,
+                 "total_tokens": self.prompt_tokens + tokens}
+        if response is None:
+            return web.json_response(self._body(self._choice(text, finish), usage))
+        await _send(response, self._body(self._choice(None, finish), usage))
+        return await _done(response)
+
+    async def _generate(self, steps: Steps, sampling: Sampling,
+                        response: web.StreamResponse | None) -> tuple[str, int, str]:
+        """(the text, its tokens, the finish reason); each new piece of text sent as it comes when streaming."""
         ids: list[int] = []
-        text, finish = "", "stop"
+        text = ""
         decode = self.server.engine.tokenizer.decode
-        while (token := await asyncio.to_thread(next, tokens, None)) is not None:
+        while (token := await steps.next()) is not None:
             ids.append(token)
             new_text = decode(ids, skip_special_tokens=True)
             if new_text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
                 continue
             hit = next((s for s in sampling.stop if s in new_text), None)
             if hit:
-                new_text, finish = new_text[:new_text.index(hit)], "stop"
+                new_text = new_text[:new_text.index(hit)]
             if response is not None and len(new_text) > len(text):
                 await _send(response, self._body(self._choice(new_text[len(text):], None)))
             text = new_text
             if hit:
-                break
-        else:
-            finish = "length" if len(ids) >= sampling.max_tokens else "stop"  # eos ended it
-        usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(ids),
-                 "total_tokens": self.prompt_tokens + len(ids)}
+                return text, len(ids), "stop"
+        return text, len(ids), "length" if len(ids) >= sampling.max_tokens else "stop"  # or eos ended it
+
+    async def _fail(self, response: web.StreamResponse | None, exc: Exception) -> web.StreamResponse:
+        error = _failed("while generating", exc)
         if response is None:
-            return web.json_response(self._body(self._choice(text, finish), usage))
-        await _send(response, self._body(self._choice(None, finish), usage))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+            return web.json_response({"error": error}, status=500)
+        await _send(response, {"error": error})  # what OpenAI's clients raise as an APIError mid-stream
+        return await _done(response)
+
+
+async def _done(response: web.StreamResponse) -> web.StreamResponse:
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:
@@ -249,15 +293,6 @@ async def _send(response: web.StreamResponse, body: dict[str, Any]) -> None:
     await response.write(f"data: {json.dumps(body)}\n\n".encode())
 
 
-async def _json(request: web.Request) -> Any:
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text=json.dumps({"error": {"message": "the body is not valid JSON",
-                                                            "type": "invalid_request_error", "param": None,
-                                                            "code": None}}), content_type="application/json")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lessor.engines.torch_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", required=True, help="HF-format folder: config.json, safetensors, tokenizer")
@@ -268,6 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:N (N among the visible devices)")
     parser.add_argument("--memory-limit-bytes", type=int, default=None, help="CUDA cap while loading (the lease)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per decode step)")
+    parser.add_argument("--fail-at-step", type=int, default=None, metavar="N",
+                        help="tests only: decode step N of every request raises, to exercise the error path")
     return parser.parse_args(argv)
 
 
@@ -276,10 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    problem = model_path_problem(args.model_path)
+    if problem is not None:  # one line the operator can act on, not transformers' traceback
+        log.error("%s", problem)
+        return 2
     import torch
 
     torch.set_num_threads(args.threads)
     engine = Engine(args.model_path, args.dtype, args.device, args.memory_limit_bytes)
+    engine.fail_at_step = args.fail_at_step
     server = Server(engine, args.served_model_name or os.path.basename(os.path.normpath(args.model_path)))
 
     def load() -> None:

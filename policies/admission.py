@@ -25,12 +25,21 @@ def shortfall(request: AdmissionRequest, snapshot: Snapshot) -> dict[str, int]:
     return short
 
 
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB"
+def _size(n: int) -> str:
+    """Bytes as the daemon's messages write them (daemon/units.py format_bytes: 1.5 GiB, 512.0 MiB)."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _describe(short: dict[str, int]) -> str:
-    return ", ".join(f"{_gib(b)} on {d}" for d, b in sorted(short.items()))
+    return ", ".join(f"{_size(b)} on {d}" for d, b in sorted(short.items()))
+
+
+def _held(short: dict[str, int], victims: Iterable[ModelView]) -> dict[str, int]:
+    """What the victims hold on the devices where the request is short."""
+    return {d: sum(v.held_bytes.get(d, 0) for v in victims) for d in short}
 
 
 def _free_with(short: dict[str, int], models: Iterable[ModelView]) -> tuple[list[str], dict[str, int]]:
@@ -69,10 +78,16 @@ def decide_with_candidates(request: AdmissionRequest, snapshot: Snapshot,
     if not still_short:
         # Whom it would evict were every ready model idle: the models a waiting load waits for.
         blockers, uncovered = _free_with(short, (m for m in others if m.state == "ready"))
-        return Queue(f"needs {_describe(short)}; models that could make room are busy",
-                     () if uncovered else tuple(blockers))
-    return Rejected(f"needs {_describe(short)} more than is free, and evicting every model this policy may "
-                    f"evict still leaves {_describe(still_short)} short", still_short)
+        # The reason says no figure: the answer that carries it (ModelsBusy) gives the shortfall once.
+        return Queue("the models that could make room are busy", () if uncovered else tuple(blockers))
+    helping = [m for m in others if any(m.held_bytes.get(d, 0) > 0 for d in short)]
+    freed = _held(short, helping)
+    if not helping:
+        why = f"{_describe(short)} short and no model this policy may evict holds memory there: nothing evicted"
+    else:
+        against = ", ".join(f"{_size(freed[d])} of the {_size(b)} short on {d}" for d, b in sorted(short.items()))
+        why = f"evicting {', '.join(m.name for m in helping)} would free {against}: not enough, nothing evicted"
+    return Rejected(why, still_short, tuple(m.name for m in helping), freed)
 
 
 def fit(request: AdmissionRequest, snapshot: Snapshot) -> Decision:
@@ -80,7 +95,7 @@ def fit(request: AdmissionRequest, snapshot: Snapshot) -> Decision:
     short = shortfall(request, snapshot)
     if not short:
         return Admit()
-    return Rejected(f"needs {_describe(short)} more than is free (policy 'fit' never evicts)", short)
+    return Rejected(f"{_describe(short)} short, and policy 'fit' never evicts: nothing evicted", short)
 
 
 def lru_idle(request: AdmissionRequest, snapshot: Snapshot) -> Decision:

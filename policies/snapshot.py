@@ -32,7 +32,7 @@ class DeviceBudget:
 @dataclass(frozen=True)
 class ModelView:
     name: str
-    state: str  # a supervisor ModelState value: unloaded, loading, ready, unloading, failed
+    state: str  # a supervisor ModelState value: unloaded, loading, ready, unloading, failed, adopting (a previous lessord's engine, not yet checked)
     priority: int = 50
     pinned: bool = False
     in_flight: int = 0
@@ -97,8 +97,14 @@ class Queue:
 
 @dataclass(frozen=True)
 class Rejected:
+    """It does not fit, and the evictions this policy may make would not make it fit. `victims`:
+    the models it could have evicted that hold memory where it is short, `freed_bytes` what they
+    hold there (per device): the reason nothing was evicted."""
+
     reason: str
     short_bytes: Mapping[str, int]
+    victims: tuple[str, ...] = ()
+    freed_bytes: Mapping[str, int] = field(default_factory=dict)
 
 
 Decision = Admit | Evict | Queue | Rejected

@@ -204,8 +204,16 @@ def test_models_table_shows_idle_time_requests_pid_and_the_error(daemon, capsys,
     qa = next(r for r in rows if r.startswith("qa "))
     assert qa.split()[-1] == str(models["qa"]["pid"]) and qa.split()[-2] == "0" and qa.split()[-3].endswith("s")
     error = rows[rows.index(next(r for r in rows if r.startswith("broken "))) + 1]
-    assert error.startswith("  error: ") and len(error) <= 60 and error.endswith("...")
-    assert "`lessor models --json` has them whole" in out
+    # Not a terminal (a pipe, a log, a test): every word of the reason, on its line.
+    assert error == "  error: " + " ".join(models["broken"]["error"].split())
+    # On a terminal 60 wide: wrapped to it, at most four lines, and where the rest is.
+    table = cli_render.render_models(list(models.values()), width=60).splitlines()
+    at = table.index(next(r for r in table if r.startswith("broken "))) + 1
+    wrapped = [line for line in table[at:] if line.startswith("  ")]
+    assert wrapped[0].startswith("  error: ") and all(len(line) <= 60 for line in wrapped)
+    assert 1 <= len(wrapped) <= cli_render.ERROR_LINES
+    if len(" ".join(models["broken"]["error"].split())) > 4 * 50:
+        assert "`lessor models --json` has them whole" in table[-1]
     assert lessor(capsys, "models", "--names", "--admin", url)[1].split() == ["qa", "qb", "broken"]
 
 

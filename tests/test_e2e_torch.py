@@ -186,11 +186,11 @@ def test_a_failed_second_load_leaves_the_first_untouched(tmp_path, tiny_qwen):
 
         status, error = admin.load("broken")
         assert status == 502 and error["error"]["type"] == "load_failed"
-        message = error["error"]["message"]
-        assert "wait for weights" in message and "no-such-model" in message, message
+        message = error["error"]["message"]  # refused before an engine was started, naming the path
+        assert f"'start engine': model_path {tmp_path / 'no-such-model'}: no such folder" in message, message
+        assert "Traceback" not in message
         assert admin.model("broken")["state"] == "failed" and admin.leases("broken") == []
-        log = admin.call("GET", "/admin/v1/models/broken/log?lines=50")[1]
-        assert "no-such-model" in log
+        assert "no-such-model: no such folder" in admin.model("broken")["error"]
 
         # 8 - 0.5 headroom - 1 foreign - 3.03 (qa) leaves 3.47 GiB: 2 GiB of weights + a 3 GiB peak do not fit.
         status, error = admin.load("too-big")
@@ -208,3 +208,38 @@ def test_a_pinned_model_that_cannot_load_does_not_stop_the_daemon(tmp_path, tiny
         broken = admin.model("broken")
         assert broken["state"] == "failed" and "missing" in broken["error"] and admin.leases() == []
         assert admin.load("qa")[0] == 200
+
+
+def test_a_router_client_is_told_which_model_failed_and_where_to_look_not_the_engine_log(tmp_path, tiny_qwen):
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "config.json").write_text('{"model_type": "no-such-family"}')  # transformers' traceback, at load
+    faulty = torch_spec("faulty", tiny_qwen, "1GiB")
+    faulty["engine"]["extra_args"] = ["--fail-at-step", "1"]
+    models = [torch_spec("broken", tmp_path / "no-such-model", "1GiB"), torch_spec("garbled", garbled, "1GiB"), faulty]
+    with running_lessord(write_config(tmp_path, models, policy="fit")) as (_, url, router):
+        admin = Admin(url, tmp_path / "state")
+        for name, step in (("broken", "start engine"), ("garbled", "wait for weights"), ("broken", "start engine")):
+            status, raw = post(router + "/v1/chat/completions", {"model": name, "max_tokens": 2,
+                                                                 "messages": [{"role": "user", "content": "Hi"}]})
+            error = json.loads(raw)["error"]
+            assert status in (502, 503) and error["code"] in ("load_failed", "model_failed"), raw
+            assert f"model '{name}'" in error["message"] and f"its engine's log says why (lessor logs {name})" \
+                in error["message"], raw
+            if status == 502:
+                assert f"at step '{step}'" in error["message"]
+            if name == "broken":  # the reason, less the server's path
+                assert "model_path <path>: no such folder" in error["message"], raw
+            assert str(tmp_path) not in raw.decode() and "Traceback" not in raw.decode() and "/" not in raw.decode()
+        # The operator has it all: the path in the model's error, the traceback in the engine's log.
+        assert f"model_path {tmp_path / 'no-such-model'}: no such folder" in admin.model("broken")["error"]
+        assert "Traceback" in admin.call("GET", "/admin/v1/models/garbled/log?lines=200")[1]
+
+        status, raw = post(router + "/v1/completions", {"model": "faulty", "prompt": "The quick", "max_tokens": 3})
+        error = json.loads(raw)["error"]
+        assert status == 500 and error["code"] == "engine_error" and "(lessor logs faulty)" in error["message"], raw
+        status, raw = post(router + "/v1/chat/completions", {"model": "faulty", "max_tokens": 3, "stream": True,
+                                                             "messages": [{"role": "user", "content": "Hi"}]})
+        chunks = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
+        assert status == 200 and chunks[-1] == "[DONE]" and "error" in json.loads(chunks[-2]), chunks
+        assert "RuntimeError" in admin.call("GET", "/admin/v1/models/faulty/log?lines=200")[1]

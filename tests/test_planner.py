@@ -1,5 +1,6 @@
 """The planner against the seed case and its engine rules."""
 
+import re
 from pathlib import Path
 
 from lessor.daemon.config import load_config
@@ -152,7 +153,54 @@ def test_concurrency_goal_divides_the_cache_by_the_context():
 def test_configured_cache_below_the_minimum_says_what_would_fit():
     result = plan(kt_spec(cache_lens=2048), seed_budgets())
     assert not result.fits
-    assert result.reasons[0].startswith("cache_lens gives 2048 KV tokens, below plan.min_kv_tokens 8192; raise it (up to ")
+    assert result.reasons[0].startswith("cache_lens gives 2048 KV tokens, below plan.min_kv_tokens 8192; raise it to ")
+    raised = int(re.search(r"raise it to (\d+)", result.reasons[0]).group(1))
+    assert plan(kt_spec(cache_lens=raised), seed_budgets()).fits  # the value it names fits
+
+
+def _hinted_value(result, param):
+    found = re.search(rf"lower {param} to (\d+)", " ".join(result.reasons))
+    assert found, result.reasons
+    return int(found.group(1))
+
+
+GQA_BUDGETS = {"gpu0": DeviceBudget("gpu0", 80 * GiB, 80 * GiB, GiB, 40 * GiB, 0),
+               "host": DeviceBudget("host", 64 * GiB, 64 * GiB, GiB, 0, 0)}
+
+
+@pytest.mark.parametrize("kind,engine", [
+    ("torch", {"context_tokens": 1_000_000, "max_batch_size": 64}),  # per sequence: context x batch
+    ("vllm", {"max_model_len": 1_000_000, "max_num_seqs": 64}),  # per sequence, and one phase
+    ("sglang", {"max_total_tokens": 64_000_000, "max_running_requests": 64}),  # one pool for every request
+    ("llamacpp", {"ctx_size": 64_000_000, "parallel": 64}),  # one pool shared by the slots
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_a_kv_size_too_large_is_answered_with_one_that_fits_when_applied(kind, engine):
+    """Issue 20: context_tokens=1000000 with max_batch_size=64 was told 'lower context_tokens to
+    131072', which holds 64 x 131072 tokens and fails the same way. Every hint, applied, fits."""
+    result = plan(_gqa_spec(kind, **engine), GQA_BUDGETS)
+    assert not result.fits
+    param = _gqa_spec(kind).engine.kv_param
+    value = _hinted_value(result, param)
+    again = plan(_gqa_spec(kind, **{**engine, param: value}), GQA_BUDGETS)
+    assert again.fits, again.reasons
+
+
+def test_a_cache_lens_too_large_for_ktransformers_is_answered_in_whole_pages():
+    result = plan(kt_spec(cache_lens=262144), seed_budgets())
+    value = _hinted_value(result, "cache_lens")
+    assert value % 256 == 0 and plan(kt_spec(cache_lens=value), seed_budgets()).fits
+
+
+def test_no_kv_size_fits_beside_the_batch_gives_no_value():
+    """About 22 000 tokens fit, plan.min_kv_tokens asks 30 000: no value of context_tokens fits,
+    so none is offered (the most that fits would be refused as too small)."""
+    spec = _gqa_spec("torch", context_tokens=100_000, max_batch_size=64)
+    spec = spec.model_copy(update={"plan": spec.plan.model_copy(update={"min_kv_tokens": 30_000})})
+    budgets = {"gpu0": DeviceBudget("gpu0", 80 * GiB, 80 * GiB, GiB, 80 * GiB - GiB - 16 * GiB, 0)}
+    result = plan(spec, budgets)
+    assert not result.fits
+    assert not re.search(r"lower context_tokens to \d", " ".join(result.reasons)), result.reasons
+    assert "no context_tokens fits: free memory or lower max_batch_size" in result.reasons[0]
 
 
 def test_ktransformers_config_file_agrees_with_the_planned_flags(tmp_path):
@@ -192,3 +240,35 @@ def test_ktransformers_gpu_experts_are_planned_from_the_budget_and_the_kv_cache_
         return sum(w.bytes for w in result.all_leases() if w.device == "gpu0" and w.kind.value == "weights")
     assert gpu_weights(at_large) > gpu_weights(at_small), "more GPU experts are more GPU weights"
     print(f"GPU experts per layer: {small} with 20 GiB free, {large} with 40 GiB")
+
+
+# -- the plan of a loaded model (daemon/controller.py Controller.plan) ---------------------------
+
+async def test_the_plan_of_a_loaded_model_is_its_reload_and_says_it_is_loaded(env):
+    """Issue 20: a READY model's plan said 'does NOT fit': its own leases counted against it."""
+    from .conftest import torch_model
+    controller, _, _ = await env([torch_model("a", "12GiB", plan={"min_kv_tokens": 1024, "max_kv_tokens": 16384})])
+    assert "loaded" not in controller.plan("a")
+    await controller.load("a")  # 12 GiB of weights and 1 GiB of KV cache of the 15 GiB free
+    result = controller.plan("a")
+    assert result["fits"], result["reasons"]
+    assert result["loaded"] is True and result["evictions"] == []
+    assert sorted((c["device"], c["kind"], c["bytes"]) for c in result["current"]) == [
+        ("gpu0", "kv", GiB), ("gpu0", "weights", 12 * GiB)]
+
+
+async def test_a_local_plan_over_the_ledger_a_daemon_left_gives_the_same_answer(env, tmp_path):
+    """`lessor plan --config` runs its own controller over the daemon's ledger: its records say
+    unloaded, the ledger holds the model's leases; the answer is the daemon's."""
+    from lessor.daemon.runtime import runtime
+    from .conftest import sim_config, torch_model
+    models = [torch_model("a", "12GiB", plan={"min_kv_tokens": 1024, "max_kv_tokens": 16384})]
+    controller, _, _ = await env(models)
+    await controller.load("a")
+    daemon = controller.plan("a")
+    async with runtime(sim_config(tmp_path, models), engines={}, reconcile=False) as local:
+        assert local.model("a")["state"] == "unloaded" and local.leases("a")
+        here = local.plan("a")
+    assert here["fits"] and here["loaded"] and here["current"] == daemon["current"]
+    assert {k: here[k] for k in ("fits", "kv_tokens", "leases", "reasons")} == \
+        {k: daemon[k] for k in ("fits", "kv_tokens", "leases", "reasons")}

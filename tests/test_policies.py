@@ -1,4 +1,8 @@
-"""Policies are pure: hand-written snapshots in, decisions out."""
+"""Policies are pure: hand-written snapshots in, decisions out; and what the daemon says of them."""
+
+import re
+
+import pytest
 
 from lessor.policies import (Admit, AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot, fit,
                              lru_idle, priority)
@@ -68,3 +72,107 @@ def test_models_on_other_devices_are_not_victims():
 def test_unknown_device_is_a_rejection_not_a_crash():
     decision = lru_idle(AdmissionRequest("x", {"gpu9": G}), snap(10))
     assert isinstance(decision, Rejected) and decision.short_bytes == {"gpu9": G}
+
+
+def test_a_give_back_that_evicting_would_not_cover_says_so():
+    """Issue 20: foreign usage grew 3 GiB past the leases while 'b' (2 GiB) was idle: the policy
+    evicts nothing, and says that evicting b would not have covered it."""
+    s = snap(-3, model("b", 2))
+    decision = lru_idle(AdmissionRequest.give_back("gpu0"), s)
+    assert isinstance(decision, Rejected)
+    assert decision.reason == "evicting b would free 2.0 GiB of the 3.0 GiB short on gpu0: not enough, nothing evicted"
+    assert decision.victims == ("b",) and decision.freed_bytes == {"gpu0": 2 * G}
+
+
+def test_a_rejection_with_nothing_to_evict_says_why():
+    decision = lru_idle(want(8), snap(2, model("pinned", 10, pinned=True)))
+    assert isinstance(decision, Rejected) and decision.victims == ()
+    assert "no model this policy may evict holds memory there" in decision.reason
+
+
+async def test_the_daemon_logs_why_foreign_growth_evicted_nothing(env, caplog):
+    """`set-foreign gpu0 5GiB` with 'b' idle logged 'evicting nothing (no idle model may go)':
+    the true reason was that evicting b would not cover the shortfall."""
+    from lessor.daemon.units import GiB, MiB
+    from .conftest import torch_model
+    controller, _, _ = await env([torch_model("b", "256MiB", plan={"min_kv_tokens": 1024, "max_kv_tokens": 1024})])
+    await controller.load("b")
+    assert sum(controller.model("b")["leased_bytes"].values()) == 320 * MiB  # weights and 1024 tokens of 64 KiB
+    # Within the headroom a card still has room for (1 GiB): 256 MiB more than b's leases give back.
+    grown = controller.ledger.budgets()["gpu0"].free_bytes + 576 * MiB
+    controller.probe.set_foreign("gpu0", 8 * GiB + grown)
+    with caplog.at_level("WARNING", logger="lessor.reconciler"):
+        await controller.reconciler.check()
+    assert ("gpu0: foreign usage grew 576.0 MiB past the free memory; evicting nothing: evicting b would free "
+            "320.0 MiB of the 576.0 MiB short on gpu0: not enough, nothing evicted") in caplog.text
+    assert controller.model("b")["state"] == "ready"
+
+
+# -- what an explicit load is answered when the policy rejects it (daemon/admission.py) ---------
+
+M = 1 << 20
+
+
+def _budgets(**free_by_device):
+    return {d: DeviceBudget(d, 24 * G, 24 * G, G, 24 * G - G - free, 0) for d, free in free_by_device.items()}
+
+
+@pytest.mark.parametrize("need, free, device, wanted, free_text, short", [
+    ({"gpu0": 3 * G}, {"gpu0": G}, "gpu0", "3.0 GiB", "1.0 GiB is free", "2.0 GiB"),
+    ({"gpu0": G}, {"gpu0": 0}, "gpu0", "1.0 GiB", "0 B is free", "1.0 GiB"),
+    # Issue 23: foreign usage grew past the leases: "needs -768.0 MiB on gpu0, -1.0 GiB is free".
+    ({"gpu0": 256 * M}, {"gpu0": -G}, "gpu0", "256.0 MiB", "none is free (1.0 GiB over its budget)", "1.2 GiB"),
+    ({"gpu0": 512 * M}, {"gpu0": -256 * M}, "gpu0", "512.0 MiB", "none is free (256.0 MiB over its budget)", "768.0 MiB"),
+    # The device shortest of memory is named, not the one asked the most of.
+    ({"gpu0": 10 * G, "gpu1": 2 * G}, {"gpu0": 9 * G, "gpu1": -G}, "gpu1", "2.0 GiB", "none is free", "3.0 GiB"),
+])
+def test_a_refusal_names_the_worst_shortfall_once_and_never_a_negative_figure(need, free, device, wanted,
+                                                                              free_text, short):
+    from lessor.daemon.admission import refused
+    snapshot = Snapshot(_budgets(**free), {"a": model("a", 2, pinned=True)})
+    request = AdmissionRequest("new", need)
+    message = refused(request, snapshot, lru_idle(request, snapshot), "lru_idle").message()
+    assert message.startswith(f"model 'new' needs {wanted} on {device}, {free_text}")
+    assert f"short by {short};" in message
+    assert not re.search(r"-\d", message), message
+    assert message.count("short") == 1 and message.count("needs") == 1  # the numbers said once
+
+
+def test_a_refusal_says_what_evicting_would_have_freed_and_what_to_change():
+    from lessor.daemon.admission import refused
+    snapshot = snap(1, model("b", 2))
+    request = want(8)
+    message = refused(request, snapshot, lru_idle(request, snapshot), "lru_idle").message()
+    assert message == ("model 'new' needs 8.0 GiB on gpu0, 1.0 GiB is free: short by 7.0 GiB; evicting b (every "
+                       "model policy 'lru_idle' may evict) would free only 2.0 GiB there; free memory on gpu0 or give "
+                       "this model a smaller KV cache (plan.max_kv_tokens)")
+
+
+async def test_a_load_refused_under_foreign_churn_says_consistent_figures(env):
+    """Issue 23 saw "needs -768.0 MiB on gpu0, -1.0 GiB is free (short by 256.0 MiB)": the free
+    figure was the device's, the short one what stayed short after evicting the idle model."""
+    from lessor.daemon.errors import NotEnoughMemory
+    from .conftest import torch_model
+    small = {"min_kv_tokens": 1024, "max_kv_tokens": 1024}
+    tiny = {"weights": "64MiB", "kv_bytes_per_token": 65536, "load_peak": 0}
+    controller, _, _ = await env([torch_model("b", "256MiB", plan=small), {**torch_model("c", plan=small), "memory": tiny}])
+    await controller.load("b")  # 320 MiB, idle: evicting it would not cover what is short
+    free = controller.ledger.budgets()["gpu0"].free_bytes
+    controller.probe.set_foreign("gpu0", 8 * G + free + 768 * M)  # 768 MiB over the budget
+    with pytest.raises(NotEnoughMemory) as info:
+        await controller.load("c")
+    message = str(info.value)
+    assert message.startswith("model 'c' needs 128.0 MiB on gpu0, none is free (768.0 MiB over its budget): "
+                              "short by 896.0 MiB; evicting b"), message
+    assert not re.search(r"-\d", message) and controller.model("b")["state"] == "ready"
+
+
+def test_a_wait_after_failed_attempts_leads_with_what_they_said():
+    from lessor.daemon.admission import must_wait
+    snapshot = snap(1, model("busy", 10, in_flight=1))
+    waits = must_wait(want(4), snapshot, "the models that could make room are busy", ("busy",))
+    after = waits.after("attempt 1: verify: over its leases")
+    assert after.blockers == ("busy",)
+    assert after.error.message() == ("model 'new' needs 4.0 GiB on gpu0, 1.0 GiB is free: short by 3.0 GiB; attempt 1: "
+                                     "verify: over its leases; then: the models that could make room are busy; it "
+                                     "loads once busy finish their requests")

@@ -70,7 +70,7 @@ def test_mla_static_cache_holds_the_latent_the_memory_model_predicts(deepseek_v2
     for layer in engine.slots[0].layers:
         assert tuple(layer.keys.shape) == (1, 1, 64, a.kv_lora_rank)
         assert tuple(layer.values.shape) == (1, 1, 64, a.qk_rope_head_dim)
-    prompt = engine.prompt_ids({"messages": [{"role": "user", "content": "Hello, how are you?"}]}, chat=True)
+    prompt = engine.prompt_ids(({"role": "user", "content": "Hello, how are you?"},), None)
     tokens = list(engine.generate(1, prompt, Sampling(4, 0.0, 1.0, (), 1, ignore_eos=True)))
     assert len(tokens) == 4 and all(0 <= t < engine.model.config.vocab_size for t in tokens)
 

@@ -172,7 +172,7 @@ function actionButton(label, fn) {
 }
 
 function renderRow(model) {
-  const busy = model.state === "loading" || model.state === "unloading";
+  const busy = model.state === "loading" || model.state === "unloading" || model.state === "adopting";
   const actions = [actionButton("plan", () => showPlan(model.name))];
   if (page.signedIn) {
     if (model.state === "ready") actions.push(actionButton("unload", () => act(model.name, "unload")));
