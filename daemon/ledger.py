@@ -28,10 +28,9 @@ from .config import DevicesConfig
 from .devices import DeviceReading, Probe, group_members
 from .errors import LedgerDamaged, LedgerUnavailable
 from .events import Event, LeaseGranted, LeaseReleased
-from .ledger_db import (STORAGE_ERRORS, engine_for, engines_table, inspect_sqlite, leases_table, migrate, read_generation,
-                        short_error, write_counted)
-from .ledger_record import (LedgerRecord, Record, check_file, check_generation, expectation, recover_hint,
-                            sqlite_file)
+from .ledger_db import (STORAGE_ERRORS, engine_for, engines_table, leases_table, migrate, read_generation, short_error,
+                        write_counted)
+from .ledger_record import LedgerRecord, check_database, expectation, recover_hint, sqlite_file
 from .units import format_bytes
 
 log = logging.getLogger("lessor.ledger")
@@ -119,28 +118,6 @@ def _row_to_engine(row) -> EngineRecord:
                         json.loads(row.params), row.kv_tokens, row.started_at)
 
 
-def engine_from_record(model: str, row: Mapping) -> EngineRecord:
-    """An engine as the ledger's record kept it (daemon/recovery.py rebuilds from it)."""
-    return EngineRecord(model, row["attempt"], row["pid"], row["identity"], row["port"], EnginePhase(row["phase"]),
-                        dict(row["params"]), row["kv_tokens"], row["started_at"])
-
-
-def lease_from_record(row: Mapping) -> Lease:
-    return Lease(row["id"], row["model"], row["device"], LeaseKind(row["kind"]), row["bytes"], row["attempt"],
-                 row["granted_at"], row.get("owner_pid"), row.get("owner_started_at"))
-
-
-def _open_failure(path, where: str, exc: BaseException, record: LedgerRecord | None, found: Record | None) -> Exception:
-    """SQLite's refusal to open its file is damage; a busy file or a PostgreSQL server that does
-    not answer is the database being unavailable, to be tried again."""
-    reason = short_error(exc)
-    if path is None or any(word in reason for word in ("locked", "busy")):
-        return LedgerUnavailable("open the ledger", f"{where}: {reason}")
-    damage = (f"fails SQLite's integrity check ({reason})" if "malformed" in reason else
-              f"is not a SQLite database ({reason})" if "not a database" in reason else f"does not open ({reason})")
-    return LedgerDamaged(where, damage, expectation(record, found), recover_hint(record))
-
-
 def _row_to_lease(row) -> Lease:
     return Lease(id=row.id, model=row.model, device=row.device, kind=LeaseKind(row.kind), bytes=row.bytes,
                  attempt=row.attempt, granted_at=row.granted_at, owner_pid=row.owner_pid,
@@ -164,6 +141,7 @@ class Ledger:
         self._unpersisted: dict[str, str] = {}
         self._record: LedgerRecord | None = None
         self._generation = 0  # the database's, after the last commit
+        self._noted_holding = False  # whether the last record said leases were granted
 
     @classmethod
     async def open(cls, url: str, probe: Probe, devices: DevicesConfig, record: LedgerRecord | None = None,
@@ -177,30 +155,13 @@ class Ledger:
         path = sqlite_file(url)
         where = str(path) if path is not None else make_url(url).render_as_string(hide_password=True)
         try:
-            await ledger._inspect(path, where, record.read() if record is not None else None)
+            await check_database(ledger._engine, path, where, record)
             await ledger._migrate()
             await ledger._load(where)
         except BaseException:
             await ledger._engine.dispose()
             raise
         return ledger
-
-    async def _inspect(self, path, where: str, found: Record | None) -> None:
-        problem, generation = None, None
-        try:
-            if path is None:
-                async with self._engine.begin() as conn:
-                    generation = await conn.run_sync(read_generation)
-            else:
-                check_file(path, self._record, found)
-                if path.exists():  # a new ledger is created by migrate
-                    problem, generation = await asyncio.to_thread(inspect_sqlite, path)
-        except STORAGE_ERRORS as exc:
-            raise _open_failure(path, where, exc, self._record, found) from None
-        if problem:
-            raise LedgerDamaged(where, f"fails SQLite's integrity check ({problem})", expectation(self._record, found),
-                                recover_hint(self._record))
-        check_generation(where, generation, self._record, found)
 
     async def _migrate(self) -> None:
         try:
@@ -229,7 +190,7 @@ class Ledger:
         if self._record is not None:
             found = self._record.read()
             if found is None or found.generation != self._generation:
-                self._note()
+                await self._note(engines_changed=True)
 
     @classmethod
     def in_memory(cls, probe: Probe, devices: DevicesConfig, **kwargs) -> "Ledger":
@@ -247,15 +208,21 @@ class Ledger:
         changed, self._generation = await write_counted(self._engine, doing, statements())
         return changed
 
-    def _note(self) -> None:
-        """The record of what is committed now (after the change is applied in memory too)."""
-        if self._record is None:
+    async def _note(self, engines_changed: bool = False) -> None:
+        """The record of what is committed now (after the change is applied in memory too): when
+        the engines change (what recovery rebuilds from) or the ledger goes from no lease to some or
+        back (what an empty database is checked against). Not at every lease: replacing a file on
+        ext4 flushes its data (about a millisecond). A record behind its database is sound. In a
+        thread, under the ledger's lock: records are written in order, the router's loop never waits."""
+        holding = bool(self._leases)
+        if self._record is None or not (engines_changed or holding != self._noted_holding):
             return
+        self._noted_holding = holding
         engines = {model: {**{k: v for k, v in engine.row().items() if k != "model"}, "params": dict(engine.params),
                            "leases": [lease.to_dict() for lease in self._leases.values()
                                       if lease.model == model and lease.attempt == engine.attempt]}
                    for model, engine in self._engines.items()}
-        self._record.write(self._generation, len(self._leases), engines)
+        await asyncio.to_thread(self._record.write, self._generation, len(self._leases), engines)
 
     @property
     def generation(self) -> int:
@@ -329,7 +296,7 @@ class Ledger:
                 raise
             for lease in leases:
                 self._leases[lease.id] = lease
-            self._note()
+            await self._note()
         for lease in leases:
             self._publish(LeaseGranted(lease.id, model, lease.device, lease.kind.value, lease.bytes))
         return Granted(tuple(leases))
@@ -366,7 +333,7 @@ class Ledger:
                     self._unpersisted.update(dict.fromkeys(ids, reason))
                 for lease in released:
                     del self._leases[lease.id]
-                self._note()
+                await self._note()
         for lease in released:
             self._publish(LeaseReleased(lease.id, lease.model, lease.device, lease.kind.value, lease.bytes, reason))
         return released
@@ -389,7 +356,7 @@ class Ledger:
                     break
                 for lease_id in ids:
                     del self._unpersisted[lease_id]
-                self._note()
+                await self._note()
             return len(self._unpersisted)
 
     async def release_model(self, model: str, reason: str, kinds: Collection[LeaseKind] | None = None) -> list[Lease]:
@@ -415,7 +382,7 @@ class Ledger:
             for lease_id, lease in list(self._leases.items()):
                 if lease.model == engine.model:
                     self._leases[lease_id] = replace(lease, owner_pid=engine.pid, owner_started_at=engine.started_at)
-            self._note()
+            await self._note(engines_changed=True)
 
     async def restore(self, engines: Sequence[EngineRecord], leases: Sequence[Lease], reason: str) -> None:
         """Recovery only (daemon/recovery.py): the granted leases and engine records become exactly
@@ -432,7 +399,7 @@ class Ledger:
                 *([(insert(engines_table), [engine.row() for engine in engines])] if engines else [])])
             self._leases = {lease.id: lease for lease in leases}
             self._engines = {engine.model: engine for engine in engines}
-            self._note()
+            await self._note(engines_changed=True)
 
     async def forget_engine(self, model: str) -> None:
         """The engine is stopped. A refused write is only logged: a restart finds the process gone."""
@@ -444,7 +411,7 @@ class Ledger:
                                   lambda: [(delete(engines_table).where(engines_table.c.model == model),)])
             except LedgerUnavailable:
                 pass
-            self._note()
+            await self._note(engines_changed=True)
 
     async def prune_released(self, older_than_s: float) -> int:
         """Drop released rows older than this (they are history; events carried them already); how
@@ -452,7 +419,7 @@ class Ledger:
         async with self._lock:
             pruned = await self._write("prune released leases", lambda: [(delete(leases_table).where(
                 (leases_table.c.state == LeaseState.RELEASED.value) & (leases_table.c.released_at < self._clock() - older_than_s)),)])
-            self._note()
+            await self._note()
             return pruned
 
     async def run_pruning(self, history_s: float, interval_s: float | None = None,

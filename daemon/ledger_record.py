@@ -9,15 +9,24 @@ then stop every engine it forgot as a stray. The database holds the same generat
 commits. The record applies to PostgreSQL too (a database restored or recreated under a running
 lessor is behind it as well); only the file checks and quick_check are SQLite's.
 
-The record is written after each committed change, as tmp + fsync + rename: a reader sees the
-old record or the new one, never half of one. It may lag the database by the last commit (lessord
-killed between the two): a database ahead of its record is sound. After a reboot the database may
-have lost its last commits by design (WAL with synchronous=NORMAL) and no engine survived: a lag
-is then only a warning; a database gone or empty is refused whatever the boot.
+The record is written, after the commit, whenever the engines change (recorded, ready, forgotten:
+what recovery rebuilds from) and whenever the ledger goes from no granted lease to some or back
+(what an empty database is checked against); a write replaces the file (tmp + rename), so a reader
+sees the old record or the new one. Not at every lease: a rename over a file costs about a
+millisecond on ext4 (it flushes the data first). Commits lost since the last record are then
+grants and releases between two engine changes, which the start settles as after any crash: a
+load not recorded yet (its engine stopped as a stray), leases nobody holds (released). A record behind its database (lessord killed between the two) is sound.
+
+It is not fsynced, on purpose: the database's commits are not either (WAL with synchronous=NORMAL:
+they survive lessord's crash, not the machine's; an fsync costs 3 ms on the development machine).
+After a reboot either may have lost its last writes and no engine survived: a lag is then only a
+warning, a record that does not parse is not compared; a database gone or empty where the record
+says leases existed is refused whatever the boot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,8 +36,10 @@ from pathlib import Path
 from typing import Mapping
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .errors import LedgerDamaged
+from .errors import LedgerDamaged, LedgerUnavailable
+from .ledger_db import STORAGE_ERRORS, inspect_sqlite, read_generation, short_error
 
 log = logging.getLogger("lessor.ledger")
 
@@ -92,10 +103,7 @@ class LedgerRecord:
                            "written_at": time.time()}, sort_keys=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "w") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
+            tmp.write_text(body)
             os.replace(tmp, self.path)
         except OSError as exc:
             if not self._failing:
@@ -163,3 +171,35 @@ def check_generation(where: str, generation: int | None, record: LedgerRecord | 
     else:
         raise LedgerDamaged(where, f"{state}: commits were lost (the file truncated, its WAL lost or "
                             "replaced, or the database restored)", said, recover_hint(record))
+
+
+async def check_database(engine: AsyncEngine, path: Path | None, where: str, record: LedgerRecord | None) -> None:
+    """Every check before the ledger is migrated or read (`path`: the SQLite file; None for
+    PostgreSQL). Raises LedgerDamaged, or LedgerUnavailable for a database that does not answer."""
+    found = record.read() if record is not None else None
+    problem, generation = None, None
+    try:
+        if path is None:
+            async with engine.begin() as conn:
+                generation = await conn.run_sync(read_generation)
+        else:
+            check_file(path, record, found)
+            if path.exists():  # a new ledger is created by migrate
+                problem, generation = await asyncio.to_thread(inspect_sqlite, path)
+    except STORAGE_ERRORS as exc:
+        raise _open_failure(path, where, exc, record, found) from None
+    if problem:
+        raise LedgerDamaged(where, f"fails SQLite's integrity check ({problem})", expectation(record, found),
+                            recover_hint(record))
+    check_generation(where, generation, record, found)
+
+
+def _open_failure(path, where: str, exc: BaseException, record: LedgerRecord | None, found: Record | None) -> Exception:
+    """SQLite's refusal to open its file is damage; a busy file or a PostgreSQL server that does
+    not answer is the database being unavailable, to be tried again."""
+    reason = short_error(exc)
+    if path is None or any(word in reason for word in ("locked", "busy")):
+        return LedgerUnavailable("open the ledger", f"{where}: {reason}")
+    damage = (f"fails SQLite's integrity check ({reason})" if "malformed" in reason else
+              f"is not a SQLite database ({reason})" if "not a database" in reason else f"does not open ({reason})")
+    return LedgerDamaged(where, damage, expectation(record, found), recover_hint(record))

@@ -16,11 +16,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from ..engines.process import process_identity
 from .config import LessorConfig
 from .errors import LedgerDamaged
-from .ledger import Ledger, engine_from_record, lease_from_record
+from .ledger import EnginePhase, EngineRecord, Lease, LeaseKind, Ledger
 from .ledger_record import LedgerRecord, Record, sqlite_file
 from .reconciler import find_strays
 
@@ -92,6 +93,17 @@ def _set_aside(state_dir: Path, database: Path | None, record: LedgerRecord) -> 
         if path.exists() or path.is_symlink():
             path.rename(aside / path.name)
     return aside
+
+
+def engine_from_record(model: str, row: Mapping) -> EngineRecord:
+    """An engine as the ledger's record kept it."""
+    return EngineRecord(model, row["attempt"], row["pid"], row["identity"], row["port"], EnginePhase(row["phase"]),
+                        dict(row["params"]), row["kv_tokens"], row["started_at"])
+
+
+def lease_from_record(row: Mapping) -> Lease:
+    return Lease(row["id"], row["model"], row["device"], LeaseKind(row["kind"]), row["bytes"], row["attempt"],
+                 row["granted_at"], row.get("owner_pid"), row.get("owner_started_at"))
 
 
 def _still_running(found: Record | None, report: Recovery):
