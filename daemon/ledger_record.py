@@ -103,6 +103,7 @@ class LedgerRecord:
                            "written_at": time.time()}, sort_keys=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(body)
             os.replace(tmp, self.path)
         except OSError as exc:

@@ -13,18 +13,20 @@ import re
 import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from lessor.daemon.devices import SimProbe
 from lessor.daemon.errors import LedgerDamaged
-from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.ledger import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant, Ledger
 from lessor.daemon.ledger_record import RECORD_FILE, LedgerRecord
+from lessor.daemon.recovery import RECOVER, recover
 from lessor.daemon.units import GiB
 from lessor.engines.process import process_identity
 
-from .conftest import BIN, HANG_S, free_port, running_lessord, sim_config, torch_model
+from .conftest import BIN, HANG_S, drop_ledger_tables, free_port, running_lessord, sim_config, torch_model
 from .test_e2e_torch import Admin
 from .test_restart import config_file, kill_9, standin_spec
 
@@ -216,3 +218,45 @@ async def test_rows_that_do_not_read_are_damage_not_a_type_error(tmp_path):
     connection.close()
     with pytest.raises(LedgerDamaged, match=r"ledger\.db holds rows that do not read \('half-loaded' is not a valid"):
         await _open_close(config)
+
+
+@pytest.fixture
+def engine_of(tmp_path):
+    """A process that passes for an engine of this state folder (its environment says so)."""
+    state = (tmp_path / "state").absolute()
+    proc = subprocess.Popen(["sleep", "600"], start_new_session=True,
+                            env={**os.environ, "LESSOR_STATE_DIR": str(state), "LESSOR_ATTEMPT": "t1"})
+    deadline = time.monotonic() + HANG_S
+    while b"LESSOR_ATTEMPT=" not in Path(f"/proc/{proc.pid}/environ").read_bytes():  # until exec has finished
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+async def test_a_database_behind_its_record_is_refused_and_rebuilt_from_the_engine_that_runs(tmp_path, ledger_url,
+                                                                                             engine_of):
+    """SQLite at a URL of its own, and PostgreSQL: a database recreated (or restored from before)
+    under the engines is behind its record; recovery writes back the engine and its lease."""
+    config = sim_config(tmp_path, [torch_model("a")], ledger={"url": ledger_url})
+    record = LedgerRecord.in_state_dir(config.state_dir)
+    ledger = await _ledger(ledger_url, config, record)
+    granted = await ledger.grant("a", [LeaseWant("gpu0", LeaseKind.WEIGHTS, GiB)], "t1")
+    pid = engine_of.pid
+    await ledger.record_engine(EngineRecord("a", "t1", pid, process_identity(pid), 8123, EnginePhase.READY,
+                                            {"kv": 1}, 64, 1.0))
+    await ledger.close()
+    await drop_ledger_tables(ledger_url)
+
+    with pytest.raises(LedgerDamaged, match="holds no ledger tables: commits were lost .* engines a \\(pid"):
+        await _ledger(ledger_url, config, record)
+    report = await recover(config, RECOVER)
+    assert report.recovered == [f"a (pid {pid}, port 8123, 1 lease(s))"] and report.unidentified == [], report
+    ledger = await _ledger(ledger_url, config, record)
+    try:
+        assert ledger.engines()["a"].params == {"kv": 1} and ledger.engines()["a"].pid == pid
+        assert [lease.id for lease in ledger.leases()] == [granted.leases[0].id]
+    finally:
+        await ledger.close()
+    assert engine_of.poll() is None
