@@ -190,7 +190,7 @@ class Ledger:
         if self._record is not None:
             found = self._record.read()
             if found is None or found.generation != self._generation:
-                await self._note(engines_changed=True)
+                self._note(engines_changed=True)
 
     @classmethod
     def in_memory(cls, probe: Probe, devices: DevicesConfig, **kwargs) -> "Ledger":
@@ -208,12 +208,13 @@ class Ledger:
         changed, self._generation = await write_counted(self._engine, doing, statements())
         return changed
 
-    async def _note(self, engines_changed: bool = False) -> None:
+    def _note(self, engines_changed: bool = False) -> None:
         """The record of what is committed now (after the change is applied in memory too): when
         the engines change (what recovery rebuilds from) or the ledger goes from no lease to some or
-        back (what an empty database is checked against). Not at every lease: replacing a file on
-        ext4 flushes its data (about a millisecond). A record behind its database is sound. In a
-        thread, under the ledger's lock: records are written in order, the router's loop never waits."""
+        back (what an empty database is checked against), a few times per load. Not at every lease:
+        replacing a file on ext4 flushes its data (about a millisecond). A record behind its
+        database is sound. Written in the loop, not a thread: a cancelled grant must not stop
+        between its commit and its return."""
         holding = bool(self._leases)
         if self._record is None or not (engines_changed or holding != self._noted_holding):
             return
@@ -222,7 +223,7 @@ class Ledger:
                            "leases": [lease.to_dict() for lease in self._leases.values()
                                       if lease.model == model and lease.attempt == engine.attempt]}
                    for model, engine in self._engines.items()}
-        await asyncio.to_thread(self._record.write, self._generation, len(self._leases), engines)
+        self._record.write(self._generation, len(self._leases), engines)
 
     @property
     def generation(self) -> int:
@@ -296,7 +297,7 @@ class Ledger:
                 raise
             for lease in leases:
                 self._leases[lease.id] = lease
-            await self._note()
+            self._note()
         for lease in leases:
             self._publish(LeaseGranted(lease.id, model, lease.device, lease.kind.value, lease.bytes))
         return Granted(tuple(leases))
@@ -333,7 +334,7 @@ class Ledger:
                     self._unpersisted.update(dict.fromkeys(ids, reason))
                 for lease in released:
                     del self._leases[lease.id]
-                await self._note()
+                self._note()
         for lease in released:
             self._publish(LeaseReleased(lease.id, lease.model, lease.device, lease.kind.value, lease.bytes, reason))
         return released
@@ -356,7 +357,7 @@ class Ledger:
                     break
                 for lease_id in ids:
                     del self._unpersisted[lease_id]
-                await self._note()
+                self._note()
             return len(self._unpersisted)
 
     async def release_model(self, model: str, reason: str, kinds: Collection[LeaseKind] | None = None) -> list[Lease]:
@@ -382,7 +383,7 @@ class Ledger:
             for lease_id, lease in list(self._leases.items()):
                 if lease.model == engine.model:
                     self._leases[lease_id] = replace(lease, owner_pid=engine.pid, owner_started_at=engine.started_at)
-            await self._note(engines_changed=True)
+            self._note(engines_changed=True)
 
     async def restore(self, engines: Sequence[EngineRecord], leases: Sequence[Lease], reason: str) -> None:
         """Recovery only (daemon/recovery.py): the granted leases and engine records become exactly
@@ -399,7 +400,7 @@ class Ledger:
                 *([(insert(engines_table), [engine.row() for engine in engines])] if engines else [])])
             self._leases = {lease.id: lease for lease in leases}
             self._engines = {engine.model: engine for engine in engines}
-            await self._note(engines_changed=True)
+            self._note(engines_changed=True)
 
     async def forget_engine(self, model: str) -> None:
         """The engine is stopped. A refused write is only logged: a restart finds the process gone."""
@@ -411,7 +412,7 @@ class Ledger:
                                   lambda: [(delete(engines_table).where(engines_table.c.model == model),)])
             except LedgerUnavailable:
                 pass
-            await self._note(engines_changed=True)
+            self._note(engines_changed=True)
 
     async def prune_released(self, older_than_s: float) -> int:
         """Drop released rows older than this (they are history; events carried them already); how
@@ -419,7 +420,7 @@ class Ledger:
         async with self._lock:
             pruned = await self._write("prune released leases", lambda: [(delete(leases_table).where(
                 (leases_table.c.state == LeaseState.RELEASED.value) & (leases_table.c.released_at < self._clock() - older_than_s)),)])
-            await self._note()
+            self._note()
             return pruned
 
     async def run_pruning(self, history_s: float, interval_s: float | None = None,
