@@ -109,12 +109,19 @@ def migrate(connection) -> tuple[int, int]:
     return found, SCHEMA_VERSION
 
 
+def _generation_of(tables: set[str], read) -> int | None:
+    """None: no ledger tables at all (a new database, or one that lost them); 0 for a ledger older
+    than schema version 3, which counted nothing yet."""
+    if generation_table.name in tables:
+        return read() or 0
+    return 0 if leases_table.name in tables else None
+
+
 def read_generation(connection) -> int | None:
-    """The committed generation, or None where the database has no such table yet (new, or older
-    than schema version 3). Synchronous, before `migrate`: what was there, not what migrating adds."""
-    if generation_table.name not in inspect(connection).get_table_names():
-        return None
-    return connection.execute(select(generation_table.c.generation)).scalar() or 0
+    """The committed generation (`_generation_of`). Synchronous, before `migrate`: what was there,
+    not what migrating adds."""
+    return _generation_of(set(inspect(connection).get_table_names()),
+                          lambda: connection.execute(select(generation_table.c.generation)).scalar())
 
 
 def inspect_sqlite(path: Path) -> tuple[str | None, int | None]:
@@ -125,8 +132,8 @@ def inspect_sqlite(path: Path) -> tuple[str | None, int | None]:
     try:
         findings = [row[0] for row in connection.execute("PRAGMA quick_check").fetchall()]
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        generation = (connection.execute(f"SELECT generation FROM {generation_table.name}").fetchone() or (0,))[0] \
-            if generation_table.name in tables else None
+        generation = _generation_of(tables, lambda: (connection.execute(
+            f"SELECT generation FROM {generation_table.name}").fetchone() or (0,))[0])
     finally:
         connection.close()
     return (None if findings == ["ok"] else "; ".join(findings[:3])[:300]), generation

@@ -6,7 +6,8 @@ Why a second file: a damaged SQLite file often opens as an empty ledger without 
 drops the WAL of a database truncated to 0 bytes; a WAL of garbage is ignored), and lessord would
 then stop every engine it forgot as a stray. The database holds the same generation (ledger_db's
 `lessor_generation`, raised in each write's own transaction), so a database behind its record lost
-commits. The record applies to PostgreSQL too (a database restored or recreated under a running
+commits. With neither a ledger nor a record it is a first start, unless engines of this state
+folder run (both were lost): refused too. The record applies to PostgreSQL too (a database restored or recreated under a running
 lessor is behind it as well); only the file checks and quick_check are SQLite's.
 
 The record is written, after the commit, whenever the engines change (recorded, ready, forgotten:
@@ -193,6 +194,21 @@ async def check_database(engine: AsyncEngine, path: Path | None, where: str, rec
         raise LedgerDamaged(where, f"fails SQLite's integrity check ({problem})", expectation(record, found),
                             recover_hint(record))
     check_generation(where, generation, record, found)
+    if generation is None and found is None and record is not None:
+        _check_no_engines(path, where, record)
+
+
+def _check_no_engines(path: Path | None, where: str, record: LedgerRecord) -> None:
+    """No ledger and no record: a first start, unless engines of this state folder run (the record
+    was lost with the ledger); then it is refused too, rather than stop them all as strays."""
+    from .reconciler import find_strays  # its one definition of "an engine of this state folder"
+
+    running = find_strays(record.path.parent, set())
+    if running:
+        state = "is missing" if path is not None and not path.exists() else "holds no ledger tables"
+        raise LedgerDamaged(where, f"{state} and its record {record.path} is missing too",
+                            f"but {len(running)} engine process(es) of this state folder run: pid "
+                            f"{', '.join(map(str, sorted(running)))}", recover_hint(record))
 
 
 def _open_failure(path, where: str, exc: BaseException, record: LedgerRecord | None, found: Record | None) -> Exception:

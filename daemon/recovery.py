@@ -72,6 +72,7 @@ async def recover(config: LessorConfig, mode: str) -> Recovery:
         return Recovery(mode)
     found = record.read()
     report.set_aside = _set_aside(Path(config.state_dir).absolute(), sqlite_file(url), record)
+    record.write(0, 0, {})  # the ledger starts again from here: nothing is expected of the new one
     ledger = await Ledger.open(url, _NoProbe(), config.devices, record=record)
     try:
         engines, leases, attempts = _still_running(found, report) if mode == RECOVER else ([], [], set())

@@ -153,6 +153,22 @@ def test_start_fresh_empties_the_ledger_and_stops_the_engines_it_forgot(tmp_path
     assert "is not in the record; it is stopped as a stray" in output.read_text()
 
 
+def test_a_ledger_lost_with_its_record_is_refused_while_its_engines_run(tmp_path):
+    config, engine, _ = loaded_and_killed(tmp_path)
+    deleted(tmp_path / "state")
+    (tmp_path / "state" / RECORD_FILE).unlink()
+    said = start_refused(config)
+    assert len(said.splitlines()) == 1 and "is missing and its record" in said, said
+    assert f"1 engine process(es) of this state folder run: pid {engine['pid']}" in said
+    output = tmp_path / "recovery.log"
+    with running_lessord(config, "--recover-from-engines", output=output) as (_, url, _):
+        assert Admin(url, tmp_path / "state").leases() == []
+        assert process_identity(engine["pid"]) is None
+    log = output.read_text()
+    assert "the record names no engine: nothing could be recovered" in log
+    assert f"not identified: pid {engine['pid']} runs for" in log, log
+
+
 def test_recovery_on_a_sound_ledger_changes_nothing(tmp_path):
     config, engine, leases = loaded_and_killed(tmp_path)
     output = tmp_path / "sound.log"
@@ -209,6 +225,32 @@ async def _open_close(config):
     await ledger.close()
 
 
+async def test_no_ledger_and_no_record_is_a_first_start_unless_engines_of_the_state_folder_run(tmp_path, engine_of):
+    config = sim_config(tmp_path, [torch_model("a")])
+    await _open_close(config)  # a first start
+    deleted(Path(config.state_dir))
+    LedgerRecord.in_state_dir(config.state_dir).remove()
+    engine = engine_of()
+    with pytest.raises(LedgerDamaged, match=f"is missing and its record .* is missing too .*pid {engine.pid}"):
+        await _open_close(config)
+
+
+async def test_a_ledger_from_before_the_record_opens_while_its_engines_run(tmp_path, engine_of):
+    """An upgrade: schema version 2, no generation, no record, engines running: adopted as usual."""
+    config = sim_config(tmp_path, [torch_model("a")])
+    await _open_close(config)
+    LedgerRecord.in_state_dir(config.state_dir).remove()
+    connection = sqlite3.connect(files(Path(config.state_dir))[0])
+    connection.execute("DROP TABLE lessor_generation")
+    connection.execute("UPDATE lessor_schema SET version = 2")
+    connection.commit()
+    connection.close()
+    engine_of()
+    ledger = await _ledger(config.ledger_url(), config, LedgerRecord.in_state_dir(config.state_dir))
+    assert ledger.generation == 0 and LedgerRecord.in_state_dir(config.state_dir).read().generation == 0
+    await ledger.close()
+
+
 async def test_rows_that_do_not_read_are_damage_not_a_type_error(tmp_path):
     config = sim_config(tmp_path, [torch_model("a")])
     await _open_close(config)
@@ -222,17 +264,23 @@ async def test_rows_that_do_not_read_are_damage_not_a_type_error(tmp_path):
 
 @pytest.fixture
 def engine_of(tmp_path):
-    """A process that passes for an engine of this state folder (its environment says so)."""
-    state = (tmp_path / "state").absolute()
-    proc = subprocess.Popen(["sleep", "600"], start_new_session=True,
-                            env={**os.environ, "LESSOR_STATE_DIR": str(state), "LESSOR_ATTEMPT": "t1"})
-    deadline = time.monotonic() + HANG_S
-    while b"LESSOR_ATTEMPT=" not in Path(f"/proc/{proc.pid}/environ").read_bytes():  # until exec has finished
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    yield proc
-    proc.kill()
-    proc.wait()
+    """Starts a process that passes for an engine of this state folder (its environment says so)."""
+    started = []
+
+    def start() -> subprocess.Popen:
+        state = (tmp_path / "state").absolute()
+        proc = subprocess.Popen(["sleep", "600"], start_new_session=True,
+                                env={**os.environ, "LESSOR_STATE_DIR": str(state), "LESSOR_ATTEMPT": "t1"})
+        started.append(proc)
+        deadline = time.monotonic() + HANG_S
+        while b"LESSOR_ATTEMPT=" not in Path(f"/proc/{proc.pid}/environ").read_bytes():  # until exec has finished
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return proc
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
 
 
 async def test_a_database_behind_its_record_is_refused_and_rebuilt_from_the_engine_that_runs(tmp_path, ledger_url,
@@ -243,7 +291,8 @@ async def test_a_database_behind_its_record_is_refused_and_rebuilt_from_the_engi
     record = LedgerRecord.in_state_dir(config.state_dir)
     ledger = await _ledger(ledger_url, config, record)
     granted = await ledger.grant("a", [LeaseWant("gpu0", LeaseKind.WEIGHTS, GiB)], "t1")
-    pid = engine_of.pid
+    engine = engine_of()
+    pid = engine.pid
     await ledger.record_engine(EngineRecord("a", "t1", pid, process_identity(pid), 8123, EnginePhase.READY,
                                             {"kv": 1}, 64, 1.0))
     await ledger.close()
@@ -259,4 +308,4 @@ async def test_a_database_behind_its_record_is_refused_and_rebuilt_from_the_engi
         assert [lease.id for lease in ledger.leases()] == [granted.leases[0].id]
     finally:
         await ledger.close()
-    assert engine_of.poll() is None
+    assert engine.poll() is None
