@@ -193,11 +193,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "for log shippers ($LESSOR_LOG_FORMAT)")
     damaged = parser.add_mutually_exclusive_group()
     damaged.add_argument("--recover-from-engines", dest="recovery", action="store_const", const=RECOVER,
-                         help="only if the ledger is damaged: set its files aside and rebuild the leases of the "
-                              "engines that still run from the ledger's record, then start (they are adopted)")
+                         help="only if the ledger is damaged: set its files aside, rebuild the leases of the "
+                              "engines that still run from the ledger's record, say what it could not, and exit; "
+                              "the next start adopts them")
     damaged.add_argument("--start-fresh", dest="recovery", action="store_const", const=FRESH,
-                         help="only if the ledger is damaged: set its files aside and start with an empty ledger "
-                              "(engines that still run are stopped as strays)")
+                         help="only if the ledger is damaged: set its files aside and exit; the next start begins "
+                              "with an empty ledger (and stops the engines that still run as strays)")
     args = parser.parse_args(argv)
     # A default from the environment skips `choices`: checked here, naming the variable.
     for value, variable, allowed in ((args.log_level, "LESSOR_LOG_LEVEL", LOG_LEVELS),
@@ -233,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         run = asyncio.run
     try:
-        if args.recovery:
+        if args.recovery:  # then exit: under systemd, stopping a foreground lessord would stop the engines
             for line in asyncio.run(recover(config, args.recovery)).lines():
                 print(f"lessord: {line}", flush=True)
+            return 0
         run(serve(config, args.sim, lambda: configure(args), source=args.config))
     except (LedgerDamaged, LedgerUnavailable, SchemaTooNew) as exc:  # at start: nothing was changed
         print(f"lessord: {exc}", file=sys.stderr)

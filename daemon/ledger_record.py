@@ -129,9 +129,9 @@ def sqlite_file(url: str) -> Path | None:
 
 def recover_hint(record: LedgerRecord | None) -> str:
     source = f" from {record.path}" if record is not None else ""
-    return ("start lessord once with --recover-from-engines to rebuild the leases of the engines that still run"
-            f"{source}, or with --start-fresh to set the damaged files aside and start empty (engines that "
-            "still run are then stopped as strays)")
+    return ("run lessord once with this --config and --recover-from-engines to rebuild the leases of the engines "
+            f"that still run{source}, or --start-fresh to set the damaged files aside and start empty (engines "
+            "that still run are then stopped as strays); then start it as usual")
 
 
 def expectation(record: LedgerRecord | None, found: Record | None) -> str:

@@ -1,5 +1,5 @@
 """Getting past a damaged ledger, on the operator's word: `lessord --recover-from-engines` or
-`lessord --start-fresh`, run before lessord serves.
+`lessord --start-fresh`, run once (they exit; the next start serves).
 
 Both set the damaged SQLite files (and the old record) aside in `<state_dir>/ledger-damaged-<time>/`
 for a post-mortem, never deleting them; on PostgreSQL the database stays and its granted leases are
@@ -39,15 +39,17 @@ class Recovery:
 
     def lines(self) -> list[str]:
         if not self.damage:
-            return [f"--{self.mode}: the ledger is sound, nothing to do; starting as usual"]
+            return [f"--{self.mode}: the ledger is sound, nothing to do; start lessord as usual"]
         said = [f"--{self.mode}: {self.damage}"]
         if self.set_aside is not None:
             said.append(f"the damaged files and the old record are set aside in {self.set_aside}")
-        said += [f"recovered {what}; the start adopts it if it answers" for what in self.recovered]
+        said += [f"recovered {what}; the next start adopts it if it answers" for what in self.recovered]
         said += [f"not recovered: {what}" for what in self.gone]
-        said += [f"not identified: {what}; it is stopped as a stray at start" for what in self.unidentified]
+        said += [f"not identified: {what}; the next start stops it as a stray" for what in self.unidentified]
         if self.mode == RECOVER and not (self.recovered or self.gone):
             said.append("the record names no engine: nothing could be recovered from it")
+        said.append("start lessord as usual (without --" + self.mode + "): " +
+                    ("it adopts the recovered engines" if self.recovered else "it starts with an empty ledger"))
         return said
 
 

@@ -95,12 +95,24 @@ DAMAGE = {truncate_wal_kept: r"is empty \(0 bytes\)", truncate_wal_deleted: r"is
           half_truncated: "malformed|integrity check", a_directory: "is a directory"}
 
 
+def lessord_once(config: Path, *args: str) -> tuple[int, str]:
+    """lessord run to its exit (a refused start, or a recovery): its status and what it said."""
+    proc = subprocess.run([str(BIN / "lessord"), "--config", str(config), "--sim", "--admin-listen",
+                           f"127.0.0.1:{free_port()}", "--router-listen", f"127.0.0.1:{free_port()}", *args],
+                          capture_output=True, text=True, timeout=HANG_S)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def recovered(config: Path, flag: str) -> str:
+    status, said = lessord_once(config, flag)
+    assert status == 0 and "Traceback" not in said, said
+    return said
+
+
 def start_refused(config: Path) -> str:
     """lessord started on the damaged ledger: what it said, once it exited."""
-    proc = subprocess.run([str(BIN / "lessord"), "--config", str(config), "--sim", "--admin-listen", f"127.0.0.1:{free_port()}",
-                           "--router-listen", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=HANG_S)
-    said = (proc.stdout + proc.stderr).strip()
-    assert proc.returncode == 3, said
+    status, said = lessord_once(config)
+    assert status == 3, said
     return said
 
 
@@ -129,14 +141,14 @@ def test_a_damaged_ledger_is_refused_in_one_line_and_recovered_from_the_running_
     assert start_refused(config) == said, "refused again, the same way"
     assert contents(tmp_path / "state") == before, "a refused ledger is left as found"
 
-    output = tmp_path / "recovery.log"
-    with running_lessord(config, "--recover-from-engines", output=output) as (_, url, _):
+    log = recovered(config, "--recover-from-engines")
+    assert "recovered m (pid" in log and "set aside in" in log and "it adopts the recovered engines" in log, log
+    assert process_identity(engine["pid"]) is not None
+    with running_lessord(config) as (_, url, _):
         admin = Admin(url, tmp_path / "state")
         after = admin.model("m")
-        assert after["state"] == "ready" and after["pid"] == engine["pid"], output.read_text()
+        assert after["state"] == "ready" and after["pid"] == engine["pid"], after
         assert admin.leases() == leases, "the same leases, same ids: nothing granted twice"
-    log = output.read_text()
-    assert "recovered m (pid" in log and "set aside in" in log, log
     aside = next((tmp_path / "state").glob("ledger-damaged-*"))
     assert (aside / RECORD_FILE).exists(), "the evidence is kept"
 
@@ -145,12 +157,12 @@ def test_start_fresh_empties_the_ledger_and_stops_the_engines_it_forgot(tmp_path
     config, engine, _ = loaded_and_killed(tmp_path)
     deleted(tmp_path / "state")
     start_refused(config)
-    output = tmp_path / "fresh.log"
-    with running_lessord(config, "--start-fresh", output=output) as (_, url, _):
+    log = recovered(config, "--start-fresh")
+    assert "is not in the record; the next start stops it as a stray" in log, log
+    with running_lessord(config) as (_, url, _):
         admin = Admin(url, tmp_path / "state")
         assert admin.model("m")["state"] == "unloaded" and admin.leases() == []
-        assert process_identity(engine["pid"]) is None, "stopped as a stray, said at start"
-    assert "is not in the record; it is stopped as a stray" in output.read_text()
+        assert process_identity(engine["pid"]) is None, "stopped as a stray"
 
 
 def test_a_ledger_lost_with_its_record_is_refused_while_its_engines_run(tmp_path):
@@ -160,22 +172,20 @@ def test_a_ledger_lost_with_its_record_is_refused_while_its_engines_run(tmp_path
     said = start_refused(config)
     assert len(said.splitlines()) == 1 and "is missing and its record" in said, said
     assert f"1 engine process(es) of this state folder run: pid {engine['pid']}" in said
-    output = tmp_path / "recovery.log"
-    with running_lessord(config, "--recover-from-engines", output=output) as (_, url, _):
-        assert Admin(url, tmp_path / "state").leases() == []
-        assert process_identity(engine["pid"]) is None
-    log = output.read_text()
+    log = recovered(config, "--recover-from-engines")
     assert "the record names no engine: nothing could be recovered" in log
     assert f"not identified: pid {engine['pid']} runs for" in log, log
+    with running_lessord(config) as (_, url, _):
+        assert Admin(url, tmp_path / "state").leases() == []
+        assert process_identity(engine["pid"]) is None
 
 
 def test_recovery_on_a_sound_ledger_changes_nothing(tmp_path):
     config, engine, leases = loaded_and_killed(tmp_path)
-    output = tmp_path / "sound.log"
-    with running_lessord(config, "--recover-from-engines", output=output) as (_, url, _):
+    assert "the ledger is sound, nothing to do" in recovered(config, "--recover-from-engines")
+    with running_lessord(config) as (_, url, _):
         admin = Admin(url, tmp_path / "state")
         assert admin.model("m")["pid"] == engine["pid"] and admin.leases() == leases
-    assert "the ledger is sound, nothing to do" in output.read_text()
     assert not list((tmp_path / "state").glob("ledger-damaged-*"))
     os.kill(engine["pid"], signal.SIGKILL)
 
