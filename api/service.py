@@ -18,9 +18,11 @@ from aiohttp import web
 
 from ..daemon.config import LessorConfig, load_config, parse_config, parse_listen
 from ..daemon.controller import Controller, config_source
-from ..daemon.errors import ConfigError, LessorError
+from ..daemon.errors import ConfigError, LedgerDamaged, LedgerUnavailable, LessorError
 from ..daemon.events import ConfigReloaded
+from ..daemon.ledger_db import SchemaTooNew
 from ..daemon.notify import Notifier, watchdog, watchdog_interval_s
+from ..daemon.recovery import FRESH, RECOVER, recover
 from ..daemon.traffic import TrafficControl
 from ..daemon.runtime import publishing, runtime
 from .admin import make_admin_app
@@ -209,6 +211,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-format", default=os.environ.get("LESSOR_LOG_FORMAT", "plain"), choices=LOG_FORMATS,
                         help="plain (the default; without timestamps under journald) or json: one object per line "
                              "for log shippers ($LESSOR_LOG_FORMAT)")
+    damaged = parser.add_mutually_exclusive_group()
+    damaged.add_argument("--recover-from-engines", dest="recovery", action="store_const", const=RECOVER,
+                         help="only if the ledger is damaged: set its files aside, rebuild the leases of the "
+                              "engines that still run from the ledger's record, say what it could not, and exit; "
+                              "the next start adopts them")
+    damaged.add_argument("--start-fresh", dest="recovery", action="store_const", const=FRESH,
+                         help="only if the ledger is damaged: set its files aside and exit; the next start begins "
+                              "with an empty ledger (and stops the engines that still run as strays)")
     args = parser.parse_args(argv)
     # A default from the environment skips `choices`: checked here, naming the variable.
     for value, variable, allowed in ((args.log_level, "LESSOR_LOG_LEVEL", LOG_LEVELS),
@@ -244,7 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         run = asyncio.run
     try:
+        if args.recovery:  # then exit: under systemd, stopping a foreground lessord would stop the engines
+            for line in asyncio.run(recover(config, args.recovery)).lines():
+                print(f"lessord: {line}", flush=True)
+            return 0
         run(serve(config, args.sim, lambda: configure(args), source=args.config))
+    except (LedgerDamaged, LedgerUnavailable, SchemaTooNew) as exc:  # at start: nothing was changed
+        print(f"lessord: {exc}", file=sys.stderr)
+        return 3
     except ConfigError as exc:  # found only when used: a key file or variable that is missing
         print(f"lessord: invalid config {exc}", file=sys.stderr)
         return 2

@@ -1,15 +1,19 @@
 """Ledger and admission benchmark: SQLite file vs PostgreSQL, measured side by side in one run.
 
-    .venv/bin/python bench/ledger_bench.py [--cycles 2000] [--concurrency 64]
+    .venv/bin/python bench/ledger_bench.py [--cycles 2000] [--concurrency 64] [--quick-check-leases 100000]
 
 Prints per-backend grant+release latency (p50/p99), concurrent grant throughput, and the cost of
-one pure admission decision over a 32-model snapshot; ratios are PostgreSQL / SQLite.
+one pure admission decision over a 32-model snapshot; ratios are PostgreSQL / SQLite. The SQLite
+rows are measured twice: with the ledger's record (daemon/ledger_record.py: as lessord runs) and
+without. Last, the integrity check lessord runs at start (`PRAGMA quick_check`) on a file of that
+many leases, and the whole open of that file.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -23,6 +27,8 @@ from bench.pgcluster import pg_bindir, postgres_cluster  # noqa: E402
 from lessor.daemon.config import DevicesConfig, HostPool, SimulatedGpu  # noqa: E402
 from lessor.daemon.devices import SimProbe  # noqa: E402
 from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger  # noqa: E402
+from lessor.daemon.ledger_db import inspect_sqlite  # noqa: E402
+from lessor.daemon.ledger_record import LedgerRecord  # noqa: E402
 from lessor.daemon.units import GiB, MiB  # noqa: E402
 from lessor.policies import POLICIES, AdmissionRequest, DeviceBudget, ModelView, Snapshot  # noqa: E402
 
@@ -34,11 +40,13 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def sequential(url: str, cycles: int) -> list[float]:
+async def sequential(url: str, cycles: int, record: LedgerRecord | None = None) -> list[float]:
     probe = SimProbe([SimulatedGpu(total=80 * GiB)], 64 * GiB)
-    ledger = await Ledger.open(url, probe, DEVICES)
+    ledger = await Ledger.open(url, probe, DEVICES, record=record)
     wants = [LeaseWant("gpu0", LeaseKind.WEIGHTS, 8 * GiB), LeaseWant("gpu0", LeaseKind.LOAD_PEAK, GiB)]
     times = []
+    # Another model stays loaded meanwhile, as in a daemon that serves: the ledger is never empty.
+    await ledger.grant("standing", [LeaseWant("gpu0", LeaseKind.WEIGHTS, GiB)], "standing")
     try:
         for i in range(cycles):
             start = time.perf_counter()
@@ -51,9 +59,9 @@ async def sequential(url: str, cycles: int) -> list[float]:
     return times
 
 
-async def concurrent(url: str, tasks: int, rounds: int) -> tuple[float, int]:
+async def concurrent(url: str, tasks: int, rounds: int, record: LedgerRecord | None = None) -> tuple[float, int]:
     probe = SimProbe([SimulatedGpu(total=80 * GiB)], 64 * GiB)
-    ledger = await Ledger.open(url, probe, DEVICES)
+    ledger = await Ledger.open(url, probe, DEVICES, record=record)
     granted = 0
     try:
         start = time.perf_counter()
@@ -66,6 +74,31 @@ async def concurrent(url: str, tasks: int, rounds: int) -> tuple[float, int]:
     finally:
         await ledger.close()
     return tasks * rounds / elapsed, granted // rounds
+
+
+async def quick_check_cost(folder: Path, leases: int, repeats: int = 5) -> tuple[int, float, float]:
+    """A SQLite ledger of `leases` released leases (a week of history is what makes the file grow),
+    then the median of `repeats`: quick_check alone, and Ledger.open with its record (all checks,
+    migration, the granted leases read). (file bytes, quick_check s, open s)."""
+    path = folder / "big.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    probe = SimProbe([SimulatedGpu(total=80 * GiB)], 64 * GiB)
+    await (await Ledger.open(url, probe, DEVICES)).close()
+    connection = sqlite3.connect(path)
+    connection.executemany("INSERT INTO lessor_leases VALUES (?, ?, 'gpu0', 'kv', ?, 'released', ?, 1, 1.0, ?, ?, 'bench')",
+                           ((f"{i:036d}", f"m{i % 32}", GiB, f"{i:036d}", float(i), float(i + 1)) for i in range(leases)))
+    connection.commit()
+    connection.close()
+    record = LedgerRecord(folder / "big-record.json")
+    checks, opens = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        inspect_sqlite(path)
+        checks.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        await (await Ledger.open(url, probe, DEVICES, record=record)).close()
+        opens.append(time.perf_counter() - start)
+    return path.stat().st_size, statistics.median(checks), statistics.median(opens)
 
 
 def policy_cost(n_models: int = 32, repeats: int = 20000) -> dict[str, float]:
@@ -88,25 +121,34 @@ async def main() -> None:
     parser.add_argument("--cycles", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--quick-check-leases", type=int, default=100_000)
     args = parser.parse_args()
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        urls = {"sqlite": f"sqlite+aiosqlite:///{tmp}/ledger.db"}
+        record = LedgerRecord(Path(tmp) / "ledger-record.json")
+        urls = {"sqlite": (f"sqlite+aiosqlite:///{tmp}/ledger.db", None),
+                "sqlite+record": (f"sqlite+aiosqlite:///{tmp}/ledger2.db", record)}
         bindir = pg_bindir()
         if bindir:
-            urls["postgresql"] = stack.enter_context(postgres_cluster(bindir))
+            urls["postgresql"] = (stack.enter_context(postgres_cluster(bindir)), None)
         rows = {}
-        for name, url in urls.items():
-            times = await sequential(url, args.cycles)
-            rate, per_round = await concurrent(url, args.concurrency, args.rounds)
+        for name, (url, kept) in urls.items():
+            times = await sequential(url, args.cycles, kept)
+            rate, per_round = await concurrent(url, args.concurrency, args.rounds, kept)
             rows[name] = (pct(times, 0.5) * 1e3, pct(times, 0.99) * 1e3, statistics.mean(times) * 1e3, rate, per_round)
+        size, check_s, open_s = await quick_check_cost(Path(tmp), args.quick_check_leases)
     print(f"ledger: {args.cycles} sequential grant+release cycles; {args.rounds} rounds of {args.concurrency} concurrent grants on one 80 GiB device")
     print(f"{'backend':<12}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'grants/s':>11}{'granted/round':>15}")
     for name, (p50, p99, mean, rate, per_round) in rows.items():
         print(f"{name:<12}{p50:>9.3f}{p99:>9.3f}{mean:>9.3f}{rate:>11.0f}{per_round:>15}")
-    if len(rows) == 2:
-        s, p = rows["sqlite"], rows["postgresql"]
+    s, r = rows["sqlite"], rows["sqlite+record"]
+    print(f"ratio sqlite+record/sqlite (the record kept as lessord keeps it): p50 {r[0] / s[0]:.2f}x, "
+          f"grants/s {r[3] / s[3]:.2f}x")
+    if "postgresql" in rows:
+        p = rows["postgresql"]
         print(f"ratio postgresql/sqlite: p50 {p[0] / s[0]:.2f}x, grants/s {p[3] / s[3]:.2f}x")
+    print(f"start-up check of a SQLite ledger of {args.quick_check_leases} leases ({size / 2**20:.1f} MiB): "
+          f"quick_check {check_s * 1e3:.0f} ms, whole open {open_s * 1e3:.0f} ms")
     print("admission decision over a 32-model snapshot (pure policy):")
     for name, seconds in policy_cost().items():
         print(f"  {name:<10}{seconds * 1e6:8.1f} us")

@@ -410,3 +410,19 @@ class RequestTimedOut(LessorError):
 
     def message(self) -> str:
         return f"the request was not received whole within {self.setting} ({self.timeout_s:g} s)"
+
+
+@dataclass
+class LedgerDamaged(InvariantBroken):
+    """The ledger's database is damaged or lost state its record says it had (daemon/ledger_record.py).
+    Raised when the ledger opens, before anything is changed: lessord refuses to start rather than
+    start empty and stop engines it forgot. `what` names the file (or database), `damage` the kind."""
+
+    damage: str = ""
+    expected: str = ""  # what the record says was there
+    recover: str = ""  # the commands that get past it
+
+    def message(self) -> str:
+        expected = f" ({self.expected})" if self.expected else ""
+        recover = f"; {self.recover}" if self.recover else ""
+        return f"the ledger {self.what} {self.damage}{expected}; nothing was changed and running engines were left alone{recover}"

@@ -19,15 +19,18 @@ from enum import Enum
 from typing import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..policies import DeviceBudget, Rejected
 from .budget import budgets as compute_budgets
 from .config import DevicesConfig
 from .devices import DeviceReading, Probe, group_members
-from .errors import LedgerUnavailable
+from .errors import LedgerDamaged, LedgerUnavailable
 from .events import Event, LeaseGranted, LeaseReleased
-from .ledger_db import STORAGE_ERRORS, engine_for, engines_table, leases_table, migrate, write
+from .ledger_db import (STORAGE_ERRORS, engine_for, engines_table, leases_table, migrate, read_generation, short_error,
+                        write_counted)
+from .ledger_record import LedgerRecord, check_database, expectation, recover_hint, sqlite_file
 from .units import format_bytes
 
 log = logging.getLogger("lessor.ledger")
@@ -110,6 +113,11 @@ class LedgerSnapshot:
         return [lease for lease in self.leases if lease.model == model]
 
 
+def _row_to_engine(row) -> EngineRecord:
+    return EngineRecord(row.model, row.attempt, row.pid, row.identity, row.port, EnginePhase(row.phase),
+                        json.loads(row.params), row.kv_tokens, row.started_at)
+
+
 def _row_to_lease(row) -> Lease:
     return Lease(id=row.id, model=row.model, device=row.device, kind=LeaseKind(row.kind), bytes=row.bytes,
                  attempt=row.attempt, granted_at=row.granted_at, owner_pid=row.owner_pid,
@@ -131,28 +139,58 @@ class Ledger:
         self._engines: dict[str, EngineRecord] = {}
         # Released in memory (the memory really is free) but not yet on disk: retried by flush().
         self._unpersisted: dict[str, str] = {}
+        self._record: LedgerRecord | None = None
+        self._generation = 0  # the database's, after the last commit
+        self._noted_holding = False  # whether the last record said leases were granted
 
     @classmethod
-    async def open(cls, url: str, probe: Probe, devices: DevicesConfig, **kwargs) -> "Ledger":
+    async def open(cls, url: str, probe: Probe, devices: DevicesConfig, record: LedgerRecord | None = None,
+                   **kwargs) -> "Ledger":
+        """`record`: the state folder's record of what the ledger last committed (lessord's); the
+        database is compared with it before anything is written, and it is kept after each change.
+        Raises LedgerDamaged (the file and the kind of damage) rather than open an empty ledger
+        where the record says leases existed."""
         ledger = cls(engine_for(url), probe, devices, **kwargs)
+        ledger._record = record
+        path = sqlite_file(url)
+        where = str(path) if path is not None else make_url(url).render_as_string(hide_password=True)
         try:
-            async with ledger._engine.begin() as conn:
+            await check_database(ledger._engine, path, where, record)
+            await ledger._migrate()
+            await ledger._load(where)
+        except BaseException:
+            await ledger._engine.dispose()
+            raise
+        return ledger
+
+    async def _migrate(self) -> None:
+        try:
+            async with self._engine.begin() as conn:
                 found, now = await conn.run_sync(migrate)
         except STORAGE_ERRORS:
             # SQLite commits each CREATE alone: another process (the CLI's plan) creating the same
             # table first makes ours fail; the second look finds it there. PostgreSQL holds a lock.
-            async with ledger._engine.begin() as conn:
+            async with self._engine.begin() as conn:
                 found, now = await conn.run_sync(migrate)
         if found and found != now:
             log.info("ledger schema migrated from version %d to %d", found, now)
-        async with ledger._engine.begin() as conn:
-            rows = await conn.execute(select(leases_table).where(leases_table.c.state == LeaseState.GRANTED.value))
-            ledger._leases = {row.id: _row_to_lease(row) for row in rows}
-            rows = await conn.execute(select(engines_table))
-            ledger._engines = {row.model: EngineRecord(row.model, row.attempt, row.pid, row.identity, row.port,
-                                                       EnginePhase(row.phase), json.loads(row.params), row.kv_tokens,
-                                                       row.started_at) for row in rows}
-        return ledger
+
+    async def _load(self, where: str) -> None:
+        try:
+            async with self._engine.begin() as conn:
+                rows = await conn.execute(select(leases_table).where(leases_table.c.state == LeaseState.GRANTED.value))
+                self._leases = {row.id: _row_to_lease(row) for row in rows}
+                rows = await conn.execute(select(engines_table))
+                self._engines = {row.model: _row_to_engine(row) for row in rows}
+                self._generation = await conn.run_sync(read_generation) or 0
+        except (*STORAGE_ERRORS, ValueError, TypeError) as exc:  # a NULL or a word where a row cannot have one
+            raise LedgerDamaged(where, f"holds rows that do not read ({short_error(exc)})",
+                                expectation(self._record, self._record.read() if self._record else None),
+                                recover_hint(self._record)) from None
+        if self._record is not None:
+            found = self._record.read()
+            if found is None or found.generation != self._generation:
+                self._note(engines_changed=True)
 
     @classmethod
     def in_memory(cls, probe: Probe, devices: DevicesConfig, **kwargs) -> "Ledger":
@@ -161,10 +199,35 @@ class Ledger:
         return cls(None, probe, devices, **kwargs)
 
     async def _write(self, doing: str, statements: Callable[[], Sequence[tuple]]) -> int:
-        """One transaction; a storage failure becomes LedgerUnavailable and nothing of it is applied.
-        The statements are built only when there is a database to write them to. The rows changed,
-        where the driver counts them."""
-        return 0 if self._engine is None else await write(self._engine, doing, statements())
+        """One transaction, counted in the generation; a storage failure becomes LedgerUnavailable
+        and nothing of it is applied. The statements are built only when there is a database to
+        write them to. The rows changed, where the driver counts them. The caller applies the
+        change in memory and then calls `_note`."""
+        if self._engine is None:
+            return 0
+        changed, self._generation = await write_counted(self._engine, doing, statements())
+        return changed
+
+    def _note(self, engines_changed: bool = False) -> None:
+        """The record of what is committed now (after the change is applied in memory too): when
+        the engines change (what recovery rebuilds from) or the ledger goes from no lease to some or
+        back (what an empty database is checked against), a few times per load. Not at every lease:
+        replacing a file on ext4 flushes its data (about a millisecond). A record behind its
+        database is sound. Written in the loop, not a thread: a cancelled grant must not stop
+        between its commit and its return."""
+        holding = bool(self._leases)
+        if self._record is None or not (engines_changed or holding != self._noted_holding):
+            return
+        self._noted_holding = holding
+        engines = {model: {**{k: v for k, v in engine.row().items() if k != "model"}, "params": dict(engine.params),
+                           "leases": [lease.to_dict() for lease in self._leases.values()
+                                      if lease.model == model and lease.attempt == engine.attempt]}
+                   for model, engine in self._engines.items()}
+        self._record.write(self._generation, len(self._leases), engines)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
 
     async def close(self) -> None:
         async with self._lock:
@@ -234,6 +297,7 @@ class Ledger:
                 raise
             for lease in leases:
                 self._leases[lease.id] = lease
+            self._note()
         for lease in leases:
             self._publish(LeaseGranted(lease.id, model, lease.device, lease.kind.value, lease.bytes))
         return Granted(tuple(leases))
@@ -270,6 +334,7 @@ class Ledger:
                     self._unpersisted.update(dict.fromkeys(ids, reason))
                 for lease in released:
                     del self._leases[lease.id]
+                self._note()
         for lease in released:
             self._publish(LeaseReleased(lease.id, lease.model, lease.device, lease.kind.value, lease.bytes, reason))
         return released
@@ -292,6 +357,7 @@ class Ledger:
                     break
                 for lease_id in ids:
                     del self._unpersisted[lease_id]
+                self._note()
             return len(self._unpersisted)
 
     async def release_model(self, model: str, reason: str, kinds: Collection[LeaseKind] | None = None) -> list[Lease]:
@@ -317,6 +383,24 @@ class Ledger:
             for lease_id, lease in list(self._leases.items()):
                 if lease.model == engine.model:
                     self._leases[lease_id] = replace(lease, owner_pid=engine.pid, owner_started_at=engine.started_at)
+            self._note(engines_changed=True)
+
+    async def restore(self, engines: Sequence[EngineRecord], leases: Sequence[Lease], reason: str) -> None:
+        """Recovery only (daemon/recovery.py): the granted leases and engine records become exactly
+        these, in one transaction; whatever else was granted is released with `reason`."""
+        ids = [lease.id for lease in leases]
+        async with self._lock:
+            await self._write("restore the ledger", lambda: [
+                (delete(leases_table).where(leases_table.c.id.in_(ids)),),
+                (update(leases_table).where(leases_table.c.state == LeaseState.GRANTED.value)
+                 .values(state=LeaseState.RELEASED.value, released_at=self._clock(), release_reason=reason[:256]),),
+                (delete(engines_table),),
+                *([(insert(leases_table), [dict(lease.to_dict(), released_at=None, release_reason=None)
+                                           for lease in leases])] if leases else []),
+                *([(insert(engines_table), [engine.row() for engine in engines])] if engines else [])])
+            self._leases = {lease.id: lease for lease in leases}
+            self._engines = {engine.model: engine for engine in engines}
+            self._note(engines_changed=True)
 
     async def forget_engine(self, model: str) -> None:
         """The engine is stopped. A refused write is only logged: a restart finds the process gone."""
@@ -328,13 +412,16 @@ class Ledger:
                                   lambda: [(delete(engines_table).where(engines_table.c.model == model),)])
             except LedgerUnavailable:
                 pass
+            self._note(engines_changed=True)
 
     async def prune_released(self, older_than_s: float) -> int:
         """Drop released rows older than this (they are history; events carried them already); how
         many. Raises LedgerUnavailable when the database refuses."""
         async with self._lock:
-            return await self._write("prune released leases", lambda: [(delete(leases_table).where(
+            pruned = await self._write("prune released leases", lambda: [(delete(leases_table).where(
                 (leases_table.c.state == LeaseState.RELEASED.value) & (leases_table.c.released_at < self._clock() - older_than_s)),)])
+            self._note()
+            return pruned
 
     async def run_pruning(self, history_s: float, interval_s: float | None = None,
                           sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:

@@ -67,11 +67,16 @@ fingerprints_table = Table(
 
 schema_table = Table("lessor_schema", metadata, Column("version", Integer, nullable=False))
 
+# One row: how many changes the ledger has committed. Every write of leases or engines adds one in
+# its own transaction, and the record beside the ledger (daemon/ledger_record.py) keeps the
+# number too: a database behind its record lost commits. Schema version 3.
+generation_table = Table("lessor_generation", metadata, Column("generation", BigInteger, nullable=False))
+
 # Version 1: leases and engines (the first release kept no version: its two tables say it).
-# Version 2: fingerprints. A step only adds tables, so today's Table objects are its DDL; a step
+# Version 2: fingerprints. Version 3: the generation. A step only adds tables, so today's Table objects are its DDL; a step
 # that changes an existing table must be written out (ALTER). On PostgreSQL the steps run in the
 # transaction that opens the ledger, under a lock; SQLite commits each CREATE on its own.
-MIGRATIONS = ((leases_table, engines_table), (fingerprints_table,))
+MIGRATIONS = ((leases_table, engines_table), (fingerprints_table,), (generation_table,))
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -99,7 +104,39 @@ def migrate(connection) -> tuple[int, int]:
         schema_table.create(connection, checkfirst=True)
         connection.execute(schema_table.delete())
         connection.execute(schema_table.insert().values(version=SCHEMA_VERSION))
+    if connection.execute(select(generation_table.c.generation)).first() is None:
+        connection.execute(generation_table.insert().values(generation=0))
     return found, SCHEMA_VERSION
+
+
+def _generation_of(tables: set[str], read) -> int | None:
+    """None: no ledger tables at all (a new database, or one that lost them); 0 for a ledger older
+    than schema version 3, which counted nothing yet."""
+    if generation_table.name in tables:
+        return read() or 0
+    return 0 if leases_table.name in tables else None
+
+
+def read_generation(connection) -> int | None:
+    """The committed generation (`_generation_of`). Synchronous, before `migrate`: what was there,
+    not what migrating adds."""
+    return _generation_of(set(inspect(connection).get_table_names()),
+                          lambda: connection.execute(select(generation_table.c.generation)).scalar())
+
+
+def inspect_sqlite(path: Path) -> tuple[str | None, int | None]:
+    """(quick_check's findings or None, the generation or None) of a SQLite ledger file, read
+    through a read-only connection: a refused file is left exactly as found (a read-write one would
+    checkpoint and delete a WAL of garbage on closing). Raises sqlite3.Error where it does not open."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        findings = [row[0] for row in connection.execute("PRAGMA quick_check").fetchall()]
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        generation = _generation_of(tables, lambda: (connection.execute(
+            f"SELECT generation FROM {generation_table.name}").fetchone() or (0,))[0])
+    finally:
+        connection.close()
+    return (None if findings == ["ok"] else "; ".join(findings[:3])[:300]), generation
 
 
 def _storage_errors() -> tuple[type[BaseException], ...]:
@@ -149,6 +186,22 @@ async def write(engine: AsyncEngine, doing: str, statements: Sequence[tuple]) ->
         log.error("ledger write failed (%s): %s", doing, exc)
         raise LedgerUnavailable(doing, short_error(exc)) from exc
     return changed
+
+
+async def write_counted(engine: AsyncEngine, doing: str, statements: Sequence[tuple]) -> tuple[int, int]:
+    """`write`, adding one to the generation in the same transaction: (rows changed, the new
+    generation as the database has it, so a commit whose answer was lost is counted too)."""
+    counted = [*statements, (generation_table.update().values(generation=generation_table.c.generation + 1),)]
+    changed = 0
+    try:
+        async with engine.begin() as conn:
+            for statement, *params in counted:
+                changed += max((await conn.execute(statement, *params)).rowcount, 0)
+            generation = (await conn.execute(select(generation_table.c.generation))).scalar() or 0
+    except STORAGE_ERRORS as exc:
+        log.error("ledger write failed (%s): %s", doing, exc)
+        raise LedgerUnavailable(doing, short_error(exc)) from exc
+    return changed - 1, generation
 
 
 def short_error(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from .events import EventBus
 from .fingerprints import FingerprintStore
 from .holder import ConfigHolder
 from .ledger import Ledger
+from .ledger_record import LedgerRecord
 from .lifecycle import Timeouts
 from .mqtt import MqttPublisher
 from .reconciler import Reconciler, StartSettling
@@ -51,7 +52,8 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
     holder = ConfigHolder(config)
     probe = probe or make_probe(config.devices, force_sim)
     try:
-        ledger = await Ledger.open(config.ledger_url(), probe, holder.devices, publish=bus.publish)
+        ledger = await Ledger.open(config.ledger_url(), probe, holder.devices, publish=bus.publish,
+                                   record=LedgerRecord.in_state_dir(config.state_dir))
         try:
             fingerprints = await FingerprintStore.open(ledger.database)
             made = adapters() if engines is None else engines(probe, ledger) if callable(engines) else engines
