@@ -38,6 +38,16 @@ class ModelView:
     in_flight: int = 0
     last_used_s: float = 0.0
     held_bytes: Mapping[str, int] = field(default_factory=dict)  # device -> bytes of all its leases
+    # What the router has seen (daemon/traffic_stats.py): zero where nothing is known yet.
+    request_rate: float = 0.0  # requests per second, exponentially decayed
+    load_cost_s: float = 0.0  # predicted seconds one load takes (measured loads, else bytes / bandwidth)
+    size_bytes: int = 0  # what it holds loaded, over all devices (its plan's steady leases)
+    ready_since_s: float = 0.0  # when its current load became ready (its age against a churn age)
+    waiting: int = 0  # requests waiting for it (not in flight)
+    oldest_wait_s: float = 0.0  # how long the oldest of them has waited
+    # What its KV lease could give back now, per device, down to its plan's min_kv_tokens; empty
+    # when its engine cannot resize a loaded cache (one-phase engines resize at their next load).
+    kv_spare_bytes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def idle(self) -> bool:
@@ -81,9 +91,11 @@ class Admit:
 
 @dataclass(frozen=True)
 class Evict:
-    """Unload these models first (in this order), then admit."""
+    """Shrink these models' KV caches (model -> device -> bytes given back) and unload these
+    victims (in this order), then admit. Either may be empty."""
 
     victims: tuple[str, ...]
+    shrink: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,91 @@
+"""What the router has learned about each model's traffic and loads: the inputs of the learning
+policy (`policies/value.py`). One writer (the router's traffic core in lessord, the simulator's
+host in bench/sim), a clock passed in by the caller, plain numbers out.
+
+- The request rate is an exponentially decayed count: each request adds `ln 2 / half_life`, and
+  the sum decays by half every `half_life` seconds, so it reads as requests per second over
+  about the last half-life, and follows a shift in popularity within one or two half-lives.
+- A load's cost is what loads of that model took (a moving average of the measured durations,
+  spawn to ready); before the first one, a start constant plus its bytes over the disk's
+  bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# Before a model was ever loaded here: an engine's start (a process, CUDA, a server) and its
+# weights read at a local NVMe's speed. Both are replaced by the first measured load.
+DEFAULT_START_S = 2.0
+DEFAULT_READ_BYTES_PER_S = 2e9
+LOAD_AVERAGE_WEIGHT = 0.3  # the newest measured load's share of the moving average
+
+
+@dataclass
+class _Rate:
+    value: float = 0.0  # requests per second, as of `at`
+    at: float = 0.0
+
+
+class TrafficStats:
+    def __init__(self, half_life_s: float = 600.0, start_s: float = DEFAULT_START_S,
+                 read_bytes_per_s: float = DEFAULT_READ_BYTES_PER_S) -> None:
+        if half_life_s <= 0:
+            raise ValueError(f"half_life_s must be > 0, got {half_life_s}")
+        self.half_life_s = half_life_s
+        self._decay = math.log(2) / half_life_s
+        self._start_s = start_s
+        self._read_bytes_per_s = read_bytes_per_s
+        self._rates: dict[str, _Rate] = {}
+        self._load_s: dict[str, float] = {}
+
+    def record_request(self, model: str, now: float) -> None:
+        rate = self._rates.get(model)
+        if rate is None:
+            rate = self._rates[model] = _Rate(0.0, now)
+        rate.value = self._decayed(rate, now) + self._decay
+        rate.at = now
+
+    def record_load(self, model: str, seconds: float) -> None:
+        """A load of `model` that became ready took `seconds` (spawn to ready)."""
+        if seconds < 0:
+            return
+        previous = self._load_s.get(model)
+        self._load_s[model] = seconds if previous is None else (
+            (1 - LOAD_AVERAGE_WEIGHT) * previous + LOAD_AVERAGE_WEIGHT * seconds)
+
+    def rate(self, model: str, now: float) -> float:
+        """Requests per second, decayed to `now`."""
+        rate = self._rates.get(model)
+        return self._decayed(rate, now) if rate is not None else 0.0
+
+    def load_cost_s(self, model: str, size_bytes: int) -> float:
+        """Predicted seconds one load of `model` takes: measured where known."""
+        measured = self._load_s.get(model)
+        if measured is not None:
+            return measured
+        return self._start_s + size_bytes / self._read_bytes_per_s
+
+    def measured_load_s(self, model: str) -> float | None:
+        return self._load_s.get(model)
+
+    def _decayed(self, rate: _Rate, now: float) -> float:
+        return rate.value * math.exp(-self._decay * max(0.0, now - rate.at))
+
+    # -- persistence: plain data, rates as of the moment they are saved ----------------------
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        return {"half_life_s": self.half_life_s,
+                "rates": {m: self._decayed(r, now) for m, r in self._rates.items()},
+                "load_s": dict(self._load_s)}
+
+    def restore(self, data: Mapping[str, Any], now: float, elapsed_s: float = 0.0) -> None:
+        """Take back what `to_dict` saved `elapsed_s` seconds ago (of wall time; a restart's
+        downtime decays the rates as if the traffic had stopped)."""
+        factor = math.exp(-self._decay * max(0.0, elapsed_s))
+        for model, value in dict(data.get("rates", {})).items():
+            self._rates[str(model)] = _Rate(float(value) * factor, now)
+        for model, seconds in dict(data.get("load_s", {})).items():
+            self._load_s[str(model)] = float(seconds)
