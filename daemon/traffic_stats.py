@@ -1,5 +1,5 @@
-"""What the router has learned about each model's traffic and loads: the inputs of the learning
-policy (`policies/value.py`). One writer (the router's traffic core in lessord, the simulator's
+"""What the router has learned about each model's traffic and loads: what a policy that learns
+reads in `ModelView.request_rate` and `load_cost_s`. One writer (the router's traffic core in lessord, the simulator's
 host in bench/sim), a clock passed in by the caller, plain numbers out.
 
 - The request rate is an exponentially decayed count: each request adds `ln 2 / half_life`, and

@@ -45,9 +45,6 @@ class ModelView:
     ready_since_s: float = 0.0  # when its current load became ready (its age against a churn age)
     waiting: int = 0  # requests waiting for it (not in flight)
     oldest_wait_s: float = 0.0  # how long the oldest of them has waited
-    # What its KV lease could give back now, per device, down to its plan's min_kv_tokens; empty
-    # when its engine cannot resize a loaded cache (one-phase engines resize at their next load).
-    kv_spare_bytes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def idle(self) -> bool:
@@ -91,11 +88,9 @@ class Admit:
 
 @dataclass(frozen=True)
 class Evict:
-    """Shrink these models' KV caches (model -> device -> bytes given back) and unload these
-    victims (in this order), then admit. Either may be empty."""
+    """Unload these models first (in this order), then admit."""
 
     victims: tuple[str, ...]
-    shrink: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

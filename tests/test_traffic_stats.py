@@ -1,0 +1,52 @@
+"""The router's per-model statistics: decayed rates, load costs, and their survival of a restart."""
+
+import math
+
+import pytest
+
+from lessor.daemon.traffic_stats import DEFAULT_READ_BYTES_PER_S, DEFAULT_START_S, TrafficStats
+
+
+def test_a_steady_stream_reads_as_its_rate():
+    stats = TrafficStats(half_life_s=60)
+    for i in range(6000):  # 2 requests a second for 50 minutes: many half-lives
+        stats.record_request("a", i * 0.5)
+    assert stats.rate("a", 3000) == pytest.approx(2.0, rel=0.02)
+    assert stats.rate("b", 3000) == 0.0
+
+
+def test_the_rate_halves_every_half_life_without_traffic():
+    stats = TrafficStats(half_life_s=100)
+    stats.record_request("a", 0.0)
+    first = stats.rate("a", 0.0)
+    assert first == pytest.approx(math.log(2) / 100)
+    assert stats.rate("a", 100.0) == pytest.approx(first / 2)
+    assert stats.rate("a", 300.0) == pytest.approx(first / 8)
+
+
+def test_a_load_costs_its_bytes_over_bandwidth_until_one_is_measured():
+    stats = TrafficStats()
+    assert stats.load_cost_s("a", 4_000_000_000) == pytest.approx(DEFAULT_START_S + 4e9 / DEFAULT_READ_BYTES_PER_S)
+    stats.record_load("a", 10.0)
+    assert stats.load_cost_s("a", 4_000_000_000) == 10.0
+    stats.record_load("a", 20.0)
+    assert 10.0 < stats.load_cost_s("a", 0) < 20.0
+    stats.record_load("a", -1.0)  # a clock that went back is no measurement
+    assert stats.measured_load_s("a") == stats.load_cost_s("a", 0)
+
+
+def test_what_was_saved_comes_back_decayed_by_the_downtime():
+    stats = TrafficStats(half_life_s=50)
+    for i in range(100):
+        stats.record_request("a", float(i))
+    stats.record_load("a", 7.0)
+    saved = stats.to_dict(now=100.0)
+    again = TrafficStats(half_life_s=50)
+    again.restore(saved, now=5.0, elapsed_s=50.0)  # a new process's clock starts anew
+    assert again.rate("a", 5.0) == pytest.approx(stats.rate("a", 100.0) / 2)
+    assert again.load_cost_s("a", 0) == 7.0
+
+
+def test_a_half_life_must_be_positive():
+    with pytest.raises(ValueError, match="half_life_s"):
+        TrafficStats(half_life_s=0)
