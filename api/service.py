@@ -16,7 +16,8 @@ from typing import Callable
 
 from aiohttp import web
 
-from ..daemon.config import LessorConfig, load_config, parse_config, parse_listen
+from ..daemon.config import LessorConfig, load_config, parse_config
+from ..daemon.config_types import parse_listen
 from ..daemon.controller import Controller, config_source
 from ..daemon.errors import ConfigError, LedgerDamaged, LedgerUnavailable, LessorError
 from ..daemon.events import ConfigReloaded

@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..engines import ENGINE_ARGS, ENGINE_KINDS, EngineArgs
 from ..memory.architecture import Architecture, read_hf_config
@@ -20,32 +20,10 @@ from ..memory.footprint import ModelShape
 from .profile import KvDtype, Memory, MemoryProfile, Size, WeightFormat, resolve
 from ..policies import POLICIES
 from .errors import ConfigError, ConfigProblem
-from .units import DURATION_PATTERN, GiB, KiB, MiB, parse_duration
+from .config_listeners import AdminConfig, RouterConfig
+from .config_types import NAME_PATTERN, Duration, Strict
+from .units import GiB
 
-Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(
-    {"anyOf": [{"type": "number"}, {"type": "string", "pattern": DURATION_PATTERN, "examples": ["30s", "5m", "-1"]}]})]
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"'{value}' is not HOST:PORT (e.g. 127.0.0.1:8470)")
-    return host.strip("[]"), int(port)
-
-
-def _listen(value: object) -> str:
-    if not isinstance(value, str):  # a BeforeValidator sees the raw YAML value: null, a number, a list
-        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8470)")
-    parse_listen(value)
-    return value
-
-
-Listen = Annotated[str, BeforeValidator(_listen)]
 
 
 class GpuSettings(Strict):
@@ -240,100 +218,6 @@ class PolicyConfig(Strict):
         if name not in POLICIES:
             raise ValueError(f"unknown policy '{name}'; valid: {', '.join(sorted(POLICIES))}")
         return name
-
-
-def _head_limits(listener: str) -> dict[str, Any]:
-    """The request-head limits both listeners take (nginx's defaults: large_client_header_buffers
-    4 8k), read before a request is parsed on, so a huge head costs at most the limit."""
-    return {
-        "max_request_line": Field(default=8 * KiB, ge=256, le=1 * MiB, description=f"Longest request line (method, URL, version) {listener} reads; longer gets 414 and the connection is closed."),
-        "max_header_line": Field(default=8 * KiB, ge=256, le=1 * MiB, description=f"Longest header line (name and value) {listener} reads; longer gets 431 and the connection is closed."),
-        "max_headers": Field(default=100, ge=1, le=10_000, description=f"Most header lines in a request {listener} reads; more get 431 and the connection is closed."),
-        "max_head": Field(default=32 * KiB, ge=1 * KiB, le=16 * MiB, description=f"Largest request head (request line and every header) {listener} reads; larger gets 431 and the connection is closed."),
-    }
-
-
-_ADMIN_LIMITS, _ROUTER_LIMITS = _head_limits("the admin API"), _head_limits("the router")
-
-
-def _check_head_limits(config: Any) -> Any:
-    for name in ("max_request_line", "max_header_line"):
-        if getattr(config, name) > config.max_head:
-            raise ValueError(f"{name} ({getattr(config, name)} bytes) is over max_head ({config.max_head} bytes), "
-                             f"so max_head would refuse first: lower {name} or raise max_head")
-    return config
-
-
-class AdminConfig(Strict):
-    listen: Listen = Field(default="127.0.0.1:8470", description="HOST:PORT of the admin API (loopback by default).")
-    unix_socket: str | None = Field(default=None, description="Also serve the admin API on this unix socket (mode 0660).")
-    token_file: str | None = Field(default=None, description="File holding the bearer token for mutating calls; default <state_dir>/admin.token, created when missing. LESSOR_ADMIN_TOKEN overrides.")
-    sse_keepalive_s: float = Field(default=15.0, gt=0, le=3600, description="Seconds without an event after which the event stream sends a keep-alive comment, so proxies and clients do not close it as idle.")
-    request_timeout: Duration = Field(default=30.0, gt=0, le=3600, description="Longest a client may take to send a whole request (head and body) to the admin API; a slower one gets 408 and is disconnected. A connection idle between requests is closed after twice this.")
-    max_request_line: Size = _ADMIN_LIMITS["max_request_line"]
-    max_header_line: Size = _ADMIN_LIMITS["max_header_line"]
-    max_headers: int = _ADMIN_LIMITS["max_headers"]
-    max_head: Size = _ADMIN_LIMITS["max_head"]
-
-    @model_validator(mode="after")
-    def _head_fits(self) -> "AdminConfig":
-        return _check_head_limits(self)
-
-
-class ApiKey(Strict):
-    key: str | None = Field(default=None, min_length=16, description="The key itself (prefer key_file or key_env: a config is often world-readable).")
-    key_file: str | None = Field(default=None, description="File holding the key (first line).")
-    key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the key.")
-    models: list[str] = Field(min_length=1, description="Model names or aliases this key may use; \"*\" for every model.")
-    name: str | None = Field(default=None, max_length=64, description="A label for logs and metrics (never the key).")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "ApiKey":
-        given = [n for n in ("key", "key_file", "key_env") if getattr(self, n)]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of key, key_file, key_env (got {', '.join(given) or 'none'})")
-        return self
-
-    def secret(self) -> str:
-        """The key's value; a ConfigError naming the field when its file or variable is missing."""
-        if self.key:
-            return self.key
-        if self.key_env:
-            value = os.environ.get(self.key_env, "").strip()
-            if len(value) < 16:
-                raise ConfigError("router.api_keys", [ConfigProblem("router.api_keys.key_env",
-                                  f"${self.key_env} is unset or shorter than 16 characters")])
-            return value
-        try:
-            value = Path(self.key_file or "").read_text(encoding="utf-8").strip().splitlines()[0].strip()
-        except (OSError, IndexError) as exc:
-            raise ConfigError("router.api_keys", [ConfigProblem("router.api_keys.key_file",
-                              f"cannot read a key from {self.key_file}: {getattr(exc, 'strerror', None) or 'empty file'}")]) from None
-        if len(value) < 16:
-            raise ConfigError("router.api_keys", [ConfigProblem("router.api_keys.key_file",
-                              f"the key in {self.key_file} is shorter than 16 characters")])
-        return value
-
-
-class RouterConfig(Strict):
-    listen: Listen = Field(default="127.0.0.1:8471", description="HOST:PORT of the OpenAI-compatible router.")
-    max_queue: int = Field(default=64, ge=0, le=100_000, description="Requests per model that may wait (for a load, a swap or a free slot); more get 429 with Retry-After.")
-    wait_timeout: Duration = Field(default=900.0, gt=0, description="Longest a request waits for its model (a load, a swap, a slot) before 503.")
-    drain_after: Duration = Field(default=30.0, ge=0, le=3600, description="Seconds an on-demand load waits for the busy models it must evict to go idle by themselves; then they are drained (their new requests wait) so it gets its turn. 0 = drain at once: fairest, most swaps.")
-    retry_after_loading_s: Duration = Field(default=5.0, gt=0, le=3600, description="Retry-After of the 429 a full queue answers while its model is not ready (loading, or waiting for its turn): a load takes seconds.")
-    retry_after_busy_s: Duration = Field(default=1.0, gt=0, le=3600, description="Retry-After of the 429 a full queue answers while its model is ready (the queue waits for free max_concurrency slots).")
-    max_body: Size = Field(default=16 * MiB, ge=1024, description="Largest request body the router accepts; larger gets 413.")
-    keep_alive_check: Duration = Field(default=1.0, gt=0, le=60, description="How often idle models are checked against their keep_alive.")
-    request_timeout: Duration = Field(default=30.0, gt=0, le=3600, description="Longest a client may take to send a whole request (head and body); a slower one gets 408 and is disconnected.")
-    max_request_line: Size = _ROUTER_LIMITS["max_request_line"]
-    max_header_line: Size = _ROUTER_LIMITS["max_header_line"]
-    max_headers: int = _ROUTER_LIMITS["max_headers"]
-    max_head: Size = _ROUTER_LIMITS["max_head"]
-    api_keys: list[ApiKey] = Field(default_factory=list, description="When set, every request needs 'Authorization: Bearer KEY' and may use only that key's models; when empty, the router is open (it listens on loopback by default).")
-
-    @model_validator(mode="after")
-    def _head_fits(self) -> "RouterConfig":
-        return _check_head_limits(self)
 
 
 class TimeoutsConfig(Strict):

@@ -21,7 +21,8 @@ import yaml
 from lessor.api.admin import make_admin_app
 from lessor.api.schemas import HistoryOut
 from lessor.daemon import events
-from lessor.daemon.config import AdminConfig, parse_listen
+from lessor.daemon.config import AdminConfig
+from lessor.daemon.config_types import parse_listen
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 from lessor.daemon.usage_history import UsageHistory
