@@ -38,6 +38,7 @@ from .lifecycle import ModelState
 
 NEVER = math.inf
 ASKING, QUEUED, HELD = "asking", "queued", "held"
+_SERVED_MEMORY = 256  # requests the measured service time remembers at full weight
 _LOADABLE = (ModelState.UNLOADED, ModelState.FAILED)
 
 
@@ -97,7 +98,7 @@ class Lane:
     for lessord, its engine handle."""
 
     __slots__ = ("record", "name", "slots", "active", "waiting", "next_ticket", "drains", "drain_from",
-                 "last_used_s", "load", "expiry_s")
+                 "last_used_s", "load", "expiry_s", "work_s", "work_at", "served", "load_s")
 
     def __init__(self, record: Any, name: str, slots: int | None) -> None:
         self.record, self.name, self.slots = record, name, slots
@@ -109,6 +110,26 @@ class Lane:
         self.last_used_s = 0.0  # when its last request ended (or started, while one runs)
         self.load: LoadWish | None = None
         self.expiry_s = NEVER  # when the wait-deadline callback is due
+        # What a wait here takes, measured (the Retry-After a refused request is given): the
+        # requests running integrated over time and the requests finished, decayed together, so
+        # work_s / served is the mean time one request holds a slot (Little's law); load_s, the
+        # last on-demand load's time from its first ask to ready (waiting for room included).
+        self.work_s = 0.0
+        self.work_at = 0.0
+        self.served = 0.0
+        self.load_s: float | None = None
+
+    def tally(self, now: float, started: int = 0, finished: int = 0) -> None:
+        """Before `active` changes: the time run since the last change counts."""
+        self.work_s += self.active * (now - self.work_at)
+        self.work_at = now
+        self.active += started - finished
+        self.served += finished
+        if self.served >= _SERVED_MEMORY:
+            self.work_s, self.served = self.work_s / 2, self.served / 2
+
+    def service_s(self) -> float | None:
+        return self.work_s / self.served if self.served else None
 
     @property
     def in_flight(self) -> int:
@@ -154,8 +175,8 @@ class Lanes:
         if (lane.waiting or lane.drain_from is not NEVER or (lane.slots is not None and lane.active >= lane.slots)
                 or not self._ready(lane.record)):
             return False
-        lane.active += 1
-        lane.last_used_s = self._clock()
+        lane.last_used_s = now = self._clock()
+        lane.tally(now, started=1)
         return True
 
     def wait(self, lane: Lane, request: Any) -> None:
@@ -180,8 +201,8 @@ class Lanes:
                 return
 
     def finish(self, lane: Lane) -> None:
-        lane.active -= 1
-        lane.last_used_s = self._clock()  # idle time (keep_alive, LRU) counts from the end of the request
+        lane.last_used_s = now = self._clock()  # idle time (keep_alive, LRU) counts from the end of the request
+        lane.tally(now, finished=1)
         if lane.waiting:
             self._serve(lane)
         if self._wishes and not lane.active and not lane._due():
@@ -193,9 +214,24 @@ class Lanes:
             self._serve(lane)
 
     def _retry_after(self, lane: Lane) -> float:
-        if lane.record.state is ModelState.READY:
-            return self.rules.retry_after_busy_s
-        return self.rules.retry_after_loading_s
+        """When a request refused now would likely get its turn: what is left of the model's load
+        (its last measured one, else `retry_after_loading_s`), then the requests ahead of it
+        over the slots at the measured time a request holds one (else `retry_after_busy_s`
+        for the queue). Never over the wait timeout, never under a second."""
+        now, rules = self._clock(), self.rules
+        wait = 0.0
+        if lane.record.state is not ModelState.READY:
+            wish, measured = lane.load, lane.load_s
+            if measured is None:
+                wait = rules.retry_after_loading_s
+            else:
+                wait = max(0.0, measured - (now - wish.asked_s)) if wish is not None else measured
+        service = lane.service_s()
+        if service is None:
+            wait += rules.retry_after_busy_s if lane.record.state is ModelState.READY else 0.0
+        else:
+            wait += (len(lane.waiting) + 1) * service / max(1, lane.slots or lane.active or 1)
+        return min(max(1.0, wait), rules.wait_timeout_s)
 
     def waiting_for(self, lane: Lane) -> str:
         if lane.drain_from is not NEVER:
@@ -211,8 +247,8 @@ class Lanes:
         if self._ready(lane.record):
             while lane._due() and (lane.slots is None or lane.active < lane.slots):
                 if self._effects.admit(lane, lane.waiting.popleft().request):
-                    lane.active += 1
-                    lane.last_used_s = self._clock()
+                    lane.last_used_s = now = self._clock()
+                    lane.tally(now, started=1)
             if wish is not None and wish.phase is not ASKING:
                 self._end(lane)
             return
@@ -243,7 +279,8 @@ class Lanes:
         now = self._clock()
         expired = False
         while lane.waiting and lane.waiting[0].deadline_s <= now:
-            error = WaitTimedOut(lane.name, self.rules.wait_timeout_s, self.waiting_for(lane))
+            error = WaitTimedOut(lane.name, self.rules.wait_timeout_s, self.waiting_for(lane),
+                                 retry_after_s=self._retry_after(lane))
             self._effects.fail(lane.waiting.popleft().request, error)
             expired = True
         if lane.waiting:
@@ -259,6 +296,8 @@ class Lanes:
 
     def loaded(self, lane: Lane) -> None:
         """The load the driver was asked for ended with the model ready."""
+        if lane.load is not None:
+            lane.load_s = self._clock() - lane.load.asked_s
         self._outcome(lane, changed_memory=True)
 
     def busy(self, lane: Lane) -> None:

@@ -200,3 +200,67 @@ def test_a_waiting_load_keeps_one_retry_timer_however_often_it_is_told_to_wait()
     assert len(world.timers) == armed
     world.advance(1.0)  # the one retry asks again
     assert world.loads == ["a", "a"]
+
+
+def _serve(world: World, lane: Lane, count: int, seconds: float) -> None:
+    """`count` requests one after another on a ready lane, each holding its slot `seconds`."""
+    for _ in range(count):
+        assert world.lanes.try_start(lane)
+        world.advance(seconds)
+        world.lanes.finish(lane)
+
+
+def test_a_full_queue_of_a_ready_model_says_when_its_turn_would_come_from_measured_requests():
+    def ready_world() -> tuple[World, Lane]:
+        world = World(max_queue=3)
+        lane = world.lane("a")
+        world.records["a"].state = READY
+        world.lanes.set_slots(lane, 2)
+        return world, lane
+
+    world, lane = ready_world()
+    for r in range(5):  # two run, three wait
+        world.request("a", r)
+    with pytest.raises(QueueFull) as err:
+        world.request("a", 9)
+    assert err.value.retry_after_s == 1.0  # nothing measured yet: router.retry_after_busy_s
+    world, lane = ready_world()
+    _serve(world, lane, 10, 4.0)  # a request holds a slot 4 s
+    assert lane.service_s() == pytest.approx(4.0)
+    for r in range(5):
+        world.request("a", r)
+    with pytest.raises(QueueFull) as err:
+        world.request("a", 9)
+    assert err.value.retry_after_s == pytest.approx(4 * 4.0 / 2)  # three ahead and itself, over 2 slots
+
+
+def test_a_full_queue_of_a_loading_model_says_what_is_left_of_its_measured_load():
+    world = World(max_queue=1, wait_timeout_s=600)
+    world.request("a", 1)
+    world.advance(30)  # the load took 30 s from the first ask
+    world.set("a", READY)
+    world.lanes.loaded(world.lane("a"))
+    world.lanes.finish(world.lane("a"))
+    assert world.lane("a").load_s == pytest.approx(30.0)
+    world.set("a", UNLOADED)
+    world.request("a", 2)  # asks for a new load
+    world.advance(10)
+    with pytest.raises(QueueFull) as err:
+        world.request("a", 3)
+    # 20 s of the load left, then the one ahead and itself at the 0 s the first request held its slot
+    assert err.value.retry_after_s == pytest.approx(20.0)
+
+
+def test_a_timed_out_request_is_told_the_predicted_wait_never_more_than_the_timeout():
+    world = World(wait_timeout_s=10)
+    world.request("a", 1)
+    world.advance(100)
+    world.set("a", READY)
+    world.lanes.loaded(world.lane("a"))  # a 100 s load
+    world.lanes.finish(world.lane("a"))
+    world.set("a", UNLOADED)
+    world.request("a", 2)
+    errors = []
+    world.fail = lambda request, error: errors.append(error)
+    world.advance(10)
+    assert isinstance(errors[0], WaitTimedOut) and errors[0].retry_after_s == 10.0  # 90 s left, capped at the timeout
