@@ -91,6 +91,8 @@ class ModelOut(Out):
     pid: int | None = Field(description="The engine's process id (leader of its process group) while it runs")
     restarts: int = Field(description="Automatic restarts after crashes in the last 10 minutes")
     overrun: OverrunOut | None = Field(description="Set while the reconciler finds the engine above its leases plus the tolerance")
+    request_rate: float = Field(description="Requests per second the router sees for it, decayed (half-life 10 min); kept across restarts")
+    load_s: float | None = Field(description="What its loads took here (spawn to ready, a moving average), or null before the first")
 
 
 class PlanLease(Out):

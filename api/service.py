@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from contextlib import AsyncExitStack, contextmanager
+from pathlib import Path
 from typing import Callable
 
 from aiohttp import web
@@ -78,7 +79,8 @@ async def _serve_admin(stack: AsyncExitStack, controller: Controller, token: str
 
 
 async def _serve_router(stack: AsyncExitStack, controller: Controller, config: LessorConfig) -> TrafficControl:
-    router = TrafficControl(controller.supervisor, config.router, controller.bus.listen)
+    router = TrafficControl(controller.supervisor, config.router, controller.bus.listen,
+                            stats_path=Path(config.state_dir) / "traffic.json")
     controller.supervisor.attach_traffic(router)
     controller.router = router
     host, port = parse_listen(config.router.listen)

@@ -85,7 +85,9 @@ class Controller:
                 "params": dict(record.plan.params) if record.plan else None,
                 "endpoint": record.handle.base_url if record.handle else None,
                 "pid": record.handle.pid if record.handle else None, "restarts": self.supervisor.restarts(spec.name),
-                "overrun": record.overrun}
+                "overrun": record.overrun,
+                **(self.router.learned(spec.name) if self.router is not None
+                   else {"request_rate": 0.0, "load_s": None})}
 
     def _idle_s(self, record, in_flight: int) -> float | None:
         """Seconds since the model last served (or became ready): what keep_alive counts; None unless it serves."""

@@ -16,8 +16,12 @@ for every rare one.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from typing import Callable, Protocol
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 from .config import RouterConfig
 from .errors import InvariantBroken, LessorError, ModelAdopting, ModelBusy
@@ -26,8 +30,11 @@ from .lanes import Lane, LaneRules, Lanes, keep_alive_over
 from .lifecycle import ModelRecord, ModelState
 from .admission import MustWait
 from .supervisor import Supervisor
+from .traffic_stats import TrafficStats
 
 log = logging.getLogger("lessor.traffic")
+
+STATS_SAVE_EVERY_S = 60.0  # what a crash of lessord can lose of the learned traffic
 
 
 class Timers(Protocol):
@@ -53,7 +60,8 @@ def _serving(record: ModelRecord) -> bool:
 class TrafficControl:
     def __init__(self, supervisor: Supervisor, config: RouterConfig,
                  listen: Callable[[Callable[[Event], None]], None] | None = None,
-                 timers: Timers | None = None) -> None:
+                 timers: Timers | None = None, stats_path: Path | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
         self._supervisor, self._config = supervisor, config
         self._clock = supervisor.clock
         self._timers = timers or LoopTimers(self._clock)
@@ -61,6 +69,13 @@ class TrafficControl:
         self._by_name: dict[str, Lane] = {}  # name or alias -> lane (cleared on config reload)
         self._loads: set[asyncio.Task] = set()
         self.requests: dict[tuple[str, int], int] = {}  # (model, HTTP status) -> count, for metrics
+        # The one writer of what the router learns per model (rates, load times), saved beside the
+        # ledger so a restart keeps it; the wall clock only dates the file (downtime decays rates).
+        self.stats = TrafficStats()
+        self._stats_path, self._wall, self._stats_saved_s = stats_path, wall, self._clock()
+        self._loading_since: dict[str, float] = {}
+        if stats_path is not None:
+            self._restore_stats(stats_path)
         if listen is not None:
             listen(self._on_event)
 
@@ -78,12 +93,22 @@ class TrafficControl:
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, ModelStateChanged):
+            self._time_load(event)
             self._lanes.changed(event.model)
         elif isinstance(event, ConfigReloaded):
             self._by_name.clear()
             for lane in list(self._lanes.lanes.values()):
                 self._lanes.set_slots(lane, lane.record.spec.max_concurrency)
             self._lanes.changed()
+
+    def _time_load(self, event: ModelStateChanged) -> None:
+        """A load's time is from its state turning loading to ready: spawn, weights, KV, readiness."""
+        if event.state == ModelState.LOADING.value:
+            self._loading_since[event.model] = self._clock()
+        elif event.model in self._loading_since:
+            started = self._loading_since.pop(event.model)
+            if event.state == ModelState.READY.value:
+                self.stats.record_load(event.model, self._clock() - started)
 
     # -- what the supervisor reads (lifecycle.Traffic) ----------------------------------------
 
@@ -97,6 +122,7 @@ class TrafficControl:
 
     def try_start(self, lane: Lane) -> str | None:
         """The fast path: the engine's base URL if the request may go now, else None (then wait_turn)."""
+        self.stats.record_request(lane.name, self._clock())
         if self._lanes.try_start(lane):
             return lane.record.handle.base_url
         return None
@@ -145,6 +171,36 @@ class TrafficControl:
         for task in list(self._loads):
             task.cancel()
         await asyncio.gather(*self._loads, return_exceptions=True)
+        self.save_stats()
+
+    # -- the learned traffic, across restarts ------------------------------------------------
+
+    def save_stats(self) -> None:
+        """Write the statistics beside the ledger (atomically: a crash leaves the last whole file)."""
+        path = self._stats_path
+        if path is None:
+            return
+        now = self._clock()
+        self._stats_saved_s = now
+        data = {"saved_at": self._wall(), "stats": self.stats.to_dict(now)}
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(data), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:  # the statistics are advice: serving goes on without them
+            log.warning("cannot save the traffic statistics to %s: %s", path, exc.strerror or exc)
+
+    def _restore_stats(self, path: Path) -> None:
+        try:
+            data: Any = json.loads(path.read_text(encoding="utf-8"))
+            elapsed = max(0.0, self._wall() - float(data["saved_at"]))
+            self.stats.restore(data["stats"], self._clock(), elapsed)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.stats = TrafficStats()
+            log.warning("the traffic statistics in %s are unreadable (%s): starting without them; "
+                        "they are learned again from the requests", path, exc)
 
     async def _load(self, lane: Lane) -> None:
         lanes = self._lanes
@@ -191,6 +247,8 @@ class TrafficControl:
                 await self.unload_idle()
             except Exception:  # a bug must not end idle unloading for good
                 log.exception("keep_alive check failed")
+            if self._clock() - self._stats_saved_s >= STATS_SAVE_EVERY_S:
+                self.save_stats()
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -200,6 +258,12 @@ class TrafficControl:
 
     def queued(self) -> dict[str, int]:
         return self._lanes.queued()
+
+    def learned(self, model: str) -> dict[str, Any]:
+        """What the statistics say of a model: its request rate and what a load of it takes."""
+        measured = self.stats.measured_load_s(model)
+        return {"request_rate": round(self.stats.rate(model, self._clock()), 6),
+                "load_s": round(measured, 3) if measured is not None else None}
 
     def loads_wanted(self) -> dict[str, str]:
         """Models whose waiting requests want a load, and where it stands (asking: the

@@ -386,3 +386,32 @@ async def test_a_request_touches_the_last_use_time_lru_reads(routed):
     router.finish(lane)
     views = controller.supervisor.policy_snapshot().models
     assert views["a"].last_used_s == clock.now > views["b"].last_used_s
+
+
+async def test_the_router_learns_rates_and_load_times_and_keeps_them_across_a_restart(routed, tmp_path, caplog):
+    clock = ManualClock()
+    controller, adapter, router, _ = await routed([big("a")], clock=clock)
+    adapter.hold_s = 30.0  # the load takes 30 s of the injected clock
+    pending = asyncio.ensure_future(turn(router, "a"))
+    await until(lambda: adapter.at_gate == ["a"], "the load at its weights")
+    clock.advance(30.0)
+    lane, _ = await asyncio.wait_for(pending, HANG_S)
+    router.finish(lane)
+    learned = router.learned("a")
+    assert learned["load_s"] == pytest.approx(30.0) and learned["request_rate"] > 0
+
+    path = tmp_path / "traffic.json"
+    def restarted(wall_s: float) -> TrafficControl:
+        return TrafficControl(controller.supervisor, RouterConfig(), timers=clock, stats_path=path, wall=lambda: wall_s)
+    before = restarted(5000.0)  # the file is absent: it starts empty
+    assert before.learned("a") == {"request_rate": 0.0, "load_s": None}
+    before.stats = router.stats
+    before.save_stats()
+    after = restarted(5000.0 + before.stats.half_life_s)  # down for one half-life
+    assert after.learned("a")["request_rate"] == pytest.approx(learned["request_rate"] / 2, rel=1e-3)
+    assert after.learned("a")["load_s"] == pytest.approx(30.0)
+
+    path.write_text("{not json", encoding="utf-8")
+    damaged = restarted(6000.0)
+    assert damaged.learned("a") == {"request_rate": 0.0, "load_s": None}
+    assert "traffic statistics in" in caplog.text and "unreadable" in caplog.text
