@@ -243,3 +243,12 @@ def test_a_router_client_is_told_which_model_failed_and_where_to_look_not_the_en
         chunks = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: ")]
         assert status == 200 and chunks[-1] == "[DONE]" and "error" in json.loads(chunks[-2]), chunks
         assert "RuntimeError" in admin.call("GET", "/admin/v1/models/faulty/log?lines=200")[1]
+        learned = admin.model("faulty")
+        assert learned["request_rate"] > 0 and learned["load_s"] > 0, learned
+    # What the router learned outlives lessord: saved at its stop, read back by the next one.
+    saved = json.loads((tmp_path / "state" / "traffic.json").read_text())["stats"]
+    assert saved["rates"]["faulty"] > 0 and saved["load_s"]["faulty"] == pytest.approx(learned["load_s"], abs=1e-3)
+    with running_lessord(write_config(tmp_path, models, policy="fit")) as (_, url, _):
+        again = Admin(url, tmp_path / "state").model("faulty")
+        assert again["state"] == "unloaded" and again["request_rate"] > 0
+        assert again["load_s"] == pytest.approx(learned["load_s"], abs=1e-3)
