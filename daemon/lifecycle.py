@@ -51,6 +51,9 @@ class Traffic(Protocol):
 
     def last_used_s(self, model: str) -> float: ...
 
+    def learned_view(self, model: str, size_bytes: int) -> dict[str, float]:
+        """What the router learned of it, as `ModelView` fields: request_rate, load_cost_s, waiting."""
+
 
 class NoTraffic:
     """Before a router is attached (the CLI's local plan, tests of the supervisor alone)."""
@@ -60,6 +63,9 @@ class NoTraffic:
 
     def last_used_s(self, model: str) -> float:
         return 0.0
+
+    def learned_view(self, model: str, size_bytes: int) -> dict[str, float]:
+        return {}
 
 
 @dataclass(frozen=True)

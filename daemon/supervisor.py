@@ -118,9 +118,13 @@ class Supervisor:
         for lease in ledger.leases:
             per_model = held.setdefault(lease.model, {})
             per_model[lease.device] = per_model.get(lease.device, 0) + lease.bytes
-        models = {r.spec.name: ModelView(r.spec.name, r.state.value, r.spec.priority, r.spec.pinned,
-                                         self.in_flight(r.spec.name), self.last_used_s(r),
-                                         held.get(r.spec.name, {})) for r in self._models.values()}
+        models = {}
+        for r in self._models.values():
+            name, holds = r.spec.name, held.get(r.spec.name, {})
+            size = sum(holds.values())  # unloaded: the request's need says its size
+            models[name] = ModelView(name, r.state.value, r.spec.priority, r.spec.pinned, self.in_flight(name),
+                                     self.last_used_s(r), holds, size_bytes=size, ready_since_s=r.ready_at_s,
+                                     **self._traffic.learned_view(name, size))
         return Snapshot(ledger.budgets, models, self._clock())
 
     def dry_run(self, name: str, overrides: Mapping[str, Any] | None = None) -> Plan:

@@ -118,6 +118,14 @@ class TrafficControl:
     def last_used_s(self, model: str) -> float:
         return self._lanes.last_used_s(model)
 
+    def learned_view(self, model: str, size_bytes: int) -> dict[str, float]:
+        now = self._clock()
+        lane = self._lanes.lanes.get(model)
+        waiting = len(lane.waiting) if lane is not None else 0
+        oldest = now - lane.waiting[0].deadline_s + self._config.wait_timeout if waiting else 0.0
+        return {"request_rate": self.stats.rate(model, now), "load_cost_s": self.stats.load_cost_s(model, size_bytes),
+                "waiting": waiting, "oldest_wait_s": max(0.0, oldest)}
+
     # -- a request's turn --------------------------------------------------------------------
 
     def try_start(self, lane: Lane) -> str | None:

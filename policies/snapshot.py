@@ -41,7 +41,7 @@ class ModelView:
     # What the router has seen (daemon/traffic_stats.py): zero where nothing is known yet.
     request_rate: float = 0.0  # requests per second, exponentially decayed
     load_cost_s: float = 0.0  # predicted seconds one load takes (measured loads, else bytes / bandwidth)
-    size_bytes: int = 0  # what it holds loaded, over all devices (its plan's steady leases)
+    size_bytes: int = 0  # what it holds now, over all devices (0 unloaded: a request's need_bytes says its size)
     ready_since_s: float = 0.0  # when its current load became ready (its age against a churn age)
     waiting: int = 0  # requests waiting for it (not in flight)
     oldest_wait_s: float = 0.0  # how long the oldest of them has waited

@@ -415,3 +415,16 @@ async def test_the_router_learns_rates_and_load_times_and_keeps_them_across_a_re
     damaged = restarted(6000.0)
     assert damaged.learned("a") == {"request_rate": 0.0, "load_s": None}
     assert "traffic statistics in" in caplog.text and "unreadable" in caplog.text
+
+
+async def test_the_policy_sees_what_the_router_learned(routed):
+    clock = ManualClock()
+    controller, adapter, router, _ = await routed([big("a"), big("b")], clock=clock)
+    lane, _ = await turn(router, "a")
+    router.finish(lane)
+    clock.advance(5.0)
+    view = controller.supervisor.policy_snapshot().models
+    assert view["a"].request_rate == pytest.approx(router.stats.rate("a", clock())) and view["a"].request_rate > 0
+    assert view["a"].load_cost_s == router.stats.measured_load_s("a") and view["a"].size_bytes == sum(view["a"].held_bytes.values()) > 8 << 30
+    assert view["a"].ready_since_s > 0 and view["a"].waiting == 0
+    assert view["b"].request_rate == 0.0 and view["b"].size_bytes == 0  # never planned: nothing known
