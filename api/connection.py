@@ -77,6 +77,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.reading = False  # between a request's first byte and its end
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None  # when the armed timeout is due; None: disarmed
 
     # -- asyncio ---------------------------------------------------------------------------
 
@@ -88,14 +89,21 @@ class ClientConnection(asyncio.Protocol):
     def _arm_timer(self) -> None:
         """A client gets router.request_timeout to send a whole request, and as long to start the
         next one: a slow or silent client cannot hold a connection (and its memory) forever.
-        No limit while its answer is being produced: generation takes as long as it takes."""
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(self.door.config.request_timeout, self._timed_out)
+        No limit while its answer is being produced: generation takes as long as it takes.
+        Re-arming moves the deadline; the one timer handle, when it fires early, waits on for the
+        rest (two handles made and cancelled per request cost more than this check)."""
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + self.door.config.request_timeout
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._timed_out)
 
     def _timed_out(self) -> None:
         self.timer = None
-        if self.closed:
+        if self.closed or self.deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.deadline:
+            self.timer = loop.call_at(self.deadline, self._timed_out)
             return
         if self.reading:
             self._refuse(RequestTimedOut(self.door.config.request_timeout, "router.request_timeout"))
@@ -199,9 +207,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.reading, self.in_head, self.head_size = False, True, 0
         self.ends += 1
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = None  # no limit while the answer is produced; the handle fires and finds none
         if self.refusal is not None or self.closed:
             return
         if self.too_large:  # the 413 is sent; the body is read to its end so the client gets it, not a reset
