@@ -77,6 +77,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.reading = False  # between a request's first byte and its end
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None  # when the armed timeout is due; None: disarmed
 
     # -- asyncio ---------------------------------------------------------------------------
 
@@ -88,14 +89,21 @@ class ClientConnection(asyncio.Protocol):
     def _arm_timer(self) -> None:
         """A client gets router.request_timeout to send a whole request, and as long to start the
         next one: a slow or silent client cannot hold a connection (and its memory) forever.
-        No limit while its answer is being produced: generation takes as long as it takes."""
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(self.door.config.request_timeout, self._timed_out)
+        No limit while its answer is being produced: generation takes as long as it takes.
+        Re-arming moves the deadline; the one timer handle, when it fires early, waits on for the
+        rest (two handles made and cancelled per request cost more than this check)."""
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + self.door.config.request_timeout
+        if self.timer is None:
+            self.timer = loop.call_at(self.deadline, self._timed_out)
 
     def _timed_out(self) -> None:
         self.timer = None
-        if self.closed:
+        if self.closed or self.deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.deadline:
+            self.timer = loop.call_at(self.deadline, self._timed_out)
             return
         if self.reading:
             self._refuse(RequestTimedOut(self.door.config.request_timeout, "router.request_timeout"))
@@ -199,9 +207,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.reading, self.in_head, self.head_size = False, True, 0
         self.ends += 1
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = None  # no limit while the answer is produced; the handle fires and finds none
         if self.refusal is not None or self.closed:
             return
         if self.too_large:  # the 413 is sent; the body is read to its end so the client gets it, not a reset
@@ -299,7 +305,13 @@ class ClientConnection(asyncio.Protocol):
 
 
 class Exchange:
-    """One forwarded request: the upstream's answer goes to the client as it arrives."""
+    """One forwarded request: the upstream's answer goes to the client as it arrives.
+
+    One client write per upstream read (a write is a syscall, and the router's CPU per request is
+    mostly syscalls): what the parser hands over during one read is gathered in `out` and written by
+    `upstream_flush` (or `upstream_end`, with the chunked terminator). The head is held until the
+    first body piece or the end, so a plain answer is one write, and an engine that fails before
+    its body gets the client a clean 502 rather than a cut stream."""
 
     def __init__(self, client: ClientConnection, upstream: UpstreamConnection, keep_alive: bool, model: str) -> None:
         self.client, self.upstream, self.keep_alive, self.model = client, upstream, keep_alive, model
@@ -307,6 +319,8 @@ class Exchange:
         self.chunked = False
         self.status = 0
         self.withheld = False  # an engine's 5xx: its body stays in its log, the client gets engine_error()
+        self.out: list[bytes] = []  # this read's pieces, the held head first
+        self.sent = False  # any byte of the answer has gone to the client
 
     def upstream_head(self, status: int, content_type: bytes, length: int | None) -> None:
         self.status = status
@@ -316,35 +330,50 @@ class Exchange:
         self.chunked = length is None
         framing = b"Transfer-Encoding: chunked\r\n" if self.chunked else b"Content-Length: %d\r\n" % length
         stream = b"Cache-Control: no-cache\r\n" if content_type.startswith(b"text/event-stream") else b""
-        self.client.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s%s%s\r\n"
-                                    % (status, REASONS.get(status, b""), content_type, framing, stream,
-                                       b"" if self.keep_alive else b"Connection: close\r\n"))
+        self.out.append(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s%s%s\r\n"
+                        % (status, REASONS.get(status, b""), content_type, framing, stream,
+                           b"" if self.keep_alive else b"Connection: close\r\n"))
 
     def upstream_body(self, data: bytes) -> None:
         if self.withheld:
             return
         if self.chunked:
-            self.client.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            self.out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
-            self.client.transport.write(data)
+            self.out.append(data)
+
+    def upstream_flush(self) -> None:
+        """The end of one upstream read: what it brought goes out, unless that is the head alone."""
+        if len(self.out) > (0 if self.sent else 1):
+            self._write()
+
+    def _write(self) -> None:
+        out, self.out = self.out, []
+        self.sent = True
+        if not self.client.closed:
+            self.client.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def upstream_end(self) -> None:
         if self.withheld:
             self.client.respond(self.status, engine_error(self.model, self.status), self.keep_alive)
-        elif self.chunked:
-            self.client.transport.write(b"0\r\n\r\n")
+        else:
+            if self.chunked:
+                self.out.append(b"0\r\n\r\n")
+            self._write()
         if not self.done.done():
             self.done.set_result(self.status)
 
     def upstream_lost(self, reason: str) -> None:
         if self.done.done():
             return
-        # The head is sent: end the stream short (no final chunk) so the client sees it.
-        if self.status and not self.withheld:
+        if self.sent:  # the head is out: end the stream short (no final chunk) so the client sees it
             log.warning("router: the engine of %s broke an answer: %s", self.model, reason)
+            if self.out:
+                self._write()
             self.client.close()
             self.done.set_result(502)
-        else:
+        else:  # nothing went out: the client gets a whole 502
+            self.out = []
             self.done.set_exception(UpstreamFailed(self.model, reason))
 
     def client_gone(self) -> None:

@@ -29,6 +29,7 @@ class Sink(Protocol):
     def upstream_body(self, data: bytes) -> None: ...
     def upstream_end(self) -> None: ...
     def upstream_lost(self, reason: str) -> None: ...
+    def upstream_flush(self) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -49,10 +50,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        sink = self.sink
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(f"the engine sent a malformed response: {exc}")
+            return
+        if sink is not None and self.sink is sink:  # what this read brought goes out as one client write
+            sink.upstream_flush()
 
     def connection_lost(self, exc) -> None:
         self.closed = True

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Router overhead: the same requests sent straight to an engine and through lessor's router,
-side by side in one run, at concurrency 1, 16 and 64, non-streaming and streaming.
+"""Router overhead: the same requests sent straight to an engine, through lessor's router and
+through nginx, side by side in one run, at concurrency 1, 16 and 64, non-streaming and streaming.
 
 It starts a real `lessord` (simulated device) whose one model is a stand-in engine
-(bench/upstream.py, started by lessord as a `vllm` engine), loads it, then measures with a
-small keep-alive HTTP/1.1 client on uvloop (one connection per concurrent client; the same
-client for both paths). Prints req/s, p50/p99 latency and, for streams, time to first chunk,
-with the ratio router/direct.
+(bench/upstream.py, started by lessord as a `vllm` engine), loads it, and Debian's nginx (when
+installed; tests/install-system-deps.sh installs it) as a keep-alive reverse proxy to the same
+engine, with its own config on a free port. Then it measures with a small keep-alive HTTP/1.1
+client on uvloop (one connection per concurrent client; the same client for every path). Prints
+req/s, p50/p99 latency, for streams the time to first chunk, and each proxy's CPU per request
+(utime+stime from /proc/PID/stat before and after each cell: lessord's own process, where the
+router runs, not its engine; nginx's master and workers), with the ratios to direct and to nginx.
 
     .venv/bin/python bench/router_overhead.py            # --seconds 3 --rounds 2
 """
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,6 +102,7 @@ class Result:
     latencies_ns: list[int] = field(default_factory=list)
     first_ns: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    sent: int = 0  # requests answered in the cell, warm-up included (what the CPU was spent on)
 
     def rate(self) -> float:
         return len(self.latencies_ns) / self.seconds
@@ -120,6 +125,7 @@ async def measure(port: int, path: str, body: bytes, concurrency: int, seconds: 
     async def client(conn: Connection) -> None:
         while (now := time.perf_counter()) < stop_at:
             total, first = await conn.request(raw)
+            result.sent += 1
             if now >= measure_from:
                 result.latencies_ns.append(total)
                 result.first_ns.append(first)
@@ -171,6 +177,81 @@ def start_lessord(workdir: Path) -> tuple[subprocess.Popen, str, int, int]:
     return proc, endpoints[0], int(endpoints[0].rsplit(":", 1)[1]), router
 
 
+NGINX_CONF = """daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    upstream engine {{ server 127.0.0.1:{engine}; keepalive 128; keepalive_requests 10000000; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://engine;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(workdir: Path, engine_port: int) -> tuple[subprocess.Popen | None, int]:
+    """nginx as a keep-alive reverse proxy to the engine, one worker (lessor's router is one
+    thread); (None, 0) with a line saying why when there is no nginx here."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+    if binary is None:
+        print("nginx: not installed (tests/install-system-deps.sh installs nginx-light): skipped")
+        return None, 0
+    port, ndir = free_port(), workdir / "nginx"
+    ndir.mkdir()
+    (ndir / "nginx.conf").write_text(NGINX_CONF.format(dir=ndir, engine=engine_port, port=port))
+    proc = subprocess.Popen([binary, "-p", str(ndir), "-c", str(ndir / "nginx.conf"), "-e", str(ndir / "error.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            if proc.poll() is not None:
+                print(f"nginx: did not start ({proc.stderr.read().strip()[:300]}): skipped")
+                return None, 0
+            time.sleep(0.1)
+    proc.terminate()
+    print("nginx: not listening after 10 s: skipped")
+    return None, 0
+
+
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pids: list[int]) -> float:
+    """utime+stime of these processes (all their threads), in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return total * TICK_S
+
+
+def tree(pid: int) -> list[int]:
+    """pid and its children (nginx's master and its workers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid] + [int(c) for c in children]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
@@ -186,34 +267,54 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         proc, endpoint, direct_port, router_port = start_lessord(Path(tmp))
+        nginx, nginx_port = start_nginx(Path(tmp), direct_port)
         try:
+            paths = {"direct": (direct_port, lambda: []), "lessor": (router_port, lambda: [proc.pid])}
+            if nginx is not None:
+                paths["nginx"] = (nginx_port, lambda: tree(nginx.pid))
             print(f"router overhead: {os.cpu_count()} cores; lessord router on :{router_port}, stand-in engine "
-                  f"at {endpoint}; {args.rounds} x {args.seconds:g} s per case, results pooled")
-            print(f"{'case':<18}{'path':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'ttfc p50':>10}{'ttfc p99':>10}")
+                  f"at {endpoint}" + (f", nginx on :{nginx_port} (1 worker)" if nginx else "") +
+                  f"; {args.rounds} x {args.seconds:g} s per cell, rounds interleaved, results pooled")
+            print("cpu us/req: lessord's own process (the router; not its engine); nginx's master + workers")
+            print(f"{'case':<18}{'path':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'ttfc p50':>10}{'ttfc p99':>10}"
+                  f"{'cpu us/req':>12}")
             summary = {}
             for stream in (False, True):
                 for conc in args.concurrency:
-                    pooled = {"direct": Result(), "router": Result()}
-                    for _ in range(args.rounds):  # alternate, so drift hits both paths alike
-                        for name, port in (("direct", direct_port), ("router", router_port)):
+                    pooled = {name: Result() for name in paths}
+                    cpu = dict.fromkeys(paths, 0.0)
+                    for _ in range(args.rounds):  # alternate, so drift hits every path alike
+                        for name, (port, pids) in paths.items():
+                            before = cpu_s(pids())
                             r = run(measure(port, "/v1/chat/completions", STREAM_BODY if stream else BODY, conc,
                                             args.seconds, args.warmup))
+                            cpu[name] += cpu_s(pids()) - before
                             pooled[name].latencies_ns += r.latencies_ns
                             pooled[name].first_ns += r.first_ns
                             pooled[name].seconds += r.seconds
+                            pooled[name].sent += r.sent
                     case = f"{'stream' if stream else 'plain'} c={conc}"
                     for name, r in pooled.items():
-                        ttfc = (f"{r.pct(r.first_ns, 0.5):>10.3f}{r.pct(r.first_ns, 0.99):>10.3f}" if stream else "")
+                        ttfc = (f"{r.pct(r.first_ns, 0.5):>10.3f}{r.pct(r.first_ns, 0.99):>10.3f}" if stream
+                                else " " * 20)
+                        per = f"{cpu[name] / r.sent * 1e6:>12.1f}" if name != "direct" else ""
                         print(f"{case:<18}{name:<8}{r.rate():>9.0f}{r.pct(r.latencies_ns, 0.5):>9.3f}"
-                              f"{r.pct(r.latencies_ns, 0.99):>9.3f}{ttfc}")
-                    d, rt = pooled["direct"], pooled["router"]
-                    summary[(stream, conc)] = (d, rt)
-                    print(f"{case:<18}{'ratio':<8}{rt.rate() / d.rate():>8.2f}x"
-                          f"{rt.pct(rt.latencies_ns, 0.5) / d.pct(d.latencies_ns, 0.5):>8.2f}x"
-                          f"{rt.pct(rt.latencies_ns, 0.99) / d.pct(d.latencies_ns, 0.99):>8.2f}x")
+                              f"{r.pct(r.latencies_ns, 0.99):>9.3f}{ttfc}{per}")
+                    d = pooled["direct"]
+                    for name in paths:
+                        if name == "direct":
+                            continue
+                        rt = pooled[name]
+                        print(f"{case:<18}{name[:2] + '/dir':<8}{rt.rate() / d.rate():>8.2f}x"
+                              f"{rt.pct(rt.latencies_ns, 0.5) / d.pct(d.latencies_ns, 0.5):>8.2f}x"
+                              f"{rt.pct(rt.latencies_ns, 0.99) / d.pct(d.latencies_ns, 0.99):>8.2f}x")
+                    summary[(stream, conc)] = (pooled, {n: cpu[n] / pooled[n].sent * 1e6 for n in paths})
             report_goals(summary, args.concurrency)
             aliases(run, router_port, args)
         finally:
+            if nginx is not None:
+                nginx.terminate()
+                nginx.wait(30)
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
 
@@ -262,14 +363,24 @@ def rewrite_cost(requests: int = 200_000) -> None:
 
 def report_goals(summary, concurrency: list[int]) -> None:
     low, high = min(concurrency), max(concurrency)
-    d, r = summary[(False, low)]
+    pooled, _ = summary[(False, low)]
+    d, r = pooled["direct"], pooled["lessor"]
     added = r.pct(r.latencies_ns, 0.5) - d.pct(d.latencies_ns, 0.5)
     print(f"added p50 latency at c={low}: {added:.3f} ms (goal <= 0.3 ms)")
-    d, r = summary[(False, high)]
-    print(f"router/direct throughput at c={high}: {r.rate() / d.rate():.2f} (goal >= 0.60)")
-    d, r = summary[(True, low)]
+    pooled, _ = summary[(True, low)]
+    d, r = pooled["direct"], pooled["lessor"]
     added = r.pct(r.first_ns, 0.5) - d.pct(d.first_ns, 0.5)
     print(f"added time to first chunk (p50) at c={low}: {added:.3f} ms (goal <= 0.5 ms)")
+    for stream in (False, True):
+        pooled, cpu = summary[(stream, high)]
+        kind = "stream" if stream else "plain"
+        d, r = pooled["direct"], pooled["lessor"]
+        line = f"{kind} c={high}: lessor/direct throughput {r.rate() / d.rate():.2f} (goal >= 0.85)"
+        if "nginx" in pooled:
+            n = pooled["nginx"]
+            line += (f", nginx/direct {n.rate() / d.rate():.2f}; lessor/nginx cpu per request "
+                     f"{cpu['lessor'] / cpu['nginx']:.2f} (goal <= 1.25)")
+        print(line)
 
 
 if __name__ == "__main__":

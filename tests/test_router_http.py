@@ -401,3 +401,90 @@ async def test_api_keys_are_all_compared_in_constant_time(front, monkeypatch):
     async with session.get("/v1/models", headers={"Authorization": f"Bearer {KEY_A}"}) as r:
         assert r.status == 200
     assert len(compared) == 2  # the first key matched, and the second was compared all the same
+
+
+class CountingTransport:
+    """The client's real transport, with each write recorded (one write is one send syscall)."""
+
+    def __init__(self, inner, writes: list[bytes]) -> None:
+        self.inner, self.writes = inner, writes
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+        self.inner.write(data)
+
+    def writelines(self, pieces) -> None:
+        self.write(b"".join(pieces))
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Every client write the router makes, and every read it gets from an engine."""
+    from lessor.api.connection import ClientConnection
+    from lessor.api.proxy import UpstreamConnection
+    writes, reads = [], []
+    made, received = ClientConnection.connection_made, UpstreamConnection.data_received
+    monkeypatch.setattr(ClientConnection, "connection_made", lambda self, t: made(self, CountingTransport(t, writes)))
+
+    def data_received(self, data):
+        reads.append(data)
+        received(self, data)
+    monkeypatch.setattr(UpstreamConnection, "data_received", data_received)
+    return writes, reads
+
+
+def dechunk(body: bytes) -> bytes:
+    """A chunked body's data; it must end with the terminator and nothing after it."""
+    out = b""
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        data, body = body[:int(size, 16)], body[int(size, 16):]
+        assert body.startswith(b"\r\n")
+        body = body[2:]
+        if not data:
+            assert body == b""
+            return out
+        out += data
+
+
+async def test_a_plain_answer_goes_out_with_its_head_in_one_write_per_engine_read(front, counted):
+    writes, reads = counted
+    _, _, session, _ = await front()
+    for n in range(2):  # twice on one keep-alive connection: the second is framed as well as the first
+        writes.clear(), reads.clear()
+        async with session.post("/v1/completions", json={"model": "a", "n": n}) as r:
+            assert r.status == 200 and json.loads((await r.json())["echo"])["n"] == n
+        assert 1 <= len(writes) <= len(reads)
+        head, _, first_body = writes[0].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK") and first_body  # the head was held for the body
+    assert len(session.connector._conns) == 1  # the client's one connection was kept alive
+
+
+async def test_a_stream_s_terminator_rides_with_its_last_piece(front, counted):
+    writes, reads = counted
+    pieces = [b"data: %d\n\n" % n for n in range(3)]
+    controller, session, server = await behind_raw_upstream(
+        front, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n")
+    async with session.post("/v1/chat/completions", json={"model": "a", "stream": True}) as r:
+        assert r.status == 200 and await r.read() == b"".join(pieces)
+    assert 1 <= len(writes) <= len(reads)
+    head, _, first_body = writes[0].partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head and first_body  # never the head alone
+    assert writes[-1].endswith(b"\r\n0\r\n\r\n") and writes[-1] != b"0\r\n\r\n"
+    assert dechunk(b"".join(writes).split(b"\r\n\r\n", 1)[1]) == b"".join(pieces)
+    server.close()
+
+
+async def test_an_engine_that_closes_after_its_head_gets_the_client_a_whole_502(front, counted):
+    writes, _ = counted
+    controller, session, server = await behind_raw_upstream(
+        front, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+    async with session.post("/v1/completions", json={"model": "a"}) as r:  # the held head never went out
+        assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_error"
+    assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 502 ")
+    assert controller.model("a")["in_flight"] == 0
+    server.close()
