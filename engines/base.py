@@ -222,9 +222,10 @@ class EngineHandle(Protocol):
     # that say so); the others change it only at their next load.
     resizes_kv: bool
 
-    async def resize_kv(self, kv_tokens: int, memory_limit_bytes: int | None) -> int:
-        """The KV cache again at `kv_tokens` (all sequences): the tokens it now holds. Raises
-        KvResizeRefused (the engine's reason) and leaves the cache as it was."""
+    async def resize_kv(self, kv_tokens: int, leased_bytes: Mapping[str, int]) -> int:
+        """The KV cache again at `kv_tokens` (all sequences), within `leased_bytes` (per device,
+        everything the model holds once resized): the tokens it now holds. Raises KvResizeRefused
+        (the engine's reason) and leaves the cache as it was."""
 
     async def stop(self, grace_s: float) -> None: ...
 
@@ -265,7 +266,7 @@ class ProcessHandle:
     async def measure(self) -> dict[str, int]:
         return {}
 
-    async def resize_kv(self, kv_tokens: int, memory_limit_bytes: int | None) -> int:
+    async def resize_kv(self, kv_tokens: int, leased_bytes: Mapping[str, int]) -> int:
         raise KvResizeRefused(f"{self.launch.spec.engine.title} sizes its KV cache at start: it changes at its next load")
 
     async def stop(self, grace_s: float) -> None:

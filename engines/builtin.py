@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Mapping
 
 import aiohttp
 from pydantic import Field
@@ -122,9 +122,10 @@ class TorchHandle(ProcessHandle):
             state = await self._state(session)
         return {self.launch.gpus[0].device: int(state["memory_reserved"])}
 
-    async def resize_kv(self, kv_tokens: int, memory_limit_bytes: int | None) -> int:
+    async def resize_kv(self, kv_tokens: int, leased_bytes: Mapping[str, int]) -> int:
+        device = self.launch.gpus[0].device
         body = {"kv_tokens": kv_tokens, "wait_s": self.RESIZE_WAIT_S,
-                "memory_limit_bytes": None if self.launch.simulated else memory_limit_bytes}
+                "memory_limit_bytes": None if self.launch.simulated else leased_bytes.get(device)}
         timeout = aiohttp.ClientTimeout(total=self.RESIZE_WAIT_S + 300)
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session:
