@@ -6,7 +6,8 @@ nobody holds are released, and stray engines this state folder started but never
 stopped. Then, every `reconciler.interval`, it measures each ready engine (NVML's per-process
 figure, or the engine's own report under the simulated probe) against its leases, and watches
 processes lessor does not manage: when they grow past what is free, the policy evicts idle
-models instead of letting an engine hit an OOM.
+models (or shrinks their KV caches) instead of letting an engine hit an OOM. Memory left free at
+the end of a check grows back the KV caches shrunk earlier (daemon/elastic.py).
 """
 
 from __future__ import annotations
