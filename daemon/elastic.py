@@ -108,11 +108,10 @@ class Elastic:
             return False
         drop = max((-(-b * view.planned_tokens // view.planned_bytes[d]) for d, b in give.items() if d in view.leases),
                    default=0)
-        tokens = view.tokens - drop
-        if tokens < view.lowest:
-            return False
-        tokens = tokens // view.batch * view.batch  # whole sequences: never less given back than asked
+        tokens = max(view.lowest, (view.tokens - drop) // view.batch * view.batch)  # whole sequences
         new = {d: view.bytes_at(d, tokens) for d in view.leases}
+        if any(view.leases[d].bytes - new[d] < b for d, b in give.items() if d in view.leases):
+            return False  # even its smallest cache would not give back as much
         if not await self._engine(record, view, tokens, new):
             return False
         for device, lease in view.leases.items():
@@ -127,16 +126,16 @@ class Elastic:
 
     # -- grow: when memory sits idle ----------------------------------------------------------------
 
-    async def grow_idle(self, records: Iterable[ModelRecord], snapshot: Snapshot) -> list[str]:
+    async def grow_idle(self, records: Iterable[ModelRecord], snapshot: Callable[[], Snapshot]) -> list[str]:
         """From the reconciler's tick: each idle model shrunk earlier grows back towards its planned
         KV size, as far as the free memory goes. Nothing while a request waits for a model (that
         memory is wanted) or a load holds one of its devices. The models grown."""
-        if any(m.waiting for m in snapshot.models.values()):
+        shrunk = [r for r in records if (view := self.view(r)) is not None and view.tokens < view.highest]
+        if not shrunk or any(m.waiting for m in snapshot().models.values()):
             return []
         grown = []
-        for record in records:
-            view = self.view(record)
-            if view is None or view.tokens >= view.highest or self._in_flight(record.spec.name):
+        for record in shrunk:
+            if self._in_flight(record.spec.name):
                 continue
             devices = sorted(gpu_id(i) for i in record.spec.placement.devices)
             if any(self._locks.setdefault(d, asyncio.Lock()).locked() for d in devices):
@@ -153,8 +152,8 @@ class Elastic:
         if view is None or view.tokens >= view.highest or self._in_flight(record.spec.name):
             return False
         budgets = self._ledger.budgets()
-        room = min((budgets[d].free_bytes + lease.bytes) * view.planned_tokens // view.planned_bytes[d]
-                   for d, lease in view.leases.items() if d in budgets)
+        room = min(((budgets[d].free_bytes + lease.bytes) * view.planned_tokens // view.planned_bytes[d]
+                    for d, lease in view.leases.items() if d in budgets), default=0)
         tokens = min(view.highest, room // view.batch * view.batch)
         if tokens <= view.tokens:
             return False

@@ -196,7 +196,7 @@ class Reconciler:
         self._supervisor.lingering.check(self._ledger.snapshot().readings)
         if self._config.evict_on_foreign_growth:
             await self._give_back()
-        await self._supervisor.elastic.grow_idle(ready, self._supervisor.policy_snapshot())
+        await self._supervisor.elastic.grow_idle(ready, self._supervisor.policy_snapshot)
 
     async def _measure(self, record) -> dict[str, int]:
         try:

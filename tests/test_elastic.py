@@ -158,3 +158,16 @@ async def test_a_snapshot_says_what_a_resizable_idle_model_could_give_back(elast
     controller, _, _ = elastic_env
     view = controller.supervisor.policy_snapshot().models
     assert view["a"].kv_spare_bytes == {"gpu0": (16384 - 1024) * 65536} and view["b"].kv_spare_bytes == {}
+
+
+async def test_no_grow_while_a_load_holds_the_device(elastic_env):
+    controller, _, _ = elastic_env
+    planned = kv_of(controller, "a")
+    await controller.load("b")
+    await controller.unload("b")
+    shrunk = kv_of(controller, "a")
+    async with controller.supervisor._device_locks["gpu0"]:  # as a load from admission to ready holds it
+        await controller.reconciler.check()
+        assert kv_of(controller, "a") == shrunk < planned
+    await controller.reconciler.check()
+    assert kv_of(controller, "a") == planned
