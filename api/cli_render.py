@@ -230,6 +230,8 @@ def _because(reason: str) -> str:
 EVENT_LINES = {
     "lease_granted": lambda e: f"{e['model']} {e['device']} {e['kind']} {format_bytes(e['bytes'])}",
     "lease_released": lambda e: f"{e['model']} {e['device']} {e['kind']} {format_bytes(e['bytes'])}{_because(e['reason'])}",
+    "lease_resized": lambda e: f"{e['model']} {e['device']} {e['kind']} {format_bytes(e['from_bytes'])} -> "
+                               f"{format_bytes(e['bytes'])}{_because(e['reason'])}",
     "model_state": lambda e: f"{e['model']} {e['previous']} -> {e['state']}{_because(e.get('reason', ''))}",
     "engine_exited": lambda e: f"{e['model']} pid {e['pid']} exited {e['returncode']}{_because(e['reason'])}; "
                                + ("no restart" if e.get("restart_in_s") is None else f"restart in {e['restart_in_s']:g} s"),

@@ -42,11 +42,13 @@ def must_wait(request: AdmissionRequest, snapshot: Snapshot, reason: str, blocke
                                blockers=blockers))
 
 
-def freed_by(snapshot: Snapshot, victims: tuple[str, ...]) -> dict[str, int]:
-    """Bytes per device the victims hold: what their eviction would free."""
+def freed_by(snapshot: Snapshot, victims: tuple[str, ...],
+             shrink: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, int]:
+    """Bytes per device the victims hold: what their eviction would free (and the KV caches
+    shrunk first, `shrink`, give back)."""
     freed: dict[str, int] = {}
-    for name in victims:
-        for device, b in snapshot.models[name].held_bytes.items():
+    for held in [*(snapshot.models[name].held_bytes for name in victims), *(shrink or {}).values()]:
+        for device, b in held.items():
             freed[device] = freed.get(device, 0) + b
     return freed
 

@@ -66,6 +66,21 @@ class LeaseReleased(Event):
 
 
 @dataclass(frozen=True)
+class LeaseResized(Event):
+    """A granted lease's size changed in place (elastic KV: shrunk to let a load through, grown
+    back when memory sits idle); its id, owner and kind stay."""
+
+    type: ClassVar[str] = "lease_resized"
+    lease_id: str
+    model: str
+    device: str
+    kind: str
+    from_bytes: int
+    bytes: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class ModelStateChanged(Event):
     type: ClassVar[str] = "model_state"
     model: str

@@ -27,7 +27,7 @@ from .budget import budgets as compute_budgets
 from .config import DevicesConfig
 from .devices import DeviceReading, Probe, group_members
 from .errors import LedgerDamaged, LedgerUnavailable
-from .events import Event, LeaseGranted, LeaseReleased
+from .events import Event, LeaseGranted, LeaseReleased, LeaseResized
 from .ledger_db import (STORAGE_ERRORS, engine_for, engines_table, leases_table, migrate, read_generation, short_error,
                         write_counted)
 from .ledger_record import LedgerRecord, check_database, expectation, recover_hint, sqlite_file
@@ -338,6 +338,34 @@ class Ledger:
         for lease in released:
             self._publish(LeaseReleased(lease.id, lease.model, lease.device, lease.kind.value, lease.bytes, reason))
         return released
+
+    async def resize(self, lease_id: str, new_bytes: int, reason: str) -> Lease | Rejected:
+        """A granted lease's size changed in place, in one step: shrinking always succeeds; growing
+        is checked against the device's budget like a grant of the difference (the same Rejected,
+        nothing changed). The lease as it now is. Raises KeyError for a lease not granted (released
+        meanwhile), LedgerUnavailable where the database refuses (then nothing changed either)."""
+        if new_bytes < 0:
+            raise ValueError(f"a lease cannot be negative (lease {lease_id}: {new_bytes} bytes)")
+        async with self._lock:
+            lease = self._leases.get(lease_id)
+            if lease is None:
+                raise KeyError(f"lease {lease_id} is not granted (released meanwhile?)")
+            if new_bytes == lease.bytes:
+                return lease
+            if new_bytes > lease.bytes:
+                rejected = self._check([LeaseWant(lease.device, lease.kind, new_bytes - lease.bytes)])
+                if rejected:
+                    return rejected
+            await self._write("record the resize", lambda: [(update(leases_table).where(
+                (leases_table.c.id == lease_id) & (leases_table.c.state == LeaseState.GRANTED.value))
+                .values(bytes=new_bytes),)])
+            resized = self._leases[lease_id] = replace(lease, bytes=new_bytes)
+            # The record keeps each engine's leases with their bytes (recovery rebuilds from them):
+            # a resize is rare (a few per load), so it is written each time.
+            self._note(engines_changed=True)
+        self._publish(LeaseResized(lease_id, lease.model, lease.device, lease.kind.value, lease.bytes, new_bytes,
+                                   reason))
+        return resized
 
     async def _mark_released(self, ids: list[str], reason: str) -> None:
         await self._write("record the release", lambda: [(update(leases_table).where(leases_table.c.id.in_(ids))

@@ -6,7 +6,8 @@ nobody holds are released, and stray engines this state folder started but never
 stopped. Then, every `reconciler.interval`, it measures each ready engine (NVML's per-process
 figure, or the engine's own report under the simulated probe) against its leases, and watches
 processes lessor does not manage: when they grow past what is free, the policy evicts idle
-models instead of letting an engine hit an OOM.
+models (or shrinks their KV caches) instead of letting an engine hit an OOM. Memory left free at
+the end of a check grows back the KV caches shrunk earlier (daemon/elastic.py).
 """
 
 from __future__ import annotations
@@ -153,6 +154,10 @@ async def stop_groups(identities: dict[int, str], state_dir: Path, grace_s: floa
     return strays
 
 
+def ready_records(supervisor: Supervisor) -> list:
+    return [r for r in supervisor.records() if r.state == ModelState.READY and r.handle is not None]
+
+
 class Reconciler:
     """The periodic loop. Each check: flush releases the database refused, measure every ready
     engine against its leases, and give memory back to foreign processes that outgrew it."""
@@ -183,7 +188,7 @@ class Reconciler:
     async def check(self) -> None:
         self.checks += 1
         await self._ledger.flush()
-        ready = [r for r in self._supervisor.records() if r.state == ModelState.READY and r.handle is not None]
+        ready = ready_records(self._supervisor)
         # Over-counts are for checks in a row of one engine: an unloaded model starts again at zero.
         self._over_checks = {r.spec.name: n for r in ready if (n := self._over_checks.get(r.spec.name))}
         for record in ready:
@@ -191,6 +196,7 @@ class Reconciler:
         self._supervisor.lingering.check(self._ledger.snapshot().readings)
         if self._config.evict_on_foreign_growth:
             await self._give_back()
+        await self._supervisor.elastic.grow_idle(ready, self._supervisor.policy_snapshot)
 
     async def _measure(self, record) -> dict[str, int]:
         try:
@@ -239,6 +245,10 @@ class Reconciler:
                 continue
             decision = self._supervisor.policy(AdmissionRequest.give_back(device), snapshot)
             victims = decision.victims if isinstance(decision, Evict) else ()
+            if isinstance(decision, Evict) and decision.shrink:  # the lighter lever: the models stay
+                await self._supervisor.elastic.shrink_all(decision.shrink, {r.spec.name: r for r in ready_records(
+                    self._supervisor)}, f"foreign usage grew on {device}")
+                return  # the snapshot is stale now; the next check looks again
             if not victims and device in self._overcommitted:
                 continue  # said once already; nothing new to do
             self._overcommitted.add(device)

@@ -28,6 +28,7 @@ from .admission import MustWait, as_reload, freed_by, must_wait, never_fits, ref
 from .adoption import Adoption, adopt
 from .config import ModelSpec
 from .devices import Probe, SimProbe, gpu_id
+from .elastic import Elastic
 from .errors import (EngineUnavailable, LedgerUnavailable, LoadFailed, ModelAdopting, ModelBusy, ModelFailed,
                      NotEnoughMemory, OutOfMemory, PlanRejected, UnknownModel)
 from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, LoadRetried, ModelStateChanged
@@ -63,6 +64,7 @@ class Supervisor:
         self._device_locks: dict[str, asyncio.Lock] = {}
         self._traffic: Traffic = NoTraffic()
         self._restarts = Restarts(clock, lambda name: self.try_load(name, cause="restart"))
+        self.elastic = Elastic(ledger, self._device_locks, self.in_flight)  # KV leases shrunk and grown in place
         self._closing = False
 
     # -- reads -------------------------------------------------------------------------------
@@ -124,7 +126,7 @@ class Supervisor:
             size = sum(holds.values())  # unloaded: the request's need says its size
             models[name] = ModelView(name, r.state.value, r.spec.priority, r.spec.pinned, self.in_flight(name),
                                      self.last_used_s(r), holds, size_bytes=size, ready_since_s=r.ready_at_s,
-                                     **self._traffic.learned_view(name, size))
+                                     kv_spare_bytes=self.elastic.spare(r), **self._traffic.learned_view(name, size))
         return Snapshot(ledger.budgets, models, self._clock())
 
     def dry_run(self, name: str, overrides: Mapping[str, Any] | None = None) -> Plan:
@@ -140,7 +142,7 @@ class Supervisor:
         first, _, decision = self._decide(spec, snapshot, measured)
         shown = {"fingerprint": self.fingerprinting.use(key, measured)}
         if isinstance(decision, Evict):
-            result = plan(spec, snapshot.devices, freed_by(snapshot, decision.victims), measured)
+            result = plan(spec, snapshot.devices, freed_by(snapshot, decision.victims, decision.shrink), measured)
             return Plan(**{**result.__dict__, "evictions": decision.victims, **shown})
         if isinstance(decision, (Rejected, Queue)) and first.fits:
             return Plan(**{**first.__dict__, "fits": False, "reasons": (decision.reason,), **shown})
@@ -299,6 +301,9 @@ class Supervisor:
         self._publish(AdmissionDecided(spec.name, AdmissionResult(type(decision).__name__.lower()),
                                        getattr(decision, "reason", ""), getattr(decision, "victims", ())))
         if isinstance(decision, Evict):
+            if not await self.elastic.shrink_all(decision.shrink, self._models, f"shrunk for '{spec.name}'"):
+                return must_wait(request, snapshot, "a model to shrink took a request while room was being made",
+                                 tuple(decision.shrink))
             for victim in decision.victims:
                 if not await self.evict(victim, reason=f"evicted for '{spec.name}'"):
                     # A request started on it while an earlier victim unloaded.
@@ -482,8 +487,7 @@ def _log_admission(request: AdmissionRequest, decision: Decision, policy: str) -
     model, need = request.model, bytes_text(request.need_bytes)
     extra = {"model": model, "step": "admission", "result": type(decision).__name__.lower()}
     if isinstance(decision, Evict):
-        log.info("%s: admitted by %s after evicting %s (peak %s)", model, policy, ", ".join(decision.victims), need,
-                 extra=extra)
+        log.info("%s: admitted by %s after %s (peak %s)", model, policy, _making_room(decision), need, extra=extra)
     elif isinstance(decision, Queue):
         log.info("%s: queued behind %s (peak %s): %s", model, ", ".join(decision.blockers) or "busy models", need,
                  decision.reason, extra=extra)
@@ -491,6 +495,11 @@ def _log_admission(request: AdmissionRequest, decision: Decision, policy: str) -
         log.info("%s: not admitted by %s (peak %s): %s", model, policy, need, decision.reason, extra=extra)
     else:
         log.info("%s: admitted by %s (peak %s)", model, policy, need, extra=extra)
+
+
+def _making_room(decision: Evict) -> str:
+    shrunk = [f"shrinking {m}'s KV cache by {bytes_text(give)}" for m, give in decision.shrink.items()]
+    return ", then ".join([*shrunk, *([f"evicting {', '.join(decision.victims)}"] if decision.victims else [])])
 
 
 def _attempts_text(failures: list[str], then: str | None = None) -> str:

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from .events import Event, ForeignUsageChanged, LeaseGranted, LeaseReleased, MemoryLingering
+from .events import Event, ForeignUsageChanged, LeaseGranted, LeaseReleased, LeaseResized, MemoryLingering
 
 log = logging.getLogger("lessor.history")
 
@@ -26,7 +26,7 @@ WINDOW_S = 3600.0
 INTERVAL_S = 10.0
 MIN_GAP_S = 1.0
 # The facts that change a device's figures at once (engines' own usage drifts: the interval has it).
-CHANGES = (LeaseGranted, LeaseReleased, ForeignUsageChanged, MemoryLingering)
+CHANGES = (LeaseGranted, LeaseReleased, LeaseResized, ForeignUsageChanged, MemoryLingering)
 
 
 @dataclass(frozen=True)

@@ -218,6 +218,15 @@ class EngineHandle(Protocol):
     async def measure(self) -> dict[str, int]:
         """Bytes per device the engine reports using ({} when only the probe can tell)."""
 
+    # Elastic KV: whether the running engine can change its KV cache in place (two-phase engines
+    # that say so); the others change it only at their next load.
+    resizes_kv: bool
+
+    async def resize_kv(self, kv_tokens: int, leased_bytes: Mapping[str, int]) -> int:
+        """The KV cache again at `kv_tokens` (all sequences), within `leased_bytes` (per device,
+        everything the model holds once resized): the tokens it now holds. Raises KvResizeRefused
+        (the engine's reason) and leaves the cache as it was."""
+
     async def stop(self, grace_s: float) -> None: ...
 
 
@@ -230,8 +239,15 @@ class EngineAdapter(Protocol):
         """A handle for an engine a previous lessord started with this launch (adoption)."""
 
 
+class KvResizeRefused(RuntimeError):
+    """The engine did not resize its KV cache (it cannot, it was busy, or the size is out of its
+    bounds); the message is the engine's reason. Its cache is as it was."""
+
+
 class ProcessHandle:
     """A one-phase engine: ready (weights and KV cache in) when its health URL answers 200."""
+
+    resizes_kv: ClassVar[bool] = False
 
     def __init__(self, process: EngineProcess, launch: Launch, command: Command) -> None:
         self.process, self.launch, self.base_url = process, launch, launch.base_url
@@ -249,6 +265,9 @@ class ProcessHandle:
 
     async def measure(self) -> dict[str, int]:
         return {}
+
+    async def resize_kv(self, kv_tokens: int, leased_bytes: Mapping[str, int]) -> int:
+        raise KvResizeRefused(f"{self.launch.spec.engine.title} sizes its KV cache at start: it changes at its next load")
 
     async def stop(self, grace_s: float) -> None:
         await self.process.stop(grace_s)

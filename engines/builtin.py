@@ -3,18 +3,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Mapping
 
 import aiohttp
 from pydantic import Field
 
 from ..memory.footprint import Footprint, ModelShape
-from .base import (Command, EngineArgsBase, EngineHandle, Flags, Launch, KvGrant, ProcessAdapter, ProcessHandle,
-                   Sizing)
+from .base import (Command, EngineArgsBase, EngineHandle, Flags, KvGrant, KvResizeRefused, Launch, ProcessAdapter,
+                   ProcessHandle, Sizing)
 from .memory_model import TORCH_OOM
 
 
@@ -86,7 +87,11 @@ class TorchEngineArgs(EngineArgsBase):
 
 
 class TorchHandle(ProcessHandle):
-    """Two phases: weights (`/lessor/v1/state` says `weights_loaded`), then `POST /lessor/v1/kv`."""
+    """Two phases: weights (`/lessor/v1/state` says `weights_loaded`), then `POST /lessor/v1/kv`;
+    elastic KV through `POST /lessor/v1/kv/resize`."""
+
+    resizes_kv: ClassVar[bool] = True
+    RESIZE_WAIT_S: ClassVar[float] = 30.0  # for the requests running in the cache to end
 
     async def _state(self, session: aiohttp.ClientSession) -> dict:
         async with session.get(self.base_url + "/lessor/v1/state") as response:
@@ -117,6 +122,22 @@ class TorchHandle(ProcessHandle):
             state = await self._state(session)
         return {self.launch.gpus[0].device: int(state["memory_reserved"])}
 
+    async def resize_kv(self, kv_tokens: int, leased_bytes: Mapping[str, int]) -> int:
+        device = self.launch.gpus[0].device
+        body = {"kv_tokens": kv_tokens, "wait_s": self.RESIZE_WAIT_S,
+                "memory_limit_bytes": None if self.launch.simulated else leased_bytes.get(device)}
+        timeout = aiohttp.ClientTimeout(total=self.RESIZE_WAIT_S + 300)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.post(self.base_url + "/lessor/v1/kv/resize", json=body) as response:
+                    answer = await response.json(content_type=None)
+        except (aiohttp.ClientError, OSError, ValueError, asyncio.TimeoutError) as exc:
+            raise KvResizeRefused(f"the engine did not answer the resize ({type(exc).__name__}: {exc})") from exc
+        if response.status != 200:
+            raise KvResizeRefused(f"the engine refused to resize its KV cache to {kv_tokens} tokens "
+                                  f"({response.status}): {answer.get('error', {}).get('message')}")
+        return int(answer["kv_tokens"])
+
 
 class TorchAdapter(ProcessAdapter):
     args_class = TorchEngineArgs
@@ -133,6 +154,7 @@ class TorchAdapter(ProcessAdapter):
         argv = [sys.executable, "-m", "lessor.engines.torch_server", "--model-path", engine.model_path,
                 "--served-model-name", launch.spec.name, "--host", launch.host, "--port", str(launch.port),
                 "--dtype", engine.dtype, "--threads", str(engine.threads),
+                "--min-kv-tokens", str(launch.spec.plan.min_kv_tokens),
                 # CUDA_VISIBLE_DEVICES holds only this model's GPU, so it is always cuda:0 inside.
                 "--device", "cpu" if launch.simulated else "cuda:0"]
         if not launch.simulated:

@@ -89,6 +89,46 @@ class Engine:
         self.phase = "ready"
         return self.kv_bytes()
 
+    def resize_kv(self, context_tokens: int, memory_limit: int | None) -> int:
+        """The static cache again at `context_tokens` per slot, the slots kept (elastic KV: lessor
+        shrinks a lease to let another model in, and grows it back). The caller holds every slot,
+        so no sequence is mid-way in the old caches. The old caches go first, so a cache as large
+        as before fits where it was; a grow that fails puts the old size back and raises."""
+        if self.phase != "ready":
+            raise BadRequest("phase", f"the KV cache is resized once it is allocated; phase is {self.phase}")
+        old, batch = self.context_tokens, len(self.slots)
+        if memory_limit is not None and context_tokens > old:
+            self._cap(memory_limit)  # a grow needs the higher cap before it allocates
+        try:
+            self._reallocate(context_tokens, batch)
+        except Exception:
+            self._reallocate(old, batch)
+            raise
+        if memory_limit is not None:
+            self._cap(memory_limit)  # a shrink lowers the cap once the memory is given back
+        return self.kv_bytes()
+
+    def _reallocate(self, context_tokens: int, batch: int) -> None:
+        self.slots = []
+        self._give_back()
+        before = self.memory_reserved()
+        self.slots = [self._slot(context_tokens) for _ in range(batch)]
+        self.context_tokens = context_tokens
+        self.kv_measured = self.memory_reserved() - before
+
+    def _give_back(self) -> None:
+        """Freed tensors back to the device (torch's caching allocator keeps them reserved) or,
+        on the CPU, the allocator's free pages to the kernel: what lessor measures drops at once."""
+        import gc
+
+        import torch
+
+        gc.collect()  # a finished request's decoder may still reference its slot's cache in a cycle
+        if self.on_cuda:
+            torch.cuda.empty_cache()
+        else:
+            _trim()
+
     def _slot(self, context_tokens: int) -> Any:
         """One sequence's static cache, every layer allocated now (zeroed, so its pages are touched)."""
         import torch

@@ -6,6 +6,11 @@ a static KV cache of exactly that size: `max_batch_size` slots of `context_token
 Nothing grows after that, so what lessor leased is what the engine holds. On CUDA it also caps
 itself to its lease with `torch.cuda.set_per_process_memory_fraction`.
 
+Elastic KV: `POST /lessor/v1/kv/resize` ({"kv_tokens": N}) reallocates that cache at N tokens, the
+slots kept, between `--min-kv-tokens` and the size phase 2 allocated, once no request runs in it
+(it waits up to `wait_s`; requests arriving meanwhile wait for it). lessor shrinks a model's KV
+lease this way to let another model load, and grows it back when the memory sits idle.
+
 `GET /lessor/v1/state` reports what it holds (`memory_reserved`): on CUDA torch's reserved bytes;
 on the CPU its own process measured, anonymous memory beyond a baseline taken just before the
 weights. `measured` keeps that baseline (null until it is taken) and the growth over each phase: the weights once loaded,
@@ -43,6 +48,7 @@ from .torch_engine import DTYPES, Decoder, Engine
 from .torch_requests import BadRequest, Generate, Sampling, chat_request, completion_request, parse_body
 
 log = logging.getLogger("lessor.torch_server")
+MIN_CONTEXT = 16  # tokens per sequence a resize leaves at least (engine.context_tokens' own lower bound)
 
 # -- HTTP ------------------------------------------------------------------------------------
 
@@ -89,12 +95,16 @@ class Server:
         self.free_slots: asyncio.Queue[int] | None = None
         self.decoding: ThreadPoolExecutor | None = None  # one worker per slot, for the decode steps
         self.cancelled = 0  # requests whose client went away before the answer was complete
+        self.min_kv_tokens: int | None = None  # --min-kv-tokens: the least a resize may leave
+        self.max_kv_tokens: int | None = None  # the cache of phase 2, taken at the first resize
+        self.resizing = asyncio.Lock()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=8 << 20, middlewares=[_errors])
         app.router.add_get("/health", self.health)
         app.router.add_get("/lessor/v1/state", self.state)
         app.router.add_post("/lessor/v1/kv", self.allocate)
+        app.router.add_post("/lessor/v1/kv/resize", self.resize)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
@@ -128,6 +138,67 @@ class Server:
         for slot in range(batch):
             self.free_slots.put_nowait(slot)
         return web.json_response(self.engine.measure())
+
+    async def resize(self, request: web.Request) -> web.Response:
+        """Elastic KV: the cache again at `kv_tokens` (all slots together; the slots kept), between
+        --min-kv-tokens and the size phase 2 allocated. It waits up to `wait_s` for the running
+        requests to end (new ones wait for it), then reallocates. The answer: what it now holds."""
+        body = parse_body(await request.read())
+        if self.engine.phase != "ready" or self.free_slots is None:
+            return _error(409, f"the KV cache is resized once the model is ready; phase is {self.engine.phase}", "phase")
+        tokens, wait_s, limit = _resize_request(body)
+        low, high = self._kv_bounds()
+        if not low <= tokens <= high:
+            side = (f"below this engine's minimum of {low} (--min-kv-tokens: the model's plan.min_kv_tokens)"
+                    if tokens < low else f"above the {high} tokens it was allocated at load (a larger cache "
+                    "needs a new load)")
+            raise BadRequest("kv_tokens", f"{tokens} tokens is {side}; ask for {low} to {high}")
+        batch = len(self.engine.slots)
+        async with self.resizing:
+            held = await self._hold_slots(wait_s)
+            if isinstance(held, web.Response):
+                return held
+            try:
+                await asyncio.to_thread(self.engine.resize_kv, tokens // batch, limit)
+            except Exception as exc:  # CUDA OOM growing under the cap: the old size is back
+                log.exception("resizing the KV cache to %d tokens failed", tokens)
+                return _error(507, f"resizing the KV cache failed ({type(exc).__name__}: {exc}); it holds "
+                              f"{self.engine.context_tokens * batch} tokens, as before", "kv_tokens", "server_error")
+            finally:
+                for slot in held:
+                    self.free_slots.put_nowait(slot)
+        log.info("KV cache resized to %d tokens (%d per sequence)", self.engine.context_tokens * batch,
+                 self.engine.context_tokens)
+        return web.json_response({**self.engine.measure(), "kv_tokens": self.engine.context_tokens * batch,
+                                  "min_kv_tokens": low, "max_kv_tokens": high})
+
+    def _kv_bounds(self) -> tuple[int, int]:
+        batch = len(self.engine.slots)
+        if self.max_kv_tokens is None:
+            self.max_kv_tokens = self.engine.context_tokens * batch
+        return min(max(self.min_kv_tokens or 0, batch * MIN_CONTEXT), self.max_kv_tokens), self.max_kv_tokens
+
+    async def _hold_slots(self, wait_s: float) -> list[int] | web.Response:
+        """Every slot, once the requests in them ended (those waiting for one go first), or the
+        409 to answer when some still run after `wait_s`."""
+        held: list[int] = []
+        deadline = asyncio.get_running_loop().time() + wait_s
+        try:
+            while len(held) < len(self.engine.slots):
+                if not self.free_slots.empty():  # wait_for with no time left fails even a ready get
+                    held.append(self.free_slots.get_nowait())
+                    continue
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                held.append(await asyncio.wait_for(self.free_slots.get(), left))
+        except asyncio.TimeoutError:
+            running = len(self.engine.slots) - len(held)
+            for slot in held:
+                self.free_slots.put_nowait(slot)
+            return _error(409, f"{running} request(s) still ran after waiting {wait_s:g} s to resize the KV cache; "
+                          "retry when it is idle, or with a longer wait_s", "wait_s")
+        return held
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
@@ -169,6 +240,11 @@ class Server:
         prompt = await asyncio.to_thread(self.engine.prompt_ids, wanted.messages, wanted.prompt)
         sampling = wanted.sampling(len(prompt), self.engine.context_tokens)
         slot = await self.free_slots.get()
+        try:  # a resize may have changed the context while it waited
+            sampling = wanted.sampling(len(prompt), self.engine.context_tokens)
+        except BadRequest:
+            self.free_slots.put_nowait(slot)
+            raise
         decoder = self.engine.decoder(slot, prompt, sampling)
         steps = Steps(self, decoder)
         try:
@@ -289,6 +365,18 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()  # OpenAI's base64: float32 LE
 
 
+def _resize_request(body: dict[str, Any]) -> tuple[int, float, int | None]:
+    """(kv_tokens, wait_s, memory_limit_bytes) of a resize's body, each checked."""
+    tokens, wait_s, limit = body.get("kv_tokens"), body.get("wait_s", 30.0), body.get("memory_limit_bytes")
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        raise BadRequest("kv_tokens", f"must be a positive integer (tokens of all sequences together); got {tokens!r}")
+    if not isinstance(wait_s, (int, float)) or isinstance(wait_s, bool) or not 0 <= wait_s <= 3600:
+        raise BadRequest("wait_s", f"must be a number of seconds from 0 to 3600; got {wait_s!r}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise BadRequest("memory_limit_bytes", f"must be a positive integer or null; got {limit!r}")
+    return tokens, float(wait_s), limit
+
+
 async def _send(response: web.StreamResponse, body: dict[str, Any]) -> None:
     await response.write(f"data: {json.dumps(body)}\n\n".encode())
 
@@ -302,6 +390,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:N (N among the visible devices)")
     parser.add_argument("--memory-limit-bytes", type=int, default=None, help="CUDA cap while loading (the lease)")
+    parser.add_argument("--min-kv-tokens", type=int, default=None,
+                        help="the smallest KV cache (all sequences) a resize may leave: the plan's min_kv_tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (per decode step)")
     parser.add_argument("--fail-at-step", type=int, default=None, metavar="N",
                         help="tests only: decode step N of every request raises, to exercise the error path")
@@ -323,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(args.model_path, args.dtype, args.device, args.memory_limit_bytes)
     engine.fail_at_step = args.fail_at_step
     server = Server(engine, args.served_model_name or os.path.basename(os.path.normpath(args.model_path)))
+    server.min_kv_tokens = args.min_kv_tokens
 
     def load() -> None:
         try:

@@ -1,8 +1,8 @@
 """Admission and eviction policies: pure functions over a ledger snapshot, picked by name from a
 closed registry (an unknown name fails config validation and lists the valid ones)."""
 
-from .admission import POLICIES, Policy, fit, lru_idle, priority, shortfall
+from .admission import POLICIES, Policy, fit, lru_idle, priority, shortfall, shrink_to_cover
 from .snapshot import Admit, AdmissionRequest, Decision, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
 
-__all__ = ["POLICIES", "Policy", "fit", "lru_idle", "priority", "shortfall", "Admit", "AdmissionRequest",
-           "Decision", "DeviceBudget", "Evict", "ModelView", "Queue", "Rejected", "Snapshot"]
+__all__ = ["POLICIES", "Policy", "fit", "lru_idle", "priority", "shortfall", "shrink_to_cover", "Admit",
+           "AdmissionRequest", "Decision", "DeviceBudget", "Evict", "ModelView", "Queue", "Rejected", "Snapshot"]

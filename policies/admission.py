@@ -1,7 +1,9 @@
 """Admission and eviction policies. Pure decisions over a Snapshot: no I/O, no logging, no state.
 
 Each policy only chooses *which* models may be evicted and in what order; the arithmetic of
-"does it fit after evicting these" is shared so every policy answers the same way.
+"does it fit after evicting these" is shared so every policy answers the same way. Before any
+eviction, `shrink_to_cover` tries the lighter lever: where the idle models it could evict can give
+back enough of their KV caches (elastic KV, `ModelView.kv_spare_bytes`), they shrink and stay.
 """
 
 from __future__ import annotations
@@ -64,6 +66,25 @@ def deduct(remaining: dict[str, int], victim: ModelView) -> None:
             del remaining[device]
 
 
+def shrink_to_cover(short: dict[str, int], models: Iterable[ModelView]) -> dict[str, dict[str, int]] | None:
+    """model -> device -> bytes: what the idle `models` (in this order) give back of their KV leases
+    to cover `short` on every device, taking no more than is short; None where all they could give
+    would not cover it (then nothing is shrunk: evicting makes the room instead)."""
+    remaining = dict(short)
+    shrink: dict[str, dict[str, int]] = {}
+    for model in models:
+        if not model.idle:
+            continue
+        for device in list(remaining):
+            take = min(model.kv_spare_bytes.get(device, 0), remaining[device])
+            if take > 0:
+                shrink.setdefault(model.name, {})[device] = take
+                remaining[device] -= take
+                if remaining[device] <= 0:
+                    del remaining[device]
+    return None if remaining else shrink
+
+
 def decide_with_candidates(request: AdmissionRequest, snapshot: Snapshot,
                            eligible: Callable[[ModelView], bool], order: Callable[[ModelView], tuple]) -> Decision:
     short = shortfall(request, snapshot)
@@ -71,6 +92,9 @@ def decide_with_candidates(request: AdmissionRequest, snapshot: Snapshot,
         return Admit()
     others = sorted((m for m in snapshot.models.values()
                      if m.name != request.model and not m.pinned and eligible(m) and m.held_bytes), key=order)
+    shrink = shrink_to_cover(short, others)
+    if shrink:
+        return Evict((), shrink)
     victims, remaining = _free_with(short, (m for m in others if m.idle))
     if not remaining:
         return Evict(tuple(victims))

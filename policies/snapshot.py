@@ -45,6 +45,9 @@ class ModelView:
     ready_since_s: float = 0.0  # when its current load became ready (its age against a churn age)
     waiting: int = 0  # requests waiting for it (not in flight)
     oldest_wait_s: float = 0.0  # how long the oldest of them has waited
+    # Elastic KV: what its KV lease could give back per device, down to its plan's min_kv_tokens,
+    # with its engine running on (empty where its engine cannot resize its cache in place).
+    kv_spare_bytes: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def idle(self) -> bool:
@@ -88,9 +91,11 @@ class Admit:
 
 @dataclass(frozen=True)
 class Evict:
-    """Unload these models first (in this order), then admit."""
+    """Unload these models first (in this order), then admit. `shrink`: model -> device -> bytes
+    its KV lease gives back first (elastic KV), the model kept loaded."""
 
     victims: tuple[str, ...]
+    shrink: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

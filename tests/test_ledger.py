@@ -180,3 +180,51 @@ async def test_in_memory_ledger_grants_and_checks_the_same_without_a_database():
     assert ledger.budgets()["gpu0"].free_bytes == 5 * GiB
     assert await ledger.flush() == 0 and await ledger.prune_released(0) == 0
     await ledger.close()
+
+
+async def test_resize_shrinks_always_and_grows_only_within_the_budget(ledger):
+    granted = await ledger.grant("a", [LeaseWant("gpu0", W, 4 * GiB), LeaseWant("gpu0", KV, 8 * GiB)], "t1")
+    kv = granted.leases[1]
+    shrunk = await ledger.resize(kv.id, 2 * GiB, "let b through")
+    assert (shrunk.id, shrunk.bytes, shrunk.kind) == (kv.id, 2 * GiB, KV)
+    assert ledger.budgets()["gpu0"].free_bytes == 9 * GiB
+    await ledger.grant("b", [LeaseWant("gpu0", W, 8 * GiB)], "t2")
+    refused = await ledger.resize(kv.id, 4 * GiB, "grow back")  # 2 GiB more; 1 GiB free
+    assert isinstance(refused, Rejected) and refused.short_bytes == {"gpu0": GiB}
+    assert "gpu0: wanted 2.0 GiB, free 1.0 GiB" in refused.reason
+    assert {lease.id: lease.bytes for lease in ledger.leases()}[kv.id] == 2 * GiB
+    assert (await ledger.resize(kv.id, 3 * GiB, "grow back")).bytes == 3 * GiB
+    assert ledger.budgets()["gpu0"].free_bytes == 0
+    resized = [e for e in ledger.events if e.type == "lease_resized"]
+    assert [(e.from_bytes, e.bytes, e.reason) for e in resized] == [(8 * GiB, 2 * GiB, "let b through"),
+                                                                     (2 * GiB, 3 * GiB, "grow back")]
+
+
+async def test_resize_of_a_released_lease_names_it(ledger):
+    granted = await ledger.grant("a", [LeaseWant("gpu0", KV, GiB)], "t1")
+    await ledger.release_model("a", "done")
+    with pytest.raises(KeyError, match=granted.leases[0].id):
+        await ledger.resize(granted.leases[0].id, 0, "shrink")
+    with pytest.raises(ValueError, match="negative"):
+        await ledger.resize(granted.leases[0].id, -1, "shrink")
+
+
+async def test_a_resize_survives_a_restart_and_keeps_the_record_true(ledger_url, tmp_path):
+    from lessor.daemon.ledger_record import LedgerRecord
+
+    record = LedgerRecord(tmp_path / "record.json")
+    first = await Ledger.open(ledger_url, make_probe(), DEVICES, record=record)
+    granted = await first.grant("a", [LeaseWant("gpu1", KV, 6 * GiB)], "t1")
+    await first.record_engine(EngineRecord("a", "t1", 1234, "boot:42", 8123, EnginePhase.READY, {}, 4096, 99.5))
+    await first.resize(granted.leases[0].id, 2 * GiB, "shrink")
+    generation = first.generation
+    await first.close()
+    found = record.read()
+    assert found.generation == generation and found.engines["a"]["leases"][0]["bytes"] == 2 * GiB
+
+    second = await Ledger.open(ledger_url, make_probe(), DEVICES, record=record)  # the damage checks pass
+    try:
+        assert [lease.bytes for lease in second.leases()] == [2 * GiB]
+        assert second.budgets()["gpu1"].free_bytes == 13 * GiB
+    finally:
+        await second.close()

@@ -1,5 +1,5 @@
 """Property: no device is ever granted more than its budget, whatever the interleaving of
-concurrent grants, releases, foreign-usage changes and crash-restarts."""
+concurrent grants, releases, resizes (elastic KV), foreign-usage changes and crash-restarts."""
 
 import asyncio
 import itertools
@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from lessor.daemon.config import DevicesConfig, HostPool, SimulatedGpu
 from lessor.daemon.devices import SimProbe
-from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.ledger import Granted, Lease, LeaseKind, LeaseWant, Ledger
 from lessor.daemon.units import GiB, MiB
 
 HEADROOM = {"gpu0": GiB, "gpu1": GiB, "host": 4 * GiB}
@@ -85,6 +85,25 @@ class LedgerMachine(RuleBasedStateMachine):
         lease_id = list(self.expected)[data.draw(st.integers(0, len(self.expected) - 1))]
         self.run(self.ledger.release([lease_id], "test"))
         del self.expected[lease_id]
+
+    @precondition(lambda self: self.expected)
+    @rule(data=st.data())
+    def concurrent_resizes(self, data):
+        """Shrinks and grows of some leases at once: a shrink always goes; a grow only where the
+        device's free memory covers the difference, and a refused one changes nothing."""
+        ids = data.draw(st.lists(st.sampled_from(list(self.expected)), min_size=1, max_size=4, unique=True))
+        new = [data.draw(sizes) for _ in ids]
+
+        async def all_at_once():
+            return await asyncio.gather(*(self.ledger.resize(i, b, "test") for i, b in zip(ids, new)))
+
+        for lease_id, wanted, result in zip(ids, new, self.run(all_at_once())):
+            model, device, held = self.expected[lease_id]
+            fits = wanted <= held or wanted - held <= self.free(device)
+            assert isinstance(result, Lease) == fits, (lease_id, held, wanted, result)
+            if fits:
+                assert result.bytes == wanted
+                self.expected[lease_id] = (model, device, wanted)
 
     @invariant()
     def ledger_matches_the_model(self):

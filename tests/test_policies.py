@@ -176,3 +176,41 @@ def test_a_wait_after_failed_attempts_leads_with_what_they_said():
     assert after.error.message() == ("model 'new' needs 4.0 GiB on gpu0, 1.0 GiB is free: short by 3.0 GiB; attempt 1: "
                                      "verify: over its leases; then: the models that could make room are busy; it "
                                      "loads once busy finish their requests")
+
+
+# -- elastic KV: shrink before evicting ------------------------------------------------------------
+
+def elastic(name, gib, spare_gib, **kw) -> ModelView:
+    from dataclasses import replace
+
+    return replace(model(name, gib, **kw), kv_spare_bytes={"gpu0": int(spare_gib * G)})
+
+
+@pytest.mark.parametrize("policy", [lru_idle, priority])
+def test_idle_models_give_back_kv_instead_of_being_evicted_when_that_covers_it(policy):
+    s = snap(2, elastic("old", 6, 1, prio=10, last_used=10), elastic("newer", 6, 3, prio=10, last_used=50))
+    decision = policy(want(5), s)  # 3 GiB short: old gives its 1, newer the 2 left, no more
+    assert decision == Evict((), {"old": {"gpu0": G}, "newer": {"gpu0": 2 * G}})
+
+
+@pytest.mark.parametrize("policy", [lru_idle, priority])
+def test_when_shrinking_would_not_cover_it_models_are_evicted_and_none_shrunk(policy):
+    s = snap(2, elastic("old", 6, 1, prio=10, last_used=10), elastic("newer", 6, 1, prio=10, last_used=50))
+    assert policy(want(5), s) == Evict(("old",))
+
+
+def test_busy_pinned_and_higher_priority_models_are_not_shrunk():
+    busy = snap(2, elastic("busy", 6, 4, in_flight=1), model("idle", 4, last_used=5))
+    assert lru_idle(want(4), busy) == Evict(("idle",))
+    pinned = snap(2, elastic("pinned", 6, 4, pinned=True), model("idle", 4, last_used=5))
+    assert lru_idle(want(4), pinned) == Evict(("idle",))
+    higher = snap(2, elastic("high", 6, 4, prio=90), model("low", 4, prio=10))
+    assert priority(want(4, prio=50), higher) == Evict(("low",))
+    assert fit(want(4), snap(2, elastic("a", 6, 4))) == Rejected(
+        "2.0 GiB on gpu0 short, and policy 'fit' never evicts: nothing evicted", {"gpu0": 2 * G})
+
+
+def test_a_give_back_shrinks_an_idle_model_too():
+    s = snap(0, elastic("a", 6, 2))
+    over = Snapshot({"gpu0": DeviceBudget("gpu0", 24 * G, 24 * G, G, 17 * G + G // 2, 6 * G)}, s.models)
+    assert lru_idle(AdmissionRequest.give_back("gpu0"), over) == Evict((), {"a": {"gpu0": G // 2}})

@@ -251,3 +251,76 @@ def test_a_model_path_it_cannot_read_stops_it_at_start_in_one_line(tmp_path, mak
     lines = (run.stdout + run.stderr).splitlines()
     assert run.returncode == 2 and len(lines) == 1, lines
     assert f"model_path {path}: {words}" in lines[0]
+
+
+# -- elastic KV: the cache resized in place ------------------------------------------------------
+
+def resize(engine: Engine, body) -> tuple[int, dict]:
+    status, raw = engine.post("/lessor/v1/kv/resize", body)
+    return status, json.loads(raw)
+
+
+def test_the_kv_cache_resizes_within_its_bounds_and_says_what_it_holds(tiny_qwen, tmp_path):
+    with engine_process(tiny_qwen, tmp_path, "--min-kv-tokens", "128", batch=2) as running:  # 2 x 256 tokens
+        full = running.get("/lessor/v1/state")["kv_tensor_bytes"]
+        for body, param, words in [({"kv_tokens": 64}, "kv_tokens", "below this engine's minimum of 128"),
+                                   ({"kv_tokens": 1024}, "kv_tokens", "above the 512 tokens it was allocated"),
+                                   ({"kv_tokens": "256"}, "kv_tokens", "a positive integer"),
+                                   ({"kv_tokens": 256, "wait_s": -1}, "wait_s", "from 0 to 3600")]:
+            status, answer = resize(running, body)
+            assert status == 400 and answer["error"]["param"] == param, answer
+            assert answer["error"]["message"].startswith(f"{param}: ") and words in answer["error"]["message"], answer
+
+        status, answer = resize(running, {"kv_tokens": 256})
+        assert status == 200, answer
+        assert (answer["kv_tokens"], answer["context_tokens"], answer["max_batch_size"]) == (256, 128, 2)
+        assert (answer["min_kv_tokens"], answer["max_kv_tokens"]) == (128, 512)
+        state = running.get("/lessor/v1/state")
+        assert state["context_tokens"] == 128 and state["kv_tensor_bytes"] * 2 == full
+        status, raw = running.post("/v1/chat/completions", chat(max_tokens=200))  # no room in 128 tokens now
+        assert status == 400 and "ask for at most" in json.loads(raw)["error"]["message"], raw
+        status, raw = running.post("/v1/chat/completions", chat(ignore_eos=True, max_tokens=20))
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 20, raw
+
+        status, answer = resize(running, {"kv_tokens": 512})  # and back
+        assert status == 200 and answer["context_tokens"] == 256, answer
+        assert running.get("/lessor/v1/state")["kv_tensor_bytes"] == full
+
+
+def test_a_resize_waits_for_the_running_requests_and_cuts_none(tiny_qwen, tmp_path):
+    with engine_process(tiny_qwen, tmp_path, "--min-kv-tokens", "32", batch=2) as running:
+        with ThreadPoolExecutor(3) as pool:
+            streams = [pool.submit(running.post, "/v1/chat/completions",
+                                   chat(f"Tell me {i}", stream=True, ignore_eos=True, max_tokens=60)) for i in range(2)]
+            resized = pool.submit(resize, running, {"kv_tokens": 256, "wait_s": HANG_S})
+            for stream in streams:  # each started in the old cache or waited for the new one: whole either way
+                status, raw = stream.result()
+                answer = events(raw)
+                assert status == 200 and answer[-1] == "[DONE]", answer
+                assert answer[-2]["usage"]["completion_tokens"] == 60, answer
+            assert resized.result()[0] == 200, resized.result()
+        assert running.get("/lessor/v1/state")["requests_in_flight"] == 0
+
+
+def test_a_resize_gives_up_after_wait_s_while_a_slot_stays_busy(tiny_qwen):
+    """A slot held (as by a request that runs on) past the bound: a 409 naming wait_s, every slot back."""
+    import asyncio
+
+    from lessor.engines.torch_engine import Engine as TorchEngine
+    from lessor.engines.torch_server import Server
+
+    engine = TorchEngine(str(tiny_qwen), "float32", "cpu", None)
+    engine.load_weights()
+    engine.allocate_kv(64, 2, None)
+    server = Server(engine, "t")
+
+    async def held_past_the_bound():
+        server.free_slots = asyncio.Queue()
+        server.free_slots.put_nowait(1)  # slot 0 is a running request's
+        answer = await server._hold_slots(0.0)
+        return answer, server.free_slots.qsize()
+
+    answer, free = asyncio.run(held_past_the_bound())
+    body = json.loads(answer.body)
+    assert answer.status == 409 and body["error"]["param"] == "wait_s", body
+    assert "1 request(s) still ran after waiting 0 s" in body["error"]["message"] and free == 1
