@@ -73,6 +73,19 @@ class OverrunOut(Out):
     leased_bytes: int
 
 
+class LoadStepOut(Out):
+    step: str
+    whose: Literal["lessor", "engine", "notice"] = Field(description="lessor: its own work; engine: the engine's; notice: from the engine being ready to lessor knowing it")
+    seconds: float
+
+
+class LoadTimelineOut(Out):
+    steps: list[LoadStepOut] = Field(description="In order; the engine's steps split where the engine stamps its phases (the torch engine)")
+    totals: dict[str, float] = Field(description="Seconds per whose: lessor, engine, notice")
+    seconds: float | None = Field(description="From the load's start to the model serving")
+    marks: dict[str, float] = Field(description="The moments themselves, CLOCK_MONOTONIC seconds (the engine's prefixed e:)")
+
+
 class ModelOut(Out):
     name: str
     aliases: list[str]
@@ -93,6 +106,7 @@ class ModelOut(Out):
     overrun: OverrunOut | None = Field(description="Set while the reconciler finds the engine above its leases plus the tolerance")
     request_rate: float = Field(description="Requests per second the router sees for it, decayed (half-life 10 min); kept across restarts")
     load_s: float | None = Field(description="What its loads took here (spawn to ready, a moving average), or null before the first")
+    last_load: LoadTimelineOut | None = Field(description="Where its last load's time went, step by step, or null before one finished")
 
 
 class PlanLease(Out):

@@ -86,6 +86,7 @@ class Controller:
                 "endpoint": record.handle.base_url if record.handle else None,
                 "pid": record.handle.pid if record.handle else None, "restarts": self.supervisor.restarts(spec.name),
                 "overrun": record.overrun,
+                "last_load": record.last_load.to_dict() if record.last_load else None,
                 **(self.router.learned(spec.name) if self.router is not None
                    else {"request_rate": 0.0, "load_s": None})}
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from ..engines.base import EngineHandle
 from .config import ModelSpec
 from .planner import Plan
+from .timeline import LoadTimeline
 
 
 
@@ -42,6 +43,7 @@ class ModelRecord:
     attempt: str = ""  # the load attempt whose leases the running engine holds
     overrun: dict[str, Any] | None = None  # while the reconciler measures it above its leases
     generation: int = 0  # engine starts so far: an exit report from an older start is ignored
+    last_load: LoadTimeline | None = None  # where its last successful load's time went
 
 
 class Traffic(Protocol):

@@ -33,6 +33,7 @@ from .lifecycle import Timeouts
 from .planner import Measured, Plan, plan, plan_kv
 from .profile import over_leases, verify_tolerance
 from .sampling import LoadSampler
+from .timeline import LoadTimeline
 from .units import format_bytes
 from .usage import UsageMeter
 
@@ -55,9 +56,10 @@ class Loaded:
 class LoadAttempt:
     def __init__(self, spec: ModelSpec, adapter: EngineAdapter, ledger: Ledger, meter: UsageMeter,
                  timeouts: Timeouts, launch_for: LaunchFor, measured: Measured | None = None,
-                 nvml: bool = False) -> None:
+                 nvml: bool = False, timeline: LoadTimeline | None = None) -> None:
         self.spec, self.adapter, self.ledger, self.meter = spec, adapter, ledger, meter
         self.timeouts, self.launch_for, self.measured, self.nvml = timeouts, launch_for, measured, nvml
+        self.timeline = timeline or LoadTimeline()
         self.attempt = str(uuid.uuid4())
         self.handle: EngineHandle | None = None
         self.plan: Plan | None = None
@@ -134,10 +136,12 @@ class LoadAttempt:
         # A one-phase engine allocates its KV cache while loading: every lease at once.
         _log_planned(spec.name, first)
         await self._grant(first.all_leases() if first.one_phase else first.load_leases)
+        self.timeline.mark("granted")
         self.plan, self.port = first, spec.engine.port or free_port()
         self.step = "start engine"
         launch = self.launch_for(first.params, first.kv_tokens, self.port, self.attempt)
         self.handle = await self.adapter.start(launch)
+        self.timeline.mark("spawned")
         log.info("%s: loading: %s engine, pid %d, port %d, log %s", spec.name, spec.engine.kind, self.handle.pid,
                  self.port, launch.log_path,
                  extra={"model": spec.name, "step": "loading", "engine": spec.engine.kind, "pid": self.handle.pid})
@@ -147,6 +151,7 @@ class LoadAttempt:
         await self.record_engine(EnginePhase.LOADING)
         self.step = "wait for weights"
         await self.handle.wait_weights_loaded(self.timeouts.weights_s)
+        self.timeline.mark("weights_noticed")
         await self.sampler.mark("weights")
         if not first.one_phase:
             await self.ledger.release_model(spec.name, "weights loaded", kinds=[LeaseKind.LOAD_PEAK])
@@ -155,12 +160,14 @@ class LoadAttempt:
             await self.sampler.mark("kv")
         self.step = "wait for ready"
         await self.handle.wait_ready(self.timeouts.ready_s)
+        self.timeline.mark("ready_noticed")
         steady = await self.sampler.mark("ready")
         if first.one_phase:
             await self.ledger.release_model(spec.name, "engine ready", kinds=[LeaseKind.LOAD_PEAK])
         self.step = "verify"
         self._verify(steady)
         await self.record_engine(EnginePhase.READY)
+        self.timeline.add_engine(self.handle.engine_times)
 
     def _devices_now(self) -> str:
         """Each device's usage as the probe reads it at the failure (NVML on GPUs), for its message."""
@@ -193,12 +200,14 @@ class LoadAttempt:
         if not sized.fits:
             raise PlanRejected(self.spec.name, list(sized.reasons))
         await self._grant(sized.steady_leases, handle)
+        self.timeline.mark("kv_granted")
         self.plan = sized  # what a failure from here on measured is of this KV cache
         leased = self._note_leased()
         if self.sampler is not None:  # an out-of-memory from here on is the KV cache's or the workspace's
             self.sampler.kv_asked = True
         kv_bytes = max((w.bytes for w in sized.steady_leases if w.kind == LeaseKind.KV), default=0)
         await handle.allocate_kv(KvGrant(sized.kv_tokens, kv_bytes, sized.params, leased))
+        self.timeline.mark("kv_allocated")
         return sized
 
     def _verify(self, usage: Mapping[str, int]) -> None:

@@ -40,6 +40,7 @@ from .lifecycle import ConfigChange, ModelRecord, ModelState, NoTraffic, Timeout
 from .loading import LoadAttempt, Loaded, bytes_text, leased_by
 from .planner import Measured, Plan, plan, with_overrides
 from .restarts import Restarts
+from .timeline import LoadTimeline
 from .unloading import Lingering, group_pids, verify_unload
 from .usage import UsageMeter
 
@@ -192,11 +193,13 @@ class Supervisor:
             raise EngineUnavailable(spec.name, spec.engine.kind, "no adapter for this engine in this build")
         self._set_state(record, ModelState.LOADING)
         started_s = self._clock()
+        timeline = LoadTimeline()
+        timeline.mark("requested")
         try:
             async with AsyncExitStack() as stack:
                 for device in sorted(gpu_id(i) for i in spec.placement.devices):  # sorted: no lock cycles
                     await stack.enter_async_context(self._device_locks.setdefault(device, asyncio.Lock()))
-                loaded = await self._attempts(record, spec, adapter)
+                loaded = await self._attempts(record, spec, adapter, timeline)
                 if isinstance(loaded, MustWait):  # nothing was granted: it stays unloaded, and says why
                     self._fail(record, ModelState.UNLOADED, loaded.error.message())
                     return loaded
@@ -216,17 +219,22 @@ class Supervisor:
         record.handle, record.plan, record.attempt = loaded.handle, loaded.plan, loaded.attempt
         record.error, record.ready_at_s = "", self._clock()
         self._set_state(record, ModelState.READY)
+        timeline.mark("done")
+        record.last_load = timeline
         took_s = record.ready_at_s - started_s
-        log.info("%s: ready in %.1f s: kv %d tokens; holds %s", spec.name, took_s, loaded.plan.kv_tokens,
-                 bytes_text(self.leased(spec.name)),
+        shares = timeline.to_dict()["totals"]
+        log.info("%s: ready in %.1f s (lessor %.0f ms, engine %.1f s, noticing readiness %.0f ms): kv %d tokens; "
+                 "holds %s", spec.name, took_s, shares["lessor"] * 1e3, shares["engine"], shares["notice"] * 1e3,
+                 loaded.plan.kv_tokens, bytes_text(self.leased(spec.name)),
                  extra={"model": spec.name, "step": "ready", "seconds": round(took_s, 3), "pid": loaded.handle.pid,
-                        "kv_tokens": loaded.plan.kv_tokens})
+                        "kv_tokens": loaded.plan.kv_tokens, "lessor_s": shares["lessor"]})
         returncode = loaded.handle.process.returncode
         if returncode is not None:  # it ended after its last health check, and its exit report found it loading
             self._restarts.spawn(self._engine_exited(record, record.generation, returncode))
         return record
 
-    async def _attempts(self, record: ModelRecord, spec: ModelSpec, adapter: EngineAdapter) -> Loaded | MustWait:
+    async def _attempts(self, record: ModelRecord, spec: ModelSpec, adapter: EngineAdapter,
+                        timeline: LoadTimeline) -> Loaded | MustWait:
         """Admit and load; an attempt that ran out of memory is admitted and tried again, planned
         from what it measured, until `planner.oom_retries` are spent. Whatever stops a retry (no
         room, a busy model, a rule), its answer carries the earlier attempts' reasons."""
@@ -241,9 +249,10 @@ class Supervisor:
                 waits = await self._admit(spec, measured)
                 if waits is not None:
                     return waits.after(_attempts_text(failures)) if failures else waits
+                timeline.mark("admitted")
                 attempt = LoadAttempt(spec, adapter, self._ledger, self.meter, self._timeouts,
                                       lambda params, kv, port, a: self._launch(record, spec, params, kv, port, a),
-                                      measured, nvml=not self._simulated)
+                                      measured, nvml=not self._simulated, timeline=timeline)
                 loaded = await attempt.run()
             except OutOfMemory as exc:
                 await self.fingerprinting.remember(key, attempt.measurements if attempt else (), exc.kind)

@@ -62,6 +62,8 @@ class EngineArgsBase(BaseModel):
     default_chunk_tokens: ClassVar[int]  # the prefill chunk the memory model assumes
     packages: ClassVar[tuple[str, ...]]  # whose versions make the engine's version (none: the binary's --version)
     oom_markers: ClassVar[tuple[str, ...]]  # what the engine logs when it runs out of memory
+    # What it logs once its health URL answers: the line wakes the readiness probe (engines/logwatch.py).
+    ready_markers: ClassVar[tuple[str, ...]]
     # The engine serves under every name its command line gives (the aliases after the name);
     # otherwise the router rewrites an alias in a request's `model` to the model's name.
     takes_aliases: ClassVar[bool]
@@ -71,7 +73,7 @@ class EngineArgsBase(BaseModel):
     memory_env: ClassVar[tuple[str, ...]]
     FACTS: ClassVar[tuple[str, ...]] = ("title", "kv_param", "batch_param", "kv_per_sequence", "two_phase", "hybrid",
                                         "max_devices", "default_chunk_tokens", "packages", "oom_markers",
-                                        "takes_aliases", "memory_env")
+                                        "ready_markers", "takes_aliases", "memory_env")
 
     model_path: str = Field(description="Local path of the model (HF folder or GGUF file); never a hub id.", min_length=1)
     extra_args: list[str] = Field(default_factory=list, description="Extra argv tokens appended to the engine's command, passed without a shell.")
@@ -205,6 +207,7 @@ class EngineHandle(Protocol):
     identity: str  # the process's boot id and start time: a recycled pid never matches
     started_at: float
     base_url: str
+    engine_times: Mapping[str, float]  # the engine's own phase stamps (CLOCK_MONOTONIC), where it gives them
     process: EngineProcess
 
     async def wait_weights_loaded(self, timeout_s: float) -> None:
@@ -253,15 +256,16 @@ class ProcessHandle:
         self.process, self.launch, self.base_url = process, launch, launch.base_url
         self.health_url = launch.base_url + command.health_path
         self.pid, self.identity, self.started_at = process.pid, process.identity, process.started_at
+        self.engine_times: dict[str, float] = {}
 
     async def wait_weights_loaded(self, timeout_s: float) -> None:
-        await self.process.wait_http(self.health_url, timeout_s, "loading")
+        await self.process.wait_http(self.health_url, timeout_s, "loading", self.launch.spec.engine.ready_markers)
 
     async def allocate_kv(self, kv: KvGrant) -> None:
         return None
 
     async def wait_ready(self, timeout_s: float) -> None:
-        await self.process.wait_http(self.health_url, timeout_s, "becoming ready")
+        await self.process.wait_http(self.health_url, timeout_s, "becoming ready", self.launch.spec.engine.ready_markers)
 
     async def measure(self) -> dict[str, int]:
         return {}

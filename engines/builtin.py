@@ -55,6 +55,8 @@ class TorchEngineArgs(EngineArgsBase):
     default_chunk_tokens: ClassVar[int] = 512
     packages: ClassVar[tuple[str, ...]] = ("torch", "transformers")  # run by lessord's own Python
     oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM
+    # torch_server's line once its phase is weights_loaded (main.load); its KV step answers when done.
+    ready_markers: ClassVar[tuple[str, ...]] = ("weights loaded:",)
     takes_aliases: ClassVar[bool] = False  # it answers any `model`, under the one name it is given
     memory_env: ClassVar[tuple[str, ...]] = ()  # every size comes from its flags
 
@@ -105,7 +107,7 @@ class TorchHandle(ProcessHandle):
                     return (await self._state(session))["phase"] == "weights_loaded"
                 except (aiohttp.ClientError, OSError):
                     return False  # not listening yet
-            await self.process.wait_until(loaded, "loading its weights", timeout_s, interval_s=0.1)
+            await self.process.wait_until(loaded, "loading its weights", timeout_s, self.launch.spec.engine.ready_markers)
 
     async def allocate_kv(self, kv: KvGrant) -> None:
         device = self.launch.gpus[0].device
@@ -113,9 +115,11 @@ class TorchHandle(ProcessHandle):
                 "memory_limit_bytes": None if self.launch.simulated else kv.leased_bytes.get(device)}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
             async with session.post(self.base_url + "/lessor/v1/kv", json=body) as response:
+                answer = await response.json(content_type=None)
                 if response.status != 200:
-                    error = (await response.json(content_type=None)).get("error", {})
+                    error = answer.get("error", {})
                     raise RuntimeError(f"the engine refused its KV cache ({response.status}): {error.get('message')}")
+        self.engine_times = dict(answer.get("times") or {})  # for the load's timeline (daemon/timeline.py)
 
     async def measure(self) -> dict[str, int]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:

@@ -99,6 +99,9 @@ class KTransformersEngineArgs(EngineArgsBase):
     default_chunk_tokens: ClassVar[int] = DEFAULT_CHUNK_TOKENS
     packages: ClassVar[tuple[str, ...]] = ("ktransformers", "torch")
     oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM + ("Not enough memory",)  # the latter: SGLang's model_runner
+    # sglang-kt is SGLang's server (http_server.py logs it after its warm-up request); the legacy
+    # server is uvicorn's, which logs the other once the app started.
+    ready_markers: ClassVar[tuple[str, ...]] = ("The server is fired up and ready to roll!", "Application startup complete.")
     # Both servers take one name: sglang-kt 0.7.2's --served-model-name is one string (server_args.py:4487,
     # no nargs), the legacy --model_name too (server/args.py, v0.3.2).
     takes_aliases: ClassVar[bool] = False

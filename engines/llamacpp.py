@@ -38,6 +38,10 @@ class LlamaCppEngineArgs(EngineArgsBase):
     # ggml-cuda.cu: "cudaMalloc failed: out of memory"; ggml-alloc.c / ggml-backend.cpp: "failed to
     # allocate ... buffer"; llama-context: "failed to allocate compute buffers" / KV "failed to allocate buffer".
     oom_markers: ClassVar[tuple[str, ...]] = ("out of memory", "failed to allocate", "unable to allocate")
+    # llama-server (tools/server/server.cpp) logs the first when it listens and the second when the
+    # model is in (its /health says 503 until then); llama-cpp-python's server is uvicorn's.
+    ready_markers: ClassVar[tuple[str, ...]] = ("server is listening on", "all slots are idle",
+                                                "Application startup complete.")
     # llama-server's --alias takes several names, llama-cpp-python's --model_alias one: the router
     # rewrites an alias for both.
     takes_aliases: ClassVar[bool] = False

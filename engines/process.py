@@ -1,5 +1,5 @@
 """Process supervision, in one place for every engine: its own process group, its output in a
-per-model log, readiness by port and HTTP, exit detected the moment it happens, and a stop that
+per-model log, readiness by HTTP (probed the moment the engine logs its ready line), exit detected the moment it happens, and a stop that
 sends SIGTERM, then SIGKILL to the whole group after a grace period, and reaps it, so no child is
 left behind holding VRAM."""
 
@@ -13,10 +13,13 @@ import signal
 import socket
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import aiohttp
+
+from .logwatch import LogWatch
 
 log = logging.getLogger("lessor.engines")
 
@@ -119,6 +122,7 @@ class EngineProcess:
         self._returncode: int | None = None
         self._on_exit = on_exit
         self._stopping = False
+        self.probes = 0  # readiness probes so far (wait_until): what tests count instead of timing
         self._watcher = asyncio.ensure_future(self._watch(exit_status))
 
     @classmethod
@@ -176,25 +180,31 @@ class EngineProcess:
         return ProcessEnded(self.pid, self.returncode if self.returncode is not None else -1, doing, self.tail(10))
 
     async def wait_until(self, check: Callable[[], "asyncio.Future[bool] | bool"], doing: str, timeout_s: float,
-                         interval_s: float = 0.1) -> None:
-        """Poll `check` until true; raise ProcessEnded at once if the process ends, TimeoutError after `timeout_s`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.exited.is_set():
-                raise self._exited_error(doing)
-            result = check()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"engine (pid {self.pid}) still not done {doing} after {timeout_s:g} s")
-            try:
-                await asyncio.wait_for(self.exited.wait(), interval_s)
-            except asyncio.TimeoutError:
-                pass
+                         markers: Sequence[str] = (), backoff: "Backoff | None" = None) -> None:
+        """Probe `check` until true; raise ProcessEnded at once if the process ends, TimeoutError after `timeout_s`.
 
-    async def wait_http(self, url: str, timeout_s: float, doing: str) -> None:
+        Between probes it waits on the engine's log: one of `markers` written there probes at once
+        (engines/logwatch.py); otherwise `backoff`'s growing intervals, so a fast engine is noticed
+        within milliseconds and a slow one costs a probe every `cap_s` at most."""
+        backoff = backoff or Backoff()
+        deadline = time.monotonic() + timeout_s
+        with LogWatch(self.log_path, markers) as watch:
+            watch.start()
+            for interval in backoff.intervals():
+                if self.exited.is_set():
+                    raise self._exited_error(doing)
+                watch.seen.clear()  # a marker already in the log has woken this probe
+                self.probes += 1
+                result = check()
+                if asyncio.iscoroutine(result):
+                    result = await result
+                if result:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"engine (pid {self.pid}) still not done {doing} after {timeout_s:g} s")
+                await _first_of(self.exited, watch.seen, interval)
+
+    async def wait_http(self, url: str, timeout_s: float, doing: str, markers: Sequence[str] = ()) -> None:
         """Readiness: the port accepts, then `url` answers 200."""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             async def ok() -> bool:
@@ -203,7 +213,7 @@ class EngineProcess:
                         return response.status == 200
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                     return False
-            await self.wait_until(ok, doing, timeout_s, interval_s=0.2)
+            await self.wait_until(ok, doing, timeout_s, markers)
 
     async def stop(self, grace_s: float) -> int:
         """SIGTERM to the group, SIGKILL to whatever is left after `grace_s`, reap. Idempotent."""
@@ -221,6 +231,33 @@ class EngineProcess:
         await self._watcher
         await _wait_group_gone(self.pid, timeout_s=5)
         return self._returncode if self._returncode is not None else -1
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """The waits between readiness probes with no log line to wake them: from `first_s`, doubling
+    up to `cap_s`. 5 ms first, since the torch engine's KV step and a warm llama.cpp are ready at
+    once; 100 ms at most, so an engine whose ready line lessor does not know is noticed within
+    that, at about ten refused connections a second while it loads."""
+
+    first_s: float = 0.005
+    cap_s: float = 0.1
+
+    def intervals(self) -> Iterator[float]:
+        interval = self.first_s
+        while True:
+            yield interval
+            interval = min(self.cap_s, interval * 2)
+
+
+async def _first_of(exited: asyncio.Event, seen: asyncio.Event, timeout_s: float) -> None:
+    """Return when the process ends, a ready line is seen, or `timeout_s` passes."""
+    waits = [asyncio.ensure_future(exited.wait()), asyncio.ensure_future(seen.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _pidfd_exit(pidfd: int) -> int:

@@ -37,6 +37,8 @@ class SGLangEngineArgs(EngineArgsBase):
     packages: ClassVar[tuple[str, ...]] = ("sglang", "torch")
     # SGLang's model_runner raises "Not enough memory. Please try to increase --mem-fraction-static."
     oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM + ("Not enough memory",)
+    # entrypoints/http_server.py, after its warm-up request (_wait_and_warmup) succeeded.
+    ready_markers: ClassVar[tuple[str, ...]] = ("The server is fired up and ready to roll!",)
     # --served-model-name is one string at v0.5.9 (server_args.py add_argument, type=str, no nargs).
     takes_aliases: ClassVar[bool] = False
     # SGLang's environment that changes the memory lessor planned (v0.5.9):

@@ -38,6 +38,8 @@ import sys
 import threading
 import time
 import uuid
+
+STARTED = time.monotonic()  # the interpreter is up; the imports below (aiohttp, then torch in main) are the engine's start
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -98,6 +100,9 @@ class Server:
         self.min_kv_tokens: int | None = None  # --min-kv-tokens: the least a resize may leave
         self.max_kv_tokens: int | None = None  # the cache of phase 2, taken at the first resize
         self.resizing = asyncio.Lock()
+        # Phase stamps on CLOCK_MONOTONIC, which lessord shares: its load timeline subtracts them
+        # from its own marks (daemon/timeline.py), so a cold start shows the engine's share apart.
+        self.times: dict[str, float] = {"started": STARTED}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=8 << 20, middlewares=[_errors])
@@ -118,7 +123,8 @@ class Server:
     async def state(self, request: web.Request) -> web.Response:
         state = await asyncio.to_thread(self.engine.measure)
         busy = 0 if self.free_slots is None else len(self.engine.slots) - self.free_slots.qsize()
-        return web.json_response({**state, "requests_in_flight": busy, "requests_cancelled": self.cancelled})
+        return web.json_response({**state, "requests_in_flight": busy, "requests_cancelled": self.cancelled,
+                                  "times": self.times})
 
     async def allocate(self, request: web.Request) -> web.Response:
         body = parse_body(await request.read())
@@ -127,7 +133,9 @@ class Server:
             for name, value in (("context_tokens", tokens), ("max_batch_size", batch)):
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise BadRequest(name, f"must be a positive integer; got {value!r}")
+            self.times["kv_start"] = time.monotonic()
             await asyncio.to_thread(self.engine.allocate_kv, tokens, batch, body.get("memory_limit_bytes"))
+            self.times["kv_allocated"] = time.monotonic()
         except BadRequest as exc:
             return _error(409 if exc.param == "phase" else 400, str(exc), exc.param)
         except Exception as exc:  # CUDA OOM above the cap: lessor rolls the load back
@@ -137,7 +145,7 @@ class Server:
         self.free_slots = asyncio.Queue()
         for slot in range(batch):
             self.free_slots.put_nowait(slot)
-        return web.json_response(self.engine.measure())
+        return web.json_response({**self.engine.measure(), "times": self.times})
 
     async def resize(self, request: web.Request) -> web.Response:
         """Elastic KV: the cache again at `kv_tokens` (all slots together; the slots kept), between
@@ -409,16 +417,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    imported = time.monotonic()
     torch.set_num_threads(args.threads)
     engine = Engine(args.model_path, args.dtype, args.device, args.memory_limit_bytes)
     engine.fail_at_step = args.fail_at_step
     server = Server(engine, args.served_model_name or os.path.basename(os.path.normpath(args.model_path)))
     server.min_kv_tokens = args.min_kv_tokens
+    server.times["torch_imported"] = imported
 
     def load() -> None:
         try:
+            server.times["weights_start"] = time.monotonic()
             engine.load_weights()
-            log.info("weights loaded: %s", engine.measure())
+            measured = engine.measure()  # the engine's time, before the stamp: lessor's probe waits on the line
+            server.times["weights_loaded"] = time.monotonic()
+            log.info("weights loaded: %s", measured)
         except Exception as exc:
             log.exception("loading the weights failed")
             engine.error = f"{type(exc).__name__}: {exc}"

@@ -65,6 +65,8 @@ class VLLMEngineArgs(EngineArgsBase):
     # max_model_len sequence; torch's own when the profile run or a graph capture does not fit.
     oom_markers: ClassVar[tuple[str, ...]] = TORCH_OOM + ("No available memory for the cache blocks",
                                                           "larger than the available KV cache memory")
+    # Its OpenAI server is uvicorn's, which logs this once the app (engine core included) started.
+    ready_markers: ClassVar[tuple[str, ...]] = ("Application startup complete.",)
     takes_aliases: ClassVar[bool] = True  # --served-model-name takes several names (nargs="+")
     # vLLM 0.32 platforms/cpu.py:323-326: a non-empty VLLM_CPU_KVCACHE_SPACE (GiB) replaces
     # --kv-cache-memory-bytes on the CPU backend.

@@ -103,6 +103,7 @@ class FakeHandle:
         self.base_url = adapter.base_url or f"http://127.0.0.1:{pid % 50000 + 10000}"
         self.kv_tokens = None
         self.stopped = False
+        self.engine_times: dict[str, float] = {}
         self.process = FakeProcess()
 
     def _use(self, nbytes: int) -> None:

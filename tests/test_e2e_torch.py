@@ -122,6 +122,14 @@ def test_two_models_share_one_device(tmp_path, tiny_qwen):
         assert kinds(a) == {"weights": 3 * GiB, "kv": 4096 * 8192}
         assert kinds(b) == {"weights": 2 * GiB, "kv": 4096 * 8192}
         assert a["params"] == {"context_tokens": 2048, "max_batch_size": 2}
+        # Where the load's time went: the engine's own stamps split its share, in the protocol's order.
+        timeline = a["last_load"]
+        assert [s["step"] for s in timeline["steps"]] == [
+            "admit", "plan and grant weights", "spawn", "interpreter and imports", "weights in", "weights noticed",
+            "plan and grant kv", "kv allocated", "ready noticed", "verify and record"]
+        assert {s["whose"] for s in timeline["steps"]} == {"lessor", "engine", "notice"}
+        assert list(timeline["marks"])[0] == "requested" and list(timeline["marks"])[-1] == "done"
+        assert timeline["totals"]["engine"] > 0 and timeline["seconds"] >= sum(timeline["totals"].values()) * 0.999
         ledger = {(lease["model"], lease["kind"]) for lease in admin.leases()}
         assert ledger == {("qa", "weights"), ("qa", "kv"), ("qb", "weights"), ("qb", "kv")}
         for model in (a, b):

@@ -47,13 +47,14 @@ def minimal(args: type[EngineArgsBase]) -> EngineArgsBase:
 def test_every_engine_declares_every_fact(args):
     types = {"title": str, "kv_param": str, "batch_param": str, "kv_per_sequence": bool, "two_phase": bool,
              "hybrid": bool, "max_devices": (int, type(None)), "default_chunk_tokens": int, "packages": tuple,
-             "oom_markers": tuple, "takes_aliases": bool, "memory_env": tuple}
+             "oom_markers": tuple, "ready_markers": tuple, "takes_aliases": bool, "memory_env": tuple}
     assert set(EngineArgsBase.FACTS) == set(types)
     for fact in EngineArgsBase.FACTS:
         assert fact in vars(args), f"{args.__name__} does not declare {fact}"
         assert isinstance(getattr(args, fact), types[fact]), f"{args.__name__}.{fact}"
     assert args.title and args.default_chunk_tokens > 0 and (args.max_devices is None or args.max_devices >= 1)
     assert args.oom_markers and all(isinstance(m, str) and m for m in args.oom_markers + args.packages)
+    assert args.ready_markers and all(isinstance(m, str) and m for m in args.ready_markers)
     assert {args.kv_param, args.batch_param} <= set(args.model_fields), "the planner reads them as arguments"
     assert args.planned_flags is not EngineArgsBase.planned_flags
 
