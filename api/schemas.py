@@ -75,13 +75,13 @@ class OverrunOut(Out):
 
 class LoadStepOut(Out):
     step: str
-    whose: Literal["lessor", "engine", "notice"] = Field(description="lessor: its own work; engine: the engine's; notice: from the engine being ready to lessor knowing it")
+    whose: Literal["lessor", "engine", "measure", "notice"] = Field(description="lessor: its own work (admission, plans, grants, spawn, records); engine: the engine's; measure: the samples that become a fingerprint and the check against the leases; notice: from the engine being ready to lessor knowing it")
     seconds: float
 
 
 class LoadTimelineOut(Out):
     steps: list[LoadStepOut] = Field(description="In order; the engine's steps split where the engine stamps its phases (the torch engine)")
-    totals: dict[str, float] = Field(description="Seconds per whose: lessor, engine, notice")
+    totals: dict[str, float] = Field(description="Seconds per whose: lessor, engine, measure, notice")
     seconds: float | None = Field(description="From the load's start to the model serving")
     marks: dict[str, float] = Field(description="The moments themselves, CLOCK_MONOTONIC seconds (the engine's prefixed e:)")
 

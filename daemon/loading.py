@@ -153,11 +153,13 @@ class LoadAttempt:
         await self.handle.wait_weights_loaded(self.timeouts.weights_s)
         self.timeline.mark("weights_noticed")
         await self.sampler.mark("weights")
+        self.timeline.mark("weights_measured")
         if not first.one_phase:
             await self.ledger.release_model(spec.name, "weights loaded", kinds=[LeaseKind.LOAD_PEAK])
             self.step = "size kv"
             self.plan = await self._grant_kv(self.handle)
             await self.sampler.mark("kv")
+            self.timeline.mark("kv_measured")
         self.step = "wait for ready"
         await self.handle.wait_ready(self.timeouts.ready_s)
         self.timeline.mark("ready_noticed")
@@ -166,6 +168,7 @@ class LoadAttempt:
             await self.ledger.release_model(spec.name, "engine ready", kinds=[LeaseKind.LOAD_PEAK])
         self.step = "verify"
         self._verify(steady)
+        self.timeline.mark("verified")
         await self.record_engine(EnginePhase.READY)
         self.timeline.add_engine(self.handle.engine_times)
 

@@ -223,8 +223,9 @@ class Supervisor:
         record.last_load = timeline
         took_s = record.ready_at_s - started_s
         shares = timeline.to_dict()["totals"]
-        log.info("%s: ready in %.1f s (lessor %.0f ms, engine %.1f s, noticing readiness %.0f ms): kv %d tokens; "
-                 "holds %s", spec.name, took_s, shares["lessor"] * 1e3, shares["engine"], shares["notice"] * 1e3,
+        log.info("%s: ready in %.1f s (lessor %.0f ms, engine %.1f s, measuring %.0f ms, noticing readiness %.0f ms): "
+                 "kv %d tokens; holds %s", spec.name, took_s, shares["lessor"] * 1e3, shares["engine"],
+                 shares["measure"] * 1e3, shares["notice"] * 1e3,
                  loaded.plan.kv_tokens, bytes_text(self.leased(spec.name)),
                  extra={"model": spec.name, "step": "ready", "seconds": round(took_s, 3), "pid": loaded.handle.pid,
                         "kv_tokens": loaded.plan.kv_tokens, "lessor_s": shares["lessor"]})

@@ -5,8 +5,10 @@ lessord marks the moments it sees (`LoadTimeline.mark`); an engine that stamps i
 (the torch engine: `times` in its KV answer) adds those. Both are CLOCK_MONOTONIC, one clock for
 every process of the machine, so an engine's stamp and lessord's mark subtract. Each step says
 whose time it is: `lessor` (plan, admission, grants, spawn, bookkeeping: what lessor can cut),
-`engine` (interpreter, imports, weights, KV allocation: the engine's), `notice` (from the engine
-being ready to lessor knowing it: the readiness probe's lag).
+`engine` (interpreter, imports, weights, KV allocation: the engine's), `measure` (the samples at
+each step that become a fingerprint, and step 5's check against the leases: NVML on a GPU; on a
+simulated device the engine reading its own memory), `notice` (from the engine being ready to
+lessor knowing it: the readiness probe's lag).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-LESSOR, ENGINE, NOTICE = "lessor", "engine", "notice"
+LESSOR, ENGINE, MEASURE, NOTICE = "lessor", "engine", "measure", "notice"
 
 # (step, from, to, whose): "e:" marks are the engine's own stamps. A step whose ends are not both
 # there is left out: an engine that stamps nothing has one step from spawn to its health answering,
@@ -28,14 +30,17 @@ _STEPS = (
     ("weights in", "e:weights_start", "e:weights_loaded", ENGINE),
     ("engine start and weights, to its health answering", "spawned", "weights_noticed", ENGINE),
     ("weights noticed", "e:weights_loaded", "weights_noticed", NOTICE),
-    ("plan and grant kv", "weights_noticed", "kv_granted", LESSOR),
+    ("measure at weights", "weights_noticed", "weights_measured", MEASURE),
+    ("release peak, plan and grant kv", "weights_measured", "kv_granted", LESSOR),
     ("kv allocated", "kv_granted", "kv_allocated", ENGINE),
-    ("ready noticed", "kv_allocated", "ready_noticed", NOTICE),
-    ("ready checked", "weights_noticed", "ready_noticed", NOTICE),
-    ("verify and record", "ready_noticed", "done", LESSOR),
+    ("measure at kv", "kv_allocated", "kv_measured", MEASURE),
+    ("ready noticed", "kv_measured", "ready_noticed", NOTICE),
+    ("ready checked", "weights_measured", "ready_noticed", NOTICE),
+    ("measure at ready and verify", "ready_noticed", "verified", MEASURE),
+    ("record ready", "verified", "done", LESSOR),
 )
 # Which step a stamp (or its absence) rules out: each interval is counted once.
-_UNLESS = {"engine start and weights, to its health answering": "e:weights_loaded", "ready checked": "kv_allocated"}
+_UNLESS = {"engine start and weights, to its health answering": "e:weights_loaded", "ready checked": "kv_measured"}
 
 
 @dataclass
@@ -64,7 +69,7 @@ class LoadTimeline:
         the request it sent, on the same clock)."""
         steps = self.steps()
         totals = {whose: round(sum(s["seconds"] for s in steps if s["whose"] == whose), 6)
-                  for whose in (LESSOR, ENGINE, NOTICE)}
+                  for whose in (LESSOR, ENGINE, MEASURE, NOTICE)}
         first, last = self.marks.get("requested"), self.marks.get("done")
         return {"steps": steps, "totals": totals,
                 "seconds": round(last - first, 6) if first is not None and last is not None else None,

@@ -94,6 +94,7 @@ class TorchHandle(ProcessHandle):
 
     resizes_kv: ClassVar[bool] = True
     RESIZE_WAIT_S: ClassVar[float] = 30.0  # for the requests running in the cache to end
+    _ready = False  # its KV answer said phase ready
 
     async def _state(self, session: aiohttp.ClientSession) -> dict:
         async with session.get(self.base_url + "/lessor/v1/state") as response:
@@ -103,9 +104,12 @@ class TorchHandle(ProcessHandle):
     async def wait_weights_loaded(self, timeout_s: float) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             async def loaded() -> bool:
+                # /health names the phase in its 503 and measures nothing: /lessor/v1/state would
+                # read the process's memory first, milliseconds on every probe of a load.
                 try:
-                    return (await self._state(session))["phase"] == "weights_loaded"
-                except (aiohttp.ClientError, OSError):
+                    async with session.get(self.health_url) as response:
+                        return (await response.json(content_type=None)).get("status") == "weights_loaded"
+                except (aiohttp.ClientError, OSError, ValueError):
                     return False  # not listening yet
             await self.process.wait_until(loaded, "loading its weights", timeout_s, self.launch.spec.engine.ready_markers)
 
@@ -120,6 +124,11 @@ class TorchHandle(ProcessHandle):
                     error = answer.get("error", {})
                     raise RuntimeError(f"the engine refused its KV cache ({response.status}): {error.get('message')}")
         self.engine_times = dict(answer.get("times") or {})  # for the load's timeline (daemon/timeline.py)
+        self._ready = answer.get("phase") == "ready"
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        if not self._ready:  # its KV answer said ready: a probe would only repeat it
+            await super().wait_ready(timeout_s)
 
     async def measure(self) -> dict[str, int]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:

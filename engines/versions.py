@@ -1,8 +1,11 @@
 """Which version of an engine a command runs, for the key of a memory fingerprint: the package
 metadata of the Python that runs it, or a binary's `--version`. Never imports the engine.
 
-Cached per executable, its modification time and the packages asked; a load asks again
-(`refresh`, off the event loop), so a `pip install -U` of the engine is seen at its next load."""
+Cached per executable, its modification time and the packages asked. A binary rebuilt has a new
+modification time; a `pip install -U` inside a venv changes its site-packages folder's (pip adds
+and removes the package's dist-info folder there), which the key holds too. So a load's `refresh`
+starts a Python (about 40 ms of a cold start) only for an interpreter outside a venv, or a venv
+that also sees the system's packages, where no folder of its own tells."""
 
 from __future__ import annotations
 
@@ -27,12 +30,13 @@ def engine_version(launcher: list[str], packages: tuple[str, ...], refresh: bool
     if executable is None:
         return f"unknown: {launcher[0] if launcher else 'no command'} not found"
     try:
-        key = (executable, os.stat(executable).st_mtime_ns, tuple(packages))
+        stamp = _installed_stamp(executable) if packages else ()
+        key = (executable, os.stat(executable).st_mtime_ns, tuple(packages), stamp)
     except OSError as exc:
         return f"unknown: {exc.strerror}"
     with _lock:
         known = _cache.get(key)
-    if known is None or refresh:
+    if known is None or (refresh and stamp is None):
         known = _version(executable, tuple(packages))
         with _lock:
             _cache[key] = known
@@ -55,6 +59,24 @@ def _version(executable: str, packages: tuple[str, ...]) -> str:
     if packages and interpreter:
         return ", ".join(lines[:len(packages)]) or "unknown"
     return next((line for line in lines if "version" in line.lower()), lines[0] if lines else "unknown")[:200]
+
+
+def _installed_stamp(executable: str) -> tuple[int, ...] | None:
+    """The modification times of a venv's own site-packages folders, for the Python behind
+    `executable`; None where they would not tell an upgrade (no venv, or one that includes the
+    system's site-packages)."""
+    interpreter = _interpreter(executable)
+    if interpreter is None:
+        return None
+    venv = Path(interpreter).parent.parent  # unresolved: a venv's bin/python links to the base Python
+    try:
+        config = (venv / "pyvenv.cfg").read_text()
+    except OSError:
+        return None
+    if any(line.replace(" ", "").lower() == "include-system-site-packages=true" for line in config.splitlines()):
+        return None
+    folders = sorted(venv.glob("lib/python3*/site-packages"))
+    return tuple(os.stat(folder).st_mtime_ns for folder in folders) or None
 
 
 def _interpreter(executable: str) -> str | None:

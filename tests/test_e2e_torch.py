@@ -126,8 +126,9 @@ def test_two_models_share_one_device(tmp_path, tiny_qwen):
         timeline = a["last_load"]
         assert [s["step"] for s in timeline["steps"]] == [
             "admit", "plan and grant weights", "spawn", "interpreter and imports", "weights in", "weights noticed",
-            "plan and grant kv", "kv allocated", "ready noticed", "verify and record"]
-        assert {s["whose"] for s in timeline["steps"]} == {"lessor", "engine", "notice"}
+            "measure at weights", "release peak, plan and grant kv", "kv allocated", "measure at kv", "ready noticed",
+            "measure at ready and verify", "record ready"]
+        assert {s["whose"] for s in timeline["steps"]} == {"lessor", "engine", "measure", "notice"}
         assert list(timeline["marks"])[0] == "requested" and list(timeline["marks"])[-1] == "done"
         assert timeline["totals"]["engine"] > 0 and timeline["seconds"] >= sum(timeline["totals"].values()) * 0.999
         ledger = {(lease["model"], lease["kind"]) for lease in admin.leases()}

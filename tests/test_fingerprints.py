@@ -2,6 +2,7 @@
 and the arithmetic that turns a measurement into a plan's figures."""
 
 import json
+import os
 import time
 
 import pytest
@@ -209,3 +210,32 @@ def test_an_engines_version_is_its_packages_or_its_binarys(tmp_path):
     wrapper.write_text("#!/bin/sh\nexit 1\n")
     wrapper.chmod(0o755)
     assert engine_version([str(wrapper)], ("vllm",)) == "unknown: serve.sh is not a Python command"
+
+
+def test_a_venvs_engine_version_is_asked_again_only_after_an_install(tmp_path):
+    """A load refreshes the version; inside a venv it starts a Python only when pip changed the venv."""
+    from lessor.engines.versions import engine_version
+
+    venv = tmp_path / "venv"
+    site = venv / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\ninclude-system-site-packages = false\n")
+    (tmp_path / "installed").write_text("1.0")
+    python = venv / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text(f"#!/bin/sh\necho asked >> {tmp_path / 'asked'}\necho \"pkg $(cat {tmp_path / 'installed'})\"\n")
+    python.chmod(0o755)
+
+    def asked() -> int:
+        return len((tmp_path / "asked").read_text().splitlines())
+    assert engine_version([str(python)], ("pkg",), refresh=True) == "pkg 1.0"
+    assert engine_version([str(python)], ("pkg",), refresh=True) == "pkg 1.0" and asked() == 1
+    (tmp_path / "installed").write_text("2.0")  # pip install -U: a new dist-info folder, site-packages touched
+    (site / "pkg-2.0.dist-info").mkdir()
+    stat = os.stat(site)
+    os.utime(site, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # whatever the file system's granularity
+    assert engine_version([str(python)], ("pkg",), refresh=True) == "pkg 2.0" and asked() == 2
+    (venv / "pyvenv.cfg").write_text("include-system-site-packages = true\n")  # its own folder no longer tells
+    engine_version([str(python)], ("pkg",), refresh=True)
+    engine_version([str(python)], ("pkg",), refresh=True)
+    assert asked() == 4

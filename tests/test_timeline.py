@@ -11,9 +11,10 @@ def ticking(*moments: float):
 
 
 def test_a_two_phase_load_with_engine_stamps():
-    timeline = LoadTimeline(clock=ticking(0.0, 0.001, 0.004, 0.010, 5.000, 5.002, 5.300, 5.301, 5.305))
-    for mark in ("requested", "admitted", "granted", "spawned", "weights_noticed", "kv_granted", "kv_allocated",
-                 "ready_noticed", "done"):
+    timeline = LoadTimeline(clock=ticking(0.0, 0.001, 0.004, 0.010, 5.000, 5.001, 5.002, 5.300, 5.301, 5.302, 5.303,
+                                          5.305))
+    for mark in ("requested", "admitted", "granted", "spawned", "weights_noticed", "weights_measured", "kv_granted",
+                 "kv_allocated", "kv_measured", "ready_noticed", "verified", "done"):
         timeline.mark(mark)
     timeline.add_engine({"started": 0.05, "weights_start": 2.0, "weights_loaded": 4.998, "kv_start": 5.01,
                          "bogus": "x", "flag": True})
@@ -27,19 +28,22 @@ def test_a_two_phase_load_with_engine_stamps():
     assert "e:bogus" not in out["marks"] and "e:flag" not in out["marks"]
     # Every interval from requested to done is in exactly one step.
     assert round(sum(out["totals"].values()), 6) == out["seconds"] == 5.305
-    assert out["totals"]["lessor"] == round(0.001 + 0.003 + 0.006 + 0.002 + 0.004, 6)
+    assert out["totals"]["lessor"] == round(0.001 + 0.003 + 0.006 + 0.001 + 0.002, 6)
+    assert out["totals"]["measure"] == round(0.001 + 0.001 + 0.001, 6)
 
 
 def test_a_one_phase_engine_without_stamps():
     clock = itertools.count(0.0, 0.5)
     timeline = LoadTimeline(clock=lambda: next(clock))
-    for mark in ("requested", "admitted", "granted", "spawned", "weights_noticed", "ready_noticed", "done"):
+    for mark in ("requested", "admitted", "granted", "spawned", "weights_noticed", "weights_measured", "ready_noticed",
+                 "verified", "done"):
         timeline.mark(mark)
     out = timeline.to_dict()
     assert [s["step"] for s in out["steps"]] == ["admit", "plan and grant weights", "spawn",
                                                  "engine start and weights, to its health answering",
-                                                 "ready checked", "verify and record"]
-    assert round(sum(out["totals"].values()), 6) == out["seconds"] == 3.0
+                                                 "measure at weights", "ready checked", "measure at ready and verify",
+                                                 "record ready"]
+    assert round(sum(out["totals"].values()), 6) == out["seconds"] == 4.0
 
 
 def test_an_unfinished_load_has_no_total():
