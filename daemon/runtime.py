@@ -73,10 +73,11 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
             pruning = asyncio.ensure_future(ledger.run_pruning(config.ledger.history)) if reconcile else None
             controller.history = UsageHistory(controller.devices)
             sampling = _sample_usage(controller) if reconcile else None
+            versions = asyncio.ensure_future(supervisor.fingerprinting.warm(config.models)) if reconcile else None
             try:
                 yield controller
             finally:
-                for task in (reconciler.settling, pruning, sampling):
+                for task in (reconciler.settling, pruning, sampling, versions):
                     if task:
                         task.cancel()
                         await asyncio.gather(task, return_exceptions=True)
