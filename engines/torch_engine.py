@@ -281,19 +281,19 @@ def cache_shapes(config) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def anonymous_bytes() -> int:
-    """This process's anonymous memory (its share, PSS), swapped or not. File-backed pages are left
-    out: the shared libraries' code is shared with every other torch process, so its share moves
-    whenever one of them starts or exits; what the engine holds for its model is anonymous."""
+    """This process's anonymous memory, resident or swapped (RssAnon + VmSwap of /proc/self/status).
+    File-backed pages are left out: the shared libraries' code is shared with every other torch
+    process, so its share moves whenever one of them starts or exits; what the engine holds for
+    its model is anonymous. The kernel keeps these as counters, so the read is O(1); smaps_rollup's
+    Pss_Anon, the same figure for a process that shares no anonymous pages (this one never forks),
+    walks every page table: 7 ms at 1.2 GB of weights, on each of lessor's 20 samples a second."""
     fields = {}
-    with open("/proc/self/smaps_rollup") as f:
+    with open("/proc/self/status") as f:
         for line in f:
             name, _, rest = line.partition(":")
-            value = rest.split()
-            if value and value[0].isdigit():
-                fields[name] = int(value[0]) * 1024
-    if "Pss_Anon" not in fields:  # Linux before 5.7: the whole PSS is the closest there is
-        return fields["Pss"] + fields.get("SwapPss", 0)
-    return fields["Pss_Anon"] + fields.get("SwapPss", 0)
+            if name in ("RssAnon", "VmSwap"):
+                fields[name] = int(rest.split()[0]) * 1024
+    return fields["RssAnon"] + fields.get("VmSwap", 0)
 
 
 def _materialise(model) -> None:
