@@ -44,6 +44,7 @@ class Fingerprinting:
     def __init__(self, store: FingerprintStore, readings: Callable[[], Mapping[str, DeviceReading]],
                  margin: Callable[[], float], publish: Callable[[Event], None]) -> None:
         self.store, self._readings, self._margin, self._publish = store, readings, margin, publish
+        self.warming: asyncio.Future | None = None  # the engines' versions asked at start (start_warming)
 
     def key(self, spec: ModelSpec, readings: Mapping[str, DeviceReading] | None = None) -> FingerprintKey:
         """The key a load of `spec` is measured under: model, engine kind and version, device names, flags.
@@ -55,8 +56,15 @@ class Fingerprinting:
         return FingerprintKey(spec.name, spec.engine.kind, version, devices, memory_flags(spec))
 
     async def refresh(self, spec: ModelSpec) -> None:
-        """Ask the engine's version now, off the event loop (a subprocess), before a load plans."""
+        """Ask the engine's version now, off the event loop (a subprocess), before a load plans.
+        A load that comes while lessord's start-up query still runs waits for it, not asking twice."""
+        if self.warming is not None and not self.warming.done():
+            await asyncio.wait({self.warming})
         await asyncio.to_thread(engine_version, *spec.engine.version_query(), True)
+
+    def start_warming(self, specs) -> asyncio.Future:
+        self.warming = asyncio.ensure_future(self.warm(specs))
+        return self.warming
 
     async def warm(self, specs) -> None:
         """Every configured engine's version asked once at start, in the background: the first

@@ -73,7 +73,7 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
             pruning = asyncio.ensure_future(ledger.run_pruning(config.ledger.history)) if reconcile else None
             controller.history = UsageHistory(controller.devices)
             sampling = _sample_usage(controller) if reconcile else None
-            versions = asyncio.ensure_future(supervisor.fingerprinting.warm(config.models)) if reconcile else None
+            versions = supervisor.fingerprinting.start_warming(config.models) if reconcile else None
             try:
                 yield controller
             finally:
