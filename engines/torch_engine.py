@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 from typing import Any, Iterator
 
+from . import torch_weights
 from .torch_requests import BadRequest, Sampling
+
+log = logging.getLogger("lessor.torch_engine")
 
 DTYPES = ("bfloat16", "float16", "float32")
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy: dividing logits by it overflows to inf (vLLM's cut-off too)
@@ -69,14 +73,24 @@ class Engine:
         model_class = _causal_lm_class(config)
         self.baseline_bytes = self._held()
         self.phase = "loading_weights"
-        model = model_class.from_pretrained(self.model_path, config=config, dtype=getattr(torch, self.dtype_name),
-                                            local_files_only=True)
-        if not self.on_cuda:
-            _materialise(model)
+        dtype = getattr(torch, self.dtype_name)
+        try:
+            model = torch_weights.load_model(self.model_path, model_class, config, dtype, self.device_name)
+        except torch_weights.NotLoadable as exc:
+            log.info("reading %s through transformers' from_pretrained: %s", self.model_path, exc)
+            model = self._from_pretrained(model_class, config, dtype)
         # Inference only: with no parameter asking for gradients, no step can build an autograd graph.
         self.model = model.to(self.device_name).eval().requires_grad_(False)
         self.weights_measured = self.memory_reserved()
         self.phase = "weights_loaded"
+
+    def _from_pretrained(self, model_class: type, config, dtype) -> Any:
+        """transformers' loader: slower (see torch_weights), but it converts checkpoints whose
+        tensors are named or laid out other than the model's (DeepSeek-V2's experts, one each)."""
+        model = model_class.from_pretrained(self.model_path, config=config, dtype=dtype, local_files_only=True)
+        if not self.on_cuda:
+            _materialise(model)
+        return model
 
     def allocate_kv(self, context_tokens: int, max_batch_size: int, memory_limit: int | None) -> int:
         if self.phase != "weights_loaded":
