@@ -233,7 +233,7 @@ def _read_file(pool: ThreadPoolExecutor, staging: _Staging, checkpoint: Checkpoi
         views = {name: memoryview(t.numpy()) for name, t in flat.items()}
         work, target = _read_host, views
     else:
-        work, target = _read_device, flat
+        work, target = _read_device, dict(flat)  # its own dict: a whole tensor leaves both
     left = {name: e.nbytes for name, e in entries.items()}
     state = {name: _as_tensor(path, e, flat.pop(name), dtypes) for name, e in entries.items() if e.nbytes == 0}
     fd = os.open(path, os.O_RDONLY)
@@ -246,6 +246,7 @@ def _read_file(pool: ThreadPoolExecutor, staging: _Staging, checkpoint: Checkpoi
             for piece in futures[future].pieces:
                 left[piece.name] -= piece.length
                 if left[piece.name] == 0:  # the tensor is whole: view it (and cast it) while the rest is read
+                    target.pop(piece.name, None)  # a cast's raw bytes go as soon as it is done
                     state[piece.name] = _as_tensor(path, entries[piece.name], flat.pop(piece.name), dtypes)
         return state
     finally:
@@ -293,7 +294,7 @@ def load_model(folder: Path | str, model_class: type, config: Any, dtype: Any, d
         model = model_class._from_config(config, dtype=dtype)
     _rebuild_buffers(model, device)
     expected = model.state_dict()
-    entries = {e.name: e for path in files for e in read_header(path).entries}
+    entries = _entries(files)
     _check_names(model, expected, entries)
     state = read_tensors(files, device, {name: expected[name].dtype for name in entries})
     model.load_state_dict(state, strict=False, assign=True)
@@ -302,6 +303,17 @@ def load_model(folder: Path | str, model_class: type, config: Any, dtype: Any, d
     if left:  # tying did not cover a name the file lacks (an older transformers has no all_tied_weights_keys)
         raise NotLoadable(f"no value in the checkpoint for {_some(left)}")
     return model
+
+
+def _entries(files: list[Path]) -> dict[str, Entry]:
+    entries: dict[str, Entry] = {}
+    where: dict[str, Path] = {}
+    for path in files:
+        for entry in read_header(path).entries:
+            if entry.name in where:
+                raise CorruptCheckpoint(path, f"tensor {entry.name!r} is in {where[entry.name].name} too")
+            entries[entry.name], where[entry.name] = entry, path
+    return entries
 
 
 def _check_names(model: Any, expected: Mapping[str, Any], entries: Mapping[str, Entry]) -> None:

@@ -116,6 +116,18 @@ def test_an_index_naming_a_missing_shard_names_it(tiny_qwen, tmp_path):
     assert caught.value.path == str(sharded / torch_weights.INDEX)
 
 
+def test_a_tensor_in_two_shards_names_both(tiny_qwen, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sharded = shard(tiny_qwen, tmp_path / "sharded")
+    first, second = torch_weights.checkpoint_files(sharded)[:2]
+    name, tensor = sorted(load_file(first).items())[0]
+    save_file(load_file(second) | {name: tensor}, second)
+    with pytest.raises(CorruptCheckpoint, match=f"tensor '{name}' is in {first.name} too") as caught:
+        new_path(sharded, torch.float32)
+    assert caught.value.path == str(second)
+
+
 def test_every_dtype_shape_and_size_reads_as_safetensors_reads_it(tmp_path):
     from safetensors.torch import load_file, save_file
 
