@@ -5,8 +5,8 @@ engine's phases or memory accounting (torch_engine.py), nor transformers' loader
 falls back to when this reader raises `NotLoadable`.
 
 Why not transformers' `from_pretrained`: it leaves the file memory-mapped (page cache, not the
-engine's memory), so the engine copied every tensor afterwards, and reading through the mapping one
-4 KiB page fault at a time runs at a fraction of the disk's speed. Here each tensor's memory is
+engine's memory), so the engine copied every tensor afterwards, reading the file through the
+mapping a page fault at a time (bench/README.md, "Weight load", has both). Here each tensor's memory is
 allocated once and the file is read into it with `os.preadv` (many tensors, or one large tensor's
 slice, per call; the reads run in a few threads, the GIL released): no bytes objects, no mapping.
 
