@@ -5,14 +5,16 @@ Cached per executable, its modification time and the packages asked. A binary re
 modification time; a `pip install -U` inside a venv changes its site-packages folder's (pip adds
 and removes the package's dist-info folder there), which the key holds too. So a load's `refresh`
 starts a Python (about 40 ms of a cold start) only for an interpreter outside a venv, or a venv
-that also sees the system's packages, where no folder of its own tells."""
+that also sees the system's packages, where no folder of its own tells; in a venv the versions
+are read from its dist-info folders (what importlib.metadata reads) without starting one."""
 
 from __future__ import annotations
 
 import os
-import threading
+import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 _ASK = "import importlib.metadata as m, sys\nfor p in sys.argv[1:]:\n    try: print(p, m.version(p))\n    except m.PackageNotFoundError: print(p, 'not-installed')"
@@ -37,7 +39,7 @@ def engine_version(launcher: list[str], packages: tuple[str, ...], refresh: bool
     with _lock:
         known = _cache.get(key)
     if known is None or (refresh and stamp is None):
-        known = _version(executable, tuple(packages))
+        known = (stamp and _venv_versions(executable, tuple(packages))) or _version(executable, tuple(packages))
         with _lock:
             _cache[key] = known
     return known
@@ -59,6 +61,32 @@ def _version(executable: str, packages: tuple[str, ...]) -> str:
     if packages and interpreter:
         return ", ".join(lines[:len(packages)]) or "unknown"
     return next((line for line in lines if "version" in line.lower()), lines[0] if lines else "unknown")[:200]
+
+
+def _venv_versions(executable: str, packages: tuple[str, ...]) -> str | None:
+    """`packages`' versions read from a venv's own dist-info folders, as importlib.metadata would
+    say them, without starting its Python (40-100 ms); None when one is not found there (an
+    egg-info install, say), so the caller asks the interpreter."""
+    interpreter = _interpreter(executable)
+    found = {}
+    for folder in Path(interpreter).parent.parent.glob("lib/python3*/site-packages/*.dist-info"):
+        found.setdefault(_normalised(folder.name.split("-", 1)[0]), folder)
+    out = []
+    for package in packages:
+        folder = found.get(_normalised(package))
+        try:
+            metadata = (folder / "METADATA").read_text(errors="replace") if folder else ""
+        except OSError:
+            return None
+        version = next((line[8:].strip() for line in metadata.splitlines() if line.startswith("Version:")), None)
+        if version is None:
+            return None
+        out.append(f"{package} {version}")
+    return ", ".join(out)
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()  # PEP 503's rule, as wheel names their folders
 
 
 def _installed_stamp(executable: str) -> tuple[int, ...] | None:

@@ -4,6 +4,7 @@ and the arithmetic that turns a measurement into a plan's figures."""
 import asyncio
 import json
 import os
+import sys
 import time
 from types import SimpleNamespace
 
@@ -244,3 +245,19 @@ def test_a_venvs_engine_version_is_asked_again_only_after_an_install(tmp_path):
     engine_version([str(python)], ("pkg",), refresh=True)
     engine_version([str(python)], ("pkg",), refresh=True)
     assert asked() == 4
+
+
+def test_a_venvs_versions_are_read_from_its_dist_info_without_starting_it(tmp_path):
+    from lessor.engines.versions import engine_version
+
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    (site / "Some_Engine-1.2.3.dist-info").mkdir(parents=True)
+    (site / "Some_Engine-1.2.3.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: some-engine\nVersion: 1.2.3\n")
+    (tmp_path / "venv" / "pyvenv.cfg").write_text("include-system-site-packages = false\n")
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text("#!/bin/sh\necho 'some-engine 9.9' \n")  # what asking would say: it must not be asked
+    python.chmod(0o755)
+    assert engine_version([str(python)], ("some-engine",)) == "some-engine 1.2.3"
+    assert engine_version([str(python)], ("some-engine", "other")) == "some-engine 9.9"  # one not there: asked
+    assert engine_version([sys.executable], ("torch",), refresh=True).startswith("torch 2.")
