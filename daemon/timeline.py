@@ -27,6 +27,8 @@ _STEPS = (
     ("plan and grant weights", "admitted", "granted", LESSOR),
     ("spawn", "granted", "spawned", LESSOR),
     ("interpreter and imports", "spawned", "e:weights_start", ENGINE),
+    ("tokenizer, config, modeling imports", "e:weights_start", "e:weights_read_start", ENGINE),
+    ("weights read", "e:weights_read_start", "e:weights_loaded", ENGINE),
     ("weights in", "e:weights_start", "e:weights_loaded", ENGINE),
     ("engine start and weights, to its health answering", "spawned", "weights_noticed", ENGINE),
     ("weights noticed", "e:weights_loaded", "weights_noticed", NOTICE),
@@ -40,7 +42,8 @@ _STEPS = (
     ("record ready", "verified", "done", LESSOR),
 )
 # Which step a stamp (or its absence) rules out: each interval is counted once.
-_UNLESS = {"engine start and weights, to its health answering": "e:weights_loaded", "ready checked": "kv_measured"}
+_UNLESS = {"engine start and weights, to its health answering": "e:weights_loaded", "ready checked": "kv_measured",
+           "weights in": "e:weights_read_start"}
 
 
 @dataclass

@@ -8,6 +8,7 @@ import ctypes
 import functools
 import logging
 import os
+import time
 from typing import Any, Iterator
 
 from . import torch_weights
@@ -31,6 +32,7 @@ class Engine:
         self.context_tokens = 0
         self.baseline_bytes: int | None = None  # what the process held before the weights (see _held)
         self.weights_measured: int | None = None
+        self.read_started: float | None = None  # CLOCK_MONOTONIC: when the weights' read began (load_weights)
         self.kv_measured: int | None = None
         self.fail_at_step: int | None = None  # tests only: the decode step that raises (the error path)
         self._cap(memory_limit)
@@ -77,6 +79,7 @@ class Engine:
         # tokenizer and torch are the process's baseline, not the weights.
         model_class = _causal_lm_class(config)
         self.baseline_bytes = self._held()
+        self.read_started = time.monotonic()  # the tokenizer, config and modeling imports are done
         self.phase = "loading_weights"
         dtype = getattr(torch, self.dtype_name)
         try:

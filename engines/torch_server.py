@@ -429,9 +429,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             server.times["weights_start"] = time.monotonic()
             engine.load_weights()
-            measured = engine.measure()  # the engine's time, before the stamp: lessor's probe waits on the line
+            # Stamped as the phase turns (a probe may see it from now), the line after: lessor's wake.
             server.times["weights_loaded"] = time.monotonic()
-            log.info("weights loaded: %s", measured)
+            server.times["weights_read_start"] = engine.read_started
+            log.info("weights loaded: %s", engine.measure())
         except Exception as exc:
             log.exception("loading the weights failed")
             engine.error = f"{type(exc).__name__}: {exc}"

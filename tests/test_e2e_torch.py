@@ -125,7 +125,8 @@ def test_two_models_share_one_device(tmp_path, tiny_qwen):
         # Where the load's time went: the engine's own stamps split its share, in the protocol's order.
         timeline = a["last_load"]
         assert [s["step"] for s in timeline["steps"]] == [
-            "admit", "plan and grant weights", "spawn", "interpreter and imports", "weights in", "weights noticed",
+            "admit", "plan and grant weights", "spawn", "interpreter and imports", "tokenizer, config, modeling imports",
+            "weights read", "weights noticed",
             "measure at weights", "release peak, plan and grant kv", "kv allocated", "measure at kv", "ready noticed",
             "measure at ready and verify", "record ready"]
         assert {s["whose"] for s in timeline["steps"]} == {"lessor", "engine", "measure", "notice"}
