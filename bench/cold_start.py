@@ -13,7 +13,10 @@ files the generator just wrote); `--cold` adds a round after `echo 3 > /proc/sys
 where the kernel allows it. The same request sent straight to the loaded engine, warm, shows what
 of "load done to first token" is the engine's prefill rather than the router.
 
-    .venv/bin/python bench/cold_start.py                 # --rounds 5 --layers 4 [--cold]
+    .venv/bin/python bench/cold_start.py                 # --rounds 5 --layers 4 [--cold] [--engine vllm]
+
+`--engine vllm` runs the same model on real vLLM (its CPU build, `make vllm`): it stamps nothing,
+so its share is one step from spawn to its health answering.
 """
 
 from __future__ import annotations
@@ -51,14 +54,22 @@ def model_dir(cache: Path, layers: int) -> Path:
     return path
 
 
-def start_lessord(workdir: Path, model: Path) -> tuple[subprocess.Popen, str, int, str]:
+def engine_config(kind: str, model: Path, vllm: Path) -> dict:
+    if kind == "torch":
+        return {"kind": "torch", "model_path": str(model), "dtype": "bfloat16", "max_batch_size": 1,
+                "context_tokens": 512}
+    # vLLM's CPU build, as tests/test_vllm.py runs it: eager (no graph capture on the CPU).
+    return {"kind": "vllm", "model_path": str(model), "command": [str(vllm), "serve"], "enforce_eager": True,
+            "dtype": "bfloat16", "max_num_batched_tokens": 1024}
+
+
+def start_lessord(workdir: Path, model: Path, engine: dict) -> tuple[subprocess.Popen, str, int, str]:
     admin, router = free_port(), free_port()
     config = {"state_dir": str(workdir / "state"),
               "devices": {"probe": "sim", "simulated": [{"name": "sim", "total": "80GiB"}]},
-              "models": [{"name": NAME, "engine": {"kind": "torch", "model_path": str(model), "dtype": "bfloat16",
-                                                   "max_batch_size": 1, "context_tokens": 512},
-                          "architecture": {"hf_config": str(model / "config.json")}, "plan": {"min_kv_tokens": 512},
-                          "keep_alive": -1}]}
+              "models": [{"name": NAME, "engine": engine,
+                          "architecture": {"hf_config": str(model / "config.json")},
+                          "plan": {"min_kv_tokens": 512, "max_kv_tokens": 2048}, "keep_alive": -1}]}
     (workdir / "lessor.yaml").write_text(yaml.safe_dump(config))
     proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(workdir / "lessor.yaml"), "--sim",
                              "--admin-listen", f"127.0.0.1:{admin}", "--router-listen", f"127.0.0.1:{router}"],
@@ -155,13 +166,16 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4, help="layers of the qwen2.5-3b shape (4: about 1.2 GB)")
     parser.add_argument("--cache", type=Path, default=ROOT / "var" / "bench", help="where the model is written once")
     parser.add_argument("--cold", action="store_true", help="one more round after dropping the page cache (root)")
+    parser.add_argument("--engine", choices=("torch", "vllm"), default="torch",
+                        help="vllm: the real vLLM of `make vllm` (.venv-vllm), on the same model")
+    parser.add_argument("--vllm", type=Path, default=ROOT / ".venv-vllm" / "bin" / "vllm")
     args = parser.parse_args()
     model = model_dir(args.cache, args.layers)
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, router, token = start_lessord(Path(tmp), model)
+        proc, url, router, token = start_lessord(Path(tmp), model, engine_config(args.engine, model, args.vllm))
         try:
-            print(f"cold start: {model.name}, {size / 1e9:.2f} GB of safetensors, torch engine (bf16, CPU), "
+            print(f"cold start: {model.name}, {size / 1e9:.2f} GB of safetensors, {args.engine} engine (bf16, CPU), "
                   f"lessord on a simulated device; {args.rounds} rounds", flush=True)
             rows = []
             whose: dict[str, str] = dict(WHOSE)

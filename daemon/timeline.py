@@ -20,7 +20,8 @@ from typing import Any, Callable, Mapping
 LESSOR, ENGINE, MEASURE, NOTICE = "lessor", "engine", "measure", "notice"
 
 # (step, from, to, whose): "e:" marks are the engine's own stamps. A step whose ends are not both
-# there is left out: an engine that stamps nothing has one step from spawn to its health answering,
+# there is left out: an engine that stamps nothing has one step from spawn to its health answering
+# (two, split at its ready line, when lessord saw that line in its log),
 # a one-phase engine (its KV cache sized at start) no KV steps, its readiness checked at once.
 _STEPS = (
     ("admit", "requested", "admitted", LESSOR),
@@ -30,6 +31,8 @@ _STEPS = (
     ("tokenizer, config, modeling imports", "e:weights_start", "e:weights_read_start", ENGINE),
     ("weights read", "e:weights_read_start", "e:weights_loaded", ENGINE),
     ("weights in", "e:weights_start", "e:weights_loaded", ENGINE),
+    ("engine start to its ready line", "spawned", "e:ready_line", ENGINE),
+    ("health after its ready line", "e:ready_line", "weights_noticed", NOTICE),
     ("engine start and weights, to its health answering", "spawned", "weights_noticed", ENGINE),
     ("weights noticed", "e:weights_loaded", "weights_noticed", NOTICE),
     ("measure at weights", "weights_noticed", "weights_measured", MEASURE),
@@ -41,9 +44,10 @@ _STEPS = (
     ("measure at ready and verify", "ready_noticed", "verified", MEASURE),
     ("record ready", "verified", "done", LESSOR),
 )
-# Which step a stamp (or its absence) rules out: each interval is counted once.
-_UNLESS = {"engine start and weights, to its health answering": "e:weights_loaded", "ready checked": "kv_measured",
-           "weights in": "e:weights_read_start"}
+# The marks that rule a step out: each interval is counted once.
+_UNLESS = {"engine start and weights, to its health answering": ("e:weights_loaded", "e:ready_line"),
+           "engine start to its ready line": ("e:weights_loaded",), "health after its ready line": ("e:weights_loaded",),
+           "ready checked": ("kv_measured",), "weights in": ("e:weights_read_start",)}
 
 
 @dataclass
@@ -63,7 +67,7 @@ class LoadTimeline:
     def steps(self) -> list[dict[str, Any]]:
         out = []
         for name, start, end, whose in _STEPS:
-            if start in self.marks and end in self.marks and _UNLESS.get(name) not in self.marks:
+            if start in self.marks and end in self.marks and not any(m in self.marks for m in _UNLESS.get(name, ())):
                 out.append({"step": name, "whose": whose, "seconds": round(self.marks[end] - self.marks[start], 6)})
         return out
 

@@ -18,6 +18,7 @@ import ctypes
 import functools
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -51,6 +52,7 @@ class LogWatch:
         self.markers = tuple(m.encode() for m in markers if m)
         self.seen = asyncio.Event()
         self.wakes = 0  # inotify events handled: what a test counts instead of timing anything
+        self.seen_at: float | None = None  # CLOCK_MONOTONIC when a marker was first found: the engine's line, give or take the wake
         self._fd: int | None = None
         self._file = None
         self._offset = 0
@@ -98,6 +100,8 @@ class LogWatch:
             self._offset += len(chunk)
             text = self._carry + chunk
             if any(marker in text for marker in self.markers):
+                if self.seen_at is None:
+                    self.seen_at = time.monotonic()
                 self.seen.set()
             self._carry = text[-max(map(len, self.markers)):]
 

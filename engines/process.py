@@ -124,6 +124,7 @@ class EngineProcess:
         self._on_exit = on_exit
         self._stopping = False
         self.probes = 0  # readiness probes so far (wait_until): what tests count instead of timing
+        self.ready_line_at: float | None = None  # when the last wait_until saw its ready line (CLOCK_MONOTONIC)
         self._watcher = asyncio.ensure_future(self._watch(exit_status))
 
     @classmethod
@@ -201,6 +202,7 @@ class EngineProcess:
                 if asyncio.iscoroutine(result):
                     result = await result
                 if result:
+                    self.ready_line_at = watch.seen_at
                     return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"engine (pid {self.pid}) still not done {doing} after {timeout_s:g} s")

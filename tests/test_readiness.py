@@ -36,6 +36,7 @@ async def test_the_ready_line_wakes_the_probe(tmp_path):
         await asyncio.wait_for(proc.wait_until(check, "loading", HANG_S, ["Application startup complete."], NEVER),
                                HANG_S)
         assert proc.probes == 2  # woken by the line: the hour-long backoff never ran out
+        assert proc.ready_line_at is not None  # where the load's timeline splits the engine's share
     finally:
         await proc.stop(1)
 
@@ -81,7 +82,7 @@ async def test_without_markers_or_a_log_it_polls(tmp_path):
     try:  # no ready line it knows: the backoff alone probes until the check holds
         await asyncio.wait_for(proc.wait_until(lambda: proc.probes == 3, "loading", HANG_S, (),
                                                Backoff(first_s=0.001, cap_s=0.002)), HANG_S)
-        assert proc.probes == 3
+        assert proc.probes == 3 and proc.ready_line_at is None
     finally:
         await proc.stop(1)
 

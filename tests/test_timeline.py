@@ -51,3 +51,16 @@ def test_an_unfinished_load_has_no_total():
     timeline.mark("requested")
     timeline.mark("admitted")
     assert timeline.to_dict()["seconds"] is None and timeline.to_dict()["steps"][0]["step"] == "admit"
+
+
+def test_an_engine_that_only_logs_its_ready_line_is_split_there():
+    clock = itertools.count(0.0, 1.0)
+    timeline = LoadTimeline(clock=lambda: next(clock))
+    for mark in ("requested", "admitted", "granted", "spawned", "weights_noticed", "weights_measured", "ready_noticed",
+                 "verified", "done"):
+        timeline.mark(mark)
+    timeline.add_engine({"ready_line": 3.75})  # seen in its log between spawn (3) and its health answering (4)
+    steps = {s["step"]: (s["whose"], s["seconds"]) for s in timeline.to_dict()["steps"]}
+    assert steps["engine start to its ready line"] == ("engine", 0.75)
+    assert steps["health after its ready line"] == ("notice", 0.25)
+    assert "engine start and weights, to its health answering" not in steps
