@@ -75,7 +75,8 @@ async def test_load_evict_and_unload_are_one_info_line_per_step_in_order(tmp_pat
     assert loading.engine == "vllm" and isinstance(loading.pid, int)
     assert loading.getMessage().startswith(f"a: loading: vllm engine, pid {loading.pid}, port ")
     ready = line(caplog, "a", "ready")
-    assert re.fullmatch(r"a: ready in \d+\.\d s: kv \d+ tokens; holds gpu0 [\d.]+ GiB", ready.getMessage())
+    assert re.fullmatch(r"a: ready in \d+\.\d s \(lessor \d+ ms, engine \d+\.\d s, measuring \d+ ms, noticing readiness "
+                        r"\d+ ms\): kv \d+ tokens; holds gpu0 [\d.]+ GiB", ready.getMessage())
     assert ready.seconds >= 0 and ready.pid == loading.pid
     evicted = line(caplog, "a", "evicted")
     assert "b" in evicted.reason and evicted.getMessage().startswith("a: evicted (")
