@@ -17,6 +17,7 @@ from ..memory.footprint import Footprint, ModelShape
 from .base import (Command, EngineArgsBase, EngineHandle, Flags, KvGrant, KvResizeRefused, Launch, ProcessAdapter,
                    ProcessHandle, Sizing)
 from .memory_model import TORCH_OOM
+from .process import probe_session
 
 
 KV_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -102,7 +103,7 @@ class TorchHandle(ProcessHandle):
             return await response.json()
 
     async def wait_weights_loaded(self, timeout_s: float) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with probe_session(10) as session:
             async def loaded() -> bool:
                 # /health names the phase in its 503 and measures nothing: /lessor/v1/state would
                 # read the process's memory first, milliseconds on every probe of a load.
@@ -117,7 +118,7 @@ class TorchHandle(ProcessHandle):
         device = self.launch.gpus[0].device
         body = {"context_tokens": kv.params["context_tokens"], "max_batch_size": kv.params["max_batch_size"],
                 "memory_limit_bytes": None if self.launch.simulated else kv.leased_bytes.get(device)}
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        async with probe_session(300) as session:
             async with session.post(self.base_url + "/lessor/v1/kv", json=body) as response:
                 answer = await response.json(content_type=None)
                 if response.status != 200:
@@ -131,7 +132,7 @@ class TorchHandle(ProcessHandle):
             await super().wait_ready(timeout_s)
 
     async def measure(self) -> dict[str, int]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with probe_session(10) as session:
             state = await self._state(session)
         return {self.launch.gpus[0].device: int(state["memory_reserved"])}
 

@@ -187,13 +187,17 @@ class EngineProcess:
         """Probe `check` until true; raise ProcessEnded at once if the process ends, TimeoutError after `timeout_s`.
 
         Between probes it waits on the engine's log: one of `markers` written there probes at once
-        (engines/logwatch.py); otherwise `backoff`'s growing intervals, so a fast engine is noticed
-        within milliseconds and a slow one costs a probe every `cap_s` at most."""
+        (engines/logwatch.py) and starts the backoff over, since the line may come just before the
+        engine answers (uvicorn logs "Application startup complete." before it serves); otherwise
+        `backoff`'s growing intervals, so a fast engine is noticed within milliseconds and a slow
+        one costs a probe every `cap_s` at most."""
         backoff = backoff or Backoff()
         deadline = time.monotonic() + timeout_s
         with LogWatch(self.log_path, markers) as watch:
             watch.start()
-            for interval in backoff.intervals():
+            intervals = backoff.intervals()
+            while True:
+                interval = next(intervals)
                 if self.exited.is_set():
                     raise self._exited_error(doing)
                 watch.seen.clear()  # a marker already in the log has woken this probe
@@ -207,10 +211,12 @@ class EngineProcess:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"engine (pid {self.pid}) still not done {doing} after {timeout_s:g} s")
                 await _first_of(self.exited, watch.seen, interval)
+                if watch.seen.is_set():
+                    intervals = backoff.intervals()
 
     async def wait_http(self, url: str, timeout_s: float, doing: str, markers: Sequence[str] = ()) -> None:
         """Readiness: the port accepts, then `url` answers 200."""
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with probe_session(5) as session:
             async def ok() -> bool:
                 try:
                     async with session.get(url) as response:
@@ -235,6 +241,13 @@ class EngineProcess:
         await self._watcher
         await _wait_group_gone(self.pid, timeout_s=5)
         return self._returncode if self._returncode is not None else -1
+
+
+def probe_session(total_s: float) -> aiohttp.ClientSession:
+    """A session for probing an engine on a load's path: no keep-alive, so closing it waits on no
+    open connection (a kept one made the close, and the load, wait 10-100 ms on vLLM)."""
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=total_s),
+                                 connector=aiohttp.TCPConnector(force_close=True))
 
 
 @dataclass(frozen=True)

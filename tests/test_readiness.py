@@ -41,6 +41,32 @@ async def test_the_ready_line_wakes_the_probe(tmp_path):
         await proc.stop(1)
 
 
+class FirstQuick(Backoff):
+    """One short wait, then an hour: a probe after that hour can only come from a ready line."""
+
+    def intervals(self):
+        yield 0.001
+        while True:
+            yield 3600
+
+
+async def test_a_ready_line_before_the_engine_answers_starts_the_backoff_over(tmp_path):
+    """uvicorn logs "Application startup complete." just before it serves: the probe the line woke
+    fails, and the next must come at the backoff's first interval, not at its cap."""
+    proc = await sleeper(tmp_path)
+
+    def check() -> bool:
+        if proc.probes == 2:  # after the short wait: the engine logs its line, the next probe is woken by it
+            append(proc.log_path, "INFO:     Application startup complete.\n")
+        return proc.probes == 4  # the woken probe (3) still finds it starting; the one after the restart answers
+    try:
+        await asyncio.wait_for(proc.wait_until(check, "loading", HANG_S, ["Application startup complete."],
+                                               FirstQuick()), HANG_S)
+        assert proc.probes == 4
+    finally:
+        await proc.stop(1)
+
+
 async def test_other_log_lines_do_not_probe(tmp_path):
     """A chatty engine's lines wake the watch but only its ready line probes."""
     proc = await sleeper(tmp_path)
