@@ -33,12 +33,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import yaml
-
-from lessor.bench.router_overhead import free_port
+from lessor.bench.router_overhead import spawn_lessord
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 NAME = "cold"
 BODY = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "Hello, how are you today?"}],
                    "max_tokens": 4, "stream": True}).encode()
@@ -64,25 +61,12 @@ def engine_config(kind: str, model: Path, vllm: Path) -> dict:
 
 
 def start_lessord(workdir: Path, model: Path, engine: dict) -> tuple[subprocess.Popen, str, int, str]:
-    admin, router = free_port(), free_port()
     config = {"state_dir": str(workdir / "state"),
               "devices": {"probe": "sim", "simulated": [{"name": "sim", "total": "80GiB"}]},
               "models": [{"name": NAME, "engine": engine,
                           "architecture": {"hf_config": str(model / "config.json")},
                           "plan": {"min_kv_tokens": 512, "max_kv_tokens": 2048}, "keep_alive": -1}]}
-    (workdir / "lessor.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(workdir / "lessor.yaml"), "--sim",
-                             "--admin-listen", f"127.0.0.1:{admin}", "--router-listen", f"127.0.0.1:{router}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{admin}"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(url + "/readyz", timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"lessord did not start: {proc.stderr.read()}")
-            time.sleep(0.1)
+    proc, url, router = spawn_lessord(workdir, config)
     return proc, url, router, (workdir / "state" / "admin.token").read_text().strip()
 
 

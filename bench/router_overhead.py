@@ -139,8 +139,28 @@ async def measure(port: int, path: str, body: bytes, concurrency: int, seconds: 
 
 # -- lessord with the stand-in engine ----------------------------------------------------------
 
-def start_lessord(workdir: Path) -> tuple[subprocess.Popen, str, int, int]:
+def spawn_lessord(workdir: Path, config: dict) -> tuple[subprocess.Popen, str, int]:
+    """lessord on `config` (written to workdir/lessor.yaml), simulated devices, free ports; once
+    its /readyz answers: (process, admin URL, router port). bench/cold_start.py uses it too."""
     admin, router = free_port(), free_port()
+    (workdir / "lessor.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(workdir / "lessor.yaml"), "--sim",
+                             "--admin-listen", f"127.0.0.1:{admin}", "--router-listen", f"127.0.0.1:{router}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{admin}"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url + "/readyz", timeout=1).close()
+            return proc, url, router
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"lessord did not start: {proc.stderr.read()}")
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("lessord did not answer /readyz within 60 s")
+
+
+def start_lessord(workdir: Path) -> tuple[subprocess.Popen, str, int, int]:
     config = {
         "state_dir": str(workdir / "state"),
         "devices": {"probe": "sim", "simulated": [{"name": "sim", "total": "24GiB"}]},
@@ -154,19 +174,7 @@ def start_lessord(workdir: Path) -> tuple[subprocess.Popen, str, int, int]:
                     "memory": {"weights": "1GiB", "kv_bytes_per_token": 65536}, "keep_alive": -1,
                     "plan": {"max_kv_tokens": 16384}}],
     }
-    (workdir / "lessor.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(workdir / "lessor.yaml"), "--sim",
-                             "--admin-listen", f"127.0.0.1:{admin}", "--router-listen", f"127.0.0.1:{router}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{admin}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/readyz", timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"lessord did not start: {proc.stderr.read()}")
-            time.sleep(0.1)
+    proc, url, router = spawn_lessord(workdir, config)
     token = (workdir / "state" / "admin.token").read_text().strip()
     endpoints = []
     for model in ("bench", "bench1"):
