@@ -132,7 +132,7 @@ class LoadAttempt:
         self.step = "grant weights"
         first = plan(spec, self.ledger.budgets(), measured=self.measured)
         if first.one_phase and not first.fits:  # its KV size is fixed now, so it must fit now
-            raise PlanRejected(spec.name, list(first.reasons))
+            raise short_now(spec.name, first, self.ledger.budgets()) or PlanRejected(spec.name, list(first.reasons))
         # A one-phase engine allocates its KV cache while loading: every lease at once.
         _log_planned(spec.name, first)
         await self._grant(first.all_leases() if first.one_phase else first.load_leases)
@@ -259,6 +259,20 @@ def shortfall_error(model: str, refused: Rejected, budgets: Mapping[str, DeviceB
     device, wanted, free = worst_shortfall(budgets, refused.short_bytes)
     return NotEnoughMemory(model, device, wanted, free, "the memory went elsewhere between the admission and the grant "
                            "(foreign usage grew, or another model took it); retry")
+
+
+def short_now(model: str, planned: Plan, budgets: Mapping[str, DeviceBudget]) -> NotEnoughMemory | None:
+    """A plan the admission let through that no longer fits the memory free now: it went elsewhere
+    since (foreign usage grew while victims stopped, another model took it). A shortfall, which
+    leaves the model unloaded and the client a 503 with Retry-After, never a failed load that
+    counts as a crash (a growing foreign process made lessor give up on a model)."""
+    short = {device: need - budgets[device].free_bytes for device, need in planned.peak_need().items()
+             if device in budgets and need > budgets[device].free_bytes}
+    if not short:
+        return None
+    device, wanted, free = worst_shortfall(budgets, short)
+    return NotEnoughMemory(model, device, wanted, free, "the memory went elsewhere between the admission and the "
+                           "plan (foreign usage grew, or another model took it); retry")
 
 
 def worst_shortfall(budgets: Mapping[str, DeviceBudget], short_bytes: Mapping[str, int]) -> tuple[str, int, int]:

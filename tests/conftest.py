@@ -190,7 +190,7 @@ class FakeEngines:
 
     def __call__(self, probe, ledger) -> dict:
         self.adapter = self.kind(probe, ledger)
-        return {"torch": self.adapter}
+        return {"torch": self.adapter, "vllm": self.adapter}  # vllm: a one-phase spec (the plan differs, not the fake)
 
 
 @pytest.fixture

@@ -106,6 +106,22 @@ async def test_a_grant_the_ledger_refuses_is_a_shortfall_not_a_failed_load(env):
     assert controller.leases("b") == [] and controller.model("b")["state"] == "unloaded"
 
 
+async def test_a_one_phase_plan_the_memory_left_is_a_shortfall_not_a_failed_load(env):
+    """The same for an engine that sizes its KV cache at start: its plan at the grant no longer
+    fits. Not a failed load (it counted as a crash: a foreign process growing made lessor give up
+    on the model), but a shortfall with the numbers."""
+    one_phase = {"name": "b", "engine": {"kind": "vllm", "model_path": "/models/b"},
+                 "memory": {"weights": "8GiB", "kv_bytes_per_token": 65536, "load_peak": "512MiB"},
+                 "plan": {"min_kv_tokens": 1024, "max_kv_tokens": 4096}}
+    controller, adapter, _ = await env([torch_model("a", "8GiB"), one_phase])
+    await controller.load("a")
+    adapter.on_stop = lambda handle: controller.probe.set_foreign("gpu0", 16 * GiB)
+    with pytest.raises(NotEnoughMemory, match="went elsewhere between the admission and the plan") as info:
+        await controller.load("b")
+    assert info.value.device == "gpu0" and info.value.wanted_bytes > info.value.free_bytes
+    assert controller.leases("b") == [] and controller.model("b")["state"] == "unloaded"
+
+
 async def test_a_cancelled_load_rolls_back_every_lease_and_re_raises(env):
     controller, adapter, _ = await env([torch_model("a", "4GiB")])
     adapter.load_delay_s = 3600  # the weights never finish loading: the load is cancelled mid-way
