@@ -56,7 +56,8 @@ class Fingerprinting:
         return FingerprintKey(spec.name, spec.engine.kind, version, devices, memory_flags(spec))
 
     async def refresh(self, spec: ModelSpec) -> None:
-        """Ask the engine's version now, off the event loop (a subprocess), before a load plans.
+        """Ask the engine's version now, off the event loop, before a load plans (engines/versions.py
+        says when that starts a subprocess and when the cache or a venv's metadata answers).
         A load that comes while lessord's start-up query still runs waits for it, not asking twice."""
         if self.warming is not None and not self.warming.done():
             await asyncio.wait({self.warming})

@@ -257,19 +257,19 @@ class ProcessHandle:
         self.health_url = launch.base_url + command.health_path
         self.pid, self.identity, self.started_at = process.pid, process.identity, process.started_at
         self.engine_times: dict[str, float] = {}
-        self._healthy = False
+        self._ready = False  # the engine said it serves: no probe would tell more
 
     async def wait_weights_loaded(self, timeout_s: float) -> None:
         await self.process.wait_http(self.health_url, timeout_s, "loading", self.launch.spec.engine.ready_markers)
         if self.process.ready_line_at is not None:  # the engine said it in its log: the load's timeline splits there
             self.engine_times["ready_line"] = self.process.ready_line_at
-        self._healthy = True
+        self._ready = True  # one phase: its health answering is its readiness
 
     async def allocate_kv(self, kv: KvGrant) -> None:
         return None
 
     async def wait_ready(self, timeout_s: float) -> None:
-        if self._healthy:  # its health answered as its weights' wait ended: one phase, it was ready then
+        if self._ready:
             return
         await self.process.wait_http(self.health_url, timeout_s, "becoming ready", self.launch.spec.engine.ready_markers)
 

@@ -95,7 +95,6 @@ class TorchHandle(ProcessHandle):
 
     resizes_kv: ClassVar[bool] = True
     RESIZE_WAIT_S: ClassVar[float] = 30.0  # for the requests running in the cache to end
-    _ready = False  # its KV answer said phase ready
 
     async def _state(self, session: aiohttp.ClientSession) -> dict:
         async with session.get(self.base_url + "/lessor/v1/state") as response:
@@ -125,11 +124,7 @@ class TorchHandle(ProcessHandle):
                     error = answer.get("error", {})
                     raise RuntimeError(f"the engine refused its KV cache ({response.status}): {error.get('message')}")
         self.engine_times = dict(answer.get("times") or {})  # for the load's timeline (daemon/timeline.py)
-        self._ready = answer.get("phase") == "ready"
-
-    async def wait_ready(self, timeout_s: float) -> None:
-        if not self._ready:  # its KV answer said ready: a probe would only repeat it
-            await super().wait_ready(timeout_s)
+        self._ready = answer.get("phase") == "ready"  # its KV answer says so: wait_ready probes nothing
 
     async def measure(self) -> dict[str, int]:
         async with probe_session(10) as session:

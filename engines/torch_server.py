@@ -38,8 +38,6 @@ import sys
 import threading
 import time
 import uuid
-
-STARTED = time.monotonic()  # the interpreter is up; the imports below (aiohttp, then torch in main) are the engine's start
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -102,7 +100,7 @@ class Server:
         self.resizing = asyncio.Lock()
         # Phase stamps on CLOCK_MONOTONIC, which lessord shares: its load timeline subtracts them
         # from its own marks (daemon/timeline.py), so a cold start shows the engine's share apart.
-        self.times: dict[str, float] = {"started": STARTED}
+        self.times: dict[str, float] = {}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=8 << 20, middlewares=[_errors])
@@ -417,13 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    imported = time.monotonic()
     torch.set_num_threads(args.threads)
     engine = Engine(args.model_path, args.dtype, args.device, args.memory_limit_bytes)
     engine.fail_at_step = args.fail_at_step
     server = Server(engine, args.served_model_name or os.path.basename(os.path.normpath(args.model_path)))
     server.min_kv_tokens = args.min_kv_tokens
-    server.times["torch_imported"] = imported
 
     def load() -> None:
         try:

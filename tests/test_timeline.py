@@ -10,13 +10,26 @@ def ticking(*moments: float):
     return lambda: next(it)
 
 
+ONE_PHASE = ("requested", "admitted", "granted", "spawned", "weights_noticed", "weights_measured", "ready_noticed",
+             "verified", "done")
+
+
+def one_phase_load(step_s: float) -> LoadTimeline:
+    """A one-phase engine's marks, `step_s` apart from 0."""
+    clock = itertools.count(0.0, step_s)
+    timeline = LoadTimeline(clock=lambda: next(clock))
+    for mark in ONE_PHASE:
+        timeline.mark(mark)
+    return timeline
+
+
 def test_a_two_phase_load_with_engine_stamps():
     timeline = LoadTimeline(clock=ticking(0.0, 0.001, 0.004, 0.010, 5.000, 5.001, 5.002, 5.300, 5.301, 5.302, 5.303,
                                           5.305))
     for mark in ("requested", "admitted", "granted", "spawned", "weights_noticed", "weights_measured", "kv_granted",
                  "kv_allocated", "kv_measured", "ready_noticed", "verified", "done"):
         timeline.mark(mark)
-    timeline.add_engine({"started": 0.05, "weights_start": 2.0, "weights_loaded": 4.998, "kv_start": 5.01,
+    timeline.add_engine({"weights_start": 2.0, "weights_loaded": 4.998, "kv_start": 5.01,
                          "bogus": "x", "flag": True})
     out = timeline.to_dict()
     steps = {s["step"]: (s["whose"], s["seconds"]) for s in out["steps"]}
@@ -33,12 +46,7 @@ def test_a_two_phase_load_with_engine_stamps():
 
 
 def test_a_one_phase_engine_without_stamps():
-    clock = itertools.count(0.0, 0.5)
-    timeline = LoadTimeline(clock=lambda: next(clock))
-    for mark in ("requested", "admitted", "granted", "spawned", "weights_noticed", "weights_measured", "ready_noticed",
-                 "verified", "done"):
-        timeline.mark(mark)
-    out = timeline.to_dict()
+    out = one_phase_load(0.5).to_dict()
     assert [s["step"] for s in out["steps"]] == ["admit", "plan and grant weights", "spawn",
                                                  "engine start and weights, to its health answering",
                                                  "measure at weights", "ready checked", "measure at ready and verify",
@@ -54,11 +62,7 @@ def test_an_unfinished_load_has_no_total():
 
 
 def test_an_engine_that_only_logs_its_ready_line_is_split_there():
-    clock = itertools.count(0.0, 1.0)
-    timeline = LoadTimeline(clock=lambda: next(clock))
-    for mark in ("requested", "admitted", "granted", "spawned", "weights_noticed", "weights_measured", "ready_noticed",
-                 "verified", "done"):
-        timeline.mark(mark)
+    timeline = one_phase_load(1.0)
     timeline.add_engine({"ready_line": 3.75})  # seen in its log between spawn (3) and its health answering (4)
     steps = {s["step"]: (s["whose"], s["seconds"]) for s in timeline.to_dict()["steps"]}
     assert steps["engine start to its ready line"] == ("engine", 0.75)
