@@ -37,6 +37,33 @@ def test_gaps_between_one_models_requests_have_the_chosen_variation(arrivals, cv
     assert abs(gaps.mean() - 1 / 2.5) < 0.02  # half of 5 requests/s
 
 
+def test_shifting_popularity_reshuffles_the_ranks_every_period():
+    trace = make_trace(Workload(requests=120_000, rate=10.0, shift_every_s=600.0, seed=2), 8)
+    period = (trace.arrival_s // 600).astype(int)
+    assert np.all(np.diff(trace.arrival_s) >= 0) and len(trace) == 120_000
+    first = np.bincount(trace.model[period == 0], minlength=8) / np.count_nonzero(period == 0)
+    assert np.allclose(first, zipf_shares(8, 1.0), atol=0.02)  # the first period keeps model 0 the most popular
+    top = [np.bincount(trace.model[period == p], minlength=8).argmax() for p in range(1, 15)]
+    assert len(set(top)) >= 4  # the most popular model changes from period to period
+    total = np.bincount(trace.model, minlength=8) / len(trace)
+    assert total.max() < 2 * total.min() + 0.1  # over many periods, no model keeps the lead
+
+
+def test_models_used_together_arrive_in_bursts_of_their_group():
+    workload = Workload(requests=100_000, rate=6.0, groups=4, burst_s=120.0, duty=0.25, seed=4)
+    trace = make_trace(workload, 16)
+    group = trace.model % 4
+    shares = np.bincount(group, minlength=4) / len(trace)
+    assert np.allclose(shares, zipf_shares(4, 1.0), rtol=0.25)  # about 35 bursts per group: their count varies
+    minute = (trace.arrival_s // 60).astype(int)
+    # Members of a group are busy in the same minutes: model 0's busy minutes are model 4's.
+    busy0 = set(minute[trace.model == 0])
+    busy4 = set(minute[trace.model == 4])
+    assert len(busy0 & busy4) > 0.8 * min(len(busy0), len(busy4))
+    # A group is quiet most of the time: its busy minutes are about its duty plus the edges of bursts.
+    assert len(busy0) / (minute.max() + 1) < 0.5
+
+
 def test_a_workload_without_requests_is_refused():
     with pytest.raises(ValueError, match="must be positive"):
         Workload(requests=0)

@@ -128,7 +128,7 @@ BOX_MODELS = [  # (name, family, quantization), by popularity
 ]
 
 
-def box(arrivals: str = "poisson", cv: float = 1.0) -> Scenario:
+def box(arrivals: str = "poisson", cv: float = 1.0, traffic: str = "") -> Scenario:
     """Four 80 GiB cards, 16 models placed four to a card, Zipf traffic: about 1.6x more steady
     demand than memory, so models must come and go. Each model wants 16 sequences of 4096 tokens
     (65 536 KV tokens); lessor may start one with half of that when memory is short."""
@@ -138,14 +138,26 @@ def box(arrivals: str = "poisson", cv: float = 1.0) -> Scenario:
     models = tuple(_placed(unplaced, cards=4, per_card=4))
     hardware = Hardware(gpus=tuple(SimulatedGpu(name=f"80 GiB card {i}", total=80 * GiB) for i in range(4)))
     bursty = arrivals == "gamma"
+    name, title = f"box-{'gamma' if bursty else 'poisson'}", f"{'Gamma CV %g' % cv if bursty else 'Poisson'} arrivals"
+    workload = Workload(rate=6.0, arrivals="gamma" if bursty else "poisson", cv=cv, zipf_s=1.0)
+    story = "The four most popular models have priority 100, the rest 50."
+    if traffic == "shift":
+        name, title = "box-shift", "the popularity reshuffled every 10 minutes"
+        workload = Workload(rate=6.0, zipf_s=1.0, shift_every_s=600.0)
+        story = ("Every 10 minutes the Zipf ranks go to a new random order of the models; the priorities and the "
+                 "static set are the first period's (its four most popular have priority 100).")
+    elif traffic == "together":
+        name, title = "box-together", "models used together, in bursts"
+        workload = Workload(rate=6.0, zipf_s=1.0, groups=4, burst_s=120.0, duty=0.25)
+        story = ("Four groups of four models (model k in group k mod 4), Zipf over the groups: a group is asked for "
+                 "in bursts of about 2 minutes, a quarter of the time, all its members at once, as an agent "
+                 "pipeline would.")
     return Scenario(
-        name=f"box-{'gamma' if bursty else 'poisson'}",
-        title=f"4 x 80 GiB, 16 models, Zipf 1.0, {'Gamma CV %g' % cv if bursty else 'Poisson'} arrivals",
-        hardware=hardware, models=models,
-        workload=Workload(rate=6.0, arrivals="gamma" if bursty else "poisson", cv=cv, zipf_s=1.0),
+        name=name, title=f"4 x 80 GiB, 16 models, Zipf 1.0, {title}",
+        hardware=hardware, models=models, workload=workload,
         slo_ttft_s={m.spec.name: 1.0 for m in models},
         options=StrategyOptions(swap_groups=_swap_groups(models, hardware), static_set=_static_set(models, hardware)),
-        story="The four most popular models have priority 100, the rest 50.",
+        story=story,
     )
 
 
@@ -206,4 +218,4 @@ def _static_set(models: tuple[SimModel, ...], hardware: Hardware) -> tuple[str, 
 
 
 def scenarios() -> dict[str, Scenario]:
-    return {s.name: s for s in (seed(), box(), box("gamma", cv=4.0))}
+    return {s.name: s for s in (seed(), box(), box("gamma", cv=4.0), box(traffic="shift"), box(traffic="together"))}
