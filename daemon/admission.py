@@ -26,6 +26,7 @@ class MustWait:
     `blockers` are the models whose eviction would make room (the router drains them)."""
 
     error: ModelsBusy
+    recheck_s: float | None = None  # the policy's answer changes by itself by then (Queue.recheck_s)
 
     @property
     def blockers(self) -> tuple[str, ...]:
@@ -33,13 +34,17 @@ class MustWait:
 
     def after(self, earlier: str) -> "MustWait":
         """The same wait, its reason led by what the earlier attempts of the load said."""
-        return MustWait(dataclasses.replace(self.error, hint=f"{earlier}; then: {self.error.hint}"))
+        return MustWait(dataclasses.replace(self.error, hint=f"{earlier}; then: {self.error.hint}"), self.recheck_s)
 
 
-def must_wait(request: AdmissionRequest, snapshot: Snapshot, reason: str, blockers: tuple[str, ...]) -> MustWait:
+def must_wait(request: AdmissionRequest, snapshot: Snapshot, reason: str, blockers: tuple[str, ...],
+              recheck_s: float | None = None) -> MustWait:
+    if recheck_s is not None and not blockers:
+        hint = f"{reason}; it is weighed again in {recheck_s:.0f} s, or when memory changes"
+    else:
+        hint = f"{reason}; it loads once {', '.join(blockers) or 'they'} finish their requests"
     return MustWait(ModelsBusy(request.model, *worst_shortfall(snapshot.devices, shortfall(request, snapshot)),
-                               f"{reason}; it loads once {', '.join(blockers) or 'they'} finish their requests",
-                               blockers=blockers))
+                               hint, blockers=blockers), recheck_s)
 
 
 def freed_by(snapshot: Snapshot, victims: tuple[str, ...],

@@ -18,7 +18,7 @@ from ..engines import ENGINE_ARGS, ENGINE_KINDS, EngineArgs
 from ..memory.architecture import Architecture, read_hf_config
 from ..memory.footprint import ModelShape
 from .profile import KvDtype, Memory, MemoryProfile, Size, WeightFormat, resolve
-from ..policies import POLICIES
+from ..policies import POLICIES, Policy, Value
 from .errors import ConfigError, ConfigProblem
 from .config_listeners import AdminConfig, RouterConfig
 from .config_types import NAME_PATTERN, Duration, Strict
@@ -120,7 +120,7 @@ class ModelSpec(Strict):
     memory: MemoryProfile = Field(default_factory=MemoryProfile, description="Bytes the model needs; each field overrides the memory model's.")
     plan: PlanSettings = Field(default_factory=PlanSettings, description="How the planner sizes the KV cache.")
     priority: int = Field(default=50, ge=0, le=1000, description="Higher survives eviction longer (policy `priority`).")
-    keep_alive: Duration = Field(default=300.0, description="Idle seconds before unloading; -1 = never.")
+    keep_alive: Duration = Field(default=-1, description="Idle seconds before unloading; -1 (the default) = never: the policy makes room when a load needs it. Set a duration to give the GPU back to other work when the model is idle.")
     pinned: bool = Field(default=False, description="Loaded at start and never evicted.")
     max_concurrency: int | None = Field(default=None, ge=1, le=100_000, description="Requests the router sends to this model at once; more wait in its queue. Unset: no limit (the engine queues).")
     restart: RestartPolicy = Field(default_factory=RestartPolicy, description="What to do when the engine exits on its own.")
@@ -210,7 +210,15 @@ class LedgerConfig(Strict):
 
 
 class PolicyConfig(Strict):
-    name: str = Field(default="lru_idle", description=f"Admission/eviction policy: one of {sorted(POLICIES)}.")
+    name: str = Field(default="value", description=f"Admission/eviction policy: one of {sorted(POLICIES)}. `value` (the default) keeps the models that serve the most requests per byte, learned from the traffic; `priority` evicts lower priorities only; `lru_idle` the least recently used; `fit` never evicts.")
+    churn_age: Duration = Field(default=60.0, ge=0, le=86400, description="Policy `value`: a model loaded less than this long ago is not evicted for another (a burst cannot swap it straight back out).")
+    starvation: Duration = Field(default=7200.0, gt=0, le=30 * 86400, description="Policy `value`: a model whose requests have gone unserved this long (quiet spells count at most a minute each) counts its request rate double, three times after twice as long, and so on, so however rare it is loaded in the end.")
+
+    def build(self) -> Policy:
+        """The policy this section names, with its parameters."""
+        if self.name == "value":
+            return Value(churn_age_s=self.churn_age, starvation_s=self.starvation)
+        return POLICIES[self.name]
 
     @field_validator("name")
     @classmethod

@@ -38,6 +38,9 @@ from .lifecycle import ModelState
 
 NEVER = math.inf
 ASKING, QUEUED, HELD = "asking", "queued", "held"
+# A policy's recheck (its answer ages) is looked at no later than this: memory that processes
+# lessor does not manage free changes the answer without any model changing state.
+RECHECK_CAP_S = 30.0
 _SERVED_MEMORY = 256  # requests the measured service time remembers at full weight
 _LOADABLE = (ModelState.UNLOADED, ModelState.FAILED)
 
@@ -319,9 +322,11 @@ class Lanes:
         if changed_memory:
             self._retry_unblocked()
 
-    def must_wait(self, lane: Lane, blockers: tuple[str, ...]) -> None:
+    def must_wait(self, lane: Lane, blockers: tuple[str, ...], recheck_s: float | None = None) -> None:
         """The load waits for busy models (`blockers`; none named: a load under way holds the
-        memory). Drains them once the patience is over; asked again when they idle."""
+        memory, or the policy weighs it again in `recheck_s`). Drains them once the patience is
+        over; asked again when they idle, and at the retry or the recheck, whichever is later
+        (a recheck at most RECHECK_CAP_S away, so freed memory is still seen)."""
         wish = lane.load
         if wish is None:
             return
@@ -337,9 +342,17 @@ class Lanes:
             elif not wish.patience_armed:
                 wish.patience_armed = True
                 self._effects.call_at(due_s, lambda: self._look_again(lane, wish, patience_over=True))
-        if self.rules.retry_s is not None and not wish.retry_armed:
+        delay = self._retry_delay(recheck_s)
+        if delay is not None and not wish.retry_armed:
             wish.retry_armed = True
-            self._effects.call_at(now + self.rules.retry_s, lambda: self._retry(lane, wish))
+            self._effects.call_at(now + delay, lambda: self._retry(lane, wish))
+
+    def _retry_delay(self, recheck_s: float | None) -> float | None:
+        retry_s = self.rules.retry_s
+        if recheck_s is None:
+            return retry_s
+        recheck_s = min(recheck_s, RECHECK_CAP_S)
+        return recheck_s if retry_s is None else max(retry_s, recheck_s)
 
     def _retry(self, lane: Lane, wish: LoadWish) -> None:
         wish.retry_armed = False

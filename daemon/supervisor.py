@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 from ..engines.base import EngineAdapter, GpuTarget, Launch
 from ..engines.process import describe_exit, last_lines
-from ..policies import POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot
+from ..policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot
 from .admission import MustWait, as_reload, freed_by, must_wait, never_fits, refused
 from .adoption import Adoption, adopt
 from .config import ModelSpec
@@ -64,6 +64,7 @@ class Supervisor:
         self._models = {spec.name: ModelRecord(spec) for spec in config.current.models}
         self._device_locks: dict[str, asyncio.Lock] = {}
         self._traffic: Traffic = NoTraffic()
+        self._policy: tuple[Any, Policy] | None = None  # (the config section it was built from, the policy)
         self._restarts = Restarts(clock, lambda name: self.try_load(name, cause="restart"))
         self.elastic = Elastic(ledger, self._device_locks, self.in_flight)  # KV leases shrunk and grown in place
         self._closing = False
@@ -78,7 +79,10 @@ class Supervisor:
     @property
     def policy(self) -> Policy:
         """The admission policy of the config in force."""
-        return POLICIES[self._config.current.policy.name]
+        config = self._config.current.policy
+        if self._policy is None or self._policy[0] is not config:
+            self._policy = (config, config.build())
+        return self._policy[1]
 
     @property
     def timeouts(self) -> Timeouts:
@@ -140,7 +144,7 @@ class Supervisor:
         snapshot = as_reload(self.policy_snapshot(), spec.name)  # a loaded model's plan is its reload's
         key = self.fingerprinting.key(spec)
         measured = self.fingerprinting.measured(key)
-        first, _, decision = self._decide(spec, snapshot, measured)
+        first, _, decision = self._decide(spec, snapshot, measured, cause="operator")
         shown = {"fingerprint": self.fingerprinting.use(key, measured)}
         if isinstance(decision, Evict):
             result = plan(spec, snapshot.devices, freed_by(snapshot, decision.victims, decision.shrink), measured)
@@ -149,11 +153,11 @@ class Supervisor:
             return Plan(**{**first.__dict__, "fits": False, "reasons": (decision.reason,), **shown})
         return Plan(**{**first.__dict__, **shown})
 
-    def _decide(self, spec: ModelSpec, snapshot: Snapshot,
-                measured: Measured | None = None) -> tuple[Plan, AdmissionRequest, Decision]:
+    def _decide(self, spec: ModelSpec, snapshot: Snapshot, measured: Measured | None = None,
+                cause: str = "request") -> tuple[Plan, AdmissionRequest, Decision]:
         """The plan against today's budgets, the request for its worst moment, and the policy's answer."""
         first = plan(spec, snapshot.devices, measured=measured)
-        request = AdmissionRequest(spec.name, first.peak_need(), spec.priority)
+        request = AdmissionRequest(spec.name, first.peak_need(), spec.priority, cause)
         return first, request, self.policy(request, snapshot)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -199,7 +203,7 @@ class Supervisor:
             async with AsyncExitStack() as stack:
                 for device in sorted(gpu_id(i) for i in spec.placement.devices):  # sorted: no lock cycles
                     await stack.enter_async_context(self._device_locks.setdefault(device, asyncio.Lock()))
-                loaded = await self._attempts(record, spec, adapter, timeline)
+                loaded = await self._attempts(record, spec, adapter, timeline, cause)
                 if isinstance(loaded, MustWait):  # nothing was granted: it stays unloaded, and says why
                     self._fail(record, ModelState.UNLOADED, loaded.error.message())
                     return loaded
@@ -235,7 +239,7 @@ class Supervisor:
         return record
 
     async def _attempts(self, record: ModelRecord, spec: ModelSpec, adapter: EngineAdapter,
-                        timeline: LoadTimeline) -> Loaded | MustWait:
+                        timeline: LoadTimeline, cause: str) -> Loaded | MustWait:
         """Admit and load; an attempt that ran out of memory is admitted and tried again, planned
         from what it measured, until `planner.oom_retries` are spent. Whatever stops a retry (no
         room, a busy model, a rule), its answer carries the earlier attempts' reasons."""
@@ -247,7 +251,7 @@ class Supervisor:
             measured = self.fingerprinting.measured(key)
             attempt = None
             try:
-                waits = await self._admit(spec, measured)
+                waits = await self._admit(spec, measured, cause)
                 if waits is not None:
                     return waits.after(_attempts_text(failures)) if failures else waits
                 timeline.mark("admitted")
@@ -300,13 +304,13 @@ class Supervisor:
                       marker={"LESSOR_STATE_DIR": str(self._state_dir), "LESSOR_ATTEMPT": attempt},
                       withhold_env=tuple(k.key_env for k in self._config.current.router.api_keys if k.key_env))
 
-    async def _admit(self, spec: ModelSpec, measured: Measured | None) -> MustWait | None:
+    async def _admit(self, spec: ModelSpec, measured: Measured | None, cause: str) -> MustWait | None:
         """Step 2: the policy decides over a snapshot; evictions happen here and only here."""
         snapshot = self.policy_snapshot()
         too_large = never_fits(spec, snapshot.devices, measured)
         if too_large is not None:  # before the policy: no eviction or wait may be made for it
             raise too_large
-        _, request, decision = self._decide(spec, snapshot, measured)
+        _, request, decision = self._decide(spec, snapshot, measured, cause)
         _log_admission(request, decision, self._config.current.policy.name)
         self._publish(AdmissionDecided(spec.name, AdmissionResult(type(decision).__name__.lower()),
                                        getattr(decision, "reason", ""), getattr(decision, "victims", ())))
@@ -320,7 +324,7 @@ class Supervisor:
                     return must_wait(request, snapshot, f"'{victim}' took a request while room was being made",
                                            decision.victims)
         elif isinstance(decision, Queue):
-            return must_wait(request, snapshot, decision.reason, decision.blockers)
+            return must_wait(request, snapshot, decision.reason, decision.blockers, decision.recheck_s)
         elif isinstance(decision, Rejected):
             raise refused(request, snapshot, decision, self._config.current.policy.name)
         elif not isinstance(decision, Admit):

@@ -124,15 +124,21 @@ class TrafficControl:
         waiting = len(lane.waiting) if lane is not None else 0
         oldest = now - lane.waiting[0].deadline_s + self._config.wait_timeout if waiting else 0.0
         return {"request_rate": self.stats.rate(model, now), "load_cost_s": self.stats.load_cost_s(model, size_bytes),
-                "waiting": waiting, "oldest_wait_s": max(0.0, oldest)}
+                "waiting": waiting, "oldest_wait_s": max(0.0, oldest), "starved_s": self.stats.starved_s(model, now), "started_share": self.stats.started_share(model)}
 
     # -- a request's turn --------------------------------------------------------------------
 
     def try_start(self, lane: Lane) -> str | None:
         """The fast path: the engine's base URL if the request may go now, else None (then wait_turn)."""
-        self.stats.record_request(lane.name, self._clock())
-        if self._lanes.try_start(lane):
+        stats, now = self.stats, self._clock()
+        stats.record_request(lane.name, now)
+        started = self._lanes.try_start(lane)
+        if _serving(lane.record):
+            stats.record_ready_arrival(lane.name, started)
+        if started:
+            stats.record_start(lane.name)
             return lane.record.handle.base_url
+        stats.record_wait(lane.name, now)
         return None
 
     def finish(self, lane: Lane) -> None:
@@ -159,6 +165,7 @@ class TrafficControl:
         if request.done():
             return False
         request.set_result(lane.record.handle.base_url)
+        self.stats.record_start(lane.name)
         return True
 
     def fail(self, request: asyncio.Future, error: LessorError) -> None:
@@ -223,7 +230,7 @@ class TrafficControl:
             lanes.load_failed(lane, InvariantBroken(f"loading '{lane.name}' on demand: {exc!r}"))
         else:
             if isinstance(outcome, MustWait):
-                lanes.must_wait(lane, outcome.blockers)
+                lanes.must_wait(lane, outcome.blockers, outcome.recheck_s)
             else:
                 lanes.loaded(lane)
 

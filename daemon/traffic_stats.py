@@ -5,6 +5,13 @@ host in bench/sim), a clock passed in by the caller, plain numbers out.
 - The request rate is an exponentially decayed count: each request adds `ln 2 / half_life`, and
   the sum decays by half every `half_life` seconds, so it reads as requests per second over
   about the last half-life, and follows a shift in popularity within one or two half-lives.
+- A model *starves* while its requests cannot start: from the first one that had to wait until
+  one starts, counting a quiet spell between two of them as at most `STARVING_GAP_S`, so a model
+  asked for in bursts starves by its bursts, not by its silences. A policy ages its claim by it
+  (the `value` policy), so a rare model is not shut out for good.
+- Of the requests that reach a model while it is ready, the share that starts at once (not queued
+  behind its full slots): a model swamped by its bursts serves few of them within their goal, and
+  is worth that much less a place (a moving average over about the last `1 / STARTED_WEIGHT`).
 - A load's cost is what loads of that model took (a moving average of the measured durations,
   spawn to ready); before the first one, a start constant plus its bytes over the disk's
   bandwidth.
@@ -21,6 +28,8 @@ from typing import Any, Mapping
 DEFAULT_START_S = 2.0
 DEFAULT_READ_BYTES_PER_S = 2e9
 LOAD_AVERAGE_WEIGHT = 0.3  # the newest measured load's share of the moving average
+STARTED_WEIGHT = 0.02  # the newest request's share of the started-at-once average
+STARVING_GAP_S = 60.0  # the most a quiet spell between two unserved requests adds to starving
 
 
 @dataclass
@@ -40,6 +49,8 @@ class TrafficStats:
         self._read_bytes_per_s = read_bytes_per_s
         self._rates: dict[str, _Rate] = {}
         self._load_s: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+        self._starving: dict[str, list[float]] = {}  # model -> [seconds starved, as of this time]
 
     def record_request(self, model: str, now: float) -> None:
         rate = self._rates.get(model)
@@ -47,6 +58,33 @@ class TrafficStats:
             rate = self._rates[model] = _Rate(0.0, now)
         rate.value = self._decayed(rate, now) + self._decay
         rate.at = now
+
+    def record_ready_arrival(self, model: str, started: bool) -> None:
+        """A request reached `model` while it was ready: it started at once, or it queued."""
+        share = self._started.get(model, 1.0)
+        self._started[model] = share + STARTED_WEIGHT * (float(started) - share)
+
+    def started_share(self, model: str) -> float:
+        """Of its requests while ready, the share that started at once (1.0 before any)."""
+        return self._started.get(model, 1.0)
+
+    def record_wait(self, model: str, now: float) -> None:
+        """A request of `model` could not start at once: it starves on."""
+        starving = self._starving.get(model)
+        if starving is None:
+            self._starving[model] = [0.0, now]
+        else:
+            starving[0], starving[1] = self.starved_s(model, now), now
+
+    def record_start(self, model: str) -> None:
+        """A request of `model` started: it starves no more."""
+        self._starving.pop(model, None)
+
+    def starved_s(self, model: str, now: float) -> float:
+        starving = self._starving.get(model)
+        if starving is None:
+            return 0.0
+        return starving[0] + min(STARVING_GAP_S, max(0.0, now - starving[1]))
 
     def record_load(self, model: str, seconds: float) -> None:
         """A load of `model` that became ready took `seconds` (spawn to ready)."""
@@ -79,7 +117,7 @@ class TrafficStats:
     def to_dict(self, now: float) -> dict[str, Any]:
         return {"half_life_s": self.half_life_s,
                 "rates": {m: self._decayed(r, now) for m, r in self._rates.items()},
-                "load_s": dict(self._load_s)}
+                "load_s": dict(self._load_s), "started": dict(self._started)}
 
     def restore(self, data: Mapping[str, Any], now: float, elapsed_s: float = 0.0) -> None:
         """Take back what `to_dict` saved `elapsed_s` seconds ago (of wall time; a restart's
@@ -89,3 +127,5 @@ class TrafficStats:
             self._rates[str(model)] = _Rate(float(value) * factor, now)
         for model, seconds in dict(data.get("load_s", {})).items():
             self._load_s[str(model)] = float(seconds)
+        for model, share in dict(data.get("started", {})).items():
+            self._started[str(model)] = min(1.0, max(0.0, float(share)))

@@ -1,8 +1,11 @@
 """Admission and eviction policies: pure functions over a ledger snapshot, picked by name from a
 closed registry (an unknown name fails config validation and lists the valid ones)."""
 
-from .admission import POLICIES, Policy, fit, lru_idle, priority, shortfall, shrink_to_cover
+from .admission import Policy, fit, lru_idle, priority, shortfall, shrink_to_cover
 from .snapshot import Admit, AdmissionRequest, Decision, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
+from .value import Value
 
-__all__ = ["POLICIES", "Policy", "fit", "lru_idle", "priority", "shortfall", "shrink_to_cover", "Admit",
+POLICIES: dict[str, Policy] = {"fit": fit, "lru_idle": lru_idle, "priority": priority, "value": Value()}
+
+__all__ = ["POLICIES", "Policy", "Value", "fit", "lru_idle", "priority", "shortfall", "shrink_to_cover", "Admit",
            "AdmissionRequest", "Decision", "DeviceBudget", "Evict", "ModelView", "Queue", "Rejected", "Snapshot"]

@@ -44,7 +44,7 @@ def _held(short: dict[str, int], victims: Iterable[ModelView]) -> dict[str, int]
     return {d: sum(v.held_bytes.get(d, 0) for v in victims) for d in short}
 
 
-def _free_with(short: dict[str, int], models: Iterable[ModelView]) -> tuple[list[str], dict[str, int]]:
+def free_with(short: dict[str, int], models: Iterable[ModelView]) -> tuple[list[str], dict[str, int]]:
     """Take models in order while they still help; return the victims and what stays short."""
     remaining = dict(short)
     victims = []
@@ -95,15 +95,20 @@ def decide_with_candidates(request: AdmissionRequest, snapshot: Snapshot,
     shrink = shrink_to_cover(short, others)
     if shrink:
         return Evict((), shrink)
-    victims, remaining = _free_with(short, (m for m in others if m.idle))
+    victims, remaining = free_with(short, (m for m in others if m.idle))
     if not remaining:
         return Evict(tuple(victims))
-    _, still_short = _free_with(short, others)
+    _, still_short = free_with(short, others)
     if not still_short:
         # Whom it would evict were every ready model idle: the models a waiting load waits for.
-        blockers, uncovered = _free_with(short, (m for m in others if m.state == "ready"))
+        blockers, uncovered = free_with(short, (m for m in others if m.state == "ready"))
         # The reason says no figure: the answer that carries it (ModelsBusy) gives the shortfall once.
         return Queue("the models that could make room are busy", () if uncovered else tuple(blockers))
+    return rejected(short, still_short, others)
+
+
+def rejected(short: dict[str, int], still_short: dict[str, int], others: Iterable[ModelView]) -> Rejected:
+    """Evicting every one of `others` would still leave `still_short`: nothing is evicted."""
     helping = [m for m in others if any(m.held_bytes.get(d, 0) > 0 for d in short)]
     freed = _held(short, helping)
     if not helping:
@@ -134,4 +139,3 @@ def priority(request: AdmissionRequest, snapshot: Snapshot) -> Decision:
                                   order=lambda m: (m.priority, m.last_used_s, m.name))
 
 
-POLICIES: dict[str, Policy] = {"fit": fit, "lru_idle": lru_idle, "priority": priority}

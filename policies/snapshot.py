@@ -45,6 +45,8 @@ class ModelView:
     ready_since_s: float = 0.0  # when its current load became ready (its age against a churn age)
     waiting: int = 0  # requests waiting for it (not in flight)
     oldest_wait_s: float = 0.0  # how long the oldest of them has waited
+    starved_s: float = 0.0  # how long its requests have gone unserved (0: it started the latest one)
+    started_share: float = 1.0  # of its requests while it was ready, the share that started at once
     # Elastic KV: what its KV lease could give back per device, down to its plan's min_kv_tokens,
     # with its engine running on (empty where its engine cannot resize its cache in place).
     kv_spare_bytes: Mapping[str, int] = field(default_factory=dict)
@@ -71,6 +73,7 @@ class AdmissionRequest:
     model: str
     need_bytes: Mapping[str, int]  # device -> bytes the load holds at its peak
     priority: int = 50
+    cause: str = "request"  # who asked: "request" (the router's traffic), "operator" or "restart"
 
     @classmethod
     def give_back(cls, device: str) -> "AdmissionRequest":
@@ -105,6 +108,7 @@ class Queue:
 
     reason: str
     blockers: tuple[str, ...] = ()
+    recheck_s: float | None = None  # the answer changes by itself in this many seconds (a wait that ages)
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ def test_check_config_prints_every_problem_and_exits_1(tmp_path, capsys):
     data["models"] = [{**torch_model("a"), "engine": {"kind": "torch", "model_path": str(tmp_path)}}]
     path.write_text(yaml.safe_dump(data))
     assert main(["check-config", str(path)]) == 0
-    assert f"{path}: OK (1 model(s), policy lru_idle; checked against simulated devices: gpu0 sim8" in capsys.readouterr().out
+    assert f"{path}: OK (1 model(s), policy value; checked against simulated devices: gpu0 sim8" in capsys.readouterr().out
 
 
 def test_without_a_driver_a_gpu_box_config_warns_of_what_only_the_box_can_answer(tmp_path, capsys):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lessor.daemon.traffic_stats import DEFAULT_READ_BYTES_PER_S, DEFAULT_START_S, TrafficStats
+from lessor.daemon.traffic_stats import DEFAULT_READ_BYTES_PER_S, DEFAULT_START_S, STARVING_GAP_S, TrafficStats
 
 
 def test_a_steady_stream_reads_as_its_rate():
@@ -50,3 +50,16 @@ def test_what_was_saved_comes_back_decayed_by_the_downtime():
 def test_a_half_life_must_be_positive():
     with pytest.raises(ValueError, match="half_life_s"):
         TrafficStats(half_life_s=0)
+
+
+def test_a_model_starves_while_its_requests_wait_counting_quiet_spells_as_a_minute_at_most():
+    stats = TrafficStats()
+    assert stats.starved_s("a", 100.0) == 0.0
+    stats.record_wait("a", 100.0)
+    assert stats.starved_s("a", 130.0) == 30.0
+    stats.record_wait("a", 130.0)
+    stats.record_wait("a", 1000.0)  # a quiet spell of 870 s between two unserved requests counts 60 s
+    assert stats.starved_s("a", 1000.0) == pytest.approx(30.0 + STARVING_GAP_S)
+    assert stats.starved_s("a", 5000.0) == pytest.approx(30.0 + 2 * STARVING_GAP_S)
+    stats.record_start("a")
+    assert stats.starved_s("a", 5000.0) == 0.0

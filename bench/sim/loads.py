@@ -66,7 +66,7 @@ class Host(Protocol):
 
     def loaded(self, record: SimRecord) -> None: ...
 
-    def must_wait(self, record: SimRecord, blockers: tuple[str, ...]) -> None: ...
+    def must_wait(self, record: SimRecord, blockers: tuple[str, ...], recheck_s: float | None) -> None: ...
 
     def busy(self, record: SimRecord) -> None: ...
 
@@ -77,6 +77,8 @@ class Host(Protocol):
     def in_flight(self, name: str) -> int: ...
 
     def last_used_s(self, name: str) -> float: ...
+
+    def learned_view(self, name: str, size_bytes: int) -> dict[str, float]: ...
 
 
 def _now(coro) -> Any:
@@ -180,9 +182,14 @@ class SimSupervisor:
         key = (self.epoch, self._leases_version, self.ticks)
         if self._snapshot_at != key:
             host, held = self.host, self._held
-            models = {r.name: ModelView(r.name, r.state.value, r.spec.priority, r.spec.pinned, host.in_flight(r.name),
-                                        max(r.ready_at_s, host.last_used_s(r.name)), held.get(r.name, {}))
-                      for r in self.records}
+            models = {}
+            for r in self.records:
+                holds = held.get(r.name, {})
+                size = sum(holds.values())
+                models[r.name] = ModelView(r.name, r.state.value, r.spec.priority, r.spec.pinned,
+                                           host.in_flight(r.name), max(r.ready_at_s, host.last_used_s(r.name)), holds,
+                                           size_bytes=size, ready_since_s=r.ready_at_s,
+                                           **host.learned_view(r.name, size))
             self._snapshot_cache, self._snapshot_at = Snapshot(self.budgets(), models, host.now), key
         return self._snapshot_cache
 
@@ -204,7 +211,7 @@ class SimSupervisor:
             record.rejected_at = self.epoch
             return self._outcome(record, self.host.load_failed, record.refusal)
         if isinstance(decision, Queue):
-            return self._outcome(record, self.host.must_wait, decision.blockers)
+            return self._outcome(record, self.host.must_wait, decision.blockers, decision.recheck_s)
         for victim in decision.victims if isinstance(decision, Evict) else ():
             self.result.evictions += 1
             self.unload(self.by_name[victim])

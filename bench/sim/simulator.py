@@ -23,6 +23,7 @@ import numpy as np
 from lessor.daemon.errors import LessorError, LoadFailed, WaitTimedOut
 from lessor.daemon.lanes import Lane, LaneRules, Lanes, keep_alive_over
 from lessor.daemon.lifecycle import ModelState
+from lessor.daemon.traffic_stats import TrafficStats
 
 from .loads import SimRecord, SimSupervisor
 from .strategies import Strategy
@@ -50,6 +51,8 @@ class Simulator:
         self.result = Result(strategy.name, 0, np.zeros(0), np.zeros(0))
         rules = LaneRules(max_queue=None, wait_timeout_s=wait_timeout_s,
                           drain_after_s=strategy.drain_after if strategy.drain else None)
+        self.stats = TrafficStats()  # what lessord's router learns, learned the same way here
+        self._loading_since: dict[str, float] = {}
         self.sup = SimSupervisor(hardware, models, strategy, self, self.result)
         self.lanes = Lanes(rules, lambda: self.now, self, self._lane_named, _ready)
         self.lane_of = [self.lanes.add(record, record.name, 1) for record in self.sup.records]
@@ -122,12 +125,18 @@ class Simulator:
         if self.strategy.static is not None and lane.name not in self.strategy.static:
             self.result.refused += 1
             return
-        if self.lanes.try_start(lane):
+        self.stats.record_request(lane.name, self.now)
+        started = self.lanes.try_start(lane)
+        if lane.record.state is READY:
+            self.stats.record_ready_arrival(lane.name, started)
+        if started:
             self._start(k, lane)
         else:
+            self.stats.record_wait(lane.name, self.now)
             self.lanes.wait(lane, k)
 
     def _start(self, k: int, lane: Lane) -> None:
+        self.stats.record_start(lane.name)
         prefill = self.prefill[k]
         self.ttft[k] = self.now - self.arrival[k] + prefill
         self.at(self.now + prefill + self.decode[k], self._done, lane)
@@ -174,6 +183,12 @@ class Simulator:
     # -- what the simulated supervisor reports (loads.Host) -----------------------------------
 
     def changed(self, record: SimRecord) -> None:
+        if record.state is ModelState.LOADING:
+            self._loading_since[record.name] = self.now
+        elif record.name in self._loading_since:  # as lessord's router times a load: loading to ready
+            started = self._loading_since.pop(record.name)
+            if record.state is READY:
+                self.stats.record_load(record.name, self.now - started)
         self.lanes.changed(record.name)
         if record.state is READY:
             self._maybe_idle(self.lanes.lanes[record.name])
@@ -181,8 +196,8 @@ class Simulator:
     def loaded(self, record: SimRecord) -> None:
         self.lanes.loaded(self.lanes.lanes[record.name])
 
-    def must_wait(self, record: SimRecord, blockers: tuple[str, ...]) -> None:
-        self.lanes.must_wait(self.lanes.lanes[record.name], blockers)
+    def must_wait(self, record: SimRecord, blockers: tuple[str, ...], recheck_s: float | None) -> None:
+        self.lanes.must_wait(self.lanes.lanes[record.name], blockers, recheck_s)
 
     def busy(self, record: SimRecord) -> None:
         self.lanes.busy(self.lanes.lanes[record.name])
@@ -198,3 +213,10 @@ class Simulator:
 
     def last_used_s(self, name: str) -> float:
         return self.lanes.last_used_s(name)
+
+    def learned_view(self, name: str, size_bytes: int) -> dict[str, float]:
+        lane, now = self.lanes.lanes[name], self.now
+        waiting = len(lane.waiting)
+        oldest = now - lane.waiting[0].deadline_s + self.lanes.rules.wait_timeout_s if waiting else 0.0
+        return {"request_rate": self.stats.rate(name, now), "load_cost_s": self.stats.load_cost_s(name, size_bytes),
+                "waiting": waiting, "oldest_wait_s": max(0.0, oldest), "starved_s": self.stats.starved_s(name, now), "started_share": self.stats.started_share(name)}

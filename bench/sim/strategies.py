@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
-from lessor.daemon.config import RouterConfig
+from lessor.daemon.config import PolicyConfig, RouterConfig
 from lessor.policies.admission import deduct
 from lessor.policies import (POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue,
                              Rejected, Snapshot, shortfall)
@@ -129,6 +129,9 @@ def all_strategies(options: StrategyOptions) -> list[Strategy]:
                  notes="one model per swap group, no memory accounting"),
         Strategy("ollama-like", ollama_like(3), peak_aware=False, serial="global", keep_alive=ka,
                  notes="steady estimate, <=3 models/GPU, keep-alive order, one load at a time"),
+        Strategy("lessor value", PolicyConfig().build(), peak_aware=True, keep_alive=None, drain=True,
+                 drain_after=patience, lessor=True,
+                 notes="the default: keeps the models that serve the most requests per byte, learned from the traffic"),
         Strategy("lessor fit", POLICIES["fit"], peak_aware=True, keep_alive=ka, drain=True, drain_after=patience,
                  lessor=True, notes="never evicts; keep_alive frees memory"),
         Strategy("lessor lru_idle", POLICIES["lru_idle"], peak_aware=True, keep_alive=None, drain=True,

@@ -1,0 +1,110 @@
+"""The `value` policy: pure, over hand-written snapshots with learned traffic in them."""
+
+import pytest
+
+from lessor.daemon.config import PolicyConfig
+from lessor.policies import Admit, AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot, Value
+
+G = 1 << 30
+NOW = 10_000.0
+POLICY = Value(horizon_s=600, margin=0.5, churn_age_s=60, starvation_s=3600)
+
+
+def snap(free_gib: float, *models: ModelView) -> Snapshot:
+    capacity = 80 * G
+    leased = sum(m.held_bytes.get("gpu0", 0) for m in models)
+    device = DeviceBudget("gpu0", capacity, capacity, G, capacity - G - leased - int(free_gib * G), leased)
+    return Snapshot({"gpu0": device}, {m.name: m for m in models}, now_s=NOW)
+
+
+def loaded(name, gib, rate, in_flight=0, age_s=3600.0, load_s=5.0, pinned=False, spare_gib=0.0) -> ModelView:
+    return ModelView(name, "ready", 50, pinned, in_flight, NOW - 1, {"gpu0": int(gib * G)}, request_rate=rate,
+                     load_cost_s=load_s, size_bytes=int(gib * G), ready_since_s=NOW - age_s,
+                     kv_spare_bytes={"gpu0": int(spare_gib * G)} if spare_gib else {})
+
+
+def wanting(name, rate, starved_s=0.0, load_s=5.0) -> ModelView:
+    return ModelView(name, "unloaded", request_rate=rate, load_cost_s=load_s, starved_s=starved_s, waiting=1)
+
+
+def want(gib, name="new", cause="request") -> AdmissionRequest:
+    return AdmissionRequest(name, {"gpu0": int(gib * G)}, 50, cause)
+
+
+def test_what_fits_is_admitted_whatever_the_rates():
+    assert POLICY(want(10), snap(20, loaded("a", 30, rate=5.0), wanting("new", 0.0))) == Admit()
+
+
+def test_a_popular_newcomer_evicts_the_model_that_serves_least_per_byte():
+    s = snap(0, loaded("busy-small", 10, rate=1.0), loaded("cold-big", 30, rate=0.01), loaded("warm", 20, rate=0.5),
+             wanting("new", 1.0))
+    assert POLICY(want(25), s) == Evict(("cold-big",))
+
+
+def test_a_newcomer_rarer_than_its_victims_waits_and_says_when_ageing_lets_it_in():
+    s = snap(0, loaded("a", 30, rate=1.0), wanting("new", 0.5))
+    decision = POLICY(want(25), s)
+    assert isinstance(decision, Queue) and decision.blockers == ()
+    assert "would lose more requests" in decision.reason and "a (60/min)" in decision.reason
+    # gain 0.5/s × (600 − 5) s × ageing must pass 1.5 × 1.0/s × (600 + 5) s: ageing 3.05, 2.05 × 3600 s starved
+    assert decision.recheck_s == pytest.approx((1.5 * 605 / (0.5 * 595) - 1) * 3600)
+    aged = snap(0, loaded("a", 30, rate=1.0), wanting("new", 0.5, starved_s=decision.recheck_s + 1))
+    assert POLICY(want(25), aged) == Evict(("a",))
+
+
+def test_the_margin_keeps_a_model_against_a_newcomer_just_as_popular():
+    s = snap(0, loaded("a", 30, rate=1.0), wanting("new", 1.2))
+    assert isinstance(POLICY(want(25), s), Queue)
+    s = snap(0, loaded("a", 30, rate=1.0), wanting("new", 1.6))
+    assert POLICY(want(25), s) == Evict(("a",))
+
+
+def test_a_model_younger_than_the_churn_age_is_not_evicted_and_the_wait_ends_when_it_matures():
+    s = snap(0, loaded("young", 30, rate=0.0, age_s=20), wanting("new", 5.0))
+    decision = POLICY(want(25), s)
+    assert isinstance(decision, Queue) and "loaded less than 60 s ago" in decision.reason
+    assert decision.recheck_s == pytest.approx(40.0)
+    s = snap(0, loaded("young", 30, rate=0.0, age_s=61), wanting("new", 5.0))
+    assert POLICY(want(25), s) == Evict(("young",))
+
+
+def test_busy_victims_worth_evicting_are_named_as_blockers_and_idle_ones_go_first():
+    s = snap(0, loaded("busy", 30, rate=0.1, in_flight=2), wanting("new", 5.0))
+    assert POLICY(want(25), s) == Queue("the models it would evict are busy", ("busy",))
+    s = snap(0, loaded("busy", 30, rate=0.1, in_flight=2), loaded("idle", 30, rate=0.2), wanting("new", 5.0))
+    assert POLICY(want(25), s) == Evict(("idle",))
+
+
+def test_pinned_models_never_go_and_what_could_never_fit_is_rejected():
+    s = snap(0, loaded("pinned", 60, rate=0.0, pinned=True), loaded("b", 10, rate=0.0), wanting("new", 9.0))
+    decision = POLICY(want(25), s)
+    assert isinstance(decision, Rejected) and decision.short_bytes == {"gpu0": 15 * G}
+
+
+def test_elastic_kv_comes_before_any_eviction():
+    s = snap(0, loaded("a", 30, rate=0.0, spare_gib=10), wanting("new", 5.0))
+    assert POLICY(want(8), s) == Evict((), {"a": {"gpu0": 8 * G}})
+
+
+def test_an_operators_load_and_a_give_back_are_not_weighed():
+    s = snap(0, loaded("popular", 30, rate=9.0), loaded("rare", 30, rate=0.1), wanting("new", 0.0))
+    assert isinstance(POLICY(want(25), s), Queue)
+    assert POLICY(want(25, cause="operator"), s) == Evict(("rare",))
+    assert POLICY(want(25, cause="restart"), s) == Evict(("rare",))
+    short = snap(-5, loaded("popular", 30, rate=9.0), loaded("rare", 30, rate=0.1))
+    assert POLICY(AdmissionRequest.give_back("gpu0"), short) == Evict(("rare",))
+
+
+def test_a_newcomer_nobody_asked_for_never_ages_in():
+    s = snap(0, loaded("a", 30, rate=0.001), wanting("new", 0.0, starved_s=1e9))
+    decision = POLICY(want(25), s)
+    assert isinstance(decision, Queue) and decision.recheck_s is None
+
+
+def test_the_config_builds_it_with_its_parameters_and_it_is_the_default():
+    config = PolicyConfig()
+    assert config.name == "value"
+    assert config.build() == Value(churn_age_s=60.0, starvation_s=7200.0)
+    assert PolicyConfig(name="value", churn_age="5m", starvation="1h").build() == Value(churn_age_s=300.0,
+                                                                                          starvation_s=3600.0)
+    assert PolicyConfig(name="priority").build().__name__ == "priority"
