@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from lessor.daemon.errors import LoadFailed, QueueFull, WaitTimedOut
-from lessor.daemon.lanes import Lane, LaneRules, Lanes, keep_alive_over
+from lessor.daemon.lanes import RECHECK_CAP_S, Lane, LaneRules, Lanes, keep_alive_over
 from lessor.daemon.lifecycle import ModelState
 
 READY, UNLOADED, LOADING = ModelState.READY, ModelState.UNLOADED, ModelState.LOADING
@@ -199,6 +199,18 @@ def test_a_waiting_load_keeps_one_retry_timer_however_often_it_is_told_to_wait()
         world.lanes.must_wait(world.lane("a"), ())
     assert len(world.timers) == armed
     world.advance(1.0)  # the one retry asks again
+    assert world.loads == ["a", "a"]
+
+
+@pytest.mark.parametrize("retry_s,recheck_s,asks_at", [(1.0, 12.0, 12.0), (None, 12.0, 12.0), (1.0, 0.2, 1.0),
+                                                        (None, 3600.0, RECHECK_CAP_S), (1.0, None, 1.0)])
+def test_a_load_the_policy_weighs_again_later_asks_at_its_recheck_not_every_retry(retry_s, recheck_s, asks_at):
+    world = World(retry_s=retry_s, drain_after_s=None)
+    world.request("a", 1)
+    world.lanes.must_wait(world.lane("a"), (), recheck_s)
+    world.advance(asks_at - 0.01)
+    assert world.loads == ["a"]
+    world.advance(0.01)
     assert world.loads == ["a", "a"]
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from lessor.daemon.config import RouterConfig
 from lessor.daemon.errors import LoadFailed, QueueFull, UnknownModel, WaitTimedOut
+from lessor.daemon.lanes import RECHECK_CAP_S
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic import TrafficControl
 
@@ -428,3 +429,34 @@ async def test_the_policy_sees_what_the_router_learned(routed):
     assert view["a"].load_cost_s == router.stats.measured_load_s("a") and view["a"].size_bytes == sum(view["a"].held_bytes.values()) > 8 << 30
     assert view["a"].ready_since_s > 0 and view["a"].waiting == 0
     assert view["b"].request_rate == 0.0 and view["b"].size_bytes == 0  # never planned: nothing known
+
+
+async def test_the_value_policy_keeps_the_popular_model_until_the_other_is_asked_for_more(routed):
+    clock = ManualClock()
+    controller, adapter, router, _ = await routed([big("hot"), big("cold")], policy="value", clock=clock)
+    for _ in range(10):
+        lane, _ = await turn(router, "hot")
+        router.finish(lane)
+    clock.advance(120.0)  # past policy.churn_age
+    first = asyncio.ensure_future(turn(router, "cold"))
+    await until(lambda: router.loads_wanted().get("cold") == "queued", "cold's load weighed and queued")
+    assert controller.model("hot")["state"] == "ready" and loads(adapter) == ["hot"]
+    assert controller.supervisor.policy_snapshot().models["cold"].starved_s >= 0
+    # Asked for more than the margin over hot's rate: at its next look (at most RECHECK_CAP_S) it wins.
+    more = [asyncio.ensure_future(turn(router, "cold")) for _ in range(20)]
+    await until(lambda: queued(router, "cold") == 21, "cold's requests waiting")
+    clock.advance(RECHECK_CAP_S)
+    served = await done(first, *more)
+    assert controller.model("hot")["state"] == "unloaded" and loads(adapter) == ["hot", "cold"]
+    for lane, _ in served:
+        router.finish(lane)
+
+
+async def test_the_value_policy_makes_room_for_an_operators_load_whatever_the_rates(routed):
+    clock = ManualClock()
+    controller, adapter, router, _ = await routed([big("hot"), big("cold")], policy="value", clock=clock)
+    for _ in range(10):
+        lane, _ = await turn(router, "hot")
+        router.finish(lane)
+    await controller.load("cold")
+    assert controller.model("hot")["state"] == "unloaded" and controller.model("cold")["state"] == "ready"

@@ -40,11 +40,24 @@ def test_what_was_saved_comes_back_decayed_by_the_downtime():
     for i in range(100):
         stats.record_request("a", float(i))
     stats.record_load("a", 7.0)
+    stats.record_ready_arrival("a", started=False)
     saved = stats.to_dict(now=100.0)
     again = TrafficStats(half_life_s=50)
     again.restore(saved, now=5.0, elapsed_s=50.0)  # a new process's clock starts anew
     assert again.rate("a", 5.0) == pytest.approx(stats.rate("a", 100.0) / 2)
     assert again.load_cost_s("a", 0) == 7.0
+    assert again.started_share("a") == stats.started_share("a") < 1.0
+
+
+def test_the_share_started_at_once_follows_the_latest_requests():
+    stats = TrafficStats()
+    assert stats.started_share("a") == 1.0  # nothing seen: no reason to think less of it
+    for _ in range(200):
+        stats.record_ready_arrival("a", started=False)  # a burst its slots cannot take
+    assert stats.started_share("a") < 0.05
+    for _ in range(200):
+        stats.record_ready_arrival("a", started=True)
+    assert stats.started_share("a") > 0.95
 
 
 def test_a_half_life_must_be_positive():
