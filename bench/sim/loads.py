@@ -15,7 +15,7 @@ finish without ever suspending.
 
 from __future__ import annotations
 
-import uuid
+import itertools
 from typing import Any, Callable, Mapping, Protocol
 
 from lessor.daemon.config import DevicesConfig, HostPool
@@ -30,6 +30,9 @@ from .strategies import Strategy
 from .world import Hardware, Result, SimModel, baseline_leases, lease_sums
 
 READY, LOADING, UNLOADING = ModelState.READY, ModelState.LOADING, ModelState.UNLOADING
+
+
+PLANS_KEPT = 4096  # plans kept for states of the leases seen before; cleared when full
 
 
 class SimRecord:
@@ -81,6 +84,10 @@ class Host(Protocol):
     def learned_view(self, name: str, size_bytes: int) -> dict[str, float]: ...
 
 
+def _nothing_learned(name: str, size_bytes: int) -> dict[str, float]:
+    return {}
+
+
 def _now(coro) -> Any:
     """Run a ledger coroutine that cannot suspend (in-memory ledger, uncontended lock)."""
     try:
@@ -115,7 +122,9 @@ class SimSupervisor:
         self._budgets_cache: Mapping[str, DeviceBudget] = {}
         self._base = self.ledger.budgets()  # no leases yet: capacity, headroom and foreign per pool
         self._snapshot_cache: Snapshot | None = None
-        self._plans: dict[str, tuple[int, Plan]] = {}
+        self._plans: dict[tuple, Plan] = {}
+        self._leased_key: tuple = ()
+        self._attempts = itertools.count(1)
 
     # -- asking ------------------------------------------------------------------------------
 
@@ -171,25 +180,31 @@ class SimSupervisor:
             self._budgets_at = self._leases_version
         return self._budgets_cache
 
-    def _plan(self, record: SimRecord) -> Plan:
-        """The planner's answer against today's budgets (the same until a lease changes)."""
-        cached = self._plans.get(record.name)
-        if cached is None or cached[0] != self._leases_version:
-            cached = self._plans[record.name] = (self._leases_version, plan(record.spec, self.budgets()))
-        return cached[1]
+    def _plan(self, record: SimRecord, kv_phase: bool = False) -> Plan:
+        """The planner's answer (step 1, or step 4's `plan_kv`) against today's budgets. The
+        simulated cards never change but by leases, so the answer is the same whenever the leased
+        bytes are: it is kept per model and leased bytes (a run goes through few such states)."""
+        key = (record.name, kv_phase, self._leased_key)
+        cached = self._plans.get(key)
+        if cached is None:
+            if len(self._plans) >= PLANS_KEPT:
+                self._plans.clear()
+            cached = self._plans[key] = (plan_kv if kv_phase else plan)(record.spec, self.budgets())
+        return cached
 
     def _snapshot(self) -> Snapshot:
         key = (self.epoch, self._leases_version, self.ticks)
         if self._snapshot_at != key:
             host, held = self.host, self._held
             models = {}
+            learned = host.learned_view if self.strategy.learns else _nothing_learned
             for r in self.records:
                 holds = held.get(r.name, {})
                 size = sum(holds.values())
                 models[r.name] = ModelView(r.name, r.state.value, r.spec.priority, r.spec.pinned,
                                            host.in_flight(r.name), max(r.ready_at_s, host.last_used_s(r.name)), holds,
                                            size_bytes=size, ready_since_s=r.ready_at_s,
-                                           **host.learned_view(r.name, size))
+                                           **learned(r.name, size))
             self._snapshot_cache, self._snapshot_at = Snapshot(self.budgets(), models, host.now), key
         return self._snapshot_cache
 
@@ -233,7 +248,7 @@ class SimSupervisor:
 
     def _begin_load(self, record: SimRecord) -> None:
         """Step 3: the weights (+ load peak) leases, or a peak-unaware scheduler's estimate."""
-        record.attempt = str(uuid.uuid4())
+        record.attempt = f"sim-{next(self._attempts)}"
         if self.strategy.peak_aware:
             self._count_avoided(record, self.budgets())
             first = self._plan(record)
@@ -288,7 +303,7 @@ class SimSupervisor:
         """Step 4 for a two-phase engine: size the KV cache from what is free now, then grant it."""
         if not record.spec.engine.two_phase:
             return True
-        sized = plan_kv(record.spec, self.budgets())
+        sized = self._plan(record, kv_phase=True)
         granted = self._grant(record, sized.steady_leases) if sized.fits else None
         if not isinstance(granted, Granted):
             self._crash(record, oom=False)
@@ -346,3 +361,4 @@ class SimSupervisor:
             per = held.setdefault(lease.model, {})
             per[lease.device] = per.get(lease.device, 0) + lease.bytes
         self._leased_by_device, self._held = by_device, held
+        self._leased_key = tuple(sorted(by_device.items()))

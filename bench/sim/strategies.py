@@ -45,6 +45,7 @@ class Strategy:
     drain_after: float = 0.0  # seconds a load waits for its victims to idle by themselves before draining them
     static: tuple[str, ...] | None = None  # the fixed set a static deployment loads at start
     lessor: bool = False  # one of lessor's own policies (for the report)
+    learns: bool = False  # its policy reads what the router learned (the simulator fills it in only then)
     notes: str = ""
 
 
@@ -130,7 +131,7 @@ def all_strategies(options: StrategyOptions) -> list[Strategy]:
         Strategy("ollama-like", ollama_like(3), peak_aware=False, serial="global", keep_alive=ka,
                  notes="steady estimate, <=3 models/GPU, keep-alive order, one load at a time"),
         Strategy("lessor value", PolicyConfig().build(), peak_aware=True, keep_alive=None, drain=True,
-                 drain_after=patience, lessor=True,
+                 drain_after=patience, lessor=True, learns=True,
                  notes="the default: keeps the models that serve the most requests per byte, learned from the traffic"),
         Strategy("lessor fit", POLICIES["fit"], peak_aware=True, keep_alive=ka, drain=True, drain_after=patience,
                  lessor=True, notes="never evicts; keep_alive frees memory"),
