@@ -1,11 +1,13 @@
 """`value`: keep the models that serve the most requests per byte, learned from the traffic.
 
 A load that is short of memory is weighed against what it would evict, in requests served within
-their goal over a horizon (the window the router's decayed rates describe):
+their goal over a horizon (the window the router's decayed rates describe). A model's *served
+rate* is its decayed request rate × the share of its requests that started at once while it was
+loaded: one its bursts swamp serves few of them in time, however often it is asked.
 
-- gain: the newcomer's rate × (horizon − its load cost): it serves nothing while it loads;
-- loss: each victim's rate × (horizon + its load cost): its requests go unserved, and coming
-  back costs a load of its own.
+- gain: the newcomer's served rate × (horizon − its load cost): it serves nothing while it loads;
+- loss: each victim's served rate × (horizon + its load cost): its requests go unserved, and
+  coming back costs a load of its own.
 
 It loads only when gain > (1 + margin) × loss, so noise in the rates does not swap models back
 and forth. Victims are taken cheapest first: the lowest loss per byte they free where the load is
@@ -43,6 +45,7 @@ class Value:
     margin: float = 0.5
     churn_age_s: float = 60.0
     starvation_s: float = 7200.0
+    weigh_share: bool = True  # the served rate (rate × share started at once); False: the rate alone
 
     def __call__(self, request: AdmissionRequest, snapshot: Snapshot) -> Decision:
         short = shortfall(request, snapshot)
@@ -60,19 +63,24 @@ class Value:
         _, still_short = free_with(short, others)
         if still_short:
             return rejected(short, still_short, others)
-        now = snapshot.now_s
+        return self._weigh(snapshot.models.get(request.model), short, others, snapshot.now_s)
+
+    def _weigh(self, newcomer: ModelView | None, short: dict[str, int], others: list[ModelView],
+               now: float) -> Decision:
+        """Evict the cheapest mature models if the newcomer is worth them (idle ones alone if they
+        do), queue behind them while they are busy, or wait: for ageing, or for young ones to mature."""
         mature = [m for m in others if m.state == "ready" and now - m.ready_since_s >= self.churn_age_s]
-        newcomer = snapshot.models.get(request.model)
+        name = newcomer.name if newcomer else "?"
         for pool in ([m for m in mature if m.idle], mature):
             victims, remaining = free_with(short, pool)
             if remaining:
                 continue
-            chosen = [snapshot.models[v] for v in victims]
+            chosen = [m for m in pool if m.name in victims]
             if self._worth(newcomer, chosen):
                 if all(v.idle for v in chosen):
                     return Evict(tuple(victims))
                 return Queue("the models it would evict are busy", tuple(victims))
-            return Queue(self._not_worth(request.model, chosen), (), self._recheck_s(newcomer, chosen))
+            return Queue(self._not_worth(name, chosen), (), self._recheck_s(newcomer, chosen))
         young = [m for m in others if m.state == "ready" and m not in mature]
         if young:
             matures_in = min(self.churn_age_s - (now - m.ready_since_s) for m in young)
@@ -82,8 +90,13 @@ class Value:
 
     # -- the weighing --------------------------------------------------------------------------
 
+    def _served_rate(self, model: ModelView) -> float:
+        """The requests per second it serves within their goal, as far as the router can tell:
+        those that start at once. A model its bursts swamp is worth less than its rate."""
+        return model.request_rate * (model.started_share if self.weigh_share else 1.0)
+
     def _loss(self, model: ModelView) -> float:
-        return _served_rate(model) * (self.horizon_s + model.load_cost_s)
+        return self._served_rate(model) * (self.horizon_s + model.load_cost_s)
 
     def _keep_per_byte(self, model: ModelView, short: dict[str, int]) -> float:
         freed = sum(model.held_bytes.get(d, 0) for d in short)
@@ -92,7 +105,7 @@ class Value:
     def _gain(self, newcomer: ModelView | None, ageing: float = 1.0) -> float:
         if newcomer is None:
             return 0.0
-        return _served_rate(newcomer) * ageing * max(0.1 * self.horizon_s, self.horizon_s - newcomer.load_cost_s)
+        return self._served_rate(newcomer) * ageing * max(0.1 * self.horizon_s, self.horizon_s - newcomer.load_cost_s)
 
     def _ageing(self, newcomer: ModelView | None) -> float:
         return 1.0 + (newcomer.starved_s if newcomer else 0.0) / self.starvation_s
@@ -117,12 +130,6 @@ class Value:
         names = ", ".join(f"{v.name} ({v.request_rate * 60:.2g}/min)" for v in victims)
         return (f"evicting {names} would lose more requests than '{model}' would serve: it waits, and ages "
                 f"(policy.starvation)")
-
-
-def _served_rate(model: ModelView) -> float:
-    """The requests per second it serves within their goal, as far as the router can tell: those
-    that start at once. A model its bursts swamp is worth less than its rate."""
-    return model.request_rate * model.started_share
 
 
 def _holds(model: ModelView, short: dict[str, int]) -> bool:

@@ -1,5 +1,7 @@
 """The `value` policy: pure, over hand-written snapshots with learned traffic in them."""
 
+from dataclasses import replace
+
 import pytest
 
 from lessor.daemon.config import PolicyConfig
@@ -108,3 +110,11 @@ def test_the_config_builds_it_with_its_parameters_and_it_is_the_default():
     assert PolicyConfig(name="value", churn_age="5m", starvation="1h").build() == Value(churn_age_s=300.0,
                                                                                           starvation_s=3600.0)
     assert PolicyConfig(name="priority").build().__name__ == "priority"
+
+
+def test_a_model_its_bursts_swamp_is_worth_the_requests_it_starts_at_once():
+    swamped = ModelView("swamped", "ready", 50, False, 0, NOW - 1, {"gpu0": 30 * G}, request_rate=1.0,
+                        load_cost_s=5.0, ready_since_s=NOW - 3600, started_share=0.2)
+    s = snap(0, swamped, wanting("new", 0.5))
+    assert POLICY(want(25), s) == Evict(("swamped",))  # 0.5 × 595 > 1.5 × 0.2 × 605
+    assert isinstance(replace(POLICY, weigh_share=False)(want(25), s), Queue)  # by rates alone it stays

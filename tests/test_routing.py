@@ -431,12 +431,19 @@ async def test_the_policy_sees_what_the_router_learned(routed):
     assert view["b"].request_rate == 0.0 and view["b"].size_bytes == 0  # never planned: nothing known
 
 
-async def test_the_value_policy_keeps_the_popular_model_until_the_other_is_asked_for_more(routed):
-    clock = ManualClock()
+async def _hot_and_cold(routed, clock):
+    """Two models that cannot share the device under the value policy; `hot` loaded and asked
+    for ten times."""
     controller, adapter, router, _ = await routed([big("hot"), big("cold")], policy="value", clock=clock)
     for _ in range(10):
         lane, _ = await turn(router, "hot")
         router.finish(lane)
+    return controller, adapter, router
+
+
+async def test_the_value_policy_keeps_the_popular_model_until_the_other_is_asked_for_more(routed):
+    clock = ManualClock()
+    controller, adapter, router = await _hot_and_cold(routed, clock)
     clock.advance(120.0)  # past policy.churn_age
     first = asyncio.ensure_future(turn(router, "cold"))
     await until(lambda: router.loads_wanted().get("cold") == "queued", "cold's load weighed and queued")
@@ -453,10 +460,6 @@ async def test_the_value_policy_keeps_the_popular_model_until_the_other_is_asked
 
 
 async def test_the_value_policy_makes_room_for_an_operators_load_whatever_the_rates(routed):
-    clock = ManualClock()
-    controller, adapter, router, _ = await routed([big("hot"), big("cold")], policy="value", clock=clock)
-    for _ in range(10):
-        lane, _ = await turn(router, "hot")
-        router.finish(lane)
+    controller, _, _ = await _hot_and_cold(routed, ManualClock())
     await controller.load("cold")
     assert controller.model("hot")["state"] == "unloaded" and controller.model("cold")["state"] == "ready"

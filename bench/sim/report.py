@@ -54,7 +54,7 @@ def plot(results: Sequence[Result], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [r.strategy for r in results]
-    colours = ["#1f77b4" if r.strategy.startswith("lessor") else "#aec7e8" if "lru_idle" in r.strategy
+    colours = ["#1f77b4" if r.strategy.startswith("lessor") else "#aec7e8" if "lru_idle" in r.strategy or "value" in r.strategy
                else "#9e9e9e" for r in results]  # lessor, ablations of lessor, baselines
     fig, (slo, cdf, counts) = plt.subplots(1, 3, figsize=(16, 4.8))
     fig.suptitle(title, fontsize=11)

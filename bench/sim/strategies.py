@@ -25,7 +25,8 @@ accounting at all).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Literal, Mapping
 
 from lessor.daemon.config import PolicyConfig, RouterConfig
@@ -146,5 +147,15 @@ def all_strategies(options: StrategyOptions) -> list[Strategy]:
                  notes="ablation: lessor's lru_idle with router.drain_after 0"),
         Strategy("lru_idle, never drain", POLICIES["lru_idle"], peak_aware=True, keep_alive=None,
                  notes="ablation: a load waits until its victims idle by themselves"),
+        # What the value policy's defaults buy: Ollama's keep_alive of 5 minutes (lessor's default
+        # before), the rate alone (no share started at once), no ageing (a model may starve).
+        Strategy("value, keep_alive 5 min", PolicyConfig().build(), peak_aware=True, keep_alive=ka, drain=True,
+                 drain_after=patience, learns=True, notes="ablation: the value policy with keep_alive 300 s"),
+        Strategy("value, rate alone", replace(PolicyConfig().build(), weigh_share=False), peak_aware=True,
+                 keep_alive=None, drain=True, drain_after=patience, learns=True,
+                 notes="ablation: the value policy weighing request rates, not the share started at once"),
+        Strategy("value, no ageing", replace(PolicyConfig().build(), starvation_s=math.inf), peak_aware=True,
+                 keep_alive=None, drain=True, drain_after=patience, learns=True,
+                 notes="ablation: the value policy where a rare model may starve"),
     ]
 
