@@ -57,6 +57,15 @@ def _serving(record: ModelRecord) -> bool:
     return record.state is ModelState.READY and record.handle is not None
 
 
+def _engine_has_room(lane: Lane) -> bool:
+    """Whether the engine runs a request just sent at once: fewer are running than the batch it
+    was planned with (the sequences it runs together; more wait inside it, as the simulator's
+    slots do). Unknown batch: it does."""
+    record = lane.record
+    batch = record.plan.params.get(record.spec.engine.batch_param) if record.plan is not None else None
+    return not batch or lane.active <= batch
+
+
 class TrafficControl:
     def __init__(self, supervisor: Supervisor, config: RouterConfig,
                  listen: Callable[[Callable[[Event], None]], None] | None = None,
@@ -134,7 +143,7 @@ class TrafficControl:
         stats.record_request(lane.name, now)
         started = self._lanes.try_start(lane)
         if _serving(lane.record):
-            stats.record_ready_arrival(lane.name, started)
+            stats.record_ready_arrival(lane.name, started and _engine_has_room(lane))
         if started:
             stats.record_start(lane.name)
             return lane.record.handle.base_url

@@ -463,3 +463,17 @@ async def test_the_value_policy_makes_room_for_an_operators_load_whatever_the_ra
     controller, _, _ = await _hot_and_cold(routed, ManualClock())
     await controller.load("cold")
     assert controller.model("hot")["state"] == "unloaded" and controller.model("cold")["state"] == "ready"
+
+
+async def test_a_request_beyond_the_planned_batch_counts_as_not_started_at_once(routed):
+    controller, _, router, _ = await routed([big("a", plan={"min_kv_tokens": 1024, "max_kv_tokens": 16384,
+                                                          "max_batch_size": 2})])
+    lanes = [(await turn(router, "a"))[0]]  # loads it; the engine runs it at once
+    batch = controller.supervisor.resolve("a").plan.params["max_batch_size"]
+    for _ in range(batch - 1):
+        lanes.append((await turn(router, "a"))[0])
+    assert router.stats.started_share("a") == 1.0
+    lanes.append((await turn(router, "a"))[0])  # the router sends it (no max_concurrency): the engine queues it
+    assert router.stats.started_share("a") < 1.0
+    for lane in lanes:
+        router.finish(lane)
