@@ -105,6 +105,8 @@ class ModelOut(Out):
     restarts: int = Field(description="Automatic restarts after crashes in the last 10 minutes")
     overrun: OverrunOut | None = Field(description="Set while the reconciler finds the engine above its leases plus the tolerance")
     request_rate: float = Field(description="Requests per second the router sees for it, decayed (half-life 10 min); kept across restarts")
+    started_share: float = Field(description="Of its requests while it was ready, the share its engine could start at once (room in its planned batch): what the `value` policy weighs its rate by; kept across restarts")
+    starved_s: float = Field(description="How long its requests have gone unserved (quiet spells count a minute at most; 0 once one starts): what ages its claim under the `value` policy")
     load_s: float | None = Field(description="What its loads took here (spawn to ready, a moving average), or null before the first")
     last_load: LoadTimelineOut | None = Field(description="Where its last load's time went, step by step, or null before one finished")
 

@@ -88,7 +88,7 @@ class Controller:
                 "overrun": record.overrun,
                 "last_load": record.last_load.to_dict() if record.last_load else None,
                 **(self.router.learned(spec.name) if self.router is not None
-                   else {"request_rate": 0.0, "load_s": None})}
+                   else {"request_rate": 0.0, "started_share": 1.0, "starved_s": 0.0, "load_s": None})}
 
     def _idle_s(self, record, in_flight: int) -> float | None:
         """Seconds since the model last served (or became ready): what keep_alive counts; None unless it serves."""

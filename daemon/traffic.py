@@ -284,9 +284,12 @@ class TrafficControl:
         return self._lanes.queued()
 
     def learned(self, model: str) -> dict[str, Any]:
-        """What the statistics say of a model: its request rate and what a load of it takes."""
-        measured = self.stats.measured_load_s(model)
-        return {"request_rate": round(self.stats.rate(model, self._clock()), 6),
+        """What the statistics say of a model: its request rate, the share that started at once,
+        how long its requests have gone unserved, and what a load of it takes."""
+        measured, now = self.stats.measured_load_s(model), self._clock()
+        return {"request_rate": round(self.stats.rate(model, now), 6),
+                "started_share": round(self.stats.started_share(model), 4),
+                "starved_s": round(self.stats.starved_s(model, now), 3),
                 "load_s": round(measured, 3) if measured is not None else None}
 
     def loads_wanted(self) -> dict[str, str]:

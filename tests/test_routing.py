@@ -389,6 +389,9 @@ async def test_a_request_touches_the_last_use_time_lru_reads(routed):
     assert views["a"].last_used_s == clock.now > views["b"].last_used_s
 
 
+NOTHING_LEARNED = {"request_rate": 0.0, "started_share": 1.0, "starved_s": 0.0, "load_s": None}
+
+
 async def test_the_router_learns_rates_and_load_times_and_keeps_them_across_a_restart(routed, tmp_path, caplog):
     clock = ManualClock()
     controller, adapter, router, _ = await routed([big("a")], clock=clock)
@@ -405,7 +408,7 @@ async def test_the_router_learns_rates_and_load_times_and_keeps_them_across_a_re
     def restarted(wall_s: float) -> TrafficControl:
         return TrafficControl(controller.supervisor, RouterConfig(), timers=clock, stats_path=path, wall=lambda: wall_s)
     before = restarted(5000.0)  # the file is absent: it starts empty
-    assert before.learned("a") == {"request_rate": 0.0, "load_s": None}
+    assert before.learned("a") == NOTHING_LEARNED
     before.stats = router.stats
     before.save_stats()
     after = restarted(5000.0 + before.stats.half_life_s)  # down for one half-life
@@ -414,7 +417,7 @@ async def test_the_router_learns_rates_and_load_times_and_keeps_them_across_a_re
 
     path.write_text("{not json", encoding="utf-8")
     damaged = restarted(6000.0)
-    assert damaged.learned("a") == {"request_rate": 0.0, "load_s": None}
+    assert damaged.learned("a") == NOTHING_LEARNED
     assert "traffic statistics in" in caplog.text and "unreadable" in caplog.text
 
 
