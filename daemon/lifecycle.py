@@ -54,7 +54,8 @@ class Traffic(Protocol):
     def last_used_s(self, model: str) -> float: ...
 
     def learned_view(self, model: str, size_bytes: int) -> dict[str, float]:
-        """What the router learned of it, as `ModelView` fields: request_rate, load_cost_s, waiting."""
+        """What the router learned of it, as `ModelView` fields: request_rate, load_cost_s, waiting,
+        oldest_wait_s, starved_s, started_share."""
 
 
 class NoTraffic:

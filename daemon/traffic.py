@@ -132,8 +132,10 @@ class TrafficControl:
         lane = self._lanes.lanes.get(model)
         waiting = len(lane.waiting) if lane is not None else 0
         oldest = now - lane.waiting[0].deadline_s + self._config.wait_timeout if waiting else 0.0
-        return {"request_rate": self.stats.rate(model, now), "load_cost_s": self.stats.load_cost_s(model, size_bytes),
-                "waiting": waiting, "oldest_wait_s": max(0.0, oldest), "starved_s": self.stats.starved_s(model, now), "started_share": self.stats.started_share(model)}
+        stats = self.stats
+        return {"request_rate": stats.rate(model, now), "load_cost_s": stats.load_cost_s(model, size_bytes),
+                "waiting": waiting, "oldest_wait_s": max(0.0, oldest), "starved_s": stats.starved_s(model, now),
+                "started_share": stats.started_share(model)}
 
     # -- a request's turn --------------------------------------------------------------------
 
