@@ -426,6 +426,14 @@ class Lanes:
         lane = self.lanes.get(name)
         return lane is None or (not lane.active and not lane.waiting)
 
+    def waiting_of(self, name: str) -> dict[str, float]:
+        """Its requests waiting and how long the oldest has, as `ModelView` fields."""
+        lane = self.lanes.get(name)
+        if lane is None or not lane.waiting:
+            return {"waiting": 0, "oldest_wait_s": 0.0}
+        oldest = self._clock() - lane.waiting[0].deadline_s + self.rules.wait_timeout_s
+        return {"waiting": len(lane.waiting), "oldest_wait_s": max(0.0, oldest)}
+
     def queued(self) -> dict[str, int]:
         return {lane.name: len(lane.waiting) for lane in self.lanes.values()}
 

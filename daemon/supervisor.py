@@ -64,7 +64,6 @@ class Supervisor:
         self._models = {spec.name: ModelRecord(spec) for spec in config.current.models}
         self._device_locks: dict[str, asyncio.Lock] = {}
         self._traffic: Traffic = NoTraffic()
-        self._policy: tuple[Any, Policy] | None = None  # (the config section it was built from, the policy)
         self._restarts = Restarts(clock, lambda name: self.try_load(name, cause="restart"))
         self.elastic = Elastic(ledger, self._device_locks, self.in_flight)  # KV leases shrunk and grown in place
         self._closing = False
@@ -79,10 +78,7 @@ class Supervisor:
     @property
     def policy(self) -> Policy:
         """The admission policy of the config in force."""
-        config = self._config.current.policy
-        if self._policy is None or self._policy[0] is not config:
-            self._policy = (config, config.build())
-        return self._policy[1]
+        return self._config.current.policy.build()
 
     @property
     def timeouts(self) -> Timeouts:

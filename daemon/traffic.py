@@ -82,7 +82,6 @@ class TrafficControl:
         # ledger so a restart keeps it; the wall clock only dates the file (downtime decays rates).
         self.stats = TrafficStats()
         self._stats_path, self._wall, self._stats_saved_s = stats_path, wall, self._clock()
-        self._loading_since: dict[str, float] = {}
         if stats_path is not None:
             self._restore_stats(stats_path)
         if listen is not None:
@@ -111,13 +110,10 @@ class TrafficControl:
             self._lanes.changed()
 
     def _time_load(self, event: ModelStateChanged) -> None:
-        """A load's time is from its state turning loading to ready: spawn, weights, KV, readiness."""
         if event.state == ModelState.LOADING.value:
-            self._loading_since[event.model] = self._clock()
-        elif event.model in self._loading_since:
-            started = self._loading_since.pop(event.model)
-            if event.state == ModelState.READY.value:
-                self.stats.record_load(event.model, self._clock() - started)
+            self.stats.load_began(event.model, self._clock())
+        else:
+            self.stats.load_ended(event.model, self._clock(), ready=event.state == ModelState.READY.value)
 
     # -- what the supervisor reads (lifecycle.Traffic) ----------------------------------------
 
@@ -128,14 +124,7 @@ class TrafficControl:
         return self._lanes.last_used_s(model)
 
     def learned_view(self, model: str, size_bytes: int) -> dict[str, float]:
-        now = self._clock()
-        lane = self._lanes.lanes.get(model)
-        waiting = len(lane.waiting) if lane is not None else 0
-        oldest = now - lane.waiting[0].deadline_s + self._config.wait_timeout if waiting else 0.0
-        stats = self.stats
-        return {"request_rate": stats.rate(model, now), "load_cost_s": stats.load_cost_s(model, size_bytes),
-                "waiting": waiting, "oldest_wait_s": max(0.0, oldest), "starved_s": stats.starved_s(model, now),
-                "started_share": stats.started_share(model)}
+        return {**self.stats.view(model, self._clock(), size_bytes), **self._lanes.waiting_of(model)}
 
     # -- a request's turn --------------------------------------------------------------------
 

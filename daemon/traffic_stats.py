@@ -50,7 +50,8 @@ class TrafficStats:
         self._rates: dict[str, _Rate] = {}
         self._load_s: dict[str, float] = {}
         self._started: dict[str, float] = {}
-        self._starving: dict[str, list[float]] = {}  # model -> [seconds starved, as of this time]
+        self._starving: dict[str, list[float]] = {}
+        self._loading_since: dict[str, float] = {}  # model -> [seconds starved, as of this time]
 
     def record_request(self, model: str, now: float) -> None:
         rate = self._rates.get(model)
@@ -86,6 +87,16 @@ class TrafficStats:
             return 0.0
         return starving[0] + min(STARVING_GAP_S, max(0.0, now - starving[1]))
 
+    def load_began(self, model: str, now: float) -> None:
+        """Its state turned loading: a load is timed from here to ready (spawn, weights, KV, readiness)."""
+        self._loading_since[model] = now
+
+    def load_ended(self, model: str, now: float, ready: bool) -> None:
+        """Its state left loading: ready, the load's time counts; anything else, it does not."""
+        started = self._loading_since.pop(model, None)
+        if started is not None and ready:
+            self.record_load(model, now - started)
+
     def record_load(self, model: str, seconds: float) -> None:
         """A load of `model` that became ready took `seconds` (spawn to ready)."""
         if seconds < 0:
@@ -105,6 +116,11 @@ class TrafficStats:
         if measured is not None:
             return measured
         return self._start_s + size_bytes / self._read_bytes_per_s
+
+    def view(self, model: str, now: float, size_bytes: int) -> dict[str, float]:
+        """What a policy reads of it, as `ModelView` fields."""
+        return {"request_rate": self.rate(model, now), "load_cost_s": self.load_cost_s(model, size_bytes),
+                "starved_s": self.starved_s(model, now), "started_share": self.started_share(model)}
 
     def measured_load_s(self, model: str) -> float | None:
         return self._load_s.get(model)

@@ -39,6 +39,11 @@ def _describe(short: dict[str, int]) -> str:
     return ", ".join(f"{_size(b)} on {d}" for d, b in sorted(short.items()))
 
 
+def holds_on(model: ModelView, devices: Iterable[str]) -> bool:
+    """It holds memory on one of `devices` at least."""
+    return any(model.held_bytes.get(d, 0) > 0 for d in devices)
+
+
 def _held(short: dict[str, int], victims: Iterable[ModelView]) -> dict[str, int]:
     """What the victims hold on the devices where the request is short."""
     return {d: sum(v.held_bytes.get(d, 0) for v in victims) for d in short}
@@ -51,7 +56,7 @@ def free_with(short: dict[str, int], models: Iterable[ModelView]) -> tuple[list[
     for model in models:
         if not remaining:
             break
-        if not any(model.held_bytes.get(d, 0) > 0 for d in remaining):
+        if not holds_on(model, remaining):
             continue
         victims.append(model.name)
         deduct(remaining, model)
@@ -109,7 +114,7 @@ def decide_with_candidates(request: AdmissionRequest, snapshot: Snapshot,
 
 def rejected(short: dict[str, int], still_short: dict[str, int], others: Iterable[ModelView]) -> Rejected:
     """Evicting every one of `others` would still leave `still_short`: nothing is evicted."""
-    helping = [m for m in others if any(m.held_bytes.get(d, 0) > 0 for d in short)]
+    helping = [m for m in others if holds_on(m, short)]
     freed = _held(short, helping)
     if not helping:
         why = f"{_describe(short)} short and no model this policy may evict holds memory there: nothing evicted"

@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .admission import free_with, decide_with_candidates, rejected, shortfall, shrink_to_cover
+from .admission import decide_with_candidates, free_with, holds_on, rejected, shortfall, shrink_to_cover
 from .snapshot import Admit, AdmissionRequest, Decision, Evict, ModelView, Queue, Snapshot
 
 
@@ -51,12 +51,12 @@ class Value:
         short = shortfall(request, snapshot)
         if not short:
             return Admit()
+        def cheapest_first(m: ModelView) -> tuple:
+            return self._keep_per_byte(m, short), m.last_used_s, m.name
         if request.is_give_back or request.cause != "request":
-            return decide_with_candidates(request, snapshot, eligible=lambda m: True,
-                                          order=lambda m: (self._keep_per_byte(m, short), m.last_used_s, m.name))
+            return decide_with_candidates(request, snapshot, eligible=lambda m: True, order=cheapest_first)
         others = sorted((m for m in snapshot.models.values()
-                         if m.name != request.model and not m.pinned and _holds(m, short)),
-                        key=lambda m: (self._keep_per_byte(m, short), m.last_used_s, m.name))
+                         if m.name != request.model and not m.pinned and holds_on(m, short)), key=cheapest_first)
         shrink = shrink_to_cover(short, others)
         if shrink:
             return Evict((), shrink)
@@ -131,6 +131,3 @@ class Value:
         return (f"evicting {names} would lose more requests than '{model}' would serve: it waits, and ages "
                 f"(policy.starvation)")
 
-
-def _holds(model: ModelView, short: dict[str, int]) -> bool:
-    return any(model.held_bytes.get(d, 0) > 0 for d in short)

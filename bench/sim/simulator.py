@@ -52,7 +52,6 @@ class Simulator:
         rules = LaneRules(max_queue=None, wait_timeout_s=wait_timeout_s,
                           drain_after_s=strategy.drain_after if strategy.drain else None)
         self.stats = TrafficStats()  # what lessord's router learns, learned the same way here
-        self._loading_since: dict[str, float] = {}
         self.sup = SimSupervisor(hardware, models, strategy, self, self.result)
         self.lanes = Lanes(rules, lambda: self.now, self, self._lane_named, _ready)
         self.lane_of = [self.lanes.add(record, record.name, 1) for record in self.sup.records]
@@ -183,12 +182,10 @@ class Simulator:
     # -- what the simulated supervisor reports (loads.Host) -----------------------------------
 
     def changed(self, record: SimRecord) -> None:
-        if record.state is ModelState.LOADING:
-            self._loading_since[record.name] = self.now
-        elif record.name in self._loading_since:  # as lessord's router times a load: loading to ready
-            started = self._loading_since.pop(record.name)
-            if record.state is READY:
-                self.stats.record_load(record.name, self.now - started)
+        if record.state is ModelState.LOADING:  # timed as lessord's router times a load
+            self.stats.load_began(record.name, self.now)
+        else:
+            self.stats.load_ended(record.name, self.now, ready=record.state is READY)
         self.lanes.changed(record.name)
         if record.state is READY:
             self._maybe_idle(self.lanes.lanes[record.name])
@@ -215,8 +212,4 @@ class Simulator:
         return self.lanes.last_used_s(name)
 
     def learned_view(self, name: str, size_bytes: int) -> dict[str, float]:
-        lane, now = self.lanes.lanes[name], self.now
-        waiting = len(lane.waiting)
-        oldest = now - lane.waiting[0].deadline_s + self.lanes.rules.wait_timeout_s if waiting else 0.0
-        return {"request_rate": self.stats.rate(name, now), "load_cost_s": self.stats.load_cost_s(name, size_bytes),
-                "waiting": waiting, "oldest_wait_s": max(0.0, oldest), "starved_s": self.stats.starved_s(name, now), "started_share": self.stats.started_share(name)}
+        return {**self.stats.view(name, self.now, size_bytes), **self.lanes.waiting_of(name)}
