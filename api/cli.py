@@ -10,11 +10,13 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
 import urllib.parse
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from ..daemon.config import LessorConfig, load_config
 from ..daemon.errors import ConfigError, LessorError
@@ -242,12 +244,29 @@ def _quiet_stdout() -> None:
         pass
 
 
+@contextmanager
+def _ctrl_c_ends() -> Iterator[None]:
+    """Ctrl-C (SIGINT) ends the command, however it was started: a shell without job control
+    starts `cmd &` with SIGINT ignored and Python keeps a signal it inherits ignored, so
+    `lessor logs -f` (or events, top) started that way could never be ended by it. Restored after,
+    for a caller that runs main() in its own process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = parser().parse_args(argv)
-        code = args.func(args)
-        sys.stdout.flush()
-        return code
+        with _ctrl_c_ends():
+            args = parser().parse_args(argv)
+            code = args.func(args)
+            sys.stdout.flush()
+            return code
     except BrokenPipeError:
         _quiet_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left

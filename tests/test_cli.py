@@ -57,12 +57,20 @@ def lessor(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
+def ignoring_sigint() -> None:
+    """What a shell without job control does to a job it starts with `&` (`make test &` in a
+    script): SIGINT ignored, inherited by every child."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Running:
-    """`lessor ...` as a process, its stdout and stderr read line by line as they come."""
+    """`lessor ...` as a process, its stdout and stderr read line by line as they come. Started with
+    SIGINT ignored, as under `make test &`, so Ctrl-C is tested the same however the suite runs."""
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen([str(BIN / "lessor"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"})
+                                     text=True, env={k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"},
+                                     preexec_fn=ignoring_sigint)
         self.lines: dict[str, queue.Queue] = {"out": queue.Queue(), "err": queue.Queue()}
         for name, stream in (("out", self.proc.stdout), ("err", self.proc.stderr)):
             threading.Thread(target=self._read, args=(stream, self.lines[name]), daemon=True).start()
@@ -111,6 +119,25 @@ def test_logs_prints_the_engine_log_and_follows_the_next_run(daemon, capsys):
     assert lessor(capsys, "load", "qa", *admin_args(url, config))[0] == 0
     follow.wait_for("a new engine log")
     follow.wait_for("stand-in serving qa")
+    code, err = follow.interrupt()
+    assert code == 130 and "Traceback" not in err
+
+
+def sigint_caught(pid: int) -> bool:
+    """Whether the process has a handler for SIGINT (SigCgt in /proc), not the inherited SIG_IGN."""
+    masks = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    bit = 1 << (signal.SIGINT - 1)
+    return bool(int(masks["SigCgt"], 16) & bit) and not int(masks["SigIgn"], 16) & bit
+
+
+def test_ctrl_c_ends_a_follow_started_with_sigint_ignored(daemon, capsys):
+    """`make test &` from a script: the follow below inherits SIGINT ignored; it still ends on it."""
+    url, config, _ = daemon
+    follow = Running("logs", "qb", "-f", "--interval", "0.05", *admin_args(url, config))
+    follow.wait_for("waiting for it to start", "err")  # running its loop: its handlers are set
+    if not sigint_caught(follow.proc.pid):
+        follow.proc.kill()
+        pytest.fail("SIGINT is still ignored: Ctrl-C would never end `lessor logs -f`")
     code, err = follow.interrupt()
     assert code == 130 and "Traceback" not in err
 
