@@ -18,7 +18,8 @@ $(VENV)/.base: pyproject.toml
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then echo "==> [2/4] torch 2.13.0 (CPU build)"; $(PIP) install -q torch==2.13.0; \
 	  else echo "==> [2/4] torch: nvidia-smi found, the CUDA build comes with lessor's dependencies"; fi
 	@echo "==> [3/4] lessor and what lessord needs (no test extras)"
-	$(PIP) install -q -e .
+	@# setuptools' notice on every editable install of this layout (package-dir lessor = .) is not for the user.
+	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install -q -e .
 	touch $@
 
 # The tests' extras on top: llama-cpp-python compiles from source here (about 5 minutes on 2 cores),
