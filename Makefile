@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test system-deps vllm clean
+.PHONY: setup demo test system-deps vllm clean install
 
 # The daemon and the demo: lessor and its runtime dependencies only, nothing to compile.
 $(VENV)/.base: pyproject.toml
@@ -49,6 +49,13 @@ vllm:
 
 test: setup system-deps vllm
 	$(PY) -m pytest -q
+
+# lessord as a system service (README "Running as a service"), as root: a venv in $(PREFIX)/venv, the
+# system user, the state directory, /etc/lessor/lessor.yaml when missing, the unit pointing at the venv.
+# Idempotent. PREFIX must be where the unit's hardening lets lessord read (not /home, /root, /tmp).
+PREFIX ?= /opt/lessor
+install:
+	PREFIX=$(PREFIX) sh systemd/install.sh
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) var *.egg-info .pytest_cache .hypothesis

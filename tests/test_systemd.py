@@ -1,8 +1,10 @@
 """lessord under systemd: notify messages on a real socket, SIGHUP reload, the unit file verified."""
 
 import functools
+import grp
 import json
 import os
+import pwd
 import queue
 import shutil
 import signal
@@ -160,19 +162,86 @@ def test_a_listen_change_needs_a_restart(tmp_path):
     asyncio.run(run())
 
 
-def test_unit_file_passes_systemd_analyze_verify(tmp_path):
+def systemd_analyze() -> str:
+    """systemd-analyze (tests/install-system-deps.sh installs it); required under CI."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
-    unit = (ROOT / "systemd" / "lessord.service").read_text()
-    unit = unit.replace("/usr/local/bin/lessord", str(BIN / "lessord"))  # verify checks the binary exists
-    path = tmp_path / "lessord.service"
-    path.write_text(unit)
-    result = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=HANG_S)
+        if os.environ.get("CI") == "true" or os.environ.get("LESSOR_REQUIRE_SYSTEMD_ANALYZE"):
+            pytest.fail("systemd-analyze is not installed (make system-deps installs it)")
+        pytest.skip("systemd-analyze is not installed (make system-deps installs it)")
+    return analyze
+
+
+def verify(unit: Path) -> None:
+    result = subprocess.run([systemd_analyze(), "verify", str(unit)], capture_output=True, text=True, timeout=HANG_S)
     problems = [line for line in result.stderr.splitlines() if "lessord.service" in line]
     assert result.returncode == 0 and not problems, result.stderr
+
+
+def test_unit_file_passes_systemd_analyze_verify(tmp_path):
+    unit = (ROOT / "systemd" / "lessord.service").read_text()
+    assert "ExecStart=/opt/lessor/venv/bin/lessord " in unit  # where `make install` puts it
+    unit = unit.replace("/opt/lessor/venv/bin/lessord", str(BIN / "lessord"))  # verify checks the binary exists
+    path = tmp_path / "lessord.service"
+    path.write_text(unit)
+    verify(path)
     for needed in ("Type=notify", "WatchdogSec=", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
                    "StateDirectory=", "ConfigurationDirectory=", "LogsDirectory=", "SupplementaryGroups=video render",
                    "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes"):
         assert needed in unit
     assert "\nPrivateDevices=" not in unit and "\nDevicePolicy=" not in unit  # would hide /dev/nvidia* from NVML
+
+
+# -- make install ------------------------------------------------------------------------------
+
+def make_install(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess:
+    me, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+    env = {**os.environ, "UNIT_DIR": str(tmp_path / "systemd"), "CONFIG_DIR": str(tmp_path / "etc" / "lessor"),
+           "STATE_DIR": str(tmp_path / "state"), "LESSOR_USER": me, **settings}
+    assert group  # the unit's Group= is the user's group
+    return subprocess.run(["make", "-s", "install", f"PREFIX={settings.get('PREFIX', tmp_path / 'opt')}"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=HANG_S)
+
+
+@pytest.fixture(scope="module")
+def lessor_wheel(tmp_path_factory) -> Path:
+    """lessor as a wheel, built offline from a copy of this tree, for make install to put in its venv."""
+    out = tmp_path_factory.mktemp("wheel")
+    source = out / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "var", "build", "*.egg-info",
+                                                                 "__pycache__", ".pytest_cache", ".hypothesis"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
+                    str(source)], check=True, capture_output=True, timeout=HANG_S)
+    return next(out.glob("lessor-*.whl"))
+
+
+def test_make_install_writes_a_venv_a_config_and_a_unit_that_verifies(tmp_path, lessor_wheel):
+    """The README's service path as `make install` runs it, into this test's folder instead of /opt
+    and /etc (the venv's place is allowed by LESSOR_ANY_PREFIX: the unit is verified, never started)."""
+    settings = {"LESSOR_ANY_PREFIX": "1", "LESSOR_SOURCE": str(lessor_wheel), "PIP_ARGS": "--no-deps"}
+    first = make_install(tmp_path, **settings)
+    assert first.returncode == 0, first.stdout + first.stderr
+    unit = tmp_path / "systemd" / "lessord.service"
+    text = unit.read_text()
+    venv = tmp_path / "opt" / "venv"
+    assert f"ExecStart={venv}/bin/lessord --config {tmp_path}/etc/lessor/lessor.yaml" in text
+    assert f"\nUser={pwd.getpwuid(os.getuid()).pw_name}\n" in text and "\nGroup=" in text
+    assert os.access(venv / "bin" / "lessord", os.X_OK)
+    config = tmp_path / "etc" / "lessor" / "lessor.yaml"
+    assert "state_dir" not in config.read_text() and oct(config.stat().st_mode & 0o777) == "0o640"
+    assert (tmp_path / "state").is_dir()
+    verify(unit)
+    # Again: nothing fails, an edited config is kept.
+    config.write_text(config.read_text() + "# edited\n")
+    again = make_install(tmp_path, **settings)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "kept as it is" in again.stdout and config.read_text().endswith("# edited\n")
+    verify(unit)
+
+
+@pytest.mark.parametrize("prefix,setting", [("/home/someone/lessor", "ProtectHome=yes"), ("/root/lessor", "ProtectHome=yes"),
+                                            ("/tmp/lessor", "PrivateTmp=yes")])
+def test_make_install_refuses_a_venv_the_unit_would_hide(tmp_path, prefix, setting):
+    done = make_install(tmp_path, PREFIX=prefix)
+    assert done.returncode != 0 and setting in done.stderr and "PREFIX=/opt/lessor" in done.stderr
+    assert not (tmp_path / "systemd").exists() and not Path(prefix).exists()
