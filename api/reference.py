@@ -9,7 +9,11 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from ..daemon.config import LessorConfig, ModelSpec
-from ..daemon.units import format_bytes, parse_duration, parse_size
+from ..daemon.units import (DURATION_RULE, SIZE_RULE, format_bytes, parse_duration, parse_duration_or_never,
+                            parse_memory_size, parse_nonnegative_duration, parse_nonzero_memory_size, parse_size)
+
+SIZES = {parse_size, parse_memory_size, parse_nonzero_memory_size}
+DURATIONS = {parse_duration, parse_nonnegative_duration, parse_duration_or_never}
 
 
 def _validators(annotation, metadata=()) -> set:
@@ -23,9 +27,9 @@ def _validators(annotation, metadata=()) -> set:
 def _type_name(field) -> str:
     annotation, validators = field.annotation, _validators(field.annotation, field.metadata)
     optional = type(None) in typing.get_args(annotation)
-    if parse_size in validators:
+    if SIZES & validators:
         name = "size"
-    elif parse_duration in validators:
+    elif DURATIONS & validators:
         name = "duration"
     else:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -43,7 +47,7 @@ def _default(field) -> str:
         return "" if field.default_factory is not None else "required"
     if isinstance(field.default, BaseModel):
         return ""
-    if isinstance(field.default, int) and not isinstance(field.default, bool) and parse_size in _validators(field.annotation, field.metadata):
+    if isinstance(field.default, int) and not isinstance(field.default, bool) and SIZES & _validators(field.annotation, field.metadata):
         return format_bytes(field.default)
     return repr(field.default)
 
@@ -92,7 +96,8 @@ def markdown_table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
 def config_reference() -> str:
     top = [(f"`{p}`", f"`{t}`" if t else "", f"`{d}`" if d else "", desc) for p, t, d, desc in rows(LessorConfig)]
     engines = [(f"`{p}`", f"`{t}`" if t else "", f"`{d}`" if d else "", desc) for p, t, d, desc in engine_rows()]
-    return (markdown_table(("field", "type", "default", "meaning"), top) + "\n\nEngine arguments (`models[].engine`, by `kind`):\n\n"
+    return (f"{SIZE_RULE}\n\n{DURATION_RULE}\n\n"  # the rules every size and duration below follows
+            + markdown_table(("field", "type", "default", "meaning"), top) + "\n\nEngine arguments (`models[].engine`, by `kind`):\n\n"
             + markdown_table(("field", "type", "default", "meaning"), engines))
 
 

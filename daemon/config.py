@@ -21,33 +21,34 @@ from .profile import KvDtype, Memory, MemoryProfile, Size, WeightFormat, resolve
 from ..policies import POLICIES, Policy, Value
 from .errors import ConfigError, ConfigProblem
 from .config_listeners import AdminConfig, RouterConfig
-from .config_types import NAME_PATTERN, Duration, Strict
+from .config_types import (NAME_PATTERN, Duration, DurationOrNever, MemorySize, NonzeroMemorySize, Strict, parse_listen,
+                           port_clash)
 from .units import GiB
 
 
 
 class GpuSettings(Strict):
     index: int = Field(ge=0, le=63, description="GPU index as NVML numbers it (or the simulated device's position).")
-    capacity: Size | None = Field(default=None, description="Bytes of this card lessor may use at most (a cap below the card's total).")
-    headroom: Size | None = Field(default=None, description="Bytes kept free on this card; overrides devices.headroom.")
+    capacity: NonzeroMemorySize | None = Field(default=None, description="Bytes of this card lessor may use at most (a cap below the card's total).")
+    headroom: MemorySize | None = Field(default=None, description="Bytes kept free on this card; overrides devices.headroom.")
 
 
 class SimulatedGpu(Strict):
     name: str = Field(default="Simulated GPU", min_length=1, max_length=96, description="Device name shown by status.")
-    total: Size = Field(gt=0, description="Total bytes of the simulated card.")
-    foreign: Size = Field(default=0, description="Bytes used by processes lessor does not manage (changeable at run time).")
+    total: NonzeroMemorySize = Field(gt=0, description="Total bytes of the simulated card.")
+    foreign: MemorySize = Field(default=0, description="Bytes used by processes lessor does not manage (changeable at run time).")
 
 
 class HostPool(Strict):
     enabled: bool = Field(default=True, description="Lease host RAM too (hybrid engines keep experts there).")
-    headroom: Size = Field(default=4 * GiB, description="RAM kept free for the OS and everything else.")
-    capacity: Size | None = Field(default=None, description="Bytes of RAM lessor may lease at most.")
-    simulated_total: Size | None = Field(default=None, description="With the simulated probe: RAM size to pretend (default: the real RAM).")
+    headroom: MemorySize = Field(default=4 * GiB, description="RAM kept free for the OS and everything else.")
+    capacity: NonzeroMemorySize | None = Field(default=None, description="Bytes of RAM lessor may lease at most.")
+    simulated_total: NonzeroMemorySize | None = Field(default=None, description="With the simulated probe: RAM size to pretend (default: the real RAM).")
 
 
 class DevicesConfig(Strict):
     probe: Literal["auto", "nvml", "sim"] = Field(default="auto", description="auto: NVML when a driver answers, else the simulated devices.")
-    headroom: Size = Field(default=1 * GiB, description="Bytes kept free on every GPU (default 1 GiB).")
+    headroom: MemorySize = Field(default=1 * GiB, description="Bytes kept free on every GPU (default 1 GiB).")
     gpus: list[GpuSettings] = Field(default_factory=list, description="Per-GPU capacity caps and headroom overrides.")
     simulated: list[SimulatedGpu] = Field(default_factory=list, description="Devices of the simulated probe, indexed in order.")
     host: HostPool = Field(default_factory=HostPool, description="The host-RAM pool.")
@@ -82,6 +83,13 @@ class PlanSettings(Strict):
     max_kv_tokens: int | None = Field(default=None, ge=16, description="Largest KV cache to take, even when more is free.")
     max_batch_size: int = Field(default=4, ge=1, le=256, description="Concurrency the planner aims for when the engine leaves it open.")
     context_tokens: int | None = Field(default=None, ge=16, description="goal 'concurrency': tokens each sequence needs; batch = KV tokens / this.")
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> "PlanSettings":
+        if self.max_kv_tokens is not None and self.min_kv_tokens > self.max_kv_tokens:
+            raise ValueError(f"min_kv_tokens ({self.min_kv_tokens}) is above max_kv_tokens ({self.max_kv_tokens}): no "
+                             "KV cache can be both; lower min_kv_tokens or raise max_kv_tokens")
+        return self
 
 
 class RestartPolicy(Strict):
@@ -120,7 +128,7 @@ class ModelSpec(Strict):
     memory: MemoryProfile = Field(default_factory=MemoryProfile, description="Bytes the model needs; each field overrides the memory model's.")
     plan: PlanSettings = Field(default_factory=PlanSettings, description="How the planner sizes the KV cache.")
     priority: int = Field(default=50, ge=0, le=1000, description="Higher survives eviction longer (policy `priority`).")
-    keep_alive: Duration = Field(default=-1, description="Idle seconds before unloading; -1 (the default) = never: the policy makes room when a load needs it. Set a duration to give the GPU back to other work when the model is idle.")
+    keep_alive: DurationOrNever = Field(default=-1, description="Idle seconds before unloading; -1 (the default) = never: the policy makes room when a load needs it. Set a duration to give the GPU back to other work when the model is idle.")
     pinned: bool = Field(default=False, description="Loaded at start and never evicted.")
     max_concurrency: int | None = Field(default=None, ge=1, le=100_000, description="Requests the router sends to this model at once; more wait in its queue. Unset: no limit (the engine queues).")
     restart: RestartPolicy = Field(default_factory=RestartPolicy, description="What to do when the engine exits on its own.")
@@ -290,6 +298,16 @@ class LessorConfig(Strict):
             unknown = [m for m in key.models if m != "*" and self.model(m) is None]
             if unknown:
                 raise ValueError(f"router.api_keys[{i}].models: no model named {', '.join(map(repr, unknown))}")
+        return self
+
+    @model_validator(mode="after")
+    def _ports_unique(self) -> "LessorConfig":
+        listeners = [("admin.listen", *parse_listen(self.admin.listen)), ("router.listen", *parse_listen(self.router.listen))]
+        listeners += [(f"models[{i}].engine.port", "127.0.0.1", spec.engine.port)  # engines listen on loopback
+                      for i, spec in enumerate(self.models) if spec.engine.port is not None]
+        clash = port_clash(listeners)
+        if clash:
+            raise ValueError(clash)
         return self
 
     def ledger_url(self) -> str:

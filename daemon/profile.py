@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from ..engines.base import EngineArgsBase
 from ..memory.architecture import Architecture
 from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Part, Source
+from .config_types import MemorySize, NonzeroMemorySize
 from .units import SIZE_PATTERN, MiB, format_bytes, parse_size
 
 if TYPE_CHECKING:
@@ -33,11 +34,11 @@ class MemoryProfile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    weights: Size | None = Field(default=None, description="Weight bytes on the GPU(s), split evenly over the placement's devices.")
-    host_weights: Size | None = Field(default=None, description="Weight bytes in host RAM (hybrid engines).")
+    weights: NonzeroMemorySize | None = Field(default=None, description="Weight bytes on the GPU(s), split evenly over the placement's devices.")
+    host_weights: MemorySize | None = Field(default=None, description="Weight bytes in host RAM (hybrid engines).")
     kv_bytes_per_token: int | None = Field(default=None, gt=0, le=1 << 24, description="KV-cache bytes per token (all layers), split evenly over the placement's devices.")
-    activation: Size | None = Field(default=None, description="Steady workspace per device beyond weights and KV (activations, CUDA context and graphs, communication buffers).")
-    load_peak: Size | None = Field(default=None, description="Transient bytes per device above what the load holds at its worst moment (e.g. a tensor dequantized on the GPU).")
+    activation: MemorySize | None = Field(default=None, description="Steady workspace per device beyond weights and KV (activations, CUDA context and graphs, communication buffers).")
+    load_peak: MemorySize | None = Field(default=None, description="Transient bytes per device above what the load holds at its worst moment (e.g. a tensor dequantized on the GPU).")
 
 
 @dataclass(frozen=True)

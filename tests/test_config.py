@@ -56,7 +56,7 @@ def test_every_problem_is_listed_with_its_path():
 
 def test_unknown_engine_kind_lists_the_valid_ones():
     problems = _problems({"models": [{"name": "x", "engine": {"kind": "tgi", "model_path": "/m"},
-                                      "memory": {"weights": 1, "kv_bytes_per_token": 1}}]})
+                                      "memory": {"weights": "1GiB", "kv_bytes_per_token": 1}}]})
     assert "ktransformers" in problems["models[0].engine"]
 
 
@@ -69,7 +69,7 @@ def test_names_and_aliases_are_unique():
 
 def test_cpu_experts_need_a_hybrid_engine():
     spec = {"name": "q", "engine": {"kind": "vllm", "model_path": "/m"}, "placement": {"experts": "cpu"},
-            "memory": {"weights": 1, "kv_bytes_per_token": 1}}
+            "memory": {"weights": "1GiB", "kv_bytes_per_token": 1}}
     assert any("hybrid engine" in reason for reason in _problems({"models": [spec]}).values())
 
 
@@ -112,3 +112,40 @@ def test_a_spec_computes_its_profile_once_and_still_equals_a_fresh_one():
     assert spec == fresh and not (spec != fresh)
     wider = spec.model_copy(update={"engine": spec.engine.model_copy(update={"chunk_size": 2048})})
     assert wider.profile().activation > spec.profile().activation  # the copy computes its own
+
+
+# -- what check-config accepted and then failed at run time (issue 34, finding 5) --------------
+
+def _torch(name: str, **extra) -> dict:
+    return {"name": name, "engine": {"kind": "torch", "model_path": f"/models/{name}", **extra.pop("engine", {})},
+            "memory": {"weights": "1GiB", "kv_bytes_per_token": 8192}, **extra}
+
+
+def test_min_kv_tokens_above_max_is_refused_naming_both():
+    """`plan` then blamed the memory for a KV cache no memory could give."""
+    problems = _problems({"models": [_torch("a", plan={"min_kv_tokens": 8192, "max_kv_tokens": 4096})]})
+    assert problems == {"models[0].plan": "min_kv_tokens (8192) is above max_kv_tokens (4096): no KV cache can be "
+                                          "both; lower min_kv_tokens or raise max_kv_tokens"}
+
+
+def test_two_listeners_on_one_port_are_refused():
+    """Two engines on one engine.port, or an engine on the admin API's port: the second failed at its load."""
+    engines = _problems({"models": [_torch("a", engine={"port": 9000}), _torch("b", engine={"port": 9000})]})
+    assert engines == {"": "models[1].engine.port: port 9000 is also models[0].engine.port's; the second to listen "
+                           "there would fail: give each its own port"}
+    admin = _problems({"admin": {"listen": "127.0.0.1:9100"}, "models": [_torch("a", engine={"port": 9100})]})
+    assert "models[0].engine.port: port 9100 is also admin.listen's" in admin[""]
+    router = _problems({"admin": {"listen": "127.0.0.1:9200"}, "router": {"listen": "0.0.0.0:9200"}})
+    assert "router.listen: port 9200 is also admin.listen's" in router[""]
+    apart = parse_config({"admin": {"listen": "10.0.0.1:9300"}, "router": {"listen": "10.0.0.2:9300"}})
+    assert apart.router.listen == "10.0.0.2:9300"  # two addresses of their own: no clash
+
+
+def test_negative_durations_are_refused_but_keep_alive_minus_one_means_never():
+    problems = _problems({"models": [_torch("a", keep_alive=-5), _torch("b", restart={"backoff": -1})],
+                          "policy": {"churn_age": "-1"}})
+    assert problems["models[0].keep_alive"] == "-5 is negative: use -1 (or 'never') for never, or a duration such as 30s or 5m"
+    assert "is negative: a duration here is 0 or more" in problems["models[1].restart.backoff"]
+    assert "is negative" in problems["policy.churn_age"]
+    config = parse_config({"models": [_torch("a", keep_alive=-1), _torch("b", keep_alive="never"), _torch("c", keep_alive="5m")]})
+    assert [m.keep_alive for m in config.models] == [-1, -1, 300]

@@ -79,7 +79,7 @@ def _placement_problem(kind: str, placement: dict) -> str:
     engine = {"kind": kind, **{k: "/x" for k, f in ENGINE_ARGS[kind].model_fields.items() if f.is_required() and k != "kind"}}
     with pytest.raises(ConfigError) as info:
         parse_config({"models": [{"name": "m", "engine": engine, "placement": placement,
-                                  "memory": {"weights": 1, "kv_bytes_per_token": 1}}]})
+                                  "memory": {"weights": "1GiB", "kv_bytes_per_token": 1}}]})
     return info.value.problems[0].reason
 
 
