@@ -146,8 +146,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready = request.app[READY].is_set()
-    return web.json_response({"ready": ready}, status=200 if ready else 503)
+    if not request.app[READY].is_set():
+        reason = "starting: adopting the previous lessord's engines and loading the pinned models"
+        return web.json_response({"ready": False, "reason": reason}, status=503)
+    reason = ctl(request).readiness()
+    return web.json_response({"ready": False, "reason": reason} if reason else {"ready": True},
+                             status=503 if reason else 200)
+
+
+async def post_reload(request: web.Request) -> web.Response:
+    return web.json_response(await ctl(request).reload_file())
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -179,6 +187,8 @@ ROUTES: list[Route] = [
           response=schemas.FingerprintOut, many=True, query=("model",)),
     Route("DELETE", f"{P}/fingerprints/{{key}}", delete_fingerprint, "Forget a fingerprint: plans of its key go back to the memory model",
           response=schemas.FingerprintOut, auth=True),
+    Route("POST", f"{P}/reload", post_reload, "Read the config file again and apply it: what changed, or why it "
+          "was refused (the running config kept), as SIGHUP does", response=schemas.ReloadOut, auth=True),
     Route("GET", f"{P}/events", get_events, "Event stream (server-sent events)", auth=True, content_type="text/event-stream"),
     Route("GET", f"{P}/history", get_history, "Device usage over the last hour (leased, foreign, engines, free), oldest first",
           response=schemas.HistoryOut),
@@ -187,7 +197,8 @@ ROUTES: list[Route] = [
     Route("GET", "/dashboard.css", dashboard.get_style, "The dashboard's style sheet", content_type="text/css"),
     Route("GET", "/healthz", healthz, "Liveness"),
     Route("GET", "/readyz", readyz,
-          "Readiness: ledger open, probe working, the previous lessord's engines adopted or stopped, pinned models loaded"),
+          "Readiness: ledger open, probe working, the previous lessord's engines adopted or stopped, pinned models "
+          "loaded; 503 with the reason otherwise (a pinned model that failed)"),
     Route("GET", "/metrics", metrics, "Prometheus metrics", content_type="text/plain"),
     Route("GET", "/openapi.json", openapi, "This document"),
 ]

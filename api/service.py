@@ -21,7 +21,6 @@ from ..daemon.config import LessorConfig, load_config, parse_config
 from ..daemon.config_types import parse_listen
 from ..daemon.controller import Controller, config_source
 from ..daemon.errors import ConfigError, LedgerDamaged, LedgerUnavailable, LessorError
-from ..daemon.events import ConfigReloaded
 from ..daemon.ledger_db import SchemaTooNew
 from ..daemon.notify import Notifier, watchdog, watchdog_interval_s
 from ..daemon.recovery import FRESH, RECOVER, recover
@@ -49,6 +48,7 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
     async with AsyncExitStack() as stack:
         controller = await stack.enter_async_context(runtime(config, force_sim, settle_in_background=True))
         controller.config_source = config_source(source) if source else None
+        controller.config_loader = reload_config
         await stack.enter_async_context(publishing(controller))
         stack.push_async_callback(controller.supervisor.close)  # engines stop before MQTT says offline
         stack.push_async_callback(_cancel, [controller.reconciler.settling])  # adoptions end before that
@@ -61,7 +61,7 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         stack.push_async_callback(_stop_all, [starting, *_background(controller, router, notifier)], router)
         if reload_config is not None:
             reloads: set[asyncio.Task] = set()
-            loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(reloads, reload(controller, reload_config, notifier)))
+            loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(reloads, reload(controller, notifier)))
         await stop.wait()
         if starting.done() and not starting.cancelled() and starting.exception():
             raise starting.exception()  # the start's settling failed: lessord stops, as if it had not started
@@ -105,10 +105,13 @@ async def _load_pinned(controller: Controller, config: LessorConfig) -> None:
         if spec.pinned:
             try:
                 await controller.load(spec.name)
-            except LessorError as exc:  # keep serving the others; the model shows as failed
+            except LessorError as exc:  # keep serving the others; /readyz says not ready, naming it
+                controller.pin_failures[spec.name] = str(exc)
                 # The supervisor's line said why; this one says what it means for the pin.
-                log.error("%s: pinned, but did not load (%s); lessord serves the others, `lessor logs %s` "
-                          "has the engine's log", spec.name, type(exc).__name__, spec.name)
+                logs = (f"; `lessor logs {spec.name}` has the engine's log"
+                        if controller.supervisor.log_path(spec.name).exists() else "")
+                log.error("%s: pinned, but did not load: %s; lessord serves the others, /readyz says not ready%s",
+                          spec.name, exc, logs)
 
 
 def _background(controller: Controller, router: TrafficControl, notifier: Notifier) -> list[asyncio.Future]:
@@ -184,22 +187,28 @@ async def _listen(runner, config: LessorConfig) -> None:
         os.chmod(config.admin.unix_socket, 0o660)
 
 
-async def reload(controller: Controller, reload_config: Callable[[], LessorConfig], notifier: Notifier) -> bool:
-    """SIGHUP: read the config again and apply it; a bad one is refused whole and the old one kept."""
+async def reload(controller: Controller, notifier: Notifier) -> bool:
+    """SIGHUP: read the config again and apply it (Controller.reload_file, as POST /admin/v1/reload);
+    a bad one is refused whole and the old one kept."""
     notifier.reloading()
     try:
-        change = await controller.reload(reload_config())
-    except LessorError as exc:
-        log.error("reload refused, running config kept: %s", exc)
-        controller.bus.publish(ConfigReloaded(False, str(exc)))
+        await controller.reload_file()
+    except LessorError:  # the controller logged why
         notifier.ready("reload refused: running config kept")
         return False
-    if controller.config_source:  # the same file, read again: its digest says which content runs now
-        controller.config_source = config_source(controller.config_source["path"])
-    log.info("config reloaded: added %s, removed %s, changed %s", change.added, change.removed, change.changed)
-    controller.bus.publish(ConfigReloaded(True, "", change.added, change.removed, change.changed))
     notifier.ready("config reloaded")
     return True
+
+
+def check_at_start(config: LessorConfig, force_sim: bool) -> bool:
+    """check-config's checks, with its severities: errors stop the start, warnings are logged."""
+    from ..daemon.checks import check
+
+    report = check(config, force_sim)
+    for finding in report.findings:
+        (print(f"lessord: invalid config {finding}", file=sys.stderr) if finding.error
+         else log.warning("config: %s", finding))
+    return not report.errors
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -250,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         config = configure(args)
     except ConfigError as exc:
         print(f"lessord: invalid config {exc}", file=sys.stderr)
+        return 2
+    if not args.recovery and not check_at_start(config, args.sim):
         return 2
     try:
         import uvloop

@@ -1,28 +1,30 @@
-"""Checks of a valid config against the box it runs on (`lessor check-config`): what the schema
-cannot see. A model's files must exist, its engine's command must be found, and it must be able
-to fit its devices at all (capacity − headroom, with nothing else on them). Each finding names
-the field it is about, in the config's own paths (`models[2].engine.model_path`).
+"""Checks of a valid config against the box it runs on: what the schema cannot see. One set, run
+by `lessor check-config`, by lessord's start and by every reload, with the same severities. A
+model's files must exist, its engine's command must be found, and it must be able to fit its
+devices at all (capacity − headroom, with nothing else on them); a config without models is
+said. Each finding names the field it is about, in the config's own paths
+(`models[2].engine.model_path`).
 
-The checks are pure over what they are given (the config, the devices' budgets, how to look a
-path or a command up); `check` wires them to this machine: NVML's devices where a driver answers,
-else the config's simulated ones (as `lessor plan --config` does). Default: an operator checking
-on the box itself, where every finding is an error. On a machine with no NVIDIA driver, for a
-config that does not ask for the simulated probe (a GPU box's config checked on a laptop or in
-CI), what only the box can answer (files, commands) is a warning: not wrong for its box.
+The checks are pure over what they are given (the config, the devices' readings, how to look a
+path or a command up); `review` runs them all against given devices (a running lessord's, on
+reload); `check` against this machine: NVML's devices where a driver answers, else the config's
+simulated ones (as `lessor plan --config` does). Where the devices are NVML's, this machine is the
+box and every finding is an error; where they are simulated (the demo, the seed, a GPU box's
+config checked on a laptop or in CI), what only the box can answer (files, commands) is a warning.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from ..engines.process import command_problem
 from ..policies import DeviceBudget
 from .admission import never_fits
 from .budget import budgets as compute_budgets
 from .config import LessorConfig, ModelSpec
-from .devices import SimProbe, gpu_id, make_probe
+from .devices import DeviceReading, SimProbe, gpu_id, make_probe
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,14 @@ def _never_fits_reason(spec: ModelSpec, error) -> str:
     return error.message().removeprefix(f"model '{spec.name}' ")
 
 
+def models(config: LessorConfig) -> list[Finding]:
+    """A config without models is valid (an empty file is one), but serves nothing: said, not refused."""
+    if config.models:
+        return []
+    return [Finding("models", "no models configured: lessord would start and serve nothing; list the models it may "
+                              "load (see examples/)", error=False)]
+
+
 @dataclass(frozen=True)
 class Report:
     findings: list[Finding]
@@ -86,11 +96,36 @@ class Report:
     def errors(self) -> int:
         return sum(f.error for f in self.findings)
 
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if not f.error]
 
-def check(config: LessorConfig) -> Report:
-    """Every check, against this machine's devices."""
+
+def review(config: LessorConfig, readings: Iterable[DeviceReading], simulated: bool,
+           path: str | None = None) -> Report:
+    """Every check, against these devices: check-config's, lessord's start's and every reload's.
+    What only the box can answer (files, commands) is an error where this machine is the box (its
+    devices are NVML's), a warning where the probe is simulated (a demo, CI, a laptop)."""
+    readings = list(readings)
+    local = files(config) + commands(config, path or os.environ.get("PATH", os.defpath))
+    if simulated:
+        local = [Finding(f.path, f"{f.reason} (a warning: the devices are simulated, so this machine is not taken "
+                                 "for the box; on the box it is an error)", error=False) for f in local]
+    found = local + models(config)
+    if not any(r.is_gpu for r in readings):
+        return Report(found + [Finding("devices", "no devices to check the fit of the models against (no NVIDIA driver "
+                                                  "here and no devices.simulated); run check-config on the GPU box",
+                                       error=False)], "no devices")
+    names = ", ".join(f"{r.device} {r.name}" for r in readings if r.is_gpu)
+    budgets = compute_budgets(readings, config.devices, {}, ())
+    return Report(found + fits(config, budgets), f"{'simulated' if simulated else 'NVML'} devices: {names}")
+
+
+def check(config: LessorConfig, force_sim: bool = False) -> Report:
+    """review() against this machine: NVML's devices where a driver answers (unless `force_sim`,
+    lessord's --sim), else the config's simulated ones."""
     try:
-        probe = make_probe(config.devices)
+        probe = make_probe(config.devices, force_sim)
     except RuntimeError:  # devices.probe: nvml, and no driver here
         probe = make_probe(config.devices, force_sim=True)
     try:
@@ -98,14 +133,4 @@ def check(config: LessorConfig) -> Report:
         simulated = isinstance(probe, SimProbe)
     finally:
         probe.close()
-    local = files(config) + commands(config, os.environ.get("PATH", os.defpath))
-    if simulated and config.devices.probe != "sim":  # no NVIDIA driver: most likely not the box the config is for
-        local = [Finding(f.path, f"{f.reason} (a warning here: no NVIDIA driver on this machine, so it may not be "
-                                 "the box the config is for; there it is an error)", error=False) for f in local]
-        if not config.devices.simulated:
-            return Report(local + [Finding("devices", "no NVIDIA driver here and no devices.simulated: the fit of the "
-                                                      "models is not checked; run check-config on the GPU box",
-                                           error=False)], "no devices")
-    names = ", ".join(f"{r.device} {r.name}" for r in readings if r.is_gpu)
-    budgets = compute_budgets(readings, config.devices, {}, ())
-    return Report(local + fits(config, budgets), f"{'simulated' if simulated else 'NVML'} devices: {names}")
+    return review(config, readings, simulated)

@@ -4,11 +4,13 @@ engine at the process boundary (the only place, besides the simulated probe, whe
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -246,9 +248,10 @@ BIN = Path(sys.executable).parent
 
 @contextmanager
 def running_lessord(config_path: Path, *args: str, timeout_s: float = HANG_S, output: Path | None = None,
-                    env: dict[str, str] | None = None):
+                    env: dict[str, str] | None = None, not_ready: bool = False):
     """lessord as operators run it (simulated devices), on free ports; yields (process, admin url, router url).
-    `output`: a file for its stdout and stderr (a pipe nobody reads would block a chatty daemon)."""
+    `output`: a file for its stdout and stderr (a pipe nobody reads would block a chatty daemon).
+    `not_ready`: yield once /readyz answers 503 for a reason other than the start (a pinned model failed)."""
     port, router_port = free_port(), free_port()
     env = {**{k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"}, **(env or {})}
     sink = open(output, "w") if output else subprocess.PIPE
@@ -265,6 +268,10 @@ def running_lessord(config_path: Path, *args: str, timeout_s: float = HANG_S, ou
                 with urllib.request.urlopen(f"{url}/readyz", timeout=1) as r:
                     if r.status == 200:
                         break
+            except urllib.error.HTTPError as exc:
+                if not_ready and not json.loads(exc.read()).get("reason", "").startswith("starting"):
+                    break
+                time.sleep(0.1)
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     proc.kill()

@@ -19,7 +19,7 @@ from lessor.daemon.traffic import TrafficControl
 from lessor.daemon.units import GiB
 from lessor.policies import DeviceBudget
 
-from .conftest import FakeEngines, sim_config, torch_model
+from .conftest import BIN, HANG_S, ROOT, FakeEngines, free_port, sim_config, torch_model
 
 CARD_8GIB = [{"name": "sim8", "total": "8GiB", "foreign": "0"}]
 HUGE = {**torch_model("huge", "20GiB"), "memory": {"weights": "20GiB", "kv_bytes_per_token": 65536, "load_peak": 0}}
@@ -118,26 +118,45 @@ def test_a_model_that_can_never_fit_its_device_is_named(tmp_path):
                                      "leased (8.0 GiB capacity − 1.0 GiB headroom")
 
 
-def test_check_config_prints_every_problem_and_exits_1(tmp_path, capsys):
+def _write(tmp_path, data):
     import yaml
+    path = tmp_path / "lessor.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_check_config_prints_every_problem_and_exits_1(tmp_path, capsys):
+    """On simulated devices a missing file or command is a warning (this machine is not the box);
+    a model that can never fit is an error anywhere."""
     from lessor.api.cli import main
     missing = {**torch_model("a"), "engine": {"kind": "torch", "model_path": str(tmp_path / "nothing")}}
     binary = {**torch_model("v"), "engine": {"kind": "vllm", "model_path": str(tmp_path), "command": ["no-such-vllm"]}}
     data = {"state_dir": str(tmp_path / "state"), "models": [missing, binary, {**HUGE, "engine": {
         "kind": "torch", "model_path": str(tmp_path)}}],
             "devices": {"probe": "sim", "headroom": "1GiB", "simulated": CARD_8GIB}}
-    path = tmp_path / "lessor.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path = _write(tmp_path, data)
     assert main(["check-config", str(path)]) == 1
     out = capsys.readouterr()
-    assert f"error: models[0].engine.model_path: {tmp_path / 'nothing'} does not exist" in out.err
-    assert "error: models[1].engine.command: 'no-such-vllm' not found on PATH (" in out.err
+    assert f"warning: models[0].engine.model_path: {tmp_path / 'nothing'} does not exist (a warning: the devices " \
+           "are simulated" in out.out
+    assert "warning: models[1].engine.command: 'no-such-vllm' not found on PATH (" in out.out
     assert "error: models[2]: can never fit on gpu0: it needs 20.1 GiB there, at most 7.0 GiB" in out.err
-    assert f"{path}: 3 error(s) (3 model(s)" in out.out
+    assert f"{path}: 1 error(s) (3 model(s)" in out.out
     data["models"] = [{**torch_model("a"), "engine": {"kind": "torch", "model_path": str(tmp_path)}}]
-    path.write_text(yaml.safe_dump(data))
+    _write(tmp_path, data)
     assert main(["check-config", str(path)]) == 0
     assert f"{path}: OK (1 model(s), policy value; checked against simulated devices: gpu0 sim8" in capsys.readouterr().out
+
+
+def test_on_the_box_a_missing_file_or_command_is_an_error(tmp_path):
+    """NVML's devices: this machine is the box the config is for (review() is what check() runs)."""
+    from lessor.daemon.devices import SimProbe as Devices
+    config = _config(tmp_path, [{**torch_model("a"), "engine": {"kind": "torch", "model_path": "/not/here"}}])
+    readings = Devices(config.devices.simulated, 64 * GiB).read()
+    on_the_box = checks.review(config, readings, simulated=False)
+    assert [str(f) for f in on_the_box.findings] == ["error: models[0].engine.model_path: /not/here does not exist"]
+    simulated = checks.review(config, readings, simulated=True)
+    assert simulated.errors == 0 and [f.path for f in simulated.warnings] == ["models[0].engine.model_path"]
 
 
 def test_without_a_driver_a_gpu_box_config_warns_of_what_only_the_box_can_answer(tmp_path, capsys):
@@ -149,7 +168,40 @@ def test_without_a_driver_a_gpu_box_config_warns_of_what_only_the_box_can_answer
         pytest.skip("NVML answers on this machine: it may be the box")
     report = checks.check(config)
     assert report.errors == 0 and [f.path for f in report.findings] == ["models[0].engine.model_path"]
-    assert "a warning here: no NVIDIA driver on this machine" in report.findings[0].reason
+    assert "a warning: the devices are simulated" in report.findings[0].reason
+
+
+def test_the_seed_checks_as_lessord_starts_it(capsys):
+    """`lessor check-config examples/seed.yaml` exited 1 (the DeepSeek-R1 files are not here) while
+    the README starts lessord on that file: the simulated seed warns of them, and passes."""
+    from lessor.api.cli import main
+    seed = str(ROOT / "examples" / "seed.yaml")
+    assert main(["check-config", seed]) == 0
+    out = capsys.readouterr()
+    assert "warning: models[0].engine.model_path: /models/DeepSeek-R1 does not exist" in out.out
+    assert f"{seed}: OK (1 model(s), policy priority" in out.out and out.err == ""
+
+
+def test_an_empty_config_is_said_not_passed_in_silence(tmp_path, capsys):
+    from lessor.api.cli import main
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert main(["check-config", str(path)]) == 0  # valid: lessord starts on it, serving nothing
+    out = capsys.readouterr().out
+    assert "warning: models: no models configured: lessord would start and serve nothing" in out
+
+
+def test_lessord_does_not_start_on_a_config_check_config_refuses(tmp_path):
+    """The same checks at start: a model that can never fit stops lessord before anything starts."""
+    import subprocess
+    data = {"state_dir": str(tmp_path / "state"), "models": [{**HUGE, "engine": {"kind": "torch", "model_path": str(tmp_path)}}],
+            "devices": {"probe": "sim", "headroom": "1GiB", "simulated": CARD_8GIB},
+            "admin": {"listen": f"127.0.0.1:{free_port()}"}, "router": {"listen": f"127.0.0.1:{free_port()}"}}
+    result = subprocess.run([str(BIN / "lessord"), "--config", str(_write(tmp_path, data)), "--sim"],
+                            capture_output=True, text=True, timeout=HANG_S)  # a guard: it exits at once
+    assert result.returncode == 2, result
+    assert "lessord: invalid config error: models[0]: can never fit on gpu0" in result.stderr
+    assert not (tmp_path / "state").exists(), "refused before the ledger was opened"
 
 
 async def test_an_engine_command_not_found_fails_its_load_naming_it_and_the_path(tmp_path, monkeypatch):

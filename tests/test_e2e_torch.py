@@ -213,11 +213,13 @@ def test_a_failed_second_load_leaves_the_first_untouched(tmp_path, tiny_qwen):
 
 def test_a_pinned_model_that_cannot_load_does_not_stop_the_daemon(tmp_path, tiny_qwen):
     spec = {**torch_spec("broken", tmp_path / "missing", "1GiB"), "pinned": True, "restart": {"policy": "never"}}
-    with running_lessord(write_config(tmp_path, [spec, torch_spec("qa", tiny_qwen, "1GiB")])) as (_, url, _):
+    with running_lessord(write_config(tmp_path, [spec, torch_spec("qa", tiny_qwen, "1GiB")]), not_ready=True) as (_, url, _):
         admin = Admin(url, tmp_path / "state")
         broken = admin.model("broken")
         assert broken["state"] == "failed" and "missing" in broken["error"] and admin.leases() == []
         assert admin.load("qa")[0] == 200
+        ready = admin.call("GET", "/readyz")  # served, but not ready: the pin failed, and /readyz says which
+        assert ready[0] == 503 and "pinned model 'broken' failed" in ready[1]["reason"], ready
 
 
 def test_a_router_client_is_told_which_model_failed_and_where_to_look_not_the_engine_log(tmp_path, tiny_qwen):
