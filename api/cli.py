@@ -23,7 +23,7 @@ from ..daemon.errors import ConfigError, LessorError
 from ..daemon.units import parse_size
 from . import cli_live
 from .auth import ENV_TOKEN
-from .cli_client import DEFAULT_ADMIN, ApiError, make_client
+from .cli_client import DEFAULT_ADMIN, DEFAULT_CONFIG, ENV_CONFIG, ApiError, config_path, make_client
 from .cli_completion import completion_script
 from .cli_render import (render_budget, render_fingerprints, render_leases, render_models, render_names, render_plan,
                          render_status)
@@ -66,8 +66,9 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     overrides = _parse_overrides(args.set)
-    if args.config and not args.admin:
-        plan = asyncio.run(_local_plan(load_config(args.config), args.model, overrides, args.sim))
+    named = config_path(args)  # --config or $LESSOR_CONFIG; /etc's default only finds the daemon
+    if named and not args.admin:
+        plan = asyncio.run(_local_plan(load_config(named), args.model, overrides, args.sim))
     else:
         plan = make_client(args).call("POST", "/admin/v1/plan", {"model": args.model, "overrides": overrides})
     print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
@@ -126,27 +127,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from ..daemon.checks import check
 
     config = load_config(args.file)  # a schema problem is a ConfigError: main() lists them all
-    report = check(config, args.sim)
+    report = check(config)
     for finding in report.findings:
         print(f"{args.file}: {finding}", file=sys.stderr if finding.error else sys.stdout)
     verdict = f"{report.errors} error(s)" if report.errors else "OK"
     print(f"{args.file}: {verdict} ({len(config.models)} model(s), policy {config.policy.name}; checked against "
           f"{report.devices})")
     return 1 if report.errors else 0
-
-
-def cmd_reload(args: argparse.Namespace) -> int:
-    """A refused reload is an API error (main() prints why, exit 1); the running config is kept."""
-    done = make_client(args).call("POST", "/admin/v1/reload")
-    if args.json:
-        print(json.dumps(done, indent=2))
-        return 0
-    said = [f"{what} {', '.join(done[what])}" for what in ("added", "removed", "changed") if done[what]]
-    print(f"reloaded {done['config']['path'] if done.get('config') else 'the config'}: "
-          f"{'; '.join(said) or 'no model added, removed or changed'}")
-    for warning in done["warnings"]:
-        print(f"  {warning}")
-    return 0
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -172,8 +159,14 @@ def cmd_load(args: argparse.Namespace) -> int:
     if "error" in result:
         raise result["error"]
     model = result["model"]
-    print(f"{model['name']}: {model['state']} in {time.monotonic() - started:.1f} s")
+    if args.json:
+        print(json.dumps(model, indent=2))
+        return 0
+    evicted = model.get("evicted")  # absent from an older daemon's answer
+    print(f"{model['name']}: {model['state']} in {time.monotonic() - started:.1f} s"
+          + (f"; evicted {', '.join(evicted)} to make room" if evicted else ""))
     return 0
+
 
 
 def cmd_simple(method: str, path: str, render=None, body=None):
@@ -190,15 +183,24 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _daemon_options(p: argparse.ArgumentParser, default: Any = None) -> None:
+    """Which daemon and how to print: before the command (`lessor --config X status`) or after it.
+    The command's copies default to SUPPRESS, so an option given before it is not reset to None."""
+    p.add_argument("--admin", default=default, help=f"admin API URL (default: $LESSOR_ADMIN_URL, the config's "
+                                                    f"admin.listen, or {DEFAULT_ADMIN} when no config is found)")
+    p.add_argument("--token", default=default, help=f"admin bearer token (default ${ENV_TOKEN} or the config's token file)")
+    p.add_argument("--config", default=default, help=f"the daemon's config file (default ${ENV_CONFIG}, then "
+                                                     f"{DEFAULT_CONFIG}): finds the API address and the token file; "
+                                                     "warns when the daemon reached runs another")
+    p.add_argument("--json", action="store_true", default=False if default is None else default, help="print JSON")
+
+
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--admin", help=f"admin API URL (default: the config's admin.listen, $LESSOR_ADMIN_URL or {DEFAULT_ADMIN})")
-    common.add_argument("--token", help=f"admin bearer token (default ${ENV_TOKEN} or the token file)")
-    common.add_argument("--config", help="the daemon's config file (finds the API address and token file; "
-                                         "warns when the daemon reached runs another)")
-    common.add_argument("--json", action="store_true", help="print JSON")
+    _daemon_options(common, default=argparse.SUPPRESS)
     p = argparse.ArgumentParser(prog="lessor", description="lessor CLI: devices, leases and models of a running lessord")
     p.add_argument("--version", action="version", version=f"lessor {version()}")
+    _daemon_options(p)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("status", parents=[common], help="devices with a lease bar, and models").set_defaults(func=cmd_status)
     leases = sub.add_parser("leases", parents=[common], help="granted leases")
@@ -236,12 +238,7 @@ def parser() -> argparse.ArgumentParser:
     prints.set_defaults(func=cmd_fingerprints)
     check = sub.add_parser("check-config", help="validate a config file and list every problem")
     check.add_argument("file")
-    check.add_argument("--sim", action="store_true", help="check against the simulated devices even if NVML works "
-                                                         "(as lessord --sim runs)")
     check.set_defaults(func=cmd_check_config)
-    reload = sub.add_parser("reload", parents=[common], help="make lessord read its config file again: what changed, "
-                                                             "or why it was refused")
-    reload.set_defaults(func=cmd_reload)
     foreign = sub.add_parser("set-foreign", parents=[common], help="simulated devices: set foreign usage")
     foreign.add_argument("device")
     foreign.add_argument("size", type=parse_size)

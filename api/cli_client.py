@@ -16,6 +16,10 @@ from ..daemon.config import LessorConfig, load_config
 from .auth import ENV_TOKEN
 
 DEFAULT_ADMIN = "http://127.0.0.1:8470"
+ENV_CONFIG = "LESSOR_CONFIG"
+# Where the service reads its config (systemd's ConfigurationDirectory=lessor): with no config
+# named, the CLI finds the daemon through it, as an operator on the box would.
+DEFAULT_CONFIG = Path("/etc/lessor/lessor.yaml")
 
 
 class ApiError(Exception):
@@ -67,8 +71,18 @@ class Client:
         return self._open("GET", path, timeout=None, accept="text/event-stream")
 
 
-def _config(path: str | None) -> LessorConfig | None:
-    return load_config(path) if path else None
+def config_path(args: argparse.Namespace) -> str | None:
+    """The config the user named: --config (before or after the command), else $LESSOR_CONFIG."""
+    return getattr(args, "config", None) or os.environ.get(ENV_CONFIG, "").strip() or None
+
+
+def _found_config() -> tuple[str | None, str]:
+    """The service's config when none is named, or None and why not (said if the default address is used)."""
+    if not DEFAULT_CONFIG.exists():
+        return None, f"{DEFAULT_CONFIG} does not exist"
+    if not os.access(DEFAULT_CONFIG, os.R_OK):
+        return None, f"{DEFAULT_CONFIG} is not readable by this user (sudo, or the lessor group)"
+    return str(DEFAULT_CONFIG), ""
 
 
 def find_token(given: str | None, config: LessorConfig | None) -> tuple[str | None, str]:
@@ -81,17 +95,35 @@ def find_token(given: str | None, config: LessorConfig | None) -> tuple[str | No
     path = (config.token_path() if config else Path(os.environ.get("STATE_DIRECTORY", "var/lessor")) / "admin.token").absolute()
     if path.is_file() and os.access(path, os.R_OK):
         return path.read_text().strip() or None, f"the token read from {path} was refused (another daemon's file?)"
-    where = "the token file of --config's state_dir" if config else "no --config given, so only the default state dir"
+    where = "the token file of the config's state_dir" if config else "no --config given, so only the default state dir"
     return None, f"no token sent: {path} ({where}) is {'not readable' if path.exists() else 'missing'}"
 
 
+def daemon_address(args: argparse.Namespace) -> tuple[str, str | None, str]:
+    """(admin URL, config file, a note): --admin, $LESSOR_ADMIN_URL, then the admin.listen of the
+    config (named, or the service's, looked for only when no address is given); the built-in
+    address as the last resort, and the note then says so and why."""
+    given = args.admin or os.environ.get("LESSOR_ADMIN_URL")
+    path, why_none = config_path(args), ""
+    if path is None and not given:
+        path, why_none = _found_config()
+    if given:
+        return given, path, ""
+    if path:
+        return f"http://{load_config(path).admin.listen}", path, ""
+    return DEFAULT_ADMIN, None, (f"asking {DEFAULT_ADMIN}, the default admin address: no --admin or $LESSOR_ADMIN_URL, "
+                                 f"no --config or ${ENV_CONFIG}, and {why_none}")
+
+
 def make_client(args: argparse.Namespace) -> Client:
-    config = _config(args.config)
-    base = args.admin or os.environ.get("LESSOR_ADMIN_URL") or (f"http://{config.admin.listen}" if config else DEFAULT_ADMIN)
-    token, note = find_token(args.token, config)
-    client = Client(base, token, note)
-    if args.config:
-        warn_if_other_config(client, args.config)
+    base, path, note = daemon_address(args)
+    if note:
+        print(f"lessor: {note}", file=sys.stderr)
+    config = load_config(path) if path else None
+    token, where = find_token(args.token, config)
+    client = Client(base, token, where)
+    if path:
+        warn_if_other_config(client, path)
     return client
 
 

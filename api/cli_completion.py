@@ -22,13 +22,25 @@ BASH = r'''_lessor_models() {
 }
 
 _lessor() {
-    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" flags="" what=""
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}" flags="" what="" cmd="" i
     COMPREPLY=()
-    if [[ $COMP_CWORD -eq 1 ]]; then
+    # The command: the first word that is neither an option given before it nor such an option's value.
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case "${COMP_WORDS[i]}" in
+            @GLOBAL_VALUE_FLAGS@) ((i++)) ;;
+            -*) ;;
+            *) cmd="${COMP_WORDS[i]}"; break ;;
+        esac
+    done
+    if [[ -z "$cmd" ]]; then
+        case "$prev" in
+            @FILE_FLAGS@) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+            @GLOBAL_VALUE_FLAGS@) return ;;
+        esac
         COMPREPLY=($(compgen -W "@COMMANDS@" -- "$cur"))
         return
     fi
-    case "${COMP_WORDS[1]}" in
+    case "$cmd" in
 @CASES@
     esac
     case "$prev" in
@@ -72,6 +84,8 @@ def _first_argument(sub: argparse.ArgumentParser) -> str:
 def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
     subs = _subcommands(parser)
     top_flags = [s for a in parser._actions if not isinstance(a, argparse._SubParsersAction) for s in a.option_strings]
+    top_values = [s for a in parser._actions if a.option_strings and a.nargs != 0 and not isinstance(a, argparse._VersionAction)
+                  for s in a.option_strings]
     cases, value_flags = [], set()
     for name, sub in subs.items():
         flags = [s for a in sub._actions for s in a.option_strings]
@@ -79,6 +93,7 @@ def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
         cases.append(f'        {name}) flags="{" ".join(flags)}"; what="{_first_argument(sub)}" ;;')
     others = sorted(value_flags - set(FILE_FLAGS) - set(MODEL_FLAGS)) or ["--"]
     script = (BASH.replace("@COMMANDS@", " ".join([*subs, *top_flags]))
+              .replace("@GLOBAL_VALUE_FLAGS@", "|".join(top_values) or "--")
               .replace("@CASES@", "\n".join(cases))
               .replace("@FILE_FLAGS@", "|".join(FILE_FLAGS))
               .replace("@MODEL_FLAGS@", "|".join(MODEL_FLAGS))

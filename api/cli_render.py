@@ -110,22 +110,49 @@ def render_status(status: dict[str, Any], colour: bool = False, width: int = 100
 ERROR_LINES = 4
 
 
+def until(model: dict[str, Any]) -> str:
+    """When keep_alive unloads it (Ollama's UNTIL): in how long, `never` for a serving model it
+    never unloads (pinned, keep_alive -1), `-` otherwise (not serving, or a daemon that does not say)."""
+    if model.get("keep_alive_ends_in_s") is not None:
+        return duration(model["keep_alive_ends_in_s"])
+    return "never" if "keep_alive_ends_in_s" in model and model.get("idle_s") is not None else "-"
+
+
+def waiting_line(waiting: dict[str, Any]) -> str:
+    """What a waiting model waits for, in words: the reason, then whichever figures the daemon gave."""
+    parts = [" ".join(str(waiting.get("reason") or "no reason given").split())]
+    if waiting.get("requests") is not None:
+        parts.append(f"{waiting['requests']} request(s) waiting")
+    if waiting.get("blockers"):
+        parts.append("held up by " + ", ".join(waiting["blockers"]))
+    if waiting.get("recheck_in_s") is not None:
+        parts.append(f"weighed again in {duration(waiting['recheck_in_s'])}")
+    return "waiting: " + "; ".join(parts)
+
+
+def _under(text: str, width: int) -> tuple[list[str], bool]:
+    """A line under a model's row, wrapped to the terminal's width (at most ERROR_LINES lines
+    there; True when cut); whole when the width is 0 (not a terminal: a pipe or a log gets it all)."""
+    wrapped = textwrap.wrap(text, max(width - 2, 20)) if width > 0 else [text]
+    return ["  " + line for line in wrapped[:ERROR_LINES]], len(wrapped) > ERROR_LINES
+
+
 def render_models(models: list[dict[str, Any]], width: int = 100) -> str:
-    """The table; a failed model's reason under it, wrapped to the terminal's width (at most
-    ERROR_LINES lines there); whole when the width is 0 (not a terminal: a pipe or a log gets it all)."""
-    lines = [f"{'MODEL':<24}{'STATE':<11}{'ENGINE':<14}{'PRIO':>5}  {'PINNED':<7}{'IDLE':>7}{'INFL':>6}{'PID':>9}"]
+    """The table; under a model's row what it waits for and a failed model's reason."""
+    lines = [f"{'MODEL':<24}{'STATE':<11}{'ENGINE':<14}{'PRIO':>5}  {'PINNED':<7}{'IDLE':>7}{'INFL':>6}{'UNTIL':>8}{'PID':>9}"]
     cut = False
     for m in models:
         pid = m.get("pid") or "-"
         lines.append(f"{m['name']:<24}{m['state']:<11}{m['engine']:<14}{m['priority']:>5}  "
-                     f"{'yes' if m['pinned'] else 'no':<7}{duration(m.get('idle_s')):>7}{m.get('in_flight', 0):>6}{pid:>9}")
-        if m.get("error"):
-            text = f"error: {' '.join(m['error'].split())}"
-            wrapped = textwrap.wrap(text, max(width - 2, 20)) if width > 0 else [text]
-            cut = cut or len(wrapped) > ERROR_LINES
-            lines += ["  " + line for line in wrapped[:ERROR_LINES]]
+                     f"{'yes' if m['pinned'] else 'no':<7}{duration(m.get('idle_s')):>7}{m.get('in_flight', 0):>6}"
+                     f"{until(m):>8}{pid:>9}")
+        for text in ([waiting_line(m["waiting"])] if m.get("waiting") else []) + \
+                    ([f"error: {' '.join(m['error'].split())}"] if m.get("error") else []):
+            under, was_cut = _under(text, width)
+            lines += under
+            cut = cut or was_cut
     if cut:
-        lines.append(f"(errors cut to {ERROR_LINES} lines: `lessor models --json` has them whole)")
+        lines.append(f"(lines cut to {ERROR_LINES}: `lessor models --json` has them whole)")
     return "\n".join(lines)
 
 
@@ -227,13 +254,26 @@ def _because(reason: str) -> str:
     return f": {reason}" if reason else ""
 
 
+# Where the daemon appends an engine's last log lines to an exit's reason (engines/process.py).
+LOG_LINES = "; last log lines: "
+REASON_CHARS = 160
+
+
+def _briefly(reason: str, model: str) -> str:
+    """A crash's reason as its event line gives it: without the engine's last log lines (the event's
+    JSON keeps them, `lessor logs MODEL` shows the log) and at most REASON_CHARS characters."""
+    head, cut, _ = (reason or "").partition(LOG_LINES)
+    text = clip(" ".join(head.split()), REASON_CHARS)
+    return _because(text) + (f" (its log: lessor logs {model})" if cut else "")
+
+
 EVENT_LINES = {
     "lease_granted": lambda e: f"{e['model']} {e['device']} {e['kind']} {format_bytes(e['bytes'])}",
     "lease_released": lambda e: f"{e['model']} {e['device']} {e['kind']} {format_bytes(e['bytes'])}{_because(e['reason'])}",
     "lease_resized": lambda e: f"{e['model']} {e['device']} {e['kind']} {format_bytes(e['from_bytes'])} -> "
                                f"{format_bytes(e['bytes'])}{_because(e['reason'])}",
-    "model_state": lambda e: f"{e['model']} {e['previous']} -> {e['state']}{_because(e.get('reason', ''))}",
-    "engine_exited": lambda e: f"{e['model']} pid {e['pid']} exited {e['returncode']}{_because(e['reason'])}; "
+    "model_state": lambda e: f"{e['model']} {e['previous']} -> {e['state']}{_briefly(e.get('reason', ''), e['model'])}",
+    "engine_exited": lambda e: f"{e['model']} pid {e['pid']} exited {e['returncode']}{_briefly(e['reason'], e['model'])}; "
                                + ("no restart" if e.get("restart_in_s") is None else f"restart in {e['restart_in_s']:g} s"),
     "admission": lambda e: f"{e['model']} {e['result']}"
                            + (f" evicting {', '.join(e['victims'])}" if e.get("victims") else "") + _because(e.get("reason", "")),

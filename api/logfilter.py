@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import Any, Mapping, TextIO
 
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -82,11 +82,33 @@ def formatter_for(log_format: str, stream: TextIO) -> logging.Formatter:
     return JournalFormatter() if under_journald(stream) else logging.Formatter(PLAIN)
 
 
+def in_words(value: Any) -> Any:
+    """A collection as a reader writes it: `a, b`, `none` when empty, `k=v` for a mapping; anything
+    else as it is. A log line says `adopted qwen-coder`, never `adopted ['qwen-coder']` or `added ()`."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={in_words(v)}" for k, v in value.items()) or "none"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return ", ".join(str(in_words(v)) for v in items) or "none"
+    return value
+
+
+class InWords(logging.Filter):
+    """Each %s argument of a log call that is a list, tuple, set or dict, in words (in_words), for
+    every logger lessord's handler writes: one place instead of a join at each call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:  # a lone mapping is %(name)s style: left alone
+            record.args = tuple(in_words(arg) for arg in record.args)
+        return True
+
+
 def configure_logging(level: str, log_format: str = "plain", stream: TextIO | None = None) -> logging.Handler:
-    """lessord's one handler on the root logger (replacing any there), and the filter below."""
+    """lessord's one handler on the root logger (replacing any there), and the filters below."""
     stream = stream or sys.stderr
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter_for(log_format, stream))
+    handler.addFilter(InWords())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

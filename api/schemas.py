@@ -98,6 +98,7 @@ class ModelOut(Out):
     leased_bytes: dict[str, int]
     in_flight: int = Field(description="Requests the router is running on it now")
     idle_s: float | None = Field(description="Seconds since its last request (or since it became ready) while it serves; null otherwise")
+    keep_alive_ends_in_s: float | None = Field(description="Seconds until its keep_alive unloads it, counted from its last request (Ollama's UNTIL); null while it does not serve, pinned, or with keep_alive never (-1)")
     error: str | None = Field(description="Why the last load failed (state failed), or null")
     params: dict[str, Any] | None
     endpoint: str | None = Field(description="The engine's own base URL while it runs (the router forwards there)")
@@ -109,6 +110,7 @@ class ModelOut(Out):
     starved_s: float = Field(description="How long its requests have gone unserved (quiet spells count a minute at most; 0 once one starts): what ages its claim under the `value` policy")
     load_s: float | None = Field(description="What its loads took here (spawn to ready, a moving average), or null before the first")
     last_load: LoadTimelineOut | None = Field(description="Where its last load's time went, step by step, or null before one finished")
+    evicted: list[str] | None = Field(default=None, description="In the answer to a load only: the models unloaded to make room for it, in order")
 
 
 class PlanLease(Out):
@@ -186,15 +188,6 @@ class FingerprintOut(Out):
 class ConfigSourceOut(Out):
     path: str = Field(description="The config file's absolute path")
     digest: str = Field(description="The first 12 hex digits of the SHA-256 of its content when lessord read it (start or reload)")
-
-
-class ReloadOut(Out):
-    reloaded: bool = Field(description="Always true: a refused reload answers an error saying why (the running config is kept)")
-    added: list[str] = Field(description="Models the config now has that it did not")
-    removed: list[str] = Field(description="Models no longer in the config (unloaded)")
-    changed: list[str] = Field(description="Models whose settings changed (applied at their next load)")
-    warnings: list[str] = Field(description="check-config's warnings about the new config")
-    config: ConfigSourceOut | None = Field(description="The file lessord now runs")
 
 
 class StatusOut(Out):

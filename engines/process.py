@@ -36,8 +36,14 @@ class ProcessEnded(RuntimeError):
         super().__init__(f"engine (pid {pid}) exited with {describe_exit(returncode)} while {doing}{last_lines(tail)}")
 
 
+# The first line of each engine log: lessor's own, with the argv (the log and `lessor logs` keep it).
+STARTING = "# lessor: starting "
+
+
 def last_lines(tail: Sequence[str], lines: int = 5) -> str:
-    """"; last log lines: a | b" for an exit's message ("" when the log is empty)."""
+    """"; last log lines: a | b" for an exit's message ("" when the log is empty): the engine's own
+    lines, not lessor's argv line, which would make each crash's log line and event hundreds of characters."""
+    tail = [line for line in tail if not line.startswith(STARTING)]
     return "; last log lines: " + " | ".join(line.strip() for line in tail[-lines:]) if tail else ""
 
 
@@ -137,7 +143,7 @@ class EngineProcess:
         if log_path.exists():  # keep the previous run's log for the post-mortem
             log_path.replace(log_path.with_name(log_path.name + ".1"))
         with open(log_path, "ab", buffering=0) as out:
-            out.write(f"# lessor: starting {' '.join(argv)}\n".encode())
+            out.write(f"{STARTING}{' '.join(argv)}\n".encode())
             # argv, never a shell: nothing in the config is ever parsed by /bin/sh. subprocess.Popen,
             # not asyncio's: in CPython 3.11 asyncio's exec took 5-7 ms of the event loop per start (a
             # watcher thread per child among it), Popen 0.2 ms; the exit is seen through a pidfd.

@@ -19,7 +19,7 @@ from lessor.api import cli_render
 from lessor.api.cli import main
 from lessor.daemon.units import GiB
 
-from .conftest import HANG_S, ROOT, running_lessord
+from .conftest import HANG_S, ROOT, free_port, running_lessord
 
 BIN = Path(sys.executable).parent
 STANDIN = str(ROOT / "tests" / "standin_engine.py")
@@ -38,6 +38,16 @@ def write_config(path: Path, state: Path, models: list[dict]) -> Path:
         "devices": {"probe": "sim", "headroom": "512MiB", "simulated": [{"name": "sim8", "total": "8GiB", "foreign": "1GiB"}]},
         "models": models}))
     return path
+
+
+@pytest.fixture(autouse=True)
+def no_config_found(tmp_path, monkeypatch):
+    """The CLI as on a machine without lessord's service: no $LESSOR_CONFIG, no /etc/lessor/lessor.yaml."""
+    from lessor.api import cli_client
+
+    for name in ("LESSOR_CONFIG", "LESSOR_ADMIN_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cli_client, "DEFAULT_CONFIG", tmp_path / "etc" / "lessor.yaml", raising=False)
 
 
 @pytest.fixture
@@ -68,8 +78,8 @@ class Running:
     SIGINT ignored, as under `make test &`, so Ctrl-C is tested the same however the suite runs."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([str(BIN / "lessor"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"},
+        env = {k: v for k, v in os.environ.items() if k not in ("LESSOR_ADMIN_TOKEN", "LESSOR_CONFIG", "LESSOR_ADMIN_URL")}
+        self.proc = subprocess.Popen([str(BIN / "lessor"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                      preexec_fn=ignoring_sigint)
         self.lines: dict[str, queue.Queue] = {"out": queue.Queue(), "err": queue.Queue()}
         for name, stream in (("out", self.proc.stdout), ("err", self.proc.stderr)):
@@ -227,9 +237,10 @@ def test_models_table_shows_idle_time_requests_pid_and_the_error(daemon, capsys,
     monkeypatch.setenv("COLUMNS", "60")
     out = lessor(capsys, "models", "--admin", url)[1]
     header, *rows = out.splitlines()
-    assert header.split() == ["MODEL", "STATE", "ENGINE", "PRIO", "PINNED", "IDLE", "INFL", "PID"]
-    qa = next(r for r in rows if r.startswith("qa "))
-    assert qa.split()[-1] == str(models["qa"]["pid"]) and qa.split()[-2] == "0" and qa.split()[-3].endswith("s")
+    assert header.split() == ["MODEL", "STATE", "ENGINE", "PRIO", "PINNED", "IDLE", "INFL", "UNTIL", "PID"]
+    qa = dict(zip(header.split(), next(r for r in rows if r.startswith("qa ")).split()))
+    assert qa["PID"] == str(models["qa"]["pid"]) and qa["INFL"] == "0" and qa["IDLE"].endswith("s")
+    assert qa["UNTIL"] == "never" and models["qa"]["keep_alive_ends_in_s"] is None  # keep_alive -1: never
     error = rows[rows.index(next(r for r in rows if r.startswith("broken "))) + 1]
     # Not a terminal (a pipe, a log, a test): every word of the reason, on its line.
     assert error == "  error: " + " ".join(models["broken"]["error"].split())
@@ -271,6 +282,79 @@ def test_set_foreign_prints_the_new_budget(daemon, capsys):
     assert code == 0 and out.strip() == "gpu0: foreign 3.0 GiB, leasable 4.5 GiB, free 4.5 GiB"
     assert json.loads(lessor(capsys, "set-foreign", "gpu0", "1GiB", "--json", *admin_args(url, config))[1])["free_bytes"] \
         == int(6.5 * GiB)
+
+
+# -- which daemon: --config before or after the command, $LESSOR_CONFIG, the service's config -----
+
+def test_config_before_the_command_and_lessor_config_find_the_daemon_and_its_token(daemon, capsys, monkeypatch):
+    url, config, _ = daemon
+    code, out, err = lessor(capsys, "--config", config, "--admin", url, "status", "--json")
+    assert code == 0 and err == "" and json.loads(out)["config"]["path"] == str(config.resolve())
+    assert lessor(capsys, "--json", "--admin", url, "models")[0] == 0  # every daemon option goes before it too
+    # $LESSOR_CONFIG: the token read from its state_dir (without it: 401, no token sent).
+    monkeypatch.setenv("LESSOR_CONFIG", str(config))
+    code, _, err = lessor(capsys, "logs", "qb", "--admin", url)
+    assert code == 1 and "has no engine log yet" in err and "401" not in err
+
+
+def test_without_a_config_the_cli_says_which_address_it_asks_and_why(tmp_path, capsys, monkeypatch):
+    from lessor.api import cli_client
+    from lessor.api.cli import parser
+
+    def address(*argv: str):
+        return cli_client.daemon_address(parser().parse_args([*argv, "status"]))
+
+    base, path, note = address()
+    assert (base, path) == (cli_client.DEFAULT_ADMIN, None)
+    assert note == (f"asking {cli_client.DEFAULT_ADMIN}, the default admin address: no --admin or $LESSOR_ADMIN_URL, "
+                    f"no --config or $LESSOR_CONFIG, and {tmp_path / 'etc' / 'lessor.yaml'} does not exist")
+    # The service's config, where it is readable: its admin.listen, said nothing about.
+    (tmp_path / "etc").mkdir()
+    write_config(tmp_path / "etc" / "lessor.yaml", tmp_path / "state", [standin("qa")])
+    service = yaml.safe_load((tmp_path / "etc" / "lessor.yaml").read_text())
+    (tmp_path / "etc" / "lessor.yaml").write_text(yaml.safe_dump({**service, "admin": {"listen": "127.0.0.1:18999"}}))
+    assert address() == ("http://127.0.0.1:18999", str(tmp_path / "etc" / "lessor.yaml"), "")
+    # A config named beats it, before or after the command or in $LESSOR_CONFIG; --admin beats both.
+    named = write_config(tmp_path / "named.yaml", tmp_path / "state", [standin("qa")])
+    assert address("--config", str(named))[:2] == ("http://127.0.0.1:8470", str(named))
+    monkeypatch.setenv("LESSOR_CONFIG", str(named))
+    assert address()[1] == str(named) and address("--admin", "http://h:1") == ("http://h:1", str(named), "")
+    # The note reaches stderr when the default is used (the call itself then fails: nothing listens there).
+    monkeypatch.delenv("LESSOR_CONFIG")
+    (tmp_path / "etc" / "lessor.yaml").unlink()
+    monkeypatch.setattr(cli_client, "DEFAULT_ADMIN", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(SystemExit, match="cannot reach the admin API"):
+        main(["status"])
+    assert "the default admin address" in capsys.readouterr().err
+
+
+# -- load: what it evicted; models: keep_alive's end ---------------------------------------------
+
+@pytest.fixture
+def small_card(tmp_path):
+    """Two models of 4 GiB that do not fit the 6.5 GiB left together; `big` keeps alive 10 minutes."""
+    big = {**standin("big"), "keep_alive": "10m"}
+    big["memory"] = {**big["memory"], "weights": "4GiB"}
+    other = {**standin("other"), "memory": {**big["memory"]}}
+    config = write_config(tmp_path / "lessor.yaml", tmp_path / "state", [big, other])
+    with running_lessord(config, output=tmp_path / "lessord.out") as (_proc, url, _router):
+        yield url, config
+
+
+def test_load_names_what_it_evicted_and_models_say_when_keep_alive_ends(small_card, capsys):
+    url, config = small_card
+    code, out, _ = lessor(capsys, "load", "big", *admin_args(url, config))
+    assert code == 0 and out.startswith("big: ready in ") and "evicted" not in out
+    big = json.loads(lessor(capsys, "models", "--json", "--admin", url)[1])[0]
+    assert big["name"] == "big" and 0 < big["keep_alive_ends_in_s"] <= 600
+    out = lessor(capsys, "models", "--admin", url)[1]
+    header, *rows = out.splitlines()
+    row = dict(zip(header.split(), next(r for r in rows if r.startswith("big ")).split()))
+    assert row["UNTIL"] != "never" and row["UNTIL"].endswith("s")
+    code, out, _ = lessor(capsys, "load", "other", *admin_args(url, config))
+    assert code == 0 and out.strip().endswith("; evicted big to make room"), out
+    code, out, _ = lessor(capsys, "load", "big", "--json", *admin_args(url, config))
+    assert code == 0 and json.loads(out)["evicted"] == ["other"]
 
 
 # -- 9. the token ------------------------------------------------------------------------------
@@ -373,6 +457,39 @@ def test_a_plan_of_a_loaded_model_says_it_is_loaded():
 def test_each_event_is_one_line(event, line):
     rendered = cli_render.render_event({"at_s": 0.0, **event})
     assert rendered.endswith(line) and event["type"] in rendered and "\n" not in rendered
+
+
+def test_a_waiting_model_says_what_it_waits_for_and_until_says_when_keep_alive_ends():
+    base = {"engine": "vllm", "priority": 0, "pinned": False, "in_flight": 0, "pid": None}
+    models = [
+        {**base, "name": "chat", "state": "ready", "idle_s": 35.0, "keep_alive_ends_in_s": 125.0, "pid": 41},
+        {**base, "name": "coder", "state": "waiting", "idle_s": None, "keep_alive_ends_in_s": None,
+         "waiting": {"reason": "evicting chat would lose more requests than coder would serve", "recheck_in_s": 12.4,
+                     "blockers": ["chat"], "requests": 2}},
+        {**base, "name": "pinned", "state": "ready", "pinned": True, "idle_s": 3.0, "keep_alive_ends_in_s": None},
+        {**base, "name": "older", "state": "ready", "idle_s": 3.0},  # a daemon without the field
+    ]
+    header, *rows = cli_render.render_models(models, width=0).splitlines()
+    cells = {row.split()[0]: dict(zip(header.split(), row.split())) for row in rows if not row.startswith(" ")}
+    assert [cells[m]["UNTIL"] for m in ("chat", "coder", "pinned", "older")] == ["2m05s", "-", "never", "-"]
+    assert cells["coder"]["STATE"] == "waiting"
+    assert rows[rows.index(next(r for r in rows if r.startswith("coder "))) + 1] == (
+        "  waiting: evicting chat would lose more requests than coder would serve; 2 request(s) waiting; "
+        "held up by chat; weighed again in 12s")
+    assert cli_render.waiting_line({"reason": "room is being made"}) == "waiting: room is being made"
+
+
+def test_a_crash_is_one_short_event_line_and_its_log_lines_stay_in_the_event():
+    argv = "/opt/vllm/bin/vllm serve /models/qa " + " ".join(f"--flag-{i} {i}" for i in range(60))
+    reason = (f"engine exited with code 1 while serving; last log lines: # lessor: starting {argv} | "
+              "INFO serving | RuntimeError: CUDA error: an illegal memory access was encountered")
+    event = {"type": "engine_exited", "model": "qa", "pid": 7, "returncode": 1, "reason": reason, "restart_in_s": None}
+    line = cli_render.render_event({"at_s": 0.0, **event})
+    assert line.endswith("qa pid 7 exited 1: engine exited with code 1 while serving (its log: lessor logs qa); no restart")
+    assert len(line) < 160
+    failed = cli_render.render_event({"at_s": 0.0, "type": "model_state", "model": "qa", "previous": "ready",
+                                      "state": "failed", "reason": reason})
+    assert failed.endswith("qa ready -> failed: engine exited with code 1 while serving (its log: lessor logs qa)")
 
 
 def test_durations():

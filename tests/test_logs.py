@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from datetime import datetime, timezone
 
 import pytest
@@ -20,7 +22,7 @@ from lessor.api.service import parse_args
 from lessor.daemon.config import load_config
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
-from lessor.engines.process import process_identity
+from lessor.engines.process import last_lines, process_identity
 
 from .conftest import HANG_S, free_port, running_lessord, until
 from .test_e2e_torch import Admin
@@ -231,3 +233,54 @@ def test_lessord_log_format_json_end_to_end(tmp_path):
             proc.wait()
     assert all({"ts", "level", "logger", "msg"} <= set(record) for record in seen)
     assert any(record["msg"].startswith("lessord stopping") for record in seen)
+
+
+# -- in words, and short ----------------------------------------------------------------------
+
+def test_a_log_lines_lists_are_words_not_python_reprs():
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    out = io.StringIO()
+    try:
+        configure_logging("INFO", "plain", out)
+        logging.getLogger("lessor.test").info("adopted %s, stopped %s, added %s, kv %s, %d stray(s), %s", ["qwen-coder"],
+                                              [], (), {"gpu0": 3}, 2, "text")
+        logging.getLogger("lessor.test").info("%(model)s alone", {"model": "qa"})  # mapping style: left as it is
+    finally:
+        root.handlers[:], root.level = saved
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("lessor.test adopted qwen-coder, stopped none, added none, kv gpu0=3, 2 stray(s), text")
+    assert lines[1].endswith("lessor.test qa alone")
+
+
+def test_an_exits_last_log_lines_leave_out_lessors_argv_line():
+    tail = ["# lessor: starting /opt/vllm/bin/vllm serve /models/qa --port 1 --max-model-len 1024", "INFO up",
+            "RuntimeError: boom"]
+    assert last_lines(tail) == "; last log lines: INFO up | RuntimeError: boom"
+    assert last_lines(tail[:1]) == ""
+
+
+def test_lessords_restart_summary_and_a_crash_are_short_lines_in_words(tmp_path):
+    crashing = {**standin_spec("c", tmp_path), "restart": {"policy": "never"}}
+    crashing["engine"]["env"]["LESSOR_STANDIN_CRASH_ON_REQUEST"] = "1"
+    path = config_file(tmp_path, [standin_spec("a", tmp_path), crashing])
+    with running_lessord(path) as (proc, url, _):
+        assert Admin(url, tmp_path / "state").load("a")[0] == 200
+        kill_9(proc)  # its engine keeps running: the next lessord adopts it
+    output = tmp_path / "lessord.out"
+    with running_lessord(path, "--log-level", "INFO", output=output) as (_, url, router):
+        admin = Admin(url, tmp_path / "state")
+        events = admin.events()
+        assert admin.load("c")[0] == 200
+        request = urllib.request.Request(f"{router}/v1/chat/completions", method="POST",
+                                         data=json.dumps({"model": "c", "messages": []}).encode())
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(request, timeout=HANG_S)
+        while not ((event := events.get(timeout=HANG_S))["type"] == "engine_exited" and event["model"] == "c"):
+            pass
+    text = output.read_text()
+    assert "after restart: adopted a, stopped none, released 0 lease(s), stopped 0 stray(s)" in text, text
+    crashed = next(line for line in text.splitlines() if "c: crashed: " in line)
+    assert "--served-model-name" not in crashed and "lessor: starting" not in crashed and len(crashed) < 400, crashed
+    assert "crashing at the first request" in crashed  # the engine's own last words stay
+    assert "--served-model-name" not in event["reason"]
