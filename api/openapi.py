@@ -77,6 +77,10 @@ def _errors_of(route) -> dict[str, Any]:
         out["404"] = _error("No fingerprint with this key")
     if route.method == "DELETE" and "/fingerprints/" in route.path:
         out["503"] = _error("The ledger's database refused the write")
+    if route.path.endswith("/reload"):
+        out.update({"400": _error("The file was refused (invalid, a change that needs a restart, or an error of "
+                                  "check-config's checks); the running config is kept"),
+                    "409": _error("A model the reload removes or changes is loading or unloading")})
     if route.path.endswith("/foreign"):
         out["400"] = _error("Not a simulated device, or a bad body")
         out["404"] = _error("Unknown device")

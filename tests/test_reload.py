@@ -138,3 +138,11 @@ def test_lessor_reload_answers_what_changed_or_why_refused(tmp_path):
         status = json.loads(subprocess.run([str(BIN / "lessor"), "models", "--admin", url, "--json"],
                                            capture_output=True, text=True, timeout=HANG_S, env=env).stdout)
         assert [m["name"] for m in status] == ["a", "b"]
+
+
+def test_the_route_is_documented_with_its_refusals():
+    from lessor.api.admin import ROUTES
+    from lessor.api.openapi import build_openapi
+    op = build_openapi(ROUTES)["paths"]["/admin/v1/reload"]["post"]
+    assert {"200", "400", "401", "409"} <= set(op["responses"]) and op["security"] == [{"bearer": []}]
+    assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ReloadOut")
