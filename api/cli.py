@@ -127,13 +127,27 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from ..daemon.checks import check
 
     config = load_config(args.file)  # a schema problem is a ConfigError: main() lists them all
-    report = check(config)
+    report = check(config, args.sim)
     for finding in report.findings:
         print(f"{args.file}: {finding}", file=sys.stderr if finding.error else sys.stdout)
     verdict = f"{report.errors} error(s)" if report.errors else "OK"
     print(f"{args.file}: {verdict} ({len(config.models)} model(s), policy {config.policy.name}; checked against "
           f"{report.devices})")
     return 1 if report.errors else 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """A refused reload is an API error (main() prints why, exit 1); the running config is kept."""
+    done = make_client(args).call("POST", "/admin/v1/reload")
+    if args.json:
+        print(json.dumps(done, indent=2))
+        return 0
+    said = [f"{what} {', '.join(done[what])}" for what in ("added", "removed", "changed") if done[what]]
+    print(f"reloaded {done['config']['path'] if done.get('config') else 'the config'}: "
+          f"{'; '.join(said) or 'no model added, removed or changed'}")
+    for warning in done["warnings"]:
+        print(f"  {warning}")
+    return 0
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -238,7 +252,12 @@ def parser() -> argparse.ArgumentParser:
     prints.set_defaults(func=cmd_fingerprints)
     check = sub.add_parser("check-config", help="validate a config file and list every problem")
     check.add_argument("file")
+    check.add_argument("--sim", action="store_true", help="check against the simulated devices even if NVML works "
+                                                         "(as lessord --sim runs)")
     check.set_defaults(func=cmd_check_config)
+    reload = sub.add_parser("reload", parents=[common], help="make lessord read its config file again: what changed, "
+                                                             "or why it was refused")
+    reload.set_defaults(func=cmd_reload)
     foreign = sub.add_parser("set-foreign", parents=[common], help="simulated devices: set foreign usage")
     foreign.add_argument("device")
     foreign.add_argument("size", type=parse_size)

@@ -190,6 +190,15 @@ class ConfigSourceOut(Out):
     digest: str = Field(description="The first 12 hex digits of the SHA-256 of its content when lessord read it (start or reload)")
 
 
+class ReloadOut(Out):
+    reloaded: bool = Field(description="Always true: a refused reload answers an error saying why (the running config is kept)")
+    added: list[str] = Field(description="Models the config now has that it did not")
+    removed: list[str] = Field(description="Models no longer in the config (unloaded)")
+    changed: list[str] = Field(description="Models whose settings changed (applied at their next load)")
+    warnings: list[str] = Field(description="check-config's warnings about the new config")
+    config: ConfigSourceOut | None = Field(description="The file lessord now runs")
+
+
 class StatusOut(Out):
     version: str
     probe: Literal["nvml", "sim"]

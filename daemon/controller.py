@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .config import LessorConfig
 from .devices import Probe, SimProbe
-from .errors import InvalidRequest, NoEngineLog, UnknownFingerprint
-from .events import AdmissionDecided, AdmissionResult, EventBus, ForeignUsageChanged
+from . import checks
+from .errors import ConfigError, ConfigProblem, InvalidRequest, LessorError, NoEngineLog, UnknownFingerprint
+from .events import AdmissionDecided, AdmissionResult, ConfigReloaded, EventBus, ForeignUsageChanged
 from .holder import ConfigHolder
 from .ledger import LeaseKind, Ledger
 from .lifecycle import ConfigChange, ModelState
 from .supervisor import Supervisor
+
+log = logging.getLogger("lessor.service")
 
 
 class Controller:
@@ -28,6 +32,9 @@ class Controller:
         self.reconciler = None  # the reconciler (metrics read its counters)
         self.config_source: dict[str, str] | None = None  # {path, digest} of the file lessord runs (status says it)
         self.history = None  # the last hour of device usage (daemon/usage_history.py), sampled while lessord runs
+        self.config_loader: Callable[[], LessorConfig] | None = None  # reads lessord's config again (reload)
+        self.pin_failures: dict[str, str] = {}  # pinned models whose load at start failed, and why (readiness)
+        self._reloading = asyncio.Lock()  # SIGHUP and POST /reload: one at a time
 
     @property
     def config(self) -> LessorConfig:
@@ -179,12 +186,61 @@ class Controller:
         if restart_only:
             raise InvalidRequest(restart_only[0], f"changed fields need a restart ({', '.join(restart_only)}); "
                                                   "reload refused, the running config is kept")
+        report = self.check(config)
+        if report.errors:  # the same errors check-config and lessord's start refuse
+            source = self.config_source["path"] if self.config_source else "the new config"
+            raise ConfigError(source, [ConfigProblem(f.path, f.reason) for f in report.findings if f.error])
         return await self.supervisor.apply_config(config)
+
+    def check(self, config: LessorConfig) -> checks.Report:
+        """check-config's checks of `config`, against the devices this lessord runs on."""
+        readings = self.ledger.snapshot().readings.values()
+        return checks.review(config, readings, isinstance(self.probe, SimProbe))
+
+    async def reload_file(self) -> dict[str, Any]:
+        """Read the config again (lessord's file and flags) and apply it: what changed, with the checks'
+        warnings; refused whole (a typed error saying why) with the running config kept.
+        SIGHUP and POST /admin/v1/reload both come here."""
+        if self.config_loader is None:
+            raise InvalidRequest(None, "this lessord was not started from a config file: nothing to reload")
+        async with self._reloading:
+            try:
+                config = self.config_loader()
+                change = await self.reload(config)
+            except LessorError as exc:
+                log.error("reload refused, the running config is kept: %s", exc)
+                self.bus.publish(ConfigReloaded(False, str(exc)))
+                raise
+            if self.config_source:  # the same file, read again: its digest says which content runs now
+                self.config_source = config_source(self.config_source["path"])
+            self.bus.publish(ConfigReloaded(True, "", change.added, change.removed, change.changed))
+            warnings = [str(f) for f in self.check(config).warnings]
+            log.info("config reloaded: %s", _change_in_words(change))
+            return {"reloaded": True, "added": list(change.added), "removed": list(change.removed),
+                    "changed": list(change.changed), "warnings": warnings, "config": self.config_source}
+
+    def readiness(self) -> str | None:
+        """Why lessord is not ready though it started: a pinned model that failed (None: ready)."""
+        for spec in self.config.models:
+            if not spec.pinned:
+                continue
+            record = self.supervisor.resolve(spec.name)
+            if record.state is ModelState.FAILED:
+                return f"pinned model '{spec.name}' failed: {record.error or 'see its events'}"
+            if spec.name in self.pin_failures and record.state not in (ModelState.READY, ModelState.LOADING):
+                return f"pinned model '{spec.name}' did not load at start: {self.pin_failures[spec.name]}"
+        return None
 
     def status(self) -> dict[str, Any]:
         from .. import __version__
         return {"version": __version__, "probe": self.probe.name, "policy": self.config.policy.name,
                 "config": self.config_source, "devices": self.devices(), "models": self.models()}
+
+
+def _change_in_words(change: ConfigChange) -> str:
+    said = [f"{what} {', '.join(names)}" for what, names in
+            (("added", change.added), ("removed", change.removed), ("changed", change.changed)) if names]
+    return "; ".join(said) or "no model added, removed or changed"
 
 
 def keep_alive_ends_in_s(spec, idle_s: float | None) -> float | None:
