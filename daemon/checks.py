@@ -112,9 +112,10 @@ def review(config: LessorConfig, readings: Iterable[DeviceReading], simulated: b
         local = [Finding(f.path, f"{f.reason} (a warning: the devices are simulated, so this machine is not taken "
                                  "for the box; on the box it is an error)", error=False) for f in local]
     found = local + models(config)
-    if not any(r.is_gpu for r in readings):
-        return Report(found + [Finding("devices", "no devices to check the fit of the models against (no NVIDIA driver "
-                                                  "here and no devices.simulated); run check-config on the GPU box",
+    if simulated and not config.devices.simulated:  # SimProbe's stand-in card is nobody's box: no fit to check
+        return Report(found + [Finding("devices", "simulated devices (no NVIDIA driver here, or --sim) and no "
+                                                  "devices.simulated: the fit of the models is not checked; run "
+                                                  "check-config on the GPU box, or describe its cards there",
                                        error=False)], "no devices")
     names = ", ".join(f"{r.device} {r.name}" for r in readings if r.is_gpu)
     budgets = compute_budgets(readings, config.devices, {}, ())
