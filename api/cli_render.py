@@ -195,6 +195,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     lines.append("  params: " + ", ".join(f"{k}={v}" for k, v in plan["params"].items()))
     for lease in plan["leases"]:
         lines.append(f"  {lease['kind']:<10} {lease['device']:<6} {format_bytes(lease['bytes']):>12}")
+    lines += [f"  sizing: {line}" for line in plan.get("sizing", [])]
     for reason in plan["reasons"]:
         lines.append(f"  why: {reason}")
     for warning in plan.get("warnings", []):

@@ -154,6 +154,7 @@ class PlanOut(Out):
     one_phase: bool = Field(description="the engine allocates its KV cache while it loads: every lease at once")
     peak_bytes: dict[str, int] = Field(description="per device: max(weights + load peak, steady leases)")
     fingerprint: FingerprintUse | None = Field(default=None, description="the measurement the plan used, and those it did not")
+    sizing: list[str] = Field(default_factory=list, description="where the model's shape was read from, and which limit sized the KV cache (the configured value, the model's context for the batch, plan.max_kv_tokens, or what fits)")
     loaded: bool | None = Field(default=None, description="present (true) when the model is loaded: planned as for its reload, its own leases counted free")
     current: list[dict[str, Any]] | None = Field(default=None, description="with loaded: the leases it holds now (device, kind, bytes)")
 

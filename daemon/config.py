@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ..engines import ENGINE_ARGS, ENGINE_KINDS, EngineArgs
 from ..memory.architecture import Architecture, read_hf_config
 from ..memory.footprint import ModelShape
+from ..memory.model_folder import read_shape
 from .profile import KvDtype, Memory, MemoryProfile, Size, WeightFormat, resolve
 from ..policies import POLICIES, Policy, Value
 from .errors import ConfigError, ConfigProblem
@@ -117,12 +118,31 @@ def _quantization_from_config(data: Any) -> Any:
     return {**data, "quantization": QUANT_METHODS[method]}
 
 
+def _architecture_from_model_path(data: dict) -> dict:
+    """The model's shape from its own folder (config.json) or GGUF header, where the spec gives no
+    architecture and its memory.* does not say every figure the planner needs."""
+    memory, engine = data.get("memory") or {}, data.get("engine")
+    path = engine.get("model_path") if isinstance(engine, dict) else None
+    if not isinstance(path, str) or not path or (isinstance(memory, dict) and memory.get("weights") is not None
+                                                  and memory.get("kv_bytes_per_token") is not None):
+        return data
+    try:
+        read = read_shape(str(Path(path).expanduser()))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"architecture: none given, and engine.model_path's shape cannot be read: {exc}; give "
+                         "architecture.hf_config, or memory.weights and memory.kv_bytes_per_token") from None
+    if read is None:
+        return data
+    fields, source = read
+    return {**data, "architecture": {**fields, "source": source}}
+
+
 class ModelSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN, description="The name clients use in the `model` field.")
     aliases: list[str] = Field(default_factory=list, description="Other names routed to this model.")
     engine: EngineArgs = Field(description="Engine kind and its arguments.")
     placement: Placement = Field(default_factory=Placement, description="Where the model lives.")
-    architecture: Architecture | None = Field(default=None, description="Shape of the model (HF config.json names); `hf_config: PATH` reads them from a file.")
+    architecture: Architecture | None = Field(default=None, description="Shape of the model (HF config.json names); `hf_config: PATH` reads them from a file. Unset, it is read from engine.model_path (its config.json, or a GGUF's header) where memory.* does not give every figure.")
     quantization: WeightFormat = Field(default="bf16", description="Weight format, for the memory model.")
     kv_dtype: KvDtype = Field(default="bf16", description="KV-cache element type, for the memory model.")
     memory: MemoryProfile = Field(default_factory=MemoryProfile, description="Bytes the model needs; each field overrides the memory model's.")
@@ -143,7 +163,10 @@ class ModelSpec(Strict):
                 from_file = read_hf_config(path)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"architecture.hf_config: cannot read '{path}': {exc}") from None
-            data = {**data, "architecture": {**from_file, **{k: v for k, v in arch.items() if k != "hf_config"}}}
+            data = {**data, "architecture": {**from_file, "source": f"{path} (architecture.hf_config)",
+                                             **{k: v for k, v in arch.items() if k != "hf_config"}}}
+        elif arch is None and isinstance(data, dict):
+            data = _architecture_from_model_path(data)
         return _quantization_from_config(data)
 
     def profile(self) -> Memory:
@@ -188,8 +211,9 @@ class ModelSpec(Strict):
         if self.architecture is None:
             missing = [f for f in ("weights", "kv_bytes_per_token") if getattr(self.memory, f) is None]
             if missing:
-                raise ValueError(f"memory.{missing[0]}: required when no architecture is given "
-                                 f"(give the model's architecture, or memory.{' and memory.'.join(missing)})")
+                raise ValueError(f"memory.{missing[0]}: required when no architecture is given and "
+                                 f"engine.model_path holds no config.json or GGUF ({self.engine.model_path}): give "
+                                 f"architecture.hf_config, or memory.{' and memory.'.join(missing)}")
         engine, most = self.engine, self.engine.max_devices
         if self.placement.experts == "cpu" and not engine.hybrid:
             hybrid = ", ".join(sorted(k for k, args in ENGINE_ARGS.items() if args.hybrid))

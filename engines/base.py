@@ -19,6 +19,8 @@ from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..memory.architecture import Architecture
+from ..memory.context import ContextLimit, trained_context
 from ..memory.footprint import Footprint, ModelShape
 from .memory_model import CUDA_CONTEXT_ESTIMATE, generic_footprint
 from .process import EngineProcess, engine_env, owned_env
@@ -37,6 +39,7 @@ class Sizing:
     activation_bytes: int  # per device: workspace beyond weights and KV
     gpu_bytes: int  # per device: weights + activation + KV
     total_bytes: int  # the smallest card's total
+    context: int | None = None  # the longest sequence the engine runs the model at (context_limit), None: unknown
 
 
 class Flags(NamedTuple):
@@ -93,6 +96,17 @@ class EngineArgsBase(BaseModel):
     def kv_granule(self) -> int:
         """Tokens the engine allocates its KV cache in: a planned size is a multiple of it."""
         return 16
+
+    def context_limit(self, architecture: Architecture) -> tuple[ContextLimit | None, bool]:
+        """The longest sequence the engine runs this model at (None: the architecture does not
+        say), and whether it refuses to start with a larger one (True) or runs past it with no use
+        (False). The planner caps the KV cache at it times the sequences planned. This default:
+        the positions the model was trained for."""
+        return trained_context(architecture), False
+
+    def rounded_kv(self, value: int) -> tuple[int, str | None]:
+        """A configured KV size as the engine rounds it, and a line saying so where it does."""
+        return value, None
 
     def chunk_tokens(self) -> int:
         """The prefill chunk the engine runs with these arguments."""

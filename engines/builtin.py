@@ -13,6 +13,7 @@ from typing import ClassVar, Literal, Mapping
 import aiohttp
 from pydantic import Field
 
+from ..memory.context import ContextLimit, trained_context
 from ..memory.footprint import Footprint, ModelShape
 from .base import (Command, EngineArgsBase, EngineHandle, Flags, KvGrant, KvResizeRefused, Launch, ProcessAdapter,
                    ProcessHandle, Sizing)
@@ -69,6 +70,11 @@ class TorchEngineArgs(EngineArgsBase):
 
     def decode_batch(self) -> int | None:
         return self.max_batch_size
+
+    def context_limit(self, architecture) -> tuple[ContextLimit | None, bool]:
+        # transformers 5.x runs a Qwen2/Llama past max_position_embeddings without a word (RoPE is
+        # computed for any position), on positions the model never saw; torch_engine.embed refuses them.
+        return trained_context(architecture), False
 
     def footprint(self, shape: ModelShape) -> Footprint:
         # Its dtype is the KV cache's (torch_engine allocates it in the model's dtype), whatever the

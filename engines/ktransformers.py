@@ -25,12 +25,13 @@ from typing import Any, ClassVar, Literal, Mapping
 import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from ..memory.context import ContextLimit, sglang_context_length, trained_context
 from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Part, Source
 from ..memory.params import param_counts
 from ..memory.weights import FORMATS, kv_bytes_per_token, nbytes
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing, absolute_path
 from .memory_model import CUDA_CONTEXT_ESTIMATE, TORCH_OOM, GiB, MiB, even
-from .sglang import SGLangEngineArgs, server_argv
+from .sglang import SGLangEngineArgs, planned_context, server_argv
 
 CUDA_PAGE_TOKENS = 256
 DEFAULT_CHUNK_TOKENS = 256  # attn.chunk_size of ktransformers' shipped config.yaml
@@ -62,9 +63,18 @@ def page_size_rule(page_size: int) -> str | None:
 
 
 def cache_lens_rule(cache_lens: int, page_size: int) -> str | None:
-    if cache_lens % page_size:
-        return f"must be a multiple of {page_size} (page_size); got {cache_lens}, use {-(-cache_lens // page_size) * page_size}"
+    # Below one page the scheduler would make no page at all (whole pages, rounded down: rounded_pages).
+    if cache_lens < page_size:
+        return f"must be at least {page_size} (page_size: the KV cache is made of whole pages); got {cache_lens}"
     return None
+
+
+def rounded_pages(cache_lens: int, page_size: int) -> int:
+    """The KV tokens the legacy server holds for --cache_lens: server/args.py:144 (v0.3.2) sizes
+    gpu_memory_size = cache_lens x 2 x 576 x 61 bytes, and csrc/balance_serve/sched/scheduler.cpp:73-77
+    makes floor(gpu_memory_size / page bytes) pages of it: whole pages, rounded down. (A value in
+    config.yaml is rounded up instead, server/config/config.py:202; lessor passes the flag.)"""
+    return cache_lens // page_size * page_size
 
 
 def chunk_size_rule(chunk_size: int) -> str | None:
@@ -191,6 +201,21 @@ class KTransformersEngineArgs(EngineArgsBase):
     def kv_granule(self) -> int:
         return self.page_size if self.server == "legacy" else 1  # SGLang's --page-size defaults to 1
 
+    def context_limit(self, architecture) -> tuple[ContextLimit | None, bool]:
+        if self.server == "sglang":  # sglang-kt 0.7.2 derives it as SGLang does
+            return sglang_context_length(architecture), True
+        # The legacy server (balance_serve, v0.3.2) reads the config with transformers and checks a
+        # request only against cache_lens: past the trained context it runs without a word.
+        return trained_context(architecture), False
+
+    def rounded_kv(self, value: int) -> tuple[int, str | None]:
+        if self.server != "legacy" or value % self.page_size == 0:
+            return value, None
+        held = rounded_pages(value, self.page_size)
+        return held, (f"engine.cache_lens {value} is not a whole number of {self.page_size}-token pages: ktransformers' "
+                      f"scheduler keeps whole pages, rounded down (scheduler.cpp:73-77, v0.3.2), so it holds {held} "
+                      f"tokens; planned as {held}")
+
     def chunk_tokens(self) -> int:
         return self.chunk_size or (self.default_chunk_tokens if self.server == "legacy" else SGLANG_CHUNK_TOKENS)
 
@@ -311,7 +336,7 @@ class KTransformersEngineArgs(EngineArgsBase):
         # --mem-fraction-static must cover of what is free at launch (the adapter computes the fraction).
         static = sizing.gpu_bytes - sizing.activation_bytes
         params = {"cache_lens": sizing.kv_tokens, "max_batch_size": sizing.batch, "chunk_size": self.chunk_tokens(),
-                  "context_length": self.context_length or sizing.kv_tokens,
+                  "context_length": planned_context(self.context_length, sizing),
                   "cuda_graph_max_bs": None if self.disable_cuda_graph else self.cuda_graph_max_bs or sizing.batch,
                   "static_bytes": static, "mem_fraction_static": int(static * 1000 // max(sizing.total_bytes, 1)) / 1000,
                   "kt_num_gpu_experts": self.kt_num_gpu_experts or 0, "kt_method": self.kt_method,

@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from ..memory.context import ContextLimit, trained_context
 from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Part, Source
 from ..memory.params import param_counts
 from ..memory.weights import FORMATS, nbytes
@@ -76,6 +77,11 @@ class LlamaCppEngineArgs(EngineArgsBase):
 
     def chunk_tokens(self) -> int:
         return self.ubatch_size
+
+    def context_limit(self, architecture) -> tuple[ContextLimit | None, bool]:
+        # src/llama-context.cpp (3514e9f6): a slot's context above n_ctx_train (the GGUF's
+        # <arch>.context_length) only warns "possible training context overflow".
+        return trained_context(architecture), False
 
     def footprint(self, shape: ModelShape) -> Footprint:
         """Layers split evenly over the devices (--tensor-split 1,1,...), the output layer on the

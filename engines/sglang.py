@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from ..memory.context import ContextLimit, sglang_context_length
 from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Source
 from ..memory.weights import kv_bytes_per_token
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing
@@ -62,12 +63,15 @@ class SGLangEngineArgs(EngineArgsBase):
     def decode_batch(self) -> int | None:
         return self.max_running_requests
 
+    def context_limit(self, architecture) -> tuple[ContextLimit | None, bool]:
+        return sglang_context_length(architecture), True  # model_config.py: ValueError above it
+
     def planned_flags(self, sizing: Sizing) -> Flags:
         # static_bytes: the weights and the pool, which --mem-fraction-static must cover of what
         # is free at launch; the fraction shown here is of an empty card (the adapter recomputes it).
         static = sizing.gpu_bytes - sizing.activation_bytes
         return Flags({"max_total_tokens": sizing.kv_tokens, "max_running_requests": sizing.batch,
-                      "context_length": self.context_length or sizing.kv_tokens,
+                      "context_length": planned_context(self.context_length, sizing),
                       "chunked_prefill_size": self.chunked_prefill_size,
                       "cuda_graph_max_bs": None if self.disable_cuda_graph else self.cuda_graph_max_bs or sizing.batch,
                       "static_bytes": static,
@@ -100,6 +104,14 @@ class SGLangEngineArgs(EngineArgsBase):
                                  "memory_pool cell_size: layers x max(1, KV heads / tp) x (K + V) x dtype; MLA: "
                                  "(kv_lora_rank + rope) x layers on every rank")
         return Footprint(tuple(device for _ in range(tp)))
+
+
+def planned_context(given: int | None, sizing: Sizing) -> int:
+    """--context-length: as given, else the pool, never above what SGLang derives from the model
+    (it refuses a longer one at start)."""
+    if given:
+        return given
+    return min(sizing.kv_tokens, sizing.context) if sizing.context else sizing.kv_tokens
 
 
 class SGLangAdapter(ProcessAdapter):

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
+from ..memory.context import ContextLimit, vllm_max_len
 from ..memory.footprint import Component, DeviceFootprint, Footprint, ModelShape, Source
 from ..memory.weights import kv_bytes_per_token
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing
@@ -88,6 +89,9 @@ class VLLMEngineArgs(EngineArgsBase):
 
     def decode_batch(self) -> int | None:
         return self.max_num_seqs
+
+    def context_limit(self, architecture) -> tuple[ContextLimit | None, bool]:
+        return vllm_max_len(architecture), True  # ValueError at start above it (no VLLM_ALLOW_LONG_MAX_MODEL_LEN)
 
     def graph_largest(self, seqs: int) -> int:
         return min(self.max_cudagraph_capture_size or min(2 * seqs, 512), self.max_num_batched_tokens)

@@ -73,6 +73,9 @@ class Architecture(BaseModel):
     qk_nope_head_dim: int = Field(default=0, ge=0, description="MLA: per-head non-rotary q/k width.")
     qk_rope_head_dim: int = Field(default=0, ge=0, description="MLA: rotary q/k width (shared k_pe).")
     v_head_dim: int = Field(default=0, ge=0, description="MLA: per-head value width.")
+    max_position_embeddings: int | None = Field(default=None, gt=0, description="Positions the model was trained for (a GGUF's ARCH.context_length): with rope_scaling, the longest sequence each engine runs it at, which caps the planned KV cache.")
+    rope_scaling: dict[str, str | float | int | None] | None = Field(default=None, description="config.json's rope_scaling (or rope_parameters): rope_type, factor, original_max_position_embeddings; engines scale the context limit by it, each its own way.")
+    source: str | None = Field(default=None, description="Where these fields were read from; set by lessor (architecture.hf_config, or the config.json or GGUF header in engine.model_path), shown by `lessor plan`.")
 
     @model_validator(mode="after")
     def _shape(self) -> "Architecture":
@@ -241,6 +244,7 @@ def _read(c: dict[str, Any], fam: _Family, model_type: str) -> dict[str, Any]:
         if get(key) is not None:
             out[key] = get(key)
     out.update(fam.fixed)
+    _read_positions(c, out)
     if get("mlp_bias"):
         raise UnsupportedConfig("mlp_bias", "MLP biases are not modelled")
     if get("attention_bias") and model_type not in ("qwen2", "qwen2_moe"):
@@ -253,6 +257,21 @@ def _read(c: dict[str, Any], fam: _Family, model_type: str) -> dict[str, Any]:
     _read_experts(c, get, model_type, out)
     _read_window(c, get, model_type, out)
     return out
+
+
+def _read_positions(c: dict[str, Any], out: dict[str, Any]) -> None:
+    """The context the model was made for: max_position_embeddings and its rope scaling
+    (transformers 4's rope_scaling, 5's rope_parameters; per layer type, the full layers')."""
+    if isinstance(c.get("max_position_embeddings"), int) and c["max_position_embeddings"] > 0:
+        out["max_position_embeddings"] = c["max_position_embeddings"]
+    rope = c.get("rope_scaling") or c.get("rope_parameters")
+    if isinstance(rope, dict) and isinstance(rope.get(FULL), dict):
+        rope = rope[FULL]
+    if isinstance(rope, dict):
+        kept = {k: rope[k] for k in ("rope_type", "type", "factor", "original_max_position_embeddings")
+                if isinstance(rope.get(k), (str, int, float))}
+        if kept.get("factor") is not None or kept.get("rope_type", kept.get("type", "default")) != "default":
+            out["rope_scaling"] = kept
 
 
 def _read_quantization(q: Any, out: dict[str, Any]) -> None:

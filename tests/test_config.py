@@ -42,13 +42,13 @@ def test_every_problem_is_listed_with_its_path():
     problems = _problems({
         "devices": {"headroom": "lots", "simulated": [{"total": "24GiB", "colour": "red"}]},
         "policy": {"name": "fifo"},
-        "models": [_kt(), {**_kt(cache_lens=1000, chunk_size=1500, max_batch_size=2), "name": "r2"}],
+        "models": [_kt(), {**_kt(cache_lens=200, chunk_size=1500, max_batch_size=2), "name": "r2"}],
     })
     assert "not a size" in problems["devices.headroom"]
     assert "unknown field" in problems["devices.simulated[0].colour"]
     assert "valid: fit, lru_idle, priority" in problems["policy.name"]
-    assert problems["models[1].engine.cache_lens"].startswith("must be a multiple of 256")
-    assert "use 1024" in problems["models[1].engine.cache_lens"]
+    assert problems["models[1].engine.cache_lens"].startswith("must be at least 256")
+    assert "got 200" in problems["models[1].engine.cache_lens"]
     assert "at most 1024 or a multiple of 1024" in problems["models[1].engine.chunk_size"]
     assert "at least 3 for the balance_serve backend" in problems["models[1].engine.max_batch_size"]
     assert len(problems) == 6

@@ -286,7 +286,7 @@ def test_ktransformers_config_errors_name_the_field():
     assert legacy.value.errors()[0]["loc"] == ("gguf_path",) and "server: legacy" in str(legacy.value)
     with pytest.raises(ValidationError) as cache:
         KTransformersEngineArgs.model_validate({"kind": "ktransformers", "model_path": "/m", "gguf_path": "/g",
-                                                "cache_lens": 1000})
+                                                "cache_lens": 200})
     assert cache.value.errors()[0]["loc"] == ("cache_lens",)
     # the same value is fine for SGLang's --max-total-tokens (no page rule there)
     assert KTransformersEngineArgs.model_validate({"kind": "ktransformers", "model_path": "/m", "cache_lens": 1000}).cache_lens == 1000

@@ -79,7 +79,7 @@ def kt_spec(**engine):
 
 @pytest.mark.parametrize("override,field,text", [
     ({"page_size": 300}, "engine.page_size", "must be a multiple of 256 and at least 256"),
-    ({"cache_lens": 28000}, "engine.cache_lens", "must be a multiple of 256 (page_size); got 28000, use 28160"),
+    ({"cache_lens": 200}, "engine.cache_lens", "must be at least 256 (page_size: the KV cache is made of whole pages)"),
     ({"chunk_size": 1500}, "engine.chunk_size", "must be at most 1024 or a multiple of 1024"),
     ({"max_batch_size": 2}, "engine.max_batch_size", "must be at least 3 for the balance_serve backend"),
 ])
