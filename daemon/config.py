@@ -81,7 +81,7 @@ class Placement(Strict):
 class PlanSettings(Strict):
     goal: Literal["context", "concurrency"] = Field(default="context", description="What the planner maximises with the KV budget.")
     min_kv_tokens: int = Field(default=2048, ge=16, description="Smallest KV cache worth loading the model for.")
-    max_kv_tokens: int | None = Field(default=None, ge=16, description="Largest KV cache to take, even when more is free.")
+    max_kv_tokens: int | None = Field(default=None, ge=16, description="Largest KV cache to take, even when more is free. Unset: the model's context (as its engine derives it from max_position_embeddings) for the planned batch, the rest of the card left to other models; without a known context, what fits.")
     max_batch_size: int = Field(default=4, ge=1, le=256, description="Concurrency the planner aims for when the engine leaves it open.")
     context_tokens: int | None = Field(default=None, ge=16, description="goal 'concurrency': tokens each sequence needs; batch = KV tokens / this.")
 
