@@ -103,3 +103,19 @@ def test_a_damaged_gguf_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError) as info:
         parse_config({"models": [{"name": "x", "engine": {"kind": "llamacpp", "model_path": str(path)}}]})
     assert "the header ends early" in str(info.value)
+
+
+async def test_lessord_loads_a_model_from_its_folder_alone_and_the_engine_takes_the_planned_context(tiny_qwen, tmp_path):
+    """Through the daemon with the real built-in engine: no architecture, no memory.* (the newcomer's spec)."""
+    from lessor.daemon.runtime import runtime
+
+    from .conftest import sim_config
+
+    spec = {"name": "chat", "engine": {"kind": "torch", "model_path": str(tiny_qwen), "dtype": "float32"},
+            "restart": {"policy": "never"}}
+    async with runtime(sim_config(tmp_path, [spec], gpus=[{"name": "sim16", "total": "16GiB"}])) as controller:
+        assert controller.plan("chat")["sizing"][0].endswith("(engine.model_path's config.json)")
+        model = await controller.load("chat")
+        assert model["state"] == "ready"
+        assert model["params"] == {"context_tokens": 8192, "max_batch_size": 4}
+        await controller.unload("chat")
