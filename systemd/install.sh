@@ -14,6 +14,7 @@
 # it a /tmp and /var/tmp of its own: a venv there could not be run, so such a PREFIX is refused.
 # LESSOR_SOURCE: what pip installs (default: this tree); PIP_ARGS: more pip arguments (the test
 # installs a wheel it built with --no-deps: no download).
+# SYSTEMCTL: the command run as `$SYSTEMCTL daemon-reload` (the test's private mount namespace: true).
 # LESSOR_ANY_PREFIX=1: skip that refusal (the test installs under its tmp folder, verifies the unit
 # with systemd-analyze and never starts it).
 set -eu
@@ -52,7 +53,7 @@ echo "==> [1/5] lessor in the venv $PREFIX/venv"
 
 echo "==> [2/5] the system user $LESSOR_USER"
 if ! id -u "$LESSOR_USER" >/dev/null 2>&1; then
-    useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home --shell /usr/sbin/nologin "$LESSOR_USER"
+    useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home --no-log-init --shell /usr/sbin/nologin "$LESSOR_USER"
 fi
 GROUP=$(id -gn "$LESSOR_USER")
 
@@ -84,7 +85,7 @@ chmod 0644 "$UNIT_DIR/lessord.service.new"
 mv "$UNIT_DIR/lessord.service.new" "$UNIT_DIR/lessord.service"
 
 if [ "$UNIT_DIR" = /etc/systemd/system ] && [ -d /run/systemd/system ]; then
-    systemctl daemon-reload
+    ${SYSTEMCTL:-systemctl} daemon-reload
     echo "installed; start it with: systemctl enable --now lessord"
 else
     echo "installed; where systemd runs: systemctl daemon-reload && systemctl enable --now lessord"

@@ -245,3 +245,52 @@ def test_make_install_refuses_a_venv_the_unit_would_hide(tmp_path, prefix, setti
     done = make_install(tmp_path, PREFIX=prefix)
     assert done.returncode != 0 and setting in done.stderr and "PREFIX=/opt/lessor" in done.stderr
     assert not (tmp_path / "systemd").exists() and not Path(prefix).exists()
+
+
+NAMESPACE_INSTALL = r"""
+set -eu
+# Private to this mount namespace: /etc, /opt and /var/lib are overlays whose writes land in a tmpfs.
+mount -t tmpfs none "$NS"
+for dir in /etc /opt /var/lib; do
+    layer="$NS/$(echo "$dir" | tr / _)"
+    mkdir -p "$layer/up" "$layer/work"
+    mount -t overlay overlay -o "lowerdir=$dir,upperdir=$layer/up,workdir=$layer/work" "$dir"
+done
+make -s install
+make -s install
+systemd-analyze verify /etc/systemd/system/lessord.service
+id -un lessor
+stat -c '%U:%G %a %n' /var/lib/lessor /etc/lessor/lessor.yaml
+grep -E '^(User|Group|ExecStart)=' /etc/systemd/system/lessord.service
+test -x /opt/lessor/venv/bin/lessord && echo "lessord is executable"
+"""
+
+
+def test_make_install_as_written_the_user_opt_etc_and_var_lib_in_a_private_mount_namespace(tmp_path, lessor_wheel):
+    """`sudo make install` with its defaults (useradd lessor, /opt/lessor/venv, /etc, /var/lib/lessor),
+    run where /etc, /opt and /var/lib are overlays private to the test: the real ones are not touched."""
+    if os.getuid() != 0 or shutil.which("unshare") is None or not Path("/opt").is_dir():
+        pytest.skip("needs root, unshare(1) and /opt (a private mount namespace with overlays)")
+    analyze = systemd_analyze()
+    (tmp_path / "ns").mkdir()
+    env = {**os.environ, "NS": str(tmp_path / "ns"), "LESSOR_SOURCE": str(lessor_wheel), "PIP_ARGS": "--no-deps",
+           "SYSTEMCTL": "true", "PATH": f"{Path(analyze).parent}:{os.environ['PATH']}"}
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            f"mount -t tmpfs none {tmp_path / 'ns'}"], capture_output=True, text=True, timeout=HANG_S)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
+    def real() -> tuple:
+        return (Path("/etc/passwd").read_text(), Path("/etc/group").read_text(),
+                *(Path(p).exists() for p in ("/etc/lessor", "/opt/lessor", "/var/lib/lessor", "/etc/systemd/system/lessord.service")))
+
+    before = real()
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", NAMESPACE_INSTALL], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=HANG_S)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "lessor" in lines and "lessord is executable" in lines
+    assert "lessor:lessor 750 /var/lib/lessor" in lines and "root:lessor 640 /etc/lessor/lessor.yaml" in lines
+    assert {"User=lessor", "Group=lessor",
+            "ExecStart=/opt/lessor/venv/bin/lessord --config ${CONFIGURATION_DIRECTORY}/lessor.yaml"} <= set(lines)
+    assert "kept as it is (already there)" in done.stdout  # the second run
+    assert real() == before, "the real /etc, /opt or /var/lib changed"
