@@ -138,7 +138,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """A refused reload is an API error (main() prints why, exit 1); the running config is kept."""
-    done = make_client(args).call("POST", "/admin/v1/reload")
+    try:
+        done = make_client(args).call("POST", "/admin/v1/reload")
+    except ApiError as exc:
+        exc.hint = exc.hint or "reload refused: lessord runs the config it had"
+        raise
     if args.json:
         print(json.dumps(done, indent=2))
         return 0

@@ -122,7 +122,7 @@ def make_client(args: argparse.Namespace) -> Client:
     config = load_config(path) if path else None
     token, where = find_token(args.token, config)
     client = Client(base, token, where)
-    if path:
+    if path and getattr(args, "command", None) != "reload":  # reload is how an edited file is applied
         warn_if_other_config(client, path)
     return client
 
@@ -144,4 +144,4 @@ def warn_if_other_config(client: Client, path: str) -> None:
               file=sys.stderr)
     elif running["digest"] != mine["digest"]:
         print(f"lessor: the daemon at {client.base} runs {path} as it was when read (digest {running['digest']}); "
-              f"the file changed since ({mine['digest']}): `systemctl reload lessord` (SIGHUP) applies it", file=sys.stderr)
+              f"the file changed since ({mine['digest']}): `lessor reload` (or SIGHUP) applies it", file=sys.stderr)

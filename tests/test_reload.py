@@ -123,18 +123,19 @@ def test_lessor_reload_answers_what_changed_or_why_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "LESSOR_ADMIN_TOKEN"}
 
     def reload(url):
-        return subprocess.run([str(BIN / "lessor"), "reload", "--admin", url, "--token",
-                               (tmp_path / "state" / "admin.token").read_text().strip()],
+        return subprocess.run([str(BIN / "lessor"), "reload", "--admin", url, "--config", str(path), "--token", token],
                               capture_output=True, text=True, timeout=HANG_S, env=env)
     with running_lessord(path) as (_, url, _):
+        token = (tmp_path / "state" / "admin.token").read_text().strip()
         _write(path, _data(tmp_path, [torch_model("a", "2GiB"), torch_model("b", "2GiB")]))
         done = reload(url)
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 0 and done.stderr == "", done.stderr  # no "the file changed since": it is applied
         assert done.stdout.startswith(f"reloaded {path.resolve()}: added b") and "no-such" not in done.stdout
         assert "warning: models[1].engine.model_path: /models/b does not exist" in done.stdout  # simulated: warned
         _write(path, {**_data(tmp_path, [torch_model("a", "2GiB")]), "state_dir": str(tmp_path / "elsewhere")})
         refused = reload(url)
         assert refused.returncode == 1 and "changed fields need a restart (state_dir)" in refused.stderr, refused
+        assert "reload refused: lessord runs the config it had" in refused.stderr
         status = json.loads(subprocess.run([str(BIN / "lessor"), "models", "--admin", url, "--json"],
                                            capture_output=True, text=True, timeout=HANG_S, env=env).stdout)
         assert [m["name"] for m in status] == ["a", "b"]
