@@ -225,6 +225,13 @@ def test_bash_completion_offers_commands_flags_and_the_daemons_model_names(daemo
     assert "bashcompinit" in zsh and "complete -F _lessor lessor" in zsh
 
 
+def test_completion_finds_the_command_after_options_given_before_it(capsys):
+    script = lessor(capsys, "completion", "bash")[1]
+    assert complete(["lessor", "--config", "x.yaml", "lo"], script) == ["load", "logs"]
+    assert complete(["lessor", "--json", "--admin", "http://h:1", "logs", "--fo"], script) == ["--follow"]
+    assert "--config" in complete(["lessor", "--"], script)
+
+
 # -- 7, 8, 10: the model table, which config, set-foreign ----------------------------------------
 
 def test_models_table_shows_idle_time_requests_pid_and_the_error(daemon, capsys, monkeypatch):
