@@ -91,7 +91,9 @@ class VLLMEngineArgs(EngineArgsBase):
         return self.max_num_seqs
 
     def context_limit(self, architecture) -> tuple[ContextLimit | None, bool]:
-        return vllm_max_len(architecture), True  # ValueError at start above it (no VLLM_ALLOW_LONG_MAX_MODEL_LEN)
+        # vLLM 0.32 config/model.py _get_and_verify_max_len: ValueError at start above it (without
+        # VLLM_ALLOW_LONG_MAX_MODEL_LEN); the rule is in memory/context.py.
+        return vllm_max_len(architecture), True
 
     def graph_largest(self, seqs: int) -> int:
         return min(self.max_cudagraph_capture_size or min(2 * seqs, 512), self.max_num_batched_tokens)

@@ -35,27 +35,30 @@ def _rope(a: Architecture) -> tuple[str, float, int | None]:
     return kind, float(rope.get("factor", 1.0) or 1.0), int(original) if original else None
 
 
+# Rope types whose max_position_embeddings vLLM takes as already scaled (no factor applied).
+VLLM_SCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
 def vllm_max_len(a: Architecture) -> ContextLimit | None:
-    """vLLM's derived max_model_len (vllm/config/model.py `_get_and_verify_max_len`, read at
-    vllm-project/vllm 0052a5b8, the 0.19 line): the position count, times the rope factor unless
-    the rope type is su, longrope or llama3 (their position count is already scaled), from
-    original_max_position_embeddings for yarn; Gemma 3's count is scaled already. A larger
-    --max-model-len is refused at start unless VLLM_ALLOW_LONG_MAX_MODEL_LEN is set."""
+    """vLLM's derived max_model_len (vllm/config/model.py `_get_and_verify_max_len`, read in the
+    vLLM 0.32.0 wheel tests/install-vllm.sh installs): the position count times the rope factor,
+    except for the rope types that leave it scaled already (VLLM_SCALED_ROPE) and Gemma 3. A
+    larger --max-model-len is refused at start unless VLLM_ALLOW_LONG_MAX_MODEL_LEN is set. (Older
+    releases, e.g. at vllm-project/vllm 0052a5b8, took yarn's original_max_position_embeddings x
+    factor, never less: the newer rule is the one no version refuses.)"""
     if (known := positions(a)) is None:
         return None
     tokens, said = known
-    kind, factor, original = _rope(a)
-    if a.rope_scaling and "gemma3" not in a.model_type and kind not in ("su", "longrope", "llama3") and factor != 1.0:
-        if kind == "yarn" and original:
-            tokens, said = original, f"rope_scaling yarn: original_max_position_embeddings {original}"
-        tokens = int(tokens * factor)
-        said += f" x rope factor {factor:g}"
-    return ContextLimit(tokens, f"{said}; vLLM 0.19 derives max_model_len so and refuses more")
+    kind, factor, _ = _rope(a)
+    if a.rope_scaling and "gemma3" not in a.model_type and kind not in VLLM_SCALED_ROPE and factor != 1.0:
+        tokens, said = int(tokens * factor), f"{said} x rope factor {factor:g}"
+    return ContextLimit(tokens, f"{said}; vLLM derives max_model_len so and refuses more")
 
 
 def sglang_context_length(a: Architecture) -> ContextLimit | None:
     """SGLang's derived context length (python/sglang/srt/utils/hf_transformers_utils.py
-    `get_context_length`, v0.5.x): the position count times the rope factor, except where
+    `get_context_length`, read at sgl-project/sglang 002fc100, the v0.5 line; sglang-kt 0.7.2 is
+    SGLang's code): the position count times the rope factor, except where
     rope_scaling names original_max_position_embeddings or is llama3 (then the count as it is).
     model_config.py refuses a larger --context-length unless SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN."""
     if (known := positions(a)) is None:

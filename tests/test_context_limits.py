@@ -60,7 +60,7 @@ def test_vllm_never_plans_max_model_len_above_what_vllm_derives(qwen):
     result = plan(qwen, card(24))
     assert result.fits, result.reasons
     assert result.params["max_model_len"] == 32768 and result.kv_tokens == 32768 * 8
-    assert "vLLM 0.19 derives max_model_len so and refuses more" in sizing(result)
+    assert "vLLM derives max_model_len so and refuses more" in sizing(result)
     refused = plan(with_overrides(qwen, {"max_model_len": 40000}), card(80))
     assert not refused.fits
     assert any("engine.max_model_len 40000 is above the model's context 32768" in r and "lower it to 32768" in r
@@ -73,8 +73,10 @@ def test_vllm_and_sglang_scale_the_context_by_rope_each_their_own_way():
     base = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
             "intermediate_size": 128, "vocab_size": 512, "max_position_embeddings": 32768}
     yarn = Architecture(**base, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})
-    assert vllm_max_len(yarn).tokens == 131072  # original x factor
+    assert vllm_max_len(yarn).tokens == 32768  # vLLM 0.32: yarn's count is scaled already
     assert sglang_context_length(yarn).tokens == 32768  # original named: the factor is not applied
+    dynamic = Architecture(**base, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert vllm_max_len(dynamic).tokens == sglang_context_length(dynamic).tokens == 65536
     linear = Architecture(**base, rope_scaling={"rope_type": "linear", "factor": 2.0})
     assert vllm_max_len(linear).tokens == sglang_context_length(linear).tokens == 65536
     llama3 = Architecture(**base, rope_scaling={"rope_type": "llama3", "factor": 8.0})
@@ -88,7 +90,7 @@ def test_config_json_rope_scaling_and_positions_are_read():
     from lessor.memory.context import vllm_max_len
 
     arch = Architecture(**fields)
-    assert vllm_max_len(arch).tokens == 163840  # yarn: 4096 x 40
+    assert vllm_max_len(arch).tokens == 163840  # yarn: the count as it is
 
 
 def test_sglang_pool_and_context_length_stay_inside_the_model(qwen):
