@@ -17,7 +17,7 @@ from ..daemon.lifecycle import ModelState
 
 MODEL_STATES = tuple(s.value for s in ModelState)
 LOADING, READY = ModelState.LOADING.value, ModelState.READY.value
-SETTLED = (READY, ModelState.FAILED.value, ModelState.UNLOADED.value)  # where a load ends
+SETTLED = (READY, ModelState.FAILED.value, ModelState.UNLOADED.value, ModelState.WAITING.value)  # where a load ends
 LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
 

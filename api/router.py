@@ -27,6 +27,7 @@ from ..daemon.errors import (Forbidden, InvalidRequest, LessorError, LoadFailed,
                              UnknownModel, UpstreamFailed)
 from ..daemon.lanes import Lane
 from ..daemon.traffic import TrafficControl
+from ..daemon.units import parse_duration
 from ..daemon.supervisor import Supervisor
 from .connection import CLIENT_GONE, ClientConnection, Request
 from .errors import MAX_JSON_DEPTH, check_shape, http_status, too_deep
@@ -67,6 +68,24 @@ def renamed(data: dict, name: str) -> bytes:
     """The body with `model` set to the model's name: for an alias, to an engine that serves under one name."""
     data["model"] = name
     return json_dumps(data)
+
+
+def take_keep_alive(data: dict) -> float | None:
+    """A request's `keep_alive` (Ollama's field), taken out of the body: lessor honours it, the
+    engine does not know it. Seconds, or a duration such as "5m"; 0 = unload once idle; negative
+    (or "never") = forever; None when absent."""
+    if "keep_alive" not in data:
+        return None
+    value = data.pop("keep_alive")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidRequest("keep_alive", f"must be seconds or a duration such as \"5m\", not {type(value).__name__}")
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise InvalidRequest("keep_alive", str(exc)) from None
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):  # NaN or infinite
+        raise InvalidRequest("keep_alive", f"{value!r} is not a number of seconds: use seconds, \"5m\", or -1 for forever")
+    return -1.0 if seconds < 0 else seconds
 
 
 # Where engines/process.py's last_lines() appends an engine's last log lines to an exit's reason.
@@ -157,14 +176,19 @@ class FrontDoor:
     async def _proxy(self, conn: ClientConnection, request: Request, access: KeyAccess | None) -> None:
         model, _, data = parse_body(request.body)
         router = self.router
+        keep_alive = take_keep_alive(data) if b'"keep_alive"' in request.body else None
         lane = self.lane(model, access)  # an unknown name is not counted: clients must not create metric labels
         if model != lane.name and not lane.record.spec.engine.takes_aliases:
             request = replace(request, body=renamed(data, lane.name))
+        elif keep_alive is not None:
+            request = replace(request, body=json_dumps(data))
         try:
             base_url = router.try_start(lane) or await router.wait_turn(lane)
         except LessorError as exc:
             router.count(lane.name, http_status(exc))
             raise for_client(exc) from None
+        if keep_alive is not None:
+            router.request_keep_alive(lane, keep_alive)
         status = CLIENT_GONE
         try:
             status = await self._forward(conn, lane, base_url, request)

@@ -86,6 +86,13 @@ class LoadTimelineOut(Out):
     marks: dict[str, float] = Field(description="The moments themselves, CLOCK_MONOTONIC seconds (the engine's prefixed e:)")
 
 
+class WaitingOut(Out):
+    reason: str = Field(description="Why its load waits, in the policy's words")
+    recheck_in_s: float | None = Field(description="Seconds until it is weighed again by itself; null: when a model it waits for finishes, or memory changes")
+    blockers: list[str] = Field(description="Busy models whose eviction would make room (it waits for them to finish their requests)")
+    requests: int = Field(description="Requests waiting for it")
+
+
 class ModelOut(Out):
     name: str
     aliases: list[str]
@@ -110,6 +117,7 @@ class ModelOut(Out):
     starved_s: float = Field(description="How long its requests have gone unserved (quiet spells count a minute at most; 0 once one starts): what ages its claim under the `value` policy")
     load_s: float | None = Field(description="What its loads took here (spawn to ready, a moving average), or null before the first")
     last_load: LoadTimelineOut | None = Field(description="Where its last load's time went, step by step, or null before one finished")
+    waiting: WaitingOut | None = Field(default=None, description="While its state is waiting (requests wait, its load must wait): why, and when it is weighed again; null otherwise")
     evicted: list[str] | None = Field(default=None, description="In the answer to a load only: the models unloaded to make room for it, in order")
 
 

@@ -1,23 +1,26 @@
 """What an admission answers when the load cannot go now: `MustWait`, the ModelsBusy it carries
 (what is short, and which busy models the load waits for), `refused` (the policy rejected it:
 NotEnoughMemory), `never_fits` (no eviction or wait could ever make room: ModelTooLarge), and
-what evicting models would free. Pure: built from a policy snapshot, read by the supervisor and
-the router's lanes."""
+what evicting models would free; and the admission's log line. Built from a policy snapshot, read
+by the supervisor and the router's lanes."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 from typing import Mapping
 
-from ..policies import AdmissionRequest, DeviceBudget, Rejected, Snapshot, shortfall
+from ..policies import AdmissionRequest, Decision, DeviceBudget, Evict, Queue, Rejected, Snapshot, shortfall
 from .config import ModelSpec
 from .errors import ModelTooLarge, ModelsBusy, NotEnoughMemory
 from .ledger import LeaseKind
-from .loading import worst_shortfall
+from .loading import bytes_text, worst_shortfall
 from .planner import NEVER_FITS_FIX, Measured, ceiling, plan
 from .units import format_bytes
+
+log = logging.getLogger("lessor.supervisor")  # the load's lines, under the supervisor's name
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class MustWait:
 
     error: ModelsBusy
     recheck_s: float | None = None  # the policy's answer changes by itself by then (Queue.recheck_s)
+    reason: str = ""  # the policy's words (the error's hint adds what frees it)
 
     @property
     def blockers(self) -> tuple[str, ...]:
@@ -34,7 +38,8 @@ class MustWait:
 
     def after(self, earlier: str) -> "MustWait":
         """The same wait, its reason led by what the earlier attempts of the load said."""
-        return MustWait(dataclasses.replace(self.error, hint=f"{earlier}; then: {self.error.hint}"), self.recheck_s)
+        return MustWait(dataclasses.replace(self.error, hint=f"{earlier}; then: {self.error.hint}"), self.recheck_s,
+                        self.reason)
 
 
 def must_wait(request: AdmissionRequest, snapshot: Snapshot, reason: str, blockers: tuple[str, ...],
@@ -44,7 +49,7 @@ def must_wait(request: AdmissionRequest, snapshot: Snapshot, reason: str, blocke
     else:
         hint = f"{reason}; it loads once {', '.join(blockers) or 'they'} finish their requests"
     return MustWait(ModelsBusy(request.model, *worst_shortfall(snapshot.devices, shortfall(request, snapshot)),
-                               hint, blockers=blockers), recheck_s)
+                               hint, blockers=blockers), recheck_s, reason)
 
 
 def freed_by(snapshot: Snapshot, victims: tuple[str, ...],
@@ -121,3 +126,32 @@ def never_fits(spec: ModelSpec, budgets: Mapping[str, DeviceBudget],
         hint = "its KV cache does not fit beside the weights even alone: " + "; ".join(alone.reasons)
     return ModelTooLarge(spec.name, device, alone.peak_need()[device], budget.leasable_bytes, hint,
                          capacity_bytes=budget.capacity_bytes, headroom_bytes=budget.headroom_bytes)
+
+
+def log_admission(request: AdmissionRequest, decision: Decision, policy: str, again: bool = False) -> None:
+    """Step 2's line: the policy's answer, and the peak it was asked for (`again`: a waiting load
+    weighed again to the same wait, at DEBUG). The attempt's own plan (made once the evictions
+    freed their memory) has a line of its own."""
+    model, need = request.model, bytes_text(request.need_bytes)
+    extra = {"model": model, "step": "admission", "result": type(decision).__name__.lower()}
+    if isinstance(decision, Evict):
+        log.info("%s: admitted by %s after %s (peak %s)", model, policy, _making_room(decision), need, extra=extra)
+    elif isinstance(decision, Queue):
+        log.log(logging.DEBUG if again else logging.INFO, "%s: queued behind %s (peak %s): %s", model,
+                ", ".join(decision.blockers) or "busy models", need, decision.reason, extra=extra)
+    elif isinstance(decision, Rejected):
+        log.info("%s: not admitted by %s (peak %s): %s", model, policy, need, decision.reason, extra=extra)
+    else:
+        log.info("%s: admitted by %s (peak %s)", model, policy, need, extra=extra)
+
+
+def _making_room(decision: Evict) -> str:
+    shrunk = [f"shrinking {m}'s KV cache by {bytes_text(give)}" for m, give in decision.shrink.items()]
+    return ", then ".join([*shrunk, *([f"evicting {', '.join(decision.victims)}"] if decision.victims else [])])
+
+
+def attempts_text(failures: list[str], then: str | None = None) -> str:
+    parts = [f"attempt {i}: {text}" for i, text in enumerate(failures, 1)]
+    if then:
+        parts.append(f"attempt {len(failures) + 1}: {then}")
+    return "; ".join(parts)

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from .config_types import Duration, Listen, Strict
+from .config_types import Duration, DurationOrNever, Listen, Strict
 from .errors import ConfigError, ConfigProblem
 from .profile import Size
 from .units import KiB, MiB
@@ -92,7 +92,8 @@ class ApiKey(Strict):
 class RouterConfig(Strict):
     listen: Listen = Field(default="127.0.0.1:8471", description="HOST:PORT of the OpenAI-compatible router.")
     max_queue: int = Field(default=64, ge=0, le=100_000, description="Requests per model that may wait (for a load, a swap or a free slot); more get 429 with Retry-After.")
-    wait_timeout: Duration = Field(default=900.0, gt=0, description="Longest a request waits for its model (a load, a swap, a slot) before 503.")
+    wait_timeout: Duration = Field(default=300.0, gt=0, description="Longest a request waits for its model (a load, a swap, a slot) before 503 with Retry-After. 5 minutes by default: a cold load of a large model takes a few, and a client's own timeout is longer (the openai client waits 10). A request whose model's load waits for something that changes no sooner than this (the policy weighs it again later, the busy models it waits for are measured to take longer) is answered at once: 503 not_served_in_time, Retry-After when that changes (at most this).")
+    request_keep_alive_max: DurationOrNever | None = Field(default=None, description="A request's own keep_alive (Ollama's field: seconds or a duration such as \"5m\"; 0 = unload once idle; -1 = forever) keeps its model loaded that long once idle, until it unloads; the latest request's wins. Bounded by this: unset (the default) = the model's own keep_alive, so a request may shorten it but never lengthen it; a duration = at most that, for every model; -1 = any, forever included. Pinned models are never unloaded.")
     drain_after: Duration = Field(default=30.0, ge=0, le=3600, description="Seconds an on-demand load waits for the busy models it must evict to go idle by themselves; then they are drained (their new requests wait) so it gets its turn. 0 = drain at once: fairest, most swaps.")
     retry_after_loading_s: Duration = Field(default=5.0, gt=0, le=3600, description="Retry-After of the 429 a full queue answers while its model is not ready (loading, or waiting for its turn), until a load of it was measured; then the router predicts the wait: what is left of that load plus the queue ahead at the measured time per request.")
     retry_after_busy_s: Duration = Field(default=1.0, gt=0, le=3600, description="Retry-After of the 429 a full queue answers while its model is ready (the queue waits for free max_concurrency slots), until requests of it were measured; then the queue ahead over its slots at the measured time per request.")

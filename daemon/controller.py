@@ -96,6 +96,7 @@ class Controller:
                 "pid": record.handle.pid if record.handle else None, "restarts": self.supervisor.restarts(spec.name),
                 "overrun": record.overrun,
                 "last_load": record.last_load.to_dict() if record.last_load else None,
+                "waiting": self.router.waiting(record) if self.router is not None else None,
                 **(self.router.learned(spec.name) if self.router is not None
                    else {"request_rate": 0.0, "started_share": 1.0, "starved_s": 0.0, "load_s": None})}
 
@@ -155,7 +156,6 @@ class Controller:
         finally:
             self.bus.unsubscribe(events)
         return {**self._model_dict(record), "evicted": evicted_for(record.spec.name, events)}
-
 
     async def unload(self, name: str) -> dict[str, Any]:
         return self._model_dict(await self.supervisor.unload(name))

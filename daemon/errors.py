@@ -232,6 +232,20 @@ class WaitTimedOut(LessorError):
 
 
 @dataclass
+class NotServedInTime(WaitTimedOut):
+    """Known at once, not waited out: what the model's load waits for changes no sooner than
+    `expected_s` from now, past the request's wait (router.wait_timeout, `waited_s` here)."""
+
+    expected_s: float = 0.0
+    type = "not_served_in_time"
+
+    def message(self) -> str:
+        return (f"model '{self.model}' cannot be served within router.wait_timeout ({self.waited_s:g} s): "
+                f"{self.waiting_for}; it could be served in about {self.expected_s:.0f} s at the soonest; "
+                f"retry after {self.retry_after_s:g} s")
+
+
+@dataclass
 class UpstreamFailed(LessorError):
     """The model's engine could not be reached or broke the connection."""
 

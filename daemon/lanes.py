@@ -21,28 +21,31 @@ are held (their tickets are at or past the drain), the ones already running or w
 Drains end when the load that set them ends. Requests running or waiting un-held count as the
 model's `in_flight`, so a model with work is never idle in the policy's eyes.
 
+A request is never left waiting on nothing: when a load must wait, the lanes estimate when it
+could start at the soonest (the policy's recheck, the blockers' requests at their measured
+service time) and, with `refuse_late`, answer at once (NotServedInTime, a 503 with that time as
+Retry-After) the requests that its load would reach only after their wait timeout. An unknown
+estimate is no reason to refuse: such a request waits, and is weighed again as things change.
+lessord refuses late (LaneRules.of); the simulator chooses.
+
 Effects must not call back into the core synchronously (lessord resolves futures and starts
 tasks; the simulator schedules its load attempts on its event heap).
 """
 
 from __future__ import annotations
 
-import math
-from collections import deque
-from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from .config import RouterConfig
-from .errors import LessorError, QueueFull, WaitTimedOut
+from .errors import LessorError, NotServedInTime, QueueFull, WaitTimedOut
+from .lane import ASKING, HELD, NEVER, QUEUED, Lane, LaneRules, LoadWish, Waiter
 from .lifecycle import ModelState
 
-NEVER = math.inf
-ASKING, QUEUED, HELD = "asking", "queued", "held"
+__all__ = ["RECHECK_CAP_S", "Effects", "Lane", "LaneRules", "Lanes", "keep_alive_over"]
+
 # A policy's recheck (its answer ages) is looked at no later than this: memory that processes
 # lessor does not manage free changes the answer without any model changing state.
 RECHECK_CAP_S = 30.0
-_SERVED_MEMORY = 256  # requests the measured service time remembers at full weight
-_LOADABLE = (ModelState.UNLOADED, ModelState.FAILED)
+_LOADABLE = (ModelState.UNLOADED, ModelState.FAILED, ModelState.WAITING)
 
 
 class Effects(Protocol):
@@ -59,102 +62,16 @@ class Effects(Protocol):
         """Call back once the clock reads `when_s` (or later)."""
 
 
-@dataclass(frozen=True)
-class LaneRules:
-    max_queue: int | None = None  # waiting requests per model; None: no limit
-    wait_timeout_s: float = 900.0
-    drain_after_s: float | None = 30.0  # None: never drain (a load waits for idle blockers)
-    retry_s: float | None = None  # a waiting load is looked at again this often, besides at each change
-    retry_after_loading_s: float = 5.0
-    retry_after_busy_s: float = 1.0
-
-    @classmethod
-    def of(cls, config: RouterConfig, retry_s: float | None = 1.0) -> LaneRules:
-        """lessord's rules; `retry_s` catches memory that frees without a model changing state
-        (usage of processes lessor does not manage)."""
-        return cls(config.max_queue, config.wait_timeout, config.drain_after, retry_s,
-                   config.retry_after_loading_s, config.retry_after_busy_s)
-
-
-class Waiter:
-    __slots__ = ("ticket", "deadline_s", "request")
-
-    def __init__(self, ticket: int, deadline_s: float, request: Any) -> None:
-        self.ticket, self.deadline_s, self.request = ticket, deadline_s, request
-
-
-class LoadWish:
-    """The load a lane wants for its waiting requests, from its first ask to its end."""
-
-    __slots__ = ("asked_s", "phase", "blockers", "patience_armed", "retry_armed")
-
-    def __init__(self, asked_s: float) -> None:
-        self.asked_s = asked_s  # the patience counts from here
-        self.phase = HELD  # asking: the driver loads; queued: waits for blockers; held: for the model's state
-        self.blockers: tuple[str, ...] = ()
-        self.patience_armed = False
-        self.retry_armed = False  # one retry timer per wish: asks from other causes never add a chain
-
-
-class Lane:
-    """One model's requests. `record` is the model's record (read-only here): its `state` and,
-    for lessord, its engine handle."""
-
-    __slots__ = ("record", "name", "slots", "active", "waiting", "next_ticket", "drains", "drain_from",
-                 "last_used_s", "load", "expiry_s", "work_s", "work_at", "served", "load_s")
-
-    def __init__(self, record: Any, name: str, slots: int | None) -> None:
-        self.record, self.name, self.slots = record, name, slots
-        self.active = 0
-        self.waiting: deque[Waiter] = deque()
-        self.next_ticket = 0
-        self.drains: dict[str, int] = {}  # loading model -> first ticket held back for it
-        self.drain_from = NEVER
-        self.last_used_s = 0.0  # when its last request ended (or started, while one runs)
-        self.load: LoadWish | None = None
-        self.expiry_s = NEVER  # when the wait-deadline callback is due
-        # What a wait here takes, measured (the Retry-After a refused request is given): the
-        # requests running integrated over time and the requests finished, decayed together, so
-        # work_s / served is the mean time one request holds a slot (Little's law); load_s, the
-        # last on-demand load's time from its first ask to ready (waiting for room included).
-        self.work_s = 0.0
-        self.work_at = 0.0
-        self.served = 0.0
-        self.load_s: float | None = None
-
-    def tally(self, now: float, started: int = 0, finished: int = 0) -> None:
-        """Before `active` changes: the time run since the last change counts."""
-        self.work_s += self.active * (now - self.work_at)
-        self.work_at = now
-        self.active += started - finished
-        self.served += finished
-        if self.served >= _SERVED_MEMORY:
-            self.work_s, self.served = self.work_s / 2, self.served / 2
-
-    def service_s(self) -> float | None:
-        return self.work_s / self.served if self.served else None
-
-    @property
-    def in_flight(self) -> int:
-        """Requests running or due to run: what makes the model busy in the policy's eyes."""
-        if self.drain_from is NEVER:
-            return self.active + len(self.waiting)
-        return self.active + sum(1 for w in self.waiting if w.ticket < self.drain_from)
-
-    @property
-    def drained(self) -> bool:
-        return self.drain_from is not NEVER
-
-    def _due(self) -> bool:
-        """The first waiting request may go (it is not held back by a drain)."""
-        return bool(self.waiting) and self.waiting[0].ticket < self.drain_from
-
-
 class Lanes:
     def __init__(self, rules: LaneRules, clock: Callable[[], float], effects: Effects,
-                 resolve: Callable[[str], Lane], ready: Callable[[Any], bool]) -> None:
+                 resolve: Callable[[str], Lane], ready: Callable[[Any], bool],
+                 load_time: Callable[[str], float | None] = lambda name: None,
+                 wish_ended: Callable[[Lane], None] | None = None) -> None:
+        """`load_time`: a model's measured load; `wish_ended`: told when a lane stops wanting a load
+        (loaded, or no request waits for it any more), after the lanes are consistent again."""
         self.rules = rules
         self._clock, self._effects, self._resolve, self._ready = clock, effects, resolve, ready
+        self._load_time, self._wish_ended = load_time, wish_ended
         self.lanes: dict[str, Lane] = {}  # canonical model name -> lane
         self._wishes: dict[int, Lane] = {}  # lanes that want a load, by id, in order of wanting
 
@@ -262,7 +179,7 @@ class Lanes:
         if wish is None:
             wish = lane.load = LoadWish(self._clock())
             self._wishes[id(lane)] = lane
-        if wish.phase is HELD and lane.record.state in _LOADABLE:
+        if wish.phase is HELD and not wish.held_busy and lane.record.state in _LOADABLE:
             self._ask(lane)
 
     def _after_leaving(self, lane: Lane) -> None:
@@ -304,8 +221,18 @@ class Lanes:
         self._outcome(lane, changed_memory=True)
 
     def busy(self, lane: Lane) -> None:
-        """Someone else is loading or unloading the model: wait for its state to change."""
+        """Someone else is loading or unloading the model: wait for its state to change (or, as an
+        admission shows no state of its own, for retry_after_busy_s)."""
+        wish = lane.load
+        if wish is not None:
+            wish.held_busy = True
+            self._effects.call_at(self._clock() + self.rules.retry_after_busy_s, lambda: self._unbusy(lane, wish))
         self._outcome(lane, changed_memory=False)
+
+    def _unbusy(self, lane: Lane, wish: LoadWish) -> None:
+        if lane.load is wish and wish.held_busy:
+            wish.held_busy = False
+            self._serve(lane)
 
     def load_failed(self, lane: Lane, error: LessorError) -> None:
         """The load failed: every request waiting on the lane gets the error."""
@@ -322,15 +249,19 @@ class Lanes:
         if changed_memory:
             self._retry_unblocked()
 
-    def must_wait(self, lane: Lane, blockers: tuple[str, ...], recheck_s: float | None = None) -> None:
+    def must_wait(self, lane: Lane, blockers: tuple[str, ...], recheck_s: float | None = None,
+                  reason: str = "") -> None:
         """The load waits for busy models (`blockers`; none named: a load under way holds the
-        memory, or the policy weighs it again in `recheck_s`). Drains them once the patience is
+        memory, or the policy weighs it again in `recheck_s`). Requests it would reach past their
+        wait timeout are answered now (refuse_late). Drains the blockers once the patience is
         over; asked again when they idle, and at the retry or the recheck, whichever is later
         (a recheck at most RECHECK_CAP_S away, so freed memory is still seen)."""
         wish = lane.load
         if wish is None:
             return
         wish.phase, wish.blockers = QUEUED, blockers
+        if self.rules.refuse_late and not self._ready(lane.record):
+            self._refuse_late(lane, blockers, recheck_s, reason)
         if not lane._due() or self._ready(lane.record):
             self._serve(lane)  # nothing left to load for: the wish ends
             return
@@ -344,8 +275,41 @@ class Lanes:
                 self._effects.call_at(due_s, lambda: self._look_again(lane, wish, patience_over=True))
         delay = self._retry_delay(recheck_s)
         if delay is not None and not wish.retry_armed:
-            wish.retry_armed = True
+            wish.retry_armed, wish.look_at_s = True, now + delay
             self._effects.call_at(now + delay, lambda: self._retry(lane, wish))
+
+    # -- answering at once what a wait cannot serve in time ----------------------------------
+
+    def _refuse_late(self, lane: Lane, blockers: tuple[str, ...], recheck_s: float | None, reason: str) -> None:
+        start_s = self._start_in_s(blockers, recheck_s)
+        if start_s is None:
+            return
+        now, rules = self._clock(), self.rules
+        ready_s = now + start_s + (self._load_time(lane.name) or 0.0)
+        waits_for = f"it waits for {', '.join(blockers)} to finish their requests" if blockers else ""
+        why = "; ".join(part for part in (reason, waits_for) if part) or "its load waits"
+        while lane._due() and lane.waiting[0].deadline_s < ready_s:
+            waiter = lane.waiting.popleft()
+            self._effects.fail(waiter.request, NotServedInTime(
+                lane.name, rules.wait_timeout_s, why, retry_after_s=min(max(1.0, start_s), rules.wait_timeout_s),
+                expected_s=ready_s - now))
+
+    def _start_in_s(self, blockers: tuple[str, ...], recheck_s: float | None) -> float | None:
+        """The soonest a waiting load could start, from what will change: the blockers' requests
+        done at their measured service time, or the policy's own recheck. None: unknown."""
+        if blockers:
+            left = [self._work_left_s(name) for name in blockers]
+            return None if None in left else max(left)
+        return recheck_s
+
+    def _work_left_s(self, name: str) -> float | None:
+        lane = self.lanes.get(name)
+        if lane is None or not lane.in_flight:
+            return 0.0
+        service = lane.service_s()
+        if service is None:
+            return None
+        return lane.in_flight * service / max(1, lane.slots or lane.active or 1)
 
     def _retry_delay(self, recheck_s: float | None) -> float | None:
         retry_s = self.rules.retry_s
@@ -355,7 +319,7 @@ class Lanes:
         return recheck_s if retry_s is None else max(retry_s, recheck_s)
 
     def _retry(self, lane: Lane, wish: LoadWish) -> None:
-        wish.retry_armed = False
+        wish.retry_armed, wish.look_at_s = False, None
         self._look_again(lane, wish)
 
     def _look_again(self, lane: Lane, wish: LoadWish, patience_over: bool = False) -> None:
@@ -395,6 +359,8 @@ class Lanes:
                 lane.drain_from = min(lane.drains.values(), default=NEVER)
                 if lane.waiting:
                     self._serve(lane)  # its held requests are due now
+        if self._wish_ended is not None and loading.load is None:
+            self._wish_ended(loading)
 
     # -- what others tell -------------------------------------------------------------------
 
@@ -402,11 +368,15 @@ class Lanes:
         """A model's state changed (None: anything may have, e.g. a config reload)."""
         if name is None:
             for lane in list(self.lanes.values()):
+                if lane.load is not None:
+                    lane.load.held_busy = False
                 self._serve(lane)
             self._retry_unblocked()
             return
         lane = self.lanes.get(name)
         if lane is not None:
+            if lane.load is not None:
+                lane.load.held_busy = False  # the load or unload it was busy with moved on
             self._serve(lane)
         if lane is None or lane.load is None or lane.load.phase is not ASKING:
             self._retry_unblocked()  # not a step of a load this core asked for (it reports its end)
@@ -433,6 +403,20 @@ class Lanes:
             return {"waiting": 0, "oldest_wait_s": 0.0}
         oldest = self._clock() - lane.waiting[0].deadline_s + self.rules.wait_timeout_s
         return {"waiting": len(lane.waiting), "oldest_wait_s": max(0.0, oldest)}
+
+    def waiting(self, name: str) -> dict[str, Any] | None:
+        """A lane whose load waits: its requests waiting, and in how many seconds it is weighed
+        again by itself (its blockers' drain patience, or the retry; None: when something changes)."""
+        lane = self.lanes.get(name)
+        wish = lane.load if lane is not None else None
+        if wish is None or wish.phase is not QUEUED:
+            return {"requests": len(lane.waiting), "recheck_in_s": None} if lane is not None and lane.waiting else None
+        now, drain_after_s = self._clock(), self.rules.drain_after_s
+        at = wish.look_at_s
+        if wish.blockers:
+            patience_s = wish.asked_s + drain_after_s if drain_after_s is not None else NEVER
+            at = patience_s if patience_s > now else None
+        return {"requests": len(lane.waiting), "recheck_in_s": None if at is None else round(max(0.0, at - now), 3)}
 
     def queued(self) -> dict[str, int]:
         return {lane.name: len(lane.waiting) for lane in self.lanes.values()}

@@ -28,6 +28,26 @@ class ModelState(str, Enum):
     # After a restart, while the previous lessord's engine is checked: served 503 with Retry-After,
     # never loaded a second time meanwhile; it ends ready (adopted) or unloaded (stopped, gone).
     ADOPTING = "adopting"
+    # Requests wait for it, but its admission said the load must wait (busy models, a policy that
+    # weighs it again later): it holds nothing, like unloaded, and says why (ModelRecord.waiting).
+    # It ends loading (admitted) or unloaded (no request waits for it any more).
+    WAITING = "waiting"
+
+
+# Holding no memory: what a load may start from.
+UNLOADED_LIKE = (ModelState.UNLOADED, ModelState.WAITING)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why a model's load waits, as its last admission said: the policy's reason, the busy models
+    whose eviction would make room (`blockers`), and when the policy's answer changes by itself
+    (`recheck_s` from `since_s`, None: only when memory or a blocker changes)."""
+
+    reason: str
+    blockers: tuple[str, ...] = ()
+    recheck_s: float | None = None
+    since_s: float = 0.0
 
 
 @dataclass
@@ -44,6 +64,7 @@ class ModelRecord:
     overrun: dict[str, Any] | None = None  # while the reconciler measures it above its leases
     generation: int = 0  # engine starts so far: an exit report from an older start is ignored
     last_load: LoadTimeline | None = None  # where its last successful load's time went
+    waiting: Waiting | None = None  # while WAITING: why
 
 
 class Traffic(Protocol):

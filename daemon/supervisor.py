@@ -6,10 +6,11 @@ load protocol.
 (daemon/loading.py): weights + load_peak, the engine, the KV cache from what is really left,
 verify. What the attempt measured is remembered as a fingerprint. An attempt that ran out of
 memory is tried again (`planner.oom_retries`), planned from its measurement, then the model fails
-with every attempt's reason. Loads that share a device are serialized so two load peaks never
-overlap. An unload waits until the engine's memory is back (daemon/unloading.py). An engine that exits on its own has its leases released the moment its process is
-reaped; the model's restart policy (daemon/restarts.py) decides what comes next. Adoption after a
-restart is daemon/adoption.py.
+with every attempt's reason. A model turns LOADING once admitted; a request's load that must wait
+leaves it WAITING (why: `ModelRecord.waiting`) until admitted or no request waits. Loads that share
+a device are serialized so two load peaks never overlap. An unload waits until the engine's memory
+is back (daemon/unloading.py). An engine that exits on its own has its leases released the moment
+its process is reaped; its restart policy (daemon/restarts.py) decides what comes next.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Callable, Mapping
 from ..engines.base import EngineAdapter, GpuTarget, Launch
 from ..engines.process import describe_exit, last_lines
 from ..policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot
-from .admission import MustWait, as_reload, freed_by, must_wait, never_fits, refused
+from .admission import MustWait, as_reload, attempts_text, freed_by, log_admission, must_wait, never_fits, refused
 from .adoption import Adoption, adopt
 from .config import ModelSpec
 from .devices import Probe, SimProbe, gpu_id
@@ -36,7 +37,7 @@ from .fingerprinting import Fingerprinting
 from .fingerprints import FingerprintKey, FingerprintStore
 from .holder import ConfigHolder
 from .ledger import EngineRecord, Ledger
-from .lifecycle import ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic
+from .lifecycle import UNLOADED_LIKE, ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic, Waiting
 from .loading import LoadAttempt, Loaded, bytes_text, leased_by
 from .planner import Measured, Plan, plan, with_overrides
 from .restarts import Restarts
@@ -63,6 +64,7 @@ class Supervisor:
         self._publish, self._clock, self._timeouts = publish, clock, timeouts
         self._models = {spec.name: ModelRecord(spec) for spec in config.current.models}
         self._device_locks: dict[str, asyncio.Lock] = {}
+        self._admitting: set[str] = set()  # loads between their ask and their admission (not yet LOADING)
         self._traffic: Traffic = NoTraffic()
         self._restarts = Restarts(clock, lambda name: self.try_load(name, cause="restart"))
         self.elastic = Elastic(ledger, self._device_locks, self.in_flight)  # KV leases shrunk and grown in place
@@ -185,13 +187,12 @@ class Supervisor:
             raise ModelFailed(record.spec.name, given_up)
         if record.state is ModelState.ADOPTING:
             raise ModelAdopting(record.spec.name)
-        if record.state in (ModelState.LOADING, ModelState.UNLOADING):
-            raise ModelBusy(record.spec.name, record.state.value)
+        self._check_idle(record)
         spec = with_overrides(record.spec, overrides or {})
         adapter = self._engines.get(spec.engine.kind)
         if adapter is None:
             raise EngineUnavailable(spec.name, spec.engine.kind, "no adapter for this engine in this build")
-        self._set_state(record, ModelState.LOADING)
+        self._admitting.add(spec.name)  # LOADING once admitted: a wait never flaps through it
         started_s = self._clock()
         timeline = LoadTimeline()
         timeline.mark("requested")
@@ -200,8 +201,8 @@ class Supervisor:
                 for device in sorted(gpu_id(i) for i in spec.placement.devices):  # sorted: no lock cycles
                     await stack.enter_async_context(self._device_locks.setdefault(device, asyncio.Lock()))
                 loaded = await self._attempts(record, spec, adapter, timeline, cause)
-                if isinstance(loaded, MustWait):  # nothing was granted: it stays unloaded, and says why
-                    self._fail(record, ModelState.UNLOADED, loaded.error.message())
+                if isinstance(loaded, MustWait):  # nothing was granted: it waits (or stays unloaded), and says why
+                    self._wait(record, loaded, cause)
                     return loaded
         except (NotEnoughMemory, LedgerUnavailable) as exc:  # nothing is held: still unloaded, not failed
             self._fail(record, ModelState.UNLOADED, str(exc))
@@ -216,6 +217,8 @@ class Supervisor:
                 log.warning("%s: load failed: %s", spec.name, exc, extra={"model": spec.name, "step": "failed"})
                 self._fail(record, ModelState.FAILED, str(exc))
             raise
+        finally:
+            self._admitting.discard(spec.name)
         record.handle, record.plan, record.attempt = loaded.handle, loaded.plan, loaded.attempt
         record.error, record.ready_at_s = "", self._clock()
         self._set_state(record, ModelState.READY)
@@ -247,9 +250,12 @@ class Supervisor:
             measured = self.fingerprinting.measured(key)
             attempt = None
             try:
-                waits = await self._admit(spec, measured, cause)
+                waits = await self._admit(record, spec, measured, cause)
                 if waits is not None:
-                    return waits.after(_attempts_text(failures)) if failures else waits
+                    return waits.after(attempts_text(failures)) if failures else waits
+                if record.state is not ModelState.LOADING:
+                    record.waiting = None
+                    self._set_state(record, ModelState.LOADING)
                 timeline.mark("admitted")
                 attempt = LoadAttempt(spec, adapter, self._ledger, self.meter, self._timeouts,
                                       lambda params, kv, port, a: self._launch(record, spec, params, kv, port, a),
@@ -267,11 +273,11 @@ class Supervisor:
             except (NotEnoughMemory, PlanRejected, LoadFailed) as exc:
                 if not failures:
                     raise
-                raise OutOfMemory(spec.name, getattr(exc, "step", "plan"), _attempts_text(failures, f"not started: {exc}"),
+                raise OutOfMemory(spec.name, getattr(exc, "step", "plan"), attempts_text(failures, f"not started: {exc}"),
                                   kind=kind) from exc
             await self._remember_ready(key, attempt)
             return loaded
-        raise OutOfMemory(spec.name, "load", _attempts_text(failures), kind=kind)
+        raise OutOfMemory(spec.name, "load", attempts_text(failures), kind=kind)
 
     async def _remember_ready(self, key: FingerprintKey, attempt: LoadAttempt) -> None:
         """Record a finished load's measurement; cancelled meanwhile, the load is rolled back."""
@@ -282,8 +288,30 @@ class Supervisor:
             raise
 
     def _fail(self, record: ModelRecord, state: ModelState, error: str) -> None:
-        record.error = error
+        record.error, record.waiting = error, None
         self._set_state(record, state, error)
+
+    def _wait(self, record: ModelRecord, waits: MustWait, cause: str) -> None:
+        """A request's load must wait: WAITING, with why (never an error); an operator's or a restart's is refused."""
+        if cause != "request":
+            if record.state is not ModelState.WAITING:
+                self._fail(record, ModelState.UNLOADED, waits.error.message())
+            return
+        record.error = ""
+        record.waiting = Waiting(waits.reason, waits.blockers, waits.recheck_s, self._clock())
+        self._set_state(record, ModelState.WAITING, waits.reason)
+
+    def stop_waiting(self, name: str, reason: str) -> None:
+        """No request waits for the model any more (the router's word): it is unloaded again."""
+        record = self._models.get(name)
+        if record is not None and record.state is ModelState.WAITING:
+            record.waiting = None
+            self._set_state(record, ModelState.UNLOADED, reason)
+
+    def _check_idle(self, record: ModelRecord) -> None:
+        """ModelBusy while the model is mid-transition, its admission included."""
+        if record.state in BUSY or record.spec.name in self._admitting:
+            raise ModelBusy(record.spec.name, (record.state if record.state in BUSY else ModelState.LOADING).value)
 
     def _launch(self, record: ModelRecord, spec: ModelSpec, params: Mapping[str, Any], kv_tokens: int, port: int,
                 attempt: str) -> Launch:
@@ -300,16 +328,21 @@ class Supervisor:
                       marker={"LESSOR_STATE_DIR": str(self._state_dir), "LESSOR_ATTEMPT": attempt},
                       withhold_env=tuple(k.key_env for k in self._config.current.router.api_keys if k.key_env))
 
-    async def _admit(self, spec: ModelSpec, measured: Measured | None, cause: str) -> MustWait | None:
-        """Step 2: the policy decides over a snapshot; evictions happen here and only here."""
+    async def _admit(self, record: ModelRecord, spec: ModelSpec, measured: Measured | None,
+                     cause: str) -> MustWait | None:
+        """Step 2: the policy decides over a snapshot; evictions happen here and only here. A
+        waiting model weighed again to the same wait says nothing new: no event, a DEBUG line."""
         snapshot = self.policy_snapshot()
         too_large = never_fits(spec, snapshot.devices, measured)
         if too_large is not None:  # before the policy: no eviction or wait may be made for it
             raise too_large
         _, request, decision = self._decide(spec, snapshot, measured, cause)
-        _log_admission(request, decision, self._config.current.policy.name)
-        self._publish(AdmissionDecided(spec.name, AdmissionResult(type(decision).__name__.lower()),
-                                       getattr(decision, "reason", ""), getattr(decision, "victims", ())))
+        again = (isinstance(decision, Queue) and record.waiting is not None
+                 and record.waiting.blockers == tuple(decision.blockers))
+        log_admission(request, decision, self._config.current.policy.name, again)
+        if not again:
+            self._publish(AdmissionDecided(spec.name, AdmissionResult(type(decision).__name__.lower()),
+                                           getattr(decision, "reason", ""), getattr(decision, "victims", ())))
         if isinstance(decision, Evict):
             if not await self.elastic.shrink_all(decision.shrink, self._models, f"shrunk for '{spec.name}'"):
                 return must_wait(request, snapshot, "a model to shrink took a request while room was being made",
@@ -430,10 +463,9 @@ class Supervisor:
 
     async def unload(self, name: str, reason: str = "unload requested") -> ModelRecord:
         record = self.resolve(name)
-        if record.state == ModelState.UNLOADED:
+        if record.state in UNLOADED_LIKE and record.spec.name not in self._admitting:
             return record
-        if record.state in BUSY:
-            raise ModelBusy(record.spec.name, record.state.value)
+        self._check_idle(record)
         self._set_state(record, ModelState.UNLOADING, reason)
         started_s, held = self._clock(), self.leased(record.spec.name)
         handle, record.handle = record.handle, None
@@ -475,7 +507,7 @@ class Supervisor:
         new = {spec.name: spec for spec in config.models}
         removed = tuple(n for n in self._models if n not in new)
         changed = tuple(n for n in self._models if n in new and new[n] != self._models[n].spec)
-        busy = [n for n in removed + changed if self._models[n].state in BUSY]
+        busy = [n for n in removed + changed if self._models[n].state in BUSY or n in self._admitting]
         if busy:
             raise ModelBusy(busy[0], self._models[busy[0]].state.value)
         for name in removed:
@@ -490,30 +522,3 @@ class Supervisor:
         self._restarts.forget()  # the operator may have fixed what crashed them: every model may be tried again
         return ConfigChange(added, removed, changed)
 
-
-def _log_admission(request: AdmissionRequest, decision: Decision, policy: str) -> None:
-    """Step 2's line: the policy's answer, and the peak it was asked for. The attempt's own plan
-    (made once the evictions freed their memory) has a line of its own."""
-    model, need = request.model, bytes_text(request.need_bytes)
-    extra = {"model": model, "step": "admission", "result": type(decision).__name__.lower()}
-    if isinstance(decision, Evict):
-        log.info("%s: admitted by %s after %s (peak %s)", model, policy, _making_room(decision), need, extra=extra)
-    elif isinstance(decision, Queue):
-        log.info("%s: queued behind %s (peak %s): %s", model, ", ".join(decision.blockers) or "busy models", need,
-                 decision.reason, extra=extra)
-    elif isinstance(decision, Rejected):
-        log.info("%s: not admitted by %s (peak %s): %s", model, policy, need, decision.reason, extra=extra)
-    else:
-        log.info("%s: admitted by %s (peak %s)", model, policy, need, extra=extra)
-
-
-def _making_room(decision: Evict) -> str:
-    shrunk = [f"shrinking {m}'s KV cache by {bytes_text(give)}" for m, give in decision.shrink.items()]
-    return ", then ".join([*shrunk, *([f"evicting {', '.join(decision.victims)}"] if decision.victims else [])])
-
-
-def _attempts_text(failures: list[str], then: str | None = None) -> str:
-    parts = [f"attempt {i}: {text}" for i, text in enumerate(failures, 1)]
-    if then:
-        parts.append(f"attempt {len(failures) + 1}: {then}")
-    return "; ".join(parts)

@@ -1,8 +1,9 @@
 """lessord's traffic control: the router's lanes (daemon/lanes.py, the decisions) driven on
 asyncio. It owns what the decisions leave out: a future per waiting request, a task per on-demand
-load (the supervisor's `try_load`, whose outcome it reports back), timers on the event loop, and
-the keep_alive loop that unloads idle models. It is what the supervisor reads of the router's
-traffic (lifecycle.Traffic: requests in flight and last use per model).
+load (the supervisor's `try_load`, whose outcome it reports back), timers on the event loop, the
+keep_alive loop that unloads idle models (a request's own keep_alive within router.request_keep_alive_max),
+and the end of a model's WAITING state once no request waits for it. It is what the supervisor
+reads of the router's traffic (lifecycle.Traffic: requests in flight and last use per model).
 
 The hot path (a ready model with a free slot) is synchronous: a dict lookup, two counters and
 the last-use time, in memory only; nothing is written to the ledger per request.
@@ -74,8 +75,10 @@ class TrafficControl:
         self._supervisor, self._config = supervisor, config
         self._clock = supervisor.clock
         self._timers = timers or LoopTimers(self._clock)
-        self._lanes = Lanes(LaneRules.of(config), self._clock, self, self.lane, _serving)
+        self._lanes = Lanes(LaneRules.of(config), self._clock, self, self.lane, _serving,
+                            load_time=lambda name: self.stats.measured_load_s(name), wish_ended=self._wish_ended)
         self._by_name: dict[str, Lane] = {}  # name or alias -> lane (cleared on config reload)
+        self._keep_alive: dict[str, float] = {}  # model -> the keep_alive its latest request asked for, bounded
         self._loads: set[asyncio.Task] = set()
         self.requests: dict[tuple[str, int], int] = {}  # (model, HTTP status) -> count, for metrics
         # The one writer of what the router learns per model (rates, load times), saved beside the
@@ -102,6 +105,8 @@ class TrafficControl:
     def _on_event(self, event: Event) -> None:
         if isinstance(event, ModelStateChanged):
             self._time_load(event)
+            if event.state != ModelState.READY.value:  # a request's keep_alive lasts while its engine runs
+                self._keep_alive.pop(event.model, None)
             self._lanes.changed(event.model)
         elif isinstance(event, ConfigReloaded):
             self._by_name.clear()
@@ -158,6 +163,23 @@ class TrafficControl:
             elif turn.exception() is None:  # admitted, then cancelled before it ran: the slot goes back
                 self._lanes.finish(lane)
             raise
+
+    # -- waiting models ----------------------------------------------------------------------
+
+    def _wish_ended(self, lane: Lane) -> None:
+        """The lane wants no load any more: a model left WAITING by it is unloaded again."""
+        if lane.record.state is ModelState.WAITING:
+            self._supervisor.stop_waiting(lane.name, "no request waits for it any more")
+
+    def waiting(self, record: ModelRecord) -> dict[str, Any] | None:
+        """A WAITING model's `waiting` in the admin API: its admission's reason and blockers, its
+        requests waiting, and in how many seconds it is weighed again (None: when something changes)."""
+        waiting = record.waiting
+        if record.state is not ModelState.WAITING or waiting is None:
+            return None
+        lane = self._lanes.waiting(record.spec.name) or {"requests": 0, "recheck_in_s": None}
+        return {"reason": waiting.reason, "recheck_in_s": lane["recheck_in_s"], "blockers": list(waiting.blockers),
+                "requests": lane["requests"]}
 
     # -- the lanes' effects (daemon/lanes.py Effects) -----------------------------------------
 
@@ -230,11 +252,27 @@ class TrafficControl:
             lanes.load_failed(lane, InvariantBroken(f"loading '{lane.name}' on demand: {exc!r}"))
         else:
             if isinstance(outcome, MustWait):
-                lanes.must_wait(lane, outcome.blockers, outcome.recheck_s)
+                lanes.must_wait(lane, outcome.blockers, outcome.recheck_s, outcome.reason)
             else:
                 lanes.loaded(lane)
 
     # -- idle unload -------------------------------------------------------------------------
+
+    def request_keep_alive(self, lane: Lane, keep_alive_s: float) -> float:
+        """A request's keep_alive (Ollama's: seconds, 0 = unload once idle, negative = forever),
+        bounded by router.request_keep_alive_max (unset: the model's own keep_alive), is its
+        model's from now until it unloads; the latest request's wins. Returns what applies."""
+        ceiling = self._config.request_keep_alive_max
+        if ceiling is None:
+            ceiling = lane.record.spec.keep_alive
+        forever = float("inf")
+        bounded = min(forever if keep_alive_s < 0 else keep_alive_s, forever if ceiling < 0 else ceiling)
+        self._keep_alive[lane.name] = applied = -1.0 if bounded == forever else bounded
+        return applied
+
+    def keep_alive_s(self, record: ModelRecord) -> float:
+        """The keep_alive in force: its latest request's while it runs, else its config's."""
+        return self._keep_alive.get(record.spec.name, record.spec.keep_alive)
 
     def idle_expired(self) -> list[str]:
         """Models past their keep_alive with nothing running or waiting (pinned ones never)."""
@@ -242,13 +280,13 @@ class TrafficControl:
         return [record.spec.name for record in self._supervisor.records()
                 if record.state is ModelState.READY and not record.spec.pinned
                 and self._lanes.unused(record.spec.name)
-                and keep_alive_over(record.spec.keep_alive, self._supervisor.last_used_s(record), now)]
+                and keep_alive_over(self.keep_alive_s(record), self._supervisor.last_used_s(record), now)]
 
     async def unload_idle(self) -> list[str]:
         unloaded = []
         for name in self.idle_expired():
             try:
-                keep_alive = self._supervisor.resolve(name).spec.keep_alive
+                keep_alive = self.keep_alive_s(self._supervisor.resolve(name))
                 if await self._supervisor.evict(name, reason=f"idle for {keep_alive:g} s (keep_alive)"):
                     unloaded.append(name)
             except LessorError as exc:  # mid-transition, or gone in a reload: next round

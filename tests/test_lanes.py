@@ -2,11 +2,12 @@
 a clock the test moves. The supervisor's part (what a load does) is played by the test."""
 
 import heapq
+from collections import deque
 from dataclasses import dataclass
 
 import pytest
 
-from lessor.daemon.errors import LoadFailed, QueueFull, WaitTimedOut
+from lessor.daemon.errors import LoadFailed, NotServedInTime, QueueFull, WaitTimedOut
 from lessor.daemon.lanes import RECHECK_CAP_S, Lane, LaneRules, Lanes, keep_alive_over
 from lessor.daemon.lifecycle import ModelState
 
@@ -276,3 +277,76 @@ def test_a_timed_out_request_is_told_the_predicted_wait_never_more_than_the_time
     world.fail = lambda request, error: errors.append(error)
     world.advance(10)
     assert isinstance(errors[0], WaitTimedOut) and errors[0].retry_after_s == 10.0  # 90 s left, capped at the timeout
+
+
+# -- never left waiting on nothing -------------------------------------------------------------
+
+def late_world(**rules) -> World:
+    rules = {"wait_timeout_s": 300.0, "refuse_late": True, "retry_s": 1.0, **rules}
+    return World(**rules)
+
+
+def test_a_request_its_load_would_reach_after_its_timeout_is_answered_at_once_with_when_to_retry():
+    world = late_world()
+    world.request("b", 1)
+    errors = []
+    world.fail = lambda request, error: errors.append((request, error))
+    world.lanes.must_wait(world.lane("b"), (), recheck_s=14387.0, reason="b is not worth a yet")
+    ((request, error),) = errors
+    assert request == 1 and isinstance(error, NotServedInTime) and isinstance(error, WaitTimedOut)
+    assert error.retry_after_s == 300.0 and error.expected_s == pytest.approx(14387.0)  # Retry-After: at most the timeout
+    assert "b is not worth a yet" in str(error) and "router.wait_timeout (300 s)" in str(error)
+    assert world.lanes.loads_wanted() == {} and world.lane("b").waiting == deque()  # nothing left waiting
+
+
+def test_a_request_waits_when_what_it_waits_for_changes_within_its_patience_or_is_unknown():
+    world = late_world()
+    world.request("b", 1)
+    world.lanes.must_wait(world.lane("b"), (), recheck_s=45.0)  # a young model matures in 45 s
+    assert world.failed == [] and world.lanes.loads_wanted() == {"b": "queued"}
+    assert world.lanes.waiting("b") == {"requests": 1, "recheck_in_s": 30.0}  # looked at again within RECHECK_CAP_S
+    world.lane("a")
+    world.records["a"].state = READY
+    assert world.lanes.try_start(world.lane("a"))  # a is busy, its service time never measured
+    world.request("c", 2)
+    world.lanes.must_wait(world.lane("c"), ("a",))
+    assert world.failed == [] and world.lanes.waiting("c") == {"requests": 1, "recheck_in_s": 30.0}  # drain_after
+
+
+def test_a_load_behind_a_busy_model_measured_slower_than_the_patience_is_refused_at_once():
+    world = late_world(drain_after_s=30.0)
+    lane_a = world.lane("a")
+    world.records["a"].state = READY
+    world.lanes.set_slots(lane_a, 1)
+    _serve(world, lane_a, 3, 600.0)  # a's requests hold it 10 minutes each
+    assert world.lanes.try_start(lane_a)  # and one runs now
+    world.request("b", 1)
+    errors = []
+    world.fail = lambda request, error: errors.append(error)
+    world.lanes.must_wait(world.lane("b"), ("a",))
+    (error,) = errors
+    assert isinstance(error, NotServedInTime) and error.expected_s == pytest.approx(600.0)
+    assert "a to finish their requests" in str(error) and not world.lane("a").drained
+
+
+def test_a_load_someone_else_is_admitting_is_asked_again_at_a_state_change_or_after_retry_after_busy():
+    world = late_world(retry_after_busy_s=2.0)
+    world.request("a", 1)
+    assert world.loads == ["a"]
+    world.lanes.busy(world.lane("a"))  # an operator's load of it is being admitted: no state of its own yet
+    assert world.loads == ["a"]  # not asked again at once (that would spin)
+    world.advance(2.0)
+    assert world.loads == ["a", "a"]
+    world.lanes.busy(world.lane("a"))
+    world.set("a", LOADING)  # the operator's load was admitted
+    assert world.loads == ["a", "a"]  # held for the state, as before
+
+
+def test_the_lanes_say_when_a_wish_ends_so_a_waiting_model_can_stop_waiting():
+    ended = []
+    world = late_world()
+    world.lanes._wish_ended = lambda lane: ended.append((lane.name, lane.load))
+    world.request("a", 1)
+    world.lanes.must_wait(world.lane("a"), (), recheck_s=45.0)
+    world.lanes.leave(world.lane("a"), 1)  # its only request left
+    assert ended == [("a", None)]

@@ -488,3 +488,16 @@ async def test_an_engine_that_closes_after_its_head_gets_the_client_a_whole_502(
     assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 502 ")
     assert controller.model("a")["in_flight"] == 0
     server.close()
+
+
+async def test_a_requests_keep_alive_is_taken_by_lessor_and_a_bad_one_named(front):
+    controller, _, session, _ = await front([torch_model("a", keep_alive="10m")])
+    async with session.post("/v1/chat/completions", json={"model": "a", "keep_alive": "5m", "messages": []}) as r:
+        assert r.status == 200
+        echoed = json.loads((await r.json())["echo"])
+    assert "keep_alive" not in echoed and echoed["model"] == "a"  # the engine does not know the field
+    assert controller.router.keep_alive_s(controller.supervisor.resolve("a")) == 300
+    for bad in ("soon", True, [5], "-5m"):
+        async with session.post("/v1/chat/completions", json={"model": "a", "keep_alive": bad}) as r:
+            error = (await r.json())["error"]
+            assert (r.status, error["param"]) == (400, "keep_alive"), bad

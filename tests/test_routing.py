@@ -9,7 +9,7 @@ import heapq
 import pytest
 
 from lessor.daemon.config import RouterConfig
-from lessor.daemon.errors import LoadFailed, QueueFull, UnknownModel, WaitTimedOut
+from lessor.daemon.errors import LoadFailed, NotServedInTime, QueueFull, UnknownModel, WaitTimedOut
 from lessor.daemon.lanes import RECHECK_CAP_S
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic import TrafficControl
@@ -163,7 +163,7 @@ async def test_a_busy_model_is_not_evicted_and_each_side_is_served_as_a_batch(ro
     router.finish(running_a)  # a goes idle: b loads and its three requests run together
     b_done = await done(*b_requests)
     assert controller.model("b")["in_flight"] == 3 and not any(t.done() for t in late_a)
-    assert controller.model("a")["state"] in ("unloaded", "loading")
+    assert controller.model("a")["state"] in ("waiting", "loading")  # its late requests wait for b
     for lane, _ in b_done:
         router.finish(lane)
     a_done = await done(*late_a)  # then a comes back for its two
@@ -444,22 +444,32 @@ async def _hot_and_cold(routed, clock):
     return controller, adapter, router
 
 
-async def test_the_value_policy_keeps_the_popular_model_until_the_other_is_asked_for_more(routed):
+async def served_or_refused(router, name):
+    """("served", lane) or ("refused", error): what a request to `name` got, which must come without
+    the injected clock moving (a request the router cannot serve in time is answered at once)."""
+    request = asyncio.ensure_future(turn(router, name))
+    await until(lambda: request.done() or router.loads_wanted().get(name) == "queued", f"{name}'s request answered")
+    assert request.done(), f"{name}'s request waits: {router.lane(name).record.state}"
+    try:
+        return "served", request.result()[0]
+    except NotServedInTime as exc:
+        return "refused", exc
+
+
+async def test_the_value_policy_serves_the_other_model_or_refuses_at_once_never_leaving_it_waiting(routed):
     clock = ManualClock()
     controller, adapter, router = await _hot_and_cold(routed, clock)
     clock.advance(120.0)  # past policy.churn_age
-    first = asyncio.ensure_future(turn(router, "cold"))
-    await until(lambda: router.loads_wanted().get("cold") == "queued", "cold's load weighed and queued")
-    assert controller.model("hot")["state"] == "ready" and loads(adapter) == ["hot"]
-    assert controller.supervisor.policy_snapshot().models["cold"].starved_s >= 0
-    # Asked for more than the margin over hot's rate: at its next look (at most RECHECK_CAP_S) it wins.
-    more = [asyncio.ensure_future(turn(router, "cold")) for _ in range(20)]
-    await until(lambda: queued(router, "cold") == 21, "cold's requests waiting")
-    clock.advance(RECHECK_CAP_S)
-    served = await done(first, *more)
-    assert controller.model("hot")["state"] == "unloaded" and loads(adapter) == ["hot", "cold"]
-    for lane, _ in served:
-        router.finish(lane)
+    lane, _ = await turn(router, "hot")  # hot is in use now
+    router.finish(lane)
+    for asked in range(1, 41):  # each request to cold is served, or answered at once with when to retry
+        outcome, got = await served_or_refused(router, "cold")
+        if outcome == "served":
+            router.finish(got)
+            break
+        assert 1 <= got.retry_after_s <= 300 and "router.wait_timeout" in str(got)
+        assert controller.model("hot")["state"] == "ready" and controller.model("cold")["state"] == "unloaded"
+    assert controller.model("hot")["state"] == "unloaded" and loads(adapter) == ["hot", "cold"], asked
 
 
 async def test_the_value_policy_makes_room_for_an_operators_load_whatever_the_rates(routed):
@@ -480,3 +490,27 @@ async def test_a_request_beyond_the_planned_batch_counts_as_not_started_at_once(
     assert router.stats.started_share("a") < 1.0
     for lane in lanes:
         router.finish(lane)
+
+
+async def test_a_requests_keep_alive_applies_within_the_models_own_unless_the_operator_allows_more(routed):
+    clock = ManualClock()
+    models = [torch_model("a", keep_alive="10m"), torch_model("b", keep_alive="10m")]
+    controller, _, router, _ = await routed(models, clock=clock)
+    lane, _ = await turn(router, "a")
+    assert router.request_keep_alive(lane, 0) == 0  # Ollama's 0: unload once idle
+    assert router.idle_expired() == []  # it runs
+    router.finish(lane)
+    assert await router.unload_idle() == ["a"]
+    lane, _ = await turn(router, "a")  # loaded again: its config's keep_alive until a request says otherwise
+    router.finish(lane)
+    assert router.keep_alive_s(lane.record) == 600
+    assert router.request_keep_alive(lane, 3600) == 600  # never above the model's own
+    assert router.request_keep_alive(lane, -1) == 600  # forever neither
+    assert router.request_keep_alive(lane, 30) == 30
+    clock.now += 31
+    assert router.idle_expired() == ["a"]
+    wider = TrafficControl(controller.supervisor, RouterConfig(request_keep_alive_max=-1), timers=clock)
+    lane_b = wider.lane("b")
+    assert wider.request_keep_alive(lane_b, 3600) == 3600 and wider.request_keep_alive(lane_b, -1) == -1
+    capped = TrafficControl(controller.supervisor, RouterConfig(request_keep_alive_max="1h"), timers=clock)
+    assert capped.request_keep_alive(capped.lane("b"), -1) == 3600
