@@ -200,14 +200,17 @@ async def reload(controller: Controller, notifier: Notifier) -> bool:
     return True
 
 
-def check_at_start(config: LessorConfig, force_sim: bool) -> bool:
+def check_at_start(config: LessorConfig, force_sim: bool, source: str) -> bool:
     """check-config's checks, with its severities: errors stop the start, warnings are logged."""
     from ..daemon.checks import check
 
     report = check(config, force_sim)
     for finding in report.findings:
-        (print(f"lessord: invalid config {finding}", file=sys.stderr) if finding.error
-         else log.warning("config: %s", finding))
+        (print(f"lessord: {source}: {finding}", file=sys.stderr) if finding.error
+         else log.warning("%s: %s", source, finding))
+    if report.errors:
+        print(f"lessord: not started: {report.errors} error(s) in {source}, as `lessor check-config"
+              f"{' --sim' if force_sim else ''} {source}` lists them", file=sys.stderr)
     return not report.errors
 
 
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"lessord: invalid config {exc}", file=sys.stderr)
         return 2
-    if not args.recovery and not check_at_start(config, args.sim):
+    if not args.recovery and not check_at_start(config, args.sim, args.config):
         return 2
     try:
         import uvloop

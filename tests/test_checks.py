@@ -197,10 +197,12 @@ def test_lessord_does_not_start_on_a_config_check_config_refuses(tmp_path):
     data = {"state_dir": str(tmp_path / "state"), "models": [{**HUGE, "engine": {"kind": "torch", "model_path": str(tmp_path)}}],
             "devices": {"probe": "sim", "headroom": "1GiB", "simulated": CARD_8GIB},
             "admin": {"listen": f"127.0.0.1:{free_port()}"}, "router": {"listen": f"127.0.0.1:{free_port()}"}}
-    result = subprocess.run([str(BIN / "lessord"), "--config", str(_write(tmp_path, data)), "--sim"],
+    path = _write(tmp_path, data)
+    result = subprocess.run([str(BIN / "lessord"), "--config", str(path), "--sim"],
                             capture_output=True, text=True, timeout=HANG_S)  # a guard: it exits at once
     assert result.returncode == 2, result
-    assert "lessord: invalid config error: models[0]: can never fit on gpu0" in result.stderr
+    assert f"lessord: {path}: error: models[0]: can never fit on gpu0" in result.stderr
+    assert f"lessord: not started: 1 error(s) in {path}, as `lessor check-config --sim {path}` lists them" in result.stderr
     assert not (tmp_path / "state").exists(), "refused before the ledger was opened"
 
 
