@@ -89,7 +89,7 @@ class Controller:
                 "state": record.state.value, "priority": spec.priority, "pinned": spec.pinned,
                 "keep_alive_s": spec.keep_alive, "devices": [f"gpu{i}" for i in spec.placement.devices],
                 "leased_bytes": leased, "in_flight": in_flight, "idle_s": (idle_s := self._idle_s(record, in_flight)),
-                "keep_alive_ends_in_s": keep_alive_ends_in_s(spec, idle_s),
+                "keep_alive_ends_in_s": keep_alive_ends_in_s(self._keep_alive_s(record), spec.pinned, idle_s),
                 "error": record.error or None,
                 "params": dict(record.plan.params) if record.plan else None,
                 "endpoint": record.handle.base_url if record.handle else None,
@@ -99,6 +99,10 @@ class Controller:
                 "waiting": self.router.waiting(record) if self.router is not None else None,
                 **(self.router.learned(spec.name) if self.router is not None
                    else {"request_rate": 0.0, "started_share": 1.0, "starved_s": 0.0, "load_s": None})}
+
+    def _keep_alive_s(self, record) -> float:
+        """The keep_alive in force: its latest request's (within the operator's bound), else its config's."""
+        return self.router.keep_alive_s(record) if self.router is not None else record.spec.keep_alive
 
     def _idle_s(self, record, in_flight: int) -> float | None:
         """Seconds since the model last served (or became ready): what keep_alive counts; None unless it serves."""
@@ -243,12 +247,12 @@ def _change_in_words(change: ConfigChange) -> str:
     return "; ".join(said) or "no model added, removed or changed"
 
 
-def keep_alive_ends_in_s(spec, idle_s: float | None) -> float | None:
+def keep_alive_ends_in_s(keep_alive_s: float, pinned: bool, idle_s: float | None) -> float | None:
     """Seconds until keep_alive unloads the model (Ollama's UNTIL): None while it does not serve,
     when pinned or when keep_alive is never (-1); counted from its last request, as the unloader does."""
-    if idle_s is None or spec.pinned or spec.keep_alive < 0:
+    if idle_s is None or pinned or keep_alive_s < 0:
         return None
-    return round(max(0.0, spec.keep_alive - idle_s), 3)
+    return round(max(0.0, keep_alive_s - idle_s), 3)
 
 
 def evicted_for(model: str, events: asyncio.Queue) -> list[str]:

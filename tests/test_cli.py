@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
@@ -344,12 +345,12 @@ def small_card(tmp_path):
     big["memory"] = {**big["memory"], "weights": "4GiB"}
     other = {**standin("other"), "memory": {**big["memory"]}}
     config = write_config(tmp_path / "lessor.yaml", tmp_path / "state", [big, other])
-    with running_lessord(config, output=tmp_path / "lessord.out") as (_proc, url, _router):
-        yield url, config
+    with running_lessord(config, output=tmp_path / "lessord.out") as (_proc, url, router):
+        yield url, config, router
 
 
 def test_load_names_what_it_evicted_and_models_say_when_keep_alive_ends(small_card, capsys):
-    url, config = small_card
+    url, config, router = small_card
     code, out, _ = lessor(capsys, "load", "big", *admin_args(url, config))
     assert code == 0 and out.startswith("big: ready in ") and "evicted" not in out
     big = json.loads(lessor(capsys, "models", "--json", "--admin", url)[1])[0]
@@ -358,6 +359,12 @@ def test_load_names_what_it_evicted_and_models_say_when_keep_alive_ends(small_ca
     header, *rows = out.splitlines()
     row = dict(zip(header.split(), next(r for r in rows if r.startswith("big ")).split()))
     assert row["UNTIL"] != "never" and row["UNTIL"].endswith("s")
+    # A request's own keep_alive (Ollama's field) is the model's from then on: UNTIL counts it down.
+    body = json.dumps({"model": "big", "messages": [{"role": "user", "content": "hi"}], "keep_alive": 30}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{router}/v1/chat/completions", data=body), timeout=HANG_S):
+        pass
+    big = json.loads(lessor(capsys, "models", "--json", "--admin", url)[1])[0]
+    assert 0 <= big["keep_alive_ends_in_s"] <= 30
     code, out, _ = lessor(capsys, "load", "other", *admin_args(url, config))
     assert code == 0 and out.strip().endswith("; evicted big to make room"), out
     code, out, _ = lessor(capsys, "load", "big", "--json", *admin_args(url, config))
