@@ -186,7 +186,6 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_simple(method: str, path: str, render=None, body=None):
     def run(args: argparse.Namespace) -> int:
         data = make_client(args).call(method, path.format(**vars(args)), body(args) if body else None)
