@@ -317,7 +317,7 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
     rate = max(m.kv_rate for m in memory.devices)
     configured = getattr(engine, engine.kv_param)
     batch = getattr(engine, engine.batch_param)
-    granule = engine.kv_granule()
+    granule = engine.kv_granule(batch or goal.max_batch_size)
     limit = _context(spec)
     per_sequence = limit[0].tokens if limit else None
     warnings, sizing = [], [_shape_line(spec)]
@@ -325,7 +325,7 @@ def _size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
     # others share one pool of kv_param tokens among every sequence (SGLang, llama.cpp, ktransformers).
     sequences = (batch or goal.max_batch_size) if engine.kv_per_sequence else 1
     if configured is not None:
-        configured, rounded = engine.rounded_kv(configured)
+        configured, rounded = engine.rounded_kv(configured, batch or goal.max_batch_size)
         warnings += [rounded] if rounded else []
         tokens = configured * sequences
         by = "configured"

@@ -93,8 +93,8 @@ class EngineArgsBase(BaseModel):
         """The `kind` tag of this class's arguments in the config."""
         return typing.get_args(cls.model_fields["kind"].annotation)[0]
 
-    def kv_granule(self) -> int:
-        """Tokens the engine allocates its KV cache in: a planned size is a multiple of it."""
+    def kv_granule(self, batch: int = 1) -> int:
+        """Tokens the engine allocates its KV cache in, for `batch` sequences: a planned size is a multiple of it."""
         return 16
 
     def context_limit(self, architecture: Architecture) -> tuple[ContextLimit | None, bool]:
@@ -104,8 +104,9 @@ class EngineArgsBase(BaseModel):
         the positions the model was trained for."""
         return trained_context(architecture), False
 
-    def rounded_kv(self, value: int) -> tuple[int, str | None]:
-        """A configured KV size as the engine rounds it, and a line saying so where it does."""
+    def rounded_kv(self, value: int, batch: int) -> tuple[int, str | None]:
+        """A configured KV size as the engine rounds it for `batch` sequences, and a line saying so
+        where it does."""
         return value, None
 
     def chunk_tokens(self) -> int:

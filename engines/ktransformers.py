@@ -198,7 +198,7 @@ class KTransformersEngineArgs(EngineArgsBase):
             return v
         return _check(max_batch_size_rule(v, info.data.get("backend", "balance_serve")), v)
 
-    def kv_granule(self) -> int:
+    def kv_granule(self, batch: int = 1) -> int:
         return self.page_size if self.server == "legacy" else 1  # SGLang's --page-size defaults to 1
 
     def context_limit(self, architecture) -> tuple[ContextLimit | None, bool]:
@@ -208,7 +208,7 @@ class KTransformersEngineArgs(EngineArgsBase):
         # request only against cache_lens: past the trained context it runs without a word.
         return trained_context(architecture), False
 
-    def rounded_kv(self, value: int) -> tuple[int, str | None]:
+    def rounded_kv(self, value: int, batch: int) -> tuple[int, str | None]:
         if self.server != "legacy" or value % self.page_size == 0:
             return value, None
         held = rounded_pages(value, self.page_size)

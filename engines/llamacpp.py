@@ -78,6 +78,19 @@ class LlamaCppEngineArgs(EngineArgsBase):
     def chunk_tokens(self) -> int:
         return self.ubatch_size
 
+    def kv_granule(self, batch: int = 1) -> int:
+        # Whole padded blocks for every slot: the cells llama.cpp makes (held_cells) are the ones leased.
+        return CELL_PAD * (1 if self.kv_unified else self.parallel or batch)
+
+    def rounded_kv(self, value: int, batch: int) -> tuple[int, str | None]:
+        slots = 1 if self.kv_unified else self.parallel or batch
+        held = held_cells(value, slots)
+        if held == value:
+            return value, None
+        each = "" if slots == 1 else f", and each of the {slots} slots' share too"
+        return held, (f"engine.ctx_size {value}: llama.cpp pads the context up to whole {CELL_PAD}-cell blocks{each} "
+                      f"(llama-context.cpp, 3514e9f6), so it holds {held} cells; planned as {held}")
+
     def context_limit(self, architecture) -> tuple[ContextLimit | None, bool]:
         # src/llama-context.cpp (3514e9f6): a slot's context above n_ctx_train (the GGUF's
         # <arch>.context_length) only warns "possible training context overflow".
@@ -166,6 +179,18 @@ class LlamaCppEngineArgs(EngineArgsBase):
                       "cache_type_k": self.cache_type_k, "cache_type_v": self.cache_type_v,
                       "flash_attn": self.flash_attn, "ubatch_size": self.ubatch_size,
                       "batch_size": max(self.batch_size, self.ubatch_size), "kv_unified": self.kv_unified}, broken, [])
+
+
+CELL_PAD = 256  # src/llama-context.cpp (3514e9f6): cparams.n_ctx = GGML_PAD(cparams.n_ctx, 256)
+
+
+def held_cells(ctx_size: int, slots: int) -> int:
+    """The KV cells llama-server makes for -c ctx_size (llama-context.cpp, 3514e9f6): n_ctx padded
+    up to 256; without -kvu, each of the slots' streams holds GGML_PAD(n_ctx / slots, 256)."""
+    def pad(n: int) -> int:
+        return -(-n // CELL_PAD) * CELL_PAD
+    n_ctx = pad(ctx_size)
+    return n_ctx if slots <= 1 else pad(n_ctx // slots) * slots
 
 
 def layer_split(layers: int, devices: int) -> list[int]:

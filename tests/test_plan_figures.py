@@ -34,3 +34,16 @@ def test_cache_lens_off_the_page_is_rounded_down_as_the_scheduler_does_and_said(
                for w in result.warnings), result.warnings
     whole = plan(with_overrides(R1, {"cache_lens": 27904}), SEED)
     assert whole.kv_tokens == 27904 and not any("whole number of" in w for w in whole.warnings)
+
+
+def test_llamacpp_ctx_size_is_padded_up_as_llama_cpp_pads_it_and_said():
+    """llama-context.cpp pads n_ctx to 256 cells, and each slot's share too: the lease holds the cells it makes."""
+    from lessor.daemon.config import ModelSpec
+
+    spec = ModelSpec.model_validate({"name": "l", "engine": {"kind": "llamacpp", "model_path": "/m.gguf", "ctx_size": 35000,
+                                                              "parallel": 4},
+                                     "memory": {"weights": "1GiB", "kv_bytes_per_token": 8192}})
+    result = plan(spec, {"gpu0": DeviceBudget("gpu0", 24 * GiB, 24 * GiB, GiB, 0, 0)})
+    assert result.params["ctx_size"] == 35840 and result.kv_tokens == 35840  # 35072 / 4 = 8768 -> 8960 per slot
+    assert any("engine.ctx_size 35000: llama.cpp pads the context up" in w and "holds 35840 cells" in w
+               for w in result.warnings), result.warnings
