@@ -10,8 +10,13 @@ host in bench/sim), a clock passed in by the caller, plain numbers out.
   asked for in bursts starves by its bursts, not by its silences. A policy ages its claim by it
   (the `value` policy), so a rare model is not shut out for good.
 - Of the requests that reach a model while it is ready, the share that starts at once (not queued
-  behind its full slots): a model swamped by its bursts serves few of them within their goal, and
-  is worth that much less a place (a moving average over about the last `1 / STARTED_WEIGHT`).
+  behind its full slots), and the share it *keeps up with*: started at once, or queued behind
+  less than one full batch (it waits only for a slot of the batch being served). A model that
+  fills every slot and keeps up is saturated, not swamped: its requests start within a round.
+  One its bursts swamp (a backlog of a batch and more) serves few of them within their goal, and
+  is worth that much less a place (moving averages over about the last `1 / STARTED_WEIGHT`).
+- A model with no history here (never served: no request of it started, no load measured) is
+  `first_time`: a policy gives it an optimistic prior instead of its first few requests' rate.
 - A load's cost is what loads of that model took (a moving average of the measured durations,
   spawn to ready); before the first one, a start constant plus its bytes over the disk's
   bandwidth.
@@ -50,24 +55,44 @@ class TrafficStats:
         self._rates: dict[str, _Rate] = {}
         self._load_s: dict[str, float] = {}
         self._started: dict[str, float] = {}
+        self._kept_up: dict[str, float] = {}
+        self._served: set[str] = set()  # models a request of which has started here
+        self._starts: dict[str, _Rate] = {}  # requests started per second, decayed as the request rate
         self._starving: dict[str, list[float]] = {}
         self._loading_since: dict[str, float] = {}  # model -> [seconds starved, as of this time]
 
     def record_request(self, model: str, now: float) -> None:
-        rate = self._rates.get(model)
+        self._bump(self._rates, model, now)
+
+    def _bump(self, rates: dict[str, _Rate], model: str, now: float) -> None:
+        rate = rates.get(model)
         if rate is None:
-            rate = self._rates[model] = _Rate(0.0, now)
+            rate = rates[model] = _Rate(0.0, now)
         rate.value = self._decayed(rate, now) + self._decay
         rate.at = now
 
-    def record_ready_arrival(self, model: str, started: bool) -> None:
-        """A request reached `model` while it was ready: it started at once, or it queued."""
+    def record_ready_arrival(self, model: str, started: bool, ahead: int | None = None,
+                             batch: int | None = None) -> None:
+        """A request reached `model` while it was ready: it started at once, or it queued behind
+        `ahead` others that wait for a slot of its `batch` (the sequences it serves at once). It
+        kept up when it started, or fewer than a batch were ahead of it (unknown: as it started)."""
         share = self._started.get(model, 1.0)
         self._started[model] = share + STARTED_WEIGHT * (float(started) - share)
+        kept_up = started or (ahead is not None and bool(batch) and ahead < batch)
+        share = self._kept_up.get(model, 1.0)
+        self._kept_up[model] = share + STARTED_WEIGHT * (float(kept_up) - share)
 
     def started_share(self, model: str) -> float:
         """Of its requests while ready, the share that started at once (1.0 before any)."""
         return self._started.get(model, 1.0)
+
+    def kept_up_share(self, model: str) -> float:
+        """Of its requests while ready, the share it kept up with (1.0 before any)."""
+        return self._kept_up.get(model, 1.0)
+
+    def first_time(self, model: str) -> bool:
+        """Never served here: no request of it started, no load of it measured."""
+        return model not in self._served and model not in self._load_s
 
     def record_wait(self, model: str, now: float) -> None:
         """A request of `model` could not start at once: it starves on."""
@@ -77,9 +102,13 @@ class TrafficStats:
         else:
             starving[0], starving[1] = self.starved_s(model, now), now
 
-    def record_start(self, model: str) -> None:
-        """A request of `model` started: it starves no more."""
+    def record_start(self, model: str, now: float | None = None) -> None:
+        """A request of `model` started (at `now`, where the driver says: its start rate): it
+        starves no more."""
         self._starving.pop(model, None)
+        self._served.add(model)
+        if now is not None:
+            self._bump(self._starts, model, now)
 
     def starved_s(self, model: str, now: float) -> float:
         starving = self._starving.get(model)
@@ -110,6 +139,12 @@ class TrafficStats:
         rate = self._rates.get(model)
         return self._decayed(rate, now) if rate is not None else 0.0
 
+    def start_rate(self, model: str, now: float) -> float:
+        """Requests started per second, decayed to `now`: what it serves (0 where the driver gives
+        no start times)."""
+        rate = self._starts.get(model)
+        return self._decayed(rate, now) if rate is not None else 0.0
+
     def load_cost_s(self, model: str, size_bytes: int) -> float:
         """Predicted seconds one load of `model` takes: measured where known."""
         measured = self._load_s.get(model)
@@ -117,10 +152,12 @@ class TrafficStats:
             return measured
         return self._start_s + size_bytes / self._read_bytes_per_s
 
-    def view(self, model: str, now: float, size_bytes: int) -> dict[str, float]:
+    def view(self, model: str, now: float, size_bytes: int) -> dict[str, float | bool]:
         """What a policy reads of it, as `ModelView` fields."""
         return {"request_rate": self.rate(model, now), "load_cost_s": self.load_cost_s(model, size_bytes),
-                "starved_s": self.starved_s(model, now), "started_share": self.started_share(model)}
+                "starved_s": self.starved_s(model, now), "started_share": self.started_share(model),
+                "kept_up_share": self.kept_up_share(model), "start_rate": self.start_rate(model, now),
+                "first_time": self.first_time(model)}
 
     def measured_load_s(self, model: str) -> float | None:
         return self._load_s.get(model)
@@ -133,7 +170,8 @@ class TrafficStats:
     def to_dict(self, now: float) -> dict[str, Any]:
         return {"half_life_s": self.half_life_s,
                 "rates": {m: self._decayed(r, now) for m, r in self._rates.items()},
-                "load_s": dict(self._load_s), "started": dict(self._started)}
+                "load_s": dict(self._load_s), "started": dict(self._started), "kept_up": dict(self._kept_up),
+                "served": sorted(self._served)}
 
     def restore(self, data: Mapping[str, Any], now: float, elapsed_s: float = 0.0) -> None:
         """Take back what `to_dict` saved `elapsed_s` seconds ago (of wall time; a restart's
@@ -143,5 +181,7 @@ class TrafficStats:
             self._rates[str(model)] = _Rate(float(value) * factor, now)
         for model, seconds in dict(data.get("load_s", {})).items():
             self._load_s[str(model)] = float(seconds)
-        for model, share in dict(data.get("started", {})).items():
-            self._started[str(model)] = min(1.0, max(0.0, float(share)))
+        for key, shares in (("started", self._started), ("kept_up", self._kept_up)):
+            for model, share in dict(data.get(key, {})).items():
+                shares[str(model)] = min(1.0, max(0.0, float(share)))
+        self._served.update(str(model) for model in data.get("served", ()))

@@ -4,15 +4,25 @@ Each policy only chooses *which* models may be evicted and in what order; the ar
 "does it fit after evicting these" is shared so every policy answers the same way. Before any
 eviction, `shrink_to_cover` tries the lighter lever: where the idle models it could evict can give
 back enough of their KV caches (elastic KV, `ModelView.kv_spare_bytes`), they shrink and stay.
+
+One rule binds every policy that evicts: a *quiet* model (nothing in flight, no request and no
+load within the churn age) yields to a model whose requests wait, when nothing the policy would
+rather evict makes the room; the policy's own order says which quiet model goes. A request is
+never left waiting on a model nobody uses (Ollama and llama-swap swap at once): it waits only for
+busy models, or for an idle one to turn quiet (the `Queue` says when), or it is refused.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from .snapshot import Admit, AdmissionRequest, Decision, Evict, ModelView, Queue, Rejected, Snapshot
 
 Policy = Callable[[AdmissionRequest, Snapshot], Decision]
+
+# policy.churn_age's default: how long an idle model goes unasked before it yields to a waiting
+# one (lru_idle and priority use it; `value` reads its own, configured churn_age_s).
+CHURN_AGE_S = 60.0
 
 
 def shortfall(request: AdmissionRequest, snapshot: Snapshot) -> dict[str, int]:
@@ -91,18 +101,31 @@ def shrink_to_cover(short: dict[str, int], models: Iterable[ModelView]) -> dict[
 
 
 def decide_with_candidates(request: AdmissionRequest, snapshot: Snapshot,
-                           eligible: Callable[[ModelView], bool], order: Callable[[ModelView], tuple]) -> Decision:
+                           eligible: Callable[[ModelView], bool], order: Callable[[ModelView], tuple],
+                           churn_age_s: float = CHURN_AGE_S) -> Decision:
     short = shortfall(request, snapshot)
     if not short:
         return Admit()
-    others = sorted((m for m in snapshot.models.values()
-                     if m.name != request.model and not m.pinned and eligible(m) and m.held_bytes), key=order)
+    evictable = sorted((m for m in snapshot.models.values()
+                        if m.name != request.model and not m.pinned and m.held_bytes), key=order)
+    others = [m for m in evictable if eligible(m)]
     shrink = shrink_to_cover(short, others)
     if shrink:
         return Evict((), shrink)
     victims, remaining = free_with(short, (m for m in others if m.idle))
     if not remaining:
         return Evict(tuple(victims))
+    if yields_to(request):
+        now = snapshot.now_s
+        # The models this policy would not evict join the ones it would, once they are quiet.
+        yielding = (m for m in evictable if m.idle and (eligible(m) or m.quiet(now, churn_age_s)))
+        victims, remaining = free_with(short, yielding)
+        if not remaining:
+            return Evict(tuple(victims))
+        waiting = turns_quiet(short, [m for m in evictable if not eligible(m)], now,
+                              lambda m: m.quiet_at(churn_age_s), [m for m in others if m.idle])
+        if waiting is not None:
+            return waiting
     _, still_short = free_with(short, others)
     if not still_short:
         # Whom it would evict were every ready model idle: the models a waiting load waits for.
@@ -110,6 +133,34 @@ def decide_with_candidates(request: AdmissionRequest, snapshot: Snapshot,
         # The reason says no figure: the answer that carries it (ModelsBusy) gives the shortfall once.
         return Queue("the models that could make room are busy", () if uncovered else tuple(blockers))
     return rejected(short, still_short, others)
+
+
+def yields_to(request: AdmissionRequest) -> bool:
+    """Quiet models yield to this load: requests wait for it (no request waits for an operator's
+    load, a restart's or a give-back)."""
+    return request.cause == "request" and not request.is_give_back
+
+
+def turns_quiet(short: dict[str, int], idle_later: Sequence[ModelView], now: float,
+                quiet_at: Callable[[ModelView], float], idle_now: Sequence[ModelView] = ()) -> Queue | None:
+    """The load waits for idle models to turn quiet (`quiet_at`: when one does if nobody asks for
+    it): a Queue that says when enough of them (with `idle_now`, evictable already) make the room;
+    None where they never would (busy models hold the room)."""
+    remaining = dict(short)
+    for model in idle_now:
+        deduct(remaining, model)
+    waited_for = []
+    for model in sorted((m for m in idle_later if m.idle and holds_on(m, short)), key=quiet_at):
+        if not remaining:
+            break
+        deduct(remaining, model)
+        waited_for.append(model)
+    if remaining or not waited_for:
+        return None
+    quiet_in = max(1.0, quiet_at(waited_for[-1]) - now)
+    names = ", ".join(m.name for m in waited_for)
+    return Queue(f"{names} idle, but asked for too recently to yield: it does in {quiet_in:.0f} s unless asked "
+                 "again (policy.churn_age)", (), quiet_in)
 
 
 def rejected(short: dict[str, int], still_short: dict[str, int], others: Iterable[ModelView]) -> Rejected:

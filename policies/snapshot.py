@@ -47,6 +47,12 @@ class ModelView:
     oldest_wait_s: float = 0.0  # how long the oldest of them has waited
     starved_s: float = 0.0  # how long its requests have gone unserved (0: it started the latest one)
     started_share: float = 1.0  # of its requests while it was ready, the share that started at once
+    # Of the same requests, the share it kept up with: started at once, or queued behind less than
+    # one full batch (its slots busy serving: saturated, not falling behind). What `value` weighs
+    # its rate by, so the busiest model never looks the cheapest (daemon/traffic_stats.py).
+    kept_up_share: float = 1.0
+    start_rate: float = 0.0  # requests it started per second, decayed as request_rate: what it serves
+    first_time: bool = False  # asked for, never served here: no history to weigh it by (an optimistic prior)
     # Elastic KV: what its KV lease could give back per device, down to its plan's min_kv_tokens,
     # with its engine running on (empty where its engine cannot resize its cache in place).
     kv_spare_bytes: Mapping[str, int] = field(default_factory=dict)
@@ -54,6 +60,15 @@ class ModelView:
     @property
     def idle(self) -> bool:
         return self.state == "ready" and self.in_flight == 0
+
+    def quiet(self, now: float, churn_age_s: float) -> bool:
+        """Idle, and neither a request nor its load within `churn_age_s`: in use by nobody now, so
+        it yields its memory to a model whose requests wait, whatever the policy's weighing."""
+        return self.idle and now - max(self.last_used_s, self.ready_since_s) >= churn_age_s
+
+    def quiet_at(self, churn_age_s: float) -> float:
+        """When it turns quiet if no request comes (it must be idle by then)."""
+        return max(self.last_used_s, self.ready_since_s) + churn_age_s
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 A load that is short of memory is weighed against what it would evict, in requests served within
 their goal over a horizon (the window the router's decayed rates describe). A model's *served
-rate* is its decayed request rate × the share of its requests that started at once while it was
-loaded: one its bursts swamp serves few of them in time, however often it is asked.
+rate* is its decayed request rate × the share of its requests it kept up with while it was
+loaded (`kept_up_share`: started at once, or queued behind less than one full batch), and never
+less than the requests it started (`start_rate`): one its bursts swamp serves few of them in time,
+however often it is asked, while one that fills every slot it has is worth at least what it
+serves (the busiest model never looks the cheapest).
 
 - gain: the newcomer's served rate × (horizon − its load cost): it serves nothing while it loads;
 - loss: each victim's served rate × (horizon + its load cost): its requests go unserved, and
@@ -13,10 +16,19 @@ It loads only when gain > (1 + margin) × loss, so noise in the rates does not s
 and forth. Victims are taken cheapest first: the lowest loss per byte they free where the load is
 short (GreedyDual-Size-Frequency's frequency × cost / size, with the decayed rate as frequency).
 
+Rates protect only models in use now. An idle model *yields* to a load whose requests wait,
+whatever the weighing says, once it has gone unasked for the churn age (a quiet model, as for
+every policy: policies/admission.py), or at once where it is asked so rarely that a reload costs
+it little (its requests come more than `RARE_RELOADS` reloads apart: idle, it is not in use). An
+idle model asked for more recently holds the load until it yields, and the `Queue` says when.
+A model asked for the first time (`first_time`: never served here) has no rate worth weighing:
+it is worth what the idle models it would evict are (an optimistic prior, as Ollama and
+llama-swap swap at once); against busy models it weighs its rate like any other.
+
 Two guards, because rates alone would let a model churn or starve:
 
 - *Churn age.* A model that became ready less than `churn_age_s` ago is not evicted for another
-  (ModelMesh's minimum age): a burst cannot swap it straight back out.
+  by the weighing (ModelMesh's minimum age): a burst cannot swap it straight back out.
 - *Ageing.* A model whose requests have gone unserved for `starved_s` counts its rate ×
   (1 + starved_s / starvation_s), so however rare, it is loaded in the end. Until then its
   requests wait (`Queue`), and the answer says when to ask again (`recheck_s`).
@@ -35,8 +47,14 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .admission import decide_with_candidates, free_with, holds_on, rejected, shortfall, shrink_to_cover
+from .admission import decide_with_candidates, free_with, holds_on, rejected, shortfall, shrink_to_cover, turns_quiet
 from .snapshot import Admit, AdmissionRequest, Decision, Evict, ModelView, Queue, Snapshot
+
+# A model whose requests come more than this many of its reloads apart (rate × reload < 1 / this)
+# yields as soon as it is idle: a reload delays about one of its requests, while a waiting one
+# would wait for nothing. Chosen in the simulator: 4 keeps the box scenarios' figures (a lower
+# bound let popular models in a lull go), and serves the two-model box as Ollama does.
+RARE_RELOADS = 4.0
 
 
 @dataclass(frozen=True)
@@ -45,7 +63,8 @@ class Value:
     margin: float = 0.5
     churn_age_s: float = 60.0
     starvation_s: float = 7200.0
-    weigh_share: bool = True  # the served rate (rate × share started at once); False: the rate alone
+    weigh_share: bool = True  # the served rate (rate × share kept up with); False: the rate alone
+    yields: bool = True  # idle models yield to waiting ones (False: only the simulator's ablation)
 
     def __call__(self, request: AdmissionRequest, snapshot: Snapshot) -> Decision:
         short = shortfall(request, snapshot)
@@ -54,7 +73,8 @@ class Value:
         def cheapest_first(m: ModelView) -> tuple:
             return self._keep_per_byte(m, short), m.last_used_s, m.name
         if request.is_give_back or request.cause != "request":
-            return decide_with_candidates(request, snapshot, eligible=lambda m: True, order=cheapest_first)
+            return decide_with_candidates(request, snapshot, eligible=lambda m: True, order=cheapest_first,
+                                          churn_age_s=self.churn_age_s)
         others = sorted((m for m in snapshot.models.values()
                          if m.name != request.model and not m.pinned and holds_on(m, short)), key=cheapest_first)
         shrink = shrink_to_cover(short, others)
@@ -67,33 +87,72 @@ class Value:
 
     def _weigh(self, newcomer: ModelView | None, short: dict[str, int], others: list[ModelView],
                now: float) -> Decision:
-        """Evict the cheapest mature models if the newcomer is worth them (idle ones alone if they
-        do), queue behind them while they are busy, or wait: for ageing, or for young ones to mature."""
+        """Evict the cheapest mature idle models if the newcomer is worth them, else the idle
+        ones that yield (whatever their rates); queue behind busy ones it is worth; or wait: for
+        idle ones to yield, for ageing, or for young ones to mature."""
         mature = [m for m in others if m.state == "ready" and now - m.ready_since_s >= self.churn_age_s]
-        name = newcomer.name if newcomer else "?"
-        for pool in ([m for m in mature if m.idle], mature):
-            victims, remaining = free_with(short, pool)
-            if remaining:
-                continue
-            chosen = [m for m in pool if m.name in victims]
+        idle = [m for m in mature if m.idle]
+        victims, remaining = free_with(short, idle)
+        if not remaining and self._worth(newcomer, self._chosen(idle, victims), prior=True):
+            return Evict(tuple(victims))
+        victims, remaining = free_with(short, (m for m in others if self._yields(m, now)))
+        if not remaining and self.yields:
+            return Evict(tuple(victims))
+        victims, remaining = free_with(short, mature)
+        if not remaining:
+            chosen = self._chosen(mature, victims)
             if self._worth(newcomer, chosen):
                 if all(v.idle for v in chosen):
                     return Evict(tuple(victims))
                 return Queue("the models it would evict are busy", tuple(victims))
-            return Queue(self._not_worth(name, chosen), (), self._recheck_s(newcomer, chosen))
-        young = [m for m in others if m.state == "ready" and m not in mature]
-        if young:
-            matures_in = min(self.churn_age_s - (now - m.ready_since_s) for m in young)
-            return Queue(f"{', '.join(m.name for m in young)} loaded less than {self.churn_age_s:g} s ago "
-                         "(policy.churn_age)", (), max(1.0, matures_in))
+        # Nothing to evict now: wait for whatever frees the room first.
+        waits = [turns_quiet(short, [m for m in others if m.state == "ready"], now,
+                             lambda m: max(m.last_used_s, m.ready_since_s) + self._yield_after_s(m))
+                 if self.yields else None]
+        if not remaining:
+            # Busy models it is not worth hold the room: looked at again by ageing, and within a
+            # churn age (by when they may be quiet).
+            ageing = self._recheck_s(newcomer, chosen)
+            busy = [self._yield_after_s(m) for m in chosen if not m.idle]
+            waits.append(Queue(self._not_worth(newcomer.name if newcomer else "?", chosen), (),
+                               max(1.0, min(ageing or math.inf, self.churn_age_s, *busy))))
+        else:
+            young = [m for m in others if m.state == "ready" and m not in mature]
+            if young:
+                # Matured, or a busy one idle long enough to yield, whichever comes first.
+                matures_in = min(self.churn_age_s - (now - m.ready_since_s) for m in young)
+                busy = [self._yield_after_s(m) for m in young if not m.idle]
+                waits.append(Queue(f"{', '.join(m.name for m in young)} loaded less than {self.churn_age_s:g} s "
+                                   "ago (policy.churn_age)", (), max(1.0, min([matures_in, *busy]))))
+        waits = [w for w in waits if w is not None]
+        if waits:
+            return min(waits, key=lambda w: w.recheck_s)
         return Queue("a load under way holds the memory")
+
+    def _yields(self, m: ModelView, now: float) -> bool:
+        return m.idle and now - max(m.last_used_s, m.ready_since_s) >= self._yield_after_s(m)
+
+    def _yield_after_s(self, m: ModelView) -> float:
+        """How long `m` must idle before it yields to a waiting load."""
+        if not self.yields:
+            return math.inf
+        if m.request_rate * m.load_cost_s * RARE_RELOADS < 1.0:
+            return 0.0
+        return self.churn_age_s
+
+    @staticmethod
+    def _chosen(pool: Sequence[ModelView], victims: Sequence[str]) -> list[ModelView]:
+        return [m for m in pool if m.name in victims]
 
     # -- the weighing --------------------------------------------------------------------------
 
     def _served_rate(self, model: ModelView) -> float:
         """The requests per second it serves within their goal, as far as the router can tell:
-        those that start at once. A model its bursts swamp is worth less than its rate."""
-        return model.request_rate * (model.started_share if self.weigh_share else 1.0)
+        those it keeps up with, and never fewer than it starts. A model its bursts swamp is worth
+        less than its rate; one that fills its slots is worth at least what it serves."""
+        if not self.weigh_share:
+            return model.request_rate
+        return max(model.request_rate * model.kept_up_share, model.start_rate)
 
     def _loss(self, model: ModelView) -> float:
         return self._served_rate(model) * (self.horizon_s + model.load_cost_s)
@@ -110,7 +169,11 @@ class Value:
     def _ageing(self, newcomer: ModelView | None) -> float:
         return 1.0 + (newcomer.starved_s if newcomer else 0.0) / self.starvation_s
 
-    def _worth(self, newcomer: ModelView | None, victims: Sequence[ModelView]) -> bool:
+    def _worth(self, newcomer: ModelView | None, victims: Sequence[ModelView], prior: bool = False) -> bool:
+        """Whether the newcomer serves more than the victims lose. `prior`: the victims are idle,
+        and a newcomer never served here is worth them (it has no rate yet to weigh)."""
+        if prior and newcomer is not None and newcomer.first_time:
+            return True
         return self._gain(newcomer, self._ageing(newcomer)) > self._guarded_loss(victims)
 
     def _guarded_loss(self, victims: Sequence[ModelView]) -> float:

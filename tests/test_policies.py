@@ -1,11 +1,12 @@
 """Policies are pure: hand-written snapshots in, decisions out; and what the daemon says of them."""
 
 import re
+from dataclasses import replace
 
 import pytest
 
-from lessor.policies import (Admit, AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot, fit,
-                             lru_idle, priority)
+from lessor.policies import (POLICIES, Admit, AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected,
+                             Snapshot, fit, lru_idle, priority)
 
 G = 1 << 30
 
@@ -59,7 +60,9 @@ def test_busy_models_make_the_request_queue():
 def test_priority_evicts_only_lower_priority_lowest_first():
     s = snap(1, model("low", 5, prio=10, last_used=90), model("mid", 5, prio=40, last_used=1), model("high", 5, prio=90))
     assert priority(want(9, prio=50), s) == Evict(("low", "mid"))
-    decision = priority(want(9, prio=20), s)
+    busy = snap(1, model("low", 5, prio=10, last_used=90), model("mid", 5, prio=40, in_flight=1),
+                model("high", 5, prio=90, in_flight=1))
+    decision = priority(want(9, prio=20), busy)
     assert isinstance(decision, Rejected)
 
 
@@ -214,3 +217,70 @@ def test_a_give_back_shrinks_an_idle_model_too():
     s = snap(0, elastic("a", 6, 2))
     over = Snapshot({"gpu0": DeviceBudget("gpu0", 24 * G, 24 * G, G, 17 * G + G // 2, 6 * G)}, s.models)
     assert lru_idle(AdmissionRequest.give_back("gpu0"), over) == Evict((), {"a": {"gpu0": G // 2}})
+
+
+# -- issue 34: a request is served or answered, never left waiting on a model nobody uses ----------
+
+TWO_MODEL_NOW = 10_000.0
+MIN = 1 / 60  # a rate of one request a minute, in requests per second
+
+
+def two_model_box(chat_idle_s: float, chat_in_flight: int = 0) -> Snapshot:
+    """The newcomer's box: a 16 GiB card, `chat` (7 GiB) loaded and asked for five times, then
+    idle; `coder` (6 GiB weights, 9 GiB at its load's peak) asked for: they do not fit together."""
+    chat = ModelView("chat", "ready", 50, False, chat_in_flight, TWO_MODEL_NOW - chat_idle_s, {"gpu0": 7 * G},
+                     request_rate=0.13 * MIN, load_cost_s=12.0, size_bytes=7 * G, ready_since_s=TWO_MODEL_NOW - 900)
+    coder = ModelView("coder", "unloaded", request_rate=0.07 * MIN, load_cost_s=10.0, waiting=1,
+                      starved_s=300.0)
+    device = DeviceBudget("gpu0", 16 * G, 16 * G, G, 0, 7 * G)
+    return Snapshot({"gpu0": device}, {"chat": chat, "coder": coder}, now_s=TWO_MODEL_NOW)
+
+
+CODER = AdmissionRequest("coder", {"gpu0": 9 * G}, 50)
+
+
+@pytest.mark.parametrize("name", ["value", "lru_idle", "priority"])
+def test_a_model_idle_for_minutes_yields_to_the_one_whose_requests_wait_whatever_the_policy(name):
+    assert POLICIES[name](CODER, two_model_box(chat_idle_s=240)) == Evict(("chat",))
+
+
+def test_fit_never_evicts_so_it_answers_at_once_instead_of_leaving_the_request_waiting():
+    decision = POLICIES["fit"](CODER, two_model_box(chat_idle_s=240))
+    assert isinstance(decision, Rejected) and "never evicts" in decision.reason
+
+
+@pytest.mark.parametrize("name", ["value", "priority"])
+def test_a_model_asked_for_within_its_churn_age_holds_the_load_until_it_turns_quiet_and_says_when(name):
+    box = two_model_box(chat_idle_s=20)
+    busier = replace(box, models={**box.models, "chat": replace(box.models["chat"], request_rate=2 * MIN)})
+    decision = POLICIES[name](CODER, busier)
+    assert isinstance(decision, Queue) and decision.blockers == ()
+    assert decision.recheck_s == pytest.approx(40.0) and "chat" in decision.reason
+    assert "policy.churn_age" in decision.reason
+    assert lru_idle(CODER, busier) == Evict(("chat",))  # lru_idle never waited for that
+
+
+def test_value_evicts_at_once_an_idle_model_asked_for_so_rarely_that_a_reload_costs_it_little():
+    """chat: 0.13 requests a minute, a 12 s reload: its requests come ~38 reloads apart, so idle
+    even 20 s after its last request it is not in use; coder's request would wait for nothing."""
+    assert POLICIES["value"](CODER, two_model_box(chat_idle_s=20)) == Evict(("chat",))
+    assert isinstance(priority(CODER, two_model_box(chat_idle_s=20)), Queue)  # priority waits for the churn age
+
+
+@pytest.mark.parametrize("name", ["value", "lru_idle", "priority"])
+def test_a_busy_model_is_waited_for_or_refused_never_evicted(name):
+    decision = POLICIES[name](CODER, two_model_box(chat_idle_s=0, chat_in_flight=1))
+    assert isinstance(decision, (Queue, Rejected)), decision
+    if isinstance(decision, Queue) and not decision.blockers:
+        assert decision.recheck_s is not None and decision.recheck_s <= 60.0  # weighed again, not in hours
+
+
+def test_a_quiet_model_yields_in_the_policys_own_order():
+    """Priority still chooses which quiet model goes (lowest first); the quiet rule only widens
+    the models it may choose from, and pinned models never go."""
+    s = snap(2, model("keep", 4, prio=90, last_used=0), model("first", 4, prio=60, last_used=0),
+             model("pinned", 10, prio=0, pinned=True, last_used=0))
+    assert priority(want(5, prio=50), s) == Evict(("first",))
+    assert priority(want(9, prio=50), s) == Evict(("first", "keep"))
+    operator = AdmissionRequest("new", {"gpu0": 5 * G}, 50, "operator")
+    assert isinstance(priority(operator, s), Rejected)  # nobody waits for an operator's load

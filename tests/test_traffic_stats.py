@@ -76,3 +76,27 @@ def test_a_model_starves_while_its_requests_wait_counting_quiet_spells_as_a_minu
     assert stats.starved_s("a", 5000.0) == pytest.approx(30.0 + 2 * STARVING_GAP_S)
     stats.record_start("a")
     assert stats.starved_s("a", 5000.0) == 0.0
+
+
+def test_a_saturated_model_keeps_up_while_a_swamped_one_falls_behind():
+    stats = TrafficStats()
+    for i in range(300):
+        stats.record_ready_arrival("saturated", started=False, ahead=i % 16, batch=16)  # waits for a slot
+        stats.record_ready_arrival("swamped", started=False, ahead=16 + i, batch=16)  # a backlog grows
+        stats.record_ready_arrival("unknown", started=False)  # a driver that says nothing of its queue
+    assert stats.started_share("saturated") < 0.01 and stats.kept_up_share("saturated") == 1.0
+    assert stats.kept_up_share("swamped") < 0.01 and stats.kept_up_share("unknown") < 0.01
+    assert stats.view("saturated", 0.0, 0)["kept_up_share"] == 1.0
+
+
+def test_a_model_is_first_time_until_one_of_its_requests_starts_or_a_load_is_measured():
+    stats = TrafficStats()
+    stats.record_request("a", 0.0)
+    stats.record_wait("a", 0.0)
+    assert stats.first_time("a") and stats.view("a", 1.0, 0)["first_time"] is True
+    stats.record_start("a")
+    stats.record_load("b", 5.0)
+    assert not stats.first_time("a") and not stats.first_time("b")
+    again = TrafficStats()
+    again.restore(stats.to_dict(now=1.0), now=0.0)
+    assert not again.first_time("a") and not again.first_time("b") and again.first_time("c")
