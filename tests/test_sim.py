@@ -221,3 +221,39 @@ def test_the_simulator_runs_the_routers_own_lanes_and_a_wait_ends_at_its_deadlin
     result = sim.run(one)  # R1's first load takes over 2 minutes from disk
     assert (result.timed_out, result.served, result.loads) == (1, 0, 1)
     assert sim.sup.by_name["deepseek-r1"].state.value == "ready"
+    assert result.longest_wait_s == 10.0  # it waited out its deadline: the longest wait is that
+
+
+# -- issue 34: the two-model box and the busiest model saturating its batch ----------------------
+
+def test_the_two_model_box_is_served_as_ollama_serves_it_and_an_idle_model_never_strands_the_other():
+    """The newcomer's box: chat and coder never fit together, one person alternates. The default
+    swaps an idle model out for the waiting one; weighing rates alone (an idle model keeps its place
+    until its rate says otherwise) left requests to time out beside a model nobody was using."""
+    results = _results("two-model", 2000)
+    value, ollama, ablation = results["lessor value"], results["ollama-like"], results["value, idle never yields"]
+    assert value.timed_out == 0 and value.worst_model[1] >= 0.9
+    assert value.slo_attainment >= ollama.slo_attainment - 0.01
+    assert ablation.timed_out > 0 and ablation.worst_model[1] < 0.6
+    assert value.worst_model[1] >= max(r.worst_model[1] for r in results.values()) - 0.01
+    assert "| worst model | longest wait |" in markdown_table(list(results.values()))
+
+
+def test_the_busiest_model_filling_its_batch_keeps_its_place():
+    """qwen2.5-32b-awq takes 55 % of the requests and keeps its 16 slots full: most of its
+    requests wait for a slot. Weighed by the share that started at once (the signal before
+    issue 34), it looked the cheapest, was evicted and stayed out; weighed by the share it kept up
+    with and what it starts, it stays."""
+    from lessor.policies import Value
+
+    class StartedAtOnce(Value):
+        def _served_rate(self, model):
+            return model.request_rate * model.started_share
+
+    scenario = SCENARIOS["saturated"]
+    value = next(s for s in all_strategies(scenario.options) if s.name == "lessor value")
+    now, before = run_scenario(scenario, requests=3000,
+                               strategies=[value, replace(value, name="before", policy=StartedAtOnce())])
+    busiest = "qwen2.5-32b-awq"
+    assert before.by_model[busiest] < 0.1 and now.by_model[busiest] > 0.5
+    assert now.slo_attainment > before.slo_attainment

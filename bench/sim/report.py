@@ -10,8 +10,8 @@ import numpy as np
 
 from .world import Result
 
-COLUMNS = ("strategy", "SLO met", "p50 TTFT", "p99 TTFT", "cold starts", "evictions", "OOMs", "OOMs avoided",
-           "refused", "timed out", "VRAM util", "models warm", "wall s")
+COLUMNS = ("strategy", "SLO met", "worst model", "longest wait", "p50 TTFT", "p99 TTFT", "cold starts", "evictions",
+           "OOMs", "OOMs avoided", "refused", "timed out", "VRAM util", "models warm", "wall s")
 
 
 def _seconds(x: float) -> str:
@@ -19,7 +19,9 @@ def _seconds(x: float) -> str:
 
 
 def row(r: Result) -> tuple[str, ...]:
-    return (r.strategy, f"{100 * r.slo_attainment:.1f} %", _seconds(r.ttft_percentile(50)),
+    name, share = r.worst_model
+    return (r.strategy, f"{100 * r.slo_attainment:.1f} %", f"{100 * share:.1f} % {name}", f"{r.longest_wait_s:.0f} s",
+            _seconds(r.ttft_percentile(50)),
             _seconds(r.ttft_percentile(99)), str(r.loads), str(r.evictions), str(r.ooms), str(r.ooms_avoided),
             str(r.refused + r.failed_loads), str(r.timed_out), f"{100 * r.vram_util:.0f} %", f"{r.mean_loaded:.1f}",
             f"{r.wall_s:.1f}")

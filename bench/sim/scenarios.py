@@ -217,5 +217,62 @@ def _static_set(models: tuple[SimModel, ...], hardware: Hardware) -> tuple[str, 
     return tuple(chosen)
 
 
+# -- issue 34: a two-model box, and the busiest model saturating its batch ---------------------------
+
+def _builtin(name: str, weights_gib: float, kv_tokens: int, batch: int) -> SimModel:
+    """A model on the built-in engine with its memory stated (as the newcomer's config did): a
+    7B-class shape, 56 KiB of KV per token; a consumer card's speeds."""
+    spec = ModelSpec.model_validate({
+        "name": name, "engine": {"kind": "torch", "model_path": f"/models/{name}"}, "placement": {"devices": [0]},
+        "memory": {"weights": int(weights_gib * GiB), "activation": int(0.25 * GiB), "kv_bytes_per_token": 57_344},
+        "plan": {"min_kv_tokens": kv_tokens // 2, "max_kv_tokens": kv_tokens, "max_batch_size": batch},
+    })
+    return SimModel(spec, prefill_tps=2000.0, decode_tps=30.0, context_tokens=kv_tokens // batch, max_batch=batch,
+                    baseline_kv_tokens=kv_tokens)
+
+
+def two_model() -> Scenario:
+    """Issue 34's first finding: a 16 GiB card, `chat` (7 GiB of weights) and `coder` (6 GiB)
+    on the built-in engine, each with its KV cache: they do not fit together. One person's use:
+    about two requests a minute, mostly to one model for a while, then to the other."""
+    models = (_builtin("chat", 7.0, 24_576, 4), _builtin("coder", 6.0, 24_576, 4))
+    # The built-in engine's start (torch import, CUDA context) before its weights are read.
+    hardware = Hardware(gpus=(SimulatedGpu(name="16 GiB card", total=16 * GiB),), engine_start_s=5.0)
+    return Scenario(
+        name="two-model", title="issue 34's box: 16 GiB card, chat 7 GiB + coder 6 GiB (built-in engine), one user",
+        hardware=hardware, models=models,
+        workload=Workload(rate=0.03, zipf_s=1.0, shift_every_s=600.0),
+        slo_ttft_s={"chat": 20.0, "coder": 20.0},
+        options=StrategyOptions(swap_groups={"chat": "card", "coder": "card"},
+                                static_set=_static_set(models, hardware)),
+        story="The two models never fit together; every 10 minutes the user's preference may flip (Zipf 1.0 over "
+              "the two, ranks redrawn). A goal of 20 s leaves room for one swap (the built-in engine starts in "
+              "5 s, then reads its weights).",
+    )
+
+
+SATURATED_MODELS = [("qwen2.5-32b-awq", "qwen2.5-32b", "awq"), ("llama-3-8b", "llama-3-8b", "bf16"),
+                    ("mistral-7b", "mistral-7b", "bf16"), ("qwen2.5-7b", "qwen2.5-7b", "bf16")]
+
+
+def saturated() -> Scenario:
+    """Issue 34: the busiest model fills every slot it has. One 80 GiB card, four models that do
+    not all fit; the first takes 55 % of the requests at about 90 % of what its 16 slots serve, so
+    most of its requests queue for a slot (few start at once) while it keeps up."""
+    models = tuple(served_model(name, family, quant, 0, min_kv=32_768, max_kv=65_536)
+                   for name, family, quant in SATURATED_MODELS)
+    hardware = Hardware(gpus=(SimulatedGpu(name="80 GiB card", total=80 * GiB),))
+    return Scenario(
+        name="saturated", title="80 GiB card, 4 models, the busiest (55 % of requests) keeping its batch full",
+        hardware=hardware, models=models,
+        workload=Workload(rate=6.5, zipf_s=1.3),
+        slo_ttft_s={m.spec.name: 2.0 for m in models},
+        options=StrategyOptions(swap_groups=_swap_groups(models, hardware), static_set=_static_set(models, hardware)),
+        story="Zipf 1.3 over four models: qwen2.5-32b-awq gets 55 % of the requests, about 3.6 a second, near what "
+              "its 16 sequences of 4096 tokens serve; the three 7-8B models share what is left of the card.",
+    )
+
+
 def scenarios() -> dict[str, Scenario]:
-    return {s.name: s for s in (seed(), box(), box("gamma", cv=4.0), box(traffic="shift"), box(traffic="together"))}
+    return {s.name: s for s in (seed(), box(), box("gamma", cv=4.0), box(traffic="shift"), box(traffic="together"),
+                                two_model(), saturated())}

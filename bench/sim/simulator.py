@@ -126,8 +126,8 @@ class Simulator:
             return
         self.stats.record_request(lane.name, self.now)
         started = self.lanes.try_start(lane)
-        if lane.record.state is READY:
-            self.stats.record_ready_arrival(lane.name, started)
+        if lane.record.state is READY:  # queued behind less than a batch: it only waits for a slot
+            self.stats.record_ready_arrival(lane.name, started, ahead=len(lane.waiting), batch=lane.slots)
         if started:
             self._start(k, lane)
         else:
@@ -135,9 +135,12 @@ class Simulator:
             self.lanes.wait(lane, k)
 
     def _start(self, k: int, lane: Lane) -> None:
-        self.stats.record_start(lane.name)
+        self.stats.record_start(lane.name, self.now)
         prefill = self.prefill[k]
-        self.ttft[k] = self.now - self.arrival[k] + prefill
+        waited = self.now - self.arrival[k]
+        if waited > self.result.longest_wait_s:
+            self.result.longest_wait_s = waited
+        self.ttft[k] = waited + prefill
         self.at(self.now + prefill + self.decode[k], self._done, lane)
 
     def _done(self, lane: Lane) -> None:
@@ -169,6 +172,7 @@ class Simulator:
         return True
 
     def fail(self, request: int, error: LessorError) -> None:
+        self.result.longest_wait_s = max(self.result.longest_wait_s, self.now - self.arrival[request])
         if isinstance(error, WaitTimedOut):
             self.result.timed_out += 1
         elif isinstance(error, LoadFailed):

@@ -157,5 +157,8 @@ def all_strategies(options: StrategyOptions) -> list[Strategy]:
         Strategy("value, no ageing", replace(PolicyConfig().build(), starvation_s=math.inf), peak_aware=True,
                  keep_alive=None, drain=True, drain_after=patience, learns=True,
                  notes="ablation: the value policy where a rare model may starve"),
+        Strategy("value, idle never yields", replace(PolicyConfig().build(), yields=False), peak_aware=True,
+                 keep_alive=None, drain=True, drain_after=patience, learns=True,
+                 notes="ablation: the value policy before issue 34, where an idle model kept its place by its rate"),
     ]
 

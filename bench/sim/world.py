@@ -55,6 +55,13 @@ class Result:
     sim_seconds: float = 0.0
     wall_s: float = 0.0
     by_model: dict[str, float] = field(default_factory=dict)  # SLO attainment per model
+    longest_wait_s: float = 0.0  # the longest a request waited for its start or its answer (an error)
+
+    @property
+    def worst_model(self) -> tuple[str, float]:
+        """The model whose requests met their goal least often, and that share."""
+        asked = {m: v for m, v in self.by_model.items() if not math.isnan(v)}
+        return min(asked.items(), key=lambda kv: kv[1]) if asked else ("-", math.nan)
 
     @property
     def served(self) -> int:
