@@ -1,7 +1,9 @@
 """The dashboard at the admin address `/`: the usage history's ring, the page's files, and the page
 end to end in Debian's headless Chromium (driven over the DevTools protocol with aiohttp's
 websocket client): the seed's devices, a load shown as it happens, read-only without the token
-(nobody without it loads, unloads, reads a log or the event stream), the token never in a URL."""
+(nobody without it loads, unloads, reads a log or the event stream), the token never in a URL; the
+first paint from the state the page arrives with (no poll needed); a given status drawn column by
+column; each bar segment drawn as its legend says, headroom calm."""
 
 import asyncio
 import base64
@@ -18,6 +20,7 @@ import aiohttp
 import pytest
 import yaml
 
+from lessor.api import dashboard
 from lessor.api.admin import make_admin_app
 from lessor.api.schemas import HistoryOut
 from lessor.daemon import events
@@ -119,6 +122,30 @@ async def test_the_page_runs_only_its_own_files(api):
         assert "Set-Cookie" not in r.headers  # no ambient credential: no other page can act through a browser
 
 
+FIRST_STATE = re.compile(r'<script type="application/json" id="initial-state">(.*?)</script>', re.S)
+
+
+async def test_the_page_arrives_with_its_first_state_from_the_public_routes_only(api):
+    html = await (await api.get("/")).text()
+    (block,) = FIRST_STATE.findall(html)
+    state = json.loads(block)
+    assert set(state) == {"status", "history", "fingerprints"}
+    public = await (await api.get("/admin/v1/status")).json()
+    assert [m["name"] for m in state["status"]["models"]] == [m["name"] for m in public["models"]] == ["a"]
+    assert state["status"]["devices"] == public["devices"]
+    assert state["fingerprints"] == await (await api.get("/admin/v1/fingerprints")).json()
+    HistoryOut.model_validate(state["history"])
+    assert TOKEN not in html
+
+
+def test_the_first_state_cannot_end_its_block_whatever_a_field_says():
+    hostile = {"status": {"models": [{"error": "</script><script>alert(1)</script><!-- & -->"}]}}
+    html = dashboard.render_page(hostile).decode()
+    (block,) = FIRST_STATE.findall(html)
+    assert "<" not in block and ">" not in block and json.loads(block) == hostile
+    assert dashboard.render_page(None) == (STATIC / "dashboard.html").read_bytes()
+
+
 async def test_history_is_public_and_as_documented(api):
     r = await api.get("/admin/v1/history")
     assert r.status == 200
@@ -149,6 +176,7 @@ class Page:
         self.ws, self.pending, self.next_id = ws, {}, 0
         self.requests: list[tuple[str, dict]] = []  # every URL the page asked for, with its headers
         self.loaded = asyncio.Event()
+        self.paused: asyncio.Queue[dict] = asyncio.Queue()  # requests held by Fetch.enable's patterns
         self.reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
@@ -161,6 +189,8 @@ class Page:
                 self.requests.append((request["url"], request["headers"]))
             elif data["method"] == "Page.loadEventFired":
                 self.loaded.set()
+            elif data["method"] == "Fetch.requestPaused":
+                self.paused.put_nowait(data["params"])
 
     async def send(self, method: str, **params):
         self.next_id += 1
@@ -190,6 +220,18 @@ class Page:
         self.loaded.clear()
         await self.send("Page.navigate", url=url)
         await asyncio.wait_for(self.loaded.wait(), HANG_S)
+
+    async def hold(self, path: str) -> None:
+        """From now on, requests to `path` wait in `paused` until answered or let through."""
+        await self.send("Fetch.enable", patterns=[{"urlPattern": f"*{path}*"}])
+
+    async def answer_each(self, body: dict) -> None:
+        """Answer every held request with `body` as JSON (run as a task; cancelled at the end)."""
+        encoded = base64.b64encode(json.dumps(body).encode()).decode()
+        while True:
+            held = await self.paused.get()
+            await self.send("Fetch.fulfillRequest", requestId=held["requestId"], responseCode=200, body=encoded,
+                            responseHeaders=[{"name": "Content-Type", "value": "application/json"}])
 
     async def screenshot(self, path: Path) -> None:
         shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
@@ -273,7 +315,7 @@ async def test_the_dashboard_in_chromium_shows_the_seed_and_a_load_as_it_happens
     url, admin = seed_daemon
     page = browser
     await page.open(url + "/")
-    await page.until("document.body.dataset.loaded === 'yes'", "the first status")
+    await page.until("document.body.dataset.polled === 'yes'", "the first poll's status")
     assert await page.evaluate(field("gpu0", "total")) == "24.0 GiB"
     assert await page.evaluate(field("gpu0", "foreign")) == "8.0 GiB"
     assert await page.evaluate(field("gpu0", "headroom")) == "1.0 GiB"
@@ -335,3 +377,116 @@ async def test_the_dashboard_in_chromium_shows_the_seed_and_a_load_as_it_happens
                if admin.token in headers.get("Authorization", "")}
     assert carried == {"/admin/v1/events", "/admin/v1/models/standin", "/admin/v1/models/standin/log"}, carried
     assert (await page.send("Network.getCookies", urls=[url]))["cookies"] == []
+
+
+# -- the page on its own: the first paint, a given status, the legend against the bars ------------
+
+async def test_the_first_paint_shows_the_devices_and_models_before_any_poll(api, browser):
+    """A browser that takes the page as it is when loaded (a plain headless screenshot) sees the state,
+    not "connecting…": the status requests are held unanswered, so only the page's own state can draw."""
+    page = browser
+    await page.hold("/admin/v1/status")
+    await page.open(str(api.make_url("/")))  # returns at the load event
+    assert await page.evaluate("document.getElementById('about').textContent") != "connecting…"
+    assert await page.evaluate(state_of("a")) == "unloaded"
+    assert await page.evaluate(field("gpu0", "foreign")) == "8.0 GiB"
+    assert await page.evaluate("document.body.dataset.polled") is None  # no poll has answered
+    held = await page.paused.get()
+    await page.send("Fetch.continueRequest", requestId=held["requestId"])
+    await page.until("document.body.dataset.polled === 'yes'", "the first poll, once let through")
+
+
+def given_status(real: dict) -> dict:
+    """The real status of `api` made into five models: serving, waiting, from a lessord that does not
+    report the new fields, one that never unloads, one pinned; gpu0 holds every kind of lease."""
+    status = json.loads(json.dumps(real))
+    a = status["models"][0]
+    a.update(state="ready", idle_s=75.4, in_flight=2, keep_alive_s=300, keep_alive_ends_in_s=224.6, waiting=None)
+    b = {**a, "name": "b", "state": "waiting", "idle_s": None, "in_flight": 0, "keep_alive_s": -1,
+         "keep_alive_ends_in_s": None,
+         "waiting": {"reason": "room on gpu0: a is serving", "recheck_in_s": 20.0, "blockers": ["a"], "requests": 3}}
+    c = {k: v for k, v in {**a, "name": "c", "idle_s": 5.0, "in_flight": 0}.items()
+         if k not in ("waiting", "keep_alive_ends_in_s")}
+    d = {**a, "name": "d", "idle_s": 3725.0, "in_flight": 0, "keep_alive_s": -1, "keep_alive_ends_in_s": None}
+    e = {**a, "name": "e", "pinned": True, "keep_alive_ends_in_s": None}
+    status["models"] = [a, b, c, d, e]
+    gpu0 = status["devices"][0]
+    gpu0["models"] = {"a": {"weights": 4 * GiB, "kv": GiB, "load_peak": GiB // 2, "reserve": GiB // 2},
+                      "d": {"weights": 2 * GiB}}
+    gpu0["leased_bytes"] = 8 * GiB
+    return status
+
+
+async def show_given_status(api, page) -> dict:
+    status = given_status(await (await api.get("/admin/v1/status")).json())
+    await page.hold("/admin/v1/status")
+    answering = asyncio.ensure_future(page.answer_each(status))
+    await page.open(str(api.make_url("/")))
+    await page.until("document.querySelector('#models tr[data-model=\"e\"]')", "the given status drawn")
+    return answering
+
+
+def cells(model: str) -> str:
+    return ("Object.fromEntries(['waiting', 'idle', 'in-flight', 'keep-alive'].map((f) => [f, document.querySelector("
+            f"'#models tr[data-model=\"{model}\"] [data-field=\"' + f + '\"]').textContent]))")
+
+
+async def test_the_models_table_shows_idle_in_flight_what_it_waits_for_and_keep_alive(api, browser):
+    answering = await show_given_status(api, browser)
+    try:
+        assert await browser.evaluate(cells("a")) == {
+            "waiting": "–", "idle": "1 min 15 s", "in-flight": "2", "keep-alive": "in 3 min 45 s"}
+        assert await browser.evaluate(cells("b")) == {
+            "waiting": "room on gpu0: a is serving3 requests · until a finishes · weighed again in 20 s",
+            "idle": "–", "in-flight": "0", "keep-alive": "–"}
+        assert await browser.evaluate(state_of("b")) == "waiting"
+        # A lessord without the new fields: a dash, not "undefined" or an error.
+        assert await browser.evaluate(cells("c")) == {"waiting": "–", "idle": "5 s", "in-flight": "0", "keep-alive": "–"}
+        assert await browser.evaluate(cells("d")) == {"waiting": "–", "idle": "1 h 2 min", "in-flight": "0",
+                                                      "keep-alive": "never"}
+        assert (await browser.evaluate(cells("e")))["keep-alive"] == "pinned"
+    finally:
+        answering.cancel()
+
+
+# Every colour a computed style names, as [r, g, b] lists.
+RGB = "(css) => [...css.matchAll(/rgba?\\(([^)]*)\\)/g)].map((m) => m[1].split(',').slice(0, 3).map(Number))"
+
+
+async def test_each_bar_segment_looks_exactly_as_its_legend_swatch(api, browser):
+    answering = await show_given_status(api, browser)
+    try:
+        pairs = await browser.evaluate("""[...document.querySelectorAll('.bar [data-segment]')].map((seg) => {
+            const device = seg.closest('[data-device]');
+            const label = seg.dataset.segment;
+            const swatch = [...device.querySelectorAll('[data-swatch]'), ...document.querySelectorAll('#legend [data-swatch]')]
+                .find((s) => s.dataset.swatch === label);
+            const look = (n) => n && ['backgroundColor', 'backgroundImage', 'backgroundSize', 'opacity']
+                .map((p) => getComputedStyle(n)[p]).join(' | ');
+            return [device.dataset.device, label, look(seg), look(swatch)];
+        })""")
+        labels = [label for device, label, _, _ in pairs if device == "gpu0"]
+        assert labels == ["foreign", "headroom", "a weights", "a kv", "a load_peak", "a reserve", "d weights"], labels
+        for device, label, bar, legend in pairs:
+            assert legend == bar, f"{device} {label}: the bar draws {bar}, its legend {legend}"
+        assert len({bar for _, _, bar, _ in pairs}) == len(set(labels)), "two segments look alike"
+    finally:
+        answering.cancel()
+
+
+async def test_headroom_is_drawn_in_a_calm_neutral_and_red_still_means_something_is_wrong(api, browser):
+    """Headroom is memory kept free on purpose: neutral (no channel far from the others) in the bar and
+    the chart, unlike the red of an error."""
+    page = browser
+    await page.open(str(api.make_url("/")))
+    await page.until("document.querySelector('.bar .seg.headroom') && document.querySelector('svg.chart')", "a bar and a chart")
+    looks = await page.evaluate(f"""(() => {{ const rgb = {RGB};
+        const css = (sel, prop) => {{ const n = document.querySelector(sel); return n ? getComputedStyle(n)[prop] : ''; }};
+        return {{bar: rgb(css('.bar .seg.headroom', 'backgroundColor') + css('.bar .seg.headroom', 'backgroundImage')),
+                 chart: rgb(css('svg.chart .headroom', 'fill') + css('svg.chart .hatch-line', 'fill')),
+                 alarm: rgb(css('.error', 'color'))}}; }})()""")
+    for where in ("bar", "chart"):
+        assert looks[where], f"no headroom colour in the {where}"
+        for colour in looks[where]:
+            assert max(colour) - min(colour) < 40, f"the {where} draws headroom in rgb{tuple(colour)}, not a neutral colour"
+    assert max(looks["alarm"][0]) - min(looks["alarm"][0]) >= 40  # red still says something is wrong

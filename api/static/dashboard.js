@@ -82,12 +82,29 @@ function colour(model) {
 
 // -- devices: the same segments as `lessor status`'s bar ----------------------------------------
 
+// How every piece of memory is drawn, in the bars, their legends and the chart's key alike: the
+// classes of dashboard.css's `.seg` rules, plus the model's colour as the --model variable. Nothing
+// else sets a colour, so a swatch cannot differ from what it explains.
+function paint(node, seg) {
+  node.classList.add("seg", ...seg.cls.split(" "));
+  if (seg.model) node.style.setProperty("--model", colour(seg.model));
+  return node;
+}
+
+function swatch(seg) {
+  return paint(el("span", {className: "swatch", data: {swatch: seg.label}}), seg);
+}
+
+function modelSeg(model, kind = "weights") {
+  return {cls: `model kind-${kind}`, label: `${model} ${kind}`, model};
+}
+
 function segments(device) {
   const out = [{cls: "foreign", bytes: device.foreign_bytes, label: "foreign"},
                {cls: "headroom", bytes: device.headroom_bytes, label: "headroom"}];
   for (const [model, kinds] of Object.entries(device.models)) {
     for (const kind of KINDS) {
-      if (kinds[kind]) out.push({cls: `kind-${kind}`, bytes: kinds[kind], label: `${model} ${kind}`, model});
+      if (kinds[kind]) out.push({...modelSeg(model, kind), bytes: kinds[kind]});
     }
   }
   return out;
@@ -101,10 +118,8 @@ function renderBar(device) {
     const share = Math.min(seg.bytes / capacity * 100, 100 - used);
     if (share <= 0) continue;
     used += share;
-    const node = el("div", {className: `seg ${seg.cls}`, title: `${seg.label}: ${fmt(seg.bytes)}`,
-                            data: {segment: seg.label}});
+    const node = paint(el("div", {title: `${seg.label}: ${fmt(seg.bytes)}`, data: {segment: seg.label}}), seg);
     node.style.width = `${share}%`;
-    if (seg.model) node.style.backgroundColor = colour(seg.model);
     bar.append(node);
   }
   return bar;
@@ -125,32 +140,23 @@ function renderDevice(device) {
     number("leased", "leased", device.leased_bytes),
     number("leasable", "leasable", device.leasable_bytes),
     number("free", "free", device.free_bytes));
-  const holders = Object.entries(device.models).map(([model, kinds]) => el("span", {},
-    el("span", {className: "swatch", data: {model}}), `${model} `,
-    el("span", {className: "muted", text: KINDS.filter((k) => kinds[k]).map((k) => `${k} ${fmt(kinds[k])}`).join(", ")})));
-  for (const node of holders) node.firstChild.style.backgroundColor = colour(node.firstChild.dataset.model);
+  // One entry per model segment of the bar, drawn by the same painter (foreign and headroom: the legend below).
+  const holders = segments(device).filter((seg) => seg.model && seg.bytes).map((seg) =>
+    el("span", {}, swatch(seg), seg.label, el("span", {className: "muted", text: ` ${fmt(seg.bytes)}`})));
   return el("div", {className: "device", data: {device: device.id}},
     el("div", {className: "title", text: title}), renderBar(device), numbers,
     holders.length ? el("div", {className: "legend"}, ...holders) : null);
 }
 
-function renderLegend(models) {
-  const items = [["foreign", "foreign (not lessor's)"], ["headroom", "headroom"], ["free", "free"]].map(([cls, label]) =>
-    el("span", {}, el("span", {className: `swatch ${cls === "free" ? "free" : ""}`, data: {cls}}), label));
-  for (const item of items) {
-    const cls = item.firstChild.dataset.cls;
-    if (cls !== "free") item.firstChild.style.backgroundColor = `var(--${cls})`;
-  }
-  for (const kind of KINDS) {
-    const swatch = el("span", {className: `swatch seg kind-${kind}`});
-    swatch.style.backgroundColor = "#6b737b";  // the model's colour in the bar
-    items.push(el("span", {}, swatch, kind));
-  }
-  for (const m of models) {
-    const swatch = el("span", {className: "swatch"});
-    swatch.style.backgroundColor = colour(m.name);
-    items.push(el("span", {}, swatch, m.name));
-  }
+const COMMON_SEGMENTS = [
+  [{cls: "foreign", label: "foreign"}, "foreign: not lessor's"],
+  [{cls: "headroom", label: "headroom"}, "headroom: kept free, never leased"],
+  [{cls: "free", label: "free"}, "free"],
+];
+
+function renderLegend() {
+  const items = COMMON_SEGMENTS.map(([seg, text]) => el("span", {}, swatch(seg), text));
+  items.push(el("span", {text: "a model in its colour: weights solid, kv lighter, load_peak striped, reserve dotted"}));
   document.getElementById("legend").replaceChildren(...items);
 }
 
@@ -167,6 +173,68 @@ function leasesText(model) {
   return parts.length ? parts.join(", ") : "none";
 }
 
+// 75 -> "1 min 15 s": for idle time and countdowns, read at a glance.
+function duration(s) {
+  s = Math.max(0, Math.round(s));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor(s % 3600 / 60)} min`;
+  return `${Math.floor(s / 86400)} d ${Math.floor(s % 86400 / 3600)} h`;
+}
+
+const NONE = "–";  // nothing to say, or a lessord that does not report it
+
+function idleText(model) {
+  return typeof model.idle_s === "number" ? duration(model.idle_s) : NONE;
+}
+
+function inFlightText(model) {
+  return typeof model.in_flight === "number" ? String(model.in_flight) : NONE;
+}
+
+// keep_alive_ends_in_s: when lessord unloads it if no request comes; null where nothing counts down
+// (not serving, pinned, keep_alive_s -1: never). Absent from a lessord that does not report it.
+function keepAliveText(model) {
+  const ends = model.keep_alive_ends_in_s;
+  if (typeof ends === "number") return `in ${duration(ends)}`;
+  if (ends !== null || model.state !== "ready") return NONE;
+  if (model.pinned) return "pinned";
+  return model.keep_alive_s < 0 ? "never" : NONE;
+}
+
+// waiting: {reason, recheck_in_s, blockers, requests} while its requests wait for room; else null or absent.
+function waitingCell(model) {
+  const w = model.waiting;
+  if (!w) return [NONE];
+  const details = [];
+  if (typeof w.requests === "number") details.push(`${w.requests} request${w.requests === 1 ? "" : "s"}`);
+  const blockers = w.blockers || [];
+  if (blockers.length) details.push(`until ${blockers.join(", ")} finish${blockers.length === 1 ? "es" : ""}`);
+  if (typeof w.recheck_in_s === "number") details.push(`weighed again in ${duration(w.recheck_in_s)}`);
+  const reason = el("span", {text: w.reason || "waiting", data: {field: "waiting-reason"}});
+  if (!details.length) return [reason];
+  return [reason, el("div", {className: "muted", text: details.join(" · "), data: {field: "waiting-details"}})];
+}
+
+// What changes from one poll to the next without the row changing shape: set in place each poll,
+// so a row (and the button under the pointer) is not rebuilt every second.
+const TICKING = ["idle_s", "in_flight", "keep_alive_ends_in_s", "waiting", "request_rate", "started_share", "starved_s"];
+
+function fillTicking(row, model) {
+  const cell = (name) => row.querySelector(`[data-field="${name}"]`);
+  cell("idle").textContent = idleText(model);
+  cell("in-flight").textContent = inFlightText(model);
+  cell("keep-alive").textContent = keepAliveText(model);
+  cell("keep-alive").title = typeof model.keep_alive_s === "number"
+    ? `keep_alive: ${model.keep_alive_s < 0 ? "never unloads" : duration(model.keep_alive_s)} (configured)` : "";
+  cell("waiting").replaceChildren(...waitingCell(model));
+}
+
+function overrunText(model) {
+  const o = model.overrun;
+  return o ? `over its leases on ${o.device}: uses ${fmt(o.used_bytes)}, leased ${fmt(o.leased_bytes)}` : null;
+}
+
 function actionButton(label, fn) {
   return el("button", {type: "button", text: label, data: {action: label}, on: {click: fn}});
 }
@@ -179,28 +247,34 @@ function renderRow(model) {
     else if (!busy) actions.push(actionButton("load", () => act(model.name, "load")));
     actions.push(actionButton("log", () => showLog(model.name)));
   }
-  const swatch = el("span", {className: "swatch"});
-  swatch.style.backgroundColor = colour(model.name);
-  const name = el("td", {}, swatch, el("strong", {text: model.name}),
+  const overrun = overrunText(model);
+  const name = el("td", {}, swatch(modelSeg(model.name)), el("strong", {text: model.name}),
     model.aliases.length ? el("span", {className: "muted", text: ` (${model.aliases.join(", ")})`}) : null,
-    model.error ? el("div", {className: "error", text: model.error}) : null);
-  return el("tr", {data: {model: model.name, state: model.state}}, name,
+    model.error ? el("div", {className: "error", text: model.error}) : null,
+    overrun ? el("div", {className: "error", text: overrun, data: {field: "overrun"}}) : null);
+  const row = el("tr", {data: {model: model.name, state: model.state}}, name,
     el("td", {}, el("span", {className: "state", text: model.state, data: {field: "state", state: model.state}})),
+    el("td", {data: {field: "waiting"}}),
+    el("td", {className: "num", data: {field: "idle"}}),
+    el("td", {className: "num", data: {field: "in-flight"}}),
+    el("td", {className: "num", data: {field: "keep-alive"}}),
     el("td", {text: model.engine}),
     el("td", {text: model.devices.join(", ")}),
     el("td", {text: leasesText(model), data: {field: "leases"}}),
     el("td", {text: numbersFrom(model), data: {field: "numbers"}}),
     el("td", {className: "actions"}, ...actions));
+  return row;
 }
 
 function renderModels(models) {
   const body = document.querySelector("#models tbody");
   const rows = models.map((m) => {
-    const key = JSON.stringify([m, page.signedIn, numbersFrom(m)]);
+    const shape = Object.fromEntries(Object.entries(m).filter(([k]) => !TICKING.includes(k)));
+    const key = JSON.stringify([shape, page.signedIn, numbersFrom(m)]);
     const cached = page.rows.get(m.name);
-    if (cached && cached.key === key) return cached.row;
-    const row = renderRow(m);
+    const row = cached && cached.key === key ? cached.row : renderRow(m);
     page.rows.set(m.name, {key, row});
+    fillTicking(row, m);
     return row;
   });
   body.replaceChildren(...rows);
@@ -290,6 +364,14 @@ function renderChart(id, samples, history) {
   const span = Math.min(history.window_s, Math.max(MIN_SPAN_S, samples.length ? now - samples[0].at_s : 0));
   const start = now - span;
   const top = Math.max(...samples.map((s) => s.capacity_bytes), 1);
+  // Headroom hatched as in the bars (an SVG fill cannot take a CSS gradient); colours from the same variables.
+  const hatch = `hatch-${id}`;
+  const pattern = svg("pattern", {id: hatch, width: 6, height: 6, patternUnits: "userSpaceOnUse",
+                                  patternTransform: "rotate(45)"});
+  pattern.append(svg("rect", {class: "hatch-ground", width: 6, height: 6}), svg("rect", {class: "hatch-line", width: 1.5, height: 6}));
+  const defs = svg("defs");
+  defs.append(pattern);
+  chart.append(defs);
   const x = (t) => PAD_L + (Math.max(t, start) - start) / span * (W - PAD_L);
   const y = (b) => (H - PAD_B) - b / top * (H - PAD_B - 4);
   for (const frac of [0, 0.5, 1]) {
@@ -311,12 +393,12 @@ function renderChart(id, samples, history) {
     const engines = held((s) => s.foreign_bytes + s.headroom_bytes + s.engines_bytes);
     const zero = xs.map(() => y(0));
     chart.append(svg("path", {class: "foreign", d: band(xs, zero, foreign.map(y))}));
-    chart.append(svg("path", {class: "headroom", d: band(xs, foreign.map(y), headroom.map(y))}));
+    chart.append(svg("path", {class: "headroom", fill: `url(#${hatch})`, d: band(xs, foreign.map(y), headroom.map(y))}));
     chart.append(svg("path", {class: "leased", d: band(xs, headroom.map(y), leased.map(y))}));
     chart.append(svg("path", {class: "engines", d: steps(xs.map((px, i) => [px, y(engines[i])]))}));
   }
   const title = svg("title");
-  title.textContent = `${id}: foreign (grey), headroom (red), leased (blue), engines' measured use (line), free above`;
+  title.textContent = `${id}: foreign (grey), headroom (hatched), leased (blue), engines' measured use (line), free above`;
   chart.append(title);
   return chart;
 }
@@ -329,11 +411,7 @@ function renderHistory() {
     const samples = history.samples.filter((s) => s.devices[id]).map((s) => ({at_s: s.at_s, ...s.devices[id]}));
     return el("div", {className: "device"}, el("div", {className: "title", text: id}), renderChart(id, samples, history));
   });
-  const key = [["foreign", "foreign"], ["headroom", "headroom"], ["leased", "leased"]].map(([cls, label]) => {
-    const swatch = el("span", {className: "swatch"});
-    swatch.style.backgroundColor = `var(--${cls})`;
-    return el("span", {}, swatch, label);
-  });
+  const key = ["foreign", "headroom", "leased"].map((cls) => el("span", {}, swatch({cls, label: cls}), cls));
   key.push(el("span", {text: "line: what the engines measured · above: free · a sample every " +
                              `${history.interval_s} s and at each lease change · the last hour, or since lessord started`}));
   document.getElementById("history").replaceChildren(...charts, el("div", {className: "legend"}, ...key));
@@ -448,19 +526,23 @@ function signOut(reason = "") {
 
 // -- refresh loops ---------------------------------------------------------------------------
 
+function showStatus(status) {
+  page.status = status;
+  document.getElementById("about").textContent = `${status.version} · probe ${status.probe} · policy ${status.policy}`;
+  document.getElementById("devices").replaceChildren(...status.devices.map(renderDevice));
+  renderLegend();
+  renderModels(status.models);
+  document.body.dataset.loaded = "yes";  // a status is drawn (the page's own first state, or a poll's)
+}
+
 async function refresh() {
   if (page.refreshing) { page.again = true; return; }
   page.refreshing = true;
   try {
     do {
       page.again = false;
-      const status = await call("GET", "/status");
-      page.status = status;
-      document.getElementById("about").textContent = `${status.version} · probe ${status.probe} · policy ${status.policy}`;
-      document.getElementById("devices").replaceChildren(...status.devices.map(renderDevice));
-      renderLegend(status.models);
-      renderModels(status.models);
-      document.body.dataset.loaded = "yes";
+      showStatus(await call("GET", "/status"));
+      document.body.dataset.polled = "yes";  // the first poll answered: what a test waits for, not a timer
     } while (page.again);
   } catch (error) {
     document.getElementById("about").textContent = `cannot read the status: ${error.message}`;
@@ -483,10 +565,22 @@ async function loadFingerprints() {
   } catch (error) { /* as above */ }
 }
 
+// The state lessord put in the page (dashboard.py), drawn before any poll: the first paint shows it.
+function showFirstState() {
+  let state;
+  try { state = JSON.parse(document.getElementById("initial-state").textContent); } catch { return; }
+  if (!state || !state.status) return;
+  page.fingerprints = state.fingerprints || [];
+  page.history = state.history || null;
+  showStatus(state.status);
+  renderHistory();
+}
+
 function start() {
   document.getElementById("signin").addEventListener("submit", signIn);
   document.getElementById("signout").addEventListener("click", () => signOut());
   setSignedIn(false);
+  showFirstState();
   page.token = sessionStorage.getItem(TOKEN_KEY);  // a reload of a signed-in tab stays signed in
   if (page.token) follow();
   loadFingerprints();
