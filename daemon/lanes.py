@@ -158,6 +158,9 @@ class Lanes:
             return f"other models' turn ({', '.join(sorted(lane.drains))})"
         if lane.record.state is ModelState.READY:
             return f"a free slot (max_concurrency {lane.slots})"
+        waiting = getattr(lane.record, "waiting", None)  # lessord's record says why its load waits
+        if lane.record.state is ModelState.WAITING and waiting is not None:
+            return f"its load, which waits: {waiting.reason}"
         return f"its load (state {lane.record.state.value})"
 
     def _serve(self, lane: Lane) -> None:
