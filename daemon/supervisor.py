@@ -297,8 +297,8 @@ class Supervisor:
             if record.state is not ModelState.WAITING:
                 self._fail(record, ModelState.UNLOADED, waits.error.message())
             return
-        record.error = ""
-        record.waiting = Waiting(waits.reason, waits.blockers, waits.recheck_s, self._clock())
+        record.error, since_s = "", record.waiting.since_s if record.waiting else self._clock()
+        record.waiting = Waiting(waits.reason, waits.blockers, waits.recheck_s, since_s)
         self._set_state(record, ModelState.WAITING, waits.reason)
 
     def stop_waiting(self, name: str, reason: str) -> None:
