@@ -170,6 +170,7 @@ class Reconciler:
         self.settling: asyncio.Future | None = None  # the start's settling, while the engines' adoption runs
         self._over_checks: dict[str, int] = {}
         self._overcommitted: set[str] = set()
+        self._failing: set[str] = set()  # parts of the check whose last try failed: logged in full once
         self.checks = 0
 
     async def settled(self) -> None:
@@ -186,29 +187,60 @@ class Reconciler:
                 log.exception("reconciler check failed")
 
     async def check(self) -> None:
+        """One check. Each model's part and each later step is isolated: a model unloaded or evicted
+        while its engine was asked for its usage is skipped this time, and an unexpected error in one
+        part is logged (once per model while it lasts) without skipping the others."""
         self.checks += 1
         await self._ledger.flush()
         ready = ready_records(self._supervisor)
         # Over-counts are for checks in a row of one engine: an unloaded model starts again at zero.
         self._over_checks = {r.spec.name: n for r in ready if (n := self._over_checks.get(r.spec.name))}
         for record in ready:
-            await self._check_engine(record)
-        self._supervisor.lingering.check(self._ledger.snapshot().readings)
+            await self._isolated(record.spec.name, self._check_engine(record))
+        await self._isolated("lingering memory", self._lingering())
         if self._config.evict_on_foreign_growth:
-            await self._give_back()
-        await self._supervisor.elastic.grow_idle(ready, self._supervisor.policy_snapshot)
+            await self._isolated("give-back to foreign growth", self._give_back())
+        # Read again: the awaits above may have unloaded some of the models that were ready.
+        await self._isolated("growing KV caches back", self._supervisor.elastic.grow_idle(
+            ready_records(self._supervisor), self._supervisor.policy_snapshot))
 
-    async def _measure(self, record) -> dict[str, int]:
+    async def _isolated(self, part: str, work) -> None:
         try:
-            reported = await asyncio.wait_for(record.handle.measure(), timeout=max(1.0, self._config.interval))
+            await work
+        except Exception:
+            if part not in self._failing:  # with its traceback once; a failure every tick is one line a tick
+                log.exception("reconciler check: %s failed; the rest of the check goes on", part)
+            else:
+                log.debug("reconciler check: %s failed again", part, exc_info=True)
+            self._failing.add(part)
+        else:
+            self._failing.discard(part)
+
+    async def _lingering(self) -> None:
+        self._supervisor.lingering.check(self._ledger.snapshot().readings)
+
+    async def _measure(self, record) -> dict[str, int] | None:
+        """The engine's usage, or None when the model changed state while its engine was asked
+        (unloaded, evicted, restarted): nothing of it to check this time."""
+        handle = record.handle
+        try:
+            reported = await self._measured(handle)
         except Exception as exc:  # a busy or dying engine: a missed measurement, the probe still counts
             log.debug("%s: engine did not report its usage: %s", record.spec.name, exc)
             reported = {}
-        return self._supervisor.meter.observe(record.handle.pid, reported)
+        if record.handle is not handle or record.state != ModelState.READY:
+            log.debug("%s: changed state during the check; skipped this time", record.spec.name)
+            return None
+        return self._supervisor.meter.observe(handle.pid, reported)
+
+    async def _measured(self, handle) -> dict[str, int]:
+        return await asyncio.wait_for(handle.measure(), timeout=max(1.0, self._config.interval))
 
     async def _check_engine(self, record) -> None:
         name = record.spec.name
         used = await self._measure(record)
+        if used is None:
+            return
         leased = self._supervisor.leased(name)
         # Its GPUs, and the host only where it leases host RAM (a hybrid engine's experts): every
         # engine's process uses some RAM, which no lease is meant to cover.

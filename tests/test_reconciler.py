@@ -2,12 +2,15 @@
 their leases are reported (event, metric, API) or stopped; foreign processes that grow past what is
 free make the policy evict idle models instead of an engine running out of memory."""
 
+import asyncio
+import logging
+
 from lessor.api.metrics import Metrics
 from lessor.daemon.config import RouterConfig
 from lessor.daemon.traffic import TrafficControl
 from lessor.daemon.units import GiB
 
-from .conftest import FakeAdapter, drain_events, torch_model
+from .conftest import HANG_S, FakeAdapter, drain_events, torch_model
 
 
 def leased(controller, model):
@@ -125,3 +128,52 @@ async def test_checks_in_a_row_start_again_after_a_reload(env):
     adapter.measured = {"gpu0": leased(controller, "a") + GiB}
     await controller.reconciler.check()  # the new engine's first check over: not two in a row
     assert drain_events(events, "lease_overrun") == [] and controller.model("a")["overrun"] is None
+
+
+async def test_a_model_unloaded_while_its_engine_is_measured_is_skipped_and_the_check_goes_on(env):
+    """Issue 39, finding 8: the check read `record.handle.pid` after awaiting the engine's report;
+    a model evicted meanwhile raised AttributeError and skipped every later part of the check."""
+    controller, adapter, events = await env([torch_model("a"), torch_model("b")], reconciler={"overrun_checks": 1})
+    await controller.load("a")
+    await controller.load("b")
+    asked, release = asyncio.Event(), asyncio.Event()
+    handle = controller.supervisor.resolve("a").handle
+    measure = handle.measure
+
+    async def gated():  # the gate: a's report is held until the test has unloaded a
+        asked.set()
+        await release.wait()
+        return await measure()
+
+    handle.measure = gated
+    adapter.measured = {"gpu0": leased(controller, "b") + GiB}  # b over its leases: its part must run
+    check = asyncio.ensure_future(controller.reconciler.check())
+    await asyncio.wait_for(asked.wait(), HANG_S)
+    await controller.unload("a")
+    release.set()
+    await asyncio.wait_for(check, HANG_S)  # raised AttributeError before
+    assert [e.model for e in drain_events(events, "lease_overrun")] == ["b"]  # b's part ran, a's was skipped
+    assert controller.model("a")["state"] == "unloaded" and controller.model("b")["overrun"] is not None
+
+
+async def test_an_error_in_one_models_check_is_logged_once_and_the_others_go_on(env, caplog, monkeypatch):
+    controller, adapter, events = await env([torch_model("a"), torch_model("b")], reconciler={"overrun_checks": 1})
+    await controller.load("a")
+    await controller.load("b")
+    broken = controller.supervisor.resolve("a").handle.pid
+    meter = controller.supervisor.meter
+    observe = meter.observe
+
+    def failing(pid, reported):
+        if pid == broken:
+            raise RuntimeError("a fault in a's part")
+        return observe(pid, reported)
+
+    monkeypatch.setattr(meter, "observe", failing)
+    adapter.measured = {"gpu0": leased(controller, "b") + GiB}
+    with caplog.at_level(logging.DEBUG, logger="lessor.reconciler"):
+        await controller.reconciler.check()
+        await controller.reconciler.check()
+    assert [e.model for e in drain_events(events, "lease_overrun")] == ["b"]  # b's part ran both times
+    logged = [r for r in caplog.records if "a fault in a's part" in str(r.exc_info and r.exc_info[1])]
+    assert [r.levelno for r in logged] == [logging.ERROR, logging.DEBUG]  # the traceback once, then quiet
