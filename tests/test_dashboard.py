@@ -272,6 +272,17 @@ async def browser(tmp_path):
             proc.kill()
 
 
+async def keep_screenshot(page: Page, shot: Path) -> None:
+    """The page as it looks now, in the test's folder and in $LESSOR_ARTIFACTS when set."""
+    await page.screenshot(shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    artifacts = os.environ.get("LESSOR_ARTIFACTS")
+    if artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(artifacts) / shot.name)
+    print(f"dashboard screenshot: {shot}" + (f" and {Path(artifacts) / shot.name}" if artifacts else ""))
+
+
 @pytest.fixture
 def seed_daemon(tmp_path):
     """lessord on examples/seed.yaml's devices and models, plus a stand-in engine it can load on the
@@ -364,14 +375,7 @@ async def test_the_dashboard_in_chromium_shows_the_seed_and_a_load_as_it_happens
     await page.until("Number(document.querySelector('svg.chart[data-device=\"gpu0\"]').dataset.samples) >= 2",
                      "the usage chart with the load in it")
 
-    shot = tmp_path / "dashboard.png"
-    await page.screenshot(shot)
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    artifacts = os.environ.get("LESSOR_ARTIFACTS")
-    if artifacts:
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, Path(artifacts) / "dashboard.png")
-    print(f"dashboard screenshot: {shot}" + (f" and {Path(artifacts) / 'dashboard.png'}" if artifacts else ""))
+    await keep_screenshot(page, tmp_path / "dashboard.png")
     assert not [u for u, _ in page.requests if admin.token in u], "the token was put in a URL"
     carried = {re.sub(r"\?.*", "", u.removeprefix(url)) for u, headers in page.requests
                if admin.token in headers.get("Authorization", "")}
@@ -381,12 +385,13 @@ async def test_the_dashboard_in_chromium_shows_the_seed_and_a_load_as_it_happens
 
 # -- the page on its own: the first paint, a given status, the legend against the bars ------------
 
-async def test_the_first_paint_shows_the_devices_and_models_before_any_poll(api, browser):
+async def test_the_first_paint_shows_the_devices_and_models_before_any_poll(api, browser, tmp_path):
     """A browser that takes the page as it is when loaded (a plain headless screenshot) sees the state,
     not "connecting…": the status requests are held unanswered, so only the page's own state can draw."""
     page = browser
     await page.hold("/admin/v1/status")
     await page.open(str(api.make_url("/")))  # returns at the load event
+    await keep_screenshot(page, tmp_path / "dashboard-first-paint.png")
     assert await page.evaluate("document.getElementById('about').textContent") != "connecting…"
     assert await page.evaluate(state_of("a")) == "unloaded"
     assert await page.evaluate(field("gpu0", "foreign")) == "8.0 GiB"
@@ -431,9 +436,10 @@ def cells(model: str) -> str:
             f"'#models tr[data-model=\"{model}\"] [data-field=\"' + f + '\"]').textContent]))")
 
 
-async def test_the_models_table_shows_idle_in_flight_what_it_waits_for_and_keep_alive(api, browser):
+async def test_the_models_table_shows_idle_in_flight_what_it_waits_for_and_keep_alive(api, browser, tmp_path):
     answering = await show_given_status(api, browser)
     try:
+        await keep_screenshot(browser, tmp_path / "dashboard-given-status.png")
         assert await browser.evaluate(cells("a")) == {
             "waiting": "–", "idle": "1 min 15 s", "in-flight": "2", "keep-alive": "in 3 min 45 s"}
         assert await browser.evaluate(cells("b")) == {

@@ -7,7 +7,8 @@
 const API = "/admin/v1";
 const KINDS = ["weights", "kv", "load_peak", "reserve"];
 const TOKEN_KEY = "lessor.admin-token";
-const PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756", "#72b7b2", "#eeca3b", "#9d755d", "#ff9da6", "#bab0ac"];
+// Models' colours: Tableau 10 with its red swapped for a gold, since red on this page means something is wrong.
+const PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#b279a2", "#b6992d", "#72b7b2", "#eeca3b", "#9d755d", "#ff9da6", "#bab0ac"];
 const POLL_MS = 1000, HISTORY_MS = 10000, FINGERPRINTS_MS = 10000, MAX_EVENTS = 200, RECONNECT_MS = 1000;
 
 const page = {
@@ -248,8 +249,8 @@ function renderRow(model) {
     actions.push(actionButton("log", () => showLog(model.name)));
   }
   const overrun = overrunText(model);
-  const name = el("td", {}, swatch(modelSeg(model.name)), el("strong", {text: model.name}),
-    model.aliases.length ? el("span", {className: "muted", text: ` (${model.aliases.join(", ")})`}) : null,
+  const name = el("td", {}, el("span", {className: "name"}, swatch(modelSeg(model.name)), el("strong", {text: model.name}),
+    model.aliases.length ? el("span", {className: "muted", text: ` (${model.aliases.join(", ")})`}) : null),
     model.error ? el("div", {className: "error", text: model.error}) : null,
     overrun ? el("div", {className: "error", text: overrun, data: {field: "overrun"}}) : null);
   const row = el("tr", {data: {model: model.name, state: model.state}}, name,
