@@ -7,6 +7,10 @@ change, so a load shows as the step it was. Samples older than the window go; ch
 together than `min_gap_s` share one sample (the newer figures), so the ring never holds more than
 window / min_gap + 1 of them however busy the daemon is. Reads devices through a callable (the
 controller's), owns nothing else.
+
+The ring runs on the monotonic clock: a step of the wall clock (NTP, an operator's `date -s`) neither
+makes new samples overwrite the last one (a step back) nor drops the hour (a step forward). Wall
+time is for display only: each sample's `at_s` in `to_dict` is the wall clock now less its age.
 """
 
 from __future__ import annotations
@@ -47,17 +51,21 @@ class DeviceUsage:
 
 @dataclass(frozen=True)
 class UsageSample:
-    at_s: float  # the clock's seconds (wall clock in lessord)
+    at_s: float  # the ordering clock's seconds (monotonic in lessord; to_dict shows wall time)
     devices: Mapping[str, DeviceUsage]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"at_s": self.at_s, "devices": {d: asdict(u) for d, u in self.devices.items()}}
+    def to_dict(self, shown_at_s: float | None = None) -> dict[str, Any]:
+        return {"at_s": self.at_s if shown_at_s is None else shown_at_s,
+                "devices": {d: asdict(u) for d, u in self.devices.items()}}
 
 
 class UsageHistory:
-    def __init__(self, read: Callable[[], Sequence[Mapping[str, Any]]], clock: Callable[[], float] = time.time,
-                 window_s: float = WINDOW_S, interval_s: float = INTERVAL_S, min_gap_s: float = MIN_GAP_S) -> None:
+    def __init__(self, read: Callable[[], Sequence[Mapping[str, Any]]], clock: Callable[[], float] = time.monotonic,
+                 window_s: float = WINDOW_S, interval_s: float = INTERVAL_S, min_gap_s: float = MIN_GAP_S,
+                 wall: Callable[[], float] | None = None) -> None:
+        # `clock` orders and ages the samples; `wall` only shows them. A test's one injected clock is both.
         self._read, self._clock = read, clock
+        self._wall = wall or (time.time if clock is time.monotonic else clock)
         self.window_s, self.interval_s, self.min_gap_s = window_s, interval_s, min_gap_s
         self._samples: deque[UsageSample] = deque(maxlen=int(window_s / min_gap_s) + 1)
         self._changed = asyncio.Event()
@@ -83,8 +91,9 @@ class UsageHistory:
             self._changed.set()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"window_s": self.window_s, "interval_s": self.interval_s, "now_s": self._clock(),
-                "samples": [s.to_dict() for s in self._samples]}
+        now, wall_now = self._clock(), self._wall()
+        return {"window_s": self.window_s, "interval_s": self.interval_s, "now_s": wall_now,
+                "samples": [s.to_dict(wall_now - (now - s.at_s)) for s in self._samples]}
 
     async def run(self) -> None:
         """lessord's background task: a sample now, then at each change or every `interval_s`."""
