@@ -210,13 +210,19 @@ class EngineProcess:
                 self.probes += 1
                 result = check()
                 if asyncio.iscoroutine(result):
-                    result = await result
+                    # Bounded by the time left: a probe that hangs (a health URL that accepts and never
+                    # answers) must not carry the wait past `timeout_s` by its own timeout.
+                    try:
+                        result = await asyncio.wait_for(result, max(0.0, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        result = False
                 if result:
                     self.ready_line_at = watch.seen_at
                     return
-                if time.monotonic() > deadline:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     raise TimeoutError(f"engine (pid {self.pid}) still not done {doing} after {timeout_s:g} s")
-                await _first_of(self.exited, watch.seen, interval)
+                await _first_of(self.exited, watch.seen, min(interval, left))
                 if watch.seen.is_set():
                     intervals = backoff.intervals()
 

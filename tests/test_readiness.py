@@ -115,3 +115,42 @@ async def test_without_markers_or_a_log_it_polls(tmp_path):
 
 def test_the_backoff_starts_at_milliseconds_and_is_capped():
     assert list(itertools.islice(Backoff().intervals(), 7)) == [0.005, 0.01, 0.02, 0.04, 0.08, 0.1, 0.1]
+
+
+async def test_a_probe_that_never_answers_ends_at_the_deadline_not_after_it(tmp_path):
+    """Issue 39, finding 10: a health URL that accepts and never answers held each probe for the
+    probe's own timeout, so a 6 s `timeouts.ready` stopped the engine after 10.2 s. Each probe is
+    bounded by the time left: a probe that would never end ends the wait at its deadline."""
+    proc = await sleeper(tmp_path)
+    hung = asyncio.get_running_loop().create_future()  # the engine's answer, which never comes
+
+    async def check() -> bool:
+        return await hung
+    try:
+        try:
+            await asyncio.wait_for(proc.wait_until(check, "loading", 0.05, (), NEVER), HANG_S)  # hung before
+        except TimeoutError as exc:
+            assert "still not done loading after 0.05 s" in str(exc) and proc.probes == 1
+        else:
+            raise AssertionError("a probe that never answers made the engine ready")
+    finally:
+        await proc.stop(1)
+
+
+async def test_a_health_url_that_accepts_and_never_answers_times_the_wait_out(tmp_path):
+    proc = await sleeper(tmp_path)
+    accepted = []
+    server = await asyncio.start_server(lambda reader, writer: accepted.append(writer), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        try:
+            await asyncio.wait_for(proc.wait_http(f"http://127.0.0.1:{port}/health", 0.05, "loading"), HANG_S)
+        except TimeoutError as exc:
+            assert "still not done loading" in str(exc)
+        else:
+            raise AssertionError("ready without an answer")
+    finally:
+        server.close()
+        for writer in accepted:
+            writer.close()
+        await proc.stop(1)
