@@ -149,7 +149,7 @@ async def readyz(request: web.Request) -> web.Response:
     if not request.app[READY].is_set():
         reason = "starting: adopting the previous lessord's engines and loading the pinned models"
         return web.json_response({"ready": False, "reason": reason}, status=503)
-    reason = ctl(request).readiness()
+    reason = getattr(ctl(request).reconciler, "state_dir_problem", None) or ctl(request).readiness()
     return web.json_response({"ready": False, "reason": reason} if reason else {"ready": True},
                              status=503 if reason else 200)
 

@@ -154,6 +154,14 @@ async def stop_groups(identities: dict[int, str], state_dir: Path, grace_s: floa
     return strays
 
 
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        found = os.stat(folder)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 def ready_records(supervisor: Supervisor) -> list:
     return [r for r in supervisor.records() if r.state == ModelState.READY and r.handle is not None]
 
@@ -163,8 +171,11 @@ class Reconciler:
     engine against its leases, and give memory back to foreign processes that outgrew it."""
 
     def __init__(self, config: ReconcilerConfig, ledger: Ledger, supervisor: Supervisor,
-                 publish: Callable[[Event], None]) -> None:
+                 publish: Callable[[Event], None], state_dir: Path | None = None) -> None:
         self._config, self._ledger, self._supervisor = config, ledger, supervisor
+        self._state_dir = state_dir
+        self._state_dir_id = _identity(state_dir) if state_dir is not None else None
+        self.state_dir_problem: str | None = None  # said by /readyz while it lasts
         self._publish = publish
         self.at_start = StartReport()  # what the start's settling found, so far (metrics read it)
         self.settling: asyncio.Future | None = None  # the start's settling, while the engines' adoption runs
@@ -191,6 +202,7 @@ class Reconciler:
         while its engine was asked for its usage is skipped this time, and an unexpected error in one
         part is logged (once per model while it lasts) without skipping the others."""
         self.checks += 1
+        self._watch_state_dir()
         await self._ledger.flush()
         ready = ready_records(self._supervisor)
         # Over-counts are for checks in a row of one engine: an unloaded model starts again at zero.
@@ -215,6 +227,23 @@ class Reconciler:
             self._failing.add(part)
         else:
             self._failing.discard(part)
+
+    def _watch_state_dir(self) -> None:
+        """A state_dir deleted (or replaced) under a running lessord: its open files are written on
+        into inodes no name reaches, so everything it writes from then on is lost at the next
+        start. Said once in the log, and by /readyz while it lasts."""
+        if self._state_dir is None:
+            return
+        now = _identity(self._state_dir)
+        problem = None if now == self._state_dir_id else (
+            f"state_dir {self._state_dir} was {'deleted' if now is None else 'replaced by another folder'} while "
+            f"lessord runs: the ledger and engine logs are written into files no path reaches and are lost at the "
+            f"next start; put it back, or restart lessord (a new ledger; the running engines are stopped as strays)")
+        if problem and not self.state_dir_problem:
+            log.error("%s", problem, extra={"step": "state_dir"})
+        elif self.state_dir_problem and not problem:
+            log.warning("state_dir %s is back", self._state_dir, extra={"step": "state_dir"})
+        self.state_dir_problem = problem
 
     async def _lingering(self) -> None:
         self._supervisor.lingering.check(self._ledger.snapshot().readings)

@@ -59,7 +59,8 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
             made = adapters() if engines is None else engines(probe, ledger) if callable(engines) else engines
             supervisor = Supervisor(holder, ledger, made, bus.publish, clock=clock, timeouts=timeouts_of(config),
                                     probe=probe, fingerprints=fingerprints)
-            reconciler = Reconciler(config.reconciler, ledger, supervisor, bus.publish)
+            reconciler = Reconciler(config.reconciler, ledger, supervisor, bus.publish,
+                                    Path(config.state_dir).absolute())
             if reconcile:
                 settling = StartSettling(ledger, supervisor, Path(config.state_dir).absolute(), bus.publish)
                 reconciler.at_start = settling.report

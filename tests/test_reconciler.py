@@ -4,7 +4,10 @@ free make the policy evict idle models instead of an engine running out of memor
 
 import asyncio
 import logging
+import shutil
+from pathlib import Path
 
+from lessor.api.admin import make_admin_app
 from lessor.api.metrics import Metrics
 from lessor.daemon.config import RouterConfig
 from lessor.daemon.traffic import TrafficControl
@@ -177,3 +180,26 @@ async def test_an_error_in_one_models_check_is_logged_once_and_the_others_go_on(
     assert [e.model for e in drain_events(events, "lease_overrun")] == ["b"]  # b's part ran both times
     logged = [r for r in caplog.records if "a fault in a's part" in str(r.exc_info and r.exc_info[1])]
     assert [r.levelno for r in logged] == [logging.ERROR, logging.DEBUG]  # the traceback once, then quiet
+
+
+async def test_a_state_dir_deleted_under_lessord_is_said_in_the_log_and_by_readyz(env, caplog, aiohttp_client):
+    """Issue 39, finding 10: lessord wrote on into a deleted state_dir (its open files) without a word."""
+    controller, _, _ = await env([torch_model("a")])
+    ready = asyncio.Event()
+    ready.set()
+    client = await aiohttp_client(make_admin_app(controller, "token", ready))
+    assert (await client.get("/readyz")).status == 200
+    state_dir = Path(controller.config.state_dir).absolute()
+    shutil.rmtree(state_dir)
+    with caplog.at_level(logging.WARNING, logger="lessor.reconciler"):
+        await controller.reconciler.check()
+        await controller.reconciler.check()
+    (said,) = [r.getMessage() for r in caplog.records if "state_dir" in r.getMessage()]  # once, not every tick
+    assert said.startswith(f"state_dir {state_dir} was deleted while lessord runs") and "restart lessord" in said
+    response = await client.get("/readyz")
+    assert response.status == 503 and (await response.json())["reason"] == said
+
+    state_dir.mkdir(parents=True)  # a new folder by that name holds none of the open files: still said
+    await controller.reconciler.check()
+    reason = (await (await client.get("/readyz")).json())["reason"]
+    assert reason.startswith(f"state_dir {state_dir} was replaced by another folder")
