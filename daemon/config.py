@@ -243,13 +243,15 @@ class LedgerConfig(Strict):
 
 class PolicyConfig(Strict):
     name: str = Field(default="value", description=f"Admission/eviction policy: one of {sorted(POLICIES)}. `value` (the default) keeps the models that serve the most requests per byte, learned from the traffic; `priority` evicts lower priorities only; `lru_idle` the least recently used; `fit` never evicts.")
-    churn_age: Duration = Field(default=60.0, ge=0, le=86400, description="Policy `value`: a model loaded less than this long ago is not evicted for another (a burst cannot swap it straight back out).")
+    churn_age: Duration = Field(default=60.0, ge=0, le=86400, description="An idle model the policy would not evict (`priority`: a higher priority; `value`: worth more than the newcomer) yields to another model's waiting requests once nobody has asked for it or loaded it for this long. `value` also never evicts a model loaded less than this long ago, so a burst cannot swap it straight back out.")
     starvation: Duration = Field(default=7200.0, gt=0, le=30 * 86400, description="Policy `value`: a model whose requests have gone unserved this long (quiet spells count at most a minute each) counts its request rate double, three times after twice as long, and so on, so however rare it is loaded in the end.")
 
     def build(self) -> Policy:
         """The policy this section names, with its parameters."""
         if self.name == "value":
             return Value(churn_age_s=self.churn_age, starvation_s=self.starvation)
+        if self.name in ("lru_idle", "priority"):
+            return functools.partial(POLICIES[self.name], churn_age_s=self.churn_age)
         return POLICIES[self.name]
 
     @field_validator("name")

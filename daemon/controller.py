@@ -98,7 +98,7 @@ class Controller:
                 "last_load": record.last_load.to_dict() if record.last_load else None,
                 "waiting": self.router.waiting(record) if self.router is not None else None,
                 **(self.router.learned(spec.name) if self.router is not None
-                   else {"request_rate": 0.0, "started_share": 1.0, "starved_s": 0.0, "load_s": None})}
+                   else {"request_rate": 0.0, "started_share": 1.0, "kept_up_share": 1.0, "starved_s": 0.0, "load_s": None})}
 
     def _keep_alive_s(self, record) -> float:
         """The keep_alive in force: its latest request's (within the operator's bound), else its config's."""

@@ -58,13 +58,21 @@ def _serving(record: ModelRecord) -> bool:
     return record.state is ModelState.READY and record.handle is not None
 
 
-def _engine_has_room(lane: Lane) -> bool:
-    """Whether the engine runs a request just sent at once: fewer are running than the batch it
-    was planned with (the sequences it runs together; more wait inside it, as the simulator's
-    slots do). Unknown batch: it does."""
+def _planned_batch(lane: Lane) -> int | None:
+    """The sequences its engine was planned to run together (None: unknown)."""
     record = lane.record
-    batch = record.plan.params.get(record.spec.engine.batch_param) if record.plan is not None else None
-    return not batch or lane.active <= batch
+    return record.plan.params.get(record.spec.engine.batch_param) if record.plan is not None else None
+
+
+def _ready_arrival(lane: Lane, started: bool) -> tuple[bool, int, int | None]:
+    """What a request that reached a ready model tells the policy: whether its engine runs it at
+    once (fewer are running than the planned batch; unknown batch: it does), and how many
+    requests are ahead of it waiting for a slot of that batch (inside the engine, or in the lane):
+    fewer than a batch ahead, the model kept up with it though it did not start at once."""
+    batch = _planned_batch(lane)
+    if started:
+        return (not batch or lane.active <= batch), max(0, lane.active - 1 - (batch or 0)), batch
+    return False, max(0, lane.active - (batch or 0)) + len(lane.waiting), batch
 
 
 class TrafficControl:
@@ -139,9 +147,10 @@ class TrafficControl:
         stats.record_request(lane.name, now)
         started = self._lanes.try_start(lane)
         if _serving(lane.record):
-            stats.record_ready_arrival(lane.name, started and _engine_has_room(lane))
+            at_once, ahead, batch = _ready_arrival(lane, started)
+            stats.record_ready_arrival(lane.name, at_once, ahead=ahead, batch=batch)
         if started:
-            stats.record_start(lane.name)
+            stats.record_start(lane.name, now)
             return lane.record.handle.base_url
         stats.record_wait(lane.name, now)
         return None
@@ -187,7 +196,7 @@ class TrafficControl:
         if request.done():
             return False
         request.set_result(lane.record.handle.base_url)
-        self.stats.record_start(lane.name)
+        self.stats.record_start(lane.name, self._clock())
         return True
 
     def fail(self, request: asyncio.Future, error: LessorError) -> None:
@@ -313,11 +322,12 @@ class TrafficControl:
         return self._lanes.queued()
 
     def learned(self, model: str) -> dict[str, Any]:
-        """What the statistics say of a model: its request rate, the share that started at once,
-        how long its requests have gone unserved, and what a load of it takes."""
+        """What the statistics say of a model: its request rate, the share that started at once and
+        the share it kept up with (fewer than a batch ahead), how long its requests have gone unserved, and what a load of it takes."""
         measured, now = self.stats.measured_load_s(model), self._clock()
         return {"request_rate": round(self.stats.rate(model, now), 6),
                 "started_share": round(self.stats.started_share(model), 4),
+                "kept_up_share": round(self.stats.kept_up_share(model), 4),
                 "starved_s": round(self.stats.starved_s(model, now), 3),
                 "load_s": round(measured, 3) if measured is not None else None}
 

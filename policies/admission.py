@@ -183,15 +183,16 @@ def fit(request: AdmissionRequest, snapshot: Snapshot) -> Decision:
     return Rejected(f"{_describe(short)} short, and policy 'fit' never evicts: nothing evicted", short)
 
 
-def lru_idle(request: AdmissionRequest, snapshot: Snapshot) -> Decision:
+def lru_idle(request: AdmissionRequest, snapshot: Snapshot, churn_age_s: float = CHURN_AGE_S) -> Decision:
     """Evict idle, unpinned models, least recently used first."""
     return decide_with_candidates(request, snapshot, eligible=lambda m: True,
-                                  order=lambda m: (m.last_used_s, m.name))
+                                  order=lambda m: (m.last_used_s, m.name), churn_age_s=churn_age_s)
 
 
-def priority(request: AdmissionRequest, snapshot: Snapshot) -> Decision:
-    """Evict idle, unpinned models of lower priority than the request: lowest first, then LRU."""
+def priority(request: AdmissionRequest, snapshot: Snapshot, churn_age_s: float = CHURN_AGE_S) -> Decision:
+    """Evict idle, unpinned models of lower priority than the request: lowest first, then LRU (a
+    quiet model of any priority yields to waiting requests, after `churn_age_s` unasked)."""
     return decide_with_candidates(request, snapshot, eligible=lambda m: m.priority < request.priority,
-                                  order=lambda m: (m.priority, m.last_used_s, m.name))
+                                  order=lambda m: (m.priority, m.last_used_s, m.name), churn_age_s=churn_age_s)
 
 

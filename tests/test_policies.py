@@ -284,3 +284,18 @@ def test_a_quiet_model_yields_in_the_policys_own_order():
     assert priority(want(9, prio=50), s) == Evict(("first", "keep"))
     operator = AdmissionRequest("new", {"gpu0": 5 * G}, 50, "operator")
     assert isinstance(priority(operator, s), Rejected)  # nobody waits for an operator's load
+
+
+def test_the_configured_churn_age_reaches_priority():
+    """policy.churn_age is how long an idle model the policy would not evict (priority: a higher
+    one) must go unasked before it yields to waiting requests: with 300 s configured, a model asked
+    120 s ago holds its place; with 60 s it yields. lru_idle evicts any idle model at once."""
+    from lessor.daemon.config import PolicyConfig
+    gib = 1 << 30
+    snapshot = Snapshot({"gpu0": DeviceBudget("gpu0", 16 * gib, 16 * gib, 0, 0, 7 * gib + 6 * gib)},
+                        {"chat": ModelView("chat", "ready", priority=90, last_used_s=880.0, ready_since_s=100.0,
+                                           held_bytes={"gpu0": 13 * gib})}, now_s=1000.0)
+    request = AdmissionRequest("coder", {"gpu0": 6 * gib}, priority=50)
+    assert isinstance(PolicyConfig(name="priority", churn_age=60).build()(request, snapshot), Evict)
+    assert isinstance(PolicyConfig(name="priority", churn_age=300).build()(request, snapshot), Queue)
+    assert isinstance(PolicyConfig(name="lru_idle", churn_age=300).build()(request, snapshot), Evict)

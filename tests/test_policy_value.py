@@ -112,7 +112,8 @@ def test_the_config_builds_it_with_its_parameters_and_it_is_the_default():
     assert config.build() == Value(churn_age_s=60.0, starvation_s=7200.0)
     assert PolicyConfig(name="value", churn_age="5m", starvation="1h").build() == Value(churn_age_s=300.0,
                                                                                           starvation_s=3600.0)
-    assert PolicyConfig(name="priority").build().__name__ == "priority"
+    built = PolicyConfig(name="priority", churn_age="2m").build()
+    assert built.func.__name__ == "priority" and built.keywords == {"churn_age_s": 120.0}
 
 
 def test_a_model_its_bursts_swamp_is_worth_the_requests_it_starts_at_once():

@@ -389,7 +389,7 @@ async def test_a_request_touches_the_last_use_time_lru_reads(routed):
     assert views["a"].last_used_s == clock.now > views["b"].last_used_s
 
 
-NOTHING_LEARNED = {"request_rate": 0.0, "started_share": 1.0, "starved_s": 0.0, "load_s": None}
+NOTHING_LEARNED = {"request_rate": 0.0, "started_share": 1.0, "kept_up_share": 1.0, "starved_s": 0.0, "load_s": None}
 
 
 async def test_the_router_learns_rates_and_load_times_and_keeps_them_across_a_restart(routed, tmp_path, caplog):
@@ -488,6 +488,13 @@ async def test_a_request_beyond_the_planned_batch_counts_as_not_started_at_once(
     assert router.stats.started_share("a") == 1.0
     lanes.append((await turn(router, "a"))[0])  # the router sends it (no max_concurrency): the engine queues it
     assert router.stats.started_share("a") < 1.0
+    # Fewer than a batch ahead of it: the model kept up, so a full batch is not held against it
+    # (the value policy weighs kept_up_share); a batch and more ahead, it did not.
+    assert router.stats.kept_up_share("a") == 1.0
+    for _ in range(batch + 1):
+        lanes.append((await turn(router, "a"))[0])
+    assert router.stats.kept_up_share("a") < 1.0
+    assert router.stats.start_rate("a", router._clock()) > 0  # the starts are timed: the policy's floor
     for lane in lanes:
         router.finish(lane)
 
