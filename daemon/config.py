@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..engines import ENGINE_ARGS, ENGINE_KINDS, EngineArgs
+from ..engines.enginelog import LogLimits
 from ..memory.architecture import Architecture, read_hf_config
 from ..memory.footprint import ModelShape
 from ..memory.model_folder import read_shape
@@ -284,6 +285,17 @@ class ReconcilerConfig(Strict):
     evict_on_foreign_growth: bool = Field(default=True, description="When processes lessor does not manage grow past the free memory, evict idle models by the policy to give it back (before an engine hits OOM).")
 
 
+class EngineLogsConfig(Strict):
+    per_model: NonzeroMemorySize = Field(default=64 << 20, description="The most one model's engine logs take on disk: its current file and its rotated ones (logs/NAME.log, .log.1 newest), rotated by size.")
+    files_per_model: int = Field(default=4, ge=1, le=100, description="The files `per_model` is split into: the current one and files_per_model - 1 rotated ones; the oldest goes at each rotation.")
+    total: NonzeroMemorySize = Field(default=GiB, description="The most all engine logs take together; past it the oldest rotated files of any model go (a current file never).")
+    keep_free: MemorySize = Field(default=256 << 20, description="Engine output is dropped, and the log says how much, while the state_dir's disk has less than this free: logs never take the ledger's last megabytes.")
+    on_stop: Literal["keep", "drop_older"] = Field(default="keep", description="When a model's engine stops (unload, eviction, shutdown): keep its rotated logs, or drop them; its last log stays for `lessor logs`.")
+
+    def limits(self) -> LogLimits:
+        return LogLimits(self.per_model, self.files_per_model, self.total, self.keep_free, self.on_stop == "drop_older")
+
+
 class MqttConfig(Strict):
     url: str = Field(pattern=r"^mqtts?://[^/:]+(:\d+)?/?$", description="Broker: mqtt://HOST[:1883] or mqtts://HOST[:8883] (TLS).")
     username: str | None = Field(default=None, description="Broker user name.")
@@ -305,6 +317,7 @@ class LessorConfig(Strict):
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, description="Engine start and stop limits.")
     reconciler: ReconcilerConfig = Field(default_factory=ReconcilerConfig, description="Measured usage against the leases, every few seconds.")
     planner: PlannerConfig = Field(default_factory=PlannerConfig, description="How measurements feed the plans, and retries after out-of-memory.")
+    engine_logs: EngineLogsConfig = Field(default_factory=EngineLogsConfig, description="Size limits of the engines' logs in state_dir/logs.")
     mqtt: MqttConfig | None = Field(default=None, description="Publish events and state to an MQTT broker (off when unset).")
     models: list[ModelSpec] = Field(default_factory=list, description="The models lessor may load.")
 

@@ -25,6 +25,7 @@ from typing import Sequence
 log = logging.getLogger("lessor.engines")
 
 IN_MODIFY = 0x00000002
+IN_CREATE = 0x00000100  # on the folder: the log pump started a new file (a rotation)
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 _READ_CHUNK = 1 << 16
@@ -45,7 +46,9 @@ class LogWatch:
 
     The whole file is searched, once at start and then what each write appends: the log holds
     this start only (its previous run's is kept as `.1`), so a marker written before the watch
-    began counts too. The last few bytes are kept so a marker split across two writes is found."""
+    began counts too. The last few bytes are kept so a marker split across two writes is found.
+    When the file is rotated (engines/enginelog.py), the rest of the old one is read and the
+    watch goes on in the new one."""
 
     def __init__(self, path: Path, markers: Sequence[str]) -> None:
         self.path = Path(path)
@@ -73,9 +76,7 @@ class LogWatch:
             log.debug("inotify_init1 failed (%s): readiness by polling only", os.strerror(ctypes.get_errno()))
             self.close()
             return False
-        if libc.inotify_add_watch(fd, os.fsencode(self.path), IN_MODIFY) < 0:
-            log.debug("inotify_add_watch %s failed (%s): readiness by polling only", self.path,
-                      os.strerror(ctypes.get_errno()))
+        if not self._add_watch(libc, fd):
             os.close(fd)
             self.close()
             return False
@@ -83,6 +84,14 @@ class LogWatch:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(fd, self._on_event)
         self._scan()
+        return True
+
+    def _add_watch(self, libc, fd: int) -> bool:
+        for target, mask in ((self.path, IN_MODIFY), (self.path.parent, IN_CREATE)):
+            if libc.inotify_add_watch(fd, os.fsencode(target), mask) < 0:
+                log.debug("inotify_add_watch %s failed (%s): readiness by polling only", target,
+                          os.strerror(ctypes.get_errno()))
+                return False
         return True
 
     def _on_event(self) -> None:
@@ -95,6 +104,26 @@ class LogWatch:
         self._scan()
 
     def _scan(self) -> None:
+        self._read_on()
+        rotated = self._rotated()
+        if rotated is not None:  # the old file's last lines are read above; the new one from its start
+            self._file.close()
+            self._file, self._offset = rotated, 0
+            libc = _libc()
+            if libc.inotify_add_watch(self._fd, os.fsencode(self.path), IN_MODIFY) < 0:
+                log.debug("inotify_add_watch %s failed after a rotation: polling only", self.path)
+            self._read_on()
+
+    def _rotated(self):
+        """The new file at the log's path, open, when it is not the one read so far."""
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino:
+                return None
+            return open(self.path, "rb")
+        except OSError:
+            return None
+
+    def _read_on(self) -> None:
         self._file.seek(self._offset)
         while chunk := self._file.read(_READ_CHUNK):
             self._offset += len(chunk)

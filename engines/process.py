@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import aiohttp
 
+from . import enginelog
 from .logwatch import LogWatch
 
 log = logging.getLogger("lessor.engines")
@@ -43,7 +44,7 @@ STARTING = "# lessor: starting "
 def last_lines(tail: Sequence[str], lines: int = 5) -> str:
     """"; last log lines: a | b" for an exit's message ("" when the log is empty): the engine's own
     lines, not lessor's argv line, which would make each crash's log line and event hundreds of characters."""
-    tail = [line for line in tail if not line.startswith(STARTING)]
+    tail = [line for line in tail if not line.startswith(enginelog.PREFIX)]
     return "; last log lines: " + " | ".join(line.strip() for line in tail[-lines:]) if tail else ""
 
 
@@ -86,6 +87,8 @@ def owned_env(names: Sequence[str], env: Mapping[str, str]) -> list[str]:
     return sorted(k for k in env if k.upper() in exact or (prefixes and k.upper().startswith(prefixes)))
 
 
+PUMP_DRAIN_S = 2.0  # how long an engine's exit waits for its log pump to write the last lines
+
 UNKNOWN_EXIT = 255 << 8  # an adopted engine is not our child: its exit status cannot be read
 
 
@@ -122,7 +125,7 @@ class EngineProcess:
 
     def __init__(self, pid: int, identity: str, exit_status: "asyncio.Future[int] | asyncio.Task[int]",
                  argv: Sequence[str], log_path: Path, on_exit: Callable[[int], None] | None,
-                 started_at: float | None = None) -> None:
+                 started_at: float | None = None, pump: "asyncio.Future[int] | None" = None) -> None:
         self.pid, self.identity, self.argv, self.log_path = pid, identity, tuple(argv), log_path
         self.started_at = started_at if started_at is not None else time.time()
         self.exited = asyncio.Event()
@@ -131,6 +134,7 @@ class EngineProcess:
         self._stopping = False
         self.probes = 0  # readiness probes so far (wait_until): what tests count instead of timing
         self.ready_line_at: float | None = None  # when the last wait_until saw its ready line (CLOCK_MONOTONIC)
+        self._pump = pump  # the log pump's exit: the engine's output is all in the file then
         self._watcher = asyncio.ensure_future(self._watch(exit_status))
 
     @classmethod
@@ -140,19 +144,33 @@ class EngineProcess:
         if missing:  # else exec's bare "[Errno 2] No such file or directory" names neither the command nor PATH
             raise EngineNotFound(missing)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        if log_path.exists():  # keep the previous run's log for the post-mortem
-            log_path.replace(log_path.with_name(log_path.name + ".1"))
-        with open(log_path, "ab", buffering=0) as out:
+        limits = enginelog.limits
+        enginelog.shift(log_path, limits.files_per_model)  # the previous runs' logs, for the post-mortem
+        enginelog.trim_total(log_path.parent, limits.total)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with open(fd, "wb", buffering=0) as out:
             out.write(f"{STARTING}{' '.join(argv)}\n".encode())
+        # The engine writes into a pipe; the log pump writes the file, rotated by size (engines/enginelog.py).
+        readable, writable = os.pipe()
+        try:
+            pump = subprocess.Popen(limits.argv(log_path), stdin=readable, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, env={}, start_new_session=True)
+            pumped = asyncio.ensure_future(_child_exit(pump))  # reaped however the engine's start goes
+            os.close(readable)
+            readable = -1
             # argv, never a shell: nothing in the config is ever parsed by /bin/sh. subprocess.Popen,
             # not asyncio's: in CPython 3.11 asyncio's exec took 5-7 ms of the event loop per start (a
             # watcher thread per child among it), Popen 0.2 ms; the exit is seen through a pidfd.
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=writable, stderr=writable,
                                     env=dict(env), cwd=str(cwd) if cwd else None, start_new_session=True)
+        finally:
+            os.close(writable)  # the pump reads to the pipe's end: the engine's (and its children's) last copy
+            if readable >= 0:
+                os.close(readable)
         # The supervisor's "loading" line names the pid; the argv is the first line of the engine's log.
         log.debug("engine started: pid %d: %s", proc.pid, " ".join(argv))
         identity = process_identity(proc.pid) or f"child:{proc.pid}"
-        return cls(proc.pid, identity, asyncio.ensure_future(_child_exit(proc)), argv, log_path, on_exit)
+        return cls(proc.pid, identity, asyncio.ensure_future(_child_exit(proc)), argv, log_path, on_exit, pump=pumped)
 
     @classmethod
     def adopt(cls, pid: int, identity: str, log_path: Path, on_exit: Callable[[int], None] | None,
@@ -174,6 +192,11 @@ class EngineProcess:
 
     async def _watch(self, exit_status) -> None:
         returncode = await exit_status
+        if self._pump is not None:  # its last lines (an exit's reason quotes them) reach the file first
+            try:  # bounded: a descendant that escaped the group may hold the pipe open
+                await asyncio.wait_for(asyncio.shield(self._pump), PUMP_DRAIN_S)
+            except asyncio.TimeoutError:
+                pass
         self._returncode = returncode
         self.exited.set()
         if not self._stopping:
@@ -252,6 +275,8 @@ class EngineProcess:
         await self.exited.wait()
         await self._watcher
         await _wait_group_gone(self.pid, timeout_s=5)
+        if enginelog.limits.drop_on_stop:  # engine_logs.on_stop: drop_older (the last log stays)
+            enginelog.drop_older(self.log_path)
         return self._returncode if self._returncode is not None else -1
 
 

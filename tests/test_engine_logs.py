@@ -1,0 +1,140 @@
+"""Engine logs with a size limit (issue 39, finding 6): a stand-in wrote 1 GiB in 1.7 s into its
+log, the disk filled and every load got 503. The engine's output goes through a pipe to a log pump
+(engines/enginelog.py) that rotates by size, keeps the folder under a total and drops output
+rather than take the disk's last megabytes. Real processes writing as fast as they can."""
+
+import asyncio
+import os
+import sys
+
+import pytest
+
+from lessor.engines import enginelog
+from lessor.engines.enginelog import LogLimits
+from lessor.engines.process import STARTING, EngineProcess
+
+from .conftest import HANG_S
+from .test_readiness import NEVER
+
+MiB = 1 << 20
+
+
+WRITER = """
+import sys, time
+megabytes, then, sleep = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "sleep"
+line = b"x" * 1000 + b"\\n"
+for i in range(megabytes * 1048576 // 1010 + 1):
+    sys.stdout.buffer.write(b"%08d " % i + line)
+sys.stdout.buffer.write(then.encode() + b"\\n" if then else b"")
+sys.stdout.flush()
+if sleep:
+    time.sleep(600)
+"""
+
+
+def writer(megabytes: int, then: str = "", sleep: bool = False) -> list[str]:
+    """A child that writes `megabytes` MiB of numbered lines to stdout as fast as it can."""
+    return [sys.executable, "-c", f"exec({WRITER!r})", str(megabytes), then, "sleep" if sleep else "-"]
+
+
+def logs_size(folder) -> int:
+    return sum(entry.stat().st_size for entry in os.scandir(folder))
+
+
+@pytest.fixture
+def limits(monkeypatch):
+    def set_to(**fields):
+        monkeypatch.setattr(enginelog, "limits", LogLimits(**fields))
+    return set_to
+
+
+async def ended(proc: EngineProcess) -> None:
+    await asyncio.wait_for(proc.exited.wait(), HANG_S)
+
+
+async def test_a_fast_writer_stays_under_its_cap_and_its_last_lines_are_kept(tmp_path, limits):
+    limits(per_model=MiB, files_per_model=4, total=64 * MiB, keep_free=0)
+    log_path = tmp_path / "logs" / "m.log"
+    proc = await EngineProcess.spawn(writer(64, then="the last line"), dict(os.environ), log_path)
+    await ended(proc)
+    assert logs_size(log_path.parent) <= MiB  # 64 MiB written; before, all of it stayed
+    assert sorted(os.listdir(log_path.parent)) == ["m.log", "m.log.1", "m.log.2", "m.log.3"]
+    assert proc.tail(1) == ["the last line"]  # the pump had written it when the exit was seen
+    for name in os.listdir(log_path.parent):  # every file starts with lessor's argv line
+        assert (log_path.parent / name).read_text().startswith(STARTING)
+
+
+async def test_the_next_start_shifts_the_last_runs_logs(tmp_path, limits):
+    limits(per_model=MiB, files_per_model=3, total=64 * MiB, keep_free=0)
+    log_path = tmp_path / "logs" / "m.log"
+    for run in ("first", "second"):
+        proc = await EngineProcess.spawn(writer(0, then=f"{run} run"), dict(os.environ), log_path)
+        await ended(proc)
+    assert log_path.read_text().splitlines()[-1] == "second run"
+    assert (tmp_path / "logs" / "m.log.1").read_text().splitlines()[-1] == "first run"
+
+
+async def test_all_models_logs_stay_under_the_total(tmp_path, limits):
+    limits(per_model=4 * MiB, files_per_model=4, total=5 * MiB, keep_free=0)
+    folder = tmp_path / "logs"
+    procs = [await EngineProcess.spawn(writer(16), dict(os.environ), folder / f"m{n}.log") for n in range(3)]
+    for proc in procs:
+        await ended(proc)
+    # Current files are never removed (each is a model's only record): the total holds up to them.
+    current = sum((folder / f"m{n}.log").stat().st_size for n in range(3))
+    assert logs_size(folder) <= max(5 * MiB, current)
+    assert all((folder / f"m{n}.log").exists() for n in range(3))
+
+
+async def test_output_is_dropped_rather_than_take_the_disks_last_megabytes(tmp_path, limits):
+    free = enginelog.free_bytes(tmp_path)
+    limits(per_model=64 * MiB, files_per_model=4, total=GiB_ if (GiB_ := 1 << 30) else 0,
+           keep_free=free + (1 << 40))  # more than this disk has free: nothing may be written
+    log_path = tmp_path / "logs" / "m.log"
+    proc = await EngineProcess.spawn(writer(4, then="the last line"), dict(os.environ), log_path)
+    await ended(proc)
+    lines = log_path.read_text().splitlines()
+    assert lines[0].startswith(STARTING) and lines[-1].startswith("# lessor: ")
+    assert "bytes of engine output dropped" in lines[-1] and "engine_logs.keep_free" in lines[-1]
+    assert len(lines) <= 3
+
+
+async def test_a_stop_may_drop_the_models_older_logs(tmp_path, limits):
+    limits(per_model=MiB, files_per_model=4, total=64 * MiB, keep_free=0, drop_on_stop=True)
+    log_path = tmp_path / "logs" / "m.log"
+    proc = await EngineProcess.spawn(writer(4, sleep=True), dict(os.environ), log_path)
+    await asyncio.wait_for(proc.wait_until(lambda: (log_path.parent / "m.log.3").exists(), "writing", HANG_S),
+                           HANG_S)
+    await proc.stop(1)
+    assert sorted(os.listdir(log_path.parent)) == ["m.log"]  # the last log stays for `lessor logs`
+
+
+async def test_a_ready_line_written_after_a_rotation_still_wakes_the_probe(tmp_path, limits):
+    limits(per_model=MiB, files_per_model=2, total=64 * MiB, keep_free=0)
+    log_path = tmp_path / "logs" / "m.log"
+    go = tmp_path / "go"
+    os.mkfifo(go)
+    # Loading: the engine waits for the test, then writes enough to rotate its log, then its ready line.
+    # The marker is put together in the child: the argv line at the head of the log must not hold it.
+    proc = await EngineProcess.spawn([sys.executable, "-c", f"import sys; open({str(go)!r}).read(); "
+                                      f"sys.argv[2] = 'READY-' + 'MARKER'; exec({WRITER!r})", "2", "-", "sleep"],
+                                     dict(os.environ), log_path)
+    checks = []
+
+    def check() -> bool:
+        checks.append(True)
+        return len(checks) == 2  # the first probe finds it loading; only the ready line wakes the second
+    try:
+        waiting = asyncio.ensure_future(proc.wait_until(check, "loading", HANG_S, ["READY-MARKER"], NEVER))
+        await asyncio.wait_for(_until(lambda: len(checks) == 1), HANG_S)
+        await asyncio.to_thread(lambda: open(go, "w").close())
+        await asyncio.wait_for(waiting, HANG_S)  # hung before: the watch stayed on the rotated file
+        assert len(checks) == 2 and proc.ready_line_at is not None  # woken by the line, not a timed probe
+        assert (tmp_path / "logs" / "m.log.1").exists()
+    finally:
+        await proc.stop(1)
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.005)
