@@ -11,7 +11,8 @@ for that reason. It is this file, run by path with the standard library only (`p
 8 MiB of memory.
 
 Files: `<model>.log` is the current one (lessor's `# lessor: starting` line first, repeated at the
-head of each file a rotation starts); `<model>.log.1` is the newest rotated one, up to
+head of each file a rotation starts, with a `continued` line after it, so that a tail reads on into
+the older file); `<model>.log.1` is the newest rotated one, up to
 `.log.<files - 1>`. The start of an engine shifts the previous run's files the same way.
 """
 
@@ -54,6 +55,11 @@ limits = LogLimits()  # lessord's, set from its config at start (daemon/runtime.
 def configure(new: LogLimits) -> None:
     global limits
     limits = new
+
+
+def continued(path: Path) -> str:
+    """The second line of a file a rotation started: `tail` reads on into the older file."""
+    return f"{PREFIX}continued: the older lines are in {path.name}.1\n"
 
 
 def rotated(path: Path) -> list[Path]:
@@ -145,11 +151,14 @@ class Pump:
         self._say_dropped()
         while chunk:
             room = self.per_file - self.size
-            if room <= 0:
-                self._rotate()
-                room = max(1, self.per_file - self.size)
-            self._write(chunk[:room])
-            chunk = chunk[room:]
+            if len(chunk) <= room:
+                self._write(chunk)
+                return
+            # Up to the last whole line that fits (a line longer than the room is split), then a new file.
+            cut = chunk.rfind(b"\n", 0, max(room, 0)) + 1 or max(room, 0)
+            self._write(chunk[:cut])
+            chunk = chunk[cut:]
+            self._rotate()
 
     def _say_dropped(self) -> None:
         if self.dropped:
@@ -162,8 +171,9 @@ class Pump:
         shift(self.path, self.files)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         self.size = 0
-        if self.header and len(self.header) < self.per_file // 2:  # the argv line heads every file
-            self._write(self.header)
+        head = self.header + continued(self.path).encode() if self.header else b""
+        if head and len(head) < self.per_file // 2:  # the argv line heads every file; at least half is output
+            self._write(head)
         trim_total(self.path.parent, self.total)
 
     def _write(self, data: bytes) -> None:

@@ -138,3 +138,16 @@ async def test_a_ready_line_written_after_a_rotation_still_wakes_the_probe(tmp_p
 async def _until(condition) -> None:
     while not condition():
         await asyncio.sleep(0.005)
+
+
+async def test_a_tail_right_after_a_rotation_reads_on_into_the_older_file(tmp_path, limits):
+    """`lessor logs` (and `logs -f`, which compares windows) sees one log across a rotation."""
+    limits(per_model=MiB, files_per_model=2, total=64 * MiB, keep_free=0)
+    log_path = tmp_path / "logs" / "m.log"
+    proc = await EngineProcess.spawn(writer(1, then="the last line"), dict(os.environ), log_path)
+    await ended(proc)
+    assert log_path.read_text().splitlines()[1] == "# lessor: continued: the older lines are in m.log.1"
+    window = proc.tail(50)
+    assert len(window) == 50 and window[-1] == "the last line" and not any(line.startswith("# lessor") for line in window)
+    numbers = [int(line.split()[0]) for line in window[:-1]]
+    assert numbers == list(range(numbers[0], numbers[0] + 49))  # no gap, nothing twice
