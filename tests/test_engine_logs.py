@@ -13,8 +13,10 @@ from lessor.engines import enginelog
 from lessor.engines.enginelog import LogLimits
 from lessor.engines.process import STARTING, EngineProcess
 
-from .conftest import HANG_S
+from .conftest import HANG_S, running_lessord
+from .test_e2e_torch import Admin
 from .test_readiness import NEVER
+from .test_restart import STANDIN, config_file, standin_spec
 
 MiB = 1 << 20
 
@@ -151,3 +153,27 @@ async def test_a_tail_right_after_a_rotation_reads_on_into_the_older_file(tmp_pa
     assert len(window) == 50 and window[-1] == "the last line" and not any(line.startswith("# lessor") for line in window)
     numbers = [int(line.split()[0]) for line in window[:-1]]
     assert numbers == list(range(numbers[0], numbers[0] + 49))  # no gap, nothing twice
+
+
+SPAM_THEN_STANDIN = ("import runpy, sys\nline = b'y' * 1000 + b'\\n'\nfor i in range(64 * 1024):\n"
+                     "    sys.stdout.buffer.write(line)\nsys.stdout.flush()\n"
+                     "sys.argv[0] = %r\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def test_lessord_keeps_a_chatty_engines_logs_under_the_cap_and_drops_them_at_unload(tmp_path):
+    """As the issue found it, with lessord: an engine writes 64 MiB to its log as fast as it can
+    (then serves); the logs folder stays within engine_logs, and an unload drops the older files."""
+    spec = standin_spec("m", tmp_path)
+    spec["engine"]["command"] = [sys.executable, "-c", SPAM_THEN_STANDIN % STANDIN]
+    config = config_file(tmp_path, [spec], engine_logs={"per_model": "2MiB", "files_per_model": 4,
+                                                        "on_stop": "drop_older"})
+    folder = tmp_path / "state" / "logs"
+    with running_lessord(config) as (_, url, _):
+        admin = Admin(url, tmp_path / "state")
+        assert admin.load("m")[0] == 200
+        assert logs_size(folder) <= 2 * MiB  # 64 MiB written
+        assert sorted(os.listdir(folder)) == ["m.log", "m.log.1", "m.log.2", "m.log.3"]
+        status, text = admin.call("GET", "/admin/v1/models/m/log?lines=5")
+        assert status == 200 and len(text.splitlines()) == 5
+        assert admin.call("POST", "/admin/v1/models/m", {"action": "unload"})[0] == 200
+        assert sorted(os.listdir(folder)) == ["m.log"]  # the last log stays for `lessor logs`
