@@ -90,7 +90,7 @@ async def test_all_models_logs_stay_under_the_total(tmp_path, limits):
 
 async def test_output_is_dropped_rather_than_take_the_disks_last_megabytes(tmp_path, limits):
     free = enginelog.free_bytes(tmp_path)
-    limits(per_model=64 * MiB, files_per_model=4, total=GiB_ if (GiB_ := 1 << 30) else 0,
+    limits(per_model=64 * MiB, files_per_model=4, total=1 << 30,
            keep_free=free + (1 << 40))  # more than this disk has free: nothing may be written
     log_path = tmp_path / "logs" / "m.log"
     proc = await EngineProcess.spawn(writer(4, then="the last line"), dict(os.environ), log_path)
