@@ -7,6 +7,7 @@ proceed (an explicit load that the policy rejected).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .units import format_bytes
@@ -234,15 +235,28 @@ class WaitTimedOut(LessorError):
 @dataclass
 class NotServedInTime(WaitTimedOut):
     """Known at once, not waited out: what the model's load waits for changes no sooner than
-    `expected_s` from now, past the request's wait (router.wait_timeout, `waited_s` here)."""
+    `expected_s` from now, past what is left of the request's wait (`left_s` of router.wait_timeout,
+    `waited_s` here); or, `missed_s` set, the policy's estimate of that many seconds came due and
+    its load still waits, further off: a moving target is no reason to hold the request."""
 
     expected_s: float = 0.0
+    left_s: float | None = None
+    missed_s: float | None = None
     type = "not_served_in_time"
 
     def message(self) -> str:
-        return (f"model '{self.model}' cannot be served within router.wait_timeout ({self.waited_s:g} s): "
-                f"{self.waiting_for}; it could be served in about {self.expected_s:.0f} s at the soonest; "
-                f"retry after {self.retry_after_s:g} s")
+        retry = f"retry after {math.ceil(self.retry_after_s)} s"
+        if self.missed_s is not None:
+            return (f"model '{self.model}' is not served: {self.waiting_for}; its load was to be possible in about "
+                    f"{math.ceil(self.missed_s)} s, and weighed again then it still waits (about "
+                    f"{math.ceil(self.expected_s)} s more, loading included), so the request is answered now "
+                    f"instead of waiting out {self._patience()}; {retry}")
+        return (f"model '{self.model}' cannot be served within {self._patience()}: {self.waiting_for}; it could be served in "
+                f"about {math.ceil(self.expected_s)} s at the soonest; {retry}")
+
+    def _patience(self) -> str:
+        within = f"router.wait_timeout ({self.waited_s:g} s)"
+        return within if self.left_s is None else f"the {math.floor(self.left_s)} s left of {within}"
 
 
 @dataclass

@@ -45,7 +45,8 @@ class Waiter:
 class LoadWish:
     """The load a lane wants for its waiting requests, from its first ask to its end."""
 
-    __slots__ = ("asked_s", "phase", "blockers", "patience_armed", "retry_armed", "look_at_s", "held_busy")
+    __slots__ = ("asked_s", "phase", "blockers", "patience_armed", "retry_armed", "look_at_s", "held_busy",
+                 "promised_s", "promised_in_s")
 
     def __init__(self, asked_s: float) -> None:
         self.asked_s = asked_s  # the patience counts from here
@@ -57,6 +58,10 @@ class LoadWish:
         # Someone else's load or unload of the model is under way (admitting it shows no state of
         # its own): asked again when its state changes or after retry_after_busy_s, never at once.
         self.held_busy = False
+        # The soonest start the policy's recheck promised (when, and how far ahead it said so): a
+        # load weighed again at or after it that still waits, further off, is a moving target.
+        self.promised_s: float | None = None
+        self.promised_in_s = 0.0
 
 
 class Lane:

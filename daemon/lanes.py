@@ -24,8 +24,11 @@ model's `in_flight`, so a model with work is never idle in the policy's eyes.
 A request is never left waiting on nothing: when a load must wait, the lanes estimate when it
 could start at the soonest (the policy's recheck, the blockers' requests at their measured
 service time) and, with `refuse_late`, answer at once (NotServedInTime, a 503 with that time as
-Retry-After) the requests that its load would reach only after their wait timeout. An unknown
-estimate is no reason to refuse: such a request waits, and is weighed again as things change.
+Retry-After) the requests that its load would reach only after their wait timeout. A policy's
+estimate that came due and was not kept (weighed again then, still "wait", further off: the
+model it waits for is still asked) is a moving target: its requests are answered then, not at
+their timeout. An unknown estimate is no reason to refuse: such a request waits, and is weighed
+again as things change.
 lessord refuses late (LaneRules.of); the simulator chooses.
 
 Effects must not call back into the core synchronously (lessord resolves futures and starts
@@ -34,6 +37,7 @@ tasks; the simulator schedules its load attempts on its event heap).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Protocol
 
 from .errors import LessorError, NotServedInTime, QueueFull, WaitTimedOut
@@ -284,18 +288,38 @@ class Lanes:
     # -- answering at once what a wait cannot serve in time ----------------------------------
 
     def _refuse_late(self, lane: Lane, blockers: tuple[str, ...], recheck_s: float | None, reason: str) -> None:
+        """Refuse the requests the load would reach past their deadline; all of them at a moving
+        target, which would otherwise hold them to the edge of their patience."""
         start_s = self._start_in_s(blockers, recheck_s)
         if start_s is None:
             return
-        now, rules = self._clock(), self.rules
+        now, rules, wish = self._clock(), self.rules, lane.load
+        moved = self._moved(wish, now, start_s if not blockers else None)
         ready_s = now + start_s + (self._load_time(lane.name) or 0.0)
         waits_for = f"it waits for {', '.join(blockers)} to finish their requests" if blockers else ""
         why = "; ".join(part for part in (reason, waits_for) if part) or "its load waits"
-        while lane._due() and lane.waiting[0].deadline_s < ready_s:
+        retry_s = math.ceil(min(max(1.0, start_s), rules.wait_timeout_s))  # Retry-After is whole seconds
+        while lane._due() and (moved is not None or lane.waiting[0].deadline_s < ready_s):
             waiter = lane.waiting.popleft()
             self._effects.fail(waiter.request, NotServedInTime(
-                lane.name, rules.wait_timeout_s, why, retry_after_s=min(max(1.0, start_s), rules.wait_timeout_s),
-                expected_s=ready_s - now))
+                lane.name, rules.wait_timeout_s, why, retry_after_s=retry_s, expected_s=ready_s - now,
+                left_s=max(0.0, waiter.deadline_s - now), missed_s=moved))
+
+    @staticmethod
+    def _moved(wish: LoadWish, now: float, start_s: float | None) -> float | None:
+        """The policy's estimate that came due and was not kept (the seconds it had said), or None.
+        A new estimate replaces one not yet due only when it is sooner: one that moves later
+        before its time is still held to the time first said."""
+        if start_s is None:
+            wish.promised_s = None
+            return None
+        promised_s, said_s = wish.promised_s, wish.promised_in_s
+        if promised_s is not None and now >= promised_s and now + start_s > promised_s:
+            wish.promised_s = None
+            return said_s
+        if promised_s is None or now >= promised_s or now + start_s < promised_s:
+            wish.promised_s, wish.promised_in_s = now + start_s, start_s
+        return None
 
     def _start_in_s(self, blockers: tuple[str, ...], recheck_s: float | None) -> float | None:
         """The soonest a waiting load could start, from what will change: the blockers' requests

@@ -2,6 +2,7 @@
 a clock the test moves. The supervisor's part (what a load does) is played by the test."""
 
 import heapq
+import re
 from collections import deque
 from dataclasses import dataclass
 
@@ -350,3 +351,58 @@ def test_the_lanes_say_when_a_wish_ends_so_a_waiting_model_can_stop_waiting():
     world.lanes.must_wait(world.lane("a"), (), recheck_s=45.0)
     world.lanes.leave(world.lane("a"), 1)  # its only request left
     assert ended == [("a", None)]
+
+
+def _weigh_until_answered(world: World, name: str, rechecks, errors: list, until_s: float) -> None:
+    """The driver's part: each time the load is asked, the policy answers "wait" with the next
+    recheck; the clock moves a second at a time until a request is answered."""
+    asked = len(world.loads)
+    while not errors and world.now < until_s:
+        world.advance(1.0)
+        if len(world.loads) > asked:
+            asked = len(world.loads)
+            world.lanes.must_wait(world.lane(name), (), recheck_s=next(rechecks), reason=f"{name} is not worth a yet")
+
+
+def test_a_recheck_that_moves_each_time_it_comes_due_is_answered_at_the_first_broken_estimate():
+    """The finding: a is asked all the time, so each weighing says "again in 60 s" and b's request
+    was refused only near its deadline (262 s). The estimate came due at 60 s and was not kept:
+    a moving target, answered then, in whole seconds, saying what changed."""
+    world = late_world()
+    world.request("b", 1)
+    errors = []
+    world.fail = lambda request, error: errors.append((world.now, error))
+    world.lanes.must_wait(world.lane("b"), (), recheck_s=60.0, reason="b is not worth a yet")
+    _weigh_until_answered(world, "b", iter(lambda: 60.0, None), errors, until_s=300.0)
+    ((at_s, error),) = errors
+    assert at_s == 60.0 and isinstance(error, NotServedInTime) and error.missed_s == 60.0  # not at 270 s
+    assert error.retry_after_s == 60 and isinstance(error.retry_after_s, int)
+    message = str(error)
+    assert "to be possible in about 60 s, and weighed again then it still waits" in message
+    assert "instead of waiting out the 240 s left of router.wait_timeout (300 s); retry after 60 s" in message
+    assert not re.search(r"\d\.\d", message)  # seconds in whole numbers
+
+
+def test_a_recheck_that_comes_true_is_waited_for():
+    world = late_world()
+    world.request("b", 1)
+    world.lanes.must_wait(world.lane("b"), (), recheck_s=45.0)
+    world.advance(30.0)  # looked at within RECHECK_CAP_S: 15 s more, as said
+    world.lanes.must_wait(world.lane("b"), (), recheck_s=15.0)
+    world.advance(15.0)
+    assert world.failed == [] and world.loads == ["b", "b", "b"]  # asked at 0, 30 and 45 s
+    world.set("b", READY)
+    assert world.admitted == [1]
+
+
+def test_a_late_refusal_says_how_much_of_the_patience_was_left_in_whole_seconds():
+    world = late_world()
+    world.request("b", 1)
+    world.advance(261.9)  # it has waited; the policy answers for the first time now
+    errors = []
+    world.fail = lambda request, error: errors.append(error)
+    world.lanes.must_wait(world.lane("b"), (), recheck_s=59.9817, reason="b is not worth a yet")
+    (error,) = errors
+    assert error.retry_after_s == 60 and error.left_s == pytest.approx(38.1)
+    assert str(error) == ("model 'b' cannot be served within the 38 s left of router.wait_timeout (300 s): "
+                          "b is not worth a yet; it could be served in about 60 s at the soonest; retry after 60 s")
