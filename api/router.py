@@ -27,7 +27,7 @@ from ..daemon.errors import (Forbidden, InvalidRequest, LessorError, LoadFailed,
                              UnknownModel, UpstreamFailed)
 from ..daemon.lanes import Lane
 from ..daemon.traffic import TrafficControl
-from ..daemon.units import parse_duration
+from ..daemon.units import parse_duration_or_never
 from ..daemon.supervisor import Supervisor
 from .connection import CLIENT_GONE, ClientConnection, Request
 from .errors import MAX_JSON_DEPTH, check_shape, http_status, too_deep
@@ -72,15 +72,16 @@ def renamed(data: dict, name: str) -> bytes:
 
 def take_keep_alive(data: dict) -> float | None:
     """A request's `keep_alive` (Ollama's field), taken out of the body: lessor honours it, the
-    engine does not know it. Seconds, or a duration such as "5m"; 0 = unload once idle; negative
-    (or "never") = forever; None when absent."""
+    engine does not know it. Seconds, or a duration such as "5m"; 0 = unload once idle; -1 (or
+    "never") = forever; other negatives are refused, as in the config (units.DURATION_RULE), not
+    read as forever the way Ollama reads them; None when absent."""
     if "keep_alive" not in data:
         return None
     value = data.pop("keep_alive")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InvalidRequest("keep_alive", f"must be seconds or a duration such as \"5m\", not {type(value).__name__}")
     try:
-        seconds = parse_duration(value)
+        seconds = parse_duration_or_never(value)
     except ValueError as exc:
         raise InvalidRequest("keep_alive", str(exc)) from None
     if seconds != seconds or seconds in (float("inf"), float("-inf")):  # NaN or infinite

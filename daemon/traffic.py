@@ -268,7 +268,7 @@ class TrafficControl:
     # -- idle unload -------------------------------------------------------------------------
 
     def request_keep_alive(self, lane: Lane, keep_alive_s: float) -> float:
-        """A request's keep_alive (Ollama's: seconds, 0 = unload once idle, negative = forever),
+        """A request's keep_alive (seconds, 0 = unload once idle, -1 = forever: api/router.py refuses other negatives),
         bounded by router.request_keep_alive_max (unset: the model's own keep_alive), is its
         model's from now until it unloads; the latest request's wins. Returns what applies."""
         ceiling = self._config.request_keep_alive_max

@@ -497,7 +497,11 @@ async def test_a_requests_keep_alive_is_taken_by_lessor_and_a_bad_one_named(fron
         echoed = json.loads((await r.json())["echo"])
     assert "keep_alive" not in echoed and echoed["model"] == "a"  # the engine does not know the field
     assert controller.router.keep_alive_s(controller.supervisor.resolve("a")) == 300
-    for bad in ("soon", True, [5], "-5m"):
+    for bad in ("soon", True, [5], "-5m", -5, -0.5, "-2"):  # negative: -1 (never) only, as in the config
         async with session.post("/v1/chat/completions", json={"model": "a", "keep_alive": bad}) as r:
             error = (await r.json())["error"]
             assert (r.status, error["param"]) == (400, "keep_alive"), bad
+    async with session.post("/v1/chat/completions", json={"model": "a", "keep_alive": -5}) as r:
+        message = (await r.json())["error"]["message"]
+    assert "keep_alive" in message and "-1 (or 'never') for never, or a duration" in message
+    assert controller.router.keep_alive_s(controller.supervisor.resolve("a")) == 300  # unchanged by the refusals
