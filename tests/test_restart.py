@@ -28,7 +28,9 @@ STANDIN = str(ROOT / "tests" / "standin_engine.py")
 
 
 def standin_spec(name: str, tmp_path: Path, ready_after_s: float = 0) -> dict:
-    return {"name": name, "engine": {"kind": "vllm", "model_path": f"/models/{name}", "command": [sys.executable, STANDIN],
+    folder = tmp_path / "models" / name  # a folder that exists: lessord's start checks model paths (a warning here)
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"name": name, "engine": {"kind": "vllm", "model_path": str(folder), "command": [sys.executable, STANDIN],
                                      "env": {"LESSOR_STANDIN_READY_AFTER_S": str(ready_after_s),
                                              "LESSOR_STANDIN_RECORD": str(tmp_path / f"{name}.json")}},
             "memory": {"weights": "2GiB", "kv_bytes_per_token": 8192, "load_peak": "256MiB"},

@@ -5,9 +5,11 @@ drain patience) fire only when a test moves it, so no test races the machine's s
 
 import asyncio
 import heapq
+import logging
 
 import pytest
 
+from lessor.api.metrics import Metrics
 from lessor.daemon.config import RouterConfig
 from lessor.daemon.errors import LoadFailed, NotServedInTime, QueueFull, UnknownModel, WaitTimedOut
 from lessor.daemon.lanes import RECHECK_CAP_S
@@ -163,7 +165,8 @@ async def test_a_busy_model_is_not_evicted_and_each_side_is_served_as_a_batch(ro
     router.finish(running_a)  # a goes idle: b loads and its three requests run together
     b_done = await done(*b_requests)
     assert controller.model("b")["in_flight"] == 3 and not any(t.done() for t in late_a)
-    assert controller.model("a")["state"] in ("waiting", "loading")  # its late requests wait for b
+    # Its late requests want it back: a load the policy makes wait for b (busy) shows as waiting.
+    await until(lambda: controller.model("a")["state"] in ("waiting", "loading"), "a waiting for b")
     for lane, _ in b_done:
         router.finish(lane)
     a_done = await done(*late_a)  # then a comes back for its two
@@ -374,6 +377,28 @@ async def test_keep_alive_unloads_idle_models_but_never_pinned_busy_or_forever_o
     router.finish(busy)  # idle from now on
     clock.now += 31
     assert router.idle_expired() == ["busy"]
+
+
+async def test_a_keep_alive_unload_is_its_own_cause_not_an_eviction(routed, caplog):
+    """The finding: a keep_alive unload was logged "chat: evicted (idle for 10 s (keep_alive))", as
+    if the policy had chosen it. Now it says it unloaded, idle past its keep_alive, and is counted
+    apart from the policy's evictions."""
+    caplog.set_level(logging.INFO, "lessor.supervisor")
+    clock = ManualClock()
+    controller, _, router, events = await routed([torch_model("chat", keep_alive="10s")], clock=clock)
+    controller.router = router
+    metrics = Metrics(controller)
+    await controller.load("chat")
+    clock.now += 12
+    assert await router.unload_idle() == ["chat"]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("chat: ")]
+    assert not any("evicted" in line for line in said), said
+    assert any(line.startswith("chat: unloaded (idle 12 s, past its keep_alive (10 s))") for line in said), said
+    (unloaded,) = [e for e in drain_events(events, "model_state") if e.state == "unloaded"]
+    assert unloaded.reason == "idle 12 s, past its keep_alive (10 s)"
+    text = metrics.render()[0].decode()
+    assert 'lessor_model_idle_unloads_total{model="chat"} 1.0' in text
+    assert 'lessor_model_evictions_total{model="chat"}' not in text
 
 
 async def test_a_request_touches_the_last_use_time_lru_reads(routed):
