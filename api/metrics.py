@@ -28,7 +28,7 @@ class Metrics:
         self._load_started: dict[str, float] = {}
         self.admissions = Counter("lessor_admission_decisions", "Admission decisions by result",
                                   ["result"], registry=self.registry)
-        self.evictions = Counter("lessor_model_evictions", "Times a model was evicted", ["model"], registry=self.registry)
+        self.evictions = Counter("lessor_model_evictions", "Times a model was evicted by the policy", ["model"], registry=self.registry)
         self.loads = Counter("lessor_model_loads", "Finished loads by result", ["model", "result"], registry=self.registry)
         self.load_seconds = Histogram("lessor_model_load_duration_seconds", "Time from loading to ready", ["model"],
                                       buckets=LOAD_BUCKETS_S, registry=self.registry)
@@ -132,7 +132,12 @@ class _Gauges:
                                    labels=["model"])
         for model, count in sorted(router.queued().items()):
             queued.add_metric([model], count)
-        yield from (requests, queued)
+        # Not an eviction: no load asked for the room and no policy chose it.
+        idle_unloads = CounterMetricFamily("lessor_model_idle_unloads", "Unloads of a model idle past its keep_alive",
+                                           labels=["model"])
+        for model, count in sorted(router.idle_unloads.items()):
+            idle_unloads.add_metric([model], count)
+        yield from (requests, queued, idle_unloads)
 
     def _daemon(self):
         ledger, reconciler = self._controller.ledger, self._controller.reconciler

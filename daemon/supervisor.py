@@ -461,6 +461,16 @@ class Supervisor:
         await self.unload(name, reason)
         return True
 
+    async def expire(self, name: str, keep_alive_s: float) -> bool:
+        """Unload a model idle past its keep_alive, checked and done in one step as `evict`; its
+        own cause, not an eviction (no load asked for the room, no policy chose it)."""
+        record = self.resolve(name)
+        if self.in_flight(record.spec.name) or record.state in BUSY:
+            return False
+        idle_s = self._clock() - self.last_used_s(record)
+        await self.unload(name, f"idle {idle_s:.0f} s, past its keep_alive ({keep_alive_s:g} s)")
+        return True
+
     async def unload(self, name: str, reason: str = "unload requested") -> ModelRecord:
         record = self.resolve(name)
         if record.state in UNLOADED_LIKE and record.spec.name not in self._admitting:

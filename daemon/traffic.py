@@ -89,6 +89,7 @@ class TrafficControl:
         self._keep_alive: dict[str, float] = {}  # model -> the keep_alive its latest request asked for, bounded
         self._loads: set[asyncio.Task] = set()
         self.requests: dict[tuple[str, int], int] = {}  # (model, HTTP status) -> count, for metrics
+        self.idle_unloads: dict[str, int] = {}  # model -> unloads past its keep_alive, for metrics
         # The one writer of what the router learns per model (rates, load times), saved beside the
         # ledger so a restart keeps it; the wall clock only dates the file (downtime decays rates).
         self.stats = TrafficStats()
@@ -296,8 +297,9 @@ class TrafficControl:
         for name in self.idle_expired():
             try:
                 keep_alive = self.keep_alive_s(self._supervisor.resolve(name))
-                if await self._supervisor.evict(name, reason=f"idle for {keep_alive:g} s (keep_alive)"):
+                if await self._supervisor.expire(name, keep_alive):
                     unloaded.append(name)
+                    self.idle_unloads[name] = self.idle_unloads.get(name, 0) + 1
             except LessorError as exc:  # mid-transition, or gone in a reload: next round
                 log.debug("keep_alive unload of %s skipped: %s", name, exc)
         return unloaded
