@@ -10,13 +10,13 @@ PIP := $(PY) -m pip
 .PHONY: setup demo test system-deps vllm clean install
 
 # The daemon and the demo: lessor and its runtime dependencies only, nothing to compile.
-$(VENV)/.base: pyproject.toml
+$(VENV)/.base: pyproject.toml systemd/torch.sh
 	@echo "==> [1/4] a virtual environment in $(VENV)"
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@# CPU machines take torch 2.13.0 (the local CPU build); GPU boxes keep or get their CUDA build.
-	@if ! command -v nvidia-smi >/dev/null 2>&1; then echo "==> [2/4] torch 2.13.0 (CPU build)"; $(PIP) install -q torch==2.13.0; \
-	  else echo "==> [2/4] torch: nvidia-smi found, the CUDA build comes with lessor's dependencies"; fi
+	@# The one rule, which `make install` runs too.
+	@sh systemd/torch.sh "[2/4]" $(PY)
 	@echo "==> [3/4] lessor and what lessord needs (no test extras)"
 	@# setuptools' notice on every editable install of this layout (package-dir lessor = .) is not for the user.
 	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install -q -e .

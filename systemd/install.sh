@@ -2,7 +2,8 @@
 # `make install`: lessord as a system service, the way the unit's hardening allows. Run as root
 # from the source tree; run it again at will (each step is skipped where it is already done, and an
 # edited config is never overwritten).
-#   1. a venv in $PREFIX/venv (default /opt/lessor/venv) with lessor installed from this tree
+#   1. a venv in $PREFIX/venv (default /opt/lessor/venv) with torch as systemd/torch.sh chooses it
+#      (the CPU build without nvidia-smi, as `make demo`) and lessor installed from this tree
 #      (Debian 12's pip refuses to install into the system Python: externally-managed-environment);
 #   2. the system user $LESSOR_USER (default lessor), made when missing;
 #   3. the state directory $STATE_DIR (/var/lib/lessor) owned by that user;
@@ -13,7 +14,7 @@
 # The unit's ProtectHome=yes hides /home, /root and /run/user from lessord, and PrivateTmp=yes gives
 # it a /tmp and /var/tmp of its own: a venv there could not be run, so such a PREFIX is refused.
 # LESSOR_SOURCE: what pip installs (default: this tree); PIP_ARGS: more pip arguments (the test
-# installs a wheel it built with --no-deps: no download).
+# installs a wheel it built with --no-deps: no download); TORCH_PIP_ARGS: systemd/torch.sh's.
 # SYSTEMCTL: the command run as `$SYSTEMCTL daemon-reload` (the test's private mount namespace: true).
 # LESSOR_ANY_PREFIX=1: skip that refusal (the test installs under its tmp folder, verifies the unit
 # with systemd-analyze and never starts it).
@@ -47,6 +48,8 @@ fi
 
 echo "==> [1/5] lessor in the venv $PREFIX/venv"
 [ -x "$PREFIX/venv/bin/python" ] || "$PYTHON" -m venv "$PREFIX/venv"
+# torch first, by the Makefile's rule: the CPU build where there is no nvidia-smi (not the CUDA one).
+sh "$SRC/systemd/torch.sh" "[1/5]" "$PREFIX/venv/bin/python"
 # A plain (not editable) install: the service must not run from this checkout.
 # shellcheck disable=SC2086
 "$PREFIX/venv/bin/python" -m pip install -q $PIP_ARGS "$LESSOR_SOURCE"

@@ -215,10 +215,55 @@ def lessor_wheel(tmp_path_factory) -> Path:
     return next(out.glob("lessor-*.whl"))
 
 
+# systemd/torch.sh's pip step as a dry run (-v undoes its -q, so pip names the wheel it chose): no
+# torch is installed by these tests.
+TORCH_DRY_RUN = "--dry-run --no-deps --ignore-installed -v"
+
+
+def path_without_nvidia_smi() -> str:
+    """This PATH less the folders that hold nvidia-smi: a CPU machine's, wherever the test runs."""
+    return os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if not os.path.exists(os.path.join(d, "nvidia-smi")))
+
+
+def test_make_install_takes_the_cpu_torch_where_there_is_no_nvidia_smi(tmp_path, lessor_wheel):
+    """It installed torch 2.14.1 with 16 nvidia-* CUDA packages (5.7 GB) on a CPU-only box, where
+    `make demo` takes the CPU torch 2.13.0: both now run systemd/torch.sh, before lessor."""
+    settings = {"LESSOR_ANY_PREFIX": "1", "LESSOR_SOURCE": str(lessor_wheel), "PIP_ARGS": "--no-deps",
+                "TORCH_PIP_ARGS": TORCH_DRY_RUN, "PATH": path_without_nvidia_smi()}
+    done = make_install(tmp_path, **settings)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "==> [1/5] torch 2.13.0 (CPU build: no nvidia-smi on this machine)" in done.stdout
+    assert "Would install torch-2.13.0+cpu" in done.stdout, done.stdout
+    makefile = (ROOT / "Makefile").read_text()
+    assert 'sh systemd/torch.sh "[2/4]" $(PY)' in makefile and "torch==" not in makefile  # the one rule
+
+
+def test_with_nvidia_smi_the_cuda_torch_comes_with_lessors_dependencies(tmp_path):
+    (tmp_path / "bin").mkdir()
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nexit 0\n")
+    smi.chmod(0o755)
+    pip_log = tmp_path / "pip.log"
+    python = tmp_path / "bin" / "python"  # records what it is asked, installs nothing
+    python.write_text(f'#!/bin/sh\necho "$@" >> {pip_log}\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{path_without_nvidia_smi()}"}
+    done = subprocess.run(["sh", str(ROOT / "systemd" / "torch.sh"), "[2/4]", str(python)], env=env,
+                          capture_output=True, text=True, timeout=HANG_S)
+    assert done.returncode == 0 and "nvidia-smi found, the CUDA build comes with" in done.stdout
+    assert not pip_log.exists()
+    env["PATH"] = f"{tmp_path / 'bin' / 'none'}{os.pathsep}{path_without_nvidia_smi()}"
+    smi.unlink()
+    done = subprocess.run(["sh", str(ROOT / "systemd" / "torch.sh"), "[2/4]", str(python)], env=env,
+                          capture_output=True, text=True, timeout=HANG_S)
+    assert done.returncode == 0 and pip_log.read_text() == "-m pip install -q torch==2.13.0\n"
+
+
 def test_make_install_writes_a_venv_a_config_and_a_unit_that_verifies(tmp_path, lessor_wheel):
     """The README's service path as `make install` runs it, into this test's folder instead of /opt
     and /etc (the venv's place is allowed by LESSOR_ANY_PREFIX: the unit is verified, never started)."""
-    settings = {"LESSOR_ANY_PREFIX": "1", "LESSOR_SOURCE": str(lessor_wheel), "PIP_ARGS": "--no-deps"}
+    settings = {"LESSOR_ANY_PREFIX": "1", "LESSOR_SOURCE": str(lessor_wheel), "PIP_ARGS": "--no-deps",
+                "TORCH_PIP_ARGS": TORCH_DRY_RUN}
     first = make_install(tmp_path, **settings)
     assert first.returncode == 0, first.stdout + first.stderr
     unit = tmp_path / "systemd" / "lessord.service"
@@ -274,6 +319,7 @@ def test_make_install_as_written_the_user_opt_etc_and_var_lib_in_a_private_mount
     analyze = systemd_analyze()
     (tmp_path / "ns").mkdir()
     env = {**os.environ, "NS": str(tmp_path / "ns"), "LESSOR_SOURCE": str(lessor_wheel), "PIP_ARGS": "--no-deps",
+           "TORCH_PIP_ARGS": TORCH_DRY_RUN,
            "SYSTEMCTL": "true", "PATH": f"{Path(analyze).parent}:{os.environ['PATH']}"}
     probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                             f"mount -t tmpfs none {tmp_path / 'ns'}"], capture_output=True, text=True, timeout=HANG_S)
