@@ -124,9 +124,21 @@ def cmd_fingerprints(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Exit 0: no errors (warnings are printed); 1: the config has problems (not YAML, the schema's,
+    or an error of the checks), each listed; 2: a usage error, or the file cannot be read."""
     from ..daemon.checks import check
 
-    config = load_config(args.file)  # a schema problem is a ConfigError: main() lists them all
+    try:
+        with open(args.file, "rb"):
+            pass
+    except OSError as exc:
+        print(f"lessor: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:  # the file says something wrong: every problem, as the checks' errors are
+        print(f"lessor: invalid config {exc}", file=sys.stderr)
+        return 1
     report = check(config, args.sim)
     for finding in report.findings:
         print(f"{args.file}: {finding}", file=sys.stderr if finding.error else sys.stdout)
@@ -253,7 +265,10 @@ def parser() -> argparse.ArgumentParser:
     prints.add_argument("--model", default=None, help="only this model's")
     prints.add_argument("--delete", metavar="KEY", default=None, help="forget this fingerprint (its plans go back to the memory model)")
     prints.set_defaults(func=cmd_fingerprints)
-    check = sub.add_parser("check-config", help="validate a config file and list every problem")
+    check = sub.add_parser("check-config", help="validate a config file and list every problem",
+                           description="Validate a config file against this machine and list every problem. Exit "
+                                       "status: 0 no errors (warnings are printed), 1 the config has problems "
+                                       "(YAML, schema or checks; each listed), 2 a usage error or an unreadable file.")
     check.add_argument("file")
     check.add_argument("--sim", action="store_true", help="check against the simulated devices even if NVML works "
                                                          "(as lessord --sim runs)")

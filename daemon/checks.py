@@ -1,9 +1,9 @@
 """Checks of a valid config against the box it runs on: what the schema cannot see. One set, run
 by `lessor check-config`, by lessord's start and by every reload, with the same severities. A
-model's files must exist, its engine's command must be found, and it must be able to fit its
-devices at all (capacity − headroom, with nothing else on them); a config without models is
-said. Each finding names the field it is about, in the config's own paths
-(`models[2].engine.model_path`).
+model's files must exist (a built-in engine's safetensors with a header that fits in the file),
+its engine's command must be found, and it must be able to fit its devices at all (capacity −
+headroom, with nothing else on them); a config without models is said. Each finding names the
+field it is about, in the config's own paths (`models[2].engine.model_path`).
 
 The checks are pure over what they are given (the config, the devices' readings, how to look a
 path or a command up); `review` runs them all against given devices (a running lessord's, on
@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
+from ..engines import torch_weights
 from ..engines.process import command_problem
 from ..policies import DeviceBudget
 from .admission import never_fits
@@ -45,6 +46,25 @@ def files(config: LessorConfig, exists: Callable[[str], bool] = os.path.exists) 
             path = getattr(spec.engine, name, None)
             if path and not exists(path):
                 found.append(Finding(f"models[{i}].engine.{name}", f"{path} does not exist"))
+    return found
+
+
+def weights(config: LessorConfig) -> list[Finding]:
+    """The safetensors files of each model folder the built-in engine reads, as its reader checks
+    them (a header inside the file): a 0-byte model.safetensors passed, and the engine's load then
+    failed. Only the header is read; a file this process may not read is left to the engine."""
+    found = []
+    for i, spec in enumerate(config.models):
+        folder = getattr(spec.engine, "model_path", None)
+        if spec.engine.kind != "torch" or not folder or not os.path.isdir(folder):
+            continue
+        try:
+            for shard in torch_weights.checkpoint_files(folder):
+                torch_weights.read_header(shard)
+        except torch_weights.CorruptCheckpoint as exc:
+            found.append(Finding(f"models[{i}].engine.model_path", f"cannot be read as safetensors: {exc}"))
+        except (torch_weights.NotLoadable, OSError):  # another format (transformers reads it), or another uid's file
+            continue
     return found
 
 
@@ -107,7 +127,7 @@ def review(config: LessorConfig, readings: Iterable[DeviceReading], simulated: b
     What only the box can answer (files, commands) is an error where this machine is the box (its
     devices are NVML's), a warning where the probe is simulated (a demo, CI, a laptop)."""
     readings = list(readings)
-    local = files(config) + commands(config, path or os.environ.get("PATH", os.defpath))
+    local = files(config) + weights(config) + commands(config, path or os.environ.get("PATH", os.defpath))
     if simulated:
         local = [Finding(f.path, f"{f.reason} (a warning: the devices are simulated, so this machine is not taken "
                                  "for the box; on the box it is an error)", error=False) for f in local]

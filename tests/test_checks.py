@@ -148,6 +148,55 @@ def test_check_config_prints_every_problem_and_exits_1(tmp_path, capsys):
     assert f"{path}: OK (1 model(s), policy value; checked against simulated devices: gpu0 sim8" in capsys.readouterr().out
 
 
+def test_check_config_exit_status_is_one_rule(tmp_path, capsys):
+    """README said "exits 1 listing every problem", but a schema error exited 2: now any problem in
+    the config (YAML, schema, the checks' errors) is 1, and 2 is kept for a usage error or a file
+    that cannot be read. The rule is in the command's --help."""
+    from lessor.api.cli import main
+    path = tmp_path / "lessor.yaml"
+    path.write_text("devices: {headroom: lots}\npolicy: {name: fifo}\n")  # the schema's problems
+    assert main(["check-config", str(path)]) == 1
+    assert "2 problem(s)" in capsys.readouterr().err
+    path.write_text("models: [\n")  # not YAML
+    assert main(["check-config", str(path)]) == 1
+    assert "not valid YAML" in capsys.readouterr().err
+    _write(tmp_path, {"state_dir": str(tmp_path / "state"), "models": [{**HUGE, "engine": {
+        "kind": "torch", "model_path": str(tmp_path)}}], "devices": {"probe": "sim", "simulated": CARD_8GIB}})
+    assert main(["check-config", str(path)]) == 1  # a check's error
+    assert main(["check-config", str(tmp_path / "absent.yaml")]) == 2
+    assert f"cannot read {tmp_path / 'absent.yaml'}: No such file or directory" in capsys.readouterr().err
+    assert main(["check-config", str(tmp_path)]) == 2  # a folder
+    with pytest.raises(SystemExit) as usage:
+        main(["check-config"])
+    assert usage.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["check-config", "--help"])
+    assert "1 the config has problems" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_weights_file_too_small_for_a_safetensors_header_is_found(tmp_path):
+    """A 0-byte model.safetensors passed check-config, and the engine's load then failed with a
+    traceback. An error on the box, a warning on simulated devices, like any file of the model's."""
+    from lessor.daemon.devices import SimProbe as Devices
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    config = _config(tmp_path, [{**torch_model("a"), "engine": {"kind": "torch", "model_path": str(folder)}}])
+    (finding,) = checks.weights(config)
+    assert str(finding) == (f"error: models[0].engine.model_path: cannot be read as safetensors: {folder}/model.safetensors:"
+                            " truncated: 0 bytes, less than the 8-byte header length")
+    (folder / "model.safetensors").write_bytes((1000).to_bytes(8, "little") + b"{}")
+    assert "the header length 1000 runs past the end of the file (10 bytes)" in checks.weights(config)[0].reason
+    readings = Devices(config.devices.simulated, 64 * GiB).read()
+    on_the_box = checks.review(config, readings, simulated=False)
+    assert [f.path for f in on_the_box.findings if f.error] == ["models[0].engine.model_path"]
+    simulated = checks.review(config, readings, simulated=True)
+    assert simulated.errors == 0 and [f.path for f in simulated.warnings] == ["models[0].engine.model_path"]
+    (folder / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # sound: no tensors, no finding
+    assert checks.weights(config) == []
+
+
 def test_on_the_box_a_missing_file_or_command_is_an_error(tmp_path):
     """NVML's devices: this machine is the box the config is for (review() is what check() runs)."""
     from lessor.daemon.devices import SimProbe as Devices
