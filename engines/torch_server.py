@@ -45,6 +45,7 @@ from aiohttp import web
 
 from .builtin import model_path_problem
 from .torch_engine import DTYPES, Decoder, Engine
+from .torch_weights import CorruptCheckpoint
 from .torch_requests import BadRequest, Generate, Sampling, chat_request, completion_request, parse_body
 
 log = logging.getLogger("lessor.torch_server")
@@ -387,6 +388,14 @@ async def _send(response: web.StreamResponse, body: dict[str, Any]) -> None:
     await response.write(f"data: {json.dumps(body)}\n\n".encode())
 
 
+def loaded_in_words(measured: dict[str, Any], read_s: float) -> str:
+    """The "weights loaded:" line (lessor's readiness marker, and an exit's quoted last lines): words,
+    not the state answer's dict, which stays on /lessor/v1/state."""
+    held = measured["measured"]["weights_bytes"]
+    return (f"{measured['weights_tensor_bytes'] / 2**20:.1f} MiB of tensors on {measured['device']}"
+            + ("" if held is None else f", {held / 2**20:.1f} MiB held") + f", read in {read_s:.2f} s")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lessor.engines.torch_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-path", required=True, help="HF-format folder: config.json, safetensors, tokenizer")
@@ -428,10 +437,17 @@ def main(argv: list[str] | None = None) -> int:
             # Stamped as the phase turns (a probe may see it from now), the line after: lessor's wake.
             server.times["weights_loaded"] = time.monotonic()
             server.times["weights_read_start"] = engine.read_started
-            log.info("weights loaded: %s", engine.measure())
+            log.info("weights loaded: %s", loaded_in_words(engine.measure(),
+                                                           server.times["weights_loaded"] - engine.read_started))
+        except CorruptCheckpoint as exc:  # the operator's file: its name and what is wrong, not a traceback
+            log.error("cannot read the weights: %s", exc)
+            os._exit(3)
         except Exception as exc:
             log.exception("loading the weights failed")
             engine.error = f"{type(exc).__name__}: {exc}"
+            # The last line is the cause: lessor quotes an exit's last log lines, and a traceback's
+            # last lines are its frames.
+            log.error("loading the weights failed: %s", engine.error)
             os._exit(3)  # the supervisor sees the exit and rolls the load back
 
     async def start(app: web.Application) -> None:

@@ -253,6 +253,30 @@ def test_a_model_path_it_cannot_read_stops_it_at_start_in_one_line(tmp_path, mak
     assert f"model_path {path}: {words}" in lines[0]
 
 
+def test_weights_it_cannot_read_stop_it_with_one_line_naming_the_file(tiny_qwen, tmp_path):
+    """A 0-byte model.safetensors: lessor quoted the log's last lines, and they were a traceback's
+    frames (`for entry in read_header(path).entries: | ^^^^^^^^^ | File ...`)."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen, model)
+    (model / "model.safetensors").write_bytes(b"")
+    run = subprocess.run([sys.executable, "-m", "lessor.engines.torch_server", "--model-path", str(model),
+                          "--port", str(free_port()), "--dtype", "float32"], capture_output=True, text=True, timeout=HANG_S)
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    assert run.returncode == 3, lines
+    assert not any("Traceback" in line or line.startswith("  File ") for line in lines), lines
+    assert lines[-1].endswith(f"cannot read the weights: {model}/model.safetensors: truncated: 0 bytes, less than "
+                              "the 8-byte header length"), lines
+
+
+def test_the_weights_loaded_line_is_words_not_a_dict(engine):
+    """It quoted the state answer's dict into the log (and so into a crash's last log lines)."""
+    (line,) = [line for line in engine.log_lines() if "weights loaded:" in line]
+    words = line.partition("weights loaded: ")[2]
+    assert "{" not in words and "'" not in words, line
+    assert " MiB of tensors on cpu, " in words and " MiB held, read in " in words and words.endswith(" s"), line
+
+
 # -- elastic KV: the cache resized in place ------------------------------------------------------
 
 def resize(engine: Engine, body) -> tuple[int, dict]:

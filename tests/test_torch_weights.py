@@ -278,7 +278,8 @@ def test_the_engine_stops_on_a_corrupt_file_with_the_reason_as_its_last_line(cor
     assert run.returncode == 3, lines
     # What lessord says of the exit (ProcessEnded's message ends with the log's last lines).
     reason = last_lines(lines)
-    assert f"CorruptCheckpoint: {folder / 'model.safetensors'}: tensor" in reason and "'Q4_K'" in reason
+    assert f"cannot read the weights: {folder / 'model.safetensors'}: tensor" in reason and "'Q4_K'" in reason
+    assert not any(line.startswith("Traceback") for line in lines), lines  # one line, the file and the reason
 
 
 # -- the fallback: transformers' loader --------------------------------------------------------
