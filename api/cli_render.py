@@ -268,6 +268,18 @@ def _briefly(reason: str, model: str) -> str:
     return _because(text) + (f" (its log: lessor logs {model})" if cut else "")
 
 
+REFUSAL_CHARS = 120  # the line's other words take ~70: the whole stays under 200
+
+
+def _refusal(reason: str) -> str:
+    """A refused reload's reason on one line: the config's first problem, clipped, and how many more
+    (a ConfigError's text is a line per problem; the event's JSON keeps them all)."""
+    lines = [line.strip() for line in (reason or "").splitlines() if line.strip()]
+    problems = lines[1:] if len(lines) > 1 and lines[0].endswith("problem(s)") else [" ".join(lines)]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return _because(clip(problems[0], REFUSAL_CHARS) + more) + "; running config kept"
+
+
 EVENT_LINES = {
     "lease_granted": lambda e: f"{e['model']} {e['device']} {e['kind']} {format_bytes(e['bytes'])}",
     "lease_released": lambda e: f"{e['model']} {e['device']} {e['kind']} {format_bytes(e['bytes'])}{_because(e['reason'])}",
@@ -279,7 +291,7 @@ EVENT_LINES = {
     "admission": lambda e: f"{e['model']} {e['result']}"
                            + (f" evicting {', '.join(e['victims'])}" if e.get("victims") else "") + _because(e.get("reason", "")),
     "foreign_usage": lambda e: f"{e['device']} foreign {format_bytes(e['previous_bytes'])} -> {format_bytes(e['foreign_bytes'])}",
-    "config_reloaded": lambda e: ("applied" if e["ok"] else "refused") + _because(e.get("reason", ""))
+    "config_reloaded": lambda e: ("applied" if e["ok"] else "refused" + _refusal(e.get("reason", "")))
                                  + "".join(f"; {k} {', '.join(e[k])}" for k in ("added", "removed", "changed") if e.get(k)),
     "engine_adopted": lambda e: f"{e['model']} pid {e['pid']} {'adopted' if e['adopted'] else 'stopped'}{_because(e['reason'])}",
     "lease_overrun": lambda e: f"{e['model']} {e['device']} uses {format_bytes(e['used_bytes'])} of "

@@ -506,5 +506,32 @@ def test_a_crash_is_one_short_event_line_and_its_log_lines_stay_in_the_event():
     assert failed.endswith("qa ready -> failed: engine exited with code 1 while serving (its log: lessor logs qa)")
 
 
+async def test_a_refused_reload_is_one_short_event_line_and_its_reason_stays_in_the_event(tmp_path):
+    """It was 426 characters across 2 lines (the ConfigError's text, a line per problem)."""
+    from lessor.daemon.config import load_config
+    from lessor.daemon.errors import ConfigError
+    from lessor.daemon.runtime import runtime
+
+    from .conftest import FakeEngines, torch_model
+    card = {"probe": "sim", "headroom": "1GiB", "simulated": [{"name": "sim8", "total": "8GiB", "foreign": "0"}]}
+    huge = {**torch_model("huge"), "memory": {"weights": "20GiB", "kv_bytes_per_token": 65536, "load_peak": 0}}
+    path = tmp_path / "lessor.yaml"
+    path.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "devices": card,
+                                    "models": [torch_model("a", "2GiB")]}))
+    async with runtime(load_config(path), engines=FakeEngines()) as controller:
+        controller.config_loader = lambda: load_config(path)
+        events = controller.bus.subscribe()
+        path.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "devices": card,
+                                        "models": [torch_model("a", "2GiB"), huge, {**huge, "name": "huge2"}]}))
+        with pytest.raises(ConfigError):
+            await controller.reload_file()
+        event = (await events.get()).to_dict()
+    assert event["type"] == "config_reloaded" and event["reason"].count("can never fit on gpu0") == 2  # all kept
+    line = cli_render.render_event(event)
+    assert "\n" not in line and len(line) <= 200, line
+    assert "config_reloaded      refused: models[1]: can never fit on gpu0: it needs 20.1 GiB" in line
+    assert line.endswith("... (and 1 more); running config kept"), line
+
+
 def test_durations():
     assert [cli_render.duration(s) for s in (None, 5, 65, 7380, 90000)] == ["-", "5s", "1m05s", "2h03m", "1d01h"]
