@@ -199,5 +199,15 @@ def make_probe(config: DevicesConfig, force_sim: bool = False) -> Probe:
     except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, no GPU
         if config.probe == "nvml":
             raise RuntimeError(f"devices.probe is 'nvml' but NVML cannot start: {exc}") from exc
-        log.info("NVML unavailable (%s); using simulated devices", exc)
+        _say_once(f"NVML unavailable ({exc}); using simulated devices")
         return SimProbe(config.simulated, config.host.simulated_total)
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """At INFO the first time in this process: lessord's start probes twice (its checks, then its
+    runtime) and said it twice; again at DEBUG."""
+    log.log(logging.DEBUG if message in _said else logging.INFO, "%s", message)
+    _said.add(message)

@@ -284,3 +284,25 @@ def test_lessords_restart_summary_and_a_crash_are_short_lines_in_words(tmp_path)
     assert "--served-model-name" not in crashed and "lessor: starting" not in crashed and len(crashed) < 400, crashed
     assert "crashing at the first request" in crashed  # the engine's own last words stay
     assert "--served-model-name" not in event["reason"]
+
+
+async def test_nvml_unavailable_is_said_once_at_start(tmp_path, caplog, monkeypatch):
+    """lessord's start probes the devices twice (check-config's checks, then its runtime) and logged
+    `NVML unavailable (...); using simulated devices` at each."""
+    from lessor.api.service import check_at_start
+    from lessor.daemon import devices
+    from lessor.daemon.config import parse_config
+
+    class NoDriver:  # the GPU boundary: NVML without a driver, wherever the test runs
+        def __init__(self) -> None:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    monkeypatch.setattr(devices, "NvmlProbe", NoDriver)
+    monkeypatch.setattr(devices, "_said", set(), raising=False)  # this process may have said it for an earlier test
+    config = parse_config({"state_dir": str(tmp_path), "devices": {"probe": "auto"}})
+    caplog.set_level(logging.INFO, logger="lessor")
+    assert check_at_start(config, False, "lessor.yaml")
+    async with runtime(config, engines={}):
+        pass
+    said = [r for r in caplog.records if "NVML unavailable" in r.getMessage() and r.levelno >= logging.INFO]
+    assert [r.getMessage() for r in said] == ["NVML unavailable (NVML Shared Library Not Found); using simulated devices"]
