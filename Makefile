@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 .PHONY: setup demo test system-deps vllm clean install
 
 # The daemon and the demo: lessor and its runtime dependencies only, nothing to compile.
-$(VENV)/.base: pyproject.toml systemd/torch.sh
+$(VENV)/.base: pyproject.toml
 	@echo "==> [1/4] a virtual environment in $(VENV)"
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
