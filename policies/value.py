@@ -20,7 +20,8 @@ Rates protect only models in use now. An idle model *yields* to a load whose req
 whatever the weighing says, once it has gone unasked for the churn age (a quiet model, as for
 every policy: policies/admission.py), or at once where it is asked so rarely that a reload costs
 it little (its requests come more than `RARE_RELOADS` reloads apart: idle, it is not in use). An
-idle model asked for more recently holds the load until it yields, and the `Queue` says when.
+idle model asked for more recently holds the load until it yields, and the `Queue` says when; a
+busy rare one is named as the load's blocker (the router asks again the moment it idles).
 A model asked for the first time (`first_time`: never served here) has no rate worth weighing:
 it is worth what the idle models it would evict are (an optimistic prior, as Ollama and
 llama-swap swap at once); against busy models it weighs its rate like any other.
@@ -52,9 +53,10 @@ from .snapshot import Admit, AdmissionRequest, Decision, Evict, ModelView, Queue
 
 # A model whose requests come more than this many of its reloads apart (rate × reload < 1 / this)
 # yields as soon as it is idle: a reload delays about one of its requests, while a waiting one
-# would wait for nothing. Chosen in the simulator: 4 keeps the box scenarios' figures (a lower
-# bound let popular models in a lull go), and serves the two-model box as Ollama does.
-RARE_RELOADS = 4.0
+# would wait for nothing. Chosen in the simulator: 6 serves the two-model box as Ollama does (8
+# already keeps a model there that should go) and wins box-together (4 let models go that were
+# asked for again within a few reloads).
+RARE_RELOADS = 6.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,14 @@ class Value:
                 if all(v.idle for v in chosen):
                     return Evict(tuple(victims))
                 return Queue("the models it would evict are busy", tuple(victims))
+        if self.yields:
+            # Busy models that yield the moment they idle (rare ones): the load waits for them by
+            # name, so the router asks again as soon as they do, not at the next recheck.
+            at_once = [m for m in others
+                       if m.state == "ready" and (self._yields(m, now) or self._yield_after_s(m) == 0.0)]
+            victims, remaining_at_once = free_with(short, at_once)
+            if not remaining_at_once:
+                return Queue("the models that could make room are busy; they yield once idle", tuple(victims))
         # Nothing to evict now: wait for whatever frees the room first.
         waits = [turns_quiet(short, [m for m in others if m.state == "ready"], now,
                              lambda m: max(m.last_used_s, m.ready_since_s) + self._yield_after_s(m))

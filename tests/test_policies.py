@@ -267,6 +267,15 @@ def test_value_evicts_at_once_an_idle_model_asked_for_so_rarely_that_a_reload_co
     assert isinstance(priority(CODER, two_model_box(chat_idle_s=20)), Queue)  # priority waits for the churn age
 
 
+def test_value_holds_an_idle_model_asked_for_within_a_few_of_its_reloads_until_it_turns_quiet():
+    """chat: once a minute, a 12 s reload: its requests come 5 reloads apart, so idle 20 s it may
+    well be asked for again before a reload would pay off: it yields once quiet, not at once."""
+    box = two_model_box(chat_idle_s=20)
+    often = replace(box, models={**box.models, "chat": replace(box.models["chat"], request_rate=1 * MIN)})
+    decision = POLICIES["value"](CODER, often)
+    assert isinstance(decision, Queue) and decision.recheck_s == pytest.approx(40.0)
+
+
 @pytest.mark.parametrize("name", ["value", "lru_idle", "priority"])
 def test_a_busy_model_is_waited_for_or_refused_never_evicted(name):
     decision = POLICIES[name](CODER, two_model_box(chat_idle_s=0, chat_in_flight=1))

@@ -182,3 +182,10 @@ def test_a_model_behind_its_backlog_is_worth_at_least_the_requests_it_starts():
     cold = replace(loaded("cold", 20, rate=0.5), start_rate=0.5)
     s = snap(0, behind, cold, wanting("new", rate=1.0))
     assert POLICY(want(15), s) == Evict(("cold",))
+
+
+def test_a_busy_model_that_yields_once_idle_is_named_so_the_load_starts_the_moment_it_idles():
+    """Young and busy, but asked for so rarely (0.2/min, a 5 s reload) that it yields the moment it
+    idles: the load waits for it by name (the router asks again when it idles), not for a recheck."""
+    s = snap(0, loaded("rare", 30, rate=0.2 / 60, in_flight=1, age_s=5), wanting("new", 0.2 / 60))
+    assert POLICY(want(25), s) == Queue("the models that could make room are busy; they yield once idle", ("rare",))
