@@ -244,7 +244,7 @@ class LedgerConfig(Strict):
 
 class PolicyConfig(Strict):
     name: str = Field(default="value", description=f"Admission/eviction policy: one of {sorted(POLICIES)}. `value` (the default) keeps the models that serve the most requests per byte, learned from the traffic; `priority` evicts lower priorities only; `lru_idle` the least recently used; `fit` never evicts.")
-    churn_age: Duration = Field(default=60.0, ge=0, le=86400, description="An idle model the policy would not evict (`priority`: a higher priority; `value`: worth more than the newcomer) yields to another model's waiting requests once nobody has asked for it or loaded it for this long. `value`'s weighing also never evicts a model loaded less than this long ago, so a burst cannot swap it straight back out; an idle model asked so rarely that its requests come more than four of its reloads apart yields at once.")
+    churn_age: Duration = Field(default=60.0, ge=0, le=86400, description="An idle model the policy would not evict (`priority`: a higher priority; `value`: worth more than the newcomer) yields to another model's waiting requests once nobody has asked for it or loaded it for this long. `value`'s weighing also never evicts a model loaded less than this long ago, so a burst cannot swap it straight back out; an idle model asked so rarely that its requests come more than six of its reloads apart yields at once.")
     starvation: Duration = Field(default=7200.0, gt=0, le=30 * 86400, description="Policy `value`: a model whose requests have gone unserved this long (quiet spells count at most a minute each) counts its request rate double, three times after twice as long, and so on, so however rare it is loaded in the end.")
 
     def build(self) -> Policy:
