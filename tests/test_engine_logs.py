@@ -51,7 +51,11 @@ def limits(monkeypatch):
 
 
 async def ended(proc: EngineProcess) -> None:
+    """The engine exited and its log pump wrote its last byte (an exit waits for the pump only so
+    long; a busy machine may take longer)."""
     await asyncio.wait_for(proc.exited.wait(), HANG_S)
+    if proc._pump is not None:
+        await asyncio.wait_for(asyncio.shield(proc._pump), HANG_S)
 
 
 async def test_a_fast_writer_stays_under_its_cap_and_its_last_lines_are_kept(tmp_path, limits):
