@@ -87,7 +87,10 @@ def owned_env(names: Sequence[str], env: Mapping[str, str]) -> list[str]:
     return sorted(k for k in env if k.upper() in exact or (prefixes and k.upper().startswith(prefixes)))
 
 
-PUMP_DRAIN_S = 2.0  # how long an engine's exit waits for its log pump to write the last lines
+# How long an engine's exit waits for its log pump to write the last lines. The pump ends at the
+# pipe's end, at once after a plain exit; the bound only matters where a descendant that escaped
+# the group holds the pipe open, so it is generous: a busy machine may be slow to run the pump.
+PUMP_DRAIN_S = 10.0
 
 UNKNOWN_EXIT = 255 << 8  # an adopted engine is not our child: its exit status cannot be read
 
