@@ -76,17 +76,27 @@ async def front(tmp_path, aiohttp_server):
         ctx = runtime(config, engines=engines)
         controller = await ctx.__aenter__()
         made.append(ctx)
-        router_config = RouterConfig(**router_config)
-        router = TrafficControl(controller.supervisor, router_config, controller.bus.listen)
-        controller.supervisor.attach_traffic(router)
-        controller.router = router
-        server = await start_router(router, controller.supervisor, router_config, "127.0.0.1", 0)
-        made.append(server)
-        session = aiohttp.ClientSession(f"http://127.0.0.1:{server.port}")
-        made.append(session)
+        _, server, session = await serve_router(controller, RouterConfig(**router_config), made)
         return controller, upstream, session, server.port
 
     yield make
+    await close_made(made)
+
+
+async def serve_router(controller, router_config: RouterConfig, made: list, timers=None):
+    """The router in front of `controller` on a free loopback port, and a client session to it;
+    both go into `made` (close_made closes them, last made first, with the runtimes there)."""
+    traffic = TrafficControl(controller.supervisor, router_config, controller.bus.listen, timers=timers)
+    controller.supervisor.attach_traffic(traffic)
+    controller.router = traffic
+    server = await start_router(traffic, controller.supervisor, router_config, "127.0.0.1", 0)
+    made.append(server)
+    session = aiohttp.ClientSession(f"http://127.0.0.1:{server.port}")
+    made.append(session)
+    return traffic, server, session
+
+
+async def close_made(made: list) -> None:
     for thing in reversed(made):
         if isinstance(thing, (aiohttp.ClientSession, RouterServer)):
             await thing.close()

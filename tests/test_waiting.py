@@ -13,13 +13,13 @@ import aiohttp
 import pytest
 
 from lessor.api.metrics import Metrics
-from lessor.api.router import RouterServer, start_router
 from lessor.daemon.config import RouterConfig
 from lessor.daemon.controller import Controller
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic import TrafficControl
 
 from .conftest import ROOT, drain_events, sim_config, until
+from .test_router_http import close_made, serve_router
 from .test_routing import ManualClock
 
 STANDIN = str(ROOT / "tests" / "standin_engine.py")
@@ -85,22 +85,11 @@ async def box(tmp_path):
         ctx = runtime(config, clock=clock)
         controller = await ctx.__aenter__()
         made.append(ctx)
-        router_config = RouterConfig(**router)
-        traffic = TrafficControl(controller.supervisor, router_config, controller.bus.listen, timers=clock)
-        controller.supervisor.attach_traffic(traffic)
-        controller.router = traffic
-        server = await start_router(traffic, controller.supervisor, router_config, "127.0.0.1", 0)
-        made.append(server)
-        session = aiohttp.ClientSession(f"http://127.0.0.1:{server.port}")
-        made.append(session)
+        traffic, _, session = await serve_router(controller, RouterConfig(**router), made, timers=clock)
         return Box(controller, traffic, clock, session, controller.bus.subscribe(), tmp_path)
 
     yield make
-    for thing in reversed(made):
-        if isinstance(thing, (aiohttp.ClientSession, RouterServer)):
-            await thing.close()
-        else:
-            await thing.__aexit__(None, None, None)
+    await close_made(made)
 
 
 async def test_a_model_asked_for_the_first_time_while_another_sits_idle_is_served_after_one_unload_and_one_load(box):
