@@ -174,6 +174,11 @@ class Controller:
 
     async def reload(self, config: LessorConfig) -> ConfigChange:
         """Apply a new config to the running daemon, or refuse it whole with the reason."""
+        change, _ = await self._apply(config)
+        return change
+
+    async def _apply(self, config: LessorConfig) -> tuple[ConfigChange, checks.Report]:
+        """reload's work, and the checks' report it refused or applied by (its warnings are said once)."""
         restart_only = [name for name, old, new in (
             ("state_dir", self.config.state_dir, config.state_dir),
             ("ledger", self.config.ledger, config.ledger),
@@ -194,7 +199,7 @@ class Controller:
         if report.errors:  # the same errors check-config and lessord's start refuse
             source = self.config_source["path"] if self.config_source else "the new config"
             raise ConfigError(source, [ConfigProblem(f.path, f.reason) for f in report.findings if f.error])
-        return await self.supervisor.apply_config(config)
+        return await self.supervisor.apply_config(config), report
 
     def check(self, config: LessorConfig) -> checks.Report:
         """check-config's checks of `config`, against the devices this lessord runs on."""
@@ -210,7 +215,7 @@ class Controller:
         async with self._reloading:
             try:
                 config = self.config_loader()
-                change = await self.reload(config)
+                change, report = await self._apply(config)
             except LessorError as exc:
                 log.error("reload refused, the running config is kept: %s", exc)
                 self.bus.publish(ConfigReloaded(False, str(exc)))
@@ -218,7 +223,7 @@ class Controller:
             if self.config_source:  # the same file, read again: its digest says which content runs now
                 self.config_source = config_source(self.config_source["path"])
             self.bus.publish(ConfigReloaded(True, "", change.added, change.removed, change.changed))
-            warnings = [str(f) for f in self.check(config).warnings]
+            warnings = [str(f) for f in report.warnings]
             log.info("config reloaded: %s", _change_in_words(change))
             return {"reloaded": True, "added": list(change.added), "removed": list(change.removed),
                     "changed": list(change.changed), "warnings": warnings, "config": self.config_source}
