@@ -21,7 +21,8 @@ from .snapshot import Admit, AdmissionRequest, Decision, Evict, ModelView, Queue
 Policy = Callable[[AdmissionRequest, Snapshot], Decision]
 
 # policy.churn_age's default: how long an idle model goes unasked before it yields to a waiting
-# one (lru_idle and priority use it; `value` reads its own, configured churn_age_s).
+# one, where no churn_age_s is given (PolicyConfig.build gives lru_idle, priority and value the
+# configured one).
 CHURN_AGE_S = 60.0
 
 
