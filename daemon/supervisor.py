@@ -450,25 +450,27 @@ class Supervisor:
         record.error = f"stopped for an overrun: {reason}"
 
     async def evict(self, name: str, reason: str) -> bool:
-        """Unload a model that is idle, checked and done in one step (no request can start in
-        between: the state leaves READY before the first await). False if it is busy."""
-        record = self.resolve(name)
-        if self.in_flight(record.spec.name) or record.state in BUSY:
-            return False
-        idle_s = self._clock() - self.last_used_s(record)
-        log.info("%s: evicted (%s)", record.spec.name, reason,
-                 extra={"model": record.spec.name, "step": "evicted", "reason": reason, "idle_s": round(idle_s, 3)})
-        await self.unload(name, reason)
-        return True
+        """Unload a model that is idle for a load that needs its room. False if it is busy."""
+        return await self._unload_idle(name, lambda idle_s: reason, evicted=True)
 
     async def expire(self, name: str, keep_alive_s: float) -> bool:
-        """Unload a model idle past its keep_alive, checked and done in one step as `evict`; its
-        own cause, not an eviction (no load asked for the room, no policy chose it)."""
+        """Unload a model idle past its keep_alive: its own cause, not an eviction (no load asked
+        for the room, no policy chose it). False if it is busy."""
+        return await self._unload_idle(
+            name, lambda idle_s: f"idle {idle_s:.0f} s, past its keep_alive ({keep_alive_s:g} s)")
+
+    async def _unload_idle(self, name: str, reason_of: Callable[[float], str], evicted: bool = False) -> bool:
+        """Check that the model is idle and unload it in one step (no request can start in between:
+        the state leaves READY before the first await); `reason_of` its idle seconds says why."""
         record = self.resolve(name)
         if self.in_flight(record.spec.name) or record.state in BUSY:
             return False
         idle_s = self._clock() - self.last_used_s(record)
-        await self.unload(name, f"idle {idle_s:.0f} s, past its keep_alive ({keep_alive_s:g} s)")
+        reason = reason_of(idle_s)
+        if evicted:
+            log.info("%s: evicted (%s)", record.spec.name, reason,
+                     extra={"model": record.spec.name, "step": "evicted", "reason": reason, "idle_s": round(idle_s, 3)})
+        await self.unload(name, reason)
         return True
 
     async def unload(self, name: str, reason: str = "unload requested") -> ModelRecord:
