@@ -22,6 +22,7 @@ import aiohttp
 
 from . import enginelog
 from .logwatch import LogWatch
+from .redaction import redact_argv
 
 log = logging.getLogger("lessor.engines")
 
@@ -171,7 +172,7 @@ class EngineProcess:
             if readable >= 0:
                 os.close(readable)
         # The supervisor's "loading" line names the pid; the argv is the first line of the engine's log.
-        log.debug("engine started: pid %d: %s", proc.pid, " ".join(argv))
+        log.debug("engine started: pid %d: %s", proc.pid, " ".join(redact_argv(argv)))
         identity = process_identity(proc.pid) or f"child:{proc.pid}"
         return cls(proc.pid, identity, asyncio.ensure_future(_child_exit(proc)), argv, log_path, on_exit, pump=pumped)
 
