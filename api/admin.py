@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -17,16 +18,19 @@ from pydantic import BaseModel, ValidationError
 from ..daemon.config import problems_from
 from ..daemon.controller import Controller
 from ..daemon.errors import InvalidRequest
+from ..engines.redaction import Redacting
 from . import dashboard, schemas
-from .auth import check_bearer
+from .auth import check_bearer, holds_token
 from .errors import error_middleware, read_json
 from .metrics import Metrics
 from .openapi import build_openapi
+from .origins import SiteRules
 
 CONTROLLER = web.AppKey("controller", Controller)
 TOKEN = web.AppKey("token", str)
 READY = web.AppKey("ready", asyncio.Event)
 METRICS = web.AppKey("metrics", Metrics)
+REDACTING = web.AppKey("redacting", Redacting)  # the secrets of the config in force and lessord's environment
 
 LINES = re.compile(r"[0-9]{1,5}")
 
@@ -59,20 +63,30 @@ def ctl(request: web.Request) -> Controller:
     return request.app[CONTROLLER]
 
 
+def shown(request: web.Request, data):
+    """What a public route shows: everything to the token holder; to anyone else, with the secrets a
+    failed load's error or an engine's printed arguments may quote redacted (engines/redaction.py)."""
+    return data if holds_token(request, request.app[TOKEN]) else request.app[REDACTING](data)
+
+
+def public_json(request: web.Request, data, status: int = 200) -> web.Response:
+    return web.json_response(shown(request, data), status=status)
+
+
 async def get_devices(request: web.Request) -> web.Response:
-    return web.json_response(ctl(request).devices())
+    return public_json(request, ctl(request).devices())
 
 
 async def get_leases(request: web.Request) -> web.Response:
-    return web.json_response(ctl(request).leases(request.query.get("model")))
+    return public_json(request, ctl(request).leases(request.query.get("model")))
 
 
 async def get_models(request: web.Request) -> web.Response:
-    return web.json_response(ctl(request).models())
+    return public_json(request, ctl(request).models())
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return web.json_response(ctl(request).model(request.match_info["name"]))
+    return public_json(request, ctl(request).model(request.match_info["name"]))
 
 
 async def post_model(request: web.Request) -> web.Response:
@@ -94,11 +108,11 @@ async def get_model_log(request: web.Request) -> web.Response:
 
 async def post_plan(request: web.Request) -> web.Response:
     body = parse(schemas.PlanRequest, await read_json(request))
-    return web.json_response(ctl(request).plan(body.model, body.overrides))
+    return public_json(request, ctl(request).plan(body.model, body.overrides))
 
 
 async def get_fingerprints(request: web.Request) -> web.Response:
-    return web.json_response(ctl(request).fingerprints(request.query.get("model")))
+    return public_json(request, ctl(request).fingerprints(request.query.get("model")))
 
 
 async def delete_fingerprint(request: web.Request) -> web.Response:
@@ -111,7 +125,7 @@ async def put_foreign(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    return web.json_response(ctl(request).status())
+    return public_json(request, ctl(request).status())
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:
@@ -138,7 +152,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
 
 
 async def get_history(request: web.Request) -> web.Response:
-    return web.json_response(ctl(request).history.to_dict())
+    return public_json(request, ctl(request).history.to_dict())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -150,8 +164,8 @@ async def readyz(request: web.Request) -> web.Response:
         reason = "starting: adopting the previous lessord's engines and loading the pinned models"
         return web.json_response({"ready": False, "reason": reason}, status=503)
     reason = getattr(ctl(request).reconciler, "state_dir_problem", None) or ctl(request).readiness()
-    return web.json_response({"ready": False, "reason": reason} if reason else {"ready": True},
-                             status=503 if reason else 200)
+    return public_json(request, {"ready": False, "reason": reason} if reason else {"ready": True},
+                       status=503 if reason else 200)
 
 
 async def post_reload(request: web.Request) -> web.Response:
@@ -215,10 +229,21 @@ def _guarded(route: Route) -> Handler:
     return handler
 
 
+@web.middleware
+async def same_site(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request from another site's page (its Host or Origin, api/origins.py) is refused before it
+    does anything; over the unix socket (no browser reaches it) only its Origin is checked."""
+    tcp = isinstance(request.transport.get_extra_info("sockname") if request.transport else None, tuple)
+    SiteRules.of(ctl(request).config.admin, "admin").check(request.headers.get("Host"),
+                                                            request.headers.get("Origin"), tcp)
+    return await handler(request)
+
+
 def make_admin_app(controller: Controller, token: str, ready: asyncio.Event | None = None,
                    client_max_size: int = 1 << 20) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=client_max_size)
+    app = web.Application(middlewares=[error_middleware, same_site], client_max_size=client_max_size)
     app[CONTROLLER] = controller
+    app[REDACTING] = Redacting(lambda: controller.config, os.environ)
     app[TOKEN] = token
     app[READY] = ready or asyncio.Event()
     app[METRICS] = Metrics(controller)

@@ -123,3 +123,12 @@ def check_bearer(request: web.Request, token: str) -> None:
         raise Unauthorized("this call needs 'Authorization: Bearer <token>' (the admin token file or LESSOR_ADMIN_TOKEN)")
     if not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise Unauthorized("the bearer token is wrong")
+
+
+def holds_token(request: web.Request, token: str) -> bool:
+    """Whether the request carries the admin token (a public route then answers it whole)."""
+    try:
+        check_bearer(request, token)
+    except Unauthorized:
+        return False
+    return True

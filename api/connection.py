@@ -24,6 +24,7 @@ from ..daemon.config import RouterConfig
 from ..daemon.errors import (BodyTooLarge, HeadTooLarge, InvariantBroken, LessorError, MalformedRequest,
                              RequestTimedOut, UpstreamFailed, UrlTooLong)
 from .errors import http_headers, http_status, openai_envelope
+from .origins import SiteRules
 from .proxy import UpstreamConnection
 
 log = logging.getLogger("lessor.router")
@@ -39,6 +40,8 @@ class Request:
     body: bytes
     keep_alive: bool
     authorization: bytes = b""
+    host: bytes | None = None  # the Host and Origin headers, checked before anything is done (api/origins.py)
+    origin: bytes | None = None
 
 
 class Service(Protocol):
@@ -162,6 +165,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url, self.url_size, self.body, self.body_size, self.expect_continue = [], 0, [], 0, False
         self.authorization, self.reading, self.head_size, self.headers = b"", True, 0, 0
+        self.host = self.origin = None
         self.begins += 1
         self._arm_timer()
 
@@ -187,6 +191,10 @@ class ClientConnection(asyncio.Protocol):
             self.expect_continue = True
         elif name == b"authorization":
             self.authorization = value
+        elif name == b"host":
+            self.host = value
+        elif name == b"origin":
+            self.origin = value
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -217,7 +225,7 @@ class ClientConnection(asyncio.Protocol):
         path = url.split(b"?", 1)[0]
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.queue.append(Request(self.parser.get_method(), path, body, self.parser.should_keep_alive(),
-                                  self.authorization))
+                                  self.authorization, self.host, self.origin))
         if self.task is None:
             self.task = asyncio.ensure_future(self._serve_queue())
 
@@ -229,6 +237,7 @@ class ClientConnection(asyncio.Protocol):
                 request = self.queue.popleft()
                 self.head_only = request.method == b"HEAD"
                 try:
+                    same_site(request, self.door.config)
                     await self.door.serve(request, self)
                 except LessorError as exc:
                     self.respond_error(exc, request.keep_alive)
@@ -380,6 +389,14 @@ class Exchange:
         self.upstream.close()
         if not self.done.done():
             self.done.set_result(CLIENT_GONE)
+
+
+def same_site(request: Request, config: RouterConfig) -> None:
+    """A request from another site's page (its Host or Origin) is refused before it does anything:
+    no load, no eviction; with API keys too (a page may hold none, but it must not try)."""
+    def text(value: bytes | None) -> str | None:
+        return None if value is None else value.decode("latin-1")
+    SiteRules.of(config, "router").check(text(request.host), text(request.origin))
 
 
 def engine_error(model: str, status: int) -> bytes:

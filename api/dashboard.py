@@ -10,7 +10,8 @@ means no ambient credential, so no other page can make a browser load or unload.
 The page arrives with its first state inside (what the public /status, /history and /fingerprints
 answer at that moment, as a JSON data block the script reads and never runs), so its first paint
 shows the devices and models: a browser, screenshot or crawler that does not wait for a poll sees
-them, not "connecting…". Nothing goes in that those public routes do not give anyone.
+them, not "connecting…". Nothing goes in that those public routes do not give anyone: the secrets
+an error may quote are redacted as those routes redact them for a caller without the token.
 """
 
 from __future__ import annotations
@@ -72,9 +73,9 @@ def render_page(state: dict[str, Any] | None) -> bytes:
 
 
 async def get_page(request: web.Request) -> web.Response:
-    from .admin import CONTROLLER  # here, not at the top: admin imports this module for its routes
+    from .admin import CONTROLLER, shown  # here, not at the top: admin imports this module for its routes
     try:
-        state = first_state(request.app[CONTROLLER])
+        state = shown(request, first_state(request.app[CONTROLLER]))
     except Exception:
         # The page still works without it (its first poll draws it, or says why it cannot);
         # a page that answers 500 would say nothing at all.

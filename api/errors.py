@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ..daemon.config import loc_path
-from ..daemon.errors import (BodyTooLarge, ConfigError, EngineUnavailable, Forbidden, HeadTooLarge, InvalidApiKey,
-                             InvalidRequest, InvariantBroken, LedgerUnavailable, LessorError, LoadFailed,
+from ..daemon.errors import (BodyTooLarge, ConfigError, CrossSiteRequest, EngineUnavailable, Forbidden,
+                             HeadTooLarge, InvalidApiKey, InvalidRequest, InvariantBroken, LedgerUnavailable, LessorError, LoadFailed,
                              MalformedRequest, MethodNotAllowed, ModelAdopting, ModelBusy, ModelFailed, ModelTooLarge,
                              NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected, QueueFull, RequestTimedOut,
                              Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel, UpstreamFailed, UrlTooLong,
@@ -45,6 +45,7 @@ ERRORS: dict[type[LessorError], HttpMapping] = {
     InvalidApiKey: HttpMapping(401, "authentication_error", 'Bearer realm="lessor"'),
     Unauthorized: HttpMapping(401, "authentication_error", 'Bearer realm="lessor-admin"'),
     Forbidden: HttpMapping(403, "permission_error"),
+    CrossSiteRequest: HttpMapping(403, "permission_error"),
     UnknownModel: HttpMapping(404, INVALID),
     UnknownDevice: HttpMapping(404, INVALID),
     NoEngineLog: HttpMapping(404, INVALID),

@@ -24,6 +24,7 @@ from ..daemon.errors import ConfigError, LedgerDamaged, LedgerUnavailable, Lesso
 from ..daemon.ledger_db import SchemaTooNew
 from ..daemon.notify import Notifier, watchdog, watchdog_interval_s
 from ..daemon.recovery import FRESH, RECOVER, recover
+from ..daemon import state_files
 from ..daemon.traffic import TrafficControl
 from ..daemon.runtime import publishing, runtime
 from .admin import make_admin_app
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         run = asyncio.run
     try:
+        os.umask(state_files.UMASK)  # before any file is made: the ledger and engines' logs are not for others
+        state_files.secure(Path(config.state_dir))
         if args.recovery:  # then exit: under systemd, stopping a foreground lessord would stop the engines
             for line in asyncio.run(recover(config, args.recovery)).lines():
                 print(f"lessord: {line}", flush=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from .config_types import Duration, DurationOrNever, Listen, Strict
 from .errors import ConfigError, ConfigProblem
@@ -29,6 +29,23 @@ def _head_limits(listener: str) -> dict[str, Any]:
 
 _ADMIN_LIMITS, _ROUTER_LIMITS = _head_limits("the admin API"), _head_limits("the router")
 
+# A Host header's name (a DNS name or an IP address, IPv6 with or without brackets) or "*".
+_HOST_NAME = r"^(\*|\[?[A-Za-z0-9.:_-]{1,253}\]?)$"
+_ORIGIN = r"^(\*|https?://[A-Za-z0-9.:\[\]_-]{1,253})$"
+
+
+def _site_fields(listener: str) -> dict[str, Any]:
+    """Which sites may drive a listener from a browser (api/origins.py runs the checks)."""
+    return {
+        "allowed_hosts": Field(default_factory=list, max_length=64, description=f"Names a request's Host header may carry at {listener}, besides the listen address's host, localhost, 127.0.0.1 and ::1 (and any IP address when listening on 0.0.0.0 or ::). Any other Host gets 403 before the request does anything: a web page that resolves its own name to this machine (DNS rebinding) cannot drive lessor. \"*\" turns the check off (a reverse proxy in front that checks it)."),
+        "allowed_origins": Field(default_factory=list, max_length=64, description=f"Web origins (scheme://host[:port]) besides the page's own site whose requests {listener} serves. A request with any other Origin header (a browser page of another site: a form post, a fetch) gets 403 before it does anything; requests without one (curl, the CLI, SDKs) are served. No CORS preflight is ever granted, so a browser sends another origin's non-simple requests (JSON, a bearer header) nowhere. \"*\" turns the check off."),
+    }
+
+
+_ADMIN_SITES, _ROUTER_SITES = _site_fields("the admin API"), _site_fields("the router")
+HostName = Annotated[str, StringConstraints(pattern=_HOST_NAME)]
+Origin = Annotated[str, StringConstraints(pattern=_ORIGIN)]
+
 
 def _check_head_limits(config: Any) -> Any:
     for name in ("max_request_line", "max_header_line"):
@@ -44,6 +61,8 @@ class AdminConfig(Strict):
     token_file: str | None = Field(default=None, description="File holding the bearer token for mutating calls; default <state_dir>/admin.token, created when missing. LESSOR_ADMIN_TOKEN overrides.")
     sse_keepalive_s: float = Field(default=15.0, gt=0, le=3600, description="Seconds without an event after which the event stream sends a keep-alive comment, so proxies and clients do not close it as idle.")
     request_timeout: Duration = Field(default=30.0, gt=0, le=3600, description="Longest a client may take to send a whole request (head and body) to the admin API; a slower one gets 408 and is disconnected. A connection idle between requests is closed after twice this.")
+    allowed_hosts: list[HostName] = _ADMIN_SITES["allowed_hosts"]
+    allowed_origins: list[Origin] = _ADMIN_SITES["allowed_origins"]
     max_request_line: Size = _ADMIN_LIMITS["max_request_line"]
     max_header_line: Size = _ADMIN_LIMITS["max_header_line"]
     max_headers: int = _ADMIN_LIMITS["max_headers"]
@@ -104,6 +123,8 @@ class RouterConfig(Strict):
     max_header_line: Size = _ROUTER_LIMITS["max_header_line"]
     max_headers: int = _ROUTER_LIMITS["max_headers"]
     max_head: Size = _ROUTER_LIMITS["max_head"]
+    allowed_hosts: list[HostName] = _ROUTER_SITES["allowed_hosts"]
+    allowed_origins: list[Origin] = _ROUTER_SITES["allowed_origins"]
     api_keys: list[ApiKey] = Field(default_factory=list, description="When set, every request needs 'Authorization: Bearer KEY' and may use only that key's models; when empty, the router is open (it listens on loopback by default).")
 
     @model_validator(mode="after")

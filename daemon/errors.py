@@ -104,6 +104,25 @@ class Forbidden(LessorError):
 
 
 @dataclass
+class CrossSiteRequest(LessorError):
+    """A request whose Host or Origin header names a site the listener does not serve: a page of
+    another site (through DNS rebinding, or a cross-origin form or fetch) may not drive lessor."""
+
+    field: str  # the header: "Host" or "Origin"
+    value: str
+    setting: str  # the config field that would allow it, e.g. "admin.allowed_hosts"
+    type = "cross_site_request"
+
+    def message(self) -> str:
+        shown = self.value if len(self.value) <= 100 else f"{self.value[:100]}..."
+        if self.field == "Host":
+            return (f"Host: '{shown}' is not a name this listener answers to (a web page reaching it through DNS "
+                    f"rebinding?); nothing was done. If the name is yours, add it to {self.setting}")
+        return (f"Origin: '{shown}' is a page of another site than this listener's; a browser page of another "
+                f"origin may not call lessor, nothing was done. If the page is yours, add its origin to {self.setting}")
+
+
+@dataclass
 class UnknownModel(LessorError):
     model: str
     known: list[str]

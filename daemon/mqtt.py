@@ -29,8 +29,10 @@ State = Callable[[], tuple[list[dict[str, Any]], list[dict[str, Any]]]]  # (devi
 
 
 class MqttPublisher:
-    def __init__(self, config: MqttConfig, bus: EventBus, state: State) -> None:
+    def __init__(self, config: MqttConfig, bus: EventBus, state: State,
+                 redact: Callable[[Any], Any] = lambda data: data) -> None:
         self._config, self._bus, self._state = config, bus, state
+        self._redact = redact  # a broker's subscribers hold no admin token: secrets in errors are redacted
         self._prefix = config.topic_prefix.rstrip("/")
         self._pending: deque[Event] = deque()
         self._wake = asyncio.Event()
@@ -94,7 +96,8 @@ class MqttPublisher:
             self._wake.clear()  # before draining: an event that lands meanwhile wakes the next round
             while self._pending:
                 event = self._pending[0]  # removed only once the broker has it: at least once
-                await client.publish(f"{self._prefix}/events/{event.type}", json.dumps(event.to_dict()).encode(), qos=1)
+                await client.publish(f"{self._prefix}/events/{event.type}", json.dumps(self._redact(event.to_dict())).encode(),
+                                     qos=1)
                 self._pending.popleft()
                 self.published += 1
             await self._publish_state(client)
@@ -104,7 +107,7 @@ class MqttPublisher:
             await self._wake.wait()
 
     async def _publish_state(self, client: aiomqtt.Client) -> None:
-        devices, models = self._state()
+        devices, models = self._redact(self._state())
         for device in devices:
             await client.publish(f"{self._prefix}/state/devices/{device['id']}", json.dumps(device).encode(), qos=1, retain=True)
         for model in models:

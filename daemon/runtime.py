@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import AsyncIterator, Callable, Mapping, Union
 
 from ..engines import adapters
 from ..engines.base import EngineAdapter
+from ..engines.redaction import Redacting
 from .config import LessorConfig
 from .controller import Controller
 from .devices import Probe, make_probe
@@ -110,7 +112,8 @@ async def publishing(controller: Controller) -> AsyncIterator[MqttPublisher | No
     if config is None:
         yield None
         return
-    publisher = MqttPublisher(config, controller.bus, lambda: (controller.devices(), controller.models()))
+    publisher = MqttPublisher(config, controller.bus, lambda: (controller.devices(), controller.models()),
+                              Redacting(lambda: controller.config, os.environ))
     controller.mqtt = publisher
     task = asyncio.ensure_future(publisher.run())
     try:

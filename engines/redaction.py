@@ -21,7 +21,7 @@ Not here: who is shown what (api/admin.py decides: the token holder reads the wh
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 REDACTED = "<redacted>"
 MIN_VALUE = 6
@@ -84,7 +84,8 @@ def secrets_of(models: Iterable[Any], environ: Mapping[str, str]) -> frozenset[s
 
 
 def _values_pattern(secrets: Iterable[str]) -> re.Pattern[str] | None:
-    ordered = sorted(set(secrets), key=len, reverse=True)  # a secret that holds another is hidden whole
+    # Longest first: a secret that holds another is hidden whole.
+    ordered = sorted({s for s in secrets if len(s.strip()) >= MIN_VALUE}, key=len, reverse=True)
     return re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
 
@@ -114,6 +115,26 @@ class Redactor:
         if isinstance(data, (list, tuple)):
             return [self.data(value) for value in data]
         return data
+
+
+class Redacting:
+    """A Redactor of the config in force (`current()`: lessord's config, duck-typed: its models and
+    router keys) and `environ`, compiled again only when a reload swaps the config object."""
+
+    def __init__(self, current: Callable[[], Any], environ: Mapping[str, str]) -> None:
+        self._current, self._environ = current, environ
+        self._config: Any = None
+        self._redactor = Redactor(())
+
+    def __call__(self, data: Any) -> Any:
+        return self.redactor().data(data)
+
+    def redactor(self) -> Redactor:
+        config = self._current()
+        if config is not self._config:
+            keys = {key.key for key in config.router.api_keys if key.key}
+            self._redactor, self._config = Redactor(secrets_of(config.models, self._environ) | keys), config
+        return self._redactor
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

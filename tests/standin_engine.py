@@ -41,6 +41,9 @@ def main() -> None:
     if starts:  # one line per start: how many times lessor tried
         with open(starts, "a") as f:
             f.write(f"{os.getpid()}\n")
+    if os.environ.get("LESSOR_STANDIN_PRINT_ARGS"):  # print what it was given, as vLLM prints its non-default args
+        print(f"stand-in: args: {' '.join(argv)}", flush=True)
+        print(f"stand-in: environment: {dict(os.environ)}", flush=True)
     if os.environ.get("LESSOR_STANDIN_OOM"):  # behave like vLLM when its profile run does not fit
         print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
               "capacity of 23.55 GiB of which 1.02 GiB is free.", flush=True)
