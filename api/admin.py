@@ -212,7 +212,7 @@ ROUTES: list[Route] = [
     Route("GET", "/healthz", healthz, "Liveness"),
     Route("GET", "/readyz", readyz,
           "Readiness: ledger open, probe working, the previous lessord's engines adopted or stopped, pinned models "
-          "loaded; 503 with the reason otherwise (a pinned model that failed)"),
+          "loaded; 503 with the reason otherwise (a pinned model that failed, the ledger's database not answering)"),
     Route("GET", "/metrics", metrics, "Prometheus metrics", content_type="text/plain"),
     Route("GET", "/openapi.json", openapi, "This document"),
 ]

@@ -64,6 +64,9 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
             reloads: set[asyncio.Task] = set()
             loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(reloads, reload(controller, notifier)))
         await stop.wait()
+        # From here a database that fails is not waited on again for each engine's stop: lessord
+        # exits within stop_grace per engine plus 3 x the ledger's deadline, whatever it does.
+        controller.ledger.closing()
         if starting.done() and not starting.cancelled() and starting.exception():
             raise starting.exception()  # the start's settling failed: lessord stops, as if it had not started
         notifier.stopping()

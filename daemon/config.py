@@ -233,6 +233,14 @@ class ModelSpec(Strict):
 class LedgerConfig(Strict):
     url: str | None = Field(default=None, description="SQLAlchemy URL; default sqlite+aiosqlite:///<state_dir>/ledger.db. PostgreSQL: postgresql+asyncpg://...")
     history: Duration = Field(default=7 * 86400.0, ge=60, le=3650 * 86400, description="Seconds (or 30m, 12h, 7d) a released lease stays in the database as history (default 7 days); older ones are deleted in the background, every hour (or every `history`, when shorter). Granted leases always stay.")
+    connect_timeout: Duration = Field(default=5.0, ge=0.1, le=300, description="Longest lessor waits to connect to the database, or for a free connection of its pool. With `statement_timeout` it bounds every ledger call: a call the database has not answered within the two together (a hung server answers nothing, not even an error) fails, a load answers 503 `ledger_unavailable` with Retry-After and `/readyz` says the ledger is unavailable until it answers again.")
+    statement_timeout: Duration = Field(default=10.0, ge=0.1, le=3600, description="Longest one statement may take: PostgreSQL's statement_timeout and the client's own wait for its answer; SQLite's busy timeout (how long a write waits for another connection's lock on the file). A ledger statement takes milliseconds.")
+
+    def deadlines(self):
+        """daemon/ledger_db.Deadlines of this section (imported here: SQLAlchemy only where a ledger opens)."""
+        from .ledger_db import Deadlines
+
+        return Deadlines(self.connect_timeout, self.statement_timeout)
 
     @field_validator("url")
     @classmethod

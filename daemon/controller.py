@@ -229,7 +229,10 @@ class Controller:
                     "changed": list(change.changed), "warnings": warnings, "config": self.config_source}
 
     def readiness(self) -> str | None:
-        """Why lessord is not ready though it started: a pinned model that failed (None: ready)."""
+        """Why lessord is not ready though it started: the ledger's database not answering, a
+        pinned model that failed (None: ready)."""
+        if self.ledger.unavailable:
+            return f"the ledger is unavailable: {self.ledger.unavailable}"
         for spec in self.config.models:
             if not spec.pinned:
                 continue

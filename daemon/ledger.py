@@ -28,8 +28,8 @@ from .config import DevicesConfig
 from .devices import DeviceReading, Probe, group_members
 from .errors import LedgerDamaged, LedgerUnavailable
 from .events import Event, LeaseGranted, LeaseReleased, LeaseResized
-from .ledger_db import (STORAGE_ERRORS, engine_for, engines_table, leases_table, migrate, read_generation, short_error,
-                        write_counted)
+from .ledger_db import (STORAGE_ERRORS, Deadlines, bounded, deadlines_of, engine_for, engines_table, leases_table,
+                        migrate, ping, read_generation, short_error, write_counted)
 from .ledger_record import LedgerRecord, check_database, expectation, recover_hint, sqlite_file
 from .units import format_bytes
 
@@ -142,24 +142,28 @@ class Ledger:
         self._record: LedgerRecord | None = None
         self._generation = 0  # the database's, after the last commit
         self._noted_holding = False  # whether the last record said leases were granted
+        self._unavailable: str | None = None  # why the database's last call failed (None: it answered)
+        self._closing = False  # lessord stops: a database that failed is not waited for again
 
     @classmethod
     async def open(cls, url: str, probe: Probe, devices: DevicesConfig, record: LedgerRecord | None = None,
-                   **kwargs) -> "Ledger":
+                   deadlines: Deadlines = Deadlines(), **kwargs) -> "Ledger":
         """`record`: the state folder's record of what the ledger last committed (lessord's); the
         database is compared with it before anything is written, and it is kept after each change.
         Raises LedgerDamaged (the file and the kind of damage) rather than open an empty ledger
-        where the record says leases existed."""
-        ledger = cls(engine_for(url), probe, devices, **kwargs)
+        where the record says leases existed; LedgerUnavailable where the database does not answer
+        within `deadlines` (each step)."""
+        ledger = cls(engine_for(url, deadlines), probe, devices, **kwargs)
         ledger._record = record
         path = sqlite_file(url)
         where = str(path) if path is not None else make_url(url).render_as_string(hide_password=True)
         try:
-            await check_database(ledger._engine, path, where, record)
-            await ledger._migrate()
-            await ledger._load(where)
-        except BaseException:
-            await ledger._engine.dispose()
+            await bounded(lambda: check_database(ledger._engine, path, where, record), deadlines, "open")
+            await bounded(ledger._migrate, deadlines, "migrate its schema")
+            await bounded(lambda: ledger._load(where), deadlines, "read the leases")
+        except BaseException as exc:
+            ledger._unavailable = exc.reason if isinstance(exc, LedgerUnavailable) else None
+            await ledger.close()
             raise
         return ledger
 
@@ -205,7 +209,14 @@ class Ledger:
         change in memory and then calls `_note`."""
         if self._engine is None:
             return 0
-        changed, self._generation = await write_counted(self._engine, doing, statements())
+        if self._closing and self._unavailable:  # each unload of a stopping lessord would wait again
+            raise LedgerUnavailable(doing, self._unavailable)
+        try:
+            changed, self._generation = await write_counted(self._engine, doing, statements())
+        except LedgerUnavailable as exc:
+            self._unavailable = exc.reason
+            raise
+        self._unavailable = None
         return changed
 
     def _note(self, engines_changed: bool = False) -> None:
@@ -229,10 +240,45 @@ class Ledger:
     def generation(self) -> int:
         return self._generation
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why the database failed its last call (a deadline passed, the server gone, the disk
+        full), until a call succeeds again; None while it answers. /readyz reports it."""
+        return self._unavailable
+
+    def closing(self) -> None:
+        """lessord stops: from here on, once the database has failed a call, the writes of the
+        engines' stops fail at once instead of each waiting out the deadline again (the next start
+        reconciles what they could not record)."""
+        self._closing = True
+
     async def close(self) -> None:
-        async with self._lock:
-            if self._engine is not None:
-                await self._engine.dispose()
+        """Within the deadline (at most twice) whatever the database does: a database that failed
+        its last call, or does not let its connections close in time, has them dropped unclosed
+        (a hung server sees the sockets go when it resumes)."""
+        if self._engine is None:
+            return
+        deadlines = deadlines_of(self._engine)
+        try:
+            await asyncio.wait_for(self._lock.acquire(), deadlines.transaction_s)
+        except asyncio.TimeoutError:  # a call holds it past its own bound: not worth waiting for
+            locked = False
+        else:
+            locked = True
+        if self._unpersisted:
+            log.warning("ledger closed with %d release(s) not recorded (%s); the next start releases them, their "
+                        "engines being gone", len(self._unpersisted), self._unavailable or "the database refused them")
+        try:
+            if self._unavailable is None:
+                try:
+                    await bounded(self._engine.dispose, deadlines, "close")
+                    return
+                except (LedgerUnavailable, *STORAGE_ERRORS) as exc:
+                    log.warning("the ledger's connections did not close (%s); dropped", exc)
+            await self._engine.dispose(close=False)
+        finally:
+            if locked:
+                self._lock.release()
 
     @property
     def database(self) -> AsyncEngine | None:
@@ -373,7 +419,18 @@ class Ledger:
                                                                   release_reason=reason[:256]),)])
 
     async def flush(self) -> int:
-        """Record the releases the database refused earlier; how many are still pending."""
+        """Record the releases the database refused earlier; how many are still pending. With
+        none pending after a failed call, asks the database whether it answers again (so
+        `unavailable` clears without waiting for a load)."""
+        if not self._unpersisted and self._unavailable and self._engine is not None:
+            try:
+                await ping(self._engine)
+            except LedgerUnavailable as exc:
+                self._unavailable = exc.reason
+            else:
+                log.info("the ledger's database answers again")
+                self._unavailable = None
+            return 0
         async with self._lock:
             by_reason: dict[str, list[str]] = defaultdict(list)
             for lease_id, reason in self._unpersisted.items():

@@ -1,13 +1,23 @@
 """The ledger's database: its tables and their migrations, the SQLAlchemy engine for a URL (SQLite
-or PostgreSQL), and what counts as the database's trouble rather than a bug. daemon/ledger.py
-(leases, engines) and daemon/fingerprints.py (measured footprints) use it."""
+or PostgreSQL) with its deadlines, and what counts as the database's trouble rather than a bug.
+daemon/ledger.py (leases, engines) and daemon/fingerprints.py (measured footprints) use it.
+
+Deadlines: a hung server (stopped, or behind a link that drops packets) answers nothing, not even
+an error, so every call has one: connecting and a pool checkout (`ledger.connect_timeout`), each
+statement (`ledger.statement_timeout`: asyncpg's command timeout and the server's
+statement_timeout; SQLite's busy timeout), and a whole transaction (`Deadlines.transaction_s`),
+past which the caller gets LedgerUnavailable at once and the transaction is abandoned to the
+driver's own timeouts."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text, event, inspect, select, text
 from sqlalchemy.engine import make_url
@@ -163,45 +173,141 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def engine_for(url: str) -> AsyncEngine:
+@dataclass(frozen=True)
+class Deadlines:
+    """How long the database may take (the `ledger` section's connect_timeout, statement_timeout)."""
+
+    connect_s: float = 5.0
+    statement_s: float = 10.0
+
+    @property
+    def transaction_s(self) -> float:
+        """One transaction, all told: its checkout may ping a pooled connection (a statement) that
+        turns out dead and connect again; its few small statements take milliseconds on a server
+        that answers."""
+        return self.connect_s + self.statement_s
+
+    def expired(self) -> str:
+        return (f"the database did not answer within {self.transaction_s:g} s (ledger.connect_timeout "
+                f"{self.connect_s:g} s + ledger.statement_timeout {self.statement_s:g} s)")
+
+
+# Each engine's deadlines, for `write` and `ping` whoever calls them (the ledger, the fingerprints).
+_deadlines: "weakref.WeakKeyDictionary[AsyncEngine, Deadlines]" = weakref.WeakKeyDictionary()
+
+
+def deadlines_of(engine: AsyncEngine) -> Deadlines:
+    return _deadlines.get(engine, Deadlines())
+
+
+def engine_for(url: str, deadlines: Deadlines = Deadlines()) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True)
-    if parsed.database and parsed.database != ":memory:":
+        engine = create_async_engine(url, pool_pre_ping=True, pool_timeout=deadlines.connect_s, connect_args={
+            "timeout": deadlines.connect_s, "command_timeout": deadlines.statement_s,
+            # The server ends what runs too long too (a lock wait), so its connection is free again.
+            "server_settings": {"statement_timeout": str(max(1, round(deadlines.statement_s * 1000)))}})
+        _deadlines[engine] = deadlines
+        return engine
+    on_disk = bool(parsed.database) and parsed.database != ":memory:"
+    if on_disk:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url)
+    # sqlite3's `timeout` is its busy timeout: how long a statement waits on another connection's lock.
+    engine = create_async_engine(url, connect_args={"timeout": deadlines.statement_s},
+                                 **({"pool_timeout": deadlines.connect_s} if on_disk else {}))
     event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    _deadlines[engine] = deadlines
     return engine
 
 
-async def write(engine: AsyncEngine, doing: str, statements: Sequence[tuple]) -> int:
-    """One transaction of `(statement, *params)`; a storage failure becomes LedgerUnavailable and
-    nothing of it is applied. The rows changed, where the driver counts them."""
-    changed = 0
+T = TypeVar("T")
+
+
+async def bounded(work: Callable[[], Awaitable[T]], deadlines: Deadlines, doing: str) -> T:
+    """`work()` in a task of its own, waited for at most `deadlines.transaction_s`. Past it the
+    caller gets LedgerUnavailable at once and the task is cancelled and left to end by itself: its
+    rollback may wait on the same hung server, and that wait must not be the caller's (a grant, an
+    unload, lessord's stop). What a cancelled transaction did not commit is rolled back; one whose
+    COMMIT was already sent may still land, as when a connection breaks (callers treat both alike)."""
+    task = asyncio.ensure_future(work())
     try:
+        await asyncio.wait({task}, timeout=deadlines.transaction_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task.done():
+        return task.result()
+    task.cancel()
+    task.add_done_callback(_abandoned)
+    raise LedgerUnavailable(doing, deadlines.expired())
+
+
+def _abandoned(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:  # retrieved: nobody waits for it any more
+        log.debug("an abandoned ledger call ended: %s", short_error(task.exception()))
+
+
+async def ping(engine: AsyncEngine) -> None:
+    """Whether the database answers, within its deadlines; raises LedgerUnavailable where not."""
+    async def select_one() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    deadlines = deadlines_of(engine)
+    try:
+        await bounded(select_one, deadlines, "answer")
+    except STORAGE_ERRORS as exc:
+        raise LedgerUnavailable("answer", reason_of(exc, deadlines)) from exc
+
+
+async def write(engine: AsyncEngine, doing: str, statements: Sequence[tuple]) -> int:
+    """One transaction of `(statement, *params)`, within the engine's deadlines; a storage failure
+    becomes LedgerUnavailable and nothing of it is applied. The rows changed, where the driver
+    counts them."""
+    async def transaction() -> int:
+        changed = 0
         async with engine.begin() as conn:
             for statement, *params in statements:
                 changed += max((await conn.execute(statement, *params)).rowcount, 0)
-    except STORAGE_ERRORS as exc:
-        log.error("ledger write failed (%s): %s", doing, exc)
-        raise LedgerUnavailable(doing, short_error(exc)) from exc
-    return changed
+        return changed
+
+    return await _guarded(engine, doing, transaction)
 
 
 async def write_counted(engine: AsyncEngine, doing: str, statements: Sequence[tuple]) -> tuple[int, int]:
     """`write`, adding one to the generation in the same transaction: (rows changed, the new
     generation as the database has it, so a commit whose answer was lost is counted too)."""
     counted = [*statements, (generation_table.update().values(generation=generation_table.c.generation + 1),)]
-    changed = 0
-    try:
+
+    async def transaction() -> tuple[int, int]:
+        changed = 0
         async with engine.begin() as conn:
             for statement, *params in counted:
                 changed += max((await conn.execute(statement, *params)).rowcount, 0)
             generation = (await conn.execute(select(generation_table.c.generation))).scalar() or 0
+        return changed - 1, generation
+
+    return await _guarded(engine, doing, transaction)
+
+
+async def _guarded(engine: AsyncEngine, doing: str, transaction: Callable[[], Awaitable[T]]) -> T:
+    deadlines = deadlines_of(engine)
+    try:
+        return await bounded(transaction, deadlines, doing)
+    except LedgerUnavailable as exc:
+        log.error("ledger write failed (%s): %s", doing, exc.reason)
+        raise
     except STORAGE_ERRORS as exc:
-        log.error("ledger write failed (%s): %s", doing, exc)
-        raise LedgerUnavailable(doing, short_error(exc)) from exc
-    return changed - 1, generation
+        log.error("ledger write failed (%s): %s", doing, reason_of(exc, deadlines))
+        raise LedgerUnavailable(doing, reason_of(exc, deadlines)) from exc
+
+
+def reason_of(exc: BaseException, deadlines: Deadlines) -> str:
+    """The database's own words; a driver's timeout has none, so its deadline is named instead."""
+    if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "orig", None), TimeoutError):
+        return (f"the database did not answer within its deadline (ledger.connect_timeout {deadlines.connect_s:g} s, "
+                f"ledger.statement_timeout {deadlines.statement_s:g} s)")
+    return short_error(exc)
 
 
 def short_error(exc: BaseException) -> str:

@@ -55,7 +55,7 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
     probe = probe or make_probe(config.devices, force_sim)
     try:
         ledger = await Ledger.open(config.ledger_url(), probe, holder.devices, publish=bus.publish,
-                                   record=LedgerRecord.in_state_dir(config.state_dir))
+                                   record=LedgerRecord.in_state_dir(config.state_dir), deadlines=config.ledger.deadlines())
         try:
             fingerprints = await FingerprintStore.open(ledger.database)
             made = adapters() if engines is None else engines(probe, ledger) if callable(engines) else engines
