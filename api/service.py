@@ -282,9 +282,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"lessord: {line}", flush=True)
             return 0
         run(serve(config, args.sim, lambda: configure(args), source=args.config))
-    except (LedgerDamaged, LedgerUnavailable, SchemaTooNew) as exc:  # at start: nothing was changed
+    except (LedgerDamaged, SchemaTooNew) as exc:  # at start: nothing was changed
         print(f"lessord: {exc}", file=sys.stderr)
         return 3
+    except LedgerUnavailable as exc:  # at start, a database down or hung: systemd tries again (3 stops it)
+        print(f"lessord: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:  # found only when used: a key file or variable that is missing
         print(f"lessord: invalid config {exc}", file=sys.stderr)
         return 2

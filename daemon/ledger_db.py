@@ -313,4 +313,6 @@ def reason_of(exc: BaseException, deadlines: Deadlines) -> str:
 def short_error(exc: BaseException) -> str:
     """The database's own words, without SQLAlchemy's statement dump and links."""
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    if not text and isinstance(getattr(exc, "orig", None) or exc, TimeoutError):  # a driver's deadline says nothing
+        return "no answer within the deadline (ledger.connect_timeout, ledger.statement_timeout)"
     return text[0][:300] if text else type(exc).__name__

@@ -27,7 +27,7 @@ from lessor.daemon.errors import LedgerUnavailable
 from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
 from lessor.daemon.units import GiB
 
-from .conftest import HANG_S, running_lessord
+from .conftest import BIN, HANG_S, free_port, running_lessord
 from .test_restart import config_file, standin_spec
 from .test_storage_faults import pg_server  # noqa: F401 (a private server: pausing it pauses no other test)
 
@@ -133,6 +133,22 @@ def test_sigterm_stops_lessord_while_postgresql_is_hung(tmp_path, pg_server):
                 os.killpg(model["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_lessord_started_against_a_hung_postgresql_exits_for_systemd_to_try_again(tmp_path, pg_server):
+    """Exit 3 means a damaged ledger, which systemd does not restart (RestartPreventExitStatus);
+    a database that does not answer yet is 1: tried again."""
+    config = lessord_config(tmp_path, pg_server.url)
+    with paused(pg_server):
+        proc = subprocess.Popen([str(BIN / "lessord"), "--config", str(config), "--sim", "--admin-listen",
+                                 f"127.0.0.1:{free_port()}", "--router-listen", f"127.0.0.1:{free_port()}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            said, _ = proc.communicate(timeout=EXIT_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"lessord neither started nor gave up within {EXIT_WITHIN_S:g} s") from None
+    assert proc.returncode == 1 and "no answer within" in said and "Traceback" not in said, said
 
 
 async def test_a_sqlite_ledger_locked_by_another_connection_fails_within_its_busy_timeout(tmp_path):
