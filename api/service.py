@@ -47,7 +47,8 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
-        controller = await stack.enter_async_context(runtime(config, force_sim, settle_in_background=True))
+        controller = await stack.enter_async_context(runtime(config, force_sim, settle_in_background=True,
+                                                                     subreaper=True))
         controller.config_source = config_source(source) if source else None
         controller.config_loader = reload_config
         await stack.enter_async_context(publishing(controller))

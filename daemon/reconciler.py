@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..engines.process import process_identity, signal_group
+from ..engines.process import signal_group
+from ..engines.proctree import Proc, environ as proc_environ, process_table, read_proc, signal_processes, with_descendants
 from ..policies import AdmissionRequest, Evict
 from .adoption import AdoptionOutcome
 from .config import ReconcilerConfig
@@ -55,7 +56,7 @@ class StartSettling:
         self._ledger, self._supervisor, self._state_dir, self._publish = ledger, supervisor, state_dir, publish
         self.report = StartReport()
         self._engines: list[EngineRecord] = []
-        self._strays: dict[int, str] = {}
+        self._strays: dict[int, Proc] = {}
 
     async def begin(self) -> None:
         ledger = self._ledger
@@ -81,7 +82,7 @@ class StartSettling:
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         if failed:  # each engine was settled as far as it could be; the first failure says why lessord stops
             raise failed[0]
-        self.report.strays = outcomes[0]
+        self.report.strays = [*outcomes[0], *self.report.strays]  # and the gone engines' workers (_settle)
         return self.report
 
     async def _settle(self, engine: EngineRecord) -> None:
@@ -89,6 +90,9 @@ class StartSettling:
         held = sum(1 for lease in self._ledger.leases() if lease.attempt == engine.attempt)
         adoption = await self._supervisor.adopt(engine)  # not adopted: its record and leases are gone
         (self.report.adopted if adoption.adopted else self.report.stopped).append(model)
+        if not adoption.adopted:  # a gone engine's workers may run on, outside its group
+            left = identified(tops(self._state_dir, lambda attempt: attempt == engine.attempt))
+            self.report.strays += await stop_groups(left, self._state_dir, self._supervisor.timeouts.stray_grace_s)
         self.report.released += 0 if adoption.adopted else held
         self._publish(EngineAdopted(model, engine.pid, adoption.adopted, adoption.describe()))
         # Adopted: the supervisor's line says so. Gone is routine after a reboot; an engine that ran
@@ -109,49 +113,76 @@ async def reconcile_at_start(ledger: Ledger, supervisor: Supervisor, state_dir: 
 
 
 def find_strays(state_dir: Path, keep_attempts: set[str]) -> list[int]:
-    """Engines started for this state folder (their environment says so) whose attempt was not
-    adopted: lessord died between starting them and recording them. Group leaders only."""
+    """Processes started for this state folder (their environment says so) whose attempt is not
+    kept: lessord died between starting an engine and recording it, or a worker outlived its engine
+    (it left the engine's group with setsid and was orphaned when the engine was stopped or died).
+    The top of each: no parent of the same attempt (an engine's own workers go with it). Every
+    process of a kept attempt is kept, wherever it is: an adopted engine's workers run on."""
+    return tops(state_dir, lambda attempt: attempt not in keep_attempts)
+
+
+def tops(state_dir: Path, wanted: Callable[[str], bool]) -> list[int]:
+    """This state folder's processes of the `wanted` attempts that have no parent of the same attempt."""
+    table = process_table()
+    attempts = engine_attempts(state_dir, table)
+    return sorted(pid for pid, attempt in attempts.items()
+                  if wanted(attempt) and attempts.get(table[pid].ppid) != attempt)
+
+
+def engine_attempts(state_dir: Path, table: dict[int, Proc]) -> dict[int, str]:
+    """pid -> load attempt, for every live process that carries this state folder's marker."""
     want = f"LESSOR_STATE_DIR={state_dir}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = Path(entry.path, "environ").read_bytes().split(b"\0")
-            if want not in environ or os.getpgid(int(entry.name)) != int(entry.name):
-                continue
-        except (OSError, ProcessLookupError):
-            continue
-        attempt = next((v[len(b"LESSOR_ATTEMPT="):].decode() for v in environ if v.startswith(b"LESSOR_ATTEMPT=")), "")
-        if attempt not in keep_attempts:
-            found.append(int(entry.name))
+    found = {}
+    for pid in table:
+        environ = proc_environ(pid)
+        if environ is not None and want in environ:
+            found[pid] = next((v[len(b"LESSOR_ATTEMPT="):].decode() for v in environ
+                               if v.startswith(b"LESSOR_ATTEMPT=")), "")
     return found
 
 
-def identified(pids: list[int]) -> dict[int, str]:
-    """Each process's identity now: what it is checked against before every signal, later."""
-    return {pid: identity for pid in pids if (identity := process_identity(pid)) is not None}
+def identified(pids: list[int]) -> dict[int, Proc]:
+    """Each process as it is now: what it is checked against before every signal, later."""
+    return {pid: proc for pid in pids if (proc := read_proc(pid)) is not None}
 
 
 async def stop_strays(state_dir: Path, keep_attempts: set[str], grace_s: float) -> list[int]:
     return await stop_groups(identified(find_strays(state_dir, keep_attempts)), state_dir, grace_s)
 
 
-async def stop_groups(identities: dict[int, str], state_dir: Path, grace_s: float) -> list[int]:
-    """SIGTERM, then SIGKILL after `grace_s`, to each group whose leader is still the process found."""
-    strays = [pid for pid, identity in identities.items() if process_identity(pid) == identity]
-    for pid in strays:
-        log.warning("stopping stray engine process group %d (started for %s, never recorded)", pid, state_dir,
-                    extra={"pid": pid, "step": "stray"})
-        signal_group(pid, signal.SIGTERM)
-        signal_group(pid, signal.SIGCONT)  # a stopped stray acts on its SIGTERM only once continued
+async def stop_groups(strays: dict[int, Proc], state_dir: Path, grace_s: float) -> list[int]:
+    """SIGTERM, then SIGKILL after `grace_s`, to each stray that is still the process found: to
+    its group and to every descendant (a stray's workers may have left its group)."""
+    alive = [strays[pid] for pid in strays if _same(strays[pid])]
+    for proc in alive:
+        log.warning("stopping stray engine process %d and its descendants (started for %s, its engine not "
+                    "recorded or gone)", proc.pid, state_dir, extra={"pid": proc.pid, "step": "stray"})
+    # SIGCONT after: a stopped stray acts on its SIGTERM only once continued.
+    found = _signal_strays(alive, signal.SIGTERM, signal.SIGCONT)
     deadline = asyncio.get_running_loop().time() + grace_s
-    while any(process_identity(p) == identities[p] for p in strays) and asyncio.get_running_loop().time() < deadline:
+    while any(_same(proc) for proc in found) and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
-    for pid in strays:
-        if process_identity(pid) == identities[pid]:  # the same process, not a new one on its pid
-            signal_group(pid, signal.SIGKILL)
-    return strays
+    # Those orphaned since the SIGTERM are no longer below their stray: each found then gets it too.
+    found += _signal_strays(alive, signal.SIGKILL)
+    signal_processes(found, signal.SIGKILL)  # never reaped here: strays are no descendants of this lessord
+    return [proc.pid for proc in alive]
+
+
+def _signal_strays(strays: list[Proc], *sigs: signal.Signals) -> list[Proc]:
+    """`sigs` to the group and the descendants of each stray still alive; the processes signalled."""
+    table = process_table()
+    roots = [proc.pid for proc in strays if _same(proc)]
+    found = [table[pid] for pid in with_descendants(table, roots)]
+    for sig in sigs:
+        for pid in roots:
+            signal_group(pid, sig)
+        signal_processes(found, sig)
+    return found
+
+
+def _same(proc: Proc) -> bool:
+    """Still that very process, not a new one on its pid."""
+    return (now := read_proc(proc.pid)) is not None and now.start == proc.start
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

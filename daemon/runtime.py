@@ -16,6 +16,7 @@ from typing import AsyncIterator, Callable, Mapping, Union
 from ..engines import adapters
 from ..engines.base import EngineAdapter
 from ..engines.redaction import Redacting
+from ..engines.proctree import become_subreaper
 from .config import LessorConfig
 from .controller import Controller
 from .devices import Probe, make_probe
@@ -44,12 +45,17 @@ def timeouts_of(config: LessorConfig) -> Timeouts:
 @asynccontextmanager
 async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engines | None = None,
                   clock: Callable[[], float] = time.monotonic, reconcile: bool = True,
-                  probe: Probe | None = None, settle_in_background: bool = False) -> AsyncIterator[Controller]:
+                  probe: Probe | None = None, settle_in_background: bool = False,
+                  subreaper: bool = False) -> AsyncIterator[Controller]:
     """`reconcile=False`: read-only (the CLI's local plan must not adopt or release a running
     daemon's engines). `probe`: the devices, where a test stands in for the GPUs (the one boundary
     tests fake); the config's otherwise. `settle_in_background`: yield as soon as the ledger is
     settled and the previous lessord's engines are claimed, while their adoption runs (lessord:
-    it serves meanwhile; `reconciler.settling` ends with it); otherwise yield once it is done."""
+    it serves meanwhile; `reconciler.settling` ends with it); otherwise yield once it is done.
+    `subreaper`: make this process the child subreaper of the engines it starts (lessord; not a
+    test or the CLI, for which it would change what becomes of every orphan they make)."""
+    if subreaper:
+        become_subreaper()
     bus = EventBus()
     holder = ConfigHolder(config)
     probe = probe or make_probe(config.devices, force_sim)

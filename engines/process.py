@@ -1,7 +1,7 @@
 """Process supervision, in one place for every engine: its own process group, its output in a
 per-model log, readiness by HTTP (probed the moment the engine logs its ready line), exit detected the moment it happens, and a stop that
-sends SIGTERM, then SIGKILL to the whole group after a grace period, and reaps it, so no child is
-left behind holding VRAM."""
+sends SIGTERM, then SIGKILL after a grace period, to all of the engine's processes (its group and
+the workers that left it: engines/proctree.py), and reaps them, so no child is left behind holding VRAM."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import aiohttp
 
 from . import enginelog
 from .logwatch import LogWatch
+from .proctree import Proc, engine_processes, marker_of, marker_of_pid, read_proc, reap, signal_processes
 from .redaction import redact_argv
 
 log = logging.getLogger("lessor.engines")
@@ -122,15 +123,20 @@ def process_identity(pid: int) -> str | None:
 
 
 class EngineProcess:
-    """One engine process group. `on_exit(returncode)` is called once if it ends without `stop()`.
+    """One engine: its process group, and the processes that carry its `marker` (engines/proctree.py).
+    `on_exit(returncode)` is called once if its leader ends without `stop()`; what it leaves behind
+    is killed then.
 
     Either our child (`spawn`) or an engine a previous lessord started and this one adopted
     (`adopt`): its exit is then seen through a pidfd, the same moment a child's would be."""
 
     def __init__(self, pid: int, identity: str, exit_status: "asyncio.Future[int] | asyncio.Task[int]",
                  argv: Sequence[str], log_path: Path, on_exit: Callable[[int], None] | None,
-                 started_at: float | None = None, pump: "asyncio.Future[int] | None" = None) -> None:
+                 started_at: float | None = None, pump: "asyncio.Future[int] | None" = None,
+                 marker: Sequence[bytes] = ()) -> None:
         self.pid, self.identity, self.argv, self.log_path = pid, identity, tuple(argv), log_path
+        self.marker = tuple(marker)
+        self._signalled: dict[int, Proc] = {}  # every process of it signalled: the orphans among them are reaped
         self.started_at = started_at if started_at is not None else time.time()
         self.exited = asyncio.Event()
         self._returncode: int | None = None
@@ -174,7 +180,8 @@ class EngineProcess:
         # The supervisor's "loading" line names the pid; the argv is the first line of the engine's log.
         log.debug("engine started: pid %d: %s", proc.pid, " ".join(redact_argv(argv)))
         identity = process_identity(proc.pid) or f"child:{proc.pid}"
-        return cls(proc.pid, identity, asyncio.ensure_future(_child_exit(proc)), argv, log_path, on_exit, pump=pumped)
+        return cls(proc.pid, identity, asyncio.ensure_future(_child_exit(proc)), argv, log_path, on_exit, pump=pumped,
+                   marker=marker_of(env))
 
     @classmethod
     def adopt(cls, pid: int, identity: str, log_path: Path, on_exit: Callable[[int], None] | None,
@@ -188,7 +195,8 @@ class EngineProcess:
         if process_identity(pid) != identity:  # checked after the pidfd is held: it cannot change now
             os.close(pidfd)
             return None
-        return cls(pid, identity, asyncio.ensure_future(_pidfd_exit(pidfd)), (), log_path, on_exit, started_at)
+        return cls(pid, identity, asyncio.ensure_future(_pidfd_exit(pidfd)), (), log_path, on_exit, started_at,
+                   marker=marker_of_pid(pid))
 
     @property
     def returncode(self) -> int | None:
@@ -196,6 +204,8 @@ class EngineProcess:
 
     async def _watch(self, exit_status) -> None:
         returncode = await exit_status
+        if not self._stopping:  # an engine ends with its leader: what it left (a worker holding the log's pipe) goes
+            self._signal(signal.SIGKILL)
         if self._pump is not None:  # its last lines (an exit's reason quotes them) reach the file first
             try:  # bounded: a descendant that escaped the group may hold the pipe open
                 await asyncio.wait_for(asyncio.shield(self._pump), PUMP_DRAIN_S)
@@ -264,24 +274,67 @@ class EngineProcess:
                     return False
             await self.wait_until(ok, doing, timeout_s, markers)
 
+    def processes(self) -> dict[int, Proc]:
+        """Its live processes: its group, those that carry its marker, and their descendants."""
+        return engine_processes(self.pid, self.marker)
+
+    def _signal(self, sig: signal.Signals) -> dict[int, Proc]:
+        """`sig` to the group (members forked since the scan too) and to each of its processes."""
+        found = self.processes()
+        self._signalled.update(found)
+        signal_group(self.pid, sig)
+        signal_processes(found.values(), sig)
+        if sig == signal.SIGTERM:  # a stopped process acts on its SIGTERM only once continued
+            signal_group(self.pid, signal.SIGCONT)
+            signal_processes(found.values(), signal.SIGCONT)
+        return found
+
     async def stop(self, grace_s: float) -> int:
-        """SIGTERM to the group, SIGKILL to whatever is left after `grace_s`, reap. Idempotent."""
+        """SIGTERM to every process of the engine, SIGKILL to whatever is left after `grace_s`, reap. Idempotent."""
         self._stopping = True
+        deadline = time.monotonic() + grace_s
         if not self.exited.is_set():
-            signal_group(self.pid, signal.SIGTERM)
+            found = self._signal(signal.SIGTERM)
+            self._say_escaped(found)
             try:
                 await asyncio.wait_for(self.exited.wait(), grace_s)
+                await _wait_gone(found.values(), deadline - time.monotonic())
             except asyncio.TimeoutError:
+                pass
+            if not self.exited.is_set() or _alive(found.values()):
                 log.warning("engine pid %d ignored SIGTERM for %g s: SIGKILL (timeouts.stop_grace)", self.pid, grace_s,
                             extra={"pid": self.pid})
         # Children the leader left behind (workers holding VRAM) get SIGKILL too.
-        signal_group(self.pid, signal.SIGKILL)
+        killed = self._signal(signal.SIGKILL)
         await self.exited.wait()
         await self._watcher
-        await _wait_group_gone(self.pid, timeout_s=5)
+        await self._wait_all_gone(killed, timeout_s=5)
         if enginelog.limits.drop_on_stop:  # engine_logs.on_stop: drop_older (the last log stays)
             enginelog.drop_older(self.log_path)
         return self._returncode if self._returncode is not None else -1
+
+    def _say_escaped(self, found: Mapping[int, Proc]) -> None:
+        escaped = sorted(pid for pid, proc in found.items() if proc.pgrp != self.pid)
+        if escaped:
+            log.warning("engine pid %d: stopping %d process(es) of it outside its process group too (pid %s; they "
+                        "carry its environment or descend from it)", self.pid, len(escaped),
+                        ", ".join(map(str, escaped)), extra={"pid": self.pid})
+
+    async def _wait_all_gone(self, killed: Mapping[int, Proc], timeout_s: float) -> None:
+        """Until no process of the engine runs (SIGKILL again to any forked meanwhile); the orphans
+        lessord inherited as subreaper are reaped."""
+        deadline = time.monotonic() + timeout_s
+        left = killed
+        while True:
+            await _wait_gone(left.values(), deadline - time.monotonic())
+            reap(proc for proc in self._signalled.values() if proc.pid != self.pid)  # the leader is Popen's to reap
+            left = self._signal(signal.SIGKILL) if time.monotonic() < deadline else self.processes()
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                log.error("engine pid %d: process(es) %s still run %g s after SIGKILL", self.pid,
+                          ", ".join(map(str, sorted(left))), timeout_s)
+                return
 
 
 def probe_session(total_s: float) -> aiohttp.ClientSession:
@@ -349,32 +402,18 @@ def signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
-async def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+def _alive(procs: Iterable[Proc]) -> bool:
+    return any((now := read_proc(proc.pid)) is not None and now.start == proc.start for proc in procs)
+
+
+async def _wait_gone(procs: Iterable[Proc], timeout_s: float) -> None:
+    """Until none of `procs` runs (a zombie counts as gone), or `timeout_s` has passed."""
+    procs = list(procs)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not group_alive(pgid):
-            return
-        await asyncio.sleep(0.05)
-    log.error("process group %d still has members %g s after SIGKILL", pgid, timeout_s)
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any member of the group still runs. Zombies do not count: an adopted engine's
-    members are reaped by init, not by us, and hold no memory."""
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-                return True
-    return False
+    interval = 0.005
+    while _alive(procs) and time.monotonic() < deadline:
+        await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        interval = min(0.1, interval * 2)
 
 
 def tail(path: Path, lines: int = 50) -> list[str]:

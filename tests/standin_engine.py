@@ -6,6 +6,7 @@ it runs under any python3 as the real engines would run under theirs."""
 
 import json
 import os
+import signal
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +32,28 @@ def served_names(argv) -> list[str]:
     return ["standin"]
 
 
+def escape(pid_file: str) -> None:
+    """Leave a worker behind the way engines that daemonise them do (Ray-style): a child that
+    calls setsid() (out of the engine's process group) and forks again, then exits, so the
+    grandchild is orphaned; it sleeps for ever, with the engine's environment and output pipe.
+    Its pid is in `pid_file` before this returns. LESSOR_STANDIN_ESCAPE_IGNORE_TERM: it ignores
+    SIGTERM (only SIGKILL ends it)."""
+    child = os.fork()
+    if child == 0:
+        os.setsid()
+        grandchild = os.fork()
+        if grandchild == 0:
+            if os.environ.get("LESSOR_STANDIN_ESCAPE_IGNORE_TERM"):
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while True:
+                signal.pause()
+        with open(pid_file + ".tmp", "w") as f:  # whole, or not there: the test reads it once it is
+            f.write(str(grandchild))
+        os.rename(pid_file + ".tmp", pid_file)
+        os._exit(0)
+    os.waitpid(child, 0)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     record = os.environ.get("LESSOR_STANDIN_RECORD")
@@ -48,6 +71,8 @@ def main() -> None:
         print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
               "capacity of 23.55 GiB of which 1.02 GiB is free.", flush=True)
         sys.exit(1)
+    if os.environ.get("LESSOR_STANDIN_ESCAPE"):  # a worker that escapes the process group
+        escape(os.environ["LESSOR_STANDIN_ESCAPE"])
     if os.environ.get("LESSOR_STANDIN_EXIT"):  # behave like an engine that dies at start
         print("stand-in: exiting as asked", flush=True)
         sys.exit(int(os.environ["LESSOR_STANDIN_EXIT"]))
