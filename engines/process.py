@@ -316,9 +316,10 @@ class EngineProcess:
     def _say_escaped(self, found: Mapping[int, Proc]) -> None:
         escaped = sorted(pid for pid, proc in found.items() if proc.pgrp != self.pid)
         if escaped:
-            log.warning("engine pid %d: stopping %d process(es) of it outside its process group too (pid %s; they "
-                        "carry its environment or descend from it)", self.pid, len(escaped),
-                        ", ".join(map(str, escaped)), extra={"pid": self.pid})
+            # INFO, not WARNING: routine for engines that daemonise their workers (Ray).
+            log.info("engine pid %d: stopping %d process(es) of it outside its process group too (pid %s; they "
+                     "carry its environment or descend from it)", self.pid, len(escaped),
+                     ", ".join(map(str, escaped)), extra={"pid": self.pid})
 
     async def _wait_all_gone(self, killed: Mapping[int, Proc], timeout_s: float) -> None:
         """Until no process of the engine runs (SIGKILL again to any forked meanwhile); the orphans

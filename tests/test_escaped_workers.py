@@ -102,6 +102,20 @@ def test_a_worker_that_ignores_sigterm_gets_sigkill_within_the_stop_grace(tmp_pa
             worker.kill()
 
 
+def test_an_engine_that_dies_takes_its_escaped_worker_with_it(tmp_path):
+    config = config_file(tmp_path, [escaping("qa", tmp_path)])
+    with running_lessord(config) as (proc, url, _):
+        admin = Admin(url, tmp_path / "state")
+        engine, worker = load(admin, tmp_path, "qa")
+        try:
+            os.kill(engine, signal.SIGKILL)  # a crash while serving: restart.policy never
+            until(lambda: admin.model("qa")["state"] == "failed", "the crash noticed")  # after its processes are stopped
+            assert admin.leases() == []
+            assert not worker.runs(), "the escaped worker outlived its engine's crash"
+        finally:
+            worker.kill()
+
+
 def test_lessord_stopping_stops_the_worker_that_left_the_group(tmp_path):
     config = config_file(tmp_path, [escaping("qa", tmp_path)])
     with running_lessord(config) as (proc, url, _):
