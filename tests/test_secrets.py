@@ -10,9 +10,12 @@ import stat
 import urllib.error
 import urllib.request
 
+import pytest
+
 from lessor.engines.redaction import REDACTED, Redactor, argv_secrets, redact, redact_argv, secret_name, secrets_of
 
 from .conftest import HANG_S, running_lessord
+from .test_mqtt import broker  # noqa: F401 (a fixture: a real mosquitto)
 from .test_restart import config_file, standin_spec
 
 API_KEY = "sk-engine-api-key-5b1e0c"
@@ -93,7 +96,10 @@ def _failing_spec(tmp_path) -> dict:
     return spec
 
 
-def test_a_failed_loads_secrets_are_redacted_on_every_tokenless_route_and_whole_with_the_token(tmp_path):
+@pytest.fixture(scope="module")
+def failed_load(tmp_path_factory):
+    """lessord at DEBUG whose pinned model failed its load: (admin url, token, lessord's output)."""
+    tmp_path = tmp_path_factory.mktemp("failed")
     config = config_file(tmp_path, [_failing_spec(tmp_path)])
     output = tmp_path / "lessord.out"
     with running_lessord(config, "--log-level", "DEBUG", output=output, env={"DB_PASSWORD": DAEMON_SECRET},
@@ -101,19 +107,26 @@ def test_a_failed_loads_secrets_are_redacted_on_every_tokenless_route_and_whole_
         token = (tmp_path / "state" / "admin.token").read_text().strip()
         status, whole = _get(f"{url}/admin/v1/models/m", token)
         assert status == 200 and all(secret in whole for secret in SECRETS), whole  # the engine did print them all
-        for path in ("/admin/v1/models", "/admin/v1/models/m", "/admin/v1/status", "/readyz", "/"):
-            for bearer in (None, "not-the-token"):
-                status, text = _get(url + path, bearer)
-                assert status in (200, 503), (path, status, text)
-                leaked = [secret for secret in SECRETS if secret in text]
-                assert leaked == [], (path, bearer, leaked)
-                marker = "\\u003credacted\\u003e" if path == "/" else REDACTED  # the page's JSON escapes < and >
-                assert marker in text, (path, text[:2000])
-            status, text = _get(url + path, token)
-            assert API_KEY in text.replace("\\u003c", "<"), path  # the token holder reads it whole
-    started = [line for line in output.read_text().splitlines() if "engine started" in line]
+        yield url, token, output
+
+
+@pytest.mark.parametrize("path", ["/admin/v1/models", "/admin/v1/models/m", "/admin/v1/status", "/readyz", "/"])
+def test_a_failed_loads_secrets_are_redacted_without_the_token_and_whole_with_it(failed_load, path):
+    url, token, _ = failed_load
+    for bearer in (None, "not-the-token"):
+        status, text = _get(url + path, bearer)
+        assert status in (200, 503), (status, text)
+        assert [secret for secret in SECRETS if secret in text] == [], bearer
+        marker = "\\u003credacted\\u003e" if path == "/" else REDACTED  # the page's JSON escapes < and >
+        assert marker in text, text[:2000]  # the error is there, redacted
+    status, text = _get(url + path, token)
+    assert all(secret in text for secret in SECRETS)  # the token holder reads it whole
+
+
+def test_lessords_debug_line_shows_the_argv_redacted(failed_load):
+    started = [line for line in failed_load[2].read_text().splitlines() if "engine started" in line]
     assert started and not any(secret in line for line in started for secret in SECRETS), started
-    assert f"--api-key {REDACTED}" in started[0]
+    assert f"--api-key {REDACTED}" in started[0] and f"--hf-token={REDACTED}" in started[0]
 
 
 def test_the_state_folder_and_its_files_are_not_open_to_others(tmp_path):
@@ -152,3 +165,32 @@ def _assert_closed(state) -> None:
                       if not path.is_symlink() and path.lstat().st_mode & stat.S_IRWXO]
     assert open_to_others == []
     assert list((state / "logs").glob("*.log"))  # the engine logs were looked at
+
+
+async def test_mqtt_carries_a_failed_loads_error_redacted(tmp_path, broker, monkeypatch):
+    """The broker's subscribers hold no admin token: events and retained state say the error redacted."""
+    import aiomqtt
+
+    from lessor.daemon.errors import LessorError
+    from lessor.daemon.runtime import publishing, runtime
+
+    from .conftest import sim_config
+    from .test_mqtt import collect
+
+    monkeypatch.setenv("DB_PASSWORD", DAEMON_SECRET)  # lessord's own environment, which the engine inherits
+    spec = _failing_spec(tmp_path)
+    spec.pop("pinned")
+    config = sim_config(tmp_path, [spec], mqtt={"url": f"mqtt://127.0.0.1:{broker.port}", "topic_prefix": "t"})
+    async with runtime(config) as controller, publishing(controller):
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="watcher") as watcher:
+            await watcher.subscribe("t/#", qos=1)
+            await collect(watcher, lambda seen: "t/state/models/m" in seen)
+            try:
+                await controller.load("m")
+            except LessorError as exc:
+                assert API_KEY in str(exc)  # the error itself quotes the engine's printed arguments
+            seen = await collect(watcher, lambda seen: any(json.loads(m.payload).get("error")
+                                                          for m in seen.get("t/state/models/m", [])))
+    payloads = [m.payload.decode() for messages in seen.values() for m in messages]
+    assert [secret for secret in SECRETS if any(secret in p for p in payloads)] == []
+    assert REDACTED in json.loads(seen["t/state/models/m"][-1].payload)["error"]
