@@ -91,7 +91,7 @@ def answers(out: bytes) -> list[tuple[int, dict | bytes]]:
 
 
 def get(path: str, extra: bytes = b"", method: bytes = b"GET") -> bytes:
-    return b"%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (method, path.encode(), extra)
+    return b"%s %s HTTP/1.1\r\nHost: localhost\r\n%s\r\n" % (method, path.encode(), extra)
 
 
 PATHS = {"admin": "/healthz", "router": "/v1/models"}
@@ -105,7 +105,7 @@ BIG = 64 << 20  # a 64 MB header: what the chaos run threw
 async def test_a_head_over_a_limit_is_refused_at_the_limit(listeners, side, what, status, code):
     ports = dict(zip(("admin", "router"), await listeners()))
     if what == "url":
-        data = b"GET /" + b"a" * BIG + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        data = b"GET /" + b"a" * BIG + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
     elif what == "header":
         data = b"GET / HTTP/1.1\r\nX-Big: " + b"a" * BIG + b"\r\n\r\n"
     elif what == "headers":
@@ -159,9 +159,9 @@ async def test_pipelined_heads_are_limited_each_not_together(listeners, side):
 async def test_pipelined_requests_with_bodies_reach_the_admin_api_whole(listeners):
     admin_port, _ = await listeners()
     body = b'{"model": "a"}'
-    chunked = (b"POST /admin/v1/plan HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = (b"POST /admin/v1/plan HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"5\r\n" + body[:5] + b"\r\n" + b"%x\r\n" % (len(body) - 5) + body[5:] + b"\r\n0\r\n\r\n")
-    sized = b"POST /admin/v1/plan HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    sized = b"POST /admin/v1/plan HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     out, _ = await exchange(admin_port, sized + chunked + get("/healthz", b"Connection: close\r\n"))
     statuses = [status for status, _ in answers(out)]
     assert len(statuses) == 3 and statuses[2] == 200 and statuses[0] == statuses[1] != 400
@@ -180,7 +180,7 @@ async def test_head_is_answered_without_a_body_on_the_router(listeners):
 async def test_a_slow_head_gets_408_on_the_admin_api(listeners):
     admin_port, _ = await listeners(admin={"request_timeout": 0.3})
     reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # and nothing more
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")  # and nothing more
     out = await asyncio.wait_for(reader.read(), HANG_S)  # answered, then disconnected
     writer.close()
     (status, body), = answers(out)
@@ -190,7 +190,7 @@ async def test_a_slow_head_gets_408_on_the_admin_api(listeners):
 async def test_a_body_shorter_than_its_length_gets_408_on_the_admin_api(listeners):
     admin_port, _ = await listeners(admin={"request_timeout": 0.3})
     reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
-    writer.write(b"POST /admin/v1/plan HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mod")
+    writer.write(b"POST /admin/v1/plan HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{\"mod")
     out = await asyncio.wait_for(reader.read(), HANG_S)
     writer.close()
     (status, body), = answers(out)
@@ -201,7 +201,7 @@ async def test_a_client_that_leaves_mid_body_is_one_info_line(listeners, caplog)
     admin_port, _ = await listeners()
     with caplog.at_level(logging.DEBUG):
         reader, writer = await asyncio.open_connection("127.0.0.1", admin_port)
-        writer.write(b"POST /admin/v1/plan HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+        writer.write(b"POST /admin/v1/plan HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n")
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANG_S)  # the handler is reading the body
         writer.write(b'{"mod')
         await writer.drain()
@@ -236,7 +236,7 @@ def kinds(events) -> list[tuple[str, int]]:
 
 
 def test_the_framer_finds_each_request_s_end_in_one_pass():
-    one = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    one = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
     sized = b"POST /p HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
     chunked = b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=1\r\nabc\r\n0\r\nT: 1\r\n\r\n"
     data = one + sized + chunked

@@ -255,7 +255,7 @@ async def router_port(front):
 
 
 def post(path: str, body: bytes, extra: bytes = b"") -> bytes:
-    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+    return (b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
             % (path.encode(), len(body), extra) + body)
 
 
@@ -273,7 +273,7 @@ async def test_pipelined_requests_are_answered_in_order_on_one_connection(router
 async def test_a_chunked_upload_and_expect_100_continue_are_understood(router_port):
     _, port = router_port
     body = b'{"model": "b", "prompt": "chunked"}'
-    chunked = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n"
+    chunked = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n"
                b"Connection: close\r\n\r\n%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (10, body[:10], len(body) - 10, body[10:]))
     out = await raw_exchange(port, chunked)
     assert out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
@@ -282,9 +282,9 @@ async def test_a_chunked_upload_and_expect_100_continue_are_understood(router_po
 
 @pytest.mark.parametrize("request_bytes, status, code", [
     (b"GARBAGE\r\n\r\n", 400, "bad_request"),
-    (b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
-    (b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404, "not_found"),
-    (b"DELETE /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 405, "method_not_allowed"),
+    (b"GET /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\r\n", 405, "method_not_allowed"),
+    (b"GET /nowhere HTTP/1.1\r\nHost: localhost\r\n\r\n", 404, "not_found"),
+    (b"DELETE /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n", 405, "method_not_allowed"),
 ])
 async def test_requests_the_router_cannot_serve_get_a_clear_error(router_port, request_bytes, status, code):
     controller, port = router_port
@@ -298,7 +298,7 @@ async def test_requests_the_router_cannot_serve_get_a_clear_error(router_port, r
 
 async def test_a_wrong_method_is_told_the_method_that_works(router_port):
     _, port = router_port
-    out = await raw_exchange(port, b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = await raw_exchange(port, b"GET /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     head, body = out.split(b"\r\n\r\n", 1)
     assert b"\r\nAllow: POST\r\n" in head
     assert json.loads(body)["error"] == {"message": "/v1/chat/completions takes POST, not GET",
@@ -352,7 +352,7 @@ async def test_a_slow_client_gets_408_and_others_are_served_meanwhile(front):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     # Half a request (a slowloris): the head, then 10 of the 100 bytes it announced. The well-behaved
     # client sends its whole request at once: 2 s is far more than a busy machine needs for that.
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100\r\n\r\n{\"model\": ")
     await writer.drain()
     async with session.post("/v1/completions", json={"model": "a", "prompt": "hi"}) as r:
@@ -366,7 +366,7 @@ async def test_a_slow_client_gets_408_and_others_are_served_meanwhile(front):
 async def test_an_idle_connection_is_closed_after_the_request_timeout(front):
     _, _, _, port = await front(request_timeout=0.3)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
     await reader.readexactly(16)  # {"status": "ok"}
     assert await asyncio.wait_for(reader.read(), timeout=HANG_S) == b""  # closed quietly, no answer owed
