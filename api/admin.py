@@ -202,7 +202,8 @@ ROUTES: list[Route] = [
     Route("DELETE", f"{P}/fingerprints/{{key}}", delete_fingerprint, "Forget a fingerprint: plans of its key go back to the memory model",
           response=schemas.FingerprintOut, auth=True),
     Route("POST", f"{P}/reload", post_reload, "Read the config file again and apply it: what changed, or why it "
-          "was refused (the running config kept), as SIGHUP does", response=schemas.ReloadOut, auth=True),
+          "was refused (the running config kept), or that it is pending until the loads it waits for end (a newer "
+          "reload replaces it), as SIGHUP does", response=schemas.ReloadOut, auth=True),
     Route("GET", f"{P}/events", get_events, "Event stream (server-sent events)", auth=True, content_type="text/event-stream"),
     Route("GET", f"{P}/history", get_history, "Device usage over the last hour (leased, foreign, engines, free), oldest first",
           response=schemas.HistoryOut),

@@ -25,8 +25,8 @@ from . import cli_live
 from .auth import ENV_TOKEN
 from .cli_client import DEFAULT_ADMIN, DEFAULT_CONFIG, ENV_CONFIG, ApiError, config_path, make_client
 from .cli_completion import completion_script
-from .cli_render import (render_budget, render_fingerprints, render_leases, render_models, render_names, render_plan,
-                         render_status)
+from .cli_render import (reload_text, render_budget, render_fingerprints, render_leases, render_models, render_names,
+                         render_plan, render_status)
 
 
 def _colour() -> bool:
@@ -149,7 +149,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    """A refused reload is an API error (main() prints why, exit 1); the running config is kept."""
+    """A refused reload is an API error (main() prints why, exit 1); the running config is kept. A pending
+    one is not an error: it applies when the loads it waits for end."""
     try:
         done = make_client(args).call("POST", "/admin/v1/reload")
     except ApiError as exc:
@@ -158,11 +159,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(done, indent=2))
         return 0
-    said = [f"{what} {', '.join(done[what])}" for what in ("added", "removed", "changed") if done[what]]
-    print(f"reloaded {done['config']['path'] if done.get('config') else 'the config'}: "
-          f"{'; '.join(said) or 'no model added, removed or changed'}")
-    for warning in done["warnings"]:
-        print(f"  {warning}")
+    print(reload_text(done))
     return 0
 
 

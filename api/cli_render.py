@@ -268,6 +268,20 @@ def _briefly(reason: str, model: str) -> str:
     return _because(text) + (f" (its log: lessor logs {model})" if cut else "")
 
 
+def reload_text(done: dict) -> str:
+    """`lessor reload`'s answer: what was applied, or that it is pending and what for; then the warnings."""
+    path = done["config"]["path"] if done.get("config") else "the config"
+    pending = done.get("pending")
+    if pending:
+        digest = (pending.get("config") or {}).get("digest")
+        head = (f"reload of {path}{f' ({digest})' if digest else ''} pending: {pending['reason']}; it applies when "
+                f"that ends (a newer reload replaces it), and `lessor status` says the digest in force")
+    else:
+        said = [f"{what} {', '.join(done[what])}" for what in ("added", "removed", "changed") if done[what]]
+        head = f"reloaded {path}: {'; '.join(said) or 'no model added, removed or changed'}"
+    return "\n".join([head, *(f"  {warning}" for warning in done["warnings"])])
+
+
 REFUSAL_CHARS = 120  # the line's other words take ~70: the whole stays under 200
 
 
@@ -291,7 +305,8 @@ EVENT_LINES = {
     "admission": lambda e: f"{e['model']} {e['result']}"
                            + (f" evicting {', '.join(e['victims'])}" if e.get("victims") else "") + _because(e.get("reason", "")),
     "foreign_usage": lambda e: f"{e['device']} foreign {format_bytes(e['previous_bytes'])} -> {format_bytes(e['foreign_bytes'])}",
-    "config_reloaded": lambda e: ("applied" if e["ok"] else "refused" + _refusal(e.get("reason", "")))
+    "config_reloaded": lambda e: ("applied" if e["ok"] else f"pending{_because(e.get('reason', ''))}" if e.get("waiting_for")
+                                  else "refused" + _refusal(e.get("reason", "")))
                                  + "".join(f"; {k} {', '.join(e[k])}" for k in ("added", "removed", "changed") if e.get(k)),
     "engine_adopted": lambda e: f"{e['model']} pid {e['pid']} {'adopted' if e['adopted'] else 'stopped'}{_because(e['reason'])}",
     "lease_overrun": lambda e: f"{e['model']} {e['device']} uses {format_bytes(e['used_bytes'])} of "

@@ -200,13 +200,23 @@ class ConfigSourceOut(Out):
     digest: str = Field(description="The first 12 hex digits of the SHA-256 of its content when lessord read it (start or reload)")
 
 
+class PendingReloadOut(Out):
+    config: ConfigSourceOut | None = Field(description="The file content that waits (its digest), applied once it can")
+    waiting_for: list[str] = Field(description="The models it changes or removes that are mid-transition (loading, "
+                                               "unloading, adopting); no load of a model it affects starts meanwhile")
+    reason: str = Field(description="What it waits for, in words: e.g. waiting for 'm2' to finish loading")
+
+
 class ReloadOut(Out):
-    reloaded: bool = Field(description="Always true: a refused reload answers an error saying why (the running config is kept)")
+    reloaded: bool = Field(description="true: applied, in force now; false: pending (see `pending`). A refused reload "
+                                       "answers an error saying why (the running config is kept)")
     added: list[str] = Field(description="Models the config now has that it did not")
     removed: list[str] = Field(description="Models no longer in the config (unloaded)")
     changed: list[str] = Field(description="Models whose settings changed (applied at their next load)")
     warnings: list[str] = Field(description="check-config's warnings about the new config")
-    config: ConfigSourceOut | None = Field(description="The file lessord now runs")
+    config: ConfigSourceOut | None = Field(description="The file lessord runs now (the config in force)")
+    pending: PendingReloadOut | None = Field(default=None, description="When not applied yet: what it waits for. It "
+                                             "applies as soon as that ends, unless a newer reload replaces it")
 
 
 class StatusOut(Out):
@@ -214,6 +224,8 @@ class StatusOut(Out):
     probe: Literal["nvml", "sim"]
     policy: str
     config: ConfigSourceOut | None = Field(description="The file lessord runs; null when it was not started from one")
+    pending_reload: PendingReloadOut | None = Field(default=None, description="A reload that waits for loads to end "
+                                                    "before it applies (null: none)")
     devices: list[DeviceOut]
     models: list[ModelOut]
 

@@ -194,14 +194,15 @@ async def _listen(runner, config: LessorConfig) -> None:
 
 async def reload(controller: Controller, notifier: Notifier) -> bool:
     """SIGHUP: read the config again and apply it (Controller.reload_file, as POST /admin/v1/reload);
-    a bad one is refused whole and the old one kept."""
+    a bad one is refused whole and the old one kept; one that must wait for a load is pending (the
+    controller logged what for) and applies when it ends."""
     notifier.reloading()
     try:
-        await controller.reload_file()
+        done = await controller.reload_file()
     except LessorError:  # the controller logged why
         notifier.ready("reload refused: running config kept")
         return False
-    notifier.ready("config reloaded")
+    notifier.ready("config reloaded" if done["reloaded"] else f"reload pending: {done['pending']['reason']}")
     return True
 
 

@@ -19,6 +19,7 @@ from .events import AdmissionDecided, AdmissionResult, ConfigReloaded, EventBus,
 from .holder import ConfigHolder
 from .ledger import LeaseKind, Ledger
 from .lifecycle import ConfigChange, ModelState
+from .reloading import Applied, ConfigRead, Pending, Reloads
 from .supervisor import Supervisor
 
 log = logging.getLogger("lessor.service")
@@ -34,7 +35,8 @@ class Controller:
         self.history = None  # the last hour of device usage (daemon/usage_history.py), sampled while lessord runs
         self.config_loader: Callable[[], LessorConfig] | None = None  # reads lessord's config again (reload)
         self.pin_failures: dict[str, str] = {}  # pinned models whose load at start failed, and why (readiness)
-        self._reloading = asyncio.Lock()  # SIGHUP and POST /reload: one at a time
+        self._deferred: Pending | None = None  # the reload that last had to wait, until one applies
+        self.reloads = Reloads(supervisor, self._reload_applied, self._reload_pending, self._reload_failed)
 
     @property
     def config(self) -> LessorConfig:
@@ -173,12 +175,13 @@ class Controller:
         return next(d for d in self.devices() if d["id"] == device)
 
     async def reload(self, config: LessorConfig) -> ConfigChange:
-        """Apply a new config to the running daemon, or refuse it whole with the reason."""
-        change, _ = await self._apply(config)
-        return change
+        """Apply a new config to the running daemon once it can (after a reload before it, and the
+        transitions of the models it changes), or refuse it whole with the reason."""
+        return await self.reloads.apply(ConfigRead(config, None, self._checked(config)))
 
-    async def _apply(self, config: LessorConfig) -> tuple[ConfigChange, checks.Report]:
-        """reload's work, and the checks' report it refused or applied by (its warnings are said once)."""
+    def _checked(self, config: LessorConfig) -> tuple[str, ...]:
+        """Refuse what a reload cannot do (fields read once at start) and what check-config refuses;
+        the checks' warnings, said once."""
         restart_only = [name for name, old, new in (
             ("state_dir", self.config.state_dir, config.state_dir),
             ("ledger", self.config.ledger, config.ledger),
@@ -199,7 +202,7 @@ class Controller:
         if report.errors:  # the same errors check-config and lessord's start refuse
             source = self.config_source["path"] if self.config_source else "the new config"
             raise ConfigError(source, [ConfigProblem(f.path, f.reason) for f in report.findings if f.error])
-        return await self.supervisor.apply_config(config), report
+        return tuple(str(f) for f in report.warnings)
 
     def check(self, config: LessorConfig) -> checks.Report:
         """check-config's checks of `config`, against the devices this lessord runs on."""
@@ -208,25 +211,54 @@ class Controller:
 
     async def reload_file(self) -> dict[str, Any]:
         """Read the config again (lessord's file and flags) and apply it: what changed, with the checks'
-        warnings; refused whole (a typed error saying why) with the running config kept.
-        SIGHUP and POST /admin/v1/reload both come here."""
+        warnings; or pending, and what it waits for (a model it changes is loading: it applies when that
+        ends); refused whole (a typed error saying why) with the running config kept, and a reload still
+        pending dropped (the file no longer says it). SIGHUP and POST /admin/v1/reload both come here."""
         if self.config_loader is None:
             raise InvalidRequest(None, "this lessord was not started from a config file: nothing to reload")
-        async with self._reloading:
-            try:
-                config = self.config_loader()
-                change, report = await self._apply(config)
-            except LessorError as exc:
-                log.error("reload refused, the running config is kept: %s", exc)
-                self.bus.publish(ConfigReloaded(False, str(exc)))
-                raise
-            if self.config_source:  # the same file, read again: its digest says which content runs now
-                self.config_source = config_source(self.config_source["path"])
-            self.bus.publish(ConfigReloaded(True, "", change.added, change.removed, change.changed))
-            warnings = [str(f) for f in report.warnings]
-            log.info("config reloaded: %s", _change_in_words(change))
-            return {"reloaded": True, "added": list(change.added), "removed": list(change.removed),
-                    "changed": list(change.changed), "warnings": warnings, "config": self.config_source}
+        try:
+            config, source = read_consistently(self.config_source["path"] if self.config_source else None,
+                                               self.config_loader)
+            read = ConfigRead(config, source, self._checked(config))
+        except LessorError as exc:
+            dropped = self.reloads.drop_pending()
+            log.error("reload refused, the running config is kept%s: %s",
+                      f" and the pending reload ({dropped.read.digest or 'not from a file'}) dropped" if dropped else "", exc)
+            self.bus.publish(ConfigReloaded(False, str(exc)))
+            raise
+        outcome = await self.reloads.submit(read)
+        if isinstance(outcome, Pending):
+            return {"reloaded": False, "added": [], "removed": [], "changed": [], "warnings": list(read.warnings),
+                    "config": self.config_source, "pending": self._pending_dict(outcome)}
+        change = outcome.change
+        return {"reloaded": True, "added": list(change.added), "removed": list(change.removed),
+                "changed": list(change.changed), "warnings": list(outcome.read.warnings), "config": outcome.read.source,
+                "pending": None}
+
+    @staticmethod
+    def _pending_dict(pending: Pending) -> dict[str, Any]:
+        return {"config": pending.read.source, "waiting_for": list(pending.waiting_for), "reason": pending.reason()}
+
+    def _reload_applied(self, applied: Applied) -> None:
+        change, deferred = applied.change, self._deferred
+        self.config_source = applied.read.source  # the digest of the very bytes now in force
+        self._deferred = None
+        self.bus.publish(ConfigReloaded(True, "", change.added, change.removed, change.changed, digest=applied.read.digest))
+        (log.warning if deferred else log.info)(
+            "%sconfig reloaded%s: %s", "pending " if deferred and deferred.read is applied.read else "",
+            f" ({applied.read.digest})" if applied.read.digest else "", _change_in_words(change))
+
+    def _reload_pending(self, pending: Pending) -> None:
+        self._deferred = pending
+        self.bus.publish(ConfigReloaded(False, pending.reason(), waiting_for=tuple(pending.waiting_for),
+                                        digest=pending.read.digest))
+        log.warning("reload%s pending: %s; it applies when that ends (their loads are held meanwhile), "
+                    "a newer reload replaces it", f" of {pending.read.digest}" if pending.read.digest else "",
+                    pending.reason())
+
+    def _reload_failed(self, read: ConfigRead, exc: LessorError) -> None:
+        log.error("reload refused, the running config is kept: %s", exc)
+        self.bus.publish(ConfigReloaded(False, str(exc), digest=read.digest))
 
     def readiness(self) -> str | None:
         """Why lessord is not ready though it started: the ledger's database not answering, a
@@ -245,8 +277,10 @@ class Controller:
 
     def status(self) -> dict[str, Any]:
         from .. import __version__
+        pending = self.reloads.pending()
         return {"version": __version__, "probe": self.probe.name, "policy": self.config.policy.name,
-                "config": self.config_source, "devices": self.devices(), "models": self.models()}
+                "config": self.config_source, "pending_reload": self._pending_dict(pending) if pending else None,
+                "devices": self.devices(), "models": self.models()}
 
 
 def _change_in_words(change: ConfigChange) -> str:
@@ -278,3 +312,29 @@ def config_source(path: str | os.PathLike[str]) -> dict[str, str]:
     and a short digest of the content (an edited file not yet reloaded has another digest)."""
     resolved = Path(path).resolve()
     return {"path": str(resolved), "digest": hashlib.sha256(resolved.read_bytes()).hexdigest()[:12]}
+
+
+READ_TRIES = 3
+
+
+def read_consistently(path: str | None, load: Callable[[], LessorConfig]) -> tuple[LessorConfig, dict[str, str] | None]:
+    """`load()`, and the source of the bytes it parsed: the file's digest taken before and after
+    the read must agree (an editor writing meanwhile: read again), so the digest reported is
+    always the content in force."""
+    if path is None:
+        return load(), None
+    for _ in range(READ_TRIES):
+        before = _source_or_none(path)
+        config = load()  # an unreadable file: its ConfigError names the file
+        after = _source_or_none(path)
+        if before is not None and before == after:
+            return config, after
+    raise ConfigError(path, [ConfigProblem("", f"the file changed while it was read, {READ_TRIES} times in a row; "
+                                               "reload again once it is written")])
+
+
+def _source_or_none(path: str) -> dict[str, str] | None:
+    try:
+        return config_source(path)
+    except OSError:
+        return None

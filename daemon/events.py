@@ -117,14 +117,28 @@ class ForeignUsageChanged(Event):
     previous_bytes: int
 
 
+class ReloadResult(str, Enum):
+    APPLIED = "applied"  # in force
+    PENDING = "pending"  # waits for the models in `waiting_for` to finish their transition; applied then
+    REFUSED = "refused"  # not applied; the running config kept
+
+
 @dataclass(frozen=True)
 class ConfigReloaded(Event):
+    """A reload applied (`ok`), pending (`waiting_for` the models it waits for), or refused (`reason`);
+    `digest`: of the file content it is about, when read from a file."""
     type: ClassVar[str] = "config_reloaded"
     ok: bool
     reason: str = ""
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
     changed: tuple[str, ...] = ()
+    waiting_for: tuple[str, ...] = ()
+    digest: str = ""
+
+    @property
+    def result(self) -> ReloadResult:
+        return ReloadResult.APPLIED if self.ok else ReloadResult.PENDING if self.waiting_for else ReloadResult.REFUSED
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,9 @@ class Supervisor:
         self._restarts = Restarts(clock, lambda name: self.try_load(name, cause="restart"))
         self.elastic = Elastic(ledger, self._device_locks, self.in_flight)  # KV leases shrunk and grown in place
         self._closing = False
+        self._held_by_pending: frozenset[str] = frozenset()  # loads held for a reload that waits (hold_for_reload)
+        self._held_by_apply: frozenset[str] = frozenset()  # loads held while apply_config unloads
+        self._transition_watchers: list[Callable[[], None]] = []
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -164,6 +167,7 @@ class Supervisor:
         previous, record.state = record.state, state
         if previous != state:
             self._publish(ModelStateChanged(record.spec.name, state.value, previous.value, reason))
+            self._transitioned()
 
     async def load(self, name: str, overrides: Mapping[str, Any] | None = None) -> ModelRecord:
         """An operator's load: a load that must wait for busy models is refused (ModelsBusy). It
@@ -188,6 +192,7 @@ class Supervisor:
         if record.state is ModelState.ADOPTING:
             raise ModelAdopting(record.spec.name)
         self._check_idle(record)
+        self._check_not_held(record)
         spec = with_overrides(record.spec, overrides or {})
         adapter = self._engines.get(spec.engine.kind)
         if adapter is None:
@@ -219,6 +224,7 @@ class Supervisor:
             raise
         finally:
             self._admitting.discard(spec.name)
+            self._transitioned()  # an admission may end with no state change (a wait weighed again)
         record.handle, record.plan, record.attempt = loaded.handle, loaded.plan, loaded.attempt
         record.error, record.ready_at_s = "", self._clock()
         self._set_state(record, ModelState.READY)
@@ -512,19 +518,58 @@ class Supervisor:
             if record.state in (ModelState.READY, ModelState.FAILED):
                 await self.unload(record.spec.name, reason="lessord stopping")
 
-    async def apply_config(self, config) -> ConfigChange:
-        """Add, remove and retune models, then put `config` in force in one step. Running models
-        keep running: a changed spec applies at their next load; a removed model is unloaded.
-        Refused (nothing changed) while an affected model is mid-transition."""
+    # -- config changes (daemon/reloading.py orders them) ---------------------------------------
+
+    def affected_by(self, config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The models `config` removes and those whose spec it changes."""
         new = {spec.name: spec for spec in config.models}
         removed = tuple(n for n in self._models if n not in new)
         changed = tuple(n for n in self._models if n in new and new[n] != self._models[n].spec)
-        busy = [n for n in removed + changed if self._models[n].state in BUSY or n in self._admitting]
+        return removed, changed
+
+    def reload_blockers(self, config) -> dict[str, str]:
+        """The models `config` removes or changes that are mid-transition (loading, being admitted,
+        unloading, adopting), with their state: `config` cannot apply before they settle."""
+        removed, changed = self.affected_by(config)
+        return {n: (self._models[n].state if self._models[n].state in BUSY else ModelState.LOADING).value
+                for n in removed + changed if self._models[n].state in BUSY or n in self._admitting}
+
+    def hold_for_reload(self, config) -> None:
+        """While a reload waits for `config` (None: none waits), no load of a model it removes or
+        changes starts: the loads under way end and none follows, so the reload cannot starve."""
+        self._held_by_pending = frozenset(sum(self.affected_by(config), ())) if config is not None else frozenset()
+
+    def watch_transitions(self, callback: Callable[[], None]) -> None:
+        """`callback()` after every state change and at the end of every admission (a pending reload's wake-up)."""
+        self._transition_watchers.append(callback)
+
+    def _transitioned(self) -> None:
+        for callback in self._transition_watchers:
+            callback()
+
+    def _check_not_held(self, record: ModelRecord) -> None:
+        name = record.spec.name
+        if name in self._held_by_pending or name in self._held_by_apply:
+            raise ModelBusy(name, "held for a config reload that changes it")
+
+    async def apply_config(self, config) -> ConfigChange:
+        """Add, remove and retune models, then put `config` in force in one step. Running models
+        keep running: a changed spec applies at their next load; a removed model is unloaded, and no
+        load of an affected model starts meanwhile. Refused (nothing changed) while an affected model
+        is mid-transition (reload_blockers: daemon/reloading.py waits for them instead)."""
+        busy = self.reload_blockers(config)
         if busy:
-            raise ModelBusy(busy[0], self._models[busy[0]].state.value)
-        for name in removed:
-            await self.unload(name, reason="removed from the config")
-            del self._models[name]
+            name, state = next(iter(busy.items()))
+            raise ModelBusy(name, state)
+        new = {spec.name: spec for spec in config.models}
+        removed, changed = self.affected_by(config)
+        self._held_by_apply = frozenset(removed + changed)
+        try:
+            for name in removed:
+                await self.unload(name, reason="removed from the config")
+                del self._models[name]
+        finally:
+            self._held_by_apply = frozenset()
         for name in changed:
             self._models[name].spec = new[name]
         added = tuple(n for n in new if n not in self._models)
@@ -533,4 +578,3 @@ class Supervisor:
         self._config.swap(config)
         self._restarts.forget()  # the operator may have fixed what crashed them: every model may be tried again
         return ConfigChange(added, removed, changed)
-
