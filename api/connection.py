@@ -23,6 +23,7 @@ import httptools
 from ..daemon.config import RouterConfig
 from ..daemon.errors import (BodyTooLarge, HeadTooLarge, InvariantBroken, LessorError, MalformedRequest,
                              RequestTimedOut, UpstreamFailed, UrlTooLong)
+from ..daemon.errors import UpstreamTimedOut
 from .errors import http_headers, http_status, openai_envelope
 from .origins import SiteRules
 from .proxy import UpstreamConnection
@@ -81,6 +82,7 @@ class ClientConnection(asyncio.Protocol):
         self.reading = False  # between a request's first byte and its end
         self.timer: asyncio.TimerHandle | None = None
         self.deadline: float | None = None  # when the armed timeout is due; None: disarmed
+        self.unread: asyncio.TimerHandle | None = None  # armed while the client reads nothing of what it is sent
 
     # -- asyncio ---------------------------------------------------------------------------
 
@@ -146,6 +148,8 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         if self.timer is not None:
             self.timer.cancel()
+        if self.unread is not None:
+            self.unread.cancel()
         self.door.connections.discard(self)
         if self.exchange is not None:
             self.exchange.client_gone()
@@ -153,12 +157,30 @@ class ClientConnection(asyncio.Protocol):
             self.task.cancel()  # waiting for a turn or a load: leave the queue
 
     def pause_writing(self) -> None:  # a slow reader: stop reading the engine until it catches up
+        if self.unread is None:
+            self.unread = asyncio.get_running_loop().call_later(self.door.config.stream_idle_timeout, self._unread)
         if self.exchange is not None:
             self.exchange.upstream.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.unread is not None:
+            self.unread.cancel()
+            self.unread = None
         if self.exchange is not None:
             self.exchange.upstream.resume_reading()
+
+    def _unread(self) -> None:
+        """The client read nothing for router.stream_idle_timeout while its answer waited: it holds
+        the model's request (and the engine's slot) for nothing. Aborted, not closed: a close would
+        wait for the unread bytes to go out first, for ever; connection_lost ends the exchange."""
+        self.unread = None
+        if self.closed:
+            return
+        model = self.exchange.model if self.exchange is not None else None
+        log.warning("router: a client%s read nothing of its answer for %g s (router.stream_idle_timeout): its "
+                    "connection is closed", f" of model '{model}'" if model else "", self.door.config.stream_idle_timeout,
+                    extra={"model": model} if model else None)
+        self.transport.abort()
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -330,6 +352,7 @@ class Exchange:
         self.withheld = False  # an engine's 5xx: its body stays in its log, the client gets engine_error()
         self.out: list[bytes] = []  # this read's pieces, the held head first
         self.sent = False  # any byte of the answer has gone to the client
+        self.stream = False  # an event stream: a cut one ends with an error event the client's SDK raises
 
     def upstream_head(self, status: int, content_type: bytes, length: int | None) -> None:
         self.status = status
@@ -338,7 +361,8 @@ class Exchange:
             return
         self.chunked = length is None
         framing = b"Transfer-Encoding: chunked\r\n" if self.chunked else b"Content-Length: %d\r\n" % length
-        stream = b"Cache-Control: no-cache\r\n" if content_type.startswith(b"text/event-stream") else b""
+        self.stream = content_type.startswith(b"text/event-stream")
+        stream = b"Cache-Control: no-cache\r\n" if self.stream else b""
         self.out.append(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s%s%s\r\n"
                         % (status, REASONS.get(status, b""), content_type, framing, stream,
                            b"" if self.keep_alive else b"Connection: close\r\n"))
@@ -389,6 +413,38 @@ class Exchange:
         self.upstream.close()
         if not self.done.done():
             self.done.set_result(CLIENT_GONE)
+
+    def upstream_stalled(self, answering: bool, timeout_s: float) -> None:
+        if answering:
+            error = UpstreamTimedOut(self.model, "sent nothing more of its answer", timeout_s, "router.stream_idle_timeout")
+        else:
+            error = UpstreamTimedOut(self.model, "sent no first byte of its answer", timeout_s, "router.first_byte_timeout")
+        log.warning("router: %s", error.message(), extra={"model": self.model})
+        self.abort(error)
+
+    def abort(self, error: LessorError) -> None:
+        """End the exchange with `error` before the engine ended it (the engine stalled, or a drain's
+        bound cut it); the engine's connection is closed, so it drops the request. Nothing sent yet:
+        the client gets the error whole. A stream under way ends with the error as its last event
+        (OpenAI's SDKs raise it) and its proper end; another answer under way is cut short."""
+        if self.done.done():
+            return
+        self.upstream.close()
+        if not self.sent:
+            self.out = []
+            self.done.set_exception(error)
+            return
+        if self.out:
+            self._write()
+        client = self.client
+        if self.stream and self.chunked and not client.closed:
+            event = b"data: %s\n\n" % json.dumps(openai_envelope(error)).encode()
+            client.transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+            if not self.keep_alive:
+                client.close()
+        else:
+            client.close()
+        self.done.set_result(http_status(error))
 
 
 def same_site(request: Request, config: RouterConfig) -> None:

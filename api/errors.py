@@ -25,6 +25,7 @@ from ..daemon.errors import (BodyTooLarge, ConfigError, CrossSiteRequest, Engine
                              NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected, QueueFull, RequestTimedOut,
                              Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel, UpstreamFailed, UrlTooLong,
                              WaitTimedOut)
+from ..daemon.errors import DrainTimedOut, UpstreamTimedOut
 
 log = logging.getLogger("lessor.api")
 
@@ -72,6 +73,8 @@ ERRORS: dict[type[LessorError], HttpMapping] = {
     ModelAdopting: HttpMapping(503, SERVER),
     WaitTimedOut: HttpMapping(503, SERVER),
     LedgerUnavailable: HttpMapping(503, SERVER),
+    DrainTimedOut: HttpMapping(503, SERVER),
+    UpstreamTimedOut: HttpMapping(504, SERVER),
 }
 UNMAPPED = HttpMapping(500, SERVER)
 RETRYABLE = frozenset((409, 429, 503))  # the statuses whose Retry-After a client can act on

@@ -5,7 +5,11 @@ read once, parsed once to learn `model`, and sent upstream as the same bytes (an
 over with the model's name for an engine that serves under one name); the answer's body
 comes back piece by piece as the engine writes it (re-framed as chunked when the engine gave no
 length), so streams are never buffered. A client that disconnects closes its upstream
-connection, so the engine stops.
+connection, so the engine stops. No request holds its model for ever: an engine that stays
+silent is cut (router.first_byte_timeout, router.stream_idle_timeout: api/proxy.py), a client
+that reads nothing is disconnected (api/connection.py), and a request that runs on while its
+model is drained for another model's load is cut at router.drain_timeout (daemon/lanes.py
+decides, `Running.cut` carries it out).
 
 This module owns what a request is answered with (the routes, the model list, which lane serves
 it, the metrics count) and the listening socket. The HTTP/1.1 protocol is api/connection.py's,
@@ -24,7 +28,7 @@ import httptools
 
 from ..daemon.config import RouterConfig
 from ..daemon.errors import (Forbidden, InvalidRequest, LessorError, LoadFailed, MethodNotAllowed, ModelFailed, NoRoute,
-                             UnknownModel, UpstreamFailed)
+                             UnknownModel, UpstreamFailed, UpstreamTimedOut)
 from ..daemon.lanes import Lane
 from ..daemon.traffic import TrafficControl
 from ..daemon.units import parse_duration_or_never
@@ -104,13 +108,30 @@ def for_client(exc: LessorError) -> LessorError:
     return exc
 
 
+class Running:
+    """One request's turn on its model, which the router may cut (a drain's bound: TrafficControl.cut).
+    Cut before its exchange began, it is refused when it would begin; during it, the exchange ends."""
+
+    __slots__ = ("conn", "error")
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn, self.error = conn, None
+
+    def cut(self, error: LessorError) -> None:
+        if self.error is None:
+            self.error = error
+            exchange = self.conn.exchange
+            if exchange is not None:
+                exchange.abort(error)
+
+
 class FrontDoor:
     """What every client connection shares: the router, the model list, the keys, the upstream pool."""
 
     def __init__(self, router: TrafficControl, supervisor: Supervisor, config: RouterConfig) -> None:
         self.router, self.supervisor, self.config = router, supervisor, config
         self.keys = ApiKeys(config, supervisor)
-        self.pool = UpstreamPool()
+        self.pool = UpstreamPool(config.first_byte_timeout, config.stream_idle_timeout)
         self.connections: set[ClientConnection] = set()
         self._addresses: dict[str, tuple[str, int]] = {}
 
@@ -183,29 +204,40 @@ class FrontDoor:
             request = replace(request, body=renamed(data, lane.name))
         elif keep_alive is not None:
             request = replace(request, body=json_dumps(data))
+        running = Running(conn)
         try:
-            base_url = router.try_start(lane) or await router.wait_turn(lane)
+            base_url = router.try_start(lane, running) or await router.wait_turn(lane, running)
         except LessorError as exc:
             router.count(lane.name, http_status(exc))
             raise for_client(exc) from None
+        except asyncio.CancelledError:  # the client left while it waited: connection_lost cancelled its task
+            router.count(lane.name, CLIENT_GONE)
+            raise
         if keep_alive is not None:
             router.request_keep_alive(lane, keep_alive)
         status = CLIENT_GONE
         try:
-            status = await self._forward(conn, lane, base_url, request)
+            status = await self._forward(conn, lane, base_url, request, running)
         except LessorError as exc:
             status = http_status(exc)
             raise
         finally:
-            router.finish(lane)
+            router.finish(lane, running)
             router.count(lane.name, status)
 
-    async def _forward(self, conn: ClientConnection, lane: Lane, base_url: str, request: Request) -> int:
+    async def _forward(self, conn: ClientConnection, lane: Lane, base_url: str, request: Request,
+                       running: Running) -> int:
         address = self.address(base_url)
         try:
             upstream = await self.pool.acquire(*address)
         except OSError as exc:
             raise UpstreamFailed(lane.name, f"cannot connect to {base_url}: {exc.strerror or exc}") from None
+        except asyncio.TimeoutError:
+            raise UpstreamTimedOut(lane.name, "accepted no connection", self.pool.first_byte_s,
+                                   "router.first_byte_timeout") from None
+        if running.error is not None:  # cut while it connected: the connection is unused, it stays pooled
+            self.pool.release(upstream)
+            raise running.error
         return await conn.relay(upstream, address, request, lane.name)
 
 

@@ -291,6 +291,8 @@ class ReconcilerConfig(Strict):
     on_overrun: Literal["report", "stop"] = Field(default="report", description="An engine above its leases (plus max(128 MiB, 5 %)) for `overrun_checks` checks in a row: report it (event, metric, API), or also stop it.")
     overrun_checks: int = Field(default=2, ge=1, le=100, description="Consecutive checks over its leases before an engine counts as overrunning (one spike is not).")
     evict_on_foreign_growth: bool = Field(default=True, description="When processes lessor does not manage grow past the free memory, evict idle models by the policy to give it back (before an engine hits OOM).")
+    health_timeout: Duration = Field(default=10.0, ge=0.05, le=600, description="Each check asks every ready engine's health URL; an engine that gives no answer within this (none at all: any HTTP status, 503 included, says it is alive, as a busy or resizing engine may) fails the check. 10 s by default: an engine's server answers its health between the steps of its batch, in milliseconds even when busy.")
+    hung_checks: int = Field(default=3, ge=1, le=100, description="Checks in a row an engine's health must fail before it counts as hung: it is stopped (SIGKILL at once when stopped by a signal), its leases released, and its model's restart policy decides what follows, as for a crash (an engine_exited event, hung: true). 3 by default: one slow answer is not a hang, and a hung engine is noticed within about 3 x (interval + health_timeout).")
 
 
 class EngineLogsConfig(Strict):

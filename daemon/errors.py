@@ -291,6 +291,42 @@ class UpstreamFailed(LessorError):
 
 
 @dataclass
+class UpstreamTimedOut(LessorError):
+    """The model's engine sent nothing for too long: before its answer began, or in the middle of
+    it. The router cut the request (closing the engine's connection, so the engine drops it) rather
+    than let it hold its model against every other model's requests for ever."""
+
+    model: str
+    silence: str  # what the engine did not do: "sent no first byte of its answer", "accepted no connection"
+    timeout_s: float
+    setting: str  # the config field that bounds it
+    type = "upstream_timeout"
+
+    def message(self) -> str:
+        return (f"model '{self.model}': its engine {self.silence} within {self.setting} "
+                f"({self.timeout_s:g} s); the request was cut so it does not hold the model; if the engine is "
+                f"only slow (a long prompt on a large model), raise {self.setting}")
+
+
+@dataclass
+class DrainTimedOut(LessorError):
+    """A request that ran while its model was drained for another model's load, and did not finish
+    within router.drain_timeout: cut, so the load goes on (the model is loaded again later)."""
+
+    model: str
+    loading: str  # the model whose load waited for it
+    timeout_s: float
+    retry_after_s: float = 5.0
+    type = "drain_timeout"
+
+    def message(self) -> str:
+        return (f"model '{self.model}': the request was cut after router.drain_timeout ({self.timeout_s:g} s): "
+                f"'{self.loading}' waits for its turn on the same devices and the requests already running were "
+                f"to finish within that; retry (the model is served again after the swap), or raise "
+                f"router.drain_timeout for longer requests")
+
+
+@dataclass
 class PlanRejected(LessorError):
     """No engine parameters fit, or the configured ones break an engine rule."""
 

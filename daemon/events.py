@@ -91,13 +91,15 @@ class ModelStateChanged(Event):
 
 @dataclass(frozen=True)
 class EngineExited(Event):
-    """An engine ended on its own (not stopped by lessor); its leases were released."""
+    """An engine ended on its own (not stopped by lessor), or hung: its health check went unanswered
+    check after check and lessor stopped it (`hung`); its leases were released."""
     type: ClassVar[str] = "engine_exited"
     model: str
     pid: int
     returncode: int
     reason: str
     restart_in_s: float | None = None  # None: no restart (policy 'never', or given up)
+    hung: bool = False
 
 
 @dataclass(frozen=True)

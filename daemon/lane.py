@@ -26,13 +26,17 @@ class LaneRules:
     retry_after_loading_s: float = 5.0
     retry_after_busy_s: float = 1.0
     refuse_late: bool = False  # answer at once the requests a waiting load would reach too late
+    # How long a drain waits for the requests running on the models it drained; then they are cut
+    # (Effects.cut). None: for as long as they run.
+    drain_timeout_s: float | None = None
 
     @classmethod
     def of(cls, config: RouterConfig, retry_s: float | None = 1.0) -> LaneRules:
         """lessord's rules; `retry_s` catches memory that frees without a model changing state
         (usage of processes lessor does not manage)."""
         return cls(config.max_queue, config.wait_timeout, config.drain_after, retry_s,
-                   config.retry_after_loading_s, config.retry_after_busy_s, refuse_late=True)
+                   config.retry_after_loading_s, config.retry_after_busy_s, refuse_late=True,
+                   drain_timeout_s=config.drain_timeout)
 
 
 class Waiter:
@@ -46,7 +50,7 @@ class LoadWish:
     """The load a lane wants for its waiting requests, from its first ask to its end."""
 
     __slots__ = ("asked_s", "phase", "blockers", "patience_armed", "retry_armed", "look_at_s", "held_busy",
-                 "promised_s", "promised_in_s")
+                 "promised_s", "promised_in_s", "cut_armed")
 
     def __init__(self, asked_s: float) -> None:
         self.asked_s = asked_s  # the patience counts from here
@@ -62,6 +66,7 @@ class LoadWish:
         # load weighed again at or after it that still waits, further off, is a moving target.
         self.promised_s: float | None = None
         self.promised_in_s = 0.0
+        self.cut_armed = False  # the drain's bound is set: its blockers' running requests are cut then
 
 
 class Lane:

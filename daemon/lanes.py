@@ -19,7 +19,9 @@ load: the driver asks for it and reports the outcome (`loaded`, `must_wait`, `bu
 they do; once the patience is over they are *drained*: requests that reach them from then on
 are held (their tickets are at or past the drain), the ones already running or waiting finish.
 Drains end when the load that set them ends. Requests running or waiting un-held count as the
-model's `in_flight`, so a model with work is never idle in the policy's eyes.
+model's `in_flight`, so a model with work is never idle in the policy's eyes. A drain is bounded
+(`drain_timeout_s`): past it, every request still waiting on a drained model is held too, and the
+ones still running are cut (`Effects.cut`), so the load goes on even if one of them would never end.
 
 A request is never left waiting on nothing: when a load must wait, the lanes estimate when it
 could start at the soonest (the policy's recheck, the blockers' requests at their measured
@@ -40,7 +42,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Protocol
 
-from .errors import LessorError, NotServedInTime, QueueFull, WaitTimedOut
+from .errors import DrainTimedOut, LessorError, NotServedInTime, QueueFull, WaitTimedOut
 from .lane import ASKING, HELD, NEVER, QUEUED, Lane, LaneRules, LoadWish, Waiter
 from .lifecycle import ModelState
 
@@ -64,6 +66,10 @@ class Effects(Protocol):
 
     def call_at(self, when_s: float, callback: Callable[[], None]) -> None:
         """Call back once the clock reads `when_s` (or later)."""
+
+    def cut(self, lane: Lane, error: LessorError) -> None:
+        """End the requests running on the lane with this error; each reports `finish` once ended.
+        Only asked with `LaneRules.drain_timeout_s` set."""
 
 
 class Lanes:
@@ -377,6 +383,27 @@ class Lanes:
                 continue
             lane.drains.setdefault(loading.name, lane.next_ticket)
             lane.drain_from = min(lane.drains.values())
+        wish, bound_s = loading.load, self.rules.drain_timeout_s
+        if wish is not None and bound_s is not None and not wish.cut_armed:
+            wish.cut_armed = True
+            self._effects.call_at(self._clock() + bound_s, lambda: self._drain_over(loading, wish))
+
+    def _drain_over(self, loading: Lane, wish: LoadWish) -> None:
+        """The drain's bound passed and its load still waits: what still waits on the drained models
+        waits for the swap too, and what still runs is cut."""
+        if loading.load is not wish:  # the load ended (served, or nobody waits): its drains went with it
+            return
+        for lane in list(self.lanes.values()):
+            if loading.name not in lane.drains:
+                continue
+            first = lane.waiting[0].ticket if lane.waiting else lane.next_ticket
+            lane.drains[loading.name] = min(lane.drains[loading.name], first)
+            lane.drain_from = min(lane.drains.values())
+            if lane.active:
+                self._effects.cut(lane, DrainTimedOut(lane.name, loading.name, self.rules.drain_timeout_s or 0.0,
+                                                      retry_after_s=self.rules.retry_after_loading_s))
+            else:
+                self._idled(lane)
 
     def _end(self, loading: Lane) -> None:
         loading.load = None

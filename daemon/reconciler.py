@@ -7,7 +7,8 @@ stopped. Then, every `reconciler.interval`, it measures each ready engine (NVML'
 figure, or the engine's own report under the simulated probe) against its leases, and watches
 processes lessor does not manage: when they grow past what is free, the policy evicts idle
 models (or shrinks their KV caches) instead of letting an engine hit an OOM. Memory left free at
-the end of a check grows back the KV caches shrunk earlier (daemon/elastic.py).
+the end of a check grows back the KV caches shrunk earlier (daemon/elastic.py). Each check also
+asks every ready engine's health (daemon/health.py): one that stays silent is stopped as a crash.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .config import ReconcilerConfig
 from .devices import gpu_id
 from .errors import LessorError
 from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun, OverrunAction
+from .health import HealthWatch
 from .ledger import EnginePhase, EngineRecord, LeaseKind, Ledger
 from .lifecycle import ModelState
 from .profile import over_leases
@@ -214,6 +216,7 @@ class Reconciler:
         self._overcommitted: set[str] = set()
         self._failing: set[str] = set()  # parts of the check whose last try failed: logged in full once
         self.checks = 0
+        self.health = HealthWatch(config, supervisor)
 
     async def settled(self) -> None:
         """Return once the start's settling is done (its failure raised); never cancels it."""
@@ -240,6 +243,7 @@ class Reconciler:
         self._over_checks = {r.spec.name: n for r in ready if (n := self._over_checks.get(r.spec.name))}
         for record in ready:
             await self._isolated(record.spec.name, self._check_engine(record))
+        await self._isolated("health checks", self.health.check(ready_records(self._supervisor)))
         await self._isolated("lingering memory", self._lingering())
         if self._config.evict_on_foreign_growth:
             await self._isolated("give-back to foreign growth", self._give_back())

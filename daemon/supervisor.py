@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..engines.base import EngineAdapter, GpuTarget, Launch
-from ..engines.process import describe_exit, last_lines
+from ..engines.process import describe_exit, last_lines, signal_group
 from ..policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot
 from .admission import MustWait, as_reload, attempts_text, freed_by, log_admission, must_wait, never_fits, refused
-from .adoption import Adoption, adopt
+from .adoption import Adoption, adopt, stopped_members
 from .config import ModelSpec
 from .devices import Probe, SimProbe, gpu_id
 from .elastic import Elastic
@@ -431,6 +432,31 @@ class Supervisor:
         record.plan = None
         self._crashed(record, reason, restart=True,
                       exited=lambda restart_in: EngineExited(record.spec.name, handle.pid, returncode, reason, restart_in))
+
+    async def engine_hung(self, name: str, handle: Any, reason: str) -> bool:
+        """The health check's finding (daemon/health.py): a ready engine that no longer answers. It
+        is stopped (SIGKILL at once when a signal stopped it: it would not act on SIGTERM) and counts
+        as a crash: its leases go, its requests are cut with it, its restart policy decides what
+        follows. False when the model moved on meanwhile (unloaded, evicted, restarted)."""
+        record = self._models.get(name)
+        if record is None or record.handle is not handle or record.state != ModelState.READY:
+            return False
+        generation, record.handle = record.generation, None  # no request is sent to it from here
+        log.warning("%s: %s; stopping it (pid %d)", name, reason, handle.pid,
+                    extra={"model": name, "step": "hung", "pid": handle.pid})
+        if stopped_members(handle.pid):
+            signal_group(handle.pid, signal.SIGKILL)
+        await handle.stop(self._timeouts.stop_grace_s)
+        self.meter.forget(handle.pid)
+        returncode = handle.process.returncode
+        await self._ledger.forget_engine(name)
+        await self._ledger.release_model(name, reason)
+        if record.generation != generation or record.state != ModelState.READY:
+            return True  # unloaded while its leases were released: nothing left to restart
+        record.plan = None
+        self._crashed(record, reason, restart=True, exited=lambda restart_in: EngineExited(
+            name, handle.pid, returncode if returncode is not None else -1, reason, restart_in, hung=True))
+        return True
 
     def _crashed(self, record: ModelRecord, reason: str, restart: bool,
                  exited: Callable[[float | None], Event] | None = None) -> None:

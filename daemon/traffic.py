@@ -11,7 +11,9 @@ the last-use time, in memory only; nothing is written to the ledger per request.
 Why loads wait for busy models before draining them (router.drain_after): the policy simulator
 (bench/sim) runs these same lanes, and measured draining at once as the worst of its strategies
 under steady traffic; the patience keeps a stream of requests to a popular model from being cut
-for every rare one.
+for every rare one. A drain is bounded (router.drain_timeout): the requests still running on a
+drained model then are cut through the `Running` each one registered when it started (the front
+door's, api/router.py), so a request that never ends cannot keep another model out for ever.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ STATS_SAVE_EVERY_S = 60.0  # what a crash of lessord can lose of the learned tra
 
 class Timers(Protocol):
     def call_at(self, when_s: float, callback: Callable[[], None]) -> None: ...
+
+
+class Running(Protocol):
+    """A request running on its model, as the front door holds it: cut ends it with the error."""
+
+    def cut(self, error: LessorError) -> None: ...
 
 
 class LoopTimers:
@@ -88,6 +96,8 @@ class TrafficControl:
         self._by_name: dict[str, Lane] = {}  # name or alias -> lane (cleared on config reload)
         self._keep_alive: dict[str, float] = {}  # model -> the keep_alive its latest request asked for, bounded
         self._loads: set[asyncio.Task] = set()
+        self._running: dict[str, set[Running]] = {}  # model -> its requests running, which a drain's bound may cut
+        self._turns: dict[asyncio.Future, Running] = {}  # waiting requests' turns -> what runs once admitted
         self.requests: dict[tuple[str, int], int] = {}  # (model, HTTP status) -> count, for metrics
         self.idle_unloads: dict[str, int] = {}  # model -> unloads past its keep_alive, for metrics
         # The one writer of what the router learns per model (rates, load times), saved beside the
@@ -142,8 +152,9 @@ class TrafficControl:
 
     # -- a request's turn --------------------------------------------------------------------
 
-    def try_start(self, lane: Lane) -> str | None:
-        """The fast path: the engine's base URL if the request may go now, else None (then wait_turn)."""
+    def try_start(self, lane: Lane, running: Running | None = None) -> str | None:
+        """The fast path: the engine's base URL if the request may go now, else None (then wait_turn).
+        `running`: what a drain's bound cuts while the request runs (finish with it)."""
         stats, now = self.stats, self._clock()
         stats.record_request(lane.name, now)
         started = self._lanes.try_start(lane)
@@ -152,27 +163,38 @@ class TrafficControl:
             stats.record_ready_arrival(lane.name, at_once, ahead=ahead, batch=batch)
         if started:
             stats.record_start(lane.name, now)
+            self._started(lane, running)
             return lane.record.handle.base_url
         stats.record_wait(lane.name, now)
         return None
 
-    def finish(self, lane: Lane) -> None:
+    def _started(self, lane: Lane, running: Running | None) -> None:
+        if running is not None:
+            self._running.setdefault(lane.name, set()).add(running)
+
+    def finish(self, lane: Lane, running: Running | None = None) -> None:
+        if running is not None:
+            self._running.get(lane.name, set()).discard(running)
         self._lanes.finish(lane)
 
-    async def wait_turn(self, lane: Lane) -> str:
+    async def wait_turn(self, lane: Lane, running: Running | None = None) -> str:
         """Wait until the model is ready with room for this request, loading it if needed."""
         if lane.record.state is ModelState.ADOPTING:  # just restarted: answered at once, never loaded twice
             raise ModelAdopting(lane.name, self._config.retry_after_loading_s)
         turn: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._lanes.wait(lane, turn)
+        if running is not None:
+            self._turns[turn] = running
         try:
+            self._lanes.wait(lane, turn)
             return await turn
         except asyncio.CancelledError:
             if turn.cancelled():  # still queued, or admitted too late to take its turn
                 self._lanes.leave(lane, turn)
             elif turn.exception() is None:  # admitted, then cancelled before it ran: the slot goes back
-                self._lanes.finish(lane)
+                self.finish(lane, running)
             raise
+        finally:
+            self._turns.pop(turn, None)
 
     # -- waiting models ----------------------------------------------------------------------
 
@@ -198,11 +220,22 @@ class TrafficControl:
             return False
         request.set_result(lane.record.handle.base_url)
         self.stats.record_start(lane.name, self._clock())
+        self._started(lane, self._turns.get(request))  # from now on a drain's bound can cut it
         return True
 
     def fail(self, request: asyncio.Future, error: LessorError) -> None:
         if not request.done():
             request.set_exception(error)
+
+    def cut(self, lane: Lane, error: LessorError) -> None:
+        """A drain's bound passed: the requests running on the lane end with `error` (each finishes
+        through the front door, which frees its slot; their model idles and the load goes on)."""
+        running = self._running.get(lane.name, set())
+        if running:
+            log.warning("%s: %d request(s) cut: %s", lane.name, len(running), error.message(),
+                        extra={"model": lane.name, "step": "drain_cut"})
+        for request in list(running):
+            request.cut(error)
 
     def call_at(self, when_s: float, callback: Callable[[], None]) -> None:
         self._timers.call_at(when_s, callback)

@@ -83,6 +83,11 @@ def main() -> None:
     crash = os.environ.get("LESSOR_STANDIN_CRASH_ON_REQUEST")
     # An engine slow to load (or, with a large value, one that never becomes ready).
     ready_at = time.monotonic() + float(os.environ.get("LESSOR_STANDIN_READY_AFTER_S", "0"))
+    # LESSOR_STANDIN_ANSWER: how a POST is answered, for the router's bounds: "stall" (never: the
+    # request is read, then nothing), "stall_stream" (an event stream's head and first event, then
+    # nothing), "flood" (an event stream that never ends, as fast as it can be written). Each ends
+    # only when its client leaves, and then appends a line to $LESSOR_STANDIN_ENDS.
+    answer = os.environ.get("LESSOR_STANDIN_ANSWER", "")
 
     class Handler(BaseHTTPRequestHandler):
         def _send(self, body, status=200):
@@ -110,6 +115,9 @@ def main() -> None:
             if crash is not None:
                 print("stand-in: crashing at the first request, as asked", flush=True)
                 os._exit(int(crash))
+            if answer:
+                self._misbehave(answer)
+                return
             if body.get("model", name) not in names:  # as vLLM: a name it was not given does not exist
                 self._send({"error": {"message": f"The model `{body.get('model')}` does not exist.",
                                       "type": "NotFoundError", "code": 404}}, 404)
@@ -117,6 +125,24 @@ def main() -> None:
             self._send({"id": "standin", "object": "chat.completion", "model": name, "choices": [
                 {"index": 0, "message": {"role": "assistant", "content": f"stand-in for {name}"},
                  "finish_reason": "stop"}]})
+
+        def _misbehave(self, how):
+            try:
+                if how != "stall":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()  # no length: the answer ends with the connection (HTTP/1.0)
+                    self.wfile.write(b'data: {"n": 0}\n\n')
+                    self.wfile.flush()
+                while how == "flood":
+                    self.wfile.write(b"data: " + b"x" * 16384 + b"\n\n")
+                self.rfile.read(1)  # blocks until the client leaves (it sends nothing more)
+            except OSError:  # a write to a client that left
+                pass
+            ends = os.environ.get("LESSOR_STANDIN_ENDS")
+            if ends:
+                with open(ends, "a") as f:
+                    f.write(f"{how}: client gone\n")
 
         def log_message(self, *args):
             pass
