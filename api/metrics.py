@@ -4,6 +4,8 @@ sync); counters and the load-duration histogram come from events, recorded as th
 from __future__ import annotations
 
 import time
+from enum import Enum
+from http import HTTPStatus
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -11,13 +13,52 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..daemon.adoption import AdoptionOutcome
 from ..daemon.controller import Controller
-from ..daemon.events import (AdmissionDecided, BudgetOvercommitted, EngineExited, Event, FingerprintRecorded, LeaseOverrun,
-                             LoadRetried, MemoryLingering, ModelStateChanged)
+from ..daemon.events import (AdmissionDecided, AdmissionResult, BudgetOvercommitted, ConfigReloaded, EngineExited, Event,
+                             FingerprintRecorded, LeaseOverrun, LoadRetried, MemoryLingering, ModelStateChanged,
+                             OverrunAction, ReloadResult)
+from ..daemon.fingerprints import Outcome
+from ..daemon.ledger import LeaseKind
 from ..daemon.lifecycle import ModelState
+from .connection import CLIENT_GONE
 
-MODEL_STATES = tuple(s.value for s in ModelState)
-LOADING, READY = ModelState.LOADING.value, ModelState.READY.value
-SETTLED = (READY, ModelState.FAILED.value, ModelState.UNLOADED.value, ModelState.WAITING.value)  # where a load ends
+
+class LoadResult(str, Enum):
+    """How a load lessor began ended, or that its admission deferred it (nothing failed)."""
+
+    READY = "ready"
+    FAILED = "failed"  # it began (LOADING) and ended without an engine: failed, cancelled, refused on retry
+    QUEUED = "queued"  # the admission said wait (Queue, MustWait): a request's load waits as WAITING
+
+
+def values(*enums_or_members) -> tuple[str, ...]:
+    """The label values of enums (every member) or of members, in order."""
+    out: list[str] = []
+    for item in enums_or_members:
+        out += [m.value for m in item] if isinstance(item, type) else [item.value]
+    return tuple(out)
+
+
+MODEL_STATES = values(ModelState)
+LOADING, READY, WAITING = ModelState.LOADING.value, ModelState.READY.value, ModelState.WAITING.value
+ENDED = (ModelState.FAILED.value, ModelState.UNLOADED.value)  # where a load that began ends without an engine
+OTHER_CODE = "other"  # an engine's own status outside HTTP's registry (it passes through to the client)
+HTTP_CODES = tuple(str(code) for code in sorted({s.value for s in HTTPStatus} | {CLIENT_GONE})) + (OTHER_CODE,)
+# Every outcome label of lessor's metrics and its closed set of values (derived from the enums);
+# the README's metrics section lists the same (api/reference.py writes it, a test checks it). The
+# other labels name things of the config: `model` a configured model, `device` a device's id.
+OUTCOME_LABELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "lessor_admission_decisions_total": ("result", values(AdmissionResult)),
+    "lessor_model_loads_total": ("result", values(LoadResult)),
+    "lessor_config_reloads_total": ("result", values(ReloadResult)),
+    "lessor_lease_overruns_total": ("action", values(OverrunAction.REPORTED, OverrunAction.STOPPED)),
+    "lessor_fingerprints_recorded_total": ("outcome", values(Outcome)),
+    "lessor_load_retries_total": ("outcome", values(Outcome.OVERRUN, Outcome.OOM)),
+    "lessor_engine_adoptions_total": ("outcome", values(AdoptionOutcome.ADOPTED, AdoptionOutcome.STOPPED)),
+    "lessor_router_requests_total": ("code", HTTP_CODES),
+    "lessor_model_state": ("state", MODEL_STATES),
+    "lessor_device_leased_bytes": ("kind", values(LeaseKind)),
+    "lessor_model_leased_bytes": ("kind", values(LeaseKind)),
+}
 LOAD_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
 
@@ -29,7 +70,9 @@ class Metrics:
         self.admissions = Counter("lessor_admission_decisions", "Admission decisions by result",
                                   ["result"], registry=self.registry)
         self.evictions = Counter("lessor_model_evictions", "Times a model was evicted by the policy", ["model"], registry=self.registry)
-        self.loads = Counter("lessor_model_loads", "Finished loads by result", ["model", "result"], registry=self.registry)
+        self.loads = Counter("lessor_model_loads", "Loads by how they ended (ready, failed) or that they were queued",
+                             ["model", "result"], registry=self.registry)
+        self.reloads = Counter("lessor_config_reloads", "Config reloads by result", ["result"], registry=self.registry)
         self.load_seconds = Histogram("lessor_model_load_duration_seconds", "Time from loading to ready", ["model"],
                                       buckets=LOAD_BUCKETS_S, registry=self.registry)
         self.engine_exits = Counter("lessor_engine_exits", "Engines that exited on their own (crashes)",
@@ -64,14 +107,25 @@ class Metrics:
             self.admissions.labels(event.result.value).inc()
             for victim in event.victims:
                 self.evictions.labels(victim).inc()
+        elif isinstance(event, ConfigReloaded):
+            self.reloads.labels(event.result.value).inc()
         elif isinstance(event, ModelStateChanged):
-            if event.state == LOADING:
-                self._load_started[event.model] = time.monotonic()
-            elif event.previous == LOADING and event.state in SETTLED:
-                started = self._load_started.pop(event.model, None)
-                self.loads.labels(event.model, READY if event.state == READY else ModelState.FAILED.value).inc()
-                if event.state == READY and started is not None:
-                    self.load_seconds.labels(event.model).observe(time.monotonic() - started)
+            self._on_state(event)
+
+    def _on_state(self, event: ModelStateChanged) -> None:
+        """A load's end by its transition. Its admission deferring it is `queued`, not a failure: the
+        model turns WAITING (from UNLOADED or FAILED at its first admission; from LOADING when an
+        attempt ran out of memory and its retry's admission said wait)."""
+        if event.state == LOADING:
+            self._load_started[event.model] = time.monotonic()
+        elif event.state == WAITING:
+            self._load_started.pop(event.model, None)
+            self.loads.labels(event.model, LoadResult.QUEUED.value).inc()
+        elif event.previous == LOADING and event.state in (READY, *ENDED):
+            started = self._load_started.pop(event.model, None)
+            self.loads.labels(event.model, LoadResult.READY.value if event.state == READY else LoadResult.FAILED.value).inc()
+            if event.state == READY and started is not None:
+                self.load_seconds.labels(event.model).observe(time.monotonic() - started)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -126,8 +180,12 @@ class _Gauges:
             return
         requests = CounterMetricFamily("lessor_router_requests", "Requests the router answered, by model and HTTP status",
                                        labels=["model", "code"])
-        for (model, status), count in sorted(router.requests.items()):
-            requests.add_metric([model, str(status)], count)
+        counts: dict[tuple[str, str], int] = {}
+        for (model, status), count in router.requests.items():
+            key = (model, str(status) if str(status) in HTTP_CODES else OTHER_CODE)
+            counts[key] = counts.get(key, 0) + count
+        for (model, code), count in sorted(counts.items()):
+            requests.add_metric([model, code], count)
         queued = GaugeMetricFamily("lessor_router_queued_requests", "Requests waiting for their model (a load, a swap, a slot)",
                                    labels=["model"])
         for model, count in sorted(router.queued().items()):

@@ -107,8 +107,22 @@ def api_table() -> str:
                           [(r.method, f"`{r.path}`", "yes" if r.auth else "", r.summary) for r in ROUTES])
 
 
+def metrics_labels() -> str:
+    """Each outcome label of lessor's metrics with its closed set of values (api/metrics.py's OUTCOME_LABELS)."""
+    from .metrics import HTTP_CODES, OUTCOME_LABELS, OTHER_CODE
+    rows = []
+    for metric, (label, allowed) in OUTCOME_LABELS.items():
+        if allowed == HTTP_CODES:
+            said = (f"an HTTP status of Python's `http.HTTPStatus`, or `499` (the client left, or lessord stopped, before "
+                    f"the answer); an engine's status outside them is `{OTHER_CODE}`")
+        else:
+            said = ", ".join(f"`{value}`" for value in allowed)
+        rows.append((f"`{metric}`", label, said))
+    return markdown_table(("metric", "label", "its values (no others)"), rows)
+
+
 def sections() -> dict[str, str]:
-    return {"config-reference": config_reference(), "api-table": api_table()}
+    return {"config-reference": config_reference(), "api-table": api_table(), "metrics-labels": metrics_labels()}
 
 
 def rewrite(text: str) -> str:
