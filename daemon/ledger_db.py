@@ -233,7 +233,13 @@ async def bounded(work: Callable[[], Awaitable[T]], deadlines: Deadlines, doing:
     try:
         await asyncio.wait({task}, timeout=deadlines.transaction_s)
     except asyncio.CancelledError:
+        # The caller is stopping (lessord's shutdown cancels its writers): the transaction is rolled
+        # back before the caller goes on to close the ledger, or the connection is closed under the
+        # rollback and its close never ends; bounded still, for a hung server.
         task.cancel()
+        await asyncio.wait({task}, timeout=deadlines.transaction_s)
+        if not task.done():
+            task.add_done_callback(_abandoned)
         raise
     if task.done():
         return task.result()
