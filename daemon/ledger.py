@@ -418,6 +418,19 @@ class Ledger:
                                                           .values(state=LeaseState.RELEASED.value, released_at=self._clock(),
                                                                   release_reason=reason[:256]),)])
 
+    async def answers(self) -> bool:
+        """Whether the database answers now, within its deadlines (a stopping lessord asks before
+        it stops engines whose stops it could not record); `unavailable` says why not."""
+        if self._engine is None:
+            return True
+        try:
+            await ping(self._engine)
+        except LedgerUnavailable as exc:
+            self._unavailable = exc.reason
+            return False
+        self._unavailable = None
+        return True
+
     async def flush(self) -> int:
         """Record the releases the database refused earlier; how many are still pending. With
         none pending after a failed call, asks the database whether it answers again (so

@@ -537,11 +537,17 @@ class Supervisor:
 
     async def close(self) -> None:
         """lessord is stopping: cancel pending restarts (none is spawned after this), then stop
-        every engine and release its leases. Idempotent."""
+        every engine and release its leases. Idempotent. With the ledger not answering, ready
+        engines are left running: their records and leases are in the database, and the next
+        lessord adopts them, where a stop it could not record would cost each model a load."""
         await self._restarts.close()
         self._closing = True
+        keep = bool(self._ledger.unavailable) or not await self._ledger.answers()
         for record in self.records():
-            if record.state in (ModelState.READY, ModelState.FAILED):
+            if keep and record.state is ModelState.READY:
+                log.warning("%s: left running for the next lessord to adopt: the ledger cannot record its stop (%s)",
+                            record.spec.name, self._ledger.unavailable)
+            elif record.state in (ModelState.READY, ModelState.FAILED):
                 await self.unload(record.spec.name, reason="lessord stopping")
 
     # -- config changes (daemon/reloading.py orders them) ---------------------------------------
