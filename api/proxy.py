@@ -125,6 +125,11 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, request: bytes, sink: Sink) -> None:
         self.sink, self.content_type, self.length = sink, b"application/json", None
         self.chunked = self.until_eof = self.answering = self.paused = False
+        if self.closed or self.transport.is_closing():
+            # Closed by the engine (killed, unloading) after the pool handed it out, its
+            # connection_lost not yet run: uvloop raises on a write to it, asyncio drops it.
+            self._fail("the engine closed the connection")
+            return
         self.due_s = self.loop.time() + self.pool.first_byte_s
         self.timer = self.loop.call_at(self.due_s, self._look)
         self.transport.write(request)
@@ -190,7 +195,7 @@ class UpstreamPool:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if not conn.closed and time.monotonic() - conn.idle_since < IDLE_S:
+            if not conn.closed and not conn.transport.is_closing() and time.monotonic() - conn.idle_since < IDLE_S:
                 return conn
             conn.close()
         loop = asyncio.get_running_loop()

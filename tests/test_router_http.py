@@ -515,3 +515,34 @@ async def test_a_requests_keep_alive_is_taken_by_lessor_and_a_bad_one_named(fron
         message = (await r.json())["error"]["message"]
     assert "keep_alive" in message and "-1 (or 'never') for never, or a duration" in message
     assert controller.router.keep_alive_s(controller.supervisor.resolve("a")) == 300  # unchanged by the refusals
+
+
+def test_a_request_on_a_connection_the_engine_just_closed_is_lost_not_an_error():
+    """The engine closed the connection (killed, unloading) between the pool handing it out and the
+    request's write: under uvloop, lessord's loop, the write raised and the client got a 500; the
+    request is the engine's lost answer (502) instead."""
+    import uvloop
+
+    from lessor.api.proxy import UpstreamPool
+
+    class Sink:
+        def __init__(self) -> None:
+            self.lost: list[str] = []
+
+        def upstream_lost(self, reason: str) -> None:
+            self.lost.append(reason)
+
+    async def main() -> list[str]:
+        server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        try:
+            conn = await UpstreamPool().acquire("127.0.0.1", server.sockets[0].getsockname()[1])
+            conn.transport.close()  # as the engine's end does, while the request was on its way to it
+            while not conn.closed:  # connection_lost runs on a later turn of the loop
+                await asyncio.sleep(0)
+            sink = Sink()
+            conn.send(b"POST /v1/completions HTTP/1.1\r\nContent-Length: 0\r\n\r\n", sink)
+            return sink.lost
+        finally:
+            server.close()
+
+    assert uvloop.run(main()) == ["the engine closed the connection"]
