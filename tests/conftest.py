@@ -22,6 +22,17 @@ from lessor.daemon.units import GiB
 
 from bench.pgcluster import free_port, pg_bindir, postgres_cluster  # noqa: F401 (free_port: for the tests)
 
+
+@pytest.fixture(autouse=True)
+def _umask_kept():
+    """lessord's main() sets its umask (027) for the process: a test that runs it in-process would
+    leave later tests' files unreadable to the servers they start (mosquitto reads as its own user)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    yield
+    os.umask(mask)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 # How long a test waits for what should happen before calling it a hang. Only a guard: nothing in
 # a normal run, on however busy a machine, comes near it (tests wait on the event, not a window).

@@ -175,7 +175,8 @@ async def test_tls_with_a_ca_file_and_credentials(tmp_path):
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True)
-    os.chmod(key, 0o644)  # mosquitto drops to its own user when started as root
+    for made in (cert, key):  # mosquitto drops to its own user when started as root
+        os.chmod(made, 0o644)
     broker = Broker(tmp_path)
     broker.conf.write_text(f"listener {broker.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                            f"certfile {cert}\nkeyfile {key}\n")
