@@ -6,7 +6,8 @@ resolves to 127.0.0.1 (DNS rebinding: the request's Host is that name), or as a 
 request (a form post, a text/plain fetch: its Origin is the page's site). So:
 - Host (TCP listeners): its name must be one the listener answers to: the listen address's host,
   localhost, 127.0.0.1, ::1, and `allowed_hosts`; when listening on every address (0.0.0.0, ::),
-  any IP address too (a page cannot rebind an address, only a name). "*" in `allowed_hosts` turns
+  any IP address and the machine's own host name too (a page cannot rebind an address, only a
+  name, and cannot be served from this machine's name). "*" in `allowed_hosts` turns
   the check off (a reverse proxy in front that checks it). A request with no Host (HTTP/1.0, not
   a browser) passes. The admin unix socket has no Host check: no browser reaches it.
 - Origin (every listener): a request without one (curl, the CLI, SDKs) passes; one with an Origin
@@ -19,6 +20,7 @@ origin's non-simple request (JSON, a bearer header); the Origin check refuses th
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -66,8 +68,9 @@ class SiteRules:
         host, _ = parse_listen(config.listen)
         named = frozenset(split_host(h)[0] if not _is_ip(h) else h.lower() for h in config.allowed_hosts if h != "*")
         origins = frozenset(o for o in (normal_origin(o) for o in config.allowed_origins if o != "*") if o)
-        return cls(hosts=LOOPBACK_NAMES | {host.lower()} | named, any_host="*" in config.allowed_hosts,
-                   any_ip=host in EVERY_ADDRESS, origins=origins, any_origin="*" in config.allowed_origins,
+        every = host in EVERY_ADDRESS
+        return cls(hosts=LOOPBACK_NAMES | {host.lower()} | named | (own_names() if every else frozenset()),
+                   any_host="*" in config.allowed_hosts, any_ip=every, origins=origins, any_origin="*" in config.allowed_origins,
                    section=section)
 
     def host_allowed(self, host: str) -> bool:
@@ -84,6 +87,13 @@ class SiteRules:
         if normal is not None and (normal in self.origins or (host is not None and same_site(normal, host))):
             return
         raise CrossSiteRequest("Origin", origin, f"{self.section}.allowed_origins")
+
+
+def own_names() -> frozenset[str]:
+    """This machine's host name and its first label (`gpu-box.lab`, `gpu-box`): what an operator
+    types on the LAN. A page elsewhere cannot take them (it would have to be served from them)."""
+    name = socket.gethostname().lower().rstrip(".")
+    return frozenset(n for n in (name, name.split(".")[0]) if n)
 
 
 def normal_origin(origin: str) -> str | None:

@@ -274,7 +274,7 @@ class PolicyConfig(Strict):
 class TimeoutsConfig(Strict):
     weights: Duration = Field(default=600.0, gt=0, description="Longest an engine may take to load its weights before the load is rolled back.")
     ready: Duration = Field(default=120.0, gt=0, description="Longest an engine may take from its KV grant (or, one-phase, from start) to answer its health check.")
-    stop_grace: Duration = Field(default=15.0, ge=0, le=3600, description="After SIGTERM, how long an engine may take to exit before its process group gets SIGKILL.")
+    stop_grace: Duration = Field(default=15.0, ge=0, le=3600, description="After SIGTERM, how long an engine may take to exit before its processes get SIGKILL: its process group and the workers that left it (they carry its environment marker or descend from it).")
     adopt_s: Duration = Field(default=30.0, gt=0, le=3600, description="After a restart, how long an engine that still runs may take to answer its health check before it is stopped instead of adopted.")
     adopt_stopped_s: Duration = Field(default=10.0, ge=0, le=3600, description="After a restart, how long an engine found stopped (SIGSTOP, a debugger) may take to resume before it is killed (SIGKILL: a stopped process does not act on SIGTERM) and its leases released; a pinned model is loaded again. The other models are served meanwhile.")
     stray_grace_s: Duration = Field(default=5.0, ge=0, le=3600, description="After a restart, how long an engine found running but never recorded may take to exit after SIGTERM before SIGKILL.")

@@ -216,7 +216,7 @@ def _open_failure(path, where: str, exc: BaseException, record: LedgerRecord | N
     not answer is the database being unavailable, to be tried again."""
     reason = short_error(exc)
     if path is None or any(word in reason for word in ("locked", "busy")):
-        return LedgerUnavailable("open the ledger", f"{where}: {reason}")
+        return LedgerUnavailable("open its database", f"{where}: {reason}")
     damage = (f"fails SQLite's integrity check ({reason})" if "malformed" in reason else
               f"is not a SQLite database ({reason})" if "not a database" in reason else f"does not open ({reason})")
     return LedgerDamaged(where, damage, expectation(record, found), recover_hint(record))

@@ -72,6 +72,12 @@ def test_host_and_origin_rules():
     rules.check("evil.example", None, tcp=False)  # the unix socket: no Host check
     everywhere = SiteRules.of(RouterConfig(listen="0.0.0.0:8471"), "router")
     everywhere.check("10.1.2.3:8471", None)  # an address cannot be rebound, only a name
+    name = socket.gethostname()
+    for own in (name, name.split(".")[0].upper() + ":8471"):  # what an operator types on the LAN
+        everywhere.check(own, None)
+    if name.lower() != "localhost":
+        with pytest.raises(CrossSiteRequest):
+            rules.check(name, None)  # listening on loopback: the machine's name is not among its hosts
     with pytest.raises(CrossSiteRequest):
         everywhere.check("evil.example:8471", None)
     SiteRules.of(RouterConfig(allowed_hosts=["*"], allowed_origins=["*"]), "router").check(EVIL, "http://evil.example")
