@@ -26,6 +26,7 @@ from ..daemon.errors import (BodyTooLarge, ConfigError, CrossSiteRequest, Engine
                              Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel, UpstreamFailed, UrlTooLong,
                              WaitTimedOut)
 from ..daemon.errors import DrainTimedOut, UpstreamTimedOut
+from ..daemon.reloading import Superseded
 
 log = logging.getLogger("lessor.api")
 
@@ -55,6 +56,7 @@ ERRORS: dict[type[LessorError], HttpMapping] = {
     MethodNotAllowed: HttpMapping(405, INVALID),
     RequestTimedOut: HttpMapping(408, INVALID),
     ModelBusy: HttpMapping(409, "conflict_error"),
+    Superseded: HttpMapping(409, "conflict_error"),  # a reload that will not apply: a newer one, or lessord's stop
     BodyTooLarge: HttpMapping(413, INVALID),
     UrlTooLong: HttpMapping(414, INVALID),
     HeadTooLarge: HttpMapping(431, INVALID),

@@ -94,6 +94,7 @@ class Reloads:
         self._waiting: Pending | None = None  # what the latest one waits for, once it had to
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._closed = False
         supervisor.watch_transitions(self._wake.set)
 
     def pending(self) -> Pending | None:
@@ -124,6 +125,9 @@ class Reloads:
 
     def _submit(self, read: ConfigRead) -> _Submission:
         submission = _Submission(read)
+        if self._closed:  # lessord stopping: its config is what it stops with
+            self._end(submission, Superseded(read.digest, "lessord's stop"))
+            return submission
         if self._next is not None:
             log.info("the pending reload%s is superseded by a newer one%s",
                      f" (digest {self._next.read.digest})" if self._next.read.digest else "",
@@ -194,9 +198,15 @@ class Reloads:
             _fail(future, exc)
 
     async def close(self) -> None:
+        """lessord stops: no reload applies from here on (a pending one, woken by the stop's own
+        unloads, would add and remove models beside them); whoever waits for one is answered."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if (submission := self._next) is not None:
+            self._next = None
+            self._end(submission, Superseded(submission.read.digest, "lessord's stop"))
         self._supervisor.hold_for_reload(None)
 
 

@@ -90,6 +90,8 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
                     if task:
                         task.cancel()
                         await asyncio.gather(task, return_exceptions=True)
+                # A pending reload woken by the stop's own unloads would apply beside them.
+                await controller.reloads.close()
                 await supervisor.close()
         finally:
             await ledger.close()

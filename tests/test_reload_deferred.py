@@ -259,3 +259,35 @@ def _until(condition, what: str) -> None:
     while not condition():
         assert time.monotonic() < give_up, f"{what} never held"
         time.sleep(0.02)
+
+
+async def test_a_pending_reload_never_applies_once_lessord_stops(tmp_path, aiohttp_client):
+    """The stop's own unloads and a cancelled load end the transitions a pending reload waits for:
+    it must not then add and remove models beside the stop (runtime closes the reloads first)."""
+    made, controller, api, path, adapter, events = await _served(tmp_path, aiohttp_client,
+                                                                 [torch_model("m1", "2GiB"), torch_model("m2", "2GiB")])
+    try:
+        adapter.gate = asyncio.Event()
+        loading = asyncio.ensure_future(controller.supervisor.try_load("m2"))
+        await until(lambda: controller.model("m2")["state"] == "loading", "m2 loading")
+        before = controller.config_source["digest"]
+        _write(tmp_path, [torch_model("m2", "3GiB", priority=7), torch_model("m3", "2GiB")])
+        assert (await _reload(api))["pending"]["waiting_for"] == ["m2"]
+
+        await controller.reloads.close()  # what the runtime's stop does before the supervisor's
+        adapter.gate.set()
+        await loading
+        assert controller.status()["pending_reload"] is None and controller.config_source["digest"] == before
+        assert controller.supervisor.resolve("m2").spec.priority != 7 and controller.config.model("m1") is not None
+        assert [e for e in _queued(events) if isinstance(e, ConfigReloaded) and e.result is ReloadResult.APPLIED] == []
+        r = await api.post("/admin/v1/reload", headers=TOKEN)
+        assert r.status == 409 and controller.config.model("m1") is not None, await r.text()
+    finally:
+        await made.__aexit__(None, None, None)
+
+
+def _queued(events: asyncio.Queue) -> list:
+    found = []
+    while not events.empty():
+        found.append(events.get_nowait())
+    return found
