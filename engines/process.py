@@ -22,7 +22,8 @@ import aiohttp
 
 from . import enginelog
 from .logwatch import LogWatch
-from .proctree import Proc, engine_processes, marker_of, marker_of_pid, read_proc, reap, signal_processes
+from .proctree import (Proc, engine_processes, group_is_ours, marker_of, marker_of_pid, read_proc, reap,
+                       signal_processes)
 from .redaction import redact_argv
 
 log = logging.getLogger("lessor.engines")
@@ -276,16 +277,25 @@ class EngineProcess:
 
     def processes(self) -> dict[int, Proc]:
         """Its live processes: its group, those that carry its marker, and their descendants."""
-        return engine_processes(self.pid, self.marker)
+        return engine_processes(self.pid, self.marker, self._leader_start)
+
+    @property
+    def _leader_start(self) -> str | None:
+        # `<boot id>:<start>`; "child:<pid>" where /proc could not be read at spawn: unknown.
+        return self.identity.rsplit(":", 1)[-1] if self.identity and not self.identity.startswith("child:") else None
 
     def _signal(self, sig: signal.Signals) -> dict[int, Proc]:
         """`sig` to the group (members forked since the scan too) and to each of its processes."""
         found = self.processes()
         self._signalled.update(found)
-        signal_group(self.pid, sig)
+        # The group by number too (members forked since the scan), unless the leader's pid is another's now.
+        group = group_is_ours(read_proc(self.pid), self._leader_start)
+        if group:
+            signal_group(self.pid, sig)
         signal_processes(found.values(), sig)
         if sig == signal.SIGTERM:  # a stopped process acts on its SIGTERM only once continued
-            signal_group(self.pid, signal.SIGCONT)
+            if group:
+                signal_group(self.pid, signal.SIGCONT)
             signal_processes(found.values(), signal.SIGCONT)
         return found
 

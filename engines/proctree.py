@@ -105,12 +105,22 @@ def with_descendants(table: Mapping[int, Proc], roots: Iterable[int]) -> set[int
     return found
 
 
-def engine_processes(leader: int, marker: Sequence[bytes]) -> dict[int, Proc]:
+def engine_processes(leader: int, marker: Sequence[bytes], leader_start: str | None = None) -> dict[int, Proc]:
     """The engine's live processes: the leader's group, the processes carrying its marker, and
-    the descendants of both."""
+    the descendants of both. Once the leader is gone its pid may be another process's (started at
+    another time than `leader_start`): then neither it nor a group of that number is the engine's."""
     table = process_table()
-    roots = {pid for pid, proc in table.items() if proc.pgrp == leader} | marked(table, marker) | {leader}
+    roots = marked(table, marker)
+    if group_is_ours(table.get(leader), leader_start):
+        roots |= {pid for pid, proc in table.items() if proc.pgrp == leader} | {leader}
     return {pid: table[pid] for pid in with_descendants(table, roots)}
+
+
+def group_is_ours(now: Proc | None, leader_start: str | None) -> bool:
+    """Whether the leader's pid and group number are still the engine's: its leader runs (the same
+    start time), or is gone and its pid not given again (the kernel does not reuse the number of a
+    group with members left, so those are the engine's)."""
+    return now is None or leader_start is None or now.start == leader_start
 
 
 def signal_processes(procs: Iterable[Proc], sig: signal.Signals) -> None:

@@ -193,3 +193,18 @@ async def test_an_engine_process_stop_kills_its_escaped_worker(tmp_path):
         await proc.stop(0)  # idempotent: what a failure left
         if process_identity(worker) == identity:
             os.kill(worker, signal.SIGKILL)
+
+
+def test_a_gone_leaders_pid_given_to_another_process_is_not_the_engines():
+    """After the leader is reaped its pid may be another's, even a group leader's of its own: that
+    process and its group are never taken for the engine's (they would get its SIGKILL)."""
+    from lessor.engines.proctree import engine_processes, read_proc
+
+    stranger = subprocess.Popen(["sleep", "600"], start_new_session=True)  # stands for the new owner of the pid
+    try:
+        start = read_proc(stranger.pid).start
+        assert set(engine_processes(stranger.pid, (), leader_start=start)) == {stranger.pid}  # still the leader
+        assert engine_processes(stranger.pid, (), leader_start=str(int(start) - 1)) == {}
+    finally:
+        stranger.kill()
+        stranger.wait()
