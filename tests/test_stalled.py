@@ -106,9 +106,11 @@ async def test_a_client_that_never_reads_its_stream_is_disconnected_and_its_requ
 
 
 async def test_an_engine_silent_at_hung_checks_checks_in_a_row_is_stopped_and_restarted_as_a_crash(stalled):
-    box, _ = await stalled(reconciler={"health_timeout": 2.0, "hung_checks": 2},
+    box, _ = await stalled(reconciler={"health_timeout": 0.5, "hung_checks": 2},
                            restart={"policy": "on-failure", "backoff": 0, "max_restarts": 3})
     reconciler, health = box.controller.reconciler, box.controller.reconciler.health
+    silent = health._config  # a stopped process never answers: the short deadline only ends the wait
+    answering = silent.model_copy(update={"health_timeout": HANG_S})  # a resumed one, on a busy machine, may be slow
     await box.controller.load("chat")
     pid = box.controller.model("chat")["pid"]
     box.steps()
@@ -117,7 +119,9 @@ async def test_an_engine_silent_at_hung_checks_checks_in_a_row_is_stopped_and_re
         await reconciler.check()
         assert health.unanswered("chat") == 1 and box.controller.model("chat")["pid"] == pid
         os.kill(pid, signal.SIGCONT)  # only slow: an answer starts the count over
+        health._config = answering
         await reconciler.check()
+        health._config = silent
         assert health.unanswered("chat") == 0
         os.kill(pid, signal.SIGSTOP)
         await reconciler.check()
