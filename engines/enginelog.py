@@ -27,6 +27,7 @@ from pathlib import Path
 
 PREFIX = "# lessor: "  # lessor's own lines in an engine log
 _CHUNK = 1 << 16
+LINE_SLACK = 16 << 10  # how far before per_file a rotation is due: a line under way may end there
 _ROTATED = re.compile(r"\.log\.(\d+)$")
 
 
@@ -152,13 +153,22 @@ class Pump:
                 self.dropped += len(chunk)
                 return
         self._say_dropped()
+        slack = min(LINE_SLACK, self.per_file // 8)
         while chunk:
-            room = self.per_file - self.size
+            room = self.per_file - slack - self.size  # a new file is due past here
             if len(chunk) <= room:
                 self._write(chunk)
                 return
-            # Up to the last whole line that fits (a line longer than the room is split), then a new file.
-            cut = chunk.rfind(b"\n", 0, max(room, 0)) + 1 or max(room, 0)
+            cut = chunk.rfind(b"\n", 0, max(room, 0)) + 1  # up to the last whole line that fits
+            if not cut:
+                # The pipe cuts lines anywhere: the line under way runs on to per_file, so that a
+                # rotation splits no line (`lessor logs` reads on across it); a longer one is split.
+                reach = max(self.per_file - self.size, 0)
+                end = chunk.find(b"\n", 0, reach)
+                if end < 0 and len(chunk) <= reach:
+                    self._write(chunk)
+                    return
+                cut = end + 1 if end >= 0 else reach
             self._write(chunk[:cut])
             chunk = chunk[cut:]
             self._rotate()

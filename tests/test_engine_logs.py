@@ -181,3 +181,19 @@ def test_lessord_keeps_a_chatty_engines_logs_under_the_cap_and_drops_them_at_unl
         assert status == 200 and len(text.splitlines()) == 5
         assert admin.call("POST", "/admin/v1/models/m", {"action": "unload"})[0] == 200
         assert sorted(os.listdir(folder)) == ["m.log"]  # the last log stays for `lessor logs`
+
+
+def test_a_rotation_splits_no_line_however_the_pipe_cut_it(tmp_path):
+    """The pipe hands the pump chunks cut anywhere in a line; a rotation due mid-line waits for
+    the line's end (within per_file), so every file holds whole lines and `lessor logs` reads on
+    across it (a busy machine's reads cut a line at a rotation, and a tail showed half of it)."""
+    path = tmp_path / "m.log"
+    pump = enginelog.Pump(path, per_file=64 << 10, files=50, total=1 << 30, keep_free=0)
+    data = b"".join(b"%08d " % i + b"x" * 200 + b"\n" for i in range(2000))
+    for at in range(0, len(data), 97):  # chunks ending mid-line, as a busy pipe's reads do
+        pump.take(data[at:at + 97])
+    os.close(pump.fd)
+    files = [path, *sorted(tmp_path.glob("m.log.*"))]
+    assert len(files) > 5 and all(f.stat().st_size <= 64 << 10 for f in files)
+    lines = [line for f in files for line in f.read_bytes().splitlines() if not line.startswith(b"# lessor")]
+    assert len(lines) == 2000 and all(len(line) == 209 and line[:8].isdigit() for line in lines)
