@@ -234,8 +234,9 @@ def _guarded(route: Route) -> Handler:
 async def same_site(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A request from another site's page (its Host or Origin, api/origins.py) is refused before it
     does anything; over the unix socket (no browser reaches it) only its Origin is checked."""
-    tcp = isinstance(request.transport.get_extra_info("sockname") if request.transport else None, tuple)
-    SiteRules.of(ctl(request).config.admin, "admin").check(request.headers.get("Host"),
+    # Only a unix socket's name is text; a request whose transport is gone is checked as TCP.
+    tcp = not isinstance(request.transport.get_extra_info("sockname") if request.transport else None, (str, bytes))
+    SiteRules.cached(ctl(request).config.admin, "admin").check(request.headers.get("Host"),
                                                             request.headers.get("Origin"), tcp)
     return await handler(request)
 

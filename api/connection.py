@@ -23,7 +23,7 @@ import httptools
 from ..daemon.config import RouterConfig
 from ..daemon.errors import (BodyTooLarge, HeadTooLarge, InvariantBroken, LessorError, MalformedRequest,
                              RequestTimedOut, UpstreamFailed, UrlTooLong)
-from ..daemon.errors import UpstreamTimedOut
+from ..daemon.errors import CrossSiteRequest, UpstreamTimedOut
 from .errors import http_headers, http_status, openai_envelope
 from .origins import SiteRules
 from .proxy import UpstreamConnection
@@ -43,6 +43,7 @@ class Request:
     authorization: bytes = b""
     host: bytes | None = None  # the Host and Origin headers, checked before anything is done (api/origins.py)
     origin: bytes | None = None
+    browser: bool = False  # it carries a browser's Sec-Fetch-* headers
 
 
 class Service(Protocol):
@@ -188,6 +189,7 @@ class ClientConnection(asyncio.Protocol):
         self.url, self.url_size, self.body, self.body_size, self.expect_continue = [], 0, [], 0, False
         self.authorization, self.reading, self.head_size, self.headers = b"", True, 0, 0
         self.host = self.origin = None
+        self.browser = False
         self.begins += 1
         self._arm_timer()
 
@@ -217,6 +219,8 @@ class ClientConnection(asyncio.Protocol):
             self.host = value
         elif name == b"origin":
             self.origin = value
+        elif name.startswith(b"sec-fetch-"):
+            self.browser = True
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -247,7 +251,7 @@ class ClientConnection(asyncio.Protocol):
         path = url.split(b"?", 1)[0]
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.queue.append(Request(self.parser.get_method(), path, body, self.parser.should_keep_alive(),
-                                  self.authorization, self.host, self.origin))
+                                  self.authorization, self.host, self.origin, self.browser))
         if self.task is None:
             self.task = asyncio.ensure_future(self._serve_queue())
 
@@ -449,10 +453,23 @@ class Exchange:
 
 def same_site(request: Request, config: RouterConfig) -> None:
     """A request from another site's page (its Host or Origin) is refused before it does anything:
-    no load, no eviction; with API keys too (a page may hold none, but it must not try)."""
+    no load, no eviction; with API keys too (a page may hold none, but it must not try). The Host
+    is checked on what a browser sent (an Origin, which it sends with every POST, or Sec-Fetch-*):
+    a client that is no browser (an SDK, a container calling host.docker.internal) cannot be a
+    rebound page, and may use whatever name reaches the box."""
     def text(value: bytes | None) -> str | None:
         return None if value is None else value.decode("latin-1")
-    SiteRules.of(config, "router").check(text(request.host), text(request.origin))
+    host = text(request.host) if request.origin is not None or request.browser else None
+    try:
+        SiteRules.cached(config, "router").check(host, text(request.origin))
+    except CrossSiteRequest as exc:
+        if len(_REFUSED) < 64 and exc.value not in _REFUSED:  # once each: a page may retry without end
+            _REFUSED.add(exc.value)
+            log.warning("router: %s", exc)
+        raise
+
+
+_REFUSED: set[str] = set()  # the Host and Origin values same_site refused and said
 
 
 def engine_error(model: str, status: int) -> bytes:

@@ -30,6 +30,7 @@ from ..daemon.errors import CrossSiteRequest
 LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))
 EVERY_ADDRESS = frozenset(("", "0.0.0.0", "::", "*"))
 DEFAULT_PORTS = {"http": 80, "https": 443}
+_RULES: dict[tuple[int, str], tuple[object, "SiteRules"]] = {}  # SiteRules.cached; holds the config: its id stays its own
 
 
 def _is_ip(name: str) -> bool:
@@ -61,6 +62,17 @@ class SiteRules:
     origins: frozenset[str]  # scheme://host:port, normalized
     any_origin: bool
     section: str  # "admin" or "router": names the config fields in refusals
+
+    @classmethod
+    def cached(cls, config, section: str) -> SiteRules:
+        """`of`, built once per config object (a reload swaps the object): every request asks."""
+        key = (id(config), section)
+        held = _RULES.get(key)
+        if held is None or held[0] is not config:
+            if len(_RULES) > 8:
+                _RULES.clear()
+            held = _RULES[key] = (config, cls.of(config, section))
+        return held[1]
 
     @classmethod
     def of(cls, config, section: str) -> SiteRules:

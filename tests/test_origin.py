@@ -99,7 +99,7 @@ def test_a_cross_origin_simple_post_to_the_router_loads_nothing(lessord):
     port = router.rsplit(":", 1)[1]
     attempts = [{"Host": f"{EVIL}:{port}", "Origin": f"http://{EVIL}:{port}"},  # DNS rebinding: same origin, foreign Host
                 {"Origin": f"http://{EVIL}"},  # a page of another site, its form or text/plain fetch
-                {"Host": f"{EVIL}:{port}"}]
+                {"Host": f"{EVIL}:{port}", "Sec-Fetch-Site": "same-origin"}]  # a browser's, without an Origin
     for headers in attempts:
         status, _, body = send(router, "POST", "/v1/chat/completions", CHAT, {"Content-Type": "text/plain", **headers})
         assert status == 403, (headers, status, body)
@@ -114,6 +114,9 @@ def test_a_cross_origin_simple_post_to_the_router_loads_nothing(lessord):
                            {"Content-Type": "application/json", "Origin": f"http://127.0.0.1:{port}"})
     assert status == 200, body  # its own site (and below, no Origin at all) is served
     assert send(router, "POST", "/v1/chat/completions", CHAT, {"Content-Type": "application/json"})[0] == 200
+    # A client that is no browser may reach the box by any name (a container's host.docker.internal).
+    assert send(router, "POST", "/v1/chat/completions", CHAT, {"Content-Type": "application/json",
+                                                               "Host": f"host.docker.internal:{port}"})[0] == 200
 
 
 def test_the_admin_api_checks_host_and_origin_and_grants_no_preflight(lessord):
