@@ -34,15 +34,18 @@ _HOST_NAME = r"^(\*|\[?[A-Za-z0-9.:_-]{1,253}\]?)$"
 _ORIGIN = r"^(\*|https?://[A-Za-z0-9.:\[\]_-]{1,253})$"
 
 
-def _site_fields(listener: str) -> dict[str, Any]:
+def _site_fields(listener: str, whose: str = "a request's") -> dict[str, Any]:
     """Which sites may drive a listener from a browser (api/origins.py runs the checks)."""
     return {
-        "allowed_hosts": Field(default_factory=list, max_length=64, description=f"Names a request's Host header may carry at {listener}, besides the listen address's host, localhost, 127.0.0.1 and ::1 (and, when listening on 0.0.0.0 or ::, any IP address and this machine's host name). Any other Host gets 403 before the request does anything: a web page that resolves its own name to this machine (DNS rebinding) cannot drive lessor. \"*\" turns the check off (a reverse proxy in front that checks it)."),
+        "allowed_hosts": Field(default_factory=list, max_length=64, description=f"Names {whose} Host header may carry at {listener}, besides the listen address's host, localhost, 127.0.0.1 and ::1 (and, when listening on 0.0.0.0 or ::, any IP address and this machine's host name). Any other Host gets 403 before the request does anything: a web page that resolves its own name to this machine (DNS rebinding) cannot drive lessor. \"*\" turns the check off (a reverse proxy in front that checks it)."),
         "allowed_origins": Field(default_factory=list, max_length=64, description=f"Web origins (scheme://host[:port]) besides the page's own site whose requests {listener} serves. A request with any other Origin header (a browser page of another site: a form post, a fetch) gets 403 before it does anything; requests without one (curl, the CLI, SDKs) are served. No CORS preflight is ever granted, so a browser sends another origin's non-simple requests (JSON, a bearer header) nowhere. \"*\" turns the check off."),
     }
 
 
-_ADMIN_SITES, _ROUTER_SITES = _site_fields("the admin API"), _site_fields("the router")
+# The router checks the Host of a browser's requests only (an Origin or Sec-Fetch-* header): an SDK
+# or a container may reach it by any name, and cannot be a rebound page.
+_ADMIN_SITES = _site_fields("the admin API")
+_ROUTER_SITES = _site_fields("the router", "a browser's request (one with an Origin or Sec-Fetch-* header)")
 HostName = Annotated[str, StringConstraints(pattern=_HOST_NAME)]
 Origin = Annotated[str, StringConstraints(pattern=_ORIGIN)]
 
