@@ -34,6 +34,9 @@ _SPLIT = re.compile(r"[-_.\s]+|(?<=[a-z])(?=[A-Z])")
 _FLAG = re.compile(r"(?<![\w-])(--?[A-Za-z][\w.-]*)(=|[ \t]+)(?!-)(\S+)")
 _ASSIGN = re.compile(r"(?<![\w-])([A-Za-z_][\w.]*)=(['\"]?)([^\s'\",;)]+)")
 _PAIR = re.compile(r"""(['"])([\w.-]+)\1(\s*[:=]\s*)(['"])(.*?)\4""")
+_COLON = re.compile(r"(?<![\w-])([A-Za-z_][\w.-]*)(:[ \t]*)(?!//)(['\"]?)([^\s'\",;)\]}]+)")  # YAML, headers: `HF_TOKEN: x`
+_PAIR_LIST = re.compile(r"""(['"])([\w.-]+)\1(\s*[:=]\s*)\[([^\]]*)\]""")  # a printed dict's list: `'api_key': ['x']`
+_BEARER = re.compile(r"(?i)\b(bearer[ \t]+)([^\s'\",;]+)")
 _URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s:/@]*:)([^\s@/]+)(@)")
 
 
@@ -48,7 +51,7 @@ def redact_argv(argv: Sequence[str]) -> list[str]:
     out: list[str] = []
     hide_next = False
     for arg in argv:
-        if hide_next and not arg.startswith("-"):
+        if hide_next:  # whatever it looks like: a key may begin with "-"
             out.append(REDACTED)
             hide_next = False
             continue
@@ -104,6 +107,10 @@ class Redactor:
         text = _ASSIGN.sub(lambda m: f"{m[1]}={m[2]}{REDACTED}" if secret_name(m[1]) else m[0], text)
         text = _PAIR.sub(lambda m: f"{m[1]}{m[2]}{m[1]}{m[3]}{m[4]}{REDACTED}{m[4]}" if secret_name(m[2]) else m[0],
                          text)
+        text = _PAIR_LIST.sub(lambda m: f"{m[1]}{m[2]}{m[1]}{m[3]}[{REDACTED}]" if secret_name(m[2]) else m[0], text)
+        text = _COLON.sub(lambda m: m[0] if not secret_name(m[1]) or m[4] == REDACTED
+                          else f"{m[1]}{m[2]}{m[3]}{REDACTED}", text)
+        text = _BEARER.sub(lambda m: m[0] if m[2] == REDACTED else f"{m[1]}{REDACTED}", text)
         return _URL_PASSWORD.sub(lambda m: f"{m[1]}{REDACTED}{m[3]}", text)
 
     def data(self, data: Any) -> Any:
@@ -133,7 +140,9 @@ class Redacting:
         config = self._current()
         if config is not self._config:
             keys = {key.key for key in config.router.api_keys if key.key}
-            self._redactor, self._config = Redactor(secrets_of(config.models, self._environ) | keys), config
+            # The earlier configs' secrets too: an error recorded before a reload rotated a key quotes the old one.
+            known = self._redactor.secrets | secrets_of(config.models, self._environ) | keys
+            self._redactor, self._config = Redactor(known), config
         return self._redactor
 
 

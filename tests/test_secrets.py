@@ -43,6 +43,7 @@ def test_argv_values_after_secret_flags_are_redacted_in_both_forms():
     assert redact_argv(argv) == ["vllm", "serve", "/m", "--api-key", REDACTED, f"--hf-token={REDACTED}",
                                  "--max-num-batched-tokens", "8192", "--tokenizer", "/t", "--port", "8000"]
     assert argv_secrets(argv) == {"sk-1", "hf-2"}
+    assert redact_argv(["--api-key", "-starts-with-a-dash"]) == ["--api-key", REDACTED]
 
 
 def test_text_is_redacted_by_name_and_by_value():
@@ -56,6 +57,11 @@ def test_text_is_redacted_by_name_and_by_value():
         "postgresql://lessor:pw-g@db/ledger": f"postgresql://lessor:{REDACTED}@db/ledger",
         "it printed known-secret-value here": f"it printed {REDACTED} here",
         "--max-num-batched-tokens 8192 --kv-cache-dtype auto": "--max-num-batched-tokens 8192 --kv-cache-dtype auto",
+        "non-default args: {'api_key': ['sk-h', 'sk-i'], 'port': 8000}":
+            f"non-default args: {{'api_key': [{REDACTED}], 'port': 8000}}",
+        "HF_TOKEN: hf_j\nmodel: /m": f"HF_TOKEN: {REDACTED}\nmodel: /m",
+        "Authorization: Bearer sk-k": f"Authorization: Bearer {REDACTED}",
+        "http://h:80/v1 max_num_batched_tokens: 8192": "http://h:80/v1 max_num_batched_tokens: 8192",
     }
     for text, shown in said.items():
         assert redact(text, {"known-secret-value"}) == shown, text
