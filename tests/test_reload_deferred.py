@@ -57,6 +57,14 @@ async def _reloaded(events: asyncio.Queue, result: ReloadResult) -> ConfigReload
             return event
 
 
+async def _held_loading(controller, adapter, name: str) -> asyncio.Future:
+    """`name`'s load under way, held by the adapter's gate until the test sets it."""
+    adapter.gate = asyncio.Event()
+    loading = asyncio.ensure_future(controller.supervisor.try_load(name))
+    await until(lambda: controller.model(name)["state"] == "loading", f"{name} loading")
+    return loading
+
+
 async def _reload(api) -> dict:
     r = await api.post("/admin/v1/reload", headers=TOKEN)
     body = await r.json()
@@ -69,9 +77,7 @@ async def test_a_reload_during_a_load_it_changes_is_pending_then_applied_when_th
     made, controller, api, path, adapter, events = await _served(tmp_path, aiohttp_client,
                                                                  [torch_model("m1", "2GiB"), torch_model("m2", "2GiB")])
     try:
-        adapter.gate = asyncio.Event()
-        loading = asyncio.ensure_future(controller.supervisor.try_load("m2"))
-        await until(lambda: controller.model("m2")["state"] == "loading", "m2 loading")
+        loading = await _held_loading(controller, adapter, "m2")
         before = controller.config_source["digest"]
 
         _write(tmp_path, [torch_model("m1", "2GiB"), torch_model("m2", "3GiB", priority=7)])
@@ -101,9 +107,7 @@ async def test_a_newer_reload_replaces_a_pending_one_and_its_file_wins(tmp_path,
     made, controller, api, path, adapter, events = await _served(tmp_path, aiohttp_client,
                                                                  [torch_model("m1", "2GiB"), torch_model("m2", "2GiB")])
     try:
-        adapter.gate = asyncio.Event()
-        loading = asyncio.ensure_future(controller.supervisor.try_load("m2"))
-        await until(lambda: controller.model("m2")["state"] == "loading", "m2 loading")
+        loading = await _held_loading(controller, adapter, "m2")
 
         _write(tmp_path, [torch_model("m1", "2GiB"), torch_model("m2", "2GiB", priority=1)])
         first = await _reload(api)
@@ -267,9 +271,7 @@ async def test_a_pending_reload_never_applies_once_lessord_stops(tmp_path, aioht
     made, controller, api, path, adapter, events = await _served(tmp_path, aiohttp_client,
                                                                  [torch_model("m1", "2GiB"), torch_model("m2", "2GiB")])
     try:
-        adapter.gate = asyncio.Event()
-        loading = asyncio.ensure_future(controller.supervisor.try_load("m2"))
-        await until(lambda: controller.model("m2")["state"] == "loading", "m2 loading")
+        loading = await _held_loading(controller, adapter, "m2")
         before = controller.config_source["digest"]
         _write(tmp_path, [torch_model("m2", "3GiB", priority=7), torch_model("m3", "2GiB")])
         assert (await _reload(api))["pending"]["waiting_for"] == ["m2"]
