@@ -436,13 +436,8 @@ class Ledger:
         none pending after a failed call, asks the database whether it answers again (so
         `unavailable` clears without waiting for a load)."""
         if not self._unpersisted and self._unavailable and self._engine is not None:
-            try:
-                await ping(self._engine)
-            except LedgerUnavailable as exc:
-                self._unavailable = exc.reason
-            else:
+            if await self.answers():
                 log.info("the ledger's database answers again")
-                self._unavailable = None
             return 0
         async with self._lock:
             by_reason: dict[str, list[str]] = defaultdict(list)
