@@ -188,6 +188,7 @@ async def test_mqtt_carries_a_failed_loads_error_redacted(tmp_path, broker, monk
     spec.pop("pinned")
     config = sim_config(tmp_path, [spec], mqtt={"url": f"mqtt://127.0.0.1:{broker.port}", "topic_prefix": "t"})
     async with runtime(config) as controller, publishing(controller):
+        await controller.mqtt.wait_online(HANG_S)  # as test_mqtt's tests: what follows is published, not raced
         async with aiomqtt.Client("127.0.0.1", broker.port, identifier="watcher") as watcher:
             await watcher.subscribe("t/#", qos=1)
             await collect(watcher, lambda seen: "t/state/models/m" in seen)
