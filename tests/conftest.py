@@ -237,6 +237,15 @@ async def until(condition, what: str = "the condition", hang_s: float = HANG_S) 
         await asyncio.sleep(0.005)
 
 
+def until_sync(check, what: str) -> None:
+    """`until` for a test without an event loop: poll `check` until it holds; the deadline only
+    turns a hang into a failure."""
+    deadline = time.monotonic() + HANG_S
+    while not check():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        time.sleep(0.02)
+
+
 def drain_events(queue, kind="model_state"):
     """The events of one type (None: all) waiting in a bus subscription, in order; the others are dropped."""
     out = []

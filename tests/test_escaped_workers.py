@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from lessor.daemon.reconciler import find_strays, stop_strays
+from lessor.engines.strays import find_strays, stop_strays
 from lessor.engines.process import EngineProcess, process_identity
 
-from .conftest import HANG_S, ROOT, running_lessord
+from .conftest import HANG_S, ROOT, running_lessord, until_sync
 from .test_e2e_torch import Admin
 from .test_restart import config_file, kill_9, standin_spec
 
@@ -50,14 +50,6 @@ class Worker:
     def kill(self) -> None:
         if self.runs():  # what a failed test leaves behind
             os.kill(self.pid, signal.SIGKILL)
-
-
-def until(check, what: str) -> None:
-    """Poll `check` until it holds; the deadline only turns a hang into a failure."""
-    deadline = time.monotonic() + HANG_S
-    while not check():
-        assert time.monotonic() < deadline, f"still waiting for {what}"
-        time.sleep(0.02)
 
 
 def load(admin: Admin, tmp_path: Path, name: str) -> tuple[int, Worker]:
@@ -109,7 +101,7 @@ def test_an_engine_that_dies_takes_its_escaped_worker_with_it(tmp_path):
         engine, worker = load(admin, tmp_path, "qa")
         try:
             os.kill(engine, signal.SIGKILL)  # a crash while serving: restart.policy never
-            until(lambda: admin.model("qa")["state"] == "failed", "the crash noticed")  # after its processes are stopped
+            until_sync(lambda: admin.model("qa")["state"] == "failed", "the crash noticed")  # after its processes are stopped
             assert admin.leases() == []
             assert not worker.runs(), "the escaped worker outlived its engine's crash"
         finally:
@@ -139,7 +131,7 @@ def test_a_restart_keeps_an_adopted_engines_worker_and_stops_a_gone_engines(tmp_
             workers += [kept, orphan]
             kill_9(proc)
         os.kill(gone_engine, signal.SIGKILL)  # its engine dies while no lessord runs; its worker does not
-        until(lambda: process_identity(gone_engine) is None, "the engine's end")
+        until_sync(lambda: process_identity(gone_engine) is None, "the engine's end")
         assert kept.runs() and orphan.runs()
 
         with running_lessord(config) as (proc, url, _):  # ready once the start's settling is done
