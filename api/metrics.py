@@ -17,7 +17,7 @@ from ..daemon.events import (AdmissionDecided, AdmissionResult, BudgetOvercommit
                              FingerprintRecorded, LeaseOverrun, LoadRetried, MemoryLingering, ModelStateChanged,
                              OverrunAction, ReloadResult)
 from ..daemon.fingerprints import Outcome
-from ..daemon.ledger import LeaseKind
+from ..daemon.leases import LeaseKind
 from ..daemon.lifecycle import ModelState
 from .connection import CLIENT_GONE
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..daemon.config import Size
-from ..daemon.ledger import LeaseKind, LeaseState
+from ..daemon.leases import LeaseKind, LeaseState
 from ..daemon.lifecycle import ModelState
 
 

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.pgcluster import pg_bindir, postgres_cluster  # noqa: E402
 from lessor.daemon.config import DevicesConfig, HostPool, SimulatedGpu  # noqa: E402
 from lessor.daemon.devices import SimProbe  # noqa: E402
-from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger  # noqa: E402
+from lessor.daemon.leases import Granted, LeaseKind, LeaseWant  # noqa: E402
+from lessor.daemon.ledger import Ledger
 from lessor.daemon.ledger_db import inspect_sqlite  # noqa: E402
 from lessor.daemon.ledger_record import LedgerRecord  # noqa: E402
 from lessor.daemon.units import GiB, MiB  # noqa: E402

@@ -15,7 +15,7 @@ from typing import Mapping
 from ..policies import AdmissionRequest, Decision, DeviceBudget, Evict, Queue, Rejected, Snapshot, shortfall
 from .config import ModelSpec
 from .errors import ModelTooLarge, ModelsBusy, NotEnoughMemory
-from .ledger import LeaseKind
+from .leases import LeaseKind
 from .loading import bytes_text, worst_shortfall
 from .planner import NEVER_FITS_FIX, Measured, ceiling, plan
 from .units import format_bytes

@@ -23,7 +23,7 @@ from typing import Callable
 
 from ..engines.base import EngineAdapter, EngineHandle, Launch
 from ..engines.process import EngineProcess, signal_group
-from .ledger import EnginePhase, EngineRecord
+from .leases import EnginePhase, EngineRecord
 from .lifecycle import ModelRecord, ModelState, Timeouts
 
 log = logging.getLogger("lessor.reconciler")

@@ -17,7 +17,8 @@ from . import checks
 from .errors import ConfigError, ConfigProblem, InvalidRequest, LessorError, NoEngineLog, UnknownFingerprint
 from .events import AdmissionDecided, AdmissionResult, ConfigReloaded, EventBus, ForeignUsageChanged
 from .holder import ConfigHolder
-from .ledger import LeaseKind, Ledger
+from .leases import LeaseKind
+from .ledger import Ledger
 from .lifecycle import ConfigChange, ModelState
 from .reloading import Applied, ConfigRead, Pending, Reloads
 from .supervisor import Supervisor

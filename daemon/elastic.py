@@ -26,7 +26,8 @@ from ..engines.base import KvResizeRefused
 from ..policies import Snapshot
 from .devices import gpu_id
 from .errors import LedgerUnavailable
-from .ledger import Lease, LeaseKind, Ledger
+from .leases import Lease, LeaseKind
+from .ledger import Ledger
 from .lifecycle import ModelRecord, ModelState
 from .units import format_bytes
 

@@ -30,6 +30,7 @@ from .errors import LedgerDamaged, LedgerUnavailable
 from .events import Event, LeaseGranted, LeaseReleased, LeaseResized
 from .ledger_db import (STORAGE_ERRORS, Deadlines, bounded, deadlines_of, engine_for, engines_table, leases_table,
                         migrate, ping, read_generation, short_error, write_counted)
+from .leases import EnginePhase, EngineRecord, Granted, Lease, LeaseKind, LeaseState, LeaseWant, LedgerSnapshot
 from .ledger_record import LedgerRecord, check_database, expectation, recover_hint, sqlite_file
 from .units import format_bytes
 
@@ -37,80 +38,6 @@ log = logging.getLogger("lessor.ledger")
 
 # Released rows outlive ledger.history by at most this long (run_pruning's default round).
 PRUNE_EVERY_S = 3600.0
-
-
-class LeaseKind(str, Enum):
-    WEIGHTS = "weights"
-    KV = "kv"
-    LOAD_PEAK = "load_peak"
-    RESERVE = "reserve"
-
-
-class LeaseState(str, Enum):
-    GRANTED = "granted"
-    RELEASED = "released"
-
-
-class EnginePhase(str, Enum):
-    LOADING = "loading"  # started; the load protocol's step 5 has not passed yet
-    READY = "ready"
-
-
-@dataclass(frozen=True)
-class EngineRecord:
-    model: str
-    attempt: str
-    pid: int
-    identity: str
-    port: int
-    phase: EnginePhase
-    params: Mapping[str, object]
-    kv_tokens: int
-    started_at: float
-
-    def row(self) -> dict:
-        return {**self.__dict__, "phase": self.phase.value, "params": json.dumps(dict(self.params), sort_keys=True)}
-
-
-@dataclass(frozen=True)
-class LeaseWant:
-    device: str
-    kind: LeaseKind
-    bytes: int
-
-
-@dataclass(frozen=True)
-class Lease:
-    id: str
-    model: str
-    device: str
-    kind: LeaseKind
-    bytes: int
-    attempt: str
-    granted_at: float
-    owner_pid: int | None = None
-    owner_started_at: float | None = None
-
-    def to_dict(self) -> dict:
-        return {"id": self.id, "model": self.model, "device": self.device, "kind": self.kind.value,
-                "bytes": self.bytes, "state": LeaseState.GRANTED.value, "attempt": self.attempt, "granted_at": self.granted_at,
-                "owner_pid": self.owner_pid, "owner_started_at": self.owner_started_at}
-
-
-@dataclass(frozen=True)
-class Granted:
-    leases: tuple[Lease, ...]
-
-
-@dataclass(frozen=True)
-class LedgerSnapshot:
-    leases: tuple[Lease, ...]
-    budgets: Mapping[str, DeviceBudget]
-    probe: str
-    readings: Mapping[str, DeviceReading]  # what the budgets were computed from
-
-    def of_model(self, model: str) -> list[Lease]:
-        return [lease for lease in self.leases if lease.model == model]
 
 
 def _row_to_engine(row) -> EngineRecord:

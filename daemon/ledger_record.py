@@ -39,6 +39,7 @@ from typing import Mapping
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..engines.strays import find_strays
 from .errors import LedgerDamaged, LedgerUnavailable
 from .ledger_db import STORAGE_ERRORS, inspect_sqlite, read_generation, short_error
 
@@ -201,8 +202,6 @@ async def check_database(engine: AsyncEngine, path: Path | None, where: str, rec
 def _check_no_engines(path: Path | None, where: str, record: LedgerRecord) -> None:
     """No ledger and no record: a first start, unless engines of this state folder run (the record
     was lost with the ledger); then it is refused too, rather than stop them all as strays."""
-    from .reconciler import find_strays  # its one definition of "an engine of this state folder"
-
     running = find_strays(record.path.parent, set())
     if running:
         state = "is missing" if path is not None and not path.exists() else "holds no ledger tables"

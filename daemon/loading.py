@@ -28,7 +28,8 @@ from .config import ModelSpec
 from .devices import gpu_id
 from .errors import LedgerUnavailable, LoadFailed, NotEnoughMemory, OutOfMemory, PlanRejected
 from .fingerprints import DeviceMeasurement, Outcome
-from .ledger import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant, Ledger
+from .leases import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant
+from .ledger import Ledger
 from .lifecycle import Timeouts
 from .planner import Measured, Plan, plan, plan_kv
 from .profile import over_leases, verify_tolerance

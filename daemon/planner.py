@@ -17,7 +17,7 @@ from ..policies import DeviceBudget
 from .config import ModelSpec, problems_from
 from .devices import HOST, gpu_id
 from .errors import PlanRejected
-from .ledger import LeaseKind, LeaseWant
+from .leases import LeaseKind, LeaseWant
 from .fingerprints import Fingerprint
 from .profile import DeviceMemory, Memory, with_measured
 from ..memory.context import ContextLimit

@@ -21,9 +21,10 @@ from typing import Mapping
 from ..engines.process import process_identity
 from .config import LessorConfig
 from .errors import LedgerDamaged
-from .ledger import EnginePhase, EngineRecord, Lease, LeaseKind, Ledger
+from .leases import EnginePhase, EngineRecord, Lease, LeaseKind
+from .ledger import Ledger
 from .ledger_record import LedgerRecord, Record, sqlite_file
-from .reconciler import find_strays
+from ..engines.strays import find_strays
 
 RECOVER, FRESH = "recover-from-engines", "start-fresh"
 

@@ -37,7 +37,8 @@ from .events import AdmissionDecided, AdmissionResult, EngineExited, Event, Load
 from .fingerprinting import Fingerprinting
 from .fingerprints import FingerprintKey, FingerprintStore
 from .holder import ConfigHolder
-from .ledger import EngineRecord, Ledger
+from .leases import EngineRecord
+from .ledger import Ledger
 from .lifecycle import UNLOADED_LIKE, ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic, Waiting
 from .loading import LoadAttempt, Loaded, bytes_text, leased_by
 from .planner import Measured, Plan, plan, with_overrides

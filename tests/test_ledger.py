@@ -10,7 +10,8 @@ import pytest
 
 from lessor.daemon.config import DevicesConfig, HostPool, SimulatedGpu
 from lessor.daemon.devices import SimProbe
-from lessor.daemon.ledger import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.leases import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant
+from lessor.daemon.ledger import Ledger
 from lessor.daemon.units import GiB
 from lessor.policies import Rejected
 

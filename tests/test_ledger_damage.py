@@ -20,7 +20,8 @@ import pytest
 
 from lessor.daemon.devices import SimProbe
 from lessor.daemon.errors import LedgerDamaged
-from lessor.daemon.ledger import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.leases import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant
+from lessor.daemon.ledger import Ledger
 from lessor.daemon.ledger_record import RECORD_FILE, LedgerRecord
 from lessor.daemon.recovery import RECOVER, recover
 from lessor.daemon.units import GiB

@@ -24,7 +24,8 @@ from sqlalchemy import text
 from lessor.daemon.config import DevicesConfig, LedgerConfig
 from lessor.daemon.devices import SimProbe
 from lessor.daemon.errors import LedgerUnavailable
-from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.leases import Granted, LeaseKind, LeaseWant
+from lessor.daemon.ledger import Ledger
 from lessor.daemon.units import GiB
 
 from .conftest import BIN, HANG_S, free_port, running_lessord

@@ -11,7 +11,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from lessor.daemon.config import DevicesConfig, HostPool, LedgerConfig, SimulatedGpu
 from lessor.daemon.devices import SimProbe
 from lessor.daemon.errors import ConfigError
-from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.leases import Granted, LeaseKind, LeaseWant
+from lessor.daemon.ledger import Ledger
 from lessor.daemon.ledger_db import leases_table
 from lessor.daemon.units import GiB
 

@@ -12,7 +12,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from lessor.daemon.config import DevicesConfig, HostPool, SimulatedGpu
 from lessor.daemon.devices import SimProbe
-from lessor.daemon.ledger import Granted, Lease, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.leases import Granted, Lease, LeaseKind, LeaseWant
+from lessor.daemon.ledger import Ledger
 from lessor.daemon.units import GiB, MiB
 
 HEADROOM = {"gpu0": GiB, "gpu1": GiB, "host": 4 * GiB}

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from lessor.daemon.ledger import EnginePhase, EngineRecord, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.leases import EnginePhase, EngineRecord, LeaseKind, LeaseWant
+
+from lessor.daemon.ledger import Ledger
 from lessor.daemon.devices import make_probe
 from lessor.daemon.reconciler import stop_strays
 from lessor.daemon.runtime import runtime

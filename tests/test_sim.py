@@ -12,7 +12,7 @@ from bench.sim.loads import SimSupervisor, _now
 from bench.sim.simulator import Simulator
 from bench.sim.strategies import llama_swap_like, ollama_like
 from bench.sim.workload import Trace, Workload, zipf_shares
-from lessor.daemon.ledger import Granted
+from lessor.daemon.leases import Granted
 from lessor.policies import Admit, AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
 
 G = 1 << 30

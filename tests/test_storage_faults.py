@@ -14,7 +14,8 @@ from sqlalchemy import event, text
 from lessor.daemon.config import DevicesConfig
 from lessor.daemon.devices import SimProbe
 from lessor.daemon.errors import LedgerUnavailable
-from lessor.daemon.ledger import Granted, LeaseKind, LeaseWant, Ledger
+from lessor.daemon.leases import Granted, LeaseKind, LeaseWant
+from lessor.daemon.ledger import Ledger
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 

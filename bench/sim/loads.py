@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping, Protocol
 from lessor.daemon.config import DevicesConfig, HostPool
 from lessor.daemon.devices import SimProbe, gpu_id
 from lessor.daemon.errors import LessorError, LoadFailed, PlanRejected
-from lessor.daemon.ledger import Granted, LeaseKind, Ledger
+from lessor.daemon.leases import Granted, LeaseKind
+from lessor.daemon.ledger import Ledger
 from lessor.daemon.lifecycle import ModelState
 from lessor.daemon.planner import Plan, plan, plan_kv
 from lessor.policies import AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot

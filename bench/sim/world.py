@@ -10,7 +10,7 @@ import numpy as np
 
 from lessor.daemon.config import ModelSpec, SimulatedGpu
 from lessor.daemon.devices import gpu_id
-from lessor.daemon.ledger import LeaseKind, LeaseWant
+from lessor.daemon.leases import LeaseKind, LeaseWant
 
 GiB = 1 << 30
 

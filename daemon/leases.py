@@ -1,0 +1,90 @@
+"""The lease vocabulary, a leaf: what a lease is (its kind, what a load wants, what was granted),
+what the ledger records of an engine, and the snapshot the ledger answers with. Plain frozen values;
+the ledger (daemon/ledger.py) is their one writer, everyone else reads them from here without
+importing the database."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Mapping
+
+from ..policies import DeviceBudget
+
+if TYPE_CHECKING:
+    from .devices import DeviceReading
+
+
+class LeaseKind(str, Enum):
+    WEIGHTS = "weights"
+    KV = "kv"
+    LOAD_PEAK = "load_peak"
+    RESERVE = "reserve"
+
+
+class LeaseState(str, Enum):
+    GRANTED = "granted"
+    RELEASED = "released"
+
+
+class EnginePhase(str, Enum):
+    LOADING = "loading"  # started; the load protocol's step 5 has not passed yet
+    READY = "ready"
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    model: str
+    attempt: str
+    pid: int
+    identity: str
+    port: int
+    phase: EnginePhase
+    params: Mapping[str, object]
+    kv_tokens: int
+    started_at: float
+
+    def row(self) -> dict:
+        return {**self.__dict__, "phase": self.phase.value, "params": json.dumps(dict(self.params), sort_keys=True)}
+
+
+@dataclass(frozen=True)
+class LeaseWant:
+    device: str
+    kind: LeaseKind
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: str
+    model: str
+    device: str
+    kind: LeaseKind
+    bytes: int
+    attempt: str
+    granted_at: float
+    owner_pid: int | None = None
+    owner_started_at: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "model": self.model, "device": self.device, "kind": self.kind.value,
+                "bytes": self.bytes, "state": LeaseState.GRANTED.value, "attempt": self.attempt, "granted_at": self.granted_at,
+                "owner_pid": self.owner_pid, "owner_started_at": self.owner_started_at}
+
+
+@dataclass(frozen=True)
+class Granted:
+    leases: tuple[Lease, ...]
+
+
+@dataclass(frozen=True)
+class LedgerSnapshot:
+    leases: tuple[Lease, ...]
+    budgets: Mapping[str, DeviceBudget]
+    probe: str
+    readings: Mapping[str, DeviceReading]  # what the budgets were computed from
+
+    def of_model(self, model: str) -> list[Lease]:
+        return [lease for lease in self.leases if lease.model == model]
