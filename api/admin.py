@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from ..daemon.config import problems_from
+from ..daemon.config.schema import problems_from
 from ..daemon.controller import Controller
 from ..daemon.errors import InvalidRequest
 from ..engines.redaction import Redacting

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
-from ..daemon.config import AdminConfig
+from ..daemon.config.schema import AdminConfig
 from ..daemon.errors import HeadTooLarge, LessorError, MalformedRequest, RequestTimedOut, UrlTooLong
 from .errors import error_response
 

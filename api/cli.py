@@ -18,7 +18,7 @@ import urllib.parse
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from ..daemon.config import LessorConfig, load_config
+from ..daemon.config.schema import LessorConfig, load_config
 from ..daemon.errors import ConfigError, LessorError
 from ..daemon.units import parse_size
 from . import cli_live
@@ -126,7 +126,7 @@ def cmd_fingerprints(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Exit 0: no errors (warnings are printed); 1: the config has problems (not YAML, the schema's,
     or an error of the checks), each listed; 2: a usage error, or the file cannot be read."""
-    from ..daemon.checks import check
+    from ..daemon.config.checks import check
 
     try:
         with open(args.file, "rb"):

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..daemon.config import LessorConfig, load_config
+from ..daemon.config.schema import LessorConfig, load_config
 from .auth import ENV_TOKEN
 
 DEFAULT_ADMIN = "http://127.0.0.1:8470"

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import httptools
 
-from ..daemon.config import RouterConfig
+from ..daemon.config.schema import RouterConfig
 from ..daemon.errors import (BodyTooLarge, HeadTooLarge, InvariantBroken, LessorError, MalformedRequest,
                              RequestTimedOut, UpstreamFailed, UrlTooLong)
 from ..daemon.errors import CrossSiteRequest, UpstreamTimedOut

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..daemon.config import loc_path
+from ..daemon.config.schema import loc_path
 from ..daemon.errors import (BodyTooLarge, ConfigError, CrossSiteRequest, EngineUnavailable, Forbidden,
                              HeadTooLarge, InvalidApiKey, InvalidRequest, InvariantBroken, LedgerUnavailable, LessorError, LoadFailed,
                              MalformedRequest, MethodNotAllowed, ModelAdopting, ModelBusy, ModelFailed, ModelTooLarge,
@@ -26,7 +26,7 @@ from ..daemon.errors import (BodyTooLarge, ConfigError, CrossSiteRequest, Engine
                              Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel, UpstreamFailed, UrlTooLong,
                              WaitTimedOut)
 from ..daemon.errors import DrainTimedOut, UpstreamTimedOut
-from ..daemon.reloading import Superseded
+from ..daemon.config.reloading import Superseded
 
 log = logging.getLogger("lessor.api")
 

@@ -12,9 +12,9 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from ..daemon.config import RouterConfig
+from ..daemon.config.schema import RouterConfig
 from ..daemon.errors import InvalidApiKey
-from ..daemon.supervisor import Supervisor
+from ..daemon.models.supervisor import Supervisor
 
 EVERY_MODEL = None  # a key whose models include "*"
 

@@ -11,14 +11,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..daemon.adoption import AdoptionOutcome
+from ..daemon.models.adoption import AdoptionOutcome
 from ..daemon.controller import Controller
 from ..daemon.events import (AdmissionDecided, AdmissionResult, BudgetOvercommitted, ConfigReloaded, EngineExited, Event,
                              FingerprintRecorded, LeaseOverrun, LoadRetried, MemoryLingering, ModelStateChanged,
                              OverrunAction, ReloadResult)
-from ..daemon.fingerprints import Outcome
+from ..daemon.ledger.fingerprints import Outcome
 from ..daemon.leases import LeaseKind
-from ..daemon.lifecycle import ModelState
+from ..daemon.models.lifecycle import ModelState
 from .connection import CLIENT_GONE
 
 

@@ -24,7 +24,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..daemon.config_types import parse_listen
+from ..daemon.config.fields import parse_listen
 from ..daemon.errors import CrossSiteRequest
 
 LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))

@@ -8,7 +8,7 @@ length), so streams are never buffered. A client that disconnects closes its ups
 connection, so the engine stops. No request holds its model for ever: an engine that stays
 silent is cut (router.first_byte_timeout, router.stream_idle_timeout: api/proxy.py), a client
 that reads nothing is disconnected (api/connection.py), and a request that runs on while its
-model is drained for another model's load is cut at router.drain_timeout (daemon/lanes.py
+model is drained for another model's load is cut at router.drain_timeout (daemon/traffic/lanes.py
 decides, `Running.cut` carries it out).
 
 This module owns what a request is answered with (the routes, the model list, which lane serves
@@ -26,13 +26,13 @@ from dataclasses import replace
 
 import httptools
 
-from ..daemon.config import RouterConfig
+from ..daemon.config.schema import RouterConfig
 from ..daemon.errors import (Forbidden, InvalidRequest, LessorError, LoadFailed, MethodNotAllowed, ModelFailed, NoRoute,
                              UnknownModel, UpstreamFailed, UpstreamTimedOut)
-from ..daemon.lanes import Lane
-from ..daemon.traffic import TrafficControl
+from ..daemon.traffic.lanes import Lane
+from ..daemon.traffic.control import TrafficControl
 from ..daemon.units import parse_duration_or_never
-from ..daemon.supervisor import Supervisor
+from ..daemon.models.supervisor import Supervisor
 from .connection import CLIENT_GONE, ClientConnection, Request
 from .errors import MAX_JSON_DEPTH, check_shape, http_status, too_deep
 from .keys import EVERY_MODEL, ApiKeys, KeyAccess, allows

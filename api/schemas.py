@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..daemon.config import Size
+from ..daemon.config.schema import Size
 from ..daemon.leases import LeaseKind, LeaseState
-from ..daemon.lifecycle import ModelState
+from ..daemon.models.lifecycle import ModelState
 
 
 class Body(BaseModel):

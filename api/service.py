@@ -17,15 +17,15 @@ from typing import Callable
 
 from aiohttp import web
 
-from ..daemon.config import LessorConfig, load_config, parse_config
-from ..daemon.config_types import parse_listen
+from ..daemon.config.schema import LessorConfig, load_config, parse_config
+from ..daemon.config.fields import parse_listen
 from ..daemon.controller import Controller, config_source
 from ..daemon.errors import ConfigError, LedgerDamaged, LedgerUnavailable, LessorError
-from ..daemon.ledger_db import SchemaTooNew
+from ..daemon.ledger.database import SchemaTooNew
 from ..daemon.notify import Notifier, watchdog, watchdog_interval_s
-from ..daemon.recovery import FRESH, RECOVER, recover
+from ..daemon.ledger.recovery import FRESH, RECOVER, recover
 from ..daemon import state_files
-from ..daemon.traffic import TrafficControl
+from ..daemon.traffic.control import TrafficControl
 from ..daemon.runtime import publishing, runtime
 from .admin import make_admin_app
 from .admin_http import AdminSite, request_deadline
@@ -208,7 +208,7 @@ async def reload(controller: Controller, notifier: Notifier) -> bool:
 
 def check_at_start(config: LessorConfig, force_sim: bool, source: str) -> bool:
     """check-config's checks, with its severities: errors stop the start, warnings are logged."""
-    from ..daemon.checks import check
+    from ..daemon.config.checks import check
 
     report = check(config, force_sim)
     for finding in report.findings:

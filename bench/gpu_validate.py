@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from ..daemon.config import parse_config
+from ..daemon.config.schema import parse_config
 from ..engines.process import free_port
 from ..engines.tiny_qwen import SHAPES
 from ..memory.architecture import from_hf_config

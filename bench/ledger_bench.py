@@ -4,7 +4,7 @@
 
 Prints per-backend grant+release latency (p50/p99), concurrent grant throughput, and the cost of
 one pure admission decision over a 32-model snapshot; ratios are PostgreSQL / SQLite. The SQLite
-rows are measured twice: with the ledger's record (daemon/ledger_record.py: as lessord runs) and
+rows are measured twice: with the ledger's record (daemon/ledger/record.py: as lessord runs) and
 without. Last, the integrity check lessord runs at start (`PRAGMA quick_check`) on a file of that
 many leases, and the whole open of that file.
 """
@@ -24,12 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.pgcluster import pg_bindir, postgres_cluster  # noqa: E402
-from lessor.daemon.config import DevicesConfig, HostPool, SimulatedGpu  # noqa: E402
-from lessor.daemon.devices import SimProbe  # noqa: E402
+from lessor.daemon.config.schema import DevicesConfig, HostPool, SimulatedGpu  # noqa: E402
+from lessor.daemon.devices.probes import SimProbe  # noqa: E402
 from lessor.daemon.leases import Granted, LeaseKind, LeaseWant  # noqa: E402
-from lessor.daemon.ledger import Ledger
-from lessor.daemon.ledger_db import inspect_sqlite  # noqa: E402
-from lessor.daemon.ledger_record import LedgerRecord  # noqa: E402
+from lessor.daemon.ledger.ledger import Ledger
+from lessor.daemon.ledger.database import inspect_sqlite  # noqa: E402
+from lessor.daemon.ledger.record import LedgerRecord  # noqa: E402
 from lessor.daemon.units import GiB, MiB  # noqa: E402
 from lessor.policies import POLICIES, AdmissionRequest, DeviceBudget, ModelView, Snapshot  # noqa: E402
 

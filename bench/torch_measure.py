@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..daemon.config import ModelSpec
-from ..daemon.planner import kv_bytes
+from ..daemon.config.schema import ModelSpec
+from ..daemon.planning.planner import kv_bytes
 from ..engines.base import GpuTarget, KvGrant, Launch
 from ..engines.builtin import TorchAdapter
 from ..engines.process import free_port

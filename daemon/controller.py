@@ -11,17 +11,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .config import LessorConfig
-from .devices import Probe, SimProbe
-from . import checks
+from .config.schema import LessorConfig
+from .devices.probes import Probe, SimProbe
+from .config import checks
 from .errors import ConfigError, ConfigProblem, InvalidRequest, LessorError, NoEngineLog, UnknownFingerprint
 from .events import AdmissionDecided, AdmissionResult, ConfigReloaded, EventBus, ForeignUsageChanged
-from .holder import ConfigHolder
+from .config.holder import ConfigHolder
 from .leases import LeaseKind
-from .ledger import Ledger
-from .lifecycle import ConfigChange, ModelState
-from .reloading import Applied, ConfigRead, Pending, Reloads
-from .supervisor import Supervisor
+from .ledger.ledger import Ledger
+from .models.lifecycle import ConfigChange, ModelState
+from .config.reloading import Applied, ConfigRead, Pending, Reloads
+from .models.supervisor import Supervisor
 
 log = logging.getLogger("lessor.service")
 
@@ -33,7 +33,7 @@ class Controller:
         self.router = None  # the router, once lessord serves it (metrics read its counters)
         self.reconciler = None  # the reconciler (metrics read its counters)
         self.config_source: dict[str, str] | None = None  # {path, digest} of the file lessord runs (status says it)
-        self.history = None  # the last hour of device usage (daemon/usage_history.py), sampled while lessord runs
+        self.history = None  # the last hour of device usage (daemon/devices/history.py), sampled while lessord runs
         self.config_loader: Callable[[], LessorConfig] | None = None  # reads lessord's config again (reload)
         self.pin_failures: dict[str, str] = {}  # pinned models whose load at start failed, and why (readiness)
         self._deferred: Pending | None = None  # the reload that last had to wait, until one applies

@@ -497,7 +497,7 @@ class RequestTimedOut(LessorError):
 
 @dataclass
 class LedgerDamaged(InvariantBroken):
-    """The ledger's database is damaged or lost state its record says it had (daemon/ledger_record.py).
+    """The ledger's database is damaged or lost state its record says it had (daemon/ledger/record.py).
     Raised when the ledger opens, before anything is changed: lessord refuses to start rather than
     start empty and stop engines it forgot. `what` names the file (or database), `damage` the kind."""
 

@@ -1,6 +1,6 @@
 """The lease vocabulary, a leaf: what a lease is (its kind, what a load wants, what was granted),
 what the ledger records of an engine, and the snapshot the ledger answers with. Plain frozen values;
-the ledger (daemon/ledger.py) is their one writer, everyone else reads them from here without
+the ledger (daemon/ledger/ledger.py) is their one writer, everyone else reads them from here without
 importing the database."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Mapping
 from ..policies import DeviceBudget
 
 if TYPE_CHECKING:
-    from .devices import DeviceReading
+    from .devices.probes import DeviceReading
 
 
 class LeaseKind(str, Enum):

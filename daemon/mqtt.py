@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
-from .config import MqttConfig
+from .config.schema import MqttConfig
 from .events import Event, EventBus
 
 log = logging.getLogger("lessor.mqtt")

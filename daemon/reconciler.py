@@ -7,8 +7,8 @@ stopped. Then, every `reconciler.interval`, it measures each ready engine (NVML'
 figure, or the engine's own report under the simulated probe) against its leases, and watches
 processes lessor does not manage: when they grow past what is free, the policy evicts idle
 models (or shrinks their KV caches) instead of letting an engine hit an OOM. Memory left free at
-the end of a check grows back the KV caches shrunk earlier (daemon/elastic.py). Each check also
-asks every ready engine's health (daemon/health.py): one that stays silent is stopped as a crash.
+the end of a check grows back the KV caches shrunk earlier (daemon/models/elastic.py). Each check also
+asks every ready engine's health (daemon/models/health.py): one that stays silent is stopped as a crash.
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ from typing import Callable
 from ..engines.proctree import Proc
 from ..engines.strays import find_strays, identified, stop_groups, tops
 from ..policies import AdmissionRequest, Evict
-from .adoption import AdoptionOutcome
-from .config import ReconcilerConfig
-from .devices import gpu_id
+from .models.adoption import AdoptionOutcome
+from .config.schema import ReconcilerConfig
+from .devices.probes import gpu_id
 from .errors import LessorError
 from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun, OverrunAction
-from .health import HealthWatch
+from .models.health import HealthWatch
 from .leases import EnginePhase, EngineRecord, LeaseKind
-from .ledger import Ledger
-from .lifecycle import ModelState
-from .profile import over_leases
-from .supervisor import Supervisor
+from .ledger.ledger import Ledger
+from .models.lifecycle import ModelState
+from .planning.profile import over_leases
+from .models.supervisor import Supervisor
 from .units import format_bytes
 
 log = logging.getLogger("lessor.reconciler")

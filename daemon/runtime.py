@@ -17,19 +17,19 @@ from ..engines import adapters
 from ..engines.base import EngineAdapter
 from ..engines.redaction import Redacting
 from ..engines.proctree import become_subreaper
-from .config import LessorConfig
+from .config.schema import LessorConfig
 from .controller import Controller
-from .devices import Probe, make_probe
+from .devices.probes import Probe, make_probe
 from .events import EventBus
-from .fingerprints import FingerprintStore
-from .holder import ConfigHolder
-from .ledger import Ledger
-from .ledger_record import LedgerRecord
-from .lifecycle import Timeouts
+from .ledger.fingerprints import FingerprintStore
+from .config.holder import ConfigHolder
+from .ledger.ledger import Ledger
+from .ledger.record import LedgerRecord
+from .models.lifecycle import Timeouts
 from .mqtt import MqttPublisher
 from .reconciler import Reconciler, StartSettling
-from .supervisor import Supervisor
-from .usage_history import UsageHistory
+from .models.supervisor import Supervisor
+from .devices.history import UsageHistory
 
 log = logging.getLogger("lessor.service")
 

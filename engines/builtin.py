@@ -129,7 +129,7 @@ class TorchHandle(ProcessHandle):
                 if response.status != 200:
                     error = answer.get("error", {})
                     raise RuntimeError(f"the engine refused its KV cache ({response.status}): {error.get('message')}")
-        self.engine_times = dict(answer.get("times") or {})  # for the load's timeline (daemon/timeline.py)
+        self.engine_times = dict(answer.get("times") or {})  # for the load's timeline (daemon/models/timeline.py)
         self._ready = answer.get("phase") == "ready"  # its KV answer says so: wait_ready probes nothing
 
     async def measure(self) -> dict[str, int]:

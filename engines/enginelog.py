@@ -33,7 +33,7 @@ _ROTATED = re.compile(r"\.log\.(\d+)$")
 
 @dataclass(frozen=True)
 class LogLimits:
-    """engine_logs in the config (daemon/config.py documents each field)."""
+    """engine_logs in the config (daemon/config/schema.py documents each field)."""
 
     per_model: int = 64 << 20
     files_per_model: int = 4

@@ -100,7 +100,7 @@ class Server:
         self.max_kv_tokens: int | None = None  # the cache of phase 2, taken at the first resize
         self.resizing = asyncio.Lock()
         # Phase stamps on CLOCK_MONOTONIC, which lessord shares: its load timeline subtracts them
-        # from its own marks (daemon/timeline.py), so a cold start shows the engine's share apart.
+        # from its own marks (daemon/models/timeline.py), so a cold start shows the engine's share apart.
         self.times: dict[str, float] = {}
 
     def app(self) -> web.Application:

@@ -1,7 +1,7 @@
 """Admission and eviction policies: pure functions over a ledger snapshot, picked by name from a
 closed registry (an unknown name fails config validation and lists the valid ones)."""
 
-from .admission import Policy, fit, lru_idle, priority, shortfall, shrink_to_cover
+from .eviction import Policy, fit, lru_idle, priority, shortfall, shrink_to_cover
 from .snapshot import Admit, AdmissionRequest, Decision, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
 from .value import Value
 

@@ -38,7 +38,7 @@ class ModelView:
     in_flight: int = 0
     last_used_s: float = 0.0
     held_bytes: Mapping[str, int] = field(default_factory=dict)  # device -> bytes of all its leases
-    # What the router has seen (daemon/traffic_stats.py): zero where nothing is known yet.
+    # What the router has seen (daemon/traffic/stats.py): zero where nothing is known yet.
     request_rate: float = 0.0  # requests per second, exponentially decayed
     load_cost_s: float = 0.0  # predicted seconds one load takes (measured loads, else bytes / bandwidth)
     size_bytes: int = 0  # what it holds now, over all devices (0 unloaded: a request's need_bytes says its size)
@@ -49,7 +49,7 @@ class ModelView:
     started_share: float = 1.0  # of its requests while it was ready, the share that started at once
     # Of the same requests, the share it kept up with: started at once, or queued behind less than
     # one full batch (its slots busy serving: saturated, not falling behind). What `value` weighs
-    # its rate by, so the busiest model never looks the cheapest (daemon/traffic_stats.py).
+    # its rate by, so the busiest model never looks the cheapest (daemon/traffic/stats.py).
     kept_up_share: float = 1.0
     start_rate: float = 0.0  # requests it started per second, decayed as request_rate: what it serves
     first_time: bool = False  # asked for, never served here: no history to weigh it by (an optimistic prior)

@@ -18,7 +18,7 @@ short (GreedyDual-Size-Frequency's frequency × cost / size, with the decayed ra
 
 Rates protect only models in use now. An idle model *yields* to a load whose requests wait,
 whatever the weighing says, once it has gone unasked for the churn age (a quiet model, as for
-every policy: policies/admission.py), or at once where it is asked so rarely that a reload costs
+every policy: policies/eviction.py), or at once where it is asked so rarely that a reload costs
 it little (its requests come more than `RARE_RELOADS` reloads apart: idle, it is not in use). An
 idle model asked for more recently holds the load until it yields, and the `Queue` says when; a
 busy rare one is named as the load's blocker (the router asks again the moment it idles).
@@ -48,7 +48,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .admission import decide_with_candidates, free_with, holds_on, rejected, shortfall, shrink_to_cover, turns_quiet
+from .eviction import decide_with_candidates, free_with, holds_on, rejected, shortfall, shrink_to_cover, turns_quiet
 from .snapshot import Admit, AdmissionRequest, Decision, Evict, ModelView, Queue, Snapshot
 
 # A model whose requests come more than this many of its reloads apart (rate × reload < 1 / this)

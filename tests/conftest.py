@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lessor.daemon.config import LessorConfig, parse_config
+from lessor.daemon.config.schema import LessorConfig, parse_config
 from lessor.daemon.units import GiB
 
 from bench.pgcluster import free_port, pg_bindir, postgres_cluster  # noqa: F401 (free_port: for the tests)
@@ -76,7 +76,7 @@ def postgres_url():
 async def drop_ledger_tables(url: str) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from lessor.daemon.ledger_db import metadata
+    from lessor.daemon.ledger.database import metadata
 
     engine = create_async_engine(url)
     async with engine.begin() as conn:

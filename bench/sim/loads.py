@@ -18,13 +18,13 @@ from __future__ import annotations
 import itertools
 from typing import Any, Callable, Mapping, Protocol
 
-from lessor.daemon.config import DevicesConfig, HostPool
-from lessor.daemon.devices import SimProbe, gpu_id
+from lessor.daemon.config.schema import DevicesConfig, HostPool
+from lessor.daemon.devices.probes import SimProbe, gpu_id
 from lessor.daemon.errors import LessorError, LoadFailed, PlanRejected
 from lessor.daemon.leases import Granted, LeaseKind
-from lessor.daemon.ledger import Ledger
-from lessor.daemon.lifecycle import ModelState
-from lessor.daemon.planner import Plan, plan, plan_kv
+from lessor.daemon.ledger.ledger import Ledger
+from lessor.daemon.models.lifecycle import ModelState
+from lessor.daemon.planning.planner import Plan, plan, plan_kv
 from lessor.policies import AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
 
 from .strategies import Strategy

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lessor.daemon.config import ModelSpec, SimulatedGpu
-from lessor.daemon.devices import gpu_id
+from lessor.daemon.config.schema import ModelSpec, SimulatedGpu
+from lessor.daemon.devices.probes import gpu_id
 from lessor.memory.architecture import read_hf_config
 
 from .world import GiB, Hardware, SimModel, baseline_leases, lease_sums

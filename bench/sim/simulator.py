@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from lessor.daemon.errors import LessorError, LoadFailed, WaitTimedOut
-from lessor.daemon.lanes import Lane, LaneRules, Lanes, keep_alive_over
-from lessor.daemon.lifecycle import ModelState
-from lessor.daemon.traffic_stats import TrafficStats
+from lessor.daemon.traffic.lanes import Lane, LaneRules, Lanes, keep_alive_over
+from lessor.daemon.models.lifecycle import ModelState
+from lessor.daemon.traffic.stats import TrafficStats
 
 from .loads import SimRecord, SimSupervisor
 from .strategies import Strategy

@@ -29,8 +29,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal, Mapping
 
-from lessor.daemon.config import PolicyConfig, RouterConfig
-from lessor.policies.admission import deduct
+from lessor.daemon.config.schema import PolicyConfig, RouterConfig
+from lessor.policies.eviction import deduct
 from lessor.policies import (POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue,
                              Rejected, Snapshot, shortfall)
 

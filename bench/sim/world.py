@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lessor.daemon.config import ModelSpec, SimulatedGpu
-from lessor.daemon.devices import gpu_id
+from lessor.daemon.config.schema import ModelSpec, SimulatedGpu
+from lessor.daemon.devices.probes import gpu_id
 from lessor.daemon.leases import LeaseKind, LeaseWant
 
 GiB = 1 << 30

@@ -1,0 +1,1 @@
+"""Component tests: lessord's parts wired in this process (the runtime, the ledger on SQLite or a real PostgreSQL, the real MQTT broker, aiohttp servers on sockets), engines faked at the process boundary, GPUs simulated."""
