@@ -18,7 +18,7 @@ from lessor.daemon.leases import EnginePhase, EngineRecord, LeaseKind, LeaseWant
 
 from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.devices.probes import make_probe
-from lessor.daemon.reconciler import stop_strays
+from lessor.engines.strays import stop_strays
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 from lessor.engines.process import process_identity

@@ -16,7 +16,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from lessor.daemon.reconciler import stop_strays
+from lessor.engines.strays import stop_strays
 from lessor.engines.process import process_identity
 
 from ..conftest import BIN, HANG_S, free_port, running_lessord
