@@ -22,7 +22,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from ..daemon.config.schema import AdminConfig
-from ..daemon.errors import HeadTooLarge, LessorError, MalformedRequest, RequestTimedOut, UrlTooLong
+from .refusals import HeadTooLarge, MalformedRequest, RequestTimedOut, UrlTooLong
+from ..daemon.errors import LessorError
 from .errors import error_response
 
 log = logging.getLogger("lessor.api")

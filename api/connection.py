@@ -21,9 +21,9 @@ from typing import Protocol
 import httptools
 
 from ..daemon.config.schema import RouterConfig
-from ..daemon.errors import (BodyTooLarge, HeadTooLarge, InvariantBroken, LessorError, MalformedRequest,
-                             RequestTimedOut, UpstreamFailed, UrlTooLong)
-from ..daemon.errors import CrossSiteRequest, UpstreamTimedOut
+from ..daemon.errors import InvariantBroken, LessorError
+from ..daemon.traffic.request_errors import UpstreamFailed, UpstreamTimedOut
+from .refusals import BodyTooLarge, CrossSiteRequest, HeadTooLarge, MalformedRequest, RequestTimedOut, UrlTooLong
 from .errors import http_headers, http_status, openai_envelope
 from .origins import SiteRules
 from .proxy import UpstreamConnection

@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ..daemon.config.schema import loc_path
-from ..daemon.errors import (BodyTooLarge, ConfigError, CrossSiteRequest, EngineUnavailable, Forbidden,
-                             HeadTooLarge, InvalidApiKey, InvalidRequest, InvariantBroken, LedgerUnavailable, LessorError, LoadFailed,
-                             MalformedRequest, MethodNotAllowed, ModelAdopting, ModelBusy, ModelFailed, ModelTooLarge,
-                             NoEngineLog, NoRoute, NotEnoughMemory, PlanRejected, QueueFull, RequestTimedOut,
-                             Unauthorized, UnknownDevice, UnknownFingerprint, UnknownModel, UpstreamFailed, UrlTooLong,
-                             WaitTimedOut)
-from ..daemon.errors import DrainTimedOut, UpstreamTimedOut
+from .refusals import (BodyTooLarge, CrossSiteRequest, HeadTooLarge, InvalidApiKey, MalformedRequest, MethodNotAllowed,
+                       NoRoute, RequestTimedOut, UrlTooLong)
+from ..daemon.errors import (ConfigError, InvalidRequest, InvariantBroken, LessorError, NoEngineLog, Unauthorized,
+                             UnknownDevice, UnknownFingerprint, UnknownModel)
+from ..daemon.ledger.ledger_errors import LedgerUnavailable
+from ..daemon.models.load_errors import EngineUnavailable, LoadFailed, ModelAdopting, ModelBusy, ModelFailed
+from ..daemon.planning.rejections import ModelTooLarge, NotEnoughMemory, PlanRejected
+from ..daemon.traffic.request_errors import (DrainTimedOut, Forbidden, QueueFull, UpstreamFailed, UpstreamTimedOut,
+                                             WaitTimedOut)
 from ..daemon.config.reloading import Superseded
 
 log = logging.getLogger("lessor.api")

@@ -13,7 +13,7 @@ import hmac
 from dataclasses import dataclass
 
 from ..daemon.config.schema import RouterConfig
-from ..daemon.errors import InvalidApiKey
+from .refusals import InvalidApiKey
 from ..daemon.models.supervisor import Supervisor
 
 EVERY_MODEL = None  # a key whose models include "*"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..daemon.config.fields import parse_listen
-from ..daemon.errors import CrossSiteRequest
+from .refusals import CrossSiteRequest
 
 LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))
 EVERY_ADDRESS = frozenset(("", "0.0.0.0", "::", "*"))

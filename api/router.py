@@ -27,8 +27,10 @@ from dataclasses import replace
 import httptools
 
 from ..daemon.config.schema import RouterConfig
-from ..daemon.errors import (Forbidden, InvalidRequest, LessorError, LoadFailed, MethodNotAllowed, ModelFailed, NoRoute,
-                             UnknownModel, UpstreamFailed, UpstreamTimedOut)
+from .refusals import MethodNotAllowed, NoRoute
+from ..daemon.errors import InvalidRequest, LessorError, UnknownModel
+from ..daemon.models.load_errors import LoadFailed, ModelFailed
+from ..daemon.traffic.request_errors import Forbidden, UpstreamFailed, UpstreamTimedOut
 from ..daemon.traffic.lanes import Lane
 from ..daemon.traffic.control import TrafficControl
 from ..daemon.units import parse_duration_or_never

@@ -20,7 +20,8 @@ from aiohttp import web
 from ..daemon.config.schema import LessorConfig, load_config, parse_config
 from ..daemon.config.fields import parse_listen
 from ..daemon.controller import Controller, config_source
-from ..daemon.errors import ConfigError, LedgerDamaged, LedgerUnavailable, LessorError
+from ..daemon.errors import ConfigError, LessorError
+from ..daemon.ledger.ledger_errors import LedgerDamaged, LedgerUnavailable
 from ..daemon.ledger.database import SchemaTooNew
 from ..daemon.notify import Notifier, watchdog, watchdog_interval_s
 from ..daemon.ledger.recovery import FRESH, RECOVER, recover

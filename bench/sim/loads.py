@@ -20,7 +20,9 @@ from typing import Any, Callable, Mapping, Protocol
 
 from lessor.daemon.config.schema import DevicesConfig, HostPool
 from lessor.daemon.devices.probes import SimProbe, gpu_id
-from lessor.daemon.errors import LessorError, LoadFailed, PlanRejected
+from lessor.daemon.errors import LessorError
+from lessor.daemon.models.load_errors import LoadFailed
+from lessor.daemon.planning.rejections import PlanRejected
 from lessor.daemon.leases import Granted, LeaseKind
 from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.models.lifecycle import ModelState

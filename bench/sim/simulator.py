@@ -20,7 +20,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from lessor.daemon.errors import LessorError, LoadFailed, WaitTimedOut
+from lessor.daemon.errors import LessorError
+from lessor.daemon.models.load_errors import LoadFailed
+from lessor.daemon.traffic.request_errors import WaitTimedOut
 from lessor.daemon.traffic.lanes import Lane, LaneRules, Lanes, keep_alive_over
 from lessor.daemon.models.lifecycle import ModelState
 from lessor.daemon.traffic.stats import TrafficStats

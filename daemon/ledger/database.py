@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from ..errors import LedgerUnavailable
+from .ledger_errors import LedgerUnavailable
 
 log = logging.getLogger("lessor.ledger")
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..errors import LedgerUnavailable
+from .ledger_errors import LedgerUnavailable
 from .database import STORAGE_ERRORS, fingerprints_table, short_error, write
 
 log = logging.getLogger("lessor.fingerprints")

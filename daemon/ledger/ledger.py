@@ -26,7 +26,7 @@ from ...policies import DeviceBudget, Rejected
 from ..devices.budget import budgets as compute_budgets
 from ..config.schema import DevicesConfig
 from ..devices.probes import DeviceReading, Probe, group_members
-from ..errors import LedgerDamaged, LedgerUnavailable
+from .ledger_errors import LedgerDamaged, LedgerUnavailable
 from ..events import Event, LeaseGranted, LeaseReleased, LeaseResized
 from .database import (STORAGE_ERRORS, Deadlines, bounded, deadlines_of, engine_for, engines_table, leases_table,
                         migrate, ping, read_generation, short_error, write_counted)

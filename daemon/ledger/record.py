@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ...engines.strays import find_strays
-from ..errors import LedgerDamaged, LedgerUnavailable
+from .ledger_errors import LedgerDamaged, LedgerUnavailable
 from .database import STORAGE_ERRORS, inspect_sqlite, read_generation, short_error
 
 log = logging.getLogger("lessor.ledger")

@@ -20,7 +20,7 @@ from typing import Mapping
 
 from ...engines.process import process_identity
 from ..config.schema import LessorConfig
-from ..errors import LedgerDamaged
+from .ledger_errors import LedgerDamaged
 from ..leases import EnginePhase, EngineRecord, Lease, LeaseKind
 from .ledger import Ledger
 from .record import LedgerRecord, Record, sqlite_file

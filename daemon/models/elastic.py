@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Mapping
 from ...engines.base import KvResizeRefused
 from ...policies import Snapshot
 from ..devices.probes import gpu_id
-from ..errors import LedgerUnavailable
+from ..ledger.ledger_errors import LedgerUnavailable
 from ..leases import Lease, LeaseKind
 from ..ledger.ledger import Ledger
 from .lifecycle import ModelRecord, ModelState

@@ -26,7 +26,9 @@ from ...engines.process import free_port
 from ...policies import DeviceBudget, Rejected
 from ..config.schema import ModelSpec
 from ..devices.probes import gpu_id
-from ..errors import LedgerUnavailable, LoadFailed, NotEnoughMemory, OutOfMemory, PlanRejected
+from ..ledger.ledger_errors import LedgerUnavailable
+from .load_errors import LoadFailed, OutOfMemory
+from ..planning.rejections import NotEnoughMemory, PlanRejected
 from ..ledger.fingerprints import DeviceMeasurement, Outcome
 from ..leases import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant
 from ..ledger.ledger import Ledger

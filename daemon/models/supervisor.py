@@ -31,8 +31,10 @@ from .adoption import Adoption, adopt, stopped_members
 from ..config.schema import ModelSpec
 from ..devices.probes import Probe, SimProbe, gpu_id
 from .elastic import Elastic
-from ..errors import (EngineUnavailable, LedgerUnavailable, LoadFailed, ModelAdopting, ModelBusy, ModelFailed,
-                     NotEnoughMemory, OutOfMemory, PlanRejected, UnknownModel)
+from ..errors import UnknownModel
+from ..ledger.ledger_errors import LedgerUnavailable
+from .load_errors import EngineUnavailable, LoadFailed, ModelAdopting, ModelBusy, ModelFailed, OutOfMemory
+from ..planning.rejections import NotEnoughMemory, PlanRejected
 from ..events import AdmissionDecided, AdmissionResult, EngineExited, Event, LoadRetried, ModelStateChanged
 from .measurements import Fingerprinting
 from ..ledger.fingerprints import FingerprintKey, FingerprintStore

@@ -14,7 +14,7 @@ from typing import Mapping
 
 from ...policies import AdmissionRequest, Decision, DeviceBudget, Evict, Queue, Rejected, Snapshot, shortfall
 from ..config.schema import ModelSpec
-from ..errors import ModelTooLarge, ModelsBusy, NotEnoughMemory
+from .rejections import ModelTooLarge, ModelsBusy, NotEnoughMemory
 from ..leases import LeaseKind
 from ..models.loading import bytes_text, worst_shortfall
 from .planner import NEVER_FITS_FIX, Measured, ceiling, plan

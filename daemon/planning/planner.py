@@ -16,7 +16,7 @@ from ...engines.base import Sizing
 from ...policies import DeviceBudget
 from ..config.schema import ModelSpec, problems_from
 from ..devices.probes import HOST, gpu_id
-from ..errors import PlanRejected
+from .rejections import PlanRejected
 from ..leases import LeaseKind, LeaseWant
 from ..ledger.fingerprints import Fingerprint
 from .profile import DeviceMemory, Memory, with_measured

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from ..config.schema import RouterConfig
-from ..errors import InvariantBroken, LessorError, ModelAdopting, ModelBusy
+from ..errors import InvariantBroken, LessorError
+from ..models.load_errors import ModelAdopting, ModelBusy
 from ..events import ConfigReloaded, Event, ModelStateChanged
 from .lanes import Lane, LaneRules, Lanes, keep_alive_over
 from ..models.lifecycle import ModelRecord, ModelState

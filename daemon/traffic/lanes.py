@@ -42,7 +42,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Protocol
 
-from ..errors import DrainTimedOut, LessorError, NotServedInTime, QueueFull, WaitTimedOut
+from ..errors import LessorError
+from .request_errors import DrainTimedOut, NotServedInTime, QueueFull, WaitTimedOut
 from .lane import ASKING, HELD, NEVER, QUEUED, Lane, LaneRules, LoadWish, Waiter
 from ..models.lifecycle import ModelState
 

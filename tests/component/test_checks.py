@@ -13,7 +13,8 @@ from lessor.api.router import start_router
 from lessor.daemon.config import checks
 from lessor.daemon.config.schema import RouterConfig
 from lessor.daemon.devices.probes import SimProbe, make_probe
-from lessor.daemon.errors import LoadFailed, ModelTooLarge
+from lessor.daemon.models.load_errors import LoadFailed
+from lessor.daemon.planning.rejections import ModelTooLarge
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic.control import TrafficControl
 from lessor.daemon.units import GiB

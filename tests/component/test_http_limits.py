@@ -18,7 +18,7 @@ from lessor.api import service
 from lessor.api.admin_http import Framer, HeadLimits
 from lessor.api.router import start_router
 from lessor.daemon.config.schema import RouterConfig
-from lessor.daemon.errors import HeadTooLarge, UrlTooLong
+from lessor.api.refusals import HeadTooLarge, UrlTooLong
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic.control import TrafficControl
 

@@ -11,8 +11,9 @@ import pytest
 
 from lessor.api.metrics import Metrics
 from lessor.daemon.config.schema import RouterConfig
-from lessor.daemon.errors import LoadFailed, NotServedInTime, QueueFull, UnknownModel, WaitTimedOut
-from lessor.daemon.traffic.lanes import RECHECK_CAP_S
+from lessor.daemon.errors import UnknownModel
+from lessor.daemon.models.load_errors import LoadFailed
+from lessor.daemon.traffic.request_errors import NotServedInTime, QueueFull, WaitTimedOut
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic.control import TrafficControl
 

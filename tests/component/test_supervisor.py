@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from lessor.daemon.errors import EngineUnavailable, LoadFailed, ModelBusy, ModelFailed, NotEnoughMemory, OutOfMemory
+from lessor.daemon.models.load_errors import EngineUnavailable, LoadFailed, ModelBusy, ModelFailed, OutOfMemory
+from lessor.daemon.planning.rejections import NotEnoughMemory
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from lessor.daemon.errors import LoadFailed
+from lessor.daemon.models.load_errors import LoadFailed
 from lessor.daemon.runtime import runtime
 from lessor.engines.process import ProcessEnded, EngineProcess, process_identity
 

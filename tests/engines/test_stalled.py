@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from lessor.daemon.config.schema import RouterConfig
-from lessor.daemon.errors import ModelsBusy
+from lessor.daemon.planning.rejections import ModelsBusy
 from lessor.daemon.models.lifecycle import ModelState
 from lessor.daemon.runtime import runtime
 

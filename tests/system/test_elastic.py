@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from lessor.daemon.errors import ModelsBusy
+from lessor.daemon.planning.rejections import ModelsBusy
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB, MiB
 from lessor.engines.base import KvResizeRefused

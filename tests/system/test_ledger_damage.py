@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from lessor.daemon.devices.probes import SimProbe
-from lessor.daemon.errors import LedgerDamaged
+from lessor.daemon.ledger.ledger_errors import LedgerDamaged
 from lessor.daemon.leases import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant
 from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.ledger.record import RECORD_FILE, LedgerRecord

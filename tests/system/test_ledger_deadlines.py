@@ -23,7 +23,7 @@ from sqlalchemy import text
 
 from lessor.daemon.config.schema import DevicesConfig, LedgerConfig
 from lessor.daemon.devices.probes import SimProbe
-from lessor.daemon.errors import LedgerUnavailable
+from lessor.daemon.ledger.ledger_errors import LedgerUnavailable
 from lessor.daemon.leases import Granted, LeaseKind, LeaseWant
 from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.units import GiB

@@ -12,7 +12,7 @@ import pytest
 
 from lessor.api.origins import SiteRules
 from lessor.daemon.config.listeners import AdminConfig, RouterConfig
-from lessor.daemon.errors import CrossSiteRequest
+from lessor.api.refusals import CrossSiteRequest
 
 from ..conftest import BIN, HANG_S, running_lessord
 from ..system.test_restart import config_file, standin_spec

@@ -9,13 +9,22 @@ import pytest
 
 from lessor.api import errors
 from lessor.api.logfilter import ClientMistakes, install_client_mistakes
+from lessor.api import refusals
 from lessor.daemon import errors as typed
-from lessor.daemon.errors import (BodyTooLarge, Forbidden, InvalidApiKey, InvalidRequest, MethodNotAllowed, ModelBusy,
-                                  ModelsBusy, NoRoute, QueueFull, RequestTimedOut, Unauthorized, UnknownModel)
+from lessor.daemon.ledger import ledger_errors
+from lessor.daemon.models import load_errors
+from lessor.daemon.planning import rejections
+from lessor.daemon.traffic import request_errors
+from lessor.api.refusals import BodyTooLarge, InvalidApiKey, MethodNotAllowed, NoRoute, RequestTimedOut
+from lessor.daemon.errors import InvalidRequest, Unauthorized, UnknownModel
+from lessor.daemon.models.load_errors import ModelBusy
+from lessor.daemon.planning.rejections import ModelsBusy
+from lessor.daemon.traffic.request_errors import Forbidden, QueueFull
 
 
 def test_every_typed_error_has_a_row():
-    classes = [c for _, c in inspect.getmembers(typed, inspect.isclass)
+    classes = [c for module in (typed, rejections, load_errors, request_errors, ledger_errors, refusals)
+               for _, c in inspect.getmembers(module, inspect.isclass)
                if issubclass(c, typed.LessorError) and c is not typed.LessorError]
     assert [c.__name__ for c in classes if errors.row(c) is errors.UNMAPPED] == []
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from lessor.daemon.errors import LoadFailed, NotServedInTime, QueueFull, WaitTimedOut
-from lessor.daemon.traffic.lanes import RECHECK_CAP_S, Lane, LaneRules, Lanes, keep_alive_over
-from lessor.daemon.models.lifecycle import ModelState
+from lessor.daemon.models.load_errors import LoadFailed
+from lessor.daemon.traffic.request_errors import NotServedInTime, QueueFull, WaitTimedOut
+from lessor.daemon.traffic.lanes import RECHECK_CAP_S, Lane, keep_alive_over
 
 READY, UNLOADED, LOADING = ModelState.READY, ModelState.UNLOADED, ModelState.LOADING
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from lessor.daemon.config.schema import load_config
 from lessor.daemon.planning.planner import plan, with_overrides
-from lessor.daemon.errors import PlanRejected
+from lessor.daemon.planning.rejections import PlanRejected
 from lessor.daemon.units import GiB
 from lessor.policies import DeviceBudget
 
