@@ -14,6 +14,7 @@ from lessor.daemon.config.schema import RouterConfig
 from lessor.daemon.errors import UnknownModel
 from lessor.daemon.models.load_errors import LoadFailed
 from lessor.daemon.traffic.request_errors import NotServedInTime, QueueFull, WaitTimedOut
+from lessor.daemon.traffic.lanes import RECHECK_CAP_S
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic.control import TrafficControl
 

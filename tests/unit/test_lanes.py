@@ -10,7 +10,8 @@ import pytest
 
 from lessor.daemon.models.load_errors import LoadFailed
 from lessor.daemon.traffic.request_errors import NotServedInTime, QueueFull, WaitTimedOut
-from lessor.daemon.traffic.lanes import RECHECK_CAP_S, Lane, keep_alive_over
+from lessor.daemon.traffic.lanes import RECHECK_CAP_S, Lane, LaneRules, Lanes, keep_alive_over
+from lessor.daemon.models.lifecycle import ModelState
 
 READY, UNLOADED, LOADING = ModelState.READY, ModelState.UNLOADED, ModelState.LOADING
 
