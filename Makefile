@@ -40,12 +40,12 @@ demo: $(VENV)/.base var/models/tiny-qwen/config.json
 	$(VENV)/bin/lessord --config examples/demo.yaml --log-level INFO
 
 system-deps:
-	sh tests/install-system-deps.sh
+	sh tests/support/install-system-deps.sh
 
 # Real vLLM for the tests (its CPU build, in a venv of its own): see the script for each workaround.
 VLLM_VENV ?= .venv-vllm
 vllm:
-	sh tests/install-vllm.sh $(VLLM_VENV)
+	sh tests/support/install-vllm.sh $(VLLM_VENV)
 
 test: setup system-deps vllm
 	$(PY) -m pytest -q

@@ -1,4 +1,7 @@
-"""A private PostgreSQL cluster on a free loopback port, for the tests and the benchmarks."""
+"""A private PostgreSQL cluster on a free loopback port, for the benchmarks (ledger_bench.py) and the
+tests (tests/support/postgres.py and the fixtures of tests/conftest.py wrap it). It lives here, not
+in tests/: bench imports nothing of tests/, while tests already import bench (they test it), and
+it is no part of the installed package (lessord never starts a database)."""
 
 from __future__ import annotations
 
@@ -6,12 +9,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from lessor.engines.process import free_port
 
 
 def pg_bindir() -> str | None:
@@ -20,12 +24,6 @@ def pg_bindir() -> str | None:
         return str(Path(os.path.realpath(found)).parent)
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     return str(Path(candidates[-1]).parent) if candidates else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PgServer:

@@ -4,7 +4,7 @@ through nginx, side by side in one run, at concurrency 1, 16 and 64, non-streami
 
 It starts a real `lessord` (simulated device) whose one model is a stand-in engine
 (bench/upstream.py, started by lessord as a `vllm` engine), loads it, and Debian's nginx (when
-installed; tests/install-system-deps.sh installs it) as a keep-alive reverse proxy to the same
+installed; tests/support/install-system-deps.sh installs it) as a keep-alive reverse proxy to the same
 engine, with its own config on a free port. Then it measures with a small keep-alive HTTP/1.1
 client on uvloop (one connection per concurrent client; the same client for every path). Prints
 req/s, p50/p99 latency, for streams the time to first chunk, and each proxy's CPU per request
@@ -215,7 +215,7 @@ def start_nginx(workdir: Path, engine_port: int) -> tuple[subprocess.Popen | Non
     thread); (None, 0) with a line saying why when there is no nginx here."""
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
     if binary is None:
-        print("nginx: not installed (tests/install-system-deps.sh installs nginx-light): skipped")
+        print("nginx: not installed (tests/support/install-system-deps.sh installs nginx-light): skipped")
         return None, 0
     port, ndir = free_port(), workdir / "nginx"
     ndir.mkdir()

@@ -41,7 +41,7 @@ VLLM_SCALED_ROPE = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepse
 
 def vllm_max_len(a: Architecture) -> ContextLimit | None:
     """vLLM's derived max_model_len (vllm/config/model.py `_get_and_verify_max_len`, read in the
-    vLLM 0.32.0 wheel tests/install-vllm.sh installs): the position count times the rope factor,
+    vLLM 0.32.0 wheel tests/support/install-vllm.sh installs): the position count times the rope factor,
     except for the rope types that leave it scaled already (VLLM_SCALED_ROPE) and Gemma 3. A
     larger --max-model-len is refused at start unless VLLM_ALLOW_LONG_MAX_MODEL_LEN is set. (Older
     releases, e.g. at vllm-project/vllm 0052a5b8, took yarn's original_max_position_embeddings x

@@ -11,7 +11,9 @@ from lessor.api.admin import get_events, make_admin_app
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from ..conftest import FakeEngines, HANG_S, sim_config, torch_model
+from ..support.waiting import HANG_S
+from ..support.configs import sim_config, torch_model
+from ..support.fakes import FakeEngines
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

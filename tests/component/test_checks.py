@@ -19,8 +19,12 @@ from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic.control import TrafficControl
 from lessor.daemon.units import GiB
 from lessor.policies import DeviceBudget
+from lessor.engines.process import free_port
 
-from ..conftest import BIN, HANG_S, ROOT, FakeEngines, free_port, sim_config, torch_model
+from ..support.paths import BIN, ROOT
+from ..support.waiting import HANG_S
+from ..support.configs import sim_config, torch_model
+from ..support.fakes import FakeEngines
 
 CARD_8GIB = [{"name": "sim8", "total": "8GiB", "foreign": "0"}]
 HUGE = {**torch_model("huge", "20GiB"), "memory": {"weights": "20GiB", "kv_bytes_per_token": 65536, "load_peak": 0}}

@@ -23,7 +23,7 @@ from lessor.daemon.units import GiB, MiB
 from lessor.memory.footprint import Source
 from lessor.policies import DeviceBudget
 
-from ..component.test_ledger import DEVICES, make_probe
+from ..support.ledger import DEVICES, make_probe
 
 KEY = FingerprintKey("qwen", "torch", "torch 2.13.0, transformers 5.24.0", ("sim24",), {"engine": {"dtype": "bfloat16"}})
 

@@ -21,8 +21,10 @@ from lessor.daemon.config.schema import RouterConfig
 from lessor.api.refusals import HeadTooLarge, UrlTooLong
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic.control import TrafficControl
+from lessor.engines.process import free_port
 
-from ..conftest import HANG_S, free_port, sim_config, torch_model, until
+from ..support.waiting import HANG_S, until
+from ..support.configs import sim_config, torch_model
 
 TOKEN = "t" * 32
 

@@ -8,22 +8,15 @@ import sys
 
 import pytest
 
-from lessor.daemon.config.schema import DevicesConfig, HostPool, SimulatedGpu
-from lessor.daemon.devices.probes import SimProbe
+from lessor.daemon.config.schema import DevicesConfig, HostPool
 from lessor.daemon.leases import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant
 from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.units import GiB
 from lessor.policies import Rejected
 
+from ..support.ledger import DEVICES, make_probe
+
 W, KV, PEAK = LeaseKind.WEIGHTS, LeaseKind.KV, LeaseKind.LOAD_PEAK
-
-
-def make_probe():
-    return SimProbe([SimulatedGpu(total=24 * GiB, foreign=8 * GiB), SimulatedGpu(total=16 * GiB)],
-                    host_total_bytes=64 * GiB)
-
-
-DEVICES = DevicesConfig(headroom=GiB, host=HostPool(headroom=4 * GiB, simulated_total=64 * GiB))
 
 
 @pytest.fixture

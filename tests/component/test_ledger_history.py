@@ -5,18 +5,17 @@ sleep is stepped by the test, so nothing here waits on the wall clock."""
 import asyncio
 
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from lessor.daemon.config.schema import DevicesConfig, HostPool, LedgerConfig, SimulatedGpu
 from lessor.daemon.devices.probes import SimProbe
 from lessor.daemon.errors import ConfigError
 from lessor.daemon.leases import Granted, LeaseKind, LeaseWant
 from lessor.daemon.ledger.ledger import Ledger
-from lessor.daemon.ledger.database import leases_table
 from lessor.daemon.units import GiB
 
-from ..conftest import sim_config
+from ..support.configs import sim_config
+from ..support.clocks import Clock, SteppedSleep
+from ..support.ledger import rows
 
 DEVICES = DevicesConfig(headroom=GiB, host=HostPool(headroom=4 * GiB, simulated_total=64 * GiB))
 WANT = [LeaseWant("gpu0", LeaseKind.WEIGHTS, GiB)]
@@ -24,43 +23,6 @@ WANT = [LeaseWant("gpu0", LeaseKind.WEIGHTS, GiB)]
 
 def make_probe() -> SimProbe:
     return SimProbe([SimulatedGpu(total=24 * GiB)], host_total_bytes=64 * GiB)
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class SteppedSleep:
-    """The pruning loop's sleep, under the test's control: each call tells the test how long the
-    loop asked to sleep and returns only when the test wakes it (the test moves the clock)."""
-
-    def __init__(self) -> None:
-        self.asleep: asyncio.Queue[float] = asyncio.Queue()
-        self.wake: asyncio.Queue[None] = asyncio.Queue()
-
-    async def __call__(self, seconds: float) -> None:
-        await self.asleep.put(seconds)
-        await self.wake.get()
-
-    async def one_round(self) -> float:
-        """Let the loop wake once, prune, and fall asleep again; how long it then sleeps."""
-        self.wake.put_nowait(None)
-        return await self.asleep.get()
-
-
-async def rows(url: str) -> dict[str, int]:
-    """The lease rows by state, as an operator's SQL shell sees them."""
-    engine = create_async_engine(url)
-    try:
-        async with engine.connect() as conn:
-            result = await conn.execute(select(leases_table.c.state, func.count()).group_by(leases_table.c.state))
-            return {state: count for state, count in result}
-    finally:
-        await engine.dispose()
 
 
 async def cycle(ledger: Ledger, clock: Clock, n: int, step_s: float) -> None:

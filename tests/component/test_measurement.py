@@ -12,7 +12,9 @@ from lessor.daemon.ledger.fingerprints import Outcome
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from ..conftest import FakeEngines, drain_events, sim_config, torch_model, until
+from ..support.waiting import drain_events, until
+from ..support.configs import sim_config, torch_model
+from ..support.fakes import FakeEngines
 
 
 async def test_a_load_is_sampled_from_spawn_to_ready_and_its_peak_remembered(env):

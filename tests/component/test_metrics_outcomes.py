@@ -10,8 +10,9 @@ from lessor.daemon.planning.admission import MustWait
 from lessor.daemon.events import ModelStateChanged
 from lessor.daemon.models.lifecycle import NoTraffic
 
-from ..conftest import ROOT, torch_model, until
-from ..component.test_router_http import front  # noqa: F401 (the fixture)
+from ..support.paths import ROOT
+from ..support.waiting import until
+from ..support.configs import torch_model
 
 CARD_16GIB = [{"name": "sim16", "total": "16GiB", "foreign": "0"}]
 

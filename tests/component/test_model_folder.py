@@ -109,7 +109,7 @@ async def test_lessord_loads_a_model_from_its_folder_alone_and_the_engine_takes_
     """Through the daemon with the real built-in engine: no architecture, no memory.* (the newcomer's spec)."""
     from lessor.daemon.runtime import runtime
 
-    from ..conftest import sim_config
+    from ..support.configs import sim_config
 
     spec = {"name": "chat", "engine": {"kind": "torch", "model_path": str(tiny_qwen), "dtype": "float32"},
             "restart": {"policy": "never"}}

@@ -5,11 +5,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiomqtt
@@ -18,61 +15,13 @@ import yaml
 
 from lessor.daemon.runtime import publishing, runtime
 from lessor.daemon.units import GiB
+from lessor.engines.process import free_port
 
-from ..conftest import FakeEngines, HANG_S, ROOT, free_port, sim_config, torch_model, until
-
-BIN = Path(sys.executable).parent
-
-
-class Broker:
-    def __init__(self, tmp: Path) -> None:
-        binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-        if binary is None:
-            reason = "mosquitto is not installed (apt-get install mosquitto; .ci/run does)"
-            if os.environ.get("LESSOR_REQUIRE_MOSQUITTO"):
-                pytest.fail(reason)
-            pytest.skip(reason)
-        self.binary, self.port, self.conf = binary, free_port(), tmp / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-        self.proc = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + HANG_S
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None, self.proc.stderr.read()
-                assert time.monotonic() < deadline, "mosquitto did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(HANG_S)
-
-
-@pytest.fixture
-def broker(tmp_path):
-    b = Broker(tmp_path)
-    b.start()
-    yield b
-    b.stop()
-
-
-async def collect(client: aiomqtt.Client, until, timeout_s: float = HANG_S) -> dict[str, list]:
-    """Messages by topic until `until(messages)` holds."""
-    seen: dict[str, list] = {}
-
-    async def read():
-        async for message in client.messages:
-            seen.setdefault(str(message.topic), []).append(message)
-            if until(seen):
-                return
-    await asyncio.wait_for(read(), timeout_s)
-    return seen
+from ..support.paths import BIN, ROOT
+from ..support.waiting import HANG_S, until
+from ..support.configs import sim_config, torch_model
+from ..support.fakes import FakeEngines
+from ..support.mqtt import Broker, collect
 
 
 def mqtt_config(tmp_path, broker, **extra):

@@ -9,9 +9,7 @@ import sys
 from lessor.engines.logwatch import LogWatch
 from lessor.engines.process import Backoff, EngineProcess
 
-from ..conftest import HANG_S
-
-NEVER = Backoff(first_s=3600, cap_s=3600)  # no timed probe within any test's life
+from ..support.waiting import HANG_S, NEVER
 
 
 async def sleeper(tmp_path) -> EngineProcess:

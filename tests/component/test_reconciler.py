@@ -13,7 +13,9 @@ from lessor.daemon.config.schema import RouterConfig
 from lessor.daemon.traffic.control import TrafficControl
 from lessor.daemon.units import GiB
 
-from ..conftest import HANG_S, FakeAdapter, drain_events, torch_model
+from ..support.waiting import HANG_S, drain_events
+from ..support.configs import torch_model
+from ..support.fakes import FakeAdapter
 
 
 def leased(controller, model):

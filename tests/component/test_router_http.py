@@ -7,101 +7,11 @@ import json
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from lessor.api.metrics import Metrics
-from lessor.api.router import RouterServer, start_router
-from lessor.daemon.config.schema import RouterConfig
-from lessor.daemon.traffic.control import TrafficControl
-from lessor.daemon.runtime import runtime
 
-from ..conftest import FakeAdapter, HANG_S, sim_config, torch_model, until
-
-
-class Upstream:
-    """An engine stand-in: echoes what it got; streams chunks until told to finish; counts streams."""
-
-    def __init__(self) -> None:
-        self.open_streams = 0
-        self.streams_ended: list[str] = []
-        self.release = asyncio.Event()
-        self.hold = False
-        self.adapter = None  # the fake adapter whose engines answer from here (set by the fixture)
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-            app.router.add_post(path, self.answer)
-        return app
-
-    async def answer(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        if self.hold:
-            await self.release.wait()
-        if not json.loads(body).get("stream"):
-            return web.json_response({"path": request.path, "echo": body.decode()})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        self.open_streams += 1
-        how = "cancelled"
-        try:
-            await response.write(b'data: {"n": 0}\n\n')
-            await self.release.wait()
-            for n in range(1, 200):
-                await response.write(f'data: {{"n": {n}}}\n\n'.encode())
-                await asyncio.sleep(0.01)
-            await response.write(b"data: [DONE]\n\n")
-            how = "done"
-        except ConnectionResetError:
-            how = "client gone"
-        finally:
-            self.open_streams -= 1
-            self.streams_ended.append(how)
-        return response
-
-
-@pytest.fixture
-async def front(tmp_path, aiohttp_server):
-    made = []
-
-    async def make(models=None, **router_config):
-        upstream = Upstream()
-        upstream_server = await aiohttp_server(upstream.app())
-        config = sim_config(tmp_path, models or [torch_model("a", aliases=["alpha"]), torch_model("b")])
-
-        def engines(probe, ledger):  # the fake engines serve from the stand-in upstream
-            upstream.adapter = FakeAdapter(probe, ledger)
-            upstream.adapter.base_url = str(upstream_server.make_url("")).rstrip("/")
-            return {"torch": upstream.adapter}
-        ctx = runtime(config, engines=engines)
-        controller = await ctx.__aenter__()
-        made.append(ctx)
-        _, server, session = await serve_router(controller, RouterConfig(**router_config), made)
-        return controller, upstream, session, server.port
-
-    yield make
-    await close_made(made)
-
-
-async def serve_router(controller, router_config: RouterConfig, made: list, timers=None):
-    """The router in front of `controller` on a free loopback port, and a client session to it;
-    both go into `made` (close_made closes them, last made first, with the runtimes there)."""
-    traffic = TrafficControl(controller.supervisor, router_config, controller.bus.listen, timers=timers)
-    controller.supervisor.attach_traffic(traffic)
-    controller.router = traffic
-    server = await start_router(traffic, controller.supervisor, router_config, "127.0.0.1", 0)
-    made.append(server)
-    session = aiohttp.ClientSession(f"http://127.0.0.1:{server.port}")
-    made.append(session)
-    return traffic, server, session
-
-
-async def close_made(made: list) -> None:
-    for thing in reversed(made):
-        if isinstance(thing, (aiohttp.ClientSession, RouterServer)):
-            await thing.close()
-        else:
-            await thing.__aexit__(None, None, None)
+from ..support.waiting import HANG_S, until
+from ..support.configs import torch_model
 
 
 async def eventually(condition):

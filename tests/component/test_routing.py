@@ -4,7 +4,6 @@ one 8 GiB model, not two. Time is an injected clock: the router's timers (wait d
 drain patience) fire only when a test moves it, so no test races the machine's speed."""
 
 import asyncio
-import heapq
 import logging
 
 import pytest
@@ -14,44 +13,13 @@ from lessor.daemon.config.schema import RouterConfig
 from lessor.daemon.errors import UnknownModel
 from lessor.daemon.models.load_errors import LoadFailed
 from lessor.daemon.traffic.request_errors import NotServedInTime, QueueFull, WaitTimedOut
-from lessor.daemon.traffic.lanes import RECHECK_CAP_S
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic.control import TrafficControl
 
-from ..conftest import FakeAdapter, FakeEngines, HANG_S, drain_events, sim_config, torch_model, until
-
-
-
-class ManualClock:
-    """The supervisor's and the router's clock: time moves when the test says, and the router's
-    timers fire as it passes them, in order."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self._timers: list = []
-        self._seq = 0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def call_at(self, when_s, callback) -> None:
-        self._seq += 1
-        heapq.heappush(self._timers, (when_s, self._seq, callback))
-
-    def advance(self, seconds: float) -> None:
-        end = self.now + seconds
-        while self._timers and self._timers[0][0] <= end:
-            self.step()
-        self.now = end
-
-    def step(self) -> bool:
-        """Move to the next timer and run every callback due then; False when none is left."""
-        if not self._timers:
-            return False
-        self.now = max(self.now, self._timers[0][0])
-        while self._timers and self._timers[0][0] <= self.now:
-            heapq.heappop(self._timers)[2]()
-        return True
+from ..support.waiting import HANG_S, drain_events, until
+from ..support.configs import sim_config, torch_model
+from ..support.fakes import FakeAdapter, FakeEngines
+from ..support.clocks import ManualClock
 
 
 class GatedAdapter(FakeAdapter):

@@ -4,7 +4,6 @@ ledger_unavailable, the load rolled back), a release still frees the memory and 
 database is back, and afterwards the database and lessor's memory hold the same leases."""
 
 import asyncio
-import os
 import random
 import threading
 
@@ -19,11 +18,11 @@ from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from bench.pgcluster import pg_bindir, postgres_server
-
-from ..conftest import FakeEngines, HANG_S, sim_config, torch_model
-from ..component.test_ledger_history import Clock, SteppedSleep, rows
-
+from ..support.waiting import HANG_S
+from ..support.configs import sim_config, torch_model
+from ..support.fakes import FakeEngines
+from ..support.clocks import Clock, SteppedSleep
+from ..support.ledger import rows
 
 
 async def on_disk(url: str, devices: DevicesConfig) -> set[str]:
@@ -96,17 +95,6 @@ async def until(condition, what: str, outcomes: dict) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, f"{what}: {outcomes}"
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def pg_server():
-    bindir = pg_bindir()
-    if bindir is None:
-        if os.environ.get("LESSOR_REQUIRE_POSTGRES"):
-            pytest.fail("PostgreSQL server binaries not found (apt-get install postgresql; .ci/run does)")
-        pytest.skip("PostgreSQL server binaries not found")
-    with postgres_server(bindir) as server:
-        yield server
 
 
 async def test_postgresql_restarted_under_load_loses_no_lease_and_grants_no_byte_twice(pg_server):

@@ -9,7 +9,8 @@ from lessor.daemon.planning.rejections import NotEnoughMemory
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from ..conftest import HANG_S, sim_config, torch_model, until
+from ..support.waiting import HANG_S, until
+from ..support.configs import sim_config, torch_model
 
 
 def kinds(snapshot, model):

@@ -12,7 +12,8 @@ import pytest
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from ..conftest import HANG_S, sim_config
+from ..support.waiting import HANG_S
+from ..support.configs import sim_config
 
 
 @pytest.fixture(scope="module")

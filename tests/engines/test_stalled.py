@@ -1,7 +1,7 @@
 """No request holds a model hostage (issue 39, finding 3): an engine that never answers, one that
 stops mid-stream, a client that never reads, an engine that hangs whole, and a drain whose
 requests never end. lessord's parts run in this process (the runtime, traffic control, the front
-door on a socket) in front of real engine processes (tests/standin_engine.py, misbehaving as
+door on a socket) in front of real engine processes (tests/support/standin_engine.py, misbehaving as
 asked); the router's own bounds are configured tiny and waited on as events (the outcome does not
 depend on how long anything takes), the lanes' on an injected clock that only the test moves."""
 
@@ -19,11 +19,11 @@ from lessor.daemon.planning.rejections import ModelsBusy
 from lessor.daemon.models.lifecycle import ModelState
 from lessor.daemon.runtime import runtime
 
-from ..conftest import HANG_S, drain_events, sim_config, until
-from ..unit.test_lanes import READY, World
-from ..component.test_router_http import close_made, serve_router
-from ..component.test_routing import ManualClock
-from ..engines.test_waiting import Box, standin
+from ..support.waiting import HANG_S, drain_events, until
+from ..support.configs import sim_config, standin
+from ..support.clocks import ManualClock
+from ..support.lanes import READY, World
+from ..support.router import Box, close_made, serve_router
 
 READY_STATE = ModelState.READY.value
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import HANG_S, free_port
+from lessor.engines.process import free_port
+
+from ..support.waiting import HANG_S
 
 
 class Engine:

@@ -19,8 +19,9 @@ import pytest
 from lessor.engines import torch_weights
 from lessor.engines.process import last_lines
 from lessor.engines.torch_weights import CorruptCheckpoint, Entry, NotLoadable
+from lessor.engines.process import free_port
 
-from ..conftest import HANG_S, free_port
+from ..support.waiting import HANG_S
 
 torch = pytest.importorskip("torch")
 

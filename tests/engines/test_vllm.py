@@ -17,10 +17,11 @@ import pytest
 
 from lessor.engines.proctree import process_table
 
-from ..conftest import HANG_S, ROOT, running_lessord
-from ..system.test_e2e_router import client
-from ..system.test_e2e_torch import Admin, post, write_config
-from ..system.test_restart import kill_9
+from ..support.paths import ROOT
+from ..support.waiting import HANG_S
+from ..support.configs import write_config
+from ..support.lessord import kill_9, running_lessord
+from ..support.clients import Admin, client, post
 
 VLLM = Path(os.environ.get("LESSOR_VLLM", ROOT / ".venv-vllm" / "bin" / "vllm"))
 

@@ -1,77 +1,22 @@
 """A request is served or answered, never left waiting on nothing: lessord's parts in this process
 (the runtime, the router's traffic control, the OpenAI front door on a socket) with an injected
-clock, and two real engine processes (tests/standin_engine.py, started by the vllm adapter). The
+clock, and two real engine processes (tests/support/standin_engine.py, started by the vllm adapter). The
 simulated 16 GiB card holds one of the two 8 GiB models, not both. The tests count steps and
 states (the events), never seconds: the clock moves only when a test moves it."""
 
 import asyncio
 import logging
-import sys
-from dataclasses import dataclass
 
-import aiohttp
 import pytest
 
 from lessor.api.metrics import Metrics
 from lessor.daemon.config.schema import RouterConfig
-from lessor.daemon.controller import Controller
 from lessor.daemon.runtime import runtime
-from lessor.daemon.traffic.control import TrafficControl
 
-from ..conftest import ROOT, drain_events, sim_config, until
-from ..component.test_router_http import close_made, serve_router
-from ..component.test_routing import ManualClock
-
-STANDIN = str(ROOT / "tests" / "standin_engine.py")
-
-
-def standin(name: str, tmp_path) -> dict:
-    return {"name": name, "engine": {"kind": "vllm", "model_path": f"/models/{name}", "command": [sys.executable, STANDIN],
-                                     "env": {"LESSOR_STANDIN_STARTS": str(tmp_path / f"{name}.starts")}},
-            "memory": {"weights": "8GiB", "kv_bytes_per_token": 8192, "load_peak": "256MiB"},
-            "plan": {"min_kv_tokens": 1024, "max_kv_tokens": 4096}, "restart": {"policy": "never"}}
-
-
-@dataclass
-class Box:
-    controller: Controller
-    traffic: TrafficControl
-    clock: ManualClock
-    session: aiohttp.ClientSession
-    events: asyncio.Queue
-    tmp_path: object
-
-    async def chat(self, model: str, **body) -> tuple[int, dict, dict]:
-        """A chat request through the router: (status, JSON answer, headers)."""
-        data = {"model": model, "messages": [{"role": "user", "content": "Hello"}], **body}
-        async with self.session.post("/v1/chat/completions", json=data) as r:
-            return r.status, await r.json(), dict(r.headers)
-
-    async def answered(self, model: str) -> tuple[int, dict, dict]:
-        """A request that must be answered without the clock moving: served, or refused at once.
-        A request left waiting (its load queued) fails the test instead of hanging it."""
-        request = asyncio.ensure_future(self.chat(model))
-        try:
-            await until(lambda: request.done() or self.traffic.loads_wanted().get(model) == "queued",
-                        f"{model}'s request answered or its load queued")
-            assert request.done(), f"{model}'s request is left waiting: {self.controller.model(model)}"
-            return request.result()
-        finally:
-            request.cancel()
-
-    def starts(self, model: str) -> int:
-        path = self.tmp_path / f"{model}.starts"
-        return len(path.read_text().splitlines()) if path.exists() else 0
-
-    def steps(self) -> list[tuple]:
-        """The model states and admissions since the last look, in order."""
-        out = []
-        for e in drain_events(self.events, None):
-            if e.type == "model_state":
-                out.append((e.model, e.previous, e.state))
-            elif e.type == "admission":
-                out.append((e.model, "admission", e.result.value, e.victims))
-        return out
+from ..support.waiting import until
+from ..support.configs import sim_config, standin
+from ..support.clocks import ManualClock
+from ..support.router import Box, close_made, serve_router
 
 
 @pytest.fixture

@@ -29,11 +29,12 @@ import yaml
 
 from lessor.daemon.units import GiB, MiB
 
-from ..conftest import HANG_S, ROOT, running_lessord
+from ..support.paths import STANDIN
+from ..support.waiting import HANG_S
+from ..support.lessord import running_lessord
 
 pytestmark = pytest.mark.chaos
 
-STANDIN = str(ROOT / "tests" / "standin_engine.py")
 SCALE = max(1, int(os.environ.get("LESSOR_CHAOS_SCALE", "1")))
 MODELS = ["m0", "m1", "m2", "m3"]  # 4.3 GiB each, 14 GiB leasable: three fit, never four
 TOTAL, HEADROOM, FOREIGN = 16 * GiB, 1 * GiB, 1 * GiB  # the simulated GPU of the config

@@ -1,5 +1,5 @@
 """The `lessor` command against a real lessord on simulated devices, with the stand-in engine
-(tests/standin_engine.py) as the models' server; the renderers on plain dicts."""
+(tests/support/standin_engine.py) as the models' server; the renderers on plain dicts."""
 
 import json
 import os
@@ -19,11 +19,13 @@ import yaml
 from lessor.api import cli_render
 from lessor.api.cli import main
 from lessor.daemon.units import GiB
+from lessor.engines.process import free_port
 
-from ..conftest import HANG_S, ROOT, free_port, running_lessord
+from ..support.paths import STANDIN
+from ..support.waiting import HANG_S
+from ..support.lessord import running_lessord
 
 BIN = Path(sys.executable).parent
-STANDIN = str(ROOT / "tests" / "standin_engine.py")
 
 
 def standin(name: str, **env: str) -> dict:
@@ -512,7 +514,8 @@ async def test_a_refused_reload_is_one_short_event_line_and_its_reason_stays_in_
     from lessor.daemon.errors import ConfigError
     from lessor.daemon.runtime import runtime
 
-    from ..conftest import FakeEngines, torch_model
+    from ..support.configs import torch_model
+    from ..support.fakes import FakeEngines
     card = {"probe": "sim", "headroom": "1GiB", "simulated": [{"name": "sim8", "total": "8GiB", "foreign": "0"}]}
     huge = {**torch_model("huge"), "memory": {"weights": "20GiB", "kv_bytes_per_token": 65536, "load_peak": 0}}
     path = tmp_path / "lessor.yaml"

@@ -13,8 +13,11 @@ import pytest
 import yaml
 
 from lessor.daemon.units import GiB
+from lessor.engines.process import free_port
 
-from ..conftest import HANG_S, ROOT, free_port, running_lessord
+from ..support.paths import ROOT
+from ..support.waiting import HANG_S
+from ..support.lessord import running_lessord
 
 BIN = Path(sys.executable).parent
 

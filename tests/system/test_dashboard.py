@@ -30,9 +30,12 @@ from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 from lessor.daemon.devices.history import UsageHistory
 
-from ..conftest import HANG_S, ROOT, FakeEngines, running_lessord, sim_config, torch_model, until
-from ..system.test_e2e_torch import Admin
-from ..system.test_restart import standin_spec
+from ..support.paths import ROOT
+from ..support.waiting import HANG_S, until
+from ..support.configs import sim_config, standin_spec, torch_model
+from ..support.fakes import FakeEngines
+from ..support.lessord import running_lessord
+from ..support.clients import Admin
 
 TOKEN = "dashboard-test-token-8c41"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}

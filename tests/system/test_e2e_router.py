@@ -8,13 +8,10 @@ import urllib.request
 import openai
 import pytest
 
-from ..conftest import HANG_S, running_lessord
-from ..system.test_e2e_torch import Admin, torch_spec, write_config
-
-
-
-def client(router_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=router_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+from ..support.waiting import HANG_S
+from ..support.configs import torch_spec, write_config
+from ..support.lessord import running_lessord
+from ..support.clients import Admin, client
 
 
 def test_the_openai_client_works_through_the_router_and_loads_on_demand(tmp_path, tiny_qwen):

@@ -3,111 +3,22 @@ the project writes), real engine processes, the admin API and the ledger as an o
 
 import json
 import os
-import queue
 import signal
-import threading
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
-import yaml
 
 from lessor.daemon.units import GiB
 
-from ..conftest import HANG_S, running_lessord
-
-
-
-def torch_spec(name: str, model_path, weights: str, **extra) -> dict:
-    return {"name": name, "engine": {"kind": "torch", "model_path": str(model_path), "dtype": "float32"},
-            "memory": {"weights": weights, "kv_bytes_per_token": 8192, "load_peak": "256MiB"},
-            "plan": {"min_kv_tokens": 1024, "max_kv_tokens": 4096, "max_batch_size": 2}, **extra}
-
-
-def write_config(tmp_path, models, policy: str = "lru_idle", **extra) -> Path:
-    config = {"state_dir": str(tmp_path / "state"), "policy": {"name": policy}, **extra,
-              "devices": {"probe": "sim", "headroom": "512MiB",
-                          "simulated": [{"name": "sim8", "total": "8GiB", "foreign": "1GiB"}]},
-              "models": models}
-    path = tmp_path / "lessor.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-class Admin:
-    def __init__(self, url: str, state) -> None:
-        self.url, self.token = url, (state / "admin.token").read_text().strip()
-
-    def call(self, method: str, path: str, body=None, timeout=HANG_S):
-        request = urllib.request.Request(self.url + path, method=method,
-                                         data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Authorization": f"Bearer {self.token}",
-                                                  "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                raw = r.read()
-                return r.status, json.loads(raw) if r.headers.get_content_type() == "application/json" else raw.decode()
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def load(self, name):
-        return self.call("POST", f"/admin/v1/models/{name}", {"action": "load"})
-
-    def model(self, name):
-        return self.call("GET", f"/admin/v1/models/{name}")[1]
-
-    def leases(self, name=None):
-        return self.call("GET", "/admin/v1/leases" + (f"?model={name}" if name else ""))[1]
-
-    def events(self) -> "queue.Queue[dict]":
-        """Events from the SSE stream, read in a thread."""
-        out: queue.Queue = queue.Queue()
-        request = urllib.request.Request(self.url + "/admin/v1/events", headers={"Authorization": f"Bearer {self.token}"})
-        stream = urllib.request.urlopen(request, timeout=HANG_S)
-
-        def read():
-            for line in stream:
-                if line.startswith(b"data: "):
-                    out.put(json.loads(line[6:]))
-        threading.Thread(target=read, daemon=True).start()
-        return out
-
-
-def chat(endpoint: str, text: str, **extra) -> dict:
-    body = {"model": "x", "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
-    request = urllib.request.Request(endpoint + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=HANG_S) as r:
-        return json.loads(r.read())
-
-
-def post(url: str, body: dict) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=HANG_S) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+from ..support.waiting import HANG_S
+from ..support.configs import torch_spec, write_config
+from ..support.lessord import running_lessord
+from ..support.clients import Admin, chat, post, wait_for
 
 
 def kinds(model: dict) -> dict:
     return {k: v for k, v in model["leased_bytes"].items() if v}
-
-
-def wait_for(events: queue.Queue, kind: str, timeout_s: float, **match) -> tuple[dict, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no {kind} event {match} within {timeout_s} s")
-        try:
-            event = events.get(timeout=left)
-        except queue.Empty:
-            continue
-        if event["type"] == kind and all(event.get(k) == v for k, v in match.items()):
-            return event, time.monotonic()
 
 
 def test_two_models_share_one_device(tmp_path, tiny_qwen):

@@ -13,8 +13,11 @@ from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB, MiB
 from lessor.engines.base import KvResizeRefused
 
-from ..conftest import HANG_S, FakeAdapter, FakeEngines, FakeHandle, drain_events, running_lessord, sim_config, torch_model
-from ..system.test_e2e_torch import Admin, chat, wait_for, write_config
+from ..support.waiting import HANG_S, drain_events
+from ..support.configs import sim_config, torch_model, write_config
+from ..support.fakes import FakeAdapter, FakeEngines, FakeHandle
+from ..support.lessord import running_lessord
+from ..support.clients import Admin, chat, wait_for
 
 KV_PER_TOKEN = MiB
 

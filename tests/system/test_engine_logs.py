@@ -13,10 +13,11 @@ from lessor.engines import enginelog
 from lessor.engines.enginelog import LogLimits
 from lessor.engines.process import STARTING, EngineProcess
 
-from ..conftest import HANG_S, running_lessord
-from ..system.test_e2e_torch import Admin
-from ..component.test_readiness import NEVER
-from ..system.test_restart import STANDIN, config_file, standin_spec
+from ..support.paths import STANDIN
+from ..support.waiting import HANG_S, NEVER
+from ..support.configs import config_file, standin_spec
+from ..support.lessord import running_lessord
+from ..support.clients import Admin
 
 MiB = 1 << 20
 

@@ -1,21 +1,22 @@
 """Workers that escape their engine's process group (a child calls setsid() and forks again, then
 exits: Ray-style daemonised workers) are stopped with their engine: at unload, when lessord stops,
 and at a restart where their engine is gone or was never recorded; an adopted engine's workers
-run on. Real lessord, real stand-in engines (tests/standin_engine.py, LESSOR_STANDIN_ESCAPE)."""
+run on. Real lessord, real stand-in engines (tests/support/standin_engine.py, LESSOR_STANDIN_ESCAPE)."""
 
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from lessor.engines.strays import find_strays, stop_strays
 from lessor.engines.process import EngineProcess, process_identity
 
-from ..conftest import HANG_S, ROOT, running_lessord, until_sync
-from ..system.test_e2e_torch import Admin
-from ..system.test_restart import config_file, kill_9, standin_spec
+from ..support.paths import ROOT, STANDIN
+from ..support.waiting import HANG_S, until_sync
+from ..support.configs import config_file, standin_spec
+from ..support.lessord import kill_9, running_lessord
+from ..support.clients import Admin
 
 
 def escaping(name: str, tmp_path: Path, **env: str) -> dict:
@@ -152,7 +153,7 @@ async def test_a_stray_worker_outside_any_group_is_found_and_stopped(tmp_path):
     not the leader of a group, so not found by a look at group leaders."""
     pid_file = tmp_path / "stray.worker"
     env = {**os.environ, "LESSOR_STATE_DIR": str(tmp_path), "LESSOR_ATTEMPT": "lost"}
-    script = f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import standin_engine; " \
+    script = f"import sys; sys.path.insert(0, {str(ROOT / 'tests' / 'support')!r}); import standin_engine; " \
              f"standin_engine.escape({str(pid_file)!r})"
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=HANG_S)
     worker = int(pid_file.read_text())
@@ -173,7 +174,7 @@ async def test_an_engine_process_stop_kills_its_escaped_worker(tmp_path):
     pid_file = tmp_path / "e.worker"
     env = {**os.environ, "LESSOR_STATE_DIR": str(tmp_path), "LESSOR_ATTEMPT": "a1",
            "LESSOR_STANDIN_ESCAPE": str(pid_file), "LESSOR_STANDIN_ESCAPE_IGNORE_TERM": "1"}
-    proc = await EngineProcess.spawn([sys.executable, str(ROOT / "tests" / "standin_engine.py"), "--port", "0"],
+    proc = await EngineProcess.spawn([sys.executable, STANDIN, "--port", "0"],
                                      env, tmp_path / "e.log")
     await proc.wait_until(pid_file.exists, "escaping", HANG_S)
     worker = int(pid_file.read_text())

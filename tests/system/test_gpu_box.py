@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ..conftest import ROOT
+from ..support.paths import ROOT
 
 GiB = 1 << 30
 

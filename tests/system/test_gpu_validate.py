@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..conftest import HANG_S
+from ..support.waiting import HANG_S
 
 
 def run_host(tmp_path: Path) -> tuple[dict, str]:

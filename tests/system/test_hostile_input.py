@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 from lessor.api.admin import make_admin_app
 from lessor.daemon.runtime import runtime
 
-from ..component import test_router_http
-from ..conftest import HANG_S, FakeEngines, running_lessord, sim_config, torch_model, until_sync
-from ..system.test_e2e_torch import Admin, torch_spec, write_config
+from ..support.waiting import HANG_S, until_sync
+from ..support.configs import sim_config, torch_model, torch_spec, write_config
+from ..support.fakes import FakeEngines
+from ..support.lessord import running_lessord
+from ..support.clients import Admin
 
-front = test_router_http.front  # the router over a stand-in engine, a fixture here too
 TOKEN = "s3cret-token"
 AUTH = f"Bearer {TOKEN}".encode()
 HYPOTHESIS = settings(max_examples=60, deadline=None, derandomize=True,

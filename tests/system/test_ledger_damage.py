@@ -26,10 +26,14 @@ from lessor.daemon.ledger.record import RECORD_FILE, LedgerRecord
 from lessor.daemon.ledger.recovery import RECOVER, recover
 from lessor.daemon.units import GiB
 from lessor.engines.process import process_identity
+from lessor.engines.process import free_port
 
-from ..conftest import BIN, HANG_S, drop_ledger_tables, free_port, running_lessord, sim_config, torch_model
-from ..system.test_e2e_torch import Admin
-from ..system.test_restart import config_file, kill_9, standin_spec
+from ..support.paths import BIN
+from ..support.waiting import HANG_S
+from ..support.configs import config_file, sim_config, standin_spec, torch_model
+from ..support.ledger import drop_ledger_tables
+from ..support.lessord import kill_9, running_lessord
+from ..support.clients import Admin
 
 
 def files(state: Path) -> tuple[Path, Path, Path]:

@@ -6,7 +6,6 @@ within the configured busy timeout. The waits below only turn a hang into a fail
 multiples of the configured deadlines that a lessord honouring them meets by far, and one
 waiting on the server never does."""
 
-import asyncio
 import json
 import os
 import signal
@@ -27,10 +26,12 @@ from lessor.daemon.ledger.ledger_errors import LedgerUnavailable
 from lessor.daemon.leases import Granted, LeaseKind, LeaseWant
 from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.units import GiB
+from lessor.engines.process import free_port
 
-from ..conftest import BIN, HANG_S, free_port, running_lessord
-from ..system.test_restart import config_file, standin_spec
-from ..component.test_storage_faults import pg_server  # noqa: F401 (a private server: pausing it pauses no other test)
+from ..support.paths import BIN
+from ..support.waiting import HANG_S
+from ..support.configs import config_file, standin_spec
+from ..support.lessord import running_lessord
 
 LEDGER = {"connect_timeout": 1.0, "statement_timeout": 1.0}
 DEADLINES = LedgerConfig(**LEDGER).deadlines()

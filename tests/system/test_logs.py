@@ -23,10 +23,12 @@ from lessor.daemon.config.schema import load_config
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 from lessor.engines.process import last_lines, process_identity
+from lessor.engines.process import free_port
 
-from ..conftest import HANG_S, free_port, running_lessord, until
-from ..system.test_e2e_torch import Admin
-from ..system.test_restart import config_file, kill_9, standin_spec
+from ..support.waiting import HANG_S, until
+from ..support.configs import config_file, standin_spec
+from ..support.lessord import kill_9, running_lessord
+from ..support.clients import Admin
 
 
 def big_standin(name, tmp_path, **extra):

@@ -9,9 +9,10 @@ import urllib.request
 import sys
 from pathlib import Path
 
-from ..conftest import HANG_S, running_lessord
-from ..system.test_e2e_torch import Admin, chat, torch_spec
-from ..system.test_restart import config_file, metric, standin_spec
+from ..support.waiting import HANG_S
+from ..support.configs import config_file, standin_spec, torch_spec
+from ..support.lessord import running_lessord
+from ..support.clients import Admin, chat, metric
 
 
 def test_an_engine_that_always_runs_out_of_memory_stops_after_its_attempts_while_others_serve(tmp_path, tiny_qwen):

@@ -14,8 +14,10 @@ from lessor.api.origins import SiteRules
 from lessor.daemon.config.listeners import AdminConfig, RouterConfig
 from lessor.api.refusals import CrossSiteRequest
 
-from ..conftest import BIN, HANG_S, running_lessord
-from ..system.test_restart import config_file, standin_spec
+from ..support.paths import BIN
+from ..support.waiting import HANG_S
+from ..support.configs import config_file, standin_spec
+from ..support.lessord import running_lessord
 
 EVIL = "evil.example"
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()

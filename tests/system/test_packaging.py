@@ -8,7 +8,7 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-from ..conftest import HANG_S
+from ..support.waiting import HANG_S
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ("api", "daemon", "engines", "memory", "policies")

@@ -19,10 +19,13 @@ from lessor.daemon.controller import config_source
 from lessor.daemon.events import ConfigReloaded, ReloadResult
 from lessor.daemon.runtime import runtime
 
-from ..conftest import HANG_S, ROOT, FakeAdapter, FakeEngines, running_lessord, torch_model, until
+from ..support.paths import ROOT, STANDIN
+from ..support.waiting import HANG_S, until
+from ..support.configs import torch_model
+from ..support.fakes import FakeAdapter, FakeEngines
+from ..support.lessord import running_lessord
 
 TOKEN = {"Authorization": "Bearer t"}
-STANDIN = str(ROOT / "tests" / "standin_engine.py")
 
 
 CARD_24GIB = [{"name": "sim24", "total": "24GiB", "foreign": "0"}]

@@ -6,13 +6,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-import yaml
 
 from lessor.daemon.leases import EnginePhase, EngineRecord, LeaseKind, LeaseWant
 
@@ -23,43 +20,10 @@ from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 from lessor.engines.process import process_identity
 
-from ..conftest import HANG_S, ROOT, running_lessord, sim_config, torch_model
-from ..system.test_e2e_torch import Admin, chat, post, torch_spec
-
-STANDIN = str(ROOT / "tests" / "standin_engine.py")
-
-
-def standin_spec(name: str, tmp_path: Path, ready_after_s: float = 0) -> dict:
-    folder = tmp_path / "models" / name  # a folder that exists: lessord's start checks model paths (a warning here)
-    folder.mkdir(parents=True, exist_ok=True)
-    return {"name": name, "engine": {"kind": "vllm", "model_path": str(folder), "command": [sys.executable, STANDIN],
-                                     "env": {"LESSOR_STANDIN_READY_AFTER_S": str(ready_after_s),
-                                             "LESSOR_STANDIN_RECORD": str(tmp_path / f"{name}.json")}},
-            "memory": {"weights": "2GiB", "kv_bytes_per_token": 8192, "load_peak": "256MiB"},
-            "plan": {"min_kv_tokens": 1024, "max_kv_tokens": 4096}, "restart": {"policy": "never"}}
-
-
-def config_file(tmp_path: Path, models: list[dict], **extra) -> Path:
-    config = {"state_dir": str(tmp_path / "state"), "policy": {"name": "lru_idle"},
-              "devices": {"probe": "sim", "headroom": "512MiB",
-                          "simulated": [{"name": "sim8", "total": "8GiB", "foreign": "1GiB"}]},
-              "models": models, **extra}
-    path = tmp_path / "lessor.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def metric(url: str, line_start: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=HANG_S) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(line_start):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def kill_9(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(HANG_S)
+from ..support.waiting import HANG_S
+from ..support.configs import config_file, sim_config, standin_spec, torch_model, torch_spec
+from ..support.lessord import kill_9, running_lessord
+from ..support.clients import Admin, chat, metric, post
 
 
 def test_kill_9_in_steady_state_adopts_the_running_engine(tmp_path, tiny_qwen):

@@ -18,10 +18,13 @@ from pathlib import Path
 
 from lessor.engines.strays import stop_strays
 from lessor.engines.process import process_identity
+from lessor.engines.process import free_port
 
-from ..conftest import BIN, HANG_S, free_port, running_lessord
-from ..system.test_e2e_torch import Admin, chat
-from ..system.test_restart import config_file, kill_9, metric, standin_spec
+from ..support.paths import BIN
+from ..support.waiting import HANG_S
+from ..support.configs import config_file, standin_spec
+from ..support.lessord import kill_9, running_lessord
+from ..support.clients import Admin, chat, metric
 
 STOPPED, RUNNING = ("a-stopped", "b-stopped"), "c-running"
 

@@ -14,9 +14,9 @@ import pytest
 
 from lessor.engines.redaction import REDACTED, Redactor, argv_secrets, redact, redact_argv, secret_name, secrets_of
 
-from ..conftest import HANG_S, running_lessord
-from ..component.test_mqtt import broker  # noqa: F401 (a fixture: a real mosquitto)
-from ..system.test_restart import config_file, standin_spec
+from ..support.waiting import HANG_S
+from ..support.configs import config_file, standin_spec
+from ..support.lessord import running_lessord
 
 API_KEY = "sk-engine-api-key-5b1e0c"
 FLAG_TOKEN = "hf_from_a_flag_93d7a1"
@@ -180,8 +180,8 @@ async def test_mqtt_carries_a_failed_loads_error_redacted(tmp_path, broker, monk
     from lessor.daemon.errors import LessorError
     from lessor.daemon.runtime import publishing, runtime
 
-    from ..conftest import sim_config
-    from ..component.test_mqtt import collect
+    from ..support.configs import sim_config
+    from ..support.mqtt import collect
 
     monkeypatch.setenv("DB_PASSWORD", DAEMON_SECRET)  # lessord's own environment, which the engine inherits
     spec = _failing_spec(tmp_path)

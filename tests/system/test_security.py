@@ -13,9 +13,11 @@ from lessor.api.admin import ROUTES
 from lessor.api.auth import check_bearer
 from lessor.daemon.errors import Unauthorized
 
-from ..conftest import HANG_S, ROOT, running_lessord
-from ..system.test_e2e_torch import Admin
-from ..system.test_restart import config_file, standin_spec
+from ..support.paths import ROOT
+from ..support.waiting import HANG_S
+from ..support.configs import config_file, standin_spec
+from ..support.lessord import running_lessord
+from ..support.clients import Admin
 
 
 DRY_RUNS = {"POST /admin/v1/plan"}  # a POST that changes nothing: it answers "would this fit"

@@ -20,8 +20,10 @@ import pytest
 import yaml
 
 from lessor.daemon.notify import Notifier
+from lessor.engines.process import free_port
 
-from ..conftest import HANG_S, ROOT, free_port
+from ..support.paths import ROOT
+from ..support.waiting import HANG_S
 
 BIN = Path(sys.executable).parent
 
@@ -163,7 +165,7 @@ def test_a_listen_change_needs_a_restart(tmp_path):
 
 
 def systemd_analyze() -> str:
-    """systemd-analyze (tests/install-system-deps.sh installs it); required under CI."""
+    """systemd-analyze (tests/support/install-system-deps.sh installs it); required under CI."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         if os.environ.get("CI") == "true" or os.environ.get("LESSOR_REQUIRE_SYSTEMD_ANALYZE"):

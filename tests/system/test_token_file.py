@@ -11,10 +11,13 @@ import stat
 import subprocess
 
 from lessor.api.auth import TokenFileError, resolve_token
+from lessor.engines.process import free_port
 
-from ..conftest import BIN, HANG_S, free_port, running_lessord
-from ..system.test_e2e_torch import Admin
-from ..system.test_restart import config_file
+from ..support.paths import BIN
+from ..support.waiting import HANG_S
+from ..support.configs import config_file
+from ..support.lessord import running_lessord
+from ..support.clients import Admin
 
 
 def full_disk() -> None:

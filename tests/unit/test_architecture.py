@@ -2,14 +2,13 @@
 total, its MoE and sliding-window layers; a key lessor does not model is refused by name."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from lessor.memory.architecture import Architecture, UnsupportedConfig, from_hf_config, read_hf_config
 from lessor.memory.params import param_counts
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
+from ..support.paths import FIXTURES
 
 
 def raw(name: str) -> dict:

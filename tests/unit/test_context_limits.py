@@ -2,8 +2,6 @@
 model's context as that engine derives it, times the sequences planned; the default plan leaves
 the rest of the card to other models; a configured size above what the engine accepts is refused."""
 
-from pathlib import Path
-
 import json
 
 import pytest
@@ -14,7 +12,8 @@ from lessor.daemon.units import GiB
 from lessor.memory.architecture import Architecture, read_hf_config
 from lessor.policies import DeviceBudget
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
+from ..support.paths import FIXTURES
+
 # Qwen2.5-7B-Instruct's config.json: the base model's with max_position_embeddings 32768 (the
 # instruct model's; YaRN to 128K only when rope_scaling is added).
 QWEN_CONFIG = {**json.loads((FIXTURES / "qwen2.5-7b.json").read_text()), "max_position_embeddings": 32768}

@@ -13,7 +13,7 @@ from lessor.engines.sglang import launch_fraction
 from lessor.engines.vllm import CUDA_CONTEXT, VLLMEngineArgs, capture_sizes, stage_layers
 from lessor.memory.footprint import Source
 
-from ..unit.test_memory import FIXTURES
+from ..support.paths import FIXTURES
 
 GiB = 1 << 30
 

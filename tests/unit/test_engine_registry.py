@@ -10,7 +10,7 @@ from lessor.api.reference import config_reference, engine_classes
 from lessor.engines import ENGINE_ARGS, ENGINE_KINDS, REGISTRY, adapters
 from lessor.engines.base import EngineArgsBase, Flags, Sizing
 
-from ..conftest import ROOT
+from ..support.paths import ROOT
 
 ARGS = list(ENGINE_ARGS.values())
 

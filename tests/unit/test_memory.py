@@ -1,7 +1,5 @@
 """The memory model's numbers, pinned against published figures and hand-computed formulas."""
 
-from pathlib import Path
-
 import pytest
 
 from lessor.engines.memory_model import chunk_activation, dequant_peak
@@ -9,7 +7,7 @@ from lessor.memory.architecture import Architecture, read_hf_config
 from lessor.memory.params import param_counts
 from lessor.memory.weights import kv_bytes_per_token, paged_tokens, split_weights
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
+from ..support.paths import FIXTURES
 
 
 def arch(name: str) -> Architecture:

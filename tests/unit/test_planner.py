@@ -112,7 +112,7 @@ def test_seed_kv_is_61_x_576_x_2_per_token_and_activation_is_an_estimate():
 
 def _gqa_spec(kind, **engine):
     from lessor.daemon.config.schema import ModelSpec
-    from ..unit.test_memory import FIXTURES
+    from ..support.paths import FIXTURES
     return ModelSpec.model_validate({"name": "q", "engine": {"kind": kind, "model_path": "/m", **engine},
                                      "architecture": {"hf_config": str(FIXTURES / "qwen2.5-7b.json")},
                                      "plan": {"max_kv_tokens": 32768}})
@@ -246,7 +246,7 @@ def test_ktransformers_gpu_experts_are_planned_from_the_budget_and_the_kv_cache_
 
 async def test_the_plan_of_a_loaded_model_is_its_reload_and_says_it_is_loaded(env):
     """Issue 20: a READY model's plan said 'does NOT fit': its own leases counted against it."""
-    from ..conftest import torch_model
+    from ..support.configs import torch_model
     controller, _, _ = await env([torch_model("a", "12GiB", plan={"min_kv_tokens": 1024, "max_kv_tokens": 16384})])
     assert "loaded" not in controller.plan("a")
     await controller.load("a")  # 12 GiB of weights and 1 GiB of KV cache of the 15 GiB free
@@ -261,7 +261,7 @@ async def test_a_local_plan_over_the_ledger_a_daemon_left_gives_the_same_answer(
     """`lessor plan --config` runs its own controller over the daemon's ledger: its records say
     unloaded, the ledger holds the model's leases; the answer is the daemon's."""
     from lessor.daemon.runtime import runtime
-    from ..conftest import sim_config, torch_model
+    from ..support.configs import sim_config, torch_model
     models = [torch_model("a", "12GiB", plan={"min_kv_tokens": 1024, "max_kv_tokens": 16384})]
     controller, _, _ = await env(models)
     await controller.load("a")

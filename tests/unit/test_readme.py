@@ -2,7 +2,7 @@
 
 from lessor.api.reference import api_table, config_reference
 
-from ..conftest import ROOT
+from ..support.paths import ROOT
 
 
 def test_readme_reference_is_current():

