@@ -118,6 +118,24 @@ class Lane:
     def drained(self) -> bool:
         return self.drain_from is not NEVER
 
+    def drain_for(self, loading: str) -> None:
+        """Hold back, for `loading`'s load, the requests that reach the lane from now on."""
+        self.drains.setdefault(loading, self.next_ticket)
+        self.drain_from = min(self.drains.values())
+
+    def drain_waiting_for(self, loading: str) -> None:
+        """Hold back for `loading` the requests already waiting too (the drain's bound passed)."""
+        first = self.waiting[0].ticket if self.waiting else self.next_ticket
+        self.drains[loading] = min(self.drains[loading], first)
+        self.drain_from = min(self.drains.values())
+
+    def undrain(self, loading: str) -> bool:
+        """`loading`'s load ended: what it held back is due again. False: it held nothing here."""
+        if self.drains.pop(loading, None) is None:
+            return False
+        self.drain_from = min(self.drains.values(), default=NEVER)
+        return True
+
     def _due(self) -> bool:
         """The first waiting request may go (it is not held back by a drain)."""
         return bool(self.waiting) and self.waiting[0].ticket < self.drain_from

@@ -23,15 +23,8 @@ model's `in_flight`, so a model with work is never idle in the policy's eyes. A 
 (`drain_timeout_s`): past it, every request still waiting on a drained model is held too, and the
 ones still running are cut (`Effects.cut`), so the load goes on even if one of them would never end.
 
-A request is never left waiting on nothing: when a load must wait, the lanes estimate when it
-could start at the soonest (the policy's recheck, the blockers' requests at their measured
-service time) and, with `refuse_late`, answer at once (NotServedInTime, a 503 with that time as
-Retry-After) the requests that its load would reach only after their wait timeout. A policy's
-estimate that came due and was not kept (weighed again then, still "wait", further off: the
-model it waits for is still asked) is a moving target: its requests are answered then, not at
-their timeout. An unknown estimate is no reason to refuse: such a request waits, and is weighed
-again as things change.
-lessord refuses late (LaneRules.of); the simulator chooses.
+When a load must wait, the lanes answer at once, with `refuse_late`, the requests its load would
+reach only after their wait timeout (daemon/traffic/estimates.py says when that is).
 
 Effects must not call back into the core synchronously (lessord resolves futures and starts
 tasks; the simulator schedules its load attempts on its event heap).
@@ -39,19 +32,17 @@ tasks; the simulator schedules its load attempts on its event heap).
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..errors import LessorError
-from .request_errors import DrainTimedOut, NotServedInTime, QueueFull, WaitTimedOut
-from .lane import ASKING, HELD, NEVER, QUEUED, Lane, LaneRules, LoadWish, Waiter
 from ..models.lifecycle import ModelState
+from .estimates import moved, recheck_in_s, retry_after_s, retry_delay_s, start_in_s, too_late, waiting_for
+from .lane import ASKING, HELD, NEVER, QUEUED, Lane, LaneRules, LoadWish, Waiter
+from .request_errors import DrainTimedOut, QueueFull, WaitTimedOut
 
-__all__ = ["RECHECK_CAP_S", "Effects", "Lane", "LaneRules", "Lanes", "keep_alive_over"]
+__all__ = ["Effects", "Lane", "LaneRules", "Lanes", "keep_alive_over"]
 
-# A policy's recheck (its answer ages) is looked at no later than this: memory that processes
-# lessor does not manage free changes the answer without any model changing state.
-RECHECK_CAP_S = 30.0
 _LOADABLE = (ModelState.UNLOADED, ModelState.FAILED, ModelState.WAITING)
 
 
@@ -145,34 +136,7 @@ class Lanes:
             self._serve(lane)
 
     def _retry_after(self, lane: Lane) -> float:
-        """When a request refused now would likely get its turn: what is left of the model's load
-        (its last measured one, else `retry_after_loading_s`), then the requests ahead of it
-        over the slots at the measured time a request holds one (else `retry_after_busy_s`
-        for the queue). Never over the wait timeout, never under a second."""
-        now, rules = self._clock(), self.rules
-        wait = 0.0
-        if lane.record.state is not ModelState.READY:
-            wish, measured = lane.load, lane.load_s
-            if measured is None:
-                wait = rules.retry_after_loading_s
-            else:
-                wait = max(0.0, measured - (now - wish.asked_s)) if wish is not None else measured
-        service = lane.service_s()
-        if service is None:
-            wait += rules.retry_after_busy_s if lane.record.state is ModelState.READY else 0.0
-        else:
-            wait += (len(lane.waiting) + 1) * service / max(1, lane.slots or lane.active or 1)
-        return min(max(1.0, wait), rules.wait_timeout_s)
-
-    def waiting_for(self, lane: Lane) -> str:
-        if lane.drain_from is not NEVER:
-            return f"other models' turn ({', '.join(sorted(lane.drains))})"
-        if lane.record.state is ModelState.READY:
-            return f"a free slot (max_concurrency {lane.slots})"
-        waiting = getattr(lane.record, "waiting", None)  # lessord's record says why its load waits
-        if lane.record.state is ModelState.WAITING and waiting is not None:
-            return f"its load, which waits: {waiting.reason}"
-        return f"its load (state {lane.record.state.value})"
+        return retry_after_s(lane, self.rules, self._clock())
 
     def _serve(self, lane: Lane) -> None:
         """Admit what may go; want a load when due requests wait for an unloaded model; end a
@@ -213,7 +177,7 @@ class Lanes:
         now = self._clock()
         expired = False
         while lane.waiting and lane.waiting[0].deadline_s <= now:
-            error = WaitTimedOut(lane.name, self.rules.wait_timeout_s, self.waiting_for(lane),
+            error = WaitTimedOut(lane.name, self.rules.wait_timeout_s, waiting_for(lane),
                                  retry_after_s=self._retry_after(lane))
             self._effects.fail(lane.waiting.popleft().request, error)
             expired = True
@@ -269,7 +233,7 @@ class Lanes:
         memory, or the policy weighs it again in `recheck_s`). Requests it would reach past their
         wait timeout are answered now (refuse_late). Drains the blockers once the patience is
         over; asked again when they idle, and at the retry or the recheck, whichever is later
-        (a recheck at most RECHECK_CAP_S away, so freed memory is still seen)."""
+        (estimates.retry_delay_s)."""
         wish = lane.load
         if wish is None:
             return
@@ -287,7 +251,7 @@ class Lanes:
             elif not wish.patience_armed:
                 wish.patience_armed = True
                 self._effects.call_at(due_s, lambda: self._look_again(lane, wish, patience_over=True))
-        delay = self._retry_delay(recheck_s)
+        delay = retry_delay_s(self.rules, recheck_s)
         if delay is not None and not wish.retry_armed:
             wish.retry_armed, wish.look_at_s = True, now + delay
             self._effects.call_at(now + delay, lambda: self._retry(lane, wish))
@@ -297,60 +261,16 @@ class Lanes:
     def _refuse_late(self, lane: Lane, blockers: tuple[str, ...], recheck_s: float | None, reason: str) -> None:
         """Refuse the requests the load would reach past their deadline; all of them at a moving
         target, which would otherwise hold them to the edge of their patience."""
-        start_s = self._start_in_s(blockers, recheck_s)
+        start_s = start_in_s(self.lanes, blockers, recheck_s)
         if start_s is None:
             return
-        now, rules, wish = self._clock(), self.rules, lane.load
-        moved = self._moved(wish, now, start_s if not blockers else None)
+        now = self._clock()
+        missed_s = moved(lane.load, now, start_s if not blockers else None)
         ready_s = now + start_s + (self._load_time(lane.name) or 0.0)
-        waits_for = f"it waits for {', '.join(blockers)} to finish their requests" if blockers else ""
-        why = "; ".join(part for part in (reason, waits_for) if part) or "its load waits"
-        retry_s = math.ceil(min(max(1.0, start_s), rules.wait_timeout_s))  # Retry-After is whole seconds
-        while lane._due() and (moved is not None or lane.waiting[0].deadline_s < ready_s):
+        while lane._due() and (missed_s is not None or lane.waiting[0].deadline_s < ready_s):
             waiter = lane.waiting.popleft()
-            self._effects.fail(waiter.request, NotServedInTime(
-                lane.name, rules.wait_timeout_s, why, retry_after_s=retry_s, expected_s=ready_s - now,
-                left_s=max(0.0, waiter.deadline_s - now), missed_s=moved))
-
-    @staticmethod
-    def _moved(wish: LoadWish, now: float, start_s: float | None) -> float | None:
-        """The policy's estimate that came due and was not kept (the seconds it had said), or None.
-        A new estimate replaces one not yet due only when it is sooner: one that moves later
-        before its time is still held to the time first said."""
-        if start_s is None:
-            wish.promised_s = None
-            return None
-        promised_s, said_s = wish.promised_s, wish.promised_in_s
-        if promised_s is not None and now >= promised_s and now + start_s > promised_s:
-            wish.promised_s = None
-            return said_s
-        if promised_s is None or now >= promised_s or now + start_s < promised_s:
-            wish.promised_s, wish.promised_in_s = now + start_s, start_s
-        return None
-
-    def _start_in_s(self, blockers: tuple[str, ...], recheck_s: float | None) -> float | None:
-        """The soonest a waiting load could start, from what will change: the blockers' requests
-        done at their measured service time, or the policy's own recheck. None: unknown."""
-        if blockers:
-            left = [self._work_left_s(name) for name in blockers]
-            return None if None in left else max(left)
-        return recheck_s
-
-    def _work_left_s(self, name: str) -> float | None:
-        lane = self.lanes.get(name)
-        if lane is None or not lane.in_flight:
-            return 0.0
-        service = lane.service_s()
-        if service is None:
-            return None
-        return lane.in_flight * service / max(1, lane.slots or lane.active or 1)
-
-    def _retry_delay(self, recheck_s: float | None) -> float | None:
-        retry_s = self.rules.retry_s
-        if recheck_s is None:
-            return retry_s
-        recheck_s = min(recheck_s, RECHECK_CAP_S)
-        return recheck_s if retry_s is None else max(retry_s, recheck_s)
+            self._effects.fail(waiter.request, too_late(lane.name, self.rules, now, waiter.deadline_s, start_s,
+                                                        ready_s, missed_s, blockers, reason))
 
     def _retry(self, lane: Lane, wish: LoadWish) -> None:
         wish.retry_armed, wish.look_at_s = False, None
@@ -382,8 +302,7 @@ class Lanes:
             lane = self._lane(name)
             if lane is None:
                 continue
-            lane.drains.setdefault(loading.name, lane.next_ticket)
-            lane.drain_from = min(lane.drains.values())
+            lane.drain_for(loading.name)
         wish, bound_s = loading.load, self.rules.drain_timeout_s
         if wish is not None and bound_s is not None and not wish.cut_armed:
             wish.cut_armed = True
@@ -397,9 +316,7 @@ class Lanes:
         for lane in list(self.lanes.values()):
             if loading.name not in lane.drains:
                 continue
-            first = lane.waiting[0].ticket if lane.waiting else lane.next_ticket
-            lane.drains[loading.name] = min(lane.drains[loading.name], first)
-            lane.drain_from = min(lane.drains.values())
+            lane.drain_waiting_for(loading.name)
             if lane.active:
                 self._effects.cut(lane, DrainTimedOut(lane.name, loading.name, self.rules.drain_timeout_s or 0.0,
                                                       retry_after_s=self.rules.retry_after_loading_s))
@@ -410,10 +327,8 @@ class Lanes:
         loading.load = None
         self._wishes.pop(id(loading), None)
         for lane in list(self.lanes.values()):
-            if lane.drains.pop(loading.name, None) is not None:
-                lane.drain_from = min(lane.drains.values(), default=NEVER)
-                if lane.waiting:
-                    self._serve(lane)  # its held requests are due now
+            if lane.undrain(loading.name) and lane.waiting:
+                self._serve(lane)  # its held requests are due now
         if self._wish_ended is not None and loading.load is None:
             self._wish_ended(loading)
 
@@ -466,12 +381,7 @@ class Lanes:
         wish = lane.load if lane is not None else None
         if wish is None or wish.phase is not QUEUED:
             return {"requests": len(lane.waiting), "recheck_in_s": None} if lane is not None and lane.waiting else None
-        now, drain_after_s = self._clock(), self.rules.drain_after_s
-        at = wish.look_at_s
-        if wish.blockers:
-            patience_s = wish.asked_s + drain_after_s if drain_after_s is not None else NEVER
-            at = patience_s if patience_s > now else None
-        return {"requests": len(lane.waiting), "recheck_in_s": None if at is None else round(max(0.0, at - now), 3)}
+        return {"requests": len(lane.waiting), "recheck_in_s": recheck_in_s(wish, self.rules, self._clock())}
 
     def queued(self) -> dict[str, int]:
         return {lane.name: len(lane.waiting) for lane in self.lanes.values()}
