@@ -1,6 +1,7 @@
-"""lessord: the composition root. Builds the daemon's parts from the config (daemon/runtime.py),
-serves the admin API and the router, publishes to MQTT, and shuts down cleanly on SIGTERM/SIGINT
-(engines stopped, leases released, ledger closed). SIGHUP reloads the config."""
+"""lessord: the daemon's parts as daemon/runtime.py (the composition root) builds them, with the
+HTTP servers around them: the admin API and the router; it runs their loops, publishes to MQTT,
+and shuts down cleanly on SIGTERM/SIGINT (engines stopped, leases released, ledger closed).
+SIGHUP reloads the config."""
 
 from __future__ import annotations
 
@@ -48,16 +49,17 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
-        controller = await stack.enter_async_context(runtime(config, force_sim, settle_in_background=True,
-                                                                     subreaper=True))
-        controller.config_source = config_source(source) if source else None
-        controller.config_loader = reload_config
+        controller = await stack.enter_async_context(runtime(
+            config, force_sim, settle_in_background=True, subreaper=True,
+            config_source=config_source(source) if source else None, config_loader=reload_config))
         await stack.enter_async_context(publishing(controller))
         stack.push_async_callback(controller.supervisor.close)  # engines stop before MQTT says offline
         stack.push_async_callback(_cancel, [controller.reconciler.settling])  # adoptions end before that
         ready = asyncio.Event()
         await _serve_admin(stack, controller, token, ready)
-        router = await _serve_router(stack, controller, config)
+        router = controller.router
+        assert router is not None  # the runtime builds it for every lessord that reconciles
+        await _serve_router(stack, controller, router, config)
         # Served from here on, while the previous lessord's engines are adopted; ready once they are.
         starting = asyncio.ensure_future(_come_up(controller, config, ready, notifier))
         starting.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
@@ -84,16 +86,13 @@ async def _serve_admin(stack: AsyncExitStack, controller: Controller, token: str
     await _listen(runner, controller.config)
 
 
-async def _serve_router(stack: AsyncExitStack, controller: Controller, config: LessorConfig) -> TrafficControl:
-    router = TrafficControl(controller.supervisor, config.router, controller.bus.listen,
-                            stats_path=Path(config.state_dir) / "traffic.json")
-    controller.supervisor.attach_traffic(router)
-    controller.router = router
+async def _serve_router(stack: AsyncExitStack, controller: Controller, router: TrafficControl,
+                        config: LessorConfig) -> None:
+    """The OpenAI door around the runtime's traffic control."""
     host, port = parse_listen(config.router.listen)
     with _binding("router.listen", config.router.listen):
         server = await start_router(router, controller.supervisor, config.router, host, port)
     stack.push_async_callback(server.close)
-    return router
 
 
 async def _come_up(controller: Controller, config: LessorConfig, ready: asyncio.Event, notifier: Notifier) -> None:
@@ -112,7 +111,7 @@ async def _load_pinned(controller: Controller, config: LessorConfig) -> None:
             try:
                 await controller.load(spec.name)
             except LessorError as exc:  # keep serving the others; /readyz says not ready, naming it
-                controller.pin_failures[spec.name] = str(exc)
+                controller.pin_failed(spec.name, str(exc))
                 # The supervisor's line said why; this one says what it means for the pin.
                 logs = (f"; `lessor logs {spec.name}` has the engine's log"
                         if controller.supervisor.log_path(spec.name).exists() else "")

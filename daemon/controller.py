@@ -21,20 +21,33 @@ from .leases import LeaseKind
 from .ledger.ledger import Ledger
 from .models.lifecycle import ConfigChange, ModelState
 from .config.reloading import Applied, ConfigRead, Pending, Reloads
+from .models.measurements import Fingerprinting
 from .models.supervisor import Supervisor
+from .models.unloading import Lingering
+from .devices.history import UsageHistory
+from .mqtt import MqttPublisher
+from .reconciler import Reconciler
+from .traffic.control import TrafficControl
 
 log = logging.getLogger("lessor.service")
 
 
 class Controller:
-    def __init__(self, config: ConfigHolder, probe: Probe, ledger: Ledger, supervisor: Supervisor, bus: EventBus) -> None:
+    def __init__(self, config: ConfigHolder, probe: Probe, ledger: Ledger, supervisor: Supervisor, bus: EventBus, *,
+                 fingerprinting: Fingerprinting, lingering: Lingering, history: UsageHistory,
+                 reconciler: Reconciler | None = None, router: TrafficControl | None = None,
+                 mqtt: MqttPublisher | None = None, config_source: dict[str, str] | None = None,
+                 config_loader: Callable[[], LessorConfig] | None = None) -> None:
+        """The parts as daemon/runtime.py built them; those that only a serving lessord runs (the
+        router's traffic control, the MQTT publisher) are None in the CLI's local plan."""
         self._holder, self.probe, self.ledger, self.supervisor, self.bus = config, probe, ledger, supervisor, bus
-        self.mqtt = None  # the MQTT publisher, when configured (metrics read its counters)
-        self.router = None  # the router, once lessord serves it (metrics read its counters)
-        self.reconciler = None  # the reconciler (metrics read its counters)
-        self.config_source: dict[str, str] | None = None  # {path, digest} of the file lessord runs (status says it)
-        self.history = None  # the last hour of device usage (daemon/devices/history.py), sampled while lessord runs
-        self.config_loader: Callable[[], LessorConfig] | None = None  # reads lessord's config again (reload)
+        self._fingerprinting, self._lingering = fingerprinting, lingering
+        self.mqtt = mqtt  # the MQTT publisher, when configured (metrics read its counters)
+        self.router = router  # the router's traffic control (metrics read its counters)
+        self.reconciler = reconciler  # metrics read its counters
+        self.config_source = config_source  # {path, digest} of the file lessord runs (status says it)
+        self.history = history  # the last hour of device usage (daemon/devices/history.py)
+        self.config_loader = config_loader  # reads lessord's config again (reload)
         self.pin_failures: dict[str, str] = {}  # pinned models whose load at start failed, and why (readiness)
         self._deferred: Pending | None = None  # the reload that last had to wait, until one applies
         self.reloads = Reloads(supervisor, self._reload_applied, self._reload_pending, self._reload_failed)
@@ -45,28 +58,11 @@ class Controller:
         return self._holder.current
 
     def devices(self) -> list[dict[str, Any]]:
-        snapshot = self.ledger.snapshot()
-        readings = snapshot.readings
-        by_kind: dict[str, dict[str, int]] = defaultdict(lambda: {k.value: 0 for k in LeaseKind})
-        by_model: dict[str, dict[str, dict[str, int]]] = defaultdict(dict)
-        for lease in snapshot.leases:
-            by_kind[lease.device][lease.kind.value] += lease.bytes
-            kinds = by_model[lease.device].setdefault(lease.model, {})
-            kinds[lease.kind.value] = kinds.get(lease.kind.value, 0) + lease.bytes
-        lingering = self.supervisor.lingering.bytes_by_device()
-        out = []
-        for device, budget in snapshot.budgets.items():
-            reading = readings[device]
-            out.append({
-                "id": device, "index": reading.index, "uuid": reading.uuid, "name": reading.name,
-                "probe": self.probe.name, "total_bytes": budget.total_bytes, "used_bytes": reading.used_bytes,
-                "capacity_bytes": budget.capacity_bytes,
-                "headroom_bytes": budget.headroom_bytes, "foreign_bytes": budget.foreign_bytes,
-                "leased_bytes": budget.leased_bytes, "leasable_bytes": budget.leasable_bytes,
-                "free_bytes": budget.free_bytes, "leased_by_kind": dict(by_kind[device]),
-                "models": by_model[device], "lingering_bytes": lingering.get(device, 0),
-            })
-        return out
+        return device_dicts(self.ledger, self.probe, self._lingering)
+
+    def pin_failed(self, model: str, reason: str) -> None:
+        """A pinned model did not load at start: /readyz says so until it loads."""
+        self.pin_failures[model] = reason
 
     def leases(self, model: str | None = None) -> list[dict[str, Any]]:
         leases = self.ledger.leases()
@@ -118,7 +114,7 @@ class Controller:
     def fingerprints(self, model: str | None = None) -> list[dict[str, Any]]:
         """What lessor measured, per key; each says whether a load of its model now would use it.
         `model` (a name or alias in the config) filters; unfiltered, models a reload removed are listed too."""
-        fingerprinting = self.supervisor.fingerprinting
+        fingerprinting = self._fingerprinting
         rows = fingerprinting.store.all()
         if model is not None:
             name = self.supervisor.resolve(model).spec.name
@@ -128,7 +124,7 @@ class Controller:
         return [{**f.to_dict(), "applies": current.get(f.key.model) == f.digest} for f in rows]
 
     async def forget_fingerprint(self, key: str) -> dict[str, Any]:
-        store = self.supervisor.fingerprinting.store
+        store = self._fingerprinting.store
         removed = await store.delete(key)
         if removed is None:
             raise UnknownFingerprint(key, len(store.all()))
@@ -282,6 +278,32 @@ class Controller:
         return {"version": __version__, "probe": self.probe.name, "policy": self.config.policy.name,
                 "config": self.config_source, "pending_reload": self._pending_dict(pending) if pending else None,
                 "devices": self.devices(), "models": self.models()}
+
+
+def device_dicts(ledger: Ledger, probe: Probe, lingering: Lingering) -> list[dict[str, Any]]:
+    """Each device's budget, leases by kind and by model, and memory of stopped engines not yet back."""
+    snapshot = ledger.snapshot()
+    readings = snapshot.readings
+    by_kind: dict[str, dict[str, int]] = defaultdict(lambda: {k.value: 0 for k in LeaseKind})
+    by_model: dict[str, dict[str, dict[str, int]]] = defaultdict(dict)
+    for lease in snapshot.leases:
+        by_kind[lease.device][lease.kind.value] += lease.bytes
+        kinds = by_model[lease.device].setdefault(lease.model, {})
+        kinds[lease.kind.value] = kinds.get(lease.kind.value, 0) + lease.bytes
+    held = lingering.bytes_by_device()
+    out = []
+    for device, budget in snapshot.budgets.items():
+        reading = readings[device]
+        out.append({
+            "id": device, "index": reading.index, "uuid": reading.uuid, "name": reading.name,
+            "probe": probe.name, "total_bytes": budget.total_bytes, "used_bytes": reading.used_bytes,
+            "capacity_bytes": budget.capacity_bytes,
+            "headroom_bytes": budget.headroom_bytes, "foreign_bytes": budget.foreign_bytes,
+            "leased_bytes": budget.leased_bytes, "leasable_bytes": budget.leasable_bytes,
+            "free_bytes": budget.free_bytes, "leased_by_kind": dict(by_kind[device]),
+            "models": by_model[device], "lingering_bytes": held.get(device, 0),
+        })
+    return out
 
 
 def _change_in_words(change: ConfigChange) -> str:

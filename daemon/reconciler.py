@@ -24,6 +24,9 @@ from ..engines.proctree import Proc
 from ..engines.strays import find_strays, identified, stop_groups, tops
 from ..policies import AdmissionRequest, Evict
 from .models.adoption import AdoptionOutcome
+from .models.elastic import Elastic
+from .models.unloading import Lingering
+from .devices.usage import UsageMeter
 from .config.schema import ReconcilerConfig
 from .devices.probes import gpu_id
 from .errors import LessorError
@@ -131,14 +134,19 @@ class Reconciler:
     engine against its leases, and give memory back to foreign processes that outgrew it."""
 
     def __init__(self, config: ReconcilerConfig, ledger: Ledger, supervisor: Supervisor,
-                 publish: Callable[[Event], None], state_dir: Path | None = None) -> None:
+                 publish: Callable[[Event], None], state_dir: Path | None = None, *, elastic: Elastic,
+                 meter: UsageMeter, lingering: Lingering, at_start: StartReport | None = None,
+                 settling: asyncio.Future | None = None) -> None:
+        """`elastic`, `meter`, `lingering`: the parts the supervisor uses too (the runtime builds them).
+        `at_start`: the report of the start's settling, filled while `settling` (its task) runs."""
         self._config, self._ledger, self._supervisor = config, ledger, supervisor
+        self._elastic, self._meter, self._lingering_memory = elastic, meter, lingering
         self._state_dir = state_dir
         self._state_dir_id = _identity(state_dir) if state_dir is not None else None
         self.state_dir_problem: str | None = None  # said by /readyz while it lasts
         self._publish = publish
-        self.at_start = StartReport()  # what the start's settling found, so far (metrics read it)
-        self.settling: asyncio.Future | None = None  # the start's settling, while the engines' adoption runs
+        self.at_start = at_start or StartReport()  # what the start's settling found, so far (metrics read it)
+        self.settling = settling  # the start's settling, while the engines' adoption runs
         self._over_checks: dict[str, int] = {}
         self._overcommitted: set[str] = set()
         self._failing: set[str] = set()  # parts of the check whose last try failed: logged in full once
@@ -175,7 +183,7 @@ class Reconciler:
         if self._config.evict_on_foreign_growth:
             await self._isolated("give-back to foreign growth", self._give_back())
         # Read again: the awaits above may have unloaded some of the models that were ready.
-        await self._isolated("growing KV caches back", self._supervisor.elastic.grow_idle(
+        await self._isolated("growing KV caches back", self._elastic.grow_idle(
             ready_records(self._supervisor), self._supervisor.policy_snapshot))
 
     async def _isolated(self, part: str, work) -> None:
@@ -208,7 +216,7 @@ class Reconciler:
         self.state_dir_problem = problem
 
     async def _lingering(self) -> None:
-        self._supervisor.lingering.check(self._ledger.snapshot().readings)
+        self._lingering_memory.check(self._ledger.snapshot().readings)
 
     async def _measure(self, record) -> dict[str, int] | None:
         """The engine's usage, or None when the model changed state while its engine was asked
@@ -222,7 +230,7 @@ class Reconciler:
         if record.handle is not handle or record.state != ModelState.READY:
             log.debug("%s: changed state during the check; skipped this time", record.spec.name)
             return None
-        return self._supervisor.meter.observe(handle.pid, reported)
+        return self._meter.observe(handle.pid, reported)
 
     async def _measured(self, handle) -> dict[str, int]:
         return await asyncio.wait_for(handle.measure(), timeout=max(1.0, self._config.interval))

@@ -1,6 +1,11 @@
-"""The daemon's parts, wired: probe, ledger, supervisor, reconciler and controller from a config,
-without HTTP (the composition root, api/service.py, adds the servers; the CLI's local `plan`
-uses this alone). Shut down in order: restarts cancelled, engines stopped, ledger closed.
+"""The composition root: every part of the daemon built once, complete, from a config: probe,
+ledger, the supervisor's parts, supervisor, traffic control, reconciler, history, MQTT publisher,
+controller. No part is wired after its construction, and no other module builds one (api/service.py
+only serves HTTP around what this built; the CLI's local `plan` uses this alone). Where two parts
+use each other (traffic control drives the supervisor's loads and the supervisor reads its
+counters; the MQTT publisher reads the controller's views and metrics its counters), the one built
+first is handed a callable that names the other, called only once lessord serves. Shut down in
+order: restarts cancelled, engines stopped, ledger closed.
 """
 
 from __future__ import annotations
@@ -17,19 +22,25 @@ from ..engines import adapters
 from ..engines.base import EngineAdapter
 from ..engines.redaction import Redacting
 from ..engines.proctree import become_subreaper
+from .config.holder import ConfigHolder
 from .config.schema import LessorConfig
-from .controller import Controller
+from .controller import Controller, device_dicts
+from .devices.history import UsageHistory
+from .devices.locks import DeviceLocks
 from .devices.probes import Probe, make_probe
+from .devices.usage import UsageMeter
 from .events import EventBus
 from .ledger.fingerprints import FingerprintStore
-from .config.holder import ConfigHolder
 from .ledger.ledger import Ledger
 from .ledger.record import LedgerRecord
-from .models.lifecycle import Timeouts
-from .mqtt import MqttPublisher
-from .reconciler import Reconciler, StartSettling
+from .models.elastic import Elastic
+from .models.lifecycle import NoTraffic, Timeouts
+from .models.measurements import Fingerprinting
 from .models.supervisor import Supervisor
-from .devices.history import UsageHistory
+from .models.unloading import Lingering
+from .mqtt import MqttPublisher
+from .reconciler import Reconciler, StartReport, StartSettling
+from .traffic.control import Timers, TrafficControl
 
 log = logging.getLogger("lessor.service")
 
@@ -46,14 +57,19 @@ def timeouts_of(config: LessorConfig) -> Timeouts:
 async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engines | None = None,
                   clock: Callable[[], float] = time.monotonic, reconcile: bool = True,
                   probe: Probe | None = None, settle_in_background: bool = False,
-                  subreaper: bool = False) -> AsyncIterator[Controller]:
+                  subreaper: bool = False, timers: Timers | None = None,
+                  config_source: dict[str, str] | None = None,
+                  config_loader: Callable[[], LessorConfig] | None = None) -> AsyncIterator[Controller]:
     """`reconcile=False`: read-only (the CLI's local plan must not adopt or release a running
-    daemon's engines). `probe`: the devices, where a test stands in for the GPUs (the one boundary
-    tests fake); the config's otherwise. `settle_in_background`: yield as soon as the ledger is
-    settled and the previous lessord's engines are claimed, while their adoption runs (lessord:
-    it serves meanwhile; `reconciler.settling` ends with it); otherwise yield once it is done.
-    `subreaper`: make this process the child subreaper of the engines it starts (lessord; not a
-    test or the CLI, for which it would change what becomes of every orphan they make)."""
+    daemon's engines, nor write its traffic statistics): no traffic control or MQTT, no history sampled.
+    `probe`: the devices, where a test stands in for the GPUs (the one boundary tests fake); the
+    config's otherwise. `settle_in_background`: yield as soon as the ledger is settled and the
+    previous lessord's engines are claimed, while their adoption runs (lessord: it serves
+    meanwhile; `reconciler.settling` ends with it); otherwise yield once it is done. `subreaper`:
+    make this process the child subreaper of the engines it starts (lessord; not a test or the CLI,
+    for which it would change what becomes of every orphan they make). `timers`: traffic control's
+    (a test's clock), the event loop's otherwise. `config_source` and `config_loader`: the file
+    lessord runs and how to read it again (its reloads)."""
     if subreaper:
         become_subreaper()
     bus = EventBus()
@@ -65,33 +81,52 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
         try:
             fingerprints = await FingerprintStore.open(ledger.database)
             made = adapters() if engines is None else engines(probe, ledger) if callable(engines) else engines
-            supervisor = Supervisor(holder, ledger, made, bus.publish, clock=clock, timeouts=timeouts_of(config),
-                                    probe=probe, fingerprints=fingerprints)
-            reconciler = Reconciler(config.reconciler, ledger, supervisor, bus.publish,
-                                    Path(config.state_dir).absolute())
+            readings = lambda: ledger.snapshot().readings
+            # Built before the supervisor, which reads its counters; it names the supervisor only
+            # once a request or a keep_alive round comes (none before this function yields).
+            traffic = TrafficControl(lambda: supervisor, clock, config.router, bus.listen, timers=timers,
+                                     stats_path=Path(config.state_dir) / "traffic.json") if reconcile else None
+            counters = traffic or NoTraffic()
+            device_locks, lingering = DeviceLocks(), Lingering(bus.publish)
+            meter = UsageMeter(probe, readings)
+            fingerprinting = Fingerprinting(fingerprints, readings, lambda: holder.current.planner.measured_margin,
+                                            bus.publish)
+            elastic = Elastic(ledger, device_locks, counters.in_flight)
+            supervisor = Supervisor(holder, ledger, made, bus.publish, fingerprinting=fingerprinting,
+                                    lingering=lingering, meter=meter, elastic=elastic, device_locks=device_locks,
+                                    traffic=counters, clock=clock, timeouts=timeouts_of(config), probe=probe)
+            at_start, settling = StartReport(), None
             if reconcile:
-                settling = StartSettling(ledger, supervisor, Path(config.state_dir).absolute(), bus.publish)
-                reconciler.at_start = settling.report
-                await settling.begin()
-                reconciler.settling = asyncio.ensure_future(_settle(settling))
-                if not settle_in_background:
-                    await reconciler.settling
-            controller = Controller(holder, probe, ledger, supervisor, bus)
-            controller.reconciler = reconciler
+                start = StartSettling(ledger, supervisor, Path(config.state_dir).absolute(), bus.publish)
+                await start.begin()
+                at_start, settling = start.report, asyncio.ensure_future(_settle(start))
+            reconciler = Reconciler(config.reconciler, ledger, supervisor, bus.publish, Path(config.state_dir).absolute(),
+                                    elastic=elastic, meter=meter, lingering=lingering, at_start=at_start,
+                                    settling=settling)
+            if settling is not None and not settle_in_background:
+                await settling
+            history = UsageHistory(lambda: device_dicts(ledger, probe, lingering))
+            # The publisher reads the controller's views, built next, only once it runs (publishing).
+            mqtt = MqttPublisher(config.mqtt, bus, lambda: (controller.devices(), controller.models()),
+                                 Redacting(lambda: holder.current, os.environ)) if config.mqtt and reconcile else None
+            controller = Controller(holder, probe, ledger, supervisor, bus, fingerprinting=fingerprinting,
+                                    lingering=lingering, reconciler=reconciler, router=traffic, history=history,
+                                    mqtt=mqtt, config_source=config_source, config_loader=config_loader)
             # Released leases older than ledger.history go; never from the CLI's read-only plan.
             pruning = asyncio.ensure_future(ledger.run_pruning(config.ledger.history)) if reconcile else None
-            controller.history = UsageHistory(controller.devices)
-            sampling = _sample_usage(controller) if reconcile else None
-            versions = supervisor.fingerprinting.start_warming(config.models) if reconcile else None
+            sampling = _sample_usage(bus, history) if reconcile else None
+            versions = fingerprinting.start_warming(config.models) if reconcile else None
             try:
                 yield controller
             finally:
-                for task in (reconciler.settling, pruning, sampling, versions):
+                for task in (settling, pruning, sampling, versions):
                     if task:
                         task.cancel()
                         await asyncio.gather(task, return_exceptions=True)
                 # A pending reload woken by the stop's own unloads would apply beside them.
                 await controller.reloads.close()
+                if traffic is not None:  # its on-demand loads end (each rolls back) before the engines stop
+                    await traffic.close()
                 await supervisor.close()
         finally:
             await ledger.close()
@@ -99,10 +134,10 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
         probe.close()
 
 
-def _sample_usage(controller: Controller) -> asyncio.Future:
+def _sample_usage(bus: EventBus, history: UsageHistory) -> asyncio.Future:
     """The last hour of device usage (GET /admin/v1/history), sampled while lessord runs."""
-    controller.bus.listen(controller.history.on_event)
-    return asyncio.ensure_future(controller.history.run())
+    bus.listen(history.on_event)
+    return asyncio.ensure_future(history.run())
 
 
 async def _settle(settling: StartSettling) -> None:
@@ -115,14 +150,12 @@ async def _settle(settling: StartSettling) -> None:
 
 @asynccontextmanager
 async def publishing(controller: Controller) -> AsyncIterator[MqttPublisher | None]:
-    """Events and state to the MQTT broker of the config, while lessord runs (off when unset)."""
-    config = controller.config.mqtt
-    if config is None:
+    """The runtime's MQTT publisher runs (events and state to the broker of the config) while
+    lessord runs (nothing when mqtt is unset)."""
+    publisher = controller.mqtt
+    if publisher is None:
         yield None
         return
-    publisher = MqttPublisher(config, controller.bus, lambda: (controller.devices(), controller.models()),
-                              Redacting(lambda: controller.config, os.environ))
-    controller.mqtt = publisher
     task = asyncio.ensure_future(publisher.run())
     try:
         yield publisher

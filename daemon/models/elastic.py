@@ -1,5 +1,6 @@
 """Elastic KV: a loaded model's KV lease shrunk to let another load through, and grown back when
-the memory sits idle. A part of the supervisor, as daemon/models/crashes.py is.
+the memory sits idle. A part of the supervisor, as daemon/models/crashes.py is; the runtime builds it
+and hands it to the supervisor (shrinks for an admission) and the reconciler (grows on its tick).
 
 Only engines that resize their cache in place (`handle.resizes_kv`: the built-in torch engine)
 take part, and only for the load whose plan sized the KV lease (an adopted engine's plan has no
@@ -16,14 +17,13 @@ locks held, so it never takes memory a load is about to be granted.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from ...engines.base import KvResizeRefused
 from ...policies import Snapshot
+from ..devices.locks import DeviceLocks
 from ..devices.probes import gpu_id
 from ..ledger.ledger_errors import LedgerUnavailable
 from ..leases import Lease, LeaseKind
@@ -61,8 +61,8 @@ class KvView:
 
 
 class Elastic:
-    def __init__(self, ledger: Ledger, device_locks: dict[str, asyncio.Lock],
-                 in_flight: Callable[[str], int]) -> None:
+    def __init__(self, ledger: Ledger, device_locks: DeviceLocks, in_flight: Callable[[str], int]) -> None:
+        """`device_locks`: the loads' (a grow waits for none of them); `in_flight`: the router's count per model."""
         self._ledger, self._locks, self._in_flight = ledger, device_locks, in_flight
         self._tokens: dict[str, tuple[str, int]] = {}  # model -> (attempt, KV tokens its engine holds now)
 
@@ -138,12 +138,10 @@ class Elastic:
         for record in shrunk:
             if self._in_flight(record.spec.name):
                 continue
-            devices = sorted(gpu_id(i) for i in record.spec.placement.devices)
-            if any(self._locks.setdefault(d, asyncio.Lock()).locked() for d in devices):
+            devices = [gpu_id(i) for i in record.spec.placement.devices]
+            if self._locks.busy(devices):
                 continue  # a load or an admission there: it may be counting on this memory
-            async with AsyncExitStack() as stack:
-                for device in devices:
-                    await stack.enter_async_context(self._locks[device])
+            async with self._locks.held(devices):
                 if await self._grow(record):
                     grown.append(record.spec.name)
         return grown

@@ -19,7 +19,6 @@ import asyncio
 import logging
 import signal
 import time
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -29,6 +28,7 @@ from ...policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Pol
 from ..planning.admission import MustWait, as_reload, attempts_text, freed_by, log_admission, must_wait, never_fits, refused
 from .adoption import Adoption, adopt, stopped_members
 from ..config.schema import ModelSpec
+from ..devices.locks import DeviceLocks
 from ..devices.probes import Probe, SimProbe, gpu_id
 from .elastic import Elastic
 from ..errors import UnknownModel
@@ -37,11 +37,11 @@ from .load_errors import EngineUnavailable, LoadFailed, ModelAdopting, ModelBusy
 from ..planning.rejections import NotEnoughMemory, PlanRejected
 from ..events import AdmissionDecided, AdmissionResult, EngineExited, Event, LoadRetried, ModelStateChanged
 from .measurements import Fingerprinting
-from ..ledger.fingerprints import FingerprintKey, FingerprintStore
+from ..ledger.fingerprints import FingerprintKey
 from ..config.holder import ConfigHolder
 from ..leases import EngineRecord
 from ..ledger.ledger import Ledger
-from .lifecycle import UNLOADED_LIKE, ConfigChange, ModelRecord, ModelState, NoTraffic, Timeouts, Traffic, Waiting
+from .lifecycle import UNLOADED_LIKE, ConfigChange, ModelRecord, ModelState, Timeouts, Traffic, Waiting
 from .loading import LoadAttempt, Loaded, bytes_text, leased_by
 from ..planning.planner import Measured, Plan, plan, with_overrides
 from .crashes import Restarts
@@ -55,23 +55,26 @@ BUSY = (ModelState.LOADING, ModelState.UNLOADING, ModelState.ADOPTING)  # mid-tr
 
 class Supervisor:
     def __init__(self, config: ConfigHolder, ledger: Ledger, engines: Mapping[str, EngineAdapter],
-                 publish: Callable[[Event], None], clock: Callable[[], float] = time.monotonic,
-                 timeouts: Timeouts = Timeouts(), probe: Probe | None = None,
-                 fingerprints: FingerprintStore | None = None) -> None:
+                 publish: Callable[[Event], None], *, fingerprinting: Fingerprinting, lingering: Lingering,
+                 meter: UsageMeter, elastic: Elastic, device_locks: DeviceLocks, traffic: Traffic,
+                 clock: Callable[[], float] = time.monotonic, timeouts: Timeouts = Timeouts(),
+                 probe: Probe | None = None) -> None:
+        """Its parts are the runtime's (daemon/runtime.py), each built once and shared with the others
+        that use it: `device_locks` with elastic KV, `traffic` (the router's counters, read-only)
+        with the policy's snapshot, `lingering`, `meter` and `elastic` with the reconciler."""
         self._config, self._ledger, self._engines = config, ledger, engines
         self._simulated = probe is None or isinstance(probe, SimProbe)
-        self.fingerprinting = Fingerprinting(fingerprints or FingerprintStore(None), lambda: self._ledger.snapshot().readings,
-                                             lambda: self._config.current.planner.measured_margin, publish)
-        self.lingering = Lingering(publish)  # memory of stopped engines not yet back
-        self.meter = UsageMeter(probe, lambda: self._ledger.snapshot().readings)
+        self.fingerprinting = fingerprinting  # the measurements a load is planned from
+        self.lingering = lingering  # memory of stopped engines not yet back
+        self.meter = meter
         self._state_dir = Path(config.current.state_dir).absolute()
         self._publish, self._clock, self._timeouts = publish, clock, timeouts
         self._models = {spec.name: ModelRecord(spec) for spec in config.current.models}
-        self._device_locks: dict[str, asyncio.Lock] = {}
+        self._device_locks = device_locks  # held by a load from its admission to its end
         self._admitting: set[str] = set()  # loads between their ask and their admission (not yet LOADING)
-        self._traffic: Traffic = NoTraffic()
+        self._traffic = traffic
         self._restarts = Restarts(clock, lambda name: self.try_load(name, cause="restart"))
-        self.elastic = Elastic(ledger, self._device_locks, self.in_flight)  # KV leases shrunk and grown in place
+        self.elastic = elastic  # KV leases shrunk and grown in place
         self._closing = False
         self._held_by_pending: frozenset[str] = frozenset()  # loads held for a reload that waits (hold_for_reload)
         self._held_by_apply: frozenset[str] = frozenset()  # loads held while apply_config unloads
@@ -92,10 +95,6 @@ class Supervisor:
     @property
     def timeouts(self) -> Timeouts:
         return self._timeouts
-
-    def attach_traffic(self, traffic: Traffic) -> None:
-        """The router's counters: a model with requests running or due is never idle."""
-        self._traffic = traffic
 
     def in_flight(self, name: str) -> int:
         return self._traffic.in_flight(name)
@@ -206,9 +205,7 @@ class Supervisor:
         timeline = LoadTimeline()
         timeline.mark("requested")
         try:
-            async with AsyncExitStack() as stack:
-                for device in sorted(gpu_id(i) for i in spec.placement.devices):  # sorted: no lock cycles
-                    await stack.enter_async_context(self._device_locks.setdefault(device, asyncio.Lock()))
+            async with self._device_locks.held(gpu_id(i) for i in spec.placement.devices):
                 loaded = await self._attempts(record, spec, adapter, timeline, cause)
                 if isinstance(loaded, MustWait):  # nothing was granted: it waits (or stays unloaded), and says why
                     self._wait(record, loaded, cause)

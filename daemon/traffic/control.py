@@ -85,12 +85,15 @@ def _ready_arrival(lane: Lane, started: bool) -> tuple[bool, int, int | None]:
 
 
 class TrafficControl:
-    def __init__(self, supervisor: Supervisor, config: RouterConfig,
+    def __init__(self, supervisor: Callable[[], Supervisor], clock: Callable[[], float], config: RouterConfig,
                  listen: Callable[[Callable[[Event], None]], None] | None = None,
                  timers: Timers | None = None, stats_path: Path | None = None,
                  wall: Callable[[], float] = time.time) -> None:
-        self._supervisor, self._config = supervisor, config
-        self._clock = supervisor.clock
+        """`supervisor` names the supervisor, which is built after this (it reads this one's counters:
+        daemon/runtime.py); it is first called for a request or a keep_alive round, never here.
+        `clock`: the supervisor's, on which the last-use times are compared."""
+        self._supervisor_of, self._config = supervisor, config
+        self._clock = clock
         self._timers = timers or LoopTimers(self._clock)
         self._lanes = Lanes(LaneRules.of(config), self._clock, self, self.lane, _serving,
                             load_time=lambda name: self.stats.measured_load_s(name), wish_ended=self._wish_ended)
@@ -109,6 +112,10 @@ class TrafficControl:
             self._restore_stats(stats_path)
         if listen is not None:
             listen(self._on_event)
+
+    @property
+    def _supervisor(self) -> Supervisor:
+        return self._supervisor_of()
 
     def lane(self, name: str) -> Lane:
         """The lane of a model name or alias; UnknownModel lists the known names."""

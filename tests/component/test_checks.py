@@ -16,7 +16,6 @@ from lessor.daemon.devices.probes import SimProbe, make_probe
 from lessor.daemon.models.load_errors import LoadFailed
 from lessor.daemon.planning.rejections import ModelTooLarge
 from lessor.daemon.runtime import runtime
-from lessor.daemon.traffic.control import TrafficControl
 from lessor.daemon.units import GiB
 from lessor.policies import DeviceBudget
 from lessor.engines.process import free_port
@@ -70,8 +69,7 @@ async def test_the_router_answers_422_without_retry_after(tmp_path):
     config = sim_config(tmp_path, [HUGE], gpus=CARD_8GIB)
     async with runtime(config, engines=FakeEngines()) as controller:
         router_config = RouterConfig()
-        traffic = TrafficControl(controller.supervisor, router_config, controller.bus.listen)
-        controller.supervisor.attach_traffic(traffic)
+        traffic = controller.router
         server = await start_router(traffic, controller.supervisor, router_config, "127.0.0.1", 0)
         try:
             async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as session:

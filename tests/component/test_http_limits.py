@@ -17,10 +17,8 @@ import pytest
 from lessor.api import service
 from lessor.api.admin_http import Framer, HeadLimits
 from lessor.api.router import start_router
-from lessor.daemon.config.schema import RouterConfig
 from lessor.api.refusals import HeadTooLarge, UrlTooLong
 from lessor.daemon.runtime import runtime
-from lessor.daemon.traffic.control import TrafficControl
 from lessor.engines.process import free_port
 
 from ..support.waiting import HANG_S, until
@@ -36,14 +34,13 @@ async def listeners(tmp_path):
         async def make(admin: dict | None = None, router: dict | None = None) -> tuple[int, int]:
             admin_port = free_port()
             config = sim_config(tmp_path, [torch_model("a")],
-                                admin={"listen": f"127.0.0.1:{admin_port}", **(admin or {})})
+                                admin={"listen": f"127.0.0.1:{admin_port}", **(admin or {})}, router=router or {})
             controller = await stack.enter_async_context(runtime(config))
             ready = asyncio.Event()
             ready.set()
             await service._serve_admin(stack, controller, TOKEN, ready)
-            router_config = RouterConfig(**(router or {}))
-            traffic = TrafficControl(controller.supervisor, router_config, controller.bus.listen)
-            server = await start_router(traffic, controller.supervisor, router_config, "127.0.0.1", 0)
+            server = await start_router(controller.router, controller.supervisor, controller.config.router,
+                                        "127.0.0.1", 0)
             stack.push_async_callback(server.close)
             return admin_port, server.port
         yield make

@@ -8,23 +8,12 @@ from lessor.api.metrics import OUTCOME_LABELS, Metrics
 from lessor.api.reference import metrics_labels
 from lessor.daemon.planning.admission import MustWait
 from lessor.daemon.events import ModelStateChanged
-from lessor.daemon.models.lifecycle import NoTraffic
 
 from ..support.paths import ROOT
 from ..support.waiting import until
 from ..support.configs import torch_model
 
 CARD_16GIB = [{"name": "sim16", "total": "16GiB", "foreign": "0"}]
-
-
-class Serving(NoTraffic):
-    """The router's counters as the supervisor reads them: these models have a request running."""
-
-    def __init__(self, *busy: str) -> None:
-        self.busy = busy
-
-    def in_flight(self, model: str) -> int:
-        return 1 if model in self.busy else 0
 
 
 def _samples(metrics: Metrics, name: str) -> dict[tuple, float]:
@@ -37,7 +26,7 @@ async def test_a_queued_admission_counts_queued_not_failed(env):
     controller, _, _ = await env([torch_model("a", "8GiB"), torch_model("b", "8GiB")], gpus=CARD_16GIB)
     metrics = Metrics(controller)
     await controller.load("a")
-    controller.supervisor.attach_traffic(Serving("a"))  # a serves a request: the policy cannot evict it
+    assert controller.router.try_start(controller.router.lane("a"))  # a serves a request: the policy cannot evict it
     outcome = await controller.supervisor.try_load("b")  # a request's load
     assert isinstance(outcome, MustWait) and controller.model("b")["state"] == "waiting"
     loads = _samples(metrics, "lessor_model_loads_total")

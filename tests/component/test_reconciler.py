@@ -9,8 +9,6 @@ from pathlib import Path
 
 from lessor.api.admin import make_admin_app
 from lessor.api.metrics import Metrics
-from lessor.daemon.config.schema import RouterConfig
-from lessor.daemon.traffic.control import TrafficControl
 from lessor.daemon.units import GiB
 
 from ..support.waiting import HANG_S, drain_events
@@ -90,8 +88,7 @@ async def test_a_busy_model_is_never_evicted_for_foreign_growth(env):
     controller, _, events = await env([torch_model("a"), torch_model("b")])
     await controller.load("a")
     await controller.load("b")
-    router = TrafficControl(controller.supervisor, RouterConfig(), controller.bus.listen)
-    controller.supervisor.attach_traffic(router)
+    router = controller.router
     assert router.try_start(router.lane("a"))  # a is older but serving a request
     controller.probe.set_foreign("gpu0", 14 * GiB)
     await controller.reconciler.check()

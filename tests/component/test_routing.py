@@ -65,13 +65,12 @@ async def routed(tmp_path):
 
     async def make(models, policy="lru_idle", clock=None, **router):
         clock = clock or ManualClock()
-        config = sim_config(tmp_path, models, policy=policy)
+        config = sim_config(tmp_path, models, policy=policy, router=router)
         engines = FakeEngines(GatedAdapter)
-        ctx = runtime(config, engines=engines, clock=clock)
+        ctx = runtime(config, engines=engines, clock=clock, timers=clock)
         controller = await ctx.__aenter__()
         made.append(ctx)
-        traffic = TrafficControl(controller.supervisor, RouterConfig(**router), controller.bus.listen, timers=clock)
-        controller.supervisor.attach_traffic(traffic)
+        traffic = controller.router
         engines.adapter.clock = clock
         return controller, engines.adapter, traffic, controller.bus.subscribe()
 
@@ -356,7 +355,6 @@ async def test_a_keep_alive_unload_is_its_own_cause_not_an_eviction(routed, capl
     caplog.set_level(logging.INFO, "lessor.supervisor")
     clock = ManualClock()
     controller, _, router, events = await routed([torch_model("chat", keep_alive="10s")], clock=clock)
-    controller.router = router
     metrics = Metrics(controller)
     await controller.load("chat")
     clock.now += 12
@@ -401,7 +399,8 @@ async def test_the_router_learns_rates_and_load_times_and_keeps_them_across_a_re
 
     path = tmp_path / "traffic.json"
     def restarted(wall_s: float) -> TrafficControl:
-        return TrafficControl(controller.supervisor, RouterConfig(), timers=clock, stats_path=path, wall=lambda: wall_s)
+        return TrafficControl(lambda: controller.supervisor, clock, RouterConfig(), timers=clock, stats_path=path,
+                              wall=lambda: wall_s)
     before = restarted(5000.0)  # the file is absent: it starts empty
     assert before.learned("a") == NOTHING_LEARNED
     before.stats = router.stats
@@ -511,8 +510,9 @@ async def test_a_requests_keep_alive_applies_within_the_models_own_unless_the_op
     assert router.request_keep_alive(lane, 30) == 30
     clock.now += 31
     assert router.idle_expired() == ["a"]
-    wider = TrafficControl(controller.supervisor, RouterConfig(request_keep_alive_max=-1), timers=clock)
+    wider = TrafficControl(lambda: controller.supervisor, clock, RouterConfig(request_keep_alive_max=-1), timers=clock)
     lane_b = wider.lane("b")
     assert wider.request_keep_alive(lane_b, 3600) == 3600 and wider.request_keep_alive(lane_b, -1) == -1
-    capped = TrafficControl(controller.supervisor, RouterConfig(request_keep_alive_max="1h"), timers=clock)
+    capped = TrafficControl(lambda: controller.supervisor, clock, RouterConfig(request_keep_alive_max="1h"),
+                            timers=clock)
     assert capped.request_keep_alive(capped.lane("b"), -1) == 3600

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from lessor.daemon.config.schema import RouterConfig
 from lessor.daemon.planning.rejections import ModelsBusy
 from lessor.daemon.models.lifecycle import ModelState
 from lessor.daemon.runtime import runtime
@@ -54,11 +53,12 @@ async def stalled(tmp_path):
         clock = ManualClock()
         chat_spec = misbehaving("chat", tmp_path, chat, **({"restart": restart} if restart else {}))
         config = sim_config(tmp_path, [chat_spec, misbehaving("coder", tmp_path)],
-                            gpus=[{"name": "sim16", "total": "16GiB"}], **({"reconciler": reconciler} if reconciler else {}))
-        ctx = runtime(config, clock=clock)
+                            gpus=[{"name": "sim16", "total": "16GiB"}], router=router or {},
+                            **({"reconciler": reconciler} if reconciler else {}))
+        ctx = runtime(config, clock=clock, timers=clock)
         controller = await ctx.__aenter__()
         made.append(ctx)
-        traffic, server, session = await serve_router(controller, RouterConfig(**(router or {})), made, timers=clock)
+        traffic, server, session = await serve_router(controller, made)
         return Box(controller, traffic, clock, session, controller.bus.subscribe(), tmp_path), server
 
     yield make

@@ -10,7 +10,6 @@ import logging
 import pytest
 
 from lessor.api.metrics import Metrics
-from lessor.daemon.config.schema import RouterConfig
 from lessor.daemon.runtime import runtime
 
 from ..support.waiting import until
@@ -26,11 +25,11 @@ async def box(tmp_path):
     async def make(policy: str = "value", **router) -> Box:
         clock = ManualClock()
         config = sim_config(tmp_path, [standin("chat", tmp_path), standin("coder", tmp_path)],
-                            gpus=[{"name": "sim16", "total": "16GiB"}], policy=policy)
-        ctx = runtime(config, clock=clock)
+                            gpus=[{"name": "sim16", "total": "16GiB"}], policy=policy, router=router)
+        ctx = runtime(config, clock=clock, timers=clock)
         controller = await ctx.__aenter__()
         made.append(ctx)
-        traffic, _, session = await serve_router(controller, RouterConfig(**router), made, timers=clock)
+        traffic, _, session = await serve_router(controller, made)
         return Box(controller, traffic, clock, session, controller.bus.subscribe(), tmp_path)
 
     yield make
