@@ -132,7 +132,7 @@ class Controller:
 
     def log_tail(self, name: str, lines: int) -> str:
         """The last lines of the model's engine log (this run's, or the last one's after it stopped)."""
-        from ..engines.process import tail
+        from ..engines.enginelog import tail
         record = self.supervisor.resolve(name)
         path = self.supervisor.log_path(record.spec.name)
         if not path.exists():

@@ -18,7 +18,7 @@ from ..memory.footprint import Footprint, ModelShape
 from .base import (Command, EngineArgsBase, EngineHandle, Flags, KvGrant, KvResizeRefused, Launch, ProcessAdapter,
                    ProcessHandle, Sizing)
 from .memory_model import TORCH_OOM
-from .process import probe_session
+from .readiness import probe_session
 
 
 KV_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}

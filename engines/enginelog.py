@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sys
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,33 @@ def configure(new: LogLimits) -> None:
 def continued(path: Path) -> str:
     """The second line of a file a rotation started: `tail` reads on into the older file."""
     return f"{PREFIX}continued: the older lines are in {path.name}.1\n"
+
+
+def tail(path: Path, lines: int = 50) -> list[str]:
+    """The last `lines` lines of a log, reading only its end; across the last rotation (the pump's
+    `continued` line says there was one), so a tail right after it still shows `lines` lines."""
+    found = _tail(path, lines)
+    marker = continued(path).rstrip("\n")
+    if len(found) < lines and marker in found[:2]:
+        own = found[found.index(marker) + 1:]  # the repeated argv line and the marker are not the engine's
+        return (_tail(path.with_name(path.name + ".1"), lines - len(own)) + own)[-lines:]
+    return found
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            span = max(lines, 1) * 400
+            while True:  # from the end, twice as far each time, until `lines` whole lines are in
+                f.seek(max(0, size - span))
+                data = f.read()
+                if span >= size or data.count(b"\n") > lines:
+                    break
+                span *= 2
+    except FileNotFoundError:
+        return []
+    return list(deque(data.decode(errors="replace").splitlines(), maxlen=lines))
 
 
 def rotated(path: Path) -> list[Path]:

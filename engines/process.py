@@ -1,7 +1,8 @@
 """Process supervision, in one place for every engine: its own process group, its output in a
-per-model log, readiness by HTTP (probed the moment the engine logs its ready line), exit detected the moment it happens, and a stop that
-sends SIGTERM, then SIGKILL after a grace period, to all of the engine's processes (its group and
-the workers that left it: engines/proctree.py), and reaps them, so no child is left behind holding VRAM."""
+per-model log, exit detected the moment it happens, and a stop that sends SIGTERM, then SIGKILL
+after a grace period, to all of the engine's processes (its group and the workers that left it:
+engines/proctree.py, which reads /proc), and reaps them, so no child is left behind holding VRAM.
+Not here: the readiness probes' pacing (engines/readiness.py), the log files (engines/enginelog.py)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,15 @@ import signal
 import socket
 import subprocess
 import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import aiohttp
 
-from . import enginelog
-from .logwatch import LogWatch
-from .proctree import (Proc, engine_processes, group_is_ours, marker_of, marker_of_pid, read_proc, reap,
+from . import enginelog, readiness
+from .proctree import (Proc, boot_id, engine_processes, group_is_ours, marker_of, marker_of_pid, read_proc, reap,
                        signal_processes)
+from .readiness import Backoff, probe_session
 from .redaction import redact_argv
 
 log = logging.getLogger("lessor.engines")
@@ -111,16 +110,9 @@ def describe_exit(returncode: int) -> str:
 
 def process_identity(pid: int) -> str | None:
     """`<boot id>:<start time in clock ticks>`: unique for a process across pid reuse and reboots.
-    None when no such process runs (a zombie counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
-    if fields[0] in ("Z", "X"):
-        return None
-    return f"{boot_id}:{fields[19]}"
+    None when no such process runs (a zombie counts as gone), or where no boot id can be read."""
+    proc, boot = read_proc(pid), boot_id()
+    return f"{boot}:{proc.start}" if proc is not None and boot else None
 
 
 class EngineProcess:
@@ -221,48 +213,16 @@ class EngineProcess:
                 self._on_exit(returncode)
 
     def tail(self, lines: int = 50) -> list[str]:
-        return tail(self.log_path, lines)
+        return enginelog.tail(self.log_path, lines)
 
-    def _exited_error(self, doing: str) -> ProcessEnded:
+    def exited_error(self, doing: str) -> ProcessEnded:
         return ProcessEnded(self.pid, self.returncode if self.returncode is not None else -1, doing, self.tail(10))
 
     async def wait_until(self, check: Callable[[], "asyncio.Future[bool] | bool"], doing: str, timeout_s: float,
-                         markers: Sequence[str] = (), backoff: "Backoff | None" = None) -> None:
-        """Probe `check` until true; raise ProcessEnded at once if the process ends, TimeoutError after `timeout_s`.
-
-        Between probes it waits on the engine's log: one of `markers` written there probes at once
-        (engines/logwatch.py) and starts the backoff over, since the line may come just before the
-        engine answers (uvicorn logs "Application startup complete." before it serves); otherwise
-        `backoff`'s growing intervals, so a fast engine is noticed within milliseconds and a slow
-        one costs a probe every `cap_s` at most."""
-        backoff = backoff or Backoff()
-        deadline = time.monotonic() + timeout_s
-        with LogWatch(self.log_path, markers) as watch:
-            watch.start()
-            intervals = backoff.intervals()
-            while True:
-                interval = next(intervals)
-                if self.exited.is_set():
-                    raise self._exited_error(doing)
-                watch.seen.clear()  # a marker already in the log has woken this probe
-                self.probes += 1
-                result = check()
-                if asyncio.iscoroutine(result):
-                    # Bounded by the time left: a probe that hangs (a health URL that accepts and never
-                    # answers) must not carry the wait past `timeout_s` by its own timeout.
-                    try:
-                        result = await asyncio.wait_for(result, max(0.0, deadline - time.monotonic()))
-                    except asyncio.TimeoutError:
-                        result = False
-                if result:
-                    self.ready_line_at = watch.seen_at
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"engine (pid {self.pid}) still not done {doing} after {timeout_s:g} s")
-                await _first_of(self.exited, watch.seen, min(interval, left))
-                if watch.seen.is_set():
-                    intervals = backoff.intervals()
+                         markers: Sequence[str] = (), backoff: Backoff | None = None) -> None:
+        """Probe `check` until true; raise ProcessEnded at once if the process ends, TimeoutError
+        after `timeout_s` (engines/readiness.py)."""
+        await readiness.wait_until(self, check, doing, timeout_s, markers, backoff)
 
     async def wait_http(self, url: str, timeout_s: float, doing: str, markers: Sequence[str] = ()) -> None:
         """Readiness: the port accepts, then `url` answers 200."""
@@ -348,40 +308,6 @@ class EngineProcess:
                 return
 
 
-def probe_session(total_s: float) -> aiohttp.ClientSession:
-    """A session for probing an engine on a load's path: no keep-alive, so closing it waits on no
-    open connection (a kept one made the close, and the load, wait 10-100 ms on vLLM)."""
-    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=total_s),
-                                 connector=aiohttp.TCPConnector(force_close=True))
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """The waits between readiness probes with no log line to wake them: from `first_s`, doubling
-    up to `cap_s`. 5 ms first, since the torch engine's KV step and a warm llama.cpp are ready at
-    once; 100 ms at most, so an engine whose ready line lessor does not know is noticed within
-    that, at about ten refused connections a second while it loads."""
-
-    first_s: float = 0.005
-    cap_s: float = 0.1
-
-    def intervals(self) -> Iterator[float]:
-        interval = self.first_s
-        while True:
-            yield interval
-            interval = min(self.cap_s, interval * 2)
-
-
-async def _first_of(exited: asyncio.Event, seen: asyncio.Event, timeout_s: float) -> None:
-    """Return when the process ends, a ready line is seen, or `timeout_s` passes."""
-    waits = [asyncio.ensure_future(exited.wait()), asyncio.ensure_future(seen.wait())]
-    try:
-        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
-
-
 async def _child_exit(proc: subprocess.Popen) -> int:
     """Our child's exit status once it ends: its pidfd (open on a zombie too) says when, then
     reaping it is immediate."""
@@ -425,30 +351,3 @@ async def _wait_gone(procs: Iterable[Proc], timeout_s: float) -> None:
     while _alive(procs) and time.monotonic() < deadline:
         await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
         interval = min(0.1, interval * 2)
-
-
-def tail(path: Path, lines: int = 50) -> list[str]:
-    """The last `lines` lines of a log, reading only its end; across the last rotation (the pump's
-    `continued` line says there was one), so a tail right after it still shows `lines` lines."""
-    found = _tail(path, lines)
-    marker = enginelog.continued(path).rstrip("\n")
-    if len(found) < lines and marker in found[:2]:
-        own = found[found.index(marker) + 1:]  # the repeated argv line and the marker are not the engine's
-        return (_tail(path.with_name(path.name + ".1"), lines - len(own)) + own)[-lines:]
-    return found
-
-
-def _tail(path: Path, lines: int) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            span = max(lines, 1) * 400
-            while True:  # from the end, twice as far each time, until `lines` whole lines are in
-                f.seek(max(0, size - span))
-                data = f.read()
-                if span >= size or data.count(b"\n") > lines:
-                    break
-                span *= 2
-    except FileNotFoundError:
-        return []
-    return list(deque(data.decode(errors="replace").splitlines(), maxlen=lines))

@@ -1,7 +1,8 @@
 """An engine's processes, wherever they went: its process group, every process that carries its
 marker in its environment (a worker that left the group with `setsid()` and was orphaned: Ray-style
 daemonised workers), and the descendants of both. What `EngineProcess.stop` signals, and what
-lessord's start looks for when it settles strays (daemon/reconciler.py).
+lessord's start looks for when it settles strays (engines/strays.py). The one reader of /proc in
+lessor: a process's stat and environment, the boot id; what is stopped (adoption) is read here too.
 
 The marker is `LESSOR_STATE_DIR` and `LESSOR_ATTEMPT` (a uuid per load), which the supervisor puts
 in every engine's environment and every child inherits. It is read from /proc/PID/environ, the
@@ -29,6 +30,7 @@ log = logging.getLogger("lessor.engines")
 
 MARKER_KEYS = ("LESSOR_STATE_DIR", "LESSOR_ATTEMPT")
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+STOPPED_STATES = ("T", "t")  # /proc/PID/stat: stopped by a signal, or by a tracer
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,12 @@ class Proc:
     ppid: int
     pgrp: int
     start: str
+    state: str  # R, S, D, T (stopped by a signal), t (by a tracer), Z ...
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped (SIGSTOP, SIGTSTP, a tracer): it acts on no signal but SIGKILL and SIGCONT."""
+        return self.state in STOPPED_STATES
 
 
 def marker_of(env: Mapping[str, str]) -> tuple[bytes, ...]:
@@ -82,7 +90,25 @@ def read_proc(pid: int, zombies: bool = False) -> Proc | None:
     fields = stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
     if fields[0] in ("Z", "X") and not zombies:
         return None
-    return Proc(pid, int(fields[1]), int(fields[2]), fields[19])
+    return Proc(pid, int(fields[1]), int(fields[2]), fields[19], fields[0])
+
+
+def boot_id() -> str:
+    """This boot's id: with a start time, a process's identity across pid reuse and reboots."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # not Linux: every start counts as the same boot, the stricter reading
+        return ""
+
+
+def stopped_members(pgid: int) -> list[int]:
+    """Members of the process group that are stopped (SIGSTOP, SIGTSTP, a tracer)."""
+    return sorted(pid for pid, proc in process_table().items() if proc.pgrp == pgid and proc.stopped)
+
+
+def still_stopped(pids: Iterable[int]) -> list[int]:
+    """Of these, the ones still stopped: a look at each, not a scan of every process."""
+    return [pid for pid in pids if (proc := read_proc(pid)) is not None and proc.stopped]
 
 
 def marked(table: Mapping[int, Proc], marker: Sequence[bytes]) -> set[int]:

@@ -39,6 +39,7 @@ from typing import Mapping
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ...engines.proctree import boot_id
 from ...engines.strays import find_strays
 from .ledger_errors import LedgerDamaged, LedgerUnavailable
 from .database import STORAGE_ERRORS, inspect_sqlite, read_generation, short_error
@@ -46,13 +47,6 @@ from .database import STORAGE_ERRORS, inspect_sqlite, read_generation, short_err
 log = logging.getLogger("lessor.ledger")
 
 RECORD_FILE = "ledger-record.json"
-
-
-def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:  # not Linux: every start counts as the same boot, the stricter reading
-        return ""
 
 
 @dataclass(frozen=True)

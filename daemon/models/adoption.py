@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Callable
 
 from ...engines.base import EngineAdapter, EngineHandle, Launch
 from ...engines.process import EngineProcess, signal_group
+from ...engines.proctree import still_stopped, stopped_members
 from ..leases import EnginePhase, EngineRecord
 from .lifecycle import ModelRecord, ModelState, Timeouts
 
 log = logging.getLogger("lessor.reconciler")
 
-STOPPED_STATES = ("T", "t")  # /proc/PID/stat: stopped by a signal, or by a tracer
 RESUME_POLL_S = 0.1
 
 
@@ -89,29 +87,6 @@ async def adopt(engine: EngineRecord, record: ModelRecord | None, adapter: Engin
     return Adoption(AdoptionOutcome.ADOPTED, engine.pid, "", handle)
 
 
-def stopped_members(pgid: int) -> list[int]:
-    """Members of the process group that are stopped (SIGSTOP, SIGTSTP, a tracer)."""
-    stopped = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (stat := _stat(entry.path)) and int(stat[2]) == pgid and stat[0] in STOPPED_STATES:
-            stopped.append(int(entry.name))
-    return stopped
-
-
-def _still_stopped(pids: list[int]) -> list[int]:
-    """Of these, the ones still stopped: a look at each, not a scan of every process."""
-    return [pid for pid in pids if (stat := _stat(f"/proc/{pid}")) and stat[0] in STOPPED_STATES]
-
-
-def _stat(proc_dir: str) -> list[str] | None:
-    """/proc/PID/stat's fields after the name (state, ppid, pgrp, ...); None once it is gone."""
-    try:
-        stat = Path(proc_dir, "stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2:].split()  # the name in parentheses may hold spaces
-
-
 async def _resumed(model: str, process: EngineProcess, wait_s: float) -> str:
     """"" once no member of its group is stopped (at once for an engine that runs); the reason
     when one still is after `wait_s`."""
@@ -133,7 +108,7 @@ async def _resumed(model: str, process: EngineProcess, wait_s: float) -> str:
         except asyncio.TimeoutError:
             pass
         # The ones seen stopped, until they run; then the whole group once more (another may have stopped).
-        stopped = _still_stopped(stopped) or stopped_members(process.pid)
+        stopped = still_stopped(stopped) or stopped_members(process.pid)
     return ""
 
 

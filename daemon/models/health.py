@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from ...engines.process import probe_session
+from ...engines.readiness import probe_session
 from ..config.schema import ReconcilerConfig
 from .lifecycle import ModelRecord
 from .supervisor import Supervisor
