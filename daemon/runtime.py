@@ -95,14 +95,14 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
             supervisor = Supervisor(holder, ledger, made, bus.publish, fingerprinting=fingerprinting,
                                     lingering=lingering, meter=meter, elastic=elastic, device_locks=device_locks,
                                     traffic=counters, clock=clock, timeouts=timeouts_of(config), probe=probe)
+            state_dir = Path(config.state_dir).absolute()
             at_start, settling = StartReport(), None
             if reconcile:
-                start = StartSettling(ledger, supervisor, Path(config.state_dir).absolute(), bus.publish)
+                start = StartSettling(ledger, supervisor, state_dir, bus.publish)
                 await start.begin()
                 at_start, settling = start.report, asyncio.ensure_future(_settle(start))
-            reconciler = Reconciler(config.reconciler, ledger, supervisor, bus.publish, Path(config.state_dir).absolute(),
-                                    elastic=elastic, meter=meter, lingering=lingering, at_start=at_start,
-                                    settling=settling)
+            reconciler = Reconciler(config.reconciler, ledger, supervisor, bus.publish, state_dir, elastic=elastic,
+                                    meter=meter, lingering=lingering, at_start=at_start, settling=settling)
             if settling is not None and not settle_in_background:
                 await settling
             history = UsageHistory(lambda: device_dicts(ledger, probe, lingering))

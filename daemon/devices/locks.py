@@ -23,7 +23,8 @@ class DeviceLocks:
 
     @asynccontextmanager
     async def held(self, devices: Iterable[str]) -> AsyncIterator[None]:
-        """Every one of them, taken in sorted order (two holders of overlapping sets never wait on each other in a cycle)."""
+        """Every one of them, taken in sorted order: two holders of overlapping sets never wait on
+        each other in a cycle."""
         async with AsyncExitStack() as stack:
             for device in sorted(set(devices)):
                 await stack.enter_async_context(self.of(device))
