@@ -9,16 +9,13 @@ restart loses nothing. Everyone else reads frozen snapshots.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, replace
-from enum import Enum
-from typing import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import replace
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 
-from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -28,10 +25,11 @@ from ..config.schema import DevicesConfig
 from ..devices.probes import DeviceReading, Probe, group_members
 from .ledger_errors import LedgerDamaged, LedgerUnavailable
 from ..events import Event, LeaseGranted, LeaseReleased, LeaseResized
-from .database import (STORAGE_ERRORS, Deadlines, bounded, deadlines_of, engine_for, engines_table, leases_table,
-                        migrate, ping, read_generation, short_error, write_counted)
-from ..leases import EnginePhase, EngineRecord, Granted, Lease, LeaseKind, LeaseState, LeaseWant, LedgerSnapshot
+from . import statements
+from .database import STORAGE_ERRORS, Deadlines, bounded, deadlines_of, engine_for, migrate, short_error
+from ..leases import EngineRecord, Granted, Lease, LeaseKind, LeaseWant, LedgerSnapshot
 from .record import LedgerRecord, check_database, expectation, recover_hint, sqlite_file
+from .store import Store
 from ..units import format_bytes
 
 log = logging.getLogger("lessor.ledger")
@@ -40,23 +38,12 @@ log = logging.getLogger("lessor.ledger")
 PRUNE_EVERY_S = 3600.0
 
 
-def _row_to_engine(row) -> EngineRecord:
-    return EngineRecord(row.model, row.attempt, row.pid, row.identity, row.port, EnginePhase(row.phase),
-                        json.loads(row.params), row.kv_tokens, row.started_at)
-
-
-def _row_to_lease(row) -> Lease:
-    return Lease(id=row.id, model=row.model, device=row.device, kind=LeaseKind(row.kind), bytes=row.bytes,
-                 attempt=row.attempt, granted_at=row.granted_at, owner_pid=row.owner_pid,
-                 owner_started_at=row.owner_started_at)
-
-
 class Ledger:
     def __init__(self, engine: AsyncEngine | None, probe: Probe, devices: DevicesConfig | Callable[[], DevicesConfig],
                  publish: Callable[[Event], None] = lambda e: None, clock: Callable[[], float] = time.time) -> None:
         """`devices`: the settings (headroom, caps), or where to read the ones in force (a reload
         swaps them in the config holder, and the next budget uses them)."""
-        self._engine = engine
+        self._db = Store(engine)
         self._probe = probe
         self._devices = devices if callable(devices) else (lambda: devices)
         self._publish = publish
@@ -67,14 +54,11 @@ class Ledger:
         # Released in memory (the memory really is free) but not yet on disk: retried by flush().
         self._unpersisted: dict[str, str] = {}
         self._record: LedgerRecord | None = None
-        self._generation = 0  # the database's, after the last commit
         self._noted_holding = False  # whether the last record said leases were granted
-        self._unavailable: str | None = None  # why the database's last call failed (None: it answered)
-        self._closing = False  # lessord stops: a database that failed is not waited for again
 
     @classmethod
     async def open(cls, url: str, probe: Probe, devices: DevicesConfig, record: LedgerRecord | None = None,
-                   deadlines: Deadlines = Deadlines(), **kwargs) -> "Ledger":
+                   deadlines: Deadlines = Deadlines(), **kwargs) -> Ledger:
         """`record`: the state folder's record of what the ledger last committed (lessord's); the
         database is compared with it before anything is written, and it is kept after each change.
         Raises LedgerDamaged (the file and the kind of damage) rather than open an empty ledger
@@ -85,66 +69,49 @@ class Ledger:
         path = sqlite_file(url)
         where = str(path) if path is not None else make_url(url).render_as_string(hide_password=True)
         try:
-            await bounded(lambda: check_database(ledger._engine, path, where, record), deadlines, "open")
+            await bounded(lambda: check_database(ledger._db.engine, path, where, record), deadlines, "open")
             await bounded(ledger._migrate, deadlines, "migrate its schema")
             await bounded(lambda: ledger._load(where), deadlines, "read the leases")
         except BaseException as exc:
-            ledger._unavailable = exc.reason if isinstance(exc, LedgerUnavailable) else None
+            ledger._db.unavailable = exc.reason if isinstance(exc, LedgerUnavailable) else None
             await ledger.close()
             raise
         return ledger
 
     async def _migrate(self) -> None:
         try:
-            async with self._engine.begin() as conn:
+            async with self._db.engine.begin() as conn:
                 found, now = await conn.run_sync(migrate)
         except STORAGE_ERRORS:
             # SQLite commits each CREATE alone: another process (the CLI's plan) creating the same
             # table first makes ours fail; the second look finds it there. PostgreSQL holds a lock.
-            async with self._engine.begin() as conn:
+            async with self._db.engine.begin() as conn:
                 found, now = await conn.run_sync(migrate)
         if found and found != now:
             log.info("ledger schema migrated from version %d to %d", found, now)
 
     async def _load(self, where: str) -> None:
         try:
-            async with self._engine.begin() as conn:
-                rows = await conn.execute(select(leases_table).where(leases_table.c.state == LeaseState.GRANTED.value))
-                self._leases = {row.id: _row_to_lease(row) for row in rows}
-                rows = await conn.execute(select(engines_table))
-                self._engines = {row.model: _row_to_engine(row) for row in rows}
-                self._generation = await conn.run_sync(read_generation) or 0
+            async with self._db.engine.begin() as conn:
+                self._leases, self._engines, self._db.generation = await statements.read_granted(conn)
         except (*STORAGE_ERRORS, ValueError, TypeError) as exc:  # a NULL or a word where a row cannot have one
             raise LedgerDamaged(where, f"holds rows that do not read ({short_error(exc)})",
                                 expectation(self._record, self._record.read() if self._record else None),
                                 recover_hint(self._record)) from None
         if self._record is not None:
             found = self._record.read()
-            if found is None or found.generation != self._generation:
+            if found is None or found.generation != self._db.generation:
                 self._note(engines_changed=True)
 
     @classmethod
-    def in_memory(cls, probe: Probe, devices: DevicesConfig, **kwargs) -> "Ledger":
+    def in_memory(cls, probe: Probe, devices: DevicesConfig, **kwargs) -> Ledger:
         """The same grants, checks and releases without a database: the policy simulator replays
         millions of requests through it. Nothing survives the process; lessord never uses it."""
         return cls(None, probe, devices, **kwargs)
 
     async def _write(self, doing: str, statements: Callable[[], Sequence[tuple]]) -> int:
-        """One transaction, counted in the generation; a storage failure becomes LedgerUnavailable
-        and nothing of it is applied. The statements are built only when there is a database to
-        write them to. The rows changed, where the driver counts them. The caller applies the
-        change in memory and then calls `_note`."""
-        if self._engine is None:
-            return 0
-        if self._closing and self._unavailable:  # each unload of a stopping lessord would wait again
-            raise LedgerUnavailable(doing, self._unavailable)
-        try:
-            changed, self._generation = await write_counted(self._engine, doing, statements())
-        except LedgerUnavailable as exc:
-            self._unavailable = exc.reason
-            raise
-        self._unavailable = None
-        return changed
+        """One transaction (Store.write); the caller applies the change in memory, then `_note`s it."""
+        return await self._db.write(doing, statements)
 
     def _note(self, engines_changed: bool = False) -> None:
         """The record of what is committed now (after the change is applied in memory too): when
@@ -161,48 +128,39 @@ class Ledger:
                            "leases": [lease.to_dict() for lease in self._leases.values()
                                       if lease.model == model and lease.attempt == engine.attempt]}
                    for model, engine in self._engines.items()}
-        self._record.write(self._generation, len(self._leases), engines)
+        self._record.write(self._db.generation, len(self._leases), engines)
 
     @property
     def generation(self) -> int:
-        return self._generation
+        return self._db.generation
 
     @property
     def unavailable(self) -> str | None:
         """Why the database failed its last call (a deadline passed, the server gone, the disk
         full), until a call succeeds again; None while it answers. /readyz reports it."""
-        return self._unavailable
+        return self._db.unavailable
 
     def closing(self) -> None:
         """lessord stops: from here on, once the database has failed a call, the writes of the
         engines' stops fail at once instead of each waiting out the deadline again (the next start
         reconciles what they could not record)."""
-        self._closing = True
+        self._db.closing = True
 
     async def close(self) -> None:
-        """Within the deadline (at most twice) whatever the database does: a database that failed
-        its last call, or does not let its connections close in time, has them dropped unclosed
-        (a hung server sees the sockets go when it resumes)."""
-        if self._engine is None:
+        """Within the deadline (at most twice) whatever the database does (Store.close)."""
+        if self._db.engine is None:
             return
-        deadlines = deadlines_of(self._engine)
         try:
-            await asyncio.wait_for(self._lock.acquire(), deadlines.transaction_s)
+            await asyncio.wait_for(self._lock.acquire(), deadlines_of(self._db.engine).transaction_s)
         except asyncio.TimeoutError:  # a call holds it past its own bound: not worth waiting for
             locked = False
         else:
             locked = True
         if self._unpersisted:
             log.warning("ledger closed with %d release(s) not recorded (%s); the next start releases them, their "
-                        "engines being gone", len(self._unpersisted), self._unavailable or "the database refused them")
+                        "engines being gone", len(self._unpersisted), self._db.unavailable or "the database refused them")
         try:
-            if self._unavailable is None:
-                try:
-                    await bounded(self._engine.dispose, deadlines, "close")
-                    return
-                except (LedgerUnavailable, *STORAGE_ERRORS) as exc:
-                    log.warning("the ledger's connections did not close (%s); dropped", exc)
-            await self._engine.dispose(close=False)
+            await self._db.close()
         finally:
             if locked:
                 self._lock.release()
@@ -212,7 +170,7 @@ class Ledger:
         """The SQLAlchemy engine under the ledger (None in memory): for maintenance and the fault
         tests that fill its disk or drop its connections. Leases are read and written through the
         ledger only."""
-        return self._engine
+        return self._db.engine
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -260,9 +218,7 @@ class Ledger:
             leases = [Lease(str(uuid.uuid4()), model, w.device, LeaseKind(w.kind), w.bytes, attempt, now,
                             owner_pid, owner_started_at) for w in wants]
             try:
-                await self._write("record the grant", lambda: [(insert(leases_table), [
-                    dict(lease.to_dict(), kind=lease.kind.value, released_at=None, release_reason=None)
-                    for lease in leases])])
+                await self._write("record the grant", lambda: statements.grant(leases))
             except LedgerUnavailable:
                 # The commit may have reached the database before the connection broke: flush()
                 # marks these ids released there too, so disk and memory agree again.
@@ -329,9 +285,7 @@ class Ledger:
                 rejected = self._check([LeaseWant(lease.device, lease.kind, new_bytes - lease.bytes)])
                 if rejected:
                     return rejected
-            await self._write("record the resize", lambda: [(update(leases_table).where(
-                (leases_table.c.id == lease_id) & (leases_table.c.state == LeaseState.GRANTED.value))
-                .values(bytes=new_bytes),)])
+            await self._write("record the resize", lambda: statements.resize(lease_id, new_bytes))
             resized = self._leases[lease_id] = replace(lease, bytes=new_bytes)
             # The record keeps each engine's leases with their bytes (recovery rebuilds from them):
             # a resize is rare (a few per load), so it is written each time.
@@ -341,28 +295,18 @@ class Ledger:
         return resized
 
     async def _mark_released(self, ids: list[str], reason: str) -> None:
-        await self._write("record the release", lambda: [(update(leases_table).where(leases_table.c.id.in_(ids))
-                                                          .values(state=LeaseState.RELEASED.value, released_at=self._clock(),
-                                                                  release_reason=reason[:256]),)])
+        await self._write("record the release", lambda: statements.release(ids, reason, self._clock()))
 
     async def answers(self) -> bool:
         """Whether the database answers now, within its deadlines (a stopping lessord asks before
         it stops engines whose stops it could not record); `unavailable` says why not."""
-        if self._engine is None:
-            return True
-        try:
-            await ping(self._engine)
-        except LedgerUnavailable as exc:
-            self._unavailable = exc.reason
-            return False
-        self._unavailable = None
-        return True
+        return await self._db.answers()
 
     async def flush(self) -> int:
         """Record the releases the database refused earlier; how many are still pending. With
         none pending after a failed call, asks the database whether it answers again (so
         `unavailable` clears without waiting for a load)."""
-        if not self._unpersisted and self._unavailable and self._engine is not None:
+        if not self._unpersisted and self._db.unavailable and self._db.engine is not None:
             if await self.answers():
                 log.info("the ledger's database answers again")
             return 0
@@ -393,12 +337,7 @@ class Ledger:
         owner: a restarted lessord adopts it by pid and identity. Raises LedgerUnavailable (the load
         must not go on with an engine lessor could not find again)."""
         async with self._lock:
-            await self._write("record the engine", lambda: [
-                (delete(engines_table).where(engines_table.c.model == engine.model),),
-                (insert(engines_table), [engine.row()]),
-                (update(leases_table)
-                 .where((leases_table.c.model == engine.model) & (leases_table.c.state == LeaseState.GRANTED.value))
-                 .values(owner_pid=engine.pid, owner_started_at=engine.started_at),)])
+            await self._write("record the engine", lambda: statements.record_engine(engine))
             self._engines[engine.model] = engine
             for lease_id, lease in list(self._leases.items()):
                 if lease.model == engine.model:
@@ -408,16 +347,8 @@ class Ledger:
     async def restore(self, engines: Sequence[EngineRecord], leases: Sequence[Lease], reason: str) -> None:
         """Recovery only (daemon/ledger/recovery.py): the granted leases and engine records become exactly
         these, in one transaction; whatever else was granted is released with `reason`."""
-        ids = [lease.id for lease in leases]
         async with self._lock:
-            await self._write("restore the ledger", lambda: [
-                (delete(leases_table).where(leases_table.c.id.in_(ids)),),
-                (update(leases_table).where(leases_table.c.state == LeaseState.GRANTED.value)
-                 .values(state=LeaseState.RELEASED.value, released_at=self._clock(), release_reason=reason[:256]),),
-                (delete(engines_table),),
-                *([(insert(leases_table), [dict(lease.to_dict(), released_at=None, release_reason=None)
-                                           for lease in leases])] if leases else []),
-                *([(insert(engines_table), [engine.row() for engine in engines])] if engines else [])])
+            await self._write("restore the ledger", lambda: statements.restore(engines, leases, reason, self._clock()))
             self._leases = {lease.id: lease for lease in leases}
             self._engines = {engine.model: engine for engine in engines}
             self._note(engines_changed=True)
@@ -428,8 +359,7 @@ class Ledger:
             if self._engines.pop(model, None) is None:
                 return
             try:
-                await self._write("forget the engine",
-                                  lambda: [(delete(engines_table).where(engines_table.c.model == model),)])
+                await self._write("forget the engine", lambda: statements.forget_engine(model))
             except LedgerUnavailable:
                 pass
             self._note(engines_changed=True)
@@ -438,8 +368,7 @@ class Ledger:
         """Drop released rows older than this (they are history; events carried them already); how
         many. Raises LedgerUnavailable when the database refuses."""
         async with self._lock:
-            pruned = await self._write("prune released leases", lambda: [(delete(leases_table).where(
-                (leases_table.c.state == LeaseState.RELEASED.value) & (leases_table.c.released_at < self._clock() - older_than_s)),)])
+            pruned = await self._write("prune released leases", lambda: statements.prune(self._clock() - older_than_s))
             self._note()
             return pruned
 
@@ -448,7 +377,7 @@ class Ledger:
         """lessord's background task: keeps released rows for `history_s`, pruning at start and then
         every `interval_s` (an hour, or the history when shorter), so the table stays bounded. A
         database that refuses is tried again next round: old rows waiting a while harm nobody."""
-        if self._engine is None:
+        if self._db.engine is None:
             return  # in memory a released lease is gone at once: there is no history to prune
         interval_s = min(history_s, PRUNE_EVERY_S) if interval_s is None else interval_s
         while True:
