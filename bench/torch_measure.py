@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..daemon.config.schema import ModelSpec
-from ..daemon.planning.planner import kv_bytes
+from ..daemon.planning.kv_sizing import kv_bytes
 from ..engines.base import GpuTarget, KvGrant, Launch
 from ..engines.builtin import TorchAdapter
 from ..engines.process import free_port

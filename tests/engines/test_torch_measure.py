@@ -10,7 +10,7 @@ import pytest
 
 from lessor.bench import torch_measure
 from lessor.daemon.config.schema import ModelSpec
-from lessor.daemon.planning.planner import kv_bytes
+from lessor.daemon.planning.kv_sizing import kv_bytes
 
 CASES = range(len(torch_measure.KV_CASES))
 
