@@ -8,7 +8,8 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from ..daemon.config.schema import LessorConfig, ModelSpec
+from ..daemon.config.model_spec import ModelSpec
+from ..daemon.config.schema import LessorConfig
 from ..daemon.units import (DURATION_RULE, SIZE_RULE, format_bytes, parse_duration, parse_duration_or_never,
                             parse_memory_size, parse_nonnegative_duration, parse_nonzero_memory_size, parse_size)
 

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..daemon.config.schema import Size
+from ..daemon.planning.profile import Size
 from ..daemon.leases import LeaseKind, LeaseState
 from ..daemon.models.lifecycle import ModelState
 

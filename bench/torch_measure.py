@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..daemon.config.schema import ModelSpec
+from ..daemon.config.model_spec import ModelSpec
 from ..daemon.planning.kv_sizing import kv_bytes
 from ..engines.base import GpuTarget, KvGrant, Launch
 from ..engines.builtin import TorchAdapter

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lessor.daemon.config.schema import ModelSpec, SimulatedGpu
+from lessor.daemon.config.model_spec import ModelSpec
+from lessor.daemon.config.schema import SimulatedGpu
 from lessor.daemon.devices.probes import gpu_id
 from lessor.memory.architecture import read_hf_config
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lessor.daemon.config.schema import ModelSpec, SimulatedGpu
+from lessor.daemon.config.model_spec import ModelSpec
+from lessor.daemon.config.schema import SimulatedGpu
 from lessor.daemon.devices.probes import gpu_id
 from lessor.daemon.leases import LeaseKind, LeaseWant
 

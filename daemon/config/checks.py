@@ -24,7 +24,8 @@ from ...engines.process import command_problem
 from ...policies import DeviceBudget
 from ..planning.admission import never_fits
 from ..devices.budget import budgets as compute_budgets
-from .schema import LessorConfig, ModelSpec
+from .model_spec import ModelSpec
+from .schema import LessorConfig
 from ..devices.probes import DeviceReading, SimProbe, gpu_id, make_probe
 
 

@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from ...engines.base import EngineHandle
-from ..config.schema import ModelSpec
+from ..config.model_spec import ModelSpec
 from ..planning.planner import Plan
 from .timeline import LoadTimeline
 

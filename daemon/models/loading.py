@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ...engines.base import EngineAdapter, EngineHandle, KvGrant, Launch
 from ...engines.process import free_port
 from ...policies import DeviceBudget, Rejected
-from ..config.schema import ModelSpec
+from ..config.model_spec import ModelSpec
 from ..devices.probes import gpu_id
 from ..ledger.ledger_errors import LedgerUnavailable
 from .load_errors import LoadFailed, OutOfMemory

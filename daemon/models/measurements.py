@@ -11,7 +11,7 @@ import logging
 from typing import Any, Callable, Mapping
 
 from ...engines.versions import engine_version
-from ..config.schema import ModelSpec
+from ..config.model_spec import ModelSpec
 from ..devices.probes import DeviceReading, gpu_id
 from ..events import Event, FingerprintRecorded
 from ..ledger.fingerprints import DeviceMeasurement, FingerprintKey, FingerprintStore, Outcome

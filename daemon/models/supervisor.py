@@ -27,7 +27,7 @@ from ...engines.process import describe_exit, last_lines, signal_group
 from ...policies import Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue, Rejected, Snapshot
 from ..planning.admission import MustWait, as_reload, attempts_text, freed_by, log_admission, must_wait, never_fits, refused
 from .adoption import Adoption, adopt, stopped_members
-from ..config.schema import ModelSpec
+from ..config.model_spec import ModelSpec
 from ..devices.locks import DeviceLocks
 from ..devices.probes import Probe, SimProbe, gpu_id
 from .elastic import Elastic

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ...policies import AdmissionRequest, Decision, DeviceBudget, Evict, Queue, Rejected, Snapshot, shortfall
-from ..config.schema import ModelSpec
+from ..config.model_spec import ModelSpec
 from .rejections import ModelTooLarge, ModelsBusy, NotEnoughMemory
 from ..leases import LeaseKind
 from ..models.loading import bytes_text, worst_shortfall

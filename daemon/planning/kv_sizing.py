@@ -11,7 +11,7 @@ from typing import Any
 
 from ...engines.base import Sizing
 from ...memory.context import ContextLimit
-from ..config.schema import ModelSpec
+from ..config.model_spec import ModelSpec
 from .profile import DeviceMemory, Memory
 from ..units import GiB, MiB, format_bytes
 

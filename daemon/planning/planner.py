@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ...policies import DeviceBudget
-from ..config.schema import ModelSpec, problems_from
+from ..config.model_spec import ModelSpec
+from ..config.schema import problems_from
 from ..devices.probes import HOST, gpu_id
 from ..leases import LeaseKind, LeaseWant
 from ..units import format_bytes

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from lessor.api.cli_render import render_plan
-from lessor.daemon.config.schema import ConfigError, ModelSpec, parse_config
+from lessor.daemon.config.model_spec import ModelSpec
+from lessor.daemon.config.schema import ConfigError, parse_config
 from lessor.daemon.planning.planner import plan
 from lessor.daemon.units import GiB
 from lessor.policies import DeviceBudget

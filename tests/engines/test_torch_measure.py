@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from lessor.bench import torch_measure
-from lessor.daemon.config.schema import ModelSpec
+from lessor.daemon.config.model_spec import ModelSpec
 from lessor.daemon.planning.kv_sizing import kv_bytes
 
 CASES = range(len(torch_measure.KV_CASES))

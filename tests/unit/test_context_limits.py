@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lessor.daemon.config.schema import ModelSpec
+from lessor.daemon.config.model_spec import ModelSpec
 from lessor.daemon.planning.planner import plan, with_overrides
 from lessor.daemon.units import GiB
 from lessor.memory.architecture import Architecture, read_hf_config

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from lessor.daemon.config.schema import ModelSpec, parse_config
+from lessor.daemon.config.model_spec import ModelSpec
+from lessor.daemon.config.schema import parse_config
 from lessor.daemon.errors import ConfigError
 from lessor.engines.base import GpuTarget
 from lessor.engines.sglang import launch_fraction

@@ -102,7 +102,7 @@ def test_llamacpp_cache_types_set_the_kv_size():
 
 
 def test_the_config_applies_llamacpp_cache_types():
-    from lessor.daemon.config.schema import ModelSpec
+    from lessor.daemon.config.model_spec import ModelSpec
     spec = ModelSpec.model_validate({"name": "l", "engine": {"kind": "llamacpp", "model_path": "/m.gguf",
                                                              "cache_type_k": "q8_0", "cache_type_v": "q8_0"},
                                      "architecture": {"hf_config": str(FIXTURES / "llama-3-8b.json")},
@@ -111,7 +111,7 @@ def test_the_config_applies_llamacpp_cache_types():
 
 
 def test_explicit_memory_fields_override_the_model():
-    from lessor.daemon.config.schema import ModelSpec
+    from lessor.daemon.config.model_spec import ModelSpec
     spec = ModelSpec.model_validate({"name": "q", "engine": {"kind": "vllm", "model_path": "/m"},
                                      "architecture": {"hf_config": str(FIXTURES / "qwen2.5-7b.json")},
                                      "memory": {"load_peak": "3GiB", "activation": "2GiB"}})

@@ -38,7 +38,7 @@ def test_cache_lens_off_the_page_is_rounded_down_as_the_scheduler_does_and_said(
 
 def test_llamacpp_ctx_size_is_padded_up_as_llama_cpp_pads_it_and_said():
     """llama-context.cpp pads n_ctx to 256 cells, and each slot's share too: the lease holds the cells it makes."""
-    from lessor.daemon.config.schema import ModelSpec
+    from lessor.daemon.config.model_spec import ModelSpec
 
     spec = ModelSpec.model_validate({"name": "l", "engine": {"kind": "llamacpp", "model_path": "/m.gguf", "ctx_size": 35000,
                                                               "parallel": 4},

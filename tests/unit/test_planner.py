@@ -111,7 +111,7 @@ def test_seed_kv_is_61_x_576_x_2_per_token_and_activation_is_an_estimate():
 
 
 def _gqa_spec(kind, **engine):
-    from lessor.daemon.config.schema import ModelSpec
+    from lessor.daemon.config.model_spec import ModelSpec
     from ..support.paths import FIXTURES
     return ModelSpec.model_validate({"name": "q", "engine": {"kind": kind, "model_path": "/m", **engine},
                                      "architecture": {"hf_config": str(FIXTURES / "qwen2.5-7b.json")},
@@ -142,7 +142,7 @@ def test_sglang_and_llamacpp_flags():
 
 
 def test_concurrency_goal_divides_the_cache_by_the_context():
-    from lessor.daemon.config.schema import ModelSpec
+    from lessor.daemon.config.model_spec import ModelSpec
     spec = _gqa_spec("torch")
     spec = ModelSpec.model_validate({**spec.model_dump(), "plan": {"goal": "concurrency", "context_tokens": 4096,
                                                                    "max_kv_tokens": 32768}})
