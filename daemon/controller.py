@@ -19,7 +19,8 @@ from .events import AdmissionDecided, AdmissionResult, ConfigReloaded, EventBus,
 from .config.holder import ConfigHolder
 from .leases import LeaseKind
 from .ledger.ledger import Ledger
-from .models.lifecycle import ConfigChange, ModelState
+from .config.changes import ConfigChange
+from .models.lifecycle import ModelState
 from .config.reloading import Applied, ConfigRead, Pending, Reloads
 from .models.measurements import Fingerprinting
 from .models.supervisor import Supervisor

@@ -34,7 +34,8 @@ from .ledger.fingerprints import FingerprintStore
 from .ledger.ledger import Ledger
 from .ledger.record import LedgerRecord
 from .models.elastic import Elastic
-from .models.lifecycle import NoTraffic, Timeouts
+from .models.timeouts import Timeouts
+from .models.traffic_counters import NoTraffic
 from .models.measurements import Fingerprinting
 from .models.supervisor import Supervisor
 from .models.unloading import Lingering

@@ -22,7 +22,7 @@ from typing import Callable
 
 from .schema import LessorConfig
 from ..errors import LessorError
-from ..models.lifecycle import ConfigChange
+from .changes import ConfigChange
 from ..models.supervisor import Supervisor
 
 log = logging.getLogger("lessor.service")

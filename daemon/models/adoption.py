@@ -23,7 +23,8 @@ from ...engines.base import EngineAdapter, EngineHandle, Launch
 from ...engines.process import EngineProcess, signal_group
 from ...engines.proctree import still_stopped, stopped_members
 from ..leases import EnginePhase, EngineRecord
-from .lifecycle import ModelRecord, ModelState, Timeouts
+from .lifecycle import ModelRecord, ModelState
+from .timeouts import Timeouts
 
 log = logging.getLogger("lessor.reconciler")
 

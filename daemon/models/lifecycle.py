@@ -1,22 +1,20 @@
-"""A model's lifecycle as the supervisor owns it: the states, the record the supervisor keeps per
-model (its one writer), and what others may read of the router's traffic.
+"""A model's lifecycle as the supervisor owns it: the states, why a load waits, and the record the
+supervisor keeps per model (its one writer: nobody but the supervisor writes a `ModelRecord`).
 
-The router counts requests in its own lanes; the supervisor reads them through `Traffic` when it
-builds a policy snapshot or checks that a model is idle before evicting it. Nobody but the
-supervisor writes a `ModelRecord`.
+Beside it: the engines' time bounds (timeouts.py), what the supervisor reads of the router's
+traffic (traffic_counters.py), and what a config reload changed (daemon/config/changes.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any
 
 from ...engines.base import EngineHandle
 from ..config.model_spec import ModelSpec
 from ..planning.planner import Plan
 from .timeline import LoadTimeline
-
 
 
 class ModelState(str, Enum):
@@ -65,46 +63,3 @@ class ModelRecord:
     generation: int = 0  # engine starts so far: an exit report from an older start is ignored
     last_load: LoadTimeline | None = None  # where its last successful load's time went
     waiting: Waiting | None = None  # while WAITING: why
-
-
-class Traffic(Protocol):
-    """The router's counters, read-only: requests running or due per model, and last use."""
-
-    def in_flight(self, model: str) -> int: ...
-
-    def last_used_s(self, model: str) -> float: ...
-
-    def learned_view(self, model: str, size_bytes: int) -> dict[str, float]:
-        """What the router learned of it, as `ModelView` fields: request_rate, load_cost_s, waiting,
-        oldest_wait_s, starved_s, started_share."""
-
-
-class NoTraffic:
-    """Before a router is attached (the CLI's local plan, tests of the supervisor alone)."""
-
-    def in_flight(self, model: str) -> int:
-        return 0
-
-    def last_used_s(self, model: str) -> float:
-        return 0.0
-
-    def learned_view(self, model: str, size_bytes: int) -> dict[str, float]:
-        return {}
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    weights_s: float = 600.0
-    ready_s: float = 120.0
-    stop_grace_s: float = 15.0
-    adopt_s: float = 30.0  # an adopted engine must answer its health check within this
-    adopt_stopped_s: float = 10.0  # an engine found stopped (SIGSTOP) at adoption may resume within this
-    stray_grace_s: float = 5.0  # SIGTERM to SIGKILL for engines found running but never recorded
-    unload_verify_s: float = 10.0  # a stopped engine's memory must be back within this
-
-
-@dataclass(frozen=True)
-class ConfigChange:
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-    changed: tuple[str, ...]

@@ -32,7 +32,7 @@ from ..planning.rejections import NotEnoughMemory, PlanRejected
 from ..ledger.fingerprints import DeviceMeasurement, Outcome
 from ..leases import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant
 from ..ledger.ledger import Ledger
-from .lifecycle import Timeouts
+from .timeouts import Timeouts
 from ..planning.planner import Measured, Plan, plan, plan_kv
 from ..planning.profile import over_leases, verify_tolerance
 from .sampling import LoadSampler

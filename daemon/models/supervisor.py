@@ -41,7 +41,10 @@ from ..ledger.fingerprints import FingerprintKey
 from ..config.holder import ConfigHolder
 from ..leases import EngineRecord
 from ..ledger.ledger import Ledger
-from .lifecycle import UNLOADED_LIKE, ConfigChange, ModelRecord, ModelState, Timeouts, Traffic, Waiting
+from ..config.changes import ConfigChange
+from .lifecycle import ModelRecord, ModelState, UNLOADED_LIKE, Waiting
+from .timeouts import Timeouts
+from .traffic_counters import Traffic
 from .loading import LoadAttempt, Loaded, bytes_text, leased_by
 from ..planning.planner import Measured, Plan, plan, with_overrides
 from .crashes import Restarts

@@ -3,7 +3,7 @@ asyncio. It owns what the decisions leave out: a future per waiting request, a t
 load (the supervisor's `try_load`, whose outcome it reports back), timers on the event loop, the
 keep_alive loop that unloads idle models (a request's own keep_alive within router.request_keep_alive_max),
 and the end of a model's WAITING state once no request waits for it. It is what the supervisor
-reads of the router's traffic (lifecycle.Traffic: requests in flight and last use per model).
+reads of the router's traffic (traffic_counters.Traffic: requests in flight and last use per model).
 
 The hot path (a ready model with a free slot) is synchronous: a dict lookup, two counters and
 the last-use time, in memory only; nothing is written to the ledger per request.
@@ -147,7 +147,7 @@ class TrafficControl:
         else:
             self.stats.load_ended(event.model, self._clock(), ready=event.state == ModelState.READY.value)
 
-    # -- what the supervisor reads (lifecycle.Traffic) ----------------------------------------
+    # -- what the supervisor reads (traffic_counters.Traffic) ----------------------------------------
 
     def in_flight(self, model: str) -> int:
         return self._lanes.in_flight(model)

@@ -2,7 +2,7 @@
 part shared by two others is one object, handed to both at their construction; the CLI's
 read-only runtime builds no traffic control and no MQTT publisher."""
 
-from lessor.daemon.models.lifecycle import NoTraffic
+from lessor.daemon.models.traffic_counters import NoTraffic
 from lessor.daemon.mqtt import MqttPublisher
 from lessor.daemon.runtime import publishing, runtime
 from lessor.daemon.traffic.control import TrafficControl
