@@ -46,7 +46,7 @@ def running_lessord(config_path: Path, *args: str, timeout_s: float = HANG_S, ou
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     proc.kill()
-                    raise AssertionError(f"lessord did not start: {proc.communicate()}")
+                    raise AssertionError(f"lessord did not start: {proc.communicate()}") from None
                 time.sleep(0.1)
         yield proc, url, f"http://127.0.0.1:{router_port}"
     finally:
