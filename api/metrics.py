@@ -19,7 +19,7 @@ from ..daemon.events import (AdmissionDecided, AdmissionResult, BudgetOvercommit
 from ..daemon.ledger.fingerprints import Outcome
 from ..daemon.leases import LeaseKind
 from ..daemon.models.lifecycle import ModelState
-from .connection import CLIENT_GONE
+from .exchange import CLIENT_GONE
 
 
 class LoadResult(str, Enum):

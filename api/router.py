@@ -35,7 +35,8 @@ from ..daemon.traffic.lanes import Lane
 from ..daemon.traffic.control import TrafficControl
 from ..daemon.units import parse_duration_or_never
 from ..daemon.models.supervisor import Supervisor
-from .connection import CLIENT_GONE, ClientConnection, Request
+from .connection import ClientConnection, Request
+from .exchange import CLIENT_GONE
 from .errors import MAX_JSON_DEPTH, check_shape, http_status, too_deep
 from .keys import EVERY_MODEL, ApiKeys, KeyAccess, allows
 from .proxy import UpstreamPool
