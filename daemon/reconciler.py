@@ -16,20 +16,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from ..engines.proctree import Proc
 from ..engines.strays import find_strays, identified, stop_groups, tops
-from ..policies import AdmissionRequest, Evict
+from ..policies import Evict
+from .planning.admission import GiveBack, decide
 from .models.adoption import AdoptionOutcome
 from .models.elastic import Elastic
 from .models.unloading import Lingering
 from .devices.usage import UsageMeter
 from .config.schema import ReconcilerConfig
 from .devices.probes import gpu_id
-from .errors import LessorError
 from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun, OverrunAction
 from .models.health import HealthWatch
 from .leases import EnginePhase, EngineRecord, LeaseKind
@@ -274,11 +274,11 @@ class Reconciler:
             if budget.free_bytes >= 0:
                 self._overcommitted.discard(device)
                 continue
-            decision = self._supervisor.policy(AdmissionRequest.give_back(device), snapshot)
+            decision = decide(GiveBack(device), snapshot, None, self._supervisor.policy).decision
             victims = decision.victims if isinstance(decision, Evict) else ()
+            why = f"foreign usage grew on {device}"
             if isinstance(decision, Evict) and decision.shrink:  # the lighter lever: the models stay
-                await self._supervisor.elastic.shrink_all(decision.shrink, {r.spec.name: r for r in ready_records(
-                    self._supervisor)}, f"foreign usage grew on {device}")
+                await self._supervisor.make_room(replace(decision, victims=()), why, why, best_effort=True)
                 return  # the snapshot is stale now; the next check looks again
             if not victims and device in self._overcommitted:
                 continue  # said once already; nothing new to do
@@ -288,10 +288,6 @@ class Reconciler:
             log.warning("%s: foreign usage grew %s past the free memory; evicting %s", device,
                         format_bytes(-budget.free_bytes), ", ".join(victims) or f"nothing: {reason}",
                         extra={"device": device, "step": "overcommitted"})
-            for victim in victims:
-                try:  # one that took a request since the snapshot stays; the next check looks again
-                    await self._supervisor.evict(victim, reason=f"foreign usage grew on {device}")
-                except LessorError as exc:  # gone in a reload meanwhile
-                    log.info("could not evict %s: %s", victim, exc)
-            if victims:
+            if victims:  # one that took a request since the snapshot stays; the next check looks again
+                await self._supervisor.make_room(Evict(victims), why, why, best_effort=True)
                 return  # the snapshot is stale now; the next check looks again

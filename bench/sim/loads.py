@@ -1,6 +1,7 @@
 """The supervisor's side in simulated time: what a load does once the router's lanes ask for it.
 
-What is real: every admission is decided by a policy over a `policies.Snapshot`; every lease is
+What is real: every admission is lessord's own, `planning.admission.decide` (the plan put to a
+policy over a `policies.Snapshot`: the function the supervisor calls, not a copy); every lease is
 granted and released by lessor's `Ledger` (in memory, no database) over a `SimProbe`; lessor's
 strategies plan with the `planner` (weights + load peak first, the KV cache sized from what is
 left after the weights, or everything at once for a one-phase engine), as the supervisor's
@@ -26,8 +27,9 @@ from lessor.daemon.planning.rejections import PlanRejected
 from lessor.daemon.leases import Granted, LeaseKind
 from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.models.lifecycle import ModelState
+from lessor.daemon.planning.admission import decide
 from lessor.daemon.planning.planner import Plan, plan, plan_kv
-from lessor.policies import AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
+from lessor.policies import DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
 
 from .strategies import Strategy
 from .world import Hardware, Result, SimModel, baseline_leases, lease_sums
@@ -42,7 +44,7 @@ class SimRecord:
     """One model as the simulated supervisor keeps it (the router's lanes read `state`)."""
 
     __slots__ = ("model", "spec", "name", "state", "attempt", "loaded_once", "estimate", "steady_need",
-                 "devices", "memory", "rejected_at", "ready_at_s", "asked", "locking", "refusal", "crash")
+                 "estimated", "devices", "memory", "rejected_at", "ready_at_s", "asked", "locking", "refusal", "crash")
 
     def __init__(self, model: SimModel) -> None:
         self.model, self.spec, self.name = model, model.spec, model.spec.name
@@ -51,6 +53,8 @@ class SimRecord:
         self.loaded_once = False
         self.estimate = baseline_leases(model)
         self.steady_need = lease_sums(self.estimate)  # what a peak-unaware scheduler asks for
+        # ... as a plan of everything at once, so its admission is asked as lessor's is (`decide`)
+        self.estimated = Plan(self.name, True, model.baseline_kv_tokens, {}, self.estimate, (), one_phase=True)
         self.devices = [gpu_id(i) for i in model.spec.placement.devices]
         self.memory = model.spec.profile()
         self.rejected_at = -1  # the epoch of the last Rejected: unchanged world, same answer
@@ -221,10 +225,10 @@ class SimSupervisor:
             return self._outcome(record, self.host.busy)
         if record.rejected_at == self.epoch:
             return self._outcome(record, self.host.load_failed, record.refusal)
-        # lessor asks for the plan's worst moment, as the supervisor's _decide; the others for their estimate
-        need = self._plan(record).peak_need() if self.strategy.peak_aware else record.steady_need
-        request = AdmissionRequest(record.name, need, record.spec.priority)
-        decision = self.strategy.policy(request, self._snapshot())
+        # lessor asks for its plan's worst moment, as the supervisor does; the others for their estimate
+        planned = self._plan(record) if self.strategy.peak_aware else record.estimated
+        decision = decide(record.spec, self._snapshot(), None, self.strategy.policy,
+                          plan=lambda spec, budgets, measured: planned).decision
         if isinstance(decision, Rejected):
             record.rejected_at = self.epoch
             return self._outcome(record, self.host.load_failed, record.refusal)

@@ -1,6 +1,7 @@
 """Steps 3 to 5 of the load protocol, for one attempt, once the policy has admitted it.
 
-3. grant weights + load_peak (a one-phase engine: every lease at once) and start the engine;
+3. with the admission's plan (or, where evictions changed the memory since, a plan made now),
+   grant weights + load_peak (a one-phase engine: every lease at once) and start the engine;
 4. once the weights are in, release load_peak, plan the KV cache from what is free *now* and
    grant it (two-phase engines only: the others sized theirs from flags at start);
 5. verify that what the engine uses is within its leases plus a tolerance.
@@ -19,34 +20,34 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from ...engines.base import EngineAdapter, EngineHandle, KvGrant, Launch
+from ...engines.base import EngineAdapter, EngineHandle, KvGrant
 from ...engines.process import free_port
 from ...policies import DeviceBudget, Rejected
 from ..config.model_spec import ModelSpec
 from ..devices.probes import gpu_id
-from ..ledger.ledger_errors import LedgerUnavailable
-from .load_errors import LoadFailed, OutOfMemory
-from ..planning.rejections import NotEnoughMemory, PlanRejected
-from ..ledger.fingerprints import DeviceMeasurement, Outcome
+from ..devices.usage import UsageMeter
 from ..leases import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant
+from ..ledger.fingerprints import DeviceMeasurement, Outcome
 from ..ledger.ledger import Ledger
-from .timeouts import Timeouts
+from ..ledger.ledger_errors import LedgerUnavailable
+from ..planning.admission import worst_shortfall
 from ..planning.planner import Measured, Plan, plan, plan_kv
 from ..planning.profile import over_leases, verify_tolerance
+from ..planning.rejections import NotEnoughMemory, PlanRejected
+from ..units import format_bytes
+from .launching import Launcher, OnExit
+from .timeouts import Timeouts
+from .load_errors import LoadFailed, OutOfMemory
 from .sampling import LoadSampler
 from .timeline import LoadTimeline
-from ..units import format_bytes
-from ..devices.usage import UsageMeter
 
 # The typed outcomes a failed step already states well: passed on as they are.
 _AS_RAISED = (LoadFailed, LedgerUnavailable, NotEnoughMemory)
 SIGKILL_EXIT = -9  # lessor sends SIGKILL only after stop_grace: unasked, most likely the kernel's OOM killer
 
 log = logging.getLogger("lessor.supervisor")
-
-LaunchFor = Callable[[Mapping[str, Any], int, int, str], Launch]  # params, kv tokens, port, attempt
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,12 @@ class Loaded:
 
 class LoadAttempt:
     def __init__(self, spec: ModelSpec, adapter: EngineAdapter, ledger: Ledger, meter: UsageMeter,
-                 timeouts: Timeouts, launch_for: LaunchFor, measured: Measured | None = None,
-                 nvml: bool = False, timeline: LoadTimeline | None = None) -> None:
+                 timeouts: Timeouts, launcher: Launcher, on_exit: OnExit, measured: Measured | None = None,
+                 nvml: bool = False, timeline: LoadTimeline | None = None, planned: Plan | None = None) -> None:
+        """`planned`: the admission's plan, while nothing changed the memory since (None: plan now)."""
         self.spec, self.adapter, self.ledger, self.meter = spec, adapter, ledger, meter
-        self.timeouts, self.launch_for, self.measured, self.nvml = timeouts, launch_for, measured, nvml
+        self.timeouts, self.launcher, self.on_exit, self.measured, self.nvml = timeouts, launcher, on_exit, measured, nvml
+        self.planned = planned
         self.timeline = timeline or LoadTimeline()
         self.attempt = str(uuid.uuid4())
         self.handle: EngineHandle | None = None
@@ -81,6 +84,7 @@ class LoadAttempt:
             raise
         except Exception as exc:
             failure = await asyncio.shield(self._end(f"{self.step}: {exc}", exc, finished=False))
+            assert failure is not None  # a failure always says what failed
             raise failure from exc
         try:
             await self._end("", None, finished=True)
@@ -114,7 +118,7 @@ class LoadAttempt:
             return
         await self.sampler.stop()
         if finished or oom is not None:
-            self.outcome = Outcome.READY if finished else oom
+            self.outcome = oom if oom is not None else Outcome.READY
             self.measurements = self.sampler.measurements(self.plan.kv_tokens if self.plan else 0,
                                                           self._peak_leased, self.spec.engine.two_phase)
 
@@ -127,13 +131,13 @@ class LoadAttempt:
         process = getattr(self.handle, "process", None)
         if getattr(process, "returncode", None) == SIGKILL_EXIT:
             return Outcome.OOM
-        text = " ".join([str(exc), *(process.tail(80) if hasattr(process, "tail") else [])])
+        text = " ".join([str(exc), *(process.tail(80) if process is not None and hasattr(process, "tail") else [])])
         return Outcome.OOM if any(marker in text for marker in self.spec.engine.oom_markers) else None
 
     async def _steps(self) -> None:
         spec = self.spec
         self.step = "grant weights"
-        first = plan(spec, self.ledger.budgets(), measured=self.measured)
+        first = self.planned or plan(spec, self.ledger.budgets(), measured=self.measured)
         if first.one_phase and not first.fits:  # its KV size is fixed now, so it must fit now
             raise short_now(spec.name, first, self.ledger.budgets()) or PlanRejected(spec.name, list(first.reasons))
         # A one-phase engine allocates its KV cache while loading: every lease at once.
@@ -142,7 +146,7 @@ class LoadAttempt:
         self.timeline.mark("granted")
         self.plan, self.port = first, spec.engine.port or free_port()
         self.step = "start engine"
-        launch = self.launch_for(first.params, first.kv_tokens, self.port, self.attempt)
+        launch = self.launcher.launch(spec, first.params, first.kv_tokens, self.port, self.attempt, self.on_exit)
         self.handle = await self.adapter.start(launch)
         self.timeline.mark("spawned")
         log.info("%s: loading: %s engine, pid %d, port %d, log %s", spec.name, spec.engine.kind, self.handle.pid,
@@ -278,23 +282,12 @@ def short_now(model: str, planned: Plan, budgets: Mapping[str, DeviceBudget]) ->
                            "plan (foreign usage grew, or another model took it); retry")
 
 
-def worst_shortfall(budgets: Mapping[str, DeviceBudget], short_bytes: Mapping[str, int]) -> tuple[str, int, int]:
-    """(device, bytes wanted there, bytes free there) for the device the request is shortest on."""
-    device, short = max(short_bytes.items() or [("devices", 0)], key=lambda kv: kv[1])
-    free = budgets[device].free_bytes if device in budgets else 0
-    return device, free + short, free
-
-
 def leases_text(wants: Sequence[LeaseWant]) -> str:
     """"gpu0 weights 4.0 GiB, kv 1.0 GiB; host weights 20.0 GiB": per device, in the plan's order."""
     per_device: dict[str, list[str]] = {}
     for want in wants:
         per_device.setdefault(want.device, []).append(f"{want.kind.value} {format_bytes(want.bytes)}")
     return "; ".join(f"{device} {', '.join(parts)}" for device, parts in per_device.items()) or "none"
-
-
-def bytes_text(per_device: Mapping[str, int]) -> str:
-    return ", ".join(f"{device} {format_bytes(n)}" for device, n in sorted(per_device.items())) or "nothing"
 
 
 def leased_by(ledger: Ledger, model: str) -> dict[str, int]:

@@ -1,26 +1,83 @@
-"""What an admission answers when the load cannot go now: `MustWait`, the ModelsBusy it carries
-(what is short, and which busy models the load waits for), `refused` (the policy rejected it:
-NotEnoughMemory), `never_fits` (no eviction or wait could ever make room: ModelTooLarge), and
-what evicting models would free; and the admission's log line. Built from a policy snapshot, read
-by the supervisor and the router's lanes."""
+"""Admission: a load's plan put to the policy (`decide`, the one function lessord's supervisor,
+its reconciler's give-back and the policy simulator all ask), and what an admission answers when
+the load cannot go now: `MustWait`, the ModelsBusy it carries (what is short, and which busy
+models the load waits for), `refused` (the policy rejected it: NotEnoughMemory), `never_fits`
+(no eviction or wait could ever make room: ModelTooLarge), and what evicting models would free;
+and the admission's log line. Pure: it reads a policy snapshot and changes nothing."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
-from typing import Mapping
-
-from ...policies import AdmissionRequest, Decision, DeviceBudget, Evict, Queue, Rejected, Snapshot, shortfall
+from ...policies import (AdmissionRequest, Admit, Decision, DeviceBudget, Evict, Policy, Queue, Rejected, Snapshot,
+                         shortfall)
 from ..config.model_spec import ModelSpec
-from .rejections import ModelTooLarge, ModelsBusy, NotEnoughMemory
 from ..leases import LeaseKind
-from ..models.loading import bytes_text, worst_shortfall
-from .planner import NEVER_FITS_FIX, Measured, ceiling, plan
 from ..units import format_bytes
+from . import planner
+from .planner import NEVER_FITS_FIX, Measured, Plan, ceiling
+from .rejections import ModelsBusy, ModelTooLarge, NotEnoughMemory
 
 log = logging.getLogger("lessor.supervisor")  # the load's lines, under the supervisor's name
+
+Planner = Callable[[ModelSpec, Mapping[str, DeviceBudget], Measured | None], Plan]
+
+
+@dataclass(frozen=True)
+class GiveBack:
+    """Not a load: foreign usage grew past what the leases leave free on `device`, and the policy
+    is asked which models give memory back (the reconciler's question)."""
+
+    device: str
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The policy's answer (`decision`: Admit, Evict these first, Queue, Rejected) to `request`,
+    the load's worst moment as `plan` says it (None for a give-back). An admitted load goes with
+    this plan; one that evicted first plans again, against the memory the evictions freed."""
+
+    request: AdmissionRequest
+    decision: Decision
+    plan: Plan | None = None
+
+    @property
+    def admitted(self) -> bool:
+        """Admitted as it is: nothing to evict or shrink first."""
+        return isinstance(self.decision, Admit)
+
+
+def _planned(spec: ModelSpec, budgets: Mapping[str, DeviceBudget], measured: Measured | None) -> Plan:
+    return planner.plan(spec, budgets, measured=measured)
+
+
+def decide(spec: ModelSpec | GiveBack, snapshot: Snapshot, measured: Measured | None, policy: Policy,
+           cause: str = "request", plan: Planner | None = None) -> Admission:
+    """Plan against the snapshot's budgets (with the model's fingerprint, `measured`), then ask
+    `policy` for the plan's worst moment. `plan`: the planner (the simulator's keeps its answers per
+    state of the leases; the baselines it compares with ask for an estimate of their own)."""
+    if isinstance(spec, GiveBack):
+        request = AdmissionRequest.give_back(spec.device)
+        return Admission(request, policy(request, snapshot))
+    first = (plan or _planned)(spec, snapshot.devices, measured)
+    request = AdmissionRequest(spec.name, first.peak_need(), spec.priority, cause)
+    return Admission(request, policy(request, snapshot), first)
+
+
+def shown(spec: ModelSpec, snapshot: Snapshot, measured: Measured | None, admission: Admission) -> Plan:
+    """What a load would do now (a dry run): the plan, with the evictions the policy would make
+    and the plan once they freed their memory, or why the policy would not let it go."""
+    decision, first = admission.decision, admission.plan
+    assert first is not None
+    if isinstance(decision, Evict):
+        result = planner.plan(spec, snapshot.devices, freed_by(snapshot, decision.victims, decision.shrink), measured)
+        return dataclasses.replace(result, evictions=decision.victims)
+    if isinstance(decision, (Rejected, Queue)) and first.fits:
+        return dataclasses.replace(first, fits=False, reasons=(decision.reason,))
+    return first
 
 
 @dataclass(frozen=True)
@@ -96,9 +153,9 @@ def as_reload(snapshot: Snapshot, model: str) -> Snapshot:
     """The snapshot with `model`'s own leases counted as free (a plan of a loaded model is a plan
     of its reload: what it holds now would be its own again)."""
     view = snapshot.models.get(model)
-    held = dict(view.held_bytes) if view else {}
-    if not held:
+    if view is None or not view.held_bytes:
         return snapshot
+    held = dict(view.held_bytes)
     devices = {d: dataclasses.replace(b, leased_bytes=b.leased_bytes - held.get(d, 0))
                for d, b in snapshot.devices.items()}
     models = {**snapshot.models, model: dataclasses.replace(view, held_bytes={})}
@@ -110,7 +167,7 @@ def never_fits(spec: ModelSpec, budgets: Mapping[str, DeviceBudget],
     """ModelTooLarge where the model needs more on a device than lessor could ever lease there
     (capacity − headroom: every other model evicted, no other process); None where it could fit."""
     top = ceiling(budgets)
-    alone = plan(spec, top, measured=measured)
+    alone = planner.plan(spec, top, measured=measured)
     over = {d: need - top[d].leasable_bytes for d, need in alone.peak_need().items()
             if d in top and need > top[d].leasable_bytes}
     if not over:
@@ -155,3 +212,14 @@ def attempts_text(failures: list[str], then: str | None = None) -> str:
     if then:
         parts.append(f"attempt {len(failures) + 1}: {then}")
     return "; ".join(parts)
+
+
+def worst_shortfall(budgets: Mapping[str, DeviceBudget], short_bytes: Mapping[str, int]) -> tuple[str, int, int]:
+    """(device, bytes wanted there, bytes free there) for the device the request is shortest on."""
+    device, short = max(short_bytes.items() or [("devices", 0)], key=lambda kv: kv[1])
+    free = budgets[device].free_bytes if device in budgets else 0
+    return device, free + short, free
+
+
+def bytes_text(per_device: Mapping[str, int]) -> str:
+    return ", ".join(f"{device} {format_bytes(n)}" for device, n in sorted(per_device.items())) or "nothing"

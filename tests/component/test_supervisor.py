@@ -5,11 +5,12 @@ import asyncio
 import pytest
 
 from lessor.daemon.models.load_errors import EngineUnavailable, LoadFailed, ModelBusy, ModelFailed, OutOfMemory
-from lessor.daemon.planning.rejections import NotEnoughMemory
+from lessor.daemon.planning.admission import MustWait
+from lessor.daemon.planning.rejections import ModelsBusy, NotEnoughMemory
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from ..support.waiting import HANG_S, until
+from ..support.waiting import HANG_S, drain_events, until
 from ..support.configs import sim_config, torch_model
 
 
@@ -177,13 +178,80 @@ async def test_loads_on_different_devices_may_overlap(env):
     assert adapter.max_loading == 2
 
 
-async def test_a_model_mid_load_is_busy(env):
+async def test_a_model_mid_load_is_busy_to_what_cannot_join_its_load(env):
     controller, adapter, _ = await env([torch_model("a", "2GiB")])
+    adapter.gate = asyncio.Event()  # the load holds its weights phase until the test lets it end
     task = asyncio.create_task(controller.load("a"))
     await until(lambda: controller.model("a")["state"] == "loading")
+    with pytest.raises(ModelBusy):  # other overrides: another load, not this one
+        await controller.load("a", {"max_batch_size": 2})
     with pytest.raises(ModelBusy):
-        await controller.load("a")
+        await controller.unload("a")
+    adapter.gate.set()
     await task
+
+
+async def test_loads_of_a_loading_model_join_it_one_engine_starts(env):
+    """One load per model (issue 35 item 4): a second caller awaits the first one's outcome
+    instead of ModelBusy, whatever its cause; one attempt, one engine start."""
+    controller, adapter, _ = await env([torch_model("a", "2GiB")])
+    supervisor = controller.supervisor
+    adapter.gate = asyncio.Event()
+    first = asyncio.create_task(supervisor.load("a"))
+    await until(lambda: adapter.loading == 1, "a's load in its weights phase")
+    joiners = [asyncio.create_task(supervisor.try_load("a")), asyncio.create_task(supervisor.load("a"))]
+    await until(lambda: supervisor.underway("a").joined == 2, "both callers joined a's load")
+    adapter.gate.set()
+    records = await asyncio.gather(first, *joiners)
+    assert records[0].state.value == "ready" and all(r is records[0] for r in records)
+    assert len(adapter.launches) == 1 and supervisor.underway("a") is None
+
+
+async def test_a_joined_load_that_fails_fails_every_caller_once(env):
+    controller, adapter, _ = await env([torch_model("a", "2GiB")])
+    supervisor = controller.supervisor
+    adapter.gate, adapter.fail_at = asyncio.Event(), "weights"
+    first = asyncio.create_task(supervisor.load("a"))
+    await until(lambda: adapter.loading == 1, "a's load in its weights phase")
+    joiner = asyncio.create_task(supervisor.load("a"))
+    await until(lambda: supervisor.underway("a").joined == 1, "the second caller joined a's load")
+    adapter.gate.set()
+    outcomes = await asyncio.gather(first, joiner, return_exceptions=True)
+    assert all(isinstance(o, LoadFailed) for o in outcomes), outcomes
+    assert len(adapter.launches) == 1 and controller.model("a")["state"] == "failed"
+
+
+async def test_a_joiner_whose_load_was_cancelled_loads_itself(env):
+    controller, adapter, _ = await env([torch_model("a", "2GiB")])
+    supervisor = controller.supervisor
+    adapter.gate = asyncio.Event()
+    first = asyncio.create_task(supervisor.load("a"))
+    await until(lambda: adapter.loading == 1, "a's load in its weights phase")
+    joiner = asyncio.create_task(supervisor.load("a"))
+    await until(lambda: supervisor.underway("a").joined == 1, "the second caller joined a's load")
+    first.cancel()
+    await until(lambda: len(adapter.launches) == 2, "the joiner's own load started")
+    adapter.gate.set()
+    assert (await joiner).state.value == "ready"
+    with pytest.raises(asyncio.CancelledError):
+        await first
+
+
+async def test_a_load_that_must_wait_changes_no_state(env):
+    """Admission comes before LOADING: an operator's load refused for busy models publishes no
+    model_state event, and a request's load weighed again to the same wait publishes none either."""
+    controller, _, events = await env([torch_model("a", "8GiB"), torch_model("b", "8GiB")],
+                                      gpus=[{"name": "sim16", "total": "16GiB", "foreign": "0"}])
+    await controller.load("a")
+    assert controller.router.try_start(controller.router.lane("a"))  # a serves a request: it cannot be evicted
+    drain_events(events)
+    with pytest.raises(ModelsBusy):
+        await controller.load("b")
+    assert drain_events(events) == [] and controller.model("b")["state"] == "unloaded"
+    assert isinstance(await controller.supervisor.try_load("b"), MustWait)  # a request's: waiting, one event
+    assert [(e.previous, e.state) for e in drain_events(events)] == [("unloaded", "waiting")]
+    assert isinstance(await controller.supervisor.try_load("b"), MustWait)
+    assert drain_events(events) == []
 
 
 async def test_unload_releases_every_lease_and_stops_the_engine(env):
@@ -312,3 +380,23 @@ async def test_a_retry_whose_measurement_does_not_fit_fails_with_both_attempts(e
     model = controller.model("a")
     assert model["state"] == "failed" and "attempt 2" in model["error"] and controller.leases("a") == []
     assert len(adapter.handles) == 1, "the retry was planned, found not to fit, and never started"
+
+
+async def test_a_load_plans_once_and_again_only_after_evictions(env, monkeypatch):
+    """The admission's plan is the attempt's (issue 35 item 2): planned again only where evictions
+    changed the memory. A load that must evict also asks, once, whether it could ever fit."""
+    from lessor.daemon.models import loading
+    from lessor.daemon.planning import planner
+    planned, original = [], planner.plan
+
+    def counted(spec, budgets, *args, **kwargs):
+        planned.append(spec.name)
+        return original(spec, budgets, *args, **kwargs)
+    monkeypatch.setattr(planner, "plan", counted)
+    monkeypatch.setattr(loading, "plan", counted)
+    controller, _, _ = await env([torch_model("a", "8GiB"), torch_model("b", "8GiB")],
+                                 gpus=[{"name": "sim16", "total": "16GiB", "foreign": "0"}])
+    await controller.load("a")
+    assert planned == ["a"]
+    assert (await controller.load("b"))["evicted"] == ["a"]
+    assert planned == ["a", "b", "b", "b"]  # the admission's, the ceiling's (never_fits), after the eviction

@@ -257,3 +257,26 @@ def test_the_busiest_model_filling_its_batch_keeps_its_place():
     busiest = "qwen2.5-32b-awq"
     assert before.by_model[busiest] < 0.1 and now.by_model[busiest] > 0.5
     assert now.slo_attainment > before.slo_attainment
+
+
+def test_the_simulator_admits_through_lessords_own_decide(monkeypatch):
+    """One admission (issue 35 item 2): the function the supervisor and the reconciler's
+    give-back call is the very object the simulator calls, and a run goes through it."""
+    from bench.sim import loads as sim_loads
+    from lessor.daemon import reconciler
+    from lessor.daemon.models import loads as supervisor_loads
+    from lessor.daemon.planning import admission
+
+    assert sim_loads.decide is admission.decide is supervisor_loads.decide is reconciler.decide
+    asked = []
+
+    def counted(spec, *args, **kwargs):
+        asked.append(spec.name)
+        return admission.decide(spec, *args, **kwargs)
+
+    monkeypatch.setattr(sim_loads, "decide", counted)
+    scenario = SCENARIOS["box-poisson"]
+    trace = make_trace(replace(scenario.workload, requests=500, seed=11), len(scenario.models))
+    lessor_value = next(s for s in all_strategies(scenario.options) if s.lessor)
+    Simulator(scenario.hardware, scenario.models, lessor_value, scenario.slo_ttft_s, scenario.wait_timeout_s).run(trace)
+    assert asked

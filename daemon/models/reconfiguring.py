@@ -1,0 +1,95 @@
+"""Config changes as the supervisor applies them (mixed into `Supervisor`; daemon/config/reloading.py
+orders them): models added, removed (unloaded first) and retuned (a running model keeps running; its
+new spec applies at its next load), and the holds that keep a reload from starving: no load of a
+model it changes starts while it waits or applies."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from .crashes import Restarts
+from ..config.changes import ConfigChange
+from .lifecycle import ModelRecord, ModelState
+from .load_errors import ModelBusy
+
+if TYPE_CHECKING:
+    from ..config.holder import ConfigHolder
+    from .loads import Underway
+
+BUSY = (ModelState.LOADING, ModelState.UNLOADING, ModelState.ADOPTING)  # mid-transition: not evicted, unloaded, retuned
+
+
+class Reconfiguring:
+    """Mixed into `Supervisor`: the attributes and methods below the TYPE_CHECKING line are its."""
+
+    _held_by_pending: frozenset[str]  # loads held for a reload that waits (hold_for_reload)
+    _held_by_apply: frozenset[str]  # loads held while apply_config unloads
+    _transition_watchers: list[Callable[[], None]]
+
+    if TYPE_CHECKING:
+        _config: ConfigHolder
+        _models: dict[str, ModelRecord]
+        _underway: dict[str, Underway]
+        _restarts: Restarts
+
+        async def unload(self, name: str, reason: str = "unload requested") -> ModelRecord: ...
+
+
+    def affected_by(self, config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The models `config` removes and those whose spec it changes."""
+        new = {spec.name: spec for spec in config.models}
+        removed = tuple(n for n in self._models if n not in new)
+        changed = tuple(n for n in self._models if n in new and new[n] != self._models[n].spec)
+        return removed, changed
+
+    def reload_blockers(self, config) -> dict[str, str]:
+        """The models `config` removes or changes that are mid-transition (loading, being admitted,
+        unloading, adopting), with their state: `config` cannot apply before they settle."""
+        removed, changed = self.affected_by(config)
+        return {n: (self._models[n].state if self._models[n].state in BUSY else ModelState.LOADING).value
+                for n in removed + changed if self._models[n].state in BUSY or n in self._underway}
+
+    def hold_for_reload(self, config) -> None:
+        """While a reload waits for `config` (None: none waits), no load of a model it removes or
+        changes starts: the loads under way end and none follows, so the reload cannot starve."""
+        self._held_by_pending = frozenset(sum(self.affected_by(config), ())) if config is not None else frozenset()
+
+    def watch_transitions(self, callback: Callable[[], None]) -> None:
+        """`callback()` after every state change and at the end of every admission (a pending reload's wake-up)."""
+        self._transition_watchers.append(callback)
+
+    def _transitioned(self) -> None:
+        for callback in self._transition_watchers:
+            callback()
+
+    def _check_not_held(self, record: ModelRecord) -> None:
+        name = record.spec.name
+        if name in self._held_by_pending or name in self._held_by_apply:
+            raise ModelBusy(name, "held for a config reload that changes it")
+
+    async def apply_config(self, config) -> ConfigChange:
+        """Add, remove and retune models, then put `config` in force in one step. Running models
+        keep running: a changed spec applies at their next load; a removed model is unloaded, and no
+        load of an affected model starts meanwhile. Refused (nothing changed) while an affected model
+        is mid-transition (reload_blockers: daemon/config/reloading.py waits for them instead)."""
+        busy = self.reload_blockers(config)
+        if busy:
+            name, state = next(iter(busy.items()))
+            raise ModelBusy(name, state)
+        new = {spec.name: spec for spec in config.models}
+        removed, changed = self.affected_by(config)
+        self._held_by_apply = frozenset(removed + changed)
+        try:
+            for name in removed:
+                await self.unload(name, reason="removed from the config")
+                del self._models[name]
+        finally:
+            self._held_by_apply = frozenset()
+        for name in changed:
+            self._models[name].spec = new[name]
+        added = tuple(n for n in new if n not in self._models)
+        for name in added:
+            self._models[name] = ModelRecord(new[name])
+        self._config.swap(config)
+        self._restarts.forget()  # the operator may have fixed what crashed them: every model may be tried again
+        return ConfigChange(added, removed, changed)
