@@ -8,9 +8,8 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, ClassVar, Literal, Mapping
 
-import aiohttp
 from pydantic import Field
 
 from ..memory.context import ContextLimit, trained_context
@@ -19,6 +18,9 @@ from .base import (Command, EngineArgsBase, EngineHandle, Flags, KvGrant, KvResi
                    ProcessHandle, Sizing)
 from .memory_model import TORCH_OOM
 from .readiness import probe_session
+
+if TYPE_CHECKING:
+    import aiohttp
 
 
 KV_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -108,6 +110,8 @@ class TorchHandle(ProcessHandle):
             return await response.json()
 
     async def wait_weights_loaded(self, timeout_s: float) -> None:
+        import aiohttp  # here, not at the top: see engines/readiness.py
+
         async with probe_session(10) as session:
             async def loaded() -> bool:
                 # /health names the phase in its 503 and measures nothing: /lessor/v1/state would
@@ -138,6 +142,8 @@ class TorchHandle(ProcessHandle):
         return {self.launch.gpus[0].device: int(state["memory_reserved"])}
 
     async def resize_kv(self, kv_tokens: int, leased_bytes: Mapping[str, int]) -> int:
+        import aiohttp  # here, not at the top: see engines/readiness.py
+
         device = self.launch.gpus[0].device
         body = {"kv_tokens": kv_tokens, "wait_s": self.RESIZE_WAIT_S,
                 "memory_limit_bytes": None if self.launch.simulated else leased_bytes.get(device)}

@@ -17,12 +17,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-import aiohttp
-
 from . import enginelog, readiness
 from .proctree import (Proc, boot_id, engine_processes, group_is_ours, marker_of, marker_of_pid, read_proc, reap,
                        signal_processes)
-from .readiness import Backoff, probe_session
+from .readiness import Backoff
 from .redaction import redact_argv
 
 log = logging.getLogger("lessor.engines")
@@ -226,14 +224,7 @@ class EngineProcess:
 
     async def wait_http(self, url: str, timeout_s: float, doing: str, markers: Sequence[str] = ()) -> None:
         """Readiness: the port accepts, then `url` answers 200."""
-        async with probe_session(5) as session:
-            async def ok() -> bool:
-                try:
-                    async with session.get(url) as response:
-                        return response.status == 200
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-                    return False
-            await self.wait_until(ok, doing, timeout_s, markers)
+        await readiness.wait_http(self, url, timeout_s, doing, markers)
 
     def processes(self) -> dict[int, Proc]:
         """Its live processes: its group, those that carry its marker, and their descendants."""

@@ -1,7 +1,11 @@
 """Readiness: probing an engine while it loads, woken by its log's ready line. What the adapters'
 `wait_loaded` / `wait_ready` wait on (through `EngineProcess.wait_until` and `wait_http`). Owns the
 probes' pacing (Backoff) and their HTTP session; not what is probed (each adapter says) nor the
-process (engines/process.py)."""
+process (engines/process.py).
+
+aiohttp is imported where a probe is made, not at the top of the engines' modules: the planner
+imports engines/ for the engines' arguments and loads no HTTP client (tests/unit/test_layering.py);
+in lessord it is loaded already, so the import costs a dictionary look-up."""
 
 from __future__ import annotations
 
@@ -10,17 +14,19 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-import aiohttp
-
 from .logwatch import LogWatch
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from .process import EngineProcess
 
 
 def probe_session(total_s: float) -> aiohttp.ClientSession:
     """A session for probing an engine on a load's path: no keep-alive, so closing it waits on no
     open connection (a kept one made the close, and the load, wait 10-100 ms on vLLM)."""
+    import aiohttp
+
     return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=total_s),
                                  connector=aiohttp.TCPConnector(force_close=True))
 
@@ -90,3 +96,16 @@ async def wait_until(process: EngineProcess, check: Callable[[], "asyncio.Future
             if watch.seen.is_set():
                 intervals = backoff.intervals()
 
+
+async def wait_http(process: EngineProcess, url: str, timeout_s: float, doing: str, markers: Sequence[str] = ()) -> None:
+    """Readiness: the port accepts, then `url` answers 200."""
+    import aiohttp
+
+    async with probe_session(5) as session:
+        async def ok() -> bool:
+            try:
+                async with session.get(url) as response:
+                    return response.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                return False
+        await wait_until(process, ok, doing, timeout_s, markers)
