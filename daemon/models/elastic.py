@@ -190,6 +190,7 @@ class Elastic:
             if lease.model == record.spec.name:
                 held[lease.device] = held.get(lease.device, 0) + lease.bytes
         limits = {d: held.get(d, 0) - view.leases[d].bytes + b for d, b in new.items()}
+        assert record.handle is not None  # its view found it ready
         try:
             got = await record.handle.resize_kv(tokens, limits)
         except KvResizeRefused as exc:
