@@ -17,7 +17,7 @@ from .config import checks
 from .errors import ConfigError, ConfigProblem, InvalidRequest, LessorError, NoEngineLog, UnknownFingerprint
 from .events import AdmissionDecided, AdmissionResult, ConfigReloaded, EventBus, ForeignUsageChanged
 from .config.holder import ConfigHolder
-from .leases import LeaseKind
+from .leases import LeaseKind, held_by
 from .ledger.ledger import Ledger
 from .config.changes import ConfigChange
 from .models.lifecycle import ModelState
@@ -35,8 +35,8 @@ log = logging.getLogger("lessor.service")
 
 class Controller:
     def __init__(self, config: ConfigHolder, probe: Probe, ledger: Ledger, supervisor: Supervisor, bus: EventBus, *,
-                 fingerprinting: Fingerprinting, lingering: Lingering, history: UsageHistory, reconciler: Reconciler,
-                 router: TrafficControl | None = None,
+                 fingerprinting: Fingerprinting, lingering: Lingering, history: UsageHistory,
+                 reconciler: Reconciler | None = None, router: TrafficControl | None = None,
                  mqtt: MqttPublisher | None = None, config_source: dict[str, str] | None = None,
                  config_loader: Callable[[], LessorConfig] | None = None) -> None:
         """The parts as daemon/runtime.py built them; those that only a serving lessord runs (the
@@ -80,10 +80,7 @@ class Controller:
 
     def _model_dict(self, record) -> dict[str, Any]:
         spec = record.spec
-        leased: dict[str, int] = {k.value: 0 for k in LeaseKind}
-        for lease in self.ledger.leases():
-            if lease.model == spec.name:
-                leased[lease.kind.value] += lease.bytes
+        leased = {k.value: 0 for k in LeaseKind} | held_by(self.ledger.leases(), per="kind").get(spec.name, {})
         in_flight = self.supervisor.in_flight(spec.name)
         return {"name": spec.name, "aliases": list(spec.aliases), "engine": spec.engine.kind,
                 "state": record.state.value, "priority": spec.priority, "pinned": spec.pinned,

@@ -1,5 +1,6 @@
 """The lease vocabulary, a leaf: what a lease is (its kind, what a load wants, what was granted),
-what the ledger records of an engine, and the snapshot the ledger answers with. Plain frozen values;
+what the ledger records of an engine, the snapshot the ledger answers with, and the bytes leases hold
+per model (held_by: the one place they are summed). Plain frozen values;
 the ledger (daemon/ledger/ledger.py) is their one writer, everyone else reads them from here without
 importing the database."""
 
@@ -8,7 +9,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Literal
 
 from ..policies import DeviceBudget
 
@@ -88,3 +90,18 @@ class LedgerSnapshot:
 
     def of_model(self, model: str) -> list[Lease]:
         return [lease for lease in self.leases if lease.model == model]
+
+    def held_by(self) -> dict[str, dict[str, int]]:
+        """Bytes held per model per device: {model: {device: bytes}}."""
+        return held_by(self.leases)
+
+
+def held_by(leases: Iterable[Lease], per: Literal["device", "kind"] = "device") -> dict[str, dict[str, int]]:
+    """Bytes the leases hold per model, per device (or per kind): {model: {device: bytes}}; a
+    model that holds nothing is absent."""
+    held: dict[str, dict[str, int]] = {}
+    for lease in leases:
+        key = lease.device if per == "device" else lease.kind.value
+        per_model = held.setdefault(lease.model, {})
+        per_model[key] = per_model.get(key, 0) + lease.bytes
+    return held

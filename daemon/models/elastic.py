@@ -26,7 +26,7 @@ from ...policies import Snapshot
 from ..devices.locks import DeviceLocks
 from ..devices.probes import gpu_id
 from ..ledger.ledger_errors import LedgerUnavailable
-from ..leases import Lease, LeaseKind
+from ..leases import Lease, LeaseKind, held_by
 from ..ledger.ledger import Ledger
 from .lifecycle import ModelRecord, ModelState
 from ..units import format_bytes
@@ -185,12 +185,8 @@ class Elastic:
 
     async def _engine(self, record: ModelRecord, view: KvView, tokens: int, new: Mapping[str, int]) -> bool:
         """The engine resized to `tokens`, capped to what the model will hold on each device."""
-        held: dict[str, int] = {}
-        for lease in self._ledger.leases():
-            if lease.model == record.spec.name:
-                held[lease.device] = held.get(lease.device, 0) + lease.bytes
+        held = held_by(self._ledger.leases()).get(record.spec.name, {})
         limits = {d: held.get(d, 0) - view.leases[d].bytes + b for d, b in new.items()}
-        assert record.handle is not None  # its view found it ready
         try:
             got = await record.handle.resize_kv(tokens, limits)
         except KvResizeRefused as exc:

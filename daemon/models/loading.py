@@ -28,7 +28,7 @@ from ...policies import DeviceBudget, Rejected
 from ..config.model_spec import ModelSpec
 from ..devices.probes import gpu_id
 from ..devices.usage import UsageMeter
-from ..leases import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant
+from ..leases import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant, held_by
 from ..ledger.fingerprints import DeviceMeasurement, Outcome
 from ..ledger.ledger import Ledger
 from ..ledger.ledger_errors import LedgerUnavailable
@@ -292,8 +292,4 @@ def leases_text(wants: Sequence[LeaseWant]) -> str:
 
 def leased_by(ledger: Ledger, model: str) -> dict[str, int]:
     """Bytes the model holds, per device."""
-    out: dict[str, int] = {}
-    for lease in ledger.leases():
-        if lease.model == model:
-            out[lease.device] = out.get(lease.device, 0) + lease.bytes
-    return out
+    return held_by(ledger.leases()).get(model, {})

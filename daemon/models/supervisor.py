@@ -123,10 +123,7 @@ class Supervisor(Loads, Reconfiguring):
 
     def policy_snapshot(self) -> Snapshot:
         ledger = self._ledger.snapshot()
-        held: dict[str, dict[str, int]] = {}
-        for lease in ledger.leases:
-            per_model = held.setdefault(lease.model, {})
-            per_model[lease.device] = per_model.get(lease.device, 0) + lease.bytes
+        held = ledger.held_by()
         models = {}
         for r in self._models.values():
             name, holds = r.spec.name, held.get(r.spec.name, {})
