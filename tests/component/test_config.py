@@ -1,14 +1,13 @@
 """Config: every shipped example validates; every problem of a bad file is listed with its path."""
 
-from pathlib import Path
-
 import pytest
 
 from lessor.daemon.config.schema import load_config, parse_config
 from lessor.daemon.errors import ConfigError
 from lessor.daemon.units import GiB
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..support.paths import ROOT
+
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 

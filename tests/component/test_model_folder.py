@@ -5,7 +5,6 @@ hf_config overrides it; the plan says which it used."""
 import importlib.util
 import shutil
 import struct
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,8 @@ from lessor.daemon.planning.planner import plan
 from lessor.daemon.units import GiB
 from lessor.policies import DeviceBudget
 
-FIXTURES = Path(__file__).parents[1] / "fixtures"
+from ..support.paths import FIXTURES
+
 CARD = {"gpu0": DeviceBudget("gpu0", 16 * GiB, 16 * GiB, GiB, 0, 0)}
 
 

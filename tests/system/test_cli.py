@@ -21,11 +21,9 @@ from lessor.api.cli import main
 from lessor.daemon.units import GiB
 from lessor.engines.process import free_port
 
-from ..support.paths import STANDIN
+from ..support.paths import BIN, STANDIN
 from ..support.waiting import HANG_S
 from ..support.lessord import running_lessord
-
-BIN = Path(sys.executable).parent
 
 
 def standin(name: str, **env: str) -> dict:

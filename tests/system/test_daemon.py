@@ -5,9 +5,7 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -15,11 +13,9 @@ import yaml
 from lessor.daemon.units import GiB
 from lessor.engines.process import free_port
 
-from ..support.paths import ROOT
+from ..support.paths import BIN, ROOT
 from ..support.waiting import HANG_S
 from ..support.lessord import running_lessord
-
-BIN = Path(sys.executable).parent
 
 
 def cli(*args, env=None, check=True) -> subprocess.CompletedProcess:

@@ -8,9 +8,9 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+from ..support.paths import ROOT
 from ..support.waiting import HANG_S
 
-ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ("api", "daemon", "engines", "memory", "policies")
 
 

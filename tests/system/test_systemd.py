@@ -22,10 +22,8 @@ import yaml
 from lessor.daemon.notify import Notifier
 from lessor.engines.process import free_port
 
-from ..support.paths import ROOT
+from ..support.paths import BIN, ROOT
 from ..support.waiting import HANG_S
-
-BIN = Path(sys.executable).parent
 
 
 def test_notify_reaches_an_abstract_socket():
