@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from ..daemon.leases import Lease, LeaseState
 from ..daemon.planning.profile import Size
-from ..daemon.leases import LeaseKind, LeaseState
 from ..daemon.models.lifecycle import ModelState
 
 
@@ -54,17 +55,17 @@ class DeviceOut(Out):
     models: dict[str, dict[str, int]]
 
 
-class LeaseOut(Out):
-    id: str
-    model: str
-    device: str
-    kind: LeaseKind
-    bytes: int
-    state: LeaseState
-    attempt: str
-    granted_at: float
-    owner_pid: int | None
-    owner_started_at: float | None
+def _lease_fields() -> dict[str, Any]:
+    """LeaseOut's fields, from the one source of them (daemon/leases.py's Lease), each typed as Lease
+    declares it and required, as Lease.to_dict() gives every one; with the state to_dict() adds
+    after `bytes`."""
+    types = get_type_hints(Lease)
+    fields = [(f.name, (types[f.name], ...)) for f in dataclasses.fields(Lease)]
+    at = [name for name, _ in fields].index("bytes") + 1
+    return dict([*fields[:at], ("state", (LeaseState, ...)), *fields[at:]])
+
+
+LeaseOut = create_model("LeaseOut", __base__=Out, __module__=__name__, **_lease_fields())
 
 
 class OverrunOut(Out):
