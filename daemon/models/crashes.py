@@ -1,5 +1,6 @@
 """Crashes and what follows them: when the next try is due, when lessor gives up, and the tasks
-that wait to restart.
+that wait to load a crashed model again (its retries; a restart of lessord itself is adoption's,
+daemon/models/adoption.py).
 
 Every engine that ends on its own while serving counts as a crash, and so does a load that lessor
 or a request started and whose engine failed: otherwise a model that dies on its first request
@@ -15,15 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from .lifecycle import ModelRecord, ModelState
 
 log = logging.getLogger("lessor.supervisor")
 
 
-class Restarts:
-    """The one owner of crash times and give-ups (per model) and of the tasks that wait to restart."""
+class Crashes:
+    """The one owner of crash times and give-ups (per model) and of the tasks that wait to retry."""
 
     def __init__(self, clock: Callable[[], float], load: Callable[[str], Awaitable[object]]) -> None:
         self._clock, self._load = clock, load
@@ -46,7 +47,7 @@ class Restarts:
             table.clear() if model is None else table.pop(model, None)
 
     def crashed(self, record: ModelRecord, reason: str) -> float | None:
-        """Count a crash now: seconds until lessor's restart, or None (its policy is never, or it gave up)."""
+        """Count a crash now: seconds until lessor's retry, or None (its policy is never, or it gave up)."""
         name, policy, now = record.spec.name, record.spec.restart, self._clock()
         times = self._times[name] = [t for t in self._times.get(name, ()) if now - t < policy.window_s] + [now]
         if len(times) > policy.max_restarts:
@@ -55,9 +56,9 @@ class Restarts:
             return None
         return None if policy.policy == "never" else min(policy.backoff * 2 ** (len(times) - 1), policy.max_backoff_s)
 
-    def log_crash(self, record: ModelRecord, reason: str, restart_in: float | None) -> None:
+    def log_crash(self, record: ModelRecord, reason: str, retry_in: float | None) -> None:
         """One line for a crash just counted: ERROR once lessor gave up, else a WARNING with what
-        follows (`restart_in`: lessor's restart is scheduled)."""
+        follows (`retry_in`: lessor's retry is scheduled)."""
         name, policy = record.spec.name, record.spec.restart
         extra = {"model": name, "crashes": self.count(name), "max_restarts": policy.max_restarts}
         if name in self._given_up:
@@ -65,15 +66,15 @@ class Restarts:
                       self._given_up[name], name, extra={**extra, "step": "gave_up"})
             return
         within = f"within {policy.window_s:g} s"
-        then = (f"restarting in {restart_in:g} s (restart {self.count(name)} of {policy.max_restarts} {within})"
-                if restart_in is not None else
+        then = (f"restarting in {retry_in:g} s (restart {self.count(name)} of {policy.max_restarts} {within})"
+                if retry_in is not None else
                 f"not restarted by lessor, the next request loads it (crash {self.count(name)} of "
                 f"{policy.max_restarts} allowed {within})")
         log.warning("%s: crashed: %s; %s", name, reason, then,
-                    extra={**extra, "step": "crashed", "restart_in_s": restart_in})
+                    extra={**extra, "step": "crashed", "restart_in_s": retry_in})
 
     def schedule(self, record: ModelRecord, delay_s: float) -> None:
-        self.spawn(self._restart(record, delay_s))
+        self.spawn(self._retry(record, delay_s))
 
     def spawn(self, coro) -> None:
         if self._closed:  # lessord is stopping: nothing new starts
@@ -83,7 +84,7 @@ class Restarts:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _restart(self, record: ModelRecord, delay_s: float) -> None:
+    async def _retry(self, record: ModelRecord, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         if record.state != ModelState.FAILED or record.spec.name in self._given_up:
             return  # someone loaded or unloaded it meanwhile, or a request's load crashed it for good
@@ -95,7 +96,7 @@ class Restarts:
                             extra={"model": record.spec.name, "step": "restart_skipped"})
 
     async def settled(self) -> None:
-        """Return once every exit report and restart under way has run its course."""
+        """Return once every exit report and retry under way has run its course."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 

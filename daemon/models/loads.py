@@ -35,7 +35,7 @@ from ..planning.admission import (Admission, MustWait, attempts_text, bytes_text
                                   never_fits, refused)
 from ..planning.planner import Measured, with_overrides
 from ..planning.rejections import NotEnoughMemory, PlanRejected
-from .crashes import Restarts
+from .crashes import Crashes
 from .launching import Launcher
 from .lifecycle import ModelRecord, ModelState, Waiting
 from .timeouts import Timeouts
@@ -78,7 +78,7 @@ class Loads:
         _publish: Callable[[Event], None]
         _clock: Callable[[], float]
         _timeouts: Timeouts
-        _restarts: Restarts
+        _crashes: Crashes
         _device_locks: DeviceLocks
         _simulated: bool
         _launcher: Launcher
@@ -123,7 +123,7 @@ class Loads:
         if record.state == ModelState.READY:
             return record
         if cause == "operator":
-            self._restarts.forget(record.spec.name)
+            self._crashes.forget(record.spec.name)
         underway = self._underway.get(record.spec.name)
         if underway is not None and dict(underway.overrides) == dict(overrides or {}):
             underway.joined += 1
@@ -131,7 +131,7 @@ class Loads:
             if underway.outcome.cancelled():  # whoever ran it was cancelled: this caller still wants it
                 return await self.try_load(name, overrides, cause)
             return underway.outcome.result()
-        if cause != "operator" and (given_up := self._restarts.given_up(record.spec.name)) \
+        if cause != "operator" and (given_up := self._crashes.given_up(record.spec.name)) \
                 and record.state == ModelState.FAILED:
             raise ModelFailed(record.spec.name, given_up)
         if record.state is ModelState.ADOPTING:
@@ -193,7 +193,7 @@ class Loads:
                         "kv_tokens": loaded.plan.kv_tokens, "lessor_s": shares["lessor"]})
         returncode = loaded.handle.process.returncode
         if returncode is not None:  # it ended after its last health check, and its exit report found it loading
-            self._restarts.spawn(self._engine_exited(record, record.generation, returncode))
+            self._crashes.spawn(self._engine_exited(record, record.generation, returncode))
         return record
 
     async def _attempts(self, record: ModelRecord, spec: ModelSpec, adapter: EngineAdapter,

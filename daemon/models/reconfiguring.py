@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from .crashes import Restarts
+from .crashes import Crashes
 from ..config.changes import ConfigChange
 from .lifecycle import ModelRecord, ModelState
 from .load_errors import ModelBusy
@@ -30,7 +30,7 @@ class Reconfiguring:
         _config: ConfigHolder
         _models: dict[str, ModelRecord]
         _underway: dict[str, Underway]
-        _restarts: Restarts
+        _crashes: Crashes
 
         async def unload(self, name: str, reason: str = "unload requested") -> ModelRecord: ...
 
@@ -91,5 +91,5 @@ class Reconfiguring:
         for name in added:
             self._models[name] = ModelRecord(new[name])
         self._config.swap(config)
-        self._restarts.forget()  # the operator may have fixed what crashed them: every model may be tried again
+        self._crashes.forget()  # the operator may have fixed what crashed them: every model may be tried again
         return ConfigChange(added, removed, changed)

@@ -33,7 +33,7 @@ from ..planning.admission import as_reload, bytes_text, decide, shown
 from ..planning.planner import Plan, with_overrides
 from ..planning.rejections import PlanRejected
 from .adoption import Adoption, adopt, stopped_members
-from .crashes import Restarts
+from .crashes import Crashes
 from .elastic import Elastic
 from .launching import Launcher
 from .lifecycle import ModelRecord, ModelState, UNLOADED_LIKE
@@ -71,7 +71,7 @@ class Supervisor(Loads, Reconfiguring):
         self._underway: dict[str, Underway] = {}  # one load per model, from its ask (before LOADING) to its end
         self._launcher = Launcher(config, ledger, self._simulated)
         self._traffic = traffic
-        self._restarts = Restarts(clock, lambda name: self.try_load(name, cause="restart"))
+        self._crashes = Crashes(clock, lambda name: self.try_load(name, cause="restart"))
         self.elastic = elastic  # KV leases shrunk and grown in place
         self._closing = False
         self._held_by_pending: frozenset[str] = frozenset()  # loads held for a reload that waits (hold_for_reload)
@@ -102,7 +102,7 @@ class Supervisor(Loads, Reconfiguring):
         return max(record.ready_at_s, self._traffic.last_used_s(record.spec.name))
 
     def restarts(self, name: str) -> int:
-        return self._restarts.count(name)
+        return self._crashes.count(name)
 
     def resolve(self, name: str) -> ModelRecord:
         config = self._config.current
@@ -175,7 +175,7 @@ class Supervisor(Loads, Reconfiguring):
         replaced it (each start counts one more generation)."""
         record.generation += 1
         generation = record.generation
-        return lambda returncode: self._restarts.spawn(self._engine_exited(record, generation, returncode))
+        return lambda returncode: self._crashes.spawn(self._engine_exited(record, generation, returncode))
 
     async def make_room(self, decision: Evict, shrunk_for: str, evicted_for: str,
                         best_effort: bool = False) -> NoRoom | None:
@@ -278,13 +278,13 @@ class Supervisor(Loads, Reconfiguring):
                  exited: Callable[[float | None], Event] | None = None) -> None:
         """Count a crash: announce it (`exited`), fail the model with the reason (and lessor's verdict
         when it gives up), and schedule the restart its policy wants, if `restart`."""
-        restart_in = self._restarts.crashed(record, reason)
-        self._restarts.log_crash(record, reason, restart_in if restart else None)
+        restart_in = self._crashes.crashed(record, reason)
+        self._crashes.log_crash(record, reason, restart_in if restart else None)
         if exited is not None:
             self._publish(exited(restart_in))
-        self._fail(record, ModelState.FAILED, self._restarts.given_up(record.spec.name) or reason)
+        self._fail(record, ModelState.FAILED, self._crashes.given_up(record.spec.name) or reason)
         if restart_in is not None and restart:
-            self._restarts.schedule(record, restart_in)
+            self._crashes.schedule(record, restart_in)
 
     def report_overrun(self, name: str, overrun: dict[str, Any] | None) -> None:
         """The reconciler's finding: the engine measured above its leases (None: back within them).
@@ -349,14 +349,14 @@ class Supervisor(Loads, Reconfiguring):
 
     async def settled(self) -> None:
         """Return once crash handling and the restarts it scheduled have run (or given up)."""
-        await self._restarts.settled()
+        await self._crashes.settled()
 
     async def close(self) -> None:
         """lessord is stopping: cancel pending restarts (none is spawned after this), then stop
         every engine and release its leases. Idempotent. With the ledger not answering, ready
         engines are left running: their records and leases are in the database, and the next
         lessord adopts them, where a stop it could not record would cost each model a load."""
-        await self._restarts.close()
+        await self._crashes.close()
         self._closing = True
         keep = bool(self._ledger.unavailable) or not await self._ledger.answers()
         for record in self.records():
