@@ -14,7 +14,7 @@ import signal
 import sys
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from aiohttp import web
 
@@ -62,7 +62,7 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         await _serve_router(stack, controller, router, config)
         # Served from here on, while the previous lessord's engines are adopted; ready once they are.
         starting = asyncio.ensure_future(_come_up(controller, config, ready, notifier))
-        starting.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
+        starting.add_done_callback(lambda task: _stop_if_failed(task, stop))
         stack.push_async_callback(_stop_all, [starting, *_background(controller, router, notifier)], router)
         if reload_config is not None:
             reloads: set[asyncio.Task] = set()
@@ -71,8 +71,9 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         # From here a database that fails is not waited on again for each engine's stop: lessord
         # exits within stop_grace per engine plus 3 x the ledger's deadline, whatever it does.
         controller.ledger.closing()
-        if starting.done() and not starting.cancelled() and starting.exception():
-            raise starting.exception()  # the start's settling failed: lessord stops, as if it had not started
+        failed = starting.exception() if starting.done() and not starting.cancelled() else None
+        if failed is not None:
+            raise failed  # the start's settling failed: lessord stops, as if it had not started
         notifier.stopping()
         log.info("lessord stopping: draining, stopping engines, closing the ledger")
 
@@ -119,27 +120,33 @@ async def _load_pinned(controller: Controller, config: LessorConfig) -> None:
                           spec.name, exc, logs)
 
 
+def _stop_if_failed(task: asyncio.Future, stop: asyncio.Event) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        stop.set()
+
+
 def _background(controller: Controller, router: TrafficControl, notifier: Notifier) -> list[asyncio.Future]:
     """The loops lessord runs while it serves: keep_alive, the reconciler, systemd's watchdog."""
-    tasks = [asyncio.ensure_future(router.run_keep_alive()), asyncio.ensure_future(controller.reconciler.run())]
+    tasks: list[asyncio.Future] = [asyncio.ensure_future(router.run_keep_alive()),
+                                   asyncio.ensure_future(controller.reconciler.run())]
     interval = watchdog_interval_s()
     if interval:
         tasks.append(asyncio.ensure_future(watchdog(notifier, interval)))
     return tasks
 
 
-async def _stop_all(tasks: list[asyncio.Future], router: TrafficControl) -> None:
+async def _stop_all(tasks: Sequence[asyncio.Future], router: TrafficControl) -> None:
     """Background loops and on-demand loads end (awaited, not only cancelled: one may be midway
     through an unload) before the supervisor stops the engines that are left."""
     await _cancel(tasks)
     await router.close()
 
 
-async def _cancel(tasks: list[asyncio.Future | None]) -> None:
-    tasks = [task for task in tasks if task is not None]
-    for task in tasks:
+async def _cancel(tasks: Sequence[asyncio.Future | None]) -> None:
+    running = [task for task in tasks if task is not None]
+    for task in running:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*running, return_exceptions=True)
 
 
 def _say_where(controller: Controller, config: LessorConfig) -> None:
@@ -162,7 +169,7 @@ class ListenFailed(OSError):
     """A listener could not bind: named by its config field, with what to change."""
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or ""
 
 
 @contextmanager
@@ -271,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.recovery and not check_at_start(config, args.sim, args.config):
         return 2
+    run: Callable[..., Any]
     try:
         import uvloop
         run = uvloop.run

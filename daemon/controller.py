@@ -35,8 +35,8 @@ log = logging.getLogger("lessor.service")
 
 class Controller:
     def __init__(self, config: ConfigHolder, probe: Probe, ledger: Ledger, supervisor: Supervisor, bus: EventBus, *,
-                 fingerprinting: Fingerprinting, lingering: Lingering, history: UsageHistory,
-                 reconciler: Reconciler | None = None, router: TrafficControl | None = None,
+                 fingerprinting: Fingerprinting, lingering: Lingering, history: UsageHistory, reconciler: Reconciler,
+                 router: TrafficControl | None = None,
                  mqtt: MqttPublisher | None = None, config_source: dict[str, str] | None = None,
                  config_loader: Callable[[], LessorConfig] | None = None) -> None:
         """The parts as daemon/runtime.py built them; those that only a serving lessord runs (the

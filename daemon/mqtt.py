@@ -44,11 +44,11 @@ class MqttPublisher:
         self.dropped = 0
 
     def _client(self) -> aiomqtt.Client:
-        url = urlsplit(self._config.url)
+        url = urlsplit(self._config.url)  # the schema's pattern requires its host
         tls = ssl.create_default_context(cafile=self._config.ca_file) if url.scheme == "mqtts" or self._config.ca_file else None
         password = Path(self._config.password_file).read_text().strip() if self._config.password_file else None
         return aiomqtt.Client(
-            url.hostname, url.port or (8883 if tls else 1883), username=self._config.username, password=password,
+            url.hostname or "", url.port or (8883 if tls else 1883), username=self._config.username, password=password,
             identifier=self._config.client_id or f"lessord-{socket.gethostname()}", tls_context=tls,
             will=aiomqtt.Will(f"{self._prefix}/status", b"offline", qos=1, retain=True), timeout=10)
 

@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 from ..engines.proctree import Proc
 from ..engines.strays import find_strays, identified, stop_groups, tops
@@ -87,7 +87,7 @@ class StartSettling:
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         if failed:  # each engine was settled as far as it could be; the first failure says why lessord stops
             raise failed[0]
-        self.report.strays = [*outcomes[0], *self.report.strays]  # and the gone engines' workers (_settle)
+        self.report.strays = [*cast(list, outcomes[0]), *self.report.strays]  # and the gone engines' workers (_settle)
         return self.report
 
     async def _settle(self, engine: EngineRecord) -> None:

@@ -187,6 +187,7 @@ class Elastic:
         """The engine resized to `tokens`, capped to what the model will hold on each device."""
         held = held_by(self._ledger.leases()).get(record.spec.name, {})
         limits = {d: held.get(d, 0) - view.leases[d].bytes + b for d, b in new.items()}
+        assert record.handle is not None  # its view found it ready
         try:
             got = await record.handle.resize_kv(tokens, limits)
         except KvResizeRefused as exc:
