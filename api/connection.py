@@ -56,9 +56,10 @@ class Service(Protocol):
 class ClientConnection(asyncio.Protocol):
     """One client's keep-alive connection. Requests are answered one at a time, in order."""
 
+    transport: asyncio.Transport  # connection_made's: the loop makes the connection before it feeds it
+
     def __init__(self, door: Service) -> None:
         self.door = door
-        self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url: list[bytes] = []
         self.url_size = 0
@@ -76,6 +77,9 @@ class ClientConnection(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.exchange: Exchange | None = None
         self.authorization = b""
+        self.host: bytes | None = None  # the request's Host and Origin headers (Request's)
+        self.origin: bytes | None = None
+        self.browser = False
         self.closed = False
         self.reading = False  # between a request's first byte and its end
         self.timer: asyncio.TimerHandle | None = None
@@ -268,7 +272,7 @@ class ClientConnection(asyncio.Protocol):
                 if not request.keep_alive:
                     self.close()
             if self.refusal is not None:  # what followed the requests just answered could not be read
-                self._answer_refusal()
+                self._answer_refusal(self.refusal)
         except Exception:
             log.exception("router: unhandled error")
             self.respond_error(InvariantBroken("internal error; see lessord's log"), False)
@@ -323,11 +327,11 @@ class ClientConnection(asyncio.Protocol):
         if self.task is not None or self.queue:
             self.transport.pause_reading()
         else:
-            self._answer_refusal()
+            self._answer_refusal(self.refusal)
 
-    def _answer_refusal(self) -> None:
+    def _answer_refusal(self, refusal: LessorError) -> None:
         self.head_only = False
-        self.respond_error(self.refusal, False)
+        self.respond_error(refusal, False)
         self.close()
 
     def close(self) -> None:

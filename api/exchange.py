@@ -51,7 +51,7 @@ class Exchange:
             self.withheld = True
             return
         self.chunked = length is None
-        framing = b"Transfer-Encoding: chunked\r\n" if self.chunked else b"Content-Length: %d\r\n" % length
+        framing = b"Transfer-Encoding: chunked\r\n" if length is None else b"Content-Length: %d\r\n" % length
         self.stream = content_type.startswith(b"text/event-stream")
         stream = b"Cache-Control: no-cache\r\n" if self.stream else b""
         self.out.append(b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s%s%s\r\n"

@@ -15,7 +15,8 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
+from collections.abc import Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -134,7 +135,7 @@ class EngineArgsBase(BaseModel):
         """Bytes per K and per V element where the engine's arguments set them (None: the spec's kv_dtype)."""
         return None
 
-    def fitted(self, shape: ModelShape, room_bytes: int, kv_tokens: int) -> "EngineArgsBase":
+    def fitted(self, shape: ModelShape, room_bytes: int, kv_tokens: int) -> EngineArgsBase:
         """These arguments with what the engine sizes from the room on a GPU (`room_bytes`, beside a
         KV cache of `kv_tokens`) filled in; most engines size nothing but the KV cache (self)."""
         return self

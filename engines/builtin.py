@@ -8,7 +8,8 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, ClassVar, Literal
+from collections.abc import Mapping
 
 from pydantic import Field
 

@@ -241,10 +241,10 @@ class KTransformersEngineArgs(EngineArgsBase):
             "for them in model_path; set kt_weight_path to the converted folder"]
         return Flags(params, [], warnings)
 
-    def fitted(self, shape: ModelShape, room_bytes: int, kv_tokens: int) -> "KTransformersEngineArgs":
+    def fitted(self, shape: ModelShape, room_bytes: int, kv_tokens: int) -> KTransformersEngineArgs:
         return self.with_gpu_experts(shape, room_bytes, kv_tokens)
 
-    def with_gpu_experts(self, shape: ModelShape, room_bytes: int, kv_tokens: int) -> "KTransformersEngineArgs":
+    def with_gpu_experts(self, shape: ModelShape, room_bytes: int, kv_tokens: int) -> KTransformersEngineArgs:
         """These arguments with kt_num_gpu_experts set to the most routed experts per MoE layer that
         fit `room_bytes` (per GPU: what is left for the model after everything but its experts) beside
         a pool of `kv_tokens`; kept as set where the operator set it."""

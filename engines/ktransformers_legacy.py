@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
 
 import yaml
 
@@ -76,7 +77,7 @@ def legacy_footprint(args: KTransformersEngineArgs, shape: ModelShape) -> Footpr
     a, n = shape.architecture, shape.devices
     p = param_counts(a)
     kv_b = a.num_hidden_layers * a.kv_lora_rank * a.num_attention_heads * (a.qk_nope_head_dim + a.v_head_dim) \
-        if a.is_mla else 0
+        if a.kv_lora_rank is not None else 0  # is_mla
     experts = 0 if shape.experts_on_cpu else p.routed_experts
     marlin = p.attention - kv_b + p.dense_mlp + p.shared_experts + experts + p.lm_head
     sizes = args.graph_sizes(args.max_batch_size or shape.batch)

@@ -167,7 +167,7 @@ class LlamaCppEngineArgs(EngineArgsBase):
                          f"{'' if slots == 1 else f' / {slots} slots'} and its mask, plus the output's peak (an upper "
                          "bound: the two peaks are not at once)", per_kv_token=ub * (a.num_attention_heads * 4 + 4) / slots)
 
-    def kv_element_bytes(self) -> tuple[float, float] | None:
+    def kv_element_bytes(self) -> tuple[float, float]:
         return GGML_TYPE_BYTES[self.cache_type_k], GGML_TYPE_BYTES[self.cache_type_v]
 
     def planned_flags(self, sizing: Sizing) -> Flags:

@@ -19,8 +19,9 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO
 
 log = logging.getLogger("lessor.engines")
 
@@ -57,7 +58,7 @@ class LogWatch:
         self.wakes = 0  # inotify events handled: what a test counts instead of timing anything
         self.seen_at: float | None = None  # CLOCK_MONOTONIC when a marker was first found: the engine's line, give or take the wake
         self._fd: int | None = None
-        self._file = None
+        self._file: BinaryIO | None = None
         self._offset = 0
         self._carry = b""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -95,6 +96,8 @@ class LogWatch:
         return True
 
     def _on_event(self) -> None:
+        if self._fd is None:  # closed
+            return
         self.wakes += 1
         try:
             while os.read(self._fd, 4096):  # drain: one wake per batch of writes is enough
@@ -106,7 +109,7 @@ class LogWatch:
     def _scan(self) -> None:
         self._read_on()
         rotated = self._rotated()
-        if rotated is not None:  # the old file's last lines are read above; the new one from its start
+        if rotated is not None and self._file is not None and self._fd is not None:  # the old file's last lines are read above; the new one from its start
             self._file.close()
             self._file, self._offset = rotated, 0
             libc = _libc()
@@ -114,8 +117,10 @@ class LogWatch:
                 log.debug("inotify_add_watch %s failed after a rotation: polling only", self.path)
             self._read_on()
 
-    def _rotated(self):
+    def _rotated(self) -> BinaryIO | None:
         """The new file at the log's path, open, when it is not the one read so far."""
+        if self._file is None:  # closed
+            return None
         try:
             if os.stat(self.path).st_ino == os.fstat(self._file.fileno()).st_ino:
                 return None
@@ -124,6 +129,8 @@ class LogWatch:
             return None
 
     def _read_on(self) -> None:
+        if self._file is None:  # closed
+            return
         self._file.seek(self._offset)
         while chunk := self._file.read(_READ_CHUNK):
             self._offset += len(chunk)
@@ -136,14 +143,15 @@ class LogWatch:
 
     def close(self) -> None:
         if self._fd is not None:
-            self._loop.remove_reader(self._fd)
+            if self._loop is not None:
+                self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = None
         if self._file is not None:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "LogWatch":
+    def __enter__(self) -> LogWatch:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -94,12 +94,12 @@ def rank_weights(shape: ModelShape, tp: int, pp: int, stage: int, layers: range)
 def _layer_share(a: Architecture, tp: int, layer: int) -> tuple[int, int, int]:
     """(linear parameters split over tp, linear parameters each rank holds whole, norms and router)."""
     h, heads_q = a.hidden_size, a.num_attention_heads
-    if a.is_mla:
+    if (rank := a.kv_lora_rank) is not None:  # is_mla
         qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-        whole = h * (a.q_lora_rank or 0) + h * (a.kv_lora_rank + a.qk_rope_head_dim)  # ReplicatedLinear
-        split = (a.q_lora_rank or h) * heads_q * qk + a.kv_lora_rank * heads_q * (a.qk_nope_head_dim + a.v_head_dim) \
+        whole = h * (a.q_lora_rank or 0) + h * (rank + a.qk_rope_head_dim)  # ReplicatedLinear
+        split = (a.q_lora_rank or h) * heads_q * qk + rank * heads_q * (a.qk_nope_head_dim + a.v_head_dim) \
             + heads_q * a.v_head_dim * h
-        norms = 2 * h + (a.q_lora_rank or 0) + a.kv_lora_rank
+        norms = 2 * h + (a.q_lora_rank or 0) + rank
     else:
         hd = a.dim_per_head
         kv_rank = max(1, a.kv_heads // tp)  # fewer KV heads than ranks: each rank keeps one, replicated

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 from . import enginelog, readiness
 from .proctree import (Proc, boot_id, engine_processes, group_is_ours, marker_of, marker_of_pid, read_proc, reap,
@@ -121,9 +121,9 @@ class EngineProcess:
     Either our child (`spawn`) or an engine a previous lessord started and this one adopted
     (`adopt`): its exit is then seen through a pidfd, the same moment a child's would be."""
 
-    def __init__(self, pid: int, identity: str, exit_status: "asyncio.Future[int] | asyncio.Task[int]",
+    def __init__(self, pid: int, identity: str, exit_status: asyncio.Future[int] | asyncio.Task[int],
                  argv: Sequence[str], log_path: Path, on_exit: Callable[[int], None] | None,
-                 started_at: float | None = None, pump: "asyncio.Future[int] | None" = None,
+                 started_at: float | None = None, pump: asyncio.Future[int] | None = None,
                  marker: Sequence[bytes] = ()) -> None:
         self.pid, self.identity, self.argv, self.log_path = pid, identity, tuple(argv), log_path
         self.marker = tuple(marker)
@@ -140,7 +140,7 @@ class EngineProcess:
 
     @classmethod
     async def spawn(cls, argv: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None,
-                    on_exit: Callable[[int], None] | None = None) -> "EngineProcess":
+                    on_exit: Callable[[int], None] | None = None) -> EngineProcess:
         missing = command_problem(argv[0], env.get("PATH", os.defpath))
         if missing:  # else exec's bare "[Errno 2] No such file or directory" names neither the command nor PATH
             raise EngineNotFound(missing)
@@ -176,7 +176,7 @@ class EngineProcess:
 
     @classmethod
     def adopt(cls, pid: int, identity: str, log_path: Path, on_exit: Callable[[int], None] | None,
-              started_at: float | None = None) -> "EngineProcess | None":
+              started_at: float | None = None) -> EngineProcess | None:
         """Take over an engine a previous lessord started; None unless `pid` is still that very
         process (same identity), never a stranger that was given a recycled pid."""
         try:
@@ -216,7 +216,7 @@ class EngineProcess:
     def exited_error(self, doing: str) -> ProcessEnded:
         return ProcessEnded(self.pid, self.returncode if self.returncode is not None else -1, doing, self.tail(10))
 
-    async def wait_until(self, check: Callable[[], "asyncio.Future[bool] | bool"], doing: str, timeout_s: float,
+    async def wait_until(self, check: Callable[[], Awaitable[bool] | bool], doing: str, timeout_s: float,
                          markers: Sequence[str] = (), backoff: Backoff | None = None) -> None:
         """Probe `check` until true; raise ProcessEnded at once if the process ends, TimeoutError
         after `timeout_s` (engines/readiness.py)."""
@@ -308,8 +308,12 @@ async def _child_exit(proc: subprocess.Popen) -> int:
 
 async def _readable(pidfd: int) -> None:
     loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(pidfd, lambda: done.done() or done.set_result(None))
+    done: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+    loop.add_reader(pidfd, wake)
     try:
         await done
     finally:

@@ -24,7 +24,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 log = logging.getLogger("lessor.engines")
 

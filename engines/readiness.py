@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from .logwatch import LogWatch
 
@@ -58,7 +59,7 @@ async def _first_of(exited: asyncio.Event, seen: asyncio.Event, timeout_s: float
             wait.cancel()
 
 
-async def wait_until(process: EngineProcess, check: Callable[[], "asyncio.Future[bool] | bool"], doing: str,
+async def wait_until(process: EngineProcess, check: Callable[[], Awaitable[bool] | bool], doing: str,
                      timeout_s: float, markers: Sequence[str] = (), backoff: Backoff | None = None) -> None:
     """Probe `check` until true; raise ProcessEnded at once if the process ends, TimeoutError after `timeout_s`.
 

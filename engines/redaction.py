@@ -21,7 +21,8 @@ Not here: who is shown what (api/admin.py decides: the token holder reads the wh
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 REDACTED = "<redacted>"
 MIN_VALUE = 6

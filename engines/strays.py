@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from .process import signal_group
 from .proctree import Proc, environ as proc_environ, process_table, read_proc, signal_processes, with_descendants

@@ -9,7 +9,8 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from . import torch_weights
 from .torch_requests import BadRequest, Sampling
@@ -210,7 +211,7 @@ class Engine:
                 tokens += len(ids)
         return vectors, tokens
 
-    def decoder(self, slot: int, prompt: list[int], sampling: Sampling) -> "Decoder":
+    def decoder(self, slot: int, prompt: list[int], sampling: Sampling) -> Decoder:
         return Decoder(self, self.slots[slot], prompt, sampling)
 
     def generate(self, slot: int, prompt: list[int], sampling: Sampling) -> Iterator[int]:

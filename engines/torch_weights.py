@@ -21,7 +21,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 CHUNK_BYTES = 64 << 20  # one read: large enough that a call's cost vanishes, small enough to spread over threads
 READERS = min(4, os.cpu_count() or 1)  # page-cache copies scale with cores; a disk wants a few requests queued

@@ -20,7 +20,8 @@ from pathlib import Path
 _ASK = "import importlib.metadata as m, sys\nfor p in sys.argv[1:]:\n    try: print(p, m.version(p))\n    except m.PackageNotFoundError: print(p, 'not-installed')"
 
 
-_cache: dict[tuple[str, int, tuple[str, ...]], str] = {}
+# (the command, its mtime, the packages, the venv's site-packages stamp) -> what was found
+_cache: dict[tuple[str, int, tuple[str, ...], tuple[int, ...] | None], str] = {}
 _lock = threading.Lock()
 
 
@@ -68,14 +69,16 @@ def _venv_versions(executable: str, packages: tuple[str, ...]) -> str | None:
     say them, without starting its Python (40-100 ms); None when one is not found there (an
     egg-info install, say), so the caller asks the interpreter."""
     interpreter = _interpreter(executable)
-    found = {}
+    if interpreter is None:  # a stamp was found, so there is one
+        return None
+    found: dict[str, Path] = {}
     for folder in Path(interpreter).parent.parent.glob("lib/python3*/site-packages/*.dist-info"):
         found.setdefault(_normalised(folder.name.split("-", 1)[0]), folder)
     out = []
     for package in packages:
-        folder = found.get(_normalised(package))
+        dist = found.get(_normalised(package))
         try:
-            metadata = (folder / "METADATA").read_text(errors="replace") if folder else ""
+            metadata = (dist / "METADATA").read_text(errors="replace") if dist else ""
         except OSError:
             return None
         version = next((line[8:].strip() for line in metadata.splitlines() if line.startswith("Version:")), None)

@@ -17,7 +17,7 @@ import logging
 import signal
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
+from collections.abc import Callable
 
 from ...engines.base import EngineAdapter, EngineHandle, Launch
 from ...engines.process import EngineProcess, signal_group
