@@ -15,6 +15,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -111,7 +112,7 @@ def http_headers(exc: LessorError) -> dict[str, str]:
 
 
 def lessor_envelope(exc: LessorError) -> dict:
-    error = {"type": exc.type, "message": exc.message()}
+    error: dict[str, Any] = {"type": exc.type, "message": exc.message()}
     field = getattr(exc, "field", None)
     if field:
         error["field"] = field

@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ...engines import ENGINE_ARGS, EngineArgs
+from ...engines import ENGINE_ARGS
 from ...memory.architecture import Architecture, read_hf_config
 from ...memory.footprint import ModelShape
 from ...memory.model_folder import read_shape
 from ..planning.profile import KvDtype, Memory, MemoryProfile, WeightFormat, resolve
 from .fields import NAME_PATTERN, Duration, DurationOrNever, Strict
+
+if TYPE_CHECKING:  # the engines' discriminated union, as a type checker can read it: their base
+    from ...engines.base import EngineArgsBase as EngineArgs
+else:
+    from ...engines import EngineArgs
 
 
 class Placement(Strict):
@@ -120,7 +126,7 @@ class ModelSpec(Strict):
         given. Computed once: the spec is frozen (with_overrides makes a new one)."""
         return self.memory_profile
 
-    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> ModelSpec:
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> ModelSpec:
         copy = super().model_copy(update=update, deep=deep)
         if update:  # the copy's fields differ: its profile is its own
             copy.__dict__.pop("memory_profile", None)
@@ -163,7 +169,7 @@ class ModelSpec(Strict):
         engine, most = self.engine, self.engine.max_devices
         if self.placement.experts == "cpu" and not engine.hybrid:
             hybrid = ", ".join(sorted(k for k, args in ENGINE_ARGS.items() if args.hybrid))
-            raise ValueError(f"placement.experts: 'cpu' needs a hybrid engine ({hybrid}), not '{engine.kind}'")
+            raise ValueError(f"placement.experts: 'cpu' needs a hybrid engine ({hybrid}), not '{engine.engine_kind()}'")
         if len(set(self.placement.devices)) != len(self.placement.devices):
             raise ValueError("placement.devices: a GPU index is listed twice")
         problem = engine.placement_problem(len(self.placement.devices))

@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from ...engines import ENGINE_KINDS
 from ...engines.enginelog import LogLimits
-from ...policies import POLICIES, Policy, Value
+from ...policies import POLICIES, Policy, Value, lru_idle, priority
 from ..errors import ConfigError, ConfigProblem
 from ..units import GiB
 from .fields import Duration, MemorySize, NonzeroMemorySize, Strict, parse_listen, port_clash
@@ -99,7 +100,7 @@ class PolicyConfig(Strict):
         if self.name == "value":
             return Value(churn_age_s=self.churn_age, starvation_s=self.starvation)
         if self.name in ("lru_idle", "priority"):
-            return functools.partial(POLICIES[self.name], churn_age_s=self.churn_age)
+            return functools.partial({"lru_idle": lru_idle, "priority": priority}[self.name], churn_age_s=self.churn_age)
         return POLICIES[self.name]
 
     @field_validator("name")
@@ -171,7 +172,7 @@ class LessorConfig(Strict):
     models: list[ModelSpec] = Field(default_factory=list, description="The models lessor may load.")
 
     @model_validator(mode="after")
-    def _names_unique(self) -> "LessorConfig":
+    def _names_unique(self) -> LessorConfig:
         seen: dict[str, str] = {}
         for spec in self.models:
             for name in (spec.name, *spec.aliases):
@@ -181,7 +182,7 @@ class LessorConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _api_key_models_exist(self) -> "LessorConfig":
+    def _api_key_models_exist(self) -> LessorConfig:
         for i, key in enumerate(self.router.api_keys):
             unknown = [m for m in key.models if m != "*" and self.model(m) is None]
             if unknown:
@@ -189,7 +190,7 @@ class LessorConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _ports_unique(self) -> "LessorConfig":
+    def _ports_unique(self) -> LessorConfig:
         listeners = [("admin.listen", *parse_listen(self.admin.listen)), ("router.listen", *parse_listen(self.router.listen))]
         listeners += [(f"models[{i}].engine.port", "127.0.0.1", spec.engine.port)  # engines listen on loopback
                       for i, spec in enumerate(self.models) if spec.engine.port is not None]
@@ -225,7 +226,7 @@ def loc_path(loc: tuple[Any, ...]) -> str:
     return path
 
 
-def _reason(error: dict[str, Any]) -> str:
+def _reason(error: ErrorDetails) -> str:
     msg = error["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         msg = msg.removeprefix(prefix)

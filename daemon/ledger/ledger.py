@@ -26,6 +26,7 @@ from ..devices.probes import DeviceReading, Probe, group_members
 from .ledger_errors import LedgerDamaged, LedgerUnavailable
 from ..events import Event, LeaseGranted, LeaseReleased, LeaseResized
 from . import statements
+from .statements import Statements
 from .database import STORAGE_ERRORS, Deadlines, bounded, deadlines_of, engine_for, migrate, short_error
 from ..leases import EngineRecord, Granted, Lease, LeaseKind, LeaseWant, LedgerSnapshot
 from .record import LedgerRecord, check_database, expectation, recover_hint, sqlite_file
@@ -33,6 +34,10 @@ from .store import Store
 from ..units import format_bytes
 
 log = logging.getLogger("lessor.ledger")
+
+DEFAULT_DEADLINES = Deadlines()  # frozen: one default for every open
+# A row that does not read: the database's trouble, or a NULL or a word where a row cannot have one.
+_UNREADABLE: tuple[type[BaseException], ...] = (*STORAGE_ERRORS, ValueError, TypeError)
 
 # Released rows outlive ledger.history by at most this long (run_pruning's default round).
 PRUNE_EVERY_S = 3600.0
@@ -58,43 +63,44 @@ class Ledger:
 
     @classmethod
     async def open(cls, url: str, probe: Probe, devices: DevicesConfig, record: LedgerRecord | None = None,
-                   deadlines: Deadlines = Deadlines(), **kwargs) -> Ledger:
+                   deadlines: Deadlines = DEFAULT_DEADLINES, **kwargs) -> Ledger:
         """`record`: the state folder's record of what the ledger last committed (lessord's); the
         database is compared with it before anything is written, and it is kept after each change.
         Raises LedgerDamaged (the file and the kind of damage) rather than open an empty ledger
         where the record says leases existed; LedgerUnavailable where the database does not answer
         within `deadlines` (each step)."""
-        ledger = cls(engine_for(url, deadlines), probe, devices, **kwargs)
+        engine = engine_for(url, deadlines)
+        ledger = cls(engine, probe, devices, **kwargs)
         ledger._record = record
         path = sqlite_file(url)
         where = str(path) if path is not None else make_url(url).render_as_string(hide_password=True)
         try:
-            await bounded(lambda: check_database(ledger._db.engine, path, where, record), deadlines, "open")
-            await bounded(ledger._migrate, deadlines, "migrate its schema")
-            await bounded(lambda: ledger._load(where), deadlines, "read the leases")
+            await bounded(lambda: check_database(engine, path, where, record), deadlines, "open")
+            await bounded(lambda: ledger._migrate(engine), deadlines, "migrate its schema")
+            await bounded(lambda: ledger._load(engine, where), deadlines, "read the leases")
         except BaseException as exc:
             ledger._db.unavailable = exc.reason if isinstance(exc, LedgerUnavailable) else None
             await ledger.close()
             raise
         return ledger
 
-    async def _migrate(self) -> None:
+    async def _migrate(self, engine: AsyncEngine) -> None:
         try:
-            async with self._db.engine.begin() as conn:
+            async with engine.begin() as conn:
                 found, now = await conn.run_sync(migrate)
         except STORAGE_ERRORS:
             # SQLite commits each CREATE alone: another process (the CLI's plan) creating the same
             # table first makes ours fail; the second look finds it there. PostgreSQL holds a lock.
-            async with self._db.engine.begin() as conn:
+            async with engine.begin() as conn:
                 found, now = await conn.run_sync(migrate)
         if found and found != now:
             log.info("ledger schema migrated from version %d to %d", found, now)
 
-    async def _load(self, where: str) -> None:
+    async def _load(self, engine: AsyncEngine, where: str) -> None:
         try:
-            async with self._db.engine.begin() as conn:
+            async with engine.begin() as conn:
                 self._leases, self._engines, self._db.generation = await statements.read_granted(conn)
-        except (*STORAGE_ERRORS, ValueError, TypeError) as exc:  # a NULL or a word where a row cannot have one
+        except _UNREADABLE as exc:
             raise LedgerDamaged(where, f"holds rows that do not read ({short_error(exc)})",
                                 expectation(self._record, self._record.read() if self._record else None),
                                 recover_hint(self._record)) from None
@@ -109,7 +115,7 @@ class Ledger:
         millions of requests through it. Nothing survives the process; lessord never uses it."""
         return cls(None, probe, devices, **kwargs)
 
-    async def _write(self, doing: str, statements: Callable[[], Sequence[tuple]]) -> int:
+    async def _write(self, doing: str, statements: Callable[[], Statements]) -> int:
         """One transaction (Store.write); the caller applies the change in memory, then `_note`s it."""
         return await self._db.write(doing, statements)
 

@@ -16,6 +16,8 @@ from .statements import Statements
 
 log = logging.getLogger("lessor.ledger")
 
+_CLOSE_ERRORS: tuple[type[BaseException], ...] = (LedgerUnavailable, *STORAGE_ERRORS)
+
 
 class Store:
     def __init__(self, engine: AsyncEngine | None) -> None:
@@ -61,6 +63,6 @@ class Store:
             try:
                 await bounded(self.engine.dispose, deadlines_of(self.engine), "close")
                 return
-            except (LedgerUnavailable, *STORAGE_ERRORS) as exc:
+            except _CLOSE_ERRORS as exc:
                 log.warning("the ledger's connections did not close (%s); dropped", exc)
         await self.engine.dispose(close=False)

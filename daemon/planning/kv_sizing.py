@@ -62,6 +62,7 @@ def size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
     granule = engine.kv_granule(batch or goal.max_batch_size)
     limit = _context(spec)
     per_sequence = limit[0].tokens if limit else None
+    hard, basis = (limit[1], limit[0].basis) if limit else (False, "")  # hard: the engine refuses more
     warnings, sizing = [], [_shape_line(spec)]
     # An engine that sizes its cache per sequence holds kv_param x batch tokens (vLLM, torch); the
     # others share one pool of kv_param tokens among every sequence (SGLang, llama.cpp, ktransformers).
@@ -82,7 +83,7 @@ def size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
     cap = per_sequence * batch if per_sequence else None
     reasons, hint = [], None
     fitting = fit_tokens // sequences // granule * granule  # the most kv_param that fits now
-    if cap is not None and limit[1]:  # never offer a value the engine refuses
+    if cap is not None and per_sequence is not None and hard:  # never offer a value the engine refuses
         fitting = min(fitting, per_sequence if engine.kv_per_sequence else cap // granule * granule)
     of = f" ({engine.kv_param} {configured} x {engine.batch_param} {sequences})" if sequences > 1 else ""
     if configured is None and cap is not None and tokens > cap:
@@ -102,7 +103,7 @@ def size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
                       f"free {more} more or lower plan.min_kv_tokens")
     elif tokens < goal.min_kv_tokens and cap is not None and cap < goal.min_kv_tokens:
         reasons.append(f"plan.min_kv_tokens {goal.min_kv_tokens} is more than the model can use: its context "
-                       f"{per_sequence} x {batch} sequences = {cap} tokens ({limit[0].basis}); lower "
+                       f"{per_sequence} x {batch} sequences = {cap} tokens ({basis}); lower "
                        f"plan.min_kv_tokens or raise {engine.batch_param}")
     elif tokens < goal.min_kv_tokens:
         short = int((goal.min_kv_tokens - tokens) * rate)
@@ -115,7 +116,7 @@ def size_kv(spec: ModelSpec, memory: Memory, after_weights: Mapping[str, int],
     if hint is not None:  # said as the arithmetic has it; plan() confirms the value by planning with it
         reasons.append(hint.say(hint.value))
     if above:  # after the KV reason, which the hint's index names
-        (reasons if limit[1] else warnings).append(above)
+        (reasons if hard else warnings).append(above)
     worst = max(memory.devices, key=lambda m: m.weights + m.workspace + kv_bytes(m, tokens))
     cache = max(_tokens_bytes(tokens, m.cache_rate) for m in memory.devices)
     workspace = worst.workspace + kv_bytes(worst, tokens) - int(tokens * worst.cache_rate)

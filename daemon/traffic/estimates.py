@@ -79,7 +79,8 @@ def start_in_s(lanes: Mapping[str, Lane], blockers: tuple[str, ...], recheck_s: 
     done at their measured service time, or the policy's own recheck. None: unknown."""
     if blockers:
         left = [work_left_s(lanes.get(name)) for name in blockers]
-        return None if None in left else max(left)
+        known = [s for s in left if s is not None]
+        return max(known) if len(known) == len(left) else None
     return recheck_s
 
 

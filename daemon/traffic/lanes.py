@@ -158,7 +158,7 @@ class Lanes:
             wish = lane.load = LoadWish(self._clock())
             self._wishes[id(lane)] = lane
         if wish.phase is HELD and not wish.held_busy and lane.record.state in _LOADABLE:
-            self._ask(lane)
+            self._ask(lane, wish)
 
     def _after_leaving(self, lane: Lane) -> None:
         self._serve(lane)
@@ -188,8 +188,8 @@ class Lanes:
 
     # -- loading on demand -------------------------------------------------------------------
 
-    def _ask(self, lane: Lane) -> None:
-        lane.load.phase = ASKING
+    def _ask(self, lane: Lane, wish: LoadWish) -> None:
+        wish.phase = ASKING
         self._effects.load(lane)
 
     def loaded(self, lane: Lane) -> None:
@@ -239,7 +239,7 @@ class Lanes:
             return
         wish.phase, wish.blockers = QUEUED, blockers
         if self.rules.refuse_late and not self._ready(lane.record):
-            self._refuse_late(lane, blockers, recheck_s, reason)
+            self._refuse_late(lane, wish, blockers, recheck_s, reason)
         if not lane._due() or self._ready(lane.record):
             self._serve(lane)  # nothing left to load for: the wish ends
             return
@@ -258,14 +258,15 @@ class Lanes:
 
     # -- answering at once what a wait cannot serve in time ----------------------------------
 
-    def _refuse_late(self, lane: Lane, blockers: tuple[str, ...], recheck_s: float | None, reason: str) -> None:
+    def _refuse_late(self, lane: Lane, wish: LoadWish, blockers: tuple[str, ...], recheck_s: float | None,
+                     reason: str) -> None:
         """Refuse the requests the load would reach past their deadline; all of them at a moving
         target, which would otherwise hold them to the edge of their patience."""
         start_s = start_in_s(self.lanes, blockers, recheck_s)
         if start_s is None:
             return
         now = self._clock()
-        missed_s = moved(lane.load, now, start_s if not blockers else None)
+        missed_s = moved(wish, now, start_s if not blockers else None)
         ready_s = now + start_s + (self._load_time(lane.name) or 0.0)
         while lane._due() and (missed_s is not None or lane.waiting[0].deadline_s < ready_s):
             waiter = lane.waiting.popleft()
@@ -278,7 +279,7 @@ class Lanes:
 
     def _look_again(self, lane: Lane, wish: LoadWish, patience_over: bool = False) -> None:
         if lane.load is wish and wish.phase is QUEUED and (patience_over or self._unblocked(wish)):
-            self._ask(lane)
+            self._ask(lane, wish)
 
     def _unblocked(self, wish: LoadWish) -> bool:
         return all(self.in_flight(b) == 0 for b in wish.blockers)
@@ -288,14 +289,14 @@ class Lanes:
         for lane in list(self._wishes.values()):
             wish = lane.load
             if wish is not None and wish.phase is QUEUED and idle.name in wish.blockers and self._unblocked(wish):
-                self._ask(lane)
+                self._ask(lane, wish)
 
     def _retry_unblocked(self) -> None:
         """Memory may have been freed or taken: loads that wait with no blocker named ask again."""
         for lane in list(self._wishes.values()):
             wish = lane.load
             if wish is not None and wish.phase is QUEUED and not wish.blockers:
-                self._ask(lane)
+                self._ask(lane, wish)
 
     def _drain(self, loading: Lane, blockers: tuple[str, ...]) -> None:
         for name in blockers:
@@ -337,10 +338,10 @@ class Lanes:
     def changed(self, name: str | None = None) -> None:
         """A model's state changed (None: anything may have, e.g. a config reload)."""
         if name is None:
-            for lane in list(self.lanes.values()):
-                if lane.load is not None:
-                    lane.load.held_busy = False
-                self._serve(lane)
+            for each in list(self.lanes.values()):
+                if each.load is not None:
+                    each.load.held_busy = False
+                self._serve(each)
             self._retry_unblocked()
             return
         lane = self.lanes.get(name)
@@ -378,9 +379,11 @@ class Lanes:
         """A lane whose load waits: its requests waiting, and in how many seconds it is weighed
         again by itself (its blockers' drain patience, or the retry; None: when something changes)."""
         lane = self.lanes.get(name)
-        wish = lane.load if lane is not None else None
+        if lane is None:
+            return None
+        wish = lane.load
         if wish is None or wish.phase is not QUEUED:
-            return {"requests": len(lane.waiting), "recheck_in_s": None} if lane is not None and lane.waiting else None
+            return {"requests": len(lane.waiting), "recheck_in_s": None} if lane.waiting else None
         return {"requests": len(lane.waiting), "recheck_in_s": recheck_in_s(wish, self.rules, self._clock())}
 
     def queued(self) -> dict[str, int]:
