@@ -4,8 +4,8 @@ Every row: what the engine's memory model in lessor predicts, component by compo
 what the engine logged, with the error in %. The model is the engine's (engines/<kind>.py), run
 with the settings of the measured run; nothing here is fitted.
 
-    python -m lessor.bench.accuracy                 # the table
-    python -m lessor.bench.accuracy --measure-torch --write bench/README.md
+    python -m bench.accuracy                 # the table
+    python -m bench.accuracy --measure-torch --write bench/README.md
 
 `--measure-torch` adds rows measured now, on this machine's CPU: the built-in torch engine run for
 real with a 291 MB model at three KV sizes (bench/torch_measure.py, about a minute on two cores).
@@ -20,16 +20,19 @@ from __future__ import annotations
 import argparse
 import csv
 import re
-from importlib.metadata import version
+import sys
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
-from ..engines.ktransformers import KTransformersEngineArgs
-from ..engines.llamacpp import LlamaCppEngineArgs
-from ..engines.sglang import SGLangEngineArgs
-from ..engines.vllm import VLLMEngineArgs
-from ..memory.architecture import Architecture, read_hf_config
-from ..memory.footprint import DeviceFootprint, ModelShape, Part
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file too: `bench` from the repo root
+
+from lessor.engines.ktransformers import KTransformersEngineArgs
+from lessor.engines.llamacpp import LlamaCppEngineArgs
+from lessor.engines.sglang import SGLangEngineArgs
+from lessor.engines.vllm import VLLMEngineArgs
+from lessor.memory.architecture import Architecture, read_hf_config
+from lessor.memory.footprint import DeviceFootprint, ModelShape, Part
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "bench" / "calibration"  # a copy of ../shared/calibration's CSV (see its README)
@@ -102,9 +105,9 @@ def vllm_rows() -> list[Row]:
             measured = {"weights": g["weight_memory_gib"], "context": g["init_non_torch_memory_gib"],
                         "activation": g["activation_memory_gib"], "non_torch": g["non_torch_forward_gib"],
                         "cuda_graphs": g["cuda_graph_actual_gib"], "kv_per_token": g["kv_cache_memory_gib"] / kv_tokens}
-            predicted = {"weights": c["weights"], "context": c["cuda_context"] + c.get("nccl", 0),
-                         "activation": c["activation"], "non_torch": c["non_torch_forward"],
-                         "cuda_graphs": c["cuda_graphs"], "kv_per_token": device.kv_bytes_per_token}
+            predicted: dict[str, float] = {"weights": c["weights"], "context": c["cuda_context"] + c.get("nccl", 0),
+                                           "activation": c["activation"], "non_torch": c["non_torch_forward"],
+                                           "cuda_graphs": c["cuda_graphs"], "kv_per_token": device.kv_bytes_per_token}
             for out, kv in ((measured, g["kv_cache_memory_gib"]), (predicted, device.kv_bytes_per_token * kv_tokens)):
                 out["non_kv"] = sum(out[k] for k in ("weights", "context", "activation", "non_torch", "cuda_graphs"))
                 out["total"] = out["non_kv"] + kv
@@ -213,14 +216,14 @@ def write(readme: Path, text: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, help="replace the accuracy table in this file (bench/README.md)")
     parser.add_argument("--measure-torch", action="store_true",
                         help="also run the built-in torch engine on this CPU and add what it measured (about a minute)")
     args = parser.parse_args()
     rows = all_rows()
     if args.measure_torch:
-        from .torch_measure import measure_now
+        from bench.torch_measure import measure_now
 
         rows += torch_rows(measure_now())
     text = ("Predicted / measured per GPU (the torch rows: in the engine's process on the CPU), GiB unless the "

@@ -13,7 +13,7 @@ files the generator just wrote); `--cold` adds a round after `echo 3 > /proc/sys
 where the kernel allows it. The same request sent straight to the loaded engine, warm, shows what
 of "load done to first token" is the engine's prefill rather than the router.
 
-    .venv/bin/python bench/cold_start.py                 # --rounds 5 --layers 4 [--cold] [--engine vllm]
+    .venv/bin/python -m bench.cold_start                 # --rounds 5 --layers 4 [--cold] [--engine vllm]
 
 `--engine vllm` runs the same model on real vLLM (its CPU build, `make vllm`): it stamps nothing,
 so its share is one step from spawn to its health answering.
@@ -33,7 +33,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from lessor.bench.router_overhead import spawn_lessord
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file too: `bench` from the repo root
+
+from bench.router_overhead import spawn_lessord
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "cold"

@@ -2,7 +2,7 @@
 group on a GPU, PSS per process group on the host) every 50 ms, and the foreign process (a torch
 process holding memory lessor does not manage, which also times a host-to-device copy).
 
-    python -m lessor.bench.gpu_sampling --hold BYTES --device cuda:0   # the foreign process
+    python -m bench.gpu_sampling --hold BYTES --device cuda:0   # the foreign process
 
 The foreign process prints one JSON line once it holds its bytes and has timed its copy, then
 holds them until its stdin closes.
@@ -78,8 +78,8 @@ class Sampler(threading.Thread):
                     self._names[pgid] = _served_name(psutil.Process(pgid).cmdline())
             except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            if self._names[pgid]:
-                groups[pgid] = self._names[pgid]
+            if name := self._names[pgid]:
+                groups[pgid] = name
         return groups
 
     def _take(self) -> Sample:
@@ -92,7 +92,8 @@ class Sampler(threading.Thread):
             used = sum(per_pid.values())
         engines: dict[str, int] = {}
         for pid, nbytes in per_pid.items():
-            name = groups.get(_pgid(pid))
+            pgid = _pgid(pid)
+            name = groups.get(pgid) if pgid is not None else None
             if name:
                 engines[name] = engines.get(name, 0) + nbytes
         return Sample(time.monotonic(), engines, per_pid.get(self._foreign, 0), used)
@@ -176,7 +177,7 @@ def copy_bandwidth(device: str, nbytes: int = COPY_BYTES, repeats: int = 3) -> f
 
 
 def foreign_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lessor.bench.gpu_sampling", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_sampling", description=__doc__.split("\n\n")[0])
     parser.add_argument("--hold", type=int, required=True, help="bytes to hold")
     parser.add_argument("--device", default="cpu", help="cuda:N or cpu")
     parser.add_argument("--copy-bytes", type=int, default=COPY_BYTES, help="size of the timed copy")

@@ -6,12 +6,12 @@ against measured per component, the peak against the budget, each load's time ag
 host-to-device bandwidth of the same run, an eviction and a reload, one chat request through the
 router to each model; then, uncapped, a full-size Qwen2.5-7B-shaped model.
 
-    python -m lessor.bench.gpu_validate [--out var/gpu-validate] [--json FILE]
-    python -m lessor.bench.gpu_validate --host     # the CPU: the torch engine on the host, scaled down
+    python -m bench.gpu_validate [--out var/gpu-validate] [--json FILE]
+    python -m bench.gpu_validate --host     # the CPU: the torch engine on the host, scaled down
 
 `--host` runs the same steps with lessord's simulated devices: the torch engine on the CPU, the
 shapes cut (fewer layers, a smaller vocabulary), the budget and the foreign process scaled to
-them, PSS per engine process group instead of NVML. CI runs it (tests/test_gpu_validate.py).
+them, PSS per engine process group instead of NVML. CI runs it (tests/system/test_gpu_validate.py).
 """
 
 from __future__ import annotations
@@ -28,15 +28,18 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from ..daemon.config.schema import parse_config
-from ..engines.process import free_port
-from ..engines.tiny_qwen import SHAPES
-from ..memory.architecture import from_hf_config
-from .gpu_report import compare, render
-from .gpu_sampling import HANG_S, Sampler, steady
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file too: `bench` from the repo root
+
+from bench.gpu_report import compare, render
+from bench.gpu_sampling import HANG_S, Sampler, steady
+from lessor.daemon.config.schema import parse_config
+from lessor.engines.process import free_port
+from lessor.engines.tiny_qwen import SHAPES
+from lessor.memory.architecture import from_hf_config
 
 GiB, MiB = 1 << 30, 1 << 20
 A, B, E, BIG = "qwen2.5-3b", "deepseek-v2-lite", "qwen2.5-3b-b", "qwen2.5-7b"
@@ -160,9 +163,10 @@ def foreign_process(setup: Setup):
     """The process lessor does not manage; yields its report (pid, bytes held, copy bandwidth)."""
     device = "cpu" if setup.host else "cuda:0"
     copy_bytes = 256 * MiB if setup.host else 1 * GiB
-    proc = subprocess.Popen([sys.executable, "-m", "lessor.bench.gpu_sampling", "--hold", str(setup.foreign_bytes),
-                             "--device", device, "--copy-bytes", str(copy_bytes)],
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("gpu_sampling.py")),
+                             "--hold", str(setup.foreign_bytes), "--device", device, "--copy-bytes", str(copy_bytes)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None  # both PIPE
     try:
         line = proc.stdout.readline()  # printed once it holds its bytes
         if not line:
@@ -179,7 +183,7 @@ class Daemon:
     def __init__(self, proc: subprocess.Popen, admin: str, router: str, token: str, host: bool) -> None:
         self.proc, self.admin, self.router, self.token, self.host = proc, admin, router, token, host
 
-    def call(self, method: str, url: str, body=None, auth: bool = True) -> tuple[int, object]:
+    def call(self, method: str, url: str, body=None, auth: bool = True) -> tuple[int, Any]:  # Any: the JSON answer
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.token}"} if auth else {})}
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
@@ -194,7 +198,7 @@ class Daemon:
         except ValueError:
             return status, raw.decode(errors="replace")
 
-    def api(self, method: str, path: str, body=None) -> tuple[int, object]:
+    def api(self, method: str, path: str, body=None) -> tuple[int, Any]:
         return self.call(method, self.admin + path, body)
 
 
@@ -283,7 +287,7 @@ def fingerprints(daemon: Daemon, names: list[str]) -> dict:
 def capped_phase(daemon: Daemon, sampler: Sampler, bandwidth: float) -> dict:
     loads = [load(daemon, sampler, name, "side by side", bandwidth) for name in (A, B)]
     # Requests to the larger model first: lru_idle then evicts it for E, the same model either way.
-    order = sorted((A, B), key=lambda n: -next((r.get("steady_bytes", 0) for r in loads if r["model"] == n)))
+    order = sorted((A, B), key=lambda n: -next(r.get("steady_bytes", 0) for r in loads if r["model"] == n))
     loaded = {r["model"] for r in loads if r["loaded"]}
     router = [chat(daemon, name) if name in loaded else {"model": name, "status": None, "skipped": "it did not load"}
               for name in order]
@@ -341,7 +345,7 @@ def validate(setup: Setup, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lessor.bench.gpu_validate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_validate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", action="store_true", help="run on the CPU: simulated card, scaled-down shapes")
     parser.add_argument("--out", type=Path, default=Path("var/gpu-validate"), help="models, configs, logs")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this file")

@@ -50,7 +50,7 @@ def start_lessord(workdir: Path) -> tuple[subprocess.Popen, dict[str, int]]:
             return proc, ports
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit("lessord did not start")
+                raise SystemExit("lessord did not start") from None
             time.sleep(0.1)
     raise SystemExit("lessord did not answer /readyz in 30 s")
 

@@ -1,6 +1,6 @@
 """Ledger and admission benchmark: SQLite file vs PostgreSQL, measured side by side in one run.
 
-    .venv/bin/python bench/ledger_bench.py [--cycles 2000] [--concurrency 64] [--quick-check-leases 100000]
+    .venv/bin/python -m bench.ledger_bench [--cycles 2000] [--concurrency 64] [--quick-check-leases 100000]
 
 Prints per-backend grant+release latency (p50/p99), concurrent grant throughput, and the cost of
 one pure admission decision over a 32-model snapshot; ratios are PostgreSQL / SQLite. The SQLite
@@ -21,17 +21,17 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file too: `bench` from the repo root
 
-from bench.pgcluster import pg_bindir, postgres_cluster  # noqa: E402
-from lessor.daemon.config.schema import DevicesConfig, HostPool, SimulatedGpu  # noqa: E402
-from lessor.daemon.devices.probes import SimProbe  # noqa: E402
-from lessor.daemon.leases import Granted, LeaseKind, LeaseWant  # noqa: E402
+from bench.pgcluster import pg_bindir, postgres_cluster
+from lessor.daemon.config.schema import DevicesConfig, HostPool, SimulatedGpu
+from lessor.daemon.devices.probes import SimProbe
+from lessor.daemon.leases import Granted, LeaseKind, LeaseWant
 from lessor.daemon.ledger.ledger import Ledger
-from lessor.daemon.ledger.database import inspect_sqlite  # noqa: E402
-from lessor.daemon.ledger.record import LedgerRecord  # noqa: E402
-from lessor.daemon.units import GiB, MiB  # noqa: E402
-from lessor.policies import POLICIES, AdmissionRequest, DeviceBudget, ModelView, Snapshot  # noqa: E402
+from lessor.daemon.ledger.database import inspect_sqlite
+from lessor.daemon.ledger.record import LedgerRecord
+from lessor.daemon.units import GiB, MiB
+from lessor.policies import POLICIES, AdmissionRequest, DeviceBudget, ModelView, Snapshot
 
 DEVICES = DevicesConfig(headroom=GiB, host=HostPool(headroom=4 * GiB, simulated_total=64 * GiB))
 

@@ -1,7 +1,7 @@
 """Policy simulator benchmark: every strategy over every scenario, side by side on one trace each.
 
-    .venv/bin/python bench/policy_sim.py                      # 1M requests per scenario
-    .venv/bin/python bench/policy_sim.py --requests 100000 --scenario seed
+    .venv/bin/python -m bench.policy_sim                      # 1M requests per scenario
+    .venv/bin/python -m bench.policy_sim --requests 100000 --scenario seed
 
 Prints a table per scenario and the simulator's own speed; writes bench/results/<scenario>.png
 and bench/results/policy_sim.md (the tables, for bench/README.md).
@@ -15,11 +15,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file too: `bench` from the repo root
 
-from bench.sim import all_strategies, make_trace, scenarios  # noqa: E402
-from bench.sim.report import markdown_table, per_model_table, plot, text_table  # noqa: E402
-from bench.sim.simulator import Simulator  # noqa: E402
+from bench.sim import all_strategies, make_trace, scenarios
+from bench.sim.report import markdown_table, per_model_table, plot, text_table
+from bench.sim.simulator import Simulator
 
 
 def main() -> None:

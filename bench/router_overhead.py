@@ -11,7 +11,7 @@ req/s, p50/p99 latency, for streams the time to first chunk, and each proxy's CP
 (utime+stime from /proc/PID/stat before and after each cell: lessord's own process, where the
 router runs, not its engine; nginx's master and workers), with the ratios to direct and to nginx.
 
-    .venv/bin/python bench/router_overhead.py            # --seconds 3 --rounds 2
+    .venv/bin/python -m bench.router_overhead            # --seconds 3 --rounds 2
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -51,8 +53,9 @@ def free_port() -> int:
 # -- a lean HTTP/1.1 keep-alive client: the load generator must cost less than what it measures ----
 
 class Connection(asyncio.Protocol):
+    transport: asyncio.Transport  # connection_made's, before create_connection returns the protocol
+
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.done: asyncio.Future | None = None
         self.first_ns = 0
@@ -63,6 +66,8 @@ class Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        done = self.done
+        assert done is not None, "request() makes the future before it writes"
         self.buf += data
         if self.header_end < 0:
             end = self.buf.find(b"\r\n\r\n")
@@ -74,13 +79,13 @@ class Connection(asyncio.Protocol):
                 if line.startswith(b"content-length:"):
                     self.length = int(line[15:])
             if not head.startswith(b"http/1.1 200"):
-                self.done.set_exception(RuntimeError(bytes(self.buf[:200]).decode(errors="replace")))
+                done.set_exception(RuntimeError(bytes(self.buf[:200]).decode(errors="replace")))
                 return
         body = len(self.buf) - self.header_end
         if body > 0 and not self.first_ns:
             self.first_ns = time.perf_counter_ns()
         if (self.length >= 0 and body >= self.length) or (self.length < 0 and self.buf.endswith(b"0\r\n\r\n")):
-            self.done.set_result(None)
+            done.set_result(None)
 
     def connection_lost(self, exc) -> None:
         if self.done is not None and not self.done.done():
@@ -154,7 +159,7 @@ def spawn_lessord(workdir: Path, config: dict) -> tuple[subprocess.Popen, str, i
             return proc, url, router
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"lessord did not start: {proc.stderr.read()}")
+                raise SystemExit(f"lessord did not start: {proc.communicate()[1]}") from None
             time.sleep(0.1)
     proc.kill()
     raise SystemExit("lessord did not answer /readyz within 60 s")
@@ -228,7 +233,7 @@ def start_nginx(workdir: Path, engine_port: int) -> tuple[subprocess.Popen | Non
             return proc, port
         except OSError:
             if proc.poll() is not None:
-                print(f"nginx: did not start ({proc.stderr.read().strip()[:300]}): skipped")
+                print(f"nginx: did not start ({proc.communicate()[1].strip()[:300]}): skipped")
                 return None, 0
             time.sleep(0.1)
     proc.terminate()
@@ -267,6 +272,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="direct/router alternations per case (results pooled)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     args = parser.parse_args()
+    run: Callable[..., Any]
     try:
         import uvloop
         run = uvloop.run
@@ -358,7 +364,7 @@ def rewrite_cost(requests: int = 200_000) -> None:
 
     def parse_and_rename() -> None:
         renamed(parse_body(ALIAS)[2], "bench1")
-    costs = {}
+    costs: dict[str, float] = {}
     for _ in range(3):  # alternate, best of three
         for name, step in (("parse", parse), ("parse+rename", parse_and_rename)):
             start = time.perf_counter_ns()

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..daemon.config.model_spec import ModelSpec
-from ..daemon.planning.kv_sizing import kv_bytes
-from ..engines.base import GpuTarget, KvGrant, Launch
-from ..engines.builtin import TorchAdapter
-from ..engines.process import free_port
-from ..engines.tiny_qwen import write
+from lessor.daemon.config.model_spec import ModelSpec
+from lessor.daemon.planning.kv_sizing import kv_bytes
+from lessor.engines.base import GpuTarget, KvGrant, Launch
+from lessor.engines.builtin import TorchAdapter
+from lessor.engines.process import free_port
+from lessor.engines.tiny_qwen import write
 
 # 10 layers of 1024 wide with 4 KV heads of 64 and a 32k vocabulary: 145.5 M parameters, 291 MB
 # in bf16, written in seconds on two cores; large enough that a few MB of loader objects are 1 %.

@@ -28,6 +28,10 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = Path("/tmp/weights-bench/m3b")
 GB = 1e9
@@ -42,7 +46,7 @@ def ensure_model(folder: Path) -> Path:
     return folder
 
 
-def raw_read(files: list[Path], buffers: dict[Path, object]) -> None:
+def raw_read(files: list[Path], buffers: dict[Path, torch.Tensor]) -> None:
     """Each file whole into its buffer, in the reader's chunks over its threads."""
     from lessor.engines.torch_weights import CHUNK_BYTES, READERS, read_exact
 
@@ -60,7 +64,7 @@ def raw_read(files: list[Path], buffers: dict[Path, object]) -> None:
                 os.close(fd)
 
 
-def empty_buffers(files: list[Path]) -> dict[Path, object]:
+def empty_buffers(files: list[Path]) -> dict[Path, torch.Tensor]:
     import torch
 
     return {path: torch.empty(path.stat().st_size, dtype=torch.uint8) for path in files}
@@ -82,8 +86,8 @@ class Runs:
         self.files = torch_weights.checkpoint_files(folder)
         self.bytes = sum(p.stat().st_size for p in self.files)
         self.config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        self.model_class = _causal_lm_class(self.config)
-        self.reused = None
+        self.model_class: Any = _causal_lm_class(self.config)  # a transformers class: from_pretrained
+        self.reused: dict[Path, torch.Tensor] = {}
 
     def warm_up(self) -> None:
         self.reused = empty_buffers(self.files)

@@ -127,7 +127,7 @@ def pg_server():
 @pytest.fixture(scope="session")
 def measure_model(tmp_path_factory) -> Path:
     """A random bf16 Qwen2 of 291 MB (bench/torch_measure.py), large enough to measure; written once per session."""
-    from lessor.bench import torch_measure
+    from bench import torch_measure
 
     return torch_measure.write_model(tmp_path_factory.mktemp("models") / "qwen2-291mb")
 

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from lessor.bench import torch_measure
+from bench import torch_measure
 from lessor.daemon.config.model_spec import ModelSpec
 from lessor.daemon.planning.kv_sizing import kv_bytes
 
@@ -76,7 +76,7 @@ def test_mla_static_cache_holds_the_latent_the_memory_model_predicts(deepseek_v2
 
 
 def test_the_accuracy_table_shows_the_measured_rows(measurements):
-    from lessor.bench import accuracy
+    from bench import accuracy
 
     rows = accuracy.torch_rows(measurements)
     assert [r.error("kv") for r in rows] == [error(m.predicted_kv, m.measured_kv) for m in measurements]

@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..support.paths import ROOT
 from ..support.waiting import HANG_S
 
 
 def run_host(tmp_path: Path) -> tuple[dict, str]:
     out = tmp_path / "run.json"
-    proc = subprocess.run([sys.executable, "-m", "lessor.bench.gpu_validate", "--host", "--out", str(tmp_path / "work"),
-                           "--json", str(out)], capture_output=True, text=True, timeout=HANG_S)
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_validate", "--host", "--out", str(tmp_path / "work"),
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 

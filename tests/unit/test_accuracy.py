@@ -3,7 +3,7 @@ against the engine's memory model in lessor (what it predicts with the settings 
 
 import pytest
 
-from lessor.bench import accuracy
+from bench import accuracy
 
 ROWS = accuracy.all_rows()
 
