@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -37,16 +37,16 @@ class Steps:
     it runs: a client that leaves mid-step must not hand the slot's cache to the next request
     while the step still writes into it."""
 
-    def __init__(self, server: Server, decoder: Decoder) -> None:
-        self.server, self.decoder = server, decoder
+    def __init__(self, free: asyncio.Queue[int], decoding: ThreadPoolExecutor, decoder: Decoder) -> None:
+        self.free, self.decoding, self.decoder = free, decoding, decoder  # the server's slots and workers
         self.running: Future | None = None
 
     async def next(self) -> int | None:
-        self.running = self.server.decoding.submit(self.decoder.step)
+        self.running = self.decoding.submit(self.decoder.step)
         return await asyncio.wrap_future(self.running)
 
     def release(self, slot: int) -> None:
-        free = self.server.free_slots
+        free = self.free
         if self.running is None or self.running.done():
             free.put_nowait(slot)
         else:

@@ -28,12 +28,15 @@ class Engine:
         self.model_path, self.dtype_name, self.device_name = model_path, dtype, device
         self.phase = "starting"
         self.error = ""
-        self.model = self.tokenizer = None
+        # torch's and transformers' objects, typed Any: both are imported in the engine's process only,
+        # when the weights load, so that importing this module costs neither.
+        self.model: Any = None
+        self.tokenizer: Any = None
         self.slots: list[Any] = []
         self.context_tokens = 0
         self.baseline_bytes: int | None = None  # what the process held before the weights (see _held)
         self.weights_measured: int | None = None
-        self.read_started: float | None = None  # CLOCK_MONOTONIC: when the weights' read began (load_weights)
+        self.read_started = 0.0  # CLOCK_MONOTONIC: when the weights' read began (set by load_weights)
         self.kv_measured: int | None = None
         self.fail_at_step: int | None = None  # tests only: the decode step that raises (the error path)
         self._cap(memory_limit)
@@ -94,7 +97,7 @@ class Engine:
         self.weights_measured = self.memory_reserved()
         self.phase = "weights_loaded"
 
-    def _from_pretrained(self, model_class: type, config, dtype) -> Any:
+    def _from_pretrained(self, model_class: Any, config, dtype) -> Any:
         """transformers' loader: slower (see torch_weights), but it converts checkpoints whose
         tensors are named or laid out other than the model's (DeepSeek-V2's experts, one each)."""
         model = model_class.from_pretrained(self.model_path, config=config, dtype=dtype, local_files_only=True)
@@ -234,7 +237,7 @@ class Decoder:
         self.pending = list(prompt)  # the ids the next step feeds the model
         self.tokens = 0
         self.ended = False
-        self.generator = None
+        self.generator: Any = None  # a torch.Generator, made by the first step
 
     def step(self) -> int | None:
         """The next token id; None once the sequence ended (eos unless ignored, or max_tokens)."""
@@ -281,7 +284,7 @@ def _kv_layers(cache) -> list[Any]:
     return [layer for layer in cache.layers if layer.supports_early_init]
 
 
-def _causal_lm_class(config) -> type:
+def _causal_lm_class(config) -> Any:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:

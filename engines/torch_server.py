@@ -122,10 +122,7 @@ class Server:
     async def allocate(self, request: web.Request) -> web.Response:
         body = parse_body(await request.read())
         try:
-            tokens, batch = body.get("context_tokens"), body.get("max_batch_size")
-            for name, value in (("context_tokens", tokens), ("max_batch_size", batch)):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise BadRequest(name, f"must be a positive integer; got {value!r}")
+            tokens, batch = _positive(body, "context_tokens"), _positive(body, "max_batch_size")
             self.times["kv_start"] = time.monotonic()
             await asyncio.to_thread(self.engine.allocate_kv, tokens, batch, body.get("memory_limit_bytes"))
             self.times["kv_allocated"] = time.monotonic()
@@ -145,7 +142,8 @@ class Server:
         --min-kv-tokens and the size phase 2 allocated. It waits up to `wait_s` for the running
         requests to end (new ones wait for it), then reallocates. The answer: what it now holds."""
         body = parse_body(await request.read())
-        if self.engine.phase != "ready" or self.free_slots is None:
+        free = self.free_slots
+        if self.engine.phase != "ready" or free is None:
             return _error(409, f"the KV cache is resized once the model is ready; phase is {self.engine.phase}", "phase")
         tokens, wait_s, limit = _resize_request(body)
         low, high = self._kv_bounds()
@@ -167,7 +165,7 @@ class Server:
                               f"{self.engine.context_tokens * batch} tokens, as before", "kv_tokens", "server_error")
             finally:
                 for slot in held:
-                    self.free_slots.put_nowait(slot)
+                    free.put_nowait(slot)
         log.info("KV cache resized to %d tokens (%d per sequence)", self.engine.context_tokens * batch,
                  self.engine.context_tokens)
         return web.json_response({**self.engine.measure(), "kv_tokens": self.engine.context_tokens * batch,
@@ -182,21 +180,23 @@ class Server:
     async def _hold_slots(self, wait_s: float) -> list[int] | web.Response:
         """Every slot, once the requests in them ended (those waiting for one go first), or the
         409 to answer when some still run after `wait_s`."""
+        free = self.free_slots
+        assert free is not None  # made by phase 2; resize answered 409 before it
         held: list[int] = []
         deadline = asyncio.get_running_loop().time() + wait_s
         try:
             while len(held) < len(self.engine.slots):
-                if not self.free_slots.empty():  # wait_for with no time left fails even a ready get
-                    held.append(self.free_slots.get_nowait())
+                if not free.empty():  # wait_for with no time left fails even a ready get
+                    held.append(free.get_nowait())
                     continue
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     raise asyncio.TimeoutError
-                held.append(await asyncio.wait_for(self.free_slots.get(), left))
+                held.append(await asyncio.wait_for(free.get(), left))
         except asyncio.TimeoutError:
             running = len(self.engine.slots) - len(held)
             for slot in held:
-                self.free_slots.put_nowait(slot)
+                free.put_nowait(slot)
             return _error(409, f"{running} request(s) still ran after waiting {wait_s:g} s to resize the KV cache; "
                           "retry when it is idle, or with a longer wait_s", "wait_s")
         return held
@@ -240,14 +240,16 @@ class Server:
         wanted = read(body)
         prompt = await asyncio.to_thread(self.engine.prompt_ids, wanted.messages, wanted.prompt)
         sampling = wanted.sampling(len(prompt), self.engine.context_tokens)
-        slot = await self.free_slots.get()
+        free, decoding = self.free_slots, self.decoding
+        assert free is not None and decoding is not None  # made by phase 2; _ready_body answered 503 before it
+        slot = await free.get()
         try:  # a resize may have changed the context while it waited
             sampling = wanted.sampling(len(prompt), self.engine.context_tokens)
         except BadRequest:
-            self.free_slots.put_nowait(slot)
+            free.put_nowait(slot)
             raise
         decoder = self.engine.decoder(slot, prompt, sampling)
-        steps = Steps(self, decoder)
+        steps = Steps(free, decoding, decoder)
         try:
             completion = Completion(self, wanted.messages is not None, len(prompt), wanted.stream)
             return await completion.run(request, steps, sampling)
@@ -262,6 +264,13 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
     if encoding == "float":
         return vector
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()  # OpenAI's base64: float32 LE
+
+
+def _positive(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BadRequest(name, f"must be a positive integer; got {value!r}")
+    return value
 
 
 def _resize_request(body: dict[str, Any]) -> tuple[int, float, int | None]:

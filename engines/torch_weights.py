@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 CHUNK_BYTES = 64 << 20  # one read: large enough that a call's cost vanishes, small enough to spread over threads
 READERS = min(4, os.cpu_count() or 1)  # page-cache copies scale with cores; a disk wants a few requests queued
@@ -173,7 +173,8 @@ def plan(entries: Iterable[Entry], chunk_bytes: int = CHUNK_BYTES) -> list[Read]
     """The reads that fill `entries`: neighbours in the file share a read up to `chunk_bytes`; a
     larger tensor is read in slices of `chunk_bytes`, so threads can share it."""
     reads: list[Read] = []
-    offset, pieces, total = 0, [], 0
+    offset, total = 0, 0
+    pieces: list[Piece] = []
     for entry in sorted(entries, key=lambda e: e.offset):
         for start in range(0, entry.nbytes, chunk_bytes):
             length = min(chunk_bytes, entry.nbytes - start)
@@ -207,7 +208,7 @@ def read_exact(fd: int, views: list[memoryview], offset: int, path: Path) -> Non
 
 class _Staging(threading.local):
     """Each reader thread's pinned host buffer for a device: read into it, then copied over."""
-    buffer = None
+    buffer: Any = None  # a torch tensor, made by the thread's first read
 
 
 def read_tensors(files: Iterable[Path], device: str = "cpu", dtypes: Mapping[str, Any] | None = None,
@@ -230,8 +231,10 @@ def _read_file(pool: ThreadPoolExecutor, staging: _Staging, checkpoint: Checkpoi
     entries = {e.name: e for e in checkpoint.entries if dtypes is None or e.name in dtypes}
     # Raw bytes first, viewed as the tensor after: a uint8 buffer takes any dtype's bytes at offset 0.
     flat = {name: torch.empty(e.nbytes, dtype=torch.uint8, device=device) for name, e in entries.items()}
+    work: Callable[[int, Read, Any, _Staging, Path], None]
+    target: dict[str, Any]
     if torch.device(device).type == "cpu":
-        views = {name: memoryview(t.numpy()) for name, t in flat.items()}
+        views = {name: t.numpy().data for name, t in flat.items()}  # the arrays' bytes, as memoryviews
         work, target = _read_host, views
     else:
         work, target = _read_device, dict(flat)  # its own dict: a whole tensor leaves both
@@ -283,7 +286,7 @@ def _as_tensor(path: Path, entry: Entry, raw, dtypes: Mapping[str, Any] | None):
 
 # -- the model -------------------------------------------------------------------------------------
 
-def load_model(folder: Path | str, model_class: type, config: Any, dtype: Any, device: str) -> Any:
+def load_model(folder: Path | str, model_class: Any, config: Any, dtype: Any, device: str) -> Any:
     """`model_class` built without weights (on the meta device: no memory, no random init), its
     buffers that no checkpoint holds (rotary frequencies) computed on `device`, then given the
     checkpoint's tensors as its own (`assign`: no copy), tied weights tied. Raises NotLoadable,
