@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup demo test system-deps vllm clean install
+.PHONY: setup demo test lint system-deps vllm clean install
 
 # The daemon and the demo: lessor and its runtime dependencies only, nothing to compile.
 $(VENV)/.base: pyproject.toml
@@ -47,8 +47,16 @@ VLLM_VENV ?= .venv-vllm
 vllm:
 	sh tests/support/install-vllm.sh $(VLLM_VENV)
 
-test: setup system-deps vllm
+test: setup system-deps vllm lint
 	$(PY) -m pytest -q
+
+# ruff, then mypy (pyproject.toml has both configurations). mypy runs in build/typecheck, where links
+# name the repo root `lessor` (it is lessor's package folder) and bench/ `bench`; with its cache
+# (.mypy_cache) a run takes seconds, the first one a minute or two.
+lint: setup
+	$(VENV)/bin/ruff check .
+	@mkdir -p build/typecheck && ln -sfn ../.. build/typecheck/lessor && ln -sfn ../../bench build/typecheck/bench
+	cd build/typecheck && $(abspath $(VENV))/bin/mypy --config-file ../../pyproject.toml --cache-dir ../../.mypy_cache
 
 # lessord as a system service (README "Running as a service"), as root: a venv in $(PREFIX)/venv, the
 # system user, the state directory, /etc/lessor/lessor.yaml when missing, the unit pointing at the venv.
@@ -58,4 +66,4 @@ install:
 	PREFIX=$(PREFIX) sh systemd/install.sh
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) var *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) var *.egg-info .pytest_cache .hypothesis .mypy_cache build/typecheck

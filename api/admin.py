@@ -10,7 +10,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -160,6 +160,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    reason: str | None
     if not request.app[READY].is_set():
         reason = "starting: adopting the previous lessord's engines and loading the pinned models"
         return web.json_response({"ready": False, "reason": reason}, status=503)

@@ -29,7 +29,7 @@ class TokenFileError(OSError):
     (lessord's main prints an OSError's text as its last line)."""
 
     def __str__(self) -> str:
-        return self.strerror
+        return self.strerror or super().__str__()
 
 
 def resolve_token(token_path: Path, create: bool) -> str | None:

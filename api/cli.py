@@ -16,7 +16,8 @@ import threading
 import time
 import urllib.parse
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from ..daemon.config.schema import LessorConfig, load_config
 from ..daemon.errors import ConfigError, LessorError

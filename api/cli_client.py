@@ -52,7 +52,7 @@ class Client:
                 payload = {"error": {"message": exc.reason}}
             raise ApiError(exc.code, payload, self._token_hint() if exc.code == 401 else "") from None
         except urllib.error.URLError as exc:
-            raise SystemExit(f"lessor: cannot reach the admin API at {self.base}: {exc.reason} (is lessord running?)")
+            raise SystemExit(f"lessor: cannot reach the admin API at {self.base}: {exc.reason} (is lessord running?)") from None
 
     def _token_hint(self) -> str:
         return (f"{self.token_note}; give the daemon's token with --config FILE (the admin.token in its "

@@ -86,7 +86,7 @@ def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
     top_flags = [s for a in parser._actions if not isinstance(a, argparse._SubParsersAction) for s in a.option_strings]
     top_values = [s for a in parser._actions if a.option_strings and a.nargs != 0 and not isinstance(a, argparse._VersionAction)
                   for s in a.option_strings]
-    cases, value_flags = [], set()
+    cases, value_flags = [], set[str]()
     for name, sub in subs.items():
         flags = [s for a in sub._actions for s in a.option_strings]
         value_flags.update(s for a in sub._actions if a.option_strings and a.nargs != 0 for s in a.option_strings)

@@ -43,7 +43,7 @@ SLOT = b'<script type="application/json" id="initial-state"></script>'
 
 @cache
 def _static(name: str) -> bytes:
-    return resources.files(__package__).joinpath("static", name).read_bytes()
+    return resources.files(__package__).joinpath("static").joinpath(name).read_bytes()  # one part a call before 3.11
 
 
 def _file(name: str, content_type: str) -> web.Response:

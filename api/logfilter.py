@@ -14,7 +14,8 @@ import logging
 import os
 import sys
 from datetime import datetime, timezone
-from typing import Any, Mapping, TextIO
+from typing import Any, TextIO
+from collections.abc import Mapping
 
 from aiohttp.http_exceptions import HttpProcessingError
 

@@ -30,7 +30,7 @@ class LoadResult(str, Enum):
     QUEUED = "queued"  # the admission said wait (Queue, MustWait): a request's load waits as WAITING
 
 
-def values(*enums_or_members) -> tuple[str, ...]:
+def values(*enums_or_members: type[Enum] | Enum) -> tuple[str, ...]:
     """The label values of enums (every member) or of members, in order."""
     out: list[str] = []
     for item in enums_or_members:

@@ -30,7 +30,7 @@ from .refusals import CrossSiteRequest
 LOOPBACK_NAMES = frozenset(("localhost", "127.0.0.1", "::1"))
 EVERY_ADDRESS = frozenset(("", "0.0.0.0", "::", "*"))
 DEFAULT_PORTS = {"http": 80, "https": 443}
-_RULES: dict[tuple[int, str], tuple[object, "SiteRules"]] = {}  # SiteRules.cached; holds the config: its id stays its own
+_RULES: dict[tuple[int, str], tuple[object, SiteRules]] = {}  # SiteRules.cached; holds the config: its id stays its own
 
 
 def _is_ip(name: str) -> bool:

@@ -41,9 +41,10 @@ class Sink(Protocol):
 
 
 class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, pool: "UpstreamPool", key: tuple[str, int]) -> None:
+    transport: asyncio.Transport  # connection_made's: the pool hands a connection out once it is connected
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
         self.pool, self.key = pool, key
-        self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.sink: Sink | None = None
         self.content_type = b"application/json"

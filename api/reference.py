@@ -4,6 +4,7 @@ route table so the documentation cannot drift from the code. `python -m lessor.a
 from __future__ import annotations
 
 import typing
+from collections.abc import Sequence
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -12,6 +13,7 @@ from ..daemon.config.model_spec import ModelSpec
 from ..daemon.config.schema import LessorConfig
 from ..daemon.units import (DURATION_RULE, SIZE_RULE, format_bytes, parse_duration, parse_duration_or_never,
                             parse_memory_size, parse_nonnegative_duration, parse_nonzero_memory_size, parse_size)
+from ..engines.base import EngineArgsBase
 
 SIZES = {parse_size, parse_memory_size, parse_nonzero_memory_size}
 DURATIONS = {parse_duration, parse_nonnegative_duration, parse_duration_or_never}
@@ -75,9 +77,9 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
     return out
 
 
-def engine_classes() -> list[type[BaseModel]]:
+def engine_classes() -> list[type[EngineArgsBase]]:
     """The engine argument classes the config accepts under `models[].engine`, in the reference's order."""
-    return _models_in(ModelSpec.model_fields["engine"].annotation)
+    return [m for m in _models_in(ModelSpec.model_fields["engine"].annotation) if issubclass(m, EngineArgsBase)]
 
 
 def engine_rows() -> list[tuple[str, str, str, str]]:
@@ -88,7 +90,7 @@ def engine_rows() -> list[tuple[str, str, str, str]]:
     return out
 
 
-def markdown_table(header: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+def markdown_table(header: tuple[str, ...], body: Sequence[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
     return "\n".join(lines)

@@ -44,9 +44,9 @@ from .proxy import UpstreamPool
 try:
     from orjson import dumps as json_dumps, loads as json_loads
 except ImportError:  # orjson is a dependency; the standard library still works without it
-    from json import loads as json_loads
+    from json import loads as json_loads  # type: ignore[assignment]  # orjson's signature is not json's
 
-    def json_dumps(data) -> bytes:
+    def json_dumps(data) -> bytes:  # type: ignore[misc]
         return json.dumps(data, ensure_ascii=False).encode()
 
 PROXIED = frozenset((b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings"))
@@ -118,7 +118,8 @@ class Running:
     __slots__ = ("conn", "error")
 
     def __init__(self, conn: ClientConnection) -> None:
-        self.conn, self.error = conn, None
+        self.conn = conn
+        self.error: LessorError | None = None
 
     def cut(self, error: LessorError) -> None:
         if self.error is None:
@@ -152,7 +153,7 @@ class FrontDoor:
             if not allows(access, spec.name):
                 continue
             entry = {"object": "model", "created": 0, "owned_by": "lessor", "state": record.state.value,
-                     "engine": spec.engine.kind}
+                     "engine": spec.engine.kind}  # type: ignore[attr-defined]  # until engines.EngineArgs is a type mypy reads
             data.append({"id": spec.name, **entry, "aliases": list(spec.aliases)})
             data.extend({"id": alias, **entry, "alias_of": spec.name} for alias in spec.aliases)
         return {"object": "list", "data": data}
@@ -166,7 +167,7 @@ class FrontDoor:
             if access is not None and access.models is not EVERY_MODEL:
                 raise UnknownModel(name, [n for n in exc.known if allows(access, self.router.lane(n).name)]) from None
             raise
-        if not allows(access, lane.name):
+        if access is not None and not allows(access, lane.name):
             raise Forbidden(name, tuple(sorted(access.models or ())))
         return lane
 

@@ -78,7 +78,7 @@ class Architecture(BaseModel):
     source: str | None = Field(default=None, description="Where these fields were read from; set by lessor (architecture.hf_config, or the config.json or GGUF header in engine.model_path), shown by `lessor plan`.")
 
     @model_validator(mode="after")
-    def _shape(self) -> "Architecture":
+    def _shape(self) -> Architecture:
         if self.num_attention_heads % self.kv_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.kv_heads}")
         if self.n_routed_experts and not self.moe_intermediate_size:

@@ -6,10 +6,18 @@ An engine's args class answers `footprint(shape) -> Footprint`; the daemon turns
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum
 
 from .architecture import Architecture
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10, the floor, has no StrEnum: the same behaviour (str() and f-strings give the value)
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
 
 
 class Source(StrEnum):

@@ -35,12 +35,12 @@ class ParamCounts:
 
 def _attention_params(a: Architecture) -> int:
     h = a.hidden_size
-    if a.is_mla:  # q_a_proj, q_a_layernorm, q_b_proj (or q_proj); kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj; o_proj
+    if (rank := a.kv_lora_rank) is not None:  # MLA: q_a_proj, q_a_layernorm, q_b_proj (or q_proj); kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj; o_proj
         qk = a.qk_nope_head_dim + a.qk_rope_head_dim
         q = (h * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * a.num_attention_heads * qk) if a.q_lora_rank \
             else h * a.num_attention_heads * qk
-        kv = h * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank \
-            + a.kv_lora_rank * a.num_attention_heads * (a.qk_nope_head_dim + a.v_head_dim)
+        kv = h * (rank + a.qk_rope_head_dim) + rank \
+            + rank * a.num_attention_heads * (a.qk_nope_head_dim + a.v_head_dim)
         return q + kv + a.num_attention_heads * a.v_head_dim * h
     q_width, kv_width = a.num_attention_heads * a.dim_per_head, a.kv_heads * a.dim_per_head
     bias = (q_width + 2 * kv_width) if a.attention_bias else 0

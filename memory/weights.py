@@ -35,8 +35,8 @@ def kv_bytes_per_token(a: Architecture, kv_dtype: str = "bf16", k_v_bytes: tuple
     `layers` and `kv_heads` the share one device holds (default: all of them)."""
     k_bytes, v_bytes = k_v_bytes or (DTYPE_BYTES[kv_dtype], DTYPE_BYTES[kv_dtype])
     layers = a.num_hidden_layers if layers is None else layers
-    if a.is_mla:
-        return int(layers * (a.kv_lora_rank + a.qk_rope_head_dim) * k_bytes)
+    if (rank := a.kv_lora_rank) is not None:  # MLA
+        return int(layers * (rank + a.qk_rope_head_dim) * k_bytes)
     heads = a.kv_heads if kv_heads is None else kv_heads
     return int(layers * heads * a.dim_per_head * (k_bytes + v_bytes))
 
@@ -46,7 +46,7 @@ def paged_tokens(tokens: int, page_tokens: int) -> int:
     return -(-tokens // page_tokens) * page_tokens
 
 
-def split_weights(p: "ParamCounts", weight_format: str, experts_on_cpu: bool) -> tuple[int, int, int]:
+def split_weights(p: ParamCounts, weight_format: str, experts_on_cpu: bool) -> tuple[int, int, int]:
     """(GPU bytes without embeddings, embedding bytes, routed-expert bytes) in one format: engines
     place the embedding and the experts differently (llama.cpp keeps token_embd in host RAM; a
     hybrid engine keeps the routed experts there)."""

@@ -14,7 +14,7 @@ busy models, or for an idle one to turn quiet (the `Queue` says when), or it is 
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .snapshot import Admit, AdmissionRequest, Decision, Evict, ModelView, Queue, Rejected, Snapshot
 

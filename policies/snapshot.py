@@ -4,7 +4,7 @@ plain values only, so a policy can be tested with hand-written snapshots."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from collections.abc import Mapping
 
 
 
@@ -91,7 +91,7 @@ class AdmissionRequest:
     cause: str = "request"  # who asked: "request" (the router's traffic), "operator" or "restart"
 
     @classmethod
-    def give_back(cls, device: str) -> "AdmissionRequest":
+    def give_back(cls, device: str) -> AdmissionRequest:
         """Foreign usage grew past what the leases leave free on `device`: room for nothing new,
         only the overcommit to cover (the snapshot's negative free bytes). Decided by the policy
         like any admission."""

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from .eviction import decide_with_candidates, free_with, holds_on, rejected, shortfall, shrink_to_cover, turns_quiet
 from .snapshot import Admit, AdmissionRequest, Decision, Evict, ModelView, Queue, Snapshot
@@ -134,9 +134,8 @@ class Value:
                 busy = [self._yield_after_s(m) for m in young if not m.idle]
                 waits.append(Queue(f"{', '.join(m.name for m in young)} loaded less than {self.churn_age_s:g} s "
                                    "ago (policy.churn_age)", (), max(1.0, min([matures_in, *busy]))))
-        waits = [w for w in waits if w is not None]
-        if waits:
-            return min(waits, key=lambda w: w.recheck_s)
+        if found := [w for w in waits if w is not None]:  # each says when it rechecks
+            return min(found, key=lambda w: math.inf if w.recheck_s is None else w.recheck_s)
         return Queue("a load under way holds the memory")
 
     def _yields(self, m: ModelView, now: float) -> bool:

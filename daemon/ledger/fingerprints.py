@@ -15,9 +15,10 @@ import asyncio
 import hashlib
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from enum import StrEnum
+from enum import Enum
 from typing import Any, Callable, Mapping
 
 from sqlalchemy import delete, insert, select
@@ -27,6 +28,13 @@ from .ledger_errors import LedgerUnavailable
 from .database import STORAGE_ERRORS, fingerprints_table, short_error, write
 
 log = logging.getLogger("lessor.fingerprints")
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10, the floor, has no StrEnum: the same behaviour (str() and f-strings give the value)
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
 
 
 class Outcome(StrEnum):

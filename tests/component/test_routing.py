@@ -456,7 +456,7 @@ async def test_the_value_policy_serves_the_other_model_or_refuses_at_once_never_
     clock.advance(120.0)  # past policy.churn_age
     lane, _ = await turn(router, "hot")  # hot is in use now
     router.finish(lane)
-    for asked in range(1, 41):  # each request to cold is served, or answered at once with when to retry
+    for asked in range(1, 41):  # noqa: B007 (the assertion after the loop reads it) each request to cold is served, or answered at once with when to retry
         outcome, got = await served_or_refused(router, "cold")
         if outcome == "served":
             router.finish(got)

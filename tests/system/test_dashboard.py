@@ -213,8 +213,8 @@ class Page:
 
     async def until(self, condition: str, what: str):
         """Wait until the page's `condition` (a JS expression) holds; the page looks each 50 ms."""
-        js = ("new Promise((done) => { const look = () => { let v; try { v = (%s); } catch (e) {} "
-              "if (v) done(v); else setTimeout(look, 50); }; look(); })" % condition)
+        js = ("new Promise((done) => { const look = () => { let v; try { v = (" + condition + "); } catch (e) {} "
+              "if (v) done(v); else setTimeout(look, 50); }; look(); })")
         try:
             return await asyncio.wait_for(self.evaluate(js), HANG_S)
         except asyncio.TimeoutError:

@@ -239,7 +239,7 @@ def test_sighup_churn_ends_with_the_last_file_in_force(tmp_path):
             digest = config_source(path)["digest"]
             proc.send_signal(signal.SIGHUP)
 
-            def said() -> bool:
+            def said(digest: str = digest) -> bool:
                 assert "reload refused" not in output.read_text(), output.read_text()[-2000:]
                 status = _get(f"{url}/admin/v1/status", token)
                 pending = status.get("pending_reload") or {}

@@ -154,7 +154,7 @@ def test_an_engine_that_dies_at_its_first_request_is_not_loaded_again_by_every_r
     with running_lessord(config_file(tmp_path, [spec])) as (_, url, router):
         admin = Admin(url, tmp_path / "state")
         events = admin.events()
-        for crash in (1, 2):
+        for _crash in (1, 2):
             status, _ = post(router + "/v1/chat/completions", {"model": "crashy", "messages": []})
             assert status == 502, "the request the engine died under"
             failed = next(e for e in iter(lambda: events.get(timeout=HANG_S), None)
