@@ -519,8 +519,7 @@ async def test_a_refused_reload_is_one_short_event_line_and_its_reason_stays_in_
     path = tmp_path / "lessor.yaml"
     path.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "devices": card,
                                     "models": [torch_model("a", "2GiB")]}))
-    async with runtime(load_config(path), engines=FakeEngines()) as controller:
-        controller.config_loader = lambda: load_config(path)
+    async with runtime(load_config(path), engines=FakeEngines(), config_loader=lambda: load_config(path)) as controller:
         events = controller.bus.subscribe()
         path.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "devices": card,
                                         "models": [torch_model("a", "2GiB"), huge, {**huge, "name": "huge2"}]}))

@@ -57,8 +57,7 @@ async def _api(tmp_path, aiohttp_client, controller):
 
 async def test_post_reload_says_what_changed_or_why_it_refused(tmp_path, aiohttp_client):
     path = _write(tmp_path / "lessor.yaml", _data(tmp_path, [torch_model("a", "2GiB")]))
-    async with runtime(load_config(path), engines=FakeEngines()) as controller:
-        controller.config_loader = lambda: load_config(path)
+    async with runtime(load_config(path), engines=FakeEngines(), config_loader=lambda: load_config(path)) as controller:
         events = controller.bus.subscribe()
         api = await _api(tmp_path, aiohttp_client, controller)
         assert (await api.post("/admin/v1/reload")).status == 401  # a change of the running config: the token's

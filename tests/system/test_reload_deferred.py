@@ -44,10 +44,9 @@ async def _served(tmp_path, aiohttp_client, models, engines=None):
     """(controller, admin API client, config path, events) for lessord's parts run from a config file."""
     path = _write(tmp_path, models)
     engines = engines or FakeEngines()
-    made = runtime(load_config(path), engines=engines)
+    made = runtime(load_config(path), engines=engines, config_source=config_source(path),
+                   config_loader=lambda: load_config(path))
     controller = await made.__aenter__()
-    controller.config_source = config_source(path)
-    controller.config_loader = lambda: load_config(path)
     api = await aiohttp_client(make_admin_app(controller, "t"))
     return made, controller, api, path, engines.adapter, controller.bus.subscribe()
 
