@@ -153,7 +153,7 @@ class FrontDoor:
             if not allows(access, spec.name):
                 continue
             entry = {"object": "model", "created": 0, "owned_by": "lessor", "state": record.state.value,
-                     "engine": spec.engine.kind}  # type: ignore[attr-defined]  # until engines.EngineArgs is a type mypy reads
+                     "engine": spec.engine.kind}  # type: ignore[attr-defined]  # until EngineArgsBase declares kind
             data.append({"id": spec.name, **entry, "aliases": list(spec.aliases)})
             data.extend({"id": alias, **entry, "alias_of": spec.name} for alias in spec.aliases)
         return {"object": "list", "data": data}
