@@ -17,9 +17,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -57,7 +58,7 @@ class FingerprintKey:
                           sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def differences(self, other: "FingerprintKey") -> list[str]:
+    def differences(self, other: FingerprintKey) -> list[str]:
         """Why a measurement under `other` does not apply to this key, in words."""
         out = []
         if other.engine_version != self.engine_version:
@@ -98,7 +99,7 @@ class Fingerprint:
     def digest(self) -> str:
         return self.key.digest
 
-    def merged(self, newer: "Fingerprint") -> "Fingerprint":
+    def merged(self, newer: Fingerprint) -> Fingerprint:
         """The newest load's measurement, counting the loads: a device's figures are kept as one
         load measured them (a steady value from one load beside the KV cache of another would say
         nothing true), and the plan takes the larger of it and the model anyway."""
@@ -121,7 +122,7 @@ class Fingerprint:
                 "loads": self.loads, "measured_at": self.measured_at_s}
 
     @classmethod
-    def from_row(cls, row) -> "Fingerprint":
+    def from_row(cls, row) -> Fingerprint:
         key = FingerprintKey(row.model, row.engine, row.engine_version, tuple(json.loads(row.devices)),
                              json.loads(row.flags))
         devices = tuple(DeviceMeasurement(**d) for d in json.loads(row.measured))
@@ -137,7 +138,7 @@ class FingerprintStore:
         self._rows: dict[str, Fingerprint] = {}
 
     @classmethod
-    async def open(cls, engine: AsyncEngine | None, **kwargs) -> "FingerprintStore":
+    async def open(cls, engine: AsyncEngine | None, **kwargs) -> FingerprintStore:
         store = cls(engine, **kwargs)
         if engine is not None:
             try:
