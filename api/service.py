@@ -14,7 +14,8 @@ import signal
 import sys
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 

@@ -9,7 +9,8 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 from .config.schema import LessorConfig
 from .devices.probes import Probe, SimProbe

@@ -12,7 +12,8 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
+from collections.abc import Callable
 
 
 def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import socket
 import ssl
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aiomqtt

@@ -18,7 +18,8 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, cast
+from typing import cast
+from collections.abc import Callable
 
 from ..engines.proctree import Proc
 from ..engines.strays import find_strays, identified, stop_groups, tops

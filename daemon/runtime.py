@@ -16,7 +16,7 @@ import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Callable, Mapping, Union
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from ..engines import adapters
 from ..engines.base import EngineAdapter
@@ -46,7 +46,7 @@ from .traffic.control import Timers, TrafficControl
 log = logging.getLogger("lessor.service")
 
 # The engines by kind, or a factory that makes them from the probe and ledger (tests' fakes).
-Engines = Union[Mapping[str, EngineAdapter], Callable[[Probe, Ledger], Mapping[str, EngineAdapter]]]
+Engines = Mapping[str, EngineAdapter] | Callable[[Probe, Ledger], Mapping[str, EngineAdapter]]
 
 
 def timeouts_of(config: LessorConfig) -> Timeouts:
@@ -82,7 +82,10 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
         try:
             fingerprints = await FingerprintStore.open(ledger.database)
             made = adapters() if engines is None else engines(probe, ledger) if callable(engines) else engines
-            readings = lambda: ledger.snapshot().readings
+
+            def readings():
+                return ledger.snapshot().readings
+
             # Built before the supervisor, which reads its counters; it names the supervisor only
             # once a request or a keep_alive round comes (none before this function yields).
             traffic = TrafficControl(lambda: supervisor, clock, config.router, bus.listen, timers=timers,

@@ -23,7 +23,7 @@ from .vllm import VLLMAdapter, VLLMEngineArgs
 REGISTRY: tuple[type[ProcessAdapter], ...] = (TorchAdapter, LlamaCppAdapter, VLLMAdapter, SGLangAdapter, KTransformersAdapter)
 ENGINE_ARGS: dict[str, type[EngineArgsBase]] = {a.args_class.engine_kind(): a.args_class for a in REGISTRY}
 ENGINE_KINDS = tuple(ENGINE_ARGS)
-EngineArgs = Annotated[Union[tuple(ENGINE_ARGS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]
+EngineArgs = Annotated[Union[tuple(ENGINE_ARGS.values())], Field(discriminator="kind")]  # type: ignore[valid-type]  # noqa: UP007 (a union built from the registry: `|` cannot spread a tuple)
 
 
 def adapters() -> dict:

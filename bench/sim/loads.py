@@ -17,7 +17,8 @@ finish without ever suspending.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable, Mapping
 
 from lessor.daemon.config.schema import DevicesConfig, HostPool
 from lessor.daemon.devices.probes import SimProbe, gpu_id

@@ -139,7 +139,7 @@ def box(arrivals: str = "poisson", cv: float = 1.0, traffic: str = "") -> Scenar
     models = tuple(_placed(unplaced, cards=4, per_card=4))
     hardware = Hardware(gpus=tuple(SimulatedGpu(name=f"80 GiB card {i}", total=80 * GiB) for i in range(4)))
     bursty = arrivals == "gamma"
-    name, title = f"box-{'gamma' if bursty else 'poisson'}", f"{'Gamma CV %g' % cv if bursty else 'Poisson'} arrivals"
+    name, title = f"box-{'gamma' if bursty else 'poisson'}", f"{f'Gamma CV {cv:g}' if bursty else 'Poisson'} arrivals"
     workload = Workload(rate=6.0, arrivals="gamma" if bursty else "poisson", cv=cv, zipf_s=1.0)
     story = "The four most popular models have priority 100, the rest 50."
     if traffic == "shift":

@@ -16,7 +16,8 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import numpy as np
 

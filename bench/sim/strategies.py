@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal, Mapping
+from typing import Literal
+from collections.abc import Mapping
 
 from lessor.daemon.config.schema import PolicyConfig, RouterConfig
 from lessor.policies.eviction import deduct

@@ -72,7 +72,7 @@ class AdminConfig(Strict):
     max_head: Size = _ADMIN_LIMITS["max_head"]
 
     @model_validator(mode="after")
-    def _head_fits(self) -> "AdminConfig":
+    def _head_fits(self) -> AdminConfig:
         return _check_head_limits(self)
 
 
@@ -84,7 +84,7 @@ class ApiKey(Strict):
     name: str | None = Field(default=None, max_length=64, description="A label for logs and metrics (never the key).")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ApiKey":
+    def _one_source(self) -> ApiKey:
         given = [n for n in ("key", "key_file", "key_env") if getattr(self, n)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of key, key_file, key_env (got {', '.join(given) or 'none'})")
@@ -134,5 +134,5 @@ class RouterConfig(Strict):
     api_keys: list[ApiKey] = Field(default_factory=list, description="When set, every request needs 'Authorization: Bearer KEY' and may use only that key's models; when empty, the router is open (it listens on loopback by default).")
 
     @model_validator(mode="after")
-    def _head_fits(self) -> "RouterConfig":
+    def _head_fits(self) -> RouterConfig:
         return _check_head_limits(self)

@@ -3,7 +3,7 @@ granted leases. Pure arithmetic over one probe reading and the leases; owns no s
 
 from __future__ import annotations
 
-from typing import Collection, Iterable
+from collections.abc import Collection, Iterable
 
 from ...policies import DeviceBudget
 from ..config.schema import DevicesConfig

@@ -20,7 +20,8 @@ import logging
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 from ..events import Event, ForeignUsageChanged, LeaseGranted, LeaseReleased, LeaseResized, MemoryLingering
 
@@ -43,7 +44,7 @@ class DeviceUsage:
     free_bytes: int
 
     @classmethod
-    def of(cls, device: Mapping[str, Any]) -> "DeviceUsage":
+    def of(cls, device: Mapping[str, Any]) -> DeviceUsage:
         """From one of the controller's device dicts: engines are what is used and not foreign."""
         return cls(device["capacity_bytes"], device["headroom_bytes"], device["leased_bytes"], device["foreign_bytes"],
                    max(0, device["used_bytes"] - device["foreign_bytes"]), device["free_bytes"])

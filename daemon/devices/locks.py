@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 
 class DeviceLocks:

@@ -11,7 +11,8 @@ import os
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Collection, Mapping, Protocol
+from typing import Protocol
+from collections.abc import Collection, Mapping
 
 import psutil
 

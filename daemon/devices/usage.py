@@ -7,7 +7,7 @@ simulated probe (the one place that writes it), and budgets count it like a real
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from .probes import DeviceReading, Probe, SimProbe
 

@@ -17,7 +17,8 @@ import sqlite3
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence, TypeVar
+from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text, event, inspect, select, text
 from sqlalchemy.engine import make_url
@@ -193,7 +194,7 @@ class Deadlines:
 
 
 # Each engine's deadlines, for `write` and `ping` whoever calls them (the ledger, the fingerprints).
-_deadlines: "weakref.WeakKeyDictionary[AsyncEngine, Deadlines]" = weakref.WeakKeyDictionary()
+_deadlines: weakref.WeakKeyDictionary[AsyncEngine, Deadlines] = weakref.WeakKeyDictionary()
 
 
 def deadlines_of(engine: AsyncEngine) -> Deadlines:

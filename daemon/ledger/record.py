@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -77,7 +77,7 @@ class LedgerRecord:
         self._failing = False
 
     @classmethod
-    def in_state_dir(cls, state_dir: str | Path) -> "LedgerRecord":
+    def in_state_dir(cls, state_dir: str | Path) -> LedgerRecord:
         return cls(Path(state_dir).absolute() / RECORD_FILE)
 
     def read(self) -> Record | None:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from ...engines.base import EngineAdapter, EngineHandle, KvGrant
 from ...engines.process import free_port

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
 
 from ...engines.base import EngineAdapter
 from ...policies import Admit, Evict, Policy, Queue, Rejected, Snapshot

@@ -5,7 +5,8 @@ model it changes starts while it waits or applies."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from .crashes import Crashes
 from ..config.changes import ConfigChange

@@ -16,7 +16,8 @@ import signal
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 from ...engines.base import EngineAdapter, Launch
 from ...engines.process import describe_exit, last_lines, signal_group
@@ -54,7 +55,7 @@ class Supervisor(Loads, Reconfiguring):
     def __init__(self, config: ConfigHolder, ledger: Ledger, engines: Mapping[str, EngineAdapter],
                  publish: Callable[[Event], None], *, fingerprinting: Fingerprinting, lingering: Lingering,
                  meter: UsageMeter, elastic: Elastic, device_locks: DeviceLocks, traffic: Traffic,
-                 clock: Callable[[], float] = time.monotonic, timeouts: Timeouts = Timeouts(),
+                 clock: Callable[[], float] = time.monotonic, timeouts: Timeouts | None = None,
                  probe: Probe | None = None) -> None:
         """Its parts are the runtime's (daemon/runtime.py), each built once and shared with the others
         that use it: `device_locks` with elastic KV, `traffic` (the router's counters, read-only)
@@ -65,7 +66,7 @@ class Supervisor(Loads, Reconfiguring):
         self.lingering = lingering  # memory of stopped engines not yet back
         self.meter = meter
         self._state_dir = Path(config.current.state_dir).absolute()
-        self._publish, self._clock, self._timeouts = publish, clock, timeouts
+        self._publish, self._clock, self._timeouts = publish, clock, timeouts or Timeouts()
         self._models = {spec.name: ModelRecord(spec) for spec in config.current.models}
         self._device_locks = device_locks  # held by a load from its admission to its end
         self._underway: dict[str, Underway] = {}  # one load per model, from its ask (before LOADING) to its end

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 LESSOR, ENGINE, MEASURE, NOTICE = "lessor", "engine", "measure", "notice"
 

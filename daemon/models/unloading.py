@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from ..devices.probes import DeviceReading
 from ..events import Event, MemoryLingering
@@ -44,7 +44,7 @@ def still_held(readings: Mapping[str, DeviceReading], device: str, pids: tuple[i
 
 async def verify_unload(model: str, pids: Mapping[str, tuple[int, ...]],
                         read: Callable[[], Mapping[str, DeviceReading]], timeout_s: float,
-                        lingering: "Lingering") -> None:
+                        lingering: Lingering) -> None:
     """Wait (polling the probe) until the engine's processes (`pids` per GPU, from group_pids)
     hold nothing on its GPUs, at most `timeout_s`; what they still hold then is announced and tracked."""
     if not pids:

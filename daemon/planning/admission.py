@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from ...policies import (AdmissionRequest, Admit, Decision, DeviceBudget, Evict, Policy, Queue, Rejected, Snapshot,
                          shortfall)
@@ -93,7 +93,7 @@ class MustWait:
     def blockers(self) -> tuple[str, ...]:
         return self.error.blockers
 
-    def after(self, earlier: str) -> "MustWait":
+    def after(self, earlier: str) -> MustWait:
         """The same wait, its reason led by what the earlier attempts of the load said."""
         return MustWait(dataclasses.replace(self.error, hint=f"{earlier}; then: {self.error.hint}"), self.recheck_s,
                         self.reason)

@@ -151,7 +151,7 @@ def _grown(value: float, margin: float) -> int:
     return int(-(-value * (1 + margin) // 1))
 
 
-def measured_figures(predicted: DeviceMemory, m: "DeviceMeasurement", outcome: str) -> dict[str, float]:
+def measured_figures(predicted: DeviceMemory, m: DeviceMeasurement, outcome: str) -> dict[str, float]:
     """What one device's samples say of the figures each lease is planned from (absent: they
     cannot tell it). Totals per phase, never parts: a GPU's reading of the weights phase holds the
     CUDA context too, which the model counts in the workspace, so raising the weights from it would
@@ -183,7 +183,7 @@ def measured_figures(predicted: DeviceMemory, m: "DeviceMeasurement", outcome: s
     return out
 
 
-def with_measured(memory: Memory, fingerprint: "Fingerprint", margin: float) -> Memory:
+def with_measured(memory: Memory, fingerprint: Fingerprint, margin: float) -> Memory:
     """The profile with the measured figures where they are above the predicted ones, plus the
     margin (measurement noise: a figure measured at or below the model leaves the model's); a
     figure the measurement raised gets a `measured` component for the difference, saying from what."""

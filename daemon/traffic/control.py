@@ -24,7 +24,8 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 from ..config.schema import RouterConfig
 from ..errors import InvariantBroken, LessorError
