@@ -1,6 +1,7 @@
 """The house's rules, read from the source: dependencies point one way (api -> daemon -> planning,
 policies), engines/ stands on its own, the pure rooms pull in neither SQL nor HTTP, and no import
-circle ties daemon/'s modules together (a lazy import inside a function counts: it is how circles hide)."""
+circle ties daemon/'s modules together (a lazy import inside a function counts: it is how circles hide);
+and no module runs past 400 lines."""
 
 from __future__ import annotations
 
@@ -118,3 +119,14 @@ def test_the_pure_rooms_load_neither_sql_nor_http(pure):
               "print(','.join(loaded))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"importing {pure} loads {out}"
+
+
+MAX_LINES = 400  # a module a person reads in one sitting (issue 35)
+
+
+def test_every_module_reads_in_one_sitting():
+    """The package's modules and bench's scripts; tests are not held to it (a tier's table of cases
+    may run long)."""
+    files = [p for room in (*ROOMS, "bench") for p in (PACKAGE / room).rglob("*.py")]
+    long = sorted(f"{p.relative_to(PACKAGE)}: {n}" for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES)
+    assert files and not long, f"over {MAX_LINES} lines, split by concept: " + "; ".join(long)
