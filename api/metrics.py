@@ -139,7 +139,7 @@ class _Gauges:
         devices, models = self._controller.devices(), self._controller.models()
         yield from self._devices(devices)
         yield from self._models(models)
-        yield from self._router()
+        yield from self._traffic()
         yield from self._daemon()
 
     @staticmethod
@@ -174,26 +174,26 @@ class _Gauges:
             overrun.add_metric([m["name"]], 1.0 if m["overrun"] else 0.0)
         yield from (state, model_leased, in_flight, overrun)
 
-    def _router(self):
-        router = self._controller.router
-        if router is None:
+    def _traffic(self):
+        traffic = self._controller.traffic
+        if traffic is None:
             return
         requests = CounterMetricFamily("lessor_router_requests", "Requests the router answered, by model and HTTP status",
                                        labels=["model", "code"])
         counts: dict[tuple[str, str], int] = {}
-        for (model, status), count in router.requests.items():
+        for (model, status), count in traffic.requests.items():
             key = (model, str(status) if str(status) in HTTP_CODES else OTHER_CODE)
             counts[key] = counts.get(key, 0) + count
         for (model, code), count in sorted(counts.items()):
             requests.add_metric([model, code], count)
         queued = GaugeMetricFamily("lessor_router_queued_requests", "Requests waiting for their model (a load, a swap, a slot)",
                                    labels=["model"])
-        for model, count in sorted(router.queued().items()):
+        for model, count in sorted(traffic.queued().items()):
             queued.add_metric([model], count)
         # Not an eviction: no load asked for the room and no policy chose it.
         idle_unloads = CounterMetricFamily("lessor_model_idle_unloads", "Unloads of a model idle past its keep_alive",
                                            labels=["model"])
-        for model, count in sorted(router.idle_unloads.items()):
+        for model, count in sorted(traffic.idle_unloads.items()):
             idle_unloads.add_metric([model], count)
         yield from (requests, queued, idle_unloads)
 

@@ -130,10 +130,10 @@ class Running:
 
 
 class FrontDoor:
-    """What every client connection shares: the router, the model list, the keys, the upstream pool."""
+    """What every client connection shares: the traffic control, the model list, the keys, the upstream pool."""
 
-    def __init__(self, router: TrafficControl, supervisor: Supervisor, config: RouterConfig) -> None:
-        self.router, self.supervisor, self.config = router, supervisor, config
+    def __init__(self, traffic: TrafficControl, supervisor: Supervisor, config: RouterConfig) -> None:
+        self.traffic, self.supervisor, self.config = traffic, supervisor, config
         self.keys = ApiKeys(config, supervisor)
         self.pool = UpstreamPool(config.first_byte_timeout, config.stream_idle_timeout)
         self.connections: set[ClientConnection] = set()
@@ -162,10 +162,10 @@ class FrontDoor:
         """The model's lane, if this key may use it. To a key limited to some models, the others
         do not exist: an unknown name lists only what the key may use."""
         try:
-            lane = self.router.lane(name)
+            lane = self.traffic.lane(name)
         except UnknownModel as exc:
             if access is not None and access.models is not EVERY_MODEL:
-                raise UnknownModel(name, [n for n in exc.known if allows(access, self.router.lane(n).name)]) from None
+                raise UnknownModel(name, [n for n in exc.known if allows(access, self.traffic.lane(n).name)]) from None
             raise
         if access is not None and not allows(access, lane.name):
             raise Forbidden(name, tuple(sorted(access.models or ())))
@@ -201,7 +201,7 @@ class FrontDoor:
 
     async def _proxy(self, conn: ClientConnection, request: Request, access: KeyAccess | None) -> None:
         model, _, data = parse_body(request.body)
-        router = self.router
+        traffic = self.traffic
         keep_alive = take_keep_alive(data) if b'"keep_alive"' in request.body else None
         lane = self.lane(model, access)  # an unknown name is not counted: clients must not create metric labels
         if model != lane.name and not lane.record.spec.engine.takes_aliases:
@@ -210,15 +210,15 @@ class FrontDoor:
             request = replace(request, body=json_dumps(data))
         running = Running(conn)
         try:
-            base_url = router.try_start(lane, running) or await router.wait_turn(lane, running)
+            base_url = traffic.try_start(lane, running) or await traffic.wait_turn(lane, running)
         except LessorError as exc:
-            router.count(lane.name, http_status(exc))
+            traffic.count(lane.name, http_status(exc))
             raise for_client(exc) from None
         except asyncio.CancelledError:  # the client left while it waited: connection_lost cancelled its task
-            router.count(lane.name, CLIENT_GONE)
+            traffic.count(lane.name, CLIENT_GONE)
             raise
         if keep_alive is not None:
-            router.request_keep_alive(lane, keep_alive)
+            traffic.request_keep_alive(lane, keep_alive)
         status = CLIENT_GONE
         try:
             status = await self._forward(conn, lane, base_url, request, running)
@@ -226,8 +226,8 @@ class FrontDoor:
             status = http_status(exc)
             raise
         finally:
-            router.finish(lane, running)
-            router.count(lane.name, status)
+            traffic.finish(lane, running)
+            traffic.count(lane.name, status)
 
     async def _forward(self, conn: ClientConnection, lane: Lane, base_url: str, request: Request,
                        running: Running) -> int:
@@ -266,8 +266,8 @@ class RouterServer:
         self.door.pool.close()
 
 
-async def start_router(router: TrafficControl, supervisor: Supervisor, config: RouterConfig,
+async def start_router(traffic: TrafficControl, supervisor: Supervisor, config: RouterConfig,
                        host: str, port: int) -> RouterServer:
-    door = FrontDoor(router, supervisor, config)
+    door = FrontDoor(traffic, supervisor, config)
     server = await asyncio.get_running_loop().create_server(lambda: ClientConnection(door), host, port)
     return RouterServer(door, server)

@@ -58,13 +58,13 @@ async def serve(config: LessorConfig, force_sim: bool, reload_config: Callable[[
         stack.push_async_callback(_cancel, [controller.reconciler.settling])  # adoptions end before that
         ready = asyncio.Event()
         await _serve_admin(stack, controller, token, ready)
-        router = controller.router
-        assert router is not None  # the runtime builds it for every lessord that reconciles
-        await _serve_router(stack, controller, router, config)
+        traffic = controller.traffic
+        assert traffic is not None  # the runtime builds it for every lessord that reconciles
+        await _serve_router(stack, controller, traffic, config)
         # Served from here on, while the previous lessord's engines are adopted; ready once they are.
         starting = asyncio.ensure_future(_come_up(controller, config, ready, notifier))
         starting.add_done_callback(lambda task: _stop_if_failed(task, stop))
-        stack.push_async_callback(_stop_all, [starting, *_background(controller, router, notifier)], router)
+        stack.push_async_callback(_stop_all, [starting, *_background(controller, traffic, notifier)], traffic)
         if reload_config is not None:
             reloads: set[asyncio.Task] = set()
             loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(reloads, reload(controller, notifier)))
@@ -88,12 +88,12 @@ async def _serve_admin(stack: AsyncExitStack, controller: Controller, token: str
     await _listen(runner, controller.config)
 
 
-async def _serve_router(stack: AsyncExitStack, controller: Controller, router: TrafficControl,
+async def _serve_router(stack: AsyncExitStack, controller: Controller, traffic: TrafficControl,
                         config: LessorConfig) -> None:
     """The OpenAI door around the runtime's traffic control."""
     host, port = parse_listen(config.router.listen)
     with _binding("router.listen", config.router.listen):
-        server = await start_router(router, controller.supervisor, config.router, host, port)
+        server = await start_router(traffic, controller.supervisor, config.router, host, port)
     stack.push_async_callback(server.close)
 
 
@@ -126,9 +126,9 @@ def _stop_if_failed(task: asyncio.Future, stop: asyncio.Event) -> None:
         stop.set()
 
 
-def _background(controller: Controller, router: TrafficControl, notifier: Notifier) -> list[asyncio.Future]:
+def _background(controller: Controller, traffic: TrafficControl, notifier: Notifier) -> list[asyncio.Future]:
     """The loops lessord runs while it serves: keep_alive, the reconciler, systemd's watchdog."""
-    tasks: list[asyncio.Future] = [asyncio.ensure_future(router.run_keep_alive()),
+    tasks: list[asyncio.Future] = [asyncio.ensure_future(traffic.run_keep_alive()),
                                    asyncio.ensure_future(controller.reconciler.run())]
     interval = watchdog_interval_s()
     if interval:
@@ -136,11 +136,11 @@ def _background(controller: Controller, router: TrafficControl, notifier: Notifi
     return tasks
 
 
-async def _stop_all(tasks: Sequence[asyncio.Future], router: TrafficControl) -> None:
+async def _stop_all(tasks: Sequence[asyncio.Future], traffic: TrafficControl) -> None:
     """Background loops and on-demand loads end (awaited, not only cancelled: one may be midway
     through an unload) before the supervisor stops the engines that are left."""
     await _cancel(tasks)
-    await router.close()
+    await traffic.close()
 
 
 async def _cancel(tasks: Sequence[asyncio.Future | None]) -> None:

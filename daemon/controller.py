@@ -37,7 +37,7 @@ log = logging.getLogger("lessor.service")
 class Controller:
     def __init__(self, config: ConfigHolder, probe: Probe, ledger: Ledger, supervisor: Supervisor, bus: EventBus, *,
                  fingerprinting: Fingerprinting, lingering: Lingering, history: UsageHistory, reconciler: Reconciler,
-                 router: TrafficControl | None = None,
+                 traffic: TrafficControl | None = None,
                  mqtt: MqttPublisher | None = None, config_source: dict[str, str] | None = None,
                  config_loader: Callable[[], LessorConfig] | None = None) -> None:
         """The parts as daemon/runtime.py built them; those that only a serving lessord runs (the
@@ -45,7 +45,7 @@ class Controller:
         self._holder, self.probe, self.ledger, self.supervisor, self.bus = config, probe, ledger, supervisor, bus
         self._fingerprinting, self._lingering = fingerprinting, lingering
         self.mqtt = mqtt  # the MQTT publisher, when configured (metrics read its counters)
-        self.router = router  # the router's traffic control (metrics read its counters)
+        self.traffic = traffic  # the router's traffic control (metrics read its counters)
         self.reconciler = reconciler  # metrics read its counters
         self.config_source = config_source  # {path, digest} of the file lessord runs (status says it)
         self.history = history  # the last hour of device usage (daemon/devices/history.py)
@@ -94,13 +94,13 @@ class Controller:
                 "pid": record.handle.pid if record.handle else None, "restarts": self.supervisor.restarts(spec.name),
                 "overrun": record.overrun,
                 "last_load": record.last_load.to_dict() if record.last_load else None,
-                "waiting": self.router.waiting(record) if self.router is not None else None,
-                **(self.router.learned(spec.name) if self.router is not None
+                "waiting": self.traffic.waiting(record) if self.traffic is not None else None,
+                **(self.traffic.learned(spec.name) if self.traffic is not None
                    else {"request_rate": 0.0, "started_share": 1.0, "kept_up_share": 1.0, "starved_s": 0.0, "load_s": None})}
 
     def _keep_alive_s(self, record) -> float:
         """The keep_alive in force: its latest request's (within the operator's bound), else its config's."""
-        return self.router.keep_alive_s(record) if self.router is not None else record.spec.keep_alive
+        return self.traffic.keep_alive_s(record) if self.traffic is not None else record.spec.keep_alive
 
     def _idle_s(self, record, in_flight: int) -> float | None:
         """Seconds since the model last served (or became ready): what keep_alive counts; None unless it serves."""

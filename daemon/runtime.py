@@ -114,7 +114,7 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
             mqtt = MqttPublisher(config.mqtt, bus, lambda: (controller.devices(), controller.models()),
                                  Redacting(lambda: holder.current, os.environ)) if config.mqtt and reconcile else None
             controller = Controller(holder, probe, ledger, supervisor, bus, fingerprinting=fingerprinting,
-                                    lingering=lingering, reconciler=reconciler, router=traffic, history=history,
+                                    lingering=lingering, reconciler=reconciler, traffic=traffic, history=history,
                                     mqtt=mqtt, config_source=config_source, config_loader=config_loader)
             # Released leases older than ledger.history go; never from the CLI's read-only plan.
             pruning = asyncio.ensure_future(ledger.run_pruning(config.ledger.history)) if reconcile else None

@@ -69,7 +69,7 @@ async def test_the_router_answers_422_without_retry_after(tmp_path):
     config = sim_config(tmp_path, [HUGE], gpus=CARD_8GIB)
     async with runtime(config, engines=FakeEngines()) as controller:
         router_config = RouterConfig()
-        traffic = controller.router
+        traffic = controller.traffic
         server = await start_router(traffic, controller.supervisor, router_config, "127.0.0.1", 0)
         try:
             async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as session:

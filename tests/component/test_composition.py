@@ -12,7 +12,7 @@ from ..support.configs import sim_config, torch_model
 
 async def test_the_parts_the_runtime_built_are_the_ones_each_part_uses(tmp_path):
     async with runtime(sim_config(tmp_path, [torch_model("a")]), engines={}) as controller:
-        supervisor, reconciler, traffic = controller.supervisor, controller.reconciler, controller.router
+        supervisor, reconciler, traffic = controller.supervisor, controller.reconciler, controller.traffic
         assert isinstance(traffic, TrafficControl) and reconciler is not None
         assert supervisor._traffic is traffic and traffic._supervisor is supervisor  # each other's, no attach
         elastic = supervisor.elastic
@@ -39,6 +39,6 @@ async def test_the_mqtt_publisher_is_built_with_the_runtime_and_run_by_publishin
 
 async def test_the_read_only_runtime_serves_no_traffic(tmp_path):
     async with runtime(sim_config(tmp_path, [torch_model("a")]), engines={}, reconcile=False) as controller:
-        assert controller.router is None and isinstance(controller.supervisor._traffic, NoTraffic)
+        assert controller.traffic is None and isinstance(controller.supervisor._traffic, NoTraffic)
         assert controller.reconciler is not None and controller.reconciler.settling is None
     assert not (tmp_path / "state" / "traffic.json").exists()  # the running daemon's statistics are not written

@@ -26,7 +26,7 @@ async def test_a_queued_admission_counts_queued_not_failed(env):
     controller, _, _ = await env([torch_model("a", "8GiB"), torch_model("b", "8GiB")], gpus=CARD_16GIB)
     metrics = Metrics(controller)
     await controller.load("a")
-    assert controller.router.try_start(controller.router.lane("a"))  # a serves a request: the policy cannot evict it
+    assert controller.traffic.try_start(controller.traffic.lane("a"))  # a serves a request: the policy cannot evict it
     outcome = await controller.supervisor.try_load("b")  # a request's load
     assert isinstance(outcome, MustWait) and controller.model("b")["state"] == "waiting"
     loads = _samples(metrics, "lessor_model_loads_total")
@@ -42,18 +42,18 @@ async def test_a_queued_admission_counts_queued_not_failed(env):
 async def test_every_client_that_leaves_while_queued_is_counted_499(front):
     """6 clients left while their requests waited for the model's load; 1 was counted."""
     controller, upstream, _, port = await front()
-    router = controller.router
+    traffic = controller.traffic
     upstream.adapter.gate = asyncio.Event()  # the load of `a` goes on until the test lets it end
     clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(6)]
     body = b'{"model": "a", "messages": []}'
     for _, writer in clients:
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (port, len(body), body))
-    await until(lambda: router.queued().get("a") == 6, "6 requests waiting for a's load")
+    await until(lambda: traffic.queued().get("a") == 6, "6 requests waiting for a's load")
     for _, writer in clients:
         writer.close()
-    await until(lambda: not router.queued().get("a"), "the 6 requests out of a's lane")
-    assert router.requests == {("a", 499): 6}
+    await until(lambda: not traffic.queued().get("a"), "the 6 requests out of a's lane")
+    assert traffic.requests == {("a", 499): 6}
     upstream.adapter.gate.set()
 
 

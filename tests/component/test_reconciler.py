@@ -88,8 +88,8 @@ async def test_a_busy_model_is_never_evicted_for_foreign_growth(env):
     controller, _, events = await env([torch_model("a"), torch_model("b")])
     await controller.load("a")
     await controller.load("b")
-    router = controller.router
-    assert router.try_start(router.lane("a"))  # a is older but serving a request
+    traffic = controller.traffic
+    assert traffic.try_start(traffic.lane("a"))  # a is older but serving a request
     controller.probe.set_foreign("gpu0", 14 * GiB)
     await controller.reconciler.check()
     (event,) = drain_events(events, "budget_overcommitted")

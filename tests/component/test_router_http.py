@@ -253,7 +253,7 @@ async def test_an_engine_that_breaks_a_stream_ends_the_client_stream_short(front
         with pytest.raises(aiohttp.ClientPayloadError):  # no final chunk: the client knows it is cut
             await r.read()
     assert controller.model("a")["in_flight"] == 0
-    assert controller.router.requests[("a", 502)] == 1
+    assert controller.traffic.requests[("a", 502)] == 1
     server.close()
 
 
@@ -416,7 +416,7 @@ async def test_a_requests_keep_alive_is_taken_by_lessor_and_a_bad_one_named(fron
         assert r.status == 200
         echoed = json.loads((await r.json())["echo"])
     assert "keep_alive" not in echoed and echoed["model"] == "a"  # the engine does not know the field
-    assert controller.router.keep_alive_s(controller.supervisor.resolve("a")) == 300
+    assert controller.traffic.keep_alive_s(controller.supervisor.resolve("a")) == 300
     for bad in ("soon", True, [5], "-5m", -5, -0.5, "-2"):  # negative: -1 (never) only, as in the config
         async with session.post("/v1/chat/completions", json={"model": "a", "keep_alive": bad}) as r:
             error = (await r.json())["error"]
@@ -424,7 +424,7 @@ async def test_a_requests_keep_alive_is_taken_by_lessor_and_a_bad_one_named(fron
     async with session.post("/v1/chat/completions", json={"model": "a", "keep_alive": -5}) as r:
         message = (await r.json())["error"]["message"]
     assert "keep_alive" in message and "-1 (or 'never') for never, or a duration" in message
-    assert controller.router.keep_alive_s(controller.supervisor.resolve("a")) == 300  # unchanged by the refusals
+    assert controller.traffic.keep_alive_s(controller.supervisor.resolve("a")) == 300  # unchanged by the refusals
 
 
 def test_a_request_on_a_connection_the_engine_just_closed_is_lost_not_an_error():

@@ -70,7 +70,7 @@ async def routed(tmp_path):
         ctx = runtime(config, engines=engines, clock=clock, timers=clock)
         controller = await ctx.__aenter__()
         made.append(ctx)
-        traffic = controller.router
+        traffic = controller.traffic
         engines.adapter.clock = clock
         return controller, engines.adapter, traffic, controller.bus.subscribe()
 

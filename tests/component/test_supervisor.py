@@ -243,7 +243,7 @@ async def test_a_load_that_must_wait_changes_no_state(env):
     controller, _, events = await env([torch_model("a", "8GiB"), torch_model("b", "8GiB")],
                                       gpus=[{"name": "sim16", "total": "16GiB", "foreign": "0"}])
     await controller.load("a")
-    assert controller.router.try_start(controller.router.lane("a"))  # a serves a request: it cannot be evicted
+    assert controller.traffic.try_start(controller.traffic.lane("a"))  # a serves a request: it cannot be evicted
     drain_events(events)
     with pytest.raises(ModelsBusy):
         await controller.load("b")

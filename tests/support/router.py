@@ -64,7 +64,7 @@ async def serve_router(controller, made: list):
     """The router in front of `controller` (its runtime's traffic control, on its config's router
     settings) on a free loopback port, and a client session to it; both go into `made` (close_made
     closes them, last made first, with the runtimes there)."""
-    traffic = controller.router
+    traffic = controller.traffic
     server = await start_router(traffic, controller.supervisor, controller.config.router, "127.0.0.1", 0)
     made.append(server)
     session = aiohttp.ClientSession(f"http://127.0.0.1:{server.port}")

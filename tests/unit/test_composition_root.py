@@ -61,7 +61,7 @@ def test_no_module_wires_a_part_after_its_construction():
 
 def test_the_check_sees_what_it_is_for():
     """It would have caught the wiring that daemon/runtime.py and api/service.py did before."""
-    sample = ast.parse("controller.router = router\ncontroller.supervisor._traffic = t\nself._x = 1\n"
+    sample = ast.parse("controller.traffic = traffic\ncontroller.supervisor._traffic = t\nself._x = 1\n"
                        "record.state = s\nself._supervisor.meter = m\n")
     found = [ast.unparse(t) for node in sample.body for t in node.targets if any(map(_held_part, ast.walk(t)))]
-    assert found == ["controller.router", "controller.supervisor._traffic", "self._supervisor.meter"]
+    assert found == ["controller.traffic", "controller.supervisor._traffic", "self._supervisor.meter"]
