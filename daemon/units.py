@@ -60,7 +60,7 @@ def _unitless(value: object) -> bool:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return True
     match = _SIZE.match(value) if isinstance(value, str) else None
-    return bool(match) and not match.group(2)  # `70272B` says bytes on purpose
+    return match is not None and not match.group(2)  # `70272B` says bytes on purpose
 
 
 def parse_memory_size(value: int | float | str, zero: bool = True) -> int:

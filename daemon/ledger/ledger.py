@@ -62,7 +62,8 @@ class Ledger:
         self._noted_holding = False  # whether the last record said leases were granted
 
     @classmethod
-    async def open(cls, url: str, probe: Probe, devices: DevicesConfig, record: LedgerRecord | None = None,
+    async def open(cls, url: str, probe: Probe, devices: DevicesConfig | Callable[[], DevicesConfig],
+                   record: LedgerRecord | None = None,
                    deadlines: Deadlines = DEFAULT_DEADLINES, **kwargs) -> Ledger:
         """`record`: the state folder's record of what the ledger last committed (lessord's); the
         database is compared with it before anything is written, and it is kept after each change.

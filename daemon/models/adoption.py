@@ -69,11 +69,11 @@ async def adopt(engine: EngineRecord, record: ModelRecord | None, adapter: Engin
         why = ("its load had not finished" if engine.phase is not EnginePhase.READY else
                "the model is no longer configured" if record is None else
                "its device is no longer configured" if launch is None else
-               f"no adapter for engine '{record.spec.engine.kind}'" if adapter is None else "")
+               f"no adapter for engine '{record.spec.engine.engine_kind()}'" if adapter is None else "")
         handle = None
         if not why:
             why = await _resumed(engine.model, process, timeouts.adopt_stopped_s)
-        if not why:
+        if not why and adapter is not None and launch is not None:  # as `why` being "" says
             handle = adapter.reattach(process, launch)
             try:
                 await handle.wait_ready(min(timeouts.ready_s, timeouts.adopt_s))

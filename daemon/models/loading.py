@@ -149,9 +149,9 @@ class LoadAttempt:
         launch = self.launcher.launch(spec, first.params, first.kv_tokens, self.port, self.attempt, self.on_exit)
         self.handle = await self.adapter.start(launch)
         self.timeline.mark("spawned")
-        log.info("%s: loading: %s engine, pid %d, port %d, log %s", spec.name, spec.engine.kind, self.handle.pid,
+        log.info("%s: loading: %s engine, pid %d, port %d, log %s", spec.name, spec.engine.engine_kind(), self.handle.pid,
                  self.port, launch.log_path,
-                 extra={"model": spec.name, "step": "loading", "engine": spec.engine.kind, "pid": self.handle.pid})
+                 extra={"model": spec.name, "step": "loading", "engine": spec.engine.engine_kind(), "pid": self.handle.pid})
         self._note_leased()
         self.sampler = LoadSampler(self.meter, self.handle, self._devices(), self.nvml)
         self.sampler.start()

@@ -140,9 +140,9 @@ class Loads:
         self._check_idle(record)
         self._check_not_held(record)
         spec = with_overrides(record.spec, overrides or {})
-        adapter = self._engines.get(spec.engine.kind)
+        adapter = self._engines.get(spec.engine.engine_kind())
         if adapter is None:
-            raise EngineUnavailable(spec.name, spec.engine.kind, "no adapter for this engine in this build")
+            raise EngineUnavailable(spec.name, spec.engine.engine_kind(), "no adapter for this engine in this build")
         underway = self._underway[spec.name] = Underway(dict(overrides or {}))
         try:
             outcome = await self._run(record, spec, adapter, cause)

@@ -54,7 +54,7 @@ class Fingerprinting:
         readings = self._readings() if readings is None else readings
         devices = tuple(readings[d].name if d in readings else d for d in (gpu_id(i) for i in spec.placement.devices))
         version = engine_version(*spec.engine.version_query())[:256]  # the column's width, and the digest's input
-        return FingerprintKey(spec.name, spec.engine.kind, version, devices, memory_flags(spec))
+        return FingerprintKey(spec.name, spec.engine.engine_kind(), version, devices, memory_flags(spec))
 
     async def refresh(self, spec: ModelSpec) -> None:
         """Ask the engine's version now, off the event loop, before a load plans (engines/versions.py
@@ -84,8 +84,9 @@ class Fingerprinting:
         """What a plan says of measurements: the one it used, and the others of this model it did not use, and why."""
         used = measured.fingerprint if measured else None
         return {"key": key.digest, "engine_version": key.engine_version, "devices": list(key.devices),
-                "used": None if used is None else {"measured_at_s": used.measured_at_s, "outcome": used.outcome,
-                                                   "loads": used.loads, "margin": measured.margin},
+                "used": None if used is None or measured is None else {
+                    "measured_at_s": used.measured_at_s, "outcome": used.outcome, "loads": used.loads,
+                    "margin": measured.margin},
                 "not_used": [{"key": other.digest, "measured_at_s": other.measured_at_s, "why": key.differences(other.key)}
                              for other in self.store.others(key)]}
 

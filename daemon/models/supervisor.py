@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Mapping
 
-from ...engines.base import EngineAdapter, Launch
+from ...engines.base import EngineAdapter, EngineHandle, Launch
 from ...engines.process import describe_exit, last_lines, signal_group
 from ...policies import Evict, ModelView, Policy, Snapshot
 from ..config.holder import ConfigHolder
@@ -198,7 +198,7 @@ class Supervisor(Loads, Reconfiguring):
         load of the model can interleave with that cleanup."""
         self.adopting(engine)
         record = self._models.get(engine.model)
-        adapter = self._engines.get(record.spec.engine.kind) if record else None
+        adapter = self._engines.get(record.spec.engine.engine_kind()) if record else None
 
         def launch_for(r: ModelRecord) -> Launch | None:
             try:
@@ -250,7 +250,7 @@ class Supervisor(Loads, Reconfiguring):
         self._crashed(record, reason, restart=True,
                       exited=lambda restart_in: EngineExited(record.spec.name, handle.pid, returncode, reason, restart_in))
 
-    async def engine_hung(self, name: str, handle: Any, reason: str) -> bool:
+    async def engine_hung(self, name: str, handle: EngineHandle, reason: str) -> bool:
         """The health check's finding (daemon/models/health.py): a ready engine that no longer answers. It
         is stopped (SIGKILL at once when a signal stopped it: it would not act on SIGTERM) and counts
         as a crash: its leases go, its requests are cut with it, its restart policy decides what

@@ -4,7 +4,8 @@ snapshot or checks that a model is idle before evicting it. Read-only."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 
 class Traffic(Protocol):
@@ -14,9 +15,9 @@ class Traffic(Protocol):
 
     def last_used_s(self, model: str) -> float: ...
 
-    def learned_view(self, model: str, size_bytes: int) -> dict[str, float]:
+    def learned_view(self, model: str, size_bytes: int) -> Mapping[str, Any]:
         """What the router learned of it, as `ModelView` fields: request_rate, load_cost_s, waiting,
-        oldest_wait_s, starved_s, started_share."""
+        oldest_wait_s, starved_s, started_share (floats, ints and a bool: each its field's type)."""
 
 
 class NoTraffic:
@@ -28,5 +29,5 @@ class NoTraffic:
     def last_used_s(self, model: str) -> float:
         return 0.0
 
-    def learned_view(self, model: str, size_bytes: int) -> dict[str, float]:
+    def learned_view(self, model: str, size_bytes: int) -> Mapping[str, Any]:
         return {}

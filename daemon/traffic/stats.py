@@ -79,7 +79,7 @@ class TrafficStats:
         kept up when it started, or fewer than a batch were ahead of it (unknown: as it started)."""
         share = self._started.get(model, 1.0)
         self._started[model] = share + STARTED_WEIGHT * (float(started) - share)
-        kept_up = started or (ahead is not None and bool(batch) and ahead < batch)
+        kept_up = started or bool(ahead is not None and batch and ahead < batch)
         share = self._kept_up.get(model, 1.0)
         self._kept_up[model] = share + STARTED_WEIGHT * (float(kept_up) - share)
 
