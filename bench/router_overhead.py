@@ -166,19 +166,14 @@ def spawn_lessord(workdir: Path, config: dict) -> tuple[subprocess.Popen, str, i
 
 
 def start_lessord(workdir: Path) -> tuple[subprocess.Popen, str, int, int]:
-    config = {
-        "state_dir": str(workdir / "state"),
-        "devices": {"probe": "sim", "simulated": [{"name": "sim", "total": "24GiB"}]},
-        "models": [{"name": "bench", "engine": {"kind": "vllm", "model_path": str(workdir),
-                                                "command": [sys.executable, str(ROOT / "bench" / "upstream.py")]},
-                    "memory": {"weights": "1GiB", "kv_bytes_per_token": 65536}, "keep_alive": -1,
-                    "plan": {"max_kv_tokens": 16384}},
-                   {"name": "bench1", "aliases": ["bench1-alias"],
-                    "engine": {"kind": "sglang", "model_path": str(workdir),
-                               "command": [sys.executable, str(ROOT / "bench" / "upstream.py")]},
-                    "memory": {"weights": "1GiB", "kv_bytes_per_token": 65536}, "keep_alive": -1,
-                    "plan": {"max_kv_tokens": 16384}}],
-    }
+    # Two models of the same stand-in engine: one served under its names, one whose alias is rewritten.
+    engine = {"model_path": str(workdir), "command": [sys.executable, str(ROOT / "bench" / "upstream.py")]}
+    sizes = {"memory": {"weights": "1GiB", "kv_bytes_per_token": 65536}, "keep_alive": -1,
+             "plan": {"max_kv_tokens": 16384}}
+    config = {"state_dir": str(workdir / "state"),
+              "devices": {"probe": "sim", "simulated": [{"name": "sim", "total": "24GiB"}]},
+              "models": [{"name": "bench", "engine": {"kind": "vllm", **engine}, **sizes},
+                         {"name": "bench1", "aliases": ["bench1-alias"], "engine": {"kind": "sglang", **engine}, **sizes}]}
     proc, url, router = spawn_lessord(workdir, config)
     token = (workdir / "state" / "admin.token").read_text().strip()
     endpoints = []
