@@ -39,7 +39,7 @@ async def listeners(tmp_path):
             ready = asyncio.Event()
             ready.set()
             await service._serve_admin(stack, controller, TOKEN, ready)
-            server = await start_router(controller.router, controller.supervisor, controller.config.router,
+            server = await start_router(controller.traffic, controller.supervisor, controller.config.router,
                                         "127.0.0.1", 0)
             stack.push_async_callback(server.close)
             return admin_port, server.port
