@@ -27,13 +27,17 @@ from .config.schema import LessorConfig
 from .controller import Controller, device_dicts
 from .devices.history import UsageHistory
 from .devices.locks import DeviceLocks
-from .devices.probes import Probe, make_probe
+from .devices.probes import Probe, SimProbe, make_probe
 from .devices.usage import UsageMeter
 from .events import EventBus
 from .ledger.fingerprints import FingerprintStore
 from .ledger.ledger import Ledger
 from .ledger.record import LedgerRecord
+from .models.crashes import CRASH_RETRY, Crashes
 from .models.elastic import Elastic
+from .models.launching import Launcher
+from .models.loads import Loads
+from .models.reconfiguring import Reconfiguring
 from .models.timeouts import Timeouts
 from .models.traffic_counters import NoTraffic
 from .models.measurements import Fingerprinting
@@ -96,9 +100,19 @@ async def runtime(config: LessorConfig, force_sim: bool = False, engines: Engine
             fingerprinting = Fingerprinting(fingerprints, readings, lambda: holder.current.planner.measured_margin,
                                             bus.publish)
             elastic = Elastic(ledger, device_locks, counters.in_flight)
-            supervisor = Supervisor(holder, ledger, made, bus.publish, fingerprinting=fingerprinting,
-                                    lingering=lingering, meter=meter, elastic=elastic, device_locks=device_locks,
-                                    traffic=counters, clock=clock, timeouts=timeouts_of(config), probe=probe)
+            # The supervisor writes each model's state; its loads and config changes are parts it
+            # holds, which reach it (as the traffic does) only once a load or a reload runs.
+            timeouts, simulated = timeouts_of(config), isinstance(probe, SimProbe)
+            launcher = Launcher(holder, ledger, simulated)
+            crashes = Crashes(clock, lambda name: loads.try_load(name, cause=CRASH_RETRY))
+            loads = Loads(holder, ledger, made, bus.publish, lambda: supervisor, clock=clock, timeouts=timeouts,
+                          crashes=crashes, device_locks=device_locks, launcher=launcher,
+                          fingerprinting=fingerprinting, meter=meter, simulated=simulated)
+            reconfiguring = Reconfiguring(holder, crashes, loads, lambda: supervisor)
+            supervisor = Supervisor(holder, ledger, made, bus.publish, loads=loads, reconfiguring=reconfiguring,
+                                    crashes=crashes, launcher=launcher, fingerprinting=fingerprinting,
+                                    lingering=lingering, meter=meter, elastic=elastic, traffic=counters, clock=clock,
+                                    timeouts=timeouts)
             state_dir = Path(config.state_dir).absolute()
             at_start, settling = StartReport(), None
             if reconcile:

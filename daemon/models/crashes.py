@@ -22,6 +22,10 @@ from .lifecycle import ModelRecord, ModelState
 
 log = logging.getLogger("lessor.supervisor")
 
+# The cause of a crash's retry load, as a policy reads it (policies/snapshot.py's Request.cause):
+# the policies' API says "restart", so the value stays that word.
+CRASH_RETRY = "restart"
+
 
 class Crashes:
     """The one owner of crash times and give-ups (per model) and of the tasks that wait to retry."""

@@ -1,5 +1,5 @@
-"""The load protocol's first two steps and its retries, as the supervisor runs them (mixed into
-`Supervisor`, whose records it writes):
+"""The load protocol's first two steps and its retries, run for the supervisor (`Loads`, which the
+runtime builds and the supervisor holds; the supervisor changes the model's state):
 
 1. plan from today's budgets, with the fingerprint of the same key where lessor measured one;
 2. admit: `planning.admission.decide` puts the plan to the policy, and an `Evict` is carried out
@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from collections.abc import Callable, Mapping
 
 from ...engines.base import EngineAdapter
@@ -36,7 +36,7 @@ from ..planning.admission import (Admission, MustWait, attempts_text, bytes_text
                                   never_fits, refused)
 from ..planning.planner import Measured, with_overrides
 from ..planning.rejections import NotEnoughMemory, PlanRejected
-from .crashes import Crashes
+from .crashes import CRASH_RETRY, Crashes
 from .launching import Launcher
 from .lifecycle import ModelRecord, ModelState, Waiting
 from .timeouts import Timeouts
@@ -67,40 +67,42 @@ class Underway:
             self.outcome.set_result(result)
 
 
+class RecordWriter(Protocol):
+    """What a load asks of the supervisor, the writer of each model's state (`set_state`, `fail`,
+    `crashed`) and the reader of its records, policy and memory."""
+
+    @property
+    def policy(self) -> Policy: ...
+    def resolve(self, name: str) -> ModelRecord: ...
+    def leased(self, model: str) -> dict[str, int]: ...
+    def policy_snapshot(self) -> Snapshot: ...
+    def set_state(self, record: ModelRecord, state: ModelState, reason: str = "") -> None: ...
+    def fail(self, record: ModelRecord, state: ModelState, error: str) -> None: ...
+    def check_idle(self, record: ModelRecord) -> None: ...
+    def check_not_held(self, record: ModelRecord) -> None: ...
+    def transitioned(self) -> None: ...
+    def crashed(self, record: ModelRecord, reason: str, retry: bool) -> None: ...
+    def on_exit(self, record: ModelRecord) -> Callable[[int], None]: ...
+    async def engine_exited(self, record: ModelRecord, generation: int, returncode: int) -> None: ...
+    async def make_room(self, decision: Evict, shrunk_for: str, evicted_for: str,
+                        best_effort: bool = False) -> NoRoom | None: ...
+
+
 class Loads:
-    """Mixed into `Supervisor`: the attributes and methods below the TYPE_CHECKING line are its."""
+    """The loads of the supervisor that `writer()` returns (the runtime builds both, daemon/runtime.py).
+    Its own state is the loads under way (one per model); a model's state changes through the
+    writer; a finished load's outcome (handle, plan, attempt, ready time, last load, or why it
+    waits) is written on the record here, by the one load of that model under way."""
 
-    _underway: dict[str, Underway]  # one per model, from its ask to its end (admission included)
-
-    if TYPE_CHECKING:
-        _config: ConfigHolder
-        _ledger: Ledger
-        _engines: Mapping[str, EngineAdapter]
-        _publish: Callable[[Event], None]
-        _clock: Callable[[], float]
-        _timeouts: Timeouts
-        _crashes: Crashes
-        _device_locks: DeviceLocks
-        _simulated: bool
-        _launcher: Launcher
-        fingerprinting: Fingerprinting
-        meter: UsageMeter
-
-        @property
-        def policy(self) -> Policy: ...
-        def resolve(self, name: str) -> ModelRecord: ...
-        def leased(self, model: str) -> dict[str, int]: ...
-        def policy_snapshot(self) -> Snapshot: ...
-        def _set_state(self, record: ModelRecord, state: ModelState, reason: str = "") -> None: ...
-        def _fail(self, record: ModelRecord, state: ModelState, error: str) -> None: ...
-        def _check_idle(self, record: ModelRecord) -> None: ...
-        def _check_not_held(self, record: ModelRecord) -> None: ...
-        def _transitioned(self) -> None: ...
-        def _crashed(self, record: ModelRecord, reason: str, restart: bool) -> None: ...
-        def _on_exit(self, record: ModelRecord) -> Callable[[int], None]: ...
-        async def _engine_exited(self, record: ModelRecord, generation: int, returncode: int) -> None: ...
-        async def make_room(self, decision: Evict, shrunk_for: str, evicted_for: str,
-                            best_effort: bool = False) -> NoRoom | None: ...
+    def __init__(self, config: ConfigHolder, ledger: Ledger, engines: Mapping[str, EngineAdapter],
+                 publish: Callable[[Event], None], writer: Callable[[], RecordWriter], *, clock: Callable[[], float],
+                 timeouts: Timeouts, crashes: Crashes, device_locks: DeviceLocks, launcher: Launcher,
+                 fingerprinting: Fingerprinting, meter: UsageMeter, simulated: bool) -> None:
+        self._config, self._ledger, self._engines, self._publish = config, ledger, engines, publish
+        self._writer, self._clock, self._timeouts, self._crashes = writer, clock, timeouts, crashes
+        self.device_locks = device_locks  # held by a load from its admission to its end
+        self._launcher, self.fingerprinting, self.meter, self._simulated = launcher, fingerprinting, meter, simulated
+        self._underway: dict[str, Underway] = {}  # one per model, from its ask to its end (admission included)
 
     def underway(self, name: str) -> Underway | None:
         """The load of `name` under way, from its ask (its admission included) to its end."""
@@ -117,10 +119,11 @@ class Loads:
     async def try_load(self, name: str, overrides: Mapping[str, Any] | None = None,
                        cause: str = "request") -> ModelRecord | MustWait:
         """Load now, or say which busy models the load waits for (the router's on-demand loads).
-        `cause`: "request" (the router's), "restart" (after a crash) or "operator"; the first two
+        `cause`: "request" (the router's), CRASH_RETRY (a crash's retry) or "operator"; the first two
         count a failed load as a crash, and a request never loads a model lessor gave up on. A load
         of the model already under way (with the same overrides) is joined: its outcome is this one's."""
-        record = self.resolve(name)
+        writer = self._writer()
+        record = writer.resolve(name)
         if record.state == ModelState.READY:
             return record
         if cause == "operator":
@@ -137,8 +140,8 @@ class Loads:
             raise ModelFailed(record.spec.name, given_up)
         if record.state is ModelState.ADOPTING:
             raise ModelAdopting(record.spec.name)
-        self._check_idle(record)
-        self._check_not_held(record)
+        writer.check_idle(record)
+        writer.check_not_held(record)
         spec = with_overrides(record.spec, overrides or {})
         adapter = self._engines.get(spec.engine.engine_kind())
         if adapter is None:
@@ -154,34 +157,35 @@ class Loads:
 
     async def _run(self, record: ModelRecord, spec: ModelSpec, adapter: EngineAdapter,
                    cause: str) -> ModelRecord | MustWait:
+        writer = self._writer()
         started_s = self._clock()
         timeline = LoadTimeline()
         timeline.mark("requested")
         try:
-            async with self._device_locks.held(gpu_id(i) for i in spec.placement.devices):
+            async with self.device_locks.held(gpu_id(i) for i in spec.placement.devices):
                 loaded = await self._attempts(record, spec, adapter, timeline, cause)
                 if isinstance(loaded, MustWait):  # nothing was granted: it waits (or stays unloaded), and says why
                     self._wait(record, loaded, cause)
                     return loaded
         except (NotEnoughMemory, LedgerUnavailable) as exc:  # nothing is held: still unloaded, not failed
-            self._fail(record, ModelState.UNLOADED, str(exc))
+            writer.fail(record, ModelState.UNLOADED, str(exc))
             raise
         except asyncio.CancelledError:  # the attempt rolled itself back
-            self._fail(record, ModelState.UNLOADED, "load cancelled")
+            writer.fail(record, ModelState.UNLOADED, "load cancelled")
             raise
         except Exception as exc:
             if cause != "operator" and isinstance(exc, LoadFailed):  # the operator saw it; nobody else did
-                self._crashed(record, str(exc), restart=cause == "restart")  # its one line says the failure
+                writer.crashed(record, str(exc), retry=cause == CRASH_RETRY)  # its one line says the failure
             else:
                 log.warning("%s: load failed: %s", spec.name, exc, extra={"model": spec.name, "step": "failed"})
-                self._fail(record, ModelState.FAILED, str(exc))
+                writer.fail(record, ModelState.FAILED, str(exc))
             raise
         finally:
             del self._underway[spec.name]  # before the watchers hear of its end: a reload waits for it
-            self._transitioned()  # an admission may end with no state change (a wait weighed again)
+            writer.transitioned()  # an admission may end with no state change (a wait weighed again)
         record.handle, record.plan, record.attempt = loaded.handle, loaded.plan, loaded.attempt
         record.error, record.ready_at_s = "", self._clock()
-        self._set_state(record, ModelState.READY)
+        writer.set_state(record, ModelState.READY)
         timeline.mark("done")
         record.last_load = timeline
         took_s = record.ready_at_s - started_s
@@ -189,12 +193,12 @@ class Loads:
         log.info("%s: ready in %.1f s (lessor %.0f ms, engine %.1f s, measuring %.0f ms, noticing readiness %.0f ms): "
                  "kv %d tokens; holds %s", spec.name, took_s, shares["lessor"] * 1e3, shares["engine"],
                  shares["measure"] * 1e3, shares["notice"] * 1e3,
-                 loaded.plan.kv_tokens, bytes_text(self.leased(spec.name)),
+                 loaded.plan.kv_tokens, bytes_text(writer.leased(spec.name)),
                  extra={"model": spec.name, "step": "ready", "seconds": round(took_s, 3), "pid": loaded.handle.pid,
                         "kv_tokens": loaded.plan.kv_tokens, "lessor_s": shares["lessor"]})
         returncode = loaded.handle.process.returncode
         if returncode is not None:  # it ended after its last health check, and its exit report found it loading
-            self._crashes.spawn(self._engine_exited(record, record.generation, returncode))
+            self._crashes.spawn(writer.engine_exited(record, record.generation, returncode))
         return record
 
     async def _attempts(self, record: ModelRecord, spec: ModelSpec, adapter: EngineAdapter,
@@ -202,6 +206,7 @@ class Loads:
         """Admit and load; an attempt that ran out of memory is admitted and tried again, planned
         from what it measured, until `planner.oom_retries` are spent. Whatever stops a retry (no
         room, a busy model, a rule), its answer carries the earlier attempts' reasons."""
+        writer = self._writer()
         failures: list[str] = []
         kind = "oom"
         await self.fingerprinting.refresh(spec)
@@ -215,10 +220,10 @@ class Loads:
                     return admission.after(attempts_text(failures)) if failures else admission
                 if record.state is not ModelState.LOADING:
                     record.waiting = None
-                    self._set_state(record, ModelState.LOADING)
+                    writer.set_state(record, ModelState.LOADING)
                 timeline.mark("admitted")
                 attempt = LoadAttempt(spec, adapter, self._ledger, self.meter, self._timeouts, self._launcher,
-                                      self._on_exit(record), measured, nvml=not self._simulated, timeline=timeline,
+                                      writer.on_exit(record), measured, nvml=not self._simulated, timeline=timeline,
                                       planned=admission.plan if admission.admitted else None)
                 loaded = await attempt.run()
             except OutOfMemory as exc:
@@ -251,8 +256,9 @@ class Loads:
                      cause: str) -> Admission | MustWait:
         """Step 2: the policy decides over a snapshot; evictions happen here and only here. A
         waiting model weighed again to the same wait says nothing new: no event, a DEBUG line."""
-        snapshot = self.policy_snapshot()
-        admission = decide(spec, snapshot, measured, self.policy, cause)
+        writer = self._writer()
+        snapshot = writer.policy_snapshot()
+        admission = decide(spec, snapshot, measured, writer.policy, cause)
         request, decision = admission.request, admission.decision
         # What fits now is not too large; anything else is checked before the policy's answer is
         # acted on: no eviction or wait may be made for a model that can never fit.
@@ -267,7 +273,7 @@ class Loads:
             self._publish(AdmissionDecided(spec.name, AdmissionResult(type(decision).__name__.lower()),
                                            getattr(decision, "reason", ""), getattr(decision, "victims", ())))
         if isinstance(decision, Evict):
-            no_room = await self.make_room(decision, f"shrunk for '{spec.name}'", f"evicted for '{spec.name}'")
+            no_room = await writer.make_room(decision, f"shrunk for '{spec.name}'", f"evicted for '{spec.name}'")
             if no_room is not None:
                 return must_wait(request, snapshot, no_room.reason, no_room.blockers)
         elif isinstance(decision, Queue):
@@ -279,11 +285,12 @@ class Loads:
         return admission
 
     def _wait(self, record: ModelRecord, waits: MustWait, cause: str) -> None:
-        """A request's load must wait: WAITING, with why (never an error); an operator's or a restart's is refused."""
+        """A request's load must wait: WAITING, with why (never an error); an operator's or a crash retry's is refused."""
+        writer = self._writer()
         if cause != "request":
             if record.state is not ModelState.WAITING:
-                self._fail(record, ModelState.UNLOADED, waits.error.message())
+                writer.fail(record, ModelState.UNLOADED, waits.error.message())
             return
         record.error, since_s = "", record.waiting.since_s if record.waiting else self._clock()
         record.waiting = Waiting(waits.reason, waits.blockers, waits.recheck_s, since_s)
-        self._set_state(record, ModelState.WAITING, waits.reason)
+        writer.set_state(record, ModelState.WAITING, waits.reason)

@@ -1,11 +1,11 @@
-"""Config changes as the supervisor applies them (mixed into `Supervisor`; daemon/config/reloading.py
-orders them): models added, removed (unloaded first) and retuned (a running model keeps running; its
+"""Config changes as the supervisor applies them (`Reconfiguring`, which the runtime builds and the
+supervisor holds; daemon/config/reloading.py orders them): models added, removed (unloaded first) and retuned (a running model keeps running; its
 new spec applies at its next load), and the holds that keep a reload from starving: no load of a
 model it changes starts while it waits or applies."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from collections.abc import Callable
 
 from .crashes import Crashes
@@ -15,26 +15,34 @@ from .load_errors import ModelBusy
 
 if TYPE_CHECKING:
     from ..config.holder import ConfigHolder
-    from .loads import Underway
+    from .loads import Loads
 
 BUSY = (ModelState.LOADING, ModelState.UNLOADING, ModelState.ADOPTING)  # mid-transition: not evicted, unloaded, retuned
 
 
+class Reconfigurable(Protocol):
+    """What a config change asks of the supervisor: its records by name, and an unload."""
+
+    def record_set(self) -> dict[str, ModelRecord]: ...
+    async def unload(self, name: str, reason: str = "unload requested") -> ModelRecord: ...
+
+
 class Reconfiguring:
-    """Mixed into `Supervisor`: the attributes and methods below the TYPE_CHECKING line are its."""
+    """The config changes of the supervisor that `supervisor()` returns (the runtime builds both,
+    daemon/runtime.py). Its own state: the holds on loads and the watchers of transitions. It
+    writes the supervisor's set of records (a model added or removed) and a record's spec (retuned);
+    a model's state changes only through the supervisor (its unload)."""
 
-    _held_by_pending: frozenset[str]  # loads held for a reload that waits (hold_for_reload)
-    _held_by_apply: frozenset[str]  # loads held while apply_config unloads
-    _transition_watchers: list[Callable[[], None]]
+    def __init__(self, config: ConfigHolder, crashes: Crashes, loads: Loads,
+                 supervisor: Callable[[], Reconfigurable]) -> None:
+        self._config, self._crashes, self._loads, self._supervisor = config, crashes, loads, supervisor
+        self._held_by_pending: frozenset[str] = frozenset()  # loads held for a reload that waits (hold_for_reload)
+        self._held_by_apply: frozenset[str] = frozenset()  # loads held while apply_config unloads
+        self._transition_watchers: list[Callable[[], None]] = []
 
-    if TYPE_CHECKING:
-        _config: ConfigHolder
-        _models: dict[str, ModelRecord]
-        _underway: dict[str, Underway]
-        _crashes: Crashes
-
-        async def unload(self, name: str, reason: str = "unload requested") -> ModelRecord: ...
-
+    @property
+    def _models(self) -> dict[str, ModelRecord]:
+        return self._supervisor().record_set()
 
     def affected_by(self, config) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The models `config` removes and those whose spec it changes."""
@@ -48,7 +56,7 @@ class Reconfiguring:
         unloading, adopting), with their state: `config` cannot apply before they settle."""
         removed, changed = self.affected_by(config)
         return {n: (self._models[n].state if self._models[n].state in BUSY else ModelState.LOADING).value
-                for n in removed + changed if self._models[n].state in BUSY or n in self._underway}
+                for n in removed + changed if self._models[n].state in BUSY or self._loads.underway(n) is not None}
 
     def hold_for_reload(self, config) -> None:
         """While a reload waits for `config` (None: none waits), no load of a model it removes or
@@ -59,11 +67,11 @@ class Reconfiguring:
         """`callback()` after every state change and at the end of every admission (a pending reload's wake-up)."""
         self._transition_watchers.append(callback)
 
-    def _transitioned(self) -> None:
+    def transitioned(self) -> None:
         for callback in self._transition_watchers:
             callback()
 
-    def _check_not_held(self, record: ModelRecord) -> None:
+    def check_not_held(self, record: ModelRecord) -> None:
         name = record.spec.name
         if name in self._held_by_pending or name in self._held_by_apply:
             raise ModelBusy(name, "held for a config reload that changes it")
@@ -82,7 +90,7 @@ class Reconfiguring:
         self._held_by_apply = frozenset(removed + changed)
         try:
             for name in removed:
-                await self.unload(name, reason="removed from the config")
+                await self._supervisor().unload(name, reason="removed from the config")
                 del self._models[name]
         finally:
             self._held_by_apply = frozenset()

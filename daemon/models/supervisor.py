@@ -23,8 +23,6 @@ from ...engines.base import EngineAdapter, EngineHandle, Launch
 from ...engines.process import describe_exit, last_lines, signal_group
 from ...policies import Evict, ModelView, Policy, Snapshot
 from ..config.holder import ConfigHolder
-from ..devices.locks import DeviceLocks
-from ..devices.probes import Probe, SimProbe
 from ..devices.usage import UsageMeter
 from ..errors import UnknownModel
 from ..events import EngineExited, Event, ModelStateChanged
@@ -42,7 +40,7 @@ from .timeouts import Timeouts
 from .traffic_counters import Traffic
 from .load_errors import ModelBusy
 from .loading import leased_by
-from .loads import Loads, Underway
+from .loads import Loads
 from .measurements import Fingerprinting
 from .reconfiguring import BUSY, Reconfiguring
 from .room import NoRoom, make_room
@@ -51,33 +49,32 @@ from .unloading import Lingering, group_pids, verify_unload
 log = logging.getLogger("lessor.supervisor")
 
 
-class Supervisor(Loads, Reconfiguring):
+class Supervisor:
     def __init__(self, config: ConfigHolder, ledger: Ledger, engines: Mapping[str, EngineAdapter],
-                 publish: Callable[[Event], None], *, fingerprinting: Fingerprinting, lingering: Lingering,
-                 meter: UsageMeter, elastic: Elastic, device_locks: DeviceLocks, traffic: Traffic,
-                 clock: Callable[[], float] = time.monotonic, timeouts: Timeouts | None = None,
-                 probe: Probe | None = None) -> None:
+                 publish: Callable[[Event], None], *, loads: Loads, reconfiguring: Reconfiguring, crashes: Crashes,
+                 launcher: Launcher, fingerprinting: Fingerprinting, lingering: Lingering, meter: UsageMeter,
+                 elastic: Elastic, traffic: Traffic, clock: Callable[[], float] = time.monotonic,
+                 timeouts: Timeouts | None = None) -> None:
         """Its parts are the runtime's (daemon/runtime.py), each built once and shared with the others
-        that use it: `device_locks` with elastic KV, `traffic` (the router's counters, read-only)
-        with the policy's snapshot, `lingering`, `meter` and `elastic` with the reconciler."""
+        that use it: `loads` and `reconfiguring` (which reach back to this supervisor, the writer of
+        each model's state), `crashes` (whose retries are loads), `traffic` (the router's counters,
+        read-only) with the policy's snapshot, `lingering`, `meter` and `elastic` with the reconciler."""
         self._config, self._ledger, self._engines = config, ledger, engines
-        self._simulated = probe is None or isinstance(probe, SimProbe)
         self.fingerprinting = fingerprinting  # the measurements a load is planned from
         self.lingering = lingering  # memory of stopped engines not yet back
         self.meter = meter
-        self._state_dir = Path(config.current.state_dir).absolute()
         self._publish, self._clock, self._timeouts = publish, clock, timeouts or Timeouts()
         self._models = {spec.name: ModelRecord(spec) for spec in config.current.models}
-        self._device_locks = device_locks  # held by a load from its admission to its end
-        self._underway: dict[str, Underway] = {}  # one load per model, from its ask (before LOADING) to its end
-        self._launcher = Launcher(config, ledger, self._simulated)
-        self._traffic = traffic
-        self._crashes = Crashes(clock, lambda name: self.try_load(name, cause="restart"))
+        self.loads, self.reconfiguring = loads, reconfiguring
+        self._launcher, self._traffic, self._crashes = launcher, traffic, crashes
         self.elastic = elastic  # KV leases shrunk and grown in place
         self._closing = False
-        self._held_by_pending: frozenset[str] = frozenset()  # loads held for a reload that waits (hold_for_reload)
-        self._held_by_apply: frozenset[str] = frozenset()  # loads held while apply_config unloads
-        self._transition_watchers: list[Callable[[], None]] = []
+        # What others ask of the supervisor, answered by its parts:
+        self.load, self.try_load, self.underway = loads.load, loads.try_load, loads.underway
+        self.affected_by, self.reload_blockers = reconfiguring.affected_by, reconfiguring.reload_blockers
+        self.hold_for_reload, self.apply_config = reconfiguring.hold_for_reload, reconfiguring.apply_config
+        self.watch_transitions, self.transitioned = reconfiguring.watch_transitions, reconfiguring.transitioned
+        self.check_not_held = reconfiguring.check_not_held
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -115,6 +112,10 @@ class Supervisor(Loads, Reconfiguring):
     def records(self) -> list[ModelRecord]:
         return list(self._models.values())
 
+    def record_set(self) -> dict[str, ModelRecord]:
+        """Its records by name, which a config change adds to and removes from (daemon/models/reconfiguring.py)."""
+        return self._models
+
     def leased(self, model: str) -> dict[str, int]:
         """Bytes the model holds, per device."""
         return leased_by(self._ledger, model)
@@ -149,34 +150,34 @@ class Supervisor(Loads, Reconfiguring):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def _set_state(self, record: ModelRecord, state: ModelState, reason: str = "") -> None:
+    def set_state(self, record: ModelRecord, state: ModelState, reason: str = "") -> None:
         previous, record.state = record.state, state
         if previous != state:
             self._publish(ModelStateChanged(record.spec.name, state.value, previous.value, reason))
-            self._transitioned()
+            self.transitioned()
 
-    def _fail(self, record: ModelRecord, state: ModelState, error: str) -> None:
+    def fail(self, record: ModelRecord, state: ModelState, error: str) -> None:
         record.error, record.waiting = error, None
-        self._set_state(record, state, error)
+        self.set_state(record, state, error)
 
     def stop_waiting(self, name: str, reason: str) -> None:
         """No request waits for the model any more (the router's word): it is unloaded again."""
         record = self._models.get(name)
         if record is not None and record.state is ModelState.WAITING:
             record.waiting = None
-            self._set_state(record, ModelState.UNLOADED, reason)
+            self.set_state(record, ModelState.UNLOADED, reason)
 
-    def _check_idle(self, record: ModelRecord) -> None:
+    def check_idle(self, record: ModelRecord) -> None:
         """ModelBusy while the model is mid-transition, its admission included."""
-        if record.state in BUSY or record.spec.name in self._underway:
+        if record.state in BUSY or self.loads.underway(record.spec.name) is not None:
             raise ModelBusy(record.spec.name, (record.state if record.state in BUSY else ModelState.LOADING).value)
 
-    def _on_exit(self, record: ModelRecord) -> Callable[[int], None]:
+    def on_exit(self, record: ModelRecord) -> Callable[[int], None]:
         """The exit report of the engine about to start: its crash handling, unless a later start
         replaced it (each start counts one more generation)."""
         record.generation += 1
         generation = record.generation
-        return lambda returncode: self._crashes.spawn(self._engine_exited(record, generation, returncode))
+        return lambda returncode: self._crashes.spawn(self.engine_exited(record, generation, returncode))
 
     async def make_room(self, decision: Evict, shrunk_for: str, evicted_for: str,
                         best_effort: bool = False) -> NoRoom | None:
@@ -190,7 +191,7 @@ class Supervisor(Loads, Reconfiguring):
         (ADOPTING), so no request loads it a second time meanwhile."""
         record = self._models.get(engine.model)
         if record is not None and record.state is ModelState.UNLOADED:
-            self._set_state(record, ModelState.ADOPTING, f"adopting engine pid {engine.pid}")
+            self.set_state(record, ModelState.ADOPTING, f"adopting engine pid {engine.pid}")
 
     async def adopt(self, engine: EngineRecord) -> Adoption:
         """Take over an engine that a previous lessord started (daemon/models/adoption.py decides). Not
@@ -203,7 +204,7 @@ class Supervisor(Loads, Reconfiguring):
         def launch_for(r: ModelRecord) -> Launch | None:
             try:
                 return self._launcher.launch(r.spec, engine.params, engine.kv_tokens, engine.port, engine.attempt,
-                                             self._on_exit(r))
+                                             self.on_exit(r))
             except KeyError:  # its device is no longer in the config
                 return None
 
@@ -219,7 +220,7 @@ class Supervisor(Loads, Reconfiguring):
             record.handle, record.attempt = adoption.handle, engine.attempt
             record.plan = Plan(engine.model, True, engine.kv_tokens, dict(engine.params), (), ())
             record.ready_at_s = self._clock()
-            self._set_state(record, ModelState.READY, f"adopted engine pid {engine.pid}")
+            self.set_state(record, ModelState.READY, f"adopted engine pid {engine.pid}")
             log.info("%s: adopted (pid %d, from the previous lessord)", engine.model, engine.pid,
                      extra={"model": engine.model, "step": "adopted", "pid": engine.pid})
         return adoption
@@ -228,11 +229,11 @@ class Supervisor(Loads, Reconfiguring):
         await self._ledger.forget_engine(engine.model)
         await self._ledger.release_attempt(engine.attempt, "holder gone at start")
         if record is not None and record.state is ModelState.ADOPTING:
-            self._set_state(record, ModelState.UNLOADED, reason)
+            self.set_state(record, ModelState.UNLOADED, reason)
 
     # -- crashes, overruns, unloads ----------------------------------------------------------
 
-    async def _engine_exited(self, record: ModelRecord, generation: int, returncode: int) -> None:
+    async def engine_exited(self, record: ModelRecord, generation: int, returncode: int) -> None:
         """The engine ended on its own. While loading, the load's own wait sees it and rolls back;
         once ready, its leases are released here, at once, and the restart policy decides."""
         if record.generation != generation or record.state != ModelState.READY or record.handle is None:
@@ -247,8 +248,8 @@ class Supervisor(Loads, Reconfiguring):
             return  # unloaded (an eviction, a reload) while its leases were released: not a crash to restart
         reason += last_lines(handle.process.tail(5))
         record.plan = None
-        self._crashed(record, reason, restart=True,
-                      exited=lambda restart_in: EngineExited(record.spec.name, handle.pid, returncode, reason, restart_in))
+        self.crashed(record, reason, retry=True,
+                     exited=lambda retry_in: EngineExited(record.spec.name, handle.pid, returncode, reason, retry_in))
 
     async def engine_hung(self, name: str, handle: EngineHandle, reason: str) -> bool:
         """The health check's finding (daemon/models/health.py): a ready engine that no longer answers. It
@@ -271,21 +272,22 @@ class Supervisor(Loads, Reconfiguring):
         if record.generation != generation or record.state != ModelState.READY:
             return True  # unloaded while its leases were released: nothing left to restart
         record.plan = None
-        self._crashed(record, reason, restart=True, exited=lambda restart_in: EngineExited(
-            name, handle.pid, returncode if returncode is not None else -1, reason, restart_in, hung=True))
+        self.crashed(record, reason, retry=True, exited=lambda retry_in: EngineExited(
+            name, handle.pid, returncode if returncode is not None else -1, reason, retry_in, hung=True))
         return True
 
-    def _crashed(self, record: ModelRecord, reason: str, restart: bool,
-                 exited: Callable[[float | None], Event] | None = None) -> None:
-        """Count a crash: announce it (`exited`), fail the model with the reason (and lessor's verdict
-        when it gives up), and schedule the restart its policy wants, if `restart`."""
-        restart_in = self._crashes.crashed(record, reason)
-        self._crashes.log_crash(record, reason, restart_in if restart else None)
+    def crashed(self, record: ModelRecord, reason: str, retry: bool,
+                exited: Callable[[float | None], Event] | None = None) -> None:
+        """Count a crash: announce it (`exited`, given the seconds to the retry: the event's
+        restart_in_s, a word of the API kept), fail the model with the reason (and lessor's verdict
+        when it gives up), and schedule the retry its `restart` settings want, if `retry`."""
+        retry_in = self._crashes.crashed(record, reason)
+        self._crashes.log_crash(record, reason, retry_in if retry else None)
         if exited is not None:
-            self._publish(exited(restart_in))
-        self._fail(record, ModelState.FAILED, self._crashes.given_up(record.spec.name) or reason)
-        if restart_in is not None and restart:
-            self._crashes.schedule(record, restart_in)
+            self._publish(exited(retry_in))
+        self.fail(record, ModelState.FAILED, self._crashes.given_up(record.spec.name) or reason)
+        if retry_in is not None and retry:
+            self._crashes.schedule(record, retry_in)
 
     def report_overrun(self, name: str, overrun: dict[str, Any] | None) -> None:
         """The reconciler's finding: the engine measured above its leases (None: back within them).
@@ -324,10 +326,10 @@ class Supervisor(Loads, Reconfiguring):
 
     async def unload(self, name: str, reason: str = "unload requested") -> ModelRecord:
         record = self.resolve(name)
-        if record.state in UNLOADED_LIKE and record.spec.name not in self._underway:
+        if record.state in UNLOADED_LIKE and self.loads.underway(record.spec.name) is None:
             return record
-        self._check_idle(record)
-        self._set_state(record, ModelState.UNLOADING, reason)
+        self.check_idle(record)
+        self.set_state(record, ModelState.UNLOADING, reason)
         started_s, held = self._clock(), self.leased(record.spec.name)
         handle, record.handle = record.handle, None
         pids = (group_pids(self._ledger.snapshot().readings, handle.pid, self.leased(record.spec.name))
@@ -341,7 +343,7 @@ class Supervisor(Loads, Reconfiguring):
         await verify_unload(record.spec.name, pids, lambda: self._ledger.snapshot().readings,
                             0 if self._closing else self._timeouts.unload_verify_s, self.lingering)
         record.plan, record.overrun = None, None
-        self._set_state(record, ModelState.UNLOADED, reason)
+        self.set_state(record, ModelState.UNLOADED, reason)
         took_s = self._clock() - started_s
         log.info("%s: unloaded (%s): freed %s in %.1f s", record.spec.name, reason, bytes_text(held), took_s,
                  extra={"model": record.spec.name, "step": "unloaded", "reason": reason, "freed_bytes": held,

@@ -15,8 +15,9 @@ async def test_the_parts_the_runtime_built_are_the_ones_each_part_uses(tmp_path)
         supervisor, reconciler, traffic = controller.supervisor, controller.reconciler, controller.traffic
         assert isinstance(traffic, TrafficControl) and reconciler is not None
         assert supervisor._traffic is traffic and traffic._supervisor is supervisor  # each other's, no attach
+        assert supervisor.loads._writer() is supervisor and supervisor.reconfiguring._supervisor() is supervisor
         elastic = supervisor.elastic
-        assert elastic._locks is supervisor._device_locks  # the loads' locks, which a grow waits for
+        assert elastic._locks is supervisor.loads.device_locks  # the loads' locks, which a grow waits for
         assert elastic._in_flight == traffic.in_flight
         assert reconciler._elastic is elastic and reconciler._meter is supervisor.meter
         assert reconciler._lingering_memory is supervisor.lingering is controller._lingering

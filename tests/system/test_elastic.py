@@ -169,7 +169,7 @@ async def test_no_grow_while_a_load_holds_the_device(elastic_env):
     await controller.load("b")
     await controller.unload("b")
     shrunk = kv_of(controller, "a")
-    async with controller.supervisor._device_locks.of("gpu0"):  # as a load from admission to ready holds it
+    async with controller.supervisor.loads.device_locks.of("gpu0"):  # as a load from admission to ready holds it
         await controller.reconciler.check()
         assert kv_of(controller, "a") == shrunk < planned
     await controller.reconciler.check()
