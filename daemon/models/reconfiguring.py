@@ -1,7 +1,7 @@
 """Config changes as the supervisor applies them (`Reconfiguring`, which the runtime builds and the
-supervisor holds; daemon/config/reloading.py orders them): models added, removed (unloaded first) and retuned (a running model keeps running; its
-new spec applies at its next load), and the holds that keep a reload from starving: no load of a
-model it changes starts while it waits or applies."""
+supervisor holds; daemon/config/reloading.py orders them): models added, removed (unloaded first)
+and retuned (a running model keeps running; its new spec applies at its next load), and the holds
+that keep a reload from starving: no load of a model it changes starts while it waits or applies."""
 
 from __future__ import annotations
 
