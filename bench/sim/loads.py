@@ -89,10 +89,11 @@ class Host(Protocol):
 
     def last_used_s(self, name: str) -> float: ...
 
-    def learned_view(self, name: str, size_bytes: int) -> dict[str, float]: ...
+    # ModelView's fields by name (rates, shares, counts, a flag): each of ModelView's own type.
+    def learned_view(self, name: str, size_bytes: int) -> dict[str, Any]: ...
 
 
-def _nothing_learned(name: str, size_bytes: int) -> dict[str, float]:
+def _nothing_learned(name: str, size_bytes: int) -> dict[str, Any]:
     return {}
 
 
@@ -126,7 +127,9 @@ class SimSupervisor:
         self._leased_by_device: dict[str, int] = {}
         self._held: dict[str, dict[str, int]] = {}
         self._leases_version = 0
-        self._budgets_at = self._snapshot_at = None
+        # What the two caches below were built at: a _leases_version; an (epoch, leases version, ticks).
+        self._budgets_at: int | None = None
+        self._snapshot_at: tuple[int, int, int] | None = None
         self._budgets_cache: Mapping[str, DeviceBudget] = {}
         self._base = self.ledger.budgets()  # no leases yet: capacity, headroom and foreign per pool
         self._snapshot_cache: Snapshot | None = None
@@ -202,7 +205,8 @@ class SimSupervisor:
 
     def _snapshot(self) -> Snapshot:
         key = (self.epoch, self._leases_version, self.ticks)
-        if self._snapshot_at != key:
+        snapshot = self._snapshot_cache
+        if snapshot is None or self._snapshot_at != key:
             host, held = self.host, self._held
             models = {}
             learned = host.learned_view if self.strategy.learns else _nothing_learned
@@ -213,8 +217,9 @@ class SimSupervisor:
                                            host.in_flight(r.name), max(r.ready_at_s, host.last_used_s(r.name)), holds,
                                            size_bytes=size, ready_since_s=r.ready_at_s,
                                            **learned(r.name, size))
-            self._snapshot_cache, self._snapshot_at = Snapshot(self.budgets(), models, host.now), key
-        return self._snapshot_cache
+            snapshot = self._snapshot_cache = Snapshot(self.budgets(), models, host.now)
+            self._snapshot_at = key
+        return snapshot
 
     # -- the load protocol -------------------------------------------------------------------
 

@@ -155,13 +155,13 @@ class Simulator:
         keep_alive = self.strategy.keep_alive
         if keep_alive is not None and lane.record.state is READY and self.lanes.unused(lane.name):
             since = max(lane.record.ready_at_s, lane.last_used_s)
-            self.at(since + keep_alive, self._keep_alive, (lane, since))
+            self.at(since + keep_alive, self._keep_alive, (lane, since, keep_alive))
 
-    def _keep_alive(self, arg: tuple[Lane, float]) -> None:
-        lane, since = arg
+    def _keep_alive(self, arg: tuple[Lane, float, float]) -> None:
+        lane, since, keep_alive = arg
         record = lane.record
         if (record.state is READY and self.lanes.unused(lane.name) and max(record.ready_at_s, lane.last_used_s) == since
-                and keep_alive_over(self.strategy.keep_alive, since, self.now)):
+                and keep_alive_over(keep_alive, since, self.now)):
             self.result.keep_alive_unloads += 1
             self.sup.unload(record)
 
@@ -185,6 +185,10 @@ class Simulator:
 
     def call_at(self, when_s: float, callback: Callable[[], None]) -> None:
         self.at(when_s, _call, callback)
+
+    def cut(self, lane: Lane, error: LessorError) -> None:
+        # The lanes cut only past LaneRules.drain_timeout_s, which the simulator leaves unset.
+        raise AssertionError(f"the simulator's lanes have no drain timeout, yet cut {lane.name}: {error}")
 
     # -- what the simulated supervisor reports (loads.Host) -----------------------------------
 
@@ -218,5 +222,5 @@ class Simulator:
     def last_used_s(self, name: str) -> float:
         return self.lanes.last_used_s(name)
 
-    def learned_view(self, name: str, size_bytes: int) -> dict[str, float]:
+    def learned_view(self, name: str, size_bytes: int) -> dict[str, Any]:
         return {**self.stats.view(name, self.now, size_bytes), **self.lanes.waiting_of(name)}

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 from collections.abc import Mapping
 
 from lessor.daemon.config.schema import PolicyConfig, RouterConfig
 from lessor.policies.eviction import deduct
 from lessor.policies import (POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue,
-                             Rejected, Snapshot, shortfall)
+                             Rejected, Snapshot, Value, shortfall)
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,13 @@ class Strategy:
     lessor: bool = False  # one of lessor's own policies (for the report)
     learns: bool = False  # its policy reads what the router learned (the simulator fills it in only then)
     notes: str = ""
+
+
+def _value(**changes: Any) -> Value:
+    """The config's default policy (value, as lessor runs it) with `changes` to its parameters."""
+    policy = PolicyConfig().build()
+    assert isinstance(policy, Value), "PolicyConfig's default names the value policy"
+    return replace(policy, **changes)
 
 
 def ollama_like(max_per_device: int = 3) -> Policy:
@@ -152,13 +159,13 @@ def all_strategies(options: StrategyOptions) -> list[Strategy]:
         # before), the rate alone (no share started at once), no ageing (a model may starve).
         Strategy("value, keep_alive 5 min", PolicyConfig().build(), peak_aware=True, keep_alive=ka, drain=True,
                  drain_after=patience, learns=True, notes="ablation: the value policy with keep_alive 300 s"),
-        Strategy("value, rate alone", replace(PolicyConfig().build(), weigh_share=False), peak_aware=True,
+        Strategy("value, rate alone", _value(weigh_share=False), peak_aware=True,
                  keep_alive=None, drain=True, drain_after=patience, learns=True,
                  notes="ablation: the value policy weighing request rates, not the share started at once"),
-        Strategy("value, no ageing", replace(PolicyConfig().build(), starvation_s=math.inf), peak_aware=True,
+        Strategy("value, no ageing", _value(starvation_s=math.inf), peak_aware=True,
                  keep_alive=None, drain=True, drain_after=patience, learns=True,
                  notes="ablation: the value policy where a rare model may starve"),
-        Strategy("value, idle never yields", replace(PolicyConfig().build(), yields=False), peak_aware=True,
+        Strategy("value, idle never yields", _value(yields=False), peak_aware=True,
                  keep_alive=None, drain=True, drain_after=patience, learns=True,
                  notes="ablation: the value policy before issue 34, where an idle model kept its place by its rate"),
     ]

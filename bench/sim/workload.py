@@ -77,7 +77,7 @@ def make_trace(workload: Workload, n_models: int) -> Trace:
     """`workload.requests` requests over `n_models` models, ranked by popularity (model 0 first)."""
     rng = np.random.default_rng(workload.seed)
     if workload.shift_every_s is not None:
-        arrival, model = _shifting(rng, workload, n_models)
+        arrival, model = _shifting(rng, workload, n_models, workload.shift_every_s)
     elif workload.groups:
         arrival, model = _grouped(rng, workload, n_models)
     else:
@@ -94,9 +94,11 @@ def _in_order(times: list[np.ndarray], models: list[np.ndarray], n: int) -> tupl
     return arrival[order], model[order].astype(np.int32)
 
 
-def _shifting(rng: np.random.Generator, workload: Workload, n_models: int) -> tuple[np.ndarray, np.ndarray]:
-    """Poisson arrivals; each period's Zipf ranks over a fresh permutation of the models."""
-    period, shares = workload.shift_every_s, zipf_shares(n_models, workload.zipf_s)
+def _shifting(rng: np.random.Generator, workload: Workload, n_models: int,
+              period: float) -> tuple[np.ndarray, np.ndarray]:
+    """Poisson arrivals; each `period` (the workload's shift_every_s), Zipf ranks over a fresh
+    permutation of the models."""
+    shares = zipf_shares(n_models, workload.zipf_s)
     periods = int(np.ceil(workload.requests / (workload.rate * period) * 1.1)) + 1
     times, models = [], []
     for p in range(periods):

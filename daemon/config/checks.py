@@ -57,7 +57,7 @@ def weights(config: LessorConfig) -> list[Finding]:
     found = []
     for i, spec in enumerate(config.models):
         folder = getattr(spec.engine, "model_path", None)
-        if spec.engine.kind != "torch" or not folder or not os.path.isdir(folder):
+        if spec.engine.engine_kind() != "torch" or not folder or not os.path.isdir(folder):
             continue
         try:
             for shard in torch_weights.checkpoint_files(folder):

@@ -183,8 +183,8 @@ class Reloads:
                 return
             if answer.cancelled():
                 old.answered.cancel()
-            elif answer.exception() is not None:
-                old.answered.set_exception(answer.exception())
+            elif (error := answer.exception()) is not None:
+                old.answered.set_exception(error)
             else:
                 old.answered.set_result(answer.result())
 

@@ -96,15 +96,18 @@ def _host_reading(managed_pids: Collection[int], total_override: int | None = No
                   used_override: int | None = None) -> DeviceReading:
     # A simulated host pool (both figures given) never reads the real RAM: the simulator asks
     # for a budget at every admission, and one /proc/meminfo read costs more than the rest.
-    vm = psutil.virtual_memory() if total_override is None or used_override is None else None
+    if total_override is not None and used_override is not None:
+        total, used = total_override, used_override
+    else:
+        vm = psutil.virtual_memory()
+        total = total_override if total_override is not None else vm.total
+        used = used_override if used_override is not None else vm.total - vm.available
     processes = {}
     for pid in managed_pids:
         try:
             processes[pid] = psutil.Process(pid).memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    total = total_override if total_override is not None else vm.total
-    used = used_override if used_override is not None else vm.total - vm.available  # type: ignore[union-attr]
     return DeviceReading(HOST, -1, "host", "host RAM", total, used, MappingProxyType(processes))
 
 

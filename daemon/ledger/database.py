@@ -210,9 +210,10 @@ def engine_for(url: str, deadlines: Deadlines = Deadlines()) -> AsyncEngine:
             "server_settings": {"statement_timeout": str(max(1, round(deadlines.statement_s * 1000)))}})
         _deadlines[engine] = deadlines
         return engine
-    on_disk = bool(parsed.database) and parsed.database != ":memory:"
+    database = parsed.database or ""
+    on_disk = database not in ("", ":memory:")
     if on_disk:
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
     # sqlite3's `timeout` is its busy timeout: how long a statement waits on another connection's lock.
     engine = create_async_engine(url, connect_args={"timeout": deadlines.statement_s},
                                  **({"pool_timeout": deadlines.connect_s} if on_disk else {}))
@@ -250,8 +251,11 @@ async def bounded(work: Callable[[], Awaitable[T]], deadlines: Deadlines, doing:
 
 
 def _abandoned(task: asyncio.Future) -> None:
-    if not task.cancelled() and task.exception() is not None:  # retrieved: nobody waits for it any more
-        log.debug("an abandoned ledger call ended: %s", short_error(task.exception()))
+    if task.cancelled():
+        return
+    error = task.exception()  # retrieved: nobody waits for it any more
+    if error is not None:
+        log.debug("an abandoned ledger call ended: %s", short_error(error))
 
 
 async def ping(engine: AsyncEngine) -> None:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from ...engines.process import process_identity
 from ..config.schema import LessorConfig
+from ..devices.probes import DeviceReading
 from .ledger_errors import LedgerDamaged
 from ..leases import EnginePhase, EngineRecord, Lease, LeaseKind
 from .ledger import Ledger
@@ -59,8 +60,11 @@ class _NoProbe:
 
     name = "none"
 
-    def read(self, pids):
+    def read(self, managed_pids: Collection[int] = ()) -> list[DeviceReading]:
         raise RuntimeError("recovery reads no device")
+
+    def close(self) -> None:
+        """Nothing to release: it opened no device."""
 
 
 async def recover(config: LessorConfig, mode: str) -> Recovery:

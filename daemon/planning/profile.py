@@ -193,7 +193,8 @@ def with_measured(memory: Memory, fingerprint: Fingerprint, margin: float) -> Me
     for predicted, comps, kv_source, m in zip(memory.devices, memory.components, memory.kv_sources, fingerprint.devices):
         figures = measured_figures(predicted, m, fingerprint.outcome)
         basis = f"fingerprint {fingerprint.digest[:8]} ({fingerprint.outcome}, {fingerprint.when()}, {m.method})"
-        changed, extra = {}, []
+        changed: dict[str, int] = {}  # workspace, load_peak: whole bytes
+        kv_rate, extra = predicted.kv_rate, []
         for name, part in (("workspace", Part.WORKSPACE), ("load_peak", Part.LOAD_PEAK)):
             if name in figures and figures[name] > getattr(predicted, name):
                 grown = _grown(figures[name], margin)
@@ -202,10 +203,10 @@ def with_measured(memory: Memory, fingerprint: Fingerprint, margin: float) -> Me
                                        f"{basis}: {format_bytes(int(figures[name]))} measured + {margin:.0%}; the "
                                        f"model said {format_bytes(getattr(predicted, name))}", part))
         if "kv_rate" in figures and figures["kv_rate"] > predicted.kv_rate:
-            changed["kv_rate"] = figures["kv_rate"] * (1 + margin)
+            kv_rate = figures["kv_rate"] * (1 + margin)
             kv_source = ("measured", f"{basis}: {figures['kv_rate']:.0f} B/token measured + {margin:.0%}; the model "
                                      f"said {predicted.kv_rate:.0f}")
-        devices.append(replace(predicted, **changed))
+        devices.append(replace(predicted, kv_rate=kv_rate, **changed))
         components.append(tuple(comps) + tuple(extra))
         kv_sources.append(kv_source)
     return replace(memory, devices=tuple(devices), components=tuple(components), kv_sources=tuple(kv_sources))
