@@ -9,8 +9,8 @@ import asyncio
 import json
 import os
 import re
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError

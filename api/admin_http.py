@@ -22,9 +22,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from ..daemon.config.schema import AdminConfig
-from .refusals import HeadTooLarge, MalformedRequest, RequestTimedOut, UrlTooLong
 from ..daemon.errors import LessorError
 from .errors import error_response
+from .refusals import HeadTooLarge, MalformedRequest, RequestTimedOut, UrlTooLong
 
 log = logging.getLogger("lessor.api")
 

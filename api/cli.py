@@ -15,9 +15,9 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from collections.abc import Iterator
 
 from ..daemon.config.schema import LessorConfig, load_config
 from ..daemon.errors import ConfigError, LessorError
@@ -26,8 +26,16 @@ from . import cli_live
 from .auth import ENV_TOKEN
 from .cli_client import DEFAULT_ADMIN, DEFAULT_CONFIG, ENV_CONFIG, ApiError, config_path, make_client
 from .cli_completion import completion_script
-from .cli_render import (reload_text, render_budget, render_fingerprints, render_leases, render_models, render_names,
-                         render_plan, render_status)
+from .cli_render import (
+    reload_text,
+    render_budget,
+    render_fingerprints,
+    render_leases,
+    render_models,
+    render_names,
+    render_plan,
+    render_status,
+)
 
 
 def _colour() -> bool:
@@ -41,7 +49,8 @@ def _width() -> int:
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as installed
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
 
     try:
         return installed("lessor")

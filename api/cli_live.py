@@ -9,8 +9,8 @@ import json
 import sys
 import time
 import urllib.parse
-from typing import Any
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from . import cli_render
 from .cli_client import ApiError, Client

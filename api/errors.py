@@ -19,17 +19,41 @@ from typing import Any
 
 from aiohttp import web
 
+from ..daemon.config.reloading import Superseded
 from ..daemon.config.schema import loc_path
-from .refusals import (BodyTooLarge, CrossSiteRequest, HeadTooLarge, InvalidApiKey, MalformedRequest, MethodNotAllowed,
-                       NoRoute, RequestTimedOut, UrlTooLong)
-from ..daemon.errors import (ConfigError, InvalidRequest, InvariantBroken, LessorError, NoEngineLog, Unauthorized,
-                             UnknownDevice, UnknownFingerprint, UnknownModel)
+from ..daemon.errors import (
+    ConfigError,
+    InvalidRequest,
+    InvariantBroken,
+    LessorError,
+    NoEngineLog,
+    Unauthorized,
+    UnknownDevice,
+    UnknownFingerprint,
+    UnknownModel,
+)
 from ..daemon.ledger.ledger_errors import LedgerUnavailable
 from ..daemon.models.load_errors import EngineUnavailable, LoadFailed, ModelAdopting, ModelBusy, ModelFailed
 from ..daemon.planning.rejections import ModelTooLarge, NotEnoughMemory, PlanRejected
-from ..daemon.traffic.request_errors import (DrainTimedOut, Forbidden, QueueFull, UpstreamFailed, UpstreamTimedOut,
-                                             WaitTimedOut)
-from ..daemon.config.reloading import Superseded
+from ..daemon.traffic.request_errors import (
+    DrainTimedOut,
+    Forbidden,
+    QueueFull,
+    UpstreamFailed,
+    UpstreamTimedOut,
+    WaitTimedOut,
+)
+from .refusals import (
+    BodyTooLarge,
+    CrossSiteRequest,
+    HeadTooLarge,
+    InvalidApiKey,
+    MalformedRequest,
+    MethodNotAllowed,
+    NoRoute,
+    RequestTimedOut,
+    UrlTooLong,
+)
 
 log = logging.getLogger("lessor.api")
 

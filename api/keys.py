@@ -13,8 +13,8 @@ import hmac
 from dataclasses import dataclass
 
 from ..daemon.config.schema import RouterConfig
-from .refusals import InvalidApiKey
 from ..daemon.models.supervisor import Supervisor
+from .refusals import InvalidApiKey
 
 EVERY_MODEL = None  # a key whose models include "*"
 

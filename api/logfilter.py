@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any, TextIO
-from collections.abc import Mapping
 
 from aiohttp.http_exceptions import HttpProcessingError
 

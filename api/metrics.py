@@ -11,13 +11,25 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..daemon.models.adoption import AdoptionOutcome
 from ..daemon.controller import Controller
-from ..daemon.events import (AdmissionDecided, AdmissionResult, BudgetOvercommitted, ConfigReloaded, EngineExited, Event,
-                             FingerprintRecorded, LeaseOverrun, LoadRetried, MemoryLingering, ModelStateChanged,
-                             OverrunAction, ReloadResult)
-from ..daemon.ledger.fingerprints import Outcome
+from ..daemon.events import (
+    AdmissionDecided,
+    AdmissionResult,
+    BudgetOvercommitted,
+    ConfigReloaded,
+    EngineExited,
+    Event,
+    FingerprintRecorded,
+    LeaseOverrun,
+    LoadRetried,
+    MemoryLingering,
+    ModelStateChanged,
+    OverrunAction,
+    ReloadResult,
+)
 from ..daemon.leases import LeaseKind
+from ..daemon.ledger.fingerprints import Outcome
+from ..daemon.models.adoption import AdoptionOutcome
 from ..daemon.models.lifecycle import ModelState
 from .exchange import CLIENT_GONE
 

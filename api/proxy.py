@@ -22,7 +22,6 @@ from typing import Protocol
 
 import httptools
 
-
 # Engines close idle keep-alive connections after a while (aiohttp: 75 s, uvicorn: 5 s); a request
 # written to one that is closing fails. Connections idle longer than this are not reused.
 IDLE_S = 4.0

@@ -11,8 +11,17 @@ from pydantic_core import PydanticUndefined
 
 from ..daemon.config.model_spec import ModelSpec
 from ..daemon.config.schema import LessorConfig
-from ..daemon.units import (DURATION_RULE, SIZE_RULE, format_bytes, parse_duration, parse_duration_or_never,
-                            parse_memory_size, parse_nonnegative_duration, parse_nonzero_memory_size, parse_size)
+from ..daemon.units import (
+    DURATION_RULE,
+    SIZE_RULE,
+    format_bytes,
+    parse_duration,
+    parse_duration_or_never,
+    parse_memory_size,
+    parse_nonnegative_duration,
+    parse_nonzero_memory_size,
+    parse_size,
+)
 from ..engines.base import EngineArgsBase
 
 SIZES = {parse_size, parse_memory_size, parse_nonzero_memory_size}
@@ -112,7 +121,7 @@ def api_table() -> str:
 
 def metrics_labels() -> str:
     """Each outcome label of lessor's metrics with its closed set of values (api/metrics.py's OUTCOME_LABELS)."""
-    from .metrics import HTTP_CODES, OUTCOME_LABELS, OTHER_CODE
+    from .metrics import HTTP_CODES, OTHER_CODE, OUTCOME_LABELS
     rows = []
     for metric, (label, allowed) in OUTCOME_LABELS.items():
         if allowed == HTTP_CODES:

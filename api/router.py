@@ -27,22 +27,23 @@ from dataclasses import replace
 import httptools
 
 from ..daemon.config.schema import RouterConfig
-from .refusals import MethodNotAllowed, NoRoute
 from ..daemon.errors import InvalidRequest, LessorError, UnknownModel
 from ..daemon.models.load_errors import LoadFailed, ModelFailed
-from ..daemon.traffic.request_errors import Forbidden, UpstreamFailed, UpstreamTimedOut
-from ..daemon.traffic.lanes import Lane
-from ..daemon.traffic.control import TrafficControl
-from ..daemon.units import parse_duration_or_never
 from ..daemon.models.supervisor import Supervisor
+from ..daemon.traffic.control import TrafficControl
+from ..daemon.traffic.lanes import Lane
+from ..daemon.traffic.request_errors import Forbidden, UpstreamFailed, UpstreamTimedOut
+from ..daemon.units import parse_duration_or_never
 from .connection import ClientConnection, Request
-from .exchange import CLIENT_GONE
 from .errors import MAX_JSON_DEPTH, check_shape, http_status, too_deep
+from .exchange import CLIENT_GONE
 from .keys import EVERY_MODEL, ApiKeys, KeyAccess, allows
 from .proxy import UpstreamPool
+from .refusals import MethodNotAllowed, NoRoute
 
 try:
-    from orjson import dumps as json_dumps, loads as json_loads
+    from orjson import dumps as json_dumps
+    from orjson import loads as json_loads
 except ImportError:  # orjson is a dependency; the standard library still works without it
     from json import loads as json_loads  # type: ignore[assignment]  # orjson's signature is not json's
 

@@ -8,8 +8,8 @@ from typing import Any, Literal, get_type_hints
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..daemon.leases import Lease, LeaseState
-from ..daemon.planning.profile import Size
 from ..daemon.models.lifecycle import ModelState
+from ..daemon.planning.profile import Size
 
 
 class Body(BaseModel):

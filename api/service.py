@@ -12,24 +12,24 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
-from ..daemon.config.schema import LessorConfig, load_config, parse_config
+from ..daemon import state_files
 from ..daemon.config.fields import parse_listen
+from ..daemon.config.schema import LessorConfig, load_config, parse_config
 from ..daemon.controller import Controller, config_source
 from ..daemon.errors import ConfigError, LessorError
-from ..daemon.ledger.ledger_errors import LedgerDamaged, LedgerUnavailable
 from ..daemon.ledger.database import SchemaTooNew
-from ..daemon.notify import Notifier, watchdog, watchdog_interval_s
+from ..daemon.ledger.ledger_errors import LedgerDamaged, LedgerUnavailable
 from ..daemon.ledger.recovery import FRESH, RECOVER, recover
-from ..daemon import state_files
-from ..daemon.traffic.control import TrafficControl
+from ..daemon.notify import Notifier, watchdog, watchdog_interval_s
 from ..daemon.runtime import publishing, runtime
+from ..daemon.traffic.control import TrafficControl
 from .admin import make_admin_app
 from .admin_http import AdminSite, request_deadline
 from .auth import resolve_token

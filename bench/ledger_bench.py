@@ -27,8 +27,8 @@ from bench.pgcluster import pg_bindir, postgres_cluster
 from lessor.daemon.config.schema import DevicesConfig, HostPool, SimulatedGpu
 from lessor.daemon.devices.probes import SimProbe
 from lessor.daemon.leases import Granted, LeaseKind, LeaseWant
-from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.ledger.database import inspect_sqlite
+from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.ledger.record import LedgerRecord
 from lessor.daemon.units import GiB, MiB
 from lessor.policies import POLICIES, AdmissionRequest, DeviceBudget, ModelView, Snapshot

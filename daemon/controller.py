@@ -8,25 +8,25 @@ import hashlib
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Mapping
 
-from .config.schema import LessorConfig
-from .devices.probes import Probe, SimProbe
 from .config import checks
+from .config.changes import ConfigChange
+from .config.holder import ConfigHolder
+from .config.reloading import Applied, ConfigRead, Pending, Reloads
+from .config.schema import LessorConfig
+from .devices.history import UsageHistory
+from .devices.probes import Probe, SimProbe
 from .errors import ConfigError, ConfigProblem, InvalidRequest, LessorError, NoEngineLog, UnknownFingerprint
 from .events import AdmissionDecided, AdmissionResult, ConfigReloaded, EventBus, ForeignUsageChanged
-from .config.holder import ConfigHolder
 from .leases import LeaseKind, held_by
 from .ledger.ledger import Ledger
-from .config.changes import ConfigChange
 from .models.lifecycle import ModelState
-from .config.reloading import Applied, ConfigRead, Pending, Reloads
 from .models.measurements import Fingerprinting
 from .models.supervisor import Supervisor
 from .models.unloading import Lingering
-from .devices.history import UsageHistory
 from .mqtt import MqttPublisher
 from .reconciler import Reconciler
 from .traffic.control import TrafficControl

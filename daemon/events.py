@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
-from collections.abc import Callable
 
 
 def _plain(items: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -7,9 +7,9 @@ importing the database."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Literal
 
 from ..policies import DeviceBudget

@@ -15,9 +15,9 @@ import logging
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aiomqtt

@@ -16,28 +16,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
-from collections.abc import Callable
 
 from ..engines.proctree import Proc
 from ..engines.strays import find_strays, identified, stop_groups, tops
 from ..policies import Evict
-from .planning.admission import GiveBack, decide
-from .models.adoption import AdoptionOutcome
-from .models.elastic import Elastic
-from .models.unloading import Lingering
-from .devices.usage import UsageMeter
 from .config.schema import ReconcilerConfig
 from .devices.probes import gpu_id
+from .devices.usage import UsageMeter
 from .events import BudgetOvercommitted, EngineAdopted, Event, LeaseOverrun, OverrunAction
-from .models.health import HealthWatch
 from .leases import EnginePhase, EngineRecord, LeaseKind
 from .ledger.ledger import Ledger
+from .models.adoption import AdoptionOutcome
+from .models.elastic import Elastic
+from .models.health import HealthWatch
 from .models.lifecycle import ModelState
-from .planning.profile import over_leases
 from .models.supervisor import Supervisor
+from .models.unloading import Lingering
+from .planning.admission import GiveBack, decide
+from .planning.profile import over_leases
 from .units import format_bytes
 
 log = logging.getLogger("lessor.reconciler")

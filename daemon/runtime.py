@@ -14,14 +14,14 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from collections.abc import AsyncIterator, Callable, Mapping
 
 from ..engines import adapters
 from ..engines.base import EngineAdapter
-from ..engines.redaction import Redacting
 from ..engines.proctree import become_subreaper
+from ..engines.redaction import Redacting
 from .config.holder import ConfigHolder
 from .config.schema import LessorConfig
 from .controller import Controller, device_dicts
@@ -37,11 +37,11 @@ from .models.crashes import CRASH_RETRY, Crashes
 from .models.elastic import Elastic
 from .models.launching import Launcher
 from .models.loads import Loads
+from .models.measurements import Fingerprinting
 from .models.reconfiguring import Reconfiguring
+from .models.supervisor import Supervisor
 from .models.timeouts import Timeouts
 from .models.traffic_counters import NoTraffic
-from .models.measurements import Fingerprinting
-from .models.supervisor import Supervisor
 from .models.unloading import Lingering
 from .mqtt import MqttPublisher
 from .reconciler import Reconciler, StartReport, StartSettling

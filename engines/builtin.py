@@ -6,17 +6,27 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
-from collections.abc import Mapping
 
 from pydantic import Field
 
 from ..memory.context import ContextLimit, trained_context
 from ..memory.footprint import Footprint, ModelShape
-from .base import (Command, EngineArgsBase, EngineHandle, Flags, KvGrant, KvResizeRefused, Launch, ProcessAdapter,
-                   ProcessHandle, Sizing)
+from .base import (
+    Command,
+    EngineArgsBase,
+    EngineHandle,
+    Flags,
+    KvGrant,
+    KvResizeRefused,
+    Launch,
+    ProcessAdapter,
+    ProcessHandle,
+    Sizing,
+)
 from .memory_model import TORCH_OOM
 from .readiness import probe_session
 

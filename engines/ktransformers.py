@@ -25,9 +25,18 @@ from ..memory.footprint import Component, Footprint, ModelShape, Part, Source
 from ..memory.params import param_counts
 from ..memory.weights import FORMATS, nbytes
 from .base import Command, EngineArgsBase, Flags, Launch, ProcessAdapter, Sizing, absolute_path
-from .ktransformers_legacy import (CUDA_PAGE_TOKENS, DEFAULT_CHUNK_TOKENS, cache_lens_rule, chunk_size_rule,
-                                   legacy_flags, legacy_footprint, max_batch_size_rule, page_size_rule,
-                                   rounded_pages, write_engine_home)
+from .ktransformers_legacy import (
+    CUDA_PAGE_TOKENS,
+    DEFAULT_CHUNK_TOKENS,
+    cache_lens_rule,
+    chunk_size_rule,
+    legacy_flags,
+    legacy_footprint,
+    max_batch_size_rule,
+    page_size_rule,
+    rounded_pages,
+    write_engine_home,
+)
 from .memory_model import TORCH_OOM
 from .sglang import SGLangEngineArgs, planned_context, server_argv
 

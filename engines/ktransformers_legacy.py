@@ -7,9 +7,9 @@ and its adapter, for both servers, are engines/ktransformers.py's."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from collections.abc import Mapping
 
 import yaml
 

@@ -14,12 +14,21 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 from . import enginelog, readiness
-from .proctree import (Proc, boot_id, engine_processes, group_is_ours, marker_of, marker_of_pid, read_proc, reap,
-                       signal_processes)
+from .proctree import (
+    Proc,
+    boot_id,
+    engine_processes,
+    group_is_ours,
+    marker_of,
+    marker_of_pid,
+    read_proc,
+    reap,
+    signal_processes,
+)
 from .readiness import Backoff
 from .redaction import redact_argv
 

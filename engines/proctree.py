@@ -22,9 +22,9 @@ import ctypes
 import logging
 import os
 import signal
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable, Mapping, Sequence
 
 log = logging.getLogger("lessor.engines")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from .logwatch import LogWatch
 

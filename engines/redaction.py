@@ -21,8 +21,8 @@ Not here: who is shown what (api/admin.py decides: the token holder reads the wh
 from __future__ import annotations
 
 import re
-from typing import Any
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 REDACTED = "<redacted>"
 MIN_VALUE = 6

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from .process import signal_group
-from .proctree import Proc, environ as proc_environ, process_table, read_proc, signal_processes, with_descendants
+from .proctree import Proc, process_table, read_proc, signal_processes, with_descendants
+from .proctree import environ as proc_environ
 
 log = logging.getLogger("lessor.reconciler")
 

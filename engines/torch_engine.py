@@ -9,8 +9,8 @@ import functools
 import logging
 import os
 import time
-from typing import Any
 from collections.abc import Iterator
+from typing import Any
 
 from . import torch_weights
 from .torch_requests import BadRequest, Sampling

@@ -37,17 +37,17 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from collections.abc import Callable
 
 from aiohttp import web
 
 from .builtin import model_path_problem
 from .torch_completion import Completion, Steps, failed
 from .torch_engine import DTYPES, Engine
-from .torch_weights import CorruptCheckpoint
 from .torch_requests import BadRequest, Generate, chat_request, completion_request, parse_body
+from .torch_weights import CorruptCheckpoint
 
 log = logging.getLogger("lessor.torch_server")
 MIN_CONTEXT = 16  # tokens per sequence a resize leaves at least (engine.context_tokens' own lower bound)

@@ -18,11 +18,11 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterable, Mapping
 
 CHUNK_BYTES = 64 << 20  # one read: large enough that a call's cost vanishes, small enough to spread over threads
 READERS = min(4, os.cpu_count() or 1)  # page-cache copies scale with cores; a disk wants a few requests queued

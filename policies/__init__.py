@@ -2,7 +2,7 @@
 closed registry (an unknown name fails config validation and lists the valid ones)."""
 
 from .eviction import Policy, fit, lru_idle, priority, shortfall, shrink_to_cover
-from .snapshot import Admit, AdmissionRequest, Decision, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
+from .snapshot import AdmissionRequest, Admit, Decision, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
 from .value import Value
 
 POLICIES: dict[str, Policy] = {"fit": fit, "lru_idle": lru_idle, "priority": priority, "value": Value()}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from .snapshot import Admit, AdmissionRequest, Decision, Evict, ModelView, Queue, Rejected, Snapshot
+from .snapshot import AdmissionRequest, Admit, Decision, Evict, ModelView, Queue, Rejected, Snapshot
 
 Policy = Callable[[AdmissionRequest, Snapshot], Decision]
 

@@ -3,9 +3,8 @@ plain values only, so a policy can be tested with hand-written snapshots."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
-
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,11 @@ placement, an Ollama-like and a llama-swap-like scheduler on the same traces.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .eviction import decide_with_candidates, free_with, holds_on, rejected, shortfall, shrink_to_cover, turns_quiet
-from .snapshot import Admit, AdmissionRequest, Decision, Evict, ModelView, Queue, Snapshot
+from .snapshot import AdmissionRequest, Admit, Decision, Evict, ModelView, Queue, Snapshot
 
 # A model whose requests come more than this many of its reloads apart (rate × reload < 1 / this)
 # yields as soon as it is idle: a reload delays about one of its requests, while a waiting one

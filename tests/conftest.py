@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lessor.daemon.units import GiB
-
 from bench.pgcluster import postgres_cluster, postgres_server
+from lessor.daemon.units import GiB
 
 from .support.configs import sim_config, torch_model
 from .support.fakes import FakeAdapter, FakeEngines

@@ -3,9 +3,9 @@ static scheduling, over the same simulated GPUs and request traces. See bench/RE
 
 from .scenarios import Scenario, scenarios
 from .simulator import Simulator
-from .world import Hardware, Result, SimModel
 from .strategies import Strategy, StrategyOptions, all_strategies
 from .workload import Trace, Workload, make_trace
+from .world import Hardware, Result, SimModel
 
 
 def run_scenario(scenario: Scenario, requests: int | None = None, strategies: list[Strategy] | None = None,

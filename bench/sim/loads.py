@@ -17,19 +17,19 @@ finish without ever suspending.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Protocol
 from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from lessor.daemon.config.schema import DevicesConfig, HostPool
 from lessor.daemon.devices.probes import SimProbe, gpu_id
 from lessor.daemon.errors import LessorError
-from lessor.daemon.models.load_errors import LoadFailed
-from lessor.daemon.planning.rejections import PlanRejected
 from lessor.daemon.leases import Granted, LeaseKind
 from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.models.lifecycle import ModelState
+from lessor.daemon.models.load_errors import LoadFailed
 from lessor.daemon.planning.admission import decide
 from lessor.daemon.planning.planner import Plan, plan, plan_kv
+from lessor.daemon.planning.rejections import PlanRejected
 from lessor.policies import DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
 
 from .strategies import Strategy

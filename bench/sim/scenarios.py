@@ -16,9 +16,9 @@ from lessor.daemon.config.schema import SimulatedGpu
 from lessor.daemon.devices.probes import gpu_id
 from lessor.memory.architecture import read_hf_config
 
-from .world import GiB, Hardware, SimModel, baseline_leases, lease_sums
 from .strategies import StrategyOptions
 from .workload import Workload
+from .world import GiB, Hardware, SimModel, baseline_leases, lease_sums
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 

@@ -16,22 +16,22 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from typing import Any
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from lessor.daemon.errors import LessorError
-from lessor.daemon.models.load_errors import LoadFailed
-from lessor.daemon.traffic.request_errors import WaitTimedOut
-from lessor.daemon.traffic.lanes import Lane, LaneRules, Lanes, keep_alive_over
 from lessor.daemon.models.lifecycle import ModelState
+from lessor.daemon.models.load_errors import LoadFailed
+from lessor.daemon.traffic.lanes import Lane, LaneRules, Lanes, keep_alive_over
+from lessor.daemon.traffic.request_errors import WaitTimedOut
 from lessor.daemon.traffic.stats import TrafficStats
 
 from .loads import SimRecord, SimSupervisor
 from .strategies import Strategy
-from .world import Hardware, Result, SimModel
 from .workload import Trace
+from .world import Hardware, Result, SimModel
 
 READY = ModelState.READY
 

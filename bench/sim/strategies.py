@@ -26,14 +26,26 @@ accounting at all).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
-from collections.abc import Mapping
 
 from lessor.daemon.config.schema import PolicyConfig, RouterConfig
+from lessor.policies import (
+    POLICIES,
+    AdmissionRequest,
+    Admit,
+    Decision,
+    Evict,
+    ModelView,
+    Policy,
+    Queue,
+    Rejected,
+    Snapshot,
+    Value,
+    shortfall,
+)
 from lessor.policies.eviction import deduct
-from lessor.policies import (POLICIES, Admit, AdmissionRequest, Decision, Evict, ModelView, Policy, Queue,
-                             Rejected, Snapshot, Value, shortfall)
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,17 @@ config checked on a laptop or in CI), what only the box can answer (files, comma
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from ...engines import torch_weights
 from ...engines.process import command_problem
 from ...policies import DeviceBudget
-from ..planning.admission import never_fits
 from ..devices.budget import budgets as compute_budgets
+from ..devices.probes import DeviceReading, SimProbe, gpu_id, make_probe
+from ..planning.admission import never_fits
 from .model_spec import ModelSpec
 from .schema import LessorConfig
-from ..devices.probes import DeviceReading, SimProbe, gpu_id, make_probe
 
 
 @dataclass(frozen=True)

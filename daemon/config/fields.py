@@ -8,8 +8,14 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, WithJsonSchema
 
-from ..units import (DURATION_PATTERN, SIZE_PATTERN, parse_duration_or_never, parse_memory_size,
-                    parse_nonnegative_duration, parse_nonzero_memory_size)
+from ..units import (
+    DURATION_PATTERN,
+    SIZE_PATTERN,
+    parse_duration_or_never,
+    parse_memory_size,
+    parse_nonnegative_duration,
+    parse_nonzero_memory_size,
+)
 
 _NONNEGATIVE = r"^\s*[0-9]+(\.[0-9]+)?\s*(ms|s|m|h|d)?\s*$"
 # A negative duration is refused: only keep_alive's -1 (never) has a meaning.

@@ -10,10 +10,10 @@ from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints, model_validator
 
-from .fields import Duration, DurationOrNever, Listen, Strict
 from ..errors import ConfigError, ConfigProblem
 from ..planning.profile import Size
 from ..units import KiB, MiB
+from .fields import Duration, DurationOrNever, Listen, Strict
 
 
 def _head_limits(listener: str) -> dict[str, Any]:

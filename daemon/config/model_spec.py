@@ -6,8 +6,8 @@ pydantic tree (daemon/config/schema.py holds the rest)."""
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from .schema import LessorConfig
 from ..errors import LessorError
-from .changes import ConfigChange
 from ..models.supervisor import Supervisor
+from .changes import ConfigChange
+from .schema import LessorConfig
 
 log = logging.getLogger("lessor.service")
 

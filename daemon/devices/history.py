@@ -19,9 +19,9 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
-from collections.abc import Callable, Mapping, Sequence
 
 from ..events import Event, ForeignUsageChanged, LeaseGranted, LeaseReleased, LeaseResized, MemoryLingering
 

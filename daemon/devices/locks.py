@@ -6,8 +6,8 @@ Built by the runtime and handed to both, so neither owns the other's state."""
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack, asynccontextmanager
 from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
 
 
 class DeviceLocks:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
-from collections.abc import Collection, Mapping
 
 import psutil
 

@@ -15,10 +15,10 @@ import asyncio
 import logging
 import sqlite3
 import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Table, Text, event, inspect, select, text
 from sqlalchemy.engine import make_url

@@ -25,8 +25,8 @@ from typing import Any
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .ledger_errors import LedgerUnavailable
 from .database import STORAGE_ERRORS, fingerprints_table, short_error, write
+from .ledger_errors import LedgerUnavailable
 
 log = logging.getLogger("lessor.fingerprints")
 

@@ -13,25 +13,25 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import replace
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from dataclasses import replace
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ...policies import DeviceBudget, Rejected
-from ..devices.budget import budgets as compute_budgets
 from ..config.schema import DevicesConfig
+from ..devices.budget import budgets as compute_budgets
 from ..devices.probes import DeviceReading, Probe, group_members
-from .ledger_errors import LedgerDamaged, LedgerUnavailable
 from ..events import Event, LeaseGranted, LeaseReleased, LeaseResized
-from . import statements
-from .statements import Statements
-from .database import STORAGE_ERRORS, Deadlines, bounded, deadlines_of, engine_for, migrate, short_error
 from ..leases import EngineRecord, Granted, Lease, LeaseKind, LeaseWant, LedgerSnapshot
-from .record import LedgerRecord, check_database, expectation, recover_hint, sqlite_file
-from .store import Store
 from ..units import format_bytes
+from . import statements
+from .database import STORAGE_ERRORS, Deadlines, bounded, deadlines_of, engine_for, migrate, short_error
+from .ledger_errors import LedgerDamaged, LedgerUnavailable
+from .record import LedgerRecord, check_database, expectation, recover_hint, sqlite_file
+from .statements import Statements
+from .store import Store
 
 log = logging.getLogger("lessor.ledger")
 

@@ -32,17 +32,17 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ...engines.proctree import boot_id
 from ...engines.strays import find_strays
-from .ledger_errors import LedgerDamaged, LedgerUnavailable
 from .database import STORAGE_ERRORS, inspect_sqlite, read_generation, short_error
+from .ledger_errors import LedgerDamaged, LedgerUnavailable
 
 log = logging.getLogger("lessor.ledger")
 

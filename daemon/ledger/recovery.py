@@ -14,18 +14,18 @@ port). Starting fresh writes nothing back. On a sound ledger both do nothing.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Collection, Mapping
 
 from ...engines.process import process_identity
+from ...engines.strays import find_strays
 from ..config.schema import LessorConfig
 from ..devices.probes import DeviceReading
-from .ledger_errors import LedgerDamaged
 from ..leases import EnginePhase, EngineRecord, Lease, LeaseKind
 from .ledger import Ledger
+from .ledger_errors import LedgerDamaged
 from .record import LedgerRecord, Record, sqlite_file
-from ...engines.strays import find_strays
 
 RECOVER, FRESH = "recover-from-engines", "start-fresh"
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from collections.abc import Callable
 
 from ...engines.base import EngineAdapter, EngineHandle, Launch
 from ...engines.process import EngineProcess, signal_group

@@ -18,18 +18,18 @@ locks held, so it never takes memory a load is about to be granted.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from ...engines.base import KvResizeRefused
 from ...policies import Snapshot
 from ..devices.locks import DeviceLocks
 from ..devices.probes import gpu_id
-from ..ledger.ledger_errors import LedgerUnavailable
 from ..leases import Lease, LeaseKind, held_by
 from ..ledger.ledger import Ledger
-from .lifecycle import ModelRecord, ModelState
+from ..ledger.ledger_errors import LedgerUnavailable
 from ..units import format_bytes
+from .lifecycle import ModelRecord, ModelState
 
 log = logging.getLogger("lessor.supervisor")
 

@@ -5,9 +5,9 @@ it once its leases are granted; the adoption asks for one to check a running eng
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Mapping
 
 from ...engines.base import GpuTarget, Launch
 from ..config.holder import ConfigHolder

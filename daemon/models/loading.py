@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from ...engines.base import EngineAdapter, EngineHandle, KvGrant
 from ...engines.process import free_port
@@ -38,10 +38,10 @@ from ..planning.profile import over_leases, verify_tolerance
 from ..planning.rejections import NotEnoughMemory, PlanRejected
 from ..units import format_bytes
 from .launching import Launcher, OnExit
-from .timeouts import Timeouts
 from .load_errors import LoadFailed, OutOfMemory
 from .sampling import LoadSampler
 from .timeline import LoadTimeline
+from .timeouts import Timeouts
 
 # The typed outcomes a failed step already states well: passed on as they are.
 _AS_RAISED = (LoadFailed, LedgerUnavailable, NotEnoughMemory)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from collections.abc import Callable, Mapping
 
 from ...engines.base import EngineAdapter
 from ...policies import Admit, Evict, Policy, Queue, Rejected, Snapshot
@@ -32,19 +32,28 @@ from ..events import AdmissionDecided, AdmissionResult, Event, LoadRetried
 from ..ledger.fingerprints import FingerprintKey
 from ..ledger.ledger import Ledger
 from ..ledger.ledger_errors import LedgerUnavailable
-from ..planning.admission import (Admission, MustWait, attempts_text, bytes_text, decide, log_admission, must_wait,
-                                  never_fits, refused)
+from ..planning.admission import (
+    Admission,
+    MustWait,
+    attempts_text,
+    bytes_text,
+    decide,
+    log_admission,
+    must_wait,
+    never_fits,
+    refused,
+)
 from ..planning.planner import Measured, with_overrides
 from ..planning.rejections import NotEnoughMemory, PlanRejected
 from .crashes import CRASH_RETRY, Crashes
 from .launching import Launcher
 from .lifecycle import ModelRecord, ModelState, Waiting
-from .timeouts import Timeouts
 from .load_errors import EngineUnavailable, LoadFailed, ModelAdopting, ModelFailed, OutOfMemory
 from .loading import LoadAttempt, Loaded
 from .measurements import Fingerprinting
 from .room import NoRoom
 from .timeline import LoadTimeline
+from .timeouts import Timeouts
 
 log = logging.getLogger("lessor.supervisor")
 

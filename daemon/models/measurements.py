@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import Any
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from ...engines.versions import engine_version
 from ..config.model_spec import ModelSpec

@@ -5,11 +5,11 @@ that keep a reload from starving: no load of a model it changes starts while it 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
-from .crashes import Crashes
 from ..config.changes import ConfigChange
+from .crashes import Crashes
 from .lifecycle import ModelRecord, ModelState
 from .load_errors import ModelBusy
 

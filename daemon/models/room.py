@@ -5,8 +5,8 @@ one place room is made, for a load's admission and for the reconciler's give-bac
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 from ...policies import Evict
 from ..errors import LessorError

@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass, field
 
 from ..devices.probes import HOST, group_pss
-from ..ledger.fingerprints import DeviceMeasurement
 from ..devices.usage import UsageMeter
+from ..ledger.fingerprints import DeviceMeasurement
 
 log = logging.getLogger("lessor.sampling")
 

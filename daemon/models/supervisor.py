@@ -14,10 +14,10 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Mapping
 
 from ...engines.base import EngineAdapter, EngineHandle, Launch
 from ...engines.process import describe_exit, last_lines, signal_group
@@ -35,15 +35,15 @@ from .adoption import Adoption, adopt, stopped_members
 from .crashes import Crashes
 from .elastic import Elastic
 from .launching import Launcher
-from .lifecycle import ModelRecord, ModelState, UNLOADED_LIKE
-from .timeouts import Timeouts
-from .traffic_counters import Traffic
+from .lifecycle import UNLOADED_LIKE, ModelRecord, ModelState
 from .load_errors import ModelBusy
 from .loading import leased_by
 from .loads import Loads
 from .measurements import Fingerprinting
 from .reconfiguring import BUSY, Reconfiguring
 from .room import NoRoom, make_room
+from .timeouts import Timeouts
+from .traffic_counters import Traffic
 from .unloading import Lingering, group_pids, verify_unload
 
 log = logging.getLogger("lessor.supervisor")

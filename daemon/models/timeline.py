@@ -14,9 +14,9 @@ lessor knowing it: the readiness probe's lag).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable, Mapping
 
 LESSOR, ENGINE, MEASURE, NOTICE = "lessor", "engine", "measure", "notice"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 
 from ..devices.probes import DeviceReading
 from ..events import Event, MemoryLingering

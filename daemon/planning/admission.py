@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-from ...policies import (AdmissionRequest, Admit, Decision, DeviceBudget, Evict, Policy, Queue, Rejected, Snapshot,
-                         shortfall)
+from ...policies import (
+    AdmissionRequest,
+    Admit,
+    Decision,
+    DeviceBudget,
+    Evict,
+    Policy,
+    Queue,
+    Rejected,
+    Snapshot,
+    shortfall,
+)
 from ..config.model_spec import ModelSpec
 from ..leases import LeaseKind
 from ..units import format_bytes

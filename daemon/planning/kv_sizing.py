@@ -12,8 +12,8 @@ from typing import Any
 from ...engines.base import Sizing
 from ...memory.context import ContextLimit
 from ..config.model_spec import ModelSpec
-from .profile import DeviceMemory, Memory
 from ..units import GiB, MiB, format_bytes
+from .profile import DeviceMemory, Memory
 
 
 @dataclass(frozen=True)

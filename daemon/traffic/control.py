@@ -23,18 +23,18 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
-from collections.abc import Callable
 
 from ..config.schema import RouterConfig
 from ..errors import InvariantBroken, LessorError
-from ..models.load_errors import ModelAdopting, ModelBusy
 from ..events import ConfigReloaded, Event, ModelStateChanged
-from .lanes import Lane, LaneRules, Lanes, keep_alive_over
 from ..models.lifecycle import ModelRecord, ModelState
-from ..planning.admission import MustWait
+from ..models.load_errors import ModelAdopting, ModelBusy
 from ..models.supervisor import Supervisor
+from ..planning.admission import MustWait
+from .lanes import Lane, LaneRules, Lanes, keep_alive_over
 from .stats import TrafficStats
 
 log = logging.getLogger("lessor.traffic")

@@ -25,9 +25,9 @@ host in bench/sim), a clock passed in by the caller, plain numbers out.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Mapping
 
 # Before a model was ever loaded here: an engine's start (a process, CUDA, a server) and its
 # weights read at a local NVMe's speed. Both are replaced by the first measured load.

@@ -11,9 +11,9 @@ from lessor.api.admin import get_events, make_admin_app
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from ..support.waiting import HANG_S
 from ..support.configs import sim_config, torch_model
 from ..support.fakes import FakeEngines
+from ..support.waiting import HANG_S
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

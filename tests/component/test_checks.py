@@ -17,13 +17,13 @@ from lessor.daemon.models.load_errors import LoadFailed
 from lessor.daemon.planning.rejections import ModelTooLarge
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
-from lessor.policies import DeviceBudget
 from lessor.engines.process import free_port
+from lessor.policies import DeviceBudget
 
-from ..support.paths import BIN, ROOT
-from ..support.waiting import HANG_S
 from ..support.configs import sim_config, torch_model
 from ..support.fakes import FakeEngines
+from ..support.paths import BIN, ROOT
+from ..support.waiting import HANG_S
 
 CARD_8GIB = [{"name": "sim8", "total": "8GiB", "foreign": "0"}]
 HUGE = {**torch_model("huge", "20GiB"), "memory": {"weights": "20GiB", "kv_bytes_per_token": 65536, "load_peak": 0}}

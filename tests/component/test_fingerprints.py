@@ -13,10 +13,10 @@ from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, String, Tab
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from lessor.daemon.config.schema import parse_config
-from lessor.daemon.models.measurements import Fingerprinting
+from lessor.daemon.ledger.database import SCHEMA_VERSION, SchemaTooNew, schema_table
 from lessor.daemon.ledger.fingerprints import DeviceMeasurement, FingerprintKey, FingerprintStore, Outcome
 from lessor.daemon.ledger.ledger import Ledger
-from lessor.daemon.ledger.database import SCHEMA_VERSION, SchemaTooNew, schema_table
+from lessor.daemon.models.measurements import Fingerprinting
 from lessor.daemon.planning.planner import Measured, plan
 from lessor.daemon.planning.profile import DeviceMemory, measured_figures, verify_tolerance, with_measured
 from lessor.daemon.units import GiB, MiB

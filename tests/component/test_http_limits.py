@@ -16,13 +16,13 @@ import pytest
 
 from lessor.api import service
 from lessor.api.admin_http import Framer, HeadLimits
-from lessor.api.router import start_router
 from lessor.api.refusals import HeadTooLarge, UrlTooLong
+from lessor.api.router import start_router
 from lessor.daemon.runtime import runtime
 from lessor.engines.process import free_port
 
-from ..support.waiting import HANG_S, until
 from ..support.configs import sim_config, torch_model
+from ..support.waiting import HANG_S, until
 
 TOKEN = "t" * 32
 

@@ -13,8 +13,8 @@ from lessor.daemon.leases import Granted, LeaseKind, LeaseWant
 from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.units import GiB
 
-from ..support.configs import sim_config
 from ..support.clocks import Clock, SteppedSleep
+from ..support.configs import sim_config
 from ..support.ledger import rows
 
 DEVICES = DevicesConfig(headroom=GiB, host=HostPool(headroom=4 * GiB, simulated_total=64 * GiB))

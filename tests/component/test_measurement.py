@@ -12,9 +12,9 @@ from lessor.daemon.ledger.fingerprints import Outcome
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from ..support.waiting import drain_events, until
 from ..support.configs import sim_config, torch_model
 from ..support.fakes import FakeEngines
+from ..support.waiting import drain_events, until
 
 
 async def test_a_load_is_sampled_from_spawn_to_ready_and_its_peak_remembered(env):
@@ -156,8 +156,8 @@ class _Reporting:
 
 
 def _sampler(handle):
-    from lessor.daemon.models.sampling import LoadSampler
     from lessor.daemon.devices.usage import UsageMeter
+    from lessor.daemon.models.sampling import LoadSampler
 
     probe = SimProbe([SimulatedGpu(name="sim24", total=24 * GiB)], 64 * GiB)
     return LoadSampler(UsageMeter(probe, lambda: {r.device: r for r in probe.read()}), handle, ["gpu0"], nvml=False)

@@ -6,12 +6,12 @@ import asyncio
 
 from lessor.api.metrics import OUTCOME_LABELS, Metrics
 from lessor.api.reference import metrics_labels
-from lessor.daemon.planning.admission import MustWait
 from lessor.daemon.events import ModelStateChanged
+from lessor.daemon.planning.admission import MustWait
 
+from ..support.configs import torch_model
 from ..support.paths import ROOT
 from ..support.waiting import until
-from ..support.configs import torch_model
 
 CARD_16GIB = [{"name": "sim16", "total": "16GiB", "foreign": "0"}]
 

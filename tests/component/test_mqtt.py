@@ -17,11 +17,11 @@ from lessor.daemon.runtime import publishing, runtime
 from lessor.daemon.units import GiB
 from lessor.engines.process import free_port
 
-from ..support.paths import BIN, ROOT
-from ..support.waiting import HANG_S, until
 from ..support.configs import sim_config, torch_model
 from ..support.fakes import FakeEngines
 from ..support.mqtt import Broker, collect
+from ..support.paths import BIN, ROOT
+from ..support.waiting import HANG_S, until
 
 
 def mqtt_config(tmp_path, broker, **extra):

@@ -11,9 +11,9 @@ from lessor.api.admin import make_admin_app
 from lessor.api.metrics import Metrics
 from lessor.daemon.units import GiB
 
-from ..support.waiting import HANG_S, drain_events
 from ..support.configs import torch_model
 from ..support.fakes import FakeAdapter
+from ..support.waiting import HANG_S, drain_events
 
 
 def leased(controller, model):

@@ -10,8 +10,8 @@ import pytest
 
 from lessor.api.metrics import Metrics
 
-from ..support.waiting import HANG_S, until
 from ..support.configs import torch_model
+from ..support.waiting import HANG_S, until
 
 
 async def eventually(condition):

@@ -12,14 +12,14 @@ from lessor.api.metrics import Metrics
 from lessor.daemon.config.schema import RouterConfig
 from lessor.daemon.errors import UnknownModel
 from lessor.daemon.models.load_errors import LoadFailed
-from lessor.daemon.traffic.request_errors import NotServedInTime, QueueFull, WaitTimedOut
 from lessor.daemon.runtime import runtime
 from lessor.daemon.traffic.control import TrafficControl
+from lessor.daemon.traffic.request_errors import NotServedInTime, QueueFull, WaitTimedOut
 
-from ..support.waiting import HANG_S, drain_events, until
+from ..support.clocks import ManualClock
 from ..support.configs import sim_config, torch_model
 from ..support.fakes import FakeAdapter, FakeEngines
-from ..support.clocks import ManualClock
+from ..support.waiting import HANG_S, drain_events, until
 
 
 class GatedAdapter(FakeAdapter):

@@ -12,17 +12,17 @@ from sqlalchemy import event, text
 
 from lessor.daemon.config.schema import DevicesConfig
 from lessor.daemon.devices.probes import SimProbe
-from lessor.daemon.ledger.ledger_errors import LedgerUnavailable
 from lessor.daemon.leases import Granted, LeaseKind, LeaseWant
 from lessor.daemon.ledger.ledger import Ledger
+from lessor.daemon.ledger.ledger_errors import LedgerUnavailable
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from ..support.waiting import HANG_S
+from ..support.clocks import Clock, SteppedSleep
 from ..support.configs import sim_config, torch_model
 from ..support.fakes import FakeEngines
-from ..support.clocks import Clock, SteppedSleep
 from ..support.ledger import rows
+from ..support.waiting import HANG_S
 
 
 async def on_disk(url: str, devices: DevicesConfig) -> set[str]:

@@ -10,8 +10,8 @@ from lessor.daemon.planning.rejections import ModelsBusy, NotEnoughMemory
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from ..support.waiting import HANG_S, drain_events, until
 from ..support.configs import sim_config, torch_model
+from ..support.waiting import HANG_S, drain_events, until
 
 
 def kinds(snapshot, model):

@@ -12,11 +12,11 @@ import yaml
 
 from lessor.daemon.models.load_errors import LoadFailed
 from lessor.daemon.runtime import runtime
-from lessor.engines.process import ProcessEnded, EngineProcess, process_identity
+from lessor.engines.process import EngineProcess, ProcessEnded, process_identity
 
+from ..support.configs import sim_config
 from ..support.paths import STANDIN
 from ..support.waiting import HANG_S
-from ..support.configs import sim_config
 
 MEMORY = {"weights": "4GiB", "kv_bytes_per_token": 65536, "load_peak": "1GiB"}
 PLAN = {"min_kv_tokens": 1024, "max_kv_tokens": 16384}

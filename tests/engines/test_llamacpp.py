@@ -12,8 +12,8 @@ import pytest
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 
-from ..support.waiting import HANG_S
 from ..support.configs import sim_config
+from ..support.waiting import HANG_S
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from lessor.daemon.planning.rejections import ModelsBusy
 from lessor.daemon.models.lifecycle import ModelState
+from lessor.daemon.planning.rejections import ModelsBusy
 from lessor.daemon.runtime import runtime
 
-from ..support.waiting import HANG_S, drain_events, until
-from ..support.configs import sim_config, standin
 from ..support.clocks import ManualClock
+from ..support.configs import sim_config, standin
 from ..support.lanes import READY, World
 from ..support.router import Box, close_made, serve_router
+from ..support.waiting import HANG_S, drain_events, until
 
 READY_STATE = ModelState.READY.value
 

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from lessor.engines import torch_weights
-from lessor.engines.process import last_lines
+from lessor.engines.process import free_port, last_lines
 from lessor.engines.torch_weights import CorruptCheckpoint, Entry, NotLoadable
-from lessor.engines.process import free_port
 
 from ..support.waiting import HANG_S
 

@@ -17,11 +17,11 @@ import pytest
 
 from lessor.engines.proctree import process_table
 
-from ..support.paths import ROOT
-from ..support.waiting import HANG_S
+from ..support.clients import Admin, client, post
 from ..support.configs import write_config
 from ..support.lessord import kill_9, running_lessord
-from ..support.clients import Admin, client, post
+from ..support.paths import ROOT
+from ..support.waiting import HANG_S
 
 VLLM = Path(os.environ.get("LESSOR_VLLM", ROOT / ".venv-vllm" / "bin" / "vllm"))
 

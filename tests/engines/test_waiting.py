@@ -12,10 +12,10 @@ import pytest
 from lessor.api.metrics import Metrics
 from lessor.daemon.runtime import runtime
 
-from ..support.waiting import until
-from ..support.configs import sim_config, standin
 from ..support.clocks import ManualClock
+from ..support.configs import sim_config, standin
 from ..support.router import Box, close_made, serve_router
+from ..support.waiting import until
 
 
 @pytest.fixture

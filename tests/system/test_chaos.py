@@ -29,9 +29,9 @@ import yaml
 
 from lessor.daemon.units import GiB, MiB
 
+from ..support.lessord import running_lessord
 from ..support.paths import STANDIN
 from ..support.waiting import HANG_S
-from ..support.lessord import running_lessord
 
 pytestmark = pytest.mark.chaos
 

@@ -21,9 +21,9 @@ from lessor.api.cli import main
 from lessor.daemon.units import GiB
 from lessor.engines.process import free_port
 
+from ..support.lessord import running_lessord
 from ..support.paths import BIN, STANDIN
 from ..support.waiting import HANG_S
-from ..support.lessord import running_lessord
 
 
 def standin(name: str, **env: str) -> dict:

@@ -13,9 +13,9 @@ import yaml
 from lessor.daemon.units import GiB
 from lessor.engines.process import free_port
 
+from ..support.lessord import running_lessord
 from ..support.paths import BIN, ROOT
 from ..support.waiting import HANG_S
-from ..support.lessord import running_lessord
 
 
 def cli(*args, env=None, check=True) -> subprocess.CompletedProcess:

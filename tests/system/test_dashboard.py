@@ -24,18 +24,18 @@ from lessor.api import dashboard
 from lessor.api.admin import make_admin_app
 from lessor.api.schemas import HistoryOut
 from lessor.daemon import events
-from lessor.daemon.config.schema import AdminConfig
 from lessor.daemon.config.fields import parse_listen
+from lessor.daemon.config.schema import AdminConfig
+from lessor.daemon.devices.history import UsageHistory
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
-from lessor.daemon.devices.history import UsageHistory
 
-from ..support.paths import ROOT
-from ..support.waiting import HANG_S, until
+from ..support.clients import Admin
 from ..support.configs import sim_config, standin_spec, torch_model
 from ..support.fakes import FakeEngines
 from ..support.lessord import running_lessord
-from ..support.clients import Admin
+from ..support.paths import ROOT
+from ..support.waiting import HANG_S, until
 
 TOKEN = "dashboard-test-token-8c41"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}

@@ -8,10 +8,10 @@ import urllib.request
 import openai
 import pytest
 
-from ..support.waiting import HANG_S
+from ..support.clients import Admin, client
 from ..support.configs import torch_spec, write_config
 from ..support.lessord import running_lessord
-from ..support.clients import Admin, client
+from ..support.waiting import HANG_S
 
 
 def test_the_openai_client_works_through_the_router_and_loads_on_demand(tmp_path, tiny_qwen):

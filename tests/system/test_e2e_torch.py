@@ -11,10 +11,10 @@ import pytest
 
 from lessor.daemon.units import GiB
 
-from ..support.waiting import HANG_S
+from ..support.clients import Admin, chat, post, wait_for
 from ..support.configs import torch_spec, write_config
 from ..support.lessord import running_lessord
-from ..support.clients import Admin, chat, post, wait_for
+from ..support.waiting import HANG_S
 
 
 def kinds(model: dict) -> dict:

@@ -13,11 +13,11 @@ from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB, MiB
 from lessor.engines.base import KvResizeRefused
 
-from ..support.waiting import HANG_S, drain_events
+from ..support.clients import Admin, chat, wait_for
 from ..support.configs import sim_config, torch_model, write_config
 from ..support.fakes import FakeAdapter, FakeEngines, FakeHandle
 from ..support.lessord import running_lessord
-from ..support.clients import Admin, chat, wait_for
+from ..support.waiting import HANG_S, drain_events
 
 KV_PER_TOKEN = MiB
 

@@ -13,11 +13,11 @@ from lessor.engines import enginelog
 from lessor.engines.enginelog import LogLimits
 from lessor.engines.process import STARTING, EngineProcess
 
-from ..support.paths import STANDIN
-from ..support.waiting import HANG_S, NEVER
+from ..support.clients import Admin
 from ..support.configs import config_file, standin_spec
 from ..support.lessord import running_lessord
-from ..support.clients import Admin
+from ..support.paths import STANDIN
+from ..support.waiting import HANG_S, NEVER
 
 MiB = 1 << 20
 

@@ -9,14 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lessor.engines.strays import find_strays, stop_strays
 from lessor.engines.process import EngineProcess, process_identity
+from lessor.engines.strays import find_strays, stop_strays
 
-from ..support.paths import ROOT, STANDIN
-from ..support.waiting import HANG_S, until_sync
+from ..support.clients import Admin
 from ..support.configs import config_file, standin_spec
 from ..support.lessord import kill_9, running_lessord
-from ..support.clients import Admin
+from ..support.paths import ROOT, STANDIN
+from ..support.waiting import HANG_S, until_sync
 
 
 def escaping(name: str, tmp_path: Path, **env: str) -> dict:

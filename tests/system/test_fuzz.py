@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from lessor.daemon.config.schema import load_config, parse_config
 from lessor.daemon.errors import ConfigError
 
-from ..support.paths import ROOT
 from ..support.configs import config_file, standin_spec
 from ..support.lessord import running_lessord
+from ..support.paths import ROOT
 
 EXAMPLES = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "examples").glob("*.yaml"))]
 CONFIG_EXAMPLES = 400  # per run; the figure the README quotes

@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from lessor.api.admin import make_admin_app
 from lessor.daemon.runtime import runtime
 
-from ..support.waiting import HANG_S, until_sync
+from ..support.clients import Admin
 from ..support.configs import sim_config, torch_model, torch_spec, write_config
 from ..support.fakes import FakeEngines
 from ..support.lessord import running_lessord
-from ..support.clients import Admin
+from ..support.waiting import HANG_S, until_sync
 
 TOKEN = "s3cret-token"
 AUTH = f"Bearer {TOKEN}".encode()

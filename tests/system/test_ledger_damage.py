@@ -19,21 +19,20 @@ from pathlib import Path
 import pytest
 
 from lessor.daemon.devices.probes import SimProbe
-from lessor.daemon.ledger.ledger_errors import LedgerDamaged
 from lessor.daemon.leases import EnginePhase, EngineRecord, Granted, LeaseKind, LeaseWant
 from lessor.daemon.ledger.ledger import Ledger
+from lessor.daemon.ledger.ledger_errors import LedgerDamaged
 from lessor.daemon.ledger.record import RECORD_FILE, LedgerRecord
 from lessor.daemon.ledger.recovery import RECOVER, recover
 from lessor.daemon.units import GiB
-from lessor.engines.process import process_identity
-from lessor.engines.process import free_port
+from lessor.engines.process import free_port, process_identity
 
-from ..support.paths import BIN
-from ..support.waiting import HANG_S
+from ..support.clients import Admin
 from ..support.configs import config_file, sim_config, standin_spec, torch_model
 from ..support.ledger import drop_ledger_tables
 from ..support.lessord import kill_9, running_lessord
-from ..support.clients import Admin
+from ..support.paths import BIN
+from ..support.waiting import HANG_S
 
 
 def files(state: Path) -> tuple[Path, Path, Path]:

@@ -22,16 +22,16 @@ from sqlalchemy import text
 
 from lessor.daemon.config.schema import DevicesConfig, LedgerConfig
 from lessor.daemon.devices.probes import SimProbe
-from lessor.daemon.ledger.ledger_errors import LedgerUnavailable
 from lessor.daemon.leases import Granted, LeaseKind, LeaseWant
 from lessor.daemon.ledger.ledger import Ledger
+from lessor.daemon.ledger.ledger_errors import LedgerUnavailable
 from lessor.daemon.units import GiB
 from lessor.engines.process import free_port
 
-from ..support.paths import BIN
-from ..support.waiting import HANG_S
 from ..support.configs import config_file, standin_spec
 from ..support.lessord import running_lessord
+from ..support.paths import BIN
+from ..support.waiting import HANG_S
 
 LEDGER = {"connect_timeout": 1.0, "statement_timeout": 1.0}
 DEADLINES = LedgerConfig(**LEDGER).deadlines()

@@ -22,13 +22,12 @@ from lessor.api.service import parse_args
 from lessor.daemon.config.schema import load_config
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
-from lessor.engines.process import last_lines, process_identity
-from lessor.engines.process import free_port
+from lessor.engines.process import free_port, last_lines, process_identity
 
-from ..support.waiting import HANG_S, until
+from ..support.clients import Admin
 from ..support.configs import config_file, standin_spec
 from ..support.lessord import kill_9, running_lessord
-from ..support.clients import Admin
+from ..support.waiting import HANG_S, until
 
 
 def big_standin(name, tmp_path, **extra):
@@ -292,8 +291,8 @@ async def test_nvml_unavailable_is_said_once_at_start(tmp_path, caplog, monkeypa
     """lessord's start probes the devices twice (check-config's checks, then its runtime) and logged
     `NVML unavailable (...); using simulated devices` at each."""
     from lessor.api.service import check_at_start
-    from lessor.daemon.devices import probes as devices
     from lessor.daemon.config.schema import parse_config
+    from lessor.daemon.devices import probes as devices
 
     class NoDriver:  # the GPU boundary: NVML without a driver, wherever the test runs
         def __init__(self) -> None:

@@ -4,15 +4,15 @@ while the other models keep serving; a torch engine that holds more than predict
 from what lessor measured, and fits, on the retry and after a restart."""
 
 import subprocess
+import sys
 import urllib.error
 import urllib.request
-import sys
 from pathlib import Path
 
-from ..support.waiting import HANG_S
+from ..support.clients import Admin, chat, metric
 from ..support.configs import config_file, standin_spec, torch_spec
 from ..support.lessord import running_lessord
-from ..support.clients import Admin, chat, metric
+from ..support.waiting import HANG_S
 
 
 def test_an_engine_that_always_runs_out_of_memory_stops_after_its_attempts_while_others_serve(tmp_path, tiny_qwen):

@@ -11,13 +11,13 @@ import subprocess
 import pytest
 
 from lessor.api.origins import SiteRules
-from lessor.daemon.config.listeners import AdminConfig, RouterConfig
 from lessor.api.refusals import CrossSiteRequest
+from lessor.daemon.config.listeners import AdminConfig, RouterConfig
 
-from ..support.paths import BIN
-from ..support.waiting import HANG_S
 from ..support.configs import config_file, standin_spec
 from ..support.lessord import running_lessord
+from ..support.paths import BIN
+from ..support.waiting import HANG_S
 
 EVIL = "evil.example"
 CHAT = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()

@@ -4,9 +4,10 @@ files (a plain install once left memory/ out, and the engines import it)."""
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 from ..support.paths import ROOT
 from ..support.waiting import HANG_S

@@ -17,11 +17,11 @@ from lessor.daemon.errors import ConfigError
 from lessor.daemon.events import ConfigReloaded
 from lessor.daemon.runtime import runtime
 
-from ..support.paths import BIN
-from ..support.waiting import HANG_S
 from ..support.configs import sim_config, torch_model
 from ..support.fakes import FakeEngines
 from ..support.lessord import running_lessord
+from ..support.paths import BIN
+from ..support.waiting import HANG_S
 
 CARD_8GIB = [{"name": "sim8", "total": "8GiB", "foreign": "0"}]
 HUGE = {**torch_model("huge"), "memory": {"weights": "20GiB", "kv_bytes_per_token": 65536, "load_peak": 0}}

@@ -19,11 +19,11 @@ from lessor.daemon.controller import config_source
 from lessor.daemon.events import ConfigReloaded, ReloadResult
 from lessor.daemon.runtime import runtime
 
-from ..support.paths import ROOT, STANDIN
-from ..support.waiting import HANG_S, until
 from ..support.configs import torch_model
 from ..support.fakes import FakeAdapter, FakeEngines
 from ..support.lessord import running_lessord
+from ..support.paths import ROOT, STANDIN
+from ..support.waiting import HANG_S, until
 
 TOKEN = {"Authorization": "Bearer t"}
 

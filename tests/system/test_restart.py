@@ -10,20 +10,18 @@ import threading
 import time
 from pathlib import Path
 
-
-from lessor.daemon.leases import EnginePhase, EngineRecord, LeaseKind, LeaseWant
-
-from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.devices.probes import make_probe
-from lessor.engines.strays import stop_strays
+from lessor.daemon.leases import EnginePhase, EngineRecord, LeaseKind, LeaseWant
+from lessor.daemon.ledger.ledger import Ledger
 from lessor.daemon.runtime import runtime
 from lessor.daemon.units import GiB
 from lessor.engines.process import process_identity
+from lessor.engines.strays import stop_strays
 
-from ..support.waiting import HANG_S
+from ..support.clients import Admin, chat, metric, post
 from ..support.configs import config_file, sim_config, standin_spec, torch_model, torch_spec
 from ..support.lessord import kill_9, running_lessord
-from ..support.clients import Admin, chat, metric, post
+from ..support.waiting import HANG_S
 
 
 def test_kill_9_in_steady_state_adopts_the_running_engine(tmp_path, tiny_qwen):

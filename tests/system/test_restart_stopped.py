@@ -16,15 +16,14 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from lessor.engines.process import free_port, process_identity
 from lessor.engines.strays import stop_strays
-from lessor.engines.process import process_identity
-from lessor.engines.process import free_port
 
-from ..support.paths import BIN
-from ..support.waiting import HANG_S
+from ..support.clients import Admin, chat, metric
 from ..support.configs import config_file, standin_spec
 from ..support.lessord import kill_9, running_lessord
-from ..support.clients import Admin, chat, metric
+from ..support.paths import BIN
+from ..support.waiting import HANG_S
 
 STOPPED, RUNNING = ("a-stopped", "b-stopped"), "c-running"
 

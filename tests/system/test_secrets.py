@@ -14,9 +14,9 @@ import pytest
 
 from lessor.engines.redaction import REDACTED, Redactor, argv_secrets, redact, redact_argv, secret_name, secrets_of
 
-from ..support.waiting import HANG_S
 from ..support.configs import config_file, standin_spec
 from ..support.lessord import running_lessord
+from ..support.waiting import HANG_S
 
 API_KEY = "sk-engine-api-key-5b1e0c"
 FLAG_TOKEN = "hf_from_a_flag_93d7a1"

@@ -13,12 +13,11 @@ from lessor.api.admin import ROUTES
 from lessor.api.auth import check_bearer
 from lessor.daemon.errors import Unauthorized
 
-from ..support.paths import ROOT
-from ..support.waiting import HANG_S
+from ..support.clients import Admin
 from ..support.configs import config_file, standin_spec
 from ..support.lessord import running_lessord
-from ..support.clients import Admin
-
+from ..support.paths import ROOT
+from ..support.waiting import HANG_S
 
 DRY_RUNS = {"POST /admin/v1/plan"}  # a POST that changes nothing: it answers "would this fit"
 

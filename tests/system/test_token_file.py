@@ -13,11 +13,11 @@ import subprocess
 from lessor.api.auth import TokenFileError, resolve_token
 from lessor.engines.process import free_port
 
-from ..support.paths import BIN
-from ..support.waiting import HANG_S
+from ..support.clients import Admin
 from ..support.configs import config_file
 from ..support.lessord import running_lessord
-from ..support.clients import Admin
+from ..support.paths import BIN
+from ..support.waiting import HANG_S
 
 
 def full_disk() -> None:

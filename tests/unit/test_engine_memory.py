@@ -281,6 +281,7 @@ def test_ktransformers_sglang_plans_fewer_gpu_experts_on_a_smaller_budget():
 def test_ktransformers_config_errors_name_the_field():
 
     from pydantic import ValidationError
+
     from lessor.engines.ktransformers import KTransformersEngineArgs
     with pytest.raises(ValidationError) as legacy:
         KTransformersEngineArgs.model_validate({"kind": "ktransformers", "model_path": "/m", "server": "legacy"})

@@ -7,18 +7,17 @@ import sys
 
 import pytest
 
-from lessor.api import errors
+from lessor.api import errors, refusals
 from lessor.api.logfilter import ClientMistakes, install_client_mistakes
-from lessor.api import refusals
+from lessor.api.refusals import BodyTooLarge, InvalidApiKey, MethodNotAllowed, NoRoute, RequestTimedOut
 from lessor.daemon import errors as typed
+from lessor.daemon.errors import InvalidRequest, Unauthorized, UnknownModel
 from lessor.daemon.ledger import ledger_errors
 from lessor.daemon.models import load_errors
-from lessor.daemon.planning import rejections
-from lessor.daemon.traffic import request_errors
-from lessor.api.refusals import BodyTooLarge, InvalidApiKey, MethodNotAllowed, NoRoute, RequestTimedOut
-from lessor.daemon.errors import InvalidRequest, Unauthorized, UnknownModel
 from lessor.daemon.models.load_errors import ModelBusy
+from lessor.daemon.planning import rejections
 from lessor.daemon.planning.rejections import ModelsBusy
+from lessor.daemon.traffic import request_errors
 from lessor.daemon.traffic.request_errors import Forbidden, QueueFull
 
 

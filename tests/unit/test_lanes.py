@@ -7,9 +7,9 @@ from collections import deque
 import pytest
 
 from lessor.daemon.models.load_errors import LoadFailed
-from lessor.daemon.traffic.request_errors import NotServedInTime, QueueFull, WaitTimedOut
 from lessor.daemon.traffic.estimates import RECHECK_CAP_S
 from lessor.daemon.traffic.lanes import Lane, keep_alive_over
+from lessor.daemon.traffic.request_errors import NotServedInTime, QueueFull, WaitTimedOut
 
 from ..support.lanes import LOADING, READY, UNLOADED, Record, World
 

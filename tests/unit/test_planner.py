@@ -3,13 +3,13 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from lessor.daemon.config.schema import load_config
 from lessor.daemon.planning.planner import plan, with_overrides
 from lessor.daemon.planning.rejections import PlanRejected
 from lessor.daemon.units import GiB
 from lessor.policies import DeviceBudget
-
-import pytest
 
 SEED = load_config(Path(__file__).resolve().parents[2] / "examples" / "seed.yaml")
 R1 = SEED.model("deepseek-r1")
@@ -112,6 +112,7 @@ def test_seed_kv_is_61_x_576_x_2_per_token_and_activation_is_an_estimate():
 
 def _gqa_spec(kind, **engine):
     from lessor.daemon.config.model_spec import ModelSpec
+
     from ..support.paths import FIXTURES
     return ModelSpec.model_validate({"name": "q", "engine": {"kind": kind, "model_path": "/m", **engine},
                                      "architecture": {"hf_config": str(FIXTURES / "qwen2.5-7b.json")},
@@ -205,6 +206,7 @@ def test_no_kv_size_fits_beside_the_batch_gives_no_value():
 
 def test_ktransformers_config_file_agrees_with_the_planned_flags(tmp_path):
     import yaml
+
     from lessor.engines.ktransformers import write_engine_home
     params = plan(R1, seed_budgets()).params
     shipped = {"async_server": {"max_batch_size": 4, "sched_port": 56441}, "attn": {"page_size": 256, "chunk_size": 256},
@@ -261,6 +263,7 @@ async def test_a_local_plan_over_the_ledger_a_daemon_left_gives_the_same_answer(
     """`lessor plan --config` runs its own controller over the daemon's ledger: its records say
     unloaded, the ledger holds the model's leases; the answer is the daemon's."""
     from lessor.daemon.runtime import runtime
+
     from ..support.configs import sim_config, torch_model
     models = [torch_model("a", "12GiB", plan={"min_kv_tokens": 1024, "max_kv_tokens": 16384})]
     controller, _, _ = await env(models)

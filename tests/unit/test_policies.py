@@ -5,8 +5,20 @@ from dataclasses import replace
 
 import pytest
 
-from lessor.policies import (POLICIES, Admit, AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected,
-                             Snapshot, fit, lru_idle, priority)
+from lessor.policies import (
+    POLICIES,
+    AdmissionRequest,
+    Admit,
+    DeviceBudget,
+    Evict,
+    ModelView,
+    Queue,
+    Rejected,
+    Snapshot,
+    fit,
+    lru_idle,
+    priority,
+)
 
 G = 1 << 30
 
@@ -97,6 +109,7 @@ async def test_the_daemon_logs_why_foreign_growth_evicted_nothing(env, caplog):
     """`set-foreign gpu0 5GiB` with 'b' idle logged 'evicting nothing (no idle model may go)':
     the true reason was that evicting b would not cover the shortfall."""
     from lessor.daemon.units import GiB, MiB
+
     from ..support.configs import torch_model
     controller, _, _ = await env([torch_model("b", "256MiB", plan={"min_kv_tokens": 1024, "max_kv_tokens": 1024})])
     await controller.load("b")
@@ -155,6 +168,7 @@ async def test_a_load_refused_under_foreign_churn_says_consistent_figures(env):
     """Issue 23 saw "needs -768.0 MiB on gpu0, -1.0 GiB is free (short by 256.0 MiB)": the free
     figure was the device's, the short one what stayed short after evicting the idle model."""
     from lessor.daemon.planning.rejections import NotEnoughMemory
+
     from ..support.configs import torch_model
     small = {"min_kv_tokens": 1024, "max_kv_tokens": 1024}
     tiny = {"weights": "64MiB", "kv_bytes_per_token": 65536, "load_peak": 0}

@@ -6,7 +6,7 @@ import pytest
 
 from lessor.daemon.config.schema import PolicyConfig
 from lessor.daemon.traffic.stats import TrafficStats
-from lessor.policies import Admit, AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot, Value
+from lessor.policies import AdmissionRequest, Admit, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot, Value
 
 G = 1 << 30
 NOW = 10_000.0

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from bench.sim import all_strategies, make_trace, run_scenario, scenarios
-from bench.sim.report import markdown_table, per_model_table, plot, text_table
 from bench.sim.loads import SimSupervisor, _now
+from bench.sim.report import markdown_table, per_model_table, plot, text_table
 from bench.sim.simulator import Simulator
 from bench.sim.strategies import llama_swap_like, ollama_like
 from bench.sim.workload import Trace, Workload, zipf_shares
 from lessor.daemon.leases import Granted
-from lessor.policies import Admit, AdmissionRequest, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
+from lessor.policies import AdmissionRequest, Admit, DeviceBudget, Evict, ModelView, Queue, Rejected, Snapshot
 
 G = 1 << 30
 SCENARIOS = scenarios()

@@ -3,8 +3,8 @@ clock, so after a step back each new sample overwrote the last one (the chart fr
 step forward the hour was dropped. It runs on the monotonic clock; wall time only shows it."""
 
 from lessor.api.schemas import HistoryOut
-from lessor.daemon.units import GiB
 from lessor.daemon.devices.history import UsageHistory
+from lessor.daemon.units import GiB
 
 HOUR = 3600.0
 
