@@ -289,8 +289,11 @@ async def request_deadline(request: web.Request, handler) -> web.StreamResponse:
     if isinstance(protocol, AdminProtocol) and request.can_read_body:
         config = protocol.config
         deadline = protocol.deadlines.popleft() if protocol.deadlines else protocol.clock.time() + config.request_timeout
-        try:  # asyncio.timeout_at would do, from Python 3.11 on (the floor is 3.10)
-            await asyncio.wait_for(request.read(), deadline - protocol.clock.time())
+        try:
+            if request.content.is_eof():  # all in: a request whose turn came late (pipelined behind a
+                await request.read()  # slow handler) is no slow client, and the read cannot block
+            else:  # (asyncio.timeout_at, which lets a read that need not wait finish, is Python 3.11's)
+                await asyncio.wait_for(request.read(), deadline - protocol.clock.time())
         except asyncio.TimeoutError:
             response = error_response(RequestTimedOut(config.request_timeout, "admin.request_timeout"))
             response.force_close()

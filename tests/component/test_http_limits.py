@@ -13,11 +13,14 @@ import socket
 from contextlib import AsyncExitStack
 
 import pytest
+from aiohttp import StreamReader, web
+from aiohttp.test_utils import make_mocked_request
 
 from lessor.api import service
-from lessor.api.admin_http import Framer, HeadLimits
+from lessor.api.admin_http import AdminProtocol, Framer, HeadLimits, request_deadline
 from lessor.api.refusals import HeadTooLarge, UrlTooLong
 from lessor.api.router import start_router
+from lessor.daemon.config.schema import AdminConfig
 from lessor.daemon.runtime import runtime
 from lessor.engines.process import free_port
 
@@ -271,3 +274,23 @@ def test_what_the_framer_cannot_frame_is_passed_on_whole():
     framer = Framer(LIMITS)
     assert kinds(framer.feed(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\nGET / HTTP/1.1\r\n\r\n")) == [("begin", 0), ("head", 38)]
     assert framer.feed(b"anything") == []
+
+
+async def test_a_body_all_in_is_read_even_when_its_turn_came_after_its_deadline():
+    """A request pipelined behind a handler slower than admin.request_timeout: its deadline passed
+    while it waited for its turn, but its body is all in, so no client is slow (a read that need not
+    wait is never timed out, as asyncio.timeout_at would let it finish)."""
+    protocol = AdminProtocol(web.Server(lambda request: None), AdminConfig())
+    protocol.deadlines.append(protocol.clock.time() - 1.0)  # its deadline: already past
+    body = b'{"model": "a"}'
+    content = StreamReader(protocol, 1 << 16, loop=asyncio.get_running_loop())
+    content.feed_data(body)
+    content.feed_eof()
+    request = make_mocked_request("POST", "/admin/v1/plan", headers={"Content-Length": str(len(body))},
+                                  protocol=protocol, payload=content)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=await request.read())
+
+    response = await request_deadline(request, handler)
+    assert response.status == 200 and response.body == body
