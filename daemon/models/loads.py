@@ -63,6 +63,7 @@ class Underway:
     """A load under way: what it was asked with, and its outcome for the callers that joined it."""
 
     overrides: Mapping[str, Any]
+    cause: str  # the policy weighs a request's, an operator's and a crash retry's load apart
     outcome: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     joined: int = 0  # callers that await its outcome beside the one that runs it
 
@@ -130,7 +131,8 @@ class Loads:
         """Load now, or say which busy models the load waits for (the router's on-demand loads).
         `cause`: "request" (the router's), CRASH_RETRY (a crash's retry) or "operator"; the first two
         count a failed load as a crash, and a request never loads a model lessor gave up on. A load
-        of the model already under way (with the same overrides) is joined: its outcome is this one's."""
+        of the model already under way with the same overrides and cause is joined: its outcome is this
+        one's (another cause is another decision: the policy weighs them apart; that caller gets ModelBusy)."""
         writer = self._writer()
         record = writer.resolve(name)
         if record.state == ModelState.READY:
@@ -138,7 +140,7 @@ class Loads:
         if cause == "operator":
             self._crashes.forget(record.spec.name)
         underway = self._underway.get(record.spec.name)
-        if underway is not None and dict(underway.overrides) == dict(overrides or {}):
+        if underway is not None and dict(underway.overrides) == dict(overrides or {}) and underway.cause == cause:
             underway.joined += 1
             await asyncio.wait([underway.outcome])  # shielded: a joiner's cancellation is its own
             if underway.outcome.cancelled():  # whoever ran it was cancelled: this caller still wants it
@@ -155,7 +157,7 @@ class Loads:
         adapter = self._engines.get(spec.engine.engine_kind())
         if adapter is None:
             raise EngineUnavailable(spec.name, spec.engine.engine_kind(), "no adapter for this engine in this build")
-        underway = self._underway[spec.name] = Underway(dict(overrides or {}))
+        underway = self._underway[spec.name] = Underway(dict(overrides or {}), cause)
         try:
             outcome = await self._run(record, spec, adapter, cause)
         except BaseException as exc:

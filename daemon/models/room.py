@@ -30,7 +30,8 @@ async def make_room(decision: Evict, elastic: Elastic, records: Mapping[str, Mod
                     best_effort: bool = False) -> NoRoom | None:
     """Shrink, then evict (`evict(name, reason)`: False where the model is busy), stopping at the
     first that cannot (None: every step was taken). `best_effort`: the give-back's way, whose next
-    check looks again: a model that cannot go now, or is gone, is passed over and the rest still go."""
+    check looks again: a victim that cannot go now, or is gone, is passed over and the rest still go
+    (shrinks stop at the first model that cannot shrink, in either way, as elastic.shrink_all does)."""
     if not await elastic.shrink_all(decision.shrink, records, shrunk_for) and not best_effort:
         return NoRoom("a model to shrink took a request while room was being made", tuple(decision.shrink))
     for victim in decision.victims:

@@ -192,15 +192,18 @@ async def test_a_model_mid_load_is_busy_to_what_cannot_join_its_load(env):
 
 
 async def test_loads_of_a_loading_model_join_it_one_engine_starts(env):
-    """One load per model (issue 35 item 4): a second caller awaits the first one's outcome
-    instead of ModelBusy, whatever its cause; one attempt, one engine start."""
+    """One load per model (issue 35 item 4): a second caller of the same cause awaits the first
+    one's outcome instead of ModelBusy; one attempt, one engine start. Another cause is another
+    decision (the policy weighs a request's load apart from an operator's): ModelBusy, as before."""
     controller, adapter, _ = await env([torch_model("a", "2GiB")])
     supervisor = controller.supervisor
     adapter.gate = asyncio.Event()
     first = asyncio.create_task(supervisor.load("a"))
     await until(lambda: adapter.loading == 1, "a's load in its weights phase")
-    joiners = [asyncio.create_task(supervisor.try_load("a")), asyncio.create_task(supervisor.load("a"))]
+    joiners = [asyncio.create_task(supervisor.try_load("a", cause="operator")), asyncio.create_task(supervisor.load("a"))]
     await until(lambda: supervisor.underway("a").joined == 2, "both callers joined a's load")
+    with pytest.raises(ModelBusy):
+        await supervisor.try_load("a")  # a request's load
     adapter.gate.set()
     records = await asyncio.gather(first, *joiners)
     assert records[0].state.value == "ready" and all(r is records[0] for r in records)
