@@ -57,7 +57,7 @@ def engine_config(kind: str, model: Path, vllm: Path) -> dict:
     if kind == "torch":
         return {"kind": "torch", "model_path": str(model), "dtype": "bfloat16", "max_batch_size": 1,
                 "context_tokens": 512}
-    # vLLM's CPU build, as tests/test_vllm.py runs it: eager (no graph capture on the CPU).
+    # vLLM's CPU build, as tests/engines/test_vllm.py runs it: eager (no graph capture on the CPU).
     return {"kind": "vllm", "model_path": str(model), "command": [str(vllm), "serve"], "enforce_eager": True,
             "dtype": "bfloat16", "max_num_batched_tokens": 1024}
 

@@ -1,6 +1,6 @@
 """Parameter counts per module, from a model's shape: what each family's layers hold (attention
 of its kind, dense MLP, routed and shared experts, router, norms, embeddings). Exact formulas,
-checked against the published totals (tests/test_architecture.py).
+checked against the published totals (tests/unit/test_architecture.py).
 
 `layers` gives each decoder layer's parameters, so an engine can split layers over pipeline
 stages: total = embedding + lm_head + sum(layers) + final_norm."""
